@@ -1,0 +1,213 @@
+//! Types shared by the BPF programs and the agent: map keys and values, map
+//! names and sizes, flags and statistics indices.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so the kernel, the BPF
+//! object's BTF and the agent agree on the bytes. Addresses and ports are kept
+//! in network byte order, as they appear in packets.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+pub mod csum;
+
+/// Default bpffs folder where the agent pins its maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-agent";
+
+/// Names of the maps, as the BPF object declares them and as they are pinned.
+pub mod map_names {
+    pub const SERVICES: &str = "lb4_services";
+    pub const BACKENDS: &str = "lb4_backends";
+    pub const REV_NAT: &str = "lb4_reverse_nat";
+    pub const CONNTRACK: &str = "lb4_conntrack";
+    pub const STATS: &str = "lb_stats";
+    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS];
+}
+
+/// Names of the BPF programs in the object.
+pub mod program_names {
+    /// XDP, on interfaces where packets arrive from the wire.
+    pub const XDP_FROM_WIRE: &str = "lb_xdp_from_wire";
+    /// tc ingress on the host side of each pod's veth (packets leaving pods).
+    pub const TC_FROM_POD: &str = "lb_tc_from_pod";
+}
+
+pub const MAX_SERVICE_SLOTS: u32 = 262_144;
+pub const MAX_BACKENDS: u32 = 131_072;
+pub const MAX_REV_NAT: u32 = 65_536;
+pub const MAX_CONNTRACK: u32 = 262_144;
+/// Most backends one Service port can have (slots 1..=N in the services map).
+pub const MAX_BACKENDS_PER_SERVICE: u16 = 4_096;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of the services map. `backend_slot` 0 is the master entry of a Service
+/// port; slots 1..=count point at backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Service4Key {
+    /// Service address, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    /// Reserved for traffic-policy scopes (external/internal); 0 today.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the services map. On the master slot: `count` active backends,
+/// flags, `rev_nat_id`. On backend slots: `backend_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Service4Value {
+    pub backend_id: u32,
+    /// Session affinity timeout in seconds (master slot; 0 = no affinity).
+    pub affinity_timeout: u32,
+    /// Number of backend slots a reader may index (master slot).
+    pub count: u16,
+    /// Reserved for terminating backends kept after `count` (master slot).
+    pub terminating_count: u16,
+    pub rev_nat_id: u16,
+    /// `SVC_FLAG_*` bits (master slot).
+    pub flags: u16,
+}
+
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+
+/// A backend (an endpoint address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend4 {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+    /// Index of the backend's zone (0 = unknown), for topology hints.
+    pub zone: u8,
+    pub _pad: [u8; 3],
+}
+
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+pub const BACKEND_STATE_TERMINATING: u8 = 1;
+
+/// Value of the reverse NAT map: what a reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RevNat4 {
+    /// Service address, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Conntrack key: the packet's 5-tuple as seen on the wire plus a direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_*`.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Client -> service address (before DNAT).
+pub const CT_DIR_FORWARD: u8 = 0;
+/// Backend -> client (before reverse NAT).
+pub const CT_DIR_REPLY: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Ct4Value {
+    /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    /// `CT_FLAG_*`.
+    pub flags: u16,
+}
+
+/// A FIN or RST was seen: the entry expires after `CT_CLOSING_LIFETIME_NS`.
+pub const CT_FLAG_CLOSING: u16 = 1 << 0;
+
+/// How long an idle entry keeps its backend, as in the kernel's conntrack.
+pub const CT_TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_UDP_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+pub const CT_CLOSING_LIFETIME_NS: u64 = 10 * 1_000_000_000;
+/// Refresh `last_seen_ns` at most this often, to keep writes off the hot path.
+pub const CT_REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Indices of the per-CPU statistics array.
+pub mod stats {
+    /// Packets that matched a Service and were translated to a backend.
+    pub const SERVICE_FORWARDED: u32 = 0;
+    /// Replies whose source was translated back to the Service address.
+    pub const REVERSE_NATTED: u32 = 1;
+    /// New conntrack entries (new flows to a Service).
+    pub const CT_CREATED: u32 = 2;
+    /// TCP to a Service with no backend: answered with a RST.
+    pub const NO_BACKEND_REJECTED: u32 = 3;
+    /// Non-TCP to a Service with no backend: dropped.
+    pub const NO_BACKEND_DROPPED: u32 = 4;
+    /// A slot pointed at a backend id that is not in the backends map.
+    pub const BACKEND_MISSING: u32 = 5;
+    /// Packets too short for the headers they claim: passed untouched.
+    pub const MALFORMED_PASSED: u32 = 6;
+    /// IPv4 fragments addressed to a Service: passed untouched.
+    pub const FRAGMENT_PASSED: u32 = 7;
+    /// A helper that rewrites the packet failed: dropped.
+    pub const REWRITE_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "service_forwarded",
+        "reverse_natted",
+        "ct_created",
+        "no_backend_rejected",
+        "no_backend_dropped",
+        "backend_missing",
+        "malformed_passed",
+        "fragment_passed",
+        "rewrite_failed",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no
+    // invalid bit patterns (checked by bytemuck's derive).
+    unsafe impl aya::Pod for Service4Key {}
+    unsafe impl aya::Pod for Service4Value {}
+    unsafe impl aya::Pod for Backend4 {}
+    unsafe impl aya::Pod for RevNat4 {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct4Value {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Service4Key>(), 12);
+        assert_eq!(size_of::<Service4Value>(), 16);
+        assert_eq!(size_of::<Backend4>(), 12);
+        assert_eq!(size_of::<RevNat4>(), 8);
+        assert_eq!(size_of::<Ct4Key>(), 16);
+        assert_eq!(size_of::<Ct4Value>(), 16);
+    }
+}

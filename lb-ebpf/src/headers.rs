@@ -1,0 +1,132 @@
+//! Bounds-checked parsing of Ethernet / IPv4 / TCP / UDP headers.
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+pub const IP_OFF: usize = ETH_HLEN;
+pub const IP_HLEN: usize = 20;
+pub const L4_OFF: usize = IP_OFF + IP_HLEN;
+pub const TCP_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+
+pub const IP_CSUM_OFF: usize = IP_OFF + 10;
+pub const IP_SADDR_OFF: usize = IP_OFF + 12;
+pub const IP_DADDR_OFF: usize = IP_OFF + 16;
+pub const L4_SPORT_OFF: usize = L4_OFF;
+pub const L4_DPORT_OFF: usize = L4_OFF + 2;
+pub const TCP_CSUM_OFF: usize = L4_OFF + 16;
+pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
+
+const ETH_P_IP: u16 = 0x0800;
+/// More-fragments flag and fragment offset, network order mask.
+const IP_FRAG_MASK: u16 = 0x3fff;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the data path needs to know of a packet. Addresses and ports stay in
+/// network byte order, as read from the packet.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// Offset of the L4 checksum field.
+    pub l4_csum_off: usize,
+    /// Host order.
+    pub ip_tot_len: u16,
+}
+
+pub enum Parsed {
+    /// Not something the load balancer translates: pass untouched.
+    Other,
+    /// An IPv4 fragment: its L4 header is absent or incomplete.
+    Fragment,
+    /// Shorter than the headers it claims: pass untouched, counted.
+    Malformed,
+    Flow(Flow),
+}
+
+/// Returns a pointer to a `T` at `offset`, or `None` when it would run past
+/// the end of the packet.
+#[inline(always)]
+pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
+    let len = core::mem::size_of::<T>();
+    if start + offset + len > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
+    // SAFETY: bounds checked by ptr_at; packet data may be unaligned.
+    ptr_at::<T>(start, end, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+/// Parses the headers between `start` and `end` (packet data pointers).
+#[inline(always)]
+pub fn parse(start: usize, end: usize) -> Parsed {
+    let Some(eth_type) = read::<u16>(start, end, 12) else {
+        return Parsed::Other;
+    };
+    if u16::from_be(eth_type) != ETH_P_IP {
+        return Parsed::Other;
+    }
+    let Some(ver_ihl) = read::<u8>(start, end, IP_OFF) else {
+        return Parsed::Malformed;
+    };
+    // IPv4 with IP options is left to the kernel: the fixed offsets below and
+    // the checksum fix-ups assume a 20-byte header.
+    if ver_ihl != 0x45 {
+        return Parsed::Other;
+    }
+    let Some(hdr) = read::<[u8; IP_HLEN]>(start, end, IP_OFF) else {
+        return Parsed::Malformed;
+    };
+    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let proto = hdr[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Parsed::Other;
+    }
+    if frag & IP_FRAG_MASK != 0 {
+        return Parsed::Fragment;
+    }
+    let ip_tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
+    let saddr = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    let daddr = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    let (l4_len, l4_csum_off) = if proto == IPPROTO_TCP {
+        (TCP_HLEN, TCP_CSUM_OFF)
+    } else {
+        (UDP_HLEN, UDP_CSUM_OFF)
+    };
+    if (ip_tot_len as usize) < IP_HLEN + l4_len {
+        return Parsed::Malformed;
+    }
+    let Some(ports) = read::<[u16; 2]>(start, end, L4_OFF) else {
+        return Parsed::Malformed;
+    };
+    if ptr_at::<u8>(start, end, L4_OFF + l4_len - 1).is_none() {
+        return Parsed::Malformed;
+    }
+    let tcp_flags = if proto == IPPROTO_TCP {
+        read::<u8>(start, end, L4_OFF + 13).unwrap_or(0)
+    } else {
+        0
+    };
+    Parsed::Flow(Flow {
+        saddr,
+        daddr,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        tcp_flags,
+        l4_csum_off,
+        ip_tot_len,
+    })
+}

@@ -1,0 +1,43 @@
+//! BPF programs of the load balancer.
+//!
+//! - `lb_xdp_from_wire` (XDP) runs where packets arrive from the wire, where
+//!   checksums are complete, so it rewrites them in software.
+//! - `lb_tc_from_pod` (tc ingress on the host side of pod veths) sees packets
+//!   that pods send, often with only a partial checksum; the skb checksum
+//!   helpers handle both states (see the checksum trap in DESIGN.md).
+//!
+//! Both share the service lookup, backend selection and conntrack in `nat`.
+#![no_std]
+#![no_main]
+
+mod headers;
+mod maps;
+mod nat;
+mod tc_path;
+mod xdp_path;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[xdp]
+pub fn lb_xdp_from_wire(ctx: XdpContext) -> u32 {
+    xdp_path::try_from_wire(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[classifier]
+pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
+    tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK as i32)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

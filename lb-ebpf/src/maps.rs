@@ -1,0 +1,40 @@
+//! The maps, declared with BTF so `bpftool map dump` shows field names.
+//! Their layout and update order are described in lb-common and DESIGN.md.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend4, Ct4Key, Ct4Value, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
+    RevNat4, Service4Key, Service4Value, stats,
+};
+
+/// Entries are allocated on update, so a large ceiling costs nothing idle.
+const NO_PREALLOC: usize = 1;
+
+#[btf_map(name = "lb4_services")]
+pub static SERVICES: HashMap<Service4Key, Service4Value, { MAX_SERVICE_SLOTS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "lb4_backends")]
+pub static BACKENDS: HashMap<u32, Backend4, { MAX_BACKENDS as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "lb4_reverse_nat")]
+pub static REV_NAT: HashMap<u16, RevNat4, { MAX_REV_NAT as usize }, NO_PREALLOC> = HashMap::new();
+
+#[btf_map(name = "lb4_conntrack")]
+pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "lb_stats")]
+pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *counter += 1 };
+    }
+}

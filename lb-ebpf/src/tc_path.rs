@@ -1,0 +1,168 @@
+//! tc ingress on the host side of pod veths: packets pods send. Their L4
+//! checksum is often only partial (the pod's stack left it to "hardware"), a
+//! state XDP cannot see, so every rewrite goes through the skb checksum
+//! helpers, which update the field correctly for both states.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use lb_common::{IPPROTO_TCP, stats};
+
+use crate::{
+    headers::{
+        ETH_HLEN, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L4_DPORT_OFF,
+        L4_OFF, L4_SPORT_OFF, Parsed, TCP_CSUM_OFF, TCP_HLEN, parse,
+    },
+    maps::count,
+    nat::{self, Action, Rewriter},
+    xdp_path::reset_header,
+};
+
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+const TC_ACT_REDIRECT: i32 = 7;
+
+pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
+    // Direct packet access needs the headers in the linear part of the skb.
+    let want = (L4_OFF + TCP_HLEN) as u32;
+    if ctx.data() + want as usize > ctx.data_end() {
+        let _ = ctx.pull_data(want);
+    }
+    let flow = match parse(ctx.data(), ctx.data_end()) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Other => return Ok(TC_ACT_OK as i32),
+        Parsed::Fragment => {
+            count(stats::FRAGMENT_PASSED);
+            return Ok(TC_ACT_OK as i32);
+        }
+        Parsed::Malformed => {
+            count(stats::MALFORMED_PASSED);
+            return Ok(TC_ACT_OK as i32);
+        }
+    };
+    let rw = TcRewriter { ctx };
+    Ok(match nat::handle(&rw, &flow) {
+        Action::Pass | Action::Translated => TC_ACT_OK as i32,
+        Action::Drop => TC_ACT_SHOT as i32,
+        Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(TC_ACT_SHOT as i32),
+    })
+}
+
+struct TcRewriter<'a> {
+    ctx: &'a TcContext,
+}
+
+impl TcRewriter<'_> {
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, old_addr: u32, old_port: u16, addr_off: usize, port_off: usize, addr: u32, port: u16) -> Result<(), ()> {
+        let mangled = if flow.proto == IPPROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
+        let ctx = self.ctx;
+        ctx.l4_csum_replace(flow.l4_csum_off, old_addr as u64, addr as u64, BPF_F_PSEUDO_HDR | mangled | 4)
+            .map_err(|_| ())?;
+        ctx.l4_csum_replace(flow.l4_csum_off, old_port as u64, port as u64, mangled | 2)
+            .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, addr as u64, 4).map_err(|_| ())?;
+        ctx.store(addr_off, &addr, 0).map_err(|_| ())?;
+        ctx.store(port_off, &port, 0).map_err(|_| ())?;
+        Ok(())
+    }
+}
+
+impl Rewriter for TcRewriter<'_> {
+    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+        self.rewrite(flow, flow.daddr, flow.dport, IP_DADDR_OFF, L4_DPORT_OFF, addr, port)
+    }
+
+    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+        self.rewrite(flow, flow.saddr, flow.sport, IP_SADDR_OFF, L4_SPORT_OFF, addr, port)
+    }
+}
+
+/// Answers a TCP segment to a Service without backends with a RST, sent
+/// back into the pod. Built from the segment itself with the checksum
+/// helpers, so it is right whether the segment's checksum was partial or full.
+fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
+    let old: [u8; TCP_HLEN] = ctx.load(L4_OFF).map_err(|_| ())?;
+    let doff = ((old[12] >> 4) as usize) * 4;
+    // Only segments without payload are answered (a SYN, or a bare ACK/FIN
+    // of a flow whose Service lost its backends); others are dropped.
+    if doff < TCP_HLEN || flow.ip_tot_len as usize != IP_HLEN + doff {
+        return Err(());
+    }
+    let new = reset_header(&old, flow).ok_or(())?;
+
+    // Sum out the old header (checksum field as zero) and its options, sum in
+    // the new header: a diff the helper applies only where the checksum
+    // covers the segment (not to a partial checksum, which covers only the
+    // pseudo header).
+    let mut from = [0u8; TCP_HLEN + 40];
+    from[..TCP_HLEN].copy_from_slice(&old);
+    from[16] = 0;
+    from[17] = 0;
+    let opt_len = doff - TCP_HLEN;
+    if opt_len > 0 && opt_len <= 40 {
+        // The raw helper: the length is bounded 1..=40 here, which the
+        // verifier needs to see (aya's wrapper may clamp it to zero).
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                (L4_OFF + TCP_HLEN) as u32,
+                from.as_mut_ptr().add(TCP_HLEN) as *mut _,
+                opt_len as u32,
+            )
+        };
+        if ret != 0 {
+            return Err(());
+        }
+    }
+    let mut to = new;
+    let diff = unsafe {
+        bpf_csum_diff(
+            from.as_mut_ptr() as *mut u32,
+            from.len() as u32,
+            to.as_mut_ptr() as *mut u32,
+            to.len() as u32,
+            0,
+        )
+    };
+    if diff < 0 {
+        return Err(());
+    }
+    ctx.l4_csum_replace(TCP_CSUM_OFF, 0, diff as u32 as u64, 0).map_err(|_| ())?;
+    // The pseudo header's length changes; swapping addresses does not change
+    // its sum, nor the IP header's.
+    let old_l4_len = (doff as u16).to_be();
+    let new_l4_len = (TCP_HLEN as u16).to_be();
+    ctx.l4_csum_replace(TCP_CSUM_OFF, old_l4_len as u64, new_l4_len as u64, BPF_F_PSEUDO_HDR | 2)
+        .map_err(|_| ())?;
+    ctx.store(L4_OFF, &[new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9], new[10], new[11], new[12], new[13], new[14], new[15]], 0)
+        .map_err(|_| ())?;
+    ctx.store(L4_OFF + 18, &[new[18], new[19]], 0).map_err(|_| ())?;
+
+    let old_tot = flow.ip_tot_len.to_be();
+    let new_tot = ((IP_HLEN + TCP_HLEN) as u16).to_be();
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_tot as u64, new_tot as u64, 2).map_err(|_| ())?;
+    ctx.store(IP_OFF + 2, &new_tot, 0).map_err(|_| ())?;
+    ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(|_| ())?;
+    ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(|_| ())?;
+
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    let swapped = [
+        macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3], macs[4], macs[5],
+    ];
+    ctx.store(0, &swapped, 0).map_err(|_| ())?;
+
+    let new_len = (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32;
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
+        return Err(());
+    }
+    // Back out of the veth it came in by: into the pod that sent it.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    if ret != TC_ACT_REDIRECT {
+        return Err(());
+    }
+    Ok(ret)
+}

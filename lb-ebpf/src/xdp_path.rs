@@ -1,0 +1,171 @@
+//! XDP on interfaces facing the wire. Packets here carry complete checksums
+//! (a NIC, or a peer that computed them), so they are updated in software.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use lb_common::{IPPROTO_TCP, csum, stats};
+
+use crate::{
+    headers::{
+        ETH_HLEN, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L4_DPORT_OFF,
+        L4_OFF, L4_SPORT_OFF, Parsed, TCP_HLEN, parse, ptr_at,
+    },
+    maps::count,
+    nat::{self, Action, Rewriter},
+};
+
+pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
+    let flow = match parse(ctx.data(), ctx.data_end()) {
+        Parsed::Flow(flow) => flow,
+        Parsed::Other => return Ok(xdp_action::XDP_PASS),
+        Parsed::Fragment => {
+            count(stats::FRAGMENT_PASSED);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        Parsed::Malformed => {
+            count(stats::MALFORMED_PASSED);
+            return Ok(xdp_action::XDP_PASS);
+        }
+    };
+    let rw = XdpRewriter { ctx };
+    Ok(match nat::handle(&rw, &flow) {
+        Action::Pass | Action::Translated => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(xdp_action::XDP_DROP),
+    })
+}
+
+struct XdpRewriter<'a> {
+    ctx: &'a XdpContext,
+}
+
+impl XdpRewriter<'_> {
+    #[inline(always)]
+    fn field<T>(&self, offset: usize) -> Result<*mut T, ()> {
+        ptr_at::<T>(self.ctx.data(), self.ctx.data_end(), offset).ok_or(())
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, flow: &Flow, addr_off: usize, port_off: usize, addr: u32, port: u16) -> Result<(), ()> {
+        let ip_addr = self.field::<u32>(addr_off)?;
+        let l4_port = self.field::<u16>(port_off)?;
+        let ip_csum = self.field::<u16>(IP_CSUM_OFF)?;
+        let l4_csum = self.field::<u16>(flow.l4_csum_off)?;
+        // SAFETY: every pointer was bounds checked above.
+        unsafe {
+            let (old_addr, old_port) = (ip_addr.read_unaligned(), l4_port.read_unaligned());
+            ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old_addr, addr));
+            let c = l4_csum.read_unaligned();
+            let c = if flow.proto == IPPROTO_TCP {
+                csum::replace2(csum::replace4(c, old_addr, addr), old_port, port)
+            } else {
+                csum::udp_replace2(csum::udp_replace4(c, old_addr, addr), old_port, port)
+            };
+            l4_csum.write_unaligned(c);
+            ip_addr.write_unaligned(addr);
+            l4_port.write_unaligned(port);
+        }
+        Ok(())
+    }
+}
+
+impl Rewriter for XdpRewriter<'_> {
+    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+        self.rewrite(flow, IP_DADDR_OFF, L4_DPORT_OFF, addr, port)
+    }
+
+    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+        self.rewrite(flow, IP_SADDR_OFF, L4_SPORT_OFF, addr, port)
+    }
+}
+
+/// Turns a TCP segment to a Service without backends into the RST the
+/// client's stack expects (RFC 9293 3.10.7.1) and sends it back out.
+fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<[u8; ETH_HLEN]>(start, end, 0).ok_or(())?;
+    let ip = ptr_at::<[u8; IP_HLEN]>(start, end, IP_OFF).ok_or(())?;
+    let tcp = ptr_at::<[u8; TCP_HLEN]>(start, end, L4_OFF).ok_or(())?;
+    // SAFETY: bounds checked above.
+    let (mut e, mut h, old) = unsafe { (eth.read_unaligned(), ip.read_unaligned(), tcp.read_unaligned()) };
+    let new = reset_header(&old, flow).ok_or(())?;
+
+    let mac = [e[0], e[1], e[2], e[3], e[4], e[5]];
+    e.copy_within(6..12, 0);
+    e[6..12].copy_from_slice(&mac);
+
+    let new_tot_len = (IP_HLEN + TCP_HLEN) as u16;
+    h[2..4].copy_from_slice(&new_tot_len.to_be_bytes());
+    h[8] = 64;
+    h[10] = 0;
+    h[11] = 0;
+    let (src, dst) = ([h[12], h[13], h[14], h[15]], [h[16], h[17], h[18], h[19]]);
+    h[12..16].copy_from_slice(&dst);
+    h[16..20].copy_from_slice(&src);
+    let ip_sum = csum::sum_words(&words10(&h));
+    let ip_csum = !csum::fold(ip_sum);
+    h[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
+
+    let mut t = new;
+    let pseudo = csum::pseudo_header_sum(
+        u32::from_ne_bytes(dst),
+        u32::from_ne_bytes(src),
+        IPPROTO_TCP,
+        TCP_HLEN as u16,
+    );
+    let tcp_csum = !csum::fold(pseudo + csum::sum_words(&words10(&t)));
+    t[16..18].copy_from_slice(&tcp_csum.to_ne_bytes());
+
+    unsafe {
+        eth.write_unaligned(e);
+        ip.write_unaligned(h);
+        tcp.write_unaligned(t);
+    }
+    let new_len = (ETH_HLEN + IP_HLEN + TCP_HLEN) as i32;
+    let delta = new_len - (end - start) as i32;
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(());
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+#[inline(always)]
+fn words10(b: &[u8; 20]) -> [u16; 10] {
+    let mut w = [0u16; 10];
+    let mut i = 0;
+    while i < 10 {
+        w[i] = u16::from_ne_bytes([b[2 * i], b[2 * i + 1]]);
+        i += 1;
+    }
+    w
+}
+
+/// The 20-byte TCP header of the RST answering `old` (checksum left zero),
+/// or `None` when the segment is not one to answer.
+#[inline(always)]
+pub fn reset_header(old: &[u8; TCP_HLEN], flow: &Flow) -> Option<[u8; TCP_HLEN]> {
+    use crate::headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+    let flags = old[13];
+    if flags & TCP_RST != 0 {
+        return None;
+    }
+    let doff = ((old[12] >> 4) as usize) * 4;
+    let tot = flow.ip_tot_len as usize;
+    if doff < TCP_HLEN || tot < IP_HLEN + doff {
+        return None;
+    }
+    let payload = (tot - IP_HLEN - doff) as u32;
+    let mut new = [0u8; TCP_HLEN];
+    new[0..2].copy_from_slice(&old[2..4]);
+    new[2..4].copy_from_slice(&old[0..2]);
+    if flags & TCP_ACK != 0 {
+        new[4..8].copy_from_slice(&old[8..12]);
+        new[13] = TCP_RST;
+    } else {
+        let seq = u32::from_be_bytes([old[4], old[5], old[6], old[7]]);
+        let seg_len = payload + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
+        new[8..12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
+        new[13] = TCP_RST | TCP_ACK;
+    }
+    new[12] = 0x50;
+    Some(new)
+}
