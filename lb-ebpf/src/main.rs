@@ -17,7 +17,7 @@ mod tc_path;
 mod xdp_path;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{xdp_action, TC_ACT_OK},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };

@@ -6,16 +6,20 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend4, Ct4Key, Ct4Value, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
-    RevNat4, Service4Key, Service4Value, stats,
+    stats, Backend4, Ct4Key, Ct4Value, RevNat4, Service4Key, Service4Value, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
 };
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
 const NO_PREALLOC: usize = 1;
 
 #[btf_map(name = "lb4_services")]
-pub static SERVICES: HashMap<Service4Key, Service4Value, { MAX_SERVICE_SLOTS as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static SERVICES: HashMap<
+    Service4Key,
+    Service4Value,
+    { MAX_SERVICE_SLOTS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 #[btf_map(name = "lb4_backends")]
 pub static BACKENDS: HashMap<u32, Backend4, { MAX_BACKENDS as usize }, NO_PREALLOC> =
@@ -25,8 +29,7 @@ pub static BACKENDS: HashMap<u32, Backend4, { MAX_BACKENDS as usize }, NO_PREALL
 pub static REV_NAT: HashMap<u16, RevNat4, { MAX_REV_NAT as usize }, NO_PREALLOC> = HashMap::new();
 
 #[btf_map(name = "lb4_conntrack")]
-pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { MAX_CONNTRACK as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
 #[btf_map(name = "lb_stats")]
 pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();

@@ -4,14 +4,14 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    Backend4, CT_CLOSING_LIFETIME_NS, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING,
-    CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS, CT_UDP_LIFETIME_NS, Ct4Key, Ct4Value,
-    IPPROTO_TCP, Service4Key, stats,
+    stats, Backend4, Ct4Key, Ct4Value, Service4Key, CT_CLOSING_LIFETIME_NS, CT_DIR_FORWARD,
+    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS, CT_UDP_LIFETIME_NS,
+    IPPROTO_TCP,
 };
 
 use crate::{
     headers::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{BACKENDS, CONNTRACK, REV_NAT, SERVICES, count},
+    maps::{count, BACKENDS, CONNTRACK, REV_NAT, SERVICES},
 };
 
 pub enum Action {

@@ -8,12 +8,12 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, stats};
+use lb_common::{stats, IPPROTO_TCP};
 
 use crate::{
     headers::{
-        ETH_HLEN, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L4_DPORT_OFF,
-        L4_OFF, L4_SPORT_OFF, Parsed, TCP_CSUM_OFF, TCP_HLEN, parse,
+        parse, Flow, Parsed, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF,
+        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
     },
     maps::count,
     nat::{self, Action, Rewriter},
@@ -56,14 +56,33 @@ struct TcRewriter<'a> {
 
 impl TcRewriter<'_> {
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, old_addr: u32, old_port: u16, addr_off: usize, port_off: usize, addr: u32, port: u16) -> Result<(), ()> {
-        let mangled = if flow.proto == IPPROTO_TCP { 0 } else { BPF_F_MARK_MANGLED_0 };
+    fn rewrite(
+        &self,
+        flow: &Flow,
+        old_addr: u32,
+        old_port: u16,
+        addr_off: usize,
+        port_off: usize,
+        addr: u32,
+        port: u16,
+    ) -> Result<(), ()> {
+        let mangled = if flow.proto == IPPROTO_TCP {
+            0
+        } else {
+            BPF_F_MARK_MANGLED_0
+        };
         let ctx = self.ctx;
-        ctx.l4_csum_replace(flow.l4_csum_off, old_addr as u64, addr as u64, BPF_F_PSEUDO_HDR | mangled | 4)
-            .map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            flow.l4_csum_off,
+            old_addr as u64,
+            addr as u64,
+            BPF_F_PSEUDO_HDR | mangled | 4,
+        )
+        .map_err(|_| ())?;
         ctx.l4_csum_replace(flow.l4_csum_off, old_port as u64, port as u64, mangled | 2)
             .map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, addr as u64, 4).map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, addr as u64, 4)
+            .map_err(|_| ())?;
         ctx.store(addr_off, &addr, 0).map_err(|_| ())?;
         ctx.store(port_off, &port, 0).map_err(|_| ())?;
         Ok(())
@@ -72,11 +91,27 @@ impl TcRewriter<'_> {
 
 impl Rewriter for TcRewriter<'_> {
     fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
-        self.rewrite(flow, flow.daddr, flow.dport, IP_DADDR_OFF, L4_DPORT_OFF, addr, port)
+        self.rewrite(
+            flow,
+            flow.daddr,
+            flow.dport,
+            IP_DADDR_OFF,
+            L4_DPORT_OFF,
+            addr,
+            port,
+        )
     }
 
     fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
-        self.rewrite(flow, flow.saddr, flow.sport, IP_SADDR_OFF, L4_SPORT_OFF, addr, port)
+        self.rewrite(
+            flow,
+            flow.saddr,
+            flow.sport,
+            IP_SADDR_OFF,
+            L4_SPORT_OFF,
+            addr,
+            port,
+        )
     }
 }
 
@@ -130,27 +165,43 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     if diff < 0 {
         return Err(());
     }
-    ctx.l4_csum_replace(TCP_CSUM_OFF, 0, diff as u32 as u64, 0).map_err(|_| ())?;
+    ctx.l4_csum_replace(TCP_CSUM_OFF, 0, diff as u32 as u64, 0)
+        .map_err(|_| ())?;
     // The pseudo header's length changes; swapping addresses does not change
     // its sum, nor the IP header's.
     let old_l4_len = (doff as u16).to_be();
     let new_l4_len = (TCP_HLEN as u16).to_be();
-    ctx.l4_csum_replace(TCP_CSUM_OFF, old_l4_len as u64, new_l4_len as u64, BPF_F_PSEUDO_HDR | 2)
+    ctx.l4_csum_replace(
+        TCP_CSUM_OFF,
+        old_l4_len as u64,
+        new_l4_len as u64,
+        BPF_F_PSEUDO_HDR | 2,
+    )
+    .map_err(|_| ())?;
+    ctx.store(
+        L4_OFF,
+        &[
+            new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9],
+            new[10], new[11], new[12], new[13], new[14], new[15],
+        ],
+        0,
+    )
+    .map_err(|_| ())?;
+    ctx.store(L4_OFF + 18, &[new[18], new[19]], 0)
         .map_err(|_| ())?;
-    ctx.store(L4_OFF, &[new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9], new[10], new[11], new[12], new[13], new[14], new[15]], 0)
-        .map_err(|_| ())?;
-    ctx.store(L4_OFF + 18, &[new[18], new[19]], 0).map_err(|_| ())?;
 
     let old_tot = flow.ip_tot_len.to_be();
     let new_tot = ((IP_HLEN + TCP_HLEN) as u16).to_be();
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_tot as u64, new_tot as u64, 2).map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, old_tot as u64, new_tot as u64, 2)
+        .map_err(|_| ())?;
     ctx.store(IP_OFF + 2, &new_tot, 0).map_err(|_| ())?;
     ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(|_| ())?;
     ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(|_| ())?;
 
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     let swapped = [
-        macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3], macs[4], macs[5],
+        macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
+        macs[4], macs[5],
     ];
     ctx.store(0, &swapped, 0).map_err(|_| ())?;
 

@@ -2,12 +2,12 @@
 //! (a NIC, or a peer that computed them), so they are updated in software.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use lb_common::{IPPROTO_TCP, csum, stats};
+use lb_common::{csum, stats, IPPROTO_TCP};
 
 use crate::{
     headers::{
-        ETH_HLEN, Flow, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L4_DPORT_OFF,
-        L4_OFF, L4_SPORT_OFF, Parsed, TCP_HLEN, parse, ptr_at,
+        parse, ptr_at, Flow, Parsed, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
+        IP_SADDR_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::count,
     nat::{self, Action, Rewriter},
@@ -45,7 +45,14 @@ impl XdpRewriter<'_> {
     }
 
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, addr_off: usize, port_off: usize, addr: u32, port: u16) -> Result<(), ()> {
+    fn rewrite(
+        &self,
+        flow: &Flow,
+        addr_off: usize,
+        port_off: usize,
+        addr: u32,
+        port: u16,
+    ) -> Result<(), ()> {
         let ip_addr = self.field::<u32>(addr_off)?;
         let l4_port = self.field::<u16>(port_off)?;
         let ip_csum = self.field::<u16>(IP_CSUM_OFF)?;
@@ -86,7 +93,13 @@ fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, ()> {
     let ip = ptr_at::<[u8; IP_HLEN]>(start, end, IP_OFF).ok_or(())?;
     let tcp = ptr_at::<[u8; TCP_HLEN]>(start, end, L4_OFF).ok_or(())?;
     // SAFETY: bounds checked above.
-    let (mut e, mut h, old) = unsafe { (eth.read_unaligned(), ip.read_unaligned(), tcp.read_unaligned()) };
+    let (mut e, mut h, old) = unsafe {
+        (
+            eth.read_unaligned(),
+            ip.read_unaligned(),
+            tcp.read_unaligned(),
+        )
+    };
     let new = reset_header(&old, flow).ok_or(())?;
 
     let mac = [e[0], e[1], e[2], e[3], e[4], e[5]];

@@ -1,1 +1,15 @@
+//! The agent: loads and attaches the BPF programs, turns Services and
+//! EndpointSlices into map contents with a pure function, and writes the
+//! maps in an order that never shows packets a half-written Service.
 
+pub mod attach;
+pub mod differ;
+pub mod inspect;
+pub mod loader;
+pub mod manifests;
+pub mod map_writer;
+pub mod model;
+pub mod translate;
+
+/// The BPF object built from lb-ebpf by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

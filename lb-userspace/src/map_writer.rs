@@ -1,0 +1,358 @@
+//! Applies planned writes to the maps. A write that fails (a full map, say)
+//! fails that Service only: its later writes are skipped so it keeps what it
+//! had, and every other Service goes on.
+
+use std::collections::BTreeSet;
+
+use aya::maps::{HashMap, MapData, MapError};
+use lb_common::{Backend4, RevNat4, Service4Key, Service4Value};
+
+use crate::{
+    differ::{MapContents, MapOp, PlannedOp},
+    model::L4Addr,
+};
+
+/// Where writes go: the BPF maps, or a simulation in tests.
+pub trait MapWriter {
+    fn apply(&mut self, op: &MapOp) -> Result<(), String>;
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub applied: usize,
+    /// Frontends whose writes failed, with the reason.
+    pub failed: Vec<(Option<L4Addr>, String)>,
+}
+
+/// Applies `plan` in order, keeping `current` equal to what was written.
+pub fn apply_plan(
+    writer: &mut dyn MapWriter,
+    plan: &[PlannedOp],
+    current: &mut MapContents,
+) -> ApplyReport {
+    let mut report = ApplyReport::default();
+    let mut failed_frontends: BTreeSet<L4Addr> = BTreeSet::new();
+    let mut failed_backends: BTreeSet<u32> = BTreeSet::new();
+    for step in plan {
+        if let Some(f) = step.frontend {
+            if failed_frontends.contains(&f) {
+                continue;
+            }
+        }
+        let op = &step.op;
+        let blocked = match op {
+            MapOp::PutService(_, v) if v.backend_id != 0 => failed_backends.contains(&v.backend_id),
+            // Still referenced by a slot whose update failed: keep it.
+            MapOp::DeleteBackend(id) => current
+                .services
+                .iter()
+                .any(|(k, v)| k.backend_slot != 0 && v.backend_id == *id),
+            MapOp::DeleteRevNat(id) => current
+                .services
+                .iter()
+                .any(|(k, v)| k.backend_slot == 0 && v.rev_nat_id == *id),
+            _ => false,
+        };
+        if blocked {
+            if let (Some(f), MapOp::PutService(..)) = (step.frontend, op) {
+                failed_frontends.insert(f);
+            }
+            continue;
+        }
+        match writer.apply(op) {
+            Ok(()) => {
+                report.applied += 1;
+                record(current, op);
+            }
+            Err(reason) => {
+                if let MapOp::PutBackend(id, _) = op {
+                    failed_backends.insert(*id);
+                }
+                if let Some(f) = step.frontend {
+                    failed_frontends.insert(f);
+                }
+                report
+                    .failed
+                    .push((step.frontend, format!("{op:?}: {reason}")));
+            }
+        }
+    }
+    report
+}
+
+/// Mirrors a successful write in `maps`.
+pub fn record(maps: &mut MapContents, op: &MapOp) {
+    match *op {
+        MapOp::PutBackend(id, v) => {
+            maps.backends.insert(id, v);
+        }
+        MapOp::PutRevNat(id, v) => {
+            maps.rev_nat.insert(id, v);
+        }
+        MapOp::PutService(k, v) => {
+            maps.services.insert(k, v);
+        }
+        MapOp::DeleteService(k) => {
+            maps.services.remove(&k);
+        }
+        MapOp::DeleteRevNat(id) => {
+            maps.rev_nat.remove(&id);
+        }
+        MapOp::DeleteBackend(id) => {
+            maps.backends.remove(&id);
+        }
+    }
+}
+
+/// The agent's maps in the kernel.
+pub struct BpfMaps {
+    pub services: HashMap<MapData, Service4Key, Service4Value>,
+    pub backends: HashMap<MapData, u32, Backend4>,
+    pub rev_nat: HashMap<MapData, u16, RevNat4>,
+}
+
+impl BpfMaps {
+    /// Reads everything the maps hold (to adopt maps a previous agent pinned).
+    pub fn read_contents(&self) -> Result<MapContents, MapError> {
+        let mut c = MapContents::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv?;
+            c.services.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv?;
+            c.backends.insert(k, v);
+        }
+        for kv in self.rev_nat.iter() {
+            let (k, v) = kv?;
+            c.rev_nat.insert(k, v);
+        }
+        Ok(c)
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), String> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl MapWriter for BpfMaps {
+    fn apply(&mut self, op: &MapOp) -> Result<(), String> {
+        let r = match op {
+            MapOp::PutBackend(id, v) => self.backends.insert(id, v, 0),
+            MapOp::PutRevNat(id, v) => self.rev_nat.insert(id, v, 0),
+            MapOp::PutService(k, v) => self.services.insert(k, v, 0),
+            MapOp::DeleteService(k) => return ignore_missing(self.services.remove(k)),
+            MapOp::DeleteRevNat(id) => return ignore_missing(self.rev_nat.remove(id)),
+            MapOp::DeleteBackend(id) => return ignore_missing(self.backends.remove(id)),
+        };
+        r.map_err(|e| match e {
+            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                format!("map is full ({})", s.io_error)
+            }
+            e => e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        differ::{plan, reader_violation},
+        model::{DesiredState, Protocol, ServiceEntry, ServiceName},
+    };
+    use lb_common::SVC_FLAG_CLUSTER_IP;
+
+    /// Applies writes to an in-memory copy and checks, after every single
+    /// write, that a packet could not see a half-written Service.
+    #[derive(Default)]
+    struct CheckingWriter {
+        maps: MapContents,
+        writes: Vec<MapOp>,
+        /// Fail puts of slots of this frontend port (a "full map").
+        full_for_port: Option<u16>,
+    }
+
+    impl MapWriter for CheckingWriter {
+        fn apply(&mut self, op: &MapOp) -> Result<(), String> {
+            if let (Some(port), MapOp::PutService(k, _)) = (self.full_for_port, op) {
+                if u16::from_be(k.port) == port {
+                    return Err("map is full".into());
+                }
+            }
+            record(&mut self.maps, op);
+            self.writes.push(*op);
+            if let Some(v) = reader_violation(&self.maps) {
+                panic!("after {op:?} a reader sees: {v}");
+            }
+            Ok(())
+        }
+    }
+
+    fn l4(ip: &str, port: u16) -> L4Addr {
+        L4Addr {
+            addr: ip.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn state(services: &[(u16, &[&str])]) -> DesiredState {
+        let mut s = DesiredState::default();
+        for (port, backends) in services {
+            let frontend = l4("10.96.0.10", *port);
+            let mut backends: Vec<L4Addr> = backends.iter().map(|b| l4(b, 8080)).collect();
+            backends.sort();
+            s.entries.insert(
+                frontend,
+                ServiceEntry {
+                    service: ServiceName {
+                        namespace: "default".into(),
+                        name: format!("svc{port}"),
+                    },
+                    port_name: String::new(),
+                    frontend,
+                    backends,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                },
+            );
+        }
+        s
+    }
+
+    fn converge(
+        w: &mut CheckingWriter,
+        current: &mut MapContents,
+        desired: &DesiredState,
+    ) -> ApplyReport {
+        let p = plan(current, desired).expect("plan");
+        let report = apply_plan(w, &p, current);
+        assert_eq!(*current, w.maps, "the mirror must equal what was written");
+        report
+    }
+
+    #[test]
+    fn every_intermediate_state_is_safe_and_the_end_state_matches() {
+        let steps: Vec<DesiredState> = vec![
+            state(&[(80, &["10.244.0.2", "10.244.0.3", "10.244.0.4"])]),
+            state(&[(80, &["10.244.0.2", "10.244.0.4"]), (81, &[])]),
+            state(&[(80, &["10.244.0.9"]), (81, &["10.244.0.2", "10.244.0.3"])]),
+            state(&[(81, &["10.244.0.3"])]),
+            state(&[]),
+        ];
+        let mut w = CheckingWriter::default();
+        let mut current = MapContents::default();
+        for desired in &steps {
+            let report = converge(&mut w, &mut current, desired);
+            assert!(report.failed.is_empty(), "{:?}", report.failed);
+            // Converged: planning again writes nothing.
+            assert!(
+                plan(&current, desired).unwrap().is_empty(),
+                "not converged for {desired:?}"
+            );
+            let masters = current
+                .services
+                .keys()
+                .filter(|k| k.backend_slot == 0)
+                .count();
+            assert_eq!(masters, desired.entries.len());
+        }
+        assert_eq!(
+            current,
+            MapContents::default(),
+            "deleting everything leaves empty maps"
+        );
+    }
+
+    #[test]
+    fn new_service_writes_master_after_its_slots_and_backends() {
+        let mut w = CheckingWriter::default();
+        let mut current = MapContents::default();
+        converge(
+            &mut w,
+            &mut current,
+            &state(&[(80, &["10.244.0.2", "10.244.0.3"])]),
+        );
+        let kinds: Vec<&str> = w
+            .writes
+            .iter()
+            .map(|op| match op {
+                MapOp::PutBackend(..) => "backend",
+                MapOp::PutRevNat(..) => "revnat",
+                MapOp::PutService(k, _) if k.backend_slot == 0 => "master",
+                MapOp::PutService(..) => "slot",
+                _ => "delete",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["backend", "backend", "revnat", "slot", "slot", "master"]
+        );
+    }
+
+    #[test]
+    fn removing_a_backend_rewrites_only_what_changed() {
+        let mut w = CheckingWriter::default();
+        let mut current = MapContents::default();
+        converge(
+            &mut w,
+            &mut current,
+            &state(&[
+                (80, &["10.244.0.2", "10.244.0.3", "10.244.0.4"]),
+                (81, &["10.244.0.7"]),
+            ]),
+        );
+        w.writes.clear();
+        converge(
+            &mut w,
+            &mut current,
+            &state(&[(80, &["10.244.0.2", "10.244.0.4"]), (81, &["10.244.0.7"])]),
+        );
+        // slot 2 now -> .4, master count 3 -> 2, slot 3 deleted, backend .3 deleted.
+        assert_eq!(w.writes.len(), 4, "{:?}", w.writes);
+        assert!(
+            matches!(w.writes[1], MapOp::PutService(k, v) if k.backend_slot == 0 && v.count == 2)
+        );
+        assert!(matches!(w.writes[2], MapOp::DeleteService(k) if k.backend_slot == 3));
+        assert!(matches!(w.writes[3], MapOp::DeleteBackend(_)));
+    }
+
+    #[test]
+    fn ids_are_kept_across_plans_and_after_adoption() {
+        let mut w = CheckingWriter::default();
+        let mut current = MapContents::default();
+        converge(&mut w, &mut current, &state(&[(80, &["10.244.0.2"])]));
+        // A restarted agent starts from what the maps hold: nothing to do.
+        let adopted = w.maps.clone();
+        assert!(plan(&adopted, &state(&[(80, &["10.244.0.2"])]))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_full_map_fails_one_service_and_leaves_it_invisible() {
+        let mut w = CheckingWriter {
+            full_for_port: Some(81),
+            ..Default::default()
+        };
+        let mut current = MapContents::default();
+        let report = converge(
+            &mut w,
+            &mut current,
+            &state(&[(80, &["10.244.0.2"]), (81, &["10.244.0.3"])]),
+        );
+        assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+        assert_eq!(report.failed[0].0, Some(l4("10.96.0.10", 81)));
+        assert!(current
+            .services
+            .contains_key(&crate::differ::master_key(&l4("10.96.0.10", 80))));
+        assert!(!current
+            .services
+            .contains_key(&crate::differ::master_key(&l4("10.96.0.10", 81))));
+    }
+}
