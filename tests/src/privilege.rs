@@ -1,0 +1,17 @@
+//! Privileged tests run for real where they can. Without root they skip
+//! loudly, except under CI (CI=true), where a missing privilege is a failure.
+
+/// True when the caller may go on; false (after saying so) when it must skip.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: needs root (BPF, network namespaces) and CI=true: not skipping");
+    }
+    eprintln!(
+        "SKIPPED {test}: needs root (BPF, network namespaces); run `cargo xtask test` as root"
+    );
+    false
+}
