@@ -1,1 +1,7 @@
+//! Test support for the load balancer: packet builders for BPF_PROG_TEST_RUN,
+//! the privilege gate, and the network-namespace lab.
 
+pub mod lab;
+pub mod packet;
+pub mod privilege;
+pub mod workload;

@@ -1,1 +1,273 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build|test|demo|run>`.
+//!
+//! Every task first runs `setup`, which makes a fresh machine ready and is
+//! cheap when everything is already there.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "usage: cargo xtask <command> [args]
+
+commands:
+  setup            install what building and testing need (idempotent)
+  build [--release] build the agent, the BPF object and the lab binaries
+  test [ARGS]      run every test (unit, packet, lab); ARGS go to cargo test
+  demo             build the lab from examples/, run the agent, send requests
+                   from a client pod to each ClusterIP and show who answered
+  run -- FLAGS     run `lb-agent run FLAGS` (e.g. --manifests DIR or --kubeconfig)";
+
+/// Debian packages the tests and the demo use, with a binary that tells
+/// whether each is installed.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    ("util-linux", "nsenter"),
+    ("bpftool", "bpftool"),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build") => setup().and_then(|_| build(args.iter().any(|a| a == "--release"))),
+        Some("test") => setup().and_then(|_| test(&args[1..])),
+        Some("demo") => setup().and_then(|_| demo()),
+        Some("run") => setup().and_then(|_| run_agent(&args[1..])),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("unknown command {other}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
+}
+
+fn say(msg: &str) {
+    println!("[setup] {msg}");
+}
+
+/// Runs a command, streaming its output; fails with the command line.
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(binary: &str) -> bool {
+    env::var_os("PATH")
+        .map(|paths| env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
+        .unwrap_or(false)
+}
+
+fn home() -> Result<PathBuf> {
+    env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set")
+}
+
+fn setup() -> Result<()> {
+    // 1. The nightly toolchain compiles the BPF object (build-std needs it).
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is required (https://rustup.rs) and was not found")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("installing the nightly toolchain (BPF object needs -Z build-std)");
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .context("no nightly toolchain and it could not be installed")?;
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("rustc +nightly does not run")?
+        .trim()
+        .to_owned();
+
+    // 2. rust-src: build-std=core compiles core for bpfel-unknown-none.
+    let core_src = Path::new(&sysroot).join("lib/rustlib/src/rust/library/core");
+    if core_src.is_dir() {
+        say("rust-src for nightly: present");
+    } else {
+        say("adding rust-src to the nightly toolchain");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+            .context("rust-src could not be installed for the nightly toolchain")?;
+    }
+
+    // 3. bpf-linker, built against the nightly's own LLVM: bitcode from one
+    // LLVM major cannot be linked by another.
+    let verbose =
+        output(Command::new("rustc").args(["+nightly", "-vV"])).context("rustc +nightly -vV")?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("cannot read the nightly's LLVM version")?
+        .to_owned();
+    let llvm_dir = home()?.join(".local/lib/rust-llvm/lib");
+    std::fs::create_dir_all(&llvm_dir)?;
+    // Link every libLLVM of the nightly: libLLVM.so for building bpf-linker,
+    // the versioned names for its run-time loader (its rpath points here).
+    for entry in std::fs::read_dir(Path::new(&sysroot).join("lib"))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libLLVM") {
+            let link = llvm_dir.join(&name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(entry.path(), &link)?;
+            if name.starts_with("libLLVM.so.") {
+                let plain = llvm_dir.join("libLLVM.so");
+                let _ = std::fs::remove_file(&plain);
+                std::os::unix::fs::symlink(entry.path(), &plain)?;
+            }
+        }
+    }
+    let linker_ok = |cmd: &mut Command| output(cmd).is_some_and(|v| v.starts_with("bpf-linker"));
+    if linker_ok(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
+        say(&format!(
+            "bpf-linker: present (LLVM {llvm_major} from the nightly)"
+        ));
+    } else {
+        say(&format!(
+            "building bpf-linker against the nightly's LLVM {llvm_major} (about 2 minutes)"
+        ));
+        sh(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{llvm_major}"))
+            .env("LLVM_PREFIX", llvm_dir.parent().expect("lib has a parent")))
+        .context("bpf-linker could not be built")?;
+        if !linker_ok(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
+            bail!("bpf-linker was installed but does not run (is ~/.cargo/bin on PATH?)");
+        }
+    }
+
+    // 4. System tools the lab and users need.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, bin)| !have(bin))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        say("system packages: present");
+    } else {
+        say(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
+        if !have("apt-get") {
+            bail!(
+                "missing {} and apt-get is not available: install them by hand",
+                missing.join(" ")
+            );
+        }
+        sh(Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get install failed (root is required)")?;
+    }
+
+    // 5. bpffs, where the agent pins its maps.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        say("bpffs: mounted at /sys/fs/bpf");
+    } else if unsafe_is_root() {
+        say("mounting bpffs at /sys/fs/bpf");
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    } else {
+        say("bpffs is not mounted at /sys/fs/bpf and this is not root: the agent mounts it when run as root");
+    }
+    Ok(())
+}
+
+fn unsafe_is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    sh(&mut c)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    // The lab tests run the agent and the pod server binaries.
+    build(false)?;
+    let mut c = cargo();
+    c.args(["test", "--workspace"]).args(extra);
+    if !extra.iter().any(|a| a == "--") {
+        // Lab tests each build a node of namespaces; on two cores they are
+        // steadier one at a time.
+        c.args(["--", "--test-threads=1"]);
+    }
+    sh(&mut c)
+}
+
+fn demo() -> Result<()> {
+    build(false)?;
+    let root = workspace_root();
+    sh(Command::new(root.join("target/debug/lb-lab"))
+        .arg("demo")
+        .arg(root.join("examples")))
+}
+
+fn run_agent(args: &[String]) -> Result<()> {
+    build(false)?;
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    sh(Command::new(workspace_root().join("target/debug/lb-agent"))
+        .arg("run")
+        .args(args))
+}

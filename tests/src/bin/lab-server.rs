@@ -1,0 +1,85 @@
+//! The lab's pod server: answers every TCP line and every UDP datagram with
+//! its pod name, on the ports it is given. Prints "ready" once all sockets
+//! listen, so the lab knows the pod is ready.
+//!
+//! Usage: lab-server --name POD [--tcp PORT]... [--udp PORT]...
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    thread,
+};
+
+fn serve_tcp(stream: TcpStream, name: String) {
+    let peer = stream.peer_addr().ok();
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        // "whoareyou" lets a test see the source address the backend saw.
+        let answer = if line.trim() == "whoami" {
+            format!(
+                "{name} {}\n",
+                peer.map(|p| p.to_string()).unwrap_or_default()
+            )
+        } else {
+            format!("{name}\n")
+        };
+        if writer.write_all(answer.as_bytes()).is_err() {
+            break;
+        }
+    }
+}
+
+fn main() {
+    let mut name = String::from("unnamed");
+    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--name" => name = value,
+            "--tcp" => tcp.push(value.parse::<u16>().expect("TCP port")),
+            "--udp" => udp.push(value.parse::<u16>().expect("UDP port")),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    let mut threads = Vec::new();
+    for port in tcp {
+        let listener =
+            TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind TCP {port}: {e}"));
+        let name = name.clone();
+        threads.push(thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let name = name.clone();
+                thread::spawn(move || serve_tcp(stream, name));
+            }
+        }));
+    }
+    for port in udp {
+        let socket =
+            UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind UDP {port}: {e}"));
+        let name = name.clone();
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let answer = if &buf[..n] == b"whoami" {
+                    format!("{name} {from}")
+                } else {
+                    name.clone()
+                };
+                let _ = socket.send_to(answer.as_bytes(), from);
+            }
+        }));
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for t in threads {
+        let _ = t.join();
+    }
+}

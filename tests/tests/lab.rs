@@ -1,0 +1,309 @@
+//! Lab tests: real sockets through the real programs, in a node built from
+//! network namespaces (see lb_tests::lab). Links between node and pods
+//! finalize checksums and the external client sends full checksums, so a
+//! checksum mistake shows up as a failed request or a counted error.
+
+use std::{
+    collections::BTreeMap,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lab::{ask_on, in_netns, tcp_ask, udp_ask, Lab},
+    privilege::require_root,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn nginx_lab() -> Lab {
+    let mut lab =
+        Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("build the lab");
+    assert_eq!(lab.pods.len(), 3, "the example Deployment has 3 replicas");
+    lab.start_agent().expect("start lb-agent");
+    lab
+}
+
+/// Sends `n` TCP requests (new connection each) and `n` UDP requests and
+/// counts the answering pods; every request must succeed.
+fn spread(
+    lab: &Lab,
+    from_ext: bool,
+    to: SocketAddrV4,
+    n: usize,
+) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+    let ns = if from_ext { &lab.ext } else { &lab.client.ns };
+    ns.run_in(|| {
+        let (mut tcp, mut udp) = (BTreeMap::new(), BTreeMap::new());
+        for i in 0..n {
+            let pod = tcp_ask(to, "hello", TIMEOUT)
+                .unwrap_or_else(|e| panic!("TCP request {i} to {to} failed: {e}"));
+            *tcp.entry(pod).or_insert(0) += 1;
+            let (pod, from) = udp_ask(to, "hello", TIMEOUT)
+                .unwrap_or_else(|e| panic!("UDP request {i} to {to} failed: {e}"));
+            assert_eq!(
+                from,
+                SocketAddr::V4(to),
+                "UDP reply must come from the Service address"
+            );
+            *udp.entry(pod).or_insert(0) += 1;
+        }
+        (tcp, udp)
+    })
+}
+
+fn assert_fair(lab: &Lab, counts: &BTreeMap<String, usize>, total: usize, what: &str) {
+    let pods = lab.pods.len();
+    assert_eq!(
+        counts.len(),
+        pods,
+        "{what}: every backend must answer: {counts:?}"
+    );
+    for (pod, n) in counts {
+        assert!(lab.pods.contains_key(pod), "{what}: unknown answer {pod:?}");
+        assert!(
+            *n * pods * 2 >= total,
+            "{what}: {pod} got {n} of {total}, under half its fair share: {counts:?}"
+        );
+    }
+}
+
+#[test]
+fn client_pod_reaches_every_backend_of_a_cluster_ip_over_tcp_and_udp() {
+    if !require_root("client_pod_reaches_every_backend_of_a_cluster_ip") {
+        return;
+    }
+    let lab = nginx_lab();
+    let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 300);
+    assert_fair(&lab, &tcp, 300, "TCP");
+    assert_fair(&lab, &udp, 300, "UDP");
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn external_client_reaches_every_backend_of_a_cluster_ip_through_xdp() {
+    if !require_root("external_client_reaches_every_backend_through_xdp") {
+        return;
+    }
+    let lab = nginx_lab();
+    let (tcp, udp) = spread(&lab, true, SocketAddrV4::new(NGINX, 80), 150);
+    assert_fair(&lab, &tcp, 150, "TCP from the wire");
+    assert_fair(&lab, &udp, 150, "UDP from the wire");
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn source_pod_ip_is_preserved_to_the_backend() {
+    if !require_root("source_pod_ip_is_preserved_to_the_backend") {
+        return;
+    }
+    let lab = nginx_lab();
+    let answer = lab
+        .client
+        .ns
+        .run_in(|| tcp_ask(SocketAddrV4::new(NGINX, 80), "whoami", TIMEOUT))
+        .expect("whoami");
+    let seen = answer
+        .split_whitespace()
+        .nth(1)
+        .expect("server answers name and peer");
+    assert!(
+        seen.starts_with(&format!("{}:", lab.client.ip)),
+        "backend saw {seen}, not the client pod"
+    );
+}
+
+#[test]
+fn a_connection_keeps_its_backend_for_its_whole_life() {
+    if !require_root("a_connection_keeps_its_backend_for_its_whole_life") {
+        return;
+    }
+    let mut lab = nginx_lab();
+    let to = SocketAddrV4::new(NGINX, 80);
+    let (tx_open, rx_open) = std::sync::mpsc::channel();
+    let (tx_done, rx_done) = std::sync::mpsc::channel::<()>();
+    let ns_path = lab.client.ns.path();
+    let client = std::thread::spawn(move || {
+        in_netns(&ns_path, move || {
+            let mut conn =
+                TcpStream::connect_timeout(&SocketAddr::V4(to), TIMEOUT).expect("connect");
+            conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let first = ask_on(&mut conn, "hello").expect("first request");
+            tx_open.send(first.clone()).unwrap();
+            // Keep talking while other connections churn and a backend goes.
+            let mut answers = vec![first];
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while rx_done.try_recv().is_err() && Instant::now() < deadline {
+                answers.push(ask_on(&mut conn, "hello").expect("request on the kept connection"));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            answers
+        })
+    });
+    let mine = rx_open
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the kept connection opened");
+    lab.client.ns.run_in(|| {
+        for _ in 0..100 {
+            tcp_ask(to, "hello", TIMEOUT).expect("churn connection");
+        }
+    });
+    let other = lab.pods.keys().find(|p| **p != mine).unwrap().clone();
+    lab.excluded.insert(other);
+    lab.apply_manifests().expect("apply");
+    std::thread::sleep(Duration::from_millis(300));
+    tx_done.send(()).unwrap();
+    let answers = client.join().expect("client thread");
+    assert!(
+        answers.len() > 5,
+        "too few requests on the kept connection: {}",
+        answers.len()
+    );
+    assert!(
+        answers.iter().all(|a| *a == mine),
+        "the connection changed backend: {answers:?}"
+    );
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn a_service_without_endpoints_is_refused_not_left_to_time_out() {
+    if !require_root("a_service_without_endpoints_is_refused") {
+        return;
+    }
+    let mut lab = Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("lab");
+    lab.extra_manifests.insert(
+        "empty.yaml".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.99\n  selector: {app: nothing-matches}\n  ports: [{port: 80}]\n".into(),
+    );
+    lab.write_manifests().unwrap();
+    lab.start_agent().expect("agent");
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 80);
+    for (who, ns) in [
+        ("client pod", &lab.client.ns),
+        ("external client", &lab.ext),
+    ] {
+        let (result, elapsed) = ns.run_in(|| {
+            let started = Instant::now();
+            (
+                TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(5)),
+                started.elapsed(),
+            )
+        });
+        let err = result.err().unwrap_or_else(|| {
+            panic!("{who}: connecting to a Service without endpoints succeeded")
+        });
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "{who}: {err} after {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "{who}: refusal took {elapsed:?}"
+        );
+    }
+    // The other Service is unaffected.
+    lab.client
+        .ns
+        .run_in(|| tcp_ask(SocketAddrV4::new(NGINX, 80), "hello", TIMEOUT))
+        .expect("nginx still works");
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn removing_a_backend_from_the_manifests_stops_new_connections_to_it() {
+    if !require_root("removing_a_backend_stops_new_connections_to_it") {
+        return;
+    }
+    let mut lab = nginx_lab();
+    let removed = lab.pods.keys().next().unwrap().clone();
+    lab.excluded.insert(removed.clone());
+    lab.apply_manifests().expect("apply");
+    let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 90);
+    for counts in [&tcp, &udp] {
+        assert!(
+            !counts.contains_key(&removed),
+            "{removed} still gets new connections: {counts:?}"
+        );
+        assert_eq!(
+            counts.len(),
+            2,
+            "both remaining backends must answer: {counts:?}"
+        );
+    }
+    // And it comes back when it is an endpoint again.
+    lab.excluded.clear();
+    lab.apply_manifests().expect("apply");
+    let (tcp, _) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 90);
+    assert!(
+        tcp.contains_key(&removed),
+        "{removed} must be reachable again: {tcp:?}"
+    );
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
+    if !require_root("a_bad_manifest_is_reported") {
+        return;
+    }
+    let mut lab = nginx_lab();
+    lab.extra_manifests.insert(
+        "broken.yaml".into(),
+        "kind: Service\n  spec: [unbalanced\n".into(),
+    );
+    lab.extra_manifests.insert(
+        "sctp.yaml".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: sctp-only}\nspec:\n  clusterIP: 10.96.0.77\n  ports: [{port: 9, protocol: SCTP}]\n".into(),
+    );
+    lab.apply_manifests().expect("apply");
+    let log = lab.agent_log();
+    assert!(
+        log.contains("broken.yaml"),
+        "the unparsable file must be named:\n{log}"
+    );
+    assert!(
+        log.contains("Service default/sctp-only port 9") && log.contains("SCTP"),
+        "the inexpressible Service must be named with its reason:\n{log}"
+    );
+    let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 30);
+    assert_eq!(
+        tcp.values().sum::<usize>() + udp.values().sum::<usize>(),
+        60
+    );
+}
+
+#[test]
+fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips() {
+    if !require_root("replicaset_example_serves_its_services") {
+        return;
+    }
+    let mut lab = Lab::from_manifest_files(&[example("frontend-replicaset.yaml")]).expect("lab");
+    assert_eq!(lab.pods.len(), 4, "the example ReplicaSet has 4 replicas");
+    lab.start_agent().expect("agent");
+    for svc in ["frontend", "frontend-nodeport"] {
+        let ip = lab
+            .cluster_ip(svc)
+            .unwrap_or_else(|| panic!("{svc} has a clusterIP"));
+        let counts = lab.client.ns.run_in(|| {
+            let mut c = BTreeMap::new();
+            for _ in 0..200 {
+                *c.entry(tcp_ask(SocketAddrV4::new(ip, 80), "hello", TIMEOUT).expect("request"))
+                    .or_insert(0) += 1;
+            }
+            c
+        });
+        assert_fair(&lab, &counts, 200, svc);
+    }
+    lab.assert_no_checksum_errors();
+}
