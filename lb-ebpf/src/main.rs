@@ -29,7 +29,7 @@ pub fn lb_xdp_from_wire(ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
-    tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK as i32)
+    tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK)
 }
 
 #[cfg(not(test))]

@@ -61,7 +61,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once; the agent replaces whole entries.
-    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }).copied() else {
+    let Some(svc) = (unsafe { SERVICES.get(svc_key) }).copied() else {
         return Action::Pass;
     };
 
@@ -74,7 +74,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
         direction: CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    if let Some(ct_ptr) = CONNTRACK.get_ptr_mut(&fwd_key) {
+    if let Some(ct_ptr) = CONNTRACK.get_ptr_mut(fwd_key) {
         // SAFETY: the pointer comes from a successful lookup.
         let ct = unsafe { *ct_ptr };
         let new_syn = flow.proto == IPPROTO_TCP
@@ -112,7 +112,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
         backend_slot: slot,
         ..svc_key
     };
-    let Some(slot_value) = (unsafe { SERVICES.get(&slot_key) }).copied() else {
+    let Some(slot_value) = (unsafe { SERVICES.get(slot_key) }).copied() else {
         count(stats::BACKEND_MISSING);
         return Action::Drop;
     };
@@ -128,7 +128,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
     };
     // Without a conntrack entry the flow would still work packet by packet,
     // only without backend stickiness, so a full map is not fatal.
-    let _ = CONNTRACK.insert(&fwd_key, &ct, 0);
+    let _ = CONNTRACK.insert(fwd_key, ct, 0);
     insert_reply_entry(flow, &backend, slot_value.backend_id, svc.rev_nat_id, now);
     count(stats::CT_CREATED);
     translate(rw, flow, &backend)
@@ -165,7 +165,7 @@ fn insert_reply_entry(flow: &Flow, backend: &Backend4, backend_id: u32, rev_nat_
         rev_nat_id,
         flags: 0,
     };
-    let _ = CONNTRACK.insert(&key, &value, 0);
+    let _ = CONNTRACK.insert(key, value, 0);
 }
 
 /// A reply from a backend to a client of a Service gets the Service's
@@ -181,7 +181,7 @@ fn reverse_nat<R: Rewriter>(rw: &R, flow: &Flow, now: u64) -> Option<Action> {
         direction: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let ct_ptr = CONNTRACK.get_ptr_mut(&key)?;
+    let ct_ptr = CONNTRACK.get_ptr_mut(key)?;
     let ct = unsafe { *ct_ptr };
     let rev = unsafe { REV_NAT.get(ct.rev_nat_id) }.copied()?;
     if now.saturating_sub(ct.last_seen_ns) > CT_REFRESH_INTERVAL_NS {

@@ -32,21 +32,21 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
     }
     let flow = match parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(flow) => flow,
-        Parsed::Other => return Ok(TC_ACT_OK as i32),
+        Parsed::Other => return Ok(TC_ACT_OK),
         Parsed::Fragment => {
             count(stats::FRAGMENT_PASSED);
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
         Parsed::Malformed => {
             count(stats::MALFORMED_PASSED);
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TC_ACT_OK);
         }
     };
     let rw = TcRewriter { ctx };
     Ok(match nat::handle(&rw, &flow) {
-        Action::Pass | Action::Translated => TC_ACT_OK as i32,
-        Action::Drop => TC_ACT_SHOT as i32,
-        Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(TC_ACT_SHOT as i32),
+        Action::Pass | Action::Translated => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
+        Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(TC_ACT_SHOT),
     })
 }
 
@@ -54,64 +54,67 @@ struct TcRewriter<'a> {
     ctx: &'a TcContext,
 }
 
+/// Which end of the packet a rewrite changes: where its address and port
+/// sit and what they hold now.
+struct End {
+    addr_off: usize,
+    port_off: usize,
+    old_addr: u32,
+    old_port: u16,
+}
+
 impl TcRewriter<'_> {
     #[inline(always)]
-    fn rewrite(
-        &self,
-        flow: &Flow,
-        old_addr: u32,
-        old_port: u16,
-        addr_off: usize,
-        port_off: usize,
-        addr: u32,
-        port: u16,
-    ) -> Result<(), ()> {
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), ()> {
         let mangled = if flow.proto == IPPROTO_TCP {
             0
         } else {
             BPF_F_MARK_MANGLED_0
         };
         let ctx = self.ctx;
+        // Addresses are in the pseudo header: with BPF_F_PSEUDO_HDR the helper
+        // also fixes a partial checksum, which covers only that header.
         ctx.l4_csum_replace(
             flow.l4_csum_off,
-            old_addr as u64,
+            end.old_addr as u64,
             addr as u64,
             BPF_F_PSEUDO_HDR | mangled | 4,
         )
         .map_err(|_| ())?;
-        ctx.l4_csum_replace(flow.l4_csum_off, old_port as u64, port as u64, mangled | 2)
+        ctx.l4_csum_replace(
+            flow.l4_csum_off,
+            end.old_port as u64,
+            port as u64,
+            mangled | 2,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, end.old_addr as u64, addr as u64, 4)
             .map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, addr as u64, 4)
-            .map_err(|_| ())?;
-        ctx.store(addr_off, &addr, 0).map_err(|_| ())?;
-        ctx.store(port_off, &port, 0).map_err(|_| ())?;
+        ctx.store(end.addr_off, &addr, 0).map_err(|_| ())?;
+        ctx.store(end.port_off, &port, 0).map_err(|_| ())?;
         Ok(())
     }
 }
 
 impl Rewriter for TcRewriter<'_> {
     fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
-        self.rewrite(
-            flow,
-            flow.daddr,
-            flow.dport,
-            IP_DADDR_OFF,
-            L4_DPORT_OFF,
-            addr,
-            port,
-        )
+        let end = End {
+            addr_off: IP_DADDR_OFF,
+            port_off: L4_DPORT_OFF,
+            old_addr: flow.daddr,
+            old_port: flow.dport,
+        };
+        self.rewrite(flow, end, addr, port)
     }
 
     fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
-        self.rewrite(
-            flow,
-            flow.saddr,
-            flow.sport,
-            IP_SADDR_OFF,
-            L4_SPORT_OFF,
-            addr,
-            port,
-        )
+        let end = End {
+            addr_off: IP_SADDR_OFF,
+            port_off: L4_SPORT_OFF,
+            old_addr: flow.saddr,
+            old_port: flow.sport,
+        };
+        self.rewrite(flow, end, addr, port)
     }
 }
 

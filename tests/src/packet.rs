@@ -60,7 +60,7 @@ fn l4_checksum(t: &Tuple, proto: u8, seg: &[u8]) -> u16 {
 
 /// A TCP segment with the given flags, sequence number, options and payload.
 pub fn tcp(t: &Tuple, flags: u8, seq: u32, options: &[u8], payload: &[u8]) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
     let hlen = 20 + options.len();
     let mut seg = vec![0u8; hlen];
     seg[0..2].copy_from_slice(&t.sport.to_be_bytes());

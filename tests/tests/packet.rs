@@ -29,6 +29,9 @@ const TC_ACT_REDIRECT: u32 = 7;
 const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
 
+/// A Service port to program: (port, protocol, backends as (address, port)).
+type TestService<'a> = (u16, Protocol, &'a [(Ipv4Addr, u16)]);
+
 struct Harness {
     ebpf: Ebpf,
     maps: BpfMaps,
@@ -60,7 +63,7 @@ impl Harness {
     }
 
     /// Programs Services: (port, proto, backends as (addr, port)).
-    fn program(&mut self, services: &[(u16, Protocol, &[(Ipv4Addr, u16)])]) {
+    fn program(&mut self, services: &[TestService]) {
         let mut desired = DesiredState::default();
         for (port, proto, backends) in services {
             let frontend = L4Addr {

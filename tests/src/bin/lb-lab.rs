@@ -17,6 +17,9 @@ use lb_tests::{
 
 const REQUESTS: usize = 100;
 
+/// A Service's name, ClusterIP and (port, protocol) pairs.
+type ServicePorts = (String, std::net::Ipv4Addr, Vec<(u16, String)>);
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -61,7 +64,7 @@ fn demo(dir: PathBuf) -> Result<()> {
         String::from_utf8_lossy(&table.stdout)
     );
 
-    let services: Vec<(String, std::net::Ipv4Addr, Vec<(u16, String)>)> = lab
+    let services: Vec<ServicePorts> = lab
         .objects
         .iter()
         .filter_map(|o| match o {
