@@ -20,7 +20,8 @@ pub mod map_names {
     pub const REV_NAT: &str = "lb4_reverse_nat";
     pub const CONNTRACK: &str = "lb4_conntrack";
     pub const STATS: &str = "lb_stats";
-    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS];
+    pub const SERVICE_STATS: &str = "lb4_svc_stats";
+    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, SERVICE_STATS];
 }
 
 /// Names of the BPF programs in the object.
@@ -149,6 +150,16 @@ pub const CT_CLOSING_LIFETIME_NS: u64 = 10 * 1_000_000_000;
 /// Refresh `last_seen_ns` at most this often, to keep writes off the hot path.
 pub const CT_REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
 
+/// Per-CPU packet and byte counters of one Service frontend (addr:port),
+/// indexed by its reverse NAT id: packets translated towards a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ServiceStats {
+    pub packets: u64,
+    /// IP bytes (header included).
+    pub bytes: u64,
+}
+
 /// Indices of the per-CPU statistics array.
 pub mod stats {
     /// Packets that matched a Service and were translated to a backend.
@@ -194,6 +205,7 @@ mod user {
     unsafe impl aya::Pod for RevNat4 {}
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for Ct4Value {}
+    unsafe impl aya::Pod for ServiceStats {}
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    stats, Backend4, Ct4Key, Ct4Value, RevNat4, Service4Key, Service4Value, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
+    stats, Backend4, Ct4Key, Ct4Value, RevNat4, Service4Key, Service4Value, ServiceStats,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
 };
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
@@ -33,6 +33,20 @@ pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { MAX_CONNTRACK as usize }> =
 
 #[btf_map(name = "lb_stats")]
 pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "lb4_svc_stats")]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_REV_NAT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count_service(rev_nat_id: u16, bytes: u16) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(rev_nat_id as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes as u64;
+        }
+    }
+}
 
 #[inline(always)]
 pub fn count(index: u32) {

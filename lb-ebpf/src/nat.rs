@@ -11,7 +11,7 @@ use lb_common::{
 
 use crate::{
     headers::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{count, BACKENDS, CONNTRACK, REV_NAT, SERVICES},
+    maps::{count, count_service, BACKENDS, CONNTRACK, REV_NAT, SERVICES},
 };
 
 pub enum Action {
@@ -92,7 +92,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
                     // The reply entry may have been evicted under LRU pressure.
                     insert_reply_entry(flow, &backend, ct.backend_id, ct.rev_nat_id, now);
                 }
-                return translate(rw, flow, &backend);
+                return translate(rw, flow, &backend, ct.rev_nat_id);
             }
             count(stats::BACKEND_MISSING);
         }
@@ -131,14 +131,15 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
     let _ = CONNTRACK.insert(fwd_key, ct, 0);
     insert_reply_entry(flow, &backend, slot_value.backend_id, svc.rev_nat_id, now);
     count(stats::CT_CREATED);
-    translate(rw, flow, &backend)
+    translate(rw, flow, &backend, svc.rev_nat_id)
 }
 
 #[inline(always)]
-fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4) -> Action {
+fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4, rev_nat_id: u16) -> Action {
     match rw.rewrite_dst(flow, backend.addr, backend.port) {
         Ok(()) => {
             count(stats::SERVICE_FORWARDED);
+            count_service(rev_nat_id, flow.ip_tot_len);
             Action::Translated
         }
         Err(()) => {

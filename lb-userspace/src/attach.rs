@@ -2,11 +2,20 @@
 //! the host side of pod veths. Pod interfaces come and go with pods, so they
 //! are rescanned and new ones attached.
 
-use std::{collections::BTreeMap, ffi::CStr};
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf,
 };
 use lb_common::program_names;
@@ -77,22 +86,44 @@ pub fn default_route_interfaces() -> Vec<String> {
     out
 }
 
+/// Attachments, each held by a link pinned under `<pin-dir>/links`, so the
+/// data path keeps running when the agent exits or restarts. A restarted
+/// agent swaps its freshly loaded program into the pinned link atomically
+/// (`bpf_link_update`): packets never see the hook empty.
 pub struct Attachments {
     /// Pod interfaces attached, by name, with the ifindex they had.
     pod_ifaces: BTreeMap<String, u32>,
     pod_patterns: Vec<String>,
+    links_dir: PathBuf,
+}
+
+/// How an attachment came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link, now pinned.
+    New(&'static str),
+    /// A link pinned by a previous agent, now running this agent's program.
+    Replaced,
 }
 
 impl Attachments {
-    pub fn new(ebpf: &mut Ebpf, pod_patterns: Vec<String>) -> Result<Self> {
+    pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, pod_patterns: Vec<String>) -> Result<Self> {
         let xdp: &mut Xdp = program(ebpf, program_names::XDP_FROM_WIRE)?.try_into()?;
         xdp.load().context("loading the XDP program")?;
         let tc: &mut SchedClassifier = program(ebpf, program_names::TC_FROM_POD)?.try_into()?;
         tc.load().context("loading the tc program")?;
+        let links_dir = links_dir(pin_dir);
+        std::fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
         Ok(Self {
             pod_ifaces: BTreeMap::new(),
             pod_patterns,
+            links_dir,
         })
+    }
+
+    fn pin_path(&self, kind: &str, iface: &str) -> PathBuf {
+        self.links_dir.join(format!("{kind}_{iface}"))
     }
 
     pub fn attach_wire(
@@ -100,47 +131,130 @@ impl Attachments {
         ebpf: &mut Ebpf,
         iface: &str,
         mode: XdpAttachMode,
-    ) -> Result<&'static str> {
+    ) -> Result<Attached> {
+        let pin = self.pin_path("xdp", iface);
         let xdp: &mut Xdp = program(ebpf, program_names::XDP_FROM_WIRE)?.try_into()?;
-        let tried = match mode {
-            XdpAttachMode::Native => xdp.attach(iface, XdpMode::Driver).map(|_| "native"),
-            XdpAttachMode::Generic => xdp.attach(iface, XdpMode::Skb).map(|_| "generic"),
+        if let Some(fd) = adopt_pinned(&pin) {
+            match XdpLink::try_from(fd)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(xdp.attach_to_link(l)?))
+            {
+                Ok(_) => return Ok(Attached::Replaced),
+                Err(e) => {
+                    log::warn!(
+                        "pinned XDP link {} could not be reused ({e}); attaching anew",
+                        pin.display()
+                    );
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let (id, how) = match mode {
+            XdpAttachMode::Native => (xdp.attach(iface, XdpMode::Driver)?, "native"),
+            XdpAttachMode::Generic => (xdp.attach(iface, XdpMode::Skb)?, "generic"),
             XdpAttachMode::Auto => match xdp.attach(iface, XdpMode::Driver) {
-                Ok(_) => Ok("native"),
+                Ok(id) => (id, "native"),
                 Err(e) => {
                     log::warn!("native XDP on {iface} failed ({e}); using generic XDP");
-                    xdp.attach(iface, XdpMode::Skb).map(|_| "generic")
+                    (
+                        xdp.attach(iface, XdpMode::Skb)
+                            .with_context(|| format!("attaching XDP to {iface}"))?,
+                        "generic",
+                    )
                 }
             },
         };
-        tried.with_context(|| format!("attaching XDP to {iface}"))
+        let link: FdLink = xdp
+            .take_link(id)?
+            .try_into()
+            .context("XDP attached without a bpf_link (kernel < 5.9?)")?;
+        link.pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(Attached::New(how))
+    }
+
+    fn attach_pod(&self, ebpf: &mut Ebpf, name: &str) -> Result<Attached> {
+        let pin = self.pin_path("tc", name);
+        let tc: &mut SchedClassifier = program(ebpf, program_names::TC_FROM_POD)?.try_into()?;
+        if let Some(fd) = adopt_pinned(&pin) {
+            match SchedClassifierLink::try_from(fd)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(tc.attach_to_link(l)?))
+            {
+                Ok(_) => return Ok(Attached::Replaced),
+                Err(e) => {
+                    // A pod re-created with the same veth name: the old link died with the old veth.
+                    log::info!(
+                        "pinned tc link {} is stale ({e}); attaching anew",
+                        pin.display()
+                    );
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let id = tc.attach(name, TcAttachType::Ingress)?;
+        let link: FdLink = tc
+            .take_link(id)?
+            .try_into()
+            .context("tc attached without tcx (kernel < 6.6?)")?;
+        link.pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(Attached::New("tcx"))
     }
 
     /// Attaches tc to pod interfaces that match the patterns and are new
-    /// (or were re-created). Returns the names attached now.
-    pub fn refresh_pod_interfaces(&mut self, ebpf: &mut Ebpf) -> Result<Vec<String>> {
+    /// (or were re-created), and drops the pins of vanished ones.
+    pub fn refresh_pod_interfaces(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(String, Attached)>> {
         let present: BTreeMap<String, u32> = interfaces()
             .into_iter()
             .filter(|(_, n)| self.pod_patterns.iter().any(|p| glob_match(p, n)))
             .map(|(i, n)| (n, i))
             .collect();
-        self.pod_ifaces.retain(|n, i| present.get(n) == Some(i));
+        let gone: Vec<String> = self
+            .pod_ifaces
+            .iter()
+            .filter(|(n, i)| present.get(*n) != Some(i))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            self.pod_ifaces.remove(&name);
+            if !present.contains_key(&name) {
+                let _ = std::fs::remove_file(self.pin_path("tc", &name));
+            }
+        }
         let mut attached = Vec::new();
         for (name, index) in present {
             if self.pod_ifaces.contains_key(&name) {
                 continue;
             }
-            let tc: &mut SchedClassifier = program(ebpf, program_names::TC_FROM_POD)?.try_into()?;
-            match tc.attach(&name, TcAttachType::Ingress) {
-                Ok(_) => {
+            match self.attach_pod(ebpf, &name) {
+                Ok(how) => {
                     self.pod_ifaces.insert(name.clone(), index);
-                    attached.push(name);
+                    attached.push((name, how));
                 }
                 // The veth may vanish between listing and attaching.
-                Err(e) => log::warn!("attaching tc to {name}: {e}"),
+                Err(e) => log::warn!("attaching tc to {name}: {e:#}"),
             }
         }
         Ok(attached)
+    }
+}
+
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn adopt_pinned(pin: &Path) -> Option<FdLink> {
+    if !pin.exists() {
+        return None;
+    }
+    match PinnedLink::from_pin(pin) {
+        Ok(p) => Some(FdLink::from(p)),
+        Err(e) => {
+            log::warn!("cannot open pinned link {}: {e}", pin.display());
+            let _ = std::fs::remove_file(pin);
+            None
+        }
     }
 }
 

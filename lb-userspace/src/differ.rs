@@ -3,20 +3,134 @@
 //! backends, reverse NAT, backend slots, then the master slot (the count a
 //! reader trusts) last; deletions run the other way round.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use lb_common::{
     Backend4, RevNat4, Service4Key, Service4Value, BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT,
 };
 
-use crate::model::{DesiredState, L4Addr, Protocol};
+use crate::model::{DesiredState, L4Addr, Protocol, ServiceEntry};
 
-/// What the maps hold (or will hold), in map terms.
+/// What the maps hold (or will hold), in map terms, with the reverse
+/// indexes planning needs (kept in step by `insert_*`/`remove_*`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
     pub services: BTreeMap<Service4Key, Service4Value>,
     pub backends: BTreeMap<u32, Backend4>,
     pub rev_nat: BTreeMap<u16, RevNat4>,
+    backend_ids: HashMap<L4Addr, u32>,
+    rev_ids: HashMap<(Ipv4Addr, u16), u16>,
+    /// How many backend slots point at each backend id.
+    slot_users: HashMap<u32, u32>,
+    /// How many master slots use each reverse NAT id.
+    master_users: HashMap<u16, u32>,
+}
+
+impl MapContents {
+    pub fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
+        if let Some(old) = self.services.insert(k, v) {
+            self.unref(&k, &old);
+        }
+        if k.backend_slot == 0 {
+            *self.master_users.entry(v.rev_nat_id).or_insert(0) += 1;
+        } else {
+            *self.slot_users.entry(v.backend_id).or_insert(0) += 1;
+        }
+    }
+
+    pub fn remove_service(&mut self, k: &Service4Key) {
+        if let Some(old) = self.services.remove(k) {
+            self.unref(k, &old);
+        }
+    }
+
+    fn unref(&mut self, k: &Service4Key, old: &Service4Value) {
+        if k.backend_slot == 0 {
+            decrement(&mut self.master_users, &old.rev_nat_id);
+        } else {
+            decrement(&mut self.slot_users, &old.backend_id);
+        }
+    }
+
+    /// Whether a backend slot points at backend `id`.
+    pub fn backend_in_use(&self, id: u32) -> bool {
+        self.slot_users.contains_key(&id)
+    }
+
+    /// Whether a master slot uses reverse NAT `id`.
+    pub fn rev_nat_in_use(&self, id: u16) -> bool {
+        self.master_users.contains_key(&id)
+    }
+
+    pub fn insert_backend(&mut self, id: u32, v: Backend4) {
+        if let Some(old) = self.backends.insert(id, v).and_then(|o| backend_addr(&o)) {
+            if self.backend_ids.get(&old) == Some(&id) {
+                self.backend_ids.remove(&old);
+            }
+        }
+        if let Some(addr) = backend_addr(&v) {
+            self.backend_ids.entry(addr).or_insert(id);
+        }
+    }
+
+    pub fn remove_backend(&mut self, id: u32) {
+        if let Some(addr) = self.backends.remove(&id).and_then(|o| backend_addr(&o)) {
+            if self.backend_ids.get(&addr) == Some(&id) {
+                self.backend_ids.remove(&addr);
+            }
+        }
+    }
+
+    pub fn insert_rev_nat(&mut self, id: u16, v: RevNat4) {
+        if let Some(old) = self.rev_nat.insert(id, v) {
+            let key = rev_key(&old);
+            if self.rev_ids.get(&key) == Some(&id) {
+                self.rev_ids.remove(&key);
+            }
+        }
+        self.rev_ids.entry(rev_key(&v)).or_insert(id);
+    }
+
+    pub fn remove_rev_nat(&mut self, id: u16) {
+        if let Some(old) = self.rev_nat.remove(&id) {
+            let key = rev_key(&old);
+            if self.rev_ids.get(&key) == Some(&id) {
+                self.rev_ids.remove(&key);
+            }
+        }
+    }
+
+    pub fn backend_id(&self, addr: &L4Addr) -> Option<u32> {
+        self.backend_ids.get(addr).copied()
+    }
+
+    pub fn rev_nat_id(&self, addr: Ipv4Addr, port: u16) -> Option<u16> {
+        self.rev_ids.get(&(addr, port)).copied()
+    }
+
+    /// Frontends that have a master slot.
+    pub fn frontends(&self) -> impl Iterator<Item = L4Addr> + '_ {
+        self.services
+            .keys()
+            .filter(|k| k.backend_slot == 0)
+            .filter_map(frontend_of)
+    }
+}
+
+fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, k: &K) {
+    if let Some(n) = map.get_mut(k) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(k);
+        }
+    }
+}
+
+fn rev_key(r: &RevNat4) -> (Ipv4Addr, u16) {
+    (r.addr.to_ne_bytes().into(), u16::from_be(r.port))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,31 +209,64 @@ fn rev_nat_value(f: &L4Addr) -> RevNat4 {
     }
 }
 
-/// Hands out the lowest id not in use, keeping ids that already exist.
-struct IdAllocator {
-    used: BTreeSet<u32>,
+/// Hands out the lowest ids not in use in `used` (a map's keys).
+struct IdAllocator<'a, K, V> {
+    used: &'a BTreeMap<K, V>,
     next: u32,
     max: u32,
+    wrapped: bool,
 }
 
-impl IdAllocator {
-    fn new(used: impl IntoIterator<Item = u32>, max: u32) -> Self {
+trait IntoU32 {
+    fn into_u32(self) -> u32;
+}
+
+impl IntoU32 for &u32 {
+    fn into_u32(self) -> u32 {
+        *self
+    }
+}
+
+impl IntoU32 for &u16 {
+    fn into_u32(self) -> u32 {
+        *self as u32
+    }
+}
+
+impl<'a, K: Ord + Copy + TryFrom<u32>, V> IdAllocator<'a, K, V>
+where
+    for<'k> &'k K: IntoU32,
+{
+    fn new(used: &'a BTreeMap<K, V>, max: u32) -> Self {
         Self {
-            used: used.into_iter().collect(),
+            used,
             next: 1,
             max,
+            wrapped: false,
         }
     }
 
+    /// Past the highest id in use first (O(1) while ids last), then the
+    /// holes from 1 up.
     fn allocate(&mut self) -> Option<u32> {
-        while self.next <= self.max {
+        if !self.wrapped && self.next == 1 {
+            self.next = self.used.keys().next_back().map_or(1, |k| k.into_u32() + 1);
+        }
+        loop {
+            if self.next > self.max {
+                if self.wrapped {
+                    return None;
+                }
+                self.wrapped = true;
+                self.next = 1;
+            }
             let id = self.next;
             self.next += 1;
-            if self.used.insert(id) {
+            let key = K::try_from(id).ok()?;
+            if !self.used.contains_key(&key) {
                 return Some(id);
             }
         }
-        None
     }
 }
 
@@ -147,36 +294,40 @@ pub fn slots_of<'a>(
 
 /// Plans the writes that take the maps from `current` to `desired`.
 pub fn plan(current: &MapContents, desired: &DesiredState) -> Result<Vec<PlannedOp>, PlanError> {
-    let mut ops = Vec::new();
+    plan_scoped(current, desired, None)
+}
 
-    // Ids: keep the ones the maps already use, allocate the rest.
-    let mut backend_ids: BTreeMap<L4Addr, u32> = BTreeMap::new();
-    for (id, b) in &current.backends {
-        if let Some(addr) = backend_addr(b) {
-            backend_ids.entry(addr).or_insert(*id);
-        }
-    }
-    let mut rev_ids: BTreeMap<(std::net::Ipv4Addr, u16), u16> = BTreeMap::new();
-    for (id, r) in &current.rev_nat {
-        rev_ids
-            .entry((r.addr.to_ne_bytes().into(), u16::from_be(r.port)))
-            .or_insert(*id);
-    }
-    let mut backend_alloc = IdAllocator::new(current.backends.keys().copied(), MAX_BACKENDS);
-    let mut rev_alloc =
-        IdAllocator::new(current.rev_nat.keys().map(|id| *id as u32), MAX_REV_NAT - 1);
+/// Plans the writes for the frontends in `touched` only (None: all of them).
+/// An incremental change touches the frontends of the Services that changed,
+/// before and after, so its cost does not grow with the number of Services.
+pub fn plan_scoped(
+    current: &MapContents,
+    desired: &DesiredState,
+    touched: Option<&BTreeSet<L4Addr>>,
+) -> Result<Vec<PlannedOp>, PlanError> {
+    let mut ops = Vec::new();
+    let entries: Vec<&ServiceEntry> = match touched {
+        None => desired.entries().values().collect(),
+        Some(t) => t.iter().filter_map(|f| desired.get(f)).collect(),
+    };
+    let mut backend_alloc = IdAllocator::new(&current.backends, MAX_BACKENDS);
+    let mut rev_alloc = IdAllocator::new(&current.rev_nat, MAX_REV_NAT as u32 - 1);
 
     // 1. Backends first: a slot must never point at a missing backend.
-    let mut wanted_backends = BTreeSet::new();
-    for entry in desired.entries.values() {
+    let mut new_backend_ids: BTreeMap<L4Addr, u32> = BTreeMap::new();
+    let mut wanted_backends: BTreeSet<u32> = BTreeSet::new();
+    for entry in &entries {
         for b in &entry.backends {
-            let id = match backend_ids.get(b) {
-                Some(id) => *id,
+            let id = match current
+                .backend_id(b)
+                .or_else(|| new_backend_ids.get(b).copied())
+            {
+                Some(id) => id,
                 None => {
                     let id = backend_alloc
                         .allocate()
                         .ok_or(PlanError::BackendIdsExhausted)?;
-                    backend_ids.insert(*b, id);
+                    new_backend_ids.insert(*b, id);
                     id
                 }
             };
@@ -191,17 +342,26 @@ pub fn plan(current: &MapContents, desired: &DesiredState) -> Result<Vec<Planned
             }
         }
     }
+    let backend_id = |b: &L4Addr| {
+        current
+            .backend_id(b)
+            .or_else(|| new_backend_ids.get(b).copied())
+    };
 
     // 2. Reverse NAT before a Service becomes visible, so its first reply
     // already finds it.
+    let mut new_rev_ids: BTreeMap<(Ipv4Addr, u16), u16> = BTreeMap::new();
     let mut wanted_rev = BTreeSet::new();
-    for entry in desired.entries.values() {
+    for entry in &entries {
         let f = entry.frontend;
-        let id = match rev_ids.get(&(f.addr, f.port)) {
-            Some(id) => *id,
+        let id = match current
+            .rev_nat_id(f.addr, f.port)
+            .or_else(|| new_rev_ids.get(&(f.addr, f.port)).copied())
+        {
+            Some(id) => id,
             None => {
                 let id = rev_alloc.allocate().ok_or(PlanError::RevNatIdsExhausted)? as u16;
-                rev_ids.insert((f.addr, f.port), id);
+                new_rev_ids.insert((f.addr, f.port), id);
                 id
             }
         };
@@ -215,16 +375,22 @@ pub fn plan(current: &MapContents, desired: &DesiredState) -> Result<Vec<Planned
             }
         }
     }
+    let rev_id = |f: &L4Addr| {
+        current
+            .rev_nat_id(f.addr, f.port)
+            .or_else(|| new_rev_ids.get(&(f.addr, f.port)).copied())
+    };
 
     // 3. Per frontend: slots 1..=n, then the master (count) last, then the
     // slots past the new count.
-    for entry in desired.entries.values() {
+    for entry in &entries {
         let f = entry.frontend;
         let tag = Some(f);
         for (i, b) in entry.backends.iter().enumerate() {
             let key = slot_key(&f, i as u16 + 1);
+            let id = backend_id(b).expect("allocated in step 1");
             let value = Service4Value {
-                backend_id: backend_ids[b],
+                backend_id: id,
                 ..Default::default()
             };
             if current.services.get(&key) != Some(&value) {
@@ -236,7 +402,7 @@ pub fn plan(current: &MapContents, desired: &DesiredState) -> Result<Vec<Planned
         }
         let master = Service4Value {
             count: entry.backends.len() as u16,
-            rev_nat_id: rev_ids[&(f.addr, f.port)],
+            rev_nat_id: rev_id(&f).expect("allocated in step 2"),
             flags: entry.flags,
             ..Default::default()
         };
@@ -257,48 +423,101 @@ pub fn plan(current: &MapContents, desired: &DesiredState) -> Result<Vec<Planned
     }
 
     // 4. Frontends that are gone: master first, so lookups miss at once.
-    let gone: BTreeSet<L4Addr> = current
-        .services
-        .keys()
-        .filter_map(frontend_of)
-        .filter(|f| !desired.entries.contains_key(f))
-        .collect();
-    for f in &gone {
-        let mut slots: Vec<Service4Key> = slots_of(&current.services, f).map(|(k, _)| *k).collect();
-        slots.sort_by_key(|k| k.backend_slot);
-        for key in slots {
+    let candidates: Vec<L4Addr> = match touched {
+        None => current.frontends().collect(),
+        Some(t) => t.iter().copied().collect(),
+    };
+    let mut orphan_backends = BTreeSet::new();
+    let mut orphan_revs = BTreeSet::new();
+    for f in candidates.iter().filter(|f| desired.get(f).is_none()) {
+        let mut slots: Vec<(Service4Key, Service4Value)> = slots_of(&current.services, f)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        slots.sort_by_key(|(k, _)| k.backend_slot);
+        for (key, value) in slots {
+            if key.backend_slot == 0 {
+                orphan_revs.insert(value.rev_nat_id);
+            } else {
+                orphan_backends.insert(value.backend_id);
+            }
             ops.push(PlannedOp {
                 op: MapOp::DeleteService(key),
                 frontend: Some(*f),
             });
         }
     }
-    // Malformed leftovers (unknown protocol numbers) go too.
-    for key in current.services.keys().filter(|k| frontend_of(k).is_none()) {
-        ops.push(PlannedOp {
-            op: MapOp::DeleteService(*key),
-            frontend: None,
-        });
+    if touched.is_none() {
+        // Malformed leftovers (unknown protocol numbers) go too.
+        for key in current.services.keys().filter(|k| frontend_of(k).is_none()) {
+            ops.push(PlannedOp {
+                op: MapOp::DeleteService(*key),
+                frontend: None,
+            });
+        }
     }
 
     // 5. Reverse NAT and backends nobody uses any more.
-    for id in current.rev_nat.keys().filter(|id| !wanted_rev.contains(id)) {
-        ops.push(PlannedOp {
-            op: MapOp::DeleteRevNat(*id),
-            frontend: None,
-        });
+    match touched {
+        None => {
+            orphan_revs.extend(current.rev_nat.keys().filter(|id| !wanted_rev.contains(id)));
+            orphan_backends.extend(
+                current
+                    .backends
+                    .keys()
+                    .filter(|id| !wanted_backends.contains(id)),
+            );
+        }
+        Some(_) => {
+            // Backends the touched frontends used before this change.
+            for f in &candidates {
+                for (k, v) in slots_of(&current.services, f) {
+                    if k.backend_slot != 0 {
+                        orphan_backends.insert(v.backend_id);
+                    }
+                }
+            }
+        }
     }
-    for id in current
-        .backends
-        .keys()
-        .filter(|id| !wanted_backends.contains(id))
-    {
-        ops.push(PlannedOp {
-            op: MapOp::DeleteBackend(*id),
-            frontend: None,
-        });
+    for id in orphan_revs {
+        let Some(r) = current.rev_nat.get(&id) else {
+            continue;
+        };
+        if !wanted_rev.contains(&id) && !desired_uses_rev(desired, r) {
+            ops.push(PlannedOp {
+                op: MapOp::DeleteRevNat(id),
+                frontend: None,
+            });
+        }
+    }
+    for id in orphan_backends {
+        let Some(b) = current.backends.get(&id) else {
+            continue;
+        };
+        let still_used = wanted_backends.contains(&id)
+            || backend_addr(b).is_some_and(|a| desired.uses_backend(&a));
+        if !still_used {
+            ops.push(PlannedOp {
+                op: MapOp::DeleteBackend(id),
+                frontend: None,
+            });
+        }
     }
     Ok(ops)
+}
+
+/// Whether a frontend of `desired` still restores to this address and port
+/// (TCP and UDP of one port share a reverse NAT entry).
+fn desired_uses_rev(desired: &DesiredState, r: &RevNat4) -> bool {
+    let (addr, port) = rev_key(r);
+    [Protocol::Tcp, Protocol::Udp].iter().any(|proto| {
+        desired
+            .get(&L4Addr {
+                addr,
+                port,
+                proto: *proto,
+            })
+            .is_some()
+    })
 }
 
 /// Checks what a packet could see in `maps`: every master's slots up to its

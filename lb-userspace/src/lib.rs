@@ -5,10 +5,13 @@
 pub mod attach;
 pub mod differ;
 pub mod inspect;
+pub mod k8s;
 pub mod loader;
 pub mod manifests;
 pub mod map_writer;
+pub mod metrics;
 pub mod model;
+pub mod programmer;
 pub mod translate;
 
 /// The BPF object built from lb-ebpf by build.rs.

@@ -105,9 +105,19 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
     })
 }
 
-/// Removes the pinned maps (and the folder if it is then empty).
+/// Removes the pinned links (which detaches the programs) and the pinned
+/// maps, and the folders if they are then empty.
 pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
+    let links = crate::attach::links_dir(pin_dir);
+    if let Ok(entries) = fs::read_dir(&links) {
+        for e in entries.flatten() {
+            fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed.push(e.path());
+        }
+    }
+    let _ = fs::remove_dir(&links);
     for name in map_names::ALL {
         let p = map_pin_path(pin_dir, name);
         match fs::remove_file(&p) {

@@ -3,6 +3,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -11,12 +12,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{map_names, stats, DEFAULT_PIN_DIR};
 use lb_userspace::{
     attach::{default_route_interfaces, Attachments, XdpAttachMode},
-    differ::{self, MapContents},
-    inspect, loader,
+    inspect,
+    k8s::{self, ClusterState, Work},
+    loader,
     manifests::ManifestSource,
-    map_writer::{apply_plan, BpfMaps},
-    model::DesiredState,
-    translate,
+    map_writer::BpfMaps,
+    metrics::{render_counters, InvalidLabel, Metrics, ResourceLabel},
+    programmer::{Programmer, SyncReport},
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -60,10 +62,21 @@ enum Output {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Folder of Service and EndpointSlice manifests (YAML/JSON, multi-document). Re-read when a
-    /// file changes or on SIGHUP; only the difference is written.
+    /// Read Services and EndpointSlices from this folder of manifests (YAML/JSON,
+    /// multi-document) instead of the Kubernetes API. Re-read when a file changes or on
+    /// SIGHUP; only the difference is written.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API with this kubeconfig. Without it (and without
+    /// --manifests) the in-cluster config is used, or the default kubeconfig.
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (for node-local decisions), as in the DaemonSet's downward API.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:10249).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Interfaces facing the wire, where XDP attaches (comma separated).
     /// Default: the interfaces that hold a default route.
     #[arg(long, value_delimiter = ',')]
@@ -80,6 +93,10 @@ struct RunArgs {
     /// Written (atomically) after every sync with its generation and outcome.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Remove everything the agent installed (pinned links, which detaches the
+    /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
+    #[arg(long)]
+    cleanup: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -96,7 +113,8 @@ fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
             .enable_all()
             .build()?
             .block_on(run(&cli.pin_dir, args)),
@@ -147,53 +165,25 @@ fn print_stats(pin_dir: &Path, output: Output) -> Result<()> {
     Ok(())
 }
 
-struct Agent {
-    maps: BpfMaps,
-    current: MapContents,
-    previous: DesiredState,
-    source: ManifestSource,
-    generation: u64,
+/// What every sync reports to logs and the ready file.
+struct SyncLog {
     ready_file: Option<PathBuf>,
+    generation: u64,
 }
 
-impl Agent {
-    /// Reads the manifests and writes the difference to the maps.
-    fn sync(&mut self) -> Result<()> {
-        let started = Instant::now();
-        let (set, manifest_errors) = self.source.read();
-        for e in &manifest_errors {
-            log::error!("manifest: {e}");
-        }
-        let mut t = translate::translate(&set.services, &set.slices);
-        for e in &t.errors {
-            log::error!("cannot program {e}");
-        }
-        translate::carry_over_failed(&mut t, &self.previous);
-        let plan = differ::plan(&self.current, &t.state)?;
-        let report = apply_plan(&mut self.maps, &plan, &mut self.current);
-        for (frontend, reason) in &report.failed {
-            match frontend {
-                Some(f) => {
-                    log::error!("programming {f} failed, it keeps its previous state: {reason}")
-                }
-                None => log::error!("map write failed: {reason}"),
-            }
-        }
-        self.previous = t.state;
+impl SyncLog {
+    fn record(&mut self, kind: &str, report: &SyncReport, started: Instant) -> Result<()> {
         self.generation += 1;
-        let backends: usize = self
-            .previous
-            .entries
-            .values()
-            .map(|e| e.backends.len())
-            .sum();
+        for e in &report.errors {
+            log::error!("{e}");
+        }
         log::info!(
-            "sync {}: {} frontends, {} backends, {} map writes, {} errors, {:?}",
+            "sync {} ({kind}): {} frontends, {} backends, {} map writes, {} errors, {:?}",
             self.generation,
-            self.previous.entries.len(),
-            backends,
-            report.applied,
-            manifest_errors.len() + t.errors.len() + report.failed.len(),
+            report.frontends,
+            report.backends,
+            report.writes,
+            report.errors.len(),
             started.elapsed()
         );
         if let Some(path) = &self.ready_file {
@@ -203,10 +193,10 @@ impl Agent {
                 format!(
                     "generation {}\nfrontends {}\nbackends {}\nwrites {}\nerrors {}\n",
                     self.generation,
-                    self.previous.entries.len(),
-                    backends,
-                    report.applied,
-                    manifest_errors.len() + t.errors.len() + report.failed.len()
+                    report.frontends,
+                    report.backends,
+                    report.writes,
+                    report.errors.len()
                 ),
             )?;
             fs::rename(&tmp, path)?;
@@ -215,7 +205,26 @@ impl Agent {
     }
 }
 
-async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
+/// The loaded and attached data path.
+struct DataPath {
+    ebpf: aya::Ebpf,
+    attachments: Attachments,
+}
+
+impl DataPath {
+    fn refresh_pods(&mut self) -> Result<()> {
+        for (name, how) in self.attachments.refresh_pod_interfaces(&mut self.ebpf)? {
+            log::info!("tc on pod interface {name}: {how:?}");
+        }
+        Ok(())
+    }
+}
+
+fn setup_datapath(
+    pin_dir: &Path,
+    args: &RunArgs,
+    metrics: &Arc<Metrics>,
+) -> Result<(DataPath, Programmer<BpfMaps>)> {
     let mut ebpf = loader::load(pin_dir)?;
     let maps = loader::take_maps(&mut ebpf)?;
     let current = maps.read_contents().context("reading the pinned maps")?;
@@ -227,7 +236,7 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
             current.backends.len()
         );
     }
-    let mut attachments = Attachments::new(&mut ebpf, args.pod_interfaces.clone())?;
+    let mut attachments = Attachments::new(&mut ebpf, pin_dir, args.pod_interfaces.clone())?;
     let wire = if args.interfaces.is_empty() {
         default_route_interfaces()
     } else {
@@ -237,48 +246,265 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
         log::warn!("no interface faces the wire (no default route and no --interfaces): XDP is not attached");
     }
     for iface in &wire {
-        let mode = attachments.attach_wire(&mut ebpf, iface, args.xdp_mode)?;
-        log::info!("XDP attached to {iface} ({mode})");
+        let how = attachments.attach_wire(&mut ebpf, iface, args.xdp_mode)?;
+        log::info!("XDP on {iface}: {how:?}");
     }
-    for name in attachments.refresh_pod_interfaces(&mut ebpf)? {
-        log::info!("tc attached to pod interface {name}");
-    }
+    let mut dp = DataPath { ebpf, attachments };
+    dp.refresh_pods()?;
+    install_datapath_metrics(pin_dir, metrics)?;
+    Ok((dp, Programmer::new(maps, current, metrics.clone())))
+}
 
-    let mut agent = Agent {
-        maps,
-        current,
-        previous: DesiredState::default(),
-        source: ManifestSource::new(&args.manifests),
-        generation: 0,
+/// Per-Service and data path counters, read from the per-CPU maps at scrape time.
+fn install_datapath_metrics(pin_dir: &Path, metrics: &Arc<Metrics>) -> Result<()> {
+    let open = |name: &str| aya::maps::MapData::from_pin(loader::map_pin_path(pin_dir, name));
+    let stats: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(map_names::STATS)?))?;
+    let svc_stats: aya::maps::PerCpuArray<_, lb_common::ServiceStats> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(
+            map_names::SERVICE_STATS,
+        )?))?;
+    let names = REV_NAT_NAMES.clone();
+    *metrics.datapath.lock().expect("metrics lock") = Box::new(move || {
+        let mut rows = Vec::new();
+        for (i, name) in stats::NAMES.iter().enumerate() {
+            let v: u64 = stats
+                .get(&(i as u32), 0)
+                .map(|p| p.iter().sum())
+                .unwrap_or(0);
+            rows.push((vec![("counter", (*name).to_owned())], v));
+        }
+        let mut out = render_counters(
+            "lb_datapath_packets",
+            "Data path events by kind, summed over CPUs",
+            &rows,
+        );
+        let (mut packets, mut bytes) = (Vec::new(), Vec::new());
+        for (id, (service, frontend)) in names.lock().expect("names lock").iter() {
+            let Ok(per_cpu) = svc_stats.get(&(*id as u32), 0) else {
+                continue;
+            };
+            let (p, b) = per_cpu
+                .iter()
+                .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes));
+            let labels = vec![("service", service.clone()), ("frontend", frontend.clone())];
+            packets.push((labels.clone(), p));
+            bytes.push((labels, b));
+        }
+        out.push_str(&render_counters(
+            "lb_service_packets",
+            "Packets translated to a backend per Service frontend",
+            &packets,
+        ));
+        out.push_str(&render_counters(
+            "lb_service_bytes",
+            "IP bytes translated to a backend per Service frontend",
+            &bytes,
+        ));
+        out
+    });
+    Ok(())
+}
+
+type NameTable = Arc<std::sync::Mutex<std::collections::BTreeMap<u16, (String, String)>>>;
+static REV_NAT_NAMES: std::sync::LazyLock<NameTable> = std::sync::LazyLock::new(Default::default);
+
+fn publish_names(p: &Programmer<BpfMaps>) {
+    *REV_NAT_NAMES.lock().expect("names lock") = p.rev_nat_names();
+}
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn signals() -> Result<Signals> {
+    Ok(Signals {
+        hup: signal(SignalKind::hangup())?,
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    })
+}
+
+async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
+    if args.cleanup {
+        for p in loader::cleanup(pin_dir)? {
+            println!("removed {}", p.display());
+        }
+        return Ok(());
+    }
+    let metrics = Metrics::new();
+    if let Some(addr) = args.metrics_addr {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = lb_userspace::metrics::serve(addr, m).await {
+                log::error!("metrics endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    let (mut dp, mut programmer) = setup_datapath(pin_dir, &args, &metrics)?;
+    let mut log = SyncLog {
         ready_file: args.ready_file.clone(),
+        generation: 0,
     };
-    agent.sync()?;
-
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(args.poll_interval);
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                log::info!("SIGHUP: re-reading {}", args.manifests.display());
-                agent.sync()?;
-            }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = tick.tick() => {
-                if agent.source.changed() {
-                    agent.sync()?;
-                }
-                for name in attachments.refresh_pod_interfaces(&mut ebpf)? {
-                    log::info!("tc attached to pod interface {name}");
-                }
-            }
+    let mut sig = signals()?;
+    match args.manifests.clone() {
+        Some(dir) => {
+            run_manifests(
+                &dir,
+                &args,
+                &mut dp,
+                &mut programmer,
+                &mut log,
+                &metrics,
+                &mut sig,
+            )
+            .await?
+        }
+        None => {
+            run_kubernetes(
+                &args,
+                &mut dp,
+                &mut programmer,
+                &mut log,
+                &metrics,
+                &mut sig,
+            )
+            .await?
         }
     }
     log::info!(
-        "exiting: programs detach, maps stay pinned at {} (`lb-agent cleanup` removes them)",
+        "exiting: the programs stay attached through links pinned at {} (`lb-agent cleanup` removes them)",
         pin_dir.display()
     );
+    Ok(())
+}
+
+async fn run_manifests(
+    dir: &Path,
+    args: &RunArgs,
+    dp: &mut DataPath,
+    programmer: &mut Programmer<BpfMaps>,
+    log: &mut SyncLog,
+    metrics: &Arc<Metrics>,
+    sig: &mut Signals,
+) -> Result<()> {
+    let mut source = ManifestSource::new(dir);
+    let mut sync = |source: &mut ManifestSource, log: &mut SyncLog| -> Result<()> {
+        let started = Instant::now();
+        let (set, manifest_errors) = source.read();
+        let mut report = programmer.full_sync(&set.services, &set.slices)?;
+        for e in manifest_errors {
+            metrics
+                .invalid_objects
+                .get_or_create(&InvalidLabel {
+                    kind: "manifest".into(),
+                })
+                .inc();
+            report.errors.insert(0, format!("manifest: {e}"));
+        }
+        publish_names(programmer);
+        metrics.set_ready();
+        log.record("manifests", &report, started)
+    };
+    sync(&mut source, log)?;
+    let mut tick = tokio::time::interval(args.poll_interval);
+    loop {
+        tokio::select! {
+            _ = sig.hup.recv() => {
+                log::info!("SIGHUP: re-reading {}", dir.display());
+                sync(&mut source, log)?;
+            }
+            _ = sig.term.recv() => break,
+            _ = sig.int.recv() => break,
+            _ = tick.tick() => {
+                if source.changed() {
+                    sync(&mut source, log)?;
+                }
+                dp.refresh_pods()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Most changes folded into one sync; a burst (a relist) is written at once.
+const MAX_BATCH: usize = 20_000;
+
+async fn run_kubernetes(
+    args: &RunArgs,
+    dp: &mut DataPath,
+    programmer: &mut Programmer<BpfMaps>,
+    log: &mut SyncLog,
+    metrics: &Arc<Metrics>,
+    sig: &mut Signals,
+) -> Result<()> {
+    if args.node_name.is_none() {
+        log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
+    }
+    let client = k8s::client(args.kubeconfig.as_deref()).await?;
+    let mut rx = k8s::start_watches(client, args.node_name.clone());
+    let mut state = ClusterState::default();
+    let mut needs_full = true;
+    let mut tick = tokio::time::interval(args.poll_interval);
+    loop {
+        let first = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => anyhow::bail!("the watches ended"),
+            },
+            _ = sig.term.recv() => break,
+            _ = sig.int.recv() => break,
+            _ = sig.hup.recv() => { needs_full = true; continue; }
+            _ = tick.tick() => { dp.refresh_pods()?; continue; }
+        };
+        let started = Instant::now();
+        let mut work = Work::default();
+        state.apply(first, &mut work);
+        let mut n = 1;
+        while n < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => {
+                    state.apply(c, &mut work);
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        for r in &work.restarts {
+            log::info!("watch of {r} restarted with a relist: full resync");
+            metrics
+                .watch_restarts
+                .get_or_create(&ResourceLabel {
+                    resource: (*r).into(),
+                })
+                .inc();
+        }
+        needs_full |= work.full_resync;
+        // Nothing is written before both lists are complete: a restarted agent
+        // keeps serving what the pinned maps hold until it knows the truth.
+        if !state.synced() {
+            continue;
+        }
+        let (kind, report) = if needs_full {
+            let r = programmer.full_sync(&state.all_services(), &state.all_slices())?;
+            ("full", r)
+        } else if !work.dirty.is_empty() {
+            let changes = state.changes(&work.dirty);
+            ("incremental", programmer.sync_services(&changes)?)
+        } else {
+            continue;
+        };
+        let now = chrono::Utc::now();
+        for t in state.take_triggers(&work.dirty, needs_full) {
+            let secs = (now - t).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics.programming_latency.observe(secs.max(0.0));
+        }
+        needs_full = false;
+        publish_names(programmer);
+        metrics.set_ready();
+        log.record(kind, &report, started)?;
+    }
     Ok(())
 }

@@ -43,14 +43,8 @@ pub fn apply_plan(
         let blocked = match op {
             MapOp::PutService(_, v) if v.backend_id != 0 => failed_backends.contains(&v.backend_id),
             // Still referenced by a slot whose update failed: keep it.
-            MapOp::DeleteBackend(id) => current
-                .services
-                .iter()
-                .any(|(k, v)| k.backend_slot != 0 && v.backend_id == *id),
-            MapOp::DeleteRevNat(id) => current
-                .services
-                .iter()
-                .any(|(k, v)| k.backend_slot == 0 && v.rev_nat_id == *id),
+            MapOp::DeleteBackend(id) => current.backend_in_use(*id),
+            MapOp::DeleteRevNat(id) => current.rev_nat_in_use(*id),
             _ => false,
         };
         if blocked {
@@ -83,24 +77,12 @@ pub fn apply_plan(
 /// Mirrors a successful write in `maps`.
 pub fn record(maps: &mut MapContents, op: &MapOp) {
     match *op {
-        MapOp::PutBackend(id, v) => {
-            maps.backends.insert(id, v);
-        }
-        MapOp::PutRevNat(id, v) => {
-            maps.rev_nat.insert(id, v);
-        }
-        MapOp::PutService(k, v) => {
-            maps.services.insert(k, v);
-        }
-        MapOp::DeleteService(k) => {
-            maps.services.remove(&k);
-        }
-        MapOp::DeleteRevNat(id) => {
-            maps.rev_nat.remove(&id);
-        }
-        MapOp::DeleteBackend(id) => {
-            maps.backends.remove(&id);
-        }
+        MapOp::PutBackend(id, v) => maps.insert_backend(id, v),
+        MapOp::PutRevNat(id, v) => maps.insert_rev_nat(id, v),
+        MapOp::PutService(k, v) => maps.insert_service(k, v),
+        MapOp::DeleteService(k) => maps.remove_service(&k),
+        MapOp::DeleteRevNat(id) => maps.remove_rev_nat(id),
+        MapOp::DeleteBackend(id) => maps.remove_backend(id),
     }
 }
 
@@ -117,15 +99,15 @@ impl BpfMaps {
         let mut c = MapContents::default();
         for kv in self.services.iter() {
             let (k, v) = kv?;
-            c.services.insert(k, v);
+            c.insert_service(k, v);
         }
         for kv in self.backends.iter() {
             let (k, v) = kv?;
-            c.backends.insert(k, v);
+            c.insert_backend(k, v);
         }
         for kv in self.rev_nat.iter() {
             let (k, v) = kv?;
-            c.rev_nat.insert(k, v);
+            c.insert_rev_nat(k, v);
         }
         Ok(c)
     }
@@ -208,19 +190,16 @@ mod tests {
             let frontend = l4("10.96.0.10", *port);
             let mut backends: Vec<L4Addr> = backends.iter().map(|b| l4(b, 8080)).collect();
             backends.sort();
-            s.entries.insert(
-                frontend,
-                ServiceEntry {
-                    service: ServiceName {
-                        namespace: "default".into(),
-                        name: format!("svc{port}"),
-                    },
-                    port_name: String::new(),
-                    frontend,
-                    backends,
-                    flags: SVC_FLAG_CLUSTER_IP,
+            s.insert(ServiceEntry {
+                service: ServiceName {
+                    namespace: "default".into(),
+                    name: format!("svc{port}"),
                 },
-            );
+                port_name: String::new(),
+                frontend,
+                backends,
+                flags: SVC_FLAG_CLUSTER_IP,
+            });
         }
         s
     }
@@ -260,7 +239,7 @@ mod tests {
                 .keys()
                 .filter(|k| k.backend_slot == 0)
                 .count();
-            assert_eq!(masters, desired.entries.len());
+            assert_eq!(masters, desired.len());
         }
         assert_eq!(
             current,

@@ -1,6 +1,10 @@
 //! The desired state of the data path, independent of map ids and bytes.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::Ipv4Addr,
+};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
@@ -87,8 +91,80 @@ pub struct ServiceEntry {
     pub flags: u16,
 }
 
-/// Everything the data path should serve, keyed by frontend.
+/// Everything the data path should serve, keyed by frontend, with how many
+/// entries use each backend (so a change can tell which backends it orphans
+/// without scanning everything).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub entries: BTreeMap<L4Addr, ServiceEntry>,
+    entries: BTreeMap<L4Addr, ServiceEntry>,
+    backend_users: HashMap<L4Addr, u32>,
+}
+
+impl DesiredState {
+    pub fn entries(&self) -> &BTreeMap<L4Addr, ServiceEntry> {
+        &self.entries
+    }
+
+    pub fn get(&self, frontend: &L4Addr) -> Option<&ServiceEntry> {
+        self.entries.get(frontend)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.entries.values().map(|e| e.backends.len()).sum()
+    }
+
+    /// Whether any entry balances over `backend`.
+    pub fn uses_backend(&self, backend: &L4Addr) -> bool {
+        self.backend_users.contains_key(backend)
+    }
+
+    /// Inserts or replaces the entry of its frontend.
+    pub fn insert(&mut self, entry: ServiceEntry) {
+        let frontend = entry.frontend;
+        self.remove(&frontend);
+        for b in &entry.backends {
+            *self.backend_users.entry(*b).or_insert(0) += 1;
+        }
+        self.entries.insert(frontend, entry);
+    }
+
+    pub fn remove(&mut self, frontend: &L4Addr) -> Option<ServiceEntry> {
+        let old = self.entries.remove(frontend)?;
+        for b in &old.backends {
+            if let Some(n) = self.backend_users.get_mut(b) {
+                *n -= 1;
+                if *n == 0 {
+                    self.backend_users.remove(b);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Frontends that belong to `service`.
+    pub fn frontends_of(&self, service: &ServiceName) -> Vec<L4Addr> {
+        self.entries
+            .values()
+            .filter(|e| &e.service == service)
+            .map(|e| e.frontend)
+            .collect()
+    }
+}
+
+impl FromIterator<ServiceEntry> for DesiredState {
+    fn from_iter<I: IntoIterator<Item = ServiceEntry>>(iter: I) -> Self {
+        let mut s = DesiredState::default();
+        for e in iter {
+            s.insert(e);
+        }
+        s
+    }
 }

@@ -43,7 +43,7 @@ pub struct Translation {
     pub failed_services: BTreeSet<ServiceName>,
 }
 
-fn service_name(svc: &Service) -> ServiceName {
+pub fn service_name(svc: &Service) -> ServiceName {
     ServiceName {
         namespace: svc
             .metadata
@@ -85,7 +85,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
         match translate_service(svc, &name, slices, &mut out.errors) {
             Ok(entries) => {
                 for entry in entries {
-                    if let Some(existing) = out.state.entries.get(&entry.frontend) {
+                    if let Some(existing) = out.state.get(&entry.frontend) {
                         out.errors.push(TranslateError {
                             object: format!("Service {name}"),
                             reason: format!(
@@ -95,7 +95,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
                         });
                         continue;
                     }
-                    out.state.entries.insert(entry.frontend, entry);
+                    out.state.insert(entry);
                 }
             }
             Err(reason) => {
@@ -113,18 +113,18 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
 /// Keeps the previous entries of Services that failed as a whole, so a bad
 /// edit does not take down what was already serving.
 pub fn carry_over_failed(translation: &mut Translation, previous: &DesiredState) {
-    for (frontend, entry) in &previous.entries {
-        if translation.failed_services.contains(&entry.service) {
-            translation
-                .state
-                .entries
-                .entry(*frontend)
-                .or_insert_with(|| entry.clone());
+    for (frontend, entry) in previous.entries() {
+        if translation.failed_services.contains(&entry.service)
+            && translation.state.get(frontend).is_none()
+        {
+            translation.state.insert(entry.clone());
         }
     }
 }
 
-fn translate_service(
+/// Translates one Service with its slices: its entries, or why the whole
+/// Service cannot be programmed. Per-port problems go to `errors`.
+pub fn translate_service(
     svc: &Service,
     name: &ServiceName,
     slices: &[&EndpointSlice],
@@ -332,7 +332,7 @@ mod tests {
             )],
         );
         assert!(t.errors.is_empty(), "{:?}", t.errors);
-        let http = &t.state.entries[&addr("10.96.0.10", 80, Protocol::Tcp)];
+        let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(
             http.backends,
             vec![
@@ -341,7 +341,7 @@ mod tests {
             ]
         );
         assert_eq!(http.port_name, "http");
-        let dns = &t.state.entries[&addr("10.96.0.10", 53, Protocol::Udp)];
+        let dns = &t.state.entries()[&addr("10.96.0.10", 53, Protocol::Udp)];
         assert_eq!(
             dns.backends,
             vec![
@@ -360,7 +360,7 @@ mod tests {
                 vec![ep("10.244.0.5", Some(false)), ep("10.244.0.6", Some(true))],
             )],
         );
-        let http = &t.state.entries[&addr("10.96.0.10", 80, Protocol::Tcp)];
+        let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(http.backends, vec![addr("10.244.0.6", 8080, Protocol::Tcp)]);
     }
 
@@ -373,14 +373,14 @@ mod tests {
                 web_slice("b", vec![ep("10.244.0.6", None), ep("10.244.0.5", None)]),
             ],
         );
-        let http = &t.state.entries[&addr("10.96.0.10", 80, Protocol::Tcp)];
+        let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(http.backends.len(), 2);
     }
 
     #[test]
     fn service_without_endpoints_still_has_a_frontend() {
         let t = translate(&[web_service()], &[]);
-        let http = &t.state.entries[&addr("10.96.0.10", 80, Protocol::Tcp)];
+        let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
         assert!(
             http.backends.is_empty(),
             "clients must be refused, so the frontend exists"
@@ -401,7 +401,7 @@ mod tests {
         }));
         let t = translate(&[svc], &[manual]);
         assert!(t.errors.is_empty(), "{:?}", t.errors);
-        let db = &t.state.entries[&addr("10.96.5.5", 5432, Protocol::Tcp)];
+        let db = &t.state.entries()[&addr("10.96.5.5", 5432, Protocol::Tcp)];
         assert_eq!(db.backends, vec![addr("192.0.2.42", 5432, Protocol::Tcp)]);
         assert_eq!(db.service.namespace, "default");
     }
@@ -421,7 +421,7 @@ mod tests {
             json!({"metadata": {"name": "o", "labels": {"service.kubernetes.io/service-proxy-name": "other"}}, "spec": {"clusterIP": "10.96.0.8", "ports": [{"port": 80}]}}),
         );
         let t = translate(&[headless, labelled, external, other_proxy], &[]);
-        assert!(t.state.entries.is_empty());
+        assert!(t.state.is_empty());
         assert!(t.errors.is_empty(), "{:?}", t.errors);
     }
 
@@ -432,7 +432,7 @@ mod tests {
         let mut v6 = web_slice("web-v6", vec![ep("fd00::1", None)]);
         v6.address_type = "IPv6".into();
         let t = translate(&[web_service()], &[other_ns, v6]);
-        assert!(t.state.entries[&addr("10.96.0.10", 80, Protocol::Tcp)]
+        assert!(t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)]
             .backends
             .is_empty());
     }
@@ -444,7 +444,7 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "a", "port": 80}, {"name": "s", "port": 9, "protocol": "SCTP"}]}
         }));
         let t = translate(&[svc], &[]);
-        assert_eq!(t.state.entries.len(), 1);
+        assert_eq!(t.state.len(), 1);
         assert_eq!(t.errors.len(), 1);
         assert_eq!(t.errors[0].object, "Service default/mixed port s");
         assert!(
@@ -463,7 +463,7 @@ mod tests {
             json!({"metadata": {"name": "six"}, "spec": {"clusterIP": "fd00::10", "ports": [{"port": 80}]}}),
         );
         let t = translate(&[bad, web_service(), v6], &[]);
-        assert_eq!(t.state.entries.len(), 2);
+        assert_eq!(t.state.len(), 2);
         assert_eq!(t.errors.len(), 2);
         assert!(t
             .errors
@@ -484,7 +484,7 @@ mod tests {
         let mut broken = web_service();
         broken.spec.as_mut().unwrap().cluster_ip = Some("garbage".into());
         let mut t = translate(&[broken], &[web_slice("w", vec![ep("10.244.0.5", None)])]);
-        assert!(t.state.entries.is_empty());
+        assert!(t.state.is_empty());
         carry_over_failed(&mut t, &good.state);
         assert_eq!(t.state, good.state);
     }
@@ -494,7 +494,7 @@ mod tests {
         let mut other = web_service();
         other.metadata.name = Some("web2".into());
         let t = translate(&[web_service(), other], &[]);
-        assert_eq!(t.state.entries.len(), 2);
+        assert_eq!(t.state.len(), 2);
         assert!(t.errors.iter().any(|e| e.reason.contains("already used")));
     }
 }

@@ -80,19 +80,16 @@ impl Harness {
                 })
                 .collect();
             backends.sort();
-            desired.entries.insert(
-                frontend,
-                ServiceEntry {
-                    service: ServiceName {
-                        namespace: "default".into(),
-                        name: format!("svc-{port}"),
-                    },
-                    port_name: String::new(),
-                    frontend,
-                    backends,
-                    flags: SVC_FLAG_CLUSTER_IP,
+            desired.insert(ServiceEntry {
+                service: ServiceName {
+                    namespace: "default".into(),
+                    name: format!("svc-{port}"),
                 },
-            );
+                port_name: String::new(),
+                frontend,
+                backends,
+                flags: SVC_FLAG_CLUSTER_IP,
+            });
         }
         let p = plan(&self.current, &desired).expect("plan");
         let report = apply_plan(&mut self.maps, &p, &mut self.current);

@@ -1,0 +1,515 @@
+//! The Kubernetes source: kube-rs watchers on Services, EndpointSlices and
+//! this node, folded into an indexed store (a reflector that also knows which
+//! slices belong to which Service), so a change re-translates only the
+//! Services it touches. A relist (410 Gone, a dropped watch) ends in a full
+//! resync that converges the maps and removes what no longer exists.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        watcher::{self, Event},
+        WatchStreamExt,
+    },
+    Api, Client, Config,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    model::ServiceName,
+    programmer::ServiceChange,
+    translate::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL},
+};
+
+/// The annotation kube-proxy measures network programming latency from.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Objects this agent leaves alone, as kube-proxy does: Services of another
+/// proxy, and headless ones (their slices carry the label too).
+pub fn proxy_label_selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => Config::infer()
+            .await
+            .context("no --kubeconfig and no in-cluster or default kubeconfig")?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// A change from one of the watches.
+pub enum Change {
+    Service(Event<Service>),
+    Slice(Event<EndpointSlice>),
+    Node(Event<Node>),
+    /// The watch of `resource` failed (it retries with backoff).
+    WatchError(&'static str, String),
+}
+
+/// Starts the watches; their events arrive on the returned channel.
+pub fn start_watches(client: Client, node_name: Option<String>) -> mpsc::Receiver<Change> {
+    let (tx, rx) = mpsc::channel(4096);
+    let selector = proxy_label_selector();
+    let svc_cfg = watcher::Config::default().labels(&selector);
+    spawn_watch(
+        Api::<Service>::all(client.clone()),
+        svc_cfg.clone(),
+        tx.clone(),
+        "services",
+        Change::Service,
+    );
+    spawn_watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        svc_cfg,
+        tx.clone(),
+        "endpointslices",
+        Change::Slice,
+    );
+    if let Some(node) = node_name {
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+        spawn_watch(Api::<Node>::all(client), cfg, tx, "nodes", Change::Node);
+    }
+    rx
+}
+
+fn spawn_watch<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    tx: mpsc::Sender<Change>,
+    resource: &'static str,
+    wrap: fn(Event<K>) -> Change,
+) where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+        while let Some(item) = stream.next().await {
+            let change = match item {
+                Ok(ev) => wrap(ev),
+                Err(e) => Change::WatchError(resource, e.to_string()),
+            };
+            if tx.send(change).await.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Drops what the agent never reads, to keep memory flat at large scale.
+fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| k == TRIGGER_TIME_ANNOTATION);
+    }
+}
+
+fn slice_key(s: &EndpointSlice) -> (String, String) {
+    (
+        s.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        s.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn slice_service(s: &EndpointSlice) -> Option<ServiceName> {
+    let name = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ServiceName {
+        namespace: s
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: name.clone(),
+    })
+}
+
+/// What a batch of changes asks of the programmer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Work {
+    pub dirty: BTreeSet<ServiceName>,
+    pub full_resync: bool,
+    /// Watch restarts seen in this batch, per resource.
+    pub restarts: Vec<&'static str>,
+}
+
+/// The store: every Service and EndpointSlice the watches report, indexed
+/// by Service.
+#[derive(Default)]
+pub struct ClusterState {
+    pub services: HashMap<ServiceName, Service>,
+    slices: HashMap<(String, String), EndpointSlice>,
+    by_service: HashMap<ServiceName, BTreeSet<(String, String)>>,
+    pub node: Option<Node>,
+    /// Objects buffered during a relist, swapped in at InitDone.
+    init_services: Option<Vec<Service>>,
+    init_slices: Option<Vec<EndpointSlice>>,
+    pub services_synced: bool,
+    pub slices_synced: bool,
+    /// Trigger times of slice changes not yet written, per Service.
+    pending_triggers: HashMap<ServiceName, Vec<DateTime<Utc>>>,
+    /// Latest trigger time observed per slice, so a relist does not count
+    /// the same change twice.
+    observed_trigger: HashMap<(String, String), DateTime<Utc>>,
+}
+
+impl ClusterState {
+    pub fn synced(&self) -> bool {
+        self.services_synced && self.slices_synced
+    }
+
+    pub fn all_services(&self) -> Vec<Service> {
+        self.services.values().cloned().collect()
+    }
+
+    pub fn all_slices(&self) -> Vec<EndpointSlice> {
+        self.slices.values().cloned().collect()
+    }
+
+    /// The Services in `names` with their slices, for an incremental sync.
+    pub fn changes<'a>(&'a self, names: &BTreeSet<ServiceName>) -> Vec<ServiceChange<'a>> {
+        names
+            .iter()
+            .map(|name| ServiceChange {
+                name: name.clone(),
+                service: self.services.get(name),
+                slices: self
+                    .by_service
+                    .get(name)
+                    .map(|keys| keys.iter().filter_map(|k| self.slices.get(k)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Takes the trigger times of changes now written, for the latency metric.
+    pub fn take_triggers(
+        &mut self,
+        written: &BTreeSet<ServiceName>,
+        all: bool,
+    ) -> Vec<DateTime<Utc>> {
+        if all {
+            return self.pending_triggers.drain().flat_map(|(_, v)| v).collect();
+        }
+        written
+            .iter()
+            .filter_map(|n| self.pending_triggers.remove(n))
+            .flatten()
+            .collect()
+    }
+
+    fn note_trigger(&mut self, slice: &EndpointSlice) {
+        let Some(service) = slice_service(slice) else {
+            return;
+        };
+        let Some(t) = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+            .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
+        else {
+            return;
+        };
+        let t = t.with_timezone(&Utc);
+        let key = slice_key(slice);
+        if self
+            .observed_trigger
+            .get(&key)
+            .is_some_and(|seen| *seen >= t)
+        {
+            return;
+        }
+        self.observed_trigger.insert(key, t);
+        self.pending_triggers.entry(service).or_default().push(t);
+    }
+
+    fn put_slice(&mut self, slice: EndpointSlice, work: &mut Work) {
+        let key = slice_key(&slice);
+        if let Some(old) = self.slices.get(&key).and_then(slice_service) {
+            if let Some(keys) = self.by_service.get_mut(&old) {
+                keys.remove(&key);
+            }
+            work.dirty.insert(old);
+        }
+        if let Some(svc) = slice_service(&slice) {
+            self.by_service
+                .entry(svc.clone())
+                .or_default()
+                .insert(key.clone());
+            work.dirty.insert(svc);
+        }
+        self.slices.insert(key, slice);
+    }
+
+    fn remove_slice(&mut self, slice: &EndpointSlice, work: &mut Work) {
+        let key = slice_key(slice);
+        if let Some(old) = self.slices.remove(&key) {
+            if let Some(svc) = slice_service(&old) {
+                if let Some(keys) = self.by_service.get_mut(&svc) {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        self.by_service.remove(&svc);
+                    }
+                }
+                work.dirty.insert(svc);
+            }
+        }
+        self.observed_trigger.remove(&key);
+    }
+
+    /// Folds one change into the store and notes what it asks for.
+    pub fn apply(&mut self, change: Change, work: &mut Work) {
+        match change {
+            Change::Service(ev) => match ev {
+                Event::Apply(mut s) => {
+                    slim_meta(&mut s.metadata);
+                    s.status = None;
+                    let name = crate::translate::service_name(&s);
+                    work.dirty.insert(name.clone());
+                    self.services.insert(name, s);
+                }
+                Event::Delete(s) => {
+                    let name = crate::translate::service_name(&s);
+                    self.services.remove(&name);
+                    work.dirty.insert(name);
+                }
+                Event::Init => {
+                    if self.services_synced {
+                        work.restarts.push("services");
+                    }
+                    self.init_services = Some(Vec::new());
+                }
+                Event::InitApply(mut s) => {
+                    slim_meta(&mut s.metadata);
+                    s.status = None;
+                    self.init_services.get_or_insert_with(Vec::new).push(s);
+                }
+                Event::InitDone => {
+                    let list = self.init_services.take().unwrap_or_default();
+                    self.services = list
+                        .into_iter()
+                        .map(|s| (crate::translate::service_name(&s), s))
+                        .collect();
+                    self.services_synced = true;
+                    work.full_resync = true;
+                }
+            },
+            Change::Slice(ev) => match ev {
+                Event::Apply(mut s) => {
+                    slim_meta(&mut s.metadata);
+                    self.note_trigger(&s);
+                    self.put_slice(s, work);
+                }
+                Event::Delete(s) => self.remove_slice(&s, work),
+                Event::Init => {
+                    if self.slices_synced {
+                        work.restarts.push("endpointslices");
+                    }
+                    self.init_slices = Some(Vec::new());
+                }
+                Event::InitApply(mut s) => {
+                    slim_meta(&mut s.metadata);
+                    self.note_trigger(&s);
+                    self.init_slices.get_or_insert_with(Vec::new).push(s);
+                }
+                Event::InitDone => {
+                    let list = self.init_slices.take().unwrap_or_default();
+                    self.slices.clear();
+                    self.by_service.clear();
+                    let mut ignore = Work::default();
+                    for s in list {
+                        self.put_slice(s, &mut ignore);
+                    }
+                    let live: BTreeSet<(String, String)> = self.slices.keys().cloned().collect();
+                    self.observed_trigger.retain(|k, _| live.contains(k));
+                    self.slices_synced = true;
+                    work.full_resync = true;
+                }
+            },
+            Change::Node(ev) => match ev {
+                Event::Apply(mut n) | Event::InitApply(mut n) => {
+                    slim_meta(&mut n.metadata);
+                    n.status = n.status.map(|mut st| {
+                        st.images = None;
+                        st
+                    });
+                    self.node = Some(n);
+                }
+                Event::Delete(_) => self.node = None,
+                Event::Init => {
+                    if self.node.is_some() {
+                        work.restarts.push("nodes");
+                    }
+                }
+                Event::InitDone => {}
+            },
+            Change::WatchError(resource, e) => {
+                log::warn!("watch of {resource} failed, retrying: {e}")
+            }
+        }
+    }
+}
+
+/// Labels of the node, for logs (zone hints come later).
+pub fn node_summary(node: &Node) -> BTreeMap<String, String> {
+    node.metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("topology.kubernetes.io/"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
+        .unwrap()
+    }
+
+    fn slice(name: &str, svc: &str, ip: &str, trigger: Option<&str>) -> EndpointSlice {
+        let mut annotations = serde_json::Map::new();
+        if let Some(t) = trigger {
+            annotations.insert(TRIGGER_TIME_ANNOTATION.into(), t.into());
+        }
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default",
+            "labels": {"kubernetes.io/service-name": svc}, "annotations": annotations},
+            "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": [{"addresses": [ip]}]}))
+        .unwrap()
+    }
+
+    fn name(n: &str) -> ServiceName {
+        ServiceName {
+            namespace: "default".into(),
+            name: n.into(),
+        }
+    }
+
+    #[test]
+    fn relist_replaces_the_store_and_asks_for_a_full_resync() {
+        let mut st = ClusterState::default();
+        let mut w = Work::default();
+        for c in [
+            Change::Service(Event::Init),
+            Change::Service(Event::InitApply(svc("a", "10.96.0.1"))),
+            Change::Service(Event::InitApply(svc("b", "10.96.0.2"))),
+            Change::Service(Event::InitDone),
+        ] {
+            st.apply(c, &mut w);
+        }
+        assert!(w.full_resync && w.restarts.is_empty());
+        assert_eq!(st.services.len(), 2);
+        // A relist (410 Gone) that no longer has b: b is gone from the store.
+        let mut w = Work::default();
+        for c in [
+            Change::Service(Event::Init),
+            Change::Service(Event::InitApply(svc("a", "10.96.0.1"))),
+            Change::Service(Event::InitDone),
+        ] {
+            st.apply(c, &mut w);
+        }
+        assert_eq!(w.restarts, vec!["services"]);
+        assert!(w.full_resync);
+        assert!(!st.services.contains_key(&name("b")));
+    }
+
+    #[test]
+    fn slice_events_dirty_their_service_and_follow_relabels() {
+        let mut st = ClusterState::default();
+        let mut w = Work::default();
+        st.apply(
+            Change::Slice(Event::Apply(slice("s1", "a", "10.244.0.1", None))),
+            &mut w,
+        );
+        assert_eq!(w.dirty, [name("a")].into());
+        // The slice moves to Service b: both need work.
+        let mut w = Work::default();
+        st.apply(
+            Change::Slice(Event::Apply(slice("s1", "b", "10.244.0.1", None))),
+            &mut w,
+        );
+        assert_eq!(w.dirty, [name("a"), name("b")].into());
+        assert!(st.changes(&[name("a")].into())[0].slices.is_empty());
+        assert_eq!(st.changes(&[name("b")].into())[0].slices.len(), 1);
+        let mut w = Work::default();
+        st.apply(
+            Change::Slice(Event::Delete(slice("s1", "b", "10.244.0.1", None))),
+            &mut w,
+        );
+        assert_eq!(w.dirty, [name("b")].into());
+        assert!(st.changes(&[name("b")].into())[0].slices.is_empty());
+    }
+
+    #[test]
+    fn trigger_times_are_counted_once_per_change() {
+        let mut st = ClusterState::default();
+        let mut w = Work::default();
+        let t1 = "2026-11-22T08:00:00Z";
+        st.apply(
+            Change::Slice(Event::Apply(slice("s1", "a", "10.244.0.1", Some(t1)))),
+            &mut w,
+        );
+        // The same object again (a resync or relist) adds nothing.
+        st.apply(
+            Change::Slice(Event::Apply(slice("s1", "a", "10.244.0.1", Some(t1)))),
+            &mut w,
+        );
+        let got = st.take_triggers(&[name("a")].into(), false);
+        assert_eq!(got.len(), 1);
+        st.apply(
+            Change::Slice(Event::Apply(slice(
+                "s1",
+                "a",
+                "10.244.0.2",
+                Some("2026-11-22T08:00:05Z"),
+            ))),
+            &mut w,
+        );
+        assert_eq!(st.take_triggers(&[name("a")].into(), false).len(), 1);
+    }
+
+    #[test]
+    fn managed_fields_and_foreign_annotations_are_dropped() {
+        let mut st = ClusterState::default();
+        let mut s = svc("a", "10.96.0.1");
+        s.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                "x".repeat(1000),
+            )]
+            .into(),
+        );
+        st.apply(Change::Service(Event::Apply(s)), &mut Work::default());
+        assert!(st.services[&name("a")]
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .is_empty());
+    }
+}

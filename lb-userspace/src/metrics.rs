@@ -1,0 +1,258 @@
+//! Prometheus metrics and health endpoints: `/metrics`, `/healthz`,
+//! `/readyz` (ready once the first full sync is written).
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvalidLabel {
+    pub kind: String,
+}
+
+/// kube-proxy's buckets for network_programming_duration_seconds:
+/// 0.25 s and 0.5 s, then 1..59 s by 1, 60..115 s by 5, 120..300 s by 30.
+pub fn network_programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(|s| s as f64));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * i as f64));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * i as f64));
+    b
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub programming_latency: Histogram,
+    pub services: Gauge,
+    pub backends: Gauge,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    pub watch_restarts: Family<ResourceLabel, Counter>,
+    pub invalid_objects: Family<InvalidLabel, Counter>,
+    pub map_write_failures: Counter,
+    ready: AtomicBool,
+    /// Text appended to every scrape: counters read from BPF maps.
+    pub datapath: Mutex<Box<dyn Fn() -> String + Send>>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("lb");
+        // Sync durations: from sub-millisecond incremental writes to full
+        // syncs of large clusters.
+        let sync_duration = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ]);
+        let programming_latency = Histogram::new(network_programming_buckets());
+        let m = Metrics {
+            sync_duration: sync_duration.clone(),
+            programming_latency: programming_latency.clone(),
+            services: Gauge::default(),
+            backends: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            watch_restarts: Family::default(),
+            invalid_objects: Family::default(),
+            map_write_failures: Counter::default(),
+            ready: AtomicBool::new(false),
+            datapath: Mutex::new(Box::new(String::new)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sync_proxy_rules_duration_seconds",
+            "Time to compute and write one sync to the BPF maps",
+            sync_duration,
+        );
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to its endpoints being written to the maps",
+            programming_latency,
+        );
+        registry.register(
+            "services_programmed",
+            "Service frontends in the maps",
+            m.services.clone(),
+        );
+        registry.register(
+            "backends_programmed",
+            "Backend slots in the maps",
+            m.backends.clone(),
+        );
+        registry.register(
+            "map_entries",
+            "Entries in each BPF map the agent writes",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_max_entries",
+            "Capacity of each BPF map",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "watch_restarts",
+            "Times a Kubernetes watch was restarted with a full relist",
+            m.watch_restarts.clone(),
+        );
+        registry.register(
+            "invalid_objects",
+            "Objects (or Service ports) skipped because the data path cannot express them",
+            m.invalid_objects.clone(),
+        );
+        registry.register(
+            "map_write_failures",
+            "BPF map writes that failed",
+            m.map_write_failures.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        // The registry ends with "# EOF"; the data path counters go before it.
+        if let Some(stripped) = out.strip_suffix("# EOF\n") {
+            out = stripped.to_owned();
+        }
+        if let Ok(f) = self.datapath.lock() {
+            out.push_str(&f());
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// Renders labelled counters in the text exposition format.
+pub fn render_counters(name: &str, help: &str, rows: &[(Vec<(&str, String)>, u64)]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# HELP {name} {help}.\n# TYPE {name} counter");
+    for (labels, value) in rows {
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "'")))
+            .collect();
+        let _ = writeln!(s, "{name}_total{{{}}} {value}", l.join(","));
+    }
+    s
+}
+
+/// Serves the endpoints until the task is dropped.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    log::info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read the request head (bounded), then answer and close.
+            while n < buf.len() {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut buf[n..]),
+                )
+                .await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, ctype, body) = match path.split('?').next().unwrap_or("/") {
+                "/metrics" => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render(),
+                ),
+                "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/readyz" if metrics.is_ready() => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "first sync not done\n".to_owned(),
+                ),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_match_kube_proxy() {
+        let b = network_programming_buckets();
+        assert_eq!(&b[..4], &[0.25, 0.5, 1.0, 2.0]);
+        assert!(b.contains(&59.0) && b.contains(&60.0) && b.contains(&115.0) && b.contains(&300.0));
+        assert!(!b.contains(&61.0));
+        assert!(b.windows(2).all(|w| w[0] < w[1]), "strictly increasing");
+        assert_eq!(b.len(), 2 + 59 + 12 + 7);
+    }
+
+    #[test]
+    fn render_has_registry_and_datapath_counters_and_one_eof() {
+        let m = Metrics::new();
+        m.services.set(3);
+        *m.datapath.lock().unwrap() = Box::new(|| {
+            render_counters(
+                "lb_x",
+                "x",
+                &[(vec![("service", "default/a".to_owned())], 7)],
+            )
+        });
+        let text = m.render();
+        assert!(text.contains("lb_services_programmed 3"), "{text}");
+        assert!(
+            text.contains("lb_x_total{service=\"default/a\"} 7"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
