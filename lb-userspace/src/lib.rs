@@ -6,6 +6,7 @@ pub mod attach;
 pub mod differ;
 pub mod inspect;
 pub mod k8s;
+pub mod kube_access;
 pub mod loader;
 pub mod manifests;
 pub mod map_writer;

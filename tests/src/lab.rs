@@ -29,6 +29,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
 use crate::workload::{self, LabObject, LabPod};
 
 pub const NODE_WIRE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -516,20 +518,12 @@ impl Lab {
     /// derive from the pods (atomically, so the agent never reads half a file).
     pub fn write_manifests(&self) -> Result<()> {
         let mut services = String::new();
-        for obj in &self.objects {
-            if let LabObject::Service(s) = obj {
-                services.push_str("---\n");
-                services.push_str(&serde_yaml::to_string(s)?);
-            }
+        for s in self.services() {
+            services.push_str("---\n");
+            services.push_str(&serde_yaml::to_string(&s)?);
         }
-        let pods: Vec<LabPod> = self
-            .pod_specs
-            .iter()
-            .filter(|p| !self.excluded.contains(&p.name) && self.pods.contains_key(&p.name))
-            .cloned()
-            .collect();
         let mut slices = String::new();
-        for slice in workload::endpoint_slices_for_services(&self.objects, &pods) {
+        for slice in self.endpoint_slices() {
             slices.push_str("---\n");
             slices.push_str(&serde_yaml::to_string(&slice)?);
         }
@@ -558,24 +552,54 @@ impl Lab {
         Ok(())
     }
 
+    /// The Services of the lab's objects.
+    pub fn services(&self) -> Vec<Service> {
+        self.objects
+            .iter()
+            .filter_map(|o| match o {
+                LabObject::Service(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The EndpointSlices the control plane would derive from the running,
+    /// not excluded pods.
+    pub fn endpoint_slices(&self) -> Vec<EndpointSlice> {
+        let pods: Vec<LabPod> = self
+            .pod_specs
+            .iter()
+            .filter(|p| !self.excluded.contains(&p.name) && self.pods.contains_key(&p.name))
+            .cloned()
+            .collect();
+        workload::endpoint_slices_for_services(&self.objects, &pods)
+    }
+
     pub fn manifest_dir(&self) -> PathBuf {
         self.dir.join("manifests")
     }
 
-    /// Starts lb-agent in the node namespace and waits for its first sync.
+    /// Starts lb-agent in the node namespace on the lab's manifests and
+    /// waits for its first sync.
     pub fn start_agent(&mut self) -> Result<()> {
+        let dir = self.manifest_dir().to_string_lossy().into_owned();
+        self.start_agent_with(&["--manifests", &dir])
+    }
+
+    /// Starts lb-agent with `source` flags (e.g. `--kubeconfig PATH`) and
+    /// waits for its first sync.
+    pub fn start_agent_with(&mut self, source: &[&str]) -> Result<()> {
         let agent = sibling_binary("lb-agent", "LB_AGENT_BIN")?;
-        let log = File::create(self.dir.join("agent.log"))?;
+        let _ = fs::remove_file(self.dir.join("ready"));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
         let child = self
             .node
             .command(agent)
-            .args([
-                "--pin-dir",
-                &self.pin_dir.to_string_lossy(),
-                "run",
-                "--manifests",
-            ])
-            .arg(self.manifest_dir())
+            .args(["--pin-dir", &self.pin_dir.to_string_lossy(), "run"])
+            .args(source)
             .args([
                 "--interfaces",
                 "eth0",
@@ -593,6 +617,14 @@ impl Lab {
             .spawn()?;
         self.agent = Some(ChildGuard(child));
         self.wait_for_generation(1)
+    }
+
+    /// Kills the agent without warning (a crash, an OOM kill).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut guard) = self.agent.take() {
+            let _ = guard.0.kill();
+            let _ = guard.0.wait();
+        }
     }
 
     /// Stops the agent (SIGTERM, as a DaemonSet rollout would).
