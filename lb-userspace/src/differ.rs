@@ -311,7 +311,7 @@ pub fn plan_scoped(
         Some(t) => t.iter().filter_map(|f| desired.get(f)).collect(),
     };
     let mut backend_alloc = IdAllocator::new(&current.backends, MAX_BACKENDS);
-    let mut rev_alloc = IdAllocator::new(&current.rev_nat, MAX_REV_NAT as u32 - 1);
+    let mut rev_alloc = IdAllocator::new(&current.rev_nat, MAX_REV_NAT - 1);
 
     // 1. Backends first: a slot must never point at a missing backend.
     let mut new_backend_ids: BTreeMap<L4Addr, u32> = BTreeMap::new();

@@ -56,10 +56,14 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 }
 
 /// A change from one of the watches.
+// Service and slice events are the common ones and come at similar sizes;
+// boxing them would add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 pub enum Change {
     Service(Event<Service>),
     Slice(Event<EndpointSlice>),
-    Node(Event<Node>),
+    /// Boxed: a Node is large and rare next to Service and slice events.
+    Node(Box<Event<Node>>),
     /// The watch of `resource` failed (it retries with backoff).
     WatchError(&'static str, String),
 }
@@ -85,7 +89,9 @@ pub fn start_watches(client: Client, node_name: Option<String>) -> mpsc::Receive
     );
     if let Some(node) = node_name {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
-        spawn_watch(Api::<Node>::all(client), cfg, tx, "nodes", Change::Node);
+        spawn_watch(Api::<Node>::all(client), cfg, tx, "nodes", |e| {
+            Change::Node(Box::new(e))
+        });
     }
     rx
 }
@@ -116,9 +122,30 @@ fn spawn_watch<K>(
 /// Drops what the agent never reads, to keep memory flat at large scale.
 fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
     meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    meta.creation_timestamp = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.retain(|k, _| k == TRIGGER_TIME_ANNOTATION);
     }
+}
+
+/// A slice keeps only what translation reads: per endpoint its addresses,
+/// conditions, node, zone and hints. Endpoints are the bulk of the store
+/// (10,000 Services x 10 endpoints are 100,000 of them).
+fn slim_slice(slice: &mut EndpointSlice) {
+    slim_meta(&mut slice.metadata);
+    if let Some(l) = slice.metadata.labels.as_mut() {
+        l.retain(|k, _| k == SERVICE_NAME_LABEL);
+    }
+    for e in slice.endpoints.iter_mut() {
+        e.target_ref = None;
+        e.deprecated_topology = None;
+        e.hostname = None;
+        e.addresses.shrink_to_fit();
+    }
+    slice.endpoints.shrink_to_fit();
 }
 
 fn slice_key(s: &EndpointSlice) -> (String, String) {
@@ -177,12 +204,14 @@ impl ClusterState {
         self.services_synced && self.slices_synced
     }
 
-    pub fn all_services(&self) -> Vec<Service> {
-        self.services.values().cloned().collect()
+    /// References, not copies: a full sync of a large cluster must not
+    /// double the store in memory.
+    pub fn all_services(&self) -> Vec<&Service> {
+        self.services.values().collect()
     }
 
-    pub fn all_slices(&self) -> Vec<EndpointSlice> {
-        self.slices.values().cloned().collect()
+    pub fn all_slices(&self) -> Vec<&EndpointSlice> {
+        self.slices.values().collect()
     }
 
     /// The Services in `names` with their slices, for an incremental sync.
@@ -316,8 +345,8 @@ impl ClusterState {
             },
             Change::Slice(ev) => match ev {
                 Event::Apply(mut s) => {
-                    slim_meta(&mut s.metadata);
                     self.note_trigger(&s);
+                    slim_slice(&mut s);
                     self.put_slice(s, work);
                 }
                 Event::Delete(s) => self.remove_slice(&s, work),
@@ -328,8 +357,8 @@ impl ClusterState {
                     self.init_slices = Some(Vec::new());
                 }
                 Event::InitApply(mut s) => {
-                    slim_meta(&mut s.metadata);
                     self.note_trigger(&s);
+                    slim_slice(&mut s);
                     self.init_slices.get_or_insert_with(Vec::new).push(s);
                 }
                 Event::InitDone => {
@@ -346,7 +375,7 @@ impl ClusterState {
                     work.full_resync = true;
                 }
             },
-            Change::Node(ev) => match ev {
+            Change::Node(ev) => match *ev {
                 Event::Apply(mut n) | Event::InitApply(mut n) => {
                     slim_meta(&mut n.metadata);
                     n.status = n.status.map(|mut st| {

@@ -309,8 +309,10 @@ fn install_datapath_metrics(pin_dir: &Path, metrics: &Arc<Metrics>) -> Result<()
 type NameTable = Arc<std::sync::Mutex<std::collections::BTreeMap<u16, (String, String)>>>;
 static REV_NAT_NAMES: std::sync::LazyLock<NameTable> = std::sync::LazyLock::new(Default::default);
 
-fn publish_names(p: &Programmer<BpfMaps>) {
-    *REV_NAT_NAMES.lock().expect("names lock") = p.rev_nat_names();
+fn publish_names(p: &mut Programmer<BpfMaps>) {
+    if let Some(names) = p.take_changed_names() {
+        *REV_NAT_NAMES.lock().expect("names lock") = names;
+    }
 }
 
 struct Signals {
@@ -489,6 +491,7 @@ async fn run_kubernetes(
         }
         let (kind, report) = if needs_full {
             let r = programmer.full_sync(&state.all_services(), &state.all_slices())?;
+            release_freed_memory();
             ("full", r)
         } else if !work.dirty.is_empty() {
             let changes = state.changes(&work.dirty);
@@ -507,4 +510,14 @@ async fn run_kubernetes(
         log.record(kind, &report, started)?;
     }
     Ok(())
+}
+
+/// A full sync (a relist of a large cluster) allocates and frees a lot at
+/// once; glibc keeps freed memory in its arenas unless asked to return it.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

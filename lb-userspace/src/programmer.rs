@@ -3,6 +3,7 @@
 //! written in the safe order, with metrics.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::Instant,
@@ -31,6 +32,8 @@ pub struct Programmer<W: MapWriter> {
     pub current: MapContents,
     pub desired: DesiredState,
     metrics: Arc<Metrics>,
+    /// Reverse NAT ids were added or removed since the names were last taken.
+    names_changed: bool,
 }
 
 /// One Service to re-translate: its object (None: deleted) and its slices.
@@ -48,21 +51,23 @@ impl<W: MapWriter> Programmer<W> {
             current,
             desired: DesiredState::default(),
             metrics,
+            names_changed: true,
         }
     }
 
     /// Replaces the desired state with a translation of everything and
     /// writes the difference; what no longer exists is removed.
-    pub fn full_sync(
+    pub fn full_sync<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         &mut self,
-        services: &[Service],
-        slices: &[EndpointSlice],
+        services: &[S],
+        slices: &[E],
     ) -> Result<SyncReport, PlanError> {
         let started = Instant::now();
         let mut t = translate::translate(services, slices);
         translate::carry_over_failed(&mut t, &self.desired);
         self.desired = t.state;
         let plan = differ::plan(&self.current, &self.desired)?;
+        self.names_changed = true;
         Ok(self.finish(started, plan, t.errors))
     }
 
@@ -121,6 +126,12 @@ impl<W: MapWriter> Programmer<W> {
         plan: Vec<differ::PlannedOp>,
         errors: Vec<TranslateError>,
     ) -> SyncReport {
+        self.names_changed |= plan.iter().any(|o| {
+            matches!(
+                o.op,
+                differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(_)
+            )
+        });
         let report = apply_plan(&mut self.writer, &plan, &mut self.current);
         let mut out = SyncReport {
             frontends: self.desired.len(),
@@ -177,6 +188,12 @@ impl<W: MapWriter> Programmer<W> {
                 .set(cap as i64);
         }
         out
+    }
+
+    /// The names when they may have changed since the last call: building
+    /// them is O(Services), too much for every single-slice change.
+    pub fn take_changed_names(&mut self) -> Option<BTreeMap<u16, (String, String)>> {
+        std::mem::take(&mut self.names_changed).then(|| self.rev_nat_names())
     }
 
     /// rev_nat id -> (Service, frontend address:port), for per-Service counters.

@@ -8,6 +8,8 @@ use std::{
     net::Ipv4Addr,
 };
 
+use std::borrow::Borrow;
+
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{MAX_BACKENDS_PER_SERVICE, SVC_FLAG_CLUSTER_IP};
 
@@ -55,9 +57,15 @@ pub fn service_name(svc: &Service) -> ServiceName {
 }
 
 /// Translates every Service and its EndpointSlices.
-pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+/// Takes owned objects or references alike, so a caller with a store can
+/// translate without copying it.
+pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
+) -> Translation {
     let mut slices_by_service: BTreeMap<ServiceName, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
+        let slice: &EndpointSlice = slice.borrow();
         let Some(svc) = slice
             .metadata
             .labels
@@ -79,6 +87,7 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
 
     let mut out = Translation::default();
     for svc in services {
+        let svc: &Service = svc.borrow();
         let name = service_name(svc);
         let empty = Vec::new();
         let slices = slices_by_service.get(&name).unwrap_or(&empty);
@@ -278,6 +287,8 @@ fn collect_backends(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_SLICES: &[EndpointSlice] = &[];
     use serde_json::json;
 
     fn service(v: serde_json::Value) -> Service {
@@ -379,7 +390,7 @@ mod tests {
 
     #[test]
     fn service_without_endpoints_still_has_a_frontend() {
-        let t = translate(&[web_service()], &[]);
+        let t = translate(&[web_service()], NO_SLICES);
         let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
         assert!(
             http.backends.is_empty(),
@@ -420,7 +431,7 @@ mod tests {
         let other_proxy = service(
             json!({"metadata": {"name": "o", "labels": {"service.kubernetes.io/service-proxy-name": "other"}}, "spec": {"clusterIP": "10.96.0.8", "ports": [{"port": 80}]}}),
         );
-        let t = translate(&[headless, labelled, external, other_proxy], &[]);
+        let t = translate(&[headless, labelled, external, other_proxy], NO_SLICES);
         assert!(t.state.is_empty());
         assert!(t.errors.is_empty(), "{:?}", t.errors);
     }
@@ -443,7 +454,7 @@ mod tests {
             "metadata": {"name": "mixed"},
             "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "a", "port": 80}, {"name": "s", "port": 9, "protocol": "SCTP"}]}
         }));
-        let t = translate(&[svc], &[]);
+        let t = translate(&[svc], NO_SLICES);
         assert_eq!(t.state.len(), 1);
         assert_eq!(t.errors.len(), 1);
         assert_eq!(t.errors[0].object, "Service default/mixed port s");
@@ -462,7 +473,7 @@ mod tests {
         let v6 = service(
             json!({"metadata": {"name": "six"}, "spec": {"clusterIP": "fd00::10", "ports": [{"port": 80}]}}),
         );
-        let t = translate(&[bad, web_service(), v6], &[]);
+        let t = translate(&[bad, web_service(), v6], NO_SLICES);
         assert_eq!(t.state.len(), 2);
         assert_eq!(t.errors.len(), 2);
         assert!(t
@@ -493,7 +504,7 @@ mod tests {
     fn duplicate_frontends_are_reported_not_merged() {
         let mut other = web_service();
         other.metadata.name = Some("web2".into());
-        let t = translate(&[web_service(), other], &[]);
+        let t = translate(&[web_service(), other], NO_SLICES);
         assert_eq!(t.state.len(), 2);
         assert!(t.errors.iter().any(|e| e.reason.contains("already used")));
     }

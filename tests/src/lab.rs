@@ -589,6 +589,12 @@ impl Lab {
     /// Starts lb-agent with `source` flags (e.g. `--kubeconfig PATH`) and
     /// waits for its first sync.
     pub fn start_agent_with(&mut self, source: &[&str]) -> Result<()> {
+        self.spawn_agent_with(source)?;
+        self.wait_for_generation(1)
+    }
+
+    /// Starts lb-agent with `source` flags without waiting for a sync.
+    pub fn spawn_agent_with(&mut self, source: &[&str]) -> Result<()> {
         let agent = sibling_binary("lb-agent", "LB_AGENT_BIN")?;
         let _ = fs::remove_file(self.dir.join("ready"));
         let log = fs::OpenOptions::new()
@@ -616,7 +622,12 @@ impl Lab {
             .stderr(log)
             .spawn()?;
         self.agent = Some(ChildGuard(child));
-        self.wait_for_generation(1)
+        Ok(())
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.0.id())
     }
 
     /// Kills the agent without warning (a crash, an OOM kill).
@@ -789,4 +800,25 @@ pub fn udp_ask(
     let mut buf = [0u8; 512];
     let (n, from) = s.recv_from(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and body.
+pub fn http_get(to: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&to, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not HTTP"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
 }

@@ -1,6 +1,7 @@
 //! Test support for the load balancer: packet builders for BPF_PROG_TEST_RUN,
 //! the privilege gate, and the network-namespace lab.
 
+pub mod apiserver;
 pub mod lab;
 pub mod packet;
 pub mod privilege;

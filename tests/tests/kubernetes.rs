@@ -1,0 +1,713 @@
+//! The Kubernetes source end to end: the real lb-agent binary, started with
+//! `--kubeconfig`, watches an API server fixture (tests/src/apiserver.rs)
+//! that speaks the real list/watch protocol, while the lab's pods answer
+//! real traffic through the attached data path.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    apiserver::{ApiServer, RequestRecord, Resource},
+    lab::{http_get, tcp_ask, Lab, NODE_NAME},
+    privilege::require_root,
+};
+use lb_userspace::{inspect, loader, model::Protocol};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const METRICS_PORT: u16 = 10249;
+/// How long the agent may take to apply a change (watch backoff included).
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+/// The lab, with its API server listening inside the node namespace, where
+/// the agent runs (no traffic to it leaves the lab).
+struct KubeLab {
+    lab: Lab,
+    api: ApiServer,
+    kubeconfig: PathBuf,
+}
+
+impl KubeLab {
+    fn new() -> Self {
+        let lab =
+            Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("build the lab");
+        assert_eq!(lab.pods.len(), 3, "the example Deployment has 3 replicas");
+        let api = ApiServer::start_in(Some(lab.node.path())).expect("start the API server fixture");
+        api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME,
+            "labels": {"topology.kubernetes.io/zone": "lab-a"}}}))
+            .expect("node");
+        let kubeconfig = lab.dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+        Self {
+            lab,
+            api,
+            kubeconfig,
+        }
+    }
+
+    /// The lab with the example published, the agent running and the
+    /// nginx Service programmed with all three pods.
+    fn serving() -> (Self, SocketAddrV4, Vec<String>) {
+        let mut k = Self::new();
+        k.publish();
+        k.start_agent();
+        let nginx = SocketAddrV4::new(NGINX, 80);
+        let pods = k.lab.pods_of("Deployment/nginx-deployment");
+        k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "initial");
+        (k, nginx, pods)
+    }
+
+    fn agent_flags(&self) -> Vec<String> {
+        vec![
+            "--kubeconfig".into(),
+            self.kubeconfig.to_string_lossy().into_owned(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{METRICS_PORT}"),
+        ]
+    }
+
+    fn start_agent(&mut self) {
+        let flags = self.agent_flags();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        self.lab.start_agent_with(&flags).expect("start lb-agent");
+    }
+
+    /// Publishes the lab's Services and the EndpointSlices of its ready pods.
+    fn publish(&self) {
+        let mut objects: Vec<Value> = self
+            .lab
+            .services()
+            .iter()
+            .map(|s| serde_json::to_value(s).expect("service json"))
+            .collect();
+        objects.extend(
+            self.lab
+                .endpoint_slices()
+                .iter()
+                .map(|s| serde_json::to_value(s).expect("slice json")),
+        );
+        self.api.apply_all(&objects).expect("apply");
+    }
+
+    /// Everything the pinned maps hold, as `lb-agent services` shows it.
+    fn snapshot(&self) -> Vec<inspect::ProgrammedService> {
+        let maps = loader::open_pinned(&self.lab.pin_dir).expect("open the pinned maps");
+        inspect::programmed_services(&maps.read_contents().expect("read the pinned maps"))
+    }
+
+    /// Backends programmed for `frontend`, as addresses (None: no such frontend).
+    fn programmed(&self, frontend: SocketAddrV4, proto: Protocol) -> Option<BTreeSet<Ipv4Addr>> {
+        let maps = loader::open_pinned(&self.lab.pin_dir).ok()?;
+        let contents = maps.read_contents().ok()?;
+        inspect::programmed_services(&contents)
+            .into_iter()
+            .find(|s| {
+                s.frontend.addr == *frontend.ip()
+                    && s.frontend.port == frontend.port()
+                    && s.frontend.proto == proto
+            })
+            .map(|s| {
+                s.backends
+                    .iter()
+                    .filter_map(|b| b.backend.map(|a| a.addr))
+                    .collect()
+            })
+    }
+
+    /// Waits until the TCP frontend's backends are exactly `want` (None: absent).
+    fn wait_programmed(
+        &self,
+        frontend: SocketAddrV4,
+        want: Option<BTreeSet<Ipv4Addr>>,
+        what: &str,
+    ) {
+        let deadline = Instant::now() + CONVERGE;
+        let mut got = None;
+        while Instant::now() < deadline {
+            got = self.programmed(frontend, Protocol::Tcp);
+            if got == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "{what}: {frontend} did not converge in {CONVERGE:?}: want {want:?}, maps hold {got:?}\n{}",
+            self.lab.agent_log()
+        );
+    }
+
+    fn pod_ips(&self, names: &[String]) -> BTreeSet<Ipv4Addr> {
+        names.iter().map(|n| self.lab.pods[n].ip).collect()
+    }
+
+    fn metrics(&self) -> String {
+        let (code, body) = self
+            .lab
+            .node
+            .run_in(|| {
+                http_get(
+                    SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
+                    "/metrics",
+                    TIMEOUT,
+                )
+            })
+            .expect("scrape /metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    fn readyz(&self) -> Option<u16> {
+        self.lab
+            .node
+            .run_in(|| {
+                http_get(
+                    SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
+                    "/readyz",
+                    TIMEOUT,
+                )
+            })
+            .ok()
+            .map(|(code, _)| code)
+    }
+}
+
+/// Every request the agent made is one its ClusterRole allows (the list
+/// deploy/lb-agent.yaml is checked against), and it read every resource it
+/// needs with a list and a watch.
+fn assert_requests_within_rbac(api: &ApiServer) {
+    // Readiness follows the first lists; the watches start just after, so
+    // give them a bounded moment to show up in the fixture's record.
+    let has_all = |requests: &[RequestRecord]| {
+        Resource::ALL.iter().all(|res| {
+            [false, true].iter().all(|w| {
+                requests
+                    .iter()
+                    .any(|r| r.resource == Some(*res) && r.watch == *w)
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut requests = api.requests();
+    while !has_all(&requests) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        requests = api.requests();
+    }
+    assert!(!requests.is_empty(), "the agent made no API request");
+    for r in &requests {
+        let resource = r
+            .resource
+            .unwrap_or_else(|| panic!("request outside the served resources: {r:?}"));
+        let (group, plural) = resource.rbac_name();
+        let verb = match (r.method.as_str(), r.watch) {
+            ("GET", true) => "watch",
+            ("GET", false) => "list",
+            (m, _) => panic!("the agent must only read, saw {m} on {plural}"),
+        };
+        assert!(
+            lb_userspace::kube_access::allows(group, plural, verb),
+            "{verb} {group}/{plural} is not in the agent's RBAC"
+        );
+    }
+    for resource in Resource::ALL {
+        for watch in [false, true] {
+            assert!(
+                requests
+                    .iter()
+                    .any(|r| r.resource == Some(resource) && r.watch == watch),
+                "no {} of {resource:?}: {requests:?}",
+                if watch { "watch" } else { "list" }
+            );
+        }
+    }
+}
+
+/// Sum of a metric's samples whose line contains every one of `parts`.
+fn metric_value(metrics: &str, name: &str, parts: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sends `n` requests over new TCP connections from the client pod; every
+/// one must succeed. Returns answers per pod.
+fn spread(lab: &Lab, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+    lab.client.ns.run_in(|| {
+        let mut got = BTreeMap::new();
+        for i in 0..n {
+            let pod = tcp_ask(to, "hello", TIMEOUT)
+                .unwrap_or_else(|e| panic!("request {i} to {to} failed: {e}"));
+            *got.entry(pod).or_insert(0) += 1;
+        }
+        got
+    })
+}
+
+fn assert_answered_by(got: &BTreeMap<String, usize>, pods: &[String], what: &str) {
+    let answered: BTreeSet<&String> = got.keys().collect();
+    let wanted: BTreeSet<&String> = pods.iter().collect();
+    assert_eq!(answered, wanted, "{what}: answers per pod {got:?}");
+}
+
+/// A client that opens a new connection every few milliseconds until told
+/// to stop, counting failures and the longest gap between answers.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<ProbeReport>>,
+}
+
+#[derive(Debug, Default)]
+struct ProbeReport {
+    sent: usize,
+    failed: Vec<String>,
+    longest_gap: Duration,
+}
+
+impl ProbeReport {
+    /// Prints the counts (for the closing numbers) and requires the prober
+    /// to have run and every request to have succeeded.
+    fn assert_none_failed(&self, what: &str) {
+        println!(
+            "{what}: {} requests, {} failed, longest gap {:?}",
+            self.sent,
+            self.failed.len(),
+            self.longest_gap
+        );
+        assert!(self.sent > 100, "{what}: the prober ran: {self:?}");
+        assert!(
+            self.failed.is_empty(),
+            "{what}: no request may fail: {:?}",
+            self.failed
+        );
+    }
+}
+
+impl Prober {
+    /// At most `max` requests (bounded), one every 5 ms.
+    fn start(lab: &Lab, to: SocketAddrV4, max: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = lab.client.ns.path();
+        let handle = std::thread::spawn(move || {
+            lb_tests::lab::in_netns(&ns, || {
+                let mut r = ProbeReport::default();
+                let mut last_ok = Instant::now();
+                while !flag.load(Ordering::SeqCst) && r.sent < max {
+                    r.sent += 1;
+                    match tcp_ask(to, "probe", TIMEOUT) {
+                        Ok(_) => {
+                            r.longest_gap = r.longest_gap.max(last_ok.elapsed());
+                            last_ok = Instant::now();
+                        }
+                        Err(e) => r.failed.push(format!("request {}: {e}", r.sent)),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r
+            })
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn finish(mut self) -> ProbeReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle
+            .take()
+            .expect("prober runs")
+            .join()
+            .expect("prober thread")
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[test]
+fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() {
+    if !require_root("service_created_scaled_and_deleted_through_the_api") {
+        return;
+    }
+    let mut k = KubeLab::new();
+    k.start_agent();
+    let frontend = SocketAddrV4::new(NGINX, 80);
+    assert_eq!(
+        k.programmed(frontend, Protocol::Tcp),
+        None,
+        "nothing published yet"
+    );
+
+    // Created with one ready pod.
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    k.lab.excluded = pods[1..].iter().cloned().collect();
+    k.publish();
+    k.wait_programmed(frontend, Some(k.pod_ips(&pods[..1])), "created");
+    assert_answered_by(
+        &spread(&k.lab, frontend, 20),
+        &pods[..1],
+        "created with 1 pod",
+    );
+
+    // Scaled up to three.
+    k.lab.excluded.clear();
+    k.publish();
+    k.wait_programmed(frontend, Some(k.pod_ips(&pods)), "scaled up");
+    assert_answered_by(&spread(&k.lab, frontend, 150), &pods, "scaled up to 3");
+
+    // Scaled down to two.
+    k.lab.excluded = [pods[0].clone()].into();
+    k.publish();
+    k.wait_programmed(frontend, Some(k.pod_ips(&pods[1..])), "scaled down");
+    assert_answered_by(
+        &spread(&k.lab, frontend, 60),
+        &pods[1..],
+        "scaled down to 2",
+    );
+
+    // The network programming latency was measured from the slices' trigger times.
+    let m = k.metrics();
+    assert!(
+        metric_value(&m, "lb_services_programmed", &[]) >= 2.0,
+        "TCP and UDP frontends: {m}"
+    );
+
+    // Deleted: the Service and its slices go; the address no longer answers.
+    for s in k.lab.endpoint_slices() {
+        k.api.delete(
+            Resource::EndpointSlices,
+            "default",
+            s.metadata.name.as_deref().unwrap(),
+        );
+    }
+    assert!(k.api.delete(Resource::Services, "default", "my-nginx"));
+    k.wait_programmed(frontend, None, "deleted");
+    assert_eq!(
+        k.programmed(frontend, Protocol::Udp),
+        None,
+        "UDP frontend gone too"
+    );
+    let refused = k
+        .lab
+        .client
+        .ns
+        .run_in(|| tcp_ask(frontend, "hello", Duration::from_millis(500)));
+    assert!(
+        refused.is_err(),
+        "a deleted Service must not answer: {refused:?}"
+    );
+    k.lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn service_with_endpoints_in_three_slices_reaches_all_of_them() {
+    if !require_root("service_with_endpoints_in_three_slices_reaches_all_of_them") {
+        return;
+    }
+    let mut k = KubeLab::new();
+    let frontend = SocketAddrV4::new(NGINX, 80);
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    // One slice per pod, as the EndpointSlice controller makes when slices
+    // fill up or pods land in separate batches.
+    let whole = k.lab.endpoint_slices().remove(0);
+    let mut objects: Vec<Value> = k
+        .lab
+        .services()
+        .iter()
+        .map(|s| serde_json::to_value(s).unwrap())
+        .collect();
+    for (i, endpoint) in whole.endpoints.iter().enumerate() {
+        let mut part = whole.clone();
+        part.metadata.name = Some(format!("my-nginx-part{i}"));
+        part.endpoints = vec![endpoint.clone()];
+        objects.push(serde_json::to_value(&part).unwrap());
+    }
+    k.api.apply_all(&objects).unwrap();
+    k.start_agent();
+    k.wait_programmed(frontend, Some(k.pod_ips(&pods)), "three slices merged");
+    assert_answered_by(&spread(&k.lab, frontend, 150), &pods, "three slices");
+
+    // Deleting one slice removes exactly its endpoint.
+    let gone = k.lab.pods[&pods[0]].ip;
+    let part = (0..3)
+        .find(|i| {
+            let obj = k
+                .api
+                .get(
+                    Resource::EndpointSlices,
+                    "default",
+                    &format!("my-nginx-part{i}"),
+                )
+                .unwrap();
+            obj["endpoints"][0]["addresses"][0] == json!(gone.to_string())
+        })
+        .expect("the slice of the first pod");
+    assert!(k.api.delete(
+        Resource::EndpointSlices,
+        "default",
+        &format!("my-nginx-part{part}")
+    ));
+    k.wait_programmed(frontend, Some(k.pod_ips(&pods[1..])), "one slice deleted");
+    assert_answered_by(&spread(&k.lab, frontend, 60), &pods[1..], "two slices left");
+}
+
+/// A second Service on the same pods, to go stale while the agent is not
+/// looking.
+fn extra_service() -> Value {
+    json!({"kind": "Service", "apiVersion": "v1",
+        "metadata": {"name": "extra", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.11", "selector": {"app": "nginx"},
+                 "ports": [{"name": "http", "port": 8080, "protocol": "TCP", "targetPort": 80}]}})
+}
+
+fn extra_slice(ips: &BTreeSet<Ipv4Addr>) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    json!({"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": "extra-abcde", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "extra"}},
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
+}
+
+#[test]
+fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
+    if !require_root("maps_converge_after_410_gone_and_after_the_api_server_restarts") {
+        return;
+    }
+    let mut k = KubeLab::new();
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    let all = k.pod_ips(&pods);
+    let extra = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 8080);
+    let nginx = SocketAddrV4::new(NGINX, 80);
+    k.publish();
+    k.api
+        .apply_all(&[extra_service(), extra_slice(&all)])
+        .unwrap();
+    k.start_agent();
+    k.wait_programmed(extra, Some(all.clone()), "initial");
+    k.wait_programmed(nginx, Some(all.clone()), "initial");
+
+    // Events lost and history compacted: the open watches end with 410 Gone;
+    // only the relist shows that `extra` is gone and nginx lost a pod.
+    k.lab.excluded = [pods[0].clone()].into();
+    let slice = serde_json::to_value(&k.lab.endpoint_slices()[0]).unwrap();
+    k.api
+        .change_silently(
+            &[slice],
+            &[
+                (Resource::Services, "default", "extra"),
+                (Resource::EndpointSlices, "default", "extra-abcde"),
+            ],
+        )
+        .unwrap();
+    k.api.expire_watches();
+    k.wait_programmed(extra, None, "after 410 Gone");
+    k.wait_programmed(nginx, Some(k.pod_ips(&pods[1..])), "after 410 Gone");
+    let m = k.metrics();
+    assert!(
+        metric_value(&m, "lb_watch_restarts_total", &["services"]) >= 1.0,
+        "a relist is counted: {m}"
+    );
+
+    // The API server goes away, the world changes, it comes back with its
+    // history lost: the agent's resumed watch gets 410 and relists.
+    k.api.stop();
+    k.lab.excluded.clear();
+    let slice = serde_json::to_value(&k.lab.endpoint_slices()[0]).unwrap();
+    k.api
+        .change_silently(&[extra_service(), extra_slice(&all), slice], &[])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    k.api.start(true).unwrap();
+    k.wait_programmed(extra, Some(all.clone()), "after the API server restarted");
+    k.wait_programmed(nginx, Some(all.clone()), "after the API server restarted");
+    assert_answered_by(&spread(&k.lab, extra, 60), &pods, "extra after restart");
+
+    // A watch cut mid-stream resumes from its resourceVersion: a change made
+    // right after is not missed.
+    k.api.drop_connections();
+    k.api
+        .delete(Resource::EndpointSlices, "default", "extra-abcde");
+    k.api.apply(&extra_slice(&k.pod_ips(&pods[..1]))).unwrap();
+    k.wait_programmed(extra, Some(k.pod_ips(&pods[..1])), "after a dropped watch");
+    assert_answered_by(&spread(&k.lab, extra, 20), &pods[..1], "extra after drop");
+    assert_requests_within_rbac(&k.api);
+}
+
+#[test]
+fn killing_and_restarting_the_agent_while_a_client_connects_loses_no_connection() {
+    if !require_root("killing_and_restarting_the_agent_loses_no_connection") {
+        return;
+    }
+    let (mut k, nginx, pods) = KubeLab::serving();
+
+    let prober = Prober::start(&k.lab, nginx, 20_000);
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..3 {
+        k.lab.kill_agent();
+        std::thread::sleep(Duration::from_millis(300));
+        k.start_agent();
+        assert!(
+            k.lab.agent_log().contains("adopted pinned maps"),
+            "round {round}: the restarted agent adopts the pinned maps"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    prober
+        .finish()
+        .assert_none_failed("agent kill -9 and restart x3");
+    k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "after restarts");
+}
+
+#[test]
+fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
+    if !require_root("an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was") {
+        return;
+    }
+    let (mut k, nginx, pods) = KubeLab::serving();
+    let before = k.snapshot();
+
+    let prober = Prober::start(&k.lab, nginx, 20_000);
+    k.api.stop();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        before,
+        k.snapshot(),
+        "the maps must not change while the API server is away"
+    );
+    assert_eq!(
+        k.readyz(),
+        Some(200),
+        "still ready: the maps are as last synced"
+    );
+    prober
+        .finish()
+        .assert_none_failed("API server unreachable 4 s");
+
+    // Back, but slow: every response and event takes 300 ms. A change
+    // still arrives.
+    k.api.set_delay(Duration::from_millis(300));
+    k.api.start(false).unwrap();
+    k.lab.excluded = [pods[2].clone()].into();
+    k.publish();
+    k.wait_programmed(
+        nginx,
+        Some(k.pod_ips(&pods[..2])),
+        "through a slow API server",
+    );
+    assert_answered_by(&spread(&k.lab, nginx, 40), &pods[..2], "after the outage");
+}
+
+#[test]
+fn readyz_waits_for_the_first_full_sync() {
+    if !require_root("readyz_waits_for_the_first_full_sync") {
+        return;
+    }
+    let mut k = KubeLab::new();
+    k.publish();
+    k.api.stop();
+    let flags = k.agent_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    k.lab.spawn_agent_with(&flags).expect("spawn lb-agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut code = None;
+    while Instant::now() < deadline && code.is_none() {
+        code = k.readyz();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(code, Some(503), "not ready before the first sync");
+    assert_eq!(k.lab.generation(), 0, "nothing written without the API");
+    k.api.start(false).unwrap();
+    k.lab.wait_for_generation(1).expect("first sync");
+    assert_eq!(k.readyz(), Some(200));
+    let m = k.metrics();
+    for name in [
+        "lb_sync_proxy_rules_duration_seconds_bucket",
+        "lb_network_programming_duration_seconds_bucket",
+        "lb_services_programmed",
+        "lb_backends_programmed",
+        "lb_map_entries",
+        "lb_map_max_entries",
+        "lb_datapath_packets",
+    ] {
+        assert!(m.contains(name), "metric {name} missing:\n{m}");
+    }
+    assert_requests_within_rbac(&k.api);
+}
+
+#[test]
+fn objects_the_data_path_cannot_express_are_skipped_counted_and_the_rest_works() {
+    if !require_root("objects_the_data_path_cannot_express_are_skipped") {
+        return;
+    }
+    let mut k = KubeLab::new();
+    k.publish();
+    let sctp = json!({"kind": "Service", "metadata": {"name": "sctp", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 9, "protocol": "SCTP"}]}});
+    let bad_ip = json!({"kind": "Service", "metadata": {"name": "bad-ip", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.999", "ports": [{"port": 80}]}});
+    let other_proxy = json!({"kind": "Service", "metadata": {"name": "other", "namespace": "default",
+            "labels": {"service.kubernetes.io/service-proxy-name": "someone-else"}},
+        "spec": {"clusterIP": "10.96.0.31", "ports": [{"port": 80}]}});
+    let mut other_slice = extra_slice(&k.pod_ips(&k.lab.pods_of("Deployment/nginx-deployment")));
+    other_slice["metadata"]["name"] = json!("other-abcde");
+    other_slice["metadata"]["labels"] = json!({"kubernetes.io/service-name": "other",
+        "service.kubernetes.io/service-proxy-name": "someone-else"});
+    k.api
+        .apply_all(&[sctp, bad_ip, other_proxy, other_slice])
+        .unwrap();
+    k.start_agent();
+    let nginx = SocketAddrV4::new(NGINX, 80);
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "the valid Service");
+    assert_answered_by(
+        &spread(&k.lab, nginx, 60),
+        &pods,
+        "valid Service beside bad ones",
+    );
+    assert_eq!(
+        k.programmed(
+            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 31), 80),
+            Protocol::Tcp
+        ),
+        None,
+        "another proxy's Service is left alone"
+    );
+    let log = k.lab.agent_log();
+    for name in ["default/sctp", "default/bad-ip"] {
+        assert!(log.contains(name), "the log names {name}:\n{log}");
+    }
+    let m = k.metrics();
+    assert!(
+        metric_value(&m, "lb_invalid_objects_total", &[]) >= 2.0,
+        "both bad Services are counted:\n{m}"
+    );
+}
