@@ -19,7 +19,9 @@ commands:
   test [ARGS]      run every test (unit, packet, lab); ARGS go to cargo test
   demo             build the lab from examples/, run the agent, send requests
                    from a client pod to each ClusterIP and show who answered
-  run -- FLAGS     run `lb-agent run FLAGS` (e.g. --manifests DIR or --kubeconfig)";
+  run -- FLAGS     run `lb-agent run FLAGS` (e.g. --manifests DIR or --kubeconfig)
+  bench [--quick]  measure (release build) and write bench/results/<date>.md;
+                   --quick is a smoke run of a few minutes";
 
 /// Debian packages the tests and the demo use, with a binary that tells
 /// whether each is installed.
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|_| test(&args[1..])),
         Some("demo") => setup().and_then(|_| demo()),
         Some("run") => setup().and_then(|_| run_agent(&args[1..])),
+        Some("bench") => setup().and_then(|_| bench(args.iter().any(|a| a == "--quick"))),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -271,4 +274,75 @@ fn run_agent(args: &[String]) -> Result<()> {
     sh(Command::new(workspace_root().join("target/debug/lb-agent"))
         .arg("run")
         .args(args))
+}
+
+/// Runs the benchmarks on release builds and writes a markdown report.
+fn bench(quick: bool) -> Result<()> {
+    build(true)?;
+    let root = workspace_root();
+    let started = std::time::Instant::now();
+    let (services, changes) = if quick {
+        ("1000", "100")
+    } else {
+        ("10000", "300")
+    };
+    let mut report = String::new();
+    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"]))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    report.push_str(&format!(
+        "# lb benchmark results, {date}{}\n\n",
+        if quick { " (--quick)" } else { "" }
+    ));
+    report.push_str("## Machine\n\n");
+    let uname = output(Command::new("uname").args(["-srm"])).unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let rustc = output(Command::new("rustc").arg("-V")).unwrap_or_default();
+    report.push_str(&format!(
+        "- kernel: {}\n- CPU: {cpu}, {cores} cores\n- {}\n\n",
+        uname.trim(),
+        rustc.trim()
+    ));
+    println!("[bench] control plane: {services} Services x 10 endpoints, {changes} changes");
+    let out = Command::new(root.join("target/release/lb-bench"))
+        .args([
+            "control-plane",
+            "--services",
+            services,
+            "--endpoints",
+            "10",
+            "--changes",
+            changes,
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running lb-bench")?;
+    if !out.status.success() {
+        bail!("lb-bench control-plane failed ({})", out.status);
+    }
+    let section = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{section}");
+    report.push_str(&section);
+    report.push_str(&format!(
+        "Whole run: {:.0} s. Reproduce with `cargo xtask bench{}` (as root).\n",
+        started.elapsed().as_secs_f64(),
+        if quick { " --quick" } else { "" }
+    ));
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{date}{}.md", if quick { "-quick" } else { "" }));
+    std::fs::write(&file, report)?;
+    println!("[bench] report written to {}", file.display());
+    Ok(())
 }
