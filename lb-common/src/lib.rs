@@ -21,7 +21,22 @@ pub mod map_names {
     pub const CONNTRACK: &str = "lb4_conntrack";
     pub const STATS: &str = "lb_stats";
     pub const SERVICE_STATS: &str = "lb4_svc_stats";
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, SERVICE_STATS];
+    pub const AFFINITY: &str = "lb4_affinity";
+    pub const AFFINITY_MATCH: &str = "lb4_affinity_match";
+    pub const SOURCE_RANGES: &str = "lb4_source_ranges";
+    pub const CONFIG: &str = "lb_config";
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        CONNTRACK,
+        STATS,
+        SERVICE_STATS,
+        AFFINITY,
+        AFFINITY_MATCH,
+        SOURCE_RANGES,
+        CONFIG,
+    ];
 }
 
 /// Names of the BPF programs in the object.
@@ -36,6 +51,9 @@ pub const MAX_SERVICE_SLOTS: u32 = 262_144;
 pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_REV_NAT: u32 = 65_536;
 pub const MAX_CONNTRACK: u32 = 262_144;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_AFFINITY_MATCH: u32 = 131_072;
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Most backends one Service port can have (slots 1..=N in the services map).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4_096;
 
@@ -53,10 +71,16 @@ pub struct Service4Key {
     pub port: u16,
     pub backend_slot: u16,
     pub proto: u8,
-    /// Reserved for traffic-policy scopes (external/internal); 0 today.
+    /// `SCOPE_*`: which traffic a frontend's backend set is for.
     pub scope: u8,
     pub _pad: [u8; 2],
 }
+
+/// Traffic from outside the node, and all traffic of single-scope frontends.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// Traffic from pods on this node, for frontends whose external traffic
+/// policy is Local (flag `SVC_FLAG_TWO_SCOPES` on the external master).
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Value of the services map. On the master slot: `count` active backends,
 /// flags, `rev_nat_id`. On backend slots: `backend_id`.
@@ -68,7 +92,9 @@ pub struct Service4Value {
     pub affinity_timeout: u32,
     /// Number of backend slots a reader may index (master slot).
     pub count: u16,
-    /// Reserved for terminating backends kept after `count` (master slot).
+    /// Terminating backends in slots `count+1..=count+terminating_count`
+    /// (master slot): never chosen for new flows, kept so flows that use
+    /// them go on until the endpoint is gone.
     pub terminating_count: u16,
     pub rev_nat_id: u16,
     /// `SVC_FLAG_*` bits (master slot).
@@ -79,6 +105,19 @@ pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
 pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
 pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 2;
 pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 3;
+/// externalTrafficPolicy Local: external traffic keeps its source address
+/// and only goes to this node's endpoints (no masquerade).
+pub const SVC_FLAG_EXTERNAL_LOCAL: u16 = 1 << 4;
+/// Pod traffic uses the `SCOPE_INTERNAL` master and slots of the frontend.
+pub const SVC_FLAG_TWO_SCOPES: u16 = 1 << 5;
+/// Sources must match the frontend's `loadBalancerSourceRanges`.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
+/// internalTrafficPolicy Local (informational: the slots hold only local
+/// endpoints).
+pub const SVC_FLAG_INTERNAL_LOCAL: u16 = 1 << 7;
+/// Frontends reached from outside the node.
+pub const SVC_FLAGS_EXTERNAL: u16 =
+    SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
 
 /// A backend (an endpoint address and port).
 #[repr(C)]
@@ -138,10 +177,81 @@ pub struct Ct4Value {
     pub rev_nat_id: u16,
     /// `CT_FLAG_*`.
     pub flags: u16,
+    /// With `CT_FLAG_SNAT`: on the forward entry, the source the flow was
+    /// masqueraded to; on the reply entry, the client's own address and
+    /// port, restored on replies. Network byte order.
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub _pad: u16,
 }
 
 /// A FIN or RST was seen: the entry expires after `CT_CLOSING_LIFETIME_NS`.
 pub const CT_FLAG_CLOSING: u16 = 1 << 0;
+/// The flow's source was masqueraded (NodePort and friends with
+/// externalTrafficPolicy Cluster, or a pod reaching itself).
+pub const CT_FLAG_SNAT: u16 = 1 << 1;
+/// Packets of the flow are sent straight to their egress device after
+/// translation: their addresses would look spoofed to the kernel's input
+/// routing (a local address as source arriving on a pod's veth).
+pub const CT_FLAG_REDIRECT: u16 = 1 << 2;
+
+/// Masqueraded flows get source ports from this range, above Linux's
+/// default ephemeral range (32768-60999) so they do not meet the node's
+/// own connections.
+pub const SNAT_PORT_MIN: u16 = 61_001;
+pub const SNAT_PORT_COUNT: u16 = 4_535;
+/// Ports tried for a new masqueraded flow before it is dropped (counted).
+pub const SNAT_PORT_TRIES: u32 = 16;
+
+/// Session affinity (ClientIP): which backend a client last used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Affinity4Key {
+    pub client_addr: u32,
+    /// TCP and UDP of one address and port share a reverse NAT id.
+    pub rev_nat_id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Affinity4Value {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Present while `backend_id` is an active backend of the frontend with
+/// `rev_nat_id`: an affinity entry is honoured only then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityMatchKey {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// Data of a `loadBalancerSourceRanges` LPM trie key: the prefix length
+/// covers `rev_nat_id` and `_pad` (32 bits) plus the range's mask bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRange4 {
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// Bits of `SourceRange4` before the address.
+pub const SOURCE_RANGE_PREFIX_BITS: u32 = 32;
+
+/// Indices of the config array.
+pub mod config {
+    /// The node address masqueraded flows get as source (network order).
+    pub const MASQUERADE_ADDR: u32 = 0;
+    pub const COUNT: u32 = 4;
+}
 
 /// How long an idle entry keeps its backend, as in the kernel's conntrack.
 pub const CT_TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;
@@ -180,7 +290,15 @@ pub mod stats {
     pub const FRAGMENT_PASSED: u32 = 7;
     /// A helper that rewrites the packet failed: dropped.
     pub const REWRITE_FAILED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// A source outside the frontend's loadBalancerSourceRanges: dropped.
+    pub const SOURCE_RANGE_DROPPED: u32 = 9;
+    /// No free masquerade port (or no masquerade address set): dropped.
+    pub const SNAT_FAILED: u32 = 10;
+    /// New flows that went to their client's affinity backend.
+    pub const AFFINITY_HIT: u32 = 11;
+    /// External traffic policy Local without a local endpoint: dropped.
+    pub const NO_LOCAL_BACKEND_DROPPED: u32 = 12;
+    pub const COUNT: u32 = 13;
     pub const NAMES: [&str; COUNT as usize] = [
         "service_forwarded",
         "reverse_natted",
@@ -191,6 +309,10 @@ pub mod stats {
         "malformed_passed",
         "fragment_passed",
         "rewrite_failed",
+        "source_range_dropped",
+        "snat_failed",
+        "affinity_hit",
+        "no_local_backend_dropped",
     ];
 }
 
@@ -206,6 +328,10 @@ mod user {
     unsafe impl aya::Pod for Ct4Key {}
     unsafe impl aya::Pod for Ct4Value {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for Affinity4Value {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for SourceRange4 {}
 }
 
 #[cfg(test)]
@@ -220,6 +346,10 @@ mod tests {
         assert_eq!(size_of::<Backend4>(), 12);
         assert_eq!(size_of::<RevNat4>(), 8);
         assert_eq!(size_of::<Ct4Key>(), 16);
-        assert_eq!(size_of::<Ct4Value>(), 16);
+        assert_eq!(size_of::<Ct4Value>(), 24);
+        assert_eq!(size_of::<Affinity4Key>(), 8);
+        assert_eq!(size_of::<Affinity4Value>(), 16);
+        assert_eq!(size_of::<AffinityMatchKey>(), 8);
+        assert_eq!(size_of::<SourceRange4>(), 8);
     }
 }

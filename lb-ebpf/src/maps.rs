@@ -2,12 +2,14 @@
 //! Their layout and update order are described in lb-common and DESIGN.md.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    stats, Backend4, Ct4Key, Ct4Value, RevNat4, Service4Key, Service4Value, ServiceStats,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
+    config, stats, Affinity4Key, Affinity4Value, AffinityMatchKey, Backend4, Ct4Key, Ct4Value,
+    RevNat4, Service4Key, Service4Value, ServiceStats, SourceRange4, MAX_AFFINITY,
+    MAX_AFFINITY_MATCH, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
+    MAX_SOURCE_RANGES,
 };
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
@@ -36,6 +38,43 @@ pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new
 
 #[btf_map(name = "lb4_svc_stats")]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_REV_NAT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "lb4_affinity")]
+pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "lb4_affinity_match")]
+pub static AFFINITY_MATCH: HashMap<
+    AffinityMatchKey,
+    u8,
+    { MAX_AFFINITY_MATCH as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "lb4_source_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange4, u8, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+#[btf_map(name = "lb_config")]
+pub static CONFIG: Array<u32, { config::COUNT as usize }> = Array::new();
+
+#[inline(always)]
+pub fn source_allowed(rev_nat_id: u16, saddr: u32) -> bool {
+    let key = Key::new(
+        lb_common::SOURCE_RANGE_PREFIX_BITS + 32,
+        SourceRange4 {
+            rev_nat_id,
+            _pad: 0,
+            addr: saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+#[inline(always)]
+pub fn config(index: u32) -> u32 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
 
 #[inline(always)]
 pub fn count_service(rev_nat_id: u16, bytes: u16) {

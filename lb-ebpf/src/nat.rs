@@ -1,17 +1,25 @@
 //! Service translation shared by the XDP and tc programs: reverse NAT for
-//! replies, service lookup, backend selection, conntrack and DNAT. The two
-//! hooks differ only in how they rewrite bytes (`Rewriter`).
+//! replies, service lookup, source ranges, backend selection (session
+//! affinity, random otherwise), masquerade, conntrack and DNAT. The two
+//! hooks differ only in how they rewrite bytes (`Rewriter`) and in whether
+//! the packet comes from outside the node or from one of its pods (`Hook`).
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    stats, Backend4, Ct4Key, Ct4Value, Service4Key, CT_CLOSING_LIFETIME_NS, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS, CT_UDP_LIFETIME_NS,
-    IPPROTO_TCP,
+    config, stats, Affinity4Key, Affinity4Value, AffinityMatchKey, Backend4, Ct4Key, Ct4Value,
+    Service4Key, Service4Value, CT_CLOSING_LIFETIME_NS, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS,
+    CT_UDP_LIFETIME_NS, IPPROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_COUNT,
+    SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
     headers::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{count, count_service, BACKENDS, CONNTRACK, REV_NAT, SERVICES},
+    maps::{
+        self, count, count_service, source_allowed, AFFINITY, AFFINITY_MATCH, BACKENDS, CONNTRACK,
+        REV_NAT, SERVICES,
+    },
 };
 
 pub enum Action {
@@ -19,9 +27,21 @@ pub enum Action {
     Pass,
     /// Rewritten: pass on to the kernel's routing.
     Translated,
+    /// Rewritten, and its addresses would look spoofed to the kernel's
+    /// input routing: send it straight to the egress device.
+    Redirect,
     /// TCP to a Service with no backend: answer with a RST.
     RejectTcp,
     Drop,
+}
+
+/// Where the packet entered the node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// From the wire (XDP): external traffic.
+    Wire,
+    /// From a pod on this node (tc on its veth).
+    Pod,
 }
 
 /// Rewrites addresses and ports with the checksum updates the hook needs.
@@ -47,23 +67,37 @@ fn closing(flow: &Flow) -> bool {
 }
 
 #[inline(always)]
-pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
+pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(action) = reverse_nat(rw, flow, now) {
         return action;
     }
-    let svc_key = Service4Key {
+    let mut svc_key = Service4Key {
         addr: flow.daddr,
         port: flow.dport,
         backend_slot: 0,
         proto: flow.proto,
-        scope: 0,
+        scope: SCOPE_EXTERNAL,
         _pad: [0; 2],
     };
     // SAFETY: the value is copied out at once; the agent replaces whole entries.
-    let Some(svc) = (unsafe { SERVICES.get(svc_key) }).copied() else {
+    let Some(mut svc) = (unsafe { SERVICES.get(svc_key) }).copied() else {
         return Action::Pass;
     };
+    if hook == Hook::Pod && svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
+        let internal = Service4Key {
+            scope: SCOPE_INTERNAL,
+            ..svc_key
+        };
+        if let Some(v) = (unsafe { SERVICES.get(internal) }).copied() {
+            svc = v;
+            svc_key = internal;
+        }
+    }
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(svc.rev_nat_id, flow.saddr) {
+        count(stats::SOURCE_RANGE_DROPPED);
+        return Action::Drop;
+    }
 
     let fwd_key = Ct4Key {
         saddr: flow.saddr,
@@ -90,16 +124,21 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
                 if now.saturating_sub(ct.last_seen_ns) > CT_REFRESH_INTERVAL_NS {
                     unsafe { (*ct_ptr).last_seen_ns = now };
                     // The reply entry may have been evicted under LRU pressure.
-                    insert_reply_entry(flow, &backend, ct.backend_id, ct.rev_nat_id, now);
+                    insert_reply_entry(flow, &backend, &ct, now);
                 }
-                return translate(rw, flow, &backend, ct.rev_nat_id);
+                return translate(rw, flow, &backend, &ct);
             }
             count(stats::BACKEND_MISSING);
         }
     }
 
     if svc.count == 0 {
-        return if flow.proto == IPPROTO_TCP {
+        return if hook == Hook::Wire && svc.flags & SVC_FLAG_EXTERNAL_LOCAL != 0 {
+            // Like kube-proxy: no local endpoint for Local external traffic
+            // is a drop (the load balancer's health check steers away).
+            count(stats::NO_LOCAL_BACKEND_DROPPED);
+            Action::Drop
+        } else if flow.proto == IPPROTO_TCP {
             count(stats::NO_BACKEND_REJECTED);
             Action::RejectTcp
         } else {
@@ -107,40 +146,157 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow) -> Action {
             Action::Drop
         };
     }
+    let Some(backend_id) = select_backend(&svc, &svc_key, flow, now) else {
+        count(stats::BACKEND_MISSING);
+        return Action::Drop;
+    };
+    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
+        count(stats::BACKEND_MISSING);
+        return Action::Drop;
+    };
+    if svc.affinity_timeout != 0 {
+        let key = Affinity4Key {
+            client_addr: flow.saddr,
+            rev_nat_id: svc.rev_nat_id,
+            proto: flow.proto,
+            _pad: 0,
+        };
+        let value = Affinity4Value {
+            last_used_ns: now,
+            backend_id,
+            _pad: 0,
+        };
+        let _ = AFFINITY.insert(key, value, 0);
+    }
+
+    // External traffic is masqueraded unless its policy is Local, so replies
+    // come back through this node; a pod reaching itself through a Service
+    // is too, or its own address would arrive as a source from outside.
+    let external = svc.flags & SVC_FLAGS_EXTERNAL != 0;
+    let hairpin = backend.addr == flow.saddr;
+    let masquerade =
+        hairpin || (hook == Hook::Wire && external && svc.flags & SVC_FLAG_EXTERNAL_LOCAL == 0);
+    let mut ct = Ct4Value {
+        last_seen_ns: now,
+        backend_id,
+        rev_nat_id: svc.rev_nat_id,
+        flags: if closing(flow) { CT_FLAG_CLOSING } else { 0 },
+        nat_addr: 0,
+        nat_port: 0,
+        _pad: 0,
+    };
+    if external {
+        ct.flags |= CT_FLAG_REDIRECT;
+    }
+    if masquerade {
+        let Some((addr, port)) = masquerade_source(flow, &backend, now) else {
+            count(stats::SNAT_FAILED);
+            return Action::Drop;
+        };
+        ct.flags |= CT_FLAG_SNAT | CT_FLAG_REDIRECT;
+        ct.nat_addr = addr;
+        ct.nat_port = port;
+    }
+    // Without a conntrack entry the flow would still work packet by packet,
+    // only without backend stickiness, so a full map is not fatal (except
+    // for masqueraded flows, whose replies need it).
+    let _ = CONNTRACK.insert(fwd_key, ct, 0);
+    insert_reply_entry(flow, &backend, &ct, now);
+    count(stats::CT_CREATED);
+    translate(rw, flow, &backend, &ct)
+}
+
+/// The client's affinity backend while it is fresh and still an active
+/// backend of the frontend; otherwise a random active slot.
+#[inline(always)]
+fn select_backend(
+    svc: &Service4Value,
+    svc_key: &Service4Key,
+    flow: &Flow,
+    now: u64,
+) -> Option<u32> {
+    if svc.affinity_timeout != 0 {
+        let key = Affinity4Key {
+            client_addr: flow.saddr,
+            rev_nat_id: svc.rev_nat_id,
+            proto: flow.proto,
+            _pad: 0,
+        };
+        if let Some(a) = unsafe { AFFINITY.get(key) }.copied() {
+            let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
+            let matches = AffinityMatchKey {
+                backend_id: a.backend_id,
+                rev_nat_id: svc.rev_nat_id,
+                _pad: 0,
+            };
+            if now.saturating_sub(a.last_used_ns) < timeout_ns
+                && unsafe { AFFINITY_MATCH.get(matches) }.is_some()
+            {
+                count(stats::AFFINITY_HIT);
+                return Some(a.backend_id);
+            }
+        }
+    }
     let slot = (unsafe { bpf_get_prandom_u32() } % svc.count as u32) as u16 + 1;
     let slot_key = Service4Key {
         backend_slot: slot,
-        ..svc_key
+        ..*svc_key
     };
-    let Some(slot_value) = (unsafe { SERVICES.get(slot_key) }).copied() else {
-        count(stats::BACKEND_MISSING);
-        return Action::Drop;
-    };
-    let Some(backend) = (unsafe { BACKENDS.get(slot_value.backend_id) }).copied() else {
-        count(stats::BACKEND_MISSING);
-        return Action::Drop;
-    };
-    let ct = Ct4Value {
-        last_seen_ns: now,
-        backend_id: slot_value.backend_id,
-        rev_nat_id: svc.rev_nat_id,
-        flags: if closing(flow) { CT_FLAG_CLOSING } else { 0 },
-    };
-    // Without a conntrack entry the flow would still work packet by packet,
-    // only without backend stickiness, so a full map is not fatal.
-    let _ = CONNTRACK.insert(fwd_key, ct, 0);
-    insert_reply_entry(flow, &backend, slot_value.backend_id, svc.rev_nat_id, now);
-    count(stats::CT_CREATED);
-    translate(rw, flow, &backend, svc.rev_nat_id)
+    unsafe { SERVICES.get(slot_key) }.map(|v| v.backend_id)
+}
+
+/// A source address and port for a masqueraded flow: the node's
+/// masquerade address and a port whose reply tuple is free (or stale).
+#[inline(always)]
+fn masquerade_source(flow: &Flow, backend: &Backend4, now: u64) -> Option<(u32, u16)> {
+    let addr = maps::config(config::MASQUERADE_ADDR);
+    if addr == 0 {
+        return None;
+    }
+    // Start where the client's own tuple hashes to, so a client's flows
+    // spread over the range without a shared cursor.
+    let seed =
+        (flow.saddr ^ ((flow.sport as u32) << 16) ^ flow.dport as u32).wrapping_mul(0x9e37_79b1);
+    let mut i = 0;
+    while i < SNAT_PORT_TRIES {
+        let port =
+            (SNAT_PORT_MIN + ((seed.wrapping_add(i) >> 8) % SNAT_PORT_COUNT as u32) as u16).to_be();
+        let key = Ct4Key {
+            saddr: backend.addr,
+            daddr: addr,
+            sport: backend.port,
+            dport: port,
+            proto: flow.proto,
+            direction: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        match unsafe { CONNTRACK.get(key) } {
+            None => return Some((addr, port)),
+            Some(ct) if now.saturating_sub(ct.last_seen_ns) >= lifetime_ns(flow, ct) => {
+                return Some((addr, port))
+            }
+            Some(_) => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 #[inline(always)]
-fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4, rev_nat_id: u16) -> Action {
-    match rw.rewrite_dst(flow, backend.addr, backend.port) {
+fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4, ct: &Ct4Value) -> Action {
+    let mut done = rw.rewrite_dst(flow, backend.addr, backend.port);
+    if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {
+        done = rw.rewrite_src(flow, ct.nat_addr, ct.nat_port);
+    }
+    match done {
         Ok(()) => {
             count(stats::SERVICE_FORWARDED);
-            count_service(rev_nat_id, flow.ip_tot_len);
-            Action::Translated
+            count_service(ct.rev_nat_id, flow.ip_tot_len);
+            if ct.flags & CT_FLAG_SNAT != 0 {
+                Action::Redirect
+            } else {
+                Action::Translated
+            }
         }
         Err(()) => {
             count(stats::REWRITE_FAILED);
@@ -149,28 +305,35 @@ fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4, rev_nat_id: u
     }
 }
 
+/// The entry replies of the flow `fwd` describes are matched against:
+/// backend -> client, or backend -> masquerade address when masqueraded.
 #[inline(always)]
-fn insert_reply_entry(flow: &Flow, backend: &Backend4, backend_id: u32, rev_nat_id: u16, now: u64) {
+fn insert_reply_entry(flow: &Flow, backend: &Backend4, fwd: &Ct4Value, now: u64) {
+    let snat = fwd.flags & CT_FLAG_SNAT != 0;
     let key = Ct4Key {
         saddr: backend.addr,
-        daddr: flow.saddr,
+        daddr: if snat { fwd.nat_addr } else { flow.saddr },
         sport: backend.port,
-        dport: flow.sport,
+        dport: if snat { fwd.nat_port } else { flow.sport },
         proto: flow.proto,
         direction: CT_DIR_REPLY,
         _pad: [0; 2],
     };
     let value = Ct4Value {
         last_seen_ns: now,
-        backend_id,
-        rev_nat_id,
-        flags: 0,
+        backend_id: fwd.backend_id,
+        rev_nat_id: fwd.rev_nat_id,
+        flags: fwd.flags & (CT_FLAG_SNAT | CT_FLAG_REDIRECT),
+        nat_addr: if snat { flow.saddr } else { 0 },
+        nat_port: if snat { flow.sport } else { 0 },
+        _pad: 0,
     };
     let _ = CONNTRACK.insert(key, value, 0);
 }
 
 /// A reply from a backend to a client of a Service gets the Service's
-/// address and port as its source.
+/// address and port as its source, and a masqueraded one the client's
+/// address and port as its destination.
 #[inline(always)]
 fn reverse_nat<R: Rewriter>(rw: &R, flow: &Flow, now: u64) -> Option<Action> {
     let key = Ct4Key {
@@ -188,10 +351,18 @@ fn reverse_nat<R: Rewriter>(rw: &R, flow: &Flow, now: u64) -> Option<Action> {
     if now.saturating_sub(ct.last_seen_ns) > CT_REFRESH_INTERVAL_NS {
         unsafe { (*ct_ptr).last_seen_ns = now };
     }
-    Some(match rw.rewrite_src(flow, rev.addr, rev.port) {
+    let mut done = rw.rewrite_src(flow, rev.addr, rev.port);
+    if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {
+        done = rw.rewrite_dst(flow, ct.nat_addr, ct.nat_port);
+    }
+    Some(match done {
         Ok(()) => {
             count(stats::REVERSE_NATTED);
-            Action::Translated
+            if ct.flags & CT_FLAG_REDIRECT != 0 {
+                Action::Redirect
+            } else {
+                Action::Translated
+            }
         }
         Err(()) => {
             count(stats::REWRITE_FAILED);

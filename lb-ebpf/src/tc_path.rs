@@ -4,8 +4,11 @@
 //! helpers, which update the field correctly for both states.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    bindings::{bpf_fib_lookup as FibParams, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{
+        bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_skb_load_bytes,
+    },
     programs::TcContext,
 };
 use lb_common::{stats, IPPROTO_TCP};
@@ -16,13 +19,17 @@ use crate::{
         L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
     },
     maps::count,
-    nat::{self, Action, Rewriter},
+    nat::{self, Action, Hook, Rewriter},
     xdp_path::reset_header,
 };
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 const TC_ACT_REDIRECT: i32 = 7;
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 3;
 
 pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
     // Direct packet access needs the headers in the linear part of the skb.
@@ -43,11 +50,42 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
         }
     };
     let rw = TcRewriter { ctx };
-    Ok(match nat::handle(&rw, &flow) {
+    Ok(match nat::handle(&rw, &flow, Hook::Pod) {
         Action::Pass | Action::Translated => TC_ACT_OK,
+        Action::Redirect => redirect_to_egress(ctx),
         Action::Drop => TC_ACT_SHOT,
         Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(TC_ACT_SHOT),
     })
+}
+
+/// Sends a translated packet straight out of the device the FIB routes its
+/// new destination to. Its source may now be a node address (a NodePort
+/// reply, a masqueraded flow), which the kernel's input routing would drop
+/// as spoofed on a pod's veth. Without a route it goes to the stack.
+fn redirect_to_egress(ctx: &TcContext) -> i32 {
+    let Ok(addrs) = ctx.load::<[u32; 2]>(IP_SADDR_OFF) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions).
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    // tot_len 0 skips the MTU check: pod packets may be GSO super-frames.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = addrs[0];
+    params.__bindgen_anon_4.ipv4_dst = addrs[1];
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return TC_ACT_OK;
+    }
+    // The neighbour subsystem resolves the next hop's MAC address.
+    unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
 struct TcRewriter<'a> {

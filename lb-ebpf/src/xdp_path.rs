@@ -10,7 +10,7 @@ use crate::{
         IP_SADDR_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::count,
-    nat::{self, Action, Rewriter},
+    nat::{self, Action, Hook, Rewriter},
 };
 
 pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
@@ -27,8 +27,11 @@ pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
         }
     };
     let rw = XdpRewriter { ctx };
-    Ok(match nat::handle(&rw, &flow) {
-        Action::Pass | Action::Translated => xdp_action::XDP_PASS,
+    Ok(match nat::handle(&rw, &flow, Hook::Wire) {
+        // Packets from the wire go on through the kernel's routing; the
+        // agent lets the wire interfaces accept a node address as source
+        // (accept_local) for masqueraded and reverse-translated ones.
+        Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(xdp_action::XDP_DROP),
     })

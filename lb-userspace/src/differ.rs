@@ -10,9 +10,10 @@ use std::{
 
 use lb_common::{
     Backend4, RevNat4, Service4Key, Service4Value, BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
-use crate::model::{DesiredState, L4Addr, Protocol, ServiceEntry};
+use crate::model::{BackendSet, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry};
 
 /// What the maps hold (or will hold), in map terms, with the reverse
 /// indexes planning needs (kept in step by `insert_*`/`remove_*`).
@@ -21,6 +22,10 @@ pub struct MapContents {
     pub services: BTreeMap<Service4Key, Service4Value>,
     pub backends: BTreeMap<u32, Backend4>,
     pub rev_nat: BTreeMap<u16, RevNat4>,
+    /// Session affinity may pick (reverse NAT id, backend id).
+    pub affinity_match: BTreeSet<(u16, u32)>,
+    /// loadBalancerSourceRanges per reverse NAT id.
+    pub source_ranges: BTreeSet<(u16, Ipv4Prefix)>,
     backend_ids: HashMap<L4Addr, u32>,
     rev_ids: HashMap<(Ipv4Addr, u16), u16>,
     /// How many backend slots point at each backend id.
@@ -139,6 +144,10 @@ pub enum MapOp {
     PutRevNat(u16, RevNat4),
     PutService(Service4Key, Service4Value),
     DeleteService(Service4Key),
+    PutAffinityMatch(u16, u32),
+    DeleteAffinityMatch(u16, u32),
+    PutSourceRange(u16, Ipv4Prefix),
+    DeleteSourceRange(u16, Ipv4Prefix),
     DeleteRevNat(u16),
     DeleteBackend(u32),
 }
@@ -164,12 +173,16 @@ pub fn master_key(frontend: &L4Addr) -> Service4Key {
 }
 
 pub fn slot_key(frontend: &L4Addr, slot: u16) -> Service4Key {
+    scoped_slot_key(frontend, SCOPE_EXTERNAL, slot)
+}
+
+pub fn scoped_slot_key(frontend: &L4Addr, scope: u8, slot: u16) -> Service4Key {
     Service4Key {
         addr: u32::from_ne_bytes(frontend.addr.octets()),
         port: frontend.port.to_be(),
         backend_slot: slot,
         proto: frontend.proto.number(),
-        scope: 0,
+        scope,
         _pad: [0; 2],
     }
 }
@@ -317,7 +330,7 @@ pub fn plan_scoped(
     let mut new_backend_ids: BTreeMap<L4Addr, u32> = BTreeMap::new();
     let mut wanted_backends: BTreeSet<u32> = BTreeSet::new();
     for entry in &entries {
-        for b in &entry.backends {
+        for b in entry.all_backends() {
             let id = match current
                 .backend_id(b)
                 .or_else(|| new_backend_ids.get(b).copied())
@@ -381,39 +394,140 @@ pub fn plan_scoped(
             .or_else(|| new_rev_ids.get(&(f.addr, f.port)).copied())
     };
 
-    // 3. Per frontend: slots 1..=n, then the master (count) last, then the
-    // slots past the new count.
-    for entry in &entries {
-        let f = entry.frontend;
-        let tag = Some(f);
-        for (i, b) in entry.backends.iter().enumerate() {
-            let key = slot_key(&f, i as u16 + 1);
-            let id = backend_id(b).expect("allocated in step 1");
-            let value = Service4Value {
-                backend_id: id,
-                ..Default::default()
+    // 2b. What session affinity and source ranges read, before a master
+    // turns them on. TCP and UDP of one port share a reverse NAT id, so
+    // these are planned per address and port.
+    let mut groups: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
+    match touched {
+        None => {
+            groups.extend(desired.entries().keys().map(|f| (f.addr, f.port)));
+            groups.extend(current.rev_nat.values().map(rev_key));
+        }
+        Some(t) => groups.extend(t.iter().map(|f| (f.addr, f.port))),
+    }
+    let mut extra_deletes = Vec::new();
+    for &(addr, port) in &groups {
+        let Some(rev) = current
+            .rev_nat_id(addr, port)
+            .or_else(|| new_rev_ids.get(&(addr, port)).copied())
+        else {
+            continue;
+        };
+        let mut matches = BTreeSet::new();
+        let mut ranges = BTreeSet::new();
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let Some(e) = desired.get(&L4Addr { addr, port, proto }) else {
+                continue;
             };
-            if current.services.get(&key) != Some(&value) {
+            if e.affinity_timeout != 0 {
+                for b in e
+                    .backends
+                    .active
+                    .iter()
+                    .chain(e.internal.iter().flat_map(|s| &s.active))
+                {
+                    matches.insert((rev, backend_id(b).expect("allocated in step 1")));
+                }
+            }
+            ranges.extend(e.source_ranges.iter().map(|r| (rev, *r)));
+        }
+        let tag = Some(L4Addr {
+            addr,
+            port,
+            proto: Protocol::Tcp,
+        });
+        for m in &matches {
+            if !current.affinity_match.contains(m) {
                 ops.push(PlannedOp {
-                    op: MapOp::PutService(key, value),
+                    op: MapOp::PutAffinityMatch(m.0, m.1),
+                    frontend: None,
+                });
+            }
+        }
+        for r in &ranges {
+            if !current.source_ranges.contains(r) {
+                ops.push(PlannedOp {
+                    op: MapOp::PutSourceRange(r.0, r.1),
+                    frontend: None,
+                });
+            }
+        }
+        for m in current.affinity_match.range((rev, 0)..=(rev, u32::MAX)) {
+            if !matches.contains(m) {
+                extra_deletes.push(PlannedOp {
+                    op: MapOp::DeleteAffinityMatch(m.0, m.1),
                     frontend: tag,
                 });
             }
         }
-        let master = Service4Value {
-            count: entry.backends.len() as u16,
-            rev_nat_id: rev_id(&f).expect("allocated in step 2"),
-            flags: entry.flags,
-            ..Default::default()
-        };
-        if current.services.get(&master_key(&f)) != Some(&master) {
-            ops.push(PlannedOp {
-                op: MapOp::PutService(master_key(&f), master),
-                frontend: tag,
-            });
+        for r in current.source_ranges.iter().filter(|(id, _)| *id == rev) {
+            if !ranges.contains(r) {
+                extra_deletes.push(PlannedOp {
+                    op: MapOp::DeleteSourceRange(r.0, r.1),
+                    frontend: None,
+                });
+            }
+        }
+    }
+
+    // 3. Per frontend and scope: slots 1..=n, then the master (count) last,
+    // then the slots past the new count. The internal scope goes first: the
+    // external master's flag sends pod traffic to it.
+    for entry in &entries {
+        let f = entry.frontend;
+        let tag = Some(f);
+        let rev_nat_id = rev_id(&f).expect("allocated in step 2");
+        let scopes: [(u8, Option<&BackendSet>); 2] = [
+            (SCOPE_INTERNAL, entry.internal.as_ref()),
+            (SCOPE_EXTERNAL, Some(&entry.backends)),
+        ];
+        for (scope, set) in scopes {
+            let Some(set) = set else {
+                continue;
+            };
+            let mut n = 0u16;
+            for b in set.all() {
+                n += 1;
+                let key = scoped_slot_key(&f, scope, n);
+                let id = backend_id(b).expect("allocated in step 1");
+                let value = Service4Value {
+                    backend_id: id,
+                    ..Default::default()
+                };
+                if current.services.get(&key) != Some(&value) {
+                    ops.push(PlannedOp {
+                        op: MapOp::PutService(key, value),
+                        frontend: tag,
+                    });
+                }
+            }
+            let master = Service4Value {
+                count: set.active.len() as u16,
+                terminating_count: set.terminating.len() as u16,
+                rev_nat_id,
+                flags: entry.flags,
+                affinity_timeout: entry.affinity_timeout,
+                ..Default::default()
+            };
+            let key = scoped_slot_key(&f, scope, 0);
+            if current.services.get(&key) != Some(&master) {
+                ops.push(PlannedOp {
+                    op: MapOp::PutService(key, master),
+                    frontend: tag,
+                });
+            }
         }
         for (key, _) in slots_of(&current.services, &f) {
-            if key.backend_slot as usize > entry.backends.len() {
+            let len = match key.scope {
+                SCOPE_EXTERNAL => Some(entry.backends.all().count()),
+                SCOPE_INTERNAL => entry.internal.as_ref().map(|s| s.all().count()),
+                _ => None,
+            };
+            let stale = match len {
+                Some(len) => key.backend_slot as usize > len,
+                None => true,
+            };
+            if stale {
                 ops.push(PlannedOp {
                     op: MapOp::DeleteService(*key),
                     frontend: tag,
@@ -433,7 +547,8 @@ pub fn plan_scoped(
         let mut slots: Vec<(Service4Key, Service4Value)> = slots_of(&current.services, f)
             .map(|(k, v)| (*k, *v))
             .collect();
-        slots.sort_by_key(|(k, _)| k.backend_slot);
+        // Masters (slot 0) first, external before internal.
+        slots.sort_by_key(|(k, _)| (k.backend_slot, k.scope));
         for (key, value) in slots {
             if key.backend_slot == 0 {
                 orphan_revs.insert(value.rev_nat_id);
@@ -446,6 +561,7 @@ pub fn plan_scoped(
             });
         }
     }
+    ops.extend(extra_deletes);
     if touched.is_none() {
         // Malformed leftovers (unknown protocol numbers) go too.
         for key in current.services.keys().filter(|k| frontend_of(k).is_none()) {

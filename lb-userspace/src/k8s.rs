@@ -399,7 +399,20 @@ impl ClusterState {
     }
 }
 
-/// Labels of the node, for logs (zone hints come later).
+impl ClusterState {
+    /// This node's `topology.kubernetes.io/zone`, for topology hints.
+    pub fn node_zone(&self) -> Option<String> {
+        self.node
+            .as_ref()?
+            .metadata
+            .labels
+            .as_ref()?
+            .get("topology.kubernetes.io/zone")
+            .cloned()
+    }
+}
+
+/// Labels of the node, for logs.
 pub fn node_summary(node: &Node) -> BTreeMap<String, String> {
     node.metadata
         .labels

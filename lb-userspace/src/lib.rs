@@ -12,6 +12,7 @@ pub mod manifests;
 pub mod map_writer;
 pub mod metrics;
 pub mod model;
+pub mod node_net;
 pub mod programmer;
 pub mod translate;
 

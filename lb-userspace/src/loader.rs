@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::{maps::HashMap, Ebpf, EbpfLoader};
+use aya::{
+    maps::{Array, HashMap, LpmTrie},
+    Ebpf, EbpfLoader,
+};
 use lb_common::map_names;
 
 use crate::map_writer::BpfMaps;
@@ -83,6 +86,9 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
         services: HashMap::try_from(take(map_names::SERVICES)?)?,
         backends: HashMap::try_from(take(map_names::BACKENDS)?)?,
         rev_nat: HashMap::try_from(take(map_names::REV_NAT)?)?,
+        affinity_match: HashMap::try_from(take(map_names::AFFINITY_MATCH)?)?,
+        source_ranges: LpmTrie::try_from(take(map_names::SOURCE_RANGES)?)?,
+        config: Array::try_from(take(map_names::CONFIG)?)?,
     })
 }
 
@@ -102,6 +108,11 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
         services: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::SERVICES)?))?,
         backends: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::BACKENDS)?))?,
         rev_nat: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::REV_NAT)?))?,
+        affinity_match: HashMap::try_from(aya::maps::Map::HashMap(open(
+            map_names::AFFINITY_MATCH,
+        )?))?,
+        source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(open(map_names::SOURCE_RANGES)?))?,
+        config: Array::try_from(aya::maps::Map::Array(open(map_names::CONFIG)?))?,
     })
 }
 

@@ -18,7 +18,9 @@ use lb_userspace::{
     manifests::ManifestSource,
     map_writer::BpfMaps,
     metrics::{render_counters, InvalidLabel, Metrics, ResourceLabel},
+    node_net,
     programmer::{Programmer, SyncReport},
+    translate::NodeInfo,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -39,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the data path and keep its maps equal to the desired Services.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the Services and backends the pinned maps hold.
     Services {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
@@ -93,6 +95,21 @@ struct RunArgs {
     /// Written (atomically) after every sync with its generation and outcome.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Serve NodePorts on the local addresses inside these CIDRs (comma
+    /// separated), like kube-proxy's --nodeport-addresses. Default: the
+    /// addresses of the --interfaces (the wire-facing ones).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<lb_userspace::model::Ipv4Prefix>,
+    /// Source address of masqueraded flows (NodePort, externalIPs and
+    /// LoadBalancer traffic with externalTrafficPolicy Cluster, and pods
+    /// reaching themselves through a Service). Default: the first NodePort
+    /// address.
+    #[arg(long)]
+    masquerade_address: Option<std::net::Ipv4Addr>,
+    /// This node's zone, for EndpointSlice topology hints. Default: the
+    /// Node's `topology.kubernetes.io/zone` label (Kubernetes source only).
+    #[arg(long)]
+    zone: Option<String>,
     /// Remove everything the agent installed (pinned links, which detaches the
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
     #[arg(long)]
@@ -117,7 +134,7 @@ fn main() -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(run(&cli.pin_dir, args)),
+            .block_on(run(&cli.pin_dir, *args)),
         Command::Services { output } => {
             let maps = loader::open_pinned(&cli.pin_dir)?;
             let services = inspect::programmed_services(&maps.read_contents()?);
@@ -226,7 +243,7 @@ fn setup_datapath(
     metrics: &Arc<Metrics>,
 ) -> Result<(DataPath, Programmer<BpfMaps>)> {
     let mut ebpf = loader::load(pin_dir)?;
-    let maps = loader::take_maps(&mut ebpf)?;
+    let mut maps = loader::take_maps(&mut ebpf)?;
     let current = maps.read_contents().context("reading the pinned maps")?;
     if !current.services.is_empty() {
         log::info!(
@@ -249,10 +266,35 @@ fn setup_datapath(
         let how = attachments.attach_wire(&mut ebpf, iface, args.xdp_mode)?;
         log::info!("XDP on {iface}: {how:?}");
     }
+    let addresses = node_net::interface_addresses()?;
+    let nodeport_addresses =
+        node_net::nodeport_addresses(&addresses, &wire, &args.nodeport_addresses);
+    let masquerade = args
+        .masquerade_address
+        .or_else(|| nodeport_addresses.first().copied());
+    match masquerade {
+        Some(a) => {
+            maps.set_masquerade_addr(a)
+                .context("writing the masquerade address")?;
+            log::info!("NodePorts on {nodeport_addresses:?}; masquerading to {a}");
+        }
+        None => log::warn!(
+            "no NodePort address and no --masquerade-address: flows that need masquerading are dropped (counted as snat_failed)"
+        ),
+    }
+    for iface in &wire {
+        node_net::set_accept_local(iface)?;
+    }
     let mut dp = DataPath { ebpf, attachments };
     dp.refresh_pods()?;
     install_datapath_metrics(pin_dir, metrics)?;
-    Ok((dp, Programmer::new(maps, current, metrics.clone())))
+    let mut programmer = Programmer::new(maps, current, metrics.clone());
+    programmer.node = NodeInfo {
+        name: args.node_name.clone().unwrap_or_default(),
+        nodeport_addresses,
+        zone: args.zone.clone(),
+    };
+    Ok((dp, programmer))
 }
 
 /// Per-Service and data path counters, read from the per-CPU maps at scrape time.
@@ -484,6 +526,14 @@ async fn run_kubernetes(
                 .inc();
         }
         needs_full |= work.full_resync;
+        if args.zone.is_none() {
+            let zone = state.node_zone();
+            if zone != programmer.node.zone {
+                log::info!("node zone is now {zone:?}: topology hints re-evaluated");
+                programmer.node.zone = zone;
+                needs_full = true;
+            }
+        }
         // Nothing is written before both lists are complete: a restarted agent
         // keeps serving what the pinned maps hold until it knows the truth.
         if !state.synced() {

@@ -4,12 +4,15 @@
 
 use std::collections::BTreeSet;
 
-use aya::maps::{HashMap, MapData, MapError};
-use lb_common::{Backend4, RevNat4, Service4Key, Service4Value};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
+use lb_common::{
+    config, AffinityMatchKey, Backend4, RevNat4, Service4Key, Service4Value, SourceRange4,
+    SOURCE_RANGE_PREFIX_BITS,
+};
 
 use crate::{
     differ::{MapContents, MapOp, PlannedOp},
-    model::L4Addr,
+    model::{Ipv4Prefix, L4Addr},
 };
 
 /// Where writes go: the BPF maps, or a simulation in tests.
@@ -83,7 +86,38 @@ pub fn record(maps: &mut MapContents, op: &MapOp) {
         MapOp::DeleteService(k) => maps.remove_service(&k),
         MapOp::DeleteRevNat(id) => maps.remove_rev_nat(id),
         MapOp::DeleteBackend(id) => maps.remove_backend(id),
+        MapOp::PutAffinityMatch(rev, b) => {
+            maps.affinity_match.insert((rev, b));
+        }
+        MapOp::DeleteAffinityMatch(rev, b) => {
+            maps.affinity_match.remove(&(rev, b));
+        }
+        MapOp::PutSourceRange(rev, r) => {
+            maps.source_ranges.insert((rev, r));
+        }
+        MapOp::DeleteSourceRange(rev, r) => {
+            maps.source_ranges.remove(&(rev, r));
+        }
     }
+}
+
+fn match_key(rev_nat_id: u16, backend_id: u32) -> AffinityMatchKey {
+    AffinityMatchKey {
+        backend_id,
+        rev_nat_id,
+        _pad: 0,
+    }
+}
+
+fn range_key(rev_nat_id: u16, r: &Ipv4Prefix) -> Key<SourceRange4> {
+    Key::new(
+        SOURCE_RANGE_PREFIX_BITS + r.len as u32,
+        SourceRange4 {
+            rev_nat_id,
+            _pad: 0,
+            addr: u32::from_ne_bytes(r.addr.octets()),
+        },
+    )
 }
 
 /// The agent's maps in the kernel.
@@ -91,6 +125,9 @@ pub struct BpfMaps {
     pub services: HashMap<MapData, Service4Key, Service4Value>,
     pub backends: HashMap<MapData, u32, Backend4>,
     pub rev_nat: HashMap<MapData, u16, RevNat4>,
+    pub affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
+    pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    pub config: Array<MapData, u32>,
 }
 
 impl BpfMaps {
@@ -109,6 +146,22 @@ impl BpfMaps {
             let (k, v) = kv?;
             c.insert_rev_nat(k, v);
         }
+        for k in self.affinity_match.keys() {
+            let k = k?;
+            c.affinity_match.insert((k.rev_nat_id, k.backend_id));
+        }
+        for k in self.source_ranges.keys() {
+            let k = k?;
+            let len = k.prefix_len().saturating_sub(SOURCE_RANGE_PREFIX_BITS) as u8;
+            let d = k.data();
+            c.source_ranges.insert((
+                d.rev_nat_id,
+                Ipv4Prefix {
+                    addr: d.addr.to_ne_bytes().into(),
+                    len,
+                },
+            ));
+        }
         Ok(c)
     }
 }
@@ -122,6 +175,18 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), String> {
     }
 }
 
+impl BpfMaps {
+    /// Sets the source address masqueraded flows get (0: masquerading off,
+    /// such flows are dropped and counted).
+    pub fn set_masquerade_addr(&mut self, addr: std::net::Ipv4Addr) -> Result<(), MapError> {
+        self.config.set(
+            config::MASQUERADE_ADDR,
+            u32::from_ne_bytes(addr.octets()),
+            0,
+        )
+    }
+}
+
 impl MapWriter for BpfMaps {
     fn apply(&mut self, op: &MapOp) -> Result<(), String> {
         let r = match op {
@@ -131,6 +196,16 @@ impl MapWriter for BpfMaps {
             MapOp::DeleteService(k) => return ignore_missing(self.services.remove(k)),
             MapOp::DeleteRevNat(id) => return ignore_missing(self.rev_nat.remove(id)),
             MapOp::DeleteBackend(id) => return ignore_missing(self.backends.remove(id)),
+            MapOp::PutAffinityMatch(rev, b) => {
+                self.affinity_match.insert(match_key(*rev, *b), 1, 0)
+            }
+            MapOp::DeleteAffinityMatch(rev, b) => {
+                return ignore_missing(self.affinity_match.remove(&match_key(*rev, *b)))
+            }
+            MapOp::PutSourceRange(rev, r) => self.source_ranges.insert(&range_key(*rev, r), 1, 0),
+            MapOp::DeleteSourceRange(rev, r) => {
+                return ignore_missing(self.source_ranges.remove(&range_key(*rev, r)))
+            }
         };
         r.map_err(|e| match e {
             MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
@@ -146,7 +221,7 @@ mod tests {
     use super::*;
     use crate::{
         differ::{plan, reader_violation},
-        model::{DesiredState, Protocol, ServiceEntry, ServiceName},
+        model::{BackendSet, DesiredState, Protocol, ServiceEntry, ServiceName},
     };
     use lb_common::SVC_FLAG_CLUSTER_IP;
 
@@ -197,8 +272,14 @@ mod tests {
                 },
                 port_name: String::new(),
                 frontend,
-                backends,
+                backends: BackendSet {
+                    active: backends,
+                    terminating: Vec::new(),
+                },
+                internal: None,
                 flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0,
+                source_ranges: Vec::new(),
             });
         }
         s

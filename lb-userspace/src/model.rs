@@ -79,16 +79,95 @@ impl fmt::Display for ServiceName {
     }
 }
 
+/// The backends of one frontend for one kind of traffic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BackendSet {
+    /// Chosen for new flows, sorted and without duplicates.
+    pub active: Vec<L4Addr>,
+    /// Terminating endpoints not in `active`: never chosen, kept so flows
+    /// that already use them go on until the endpoint is gone.
+    pub terminating: Vec<L4Addr>,
+}
+
+impl BackendSet {
+    pub fn all(&self) -> impl Iterator<Item = &L4Addr> {
+        self.active.iter().chain(&self.terminating)
+    }
+}
+
+/// An IPv4 prefix (a `loadBalancerSourceRanges` entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Ipv4Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Ipv4Prefix {
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.len)
+        };
+        u32::from(addr) & mask == u32::from(self.addr)
+    }
+}
+
+impl std::str::FromStr for Ipv4Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Ok(Self {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len,
+        })
+    }
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 /// One frontend of a Service port and the backends it balances over.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceEntry {
     pub service: ServiceName,
     pub port_name: String,
     pub frontend: L4Addr,
-    /// Ready backends, sorted and without duplicates.
-    pub backends: Vec<L4Addr>,
+    /// For traffic from outside the node, and for all traffic when
+    /// `internal` is None.
+    pub backends: BackendSet,
+    /// For traffic from this node's pods, when it differs (an external
+    /// frontend with externalTrafficPolicy Local).
+    pub internal: Option<BackendSet>,
     /// `SVC_FLAG_*`.
     pub flags: u16,
+    /// ClientIP session affinity timeout in seconds (0: none).
+    pub affinity_timeout: u32,
+    /// `loadBalancerSourceRanges` (empty: every source).
+    pub source_ranges: Vec<Ipv4Prefix>,
+}
+
+impl ServiceEntry {
+    /// Every backend the entry keeps in the maps, in both scopes.
+    pub fn all_backends(&self) -> impl Iterator<Item = &L4Addr> {
+        self.backends
+            .all()
+            .chain(self.internal.iter().flat_map(|s| s.all()))
+    }
 }
 
 /// Everything the data path should serve, keyed by frontend, with how many
@@ -118,7 +197,7 @@ impl DesiredState {
     }
 
     pub fn backend_count(&self) -> usize {
-        self.entries.values().map(|e| e.backends.len()).sum()
+        self.entries.values().map(|e| e.backends.active.len()).sum()
     }
 
     /// Whether any entry balances over `backend`.
@@ -130,7 +209,7 @@ impl DesiredState {
     pub fn insert(&mut self, entry: ServiceEntry) {
         let frontend = entry.frontend;
         self.remove(&frontend);
-        for b in &entry.backends {
+        for b in entry.all_backends() {
             *self.backend_users.entry(*b).or_insert(0) += 1;
         }
         self.entries.insert(frontend, entry);
@@ -138,7 +217,7 @@ impl DesiredState {
 
     pub fn remove(&mut self, frontend: &L4Addr) -> Option<ServiceEntry> {
         let old = self.entries.remove(frontend)?;
-        for b in &old.backends {
+        for b in old.all_backends() {
             if let Some(n) = self.backend_users.get_mut(b) {
                 *n -= 1;
                 if *n == 0 {

@@ -34,6 +34,8 @@ pub struct Programmer<W: MapWriter> {
     metrics: Arc<Metrics>,
     /// Reverse NAT ids were added or removed since the names were last taken.
     names_changed: bool,
+    /// The node translation is for (NodePort addresses, name, zone).
+    pub node: translate::NodeInfo,
 }
 
 /// One Service to re-translate: its object (None: deleted) and its slices.
@@ -52,6 +54,7 @@ impl<W: MapWriter> Programmer<W> {
             desired: DesiredState::default(),
             metrics,
             names_changed: true,
+            node: translate::NodeInfo::default(),
         }
     }
 
@@ -63,7 +66,7 @@ impl<W: MapWriter> Programmer<W> {
         slices: &[E],
     ) -> Result<SyncReport, PlanError> {
         let started = Instant::now();
-        let mut t = translate::translate(services, slices);
+        let mut t = translate::translate_on(&self.node, services, slices);
         translate::carry_over_failed(&mut t, &self.desired);
         self.desired = t.state;
         let plan = differ::plan(&self.current, &self.desired)?;
@@ -81,6 +84,7 @@ impl<W: MapWriter> Programmer<W> {
             let new: Vec<ServiceEntry> = match change.service {
                 None => Vec::new(),
                 Some(svc) => match translate::translate_service(
+                    &self.node,
                     svc,
                     &change.name,
                     &change.slices,

@@ -11,9 +11,15 @@ use std::{
 use std::borrow::Borrow;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::{MAX_BACKENDS_PER_SERVICE, SVC_FLAG_CLUSTER_IP};
+use lb_common::{
+    MAX_BACKENDS_PER_SERVICE, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES,
+};
 
-use crate::model::{DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName};
+use crate::model::{
+    BackendSet, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry, ServiceName,
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -56,10 +62,31 @@ pub fn service_name(svc: &Service) -> ServiceName {
     }
 }
 
-/// Translates every Service and its EndpointSlices.
+/// What translation needs to know about the node it programs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Endpoints whose `nodeName` is this are local (traffic policy Local).
+    pub name: String,
+    /// Addresses NodePorts are served on.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// `topology.kubernetes.io/zone` of the node, for topology hints.
+    pub zone: Option<String>,
+}
+
+/// Translates every Service and its EndpointSlices for a node without
+/// NodePort addresses, name or zone (tests and tools).
+pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    services: &[S],
+    slices: &[E],
+) -> Translation {
+    translate_on(&NodeInfo::default(), services, slices)
+}
+
+/// Translates every Service and its EndpointSlices for `node`.
 /// Takes owned objects or references alike, so a caller with a store can
 /// translate without copying it.
-pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+pub fn translate_on<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    node: &NodeInfo,
     services: &[S],
     slices: &[E],
 ) -> Translation {
@@ -91,7 +118,7 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         let name = service_name(svc);
         let empty = Vec::new();
         let slices = slices_by_service.get(&name).unwrap_or(&empty);
-        match translate_service(svc, &name, slices, &mut out.errors) {
+        match translate_service(node, svc, &name, slices, &mut out.errors) {
             Ok(entries) => {
                 for entry in entries {
                     if let Some(existing) = out.state.get(&entry.frontend) {
@@ -131,9 +158,31 @@ pub fn carry_over_failed(translation: &mut Translation, previous: &DesiredState)
     }
 }
 
+/// Session affinity timeout kube-proxy uses when the Service gives none.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// Annotations that turn topology hints on (current and deprecated names).
+const TOPOLOGY_MODE_ANNOTATIONS: [&str; 2] = [
+    "service.kubernetes.io/topology-mode",
+    "service.kubernetes.io/topology-aware-hints",
+];
+const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// One endpoint of a Service port with what the traffic policies read.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    addr: L4Addr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+    /// Zones of `hints.forZones` (None: no hints).
+    zone_hints: Option<Vec<String>>,
+}
+
 /// Translates one Service with its slices: its entries, or why the whole
 /// Service cannot be programmed. Per-port problems go to `errors`.
 pub fn translate_service(
+    node: &NodeInfo,
     svc: &Service,
     name: &ServiceName,
     slices: &[&EndpointSlice],
@@ -156,15 +205,59 @@ pub fn translate_service(
         Some("") | None => return Err("spec.clusterIP is empty (manifests must carry the address an API server would allocate)".into()),
         Some(ip) => ip,
     };
-    let addr: Ipv4Addr = match cluster_ip.parse() {
-        Ok(addr) => addr,
-        Err(_) if cluster_ip.parse::<std::net::Ipv6Addr>().is_ok() => {
-            return Err(format!(
-                "clusterIP {cluster_ip} is IPv6, which the data path does not serve yet"
-            ));
-        }
-        Err(_) => return Err(format!("clusterIP {cluster_ip:?} is not an IP address")),
+    let addr = parse_ipv4(cluster_ip, "clusterIP")?;
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
+        return Err(format!("type {svc_type:?} is not a Service type"));
+    }
+    let external_ips = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(|ip| parse_ipv4(ip, "externalIPs entry"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let lb_ips = if svc_type == "LoadBalancer" {
+        svc.status
+            .iter()
+            .filter_map(|s| s.load_balancer.as_ref())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            // ipMode Proxy: the load balancer proxies, traffic arrives for
+            // the node, not for the ingress address.
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_deref())
+            .map(|ip| parse_ipv4(ip, "status.loadBalancer.ingress ip"))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
     };
+    let source_ranges = source_ranges(svc)?;
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map_or(Ok(DEFAULT_AFFINITY_TIMEOUT), |t| {
+                u32::try_from(t)
+                    .ok()
+                    .filter(|t| (1..=86_400).contains(t))
+                    .ok_or_else(|| {
+                        format!("sessionAffinity timeoutSeconds {t} is not in 1..=86400")
+                    })
+            })?,
+        None | Some("None") => 0,
+        Some(other) => return Err(format!("sessionAffinity {other:?} is not supported")),
+    };
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
+    let topology = !internal_local
+        && (spec.traffic_distribution.as_deref() == Some("PreferClose")
+            || svc.metadata.annotations.as_ref().is_some_and(|a| {
+                TOPOLOGY_MODE_ANNOTATIONS
+                    .iter()
+                    .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
+            }));
 
     let mut entries = Vec::new();
     for port in spec.ports.as_deref().unwrap_or_default() {
@@ -181,56 +274,230 @@ pub fn translate_service(
                 continue;
             }
         };
-        let Ok(svc_port) = u16::try_from(port.port) else {
+        let Some(svc_port) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
             errors.push(TranslateError {
                 object,
-                reason: format!("port {} is out of range", port.port),
+                reason: format!("port {} is not in 1..=65535", port.port),
             });
             continue;
         };
-        if svc_port == 0 {
-            errors.push(TranslateError {
-                object,
-                reason: "port 0 is not valid".into(),
-            });
-            continue;
-        }
-        let mut backends = BTreeSet::new();
+        let node_port = match port.node_port {
+            Some(p) if svc_type != "ClusterIP" => match u16::try_from(p).ok().filter(|p| *p != 0) {
+                Some(p) => Some(p),
+                None => {
+                    errors.push(TranslateError {
+                        object,
+                        reason: format!("nodePort {p} is not in 1..=65535"),
+                    });
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        let mut endpoints = BTreeMap::new();
         for slice in slices {
-            collect_backends(slice, &port_name, proto, &mut backends, errors);
+            collect_endpoints(
+                slice,
+                &port_name,
+                proto,
+                node,
+                publish_not_ready,
+                &mut endpoints,
+                errors,
+            );
         }
-        if backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+        let endpoints: Vec<Endpoint> = endpoints.into_values().collect();
+        if endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
             errors.push(TranslateError {
                 object,
                 reason: format!(
-                    "{} backends exceed the data path's limit of {MAX_BACKENDS_PER_SERVICE} per Service port",
-                    backends.len()
+                    "{} endpoints exceed the data path's limit of {MAX_BACKENDS_PER_SERVICE} per Service port",
+                    endpoints.len()
                 ),
             });
             continue;
         }
-        entries.push(ServiceEntry {
+        let cluster = backend_set(&endpoints, |_| true, topology.then_some(node));
+        let local = backend_set(&endpoints, |e| e.local, None);
+        let internal = if internal_local {
+            local.clone()
+        } else {
+            cluster.clone()
+        };
+        let entry = |frontend: L4Addr,
+                     flags: u16,
+                     backends: BackendSet,
+                     internal_set: Option<BackendSet>| ServiceEntry {
             service: name.clone(),
-            port_name,
-            frontend: L4Addr {
+            port_name: port_name.clone(),
+            frontend,
+            backends,
+            internal: internal_set,
+            flags: flags
+                | if internal_local {
+                    SVC_FLAG_INTERNAL_LOCAL
+                } else {
+                    0
+                },
+            affinity_timeout,
+            source_ranges: if flags & SVC_FLAG_LOAD_BALANCER != 0 {
+                source_ranges.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        entries.push(entry(
+            L4Addr {
                 addr,
                 port: svc_port,
                 proto,
             },
-            backends: backends.into_iter().collect(),
-            flags: SVC_FLAG_CLUSTER_IP,
-        });
+            SVC_FLAG_CLUSTER_IP,
+            internal.clone(),
+            None,
+        ));
+        // External frontends: Local policy serves outside traffic from this
+        // node's endpoints, unmasqueraded; this node's pods still get the
+        // internal set (as kube-proxy short-circuits them).
+        let mut external = |addr: Ipv4Addr, port: u16, kind: u16| {
+            let (flags, backends, internal_set) = if external_local {
+                (
+                    kind | SVC_FLAG_EXTERNAL_LOCAL | SVC_FLAG_TWO_SCOPES,
+                    local.clone(),
+                    Some(internal.clone()),
+                )
+            } else {
+                (kind, cluster.clone(), None)
+            };
+            let flags = if kind == SVC_FLAG_LOAD_BALANCER && !source_ranges.is_empty() {
+                flags | SVC_FLAG_SOURCE_RANGES
+            } else {
+                flags
+            };
+            entries.push(entry(
+                L4Addr { addr, port, proto },
+                flags,
+                backends,
+                internal_set,
+            ));
+        };
+        if let Some(np) = node_port {
+            for a in &node.nodeport_addresses {
+                external(*a, np, SVC_FLAG_NODE_PORT);
+            }
+        }
+        for a in &external_ips {
+            external(*a, svc_port, SVC_FLAG_EXTERNAL_IP);
+        }
+        for a in &lb_ips {
+            external(*a, svc_port, SVC_FLAG_LOAD_BALANCER);
+        }
     }
     Ok(entries)
 }
 
-/// Adds the ready endpoints of `slice` for the Service port named
-/// `port_name` (matched by name and protocol, as kube-proxy does).
-fn collect_backends(
+fn parse_ipv4(text: &str, what: &str) -> Result<Ipv4Addr, String> {
+    match text.parse::<Ipv4Addr>() {
+        Ok(a) => Ok(a),
+        Err(_) if text.parse::<std::net::Ipv6Addr>().is_ok() => Err(format!(
+            "{what} {text} is IPv6, which the data path does not serve yet"
+        )),
+        Err(_) => Err(format!("{what} {text:?} is not an IP address")),
+    }
+}
+
+/// `spec.loadBalancerSourceRanges`, or the older annotation when the spec
+/// has none (kube-proxy reads both the same way).
+fn source_ranges(svc: &Service) -> Result<Vec<Ipv4Prefix>, String> {
+    let from_spec: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default();
+    let texts = if from_spec.is_empty() {
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+            .map(|v| {
+                v.split(',')
+                    .map(str::to_owned)
+                    .filter(|s| !s.trim().is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        from_spec
+    };
+    let mut out = Vec::new();
+    for t in texts {
+        if t.contains(':') {
+            // An IPv6 range cannot match IPv4 traffic; kube-proxy's IPv4
+            // rules skip it the same way.
+            continue;
+        }
+        out.push(
+            t.parse::<Ipv4Prefix>()
+                .map_err(|e| format!("loadBalancerSourceRanges: {e}"))?,
+        );
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The backends for new flows among `endpoints` that pass `scope`, the way
+/// kube-proxy picks them: ready ones (narrowed by topology hints when every
+/// one has hints and some name this node's zone); when none is ready,
+/// serving terminating ones. Terminating endpoints not chosen are kept.
+fn backend_set(
+    endpoints: &[Endpoint],
+    scope: impl Fn(&Endpoint) -> bool,
+    topology: Option<&NodeInfo>,
+) -> BackendSet {
+    let in_scope: Vec<&Endpoint> = endpoints.iter().filter(|e| scope(e)).collect();
+    let mut active: Vec<&Endpoint> = in_scope.iter().copied().filter(|e| e.ready).collect();
+    if let Some(zone) = topology.and_then(|n| n.zone.as_deref()) {
+        let usable = !active.is_empty()
+            && active.iter().all(|e| e.zone_hints.is_some())
+            && active
+                .iter()
+                .any(|e| e.zone_hints.iter().flatten().any(|z| z == zone));
+        if usable {
+            active.retain(|e| e.zone_hints.iter().flatten().any(|z| z == zone));
+        }
+    }
+    if active.is_empty() {
+        active = in_scope
+            .iter()
+            .copied()
+            .filter(|e| e.serving && e.terminating)
+            .collect();
+    }
+    let active: Vec<L4Addr> = active.iter().map(|e| e.addr).collect();
+    let terminating = in_scope
+        .iter()
+        .filter(|e| e.terminating && !active.contains(&e.addr))
+        // A UDP flow has no end to wait for: it moves off an endpoint that
+        // stopped serving; TCP connections run to their end.
+        .filter(|e| e.serving || e.addr.proto == Protocol::Tcp)
+        .map(|e| e.addr)
+        .collect();
+    BackendSet {
+        active,
+        terminating,
+    }
+}
+
+/// Adds the endpoints of `slice` for the Service port named `port_name`
+/// (matched by name and protocol, as kube-proxy does).
+fn collect_endpoints(
     slice: &EndpointSlice,
     port_name: &str,
     proto: Protocol,
-    out: &mut BTreeSet<L4Addr>,
+    node: &NodeInfo,
+    publish_not_ready: bool,
+    out: &mut BTreeMap<L4Addr, Endpoint>,
     errors: &mut Vec<TranslateError>,
 ) {
     if slice.address_type != "IPv4" {
@@ -255,31 +522,50 @@ fn collect_backends(
         return;
     };
     for endpoint in &slice.endpoints {
-        // A nil `ready` means unknown, which consumers treat as ready.
-        let ready = endpoint
-            .conditions
-            .as_ref()
-            .and_then(|c| c.ready)
-            .unwrap_or(true);
-        if !ready {
-            continue;
-        }
+        let c = endpoint.conditions.as_ref();
+        // Nil `ready` and `serving` mean unknown, which consumers treat as
+        // true; nil `terminating` means false.
+        let ready = c.and_then(|c| c.ready).unwrap_or(true) || publish_not_ready;
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
         // All addresses of an endpoint are fungible; use the first, like kube-proxy.
         let Some(first) = endpoint.addresses.first() else {
             continue;
         };
-        match first.parse::<Ipv4Addr>() {
-            Ok(addr) => {
-                out.insert(L4Addr {
-                    addr,
-                    port: port_number,
-                    proto,
-                });
-            }
-            Err(_) => errors.push(TranslateError {
+        let Ok(addr) = first.parse::<Ipv4Addr>() else {
+            errors.push(TranslateError {
                 object: format!("EndpointSlice {slice_name}"),
                 reason: format!("endpoint address {first:?} is not an IPv4 address"),
-            }),
+            });
+            continue;
+        };
+        let addr = L4Addr {
+            addr,
+            port: port_number,
+            proto,
+        };
+        let zone_hints = endpoint
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .filter(|z| !z.is_empty())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect());
+        let local = !node.name.is_empty() && endpoint.node_name.as_deref() == Some(&node.name);
+        // The same address in two slices (a slice being replaced): the
+        // readier copy wins.
+        let e = Endpoint {
+            addr,
+            ready: ready && !terminating,
+            serving,
+            terminating,
+            local,
+            zone_hints,
+        };
+        match out.get(&addr) {
+            Some(old) if old.ready || !e.ready => {}
+            _ => {
+                out.insert(addr, e);
+            }
         }
     }
 }
@@ -345,7 +631,7 @@ mod tests {
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
         assert_eq!(
-            http.backends,
+            http.backends.active,
             vec![
                 addr("10.244.0.4", 8080, Protocol::Tcp),
                 addr("10.244.0.5", 8080, Protocol::Tcp)
@@ -354,7 +640,7 @@ mod tests {
         assert_eq!(http.port_name, "http");
         let dns = &t.state.entries()[&addr("10.96.0.10", 53, Protocol::Udp)];
         assert_eq!(
-            dns.backends,
+            dns.backends.active,
             vec![
                 addr("10.244.0.4", 5353, Protocol::Udp),
                 addr("10.244.0.5", 5353, Protocol::Udp)
@@ -372,7 +658,10 @@ mod tests {
             )],
         );
         let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
-        assert_eq!(http.backends, vec![addr("10.244.0.6", 8080, Protocol::Tcp)]);
+        assert_eq!(
+            http.backends.active,
+            vec![addr("10.244.0.6", 8080, Protocol::Tcp)]
+        );
     }
 
     #[test]
@@ -385,7 +674,7 @@ mod tests {
             ],
         );
         let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
-        assert_eq!(http.backends.len(), 2);
+        assert_eq!(http.backends.active.len(), 2);
     }
 
     #[test]
@@ -393,7 +682,7 @@ mod tests {
         let t = translate(&[web_service()], NO_SLICES);
         let http = &t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)];
         assert!(
-            http.backends.is_empty(),
+            http.backends.active.is_empty(),
             "clients must be refused, so the frontend exists"
         );
     }
@@ -413,7 +702,10 @@ mod tests {
         let t = translate(&[svc], &[manual]);
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         let db = &t.state.entries()[&addr("10.96.5.5", 5432, Protocol::Tcp)];
-        assert_eq!(db.backends, vec![addr("192.0.2.42", 5432, Protocol::Tcp)]);
+        assert_eq!(
+            db.backends.active,
+            vec![addr("192.0.2.42", 5432, Protocol::Tcp)]
+        );
         assert_eq!(db.service.namespace, "default");
     }
 
@@ -445,6 +737,7 @@ mod tests {
         let t = translate(&[web_service()], &[other_ns, v6]);
         assert!(t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)]
             .backends
+            .active
             .is_empty());
     }
 
@@ -507,5 +800,198 @@ mod tests {
         let t = translate(&[web_service(), other], NO_SLICES);
         assert_eq!(t.state.len(), 2);
         assert!(t.errors.iter().any(|e| e.reason.contains("already used")));
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "n1".into(),
+            nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "10.0.1.1".parse().unwrap()],
+            zone: Some("z1".into()),
+        }
+    }
+
+    fn ep_full(
+        ip: &str,
+        ready: bool,
+        serving: bool,
+        terminating: bool,
+        node: &str,
+    ) -> serde_json::Value {
+        json!({"addresses": [ip], "nodeName": node,
+            "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+    }
+
+    fn policy_service(extra: serde_json::Value) -> Service {
+        let mut v = json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "ports": [
+                {"name": "http", "port": 80, "nodePort": 30080}
+            ]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"ip": "192.0.2.2", "ipMode": "Proxy"}]}}
+        });
+        for (k, val) in extra.as_object().unwrap() {
+            v["spec"][k] = val.clone();
+        }
+        service(v)
+    }
+
+    fn entry_for<'a>(t: &'a Translation, a: &str, port: u16) -> &'a ServiceEntry {
+        t.state
+            .get(&addr(a, port, Protocol::Tcp))
+            .unwrap_or_else(|| panic!("no frontend {a}:{port}: {:?}", t.state.entries().keys()))
+    }
+
+    #[test]
+    fn nodeports_lb_ingress_and_external_ips_become_frontends() {
+        let svc = policy_service(json!({"externalIPs": ["198.51.100.7"]}));
+        let sl = web_slice("w", vec![ep_full("10.244.0.5", true, true, false, "n1")]);
+        let t = translate_on(&node(), &[svc], &[sl]);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(entry_for(&t, "10.96.0.10", 80).flags, SVC_FLAG_CLUSTER_IP);
+        assert_eq!(entry_for(&t, "10.0.0.1", 30080).flags, SVC_FLAG_NODE_PORT);
+        assert_eq!(entry_for(&t, "10.0.1.1", 30080).flags, SVC_FLAG_NODE_PORT);
+        assert_eq!(entry_for(&t, "192.0.2.1", 80).flags, SVC_FLAG_LOAD_BALANCER);
+        assert_eq!(
+            entry_for(&t, "198.51.100.7", 80).flags,
+            SVC_FLAG_EXTERNAL_IP
+        );
+        // ipMode Proxy: the load balancer proxies to the nodes.
+        assert!(t.state.get(&addr("192.0.2.2", 80, Protocol::Tcp)).is_none());
+        assert_eq!(t.state.len(), 5);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_uses_local_endpoints_outside_and_all_inside() {
+        let svc = policy_service(json!({"externalTrafficPolicy": "Local"}));
+        let sl = web_slice(
+            "w",
+            vec![
+                ep_full("10.244.0.5", true, true, false, "n1"),
+                ep_full("10.244.1.5", true, true, false, "n2"),
+            ],
+        );
+        let t = translate_on(&node(), &[svc], &[sl]);
+        let np = entry_for(&t, "10.0.0.1", 30080);
+        assert_eq!(
+            np.backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)]
+        );
+        assert_eq!(np.internal.as_ref().unwrap().active.len(), 2);
+        assert_eq!(
+            np.flags,
+            SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_LOCAL | SVC_FLAG_TWO_SCOPES
+        );
+        let cip = entry_for(&t, "10.96.0.10", 80);
+        assert_eq!(cip.backends.active.len(), 2);
+        assert!(cip.internal.is_none());
+    }
+
+    #[test]
+    fn terminating_endpoints_are_kept_and_used_only_when_nothing_is_ready() {
+        let svc = policy_service(json!({"type": "ClusterIP"}));
+        let one_ready = web_slice(
+            "w",
+            vec![
+                ep_full("10.244.0.5", true, true, false, "n1"),
+                ep_full("10.244.0.6", false, true, true, "n1"),
+                ep_full("10.244.0.7", false, false, false, "n1"),
+            ],
+        );
+        let t = translate_on(&node(), std::slice::from_ref(&svc), &[one_ready]);
+        let e = entry_for(&t, "10.96.0.10", 80);
+        assert_eq!(
+            e.backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)]
+        );
+        assert_eq!(
+            e.backends.terminating,
+            vec![addr("10.244.0.6", 8080, Protocol::Tcp)]
+        );
+
+        let none_ready = web_slice(
+            "w",
+            vec![
+                ep_full("10.244.0.6", false, true, true, "n1"),
+                ep_full("10.244.0.8", false, false, true, "n1"),
+            ],
+        );
+        let t = translate_on(&node(), &[svc], &[none_ready]);
+        let e = entry_for(&t, "10.96.0.10", 80);
+        assert_eq!(
+            e.backends.active,
+            vec![addr("10.244.0.6", 8080, Protocol::Tcp)]
+        );
+        // Not serving, but TCP connections to it may still be open.
+        assert_eq!(
+            e.backends.terminating,
+            vec![addr("10.244.0.8", 8080, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_and_publish_not_ready() {
+        let svc = policy_service(
+            json!({"type": "ClusterIP", "internalTrafficPolicy": "Local",
+            "publishNotReadyAddresses": true}),
+        );
+        let sl = web_slice(
+            "w",
+            vec![
+                ep_full("10.244.0.5", false, false, false, "n1"),
+                ep_full("10.244.1.5", true, true, false, "n2"),
+            ],
+        );
+        let t = translate_on(&node(), &[svc], &[sl]);
+        let e = entry_for(&t, "10.96.0.10", 80);
+        assert_eq!(
+            e.backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)]
+        );
+        assert_ne!(e.flags & SVC_FLAG_INTERNAL_LOCAL, 0);
+    }
+
+    #[test]
+    fn topology_hints_apply_only_when_every_endpoint_has_one_for_some_zone() {
+        let svc =
+            policy_service(json!({"type": "ClusterIP", "trafficDistribution": "PreferClose"}));
+        let hinted = |ip: &str, zone: &str| json!({"addresses": [ip], "nodeName": "x", "hints": {"forZones": [{"name": zone}]}});
+        let all_hinted = web_slice(
+            "w",
+            vec![hinted("10.244.0.5", "z1"), hinted("10.244.0.6", "z2")],
+        );
+        let t = translate_on(&node(), std::slice::from_ref(&svc), &[all_hinted]);
+        assert_eq!(
+            entry_for(&t, "10.96.0.10", 80).backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)]
+        );
+        let one_unhinted = web_slice(
+            "w",
+            vec![hinted("10.244.0.5", "z1"), ep("10.244.0.6", None)],
+        );
+        let t = translate_on(&node(), &[svc], &[one_unhinted]);
+        assert_eq!(entry_for(&t, "10.96.0.10", 80).backends.active.len(), 2);
+    }
+
+    #[test]
+    fn affinity_and_source_ranges_are_carried_and_validated() {
+        let svc = policy_service(json!({"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 30}},
+            "loadBalancerSourceRanges": ["10.1.2.3/16", "2001:db8::/32"]}));
+        let t = translate_on(&node(), &[svc], NO_SLICES);
+        let lb = entry_for(&t, "192.0.2.1", 80);
+        assert_eq!(lb.affinity_timeout, 30);
+        assert_eq!(lb.source_ranges, vec!["10.1.0.0/16".parse().unwrap()]);
+        assert_ne!(lb.flags & SVC_FLAG_SOURCE_RANGES, 0);
+        assert!(entry_for(&t, "10.0.0.1", 30080).source_ranges.is_empty());
+        assert_eq!(entry_for(&t, "10.96.0.10", 80).affinity_timeout, 30);
+
+        let bad = policy_service(json!({"loadBalancerSourceRanges": ["10.1.2.3/40"]}));
+        let t = translate_on(&node(), &[bad], NO_SLICES);
+        assert!(t.state.is_empty());
+        assert!(
+            t.errors[0].reason.contains("loadBalancerSourceRanges"),
+            "{:?}",
+            t.errors
+        );
     }
 }

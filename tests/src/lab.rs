@@ -516,7 +516,8 @@ impl Lab {
 
     /// Writes the Services and the EndpointSlices the control plane would
     /// derive from the pods (atomically, so the agent never reads half a file).
-    pub fn write_manifests(&self) -> Result<()> {
+    /// Returns how many files changed.
+    pub fn write_manifests(&self) -> Result<usize> {
         let mut services = String::new();
         for s in self.services() {
             services.push_str("---\n");
@@ -538,18 +539,26 @@ impl Lab {
         );
         let dir = self.dir.join("manifests");
         let wanted: BTreeSet<String> = files.iter().map(|(n, _)| n.clone()).collect();
+        let mut changed = 0;
         for e in fs::read_dir(&dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if !wanted.contains(&name) {
                 fs::remove_file(e.path())?;
+                changed += 1;
             }
         }
         for (name, text) in files {
+            // An unchanged file is left alone: rewriting it would trigger a
+            // sync of its own, which a test could take for its change.
+            if fs::read_to_string(dir.join(&name)).ok().as_deref() == Some(text.as_str()) {
+                continue;
+            }
             let tmp = self.dir.join(format!(".{name}.tmp"));
             fs::write(&tmp, text)?;
             fs::rename(&tmp, dir.join(&name))?;
+            changed += 1;
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// The Services of the lab's objects.
@@ -583,7 +592,7 @@ impl Lab {
     /// waits for its first sync.
     pub fn start_agent(&mut self) -> Result<()> {
         let dir = self.manifest_dir().to_string_lossy().into_owned();
-        self.start_agent_with(&["--manifests", &dir])
+        self.start_agent_with(&["--manifests", &dir, "--node-name", NODE_NAME])
     }
 
     /// Starts lb-agent with `source` flags (e.g. `--kubeconfig PATH`) and
@@ -693,8 +702,17 @@ impl Lab {
     /// Rewrites the manifests and waits until the agent has applied them.
     pub fn apply_manifests(&mut self) -> Result<()> {
         let before = self.generation();
-        self.write_manifests()?;
-        self.wait_for_generation(before + 1)
+        let changed = self.write_manifests()?;
+        if changed == 0 {
+            return Ok(());
+        }
+        self.wait_for_generation(before + 1)?;
+        if changed > 1 {
+            // The agent may have read the files in two polls: give it two
+            // more poll intervals (100 ms each) to pick up the rest.
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
     }
 
     /// The ClusterIP of the Service `name` in the lab's objects.

@@ -16,7 +16,7 @@ use lb_userspace::{
     differ::{plan, MapContents},
     loader,
     map_writer::{apply_plan, BpfMaps},
-    model::{DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
+    model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
 };
 
 const XDP_DROP: u32 = 1;
@@ -87,8 +87,14 @@ impl Harness {
                 },
                 port_name: String::new(),
                 frontend,
-                backends,
+                backends: BackendSet {
+                    active: backends,
+                    terminating: Vec::new(),
+                },
+                internal: None,
                 flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0,
+                source_ranges: Vec::new(),
             });
         }
         let p = plan(&self.current, &desired).expect("plan");

@@ -1,0 +1,629 @@
+//! Lab tests of the Service API beyond ClusterIP: NodePort, LoadBalancer,
+//! externalIPs, traffic policies, session affinity, terminating endpoints
+//! and hairpin. Each is named after the sig-network e2e test it mirrors.
+//! Services and EndpointSlices are written by hand so each test controls
+//! endpoint conditions and node names exactly.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    time::Duration,
+};
+
+use lb_tests::{
+    lab::{tcp_ask, udp_ask, Lab, Netns, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    privilege::require_root,
+};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
+const NODE_PORT: u16 = 30080;
+
+/// A lab with the nginx example's three pods (TCP and UDP on port 80) and
+/// routes from the external client to the test's external addresses.
+fn lab() -> Lab {
+    let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/nginx-deployment.yaml");
+    let lab = Lab::from_manifest_files(&[example]).expect("build the lab");
+    assert_eq!(lab.pods.len(), 3);
+    lab.ext
+        .exec(&[
+            "ip",
+            "route",
+            "add",
+            "192.0.2.0/24",
+            "via",
+            &NODE_WIRE_ADDR.to_string(),
+        ])
+        .expect("route to external addresses");
+    lab
+}
+
+fn pod_names(lab: &Lab) -> Vec<String> {
+    lab.pods.keys().cloned().collect()
+}
+
+/// An endpoint of pod `name` with conditions and a node.
+fn endpoint(
+    lab: &Lab,
+    name: &str,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: &str,
+) -> Value {
+    json!({"addresses": [lab.pods[name].ip.to_string()],
+        "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+        "nodeName": node, "targetRef": {"kind": "Pod", "name": name, "namespace": "default"}})
+}
+
+fn ready(lab: &Lab, name: &str) -> Value {
+    endpoint(lab, name, true, true, false, NODE_NAME)
+}
+
+/// Writes Service `name` (its spec given) and one EndpointSlice with
+/// `endpoints` for ports 80/TCP and 80/UDP, and waits for the agent.
+fn publish(lab: &mut Lab, name: &str, spec: Value, status: Value, endpoints: Vec<Value>) {
+    let svc = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec, "status": status});
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-abc"), "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"}, {"name": "udp", "port": 80, "protocol": "UDP"}],
+        "endpoints": endpoints});
+    lab.extra_manifests.insert(
+        format!("{name}.yaml"),
+        format!(
+            "{}---\n{}",
+            serde_yaml::to_string(&svc).unwrap(),
+            serde_yaml::to_string(&slice).unwrap()
+        ),
+    );
+    if lab.agent_pid().is_some() {
+        lab.apply_manifests().expect("agent picks up the change");
+    } else {
+        lab.write_manifests().unwrap();
+        lab.start_agent().expect("start lb-agent");
+    }
+}
+
+fn ports(node_port: bool) -> Value {
+    if node_port {
+        json!([{"name": "tcp", "port": 80, "protocol": "TCP", "nodePort": NODE_PORT},
+               {"name": "udp", "port": 80, "protocol": "UDP", "nodePort": NODE_PORT}])
+    } else {
+        json!([{"name": "tcp", "port": 80, "protocol": "TCP"}, {"name": "udp", "port": 80, "protocol": "UDP"}])
+    }
+}
+
+/// `n` TCP requests ("whoami", new connection each) from `ns`: the answering
+/// pod and the source address it saw, counted.
+fn whoami_tcp(ns: &Netns, to: SocketAddrV4, n: usize) -> BTreeMap<(String, Ipv4Addr), usize> {
+    ns.run_in(|| {
+        let mut seen = BTreeMap::new();
+        for i in 0..n {
+            let answer = tcp_ask(to, "whoami", TIMEOUT)
+                .unwrap_or_else(|e| panic!("TCP request {i} to {to} failed: {e}"));
+            *seen.entry(parse_whoami(&answer)).or_insert(0) += 1;
+        }
+        seen
+    })
+}
+
+fn whoami_udp(ns: &Netns, to: SocketAddrV4, n: usize) -> BTreeMap<(String, Ipv4Addr), usize> {
+    ns.run_in(|| {
+        let mut seen = BTreeMap::new();
+        for i in 0..n {
+            let (answer, from) = udp_ask(to, "whoami", TIMEOUT)
+                .unwrap_or_else(|e| panic!("UDP request {i} to {to} failed: {e}"));
+            assert_eq!(from, SocketAddr::V4(to), "UDP reply must come from {to}");
+            *seen.entry(parse_whoami(&answer)).or_insert(0) += 1;
+        }
+        seen
+    })
+}
+
+fn parse_whoami(answer: &str) -> (String, Ipv4Addr) {
+    let (pod, peer) = answer
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("not a whoami answer: {answer:?}"));
+    let peer: SocketAddrV4 = peer.parse().expect("peer address");
+    (pod.to_owned(), *peer.ip())
+}
+
+fn pods_of(seen: &BTreeMap<(String, Ipv4Addr), usize>) -> Vec<String> {
+    let mut p: Vec<String> = seen.keys().map(|(p, _)| p.clone()).collect();
+    p.dedup();
+    p
+}
+
+fn sources_of(seen: &BTreeMap<(String, Ipv4Addr), usize>) -> Vec<Ipv4Addr> {
+    let mut s: Vec<Ipv4Addr> = seen.keys().map(|(_, a)| *a).collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
+fn connect_fails(ns: &Netns, to: SocketAddrV4) -> bool {
+    ns.run_in(|| {
+        TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_millis(700)).is_err()
+    })
+}
+
+#[test]
+fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete() {
+    if !require_root("nodeport") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let eps = all.iter().map(|p| ready(&lab, p)).collect();
+    publish(
+        &mut lab,
+        "np",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.20", "ports": ports(true)}),
+        json!({}),
+        eps,
+    );
+    let to = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
+    let tcp = whoami_tcp(&lab.ext, to, 30);
+    assert_eq!(
+        pods_of(&tcp),
+        all,
+        "external TCP to the NodePort reaches every pod"
+    );
+    assert_eq!(
+        sources_of(&tcp),
+        vec![NODE_WIRE_ADDR],
+        "externalTrafficPolicy Cluster masquerades to the node"
+    );
+    let udp = whoami_udp(&lab.ext, to, 30);
+    assert_eq!(
+        pods_of(&udp),
+        all,
+        "external UDP to the NodePort reaches every pod"
+    );
+    assert_eq!(sources_of(&udp), vec![NODE_WIRE_ADDR]);
+    // A pod reaching the node's address at the NodePort.
+    let from_pod = whoami_tcp(&lab.client.ns, to, 20);
+    assert_eq!(
+        pods_of(&from_pod),
+        all,
+        "a pod reaches the NodePort on the node address"
+    );
+    lab.assert_no_checksum_errors();
+
+    // should release NodePorts on delete
+    lab.extra_manifests.remove("np.yaml");
+    lab.apply_manifests().unwrap();
+    assert!(
+        connect_fails(&lab.ext, to),
+        "the NodePort still answers after the Service was deleted"
+    );
+}
+
+#[test]
+fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols(
+) {
+    if !require_root("nodeport protocols") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
+    publish(
+        &mut lab,
+        "t",
+        json!({"clusterIP": "10.96.0.21",
+        "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"}]}),
+        json!({}),
+        eps.clone(),
+    );
+    let to = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
+    assert!(
+        connect_fails(&lab.ext, to),
+        "no NodePort before the type change"
+    );
+    publish(
+        &mut lab,
+        "t",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.21", "ports": ports(true)}),
+        json!({}),
+        eps,
+    );
+    assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 20)), all);
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 20)), all);
+}
+
+#[test]
+fn should_preserve_the_client_source_with_external_traffic_policy_local_and_only_use_local_endpoints(
+) {
+    if !require_root("externalTrafficPolicy Local") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    // The third pod is "on another node": Local external traffic skips it.
+    let eps = vec![
+        ready(&lab, &all[0]),
+        ready(&lab, &all[1]),
+        endpoint(&lab, &all[2], true, true, false, "other-node"),
+    ];
+    publish(
+        &mut lab,
+        "local",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.22",
+        "externalTrafficPolicy": "Local", "ports": ports(true)}),
+        json!({}),
+        eps,
+    );
+    let to = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
+    let seen = whoami_tcp(&lab.ext, to, 30);
+    assert_eq!(
+        pods_of(&seen),
+        all[..2].to_vec(),
+        "only this node's endpoints"
+    );
+    assert_eq!(
+        sources_of(&seen),
+        vec![EXT_CLIENT_ADDR],
+        "the client's own address is preserved"
+    );
+    let seen = whoami_udp(&lab.ext, to, 30);
+    assert_eq!(sources_of(&seen), vec![EXT_CLIENT_ADDR]);
+    // Pods on the node use the cluster-wide endpoints (kube-proxy's
+    // short-circuit for internal traffic to external addresses).
+    let from_pod = whoami_tcp(&lab.client.ns, to, 30);
+    assert_eq!(pods_of(&from_pod), all);
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in() {
+    if !require_root("LoadBalancer") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
+    let spec = |ranges: &[&str]| {
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.23",
+        "loadBalancerSourceRanges": ranges, "ports": ports(true)})
+    };
+    publish(
+        &mut lab,
+        "lb",
+        spec(&["10.77.0.0/24"]),
+        status.clone(),
+        eps.clone(),
+    );
+    let to = SocketAddrV4::new(LB_IP, 80);
+    assert_eq!(
+        pods_of(&whoami_tcp(&lab.ext, to, 20)),
+        all,
+        "the ingress address is served"
+    );
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 20)), all);
+    // The NodePort fallback of a LoadBalancer Service.
+    let np = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
+    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 10)), all);
+
+    publish(&mut lab, "lb", spec(&["10.99.0.0/16"]), status, eps);
+    assert!(
+        connect_fails(&lab.ext, to),
+        "a source outside loadBalancerSourceRanges got in"
+    );
+    let stats = lab
+        .node
+        .exec(&[
+            lb_agent().as_str(),
+            "--pin-dir",
+            lab.pin_dir.to_str().unwrap(),
+            "stats",
+            "--output",
+            "json",
+        ])
+        .expect("lb-agent stats");
+    let stats: Value = serde_json::from_str(&stats).expect("stats JSON");
+    let dropped = stats["source_range_dropped"].as_u64().unwrap_or(0);
+    assert!(dropped > 0, "the drop is counted: {stats}");
+    // The NodePort is not subject to the ranges, as in kube-proxy.
+    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 10)), all);
+}
+
+fn lb_agent() -> String {
+    lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN")
+        .expect("lb-agent binary")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_ip_is_not_assigned_to_a_node(
+) {
+    if !require_root("externalIPs") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let eps = all.iter().map(|p| ready(&lab, p)).collect();
+    publish(
+        &mut lab,
+        "ext",
+        json!({"clusterIP": "10.96.0.24",
+        "externalIPs": [EXTERNAL_IP.to_string()], "ports": ports(false)}),
+        json!({}),
+        eps,
+    );
+    let to = SocketAddrV4::new(EXTERNAL_IP, 80);
+    let seen = whoami_tcp(&lab.ext, to, 20);
+    assert_eq!(pods_of(&seen), all);
+    assert_eq!(
+        sources_of(&seen),
+        vec![NODE_WIRE_ADDR],
+        "masqueraded like a NodePort"
+    );
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 20)), all);
+    lab.assert_no_checksum_errors();
+}
+
+fn affinity_spec(kind: &str, affinity: Option<u32>) -> Value {
+    let mut spec =
+        json!({"type": kind, "clusterIP": "10.96.0.25", "ports": ports(kind == "NodePort")});
+    if let Some(t) = affinity {
+        spec["sessionAffinity"] = json!("ClientIP");
+        spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": t}});
+    }
+    spec
+}
+
+fn check_affinity(lab: &mut Lab, kind: &str, ns_ext: bool) {
+    let all = pod_names(lab);
+    let eps: Vec<Value> = all.iter().map(|p| ready(lab, p)).collect();
+    let to = if kind == "NodePort" {
+        SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT)
+    } else {
+        SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 25), 80)
+    };
+    publish(
+        lab,
+        "aff",
+        affinity_spec(kind, Some(600)),
+        json!({}),
+        eps.clone(),
+    );
+    let client = if ns_ext { &lab.ext } else { &lab.client.ns };
+    let seen = whoami_tcp(client, to, 30);
+    assert_eq!(
+        pods_of(&seen).len(),
+        1,
+        "ClientIP affinity: one backend for 30 connections: {seen:?}"
+    );
+    let seen = whoami_udp(client, to, 20);
+    assert_eq!(
+        pods_of(&seen).len(),
+        1,
+        "ClientIP affinity for UDP flows: {seen:?}"
+    );
+
+    // should be able to switch session affinity
+    publish(
+        lab,
+        "aff",
+        affinity_spec(kind, None),
+        json!({}),
+        eps.clone(),
+    );
+    let client = if ns_ext { &lab.ext } else { &lab.client.ns };
+    let seen = whoami_tcp(client, to, 40);
+    assert!(
+        pods_of(&seen).len() > 1,
+        "affinity off: connections spread: {seen:?}"
+    );
+    publish(
+        lab,
+        "aff",
+        affinity_spec(kind, Some(600)),
+        json!({}),
+        eps.clone(),
+    );
+    let client = if ns_ext { &lab.ext } else { &lab.client.ns };
+    let seen = whoami_tcp(client, to, 30);
+    assert_eq!(pods_of(&seen).len(), 1, "affinity back on: {seen:?}");
+
+    // should have session affinity timeout work: after the timeout a new
+    // connection is balanced afresh; over several rounds it lands elsewhere.
+    publish(lab, "aff", affinity_spec(kind, Some(1)), json!({}), eps);
+    let client = if ns_ext { &lab.ext } else { &lab.client.ns };
+    let first = pods_of(&whoami_tcp(client, to, 5));
+    assert_eq!(first.len(), 1, "within the timeout: one backend");
+    let mut moved = false;
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(1300));
+        let now = pods_of(&whoami_tcp(client, to, 1));
+        if now != first {
+            moved = true;
+            break;
+        }
+    }
+    assert!(
+        moved,
+        "after the affinity timeout the client never reached another backend in 8 tries"
+    );
+}
+
+#[test]
+fn should_have_session_affinity_work_switch_and_time_out_for_service_with_type_clusterip() {
+    if !require_root("affinity clusterIP") {
+        return;
+    }
+    let mut lab = lab();
+    check_affinity(&mut lab, "ClusterIP", false);
+}
+
+#[test]
+fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service() {
+    if !require_root("affinity NodePort") {
+        return;
+    }
+    let mut lab = lab();
+    check_affinity(&mut lab, "NodePort", true);
+}
+
+#[test]
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
+    if !require_root("hairpin") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let eps = vec![ready(&lab, &all[0])];
+    publish(
+        &mut lab,
+        "hairpin",
+        json!({"clusterIP": "10.96.0.26", "ports": ports(false)}),
+        json!({}),
+        eps,
+    );
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 26), 80);
+    let pod = &lab.pods[&all[0]];
+    let seen = whoami_tcp(&pod.ns, to, 10);
+    assert_eq!(
+        pods_of(&seen),
+        vec![all[0].clone()],
+        "the pod reaches itself"
+    );
+    assert_eq!(
+        sources_of(&seen),
+        vec![NODE_WIRE_ADDR],
+        "hairpin traffic is masqueraded to the node"
+    );
+    let seen = whoami_udp(&pod.ns, to, 10);
+    assert_eq!(pods_of(&seen), vec![all[0].clone()]);
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_cluster(
+) {
+    if !require_root("terminating fallback") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 27), 80);
+    // One ready, two serving and terminating: only the ready one gets new flows.
+    let eps = vec![
+        ready(&lab, &all[0]),
+        endpoint(&lab, &all[1], false, true, true, NODE_NAME),
+        endpoint(&lab, &all[2], false, true, true, NODE_NAME),
+    ];
+    publish(
+        &mut lab,
+        "term",
+        json!({"clusterIP": "10.96.0.27", "ports": ports(false)}),
+        json!({}),
+        eps,
+    );
+    assert_eq!(
+        pods_of(&whoami_tcp(&lab.client.ns, to, 20)),
+        vec![all[0].clone()]
+    );
+    // No ready endpoint left: the serving terminating ones take traffic.
+    let eps = vec![
+        endpoint(&lab, &all[1], false, true, true, NODE_NAME),
+        endpoint(&lab, &all[2], false, true, true, NODE_NAME),
+        endpoint(&lab, &all[0], false, false, true, NODE_NAME),
+    ];
+    publish(
+        &mut lab,
+        "term",
+        json!({"clusterIP": "10.96.0.27", "ports": ports(false)}),
+        json!({}),
+        eps,
+    );
+    assert_eq!(
+        pods_of(&whoami_tcp(&lab.client.ns, to, 30)),
+        all[1..].to_vec()
+    );
+    assert_eq!(
+        pods_of(&whoami_udp(&lab.client.ns, to, 30)),
+        all[1..].to_vec()
+    );
+}
+
+#[test]
+fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_external_traffic_policy_local(
+) {
+    if !require_root("terminating fallback Local") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    // Ready endpoints exist, but on another node; the local one terminates.
+    let eps = vec![
+        endpoint(&lab, &all[0], false, true, true, NODE_NAME),
+        endpoint(&lab, &all[1], true, true, false, "other-node"),
+        endpoint(&lab, &all[2], true, true, false, "other-node"),
+    ];
+    publish(
+        &mut lab,
+        "termlocal",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.28",
+        "externalTrafficPolicy": "Local", "ports": ports(true)}),
+        json!({}),
+        eps,
+    );
+    let to = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
+    let seen = whoami_tcp(&lab.ext, to, 20);
+    assert_eq!(
+        pods_of(&seen),
+        vec![all[0].clone()],
+        "the local serving terminating endpoint"
+    );
+    assert_eq!(sources_of(&seen), vec![EXT_CLIENT_ADDR]);
+}
+
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_to_pod() {
+    if !require_root("internalTrafficPolicy Local") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let eps = vec![
+        ready(&lab, &all[0]),
+        endpoint(&lab, &all[1], true, true, false, "other-node"),
+        endpoint(&lab, &all[2], true, true, false, "other-node"),
+    ];
+    publish(
+        &mut lab,
+        "itp",
+        json!({"clusterIP": "10.96.0.29", "internalTrafficPolicy": "Local",
+        "ports": ports(false)}),
+        json!({}),
+        eps,
+    );
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 29), 80);
+    let seen = whoami_tcp(&lab.client.ns, to, 30);
+    assert_eq!(
+        pods_of(&seen),
+        vec![all[0].clone()],
+        "only this node's endpoint"
+    );
+    assert_eq!(
+        sources_of(&seen),
+        vec![lb_tests::lab::CLIENT_POD_ADDR],
+        "source pod IP preserved"
+    );
+    assert_eq!(
+        pods_of(&whoami_udp(&lab.client.ns, to, 20)),
+        vec![all[0].clone()]
+    );
+}
