@@ -255,12 +255,14 @@ fn masquerade_source(flow: &Flow, backend: &Backend4, now: u64) -> Option<(u32, 
     }
     // Start where the client's own tuple hashes to, so a client's flows
     // spread over the range without a shared cursor.
-    let seed =
-        (flow.saddr ^ ((flow.sport as u32) << 16) ^ flow.dport as u32).wrapping_mul(0x9e37_79b1);
+    // Multiplicative hashing leaves the high bits best mixed; then probe
+    // consecutive ports.
+    let start = (flow.saddr ^ ((flow.sport as u32) << 16) ^ flow.dport as u32)
+        .wrapping_mul(0x9e37_79b1)
+        >> 16;
     let mut i = 0;
     while i < SNAT_PORT_TRIES {
-        let port =
-            (SNAT_PORT_MIN + ((seed.wrapping_add(i) >> 8) % SNAT_PORT_COUNT as u32) as u16).to_be();
+        let port = (SNAT_PORT_MIN + ((start + i) % SNAT_PORT_COUNT as u32) as u16).to_be();
         let key = Ct4Key {
             saddr: backend.addr,
             daddr: addr,

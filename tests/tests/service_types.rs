@@ -197,6 +197,7 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
         "a pod reaches the NodePort on the node address"
     );
     lab.assert_no_checksum_errors();
+    assert_no_nat_failures(&lab);
 
     // should release NodePorts on delete
     lab.extra_manifests.remove("np.yaml");
@@ -319,22 +320,40 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in() 
         connect_fails(&lab.ext, to),
         "a source outside loadBalancerSourceRanges got in"
     );
-    let stats = lab
+    assert!(
+        datapath_stat(&lab, "source_range_dropped") > 0,
+        "the drop is counted"
+    );
+    // The NodePort is not subject to the ranges, as in kube-proxy.
+    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 10)), all);
+}
+
+/// A data path counter, as `lb-agent stats` reports it.
+fn datapath_stat(lab: &Lab, name: &str) -> u64 {
+    let pin_dir = lab.pin_dir.to_string_lossy().into_owned();
+    let out = lab
         .node
         .exec(&[
-            lb_agent().as_str(),
+            &lb_agent(),
             "--pin-dir",
-            lab.pin_dir.to_str().unwrap(),
+            &pin_dir,
             "stats",
             "--output",
             "json",
         ])
         .expect("lb-agent stats");
-    let stats: Value = serde_json::from_str(&stats).expect("stats JSON");
-    let dropped = stats["source_range_dropped"].as_u64().unwrap_or(0);
-    assert!(dropped > 0, "the drop is counted: {stats}");
-    // The NodePort is not subject to the ranges, as in kube-proxy.
-    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 10)), all);
+    let stats: Value = serde_json::from_str(&out).expect("stats JSON");
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
+}
+
+/// Masqueraded traffic must never have been dropped for want of a port or
+/// by a failed rewrite.
+fn assert_no_nat_failures(lab: &Lab) {
+    for name in ["snat_failed", "rewrite_failed", "backend_missing"] {
+        assert_eq!(datapath_stat(lab, name), 0, "data path counter {name}");
+    }
 }
 
 fn lb_agent() -> String {
@@ -371,6 +390,7 @@ fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_
     );
     assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 20)), all);
     lab.assert_no_checksum_errors();
+    assert_no_nat_failures(&lab);
 }
 
 fn affinity_spec(kind: &str, affinity: Option<u32>) -> Value {
@@ -507,6 +527,7 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
     let seen = whoami_udp(&pod.ns, to, 10);
     assert_eq!(pods_of(&seen), vec![all[0].clone()]);
     lab.assert_no_checksum_errors();
+    assert_no_nat_failures(&lab);
 }
 
 #[test]
