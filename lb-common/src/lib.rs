@@ -9,6 +9,7 @@
 use bytemuck::{Pod, Zeroable};
 
 pub mod csum;
+pub mod icmp;
 
 /// Default bpffs folder where the agent pins its maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-agent";
@@ -45,6 +46,8 @@ pub mod program_names {
     pub const XDP_FROM_WIRE: &str = "lb_xdp_from_wire";
     /// tc ingress on the host side of each pod's veth (packets leaving pods).
     pub const TC_FROM_POD: &str = "lb_tc_from_pod";
+    /// XDP that passes everything, for veth peers receiving XDP_TX frames.
+    pub const XDP_PASS: &str = "lb_xdp_pass";
 }
 
 pub const MAX_SERVICE_SLOTS: u32 = 262_144;
@@ -278,9 +281,11 @@ pub mod stats {
     pub const REVERSE_NATTED: u32 = 1;
     /// New conntrack entries (new flows to a Service).
     pub const CT_CREATED: u32 = 2;
-    /// TCP to a Service with no backend: answered with a RST.
+    /// To a Service with no backend: answered with a TCP RST or an ICMP
+    /// port unreachable.
     pub const NO_BACKEND_REJECTED: u32 = 3;
-    /// Non-TCP to a Service with no backend: dropped.
+    /// To a Service with no backend, and the answer could not be built
+    /// (a segment with payload, a packet the helpers refused): dropped.
     pub const NO_BACKEND_DROPPED: u32 = 4;
     /// A slot pointed at a backend id that is not in the backends map.
     pub const BACKEND_MISSING: u32 = 5;

@@ -27,6 +27,15 @@ pub fn lb_xdp_from_wire(ctx: XdpContext) -> u32 {
     xdp_path::try_from_wire(&ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
+/// Passes every packet. For the peer of a veth that receives XDP_TX or
+/// XDP_REDIRECT frames (the lab's external client): veth wakes a peer's
+/// receive queue for such frames only when the peer has an XDP program, so
+/// without one they wait for unrelated traffic to come along.
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[classifier]
 pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
     tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK)

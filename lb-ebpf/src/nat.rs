@@ -32,6 +32,8 @@ pub enum Action {
     Redirect,
     /// TCP to a Service with no backend: answer with a RST.
     RejectTcp,
+    /// UDP to a Service with no backend: answer with ICMP port unreachable.
+    RejectUdp,
     Drop,
 }
 
@@ -139,11 +141,9 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
             count(stats::NO_LOCAL_BACKEND_DROPPED);
             Action::Drop
         } else if flow.proto == IPPROTO_TCP {
-            count(stats::NO_BACKEND_REJECTED);
             Action::RejectTcp
         } else {
-            count(stats::NO_BACKEND_DROPPED);
-            Action::Drop
+            Action::RejectUdp
         };
     }
     let Some(backend_id) = select_backend(&svc, &svc_key, flow, now) else {

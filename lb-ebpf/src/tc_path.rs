@@ -6,12 +6,12 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
-        bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
-        bpf_skb_load_bytes,
+        bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     programs::TcContext,
 };
-use lb_common::{stats, IPPROTO_TCP};
+use lb_common::{icmp, stats, IPPROTO_TCP};
 
 use crate::{
     headers::{
@@ -54,8 +54,47 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
         Action::Pass | Action::Translated => TC_ACT_OK,
         Action::Redirect => redirect_to_egress(ctx),
         Action::Drop => TC_ACT_SHOT,
-        Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        Action::RejectTcp => rejected(tcp_reset(ctx, &flow)),
+        Action::RejectUdp => rejected(udp_unreachable(ctx)),
     })
+}
+
+#[inline(always)]
+fn rejected(answer: Result<i32, ()>) -> i32 {
+    match answer {
+        Ok(action) => {
+            count(stats::NO_BACKEND_REJECTED);
+            action
+        }
+        Err(()) => {
+            count(stats::NO_BACKEND_DROPPED);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Turns a UDP datagram to a Service without backends into an ICMP port
+/// unreachable, sent back into the pod (see lb_common::icmp for why the
+/// quoted checksum is predicted rather than copied).
+fn udp_unreachable(ctx: &TcContext) -> Result<i32, ()> {
+    let eth: [u8; icmp::ETH_LEN] = ctx.load(0).map_err(|_| ())?;
+    let ip: [u8; icmp::IP_LEN] = ctx.load(IP_OFF).map_err(|_| ())?;
+    let udp: [u8; icmp::QUOTED_L4_LEN] = ctx.load(L4_OFF).map_err(|_| ())?;
+    let check = icmp::quoted_udp_check(&ip, &udp);
+    let head = icmp::port_unreachable_head(&eth, &ip, &udp, check);
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, icmp::GROW as u32, 0) } != 0 {
+        return Err(());
+    }
+    ctx.store(0, &head, 0).map_err(|_| ())?;
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::PORT_UNREACHABLE_LEN as u32, 0) } != 0 {
+        return Err(());
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    if ret != TC_ACT_REDIRECT {
+        return Err(());
+    }
+    Ok(ret)
 }
 
 /// Sends a translated packet straight out of the device the FIB routes its

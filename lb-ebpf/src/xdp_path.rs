@@ -1,8 +1,12 @@
 //! XDP on interfaces facing the wire. Packets here carry complete checksums
 //! (a NIC, or a peer that computed them), so they are updated in software.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use lb_common::{csum, stats, IPPROTO_TCP};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{csum, icmp, stats, IPPROTO_TCP};
 
 use crate::{
     headers::{
@@ -33,8 +37,54 @@ pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
         // (accept_local) for masqueraded and reverse-translated ones.
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::RejectTcp => tcp_reset(ctx, &flow).unwrap_or(xdp_action::XDP_DROP),
+        Action::RejectTcp => rejected(tcp_reset(ctx, &flow)),
+        Action::RejectUdp => rejected(udp_unreachable(ctx)),
     })
+}
+
+#[inline(always)]
+fn rejected(answer: Result<u32, ()>) -> u32 {
+    match answer {
+        Ok(action) => {
+            count(stats::NO_BACKEND_REJECTED);
+            action
+        }
+        Err(()) => {
+            count(stats::NO_BACKEND_DROPPED);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Turns a UDP datagram to a Service without backends into an ICMP port
+/// unreachable and sends it back out (see lb_common::icmp).
+fn udp_unreachable(ctx: &XdpContext) -> Result<u32, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<[u8; icmp::ETH_LEN]>(start, end, 0).ok_or(())?;
+    let ip = ptr_at::<[u8; icmp::IP_LEN]>(start, end, IP_OFF).ok_or(())?;
+    let udp = ptr_at::<[u8; icmp::QUOTED_L4_LEN]>(start, end, L4_OFF).ok_or(())?;
+    // SAFETY: bounds checked above.
+    let (eth, ip, udp) = unsafe {
+        (
+            eth.read_unaligned(),
+            ip.read_unaligned(),
+            udp.read_unaligned(),
+        )
+    };
+    let check = icmp::quoted_udp_check(&ip, &udp);
+    let head = icmp::port_unreachable_head(&eth, &ip, &udp, check);
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(icmp::GROW as i32)) } != 0 {
+        return Err(());
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let out = ptr_at::<[u8; icmp::HEAD_LEN]>(start, end, 0).ok_or(())?;
+    // SAFETY: bounds checked above.
+    unsafe { out.write_unaligned(head) };
+    let delta = icmp::PORT_UNREACHABLE_LEN as i32 - (end - start) as i32;
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(());
+    }
+    Ok(xdp_action::XDP_TX)
 }
 
 struct XdpRewriter<'a> {

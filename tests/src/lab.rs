@@ -108,13 +108,15 @@ impl Netns {
     }
 
     /// The kernel's checksum error counters in this namespace:
-    /// (TcpInCsumErrors, UdpInCsumErrors), as `nstat` reports them.
-    pub fn checksum_errors(&self) -> (u64, u64) {
+    /// (TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors), as `nstat`
+    /// reports them.
+    pub fn checksum_errors(&self) -> (u64, u64, u64) {
         let snmp =
             self.run_in(|| fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp"));
         (
             snmp_counter(&snmp, "Tcp:", "InCsumErrors"),
             snmp_counter(&snmp, "Udp:", "InCsumErrors"),
+            snmp_counter(&snmp, "Icmp:", "InCsumErrors"),
         )
     }
 }
@@ -242,6 +244,19 @@ pub fn sweep_stale() {
     }
 }
 
+/// Attaches the object's pass-through XDP program to `eth0` of the
+/// current network namespace (see `lb_xdp_pass`).
+fn attach_xdp_pass() -> Result<aya::Ebpf> {
+    let mut ebpf = aya::Ebpf::load(lb_userspace::EBPF_OBJECT)?;
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut(lb_common::program_names::XDP_PASS)
+        .context("lb_xdp_pass missing from the BPF object")?
+        .try_into()?;
+    prog.load()?;
+    prog.attach("eth0", aya::programs::XdpMode::Driver)?;
+    Ok(ebpf)
+}
+
 pub struct Lab {
     pub id: String,
     /// Scratch folder: manifests/, agent.log, ready.
@@ -260,6 +275,9 @@ pub struct Lab {
     pub ext: Netns,
     pub node: Netns,
     lab_server: PathBuf,
+    /// Keeps the external client's pass-through XDP program attached;
+    /// released inside that namespace (see Drop).
+    ext_xdp: Option<aya::Ebpf>,
 }
 
 impl Lab {
@@ -321,10 +339,11 @@ impl Lab {
             // Complete checksums on the wire, as a NIC sends and receives them.
             ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
         }
-        // A veth delivers frames that native XDP sends back (XDP_TX, the
-        // RST for a Service without endpoints) only when its peer runs NAPI,
-        // which GRO turns on; a physical NIC needs nothing of the sort.
-        ext.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
+        // The node's XDP answers some packets itself (XDP_TX: a RST, an
+        // ICMP port unreachable). veth wakes the peer's receive queue for
+        // those frames only if the peer runs XDP too; a physical NIC needs
+        // nothing of the sort.
+        let ext_xdp = ext.run_in(attach_xdp_pass)?;
         for cidr in ["10.96.0.0/12", "10.244.0.0/16"] {
             run(&[
                 "ip",
@@ -360,6 +379,7 @@ impl Lab {
             ext,
             node,
             lab_server,
+            ext_xdp: Some(ext_xdp),
         };
         lab.client.host_if = lab.wire_pod(&lab.client.ns.name.clone(), CLIENT_POD_ADDR)?;
         let mut ips = (10u8..=250).map(|i| Ipv4Addr::new(10, 244, 0, i));
@@ -735,13 +755,13 @@ impl Lab {
     }
 
     /// Checksum error counters of every namespace of the lab.
-    pub fn checksum_errors(&self) -> Vec<(String, u64, u64)> {
+    pub fn checksum_errors(&self) -> Vec<(String, u64, u64, u64)> {
         let mut all: Vec<&Netns> = vec![&self.node, &self.ext, &self.client.ns];
         all.extend(self.pods.values().map(|p| &p.ns));
         all.into_iter()
             .map(|ns| {
-                let (tcp, udp) = ns.checksum_errors();
-                (ns.name.clone(), tcp, udp)
+                let (tcp, udp, icmp) = ns.checksum_errors();
+                (ns.name.clone(), tcp, udp, icmp)
             })
             .collect()
     }
@@ -751,11 +771,11 @@ impl Lab {
         let bad: Vec<_> = self
             .checksum_errors()
             .into_iter()
-            .filter(|(_, t, u)| *t + *u > 0)
+            .filter(|(_, t, u, i)| *t + *u + *i > 0)
             .collect();
         assert!(
             bad.is_empty(),
-            "checksum errors (namespace, TcpInCsumErrors, UdpInCsumErrors): {bad:?}"
+            "checksum errors (namespace, TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors): {bad:?}"
         );
     }
 }
@@ -772,6 +792,11 @@ impl Drop for Lab {
         }
         let _ = lb_userspace::loader::cleanup(&self.pin_dir);
         let _ = fs::remove_dir_all(&self.dir);
+        // Detach where it was attached: an interface index means nothing
+        // in the host's own namespace.
+        if let Some(xdp) = self.ext_xdp.take() {
+            self.ext.run_in(move || drop(xdp));
+        }
         // Pods, client, ext and node namespaces go with their fields.
     }
 }

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -176,41 +176,66 @@ fn a_connection_keeps_its_backend_for_its_whole_life() {
 }
 
 #[test]
-fn a_service_without_endpoints_is_refused_not_left_to_time_out() {
-    if !require_root("a_service_without_endpoints_is_refused") {
+fn should_be_rejected_when_no_endpoints_exist() {
+    if !require_root("should_be_rejected_when_no_endpoints_exist") {
         return;
     }
     let mut lab = Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("lab");
     lab.extra_manifests.insert(
         "empty.yaml".into(),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.99\n  selector: {app: nothing-matches}\n  ports: [{port: 80}]\n".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.99\n  selector: {app: nothing-matches}\n  ports: [{name: tcp, port: 80}, {name: udp, port: 80, protocol: UDP}]\n".into(),
     );
     lab.write_manifests().unwrap();
     lab.start_agent().expect("agent");
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 80);
+    // Several times each: a refusal must come every time, not only once.
     for (who, ns) in [
         ("client pod", &lab.client.ns),
         ("external client", &lab.ext),
     ] {
-        let (result, elapsed) = ns.run_in(|| {
-            let started = Instant::now();
-            (
-                TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(5)),
-                started.elapsed(),
-            )
-        });
-        let err = result.err().unwrap_or_else(|| {
-            panic!("{who}: connecting to a Service without endpoints succeeded")
-        });
-        assert_eq!(
-            err.kind(),
-            ErrorKind::ConnectionRefused,
-            "{who}: {err} after {elapsed:?}"
-        );
-        assert!(
-            elapsed < Duration::from_secs(1),
-            "{who}: refusal took {elapsed:?}"
-        );
+        for attempt in 0..5 {
+            let (result, elapsed) = ns.run_in(|| {
+                let started = Instant::now();
+                (
+                    TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(5)),
+                    started.elapsed(),
+                )
+            });
+            let err = result.err().unwrap_or_else(|| {
+                panic!("{who}: connecting to a Service without endpoints succeeded")
+            });
+            assert_eq!(
+                err.kind(),
+                ErrorKind::ConnectionRefused,
+                "{who}, TCP attempt {attempt}: {err} after {elapsed:?}"
+            );
+            assert!(
+                elapsed < Duration::from_secs(1),
+                "{who}, TCP attempt {attempt}: refusal took {elapsed:?}"
+            );
+            // UDP: an ICMP port unreachable fails a connected socket at once.
+            let (result, elapsed) = ns.run_in(|| {
+                let started = Instant::now();
+                let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                s.connect(to).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.send(b"hello").expect("send");
+                let mut buf = [0u8; 64];
+                (s.recv(&mut buf), started.elapsed())
+            });
+            let err = result.err().unwrap_or_else(|| {
+                panic!("{who}: a UDP answer came from a Service without endpoints")
+            });
+            assert_eq!(
+                err.kind(),
+                ErrorKind::ConnectionRefused,
+                "{who}, UDP attempt {attempt}: {err} after {elapsed:?}"
+            );
+            assert!(
+                elapsed < Duration::from_secs(1),
+                "{who}, UDP attempt {attempt}: refusal took {elapsed:?}"
+            );
+        }
     }
     // The other Service is unaffected.
     lab.client

@@ -7,7 +7,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_common::{program_names, SVC_FLAG_CLUSTER_IP};
+use lb_common::{csum, program_names, SVC_FLAG_CLUSTER_IP};
 use lb_tests::{
     packet::{self, Tuple, TCP_ACK, TCP_RST, TCP_SYN},
     privilege::require_root,
@@ -19,11 +19,9 @@ use lb_userspace::{
     model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
 };
 
-const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -455,18 +453,82 @@ fn tcp_to_a_service_without_endpoints_is_answered_with_a_reset() {
     let p = packet::parse(&out);
     assert_eq!((p.tcp_flags, p.seq), (TCP_RST, 7777));
     assert!(p.l4_checksum_ok);
-    // UDP to a Service without endpoints is dropped (and counted).
     let (verdict, _) = h.run_tc(&packet::udp(&to_svc(45002, 80), b"x", true));
     assert_eq!(verdict, TC_ACT_OK, "UDP to a TCP-only Service is not ours");
-    h.program(&[(80, Protocol::Tcp, &[]), (53, Protocol::Udp, &[])]);
+}
+
+/// Checks an ICMP port unreachable answering `sent`; `finished_check` is
+/// the quoted UDP checksum once the kernel has finished a partial one.
+fn assert_port_unreachable(hook: &str, sent: &[u8], out: &[u8], finished_check: [u8; 2]) {
     assert_eq!(
-        h.run_tc(&packet::udp(&to_svc(45003, 53), b"x", true)).0,
-        TC_ACT_SHOT
+        out.len(),
+        70,
+        "{hook}: Ethernet + IPv4 + ICMP + quoted 28 bytes"
     );
     assert_eq!(
-        h.run_xdp(&packet::udp(&to_svc(45003, 53), b"x", true)).0,
-        XDP_DROP
+        (&out[0..6], &out[6..12]),
+        (&sent[6..12], &sent[0..6]),
+        "{hook}: MACs swapped"
     );
+    assert_eq!(out[23], 1, "{hook}: ICMP");
+    assert_eq!(
+        &out[26..30],
+        &SVC.octets(),
+        "{hook}: from the Service address"
+    );
+    assert_eq!(&out[30..34], &CLIENT.octets(), "{hook}: to the client");
+    assert_eq!(csum::checksum(&out[14..34], 0), 0, "{hook}: IPv4 checksum");
+    assert_eq!(
+        (out[34], out[35]),
+        (3, 3),
+        "{hook}: destination/port unreachable"
+    );
+    assert_eq!(
+        &out[42..62],
+        &sent[14..34],
+        "{hook}: quotes the IPv4 header"
+    );
+    assert_eq!(
+        &out[62..68],
+        &sent[34..40],
+        "{hook}: quotes the UDP ports and length"
+    );
+    let mut icmp = out[34..70].to_vec();
+    icmp[34..36].copy_from_slice(&finished_check);
+    assert_eq!(csum::checksum(&icmp, 0), 0, "{hook}: ICMP checksum");
+}
+
+#[test]
+fn udp_to_a_service_without_endpoints_is_answered_with_port_unreachable() {
+    if !require_root("udp_to_a_service_without_endpoints") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.program(&[(53, Protocol::Udp, &[])]);
+    for payload in [&b""[..], b"x", &[7u8; 1200]] {
+        let sent = packet::udp(&to_svc(45003, 53), payload, true);
+        let check = [sent[40], sent[41]];
+        let (verdict, out) = h.run_xdp(&sent);
+        assert_eq!(verdict, XDP_TX);
+        assert_port_unreachable("xdp", &sent, &out, check);
+        let (verdict, out) = h.run_tc(&sent);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_port_unreachable("tc", &sent, &out, check);
+    }
+    // A pod's datagram with a partial checksum (the pseudo header sum): the
+    // answer's ICMP checksum covers the value the kernel will finish it to.
+    let mut sent = packet::udp(&to_svc(45004, 53), b"abc", false);
+    let pseudo = csum::fold(csum::pseudo_header_sum(
+        u32::from_ne_bytes(CLIENT.octets()),
+        u32::from_ne_bytes(SVC.octets()),
+        17,
+        11,
+    ));
+    sent[40..42].copy_from_slice(&pseudo.to_ne_bytes());
+    let (verdict, out) = h.run_tc(&sent);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let finished = csum::checksum(&out[62..70], 0).to_ne_bytes();
+    assert_port_unreachable("tc, partial checksum", &sent, &out, finished);
 }
 
 #[test]

@@ -120,9 +120,9 @@ fn demo(dir: PathBuf) -> Result<()> {
         }
     }
     let errors = lab.checksum_errors();
-    let total: u64 = errors.iter().map(|(_, t, u)| t + u).sum();
+    let total: u64 = errors.iter().map(|(_, t, u, i)| t + u + i).sum();
     println!(
-        "\nchecksum errors in all {} namespaces (TcpInCsumErrors + UdpInCsumErrors): {total}",
+        "\nchecksum errors in all {} namespaces (Tcp + Udp + Icmp InCsumErrors): {total}",
         errors.len()
     );
     println!("lab: cleaning up (namespaces, agent, pinned maps)");
