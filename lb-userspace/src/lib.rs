@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod differ;
+pub mod health_check;
 pub mod inspect;
 pub mod k8s;
 pub mod kube_access;

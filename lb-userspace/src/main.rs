@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{map_names, stats, DEFAULT_PIN_DIR};
 use lb_userspace::{
     attach::{default_route_interfaces, Attachments, XdpAttachMode},
+    health_check::HealthServer,
     inspect,
     k8s::{self, ClusterState, Work},
     loader,
@@ -222,10 +223,12 @@ impl SyncLog {
     }
 }
 
-/// The loaded and attached data path.
+/// The loaded and attached data path, and the node-side servers that go
+/// with it.
 struct DataPath {
     ebpf: aya::Ebpf,
     attachments: Attachments,
+    health: HealthServer,
 }
 
 impl DataPath {
@@ -285,7 +288,11 @@ fn setup_datapath(
     for iface in &wire {
         node_net::set_accept_local(iface)?;
     }
-    let mut dp = DataPath { ebpf, attachments };
+    let mut dp = DataPath {
+        ebpf,
+        attachments,
+        health: HealthServer::default(),
+    };
     dp.refresh_pods()?;
     install_datapath_metrics(pin_dir, metrics)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
@@ -435,36 +442,38 @@ async fn run_manifests(
     sig: &mut Signals,
 ) -> Result<()> {
     let mut source = ManifestSource::new(dir);
-    let mut sync = |source: &mut ManifestSource, log: &mut SyncLog| -> Result<()> {
-        let started = Instant::now();
-        let (set, manifest_errors) = source.read();
-        let mut report = programmer.full_sync(&set.services, &set.slices)?;
-        for e in manifest_errors {
-            metrics
-                .invalid_objects
-                .get_or_create(&InvalidLabel {
-                    kind: "manifest".into(),
-                })
-                .inc();
-            report.errors.insert(0, format!("manifest: {e}"));
-        }
-        publish_names(programmer);
-        metrics.set_ready();
-        log.record("manifests", &report, started)
-    };
-    sync(&mut source, log)?;
+    let mut sync =
+        |source: &mut ManifestSource, log: &mut SyncLog, dp: &mut DataPath| -> Result<()> {
+            let started = Instant::now();
+            let (set, manifest_errors) = source.read();
+            let mut report = programmer.full_sync(&set.services, &set.slices)?;
+            for e in manifest_errors {
+                metrics
+                    .invalid_objects
+                    .get_or_create(&InvalidLabel {
+                        kind: "manifest".into(),
+                    })
+                    .inc();
+                report.errors.insert(0, format!("manifest: {e}"));
+            }
+            publish_names(programmer);
+            dp.health.update(programmer.health.values());
+            metrics.set_ready();
+            log.record("manifests", &report, started)
+        };
+    sync(&mut source, log, dp)?;
     let mut tick = tokio::time::interval(args.poll_interval);
     loop {
         tokio::select! {
             _ = sig.hup.recv() => {
                 log::info!("SIGHUP: re-reading {}", dir.display());
-                sync(&mut source, log)?;
+                sync(&mut source, log, dp)?;
             }
             _ = sig.term.recv() => break,
             _ = sig.int.recv() => break,
             _ = tick.tick() => {
                 if source.changed() {
-                    sync(&mut source, log)?;
+                    sync(&mut source, log, dp)?;
                 }
                 dp.refresh_pods()?;
             }
@@ -556,6 +565,7 @@ async fn run_kubernetes(
         }
         needs_full = false;
         publish_names(programmer);
+        dp.health.update(programmer.health.values());
         metrics.set_ready();
         log.record(kind, &report, started)?;
     }

@@ -13,6 +13,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::{
     differ::{self, MapContents, PlanError},
+    health_check::{health_check_of, HealthCheck},
     map_writer::{apply_plan, MapWriter},
     metrics::{InvalidLabel, MapLabel, Metrics},
     model::{DesiredState, L4Addr, ServiceEntry, ServiceName},
@@ -36,6 +37,8 @@ pub struct Programmer<W: MapWriter> {
     names_changed: bool,
     /// The node translation is for (NodePort addresses, name, zone).
     pub node: translate::NodeInfo,
+    /// healthCheckNodePorts to serve, per Service.
+    pub health: BTreeMap<ServiceName, HealthCheck>,
 }
 
 /// One Service to re-translate: its object (None: deleted) and its slices.
@@ -55,6 +58,7 @@ impl<W: MapWriter> Programmer<W> {
             metrics,
             names_changed: true,
             node: translate::NodeInfo::default(),
+            health: BTreeMap::new(),
         }
     }
 
@@ -68,6 +72,10 @@ impl<W: MapWriter> Programmer<W> {
         let started = Instant::now();
         let mut t = translate::translate_on(&self.node, services, slices);
         translate::carry_over_failed(&mut t, &self.desired);
+        self.health = std::mem::take(&mut t.health_checks)
+            .into_iter()
+            .map(|h| (h.service.clone(), h))
+            .collect();
         self.desired = t.state;
         let plan = differ::plan(&self.current, &self.desired)?;
         self.names_changed = true;
@@ -80,6 +88,13 @@ impl<W: MapWriter> Programmer<W> {
         let mut errors = Vec::new();
         let mut touched: BTreeSet<L4Addr> = BTreeSet::new();
         for change in changes {
+            self.health.remove(&change.name);
+            if let Some(h) = change
+                .service
+                .and_then(|svc| health_check_of(&self.node, &change.name, svc, &change.slices))
+            {
+                self.health.insert(change.name.clone(), h);
+            }
             let old: Vec<L4Addr> = self.desired.frontends_of(&change.name);
             let new: Vec<ServiceEntry> = match change.service {
                 None => Vec::new(),

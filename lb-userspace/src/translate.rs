@@ -49,6 +49,8 @@ pub struct Translation {
     /// Services none of whose ports could be translated because the Service
     /// itself is invalid: their previous entries should be kept.
     pub failed_services: BTreeSet<ServiceName>,
+    /// healthCheckNodePorts this node serves.
+    pub health_checks: Vec<crate::health_check::HealthCheck>,
 }
 
 pub fn service_name(svc: &Service) -> ServiceName {
@@ -118,6 +120,10 @@ pub fn translate_on<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         let name = service_name(svc);
         let empty = Vec::new();
         let slices = slices_by_service.get(&name).unwrap_or(&empty);
+        out.health_checks
+            .extend(crate::health_check::health_check_of(
+                node, &name, svc, slices,
+            ));
         match translate_service(node, svc, &name, slices, &mut out.errors) {
             Ok(entries) => {
                 for entry in entries {

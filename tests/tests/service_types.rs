@@ -648,3 +648,58 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
         vec![all[0].clone()]
     );
 }
+
+#[test]
+fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() {
+    if !require_root("healthCheckNodePort") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.31",
+        "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100, "ports": ports(true)});
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
+    let health = SocketAddr::V4(SocketAddrV4::new(NODE_WIRE_ADDR, 32100));
+    let check = |lab: &Lab| -> (u16, Value) {
+        let (code, body) = lab
+            .ext
+            .run_in(|| lb_tests::lab::http_get(health, "/healthz", TIMEOUT))
+            .expect("health check answers");
+        (code, serde_json::from_str(&body).expect("JSON body"))
+    };
+    // Two local ready endpoints (one remote one does not count).
+    let eps = vec![
+        ready(&lab, &all[0]),
+        ready(&lab, &all[1]),
+        endpoint(&lab, &all[2], true, true, false, "other-node"),
+    ];
+    publish(&mut lab, "hc", spec.clone(), status.clone(), eps);
+    let (code, body) = check(&lab);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["localEndpoints"], 2, "{body}");
+    assert_eq!(body["service"]["name"], "hc");
+    // Only terminating local endpoints (still serving): unhealthy, so the
+    // load balancer drains the node, while the data path still uses them.
+    let eps = vec![
+        endpoint(&lab, &all[0], false, true, true, NODE_NAME),
+        endpoint(&lab, &all[1], false, true, true, NODE_NAME),
+        endpoint(&lab, &all[2], true, true, false, "other-node"),
+    ];
+    publish(&mut lab, "hc", spec, status, eps);
+    let (code, body) = check(&lab);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["localEndpoints"], 0);
+    let seen = whoami_tcp(&lab.ext, SocketAddrV4::new(LB_IP, 80), 20);
+    assert_eq!(
+        pods_of(&seen),
+        all[..2].to_vec(),
+        "terminating local endpoints still serve"
+    );
+    // Deleted Service: the port closes.
+    lab.extra_manifests.remove("hc.yaml");
+    lab.apply_manifests().unwrap();
+    assert!(connect_fails(
+        &lab.ext,
+        SocketAddrV4::new(NODE_WIRE_ADDR, 32100)
+    ));
+}

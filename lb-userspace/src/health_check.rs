@@ -1,0 +1,265 @@
+//! healthCheckNodePort: for a LoadBalancer Service with
+//! externalTrafficPolicy Local, an HTTP server on that port tells the
+//! cloud load balancer whether this node has a local endpoint to send to,
+//! with kube-proxy's answer: 200 and the count when it has ready ones, 503
+//! when it has none or only terminating ones.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+
+use crate::{model::ServiceName, translate::NodeInfo};
+
+/// One Service's health check port and what it reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ServiceName,
+    pub port: u16,
+    /// Ready (not terminating) endpoints on this node.
+    pub local_endpoints: usize,
+}
+
+/// The health check a Service asks of this node, if any.
+pub fn health_check_of(
+    node: &NodeInfo,
+    name: &ServiceName,
+    svc: &Service,
+    slices: &[&EndpointSlice],
+) -> Option<HealthCheck> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    let port = u16::try_from(spec.health_check_node_port?)
+        .ok()
+        .filter(|p| *p != 0)?;
+    let mut local = BTreeSet::new();
+    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+        for e in &slice.endpoints {
+            let c = e.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let is_local = !node.name.is_empty() && e.node_name.as_deref() == Some(&node.name);
+            if ready && !terminating && is_local {
+                if let Some(a) = e.addresses.first() {
+                    local.insert(a.clone());
+                }
+            }
+        }
+    }
+    Some(HealthCheck {
+        service: name.clone(),
+        port,
+        local_endpoints: local.len(),
+    })
+}
+
+/// Status line and JSON body of the answer, as kube-proxy's healthcheck
+/// server gives them.
+pub fn response(check: &HealthCheck) -> (&'static str, String) {
+    let status = if check.local_endpoints > 0 {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
+    let body = serde_json::json!({
+        "service": {"namespace": check.service.namespace, "name": check.service.name},
+        "localEndpoints": check.local_endpoints,
+        "serviceProxyHealthy": true,
+    });
+    (status, body.to_string())
+}
+
+/// The listeners, one per health check port, kept equal to the checks the
+/// Services ask for.
+#[derive(Default)]
+pub struct HealthServer {
+    checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>,
+    listeners: BTreeMap<u16, JoinHandle<()>>,
+}
+
+impl HealthServer {
+    /// Opens ports that are new, closes ports no Service asks for any more,
+    /// and updates what every port reports. A port that cannot be bound is
+    /// logged and retried on the next update.
+    pub fn update<'a>(&mut self, wanted: impl IntoIterator<Item = &'a HealthCheck>) {
+        let mut by_port = BTreeMap::new();
+        for c in wanted {
+            if let Some(other) = by_port.insert(c.port, c.clone()) {
+                log::warn!(
+                    "healthCheckNodePort {} is claimed by {} and {}; serving {}",
+                    c.port,
+                    other.service,
+                    c.service,
+                    c.service
+                );
+            }
+        }
+        self.listeners.retain(|port, task| {
+            let keep = by_port.contains_key(port) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for port in by_port.keys() {
+            if self.listeners.contains_key(port) {
+                continue;
+            }
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
+            let std_listener = match std::net::TcpListener::bind(addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    log::error!("healthCheckNodePort {port}: cannot listen: {e}");
+                    continue;
+                }
+            };
+            let _ = std_listener.set_nonblocking(true);
+            let Ok(listener) = TcpListener::from_std(std_listener) else {
+                continue;
+            };
+            let checks = self.checks.clone();
+            let port = *port;
+            self.listeners
+                .insert(port, tokio::spawn(serve(listener, port, checks)));
+        }
+        *self.checks.lock().expect("health checks lock") = by_port;
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.listeners.keys().copied().collect()
+    }
+}
+
+async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let checks = checks.clone();
+        tokio::spawn(async move {
+            // Read the request head (bounded in size and time); any path
+            // gets the answer, as with kube-proxy.
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            while n < buf.len() {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut buf[n..]),
+                )
+                .await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let check = checks
+                .lock()
+                .expect("health checks lock")
+                .get(&port)
+                .cloned();
+            let Some(check) = check else {
+                return;
+            };
+            let (status, body) = response(&check);
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                check.local_endpoints,
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(extra: serde_json::Value) -> Service {
+        let mut v = json!({"metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+                "ports": [{"port": 80}]}});
+        for (k, val) in extra.as_object().unwrap() {
+            v["spec"][k] = val.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn slice(eps: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(json!({"metadata": {"name": "web-1", "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": eps}))
+        .unwrap()
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "n1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn name() -> ServiceName {
+        ServiceName {
+            namespace: "shop".into(),
+            name: "web".into(),
+        }
+    }
+
+    #[test]
+    fn counts_ready_local_endpoints_only() {
+        let s = slice(json!([
+            {"addresses": ["10.244.0.5"], "nodeName": "n1", "conditions": {"ready": true}},
+            {"addresses": ["10.244.0.6"], "nodeName": "n1", "conditions": {"ready": false, "serving": true, "terminating": true}},
+            {"addresses": ["10.244.1.5"], "nodeName": "n2", "conditions": {"ready": true}}
+        ]));
+        let c = health_check_of(&node(), &name(), &svc(json!({})), &[&s]).unwrap();
+        assert_eq!((c.port, c.local_endpoints), (32000, 1));
+        let (status, body) = response(&c);
+        assert_eq!(status, "200 OK");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["localEndpoints"], 1);
+        assert_eq!(body["service"]["name"], "web");
+    }
+
+    #[test]
+    fn only_terminating_local_endpoints_is_unhealthy() {
+        let s = slice(json!([
+            {"addresses": ["10.244.0.6"], "nodeName": "n1", "conditions": {"ready": false, "serving": true, "terminating": true}}
+        ]));
+        let c = health_check_of(&node(), &name(), &svc(json!({})), &[&s]).unwrap();
+        assert_eq!(c.local_endpoints, 0);
+        assert_eq!(response(&c).0, "503 Service Unavailable");
+    }
+
+    #[test]
+    fn only_local_loadbalancers_with_a_port_get_one() {
+        for extra in [
+            json!({"externalTrafficPolicy": "Cluster"}),
+            json!({"type": "NodePort"}),
+            json!({"healthCheckNodePort": null}),
+        ] {
+            assert!(
+                health_check_of(&node(), &name(), &svc(extra.clone()), &[]).is_none(),
+                "{extra}"
+            );
+        }
+    }
+}
