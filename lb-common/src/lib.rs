@@ -23,7 +23,7 @@ pub mod map_names {
     pub const STATS: &str = "lb_stats";
     pub const SERVICE_STATS: &str = "lb4_svc_stats";
     pub const AFFINITY: &str = "lb4_affinity";
-    pub const AFFINITY_MATCH: &str = "lb4_affinity_match";
+    pub const BACKEND_MATCH: &str = "lb4_backend_match";
     pub const SOURCE_RANGES: &str = "lb4_source_ranges";
     pub const CONFIG: &str = "lb_config";
     pub const ALL: [&str; 10] = [
@@ -34,7 +34,7 @@ pub mod map_names {
         STATS,
         SERVICE_STATS,
         AFFINITY,
-        AFFINITY_MATCH,
+        BACKEND_MATCH,
         SOURCE_RANGES,
         CONFIG,
     ];
@@ -55,7 +55,7 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_REV_NAT: u32 = 65_536;
 pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
-pub const MAX_AFFINITY_MATCH: u32 = 131_072;
+pub const MAX_BACKEND_MATCH: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 /// Most backends one Service port can have (slots 1..=N in the services map).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4_096;
@@ -225,15 +225,22 @@ pub struct Affinity4Value {
     pub _pad: u32,
 }
 
-/// Present while `backend_id` is an active backend of the frontend with
-/// `rev_nat_id`: an affinity entry is honoured only then.
+/// Present while `backend_id` is a backend of the frontend with
+/// `rev_nat_id`, with its `BACKEND_MATCH_*` state. Backends are shared by
+/// every Service that has the same endpoint, so a flow or an affinity entry
+/// checks here that its backend still belongs to its own Service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
-pub struct AffinityMatchKey {
+pub struct BackendMatchKey {
     pub backend_id: u32,
     pub rev_nat_id: u16,
     pub _pad: u16,
 }
+
+/// Chosen for new flows (and by session affinity).
+pub const BACKEND_MATCH_ACTIVE: u8 = 1;
+/// Kept for flows that already use it.
+pub const BACKEND_MATCH_TERMINATING: u8 = 2;
 
 /// Data of a `loadBalancerSourceRanges` LPM trie key: the prefix length
 /// covers `rev_nat_id` and `_pad` (32 bits) plus the range's mask bits.
@@ -335,7 +342,7 @@ mod user {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for Affinity4Value {}
-    unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for BackendMatchKey {}
     unsafe impl aya::Pod for SourceRange4 {}
 }
 
@@ -354,7 +361,7 @@ mod tests {
         assert_eq!(size_of::<Ct4Value>(), 24);
         assert_eq!(size_of::<Affinity4Key>(), 8);
         assert_eq!(size_of::<Affinity4Value>(), 16);
-        assert_eq!(size_of::<AffinityMatchKey>(), 8);
+        assert_eq!(size_of::<BackendMatchKey>(), 8);
         assert_eq!(size_of::<SourceRange4>(), 8);
     }
 }

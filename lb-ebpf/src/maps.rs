@@ -6,10 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    config, stats, Affinity4Key, Affinity4Value, AffinityMatchKey, Backend4, Ct4Key, Ct4Value,
-    RevNat4, Service4Key, Service4Value, ServiceStats, SourceRange4, MAX_AFFINITY,
-    MAX_AFFINITY_MATCH, MAX_BACKENDS, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS,
-    MAX_SOURCE_RANGES,
+    config, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value,
+    RevNat4, Service4Key, Service4Value, ServiceStats, SourceRange4, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_BACKEND_MATCH, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS, MAX_SOURCE_RANGES,
 };
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
@@ -43,11 +42,11 @@ pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_REV_NAT as usize }> = 
 pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value, { MAX_AFFINITY as usize }> =
     LruHashMap::new();
 
-#[btf_map(name = "lb4_affinity_match")]
-pub static AFFINITY_MATCH: HashMap<
-    AffinityMatchKey,
+#[btf_map(name = "lb4_backend_match")]
+pub static BACKEND_MATCH: HashMap<
+    BackendMatchKey,
     u8,
-    { MAX_AFFINITY_MATCH as usize },
+    { MAX_BACKEND_MATCH as usize },
     NO_PREALLOC,
 > = HashMap::new();
 
@@ -69,6 +68,18 @@ pub fn source_allowed(rev_nat_id: u16, saddr: u32) -> bool {
         },
     );
     SOURCE_RANGES.get(&key).is_some()
+}
+
+/// The `BACKEND_MATCH_*` state of a backend in a frontend (None: not one
+/// of its backends).
+#[inline(always)]
+pub fn backend_match(backend_id: u32, rev_nat_id: u16) -> Option<u8> {
+    let key = BackendMatchKey {
+        backend_id,
+        rev_nat_id,
+        _pad: 0,
+    };
+    unsafe { BACKEND_MATCH.get(key) }.copied()
 }
 
 #[inline(always)]

@@ -6,8 +6,8 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    config, stats, Affinity4Key, Affinity4Value, AffinityMatchKey, Backend4, Ct4Key, Ct4Value,
-    Service4Key, Service4Value, CT_CLOSING_LIFETIME_NS, CT_DIR_FORWARD, CT_DIR_REPLY,
+    config, stats, Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Service4Key,
+    Service4Value, BACKEND_MATCH_ACTIVE, CT_CLOSING_LIFETIME_NS, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS,
     CT_UDP_LIFETIME_NS, IPPROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_COUNT,
     SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL,
@@ -17,7 +17,7 @@ use lb_common::{
 use crate::{
     headers::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{
-        self, count, count_service, source_allowed, AFFINITY, AFFINITY_MATCH, BACKENDS, CONNTRACK,
+        self, backend_match, count, count_service, source_allowed, AFFINITY, BACKENDS, CONNTRACK,
         REV_NAT, SERVICES,
     },
 };
@@ -119,7 +119,13 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
         let fresh = now.saturating_sub(ct.last_seen_ns) < lifetime_ns(flow, &ct);
         if fresh && !new_syn {
             // A flow keeps its backend for as long as that backend exists.
-            if let Some(backend) = unsafe { BACKENDS.get(ct.backend_id) }.copied() {
+            // A UDP flow has no end that would let go of it, so it moves as
+            // soon as the backend leaves its Service (kube-proxy flushes such
+            // UDP conntrack entries); a TCP connection runs to its end.
+            let live = unsafe { BACKENDS.get(ct.backend_id) }.copied().filter(|_| {
+                flow.proto == IPPROTO_TCP || backend_match(ct.backend_id, ct.rev_nat_id).is_some()
+            });
+            if let Some(backend) = live {
                 if closing(flow) && ct.flags & CT_FLAG_CLOSING == 0 {
                     unsafe { (*ct_ptr).flags |= CT_FLAG_CLOSING };
                 }
@@ -224,13 +230,8 @@ fn select_backend(
         };
         if let Some(a) = unsafe { AFFINITY.get(key) }.copied() {
             let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
-            let matches = AffinityMatchKey {
-                backend_id: a.backend_id,
-                rev_nat_id: svc.rev_nat_id,
-                _pad: 0,
-            };
             if now.saturating_sub(a.last_used_ns) < timeout_ns
-                && unsafe { AFFINITY_MATCH.get(matches) }.is_some()
+                && backend_match(a.backend_id, svc.rev_nat_id) == Some(BACKEND_MATCH_ACTIVE)
             {
                 count(stats::AFFINITY_HIT);
                 return Some(a.backend_id);

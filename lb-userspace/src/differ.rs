@@ -9,8 +9,8 @@ use std::{
 };
 
 use lb_common::{
-    Backend4, RevNat4, Service4Key, Service4Value, BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    Backend4, RevNat4, Service4Key, Service4Value, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING,
+    BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
 use crate::model::{BackendSet, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry};
@@ -22,8 +22,9 @@ pub struct MapContents {
     pub services: BTreeMap<Service4Key, Service4Value>,
     pub backends: BTreeMap<u32, Backend4>,
     pub rev_nat: BTreeMap<u16, RevNat4>,
-    /// Session affinity may pick (reverse NAT id, backend id).
-    pub affinity_match: BTreeSet<(u16, u32)>,
+    /// (reverse NAT id, backend id) -> `BACKEND_MATCH_*`: which backends
+    /// belong to which frontend (flows and affinity check it).
+    pub backend_match: BTreeMap<(u16, u32), u8>,
     /// loadBalancerSourceRanges per reverse NAT id.
     pub source_ranges: BTreeSet<(u16, Ipv4Prefix)>,
     backend_ids: HashMap<L4Addr, u32>,
@@ -144,8 +145,8 @@ pub enum MapOp {
     PutRevNat(u16, RevNat4),
     PutService(Service4Key, Service4Value),
     DeleteService(Service4Key),
-    PutAffinityMatch(u16, u32),
-    DeleteAffinityMatch(u16, u32),
+    PutBackendMatch(u16, u32, u8),
+    DeleteBackendMatch(u16, u32),
     PutSourceRange(u16, Ipv4Prefix),
     DeleteSourceRange(u16, Ipv4Prefix),
     DeleteRevNat(u16),
@@ -394,7 +395,8 @@ pub fn plan_scoped(
             .or_else(|| new_rev_ids.get(&(f.addr, f.port)).copied())
     };
 
-    // 2b. What session affinity and source ranges read, before a master
+    // 2b. Which backends belong to the frontend (flows and session affinity
+    // check it) and source ranges, before a master
     // turns them on. TCP and UDP of one port share a reverse NAT id, so
     // these are planned per address and port.
     let mut groups: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
@@ -413,20 +415,22 @@ pub fn plan_scoped(
         else {
             continue;
         };
-        let mut matches = BTreeSet::new();
+        let mut matches: BTreeMap<(u16, u32), u8> = BTreeMap::new();
         let mut ranges = BTreeSet::new();
         for proto in [Protocol::Tcp, Protocol::Udp] {
             let Some(e) = desired.get(&L4Addr { addr, port, proto }) else {
                 continue;
             };
-            if e.affinity_timeout != 0 {
-                for b in e
-                    .backends
-                    .active
-                    .iter()
-                    .chain(e.internal.iter().flat_map(|s| &s.active))
-                {
-                    matches.insert((rev, backend_id(b).expect("allocated in step 1")));
+            for set in std::iter::once(&e.backends).chain(e.internal.as_ref()) {
+                for b in &set.terminating {
+                    let id = backend_id(b).expect("allocated in step 1");
+                    matches
+                        .entry((rev, id))
+                        .or_insert(BACKEND_MATCH_TERMINATING);
+                }
+                for b in &set.active {
+                    let id = backend_id(b).expect("allocated in step 1");
+                    matches.insert((rev, id), BACKEND_MATCH_ACTIVE);
                 }
             }
             ranges.extend(e.source_ranges.iter().map(|r| (rev, *r)));
@@ -436,10 +440,10 @@ pub fn plan_scoped(
             port,
             proto: Protocol::Tcp,
         });
-        for m in &matches {
-            if !current.affinity_match.contains(m) {
+        for (m, state) in &matches {
+            if current.backend_match.get(m) != Some(state) {
                 ops.push(PlannedOp {
-                    op: MapOp::PutAffinityMatch(m.0, m.1),
+                    op: MapOp::PutBackendMatch(m.0, m.1, *state),
                     frontend: None,
                 });
             }
@@ -452,10 +456,14 @@ pub fn plan_scoped(
                 });
             }
         }
-        for m in current.affinity_match.range((rev, 0)..=(rev, u32::MAX)) {
-            if !matches.contains(m) {
+        for m in current
+            .backend_match
+            .range((rev, 0)..=(rev, u32::MAX))
+            .map(|(k, _)| k)
+        {
+            if !matches.contains_key(m) {
                 extra_deletes.push(PlannedOp {
-                    op: MapOp::DeleteAffinityMatch(m.0, m.1),
+                    op: MapOp::DeleteBackendMatch(m.0, m.1),
                     frontend: tag,
                 });
             }

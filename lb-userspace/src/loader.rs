@@ -86,7 +86,7 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
         services: HashMap::try_from(take(map_names::SERVICES)?)?,
         backends: HashMap::try_from(take(map_names::BACKENDS)?)?,
         rev_nat: HashMap::try_from(take(map_names::REV_NAT)?)?,
-        affinity_match: HashMap::try_from(take(map_names::AFFINITY_MATCH)?)?,
+        backend_match: HashMap::try_from(take(map_names::BACKEND_MATCH)?)?,
         source_ranges: LpmTrie::try_from(take(map_names::SOURCE_RANGES)?)?,
         config: Array::try_from(take(map_names::CONFIG)?)?,
     })
@@ -108,9 +108,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
         services: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::SERVICES)?))?,
         backends: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::BACKENDS)?))?,
         rev_nat: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::REV_NAT)?))?,
-        affinity_match: HashMap::try_from(aya::maps::Map::HashMap(open(
-            map_names::AFFINITY_MATCH,
-        )?))?,
+        backend_match: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::BACKEND_MATCH)?))?,
         source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(open(map_names::SOURCE_RANGES)?))?,
         config: Array::try_from(aya::maps::Map::Array(open(map_names::CONFIG)?))?,
     })

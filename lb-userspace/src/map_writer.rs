@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
 use lb_common::{
-    config, AffinityMatchKey, Backend4, RevNat4, Service4Key, Service4Value, SourceRange4,
+    config, Backend4, BackendMatchKey, RevNat4, Service4Key, Service4Value, SourceRange4,
     SOURCE_RANGE_PREFIX_BITS,
 };
 
@@ -86,11 +86,11 @@ pub fn record(maps: &mut MapContents, op: &MapOp) {
         MapOp::DeleteService(k) => maps.remove_service(&k),
         MapOp::DeleteRevNat(id) => maps.remove_rev_nat(id),
         MapOp::DeleteBackend(id) => maps.remove_backend(id),
-        MapOp::PutAffinityMatch(rev, b) => {
-            maps.affinity_match.insert((rev, b));
+        MapOp::PutBackendMatch(rev, b, state) => {
+            maps.backend_match.insert((rev, b), state);
         }
-        MapOp::DeleteAffinityMatch(rev, b) => {
-            maps.affinity_match.remove(&(rev, b));
+        MapOp::DeleteBackendMatch(rev, b) => {
+            maps.backend_match.remove(&(rev, b));
         }
         MapOp::PutSourceRange(rev, r) => {
             maps.source_ranges.insert((rev, r));
@@ -101,8 +101,8 @@ pub fn record(maps: &mut MapContents, op: &MapOp) {
     }
 }
 
-fn match_key(rev_nat_id: u16, backend_id: u32) -> AffinityMatchKey {
-    AffinityMatchKey {
+fn match_key(rev_nat_id: u16, backend_id: u32) -> BackendMatchKey {
+    BackendMatchKey {
         backend_id,
         rev_nat_id,
         _pad: 0,
@@ -125,7 +125,7 @@ pub struct BpfMaps {
     pub services: HashMap<MapData, Service4Key, Service4Value>,
     pub backends: HashMap<MapData, u32, Backend4>,
     pub rev_nat: HashMap<MapData, u16, RevNat4>,
-    pub affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
+    pub backend_match: HashMap<MapData, BackendMatchKey, u8>,
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
     pub config: Array<MapData, u32>,
 }
@@ -146,9 +146,9 @@ impl BpfMaps {
             let (k, v) = kv?;
             c.insert_rev_nat(k, v);
         }
-        for k in self.affinity_match.keys() {
-            let k = k?;
-            c.affinity_match.insert((k.rev_nat_id, k.backend_id));
+        for kv in self.backend_match.iter() {
+            let (k, state) = kv?;
+            c.backend_match.insert((k.rev_nat_id, k.backend_id), state);
         }
         for k in self.source_ranges.keys() {
             let k = k?;
@@ -196,11 +196,11 @@ impl MapWriter for BpfMaps {
             MapOp::DeleteService(k) => return ignore_missing(self.services.remove(k)),
             MapOp::DeleteRevNat(id) => return ignore_missing(self.rev_nat.remove(id)),
             MapOp::DeleteBackend(id) => return ignore_missing(self.backends.remove(id)),
-            MapOp::PutAffinityMatch(rev, b) => {
-                self.affinity_match.insert(match_key(*rev, *b), 1, 0)
+            MapOp::PutBackendMatch(rev, b, state) => {
+                self.backend_match.insert(match_key(*rev, *b), state, 0)
             }
-            MapOp::DeleteAffinityMatch(rev, b) => {
-                return ignore_missing(self.affinity_match.remove(&match_key(*rev, *b)))
+            MapOp::DeleteBackendMatch(rev, b) => {
+                return ignore_missing(self.backend_match.remove(&match_key(*rev, *b)))
             }
             MapOp::PutSourceRange(rev, r) => self.source_ranges.insert(&range_key(*rev, r), 1, 0),
             MapOp::DeleteSourceRange(rev, r) => {
@@ -346,12 +346,13 @@ mod tests {
                 MapOp::PutRevNat(..) => "revnat",
                 MapOp::PutService(k, _) if k.backend_slot == 0 => "master",
                 MapOp::PutService(..) => "slot",
+                MapOp::PutBackendMatch(..) => "match",
                 _ => "delete",
             })
             .collect();
         assert_eq!(
             kinds,
-            ["backend", "backend", "revnat", "slot", "slot", "master"]
+            ["backend", "backend", "revnat", "match", "match", "slot", "slot", "master"]
         );
     }
 
@@ -373,13 +374,15 @@ mod tests {
             &mut current,
             &state(&[(80, &["10.244.0.2", "10.244.0.4"]), (81, &["10.244.0.7"])]),
         );
-        // slot 2 now -> .4, master count 3 -> 2, slot 3 deleted, backend .3 deleted.
-        assert_eq!(w.writes.len(), 4, "{:?}", w.writes);
+        // slot 2 now -> .4, master count 3 -> 2, slot 3 deleted, .3 leaves
+        // the Service's backend set, backend .3 deleted.
+        assert_eq!(w.writes.len(), 5, "{:?}", w.writes);
         assert!(
             matches!(w.writes[1], MapOp::PutService(k, v) if k.backend_slot == 0 && v.count == 2)
         );
         assert!(matches!(w.writes[2], MapOp::DeleteService(k) if k.backend_slot == 3));
-        assert!(matches!(w.writes[3], MapOp::DeleteBackend(_)));
+        assert!(matches!(w.writes[3], MapOp::DeleteBackendMatch(..)));
+        assert!(matches!(w.writes[4], MapOp::DeleteBackend(_)));
     }
 
     #[test]

@@ -703,3 +703,216 @@ fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() 
         SocketAddrV4::new(NODE_WIRE_ADDR, 32100)
     ));
 }
+
+/// Sends from one UDP socket (one flow) until `want` answers, bounded.
+fn udp_flow_reaches(sock: &std::net::UdpSocket, want: &str, tries: usize) -> Vec<String> {
+    let mut answers = Vec::new();
+    for _ in 0..tries {
+        sock.send(b"hello").expect("send");
+        let mut buf = [0u8; 256];
+        if let Ok(n) = sock.recv(&mut buf) {
+            let a = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = a == want;
+            answers.push(a);
+            if done {
+                break;
+            }
+        } else {
+            answers.push("(no answer)".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    answers
+}
+
+fn check_udp_flow_follows_pod_cycle(node_port: bool) {
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let ty = if node_port { "NodePort" } else { "ClusterIP" };
+    let spec = json!({"type": ty, "clusterIP": "10.96.0.33", "ports": ports(node_port)});
+    let (first_eps, second_eps) = (vec![ready(&lab, &all[0])], vec![ready(&lab, &all[1])]);
+    publish(&mut lab, "udp", spec.clone(), json!({}), first_eps);
+    let (to, ns) = if node_port {
+        (SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT), &lab.ext)
+    } else {
+        (
+            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 33), 80),
+            &lab.client.ns,
+        )
+    };
+    // One socket, one flow, kept across the change, as the e2e client does.
+    let sock = ns.run_in(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.connect(to).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s
+    });
+    let first = udp_flow_reaches(&sock, &all[0], 20);
+    assert_eq!(
+        first.last(),
+        Some(&all[0]),
+        "the flow reaches the first pod: {first:?}"
+    );
+    // The server pod is replaced: its endpoint goes, a new one comes.
+    publish(&mut lab, "udp", spec, json!({}), second_eps);
+    let after = udp_flow_reaches(&sock, &all[1], 20);
+    assert_eq!(
+        after.last(),
+        Some(&all[1]),
+        "the same UDP flow must move to the new pod: {after:?}"
+    );
+    assert!(after.len() <= 2, "the flow moved late: {after:?}");
+}
+
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip_service() {
+    if !require_root("UDP pod cycle ClusterIP") {
+        return;
+    }
+    check_udp_flow_follows_pod_cycle(false);
+}
+
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service() {
+    if !require_root("UDP pod cycle NodePort") {
+        return;
+    }
+    check_udp_flow_follows_pod_cycle(true);
+}
+
+#[test]
+fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back() {
+    if !require_root("ExternalName to ClusterIP") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
+    let external_name = json!({"type": "ExternalName", "externalName": "db.example.com"});
+    publish(
+        &mut lab,
+        "en",
+        external_name.clone(),
+        json!({}),
+        eps.clone(),
+    );
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 34), 80);
+    assert!(
+        connect_fails(&lab.client.ns, to),
+        "an ExternalName Service has no virtual IP"
+    );
+    publish(
+        &mut lab,
+        "en",
+        json!({"type": "ClusterIP", "clusterIP": "10.96.0.34", "ports": ports(false)}),
+        json!({}),
+        eps.clone(),
+    );
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 20)), all);
+    publish(&mut lab, "en", external_name, json!({}), eps);
+    assert!(
+        connect_fails(&lab.client.ns, to),
+        "back to ExternalName: the ClusterIP is gone"
+    );
+}
+
+/// A lab whose two pods listen on two TCP ports (80 "http", 81 "admin"),
+/// with a Service over them built by the lab's controller.
+fn multiport_lab(service_ports: Value) -> Lab {
+    let yaml = format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: multi}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: multi}}}}
+  template:
+    metadata: {{labels: {{app: multi}}}}
+    spec:
+      containers:
+      - name: server
+        image: lab-server
+        ports:
+        - {{containerPort: 80, name: http}}
+        - {{containerPort: 81, name: admin}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: multi}}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {{app: multi}}
+  ports: {service_ports}
+"#
+    );
+    let (objects, _) = lb_tests::workload::parse_lab_objects(&yaml).expect("parse");
+    let mut lab = Lab::from_objects(objects).expect("build the lab");
+    lab.start_agent().expect("start lb-agent");
+    lab
+}
+
+fn set_multi_ports(lab: &mut Lab, ports: Value) {
+    for o in &mut lab.objects {
+        if let lb_tests::workload::LabObject::Service(s) = o {
+            s.spec.as_mut().unwrap().ports = Some(serde_json::from_value(ports.clone()).unwrap());
+        }
+    }
+    lab.apply_manifests().expect("agent picks up the ports");
+}
+
+#[test]
+fn should_serve_multiport_endpoints_from_pods() {
+    if !require_root("multiport") {
+        return;
+    }
+    let lab = multiport_lab(json!([
+        {"name": "http", "port": 80, "targetPort": "http"},
+        {"name": "admin", "port": 8081, "targetPort": "admin"}
+    ]));
+    let pods = pod_names(&lab);
+    assert_eq!(pods.len(), 2);
+    for port in [80, 8081] {
+        let seen = whoami_tcp(
+            &lab.client.ns,
+            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 40), port),
+            20,
+        );
+        assert_eq!(pods_of(&seen), pods, "Service port {port}");
+    }
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn should_be_updated_after_adding_or_deleting_ports() {
+    if !require_root("adding or deleting ports") {
+        return;
+    }
+    let mut lab = multiport_lab(json!([{"name": "http", "port": 80, "targetPort": "http"}]));
+    let pods = pod_names(&lab);
+    let addr = |port| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 40), port);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(80), 10)), pods);
+    assert!(
+        connect_fails(&lab.client.ns, addr(8081)),
+        "port not added yet"
+    );
+    set_multi_ports(
+        &mut lab,
+        json!([
+            {"name": "http", "port": 80, "targetPort": "http"},
+            {"name": "admin", "port": 8081, "targetPort": "admin"}
+        ]),
+    );
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(80), 10)), pods);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 10)), pods);
+    set_multi_ports(
+        &mut lab,
+        json!([{"name": "admin", "port": 8081, "targetPort": "admin"}]),
+    );
+    assert!(
+        connect_fails(&lab.client.ns, addr(80)),
+        "deleted port still served"
+    );
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 10)), pods);
+}
