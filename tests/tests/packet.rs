@@ -7,7 +7,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
-use lb_common::{csum, program_names, SVC_FLAG_CLUSTER_IP};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::{csum, program_names, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_FLAG_CLUSTER_IP};
 use lb_tests::{
     packet::{self, Tuple, TCP_ACK, TCP_RST, TCP_SYN},
     privilege::require_root,
@@ -17,7 +18,9 @@ use lb_userspace::{
     loader,
     map_writer::{apply_plan, BpfMaps},
     model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
+    translate::{translate_on, NodeInfo},
 };
+use serde_json::{json, Value};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -102,6 +105,23 @@ impl Harness {
             "map writes failed: {:?}",
             report.failed
         );
+    }
+
+    /// Programs what translation makes of Kubernetes objects for `node`.
+    fn program_objects(&mut self, node: &NodeInfo, services: &[Value], slices: &[Value]) {
+        let services: Vec<Service> = services
+            .iter()
+            .map(|v| serde_json::from_value(v.clone()).expect("Service"))
+            .collect();
+        let slices: Vec<EndpointSlice> = slices
+            .iter()
+            .map(|v| serde_json::from_value(v.clone()).expect("EndpointSlice"))
+            .collect();
+        let t = translate_on(node, &services, &slices);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let p = plan(&self.current, &t.state).expect("plan");
+        let report = apply_plan(&mut self.maps, &p, &mut self.current);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
     }
 
     fn run_xdp(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -548,4 +568,97 @@ fn a_deleted_backend_moves_its_flows_to_a_live_one() {
         packet::parse(&h.run_xdp(&packet::udp(&t, b"2", true)).1).dst,
         B2
     );
+}
+
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+#[test]
+fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
+    if !require_root("nodeport_from_the_wire_is_masqueraded") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.maps
+        .set_masquerade_addr(NODE)
+        .expect("masquerade address");
+    let node = NodeInfo {
+        name: "n1".into(),
+        nodeport_addresses: vec![NODE],
+        zone: None,
+    };
+    let svc = json!({"metadata": {"name": "np", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "ports": [
+            {"name": "t", "port": 80, "nodePort": 30080, "protocol": "TCP"},
+            {"name": "u", "port": 80, "nodePort": 30080, "protocol": "UDP"}]}});
+    let slice = json!({"metadata": {"name": "np-1", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "np"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "t", "port": 8080, "protocol": "TCP"}, {"name": "u", "port": 8080, "protocol": "UDP"}],
+        "endpoints": [{"addresses": [B1.to_string()], "nodeName": "n1"}]});
+    h.program_objects(&node, &[svc], &[slice]);
+    let to_node = Tuple {
+        src: CLIENT,
+        sport: 45000,
+        dst: NODE,
+        dport: 30080,
+    };
+    for proto in ["tcp", "udp"] {
+        let sent = if proto == "tcp" {
+            packet::tcp(&to_node, TCP_SYN, 1000, &[], &[])
+        } else {
+            packet::udp(&to_node, b"question", true)
+        };
+        let (verdict, out) = h.run_xdp(&sent);
+        assert_eq!(verdict, XDP_PASS, "{proto}");
+        let p = packet::parse(&out);
+        assert_eq!(
+            (p.dst, p.dport),
+            (B1, 8080),
+            "{proto}: DNAT to the backend: {p:?}"
+        );
+        assert_eq!(p.src, NODE, "{proto}: masqueraded to the node: {p:?}");
+        assert!(
+            (SNAT_PORT_MIN..=SNAT_PORT_MIN + (SNAT_PORT_COUNT - 1)).contains(&p.sport),
+            "{proto}: masquerade port {} outside the range",
+            p.sport
+        );
+        assert!(
+            p.ip_checksum_ok && p.l4_checksum_ok,
+            "{proto}: checksums {p:?}"
+        );
+        // The same flow again: same port.
+        let again = packet::parse(&h.run_xdp(&sent).1);
+        assert_eq!(
+            again.sport, p.sport,
+            "{proto}: a flow keeps its masquerade port"
+        );
+
+        // The backend's reply, leaving its pod: both ends restored.
+        let back = Tuple {
+            src: B1,
+            sport: 8080,
+            dst: NODE,
+            dport: p.sport,
+        };
+        let reply = if proto == "tcp" {
+            packet::tcp(&back, TCP_SYN | TCP_ACK, 5000, &[], &[])
+        } else {
+            packet::udp(&back, b"answer", true)
+        };
+        let (verdict, out) = h.run_tc(&reply);
+        assert!(
+            verdict == TC_ACT_OK || verdict == TC_ACT_REDIRECT,
+            "{proto}: verdict {verdict}"
+        );
+        let r = packet::parse(&out);
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (NODE, 30080, CLIENT, 45000),
+            "{proto}: reply restored: {r:?}"
+        );
+        assert!(
+            r.ip_checksum_ok && r.l4_checksum_ok,
+            "{proto}: checksums {r:?}"
+        );
+    }
 }

@@ -20,6 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
 const NODE_PORT: u16 = 30080;
+const SECOND_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 
 /// A lab with the nginx example's three pods (TCP and UDP on port 80) and
 /// routes from the external client to the test's external addresses.
@@ -63,9 +64,25 @@ fn ready(lab: &Lab, name: &str) -> Value {
     endpoint(lab, name, true, true, false, NODE_NAME)
 }
 
+/// Writes Service `name` and its EndpointSlice without starting an agent.
+fn publish_without_agent(lab: &mut Lab, name: &str, spec: Value, endpoints: Vec<Value>) {
+    write_service(lab, name, spec, json!({}), endpoints);
+    lab.write_manifests().unwrap();
+}
+
 /// Writes Service `name` (its spec given) and one EndpointSlice with
 /// `endpoints` for ports 80/TCP and 80/UDP, and waits for the agent.
 fn publish(lab: &mut Lab, name: &str, spec: Value, status: Value, endpoints: Vec<Value>) {
+    write_service(lab, name, spec, status, endpoints);
+    if lab.agent_pid().is_some() {
+        lab.apply_manifests().expect("agent picks up the change");
+    } else {
+        lab.write_manifests().unwrap();
+        lab.start_agent().expect("start lb-agent");
+    }
+}
+
+fn write_service(lab: &mut Lab, name: &str, spec: Value, status: Value, endpoints: Vec<Value>) {
     let svc = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "default"},
         "spec": spec, "status": status});
@@ -83,12 +100,6 @@ fn publish(lab: &mut Lab, name: &str, spec: Value, status: Value, endpoints: Vec
             serde_yaml::to_string(&slice).unwrap()
         ),
     );
-    if lab.agent_pid().is_some() {
-        lab.apply_manifests().expect("agent picks up the change");
-    } else {
-        lab.write_manifests().unwrap();
-        lab.start_agent().expect("start lb-agent");
-    }
 }
 
 fn ports(node_port: bool) -> Value {
@@ -161,6 +172,17 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
         return;
     }
     let mut lab = lab();
+    // A second node address: NodePorts are served on every one of them.
+    lab.node
+        .exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{SECOND_NODE_ADDR}/24"),
+            "dev",
+            "eth0",
+        ])
+        .expect("second node address");
     let all = pod_names(&lab);
     let eps = all.iter().map(|p| ready(&lab, p)).collect();
     publish(
@@ -170,6 +192,13 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
         json!({}),
         eps,
     );
+    let second = SocketAddrV4::new(SECOND_NODE_ADDR, NODE_PORT);
+    assert_eq!(
+        pods_of(&whoami_tcp(&lab.ext, second, 20)),
+        all,
+        "the NodePort on the second node address"
+    );
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, second, 20)), all);
     let to = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
     let tcp = whoami_tcp(&lab.ext, to, 30);
     assert_eq!(
@@ -915,4 +944,51 @@ fn should_be_updated_after_adding_or_deleting_ports() {
         "deleted port still served"
     );
     assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 10)), pods);
+}
+
+#[test]
+fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one() {
+    if !require_root("topology hints") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let hinted = |lab: &Lab, pod: &str, zone: &str| {
+        let mut e = ready(lab, pod);
+        e["hints"] = json!({"forZones": [{"name": zone}]});
+        e
+    };
+    let spec = json!({"clusterIP": "10.96.0.35", "trafficDistribution": "PreferClose",
+        "ports": ports(false)});
+    let eps = vec![
+        hinted(&lab, &all[0], "zone-a"),
+        hinted(&lab, &all[1], "zone-a"),
+        hinted(&lab, &all[2], "zone-b"),
+    ];
+    // The agent runs in zone-a.
+    publish_without_agent(&mut lab, "topo", spec.clone(), eps);
+    let dir = lab.manifest_dir().to_string_lossy().into_owned();
+    lab.start_agent_with(&[
+        "--manifests",
+        &dir,
+        "--node-name",
+        NODE_NAME,
+        "--zone",
+        "zone-a",
+    ])
+    .expect("start lb-agent");
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 35), 80);
+    assert_eq!(
+        pods_of(&whoami_tcp(&lab.client.ns, to, 30)),
+        all[..2].to_vec()
+    );
+    // One endpoint without a hint: hints are ignored, as kube-proxy does.
+    let mut eps = vec![
+        hinted(&lab, &all[0], "zone-a"),
+        hinted(&lab, &all[1], "zone-a"),
+        ready(&lab, &all[2]),
+    ];
+    eps[2]["hints"] = Value::Null;
+    publish(&mut lab, "topo", spec, json!({}), eps);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 40)), all);
 }
