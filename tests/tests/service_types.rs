@@ -992,3 +992,61 @@ fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one() {
     publish(&mut lab, "topo", spec, json!({}), eps);
     assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 40)), all);
 }
+
+#[test]
+fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_local(
+) {
+    if !require_root("terminating fallback internalTrafficPolicy Local") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    // Ready endpoints exist only on another node; the local one terminates
+    // but still serves.
+    let eps = vec![
+        endpoint(&lab, &all[0], false, true, true, NODE_NAME),
+        endpoint(&lab, &all[1], true, true, false, "other-node"),
+        endpoint(&lab, &all[2], true, true, false, "other-node"),
+    ];
+    publish(
+        &mut lab,
+        "itpterm",
+        json!({"clusterIP": "10.96.0.36", "internalTrafficPolicy": "Local", "ports": ports(false)}),
+        json!({}),
+        eps,
+    );
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 36), 80);
+    assert_eq!(
+        pods_of(&whoami_tcp(&lab.client.ns, to, 20)),
+        vec![all[0].clone()]
+    );
+    assert_eq!(
+        pods_of(&whoami_udp(&lab.client.ns, to, 20)),
+        vec![all[0].clone()]
+    );
+}
+
+#[test]
+fn publish_not_ready_addresses_serves_endpoints_that_are_not_ready() {
+    if !require_root("publishNotReadyAddresses") {
+        return;
+    }
+    let mut lab = lab();
+    let all = pod_names(&lab);
+    let not_ready: Vec<Value> = all
+        .iter()
+        .map(|p| endpoint(&lab, p, false, false, false, NODE_NAME))
+        .collect();
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 37), 80);
+    let spec = |publish_not_ready: bool| {
+        json!({"clusterIP": "10.96.0.37", "publishNotReadyAddresses": publish_not_ready,
+            "ports": ports(false)})
+    };
+    publish(&mut lab, "pnr", spec(false), json!({}), not_ready.clone());
+    assert!(
+        connect_fails(&lab.client.ns, to),
+        "not-ready endpoints must not serve"
+    );
+    publish(&mut lab, "pnr", spec(true), json!({}), not_ready);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 30)), all);
+}
