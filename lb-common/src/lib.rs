@@ -26,7 +26,9 @@ pub mod map_names {
     pub const BACKEND_MATCH: &str = "lb4_backend_match";
     pub const SOURCE_RANGES: &str = "lb4_source_ranges";
     pub const CONFIG: &str = "lb_config";
-    pub const ALL: [&str; 10] = [
+    pub const SOCK_REV: &str = "lb4_sock_rev";
+    pub const SOCK_FWD: &str = "lb4_sock_fwd";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -37,6 +39,8 @@ pub mod map_names {
         BACKEND_MATCH,
         SOURCE_RANGES,
         CONFIG,
+        SOCK_REV,
+        SOCK_FWD,
     ];
 }
 
@@ -48,6 +52,11 @@ pub mod program_names {
     pub const TC_FROM_POD: &str = "lb_tc_from_pod";
     /// XDP that passes everything, for veth peers receiving XDP_TX frames.
     pub const XDP_PASS: &str = "lb_xdp_pass";
+    /// cgroup socket hooks (socket-level load balancing).
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 }
 
 pub const MAX_SERVICE_SLOTS: u32 = 262_144;
@@ -57,6 +66,7 @@ pub const MAX_CONNTRACK: u32 = 262_144;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_BACKEND_MATCH: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
+pub const MAX_SOCK_REV: u32 = 262_144;
 /// Most backends one Service port can have (slots 1..=N in the services map).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 4_096;
 
@@ -210,11 +220,53 @@ pub const SNAT_PORT_TRIES: u32 = 16;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Affinity4Key {
-    pub client_addr: u32,
+    /// `AFFINITY_CLIENT_ADDR`: the client's IPv4 address;
+    /// `AFFINITY_CLIENT_NETNS`: its network namespace cookie, folded to 32
+    /// bits (the socket path, where the source address is not known yet; a
+    /// pod has one namespace and one address).
+    pub client: u32,
     /// TCP and UDP of one address and port share a reverse NAT id.
     pub rev_nat_id: u16,
     pub proto: u8,
+    pub client_kind: u8,
+}
+
+pub const AFFINITY_CLIENT_ADDR: u8 = 0;
+pub const AFFINITY_CLIENT_NETNS: u8 = 1;
+
+/// Socket-level translations, for `recvmsg4` and `getpeername4`: which
+/// Service a socket's backend address stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRev4Key {
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// An unconnected UDP socket's backend per Service frontend, so its
+/// datagrams to a Service stay one flow on one backend, as on the packet
+/// paths (until that backend leaves the Service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockFwd4Key {
+    pub cookie: u64,
+    /// Service address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
     pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRev4Value {
+    /// Service address and port, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub rev_nat_id: u16,
 }
 
 #[repr(C)]
@@ -253,6 +305,13 @@ pub struct SourceRange4 {
     pub addr: u32,
 }
 
+/// Socket-level load balancing off: the per-packet paths do the work.
+pub const SOCKET_LB_OFF: u32 = 0;
+/// Every socket in the attached cgroup.
+pub const SOCKET_LB_ALL: u32 = 1;
+/// Sockets of the host network namespace only (pods use the per-packet path).
+pub const SOCKET_LB_HOST: u32 = 2;
+
 /// Bits of `SourceRange4` before the address.
 pub const SOURCE_RANGE_PREFIX_BITS: u32 = 32;
 
@@ -260,6 +319,11 @@ pub const SOURCE_RANGE_PREFIX_BITS: u32 = 32;
 pub mod config {
     /// The node address masqueraded flows get as source (network order).
     pub const MASQUERADE_ADDR: u32 = 0;
+    /// `SOCKET_LB_*`.
+    pub const SOCKET_LB_MODE: u32 = 1;
+    /// The agent's (host) network namespace cookie, low and high halves.
+    pub const HOST_NETNS_COOKIE_LO: u32 = 2;
+    pub const HOST_NETNS_COOKIE_HI: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -310,7 +374,9 @@ pub mod stats {
     pub const AFFINITY_HIT: u32 = 11;
     /// External traffic policy Local without a local endpoint: dropped.
     pub const NO_LOCAL_BACKEND_DROPPED: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// connect()/sendmsg() to a Service translated at the socket.
+    pub const SOCK_TRANSLATED: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const NAMES: [&str; COUNT as usize] = [
         "service_forwarded",
         "reverse_natted",
@@ -325,6 +391,7 @@ pub mod stats {
         "snat_failed",
         "affinity_hit",
         "no_local_backend_dropped",
+        "sock_translated",
     ];
 }
 
@@ -344,6 +411,9 @@ mod user {
     unsafe impl aya::Pod for Affinity4Value {}
     unsafe impl aya::Pod for BackendMatchKey {}
     unsafe impl aya::Pod for SourceRange4 {}
+    unsafe impl aya::Pod for SockRev4Key {}
+    unsafe impl aya::Pod for SockRev4Value {}
+    unsafe impl aya::Pod for SockFwd4Key {}
 }
 
 #[cfg(test)]
@@ -363,5 +433,8 @@ mod tests {
         assert_eq!(size_of::<Affinity4Value>(), 16);
         assert_eq!(size_of::<BackendMatchKey>(), 8);
         assert_eq!(size_of::<SourceRange4>(), 8);
+        assert_eq!(size_of::<SockRev4Key>(), 16);
+        assert_eq!(size_of::<SockRev4Value>(), 8);
+        assert_eq!(size_of::<SockFwd4Key>(), 16);
     }
 }

@@ -13,13 +13,14 @@
 mod headers;
 mod maps;
 mod nat;
+mod sock_path;
 mod tc_path;
 mod xdp_path;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 #[xdp]
@@ -39,6 +40,26 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
     tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock_path::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_path::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_path::restore(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_path::restore(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     config, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value,
-    RevNat4, Service4Key, Service4Value, ServiceStats, SourceRange4, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_BACKEND_MATCH, MAX_CONNTRACK, MAX_REV_NAT, MAX_SERVICE_SLOTS, MAX_SOURCE_RANGES,
+    RevNat4, Service4Key, Service4Value, ServiceStats, SockFwd4Key, SockRev4Key, SockRev4Value,
+    SourceRange4, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_MATCH, MAX_CONNTRACK, MAX_REV_NAT,
+    MAX_SERVICE_SLOTS, MAX_SOCK_REV, MAX_SOURCE_RANGES,
 };
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
@@ -53,6 +54,13 @@ pub static BACKEND_MATCH: HashMap<
 #[btf_map(name = "lb4_source_ranges")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange4, u8, { MAX_SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+#[btf_map(name = "lb4_sock_rev")]
+pub static SOCK_REV: LruHashMap<SockRev4Key, SockRev4Value, { MAX_SOCK_REV as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "lb4_sock_fwd")]
+pub static SOCK_FWD: LruHashMap<SockFwd4Key, u32, { MAX_SOCK_REV as usize }> = LruHashMap::new();
 
 #[btf_map(name = "lb_config")]
 pub static CONFIG: Array<u32, { config::COUNT as usize }> = Array::new();

@@ -7,11 +7,11 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
     config, stats, Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Service4Key,
-    Service4Value, BACKEND_MATCH_ACTIVE, CT_CLOSING_LIFETIME_NS, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS,
-    CT_UDP_LIFETIME_NS, IPPROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_COUNT,
-    SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    Service4Value, AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_CLOSING_LIFETIME_NS,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
+    CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS, CT_UDP_LIFETIME_NS, IPPROTO_TCP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL,
+    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
@@ -74,28 +74,11 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
     if let Some(action) = reverse_nat(rw, flow, now) {
         return action;
     }
-    let mut svc_key = Service4Key {
-        addr: flow.daddr,
-        port: flow.dport,
-        backend_slot: 0,
-        proto: flow.proto,
-        scope: SCOPE_EXTERNAL,
-        _pad: [0; 2],
-    };
-    // SAFETY: the value is copied out at once; the agent replaces whole entries.
-    let Some(mut svc) = (unsafe { SERVICES.get(svc_key) }).copied() else {
+    let Some((svc_key, svc)) =
+        lookup_service(flow.daddr, flow.dport, flow.proto, hook == Hook::Pod)
+    else {
         return Action::Pass;
     };
-    if hook == Hook::Pod && svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
-        let internal = Service4Key {
-            scope: SCOPE_INTERNAL,
-            ..svc_key
-        };
-        if let Some(v) = (unsafe { SERVICES.get(internal) }).copied() {
-            svc = v;
-            svc_key = internal;
-        }
-    }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(svc.rev_nat_id, flow.saddr) {
         count(stats::SOURCE_RANGE_DROPPED);
         return Action::Drop;
@@ -152,7 +135,13 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
             Action::RejectUdp
         };
     }
-    let Some(backend_id) = select_backend(&svc, &svc_key, flow, now) else {
+    let client = Affinity4Key {
+        client: flow.saddr,
+        rev_nat_id: svc.rev_nat_id,
+        proto: flow.proto,
+        client_kind: AFFINITY_CLIENT_ADDR,
+    };
+    let Some(backend_id) = select_backend(&svc, &svc_key, &client, now) else {
         count(stats::BACKEND_MISSING);
         return Action::Drop;
     };
@@ -160,20 +149,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
         count(stats::BACKEND_MISSING);
         return Action::Drop;
     };
-    if svc.affinity_timeout != 0 {
-        let key = Affinity4Key {
-            client_addr: flow.saddr,
-            rev_nat_id: svc.rev_nat_id,
-            proto: flow.proto,
-            _pad: 0,
-        };
-        let value = Affinity4Value {
-            last_used_ns: now,
-            backend_id,
-            _pad: 0,
-        };
-        let _ = AFFINITY.insert(key, value, 0);
-    }
+    remember_affinity(&svc, &client, backend_id, now);
 
     // External traffic is masqueraded unless its policy is Local, so replies
     // come back through this node; a pod reaching itself through a Service
@@ -215,19 +191,14 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
 /// The client's affinity backend while it is fresh and still an active
 /// backend of the frontend; otherwise a random active slot.
 #[inline(always)]
-fn select_backend(
+pub fn select_backend(
     svc: &Service4Value,
     svc_key: &Service4Key,
-    flow: &Flow,
+    client: &Affinity4Key,
     now: u64,
 ) -> Option<u32> {
     if svc.affinity_timeout != 0 {
-        let key = Affinity4Key {
-            client_addr: flow.saddr,
-            rev_nat_id: svc.rev_nat_id,
-            proto: flow.proto,
-            _pad: 0,
-        };
+        let key = *client;
         if let Some(a) = unsafe { AFFINITY.get(key) }.copied() {
             let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
             if now.saturating_sub(a.last_used_ns) < timeout_ns
@@ -244,6 +215,50 @@ fn select_backend(
         ..*svc_key
     };
     unsafe { SERVICES.get(slot_key) }.map(|v| v.backend_id)
+}
+
+/// Records the client's choice for session affinity.
+#[inline(always)]
+pub fn remember_affinity(svc: &Service4Value, client: &Affinity4Key, backend_id: u32, now: u64) {
+    if svc.affinity_timeout != 0 {
+        let value = Affinity4Value {
+            last_used_ns: now,
+            backend_id,
+            _pad: 0,
+        };
+        let _ = AFFINITY.insert(*client, value, 0);
+    }
+}
+
+/// The master of the frontend (addr, port, proto) in network order, in
+/// the internal scope when `internal` and the frontend has two.
+#[inline(always)]
+pub fn lookup_service(
+    addr: u32,
+    port: u16,
+    proto: u8,
+    internal: bool,
+) -> Option<(Service4Key, Service4Value)> {
+    let key = Service4Key {
+        addr,
+        port,
+        backend_slot: 0,
+        proto,
+        scope: SCOPE_EXTERNAL,
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once; the agent replaces whole entries.
+    let svc = (unsafe { SERVICES.get(key) }).copied()?;
+    if internal && svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
+        let internal_key = Service4Key {
+            scope: SCOPE_INTERNAL,
+            ..key
+        };
+        if let Some(v) = (unsafe { SERVICES.get(internal_key) }).copied() {
+            return Some((internal_key, v));
+        }
+    }
+    Some((key, svc))
 }
 
 /// A source address and port for a masqueraded flow: the node's

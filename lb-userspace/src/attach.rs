@@ -14,7 +14,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf,
 };
@@ -238,6 +238,150 @@ impl Attachments {
         }
         Ok(attached)
     }
+}
+
+/// Socket-level load balancing, as `--socket-lb` sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLbMode {
+    /// Every socket in the cgroup: pods and the host.
+    All,
+    /// Sockets of the host network namespace only; pods use the per-packet
+    /// path (for meshes that intercept pod traffic themselves).
+    Host,
+    /// Not attached: the per-packet paths do all the work.
+    Off,
+}
+
+impl SocketLbMode {
+    pub fn config_value(self) -> u32 {
+        match self {
+            SocketLbMode::All => lb_common::SOCKET_LB_ALL,
+            SocketLbMode::Host => lb_common::SOCKET_LB_HOST,
+            SocketLbMode::Off => lb_common::SOCKET_LB_OFF,
+        }
+    }
+}
+
+const SOCK_PROGRAMS: [&str; 4] = [
+    program_names::SOCK_CONNECT4,
+    program_names::SOCK_SENDMSG4,
+    program_names::SOCK_RECVMSG4,
+    program_names::SOCK_GETPEERNAME4,
+];
+
+impl Attachments {
+    /// Attaches the socket hooks to `cgroup` (a cgroup v2 folder; the root
+    /// covers every process of the node), pinned like the others. A link a
+    /// previous agent pinned is replaced only after the new one is in place:
+    /// for that moment both run, and the second finds nothing to translate.
+    pub fn attach_cgroup(&self, ebpf: &mut Ebpf, cgroup: &Path) -> Result<()> {
+        if !is_cgroup2(cgroup) {
+            bail!("{} is not a cgroup v2 folder", cgroup.display());
+        }
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in SOCK_PROGRAMS {
+            let pin = self.pin_path("cgroup", name);
+            let previous = adopt_pinned(&pin);
+            let prog: &mut CgroupSockAddr = program(ebpf, name)?.try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+            // With bpf_link the kernel takes no flags and always lets other
+            // programs (and a previous agent's link) run alongside.
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .context("cgroup hook attached without a bpf_link (kernel < 5.7?)")?;
+            let tmp = pin.with_file_name(format!(
+                "{}_new",
+                pin.file_name().and_then(|n| n.to_str()).unwrap_or("link")
+            ));
+            let _ = std::fs::remove_file(&tmp);
+            link.pin(&tmp)
+                .with_context(|| format!("pinning {}", tmp.display()))?;
+            std::fs::rename(&tmp, &pin).with_context(|| format!("replacing {}", pin.display()))?;
+            // The previous agent's link goes with its last reference.
+            drop(previous);
+        }
+        Ok(())
+    }
+
+    /// Detaches the socket hooks (mode off): their pins were their last
+    /// references.
+    pub fn detach_cgroup(&self) {
+        for name in SOCK_PROGRAMS {
+            let _ = std::fs::remove_file(self.pin_path("cgroup", name));
+        }
+    }
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn is_cgroup2(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
+}
+
+/// Makes sure `path` is a cgroup v2 folder: it is one, or it is mounted
+/// there now (hosts with cgroup v1 controllers still have the v2 hierarchy,
+/// it is only not mounted; its root holds every process).
+pub fn ensure_cgroup2(path: &Path) -> Result<()> {
+    if is_cgroup2(path) {
+        return Ok(());
+    }
+    if path.exists() && std::fs::read_dir(path)?.next().is_some() {
+        bail!(
+            "{} is not a cgroup v2 folder (and not empty, so nothing is mounted over it)",
+            path.display()
+        );
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let fstype = std::ffi::CString::new("cgroup2")?;
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting cgroup2 on {}", path.display()));
+    }
+    log::info!("mounted the cgroup v2 hierarchy on {}", path.display());
+    Ok(())
+}
+
+/// This process's network namespace cookie (SO_NETNS_COOKIE).
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("a socket to ask")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out pointer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt SO_NETNS_COOKIE");
+    }
+    Ok(cookie)
 }
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {

@@ -11,7 +11,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{map_names, stats, DEFAULT_PIN_DIR};
 use lb_userspace::{
-    attach::{default_route_interfaces, Attachments, XdpAttachMode},
+    attach::{
+        default_route_interfaces, ensure_cgroup2, netns_cookie, Attachments, SocketLbMode,
+        XdpAttachMode,
+    },
     health_check::HealthServer,
     inspect,
     k8s::{self, ClusterState, Work},
@@ -63,6 +66,9 @@ enum Output {
     Json,
 }
 
+/// Where the agent finds (or mounts) the cgroup v2 root by default.
+const DEFAULT_CGROUP_ROOT: &str = "/run/lb-agent/cgroupv2";
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Read Services and EndpointSlices from this folder of manifests (YAML/JSON,
@@ -111,6 +117,16 @@ struct RunArgs {
     /// Node's `topology.kubernetes.io/zone` label (Kubernetes source only).
     #[arg(long)]
     zone: Option<String>,
+    /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername
+    /// hooks): `all` sockets in --cgroup, the `host` network namespace only,
+    /// or `off` (the per-packet paths do all the work).
+    #[arg(long, value_enum, default_value_t = SocketLbMode::All)]
+    socket_lb: SocketLbMode,
+    /// The cgroup v2 folder the socket hooks attach to. The default is the
+    /// v2 root, mounted there when it is not yet (the root covers every
+    /// process of the node, also where /sys/fs/cgroup holds v1 controllers).
+    #[arg(long, default_value = DEFAULT_CGROUP_ROOT)]
+    cgroup: PathBuf,
     /// Remove everything the agent installed (pinned links, which detaches the
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
     #[arg(long)]
@@ -287,6 +303,21 @@ fn setup_datapath(
     }
     for iface in &wire {
         node_net::set_accept_local(iface)?;
+    }
+    maps.set_socket_lb(args.socket_lb.config_value(), netns_cookie()?)
+        .context("writing the socket LB mode")?;
+    if args.socket_lb == SocketLbMode::Off {
+        attachments.detach_cgroup();
+    } else {
+        if args.cgroup == Path::new(DEFAULT_CGROUP_ROOT) {
+            ensure_cgroup2(&args.cgroup)?;
+        }
+        attachments.attach_cgroup(&mut ebpf, &args.cgroup)?;
+        log::info!(
+            "socket-level load balancing ({:?}) on cgroup {}",
+            args.socket_lb,
+            args.cgroup.display()
+        );
     }
     let mut dp = DataPath {
         ebpf,

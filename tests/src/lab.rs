@@ -37,6 +37,8 @@ pub const NODE_WIRE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub const EXT_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const CLIENT_POD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 pub const NODE_NAME: &str = "lab-node";
+/// Where the lab mounts (once) the cgroup v2 hierarchy for its cgroups.
+pub const LAB_CGROUP_ROOT: &str = "/run/lb-lab/cgroupv2";
 const NETNS_PREFIX: &str = "lbt-";
 const POD_GATEWAY: &str = "169.254.1.1";
 
@@ -242,6 +244,23 @@ pub fn sweep_stale() {
             }
         }
     }
+    if let Ok(entries) = fs::read_dir(LAB_CGROUP_ROOT) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                if let Ok(procs) = fs::read_to_string(e.path().join("cgroup.procs")) {
+                    for pid in procs
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok())
+                    {
+                        // SAFETY: plain signal to a leftover of a dead lab.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
 }
 
 /// Attaches the object's pass-through XDP program to `eth0` of the
@@ -262,6 +281,9 @@ pub struct Lab {
     /// Scratch folder: manifests/, agent.log, ready.
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
+    /// The lab's cgroup (v2): the agent's socket hooks attach here, and
+    /// `command_in_cgroup` starts processes in it.
+    pub cgroup: PathBuf,
     agent: Option<ChildGuard>,
     pub objects: Vec<LabObject>,
     /// Extra manifests (Services, EndpointSlices) written as they are.
@@ -358,8 +380,13 @@ impl Lab {
         }
         let lab_server = sibling_binary("lab-server", "LAB_SERVER_BIN")?;
         let client_ns = Netns::create(&format!("{id}-client"))?;
+        lb_userspace::attach::ensure_cgroup2(Path::new(LAB_CGROUP_ROOT))?;
+        let cgroup = PathBuf::from(LAB_CGROUP_ROOT).join(&id);
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let mut lab = Self {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&id),
+            cgroup,
             id,
             dir,
             agent: None,
@@ -635,6 +662,10 @@ impl Lab {
             .command(agent)
             .args(["--pin-dir", &self.pin_dir.to_string_lossy(), "run"])
             .args(source)
+            // The socket hooks go on the lab's own cgroup, never on the
+            // machine's root: only processes the lab puts there are affected.
+            .arg("--cgroup")
+            .arg(&self.cgroup)
             .args([
                 "--interfaces",
                 "eth0",
@@ -652,6 +683,18 @@ impl Lab {
             .spawn()?;
         self.agent = Some(ChildGuard(child));
         Ok(())
+    }
+
+    /// A command that runs `program` in network namespace `ns` and in the
+    /// lab's cgroup (so the agent's socket hooks apply to it). It moves
+    /// itself into the cgroup before it execs, so no socket escapes.
+    pub fn command_in_cgroup(&self, ns: &Netns, program: &Path) -> Command {
+        let mut c = ns.command("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0\"/cgroup.procs && exec \"$@\"")
+            .arg(&self.cgroup)
+            .arg(program);
+        c
     }
 
     /// The agent's process id, while it runs.
@@ -792,6 +835,22 @@ impl Drop for Lab {
         }
         let _ = lb_userspace::loader::cleanup(&self.pin_dir);
         let _ = fs::remove_dir_all(&self.dir);
+        // The cgroup goes once its processes are gone (bounded wait).
+        for _ in 0..50 {
+            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+                for pid in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: plain signal to a process the lab started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // Detach where it was attached: an interface index means nothing
         // in the host's own namespace.
         if let Some(xdp) = self.ext_xdp.take() {

@@ -1,0 +1,232 @@
+//! Socket-level load balancing in the lab: clients run as their own
+//! processes (`lab-client`) inside the lab's cgroup, where the agent's
+//! connect4/sendmsg4/recvmsg4/getpeername4 hooks apply.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::Stdio,
+};
+
+use lb_tests::{
+    lab::{sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    privilege::require_root,
+    workload::LabObject,
+};
+use serde_json::{json, Value};
+
+const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE_PORT: u16 = 30080;
+
+/// The nginx example plus a NodePort Service over the same pods, with the
+/// agent in socket LB mode `mode`.
+fn lab(mode: &str) -> Lab {
+    let example =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/nginx-deployment.yaml");
+    let mut lab = Lab::from_manifest_files(&[example]).expect("build the lab");
+    let np = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "nginx-np", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.11", "selector": {"app": "nginx"},
+            "ports": [{"name": "http", "port": 80, "targetPort": 80, "nodePort": NODE_PORT},
+                      {"name": "udp", "port": 80, "protocol": "UDP", "targetPort": 80, "nodePort": NODE_PORT}]}});
+    lab.objects
+        .push(LabObject::Service(serde_json::from_value(np).unwrap()));
+    lab.write_manifests().unwrap();
+    let dir = lab.manifest_dir().to_string_lossy().into_owned();
+    lab.start_agent_with(&[
+        "--manifests",
+        &dir,
+        "--node-name",
+        NODE_NAME,
+        "--socket-lb",
+        mode,
+    ])
+    .expect("start lb-agent");
+    lab
+}
+
+/// Runs lab-client in `ns` and the lab's cgroup; its output lines split
+/// at the tab.
+fn client(lab: &Lab, ns: &Netns, args: &[&str]) -> Vec<(String, String)> {
+    let bin = sibling_binary("lab-client", "LAB_CLIENT_BIN").expect("lab-client binary");
+    let out = lab
+        .command_in_cgroup(ns, &bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run lab-client");
+    assert!(
+        out.status.success(),
+        "lab-client {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (a, b) = l.split_once('\t').unwrap_or((l, ""));
+            (a.to_owned(), b.to_owned())
+        })
+        .collect()
+}
+
+/// The pods that answered; panics on an error line.
+fn answering_pods(lines: &[(String, String)]) -> BTreeSet<String> {
+    lines
+        .iter()
+        .map(|(_, answer)| {
+            assert!(!answer.starts_with("error"), "a request failed: {lines:?}");
+            answer.split(' ').next().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+fn peers(lines: &[(String, String)]) -> BTreeSet<String> {
+    lines.iter().map(|(p, _)| p.clone()).collect()
+}
+
+fn datapath_stat(lab: &Lab, name: &str) -> u64 {
+    let agent = sibling_binary("lb-agent", "LB_AGENT_BIN").unwrap();
+    let pin_dir = lab.pin_dir.to_string_lossy().into_owned();
+    let out = lab
+        .node
+        .exec(&[
+            agent.to_str().unwrap(),
+            "--pin-dir",
+            &pin_dir,
+            "stats",
+            "--output",
+            "json",
+        ])
+        .expect("lb-agent stats");
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+fn all_pods(lab: &Lab) -> BTreeSet<String> {
+    lab.pods.keys().cloned().collect()
+}
+
+#[test]
+fn should_function_for_node_service_http() {
+    if !require_root("should_function_for_node_service_http") {
+        return;
+    }
+    let lab = lab("all");
+    for to in [
+        SocketAddrV4::new(NGINX, 80),
+        SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
+    ] {
+        let lines = client(&lab, &lab.node, &["tcp", &to.to_string(), "30"]);
+        assert_eq!(
+            answering_pods(&lines),
+            all_pods(&lab),
+            "a node process reaches {to}"
+        );
+        assert_eq!(
+            peers(&lines),
+            BTreeSet::from([to.to_string()]),
+            "getpeername shows the address the process connected to"
+        );
+    }
+    assert!(datapath_stat(&lab, "sock_translated") >= 60);
+}
+
+#[test]
+fn should_function_for_node_service_udp() {
+    if !require_root("should_function_for_node_service_udp") {
+        return;
+    }
+    let lab = lab("all");
+    for to in [
+        SocketAddrV4::new(NGINX, 80),
+        SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
+    ] {
+        let lines = client(&lab, &lab.node, &["udp", &to.to_string(), "30"]);
+        assert_eq!(
+            answering_pods(&lines),
+            all_pods(&lab),
+            "a node process reaches {to}"
+        );
+        assert_eq!(
+            peers(&lines),
+            BTreeSet::from([to.to_string()]),
+            "replies come from the address the process sent to"
+        );
+    }
+}
+
+#[test]
+fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client() {
+    if !require_root("pod connection through socket LB") {
+        return;
+    }
+    let lab = lab("all");
+    let to = SocketAddrV4::new(NGINX, 80);
+    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "20"]);
+    assert_eq!(answering_pods(&lines), all_pods(&lab));
+    assert_eq!(
+        peers(&lines),
+        BTreeSet::from([to.to_string()]),
+        "getpeername"
+    );
+    for (_, answer) in &lines {
+        let seen = answer.split(' ').nth(1).unwrap_or_default();
+        assert!(
+            seen.starts_with(&format!("{CLIENT_POD_ADDR}:")),
+            "the backend sees the pod's own address: {answer}"
+        );
+    }
+    let lines = client(&lab, &lab.client.ns, &["udp", &to.to_string(), "20"]);
+    assert_eq!(answering_pods(&lines), all_pods(&lab));
+    assert_eq!(peers(&lines), BTreeSet::from([to.to_string()]));
+    // Translated at the socket: no packet of these flows was translated.
+    assert_eq!(datapath_stat(&lab, "service_forwarded"), 0);
+    assert!(datapath_stat(&lab, "sock_translated") >= 40);
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
+    if !require_root("socket LB off") {
+        return;
+    }
+    let lab = lab("off");
+    let to = SocketAddrV4::new(NGINX, 80);
+    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "20"]);
+    assert_eq!(answering_pods(&lines), all_pods(&lab));
+    assert_eq!(peers(&lines), BTreeSet::from([to.to_string()]));
+    let lines = client(&lab, &lab.client.ns, &["udp", &to.to_string(), "20"]);
+    assert_eq!(answering_pods(&lines), all_pods(&lab));
+    assert_eq!(datapath_stat(&lab, "sock_translated"), 0);
+    assert!(
+        datapath_stat(&lab, "service_forwarded") >= 40,
+        "tc translated them"
+    );
+    lab.assert_no_checksum_errors();
+}
+
+#[test]
+fn socket_lb_host_mode_translates_host_sockets_only() {
+    if !require_root("socket LB host") {
+        return;
+    }
+    let lab = lab("host");
+    let to = SocketAddrV4::new(NGINX, 80);
+    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "10"]);
+    assert_eq!(answering_pods(&lines), all_pods(&lab));
+    assert_eq!(
+        datapath_stat(&lab, "sock_translated"),
+        0,
+        "pods use the packet path"
+    );
+    let lines = client(&lab, &lab.node, &["tcp", &to.to_string(), "10"]);
+    assert_eq!(answering_pods(&lines), all_pods(&lab));
+    assert_eq!(
+        datapath_stat(&lab, "sock_translated"),
+        10,
+        "the node's sockets are translated"
+    );
+}
