@@ -31,14 +31,16 @@ fn netns_cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 #[inline(always)]
+fn host_netns_cookie() -> u64 {
+    (maps::config(config::HOST_NETNS_COOKIE_HI) as u64) << 32
+        | maps::config(config::HOST_NETNS_COOKIE_LO) as u64
+}
+
+#[inline(always)]
 fn enabled(ctx: &SockAddrContext) -> bool {
     match maps::config(config::SOCKET_LB_MODE) {
         SOCKET_LB_ALL => true,
-        SOCKET_LB_HOST => {
-            let host = (maps::config(config::HOST_NETNS_COOKIE_HI) as u64) << 32
-                | maps::config(config::HOST_NETNS_COOKIE_LO) as u64;
-            netns_cookie(ctx) == host
-        }
+        SOCKET_LB_HOST => netns_cookie(ctx) == host_netns_cookie(),
         _ => false,
     }
 }
@@ -76,6 +78,13 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         17 => IPPROTO_UDP,
         _ => return ALLOW,
     };
+    // A connected UDP socket translated here would stay on its backend
+    // after that backend is gone. The agent closes such sockets in its own
+    // (host) namespace; in pods they are left to the per-packet path, which
+    // moves them to a live backend by itself.
+    if !sticky && proto == IPPROTO_UDP && netns_cookie(ctx) != host_netns_cookie() {
+        return ALLOW;
+    }
     // user_port holds the port in network order in its low 16 bits.
     let port = port as u16;
     let Some((svc_key, svc)) = lookup_service(addr, port, proto, true) else {

@@ -245,9 +245,22 @@ struct DataPath {
     ebpf: aya::Ebpf,
     attachments: Attachments,
     health: HealthServer,
+    socket_lb: SocketLbMode,
 }
 
 impl DataPath {
+    /// Host sockets connected (translated at connect()) to UDP backends a
+    /// sync deleted are closed; pods' connected UDP goes per packet and
+    /// moves by itself.
+    fn close_stale_udp(&self, report: &SyncReport) {
+        if self.socket_lb == SocketLbMode::Off || report.deleted_udp_backends.is_empty() {
+            return;
+        }
+        if let Err(e) = node_net::destroy_udp_sockets_to(&report.deleted_udp_backends) {
+            log::warn!("closing UDP sockets connected to deleted backends: {e:#}");
+        }
+    }
+
     fn refresh_pods(&mut self) -> Result<()> {
         for (name, how) in self.attachments.refresh_pod_interfaces(&mut self.ebpf)? {
             log::info!("tc on pod interface {name}: {how:?}");
@@ -323,6 +336,7 @@ fn setup_datapath(
         ebpf,
         attachments,
         health: HealthServer::default(),
+        socket_lb: args.socket_lb,
     };
     dp.refresh_pods()?;
     install_datapath_metrics(pin_dir, metrics)?;
@@ -489,6 +503,7 @@ async fn run_manifests(
             }
             publish_names(programmer);
             dp.health.update(programmer.health.values());
+            dp.close_stale_udp(&report);
             metrics.set_ready();
             log.record("manifests", &report, started)
         };
@@ -597,6 +612,7 @@ async fn run_kubernetes(
         needs_full = false;
         publish_names(programmer);
         dp.health.update(programmer.health.values());
+        dp.close_stale_udp(&report);
         metrics.set_ready();
         log.record(kind, &report, started)?;
     }

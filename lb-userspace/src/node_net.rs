@@ -74,3 +74,37 @@ pub fn set_accept_local(iface: &str) -> Result<()> {
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
     fs::write(&path, "1").with_context(|| format!("writing 1 to {path}"))
 }
+
+/// Destroys the UDP sockets of this network namespace connected to
+/// `backends` (`ss -K`, sock_diag SOCK_DESTROY): a socket connected at
+/// connect() time to a backend that is gone would otherwise send into the
+/// void for its whole life. The application gets ECONNABORTED and, like a
+/// resolver does, connects again, to a live backend.
+pub fn destroy_udp_sockets_to(backends: &[std::net::SocketAddrV4]) -> Result<()> {
+    // One filter per call, bounded: ss takes `dst A:P or dst B:Q ...`.
+    for chunk in backends.chunks(64) {
+        let mut args: Vec<String> = vec!["-K".into(), "-u".into(), "-n".into(), "-H".into()];
+        for (i, b) in chunk.iter().enumerate() {
+            if i > 0 {
+                args.push("or".into());
+            }
+            args.push("dst".into());
+            args.push(b.to_string());
+        }
+        let out = std::process::Command::new("ss")
+            .args(&args)
+            .output()
+            .context("running ss -K (iproute2)")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "ss -K failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let n = String::from_utf8_lossy(&out.stdout).lines().count();
+        if n > 0 {
+            log::info!("closed {n} UDP socket(s) connected to deleted backends {chunk:?}");
+        }
+    }
+    Ok(())
+}

@@ -26,6 +26,8 @@ pub struct SyncReport {
     pub backends: usize,
     pub writes: usize,
     pub errors: Vec<String>,
+    /// UDP backends this sync deleted: sockets connected to them are stale.
+    pub deleted_udp_backends: Vec<std::net::SocketAddrV4>,
 }
 
 pub struct Programmer<W: MapWriter> {
@@ -151,12 +153,23 @@ impl<W: MapWriter> Programmer<W> {
                 differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(_)
             )
         });
+        let deleted_udp_backends = plan
+            .iter()
+            .filter_map(|o| match o.op {
+                differ::MapOp::DeleteBackend(id) => self.current.backends.get(&id).copied(),
+                _ => None,
+            })
+            .filter_map(|b| differ::backend_addr(&b))
+            .filter(|a| a.proto == crate::model::Protocol::Udp)
+            .map(|a| std::net::SocketAddrV4::new(a.addr, a.port))
+            .collect();
         let report = apply_plan(&mut self.writer, &plan, &mut self.current);
         let mut out = SyncReport {
             frontends: self.desired.len(),
             backends: self.desired.backend_count(),
             writes: report.applied,
             errors: Vec::new(),
+            deleted_udp_backends,
         };
         for e in &errors {
             let kind = if e.object.contains(" port ") {

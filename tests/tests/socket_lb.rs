@@ -230,3 +230,86 @@ fn socket_lb_host_mode_translates_host_sockets_only() {
         "the node's sockets are translated"
     );
 }
+
+/// A connected UDP client keeps sending (one datagram per 100 ms) while
+/// the backend it uses is deleted; returns its lines before and after.
+fn connected_udp_across_backend_deletion(
+    lab: &mut Lab,
+    from_node: bool,
+) -> (String, Vec<(String, String)>) {
+    use std::io::BufRead;
+    let bin = sibling_binary("lab-client", "LAB_CLIENT_BIN").expect("lab-client binary");
+    let ns = if from_node { &lab.node } else { &lab.client.ns };
+    let to = SocketAddrV4::new(NGINX, 80).to_string();
+    let mut child = lab
+        .command_in_cgroup(ns, &bin)
+        .args(["udp-connected", &to, "80", "100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start lab-client");
+    let stdout = child.stdout.take().unwrap();
+    let guard = lb_tests::lab::ChildGuard(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let (a, b) = line.split_once('\t').unwrap_or((&line, ""));
+            if tx.send((a.to_owned(), b.to_owned())).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(std::time::Duration::from_secs(3))
+            .expect("lab-client went quiet")
+    };
+    let (_, first) = next();
+    let used = first.split(' ').next().unwrap_or_default().to_owned();
+    assert!(lab.pods.contains_key(&used), "first answer: {first}");
+    lab.excluded.insert(used.clone());
+    lab.apply_manifests().expect("backend deleted");
+    // Drain what was sent before the change landed, then watch.
+    let mut after = Vec::new();
+    for _ in 0..15 {
+        after.push(next());
+    }
+    drop(guard);
+    (used, after)
+}
+
+#[test]
+fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
+    if !require_root("connected UDP and a deleted backend") {
+        return;
+    }
+    for from_node in [false, true] {
+        let mut lab = lab("all");
+        let (gone, after) = connected_udp_across_backend_deletion(&mut lab, from_node);
+        let who = if from_node { "node process" } else { "pod" };
+        let last: Vec<&str> = after[after.len() - 5..]
+            .iter()
+            .map(|(_, a)| a.split(' ').next().unwrap_or_default())
+            .collect();
+        assert!(
+            last.iter().all(|p| lab.pods.contains_key(*p) && *p != gone),
+            "{who}: the last datagrams must reach a live backend, not {gone}: {after:?}"
+        );
+        if from_node {
+            // Translated at connect(): the agent closed the socket, the
+            // client saw it and connected again.
+            assert!(
+                after.iter().any(|(_, a)| a == "reconnected"),
+                "{who}: {after:?}"
+            );
+        } else {
+            // Per packet: the flow moved with no error at all.
+            assert!(
+                after.iter().all(|(_, a)| !a.starts_with("error")),
+                "{who}: {after:?}"
+            );
+        }
+    }
+}

@@ -334,6 +334,19 @@ fn bench(quick: bool) -> Result<()> {
     let section = String::from_utf8_lossy(&out.stdout).into_owned();
     print!("{section}");
     report.push_str(&section);
+    let (rounds, ms) = if quick { ("3", "500") } else { ("7", "2000") };
+    println!("[bench] socket LB vs per-packet NAT: {rounds} rounds of {ms} ms per phase");
+    let out = Command::new(root.join("target/release/lb-bench"))
+        .args(["socket-lb", rounds, ms])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running lb-bench socket-lb")?;
+    if !out.status.success() {
+        bail!("lb-bench socket-lb failed ({})", out.status);
+    }
+    let section = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{section}");
+    report.push_str(&section);
     report.push_str(&format!(
         "Whole run: {:.0} s. Reproduce with `cargo xtask bench{}` (as root).\n",
         started.elapsed().as_secs_f64(),

@@ -10,6 +10,10 @@
 //!   lab-client udp-connected ADDR:PORT N MS
 //!                                     one connected socket, a datagram every MS ms:
 //!                                     "peer\tanswer" or "peer\terror: ..."
+//!   lab-client bench ADDR:PORT MS     MS ms of new connections (connect, one
+//!                                     request, close), then MS ms of requests on
+//!                                     one connection: one line
+//!                                     "conns_per_s\tX\trr_per_s\tY\trr_p50_us\tZ\trr_p99_us\tW"
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -30,8 +34,8 @@ fn main() {
     };
     let to: SocketAddr = to.parse().unwrap_or_else(|_| usage());
     let n: usize = n.parse().unwrap_or_else(|_| usage());
-    // Bounded: at most 10,000 requests.
-    let n = n.min(10_000);
+    // Bounded: at most 100,000 requests (or 1,000 s of benchmark).
+    let n = n.min(100_000);
     match mode.as_str() {
         "tcp" => {
             for _ in 0..n {
@@ -74,14 +78,57 @@ fn main() {
                 let r = s.send(b"whoami").and_then(|_| s.recv(&mut buf));
                 match r {
                     Ok(len) => println!("{peer}\t{}", String::from_utf8_lossy(&buf[..len])),
-                    Err(e) => println!("{peer}\terror: {e}"),
+                    Err(e) => {
+                        println!("{peer}\terror: {e}");
+                        // Closed under us (ECONNABORTED leaves it
+                        // unconnected): connect again, as a resolver does.
+                        if s.peer_addr().is_err() {
+                            s.connect(to).expect("reconnect");
+                            println!("{to}\treconnected");
+                        }
+                    }
                 }
                 let _ = std::io::stdout().flush();
                 std::thread::sleep(Duration::from_millis(interval));
             }
         }
+        "bench" => bench(to, Duration::from_millis(n as u64 * 10)),
         _ => usage(),
     }
+}
+
+/// Connection rate, then request/response rate and latency on one
+/// connection, each for `phase` (N is given in units of 10 ms, bounded).
+fn bench(to: SocketAddr, phase: Duration) {
+    let started = std::time::Instant::now();
+    let mut conns = 0u64;
+    while started.elapsed() < phase {
+        tcp_once(to).expect("connection during the benchmark");
+        conns += 1;
+    }
+    let conn_rate = conns as f64 / started.elapsed().as_secs_f64();
+    let mut s = TcpStream::connect_timeout(&to, TIMEOUT).expect("connect");
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut lat = Vec::new();
+    let started = std::time::Instant::now();
+    let mut line = String::new();
+    while started.elapsed() < phase {
+        let t = std::time::Instant::now();
+        s.write_all(b"ping\n").expect("request");
+        line.clear();
+        reader.read_line(&mut line).expect("answer");
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let rr_rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    println!(
+        "conns_per_s\t{conn_rate:.0}\trr_per_s\t{rr_rate:.0}\trr_p50_us\t{:.1}\trr_p99_us\t{:.1}",
+        pct(0.5),
+        pct(0.99)
+    );
 }
 
 fn tcp_once(to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {

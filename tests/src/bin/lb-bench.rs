@@ -10,6 +10,10 @@
 //!   (p50/p99/max), each change one endpoint added or removed;
 //! - the agent's RSS after the initial sync and at the end (and its peak).
 //!
+//! `lb-bench socket-lb [ROUNDS] [MS]` compares, from a client pod to a
+//! ClusterIP, socket-level load balancing with per-packet NAT: connection
+//! rate and request/response rate and latency, in alternating rounds.
+//!
 //! It prints a markdown section on stdout; progress goes to stderr.
 
 use std::{
@@ -67,7 +71,12 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("control-plane") => control_plane(parse_args(&args[1..])?),
-        _ => bail!("usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K]"),
+        Some("socket-lb") => {
+            let rounds = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(5).clamp(1, 50);
+            let ms = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(2000u64).clamp(100, 60_000);
+            socket_lb(rounds, ms)
+        }
+        _ => bail!("usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K] | socket-lb [ROUNDS] [MS]"),
     }
 }
 
@@ -249,5 +258,99 @@ fn control_plane(a: Args) -> Result<()> {
         rss_peak as f64 / 1024.0
     );
     println!();
+    Ok(())
+}
+
+/// Picks one number out of a run.
+type Metric = fn(&ClientNumbers) -> f64;
+
+/// One lab-client benchmark run's numbers.
+#[derive(Default, Clone, Copy)]
+struct ClientNumbers {
+    conns_per_s: f64,
+    rr_per_s: f64,
+    rr_p50_us: f64,
+    rr_p99_us: f64,
+}
+
+fn run_client_bench(lab: &Lab, ms: u64) -> Result<ClientNumbers> {
+    let bin = lb_tests::lab::sibling_binary("lab-client", "LAB_CLIENT_BIN")?;
+    let out = lab
+        .command_in_cgroup(&lab.client.ns, &bin)
+        .args(["bench", "10.96.0.10:80", &(ms / 10).to_string()])
+        .output()?;
+    if !out.status.success() {
+        bail!("lab-client bench: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.trim().split('\t').collect();
+    let get = |k: &str| -> Result<f64> {
+        let i = f.iter().position(|x| *x == k).context("missing field")?;
+        Ok(f.get(i + 1).context("missing value")?.parse()?)
+    };
+    Ok(ClientNumbers {
+        conns_per_s: get("conns_per_s")?,
+        rr_per_s: get("rr_per_s")?,
+        rr_p50_us: get("rr_p50_us")?,
+        rr_p99_us: get("rr_p99_us")?,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Socket LB on vs off, from a client pod to the nginx example's ClusterIP,
+/// in alternating rounds of one run so both see the same machine noise.
+fn socket_lb(rounds: usize, ms: u64) -> Result<()> {
+    let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/nginx-deployment.yaml");
+    let mut lab = Lab::from_manifest_files(&[example])?;
+    let dir = lab.manifest_dir().to_string_lossy().into_owned();
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for round in 0..rounds {
+        for mode in ["all", "off"] {
+            lab.stop_agent();
+            lab.start_agent_with(&[
+                "--manifests",
+                &dir,
+                "--node-name",
+                NODE_NAME,
+                "--socket-lb",
+                mode,
+            ])?;
+            let n = run_client_bench(&lab, ms)?;
+            eprintln!(
+                "[bench] round {round} socket-lb {mode}: {:.0} conn/s, {:.0} req/s, p50 {:.1} us, p99 {:.1} us",
+                n.conns_per_s, n.rr_per_s, n.rr_p50_us, n.rr_p99_us
+            );
+            if mode == "all" {
+                on.push(n)
+            } else {
+                off.push(n)
+            }
+        }
+    }
+    let m = |v: &[ClientNumbers], f: Metric| median(v.iter().map(f).collect());
+    println!("## Socket-level load balancing vs per-packet NAT\n");
+    println!(
+        "A client pod to a ClusterIP with 3 backends (the nginx example), {rounds} alternating rounds of {ms} ms per phase; medians over rounds. On: translated at connect() (cgroup hooks); off: tc translates every packet.\n"
+    );
+    println!("| | socket LB on | off (per packet) | on / off |");
+    println!("| --- | --- | --- | --- |");
+    let rows: [(&str, Metric); 4] = [
+        ("connections/s (connect, request, close)", |n| n.conns_per_s),
+        ("requests/s on one connection", |n| n.rr_per_s),
+        ("request/response p50 (us)", |n| n.rr_p50_us),
+        ("request/response p99 (us)", |n| n.rr_p99_us),
+    ];
+    for (name, f) in rows {
+        let (a, b) = (m(&on, f), m(&off, f));
+        println!("| {name} | {a:.1} | {b:.1} | {:.2} |", a / b);
+    }
+    println!();
+    lab.assert_no_checksum_errors();
     Ok(())
 }
