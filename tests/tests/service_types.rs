@@ -194,11 +194,11 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
     );
     let second = SocketAddrV4::new(SECOND_NODE_ADDR, NODE_PORT);
     assert_eq!(
-        pods_of(&whoami_tcp(&lab.ext, second, 20)),
+        pods_of(&whoami_tcp(&lab.ext, second, 30)),
         all,
         "the NodePort on the second node address"
     );
-    assert_eq!(pods_of(&whoami_udp(&lab.ext, second, 20)), all);
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, second, 30)), all);
     let to = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
     let tcp = whoami_tcp(&lab.ext, to, 30);
     assert_eq!(
@@ -219,7 +219,7 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
     );
     assert_eq!(sources_of(&udp), vec![NODE_WIRE_ADDR]);
     // A pod reaching the node's address at the NodePort.
-    let from_pod = whoami_tcp(&lab.client.ns, to, 20);
+    let from_pod = whoami_tcp(&lab.client.ns, to, 30);
     assert_eq!(
         pods_of(&from_pod),
         all,
@@ -266,8 +266,8 @@ fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_numb
         json!({}),
         eps,
     );
-    assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 20)), all);
-    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 20)), all);
+    assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 30)), all);
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 30)), all);
 }
 
 #[test]
@@ -335,14 +335,14 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in() 
     );
     let to = SocketAddrV4::new(LB_IP, 80);
     assert_eq!(
-        pods_of(&whoami_tcp(&lab.ext, to, 20)),
+        pods_of(&whoami_tcp(&lab.ext, to, 30)),
         all,
         "the ingress address is served"
     );
-    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 20)), all);
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 30)), all);
     // The NodePort fallback of a LoadBalancer Service.
     let np = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
-    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 10)), all);
+    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 30)), all);
 
     publish(&mut lab, "lb", spec(&["10.99.0.0/16"]), status, eps);
     assert!(
@@ -354,7 +354,7 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in() 
         "the drop is counted"
     );
     // The NodePort is not subject to the ranges, as in kube-proxy.
-    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 10)), all);
+    assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 30)), all);
 }
 
 /// A data path counter, as `lb-agent stats` reports it.
@@ -410,14 +410,14 @@ fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_
         eps,
     );
     let to = SocketAddrV4::new(EXTERNAL_IP, 80);
-    let seen = whoami_tcp(&lab.ext, to, 20);
+    let seen = whoami_tcp(&lab.ext, to, 30);
     assert_eq!(pods_of(&seen), all);
     assert_eq!(
         sources_of(&seen),
         vec![NODE_WIRE_ADDR],
         "masqueraded like a NodePort"
     );
-    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 20)), all);
+    assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 30)), all);
     lab.assert_no_checksum_errors();
     assert_no_nat_failures(&lab);
 }
@@ -454,7 +454,7 @@ fn check_affinity(lab: &mut Lab, kind: &str, ns_ext: bool) {
         1,
         "ClientIP affinity: one backend for 30 connections: {seen:?}"
     );
-    let seen = whoami_udp(client, to, 20);
+    let seen = whoami_udp(client, to, 30);
     assert_eq!(
         pods_of(&seen).len(),
         1,
@@ -542,7 +542,7 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
     );
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 26), 80);
     let pod = &lab.pods[&all[0]];
-    let seen = whoami_tcp(&pod.ns, to, 10);
+    let seen = whoami_tcp(&pod.ns, to, 30);
     assert_eq!(
         pods_of(&seen),
         vec![all[0].clone()],
@@ -553,7 +553,7 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
         vec![NODE_WIRE_ADDR],
         "hairpin traffic is masqueraded to the node"
     );
-    let seen = whoami_udp(&pod.ns, to, 10);
+    let seen = whoami_udp(&pod.ns, to, 30);
     assert_eq!(pods_of(&seen), vec![all[0].clone()]);
     lab.assert_no_checksum_errors();
     assert_no_nat_failures(&lab);
@@ -582,7 +582,7 @@ fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_wi
         eps,
     );
     assert_eq!(
-        pods_of(&whoami_tcp(&lab.client.ns, to, 20)),
+        pods_of(&whoami_tcp(&lab.client.ns, to, 30)),
         vec![all[0].clone()]
     );
     // No ready endpoint left: the serving terminating ones take traffic.
@@ -631,7 +631,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
         eps,
     );
     let to = SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT);
-    let seen = whoami_tcp(&lab.ext, to, 20);
+    let seen = whoami_tcp(&lab.ext, to, 30);
     assert_eq!(
         pods_of(&seen),
         vec![all[0].clone()],
@@ -673,7 +673,7 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
         "source pod IP preserved"
     );
     assert_eq!(
-        pods_of(&whoami_udp(&lab.client.ns, to, 20)),
+        pods_of(&whoami_udp(&lab.client.ns, to, 30)),
         vec![all[0].clone()]
     );
 }
@@ -718,7 +718,7 @@ fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() 
     let (code, body) = check(&lab);
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["localEndpoints"], 0);
-    let seen = whoami_tcp(&lab.ext, SocketAddrV4::new(LB_IP, 80), 20);
+    let seen = whoami_tcp(&lab.ext, SocketAddrV4::new(LB_IP, 80), 30);
     assert_eq!(
         pods_of(&seen),
         all[..2].to_vec(),
@@ -838,7 +838,7 @@ fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back()
         json!({}),
         eps.clone(),
     );
-    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 20)), all);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 30)), all);
     publish(&mut lab, "en", external_name, json!({}), eps);
     assert!(
         connect_fails(&lab.client.ns, to),
@@ -921,7 +921,7 @@ fn should_be_updated_after_adding_or_deleting_ports() {
     let mut lab = multiport_lab(json!([{"name": "http", "port": 80, "targetPort": "http"}]));
     let pods = pod_names(&lab);
     let addr = |port| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 40), port);
-    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(80), 10)), pods);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(80), 30)), pods);
     assert!(
         connect_fails(&lab.client.ns, addr(8081)),
         "port not added yet"
@@ -933,8 +933,8 @@ fn should_be_updated_after_adding_or_deleting_ports() {
             {"name": "admin", "port": 8081, "targetPort": "admin"}
         ]),
     );
-    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(80), 10)), pods);
-    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 10)), pods);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(80), 30)), pods);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 30)), pods);
     set_multi_ports(
         &mut lab,
         json!([{"name": "admin", "port": 8081, "targetPort": "admin"}]),
@@ -943,7 +943,7 @@ fn should_be_updated_after_adding_or_deleting_ports() {
         connect_fails(&lab.client.ns, addr(80)),
         "deleted port still served"
     );
-    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 10)), pods);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 30)), pods);
 }
 
 #[test]
@@ -1017,11 +1017,11 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     );
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 36), 80);
     assert_eq!(
-        pods_of(&whoami_tcp(&lab.client.ns, to, 20)),
+        pods_of(&whoami_tcp(&lab.client.ns, to, 30)),
         vec![all[0].clone()]
     );
     assert_eq!(
-        pods_of(&whoami_udp(&lab.client.ns, to, 20)),
+        pods_of(&whoami_udp(&lab.client.ns, to, 30)),
         vec![all[0].clone()]
     );
 }

@@ -165,7 +165,7 @@ fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client()
     }
     let lab = lab("all");
     let to = SocketAddrV4::new(NGINX, 80);
-    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "20"]);
+    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(
         peers(&lines),
@@ -179,12 +179,12 @@ fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client()
             "the backend sees the pod's own address: {answer}"
         );
     }
-    let lines = client(&lab, &lab.client.ns, &["udp", &to.to_string(), "20"]);
+    let lines = client(&lab, &lab.client.ns, &["udp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(peers(&lines), BTreeSet::from([to.to_string()]));
     // Translated at the socket: no packet of these flows was translated.
     assert_eq!(datapath_stat(&lab, "service_forwarded"), 0);
-    assert!(datapath_stat(&lab, "sock_translated") >= 40);
+    assert!(datapath_stat(&lab, "sock_translated") >= 60);
     lab.assert_no_checksum_errors();
 }
 
@@ -195,14 +195,14 @@ fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
     }
     let lab = lab("off");
     let to = SocketAddrV4::new(NGINX, 80);
-    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "20"]);
+    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(peers(&lines), BTreeSet::from([to.to_string()]));
-    let lines = client(&lab, &lab.client.ns, &["udp", &to.to_string(), "20"]);
+    let lines = client(&lab, &lab.client.ns, &["udp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(datapath_stat(&lab, "sock_translated"), 0);
     assert!(
-        datapath_stat(&lab, "service_forwarded") >= 40,
+        datapath_stat(&lab, "service_forwarded") >= 60,
         "tc translated them"
     );
     lab.assert_no_checksum_errors();
@@ -215,18 +215,18 @@ fn socket_lb_host_mode_translates_host_sockets_only() {
     }
     let lab = lab("host");
     let to = SocketAddrV4::new(NGINX, 80);
-    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "10"]);
+    let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(
         datapath_stat(&lab, "sock_translated"),
         0,
         "pods use the packet path"
     );
-    let lines = client(&lab, &lab.node, &["tcp", &to.to_string(), "10"]);
+    let lines = client(&lab, &lab.node, &["tcp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(
         datapath_stat(&lab, "sock_translated"),
-        10,
+        30,
         "the node's sockets are translated"
     );
 }
