@@ -256,7 +256,7 @@ impl DataPath {
         if self.socket_lb == SocketLbMode::Off || report.deleted_udp_backends.is_empty() {
             return;
         }
-        if let Err(e) = node_net::destroy_udp_sockets_to(&report.deleted_udp_backends) {
+        if let Err(e) = node_net::destroy_udp_sockets_to(&report.deleted_udp_backends).map(|_| ()) {
             log::warn!("closing UDP sockets connected to deleted backends: {e:#}");
         }
     }

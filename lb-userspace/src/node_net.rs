@@ -76,35 +76,168 @@ pub fn set_accept_local(iface: &str) -> Result<()> {
 }
 
 /// Destroys the UDP sockets of this network namespace connected to
-/// `backends` (`ss -K`, sock_diag SOCK_DESTROY): a socket connected at
-/// connect() time to a backend that is gone would otherwise send into the
-/// void for its whole life. The application gets ECONNABORTED and, like a
-/// resolver does, connects again, to a live backend.
-pub fn destroy_udp_sockets_to(backends: &[std::net::SocketAddrV4]) -> Result<()> {
-    // One filter per call, bounded: ss takes `dst A:P or dst B:Q ...`.
-    for chunk in backends.chunks(64) {
-        let mut args: Vec<String> = vec!["-K".into(), "-u".into(), "-n".into(), "-H".into()];
-        for (i, b) in chunk.iter().enumerate() {
-            if i > 0 {
-                args.push("or".into());
+/// `backends` (sock_diag SOCK_DESTROY, what `ss -K` does): a socket
+/// connected at connect() time to a backend that is gone would otherwise
+/// send into the void for its whole life. The application gets
+/// ECONNABORTED and, like a resolver does, connects again, to a live
+/// backend. Returns how many sockets were closed.
+pub fn destroy_udp_sockets_to(backends: &[std::net::SocketAddrV4]) -> Result<usize> {
+    let diag = SockDiag::open()?;
+    let mut closed = 0;
+    for id in diag.udp_sockets()? {
+        let dst = std::net::SocketAddrV4::new(
+            // inet_diag_sockid: sport, dport, src[4], dst[4], if, cookie.
+            Ipv4Addr::from(u32::from_be_bytes(id[20..24].try_into().unwrap())),
+            u16::from_be_bytes([id[2], id[3]]),
+        );
+        if backends.contains(&dst) {
+            match diag.destroy_udp(&id) {
+                Ok(()) => closed += 1,
+                // Closed meanwhile by its owner.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).context("SOCK_DESTROY"),
             }
-            args.push("dst".into());
-            args.push(b.to_string());
-        }
-        let out = std::process::Command::new("ss")
-            .args(&args)
-            .output()
-            .context("running ss -K (iproute2)")?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "ss -K failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let n = String::from_utf8_lossy(&out.stdout).lines().count();
-        if n > 0 {
-            log::info!("closed {n} UDP socket(s) connected to deleted backends {chunk:?}");
         }
     }
-    Ok(())
+    if closed > 0 {
+        log::info!("closed {closed} UDP socket(s) connected to deleted backends {backends:?}");
+    }
+    Ok(closed)
+}
+
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+/// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
+const SOCKID_LEN: usize = 48;
+
+/// A sock_diag netlink socket (closed on drop).
+struct SockDiag(std::os::fd::OwnedFd);
+
+impl SockDiag {
+    fn open() -> Result<Self> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("netlink sock_diag socket");
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        // SAFETY: valid fd and option value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        Ok(Self(fd))
+    }
+
+    fn raw(&self) -> libc::c_int {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+
+    /// nlmsghdr + inet_diag_req_v2 for UDP over IPv4, all states.
+    fn request(kind: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+        let len = 16 + 8 + SOCKID_LEN;
+        let mut m = Vec::with_capacity(len);
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&flags.to_ne_bytes());
+        m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        m.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+        m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+        m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+        m.extend_from_slice(id);
+        m
+    }
+
+    fn send(&self, msg: &[u8]) -> std::io::Result<()> {
+        // SAFETY: valid fd and buffer.
+        let n = unsafe { libc::send(self.raw(), msg.as_ptr() as *const _, msg.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: valid fd and buffer.
+        let n = unsafe { libc::recv(self.raw(), buf.as_mut_ptr() as *mut _, buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// The `inet_diag_sockid` of every IPv4 UDP socket of the namespace.
+    fn udp_sockets(&self) -> Result<Vec<[u8; SOCKID_LEN]>> {
+        self.send(&Self::request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            &[0; SOCKID_LEN],
+        ))
+        .context("sock_diag dump request")?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        // Bounded: a dump ends with NLMSG_DONE; 100,000 reads is far past
+        // any real number of sockets.
+        for _ in 0..100_000 {
+            let n = self.recv(&mut buf).context("sock_diag dump")?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+                if len < 16 || off + len > n {
+                    anyhow::bail!("malformed sock_diag message");
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let err = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap());
+                        return Err(std::io::Error::from_raw_os_error(-err))
+                            .context("sock_diag dump");
+                    }
+                    SOCK_DIAG_BY_FAMILY if len >= 16 + 4 + SOCKID_LEN => {
+                        let id = &buf[off + 16 + 4..off + 16 + 4 + SOCKID_LEN];
+                        out.push(id.try_into().unwrap());
+                    }
+                    _ => {}
+                }
+                off += (len + 3) & !3;
+            }
+        }
+        anyhow::bail!("sock_diag dump did not end")
+    }
+
+    fn destroy_udp(&self, id: &[u8; SOCKID_LEN]) -> std::io::Result<()> {
+        self.send(&Self::request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, id))?;
+        let mut buf = [0u8; 256];
+        let n = self.recv(&mut buf)?;
+        if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
+            let err = i32::from_ne_bytes(buf[16..20].try_into().unwrap());
+            if err != 0 {
+                return Err(std::io::Error::from_raw_os_error(-err));
+            }
+        }
+        Ok(())
+    }
 }
