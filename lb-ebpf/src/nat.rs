@@ -77,6 +77,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
     let Some((svc_key, svc)) =
         lookup_service(flow.daddr, flow.dport, flow.proto, hook == Hook::Pod)
     else {
+        forget_reply_entry_on_syn(flow);
         return Action::Pass;
     };
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(svc.rev_nat_id, flow.saddr) {
@@ -215,6 +216,28 @@ pub fn select_backend(
         ..*svc_key
     };
     unsafe { SERVICES.get(slot_key) }.map(|v| v.backend_id)
+}
+
+/// A TCP SYN straight to an address that is no Service (a pod, or a backend
+/// chosen at connect() by the socket path) opens a new connection: a reply
+/// entry left for its reversed tuple by an earlier translated connection
+/// (same client port, same backend) would rewrite its replies to come from
+/// a Service, and the client would never see its SYN-ACK.
+#[inline(always)]
+fn forget_reply_entry_on_syn(flow: &Flow) {
+    if flow.proto != IPPROTO_TCP || flow.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let key = Ct4Key {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        direction: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let _ = CONNTRACK.remove(&key);
 }
 
 /// Records the client's choice for session affinity.
@@ -365,7 +388,15 @@ fn reverse_nat<R: Rewriter>(rw: &R, flow: &Flow, now: u64) -> Option<Action> {
     };
     let ct_ptr = CONNTRACK.get_ptr_mut(key)?;
     let ct = unsafe { *ct_ptr };
+    // A leftover of a flow that ended must not touch a new one that reuses
+    // its addresses and ports.
+    if now.saturating_sub(ct.last_seen_ns) >= lifetime_ns(flow, &ct) {
+        return None;
+    }
     let rev = unsafe { REV_NAT.get(ct.rev_nat_id) }.copied()?;
+    if closing(flow) && ct.flags & CT_FLAG_CLOSING == 0 {
+        unsafe { (*ct_ptr).flags |= CT_FLAG_CLOSING };
+    }
     if now.saturating_sub(ct.last_seen_ns) > CT_REFRESH_INTERVAL_NS {
         unsafe { (*ct_ptr).last_seen_ns = now };
     }

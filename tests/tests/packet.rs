@@ -662,3 +662,41 @@ fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
         );
     }
 }
+
+#[test]
+fn a_direct_connection_reusing_a_translated_tuple_is_left_alone() {
+    if !require_root("a_direct_connection_reusing_a_translated_tuple") {
+        return;
+    }
+    let mut h = Harness::new();
+    h.program(&[(80, Protocol::Tcp, &[(B1, 8080)])]);
+    // A translated connection from client port 40000 leaves a reply entry
+    // for B1:8080 -> client:40000.
+    let syn = packet::tcp(&to_svc(40000, 80), TCP_SYN, 1, &[], &[]);
+    assert_eq!(packet::parse(&h.run_tc(&syn).1).dst, B1);
+    // Then the same port connects to B1 directly (socket LB, or a pod to a
+    // pod): its SYN passes, and its replies must keep B1 as their source.
+    let direct = Tuple {
+        src: CLIENT,
+        sport: 40000,
+        dst: B1,
+        dport: 8080,
+    };
+    let (verdict, out) = h.run_tc(&packet::tcp(&direct, TCP_SYN, 100, &[], &[]));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(packet::parse(&out).dst, B1);
+    let back = Tuple {
+        src: B1,
+        sport: 8080,
+        dst: CLIENT,
+        dport: 40000,
+    };
+    let (verdict, out) = h.run_tc(&packet::tcp(&back, TCP_SYN | TCP_ACK, 500, &[], &[]));
+    assert_eq!(verdict, TC_ACT_OK);
+    let p = packet::parse(&out);
+    assert_eq!(
+        (p.src, p.sport),
+        (B1, 8080),
+        "the direct connection's SYN-ACK was rewritten by a leftover: {p:?}"
+    );
+}
