@@ -64,9 +64,97 @@ pub fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(name)
 }
 
+/// Key size, value size and capacity a map of this version has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+const fn layout<K, V>(name: &'static str, max_entries: u32) -> MapLayout {
+    MapLayout {
+        name,
+        key_size: std::mem::size_of::<K>() as u32,
+        value_size: std::mem::size_of::<V>() as u32,
+        max_entries,
+    }
+}
+
+/// Every map of the BPF object, as this version defines it.
+pub const MAP_LAYOUTS: [MapLayout; 12] = {
+    use lb_common::*;
+    [
+        layout::<Service4Key, Service4Value>(map_names::SERVICES, MAX_SERVICE_SLOTS),
+        layout::<u32, Backend4>(map_names::BACKENDS, MAX_BACKENDS),
+        layout::<u16, RevNat4>(map_names::REV_NAT, MAX_REV_NAT),
+        layout::<Ct4Key, Ct4Value>(map_names::CONNTRACK, MAX_CONNTRACK),
+        layout::<u32, u64>(map_names::STATS, stats::COUNT),
+        layout::<u32, ServiceStats>(map_names::SERVICE_STATS, MAX_REV_NAT),
+        layout::<Affinity4Key, Affinity4Value>(map_names::AFFINITY, MAX_AFFINITY),
+        layout::<BackendMatchKey, u8>(map_names::BACKEND_MATCH, MAX_BACKEND_MATCH),
+        // LPM trie keys carry a 32-bit prefix length in front.
+        layout::<(u32, SourceRange4), u8>(map_names::SOURCE_RANGES, MAX_SOURCE_RANGES),
+        layout::<u32, u32>(map_names::CONFIG, config::COUNT),
+        layout::<SockRev4Key, SockRev4Value>(map_names::SOCK_REV, MAX_SOCK_REV),
+        layout::<SockFwd4Key, u32>(map_names::SOCK_FWD, MAX_SOCK_REV),
+    ]
+};
+
+/// Why a pinned map with (key size, value size, capacity) `found` cannot be
+/// adopted as `want`, if it cannot.
+pub fn incompatibility(want: &MapLayout, found: (u32, u32, u32)) -> Option<String> {
+    let (key, value, max) = found;
+    let mut why = Vec::new();
+    if key != want.key_size {
+        why.push(format!("key {key} bytes, now {}", want.key_size));
+    }
+    if value != want.value_size {
+        why.push(format!("value {value} bytes, now {}", want.value_size));
+    }
+    if max != want.max_entries {
+        why.push(format!("{max} entries, now {}", want.max_entries));
+    }
+    (!why.is_empty()).then(|| why.join(", "))
+}
+
+/// Unpins maps a previous version pinned with another layout, so they are
+/// created anew: adopting one would fail the program load (the verifier
+/// sees a value too small) or leave new counters nowhere. What they held is
+/// lost; Service maps are rewritten by the first sync, conntrack restarts
+/// empty (flows translated per packet pick a backend again).
+pub fn drop_incompatible_pins(pin_dir: &Path) -> Vec<(String, String)> {
+    let mut dropped = Vec::new();
+    for want in MAP_LAYOUTS {
+        let pin = map_pin_path(pin_dir, want.name);
+        if !pin.exists() {
+            continue;
+        }
+        let found = aya::maps::MapData::from_pin(&pin)
+            .map_err(|e| e.to_string())
+            .and_then(|m| m.info().map_err(|e| e.to_string()))
+            .map(|i| (i.key_size(), i.value_size(), i.max_entries()));
+        let why = match found {
+            Ok(found) => incompatibility(&want, found),
+            Err(e) => Some(format!("cannot be opened: {e}")),
+        };
+        if let Some(why) = why {
+            log::warn!(
+                "pinned map {} has another layout ({why}): created anew, its contents are lost",
+                pin.display()
+            );
+            let _ = fs::remove_file(&pin);
+            dropped.push((want.name.to_owned(), why));
+        }
+    }
+    dropped
+}
+
 /// Loads the programs, creating or adopting the pinned maps.
 pub fn load(pin_dir: &Path) -> Result<Ebpf> {
     ensure_pin_dir(pin_dir)?;
+    drop_incompatible_pins(pin_dir);
     let mut loader = EbpfLoader::new();
     for name in map_names::ALL {
         loader.map_pin_path(name, map_pin_path(pin_dir, name));
@@ -137,4 +225,33 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let _ = fs::remove_dir(pin_dir);
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_of_the_object_has_a_layout() {
+        let names: Vec<&str> = MAP_LAYOUTS.iter().map(|l| l.name).collect();
+        for n in map_names::ALL {
+            assert!(names.contains(&n), "{n} has no layout");
+        }
+        assert_eq!(names.len(), map_names::ALL.len());
+    }
+
+    #[test]
+    fn a_grown_value_or_capacity_is_incompatible() {
+        let ct = MAP_LAYOUTS
+            .iter()
+            .find(|l| l.name == map_names::CONNTRACK)
+            .unwrap();
+        assert_eq!(
+            incompatibility(ct, (16, 24, lb_common::MAX_CONNTRACK)),
+            None
+        );
+        let why = incompatibility(ct, (16, 16, lb_common::MAX_CONNTRACK)).unwrap();
+        assert!(why.contains("value 16 bytes, now 24"), "{why}");
+        assert!(incompatibility(ct, (16, 24, 1024)).is_some());
+    }
 }

@@ -332,3 +332,49 @@ fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips()
     }
     lab.assert_no_checksum_errors();
 }
+
+#[test]
+fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
+    if !require_root("an_agent_recreates_pinned_maps_of_an_older_layout") {
+        return;
+    }
+    let mut lab =
+        Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("build the lab");
+    // What an agent of an earlier version left: a conntrack map whose values
+    // were 16 bytes (they are 24 now).
+    std::fs::create_dir_all(&lab.pin_dir).unwrap();
+    let ct = lab.pin_dir.join("lb4_conntrack");
+    let ct = ct.to_str().unwrap();
+    lb_tests::lab::run(&[
+        "bpftool",
+        "map",
+        "create",
+        ct,
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "16",
+        "entries",
+        "1024",
+        "name",
+        "lb4_conntrack",
+    ])
+    .expect("create an old-layout map");
+    lab.start_agent()
+        .expect("the agent starts over pins of an older layout");
+    let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 30);
+    assert_eq!(tcp.len(), 3, "{tcp:?}");
+    assert_eq!(udp.len(), 3, "{udp:?}");
+    let shown = lb_tests::lab::run(&["bpftool", "-j", "map", "show", "pinned", ct]).unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["bytes_value"], 24,
+        "recreated with today's layout: {shown}"
+    );
+    assert!(
+        lab.agent_log().contains("has another layout"),
+        "the agent says what it dropped"
+    );
+}
