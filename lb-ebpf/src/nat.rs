@@ -46,6 +46,22 @@ pub enum Hook {
     Pod,
 }
 
+/// The hook's verdict for a rejection: the answer it built (counted as
+/// rejected), or `drop` when it could not build one (counted as dropped).
+#[inline(always)]
+pub fn rejected<T>(answer: Result<T, ()>, drop: T) -> T {
+    match answer {
+        Ok(action) => {
+            count(stats::NO_BACKEND_REJECTED);
+            action
+        }
+        Err(()) => {
+            count(stats::NO_BACKEND_DROPPED);
+            drop
+        }
+    }
+}
+
 /// Rewrites addresses and ports with the checksum updates the hook needs.
 pub trait Rewriter {
     fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()>;

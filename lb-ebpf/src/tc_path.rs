@@ -54,23 +54,9 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
         Action::Pass | Action::Translated => TC_ACT_OK,
         Action::Redirect => redirect_to_egress(ctx),
         Action::Drop => TC_ACT_SHOT,
-        Action::RejectTcp => rejected(tcp_reset(ctx, &flow)),
-        Action::RejectUdp => rejected(udp_unreachable(ctx)),
+        Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), TC_ACT_SHOT),
+        Action::RejectUdp => nat::rejected(udp_unreachable(ctx), TC_ACT_SHOT),
     })
-}
-
-#[inline(always)]
-fn rejected(answer: Result<i32, ()>) -> i32 {
-    match answer {
-        Ok(action) => {
-            count(stats::NO_BACKEND_REJECTED);
-            action
-        }
-        Err(()) => {
-            count(stats::NO_BACKEND_DROPPED);
-            TC_ACT_SHOT
-        }
-    }
 }
 
 /// Turns a UDP datagram to a Service without backends into an ICMP port
@@ -89,6 +75,12 @@ fn udp_unreachable(ctx: &TcContext) -> Result<i32, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::PORT_UNREACHABLE_LEN as u32, 0) } != 0 {
         return Err(());
     }
+    redirect_into_pod(ctx)
+}
+
+/// Back out of the veth the packet came in by: into the pod that sent it.
+#[inline(always)]
+fn redirect_into_pod(ctx: &TcContext) -> Result<i32, ()> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
     if ret != TC_ACT_REDIRECT {
@@ -289,11 +281,5 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
         return Err(());
     }
-    // Back out of the veth it came in by: into the pod that sent it.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    if ret != TC_ACT_REDIRECT {
-        return Err(());
-    }
-    Ok(ret)
+    redirect_into_pod(ctx)
 }

@@ -37,23 +37,9 @@ pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
         // (accept_local) for masqueraded and reverse-translated ones.
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::RejectTcp => rejected(tcp_reset(ctx, &flow)),
-        Action::RejectUdp => rejected(udp_unreachable(ctx)),
+        Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), xdp_action::XDP_DROP),
+        Action::RejectUdp => nat::rejected(udp_unreachable(ctx), xdp_action::XDP_DROP),
     })
-}
-
-#[inline(always)]
-fn rejected(answer: Result<u32, ()>) -> u32 {
-    match answer {
-        Ok(action) => {
-            count(stats::NO_BACKEND_REJECTED);
-            action
-        }
-        Err(()) => {
-            count(stats::NO_BACKEND_DROPPED);
-            xdp_action::XDP_DROP
-        }
-    }
 }
 
 /// Turns a UDP datagram to a Service without backends into an ICMP port
