@@ -317,15 +317,8 @@ impl Attachments {
     }
 }
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out pointer.
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
+    crate::pseudo_fs::is(path, crate::pseudo_fs::CGROUP2_SUPER_MAGIC)
 }
 
 /// Makes sure `path` is a cgroup v2 folder: it is one, or it is mounted
@@ -342,22 +335,8 @@ pub fn ensure_cgroup2(path: &Path) -> Result<()> {
         );
     }
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let fstype = std::ffi::CString::new("cgroup2")?;
-    // SAFETY: valid C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting cgroup2 on {}", path.display()));
-    }
+    crate::pseudo_fs::mount("cgroup2", path)
+        .with_context(|| format!("mounting cgroup2 on {}", path.display()))?;
     log::info!("mounted the cgroup v2 hierarchy on {}", path.display());
     Ok(())
 }

@@ -11,11 +11,7 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    task::JoinHandle,
-};
+use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
 
 use crate::{model::ServiceName, translate::NodeInfo};
 
@@ -149,24 +145,8 @@ async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16,
         };
         let checks = checks.clone();
         tokio::spawn(async move {
-            // Read the request head (bounded in size and time); any path
-            // gets the answer, as with kube-proxy.
-            let mut buf = [0u8; 2048];
-            let mut n = 0;
-            while n < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut buf[n..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
+            // Any path gets the answer, as with kube-proxy.
+            let _ = crate::metrics::read_request_head(&mut stream, 2048).await;
             let check = checks
                 .lock()
                 .expect("health checks lock")

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod node_net;
 pub mod programmer;
+pub mod pseudo_fs;
 pub mod translate;
 
 /// The BPF object built from lb-ebpf by build.rs.

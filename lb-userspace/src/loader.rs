@@ -3,7 +3,6 @@
 //! does not lose what the data path serves.
 
 use std::{
-    ffi::CString,
     fs,
     path::{Path, PathBuf},
 };
@@ -15,42 +14,18 @@ use aya::{
 };
 use lb_common::map_names;
 
-use crate::map_writer::BpfMaps;
-
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out pointer.
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
-}
+use crate::{map_writer::BpfMaps, pseudo_fs};
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one on its parent if
 /// needed (a fresh machine has none at /sys/fs/bpf).
 pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
     let parent = pin_dir.parent().context("pin dir has no parent")?;
-    if !is_bpffs(parent) {
+    if !pseudo_fs::is(parent, pseudo_fs::BPF_FS_MAGIC) {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let target = CString::new(parent.as_os_str().as_encoded_bytes())?;
-        let fstype = CString::new("bpf")?;
-        // SAFETY: valid C strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                fstype.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
+        if let Err(e) = pseudo_fs::mount("bpf", parent) {
             bail!(
-                "{} is not a bpffs and mounting one failed: {} (run as root, or `mount -t bpf bpf {}`)",
+                "{} is not a bpffs and mounting one failed: {e} (run as root, or `mount -t bpf bpf {}`)",
                 parent.display(),
-                std::io::Error::last_os_error(),
                 parent.display()
             );
         }

@@ -170,6 +170,29 @@ pub fn render_counters(name: &str, help: &str, rows: &[(Vec<(&str, String)>, u64
     s
 }
 
+/// Reads an HTTP request head, bounded in size (`max` bytes) and time
+/// (5 s), for the agent's small servers that answer and close.
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream, max: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; max];
+    let mut n = 0;
+    while n < buf.len() {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stream.read(&mut buf[n..]),
+        )
+        .await
+        {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(k)) => n += k,
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    buf.truncate(n);
+    buf
+}
+
 /// Serves the endpoints until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
@@ -178,24 +201,8 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
         let (mut stream, _) = listener.accept().await?;
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded), then answer and close.
-            while n < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut buf[n..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
+            let head = read_request_head(&mut stream, 4096).await;
+            let head = String::from_utf8_lossy(&head);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = match path.split('?').next().unwrap_or("/") {
                 "/metrics" => (

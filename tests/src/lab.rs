@@ -638,8 +638,37 @@ impl Lab {
     /// Starts lb-agent in the node namespace on the lab's manifests and
     /// waits for its first sync.
     pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_extra(&[])
+    }
+
+    /// `start_agent` with more agent flags (e.g. `--socket-lb off`).
+    pub fn start_agent_extra(&mut self, extra: &[&str]) -> Result<()> {
         let dir = self.manifest_dir().to_string_lossy().into_owned();
-        self.start_agent_with(&["--manifests", &dir, "--node-name", NODE_NAME])
+        let mut flags = vec!["--manifests", &dir, "--node-name", NODE_NAME];
+        flags.extend_from_slice(extra);
+        self.start_agent_with(&flags)
+    }
+
+    /// A data path counter (`lb_common::stats::NAMES`), as `lb-agent stats`
+    /// reports it from the lab's pinned maps.
+    pub fn datapath_stat(&self, name: &str) -> u64 {
+        let agent = sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent binary");
+        let pin_dir = self.pin_dir.to_string_lossy().into_owned();
+        let out = self
+            .node
+            .exec(&[
+                &agent.to_string_lossy(),
+                "--pin-dir",
+                &pin_dir,
+                "stats",
+                "--output",
+                "json",
+            ])
+            .expect("lb-agent stats");
+        let stats: serde_json::Value = serde_json::from_str(&out).expect("stats JSON");
+        stats[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
     }
 
     /// Starts lb-agent with `source` flags (e.g. `--kubeconfig PATH`) and

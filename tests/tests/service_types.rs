@@ -60,6 +60,16 @@ fn endpoint(
         "nodeName": node, "targetRef": {"kind": "Pod", "name": name, "namespace": "default"}})
 }
 
+/// The first pod terminating (still serving) on this node, the others
+/// ready on another node.
+fn local_terminating_remote_ready(lab: &Lab, all: &[String]) -> Vec<Value> {
+    vec![
+        endpoint(lab, &all[0], false, true, true, NODE_NAME),
+        endpoint(lab, &all[1], true, true, false, "other-node"),
+        endpoint(lab, &all[2], true, true, false, "other-node"),
+    ]
+}
+
 fn ready(lab: &Lab, name: &str) -> Value {
     endpoint(lab, name, true, true, false, NODE_NAME)
 }
@@ -350,46 +360,19 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in() 
         "a source outside loadBalancerSourceRanges got in"
     );
     assert!(
-        datapath_stat(&lab, "source_range_dropped") > 0,
+        lab.datapath_stat("source_range_dropped") > 0,
         "the drop is counted"
     );
     // The NodePort is not subject to the ranges, as in kube-proxy.
     assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 30)), all);
 }
 
-/// A data path counter, as `lb-agent stats` reports it.
-fn datapath_stat(lab: &Lab, name: &str) -> u64 {
-    let pin_dir = lab.pin_dir.to_string_lossy().into_owned();
-    let out = lab
-        .node
-        .exec(&[
-            &lb_agent(),
-            "--pin-dir",
-            &pin_dir,
-            "stats",
-            "--output",
-            "json",
-        ])
-        .expect("lb-agent stats");
-    let stats: Value = serde_json::from_str(&out).expect("stats JSON");
-    stats[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
-}
-
 /// Masqueraded traffic must never have been dropped for want of a port or
 /// by a failed rewrite.
 fn assert_no_nat_failures(lab: &Lab) {
     for name in ["snat_failed", "rewrite_failed", "backend_missing"] {
-        assert_eq!(datapath_stat(lab, name), 0, "data path counter {name}");
+        assert_eq!(lab.datapath_stat(name), 0, "data path counter {name}");
     }
-}
-
-fn lb_agent() -> String {
-    lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN")
-        .expect("lb-agent binary")
-        .to_string_lossy()
-        .into_owned()
 }
 
 #[test]
@@ -616,12 +599,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     }
     let mut lab = lab();
     let all = pod_names(&lab);
-    // Ready endpoints exist, but on another node; the local one terminates.
-    let eps = vec![
-        endpoint(&lab, &all[0], false, true, true, NODE_NAME),
-        endpoint(&lab, &all[1], true, true, false, "other-node"),
-        endpoint(&lab, &all[2], true, true, false, "other-node"),
-    ];
+    let eps = local_terminating_remote_ready(&lab, &all);
     publish(
         &mut lab,
         "termlocal",
@@ -967,16 +945,8 @@ fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one() {
     ];
     // The agent runs in zone-a.
     publish_without_agent(&mut lab, "topo", spec.clone(), eps);
-    let dir = lab.manifest_dir().to_string_lossy().into_owned();
-    lab.start_agent_with(&[
-        "--manifests",
-        &dir,
-        "--node-name",
-        NODE_NAME,
-        "--zone",
-        "zone-a",
-    ])
-    .expect("start lb-agent");
+    lab.start_agent_extra(&["--zone", "zone-a"])
+        .expect("start lb-agent");
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 35), 80);
     assert_eq!(
         pods_of(&whoami_tcp(&lab.client.ns, to, 30)),
@@ -1001,13 +971,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     }
     let mut lab = lab();
     let all = pod_names(&lab);
-    // Ready endpoints exist only on another node; the local one terminates
-    // but still serves.
-    let eps = vec![
-        endpoint(&lab, &all[0], false, true, true, NODE_NAME),
-        endpoint(&lab, &all[1], true, true, false, "other-node"),
-        endpoint(&lab, &all[2], true, true, false, "other-node"),
-    ];
+    let eps = local_terminating_remote_ready(&lab, &all);
     publish(
         &mut lab,
         "itpterm",

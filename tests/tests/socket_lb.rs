@@ -10,11 +10,11 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    lab::{sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_WIRE_ADDR},
     privilege::require_root,
     workload::LabObject,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const NODE_PORT: u16 = 30080;
@@ -33,16 +33,8 @@ fn lab(mode: &str) -> Lab {
     lab.objects
         .push(LabObject::Service(serde_json::from_value(np).unwrap()));
     lab.write_manifests().unwrap();
-    let dir = lab.manifest_dir().to_string_lossy().into_owned();
-    lab.start_agent_with(&[
-        "--manifests",
-        &dir,
-        "--node-name",
-        NODE_NAME,
-        "--socket-lb",
-        mode,
-    ])
-    .expect("start lb-agent");
+    lab.start_agent_extra(&["--socket-lb", mode])
+        .expect("start lb-agent");
     lab
 }
 
@@ -85,26 +77,6 @@ fn peers(lines: &[(String, String)]) -> BTreeSet<String> {
     lines.iter().map(|(p, _)| p.clone()).collect()
 }
 
-fn datapath_stat(lab: &Lab, name: &str) -> u64 {
-    let agent = sibling_binary("lb-agent", "LB_AGENT_BIN").unwrap();
-    let pin_dir = lab.pin_dir.to_string_lossy().into_owned();
-    let out = lab
-        .node
-        .exec(&[
-            agent.to_str().unwrap(),
-            "--pin-dir",
-            &pin_dir,
-            "stats",
-            "--output",
-            "json",
-        ])
-        .expect("lb-agent stats");
-    let stats: Value = serde_json::from_str(&out).unwrap();
-    stats[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name}"))
-}
-
 fn all_pods(lab: &Lab) -> BTreeSet<String> {
     lab.pods.keys().cloned().collect()
 }
@@ -131,7 +103,7 @@ fn should_function_for_node_service_http() {
             "getpeername shows the address the process connected to"
         );
     }
-    assert!(datapath_stat(&lab, "sock_translated") >= 60);
+    assert!(lab.datapath_stat("sock_translated") >= 60);
 }
 
 #[test]
@@ -183,8 +155,8 @@ fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client()
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(peers(&lines), BTreeSet::from([to.to_string()]));
     // Translated at the socket: no packet of these flows was translated.
-    assert_eq!(datapath_stat(&lab, "service_forwarded"), 0);
-    assert!(datapath_stat(&lab, "sock_translated") >= 60);
+    assert_eq!(lab.datapath_stat("service_forwarded"), 0);
+    assert!(lab.datapath_stat("sock_translated") >= 60);
     lab.assert_no_checksum_errors();
 }
 
@@ -200,9 +172,9 @@ fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
     assert_eq!(peers(&lines), BTreeSet::from([to.to_string()]));
     let lines = client(&lab, &lab.client.ns, &["udp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
-    assert_eq!(datapath_stat(&lab, "sock_translated"), 0);
+    assert_eq!(lab.datapath_stat("sock_translated"), 0);
     assert!(
-        datapath_stat(&lab, "service_forwarded") >= 60,
+        lab.datapath_stat("service_forwarded") >= 60,
         "tc translated them"
     );
     lab.assert_no_checksum_errors();
@@ -218,14 +190,14 @@ fn socket_lb_host_mode_translates_host_sockets_only() {
     let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(
-        datapath_stat(&lab, "sock_translated"),
+        lab.datapath_stat("sock_translated"),
         0,
         "pods use the packet path"
     );
     let lines = client(&lab, &lab.node, &["tcp", &to.to_string(), "30"]);
     assert_eq!(answering_pods(&lines), all_pods(&lab));
     assert_eq!(
-        datapath_stat(&lab, "sock_translated"),
+        lab.datapath_stat("sock_translated"),
         30,
         "the node's sockets are translated"
     );

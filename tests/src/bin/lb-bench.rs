@@ -307,20 +307,12 @@ fn socket_lb(rounds: usize, ms: u64) -> Result<()> {
     let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/nginx-deployment.yaml");
     let mut lab = Lab::from_manifest_files(&[example])?;
-    let dir = lab.manifest_dir().to_string_lossy().into_owned();
     let mut on = Vec::new();
     let mut off = Vec::new();
     for round in 0..rounds {
         for mode in ["all", "off"] {
             lab.stop_agent();
-            lab.start_agent_with(&[
-                "--manifests",
-                &dir,
-                "--node-name",
-                NODE_NAME,
-                "--socket-lb",
-                mode,
-            ])?;
+            lab.start_agent_extra(&["--socket-lb", mode])?;
             let n = run_client_bench(&lab, ms)?;
             eprintln!(
                 "[bench] round {round} socket-lb {mode}: {:.0} conn/s, {:.0} req/s, p50 {:.1} us, p99 {:.1} us",
