@@ -2,6 +2,7 @@
 //! the privilege gate, and the network-namespace lab.
 
 pub mod apiserver;
+pub mod bench;
 pub mod lab;
 pub mod packet;
 pub mod privilege;

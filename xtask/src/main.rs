@@ -20,7 +20,8 @@ commands:
   demo             build the lab from examples/, run the agent, send requests
                    from a client pod to each ClusterIP and show who answered
   run -- FLAGS     run `lb-agent run FLAGS` (e.g. --manifests DIR or --kubeconfig)
-  bench [--quick]  measure (release build) and write bench/results/<date>.md;
+  bench [--quick]  measure (release build) against kube-proxy's iptables and
+                   nftables rules and write bench/results/<date>.md with plots;
                    --quick is a smoke run of a few minutes";
 
 /// Debian packages the tests and the demo use, with a binary that tells
@@ -30,6 +31,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("util-linux", "nsenter"),
     ("bpftool", "bpftool"),
+    // The kube-proxy rule sets the benchmark compares against are tested.
+    ("iptables", "iptables-legacy-restore"),
+    ("nftables", "nft"),
 ];
 
 fn main() -> ExitCode {
@@ -276,27 +280,122 @@ fn run_agent(args: &[String]) -> Result<()> {
         .args(args))
 }
 
-/// Runs the benchmarks on release builds and writes a markdown report.
+/// Debian packages the benchmark adds to setup's (which has iptables and
+/// nftables): the plotter.
+const BENCH_APT_PACKAGES: &[(&str, &str)] = &[("gnuplot-nox", "gnuplot")];
+
+/// What one benchmark run measures, full or quick.
+struct BenchPlan {
+    datapath_sizes: &'static str,
+    programming_sizes: &'static str,
+    traffic_sizes: &'static str,
+    /// Seconds an external tool may take to install one rule set.
+    tool_limit_s: &'static str,
+    changes: &'static str,
+    traffic_ms: &'static str,
+    traffic_rounds: &'static str,
+    control_plane_services: &'static str,
+    control_plane_changes: &'static str,
+}
+
+const FULL: BenchPlan = BenchPlan {
+    datapath_sizes: "1,1000,10000,30000",
+    programming_sizes: "1,1000,10000,30000,100000",
+    traffic_sizes: "1,1000,10000,30000",
+    tool_limit_s: "180",
+    changes: "50",
+    traffic_ms: "1000",
+    traffic_rounds: "3",
+    control_plane_services: "10000",
+    control_plane_changes: "300",
+};
+
+const QUICK: BenchPlan = BenchPlan {
+    datapath_sizes: "1,1000",
+    programming_sizes: "1,1000",
+    traffic_sizes: "1,1000",
+    tool_limit_s: "60",
+    changes: "20",
+    traffic_ms: "300",
+    traffic_rounds: "1",
+    control_plane_services: "1000",
+    control_plane_changes: "100",
+};
+
+/// Runs one lb-bench measurement: progress streams to the terminal, the
+/// markdown section it prints is returned.
+fn bench_section(name: &str, args: &[&str]) -> Result<String> {
+    let bin = workspace_root().join("target/release/lb-bench");
+    let started = std::time::Instant::now();
+    println!("[bench] {name}: lb-bench {}", args.join(" "));
+    let out = Command::new(bin)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running lb-bench {}", args[0]))?;
+    if !out.status.success() {
+        bail!("lb-bench {} failed ({})", args[0], out.status);
+    }
+    let section = String::from_utf8_lossy(&out.stdout).into_owned();
+    print!("{section}");
+    println!(
+        "[bench] {name}: done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(section)
+}
+
+fn install_bench_packages() -> Result<()> {
+    let missing: Vec<&str> = BENCH_APT_PACKAGES
+        .iter()
+        .filter(|(_, bin)| !have(bin))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        say("benchmark packages (gnuplot): present");
+        return Ok(());
+    }
+    say(&format!(
+        "installing Debian packages for the benchmark: {}",
+        missing.join(" ")
+    ));
+    sh(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get install failed (root is required)")
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    output(cmd)
+        .and_then(|o| o.lines().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs the benchmarks on release builds and writes a markdown report
+/// with PNG plots beside it.
 fn bench(quick: bool) -> Result<()> {
+    install_bench_packages()?;
     build(true)?;
     let root = workspace_root();
     let started = std::time::Instant::now();
-    let (services, changes) = if quick {
-        ("1000", "100")
-    } else {
-        ("10000", "300")
-    };
-    let mut report = String::new();
+    let plan = if quick { &QUICK } else { &FULL };
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"]))
         .unwrap_or_default()
         .trim()
         .to_owned();
+    let stem = format!("{date}{}", if quick { "-quick" } else { "" });
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let mut report = String::new();
     report.push_str(&format!(
         "# lb benchmark results, {date}{}\n\n",
         if quick { " (--quick)" } else { "" }
     ));
-    report.push_str("## Machine\n\n");
-    let uname = output(Command::new("uname").args(["-srm"])).unwrap_or_default();
+    report.push_str("## Machine and versions\n\n");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -308,54 +407,91 @@ fn bench(quick: bool) -> Result<()> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let rustc = output(Command::new("rustc").arg("-V")).unwrap_or_default();
+    let commit = first_line(Command::new("git").args(["-C"]).arg(&root).args([
+        "rev-parse",
+        "--short",
+        "HEAD",
+    ]));
     report.push_str(&format!(
-        "- kernel: {}\n- CPU: {cpu}, {cores} cores\n- {}\n\n",
-        uname.trim(),
-        rustc.trim()
+        "- kernel: {}\n- CPU: {cpu}, {cores} cores; memory: {}\n- {}; aya 0.14, aya-ebpf 0.2.1\n- lb commit {commit}\n- {}; {}\n- IPVS: {}\n\n",
+        first_line(Command::new("uname").args(["-srm"])),
+        first_line(Command::new("sh").args(["-c", "free -h | awk '/Mem:/ {print $2}'"])),
+        first_line(Command::new("rustc").arg("-V")),
+        first_line(Command::new("iptables").arg("-V")),
+        first_line(Command::new("nft").arg("-v")),
+        if Path::new("/proc/net/ip_vs").exists() {
+            "present, not measured"
+        } else {
+            "not in this kernel (no /proc/net/ip_vs, no loadable modules): kube-proxy's IPVS mode cannot be measured here"
+        },
     ));
-    println!("[bench] control plane: {services} Services x 10 endpoints, {changes} changes");
-    let out = Command::new(root.join("target/release/lb-bench"))
-        .args([
+    report.push_str(&bench_section(
+        "per-packet cost",
+        &[
+            "datapath",
+            "--sizes",
+            plan.datapath_sizes,
+            "--endpoints",
+            "4",
+        ],
+    )?);
+    report.push_str(&bench_section(
+        "rule programming",
+        &[
+            "programming",
+            "--sizes",
+            plan.programming_sizes,
+            "--endpoints",
+            "4",
+            "--changes",
+            plan.changes,
+            "--limit-s",
+            plan.tool_limit_s,
+        ],
+    )?);
+    report.push_str(&bench_section(
+        "traffic through the lab",
+        &[
+            "traffic",
+            "--sizes",
+            plan.traffic_sizes,
+            "--endpoints",
+            "4",
+            "--ms",
+            plan.traffic_ms,
+            "--rounds",
+            plan.traffic_rounds,
+            "--plot-dir",
+            &dir.to_string_lossy(),
+            "--plot-prefix",
+            &format!("{stem}-"),
+        ],
+    )?);
+    report.push_str(&bench_section(
+        "control plane",
+        &[
             "control-plane",
             "--services",
-            services,
+            plan.control_plane_services,
             "--endpoints",
             "10",
             "--changes",
-            changes,
-        ])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running lb-bench")?;
-    if !out.status.success() {
-        bail!("lb-bench control-plane failed ({})", out.status);
-    }
-    let section = String::from_utf8_lossy(&out.stdout).into_owned();
-    print!("{section}");
-    report.push_str(&section);
-    let (rounds, ms) = if quick { ("3", "500") } else { ("7", "2000") };
-    println!("[bench] socket LB vs per-packet NAT: {rounds} rounds of {ms} ms per phase");
-    let out = Command::new(root.join("target/release/lb-bench"))
-        .args(["socket-lb", rounds, ms])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running lb-bench socket-lb")?;
-    if !out.status.success() {
-        bail!("lb-bench socket-lb failed ({})", out.status);
-    }
-    let section = String::from_utf8_lossy(&out.stdout).into_owned();
-    print!("{section}");
-    report.push_str(&section);
+            plan.control_plane_changes,
+        ],
+    )?);
+    let took = started.elapsed().as_secs_f64();
     report.push_str(&format!(
-        "Whole run: {:.0} s. Reproduce with `cargo xtask bench{}` (as root).\n",
-        started.elapsed().as_secs_f64(),
+        "Whole run: {:.0} min {:.0} s (release build not included). Reproduce with `cargo xtask bench{}` (as root).\n",
+        (took / 60.0).floor(),
+        took % 60.0,
         if quick { " --quick" } else { "" }
     ));
-    let dir = root.join("bench/results");
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join(format!("{date}{}.md", if quick { "-quick" } else { "" }));
+    let file = dir.join(format!("{stem}.md"));
     std::fs::write(&file, report)?;
-    println!("[bench] report written to {}", file.display());
+    println!(
+        "[bench] report written to {} ({:.0} s)",
+        file.display(),
+        took
+    );
     Ok(())
 }

@@ -10,11 +10,12 @@
 //!   (p50/p99/max), each change one endpoint added or removed;
 //! - the agent's RSS after the initial sync and at the end (and its peak).
 //!
-//! `lb-bench socket-lb [ROUNDS] [MS]` compares, from a client pod to a
-//! ClusterIP, socket-level load balancing with per-packet NAT: connection
-//! rate and request/response rate and latency, in alternating rounds.
+//! `lb-bench datapath|programming|traffic --sizes 1,1000,...` run the
+//! measurements of `lb_tests::bench` (per-packet cost, rule programming vs
+//! iptables-restore and nft, traffic through the lab vs kube-proxy's
+//! iptables and nftables modes, agent memory).
 //!
-//! It prints a markdown section on stdout; progress goes to stderr.
+//! Each prints a markdown section on stdout; progress goes to stderr.
 
 use std::{
     net::Ipv4Addr,
@@ -25,6 +26,7 @@ use anyhow::{bail, Context, Result};
 use lb_common::Service4Key;
 use lb_tests::{
     apiserver::ApiServer,
+    bench,
     lab::{Lab, NODE_NAME},
 };
 use lb_userspace::{
@@ -67,16 +69,115 @@ fn parse_args(args: &[String]) -> Result<Args> {
     Ok(a)
 }
 
+const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K]
+       lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K]
+       lb-bench programming --sizes N,N,... [--endpoints E] [--changes K] [--limit-s S]
+       lb-bench rules       --services N --format iptables|nft [--endpoints E]
+       lb-bench traffic     --sizes N,N,... [--endpoints E] [--ms MS] [--rounds R] [--plot-dir DIR] [--plot-prefix P]";
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("control-plane") => control_plane(parse_args(&args[1..])?),
-        Some("socket-lb") => {
-            let rounds = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(5).clamp(1, 50);
-            let ms = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(2000u64).clamp(100, 60_000);
-            socket_lb(rounds, ms)
+        Some("datapath") => {
+            let f = Flags::parse(&args[1..])?;
+            let (endpoints, batches, count) = (
+                f.num("endpoints", 4)?,
+                f.num("batches", 5)?,
+                f.num("count", 2000)?,
+            );
+            let costs = bench::datapath::measure(&f.sizes()?, endpoints, batches, count)?;
+            print!(
+                "{}",
+                bench::datapath::markdown(&costs, endpoints, batches, count)
+            );
+            Ok(())
         }
-        _ => bail!("usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K] | socket-lb [ROUNDS] [MS]"),
+        Some("programming") => {
+            let f = Flags::parse(&args[1..])?;
+            let endpoints = f.num("endpoints", 4)?;
+            let limit = Duration::from_secs(f.num("limit-s", 600)? as u64);
+            let rows =
+                bench::programming::measure(&f.sizes()?, endpoints, f.num("changes", 50)?, limit)?;
+            print!("{}", bench::programming::markdown(&rows, endpoints, limit));
+            Ok(())
+        }
+        Some("rules") => {
+            // The kube-proxy-shaped rules the benchmark compares against.
+            let f = Flags::parse(&args[1..])?;
+            let ports = bench::filler_services(f.num("services", 1)?, f.num("endpoints", 4)?);
+            match f.get("format").as_deref() {
+                Some("iptables") => print!("{}", bench::kube_proxy::iptables_full(&ports)),
+                Some("nft") => print!("{}", bench::kube_proxy::nft_full(&ports)),
+                _ => bail!("--format iptables|nft\n{USAGE}"),
+            }
+            Ok(())
+        }
+        Some("traffic") => {
+            let f = Flags::parse(&args[1..])?;
+            let (endpoints, ms, rounds) = (
+                f.num("endpoints", 4)?,
+                f.num("ms", 1000)? as u64,
+                f.num("rounds", 3)?,
+            );
+            let rows = bench::traffic::measure(&f.sizes()?, endpoints, ms, rounds)?;
+            print!("{}", bench::traffic::markdown(&rows, endpoints, ms, rounds));
+            if let Some(dir) = f.get("plot-dir") {
+                let prefix = f.get("plot-prefix").unwrap_or_default();
+                let files = bench::plot::draw(&rows, std::path::Path::new(&dir), &prefix)?;
+                println!("Plots (against the number of Services, all modes):\n");
+                for file in files {
+                    println!("![{file}]({file})");
+                }
+                println!();
+            }
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
+
+/// `--name value` pairs.
+struct Flags(Vec<(String, String)>);
+
+impl Flags {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut pairs = Vec::new();
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let name = flag
+                .strip_prefix("--")
+                .with_context(|| format!("unexpected {flag}\n{USAGE}"))?;
+            let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+            pairs.push((name.to_owned(), value.clone()));
+        }
+        Ok(Self(pairs))
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn num(&self, name: &str, default: usize) -> Result<usize> {
+        self.get(name).map_or(Ok(default), |v| {
+            v.parse().with_context(|| format!("bad --{name} {v}"))
+        })
+    }
+
+    fn sizes(&self) -> Result<Vec<usize>> {
+        let v = self.get("sizes").context("--sizes N,N,... is required")?;
+        let sizes: Vec<usize> = v
+            .split(',')
+            .map(|s| s.trim().parse().with_context(|| format!("bad size {s}")))
+            .collect::<Result<_>>()?;
+        if sizes.is_empty() || sizes.iter().any(|&n| n == 0 || n > 200_000) {
+            bail!("sizes must be 1..=200000");
+        }
+        Ok(sizes)
     }
 }
 
@@ -258,91 +359,5 @@ fn control_plane(a: Args) -> Result<()> {
         rss_peak as f64 / 1024.0
     );
     println!();
-    Ok(())
-}
-
-/// Picks one number out of a run.
-type Metric = fn(&ClientNumbers) -> f64;
-
-/// One lab-client benchmark run's numbers.
-#[derive(Default, Clone, Copy)]
-struct ClientNumbers {
-    conns_per_s: f64,
-    rr_per_s: f64,
-    rr_p50_us: f64,
-    rr_p99_us: f64,
-}
-
-fn run_client_bench(lab: &Lab, ms: u64) -> Result<ClientNumbers> {
-    let bin = lb_tests::lab::sibling_binary("lab-client", "LAB_CLIENT_BIN")?;
-    let out = lab
-        .command_in_cgroup(&lab.client.ns, &bin)
-        .args(["bench", "10.96.0.10:80", &(ms / 10).to_string()])
-        .output()?;
-    if !out.status.success() {
-        bail!("lab-client bench: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<&str> = text.trim().split('\t').collect();
-    let get = |k: &str| -> Result<f64> {
-        let i = f.iter().position(|x| *x == k).context("missing field")?;
-        Ok(f.get(i + 1).context("missing value")?.parse()?)
-    };
-    Ok(ClientNumbers {
-        conns_per_s: get("conns_per_s")?,
-        rr_per_s: get("rr_per_s")?,
-        rr_p50_us: get("rr_p50_us")?,
-        rr_p99_us: get("rr_p99_us")?,
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Socket LB on vs off, from a client pod to the nginx example's ClusterIP,
-/// in alternating rounds of one run so both see the same machine noise.
-fn socket_lb(rounds: usize, ms: u64) -> Result<()> {
-    let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/nginx-deployment.yaml");
-    let mut lab = Lab::from_manifest_files(&[example])?;
-    let mut on = Vec::new();
-    let mut off = Vec::new();
-    for round in 0..rounds {
-        for mode in ["all", "off"] {
-            lab.stop_agent();
-            lab.start_agent_extra(&["--socket-lb", mode])?;
-            let n = run_client_bench(&lab, ms)?;
-            eprintln!(
-                "[bench] round {round} socket-lb {mode}: {:.0} conn/s, {:.0} req/s, p50 {:.1} us, p99 {:.1} us",
-                n.conns_per_s, n.rr_per_s, n.rr_p50_us, n.rr_p99_us
-            );
-            if mode == "all" {
-                on.push(n)
-            } else {
-                off.push(n)
-            }
-        }
-    }
-    let m = |v: &[ClientNumbers], f: Metric| median(v.iter().map(f).collect());
-    println!("## Socket-level load balancing vs per-packet NAT\n");
-    println!(
-        "A client pod to a ClusterIP with 3 backends (the nginx example), {rounds} alternating rounds of {ms} ms per phase; medians over rounds. On: translated at connect() (cgroup hooks); off: tc translates every packet.\n"
-    );
-    println!("| | socket LB on | off (per packet) | on / off |");
-    println!("| --- | --- | --- | --- |");
-    let rows: [(&str, Metric); 4] = [
-        ("connections/s (connect, request, close)", |n| n.conns_per_s),
-        ("requests/s on one connection", |n| n.rr_per_s),
-        ("request/response p50 (us)", |n| n.rr_p50_us),
-        ("request/response p99 (us)", |n| n.rr_p99_us),
-    ];
-    for (name, f) in rows {
-        let (a, b) = (m(&on, f), m(&off, f));
-        println!("| {name} | {a:.1} | {b:.1} | {:.2} |", a / b);
-    }
-    println!();
-    lab.assert_no_checksum_errors();
     Ok(())
 }
