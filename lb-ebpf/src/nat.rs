@@ -4,7 +4,7 @@
 //! hooks differ only in how they rewrite bytes (`Rewriter`) and in whether
 //! the packet comes from outside the node or from one of its pods (`Hook`).
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     config, stats, Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Service4Key,
     Service4Value, AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_CLOSING_LIFETIME_NS,
@@ -86,13 +86,17 @@ fn closing(flow: &Flow) -> bool {
 
 #[inline(always)]
 pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(action) = reverse_nat(rw, flow, now) {
-        return action;
-    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // The service lookup comes first, as in Cilium: packets to a Service
+    // skip the reply lookup. A reply's destination is a client (or the
+    // masquerade address on a port above the NodePort range), never a
+    // Service frontend, so no reply is taken for Service traffic.
     let Some((svc_key, svc)) =
         lookup_service(flow.daddr, flow.dport, flow.proto, hook == Hook::Pod)
     else {
+        if let Some(action) = reverse_nat(rw, flow, now) {
+            return action;
+        }
         forget_reply_entry_on_syn(flow);
         return Action::Pass;
     };

@@ -5,7 +5,9 @@
 //! address it asked for. Same maps, same choices as the packet paths.
 
 use aya_ebpf::{
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use lb_common::{
@@ -100,7 +102,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let sock_cookie = unsafe { bpf_get_socket_cookie(sa as *mut _) };
     let fwd_key = SockFwd4Key {
         cookie: sock_cookie,
