@@ -17,7 +17,7 @@ use lb_common::{
 use crate::{
     headers::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{
-        self, backend_match, count, count_service, source_allowed, AFFINITY, BACKENDS, CONNTRACK,
+        self, backend, backend_match, count, count_service, source_allowed, AFFINITY, CONNTRACK,
         REV_NAT, SERVICES,
     },
 };
@@ -126,7 +126,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
             // A UDP flow has no end that would let go of it, so it moves as
             // soon as the backend leaves its Service (kube-proxy flushes such
             // UDP conntrack entries); a TCP connection runs to its end.
-            let live = unsafe { BACKENDS.get(ct.backend_id) }.copied().filter(|_| {
+            let live = backend(ct.backend_id).filter(|_| {
                 flow.proto == IPPROTO_TCP || backend_match(ct.backend_id, ct.rev_nat_id).is_some()
             });
             if let Some(backend) = live {
@@ -166,7 +166,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
         count(stats::BACKEND_MISSING);
         return Action::Drop;
     };
-    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
+    let Some(backend) = backend(backend_id) else {
         count(stats::BACKEND_MISSING);
         return Action::Drop;
     };

@@ -16,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{self, backend_match, count, BACKENDS, SOCK_FWD, SOCK_REV},
+    maps::{self, backend, backend_match, count, SOCK_FWD, SOCK_REV},
     nat::{lookup_service, remember_affinity, select_backend},
 };
 
@@ -114,7 +114,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     if sticky {
         if let Some(id) = unsafe { SOCK_FWD.get(fwd_key) }.copied() {
             if backend_match(id, svc.rev_nat_id).is_some() {
-                if let Some(backend) = (unsafe { BACKENDS.get(id) }).copied() {
+                if let Some(backend) = backend(id) {
                     unsafe {
                         (*sa).user_ip4 = backend.addr;
                         (*sa).user_port = backend.port as u32;
@@ -136,7 +136,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         count(stats::BACKEND_MISSING);
         return ALLOW;
     };
-    let Some(backend) = (unsafe { BACKENDS.get(backend_id) }).copied() else {
+    let Some(backend) = backend(backend_id) else {
         count(stats::BACKEND_MISSING);
         return ALLOW;
     };

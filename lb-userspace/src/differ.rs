@@ -163,7 +163,7 @@ pub struct PlannedOp {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("no free backend id: {MAX_BACKENDS} backends are in use")]
+    #[error("no free backend id: {} backends are in use", MAX_BACKENDS - 1)]
     BackendIdsExhausted,
     #[error("no free reverse-NAT id: {MAX_REV_NAT} frontends are in use")]
     RevNatIdsExhausted,
@@ -324,7 +324,8 @@ pub fn plan_scoped(
         None => desired.entries().values().collect(),
         Some(t) => t.iter().filter_map(|f| desired.get(f)).collect(),
     };
-    let mut backend_alloc = IdAllocator::new(&current.backends, MAX_BACKENDS);
+    // Ids index the backends array: 1..MAX_BACKENDS (0 means none).
+    let mut backend_alloc = IdAllocator::new(&current.backends, MAX_BACKENDS - 1);
     let mut rev_alloc = IdAllocator::new(&current.rev_nat, MAX_REV_NAT - 1);
 
     // 1. Backends first: a slot must never point at a missing backend.

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, LpmTrie},
+    maps::{Array, HashMap, LpmTrie, MapType},
     Ebpf, EbpfLoader,
 };
 use lb_common::map_names;
@@ -39,49 +39,60 @@ pub fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(name)
 }
 
-/// Key size, value size and capacity a map of this version has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Type, key size, value size and capacity a map of this version has.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MapLayout {
     pub name: &'static str,
+    pub map_type: MapType,
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
 }
 
-const fn layout<K, V>(name: &'static str, max_entries: u32) -> MapLayout {
+const fn layout<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapLayout {
     MapLayout {
         name,
+        map_type,
         key_size: std::mem::size_of::<K>() as u32,
         value_size: std::mem::size_of::<V>() as u32,
         max_entries,
     }
 }
 
+/// What a pinned map is: (type, key size, value size, capacity).
+pub type FoundLayout = (Option<MapType>, u32, u32, u32);
+
 /// Every map of the BPF object, as this version defines it.
 pub const MAP_LAYOUTS: [MapLayout; 12] = {
     use lb_common::*;
+    use MapType::*;
     [
-        layout::<Service4Key, Service4Value>(map_names::SERVICES, MAX_SERVICE_SLOTS),
-        layout::<u32, Backend4>(map_names::BACKENDS, MAX_BACKENDS),
-        layout::<u16, RevNat4>(map_names::REV_NAT, MAX_REV_NAT),
-        layout::<Ct4Key, Ct4Value>(map_names::CONNTRACK, MAX_CONNTRACK),
-        layout::<u32, u64>(map_names::STATS, stats::COUNT),
-        layout::<u32, ServiceStats>(map_names::SERVICE_STATS, MAX_REV_NAT),
-        layout::<Affinity4Key, Affinity4Value>(map_names::AFFINITY, MAX_AFFINITY),
-        layout::<BackendMatchKey, u8>(map_names::BACKEND_MATCH, MAX_BACKEND_MATCH),
+        layout::<Service4Key, Service4Value>(map_names::SERVICES, Hash, MAX_SERVICE_SLOTS),
+        // An array since backends became one (lookups inlined); a pinned
+        // hash of an older version is recreated.
+        layout::<u32, Backend4>(map_names::BACKENDS, Array, MAX_BACKENDS),
+        layout::<u16, RevNat4>(map_names::REV_NAT, Hash, MAX_REV_NAT),
+        layout::<Ct4Key, Ct4Value>(map_names::CONNTRACK, LruHash, MAX_CONNTRACK),
+        layout::<u32, u64>(map_names::STATS, PerCpuArray, stats::COUNT),
+        layout::<u32, ServiceStats>(map_names::SERVICE_STATS, PerCpuArray, MAX_REV_NAT),
+        layout::<Affinity4Key, Affinity4Value>(map_names::AFFINITY, LruHash, MAX_AFFINITY),
+        layout::<BackendMatchKey, u8>(map_names::BACKEND_MATCH, Hash, MAX_BACKEND_MATCH),
         // LPM trie keys carry a 32-bit prefix length in front.
-        layout::<(u32, SourceRange4), u8>(map_names::SOURCE_RANGES, MAX_SOURCE_RANGES),
-        layout::<u32, u32>(map_names::CONFIG, config::COUNT),
-        layout::<SockRev4Key, SockRev4Value>(map_names::SOCK_REV, MAX_SOCK_REV),
-        layout::<SockFwd4Key, u32>(map_names::SOCK_FWD, MAX_SOCK_REV),
+        layout::<(u32, SourceRange4), u8>(map_names::SOURCE_RANGES, LpmTrie, MAX_SOURCE_RANGES),
+        layout::<u32, u32>(map_names::CONFIG, Array, config::COUNT),
+        layout::<SockRev4Key, SockRev4Value>(map_names::SOCK_REV, LruHash, MAX_SOCK_REV),
+        layout::<SockFwd4Key, u32>(map_names::SOCK_FWD, LruHash, MAX_SOCK_REV),
     ]
 };
 
 /// Why a pinned map with (key size, value size, capacity) `found` cannot be
 /// adopted as `want`, if it cannot.
-pub fn incompatibility(want: &MapLayout, found: (u32, u32, u32)) -> Option<String> {
-    let (key, value, max) = found;
+pub fn incompatibility(want: &MapLayout, found: FoundLayout) -> Option<String> {
+    let (map_type, key, value, max) = found;
     let mut why = Vec::new();
+    if map_type != Some(want.map_type) {
+        why.push(format!("type {map_type:?}, now {:?}", want.map_type));
+    }
     if key != want.key_size {
         why.push(format!("key {key} bytes, now {}", want.key_size));
     }
@@ -109,7 +120,14 @@ pub fn drop_incompatible_pins(pin_dir: &Path) -> Vec<(String, String)> {
         let found = aya::maps::MapData::from_pin(&pin)
             .map_err(|e| e.to_string())
             .and_then(|m| m.info().map_err(|e| e.to_string()))
-            .map(|i| (i.key_size(), i.value_size(), i.max_entries()));
+            .map(|i| {
+                (
+                    i.map_type().ok(),
+                    i.key_size(),
+                    i.value_size(),
+                    i.max_entries(),
+                )
+            });
         let why = match found {
             Ok(found) => incompatibility(&want, found),
             Err(e) => Some(format!("cannot be opened: {e}")),
@@ -147,7 +165,7 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
     };
     Ok(BpfMaps {
         services: HashMap::try_from(take(map_names::SERVICES)?)?,
-        backends: HashMap::try_from(take(map_names::BACKENDS)?)?,
+        backends: Array::try_from(take(map_names::BACKENDS)?)?,
         rev_nat: HashMap::try_from(take(map_names::REV_NAT)?)?,
         backend_match: HashMap::try_from(take(map_names::BACKEND_MATCH)?)?,
         source_ranges: LpmTrie::try_from(take(map_names::SOURCE_RANGES)?)?,
@@ -169,7 +187,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
     };
     Ok(BpfMaps {
         services: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::SERVICES)?))?,
-        backends: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::BACKENDS)?))?,
+        backends: Array::try_from(aya::maps::Map::Array(open(map_names::BACKENDS)?))?,
         rev_nat: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::REV_NAT)?))?,
         backend_match: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::BACKEND_MATCH)?))?,
         source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(open(map_names::SOURCE_RANGES)?))?,
@@ -221,12 +239,27 @@ mod tests {
             .iter()
             .find(|l| l.name == map_names::CONNTRACK)
             .unwrap();
+        let lru = Some(MapType::LruHash);
         assert_eq!(
-            incompatibility(ct, (16, 24, lb_common::MAX_CONNTRACK)),
+            incompatibility(ct, (lru, 16, 24, lb_common::MAX_CONNTRACK)),
             None
         );
-        let why = incompatibility(ct, (16, 16, lb_common::MAX_CONNTRACK)).unwrap();
+        let why = incompatibility(ct, (lru, 16, 16, lb_common::MAX_CONNTRACK)).unwrap();
         assert!(why.contains("value 16 bytes, now 24"), "{why}");
-        assert!(incompatibility(ct, (16, 24, 1024)).is_some());
+        assert!(incompatibility(ct, (lru, 16, 24, 1024)).is_some());
+    }
+
+    #[test]
+    fn a_changed_map_type_is_incompatible() {
+        let backends = MAP_LAYOUTS
+            .iter()
+            .find(|l| l.name == map_names::BACKENDS)
+            .unwrap();
+        let why = incompatibility(
+            backends,
+            (Some(MapType::Hash), 4, 12, lb_common::MAX_BACKENDS),
+        )
+        .unwrap();
+        assert!(why.contains("type Some(Hash), now Array"), "{why}");
     }
 }

@@ -123,7 +123,8 @@ fn range_key(rev_nat_id: u16, r: &Ipv4Prefix) -> Key<SourceRange4> {
 /// The agent's maps in the kernel.
 pub struct BpfMaps {
     pub services: HashMap<MapData, Service4Key, Service4Value>,
-    pub backends: HashMap<MapData, u32, Backend4>,
+    /// Indexed by backend id; a free id holds zeros.
+    pub backends: Array<MapData, Backend4>,
     pub rev_nat: HashMap<MapData, u16, RevNat4>,
     pub backend_match: HashMap<MapData, BackendMatchKey, u8>,
     pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
@@ -138,9 +139,11 @@ impl BpfMaps {
             let (k, v) = kv?;
             c.insert_service(k, v);
         }
-        for kv in self.backends.iter() {
-            let (k, v) = kv?;
-            c.insert_backend(k, v);
+        for (id, v) in self.backends.iter().enumerate() {
+            let v = v?;
+            if v.addr != 0 {
+                c.insert_backend(id as u32, v);
+            }
         }
         for kv in self.rev_nat.iter() {
             let (k, v) = kv?;
@@ -203,12 +206,12 @@ impl BpfMaps {
 impl MapWriter for BpfMaps {
     fn apply(&mut self, op: &MapOp) -> Result<(), String> {
         let r = match op {
-            MapOp::PutBackend(id, v) => self.backends.insert(id, v, 0),
+            MapOp::PutBackend(id, v) => self.backends.set(*id, v, 0),
             MapOp::PutRevNat(id, v) => self.rev_nat.insert(id, v, 0),
             MapOp::PutService(k, v) => self.services.insert(k, v, 0),
             MapOp::DeleteService(k) => return ignore_missing(self.services.remove(k)),
             MapOp::DeleteRevNat(id) => return ignore_missing(self.rev_nat.remove(id)),
-            MapOp::DeleteBackend(id) => return ignore_missing(self.backends.remove(id)),
+            MapOp::DeleteBackend(id) => self.backends.set(*id, Backend4::default(), 0),
             MapOp::PutBackendMatch(rev, b, state) => {
                 self.backend_match.insert(match_key(*rev, *b), state, 0)
             }

@@ -362,8 +362,35 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
         "lb4_conntrack",
     ])
     .expect("create an old-layout map");
+    // And a backends map of the same key and value sizes, but a hash (it
+    // is an array now): sizes alone would let it be adopted, and the
+    // program load would then fail on the type.
+    let backends = lab.pin_dir.join("lb4_backends");
+    let backends = backends.to_str().unwrap();
+    lb_tests::lab::run(&[
+        "bpftool",
+        "map",
+        "create",
+        backends,
+        "type",
+        "hash",
+        "key",
+        "4",
+        "value",
+        "12",
+        "entries",
+        &lb_common::MAX_BACKENDS.to_string(),
+        "name",
+        "lb4_backends",
+        "flags",
+        "1",
+    ])
+    .expect("create an old-type backends map");
     lab.start_agent()
         .expect("the agent starts over pins of an older layout");
+    let shown = lb_tests::lab::run(&["bpftool", "-j", "map", "show", "pinned", backends]).unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["type"], "array", "recreated as an array: {shown}");
     let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 30);
     assert_eq!(tcp.len(), 3, "{tcp:?}");
     assert_eq!(udp.len(), 3, "{udp:?}");

@@ -72,14 +72,26 @@ fn timed_restore(mut cmd: Command, input: &str, limit: Duration) -> Result<Durat
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("could not start {cmd:?}: {e}"))?;
-    {
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        if let Err(e) = stdin.write_all(input.as_bytes()) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("writing to {cmd:?}: {e}"));
-        }
+    // The tools read their input as they go: written from a thread of its
+    // own, so the time limit below holds while they are still reading.
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let result = wait_limited(&mut child, &cmd, started, limit);
+    // A killed reader ends the write with an error; that is no news.
+    let written = writer.join().expect("writer thread");
+    if result.is_ok() {
+        written.map_err(|e| format!("writing to {cmd:?}: {e}"))?;
     }
+    result
+}
+
+fn wait_limited(
+    child: &mut std::process::Child,
+    cmd: &Command,
+    started: Instant,
+    limit: Duration,
+) -> Result<Duration, String> {
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
