@@ -1,7 +1,7 @@
 //! The desired state of the data path, independent of map ids and bytes.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
 };
@@ -177,6 +177,10 @@ impl ServiceEntry {
 pub struct DesiredState {
     entries: BTreeMap<L4Addr, ServiceEntry>,
     backend_users: HashMap<L4Addr, u32>,
+    /// Frontends per Service, so a one-Service change does not scan them all.
+    by_service: HashMap<ServiceName, BTreeSet<L4Addr>>,
+    /// Active backends over all entries.
+    active_backends: usize,
 }
 
 impl DesiredState {
@@ -197,7 +201,7 @@ impl DesiredState {
     }
 
     pub fn backend_count(&self) -> usize {
-        self.entries.values().map(|e| e.backends.active.len()).sum()
+        self.active_backends
     }
 
     /// Whether any entry balances over `backend`.
@@ -212,11 +216,23 @@ impl DesiredState {
         for b in entry.all_backends() {
             *self.backend_users.entry(*b).or_insert(0) += 1;
         }
+        self.active_backends += entry.backends.active.len();
+        self.by_service
+            .entry(entry.service.clone())
+            .or_default()
+            .insert(frontend);
         self.entries.insert(frontend, entry);
     }
 
     pub fn remove(&mut self, frontend: &L4Addr) -> Option<ServiceEntry> {
         let old = self.entries.remove(frontend)?;
+        self.active_backends -= old.backends.active.len();
+        if let Some(set) = self.by_service.get_mut(&old.service) {
+            set.remove(frontend);
+            if set.is_empty() {
+                self.by_service.remove(&old.service);
+            }
+        }
         for b in old.all_backends() {
             if let Some(n) = self.backend_users.get_mut(b) {
                 *n -= 1;
@@ -230,11 +246,10 @@ impl DesiredState {
 
     /// Frontends that belong to `service`.
     pub fn frontends_of(&self, service: &ServiceName) -> Vec<L4Addr> {
-        self.entries
-            .values()
-            .filter(|e| &e.service == service)
-            .map(|e| e.frontend)
-            .collect()
+        self.by_service
+            .get(service)
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default()
     }
 }
 

@@ -128,6 +128,52 @@ pub fn thousands(n: usize) -> String {
     out
 }
 
+/// (busy, total) jiffies of all CPUs, from /proc/stat.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Waits (up to two minutes) until the machine is nearly idle. The kernel
+/// frees large iptables and nftables rule sets (a flush, a namespace that
+/// goes) in the background for seconds to minutes; a measurement taken
+/// meanwhile would charge that work to whichever mode runs next.
+pub fn wait_for_quiet() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let started = std::time::Instant::now();
+    loop {
+        let Some((b0, t0)) = cpu_times() else { return };
+        std::thread::sleep(Duration::from_millis(500));
+        let Some((b1, t1)) = cpu_times() else { return };
+        let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+        if busy < 0.10 {
+            if started.elapsed() > Duration::from_secs(2) {
+                progress(&format!(
+                    "waited {:.0} s for the kernel's background work to end",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            progress(&format!(
+                "machine still {:.0}% busy after 120 s: measuring anyway",
+                busy * 100.0
+            ));
+            return;
+        }
+    }
+}
+
 /// Progress on stderr (stdout carries the report).
 pub fn progress(msg: &str) {
     eprintln!("[bench {}] {msg}", chrono::Utc::now().format("%H:%M:%S"));

@@ -110,8 +110,9 @@ fn run_client(lab: &Lab, to: &str, ms: u64) -> Result<ClientNumbers> {
     })
 }
 
-/// Medians over `rounds` runs.
+/// Medians over `rounds` runs, on a quiet machine.
 fn client_median(lab: &Lab, to: &str, ms: u64, rounds: usize) -> Result<ClientNumbers> {
+    super::wait_for_quiet();
     let mut runs = Vec::new();
     for _ in 0..rounds {
         runs.push(run_client(lab, to, ms)?);
