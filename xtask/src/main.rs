@@ -205,14 +205,7 @@ fn setup() -> Result<()> {
                 missing.join(" ")
             );
         }
-        sh(Command::new("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-        .context("apt-get install failed (root is required)")?;
+        apt_install(&missing)?;
     }
 
     // 5. bpffs, where the agent pins its maps.
@@ -359,12 +352,17 @@ fn install_bench_packages() -> Result<()> {
         "installing Debian packages for the benchmark: {}",
         missing.join(" ")
     ));
+    apt_install(&missing)
+}
+
+/// `apt-get update` and `apt-get install` of `packages`, non-interactively.
+fn apt_install(packages: &[&str]) -> Result<()> {
     sh(Command::new("apt-get")
         .args(["update", "-q"])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     sh(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .context("apt-get install failed (root is required)")
 }

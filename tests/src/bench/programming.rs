@@ -116,6 +116,26 @@ fn wait_limited(
     }
 }
 
+/// Change `c` of a run: one Service (spread over the set) gets an endpoint
+/// more, or loses the one it got, so every mode sees the same changes.
+/// Returns the Service's index and the endpoint it lost, if any.
+fn toggle_endpoint(
+    ports: &mut [kube_proxy::ServicePort],
+    c: usize,
+    endpoints: usize,
+) -> (usize, Vec<(std::net::Ipv4Addr, u16)>) {
+    let i = (c * 7919) % ports.len();
+    let mut removed = Vec::new();
+    if ports[i].endpoints.len() == endpoints {
+        ports[i]
+            .endpoints
+            .push((super::filler_endpoint_ip(i, 63), 8080));
+    } else {
+        removed.extend(ports[i].endpoints.pop());
+    }
+    (i, removed)
+}
+
 /// The agent's sync engine on fresh, unpinned maps.
 fn ours(n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
     let mut ebpf = Ebpf::load(lb_userspace::EBPF_OBJECT).context("loading the BPF object")?;
@@ -149,16 +169,7 @@ fn ours(n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
     }
     let mut times = Vec::with_capacity(changes);
     for c in 0..changes {
-        // The same Service changes back and forth: one endpoint added, removed.
-        let i = (c * 7919) % n;
-        let grow = ports[i].endpoints.len() == endpoints;
-        if grow {
-            ports[i]
-                .endpoints
-                .push((super::filler_endpoint_ip(i, 63), 8080));
-        } else {
-            ports[i].endpoints.pop();
-        }
+        let (i, _) = toggle_endpoint(&mut ports, c, endpoints);
         let (_, slice) = super::k8s_objects(&ports[i]);
         slices[i] = serde_json::from_value(slice)?;
         let change = ServiceChange {
@@ -209,15 +220,7 @@ fn iptables(
     let mut times = Vec::new();
     if install.is_ok() {
         for c in 0..changes {
-            let i = (c * 7919) % n;
-            let mut removed = Vec::new();
-            if ports[i].endpoints.len() == endpoints {
-                ports[i]
-                    .endpoints
-                    .push((super::filler_endpoint_ip(i, 63), 8080));
-            } else {
-                removed.push(ports[i].endpoints.pop().expect("an added endpoint"));
-            }
+            let (i, removed) = toggle_endpoint(&mut ports, c, endpoints);
             let text = kube_proxy::iptables_partial(&ports, &ports[i], &removed);
             match timed_restore(restore(), &text, limit) {
                 Ok(d) => times.push(d),
@@ -249,15 +252,7 @@ fn nftables(n: usize, endpoints: usize, changes: usize, limit: Duration) -> Resu
     let mut times = Vec::new();
     if install.is_ok() {
         for c in 0..changes {
-            let i = (c * 7919) % n;
-            let mut removed = Vec::new();
-            if ports[i].endpoints.len() == endpoints {
-                ports[i]
-                    .endpoints
-                    .push((super::filler_endpoint_ip(i, 63), 8080));
-            } else {
-                removed.push(ports[i].endpoints.pop().expect("an added endpoint"));
-            }
+            let (i, removed) = toggle_endpoint(&mut ports, c, endpoints);
             let text = kube_proxy::nft_update(&ports[i], &removed);
             match timed_restore(nft(), &text, limit) {
                 Ok(d) => times.push(d),

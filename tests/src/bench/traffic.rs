@@ -126,7 +126,8 @@ fn client_median(lab: &Lab, to: &str, ms: u64, rounds: usize) -> Result<ClientNu
     })
 }
 
-fn rss_kib(pid: u32) -> (u64, u64) {
+/// (VmRSS, VmHWM) of a process, in KiB.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use lb_common::Service4Key;
 use lb_tests::{
     apiserver::ApiServer,
-    bench,
+    bench::{self, percentile, traffic::rss_kib},
     lab::{Lab, NODE_NAME},
 };
 use lb_userspace::{
@@ -211,26 +211,6 @@ fn slice(i: usize, endpoints: usize) -> Value {
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)}},
         "addressType": "IPv4", "endpoints": eps,
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
-}
-
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// The sync duration the agent logged for its first (full) sync.
