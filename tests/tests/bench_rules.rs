@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 use lb_tests::{
     bench::{
         filler_services, kube_proxy,
+        rule_tools::{feed, flush_iptables, install_iptables_jumps},
         traffic::{
             flush_rules, install_iptables, install_nft, pods_only_lab, probe_addr, service_set,
             PROBE_LAST, PROBE_MIDDLE,
@@ -63,26 +64,11 @@ fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint() {
 }
 
 fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) {
-    use std::io::Write;
-    let mut child = ns
-        .command(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = ns.command(program);
+    cmd.args(args);
+    if let Err(e) = feed(cmd, input, Duration::from_secs(60)) {
+        panic!("{program} {args:?}: {e}");
+    }
 }
 
 #[test]
@@ -93,11 +79,7 @@ fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
     let ns = Netns::create(&format!("lbt-{}-rules", std::process::id())).expect("netns");
     let mut ports = filler_services(20, 3);
     for binary in ["iptables-legacy", "iptables-nft"] {
-        for args in kube_proxy::IPTABLES_JUMPS {
-            let mut full = vec![binary, "-w"];
-            full.extend_from_slice(args);
-            ns.exec(&full).expect("jump rules");
-        }
+        install_iptables_jumps(&ns, binary).expect("jump rules");
         let restore_bin = format!("{binary}-restore");
         restore(
             &ns,
@@ -127,10 +109,7 @@ fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
             "{binary}: the removed endpoint's DNAT is gone"
         );
         ports[7].endpoints.push(removed);
-        for table in ["nat", "filter"] {
-            ns.exec(&[binary, "-w", "-t", table, "-F"]).unwrap();
-            ns.exec(&[binary, "-w", "-t", table, "-X"]).unwrap();
-        }
+        flush_iptables(&ns, binary).expect("flush");
     }
     restore(&ns, "nft", &["-f", "-"], &kube_proxy::nft_full(&ports));
     let dnat = |ns: &Netns| {

@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod kube_proxy;
 pub mod plot;
 pub mod programming;
+pub mod rule_tools;
 pub mod traffic;
 
 use std::{net::Ipv4Addr, time::Duration};

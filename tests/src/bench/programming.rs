@@ -7,8 +7,7 @@
 //! removed after), so the host's own rules are never touched.
 
 use std::{
-    io::Write,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -24,8 +23,9 @@ use lb_userspace::{
 };
 
 use super::{
-    filler_services, kube_proxy, ms, percentile, progress, thousands, typed_objects,
-    BENCH_NAMESPACE,
+    filler_services, kube_proxy, ms, percentile, progress,
+    rule_tools::{feed, install_iptables_jumps},
+    thousands, typed_objects, BENCH_NAMESPACE,
 };
 use crate::lab::Netns;
 
@@ -61,59 +61,6 @@ pub struct ProgrammingRow {
     pub nftables: Programming,
     /// iptables-restore input size for a full sync, in rules.
     pub iptables_rules: usize,
-}
-
-/// Runs `cmd` with `input` on stdin, killed after `limit`.
-fn timed_restore(mut cmd: Command, input: &str, limit: Duration) -> Result<Duration, String> {
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("could not start {cmd:?}: {e}"))?;
-    // The tools read their input as they go: written from a thread of its
-    // own, so the time limit below holds while they are still reading.
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let input = input.to_owned();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let result = wait_limited(&mut child, &cmd, started, limit);
-    // A killed reader ends the write with an error; that is no news.
-    let written = writer.join().expect("writer thread");
-    if result.is_ok() {
-        written.map_err(|e| format!("writing to {cmd:?}: {e}"))?;
-    }
-    result
-}
-
-fn wait_limited(
-    child: &mut std::process::Child,
-    cmd: &Command,
-    started: Instant,
-    limit: Duration,
-) -> Result<Duration, String> {
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let took = started.elapsed();
-                if status.success() {
-                    return Ok(took);
-                }
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                return Err(format!("{cmd:?} failed ({status}): {}", err.trim()));
-            }
-            Ok(None) if started.elapsed() > limit => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("did not finish in {} s", limit.as_secs()));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
 }
 
 /// Change `c` of a run: one Service (spread over the set) gets an endpoint
@@ -202,11 +149,7 @@ fn iptables(
     limit: Duration,
 ) -> Result<(Programming, usize)> {
     let ns = Netns::create(&format!("lbt-{}-bench-ipt", std::process::id()))?;
-    for args in kube_proxy::IPTABLES_JUMPS {
-        let mut full = vec![binary, "-w"];
-        full.extend_from_slice(args);
-        ns.exec(&full).context("kube-proxy's jump rules")?;
-    }
+    install_iptables_jumps(&ns, binary).context("kube-proxy's jump rules")?;
     let mut ports = filler_services(n, endpoints);
     let text = kube_proxy::iptables_full(&ports);
     let rules = text.lines().filter(|l| l.starts_with("-A ")).count();
@@ -215,14 +158,14 @@ fn iptables(
         c.args(["-w", "--noflush"]);
         c
     };
-    let install = timed_restore(restore(), &text, limit);
+    let install = feed(restore(), &text, limit);
     drop(text);
     let mut times = Vec::new();
     if install.is_ok() {
         for c in 0..changes {
             let (i, removed) = toggle_endpoint(&mut ports, c, endpoints);
             let text = kube_proxy::iptables_partial(&ports, &ports[i], &removed);
-            match timed_restore(restore(), &text, limit) {
+            match feed(restore(), &text, limit) {
                 Ok(d) => times.push(d),
                 Err(e) => bail!("{binary}-restore of one endpoint change: {e}"),
             }
@@ -247,14 +190,14 @@ fn nftables(n: usize, endpoints: usize, changes: usize, limit: Duration) -> Resu
         c.args(["-f", "-"]);
         c
     };
-    let install = timed_restore(nft(), &text, limit);
+    let install = feed(nft(), &text, limit);
     drop(text);
     let mut times = Vec::new();
     if install.is_ok() {
         for c in 0..changes {
             let (i, removed) = toggle_endpoint(&mut ports, c, endpoints);
             let text = kube_proxy::nft_update(&ports[i], &removed);
-            match timed_restore(nft(), &text, limit) {
+            match feed(nft(), &text, limit) {
                 Ok(d) => times.push(d),
                 Err(e) => bail!("nft -f of one endpoint change: {e}"),
             }

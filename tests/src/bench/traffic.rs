@@ -13,7 +13,7 @@ use std::{fs, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 
-use super::{filler_services, k8s_objects, kube_proxy, median, progress, thousands};
+use super::{filler_services, k8s_objects, kube_proxy, median, progress, rule_tools, thousands};
 use crate::{
     lab::{sibling_binary, Lab, NODE_NAME},
     workload::{self, LabObject},
@@ -186,45 +186,21 @@ const NFT_CHUNK: usize = 2_000;
 /// legacy x_tables ones.
 pub fn flush_rules(lab: &Lab) -> Result<()> {
     lab.node.exec(&["nft", "flush", "ruleset"])?;
-    for table in ["nat", "filter"] {
-        lab.node.exec(&[IPTABLES, "-w", "-t", table, "-F"])?;
-        lab.node.exec(&[IPTABLES, "-w", "-t", table, "-X"])?;
-    }
-    Ok(())
+    rule_tools::flush_iptables(&lab.node, IPTABLES)
 }
 
+/// Feeds `input` to `program` in the node namespace.
 fn restore(lab: &Lab, program: &[&str], input: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = lab
-        .node
-        .command(program[0])
-        .args(&program[1..])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{program:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let mut cmd = lab.node.command(program[0]);
+    cmd.args(&program[1..]);
+    rule_tools::feed(cmd, input, Duration::from_secs(600)).map_err(anyhow::Error::msg)?;
     Ok(())
 }
 
 /// Installs kube-proxy's iptables-mode rules for `set` in the node
 /// namespace (legacy backend, as the traffic runs use).
 pub fn install_iptables(lab: &Lab, set: &[kube_proxy::ServicePort]) -> Result<()> {
-    for args in kube_proxy::IPTABLES_JUMPS {
-        let mut full = vec![IPTABLES, "-w"];
-        full.extend_from_slice(args);
-        lab.node.exec(&full)?;
-    }
+    rule_tools::install_iptables_jumps(&lab.node, IPTABLES)?;
     restore(
         lab,
         &["iptables-legacy-restore", "-w", "--noflush"],
