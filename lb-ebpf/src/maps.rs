@@ -80,14 +80,14 @@ pub fn source_allowed(rev_nat_id: u16, saddr: u32) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// The `BACKEND_MATCH_*` state of a backend in a frontend (None: not one
-/// of its backends).
 /// The backend with this id, if the id is in use.
 #[inline(always)]
 pub fn backend(id: u32) -> Option<Backend4> {
     BACKENDS.get(id).copied().filter(|b| b.addr != 0)
 }
 
+/// The `BACKEND_MATCH_*` state of a backend in a frontend (None: not one
+/// of its backends).
 #[inline(always)]
 pub fn backend_match(backend_id: u32, rev_nat_id: u16) -> Option<u8> {
     let key = BackendMatchKey {

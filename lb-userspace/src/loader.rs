@@ -85,8 +85,8 @@ pub const MAP_LAYOUTS: [MapLayout; 12] = {
     ]
 };
 
-/// Why a pinned map with (key size, value size, capacity) `found` cannot be
-/// adopted as `want`, if it cannot.
+/// Why a pinned map with (type, key size, value size, capacity) `found`
+/// cannot be adopted as `want`, if it cannot.
 pub fn incompatibility(want: &MapLayout, found: FoundLayout) -> Option<String> {
     let (map_type, key, value, max) = found;
     let mut why = Vec::new();
