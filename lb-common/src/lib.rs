@@ -28,6 +28,9 @@ pub mod map_names {
     pub const CONFIG: &str = "lb_config";
     pub const SOCK_REV: &str = "lb4_sock_rev";
     pub const SOCK_FWD: &str = "lb4_sock_fwd";
+    /// The previous agent's conntrack map while it is migrated (bound to its
+    /// pin only then; otherwise an empty one-entry map). Not in [`ALL`].
+    pub const CONNTRACK_PREV: &str = "lb4_conntrack_prev";
     pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
@@ -324,7 +327,11 @@ pub mod config {
     /// The agent's (host) network namespace cookie, low and high halves.
     pub const HOST_NETNS_COOKIE_LO: u32 = 2;
     pub const HOST_NETNS_COOKIE_HI: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Non-zero while a conntrack map of an older layout is being migrated:
+    /// a lookup that misses falls back to `lb4_conntrack_prev` and moves the
+    /// entry over, so flows keep their backends across the switch.
+    pub const CT_MIGRATING: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// How long an idle entry keeps its backend, as in the kernel's conntrack.

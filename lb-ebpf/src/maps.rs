@@ -35,6 +35,39 @@ pub static REV_NAT: HashMap<u16, RevNat4, { MAX_REV_NAT as usize }, NO_PREALLOC>
 #[btf_map(name = "lb4_conntrack")]
 pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
+/// The conntrack map of the agent version being replaced, while its entries
+/// are migrated (see `config::CT_MIGRATING`); one entry otherwise.
+#[btf_map(name = "lb4_conntrack_prev")]
+pub static CONNTRACK_PREV: LruHashMap<Ct4Key, Ct4Value, 1> = LruHashMap::new();
+
+/// The conntrack entry of `key`. While an older map is migrated, a miss
+/// looks there and moves the entry over, so a flow created by the previous
+/// programs keeps its backend (and its replies their reverse NAT).
+#[inline(always)]
+pub fn conntrack_ptr(key: &Ct4Key) -> Option<*mut Ct4Value> {
+    if let Some(p) = CONNTRACK.get_ptr_mut(*key) {
+        return Some(p);
+    }
+    if config(config::CT_MIGRATING) == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out before the map is touched again.
+    let old = unsafe { CONNTRACK_PREV.get(*key) }.copied()?;
+    let _ = CONNTRACK.insert(*key, old, 0);
+    CONNTRACK.get_ptr_mut(*key)
+}
+
+/// Records a conntrack entry. While a migration runs it goes into the old
+/// map too: hooks still running the previous programs (they switch one by
+/// one) then see flows the new ones started, such as a reply's entry.
+#[inline(always)]
+pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value) {
+    let _ = CONNTRACK.insert(*key, *value, 0);
+    if config(config::CT_MIGRATING) != 0 {
+        let _ = CONNTRACK_PREV.insert(*key, *value, 0);
+    }
+}
+
 #[btf_map(name = "lb_stats")]
 pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
 

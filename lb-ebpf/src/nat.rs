@@ -17,8 +17,8 @@ use lb_common::{
 use crate::{
     headers::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::{
-        self, backend, backend_match, count, count_service, source_allowed, AFFINITY, CONNTRACK,
-        REV_NAT, SERVICES,
+        self, backend, backend_match, conntrack_insert, conntrack_ptr, count, count_service,
+        source_allowed, AFFINITY, CONNTRACK, CONNTRACK_PREV, REV_NAT, SERVICES,
     },
 };
 
@@ -114,7 +114,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
         direction: CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    if let Some(ct_ptr) = CONNTRACK.get_ptr_mut(fwd_key) {
+    if let Some(ct_ptr) = conntrack_ptr(&fwd_key) {
         // SAFETY: the pointer comes from a successful lookup.
         let ct = unsafe { *ct_ptr };
         let new_syn = flow.proto == IPPROTO_TCP
@@ -203,7 +203,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
     // Without a conntrack entry the flow would still work packet by packet,
     // only without backend stickiness, so a full map is not fatal (except
     // for masqueraded flows, whose replies need it).
-    let _ = CONNTRACK.insert(fwd_key, ct, 0);
+    conntrack_insert(&fwd_key, &ct);
     insert_reply_entry(flow, &backend, &ct, now);
     count(stats::CT_CREATED);
     translate(rw, flow, &backend, &ct)
@@ -258,6 +258,8 @@ fn forget_reply_entry_on_syn(flow: &Flow) {
         _pad: [0; 2],
     };
     let _ = CONNTRACK.remove(&key);
+    // While a migration runs, the old map would hand the entry back.
+    let _ = CONNTRACK_PREV.remove(&key);
 }
 
 /// Records the client's choice for session affinity.
@@ -331,7 +333,8 @@ fn masquerade_source(flow: &Flow, backend: &Backend4, now: u64) -> Option<(u32, 
             direction: CT_DIR_REPLY,
             _pad: [0; 2],
         };
-        match unsafe { CONNTRACK.get(key) } {
+        // SAFETY: the pointer comes from a successful lookup.
+        match conntrack_ptr(&key).map(|p| unsafe { &*p }) {
             None => return Some((addr, port)),
             Some(ct) if now.saturating_sub(ct.last_seen_ns) >= lifetime_ns(flow, ct) => {
                 return Some((addr, port))
@@ -389,7 +392,7 @@ fn insert_reply_entry(flow: &Flow, backend: &Backend4, fwd: &Ct4Value, now: u64)
         nat_port: if snat { flow.sport } else { 0 },
         _pad: 0,
     };
-    let _ = CONNTRACK.insert(key, value, 0);
+    conntrack_insert(&key, &value);
 }
 
 /// A reply from a backend to a client of a Service gets the Service's
@@ -406,7 +409,7 @@ fn reverse_nat<R: Rewriter>(rw: &R, flow: &Flow, now: u64) -> Option<Action> {
         direction: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let ct_ptr = CONNTRACK.get_ptr_mut(key)?;
+    let ct_ptr = conntrack_ptr(&key)?;
     let ct = unsafe { *ct_ptr };
     // A leftover of a flow that ended must not touch a new one that reuses
     // its addresses and ports.

@@ -105,56 +105,230 @@ pub fn incompatibility(want: &MapLayout, found: FoundLayout) -> Option<String> {
     (!why.is_empty()).then(|| why.join(", "))
 }
 
-/// Unpins maps a previous version pinned with another layout, so they are
-/// created anew: adopting one would fail the program load (the verifier
-/// sees a value too small) or leave new counters nowhere. What they held is
-/// lost; Service maps are rewritten by the first sync, conntrack restarts
-/// empty (flows translated per packet pick a backend again).
-pub fn drop_incompatible_pins(pin_dir: &Path) -> Vec<(String, String)> {
-    let mut dropped = Vec::new();
-    for want in MAP_LAYOUTS {
-        let pin = map_pin_path(pin_dir, want.name);
-        if !pin.exists() {
-            continue;
-        }
-        let found = aya::maps::MapData::from_pin(&pin)
-            .map_err(|e| e.to_string())
-            .and_then(|m| m.info().map_err(|e| e.to_string()))
-            .map(|i| {
-                (
-                    i.map_type().ok(),
-                    i.key_size(),
-                    i.value_size(),
-                    i.max_entries(),
-                )
-            });
-        let why = match found {
-            Ok(found) => incompatibility(&want, found),
-            Err(e) => Some(format!("cannot be opened: {e}")),
-        };
-        if let Some(why) = why {
-            log::warn!(
-                "pinned map {} has another layout ({why}): created anew, its contents are lost",
-                pin.display()
-            );
-            let _ = fs::remove_file(&pin);
-            dropped.push((want.name.to_owned(), why));
-        }
-    }
-    dropped
+/// Where a replaced map stays pinned while its entries are migrated.
+pub fn old_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join(format!("{name}_old"))
 }
 
-/// Loads the programs, creating or adopting the pinned maps.
-pub fn load(pin_dir: &Path) -> Result<Ebpf> {
+/// Maps whose entries carry state packets depend on (flows, affinity,
+/// sockets) and are copied into a map of a new capacity or type, as long
+/// as key and value are unchanged. The others are rebuilt from the desired
+/// state by the first sync.
+const MIGRATED_MAPS: [&str; 4] = [
+    map_names::CONNTRACK,
+    map_names::AFFINITY,
+    map_names::SOCK_REV,
+    map_names::SOCK_FWD,
+];
+
+/// Whether a pinned map with layout `found` can have its entries copied
+/// into a map of layout `want`.
+pub fn entries_copyable(want: &MapLayout, found: FoundLayout) -> bool {
+    let (map_type, key, value, _) = found;
+    MIGRATED_MAPS.contains(&want.name)
+        && key == want.key_size
+        && value == want.value_size
+        && matches!(map_type, Some(MapType::Hash | MapType::LruHash))
+}
+
+/// What loading found among the pinned maps.
+#[derive(Debug, Default)]
+pub struct PinnedState {
+    /// Maps of another layout whose entries are copied over (name, old pin).
+    pub migrated: Vec<(&'static str, PathBuf)>,
+    /// Maps of another layout created empty (name, why); the Service maps
+    /// among them are rebuilt by the first sync.
+    pub rebuilt: Vec<(&'static str, String)>,
+}
+
+impl PinnedState {
+    /// Whether the conntrack map is migrated (the programs then fall back
+    /// to the old one on a miss).
+    pub fn conntrack_migrated(&self) -> Option<&Path> {
+        self.migrated
+            .iter()
+            .find(|(n, _)| *n == map_names::CONNTRACK)
+            .map(|(_, p)| p.as_path())
+    }
+}
+
+fn found_layout(pin: &Path) -> Result<FoundLayout, String> {
+    aya::maps::MapData::from_pin(pin)
+        .map_err(|e| e.to_string())
+        .and_then(|m| m.info().map_err(|e| e.to_string()))
+        .map(|i| {
+            (
+                i.map_type().ok(),
+                i.key_size(),
+                i.value_size(),
+                i.max_entries(),
+            )
+        })
+}
+
+/// Sorts the pinned maps of a previous version: adopted as they are when
+/// the layout matches; otherwise moved aside to `<name>_old` (bpffs
+/// refuses dots in names) when their entries can be copied, or unpinned. Either way the previous programs
+/// keep using them (a program holds its maps) until the new ones replace
+/// them, which the agent does only after its first sync: packets never see
+/// an empty map. A `_old` pin left by an agent that died while migrating is
+/// migrated again.
+pub fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapLayout]) -> PinnedState {
+    let mut state = PinnedState::default();
+    for want in layouts {
+        let pin = map_pin_path(pin_dir, want.name);
+        let old = old_pin_path(pin_dir, want.name);
+        if pin.exists() {
+            let found = found_layout(&pin);
+            let why = match &found {
+                Ok(found) => incompatibility(want, *found),
+                Err(e) => Some(format!("cannot be opened: {e}")),
+            };
+            let Some(why) = why else {
+                if old.exists() {
+                    keep_or_drop_old(want, &old, &mut state);
+                }
+                continue;
+            };
+            let moved = found
+                .is_ok_and(|f| entries_copyable(want, f))
+                .then(|| fs::rename(&pin, &old));
+            if let Some(Ok(())) = moved {
+                log::warn!(
+                    "pinned map {} has another layout ({why}): its entries are copied to a new one",
+                    pin.display()
+                );
+                state.migrated.push((want.name, old));
+            } else {
+                let note = match moved {
+                    Some(Err(e)) => format!(" (moving it aside failed: {e})"),
+                    _ => String::new(),
+                };
+                log::warn!(
+                    "pinned map {} has another layout ({why}): created anew and filled before the programs switch{note}",
+                    pin.display()
+                );
+                let _ = fs::remove_file(&pin);
+                let _ = fs::remove_file(&old);
+                state.rebuilt.push((want.name, why));
+            }
+        } else if old.exists() {
+            keep_or_drop_old(want, &old, &mut state);
+        }
+    }
+    state
+}
+
+fn keep_or_drop_old(want: &MapLayout, old: &Path, state: &mut PinnedState) {
+    match found_layout(old) {
+        Ok(found) if entries_copyable(want, found) => {
+            log::warn!(
+                "{} left by an interrupted migration: migrated again",
+                old.display()
+            );
+            state.migrated.push((want.name, old.to_owned()));
+        }
+        _ => {
+            let _ = fs::remove_file(old);
+        }
+    }
+}
+
+/// How the maps are sized.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Capacity of the conntrack map (two entries a flow).
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            conntrack: lb_common::MAX_CONNTRACK,
+        }
+    }
+}
+
+/// The layouts of this version with the configured sizes.
+pub fn layouts(sizes: MapSizes) -> Vec<MapLayout> {
+    MAP_LAYOUTS
+        .iter()
+        .map(|l| match l.name {
+            map_names::CONNTRACK => MapLayout {
+                max_entries: sizes.conntrack,
+                ..*l
+            },
+            _ => *l,
+        })
+        .collect()
+}
+
+/// Loads the programs, creating or adopting the pinned maps. Nothing is
+/// attached here.
+pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, PinnedState)> {
     ensure_pin_dir(pin_dir)?;
-    drop_incompatible_pins(pin_dir);
+    let state = sort_pinned_maps(pin_dir, &layouts(sizes));
     let mut loader = EbpfLoader::new();
     for name in map_names::ALL {
         loader.map_pin_path(name, map_pin_path(pin_dir, name));
     }
-    loader
+    loader.map_max_entries(map_names::CONNTRACK, sizes.conntrack);
+    if let Some(old) = state.conntrack_migrated() {
+        loader.map_pin_path(map_names::CONNTRACK_PREV, old.to_owned());
+    }
+    let ebpf = loader
         .load(crate::EBPF_OBJECT)
-        .context("loading the BPF object (needs root: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+        .context("loading the BPF object (needs root: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")?;
+    Ok((ebpf, state))
+}
+
+fn copy_entries<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
+    let open = |p: &Path| -> Result<HashMap<aya::maps::MapData, K, V>> {
+        let data =
+            aya::maps::MapData::from_pin(p).with_context(|| format!("opening {}", p.display()))?;
+        Ok(HashMap::try_from(aya::maps::Map::from_map_data(data)?)?)
+    };
+    let (from, mut to) = (open(from)?, open(to)?);
+    let mut copied = 0;
+    for entry in from.iter() {
+        // An entry that vanished while iterating (LRU) is simply skipped.
+        let Ok((k, v)) = entry else { continue };
+        // BPF_NOEXIST: what the new programs wrote since is newer.
+        if to.insert(k, v, 1).is_ok() {
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
+/// Copies the entries of the maps being migrated that the new maps do not
+/// hold yet. Returns (map, entries copied).
+pub fn copy_migrated(pin_dir: &Path, state: &PinnedState) -> Result<Vec<(&'static str, usize)>> {
+    use lb_common::*;
+    let mut out = Vec::new();
+    for (name, old) in &state.migrated {
+        let new = map_pin_path(pin_dir, name);
+        let n = match *name {
+            map_names::CONNTRACK => copy_entries::<Ct4Key, Ct4Value>(old, &new)?,
+            map_names::AFFINITY => copy_entries::<Affinity4Key, Affinity4Value>(old, &new)?,
+            map_names::SOCK_REV => copy_entries::<SockRev4Key, SockRev4Value>(old, &new)?,
+            map_names::SOCK_FWD => copy_entries::<SockFwd4Key, u32>(old, &new)?,
+            other => bail!("no migration for {other}"),
+        };
+        out.push((*name, n));
+    }
+    Ok(out)
+}
+
+/// Ends a migration once the new programs are attached: the last entries
+/// the old programs wrote are copied, then the old pins go (the old maps
+/// are freed with the last program holding them).
+pub fn finish_migration(pin_dir: &Path, state: &PinnedState) -> Result<Vec<(&'static str, usize)>> {
+    let copied = copy_migrated(pin_dir, state)?;
+    for (_, old) in &state.migrated {
+        let _ = fs::remove_file(old);
+    }
+    Ok(copied)
 }
 
 /// Takes the maps the agent writes out of a loaded object.
@@ -209,11 +383,12 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let _ = fs::remove_dir(&links);
     for name in map_names::ALL {
-        let p = map_pin_path(pin_dir, name);
-        match fs::remove_file(&p) {
-            Ok(()) => removed.push(p),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        for p in [map_pin_path(pin_dir, name), old_pin_path(pin_dir, name)] {
+            match fs::remove_file(&p) {
+                Ok(()) => removed.push(p),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+            }
         }
     }
     let _ = fs::remove_dir(pin_dir);

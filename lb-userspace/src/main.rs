@@ -127,6 +127,11 @@ struct RunArgs {
     /// process of the node, also where /sys/fs/cgroup holds v1 controllers).
     #[arg(long, default_value = DEFAULT_CGROUP_ROOT)]
     cgroup: PathBuf,
+    /// Capacity of the conntrack map (an LRU: two entries a flow; the least
+    /// recently used are evicted when it is full). A pinned map of another
+    /// size is migrated entry by entry, flows keeping their backends.
+    #[arg(long, default_value_t = lb_common::MAX_CONNTRACK)]
+    conntrack_max: u32,
     /// Remove everything the agent installed (pinned links, which detaches the
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
     #[arg(long)]
@@ -239,13 +244,21 @@ impl SyncLog {
     }
 }
 
-/// The loaded and attached data path, and the node-side servers that go
-/// with it.
+/// The loaded data path, and the node-side servers that go with it.
 struct DataPath {
     ebpf: aya::Ebpf,
     attachments: Attachments,
     health: HealthServer,
     socket_lb: SocketLbMode,
+    pin_dir: PathBuf,
+    /// Interfaces facing the wire (XDP).
+    wire: Vec<String>,
+    xdp_mode: XdpAttachMode,
+    cgroup: PathBuf,
+    /// Pinned maps of an older layout being migrated.
+    pinned: loader::PinnedState,
+    /// Whether this agent's programs are attached (after its first sync).
+    attached: bool,
 }
 
 impl DataPath {
@@ -262,8 +275,55 @@ impl DataPath {
     }
 
     fn refresh_pods(&mut self) -> Result<()> {
+        if !self.attached {
+            return Ok(());
+        }
         for (name, how) in self.attachments.refresh_pod_interfaces(&mut self.ebpf)? {
             log::info!("tc on pod interface {name}: {how:?}");
+        }
+        Ok(())
+    }
+
+    /// Attaches this agent's programs once its maps hold the desired state
+    /// (after the first sync). Until then the previous agent's programs, if
+    /// any, keep serving from their maps; pinned links are swapped
+    /// atomically, so no packet sees an empty hook or a half-filled map.
+    fn attach_after_first_sync(&mut self, maps: &mut BpfMaps) -> Result<()> {
+        if self.attached {
+            return Ok(());
+        }
+        for iface in &self.wire {
+            let how = self
+                .attachments
+                .attach_wire(&mut self.ebpf, iface, self.xdp_mode)?;
+            log::info!("XDP on {iface}: {how:?}");
+        }
+        if self.socket_lb == SocketLbMode::Off {
+            self.attachments.detach_cgroup();
+        } else {
+            if self.cgroup == Path::new(DEFAULT_CGROUP_ROOT) {
+                ensure_cgroup2(&self.cgroup)?;
+            }
+            self.attachments
+                .attach_cgroup(&mut self.ebpf, &self.cgroup)?;
+            log::info!(
+                "socket-level load balancing ({:?}) on cgroup {}",
+                self.socket_lb,
+                self.cgroup.display()
+            );
+        }
+        self.attached = true;
+        self.refresh_pods()?;
+        if !self.pinned.migrated.is_empty() {
+            // The old programs are gone from every hook: what they wrote
+            // last is copied, then lookups stop falling back to the old map.
+            let copied = loader::finish_migration(&self.pin_dir, &self.pinned)?;
+            maps.set_conntrack_migrating(false)
+                .context("ending the conntrack migration")?;
+            log::info!(
+                "migration of pinned maps finished (entries copied after the switch: {copied:?})"
+            );
+            self.pinned.migrated.clear();
         }
         Ok(())
     }
@@ -274,7 +334,10 @@ fn setup_datapath(
     args: &RunArgs,
     metrics: &Arc<Metrics>,
 ) -> Result<(DataPath, Programmer<BpfMaps>)> {
-    let mut ebpf = loader::load(pin_dir)?;
+    let sizes = loader::MapSizes {
+        conntrack: args.conntrack_max,
+    };
+    let (mut ebpf, pinned) = loader::load(pin_dir, sizes)?;
     let mut maps = loader::take_maps(&mut ebpf)?;
     let current = maps.read_contents().context("reading the pinned maps")?;
     if !current.services.is_empty() {
@@ -285,7 +348,15 @@ fn setup_datapath(
             current.backends.len()
         );
     }
-    let mut attachments = Attachments::new(&mut ebpf, pin_dir, args.pod_interfaces.clone())?;
+    if !pinned.migrated.is_empty() {
+        // Copied now, and again after the switch for what the old programs
+        // wrote meanwhile; in between the programs look up the old map on a miss.
+        let copied = loader::copy_migrated(pin_dir, &pinned)?;
+        log::info!("migrating pinned maps of an older layout: {copied:?} entries copied");
+    }
+    maps.set_conntrack_migrating(pinned.conntrack_migrated().is_some())
+        .context("writing the conntrack migration flag")?;
+    let attachments = Attachments::new(&mut ebpf, pin_dir, args.pod_interfaces.clone())?;
     let wire = if args.interfaces.is_empty() {
         default_route_interfaces()
     } else {
@@ -293,10 +364,6 @@ fn setup_datapath(
     };
     if wire.is_empty() {
         log::warn!("no interface faces the wire (no default route and no --interfaces): XDP is not attached");
-    }
-    for iface in &wire {
-        let how = attachments.attach_wire(&mut ebpf, iface, args.xdp_mode)?;
-        log::info!("XDP on {iface}: {how:?}");
     }
     let addresses = node_net::interface_addresses()?;
     let nodeport_addresses =
@@ -319,26 +386,18 @@ fn setup_datapath(
     }
     maps.set_socket_lb(args.socket_lb.config_value(), netns_cookie()?)
         .context("writing the socket LB mode")?;
-    if args.socket_lb == SocketLbMode::Off {
-        attachments.detach_cgroup();
-    } else {
-        if args.cgroup == Path::new(DEFAULT_CGROUP_ROOT) {
-            ensure_cgroup2(&args.cgroup)?;
-        }
-        attachments.attach_cgroup(&mut ebpf, &args.cgroup)?;
-        log::info!(
-            "socket-level load balancing ({:?}) on cgroup {}",
-            args.socket_lb,
-            args.cgroup.display()
-        );
-    }
-    let mut dp = DataPath {
+    let dp = DataPath {
         ebpf,
         attachments,
         health: HealthServer::default(),
         socket_lb: args.socket_lb,
+        pin_dir: pin_dir.to_owned(),
+        wire,
+        xdp_mode: args.xdp_mode,
+        cgroup: args.cgroup.clone(),
+        pinned,
+        attached: false,
     };
-    dp.refresh_pods()?;
     install_datapath_metrics(pin_dir, metrics)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
     programmer.node = NodeInfo {
@@ -504,6 +563,7 @@ async fn run_manifests(
             publish_names(programmer);
             dp.health.update(programmer.health.values());
             dp.close_stale_udp(&report);
+            dp.attach_after_first_sync(&mut programmer.writer)?;
             metrics.set_ready();
             log.record("manifests", &report, started)
         };
@@ -613,6 +673,7 @@ async fn run_kubernetes(
         publish_names(programmer);
         dp.health.update(programmer.health.values());
         dp.close_stale_udp(&report);
+        dp.attach_after_first_sync(&mut programmer.writer)?;
         metrics.set_ready();
         log.record(kind, &report, started)?;
     }

@@ -192,6 +192,12 @@ impl BpfMaps {
         self.config.set(config::SOCKET_LB_MODE, mode, 0)
     }
 
+    /// Turns the data path's fall back to the old conntrack map on or off
+    /// (see `loader::PinnedState`).
+    pub fn set_conntrack_migrating(&mut self, on: bool) -> Result<(), MapError> {
+        self.config.set(config::CT_MIGRATING, u32::from(on), 0)
+    }
+
     /// Sets the source address masqueraded flows get (0: masquerading off,
     /// such flows are dropped and counted).
     pub fn set_masquerade_addr(&mut self, addr: std::net::Ipv4Addr) -> Result<(), MapError> {
