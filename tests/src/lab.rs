@@ -561,6 +561,49 @@ impl Lab {
         Ok(())
     }
 
+    /// A pod address no pod of the lab holds (10.244.0.10 to .250).
+    pub fn free_pod_ip(&self) -> Result<Ipv4Addr> {
+        let taken: BTreeSet<Ipv4Addr> = self.pod_specs.iter().map(|p| p.ip).collect();
+        (10u8..=250)
+            .map(|i| Ipv4Addr::new(10, 244, 0, i))
+            .find(|ip| !taken.contains(ip) && *ip != CLIENT_POD_ADDR)
+            .context("the lab's pod range is used up")
+    }
+
+    /// Creates a pod (a new replica) and starts its server.
+    pub fn add_pod(&mut self, spec: LabPod) -> Result<()> {
+        self.start_pod(&spec)?;
+        self.pod_specs.push(spec);
+        Ok(())
+    }
+
+    /// Sets a pod's readiness (what its readiness probe reports).
+    pub fn set_pod_ready(&mut self, name: &str, ready: bool) {
+        if let Some(spec) = self.pod_specs.iter_mut().find(|p| p.name == name) {
+            spec.ready = ready;
+        }
+    }
+
+    /// Starts a pod's termination as the kubelet does: SIGTERM to its
+    /// server, which goes on serving until it is killed; its endpoint
+    /// becomes terminating (not ready, still serving).
+    pub fn terminate_pod(&mut self, name: &str) {
+        if let Some(spec) = self.pod_specs.iter_mut().find(|p| p.name == name) {
+            spec.terminating = true;
+        }
+        if let Some(server) = self.pods.get(name).and_then(|p| p._server.as_ref()) {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
+        }
+    }
+
+    /// Removes a pod: its server is killed (the end of its grace period)
+    /// and its namespace and veth go.
+    pub fn remove_pod(&mut self, name: &str) {
+        self.pods.remove(name);
+        self.pod_specs.retain(|p| p.name != name);
+    }
+
     /// Writes the Services and the EndpointSlices the control plane would
     /// derive from the pods (atomically, so the agent never reads half a file).
     /// Returns how many files changed.

@@ -3,7 +3,10 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod kube_lab;
 pub mod lab;
+pub mod load;
 pub mod packet;
 pub mod privilege;
+pub mod rollout;
 pub mod workload;

@@ -111,6 +111,9 @@ pub struct LabPod {
     pub ip: Ipv4Addr,
     /// Created ready; the lab flips it to imitate failing readiness probes.
     pub ready: bool,
+    /// Being deleted (its grace period runs): not ready, still serving
+    /// while `ready` (its probe) holds.
+    pub terminating: bool,
     pub node_name: String,
 }
 
@@ -332,6 +335,7 @@ pub fn pods_for_workloads(
                 ports: ports.clone(),
                 ip,
                 ready: true,
+                terminating: false,
                 node_name: node_name.to_owned(),
             });
         }
@@ -469,10 +473,11 @@ fn pod_endpoint(pod: &LabPod, publish_not_ready: bool) -> Endpoint {
         addresses: vec![pod.ip.to_string()],
         conditions: Some(EndpointConditions {
             // publishNotReadyAddresses overrides `ready` only: `serving`
-            // still tells the truth about the pod.
-            ready: Some(pod.ready || publish_not_ready),
+            // still tells the truth about the pod. A terminating pod is
+            // never ready otherwise (the controller's compatibility rule).
+            ready: Some(publish_not_ready || (pod.ready && !pod.terminating)),
             serving: Some(pod.ready),
-            terminating: Some(false),
+            terminating: Some(pod.terminating),
         }),
         node_name: (!pod.node_name.is_empty()).then(|| pod.node_name.clone()),
         target_ref: Some(ObjectReference {
@@ -736,6 +741,7 @@ mod tests {
                 .collect(),
             ip: Ipv4Addr::new(10, 244, 0, last),
             ready: true,
+            terminating: false,
             node_name: "lab-node".into(),
         }
     }

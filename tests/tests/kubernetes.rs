@@ -5,188 +5,21 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     apiserver::{ApiServer, RequestRecord, Resource},
-    lab::{http_get, tcp_ask, Lab, NODE_NAME},
+    kube_lab::{KubeLab, NGINX},
+    lab::tcp_ask,
+    load::{Load, LoadKind},
     privilege::require_root,
 };
-use lb_userspace::{inspect, loader, model::Protocol};
+use lb_userspace::model::Protocol;
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const METRICS_PORT: u16 = 10249;
-/// How long the agent may take to apply a change (watch backoff included).
-const CONVERGE: Duration = Duration::from_secs(30);
-
-fn example(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(name)
-}
-
-/// The lab, with its API server listening inside the node namespace, where
-/// the agent runs (no traffic to it leaves the lab).
-struct KubeLab {
-    lab: Lab,
-    api: ApiServer,
-    kubeconfig: PathBuf,
-}
-
-impl KubeLab {
-    fn new() -> Self {
-        let lab =
-            Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("build the lab");
-        assert_eq!(lab.pods.len(), 3, "the example Deployment has 3 replicas");
-        let api = ApiServer::start_in(Some(lab.node.path())).expect("start the API server fixture");
-        api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME,
-            "labels": {"topology.kubernetes.io/zone": "lab-a"}}}))
-            .expect("node");
-        let kubeconfig = lab.dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
-        Self {
-            lab,
-            api,
-            kubeconfig,
-        }
-    }
-
-    /// The lab with the example published, the agent running and the
-    /// nginx Service programmed with all three pods.
-    fn serving() -> (Self, SocketAddrV4, Vec<String>) {
-        let mut k = Self::new();
-        k.publish();
-        k.start_agent();
-        let nginx = SocketAddrV4::new(NGINX, 80);
-        let pods = k.lab.pods_of("Deployment/nginx-deployment");
-        k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "initial");
-        (k, nginx, pods)
-    }
-
-    fn agent_flags(&self) -> Vec<String> {
-        vec![
-            "--kubeconfig".into(),
-            self.kubeconfig.to_string_lossy().into_owned(),
-            "--node-name".into(),
-            NODE_NAME.into(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{METRICS_PORT}"),
-        ]
-    }
-
-    fn start_agent(&mut self) {
-        let flags = self.agent_flags();
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        self.lab.start_agent_with(&flags).expect("start lb-agent");
-    }
-
-    /// Publishes the lab's Services and the EndpointSlices of its ready pods.
-    fn publish(&self) {
-        let mut objects: Vec<Value> = self
-            .lab
-            .services()
-            .iter()
-            .map(|s| serde_json::to_value(s).expect("service json"))
-            .collect();
-        objects.extend(
-            self.lab
-                .endpoint_slices()
-                .iter()
-                .map(|s| serde_json::to_value(s).expect("slice json")),
-        );
-        self.api.apply_all(&objects).expect("apply");
-    }
-
-    /// Everything the pinned maps hold, as `lb-agent services` shows it.
-    fn snapshot(&self) -> Vec<inspect::ProgrammedService> {
-        let maps = loader::open_pinned(&self.lab.pin_dir).expect("open the pinned maps");
-        inspect::programmed_services(&maps.read_contents().expect("read the pinned maps"))
-    }
-
-    /// Backends programmed for `frontend`, as addresses (None: no such frontend).
-    fn programmed(&self, frontend: SocketAddrV4, proto: Protocol) -> Option<BTreeSet<Ipv4Addr>> {
-        let maps = loader::open_pinned(&self.lab.pin_dir).ok()?;
-        let contents = maps.read_contents().ok()?;
-        inspect::programmed_services(&contents)
-            .into_iter()
-            .find(|s| {
-                s.frontend.addr == *frontend.ip()
-                    && s.frontend.port == frontend.port()
-                    && s.frontend.proto == proto
-            })
-            .map(|s| {
-                s.backends
-                    .iter()
-                    .filter_map(|b| b.backend.map(|a| a.addr))
-                    .collect()
-            })
-    }
-
-    /// Waits until the TCP frontend's backends are exactly `want` (None: absent).
-    fn wait_programmed(
-        &self,
-        frontend: SocketAddrV4,
-        want: Option<BTreeSet<Ipv4Addr>>,
-        what: &str,
-    ) {
-        let deadline = Instant::now() + CONVERGE;
-        let mut got = None;
-        while Instant::now() < deadline {
-            got = self.programmed(frontend, Protocol::Tcp);
-            if got == want {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!(
-            "{what}: {frontend} did not converge in {CONVERGE:?}: want {want:?}, maps hold {got:?}\n{}",
-            self.lab.agent_log()
-        );
-    }
-
-    fn pod_ips(&self, names: &[String]) -> BTreeSet<Ipv4Addr> {
-        names.iter().map(|n| self.lab.pods[n].ip).collect()
-    }
-
-    fn metrics(&self) -> String {
-        let (code, body) = self
-            .lab
-            .node
-            .run_in(|| {
-                http_get(
-                    SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
-                    "/metrics",
-                    TIMEOUT,
-                )
-            })
-            .expect("scrape /metrics");
-        assert_eq!(code, 200, "{body}");
-        body
-    }
-
-    fn readyz(&self) -> Option<u16> {
-        self.lab
-            .node
-            .run_in(|| {
-                http_get(
-                    SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
-                    "/readyz",
-                    TIMEOUT,
-                )
-            })
-            .ok()
-            .map(|(code, _)| code)
-    }
-}
 
 /// Every request the agent made is one its ClusterRole allows (the list
 /// deploy/lb-agent.yaml is checked against), and it read every resource it
@@ -249,7 +82,7 @@ fn metric_value(metrics: &str, name: &str, parts: &[&str]) -> f64 {
 
 /// Sends `n` requests over new TCP connections from the client pod; every
 /// one must succeed. Returns answers per pod.
-fn spread(lab: &Lab, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+fn spread(lab: &lb_tests::lab::Lab, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
     lab.client.ns.run_in(|| {
         let mut got = BTreeMap::new();
         for i in 0..n {
@@ -265,88 +98,6 @@ fn assert_answered_by(got: &BTreeMap<String, usize>, pods: &[String], what: &str
     let answered: BTreeSet<&String> = got.keys().collect();
     let wanted: BTreeSet<&String> = pods.iter().collect();
     assert_eq!(answered, wanted, "{what}: answers per pod {got:?}");
-}
-
-/// A client that opens a new connection every few milliseconds until told
-/// to stop, counting failures and the longest gap between answers.
-struct Prober {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<ProbeReport>>,
-}
-
-#[derive(Debug, Default)]
-struct ProbeReport {
-    sent: usize,
-    failed: Vec<String>,
-    longest_gap: Duration,
-}
-
-impl ProbeReport {
-    /// Prints the counts (for the closing numbers) and requires the prober
-    /// to have run and every request to have succeeded.
-    fn assert_none_failed(&self, what: &str) {
-        println!(
-            "{what}: {} requests, {} failed, longest gap {:?}",
-            self.sent,
-            self.failed.len(),
-            self.longest_gap
-        );
-        assert!(self.sent > 100, "{what}: the prober ran: {self:?}");
-        assert!(
-            self.failed.is_empty(),
-            "{what}: no request may fail: {:?}",
-            self.failed
-        );
-    }
-}
-
-impl Prober {
-    /// At most `max` requests (bounded), one every 5 ms.
-    fn start(lab: &Lab, to: SocketAddrV4, max: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let ns = lab.client.ns.path();
-        let handle = std::thread::spawn(move || {
-            lb_tests::lab::in_netns(&ns, || {
-                let mut r = ProbeReport::default();
-                let mut last_ok = Instant::now();
-                while !flag.load(Ordering::SeqCst) && r.sent < max {
-                    r.sent += 1;
-                    match tcp_ask(to, "probe", TIMEOUT) {
-                        Ok(_) => {
-                            r.longest_gap = r.longest_gap.max(last_ok.elapsed());
-                            last_ok = Instant::now();
-                        }
-                        Err(e) => r.failed.push(format!("request {}: {e}", r.sent)),
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                r
-            })
-        });
-        Self {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) -> ProbeReport {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle
-            .take()
-            .expect("prober runs")
-            .join()
-            .expect("prober thread")
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 #[test]
@@ -563,31 +314,6 @@ fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
 }
 
 #[test]
-fn killing_and_restarting_the_agent_while_a_client_connects_loses_no_connection() {
-    if !require_root("killing_and_restarting_the_agent_loses_no_connection") {
-        return;
-    }
-    let (mut k, nginx, pods) = KubeLab::serving();
-
-    let prober = Prober::start(&k.lab, nginx, 20_000);
-    std::thread::sleep(Duration::from_millis(500));
-    for round in 0..3 {
-        k.lab.kill_agent();
-        std::thread::sleep(Duration::from_millis(300));
-        k.start_agent();
-        assert!(
-            k.lab.agent_log().contains("adopted pinned maps"),
-            "round {round}: the restarted agent adopts the pinned maps"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    prober
-        .finish()
-        .assert_none_failed("agent kill -9 and restart x3");
-    k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "after restarts");
-}
-
-#[test]
 fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
     if !require_root("an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was") {
         return;
@@ -595,7 +321,14 @@ fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
     let (mut k, nginx, pods) = KubeLab::serving();
     let before = k.snapshot();
 
-    let prober = Prober::start(&k.lab, nginx, 20_000);
+    let prober = Load::start(
+        k.lab.client.ns.path(),
+        nginx,
+        LoadKind::NewConnections,
+        "API server unreachable 4 s",
+        Duration::from_millis(5),
+        20_000,
+    );
     k.api.stop();
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
@@ -608,9 +341,7 @@ fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
         Some(200),
         "still ready: the maps are as last synced"
     );
-    prober
-        .finish()
-        .assert_none_failed("API server unreachable 4 s");
+    prober.finish().assert_none_failed();
 
     // Back, but slow: every response and event takes 300 ms. A change
     // still arrives.

@@ -2,13 +2,27 @@
 //! its pod name, on the ports it is given. Prints "ready" once all sockets
 //! listen, so the lab knows the pod is ready.
 //!
+//! On SIGTERM it shuts down the way a well-behaved server in a terminating
+//! pod does: it keeps accepting (Services may still route new connections
+//! to it until the EndpointSlice says it is terminating), and it closes
+//! each open connection after the next answer, which ends with " bye" so
+//! the client knows to reconnect (HTTP's `Connection: close`). The kubelet
+//! (the lab) kills it when the grace period is over.
+//!
 //! Usage: lab-server --name POD [--tcp PORT]... [--udp PORT]...
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{Shutdown, TcpListener, TcpStream, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
     thread,
 };
+
+static TERMINATING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    TERMINATING.store(true, Ordering::SeqCst);
+}
 
 fn serve_tcp(stream: TcpStream, name: String) {
     let peer = stream.peer_addr().ok();
@@ -20,18 +34,21 @@ fn serve_tcp(stream: TcpStream, name: String) {
     for line in reader.lines() {
         let Ok(line) = line else { break };
         // "whoareyou" lets a test see the source address the backend saw.
-        let answer = if line.trim() == "whoami" {
-            format!(
-                "{name} {}\n",
-                peer.map(|p| p.to_string()).unwrap_or_default()
-            )
+        let mut answer = if line.trim() == "whoami" {
+            format!("{name} {}", peer.map(|p| p.to_string()).unwrap_or_default())
         } else {
-            format!("{name}\n")
+            name.clone()
         };
-        if writer.write_all(answer.as_bytes()).is_err() {
+        let closing = TERMINATING.load(Ordering::SeqCst);
+        if closing {
+            answer.push_str(" bye");
+        }
+        answer.push('\n');
+        if writer.write_all(answer.as_bytes()).is_err() || closing {
             break;
         }
     }
+    let _ = writer.shutdown(Shutdown::Both);
 }
 
 fn main() {
@@ -49,6 +66,13 @@ fn main() {
             other => panic!("unknown flag {other}"),
         }
     }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
     let mut threads = Vec::new();
     for port in tcp {
         let listener =

@@ -1,0 +1,325 @@
+//! Reliability under the changes a cluster goes through while clients keep
+//! calling: rolling updates, agent crashes and upgrades, churn of other
+//! Services, a full conntrack map. Every test counts every request and
+//! prints `LOAD <what>: N requests, F failed, longest gap G ms` lines.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    kube_lab::{example, KubeLab},
+    lab::{Lab, NODE_NAME, NODE_WIRE_ADDR},
+    load::{Load, LoadKind, LoadReport, LoadSet},
+    privilege::require_root,
+    rollout::{complete, next_steps, PodPhase, RolloutParams, RolloutPod, Step},
+    workload::{self, LabObject},
+};
+
+const WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), 80);
+const WEB_NODE_PORT: SocketAddrV4 = SocketAddrV4::new(NODE_WIRE_ADDR, 30081);
+const WEB_OWNER: &str = "Deployment/web";
+
+/// New connections every 5 ms and a long-lived connection (a request every
+/// 10 ms) to the Service's ClusterIP from the client pod and to its NodePort
+/// from the external client.
+fn web_clients(lab: &Lab, max: usize) -> LoadSet {
+    let mut set = LoadSet::default();
+    let five = Duration::from_millis(5);
+    let ten = Duration::from_millis(10);
+    for (ns, to, via) in [
+        (lab.client.ns.path(), WEB, "ClusterIP"),
+        (lab.ext.path(), WEB_NODE_PORT, "NodePort"),
+    ] {
+        set.add(Load::start(
+            ns.clone(),
+            to,
+            LoadKind::NewConnections,
+            &format!("{via} new connections"),
+            five,
+            max,
+        ));
+        set.add(Load::start(
+            ns,
+            to,
+            LoadKind::LongLived,
+            &format!("{via} long-lived connection"),
+            ten,
+            max,
+        ));
+    }
+    set
+}
+
+fn web_lab() -> KubeLab {
+    let mut k = KubeLab::from_manifests(&[example("rolling-update.yaml")]);
+    assert_eq!(k.lab.pods_of(WEB_OWNER).len(), 4, "4 replicas");
+    k.publish();
+    k.start_agent();
+    let pods = k.lab.pods_of(WEB_OWNER);
+    k.wait_programmed(WEB, Some(k.pod_ips(&pods)), "initial");
+    k
+}
+
+/// The Deployment's next version: the same objects with a changed image,
+/// so the pods get a new pod-template-hash, names and (free) addresses.
+fn next_version_pods(lab: &Lab) -> Vec<workload::LabPod> {
+    let mut objects: Vec<LabObject> = lab
+        .objects
+        .iter()
+        .filter(|o| matches!(o, LabObject::Deployment(_)))
+        .cloned()
+        .collect();
+    for o in &mut objects {
+        if let LabObject::Deployment(d) = o {
+            let c = &mut d
+                .spec
+                .as_mut()
+                .unwrap()
+                .template
+                .spec
+                .as_mut()
+                .unwrap()
+                .containers[0];
+            c.image = Some("registry.k8s.io/e2e-test-images/agnhost:2.48".into());
+        }
+    }
+    let taken: BTreeSet<Ipv4Addr> = lab.pod_specs.iter().map(|p| p.ip).collect();
+    let mut free = (20u8..=250)
+        .map(|i| Ipv4Addr::new(10, 244, 0, i))
+        .filter(|ip| !taken.contains(ip));
+    let mut pods = workload::pods_for_workloads(&objects, &mut free, NODE_NAME).unwrap();
+    for p in &mut pods {
+        p.ready = false;
+    }
+    pods
+}
+
+/// The pods that answered requests (`answered_by`) of these reports.
+fn answered(reports: &[LoadReport]) -> BTreeMap<String, usize> {
+    let mut all = BTreeMap::new();
+    for r in reports {
+        for (pod, n) in &r.answered_by {
+            *all.entry(pod.clone()).or_insert(0) += n;
+        }
+    }
+    all
+}
+
+#[test]
+fn a_rolling_update_under_load_fails_no_request() {
+    if !require_root("a_rolling_update_under_load_fails_no_request") {
+        return;
+    }
+    let mut k = web_lab();
+    let deployment = k
+        .lab
+        .objects
+        .iter()
+        .find_map(|o| match o {
+            LabObject::Deployment(d) => Some(d.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let params = RolloutParams::from_deployment(&deployment).expect("rollout parameters");
+    let old_names = k.lab.pods_of(WEB_OWNER);
+    let mut new_specs = next_version_pods(&k.lab).into_iter();
+    let clients = web_clients(&k.lab, 20_000);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The clock starts with the old pods long available.
+    let start = Instant::now() - params.min_ready - Duration::from_secs(1);
+    let mut pods: Vec<RolloutPod> = old_names
+        .iter()
+        .map(|n| RolloutPod {
+            name: n.clone(),
+            new: false,
+            phase: PodPhase::Ready,
+            since: Duration::ZERO,
+        })
+        .collect();
+    let mut terminated_at = BTreeMap::new();
+    let mut new_names = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "rollout stuck: {pods:#?}");
+        let now = start.elapsed();
+        if complete(&params, &pods, now) {
+            break;
+        }
+        let steps = next_steps(&params, &pods, now);
+        for step in &steps {
+            match step {
+                Step::CreateNew => {
+                    let spec = new_specs.next().expect("one new pod per replica");
+                    println!("{now:?}: create {} (not ready)", spec.name);
+                    new_names.push(spec.name.clone());
+                    pods.push(RolloutPod {
+                        name: spec.name.clone(),
+                        new: true,
+                        phase: PodPhase::Starting,
+                        since: now,
+                    });
+                    k.lab.add_pod(spec).expect("start a new pod");
+                }
+                Step::MarkReady(name) => {
+                    println!("{now:?}: {name} ready");
+                    k.lab.set_pod_ready(name, true);
+                    let p = pods.iter_mut().find(|p| &p.name == name).unwrap();
+                    p.phase = PodPhase::Ready;
+                    p.since = now;
+                }
+                Step::Terminate(name) => {
+                    // The kubelet's SIGTERM and the EndpointSlice update race
+                    // in a cluster; here the signal goes first.
+                    println!("{now:?}: terminate {name}");
+                    k.lab.terminate_pod(name);
+                    terminated_at.insert(name.clone(), Instant::now());
+                    let p = pods.iter_mut().find(|p| &p.name == name).unwrap();
+                    p.phase = PodPhase::Terminating;
+                    p.since = now;
+                }
+                Step::Remove(name) => {
+                    println!("{now:?}: grace over, kill and remove {name}");
+                    k.lab.remove_pod(name);
+                    pods.retain(|p| &p.name != name);
+                }
+            }
+        }
+        if !steps.is_empty() {
+            k.publish();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rollout_took = start.elapsed() - params.min_ready - Duration::from_secs(1);
+    // Some traffic on the finished state before the clients stop.
+    std::thread::sleep(Duration::from_millis(500));
+    let reports = clients.finish_and_assert_none_failed();
+    println!("rollout took {rollout_took:?}");
+
+    let by = answered(&reports);
+    for n in &new_names {
+        assert!(by.contains_key(n), "new pod {n} got traffic: {by:?}");
+    }
+    k.wait_programmed(
+        WEB,
+        Some(k.pod_ips(&new_names)),
+        "after the rollout only new pods",
+    );
+    // Long-lived connections were closed by their terminating servers
+    // (" bye") and opened again: at least once each, never failed.
+    for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
+        assert!(r.connections >= 2, "{r}");
+    }
+    // Terminating pods get no new connections once the agent has seen the
+    // EndpointSlice (well within a second; their grace period is 3 s).
+    for r in reports
+        .iter()
+        .filter(|r| r.what.contains("new connections"))
+    {
+        for (pod, at) in &terminated_at {
+            if let Some(last) = r.last_answer.get(pod) {
+                let after = last.saturating_duration_since(*at);
+                println!(
+                    "{}: {pod} answered a new connection {after:?} after its termination began",
+                    r.what
+                );
+                assert!(
+                    after < Duration::from_secs(1),
+                    "{}: terminating {pod} still got new connections {after:?} after SIGTERM",
+                    r.what
+                );
+            }
+        }
+    }
+}
+
+/// A long-lived connection that keeps its one connection (no reconnect)
+/// and its one backend through everything.
+fn assert_kept_its_backend(r: &LoadReport) {
+    assert_eq!(r.connections, 1, "{r}");
+    assert_eq!(
+        r.answered_by.len(),
+        1,
+        "one backend for the whole connection: {r}"
+    );
+}
+
+#[test]
+fn agent_kill_restart_and_upgrade_under_load_fail_no_connection() {
+    if !require_root("agent_kill_restart_and_upgrade_under_load_fail_no_connection") {
+        return;
+    }
+    let mut k = web_lab();
+    let clients = web_clients(&k.lab, 40_000);
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..3 {
+        k.lab.kill_agent();
+        std::thread::sleep(Duration::from_millis(300));
+        k.start_agent();
+        assert!(
+            k.lab.agent_log().contains("adopted pinned maps"),
+            "round {round}: the restarted agent adopts the pinned maps"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // An upgrade that changes a map's layout: the new agent sizes its
+    // conntrack map differently, so the pinned one cannot be adopted. The
+    // old programs keep serving until the new maps are filled; flows keep
+    // their backends across the switch.
+    k.lab.kill_agent();
+    k.start_agent_extra(&["--conntrack-max", "65536"]);
+    let log = k.lab.agent_log();
+    assert!(
+        log.contains("its entries are copied to a new one"),
+        "the conntrack map is migrated:\n{log}"
+    );
+    let ct = k.lab.pin_dir.join(lb_common::map_names::CONNTRACK);
+    let shown = lb_tests::lab::run(&[
+        "bpftool",
+        "-j",
+        "map",
+        "show",
+        "pinned",
+        ct.to_str().unwrap(),
+    ])
+    .expect("bpftool map show");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["max_entries"], 65536,
+        "the new size is in place: {shown}"
+    );
+    let wait = Instant::now() + Duration::from_secs(10);
+    while !k
+        .lab
+        .agent_log()
+        .contains("migration of pinned maps finished")
+    {
+        assert!(
+            Instant::now() < wait,
+            "migration never finished:\n{}",
+            k.lab.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !k.lab
+            .pin_dir
+            .join(format!("{}_old", lb_common::map_names::CONNTRACK))
+            .exists(),
+        "the old map's pin is gone after the migration"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // And back to the default size, the same way.
+    k.lab.kill_agent();
+    k.start_agent();
+    std::thread::sleep(Duration::from_millis(500));
+    let reports = clients.finish_and_assert_none_failed();
+    for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
+        assert_kept_its_backend(r);
+    }
+    let pods = k.lab.pods_of(WEB_OWNER);
+    k.wait_programmed(WEB, Some(k.pod_ips(&pods)), "after the restarts");
+}
