@@ -55,6 +55,39 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// What the watches would deliver, read once (for `lb-agent check`):
+/// Services, EndpointSlices and this node's zone label.
+pub async fn list_once(
+    client: Client,
+    node_name: Option<&str>,
+) -> Result<(Vec<Service>, Vec<EndpointSlice>, Option<String>)> {
+    let params = kube::api::ListParams::default().labels(&proxy_label_selector());
+    let services = Api::<Service>::all(client.clone())
+        .list(&params)
+        .await
+        .context("listing Services")?
+        .items;
+    let slices = Api::<EndpointSlice>::all(client.clone())
+        .list(&params)
+        .await
+        .context("listing EndpointSlices")?
+        .items;
+    let zone = match node_name {
+        Some(name) => Api::<Node>::all(client)
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading Node {name}"))?
+            .and_then(|n| {
+                n.metadata
+                    .labels?
+                    .get("topology.kubernetes.io/zone")
+                    .cloned()
+            }),
+        None => None,
+    };
+    Ok((services, slices, zone))
+}
+
 /// A change from one of the watches.
 // Service and slice events are the common ones and come at similar sizes;
 // boxing them would add an allocation per event.

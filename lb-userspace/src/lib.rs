@@ -3,6 +3,7 @@
 //! maps in an order that never shows packets a half-written Service.
 
 pub mod attach;
+pub mod checker;
 pub mod differ;
 pub mod health_check;
 pub mod inspect;

@@ -56,6 +56,9 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Compare the pinned maps with the desired state, entry by entry;
+    /// exits 1 when they differ, listing every difference.
+    Check(Box<CheckArgs>),
     /// Remove the pinned maps. Programs detach when the agent exits.
     Cleanup,
 }
@@ -69,6 +72,62 @@ enum Output {
 /// Where the agent finds (or mounts) the cgroup v2 root by default.
 const DEFAULT_CGROUP_ROOT: &str = "/run/lb-agent/cgroupv2";
 
+/// What the translation depends on about this node.
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// This node's name (for node-local decisions), as in the DaemonSet's downward API.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Interfaces facing the wire, where XDP attaches (comma separated).
+    /// Default: the interfaces that hold a default route.
+    #[arg(long, value_delimiter = ',')]
+    interfaces: Vec<String>,
+    /// Serve NodePorts on the local addresses inside these CIDRs (comma
+    /// separated), like kube-proxy's --nodeport-addresses. Default: the
+    /// addresses of the --interfaces (the wire-facing ones).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<lb_userspace::model::Ipv4Prefix>,
+    /// This node's zone, for EndpointSlice topology hints. Default: the
+    /// Node's `topology.kubernetes.io/zone` label (Kubernetes source only).
+    #[arg(long)]
+    zone: Option<String>,
+}
+
+impl NodeArgs {
+    /// The interfaces facing the wire: --interfaces, or those holding a
+    /// default route.
+    fn wire(&self) -> Vec<String> {
+        if self.interfaces.is_empty() {
+            default_route_interfaces()
+        } else {
+            self.interfaces.clone()
+        }
+    }
+
+    fn nodeport_addresses(&self, wire: &[String]) -> Result<Vec<std::net::Ipv4Addr>> {
+        let addresses = node_net::interface_addresses()?;
+        Ok(node_net::nodeport_addresses(
+            &addresses,
+            wire,
+            &self.nodeport_addresses,
+        ))
+    }
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Compare with the Services and EndpointSlices of this folder of manifests.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Compare with the Kubernetes API (this kubeconfig; without it and
+    /// without --manifests, the in-cluster or default config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The agent's node flags, so the desired state is the one it computes.
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Read Services and EndpointSlices from this folder of manifests (YAML/JSON,
@@ -80,16 +139,11 @@ struct RunArgs {
     /// --manifests) the in-cluster config is used, or the default kubeconfig.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// This node's name (for node-local decisions), as in the DaemonSet's downward API.
-    #[arg(long, env = "NODE_NAME")]
-    node_name: Option<String>,
+    #[command(flatten)]
+    node: NodeArgs,
     /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:10249).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
-    /// Interfaces facing the wire, where XDP attaches (comma separated).
-    /// Default: the interfaces that hold a default route.
-    #[arg(long, value_delimiter = ',')]
-    interfaces: Vec<String>,
     /// Host-side pod veth names where tc attaches (`*` wildcards, comma separated).
     /// Rescanned every --poll-interval, so new pods are covered.
     #[arg(long, value_delimiter = ',', default_value = "lxc*,veth*,cali*")]
@@ -102,21 +156,12 @@ struct RunArgs {
     /// Written (atomically) after every sync with its generation and outcome.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Serve NodePorts on the local addresses inside these CIDRs (comma
-    /// separated), like kube-proxy's --nodeport-addresses. Default: the
-    /// addresses of the --interfaces (the wire-facing ones).
-    #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<lb_userspace::model::Ipv4Prefix>,
     /// Source address of masqueraded flows (NodePort, externalIPs and
     /// LoadBalancer traffic with externalTrafficPolicy Cluster, and pods
     /// reaching themselves through a Service). Default: the first NodePort
     /// address.
     #[arg(long)]
     masquerade_address: Option<std::net::Ipv4Addr>,
-    /// This node's zone, for EndpointSlice topology hints. Default: the
-    /// Node's `topology.kubernetes.io/zone` label (Kubernetes source only).
-    #[arg(long)]
-    zone: Option<String>,
     /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername
     /// hooks): `all` sockets in --cgroup, the `host` network namespace only,
     /// or `off` (the per-packet paths do all the work).
@@ -167,6 +212,19 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Stats { output } => print_stats(&cli.pin_dir, output),
+        Command::Check(args) => {
+            let report = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(check(&cli.pin_dir, &args))?;
+            print!("{report}");
+            if report.is_equal() {
+                println!();
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Command::Cleanup => {
             for p in loader::cleanup(&cli.pin_dir)? {
                 println!("removed {}", p.display());
@@ -174,6 +232,42 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Translates the source the way the agent does and compares the result
+/// with the pinned maps.
+async fn check(pin_dir: &Path, args: &CheckArgs) -> Result<lb_userspace::checker::CheckReport> {
+    let wire = args.node.wire();
+    let mut node = NodeInfo {
+        name: args.node.node_name.clone().unwrap_or_default(),
+        nodeport_addresses: args.node.nodeport_addresses(&wire)?,
+        zone: args.node.zone.clone(),
+    };
+    let (services, slices) = match &args.manifests {
+        Some(dir) => {
+            let (set, errors) = ManifestSource::new(dir).read();
+            for e in errors {
+                eprintln!("manifest: {e}");
+            }
+            (set.services, set.slices)
+        }
+        None => {
+            let client = k8s::client(args.kubeconfig.as_deref()).await?;
+            let (services, slices, zone) =
+                k8s::list_once(client, args.node.node_name.as_deref()).await?;
+            if node.zone.is_none() {
+                node.zone = zone;
+            }
+            (services, slices)
+        }
+    };
+    let translation = lb_userspace::translate::translate_on(&node, &services, &slices);
+    for e in &translation.errors {
+        eprintln!("not programmable: {e}");
+    }
+    let maps = loader::open_pinned(pin_dir)?;
+    let contents = maps.read_contents().context("reading the pinned maps")?;
+    Ok(lb_userspace::checker::check(&translation.state, &contents))
 }
 
 fn print_stats(pin_dir: &Path, output: Output) -> Result<()> {
@@ -357,17 +451,11 @@ fn setup_datapath(
     maps.set_conntrack_migrating(pinned.conntrack_migrated().is_some())
         .context("writing the conntrack migration flag")?;
     let attachments = Attachments::new(&mut ebpf, pin_dir, args.pod_interfaces.clone())?;
-    let wire = if args.interfaces.is_empty() {
-        default_route_interfaces()
-    } else {
-        args.interfaces.clone()
-    };
+    let wire = args.node.wire();
     if wire.is_empty() {
         log::warn!("no interface faces the wire (no default route and no --interfaces): XDP is not attached");
     }
-    let addresses = node_net::interface_addresses()?;
-    let nodeport_addresses =
-        node_net::nodeport_addresses(&addresses, &wire, &args.nodeport_addresses);
+    let nodeport_addresses = args.node.nodeport_addresses(&wire)?;
     let masquerade = args
         .masquerade_address
         .or_else(|| nodeport_addresses.first().copied());
@@ -401,9 +489,9 @@ fn setup_datapath(
     install_datapath_metrics(pin_dir, metrics)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
     programmer.node = NodeInfo {
-        name: args.node_name.clone().unwrap_or_default(),
+        name: args.node.node_name.clone().unwrap_or_default(),
         nodeport_addresses,
-        zone: args.zone.clone(),
+        zone: args.node.zone.clone(),
     };
     Ok((dp, programmer))
 }
@@ -599,11 +687,11 @@ async fn run_kubernetes(
     metrics: &Arc<Metrics>,
     sig: &mut Signals,
 ) -> Result<()> {
-    if args.node_name.is_none() {
+    if args.node.node_name.is_none() {
         log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
     }
     let client = k8s::client(args.kubeconfig.as_deref()).await?;
-    let mut rx = k8s::start_watches(client, args.node_name.clone());
+    let mut rx = k8s::start_watches(client, args.node.node_name.clone());
     let mut state = ClusterState::default();
     let mut needs_full = true;
     let mut tick = tokio::time::interval(args.poll_interval);
@@ -641,7 +729,7 @@ async fn run_kubernetes(
                 .inc();
         }
         needs_full |= work.full_resync;
-        if args.zone.is_none() {
+        if args.node.zone.is_none() {
             let zone = state.node_zone();
             if zone != programmer.node.zone {
                 log::info!("node zone is now {zone:?}: topology hints re-evaluated");

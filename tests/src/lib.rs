@@ -3,6 +3,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod churn;
 pub mod kube_lab;
 pub mod lab;
 pub mod load;

@@ -10,6 +10,8 @@ use std::{
 };
 
 use lb_tests::{
+    apiserver::Resource,
+    churn::{self, ApiChange as ChurnChange, ChurnService},
     kube_lab::{example, KubeLab},
     lab::{Lab, NODE_NAME, NODE_WIRE_ADDR},
     load::{Load, LoadKind, LoadReport, LoadSet},
@@ -322,4 +324,155 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection() {
     }
     let pods = k.lab.pods_of(WEB_OWNER);
     k.wait_programmed(WEB, Some(k.pod_ips(&pods)), "after the restarts");
+}
+
+/// Runs `lb-agent check` against the lab's API server in the node
+/// namespace: (exit success, output).
+fn agent_check(k: &KubeLab) -> (bool, String) {
+    let agent = lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent");
+    let out = k
+        .lab
+        .node
+        .command(&agent)
+        .args([
+            "--pin-dir",
+            k.lab.pin_dir.to_str().unwrap(),
+            "check",
+            "--kubeconfig",
+            k.kubeconfig.to_str().unwrap(),
+            "--node-name",
+            NODE_NAME,
+            // As the lab starts the agent.
+            "--interfaces",
+            "eth0",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run lb-agent check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn apply_changes(k: &KubeLab, changes: Vec<ChurnChange>) {
+    let mut apply = Vec::new();
+    for c in changes {
+        match c {
+            ChurnChange::Apply(v) => apply.push(v),
+            ChurnChange::Delete(kind, name) => {
+                let resource = if kind == "Service" {
+                    Resource::Services
+                } else {
+                    Resource::EndpointSlices
+                };
+                k.api.delete(resource, churn::NAMESPACE, &name);
+            }
+        }
+    }
+    k.api.apply_all(&apply).expect("apply");
+}
+
+#[test]
+fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_the_maps_exact() {
+    if !require_root("a_thousand_services_churning_for_a_minute") {
+        return;
+    }
+    const SERVICES: usize = 1000;
+    const SEED: u64 = 0x5eed_1b07;
+    let churn_for = Duration::from_secs(60);
+    let mut k = KubeLab::from_manifests(&[example("rolling-update.yaml")]);
+    k.publish();
+    let mut rng = churn::Rng::new(SEED);
+    let mut services: Vec<ChurnService> = (0..SERVICES).map(ChurnService::new).collect();
+    for s in &mut services {
+        s.mutate(&mut rng);
+        s.exists = true;
+    }
+    apply_changes(&k, services.iter().flat_map(|s| s.objects()).collect());
+    k.start_agent();
+    let pods = k.lab.pods_of(WEB_OWNER);
+    k.wait_programmed(WEB, Some(k.pod_ips(&pods)), "initial");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, text) = agent_check(&k);
+        if ok {
+            println!("before the churn: {text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never converged before the churn: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let clients = web_clients(&k.lab, 40_000);
+    let started = Instant::now();
+    let (mut rounds, mut changed) = (0usize, BTreeMap::<&str, usize>::new());
+    // Bounded by time and by rounds: 20 Services every 50 ms.
+    while started.elapsed() < churn_for && rounds < 5_000 {
+        rounds += 1;
+        let mut batch = Vec::new();
+        for _ in 0..20 {
+            let s = &mut services[rng.below(SERVICES as u64) as usize];
+            *changed.entry(s.mutate(&mut rng)).or_default() += 1;
+            batch.extend(s.objects());
+        }
+        apply_changes(&k, batch);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "churn: seed {SEED:#x}, {rounds} rounds in {:?}, changes {changed:?}",
+        started.elapsed()
+    );
+    // The agent catches up; then the maps must equal the desired state.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let converged = loop {
+        let (ok, text) = agent_check(&k);
+        if ok {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "maps never equalled the desired state after the churn:\n{text}\n{}",
+            k.lab.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("after the churn: {converged}");
+    assert!(
+        converged.contains("maps equal the desired state"),
+        "{converged}"
+    );
+    let reports = clients.finish_and_assert_none_failed();
+    for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
+        assert_kept_its_backend(r);
+    }
+
+    // The check can fail: one master slot removed behind the agent's back
+    // is named.
+    let victim = services
+        .iter()
+        .find(|s| s.exists)
+        .expect("a Service exists");
+    let frontend = lb_userspace::model::L4Addr {
+        addr: victim.cluster_ip(),
+        port: victim.port,
+        proto: lb_userspace::model::Protocol::Tcp,
+    };
+    let mut maps = lb_userspace::loader::open_pinned(&k.lab.pin_dir).expect("open maps");
+    lb_userspace::map_writer::MapWriter::apply(
+        &mut maps,
+        &lb_userspace::differ::MapOp::DeleteService(lb_userspace::differ::master_key(&frontend)),
+    )
+    .expect("delete a master slot");
+    let (ok, text) = agent_check(&k);
+    assert!(!ok, "a missing frontend fails the check: {text}");
+    assert!(
+        text.contains(&format!("{frontend} external: missing from the maps")),
+        "{text}"
+    );
 }
