@@ -18,7 +18,8 @@ use lb_common::{
 };
 
 use crate::model::{
-    BackendSet, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry, ServiceName,
+    BackendSet, Conflict, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry, ServiceName,
+    Shadowed,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -51,6 +52,8 @@ pub struct Translation {
     pub failed_services: BTreeSet<ServiceName>,
     /// healthCheckNodePorts this node serves.
     pub health_checks: Vec<crate::health_check::HealthCheck>,
+    /// Entries whose frontend a Service that sorts first holds.
+    pub shadowed: Shadowed,
 }
 
 pub fn service_name(svc: &Service) -> ServiceName {
@@ -127,17 +130,9 @@ pub fn translate_on<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         match translate_service(node, svc, &name, slices, &mut out.errors) {
             Ok(entries) => {
                 for entry in entries {
-                    if let Some(existing) = out.state.get(&entry.frontend) {
-                        out.errors.push(TranslateError {
-                            object: format!("Service {name}"),
-                            reason: format!(
-                                "frontend {} is already used by Service {}",
-                                entry.frontend, existing.service
-                            ),
-                        });
-                        continue;
+                    if let Some(c) = out.state.claim(entry, &mut out.shadowed) {
+                        out.errors.push(c.into());
                     }
-                    out.state.insert(entry);
                 }
             }
             Err(reason) => {
@@ -152,14 +147,36 @@ pub fn translate_on<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     out
 }
 
-/// Keeps the previous entries of Services that failed as a whole, so a bad
-/// edit does not take down what was already serving.
-pub fn carry_over_failed(translation: &mut Translation, previous: &DesiredState) {
-    for (frontend, entry) in previous.entries() {
-        if translation.failed_services.contains(&entry.service)
-            && translation.state.get(frontend).is_none()
+impl From<Conflict> for TranslateError {
+    fn from(c: Conflict) -> Self {
+        TranslateError {
+            object: format!("Service {}", c.loser),
+            reason: format!(
+                "frontend {} is already used by Service {} (of two claims the first name in order wins)",
+                c.frontend, c.winner
+            ),
+        }
+    }
+}
+
+/// Keeps the previous entries (held or waiting) of Services that failed
+/// as a whole, so a bad edit does not take down what was already serving.
+pub fn carry_over_failed(
+    translation: &mut Translation,
+    previous: &DesiredState,
+    previous_shadowed: &Shadowed,
+) {
+    let kept = previous
+        .entries()
+        .values()
+        .chain(previous_shadowed.entries())
+        .filter(|e| translation.failed_services.contains(&e.service));
+    for entry in kept {
+        if let Some(c) = translation
+            .state
+            .claim(entry.clone(), &mut translation.shadowed)
         {
-            translation.state.insert(entry.clone());
+            translation.errors.push(c.into());
         }
     }
 }
@@ -795,7 +812,7 @@ mod tests {
         broken.spec.as_mut().unwrap().cluster_ip = Some("garbage".into());
         let mut t = translate(&[broken], &[web_slice("w", vec![ep("10.244.0.5", None)])]);
         assert!(t.state.is_empty());
-        carry_over_failed(&mut t, &good.state);
+        carry_over_failed(&mut t, &good.state, &good.shadowed);
         assert_eq!(t.state, good.state);
     }
 

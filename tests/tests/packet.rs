@@ -98,8 +98,9 @@ impl Harness {
                 source_ranges: Vec::new(),
             });
         }
-        let p = plan(&self.current, &desired).expect("plan");
-        let report = apply_plan(&mut self.maps, &p, &mut self.current);
+        let p = plan(&self.current, &desired);
+        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
+        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
         assert!(
             report.failed.is_empty(),
             "map writes failed: {:?}",
@@ -119,8 +120,9 @@ impl Harness {
             .collect();
         let t = translate_on(node, &services, &slices);
         assert!(t.errors.is_empty(), "{:?}", t.errors);
-        let p = plan(&self.current, &t.state).expect("plan");
-        let report = apply_plan(&mut self.maps, &p, &mut self.current);
+        let p = plan(&self.current, &t.state);
+        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
+        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
         assert!(report.failed.is_empty(), "{:?}", report.failed);
     }
 
