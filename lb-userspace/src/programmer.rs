@@ -547,4 +547,21 @@ mod tests {
         assert_eq!(p.desired.get(&f).unwrap().service, name("b"));
         assert!(p.shadowed.is_empty());
     }
+
+    #[test]
+    fn a_service_with_ten_thousand_backends_is_programmed_in_full() {
+        let mut p = programmer(IdLimits::default(), Capacity::default());
+        let svc = cluster_ip("big", "10.96.4.1", 80);
+        let sl = ready_slice("big", "big-1", 8080, &pod_ips(30, 10_000));
+        let report = p.full_sync(&[svc], &[sl]);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let f = frontend("10.96.4.1", 80);
+        assert!(served_with(&p, &f, 10_000));
+        assert_eq!(
+            differ::slots_of(&p.writer.maps.services, &f).count(),
+            10_001
+        );
+        assert_eq!(p.writer.maps.backends.len(), 10_000);
+        assert!(differ::reader_violation(&p.writer.maps).is_none());
+    }
 }

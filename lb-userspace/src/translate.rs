@@ -318,6 +318,10 @@ pub fn translate_service(
             _ => None,
         };
         let mut endpoints = BTreeMap::new();
+        // In name order: when two slices disagree about one address, the
+        // outcome must not depend on the order they arrived in.
+        let mut slices = slices.to_vec();
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         for slice in slices {
             collect_endpoints(
                 slice,
@@ -526,7 +530,11 @@ fn collect_endpoints(
     if slice.address_type != "IPv4" {
         return;
     }
-    let slice_name = slice.metadata.name.as_deref().unwrap_or("");
+    let slice_name = format!(
+        "{}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        slice.metadata.name.as_deref().unwrap_or("")
+    );
     let Some(port) = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
         p.name.as_deref().unwrap_or("") == port_name
             && Protocol::from_k8s(p.protocol.as_deref()) == Ok(proto)
@@ -1016,5 +1024,166 @@ mod tests {
             "{:?}",
             t.errors
         );
+    }
+
+    fn errors_of<'a>(t: &'a Translation, object: &str) -> Vec<&'a str> {
+        t.errors
+            .iter()
+            .filter(|e| e.object == object)
+            .map(|e| e.reason.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn malformed_objects_are_named_and_leave_the_others_alone() {
+        let bad_services = [
+            json!({"metadata": {"name": "nospec"}}),
+            json!({"metadata": {"name": "noip"}, "spec": {"ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badip"}, "spec": {"clusterIP": "10.96.0.256", "ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badtype"}, "spec": {"type": "Magic", "clusterIP": "10.96.1.1", "ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badaffinity"}, "spec": {"clusterIP": "10.96.1.2", "sessionAffinity": "Cookie", "ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badext"}, "spec": {"clusterIP": "10.96.1.3", "externalIPs": ["x"], "ports": [{"port": 80}]}}),
+        ];
+        let bad_ports = service(json!({"metadata": {"name": "ports"}, "spec": {
+        "type": "NodePort", "clusterIP": "10.96.1.4", "ports": [
+            {"name": "zero", "port": 0},
+            {"name": "big", "port": 65536},
+            {"name": "neg", "port": -1},
+            {"name": "proto", "port": 81, "protocol": "QUIC"},
+            {"name": "np", "port": 82, "nodePort": 0},
+            {"name": "ok", "port": 83}
+        ]}}));
+        let bad_slice = slice(json!({
+            "metadata": {"name": "web-bad", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.0.300"]}, {"addresses": []}, {"addresses": ["10.244.0.7"]}]
+        }));
+        let mut services: Vec<Service> = bad_services.into_iter().map(service).collect();
+        services.push(bad_ports);
+        services.push(web_service());
+        let t = translate_on(&node(), &services, &[bad_slice]);
+        for name in [
+            "nospec",
+            "noip",
+            "badip",
+            "badtype",
+            "badaffinity",
+            "badext",
+        ] {
+            let object = format!("Service default/{name}");
+            assert_eq!(errors_of(&t, &object).len(), 1, "{object}: {:?}", t.errors);
+            assert!(t.failed_services.iter().any(|s| s.name == name));
+        }
+        for (port, needle) in [
+            ("zero", "not in 1..=65535"),
+            ("big", "not in 1..=65535"),
+            ("neg", "not in 1..=65535"),
+            ("proto", "QUIC"),
+            ("np", "nodePort 0"),
+        ] {
+            let object = format!("Service default/ports port {port}");
+            let errors = errors_of(&t, &object);
+            assert!(
+                errors.len() == 1 && errors[0].contains(needle),
+                "{object}: {errors:?}"
+            );
+        }
+        assert!(entry_for(&t, "10.96.1.4", 83).backends.active.is_empty());
+        let slice_errors = errors_of(&t, "EndpointSlice shop/web-bad");
+        assert!(
+            slice_errors.iter().any(|e| e.contains("10.244.0.300")),
+            "{:?}",
+            t.errors
+        );
+        // The good Service is untouched: its valid endpoint is there.
+        assert_eq!(
+            entry_for(&t, "10.96.0.10", 80).backends.active,
+            vec![addr("10.244.0.7", 8080, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn one_address_twice_in_a_slice_or_in_two_slices_is_one_backend_whatever_the_order() {
+        let dup = |name: &str, ready: bool| {
+            web_slice(
+                name,
+                vec![
+                    ep("10.244.0.5", Some(ready)),
+                    ep("10.244.0.5", Some(ready)),
+                    ep("10.244.0.6", None),
+                ],
+            )
+        };
+        let a = dup("a", false);
+        let b = dup("b", true);
+        let one = translate(&[web_service()], &[a.clone(), b.clone()]);
+        let other = translate(&[web_service()], &[b, a]);
+        assert!(one.errors.is_empty(), "{:?}", one.errors);
+        assert_eq!(one.state, other.state);
+        let http = entry_for(&one, "10.96.0.10", 80);
+        assert_eq!(
+            http.backends.active,
+            vec![
+                addr("10.244.0.5", 8080, Protocol::Tcp),
+                addr("10.244.0.6", 8080, Protocol::Tcp)
+            ],
+            "the ready copy wins, once"
+        );
+    }
+
+    #[test]
+    fn port_65535_works_everywhere_and_port_0_is_rejected() {
+        let svc = service(json!({"metadata": {"name": "edge"}, "spec": {
+        "type": "NodePort", "clusterIP": "10.96.2.1", "ports": [
+            {"name": "max", "port": 65535, "nodePort": 65535, "protocol": "UDP"},
+            {"name": "zero", "port": 0}
+        ]}}));
+        let sl = slice(json!({
+            "metadata": {"name": "edge-1", "labels": {"kubernetes.io/service-name": "edge"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "max", "port": 65535, "protocol": "UDP"}, {"name": "zero", "port": 0}],
+            "endpoints": [{"addresses": ["10.244.3.3"]}]
+        }));
+        let t = translate_on(&node(), &[svc], &[sl]);
+        let max = t
+            .state
+            .get(&addr("10.96.2.1", 65535, Protocol::Udp))
+            .unwrap();
+        assert_eq!(
+            max.backends.active,
+            vec![addr("10.244.3.3", 65535, Protocol::Udp)]
+        );
+        assert!(t
+            .state
+            .get(&addr("10.0.0.1", 65535, Protocol::Udp))
+            .is_some());
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert_eq!(t.errors[0].object, "Service default/edge port zero");
+    }
+
+    #[test]
+    fn ten_thousand_backends_fit_one_service_and_more_than_the_slots_is_an_error() {
+        let ips = crate::test_objects::pod_ips(20, 10_000);
+        let big = crate::test_objects::ready_slice("a", "a-1", 8080, &ips);
+        let svc = crate::test_objects::cluster_ip("a", "10.96.3.1", 80);
+        let t = translate(std::slice::from_ref(&svc), std::slice::from_ref(&big));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(entry_for(&t, "10.96.3.1", 80).backends.active.len(), 10_000);
+
+        let over = MAX_BACKENDS_PER_SERVICE as usize + 1;
+        let too_many = crate::test_objects::ready_slice(
+            "a",
+            "a-2",
+            8080,
+            &crate::test_objects::pod_ips(21, over - 10_000),
+        );
+        let other = web_service();
+        let t = translate(&[svc, other], &[big, too_many]);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert_eq!(t.errors[0].object, "Service default/a port http");
+        assert!(t.errors[0].reason.contains(&over.to_string()));
+        assert!(entry_for(&t, "10.96.0.10", 80).backends.active.is_empty());
+        assert!(t.state.get(&addr("10.96.3.1", 80, Protocol::Tcp)).is_none());
     }
 }
