@@ -51,7 +51,16 @@ pub fn apply_plan(
         let op = &step.op;
         let blocked = match op {
             MapOp::PutService(k, v) if k.backend_slot == 0 => failed_revs.contains(&v.rev_nat_id),
-            MapOp::PutService(_, v) => failed_backends.contains(&v.backend_id),
+            // A slot of a frontend whose backend set could not be written
+            // stays as it was, like its master.
+            MapOp::PutService(_, v) => {
+                failed_backends.contains(&v.backend_id)
+                    || step.frontend.is_some_and(|f| {
+                        current
+                            .rev_nat_id(f.addr, f.port)
+                            .is_some_and(|id| failed_revs.contains(&id))
+                    })
+            }
             // Still referenced by a slot whose update failed: keep it.
             MapOp::DeleteBackend(id) => current.backend_in_use(*id),
             MapOp::DeleteRevNat(id) => current.rev_nat_in_use(*id),

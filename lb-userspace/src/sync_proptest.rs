@@ -364,11 +364,13 @@ impl Oracle {
 
 type RevKey = (Ipv4Addr, u16);
 
+/// A master slot: (count, terminating count, reverse NAT, flags, affinity).
+type Master = (u16, u16, RevKey, u16, u32);
+
 /// Map contents with ids replaced by what they name.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Canonical {
-    /// (frontend, scope) -> (count, terminating count, rev NAT, flags, affinity).
-    masters: BTreeMap<(L4Addr, u8), (u16, u16, RevKey, u16, u32)>,
+    masters: BTreeMap<(L4Addr, u8), Master>,
     slots: BTreeMap<(L4Addr, u8, u16), L4Addr>,
     backends: BTreeSet<L4Addr>,
     rev_nat: BTreeSet<RevKey>,

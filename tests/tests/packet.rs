@@ -851,7 +851,9 @@ fn check_fuzzed(
     counts: &mut FuzzCounts,
 ) {
     let frontend = service_frontend(pkt, frontends);
-    let hooks: [(&str, Option<(u32, Vec<u8>)>, u32); 2] = [
+    // (hook, verdict and bytes out unless the kernel refused the input, pass verdict)
+    type HookRun<'a> = (&'a str, Option<(u32, Vec<u8>)>, u32);
+    let hooks: [HookRun; 2] = [
         ("xdp", Some(h.run_xdp(pkt)), XDP_PASS),
         (
             "tc",
@@ -911,7 +913,7 @@ fn thousands_of_random_truncated_and_malformed_packets_leave_non_service_traffic
     let seed = std::env::var("LB_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_0f_1b_c0ffee_u64);
+        .unwrap_or(0x005e_ed0f_1bc0_ffee_u64);
     let mut rng = XorShift(seed);
     let mut h = Harness::new();
     h.program(&[
