@@ -70,8 +70,11 @@ pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_BACKEND_MATCH: u32 = 262_144;
 pub const MAX_SOURCE_RANGES: u32 = 16_384;
 pub const MAX_SOCK_REV: u32 = 262_144;
-/// Most backends one Service port can have (slots 1..=N in the services map).
-pub const MAX_BACKENDS_PER_SERVICE: u16 = 4_096;
+/// Most backends one Service port can have: slots 1..=N of the services map
+/// are numbered by a u16, as are the master's count and terminating_count.
+/// The data path never walks the slots (it picks one at random and looks it
+/// up), so a large N costs map entries, not time per packet.
+pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

@@ -13,7 +13,9 @@ use lb_common::{
     BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
-use crate::model::{BackendSet, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry};
+use crate::model::{
+    BackendSet, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry, ServiceName,
+};
 
 /// What the maps hold (or will hold), in map terms, with the reverse
 /// indexes planning needs (kept in step by `insert_*`/`remove_*`).
@@ -161,12 +163,48 @@ pub struct PlannedOp {
     pub frontend: Option<L4Addr>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why the writes of a Service could not be planned.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("no free backend id: {} backends are in use", MAX_BACKENDS - 1)]
-    BackendIdsExhausted,
-    #[error("no free reverse-NAT id: {MAX_REV_NAT} frontends are in use")]
-    RevNatIdsExhausted,
+    #[error("no free backend id: all {limit} are in use")]
+    BackendIdsExhausted { limit: u32 },
+    #[error("no free reverse-NAT id: all {limit} are in use")]
+    RevNatIdsExhausted { limit: u32 },
+}
+
+/// How many ids the maps have room for: the map sizes, smaller in tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdLimits {
+    /// Backend ids are 1..=backend_ids (0 means none).
+    pub backend_ids: u32,
+    /// Reverse NAT ids are 1..=rev_nat_ids.
+    pub rev_nat_ids: u32,
+}
+
+impl Default for IdLimits {
+    fn default() -> Self {
+        Self {
+            // Ids index the backends array.
+            backend_ids: MAX_BACKENDS - 1,
+            // Ids are u16 and 0 means none.
+            rev_nat_ids: (MAX_REV_NAT - 1).min(u16::MAX as u32),
+        }
+    }
+}
+
+/// A Service left out of a plan: it keeps what the maps hold for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unplanned {
+    pub service: ServiceName,
+    pub frontends: Vec<L4Addr>,
+    pub error: PlanError,
+}
+
+/// The ordered writes, and the Services that did not fit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<PlannedOp>,
+    pub unplanned: Vec<Unplanned>,
 }
 
 pub fn master_key(frontend: &L4Addr) -> Service4Key {
@@ -229,6 +267,10 @@ struct IdAllocator<'a, K, V> {
     next: u32,
     max: u32,
     wrapped: bool,
+    /// Handed out by this allocator: not in `used` yet, and not free.
+    handed: BTreeSet<u32>,
+    /// Handed out, then given back by a Service that did not fit.
+    released: Vec<u32>,
 }
 
 trait IntoU32 {
@@ -257,12 +299,21 @@ where
             next: 1,
             max,
             wrapped: false,
+            handed: BTreeSet::new(),
+            released: Vec::new(),
         }
+    }
+
+    fn release(&mut self, id: u32) {
+        self.released.push(id);
     }
 
     /// Past the highest id in use first (O(1) while ids last), then the
     /// holes from 1 up.
     fn allocate(&mut self) -> Option<u32> {
+        if let Some(id) = self.released.pop() {
+            return Some(id);
+        }
         if !self.wrapped && self.next == 1 {
             self.next = self.used.keys().next_back().map_or(1, |k| k.into_u32() + 1);
         }
@@ -277,7 +328,9 @@ where
             let id = self.next;
             self.next += 1;
             let key = K::try_from(id).ok()?;
-            if !self.used.contains_key(&key) {
+            // After wrapping, ids handed out earlier in this plan come round
+            // again: they are taken even though `used` does not show it.
+            if !self.used.contains_key(&key) && self.handed.insert(id) {
                 return Some(id);
             }
         }
@@ -307,45 +360,103 @@ pub fn slots_of<'a>(
 }
 
 /// Plans the writes that take the maps from `current` to `desired`.
-pub fn plan(current: &MapContents, desired: &DesiredState) -> Result<Vec<PlannedOp>, PlanError> {
-    plan_scoped(current, desired, None)
+pub fn plan(current: &MapContents, desired: &DesiredState) -> Plan {
+    plan_scoped(current, desired, None, &IdLimits::default())
 }
 
 /// Plans the writes for the frontends in `touched` only (None: all of them).
 /// An incremental change touches the frontends of the Services that changed,
 /// before and after, so its cost does not grow with the number of Services.
+///
+/// A Service whose new backends or frontends find no free id is left out
+/// whole (in `Plan::unplanned`): it keeps what the maps hold for it, and
+/// every other Service is planned as usual.
 pub fn plan_scoped(
     current: &MapContents,
     desired: &DesiredState,
     touched: Option<&BTreeSet<L4Addr>>,
-) -> Result<Vec<PlannedOp>, PlanError> {
+    limits: &IdLimits,
+) -> Plan {
     let mut ops = Vec::new();
-    let entries: Vec<&ServiceEntry> = match touched {
+    let candidate_entries: Vec<&ServiceEntry> = match touched {
         None => desired.entries().values().collect(),
         Some(t) => t.iter().filter_map(|f| desired.get(f)).collect(),
     };
-    // Ids index the backends array: 1..MAX_BACKENDS (0 means none).
-    let mut backend_alloc = IdAllocator::new(&current.backends, MAX_BACKENDS - 1);
-    let mut rev_alloc = IdAllocator::new(&current.rev_nat, MAX_REV_NAT - 1);
+    // Ids are handed out Service by Service (in name order, so which ones
+    // fit a nearly full map does not depend on arrival order), and a
+    // Service gets all of its ids or none.
+    let mut by_service: BTreeMap<&ServiceName, Vec<&ServiceEntry>> = BTreeMap::new();
+    for e in candidate_entries {
+        by_service.entry(&e.service).or_default().push(e);
+    }
+    let mut backend_alloc = IdAllocator::new(&current.backends, limits.backend_ids);
+    let mut rev_alloc = IdAllocator::new(&current.rev_nat, limits.rev_nat_ids);
+    let mut new_backend_ids: BTreeMap<L4Addr, u32> = BTreeMap::new();
+    let mut new_rev_ids: BTreeMap<(Ipv4Addr, u16), u16> = BTreeMap::new();
+    let mut entries: Vec<&ServiceEntry> = Vec::new();
+    let mut unplanned = Vec::new();
+    let mut failed: BTreeSet<L4Addr> = BTreeSet::new();
+    for (service, svc_entries) in by_service {
+        let mut fresh_backends: Vec<L4Addr> = Vec::new();
+        let mut fresh_revs: Vec<(Ipv4Addr, u16)> = Vec::new();
+        let mut error = None;
+        'ids: for entry in &svc_entries {
+            for b in entry.all_backends() {
+                if current.backend_id(b).is_some() || new_backend_ids.contains_key(b) {
+                    continue;
+                }
+                let Some(id) = backend_alloc.allocate() else {
+                    error = Some(PlanError::BackendIdsExhausted {
+                        limit: limits.backend_ids,
+                    });
+                    break 'ids;
+                };
+                new_backend_ids.insert(*b, id);
+                fresh_backends.push(*b);
+            }
+            let f = entry.frontend;
+            if current.rev_nat_id(f.addr, f.port).is_some()
+                || new_rev_ids.contains_key(&(f.addr, f.port))
+            {
+                continue;
+            }
+            let Some(id) = rev_alloc.allocate() else {
+                error = Some(PlanError::RevNatIdsExhausted {
+                    limit: limits.rev_nat_ids,
+                });
+                break 'ids;
+            };
+            new_rev_ids.insert((f.addr, f.port), id as u16);
+            fresh_revs.push((f.addr, f.port));
+        }
+        match error {
+            None => entries.extend(svc_entries),
+            Some(error) => {
+                for b in fresh_backends {
+                    backend_alloc.release(new_backend_ids.remove(&b).expect("just allocated"));
+                }
+                for r in fresh_revs {
+                    rev_alloc.release(new_rev_ids.remove(&r).expect("just allocated") as u32);
+                }
+                let frontends: Vec<L4Addr> = svc_entries.iter().map(|e| e.frontend).collect();
+                failed.extend(frontends.iter().copied());
+                unplanned.push(Unplanned {
+                    service: service.clone(),
+                    frontends,
+                    error,
+                });
+            }
+        }
+    }
 
     // 1. Backends first: a slot must never point at a missing backend.
-    let mut new_backend_ids: BTreeMap<L4Addr, u32> = BTreeMap::new();
     let mut wanted_backends: BTreeSet<u32> = BTreeSet::new();
     for entry in &entries {
         for b in entry.all_backends() {
-            let id = match current
+            let id = current
                 .backend_id(b)
                 .or_else(|| new_backend_ids.get(b).copied())
-            {
-                Some(id) => id,
-                None => {
-                    let id = backend_alloc
-                        .allocate()
-                        .ok_or(PlanError::BackendIdsExhausted)?;
-                    new_backend_ids.insert(*b, id);
-                    id
-                }
-            };
+                .expect("allocated above");
             if wanted_backends.insert(id) {
                 let value = backend_value(b);
                 if current.backends.get(&id) != Some(&value) {
@@ -357,6 +468,14 @@ pub fn plan_scoped(
             }
         }
     }
+    // Backends the slots of unplanned frontends point at stay.
+    for f in &failed {
+        for (k, v) in slots_of(&current.services, f) {
+            if k.backend_slot != 0 {
+                wanted_backends.insert(v.backend_id);
+            }
+        }
+    }
     let backend_id = |b: &L4Addr| {
         current
             .backend_id(b)
@@ -365,21 +484,13 @@ pub fn plan_scoped(
 
     // 2. Reverse NAT before a Service becomes visible, so its first reply
     // already finds it.
-    let mut new_rev_ids: BTreeMap<(Ipv4Addr, u16), u16> = BTreeMap::new();
     let mut wanted_rev = BTreeSet::new();
     for entry in &entries {
         let f = entry.frontend;
-        let id = match current
+        let id = current
             .rev_nat_id(f.addr, f.port)
             .or_else(|| new_rev_ids.get(&(f.addr, f.port)).copied())
-        {
-            Some(id) => id,
-            None => {
-                let id = rev_alloc.allocate().ok_or(PlanError::RevNatIdsExhausted)? as u16;
-                new_rev_ids.insert((f.addr, f.port), id);
-                id
-            }
-        };
+            .expect("allocated above");
         if wanted_rev.insert(id) {
             let value = rev_nat_value(&f);
             if current.rev_nat.get(&id) != Some(&value) {
@@ -418,8 +529,16 @@ pub fn plan_scoped(
         };
         let mut matches: BTreeMap<(u16, u32), u8> = BTreeMap::new();
         let mut ranges = BTreeSet::new();
+        // An unplanned frontend keeps its entries, so nothing of the
+        // address and port it shares is deleted.
+        let mut keep_all = false;
         for proto in [Protocol::Tcp, Protocol::Udp] {
-            let Some(e) = desired.get(&L4Addr { addr, port, proto }) else {
+            let frontend = L4Addr { addr, port, proto };
+            if failed.contains(&frontend) {
+                keep_all = true;
+                continue;
+            }
+            let Some(e) = desired.get(&frontend) else {
                 continue;
             };
             for set in std::iter::once(&e.backends).chain(e.internal.as_ref()) {
@@ -456,6 +575,9 @@ pub fn plan_scoped(
                     frontend: None,
                 });
             }
+        }
+        if keep_all {
+            continue;
         }
         for m in current
             .backend_match
@@ -594,7 +716,7 @@ pub fn plan_scoped(
         }
         Some(_) => {
             // Backends the touched frontends used before this change.
-            for f in &candidates {
+            for f in candidates.iter().filter(|f| !failed.contains(f)) {
                 for (k, v) in slots_of(&current.services, f) {
                     if k.backend_slot != 0 {
                         orphan_backends.insert(v.backend_id);
@@ -627,7 +749,7 @@ pub fn plan_scoped(
             });
         }
     }
-    Ok(ops)
+    Plan { ops, unplanned }
 }
 
 /// Whether a frontend of `desired` still restores to this address and port

@@ -17,6 +17,10 @@ pub mod model;
 pub mod node_net;
 pub mod programmer;
 pub mod pseudo_fs;
+#[cfg(test)]
+mod sync_proptest;
+#[cfg(test)]
+mod test_objects;
 pub mod translate;
 
 /// The BPF object built from lb-ebpf by build.rs.

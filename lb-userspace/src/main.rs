@@ -638,7 +638,7 @@ async fn run_manifests(
         |source: &mut ManifestSource, log: &mut SyncLog, dp: &mut DataPath| -> Result<()> {
             let started = Instant::now();
             let (set, manifest_errors) = source.read();
-            let mut report = programmer.full_sync(&set.services, &set.slices)?;
+            let mut report = programmer.full_sync(&set.services, &set.slices);
             for e in manifest_errors {
                 metrics
                     .invalid_objects
@@ -743,12 +743,12 @@ async fn run_kubernetes(
             continue;
         }
         let (kind, report) = if needs_full {
-            let r = programmer.full_sync(&state.all_services(), &state.all_slices())?;
+            let r = programmer.full_sync(&state.all_services(), &state.all_slices());
             release_freed_memory();
             ("full", r)
         } else if !work.dirty.is_empty() {
             let changes = state.changes(&work.dirty);
-            ("incremental", programmer.sync_services(&changes)?)
+            ("incremental", programmer.sync_services(&changes))
         } else {
             continue;
         };

@@ -25,6 +25,9 @@ pub struct ApplyReport {
     pub applied: usize,
     /// Frontends whose writes failed, with the reason.
     pub failed: Vec<(Option<L4Addr>, String)>,
+    /// Frontends left as they were because a write of theirs, or one they
+    /// depend on, failed.
+    pub failed_frontends: BTreeSet<L4Addr>,
 }
 
 /// Applies `plan` in order, keeping `current` equal to what was written.
@@ -34,8 +37,11 @@ pub fn apply_plan(
     current: &mut MapContents,
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
-    let mut failed_frontends: BTreeSet<L4Addr> = BTreeSet::new();
+    let failed_frontends = &mut report.failed_frontends;
     let mut failed_backends: BTreeSet<u32> = BTreeSet::new();
+    // Reverse NAT ids whose entry, backend set or source ranges could not
+    // be written: a master must not turn them on.
+    let mut failed_revs: BTreeSet<u16> = BTreeSet::new();
     for step in plan {
         if let Some(f) = step.frontend {
             if failed_frontends.contains(&f) {
@@ -44,7 +50,17 @@ pub fn apply_plan(
         }
         let op = &step.op;
         let blocked = match op {
-            MapOp::PutService(_, v) if v.backend_id != 0 => failed_backends.contains(&v.backend_id),
+            MapOp::PutService(k, v) if k.backend_slot == 0 => failed_revs.contains(&v.rev_nat_id),
+            // A slot of a frontend whose backend set could not be written
+            // stays as it was, like its master.
+            MapOp::PutService(_, v) => {
+                failed_backends.contains(&v.backend_id)
+                    || step.frontend.is_some_and(|f| {
+                        current
+                            .rev_nat_id(f.addr, f.port)
+                            .is_some_and(|id| failed_revs.contains(&id))
+                    })
+            }
             // Still referenced by a slot whose update failed: keep it.
             MapOp::DeleteBackend(id) => current.backend_in_use(*id),
             MapOp::DeleteRevNat(id) => current.rev_nat_in_use(*id),
@@ -53,6 +69,10 @@ pub fn apply_plan(
         if blocked {
             if let (Some(f), MapOp::PutService(..)) = (step.frontend, op) {
                 failed_frontends.insert(f);
+                report.failed.push((
+                    Some(f),
+                    "a backend or reverse NAT write it needs failed".into(),
+                ));
             }
             continue;
         }
@@ -62,8 +82,16 @@ pub fn apply_plan(
                 record(current, op);
             }
             Err(reason) => {
-                if let MapOp::PutBackend(id, _) = op {
-                    failed_backends.insert(*id);
+                match *op {
+                    MapOp::PutBackend(id, _) => {
+                        failed_backends.insert(id);
+                    }
+                    MapOp::PutRevNat(id, _)
+                    | MapOp::PutBackendMatch(id, ..)
+                    | MapOp::PutSourceRange(id, _) => {
+                        failed_revs.insert(id);
+                    }
+                    _ => {}
                 }
                 if let Some(f) = step.frontend {
                     failed_frontends.insert(f);
@@ -238,23 +266,34 @@ impl MapWriter for BpfMaps {
     }
 }
 
+/// An in-memory stand-in for the maps, for tests of the write order.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
     use super::*;
-    use crate::{
-        differ::{plan, reader_violation},
-        model::{BackendSet, DesiredState, Protocol, ServiceEntry, ServiceName},
-    };
-    use lb_common::SVC_FLAG_CLUSTER_IP;
+    use crate::differ::reader_violation;
+
+    /// How many entries each fake map takes (None: no limit).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Capacity {
+        pub service_slots: Option<usize>,
+        pub rev_nat: Option<usize>,
+        pub backend_match: Option<usize>,
+        pub source_ranges: Option<usize>,
+    }
 
     /// Applies writes to an in-memory copy and checks, after every single
     /// write, that a packet could not see a half-written Service.
     #[derive(Default)]
-    struct CheckingWriter {
-        maps: MapContents,
-        writes: Vec<MapOp>,
+    pub struct CheckingWriter {
+        pub maps: MapContents,
+        pub writes: Vec<MapOp>,
         /// Fail puts of slots of this frontend port (a "full map").
-        full_for_port: Option<u16>,
+        pub full_for_port: Option<u16>,
+        pub capacity: Capacity,
+    }
+
+    fn full(limit: Option<usize>, len: usize, exists: bool) -> bool {
+        !exists && limit.is_some_and(|l| len >= l)
     }
 
     impl MapWriter for CheckingWriter {
@@ -264,6 +303,32 @@ mod tests {
                     return Err("map is full".into());
                 }
             }
+            let m = &self.maps;
+            let c = &self.capacity;
+            let at_limit = match op {
+                MapOp::PutService(k, _) => full(
+                    c.service_slots,
+                    m.services.len(),
+                    m.services.contains_key(k),
+                ),
+                MapOp::PutRevNat(id, _) => {
+                    full(c.rev_nat, m.rev_nat.len(), m.rev_nat.contains_key(id))
+                }
+                MapOp::PutBackendMatch(rev, b, _) => full(
+                    c.backend_match,
+                    m.backend_match.len(),
+                    m.backend_match.contains_key(&(*rev, *b)),
+                ),
+                MapOp::PutSourceRange(rev, r) => full(
+                    c.source_ranges,
+                    m.source_ranges.len(),
+                    m.source_ranges.contains(&(*rev, *r)),
+                ),
+                _ => false,
+            };
+            if at_limit {
+                return Err("map is full (fake capacity)".into());
+            }
             record(&mut self.maps, op);
             self.writes.push(*op);
             if let Some(v) = reader_violation(&self.maps) {
@@ -272,6 +337,16 @@ mod tests {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fake::CheckingWriter, *};
+    use crate::{
+        differ::plan,
+        model::{BackendSet, DesiredState, Protocol, ServiceEntry, ServiceName},
+    };
+    use lb_common::SVC_FLAG_CLUSTER_IP;
 
     fn l4(ip: &str, port: u16) -> L4Addr {
         L4Addr {
@@ -312,8 +387,9 @@ mod tests {
         current: &mut MapContents,
         desired: &DesiredState,
     ) -> ApplyReport {
-        let p = plan(current, desired).expect("plan");
-        let report = apply_plan(w, &p, current);
+        let p = plan(current, desired);
+        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
+        let report = apply_plan(w, &p.ops, current);
         assert_eq!(*current, w.maps, "the mirror must equal what was written");
         report
     }
@@ -334,7 +410,7 @@ mod tests {
             assert!(report.failed.is_empty(), "{:?}", report.failed);
             // Converged: planning again writes nothing.
             assert!(
-                plan(&current, desired).unwrap().is_empty(),
+                plan(&current, desired).ops.is_empty(),
                 "not converged for {desired:?}"
             );
             let masters = current
@@ -415,7 +491,7 @@ mod tests {
         // A restarted agent starts from what the maps hold: nothing to do.
         let adopted = w.maps.clone();
         assert!(plan(&adopted, &state(&[(80, &["10.244.0.2"])]))
-            .unwrap()
+            .ops
             .is_empty());
     }
 

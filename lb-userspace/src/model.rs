@@ -253,6 +253,105 @@ impl DesiredState {
     }
 }
 
+/// Entries whose frontend another Service holds, by frontend and Service:
+/// the next in line takes over when the holder lets go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shadowed(BTreeMap<L4Addr, BTreeMap<ServiceName, ServiceEntry>>);
+
+impl Shadowed {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every waiting entry.
+    pub fn entries(&self) -> impl Iterator<Item = &ServiceEntry> {
+        self.0.values().flat_map(|m| m.values())
+    }
+
+    fn insert(&mut self, entry: ServiceEntry) {
+        self.0
+            .entry(entry.frontend)
+            .or_default()
+            .insert(entry.service.clone(), entry);
+    }
+
+    fn take_first(&mut self, frontend: &L4Addr) -> Option<ServiceEntry> {
+        let waiting = self.0.get_mut(frontend)?;
+        let first = waiting.pop_first().map(|(_, e)| e);
+        if waiting.is_empty() {
+            self.0.remove(frontend);
+        }
+        first
+    }
+}
+
+/// Two Services claim one frontend: `loser` waits while `winner` has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub frontend: L4Addr,
+    pub winner: ServiceName,
+    pub loser: ServiceName,
+}
+
+impl DesiredState {
+    /// Claims `entry`'s frontend for its Service. When another Service
+    /// holds it, the one whose `namespace/name` sorts first wins, so the
+    /// outcome does not depend on the order objects arrive in (a full sync
+    /// and a series of incremental ones agree); the other entry waits in
+    /// `shadowed`.
+    pub fn claim(&mut self, entry: ServiceEntry, shadowed: &mut Shadowed) -> Option<Conflict> {
+        let frontend = entry.frontend;
+        let holder = match self.entries.get(&frontend) {
+            None => {
+                self.insert(entry);
+                return None;
+            }
+            Some(held) if held.service == entry.service => {
+                self.insert(entry);
+                return None;
+            }
+            Some(held) => held.service.clone(),
+        };
+        let conflict = if entry.service < holder {
+            let loser = self.remove(&frontend).expect("held");
+            let winner = entry.service.clone();
+            self.insert(entry);
+            shadowed.insert(loser);
+            Conflict {
+                frontend,
+                winner,
+                loser: holder,
+            }
+        } else {
+            let loser = entry.service.clone();
+            shadowed.insert(entry);
+            Conflict {
+                frontend,
+                winner: holder,
+                loser,
+            }
+        };
+        Some(conflict)
+    }
+
+    /// Drops every entry of `service`, held or waiting; a frontend it held
+    /// goes to the next Service in line. Returns the frontends it held.
+    pub fn release(&mut self, service: &ServiceName, shadowed: &mut Shadowed) -> Vec<L4Addr> {
+        shadowed.0.retain(|_, waiting| {
+            waiting.remove(service);
+            !waiting.is_empty()
+        });
+        let held = self.frontends_of(service);
+        for f in &held {
+            self.remove(f);
+            if let Some(next) = shadowed.take_first(f) {
+                self.insert(next);
+            }
+        }
+        held
+    }
+}
+
 impl FromIterator<ServiceEntry> for DesiredState {
     fn from_iter<I: IntoIterator<Item = ServiceEntry>>(iter: I) -> Self {
         let mut s = DesiredState::default();

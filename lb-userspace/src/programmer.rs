@@ -12,11 +12,11 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::{
-    differ::{self, MapContents, PlanError},
+    differ::{self, IdLimits, MapContents},
     health_check::{health_check_of, HealthCheck},
     map_writer::{apply_plan, MapWriter},
     metrics::{InvalidLabel, MapLabel, Metrics},
-    model::{DesiredState, L4Addr, ServiceEntry, ServiceName},
+    model::{DesiredState, L4Addr, ServiceEntry, ServiceName, Shadowed},
     translate::{self, TranslateError},
 };
 
@@ -41,6 +41,24 @@ pub struct Programmer<W: MapWriter> {
     pub node: translate::NodeInfo,
     /// healthCheckNodePorts to serve, per Service.
     pub health: BTreeMap<ServiceName, HealthCheck>,
+    /// Entries whose frontend another Service holds (see `DesiredState::claim`).
+    pub shadowed: Shadowed,
+    /// Ids the maps have room for.
+    pub limits: IdLimits,
+    /// Frontends whose desired state did not reach the maps (no free id, a
+    /// failed write): every sync tries them again, so they get in once
+    /// room is made.
+    unprogrammed: BTreeSet<L4Addr>,
+}
+
+/// What the passes of one sync wrote.
+#[derive(Default)]
+struct Written {
+    writes: usize,
+    deleted_udp_backends: Vec<std::net::SocketAddrV4>,
+    /// Of the last pass: the Services left out, the writes that failed.
+    unplanned: Vec<differ::Unplanned>,
+    failed: Vec<(Option<L4Addr>, String)>,
 }
 
 /// One Service to re-translate: its object (None: deleted) and its slices.
@@ -61,34 +79,46 @@ impl<W: MapWriter> Programmer<W> {
             names_changed: true,
             node: translate::NodeInfo::default(),
             health: BTreeMap::new(),
+            shadowed: Shadowed::default(),
+            limits: IdLimits::default(),
+            unprogrammed: BTreeSet::new(),
         }
     }
 
+    /// Frontends whose desired state is not in the maps.
+    pub fn unprogrammed(&self) -> &BTreeSet<L4Addr> {
+        &self.unprogrammed
+    }
+
     /// Replaces the desired state with a translation of everything and
-    /// writes the difference; what no longer exists is removed.
+    /// writes the difference; what no longer exists is removed. Problems
+    /// (invalid objects, full maps) fail the Services they concern and are
+    /// listed in the report; everything else is programmed.
     pub fn full_sync<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         &mut self,
         services: &[S],
         slices: &[E],
-    ) -> Result<SyncReport, PlanError> {
+    ) -> SyncReport {
         let started = Instant::now();
         let mut t = translate::translate_on(&self.node, services, slices);
-        translate::carry_over_failed(&mut t, &self.desired);
+        translate::carry_over_failed(&mut t, &self.desired, &self.shadowed);
         self.health = std::mem::take(&mut t.health_checks)
             .into_iter()
             .map(|h| (h.service.clone(), h))
             .collect();
         self.desired = t.state;
-        let plan = differ::plan(&self.current, &self.desired)?;
+        self.shadowed = t.shadowed;
+        let written = self.write(None);
         self.names_changed = true;
-        Ok(self.finish(started, plan, t.errors))
+        self.finish(started, written, t.errors)
     }
 
-    /// Re-translates the given Services only and writes what changed.
-    pub fn sync_services(&mut self, changes: &[ServiceChange]) -> Result<SyncReport, PlanError> {
+    /// Re-translates the given Services only and writes what changed (and
+    /// retries the frontends an earlier sync could not program).
+    pub fn sync_services(&mut self, changes: &[ServiceChange]) -> SyncReport {
         let started = Instant::now();
         let mut errors = Vec::new();
-        let mut touched: BTreeSet<L4Addr> = BTreeSet::new();
+        let mut touched: BTreeSet<L4Addr> = self.unprogrammed.clone();
         for change in changes {
             self.health.remove(&change.name);
             if let Some(h) = change
@@ -97,7 +127,6 @@ impl<W: MapWriter> Programmer<W> {
             {
                 self.health.insert(change.name.clone(), h);
             }
-            let old: Vec<L4Addr> = self.desired.frontends_of(&change.name);
             let new: Vec<ServiceEntry> = match change.service {
                 None => Vec::new(),
                 Some(svc) => match translate::translate_service(
@@ -118,56 +147,86 @@ impl<W: MapWriter> Programmer<W> {
                     }
                 },
             };
-            for f in &old {
-                self.desired.remove(f);
-                touched.insert(*f);
-            }
+            touched.extend(self.desired.release(&change.name, &mut self.shadowed));
             for entry in new {
-                if let Some(other) = self.desired.get(&entry.frontend) {
-                    errors.push(TranslateError {
-                        object: format!("Service {}", change.name),
-                        reason: format!(
-                            "frontend {} is already used by Service {}",
-                            entry.frontend, other.service
-                        ),
-                    });
-                    continue;
-                }
                 touched.insert(entry.frontend);
-                self.desired.insert(entry);
+                if let Some(c) = self.desired.claim(entry, &mut self.shadowed) {
+                    errors.push(c.into());
+                }
             }
         }
-        let plan = differ::plan_scoped(&self.current, &self.desired, Some(&touched))?;
-        Ok(self.finish(started, plan, errors))
+        let written = self.write(Some(&touched));
+        self.finish(started, written, errors)
+    }
+
+    /// Plans and writes, twice when the first pass left Services out and
+    /// freed ids: a freed id is reused only after the writes that free it
+    /// (a slot may point at it until then), so the Services that did not
+    /// fit get their turn in a second pass, not at some later event.
+    fn write(&mut self, touched: Option<&BTreeSet<L4Addr>>) -> Written {
+        let mut written = Written::default();
+        let mut scope = touched.cloned();
+        for _pass in 0..2 {
+            let plan =
+                differ::plan_scoped(&self.current, &self.desired, scope.as_ref(), &self.limits);
+            let freed = plan.ops.iter().any(|o| {
+                matches!(
+                    o.op,
+                    differ::MapOp::DeleteBackend(_) | differ::MapOp::DeleteRevNat(_)
+                )
+            });
+            self.names_changed |= plan.ops.iter().any(|o| {
+                matches!(
+                    o.op,
+                    differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(_)
+                )
+            });
+            written.deleted_udp_backends.extend(
+                plan.ops
+                    .iter()
+                    .filter_map(|o| match o.op {
+                        differ::MapOp::DeleteBackend(id) => self.current.backends.get(&id).copied(),
+                        _ => None,
+                    })
+                    .filter_map(|b| differ::backend_addr(&b))
+                    .filter(|a| a.proto == crate::model::Protocol::Udp)
+                    .map(|a| std::net::SocketAddrV4::new(a.addr, a.port)),
+            );
+            let applied = apply_plan(&mut self.writer, &plan.ops, &mut self.current);
+            written.writes += applied.applied;
+            self.unprogrammed = applied.failed_frontends;
+            self.unprogrammed.extend(
+                plan.unplanned
+                    .iter()
+                    .flat_map(|u| u.frontends.iter().copied()),
+            );
+            let retry = freed && !plan.unplanned.is_empty();
+            written.failed = applied.failed;
+            written.unplanned = plan.unplanned;
+            if !retry {
+                break;
+            }
+            scope = Some(self.unprogrammed.clone());
+        }
+        written
     }
 
     fn finish(
         &mut self,
         started: Instant,
-        plan: Vec<differ::PlannedOp>,
+        written: Written,
         errors: Vec<TranslateError>,
     ) -> SyncReport {
-        self.names_changed |= plan.iter().any(|o| {
-            matches!(
-                o.op,
-                differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(_)
-            )
-        });
-        let deleted_udp_backends = plan
-            .iter()
-            .filter_map(|o| match o.op {
-                differ::MapOp::DeleteBackend(id) => self.current.backends.get(&id).copied(),
-                _ => None,
-            })
-            .filter_map(|b| differ::backend_addr(&b))
-            .filter(|a| a.proto == crate::model::Protocol::Udp)
-            .map(|a| std::net::SocketAddrV4::new(a.addr, a.port))
-            .collect();
-        let report = apply_plan(&mut self.writer, &plan, &mut self.current);
+        let Written {
+            writes,
+            deleted_udp_backends,
+            unplanned,
+            failed,
+        } = written;
         let mut out = SyncReport {
             frontends: self.desired.len(),
             backends: self.desired.backend_count(),
-            writes: report.applied,
+            writes,
             errors: Vec::new(),
             deleted_udp_backends,
         };
@@ -183,7 +242,16 @@ impl<W: MapWriter> Programmer<W> {
                 .inc();
             out.errors.push(format!("cannot program {e}"));
         }
-        for (frontend, reason) in &report.failed {
+        for u in &unplanned {
+            self.metrics.map_write_failures.inc();
+            out.errors.push(format!(
+                "cannot program Service {}: {} (it keeps its previous state, {} frontends not updated)",
+                u.service,
+                u.error,
+                u.frontends.len()
+            ));
+        }
+        for (frontend, reason) in &failed {
             self.metrics.map_write_failures.inc();
             out.errors.push(match frontend {
                 Some(f) => format!("programming {f} failed, it keeps its previous state: {reason}"),
@@ -242,5 +310,258 @@ impl<W: MapWriter> Programmer<W> {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        map_writer::fake::{Capacity, CheckingWriter},
+        metrics::Metrics,
+        model::Protocol,
+        test_objects::{cluster_ip, pod_ips, ready_slice},
+    };
+
+    fn programmer(limits: IdLimits, capacity: Capacity) -> Programmer<CheckingWriter> {
+        let writer = CheckingWriter {
+            capacity,
+            ..Default::default()
+        };
+        let mut p = Programmer::new(writer, MapContents::default(), Metrics::new());
+        p.limits = limits;
+        p
+    }
+
+    fn frontend(ip: &str, port: u16) -> L4Addr {
+        L4Addr {
+            addr: ip.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn name(n: &str) -> ServiceName {
+        ServiceName {
+            namespace: "default".into(),
+            name: n.into(),
+        }
+    }
+
+    fn change<'a>(svc: Option<&'a Service>, n: &str, sl: &'a EndpointSlice) -> ServiceChange<'a> {
+        ServiceChange {
+            name: name(n),
+            service: svc,
+            slices: vec![sl],
+        }
+    }
+
+    /// Whether the maps serve `f` with `n` active backends.
+    fn served_with(p: &Programmer<CheckingWriter>, f: &L4Addr, n: u16) -> bool {
+        p.writer
+            .maps
+            .services
+            .get(&differ::master_key(f))
+            .is_some_and(|m| m.count == n)
+    }
+
+    /// Three Services of 3, 3 and 1 backends, and room for 5 backend ids.
+    fn three_services() -> (Vec<Service>, Vec<EndpointSlice>) {
+        let services = vec![
+            cluster_ip("a", "10.96.0.1", 80),
+            cluster_ip("b", "10.96.0.2", 80),
+            cluster_ip("c", "10.96.0.3", 80),
+        ];
+        let slices = vec![
+            ready_slice("a", "a-1", 8080, &pod_ips(1, 3)),
+            ready_slice("b", "b-1", 8080, &pod_ips(2, 3)),
+            ready_slice("c", "c-1", 8080, &pod_ips(3, 1)),
+        ];
+        (services, slices)
+    }
+
+    #[test]
+    fn exhausted_backend_ids_fail_one_service_and_it_gets_in_once_room_is_made() {
+        let limits = IdLimits {
+            backend_ids: 5,
+            ..Default::default()
+        };
+        let mut p = programmer(limits, Capacity::default());
+        let (services, slices) = three_services();
+        let report = p.full_sync(&services, &slices);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(
+            report.errors[0].contains("Service default/b")
+                && report.errors[0].contains("backend id"),
+            "{}",
+            report.errors[0]
+        );
+        assert!(served_with(&p, &frontend("10.96.0.1", 80), 3));
+        assert!(!served_with(&p, &frontend("10.96.0.2", 80), 3));
+        assert!(served_with(&p, &frontend("10.96.0.3", 80), 1));
+        assert_eq!(p.unprogrammed().len(), 1);
+
+        // Deleting a frees 3 ids: the next incremental sync retries b.
+        let report = p.sync_services(&[ServiceChange {
+            name: name("a"),
+            service: None,
+            slices: Vec::new(),
+        }]);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(!served_with(&p, &frontend("10.96.0.1", 80), 3));
+        assert!(served_with(&p, &frontend("10.96.0.2", 80), 3));
+        assert!(p.unprogrammed().is_empty());
+        assert!(p.writer.maps.backends.keys().all(|id| (1..=5).contains(id)));
+    }
+
+    #[test]
+    fn a_service_that_grows_past_the_free_ids_keeps_its_previous_backends() {
+        let limits = IdLimits {
+            backend_ids: 5,
+            ..Default::default()
+        };
+        let mut p = programmer(limits, Capacity::default());
+        let (services, mut slices) = three_services();
+        slices[1] = ready_slice("b", "b-1", 8080, &pod_ips(2, 1));
+        assert!(p.full_sync(&services, &slices).errors.is_empty());
+        let grown = ready_slice("b", "b-1", 8080, &pod_ips(2, 4));
+        let report = p.sync_services(&[ServiceChange {
+            name: name("b"),
+            service: Some(&services[1]),
+            slices: vec![&grown],
+        }]);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(served_with(&p, &frontend("10.96.0.2", 80), 1));
+        assert!(served_with(&p, &frontend("10.96.0.1", 80), 3));
+        assert!(differ::reader_violation(&p.writer.maps).is_none());
+    }
+
+    #[test]
+    fn exhausted_reverse_nat_ids_fail_one_service() {
+        let limits = IdLimits {
+            rev_nat_ids: 2,
+            ..Default::default()
+        };
+        let mut p = programmer(limits, Capacity::default());
+        let (services, slices) = three_services();
+        let report = p.full_sync(&services, &slices);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(
+            report.errors[0].contains("Service default/c")
+                && report.errors[0].contains("reverse-NAT"),
+            "{}",
+            report.errors[0]
+        );
+        assert!(served_with(&p, &frontend("10.96.0.1", 80), 3));
+        assert!(served_with(&p, &frontend("10.96.0.2", 80), 3));
+    }
+
+    #[test]
+    fn full_maps_fail_the_services_that_do_not_fit_and_name_them() {
+        for (what, capacity) in [
+            (
+                "services",
+                Capacity {
+                    service_slots: Some(6),
+                    ..Default::default()
+                },
+            ),
+            (
+                "backend_match",
+                Capacity {
+                    backend_match: Some(4),
+                    ..Default::default()
+                },
+            ),
+            (
+                "rev_nat",
+                Capacity {
+                    rev_nat: Some(2),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let mut p = programmer(IdLimits::default(), capacity);
+            let (services, slices) = three_services();
+            let report = p.full_sync(&services, &slices);
+            assert!(!report.errors.is_empty(), "{what}: no error reported");
+            assert!(
+                served_with(&p, &frontend("10.96.0.1", 80), 3),
+                "{what}: a must be served"
+            );
+            let served = ["10.96.0.2", "10.96.0.3"]
+                .iter()
+                .filter(|ip| {
+                    p.writer
+                        .maps
+                        .services
+                        .contains_key(&differ::master_key(&frontend(ip, 80)))
+                })
+                .count();
+            assert!(served < 2, "{what}: something must not fit");
+            for f in p.unprogrammed() {
+                assert!(
+                    report.errors.iter().any(|e| e.contains(&f.to_string())),
+                    "{what}: {f} is not named in {:?}",
+                    report.errors
+                );
+            }
+            assert!(differ::reader_violation(&p.writer.maps).is_none());
+        }
+    }
+
+    #[test]
+    fn two_services_on_one_frontend_the_first_name_wins_and_the_other_takes_over() {
+        let mut p = programmer(IdLimits::default(), Capacity::default());
+        let b = cluster_ip("b", "10.96.0.9", 80);
+        let a = cluster_ip("a", "10.96.0.9", 80);
+        let b_slice = ready_slice("b", "b-1", 8080, &pod_ips(2, 2));
+        let a_slice = ready_slice("a", "a-1", 8080, &pod_ips(1, 1));
+        let f = frontend("10.96.0.9", 80);
+        assert!(p
+            .sync_services(&[change(Some(&b), "b", &b_slice)])
+            .errors
+            .is_empty());
+        assert!(served_with(&p, &f, 2));
+        // a sorts first: it takes the frontend, b is told why it lost it.
+        let report = p.sync_services(&[change(Some(&a), "a", &a_slice)]);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(
+            report.errors[0].contains("Service default/b")
+                && report.errors[0].contains("already used by Service default/a"),
+            "{}",
+            report.errors[0]
+        );
+        assert!(served_with(&p, &f, 1));
+        // A full sync in either order agrees.
+        let mut full = programmer(IdLimits::default(), Capacity::default());
+        for order in [[&a, &b], [&b, &a]] {
+            let report = full.full_sync(&order, &[&a_slice, &b_slice]);
+            assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+            assert_eq!(full.desired, p.desired);
+        }
+        // Deleting the winner hands the frontend to b.
+        let report = p.sync_services(&[change(None, "a", &a_slice)]);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(served_with(&p, &f, 2));
+        assert_eq!(p.desired.get(&f).unwrap().service, name("b"));
+        assert!(p.shadowed.is_empty());
+    }
+
+    #[test]
+    fn a_service_with_ten_thousand_backends_is_programmed_in_full() {
+        let mut p = programmer(IdLimits::default(), Capacity::default());
+        let svc = cluster_ip("big", "10.96.4.1", 80);
+        let sl = ready_slice("big", "big-1", 8080, &pod_ips(30, 10_000));
+        let report = p.full_sync(&[svc], &[sl]);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let f = frontend("10.96.4.1", 80);
+        assert!(served_with(&p, &f, 10_000));
+        assert_eq!(
+            differ::slots_of(&p.writer.maps.services, &f).count(),
+            10_001
+        );
+        assert_eq!(p.writer.maps.backends.len(), 10_000);
+        assert!(differ::reader_violation(&p.writer.maps).is_none());
     }
 }

@@ -18,7 +18,8 @@ use lb_common::{
 };
 
 use crate::model::{
-    BackendSet, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry, ServiceName,
+    BackendSet, Conflict, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry, ServiceName,
+    Shadowed,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -51,6 +52,8 @@ pub struct Translation {
     pub failed_services: BTreeSet<ServiceName>,
     /// healthCheckNodePorts this node serves.
     pub health_checks: Vec<crate::health_check::HealthCheck>,
+    /// Entries whose frontend a Service that sorts first holds.
+    pub shadowed: Shadowed,
 }
 
 pub fn service_name(svc: &Service) -> ServiceName {
@@ -127,17 +130,9 @@ pub fn translate_on<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
         match translate_service(node, svc, &name, slices, &mut out.errors) {
             Ok(entries) => {
                 for entry in entries {
-                    if let Some(existing) = out.state.get(&entry.frontend) {
-                        out.errors.push(TranslateError {
-                            object: format!("Service {name}"),
-                            reason: format!(
-                                "frontend {} is already used by Service {}",
-                                entry.frontend, existing.service
-                            ),
-                        });
-                        continue;
+                    if let Some(c) = out.state.claim(entry, &mut out.shadowed) {
+                        out.errors.push(c.into());
                     }
-                    out.state.insert(entry);
                 }
             }
             Err(reason) => {
@@ -152,14 +147,36 @@ pub fn translate_on<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
     out
 }
 
-/// Keeps the previous entries of Services that failed as a whole, so a bad
-/// edit does not take down what was already serving.
-pub fn carry_over_failed(translation: &mut Translation, previous: &DesiredState) {
-    for (frontend, entry) in previous.entries() {
-        if translation.failed_services.contains(&entry.service)
-            && translation.state.get(frontend).is_none()
+impl From<Conflict> for TranslateError {
+    fn from(c: Conflict) -> Self {
+        TranslateError {
+            object: format!("Service {}", c.loser),
+            reason: format!(
+                "frontend {} is already used by Service {} (of two claims the first name in order wins)",
+                c.frontend, c.winner
+            ),
+        }
+    }
+}
+
+/// Keeps the previous entries (held or waiting) of Services that failed
+/// as a whole, so a bad edit does not take down what was already serving.
+pub fn carry_over_failed(
+    translation: &mut Translation,
+    previous: &DesiredState,
+    previous_shadowed: &Shadowed,
+) {
+    let kept = previous
+        .entries()
+        .values()
+        .chain(previous_shadowed.entries())
+        .filter(|e| translation.failed_services.contains(&e.service));
+    for entry in kept {
+        if let Some(c) = translation
+            .state
+            .claim(entry.clone(), &mut translation.shadowed)
         {
-            translation.state.insert(entry.clone());
+            translation.errors.push(c.into());
         }
     }
 }
@@ -301,6 +318,10 @@ pub fn translate_service(
             _ => None,
         };
         let mut endpoints = BTreeMap::new();
+        // In name order: when two slices disagree about one address, the
+        // outcome must not depend on the order they arrived in.
+        let mut slices = slices.to_vec();
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         for slice in slices {
             collect_endpoints(
                 slice,
@@ -509,7 +530,11 @@ fn collect_endpoints(
     if slice.address_type != "IPv4" {
         return;
     }
-    let slice_name = slice.metadata.name.as_deref().unwrap_or("");
+    let slice_name = format!(
+        "{}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or("default"),
+        slice.metadata.name.as_deref().unwrap_or("")
+    );
     let Some(port) = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
         p.name.as_deref().unwrap_or("") == port_name
             && Protocol::from_k8s(p.protocol.as_deref()) == Ok(proto)
@@ -795,7 +820,7 @@ mod tests {
         broken.spec.as_mut().unwrap().cluster_ip = Some("garbage".into());
         let mut t = translate(&[broken], &[web_slice("w", vec![ep("10.244.0.5", None)])]);
         assert!(t.state.is_empty());
-        carry_over_failed(&mut t, &good.state);
+        carry_over_failed(&mut t, &good.state, &good.shadowed);
         assert_eq!(t.state, good.state);
     }
 
@@ -999,5 +1024,166 @@ mod tests {
             "{:?}",
             t.errors
         );
+    }
+
+    fn errors_of<'a>(t: &'a Translation, object: &str) -> Vec<&'a str> {
+        t.errors
+            .iter()
+            .filter(|e| e.object == object)
+            .map(|e| e.reason.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn malformed_objects_are_named_and_leave_the_others_alone() {
+        let bad_services = [
+            json!({"metadata": {"name": "nospec"}}),
+            json!({"metadata": {"name": "noip"}, "spec": {"ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badip"}, "spec": {"clusterIP": "10.96.0.256", "ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badtype"}, "spec": {"type": "Magic", "clusterIP": "10.96.1.1", "ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badaffinity"}, "spec": {"clusterIP": "10.96.1.2", "sessionAffinity": "Cookie", "ports": [{"port": 80}]}}),
+            json!({"metadata": {"name": "badext"}, "spec": {"clusterIP": "10.96.1.3", "externalIPs": ["x"], "ports": [{"port": 80}]}}),
+        ];
+        let bad_ports = service(json!({"metadata": {"name": "ports"}, "spec": {
+        "type": "NodePort", "clusterIP": "10.96.1.4", "ports": [
+            {"name": "zero", "port": 0},
+            {"name": "big", "port": 65536},
+            {"name": "neg", "port": -1},
+            {"name": "proto", "port": 81, "protocol": "QUIC"},
+            {"name": "np", "port": 82, "nodePort": 0},
+            {"name": "ok", "port": 83}
+        ]}}));
+        let bad_slice = slice(json!({
+            "metadata": {"name": "web-bad", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.244.0.300"]}, {"addresses": []}, {"addresses": ["10.244.0.7"]}]
+        }));
+        let mut services: Vec<Service> = bad_services.into_iter().map(service).collect();
+        services.push(bad_ports);
+        services.push(web_service());
+        let t = translate_on(&node(), &services, &[bad_slice]);
+        for name in [
+            "nospec",
+            "noip",
+            "badip",
+            "badtype",
+            "badaffinity",
+            "badext",
+        ] {
+            let object = format!("Service default/{name}");
+            assert_eq!(errors_of(&t, &object).len(), 1, "{object}: {:?}", t.errors);
+            assert!(t.failed_services.iter().any(|s| s.name == name));
+        }
+        for (port, needle) in [
+            ("zero", "not in 1..=65535"),
+            ("big", "not in 1..=65535"),
+            ("neg", "not in 1..=65535"),
+            ("proto", "QUIC"),
+            ("np", "nodePort 0"),
+        ] {
+            let object = format!("Service default/ports port {port}");
+            let errors = errors_of(&t, &object);
+            assert!(
+                errors.len() == 1 && errors[0].contains(needle),
+                "{object}: {errors:?}"
+            );
+        }
+        assert!(entry_for(&t, "10.96.1.4", 83).backends.active.is_empty());
+        let slice_errors = errors_of(&t, "EndpointSlice shop/web-bad");
+        assert!(
+            slice_errors.iter().any(|e| e.contains("10.244.0.300")),
+            "{:?}",
+            t.errors
+        );
+        // The good Service is untouched: its valid endpoint is there.
+        assert_eq!(
+            entry_for(&t, "10.96.0.10", 80).backends.active,
+            vec![addr("10.244.0.7", 8080, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn one_address_twice_in_a_slice_or_in_two_slices_is_one_backend_whatever_the_order() {
+        let dup = |name: &str, ready: bool| {
+            web_slice(
+                name,
+                vec![
+                    ep("10.244.0.5", Some(ready)),
+                    ep("10.244.0.5", Some(ready)),
+                    ep("10.244.0.6", None),
+                ],
+            )
+        };
+        let a = dup("a", false);
+        let b = dup("b", true);
+        let one = translate(&[web_service()], &[a.clone(), b.clone()]);
+        let other = translate(&[web_service()], &[b, a]);
+        assert!(one.errors.is_empty(), "{:?}", one.errors);
+        assert_eq!(one.state, other.state);
+        let http = entry_for(&one, "10.96.0.10", 80);
+        assert_eq!(
+            http.backends.active,
+            vec![
+                addr("10.244.0.5", 8080, Protocol::Tcp),
+                addr("10.244.0.6", 8080, Protocol::Tcp)
+            ],
+            "the ready copy wins, once"
+        );
+    }
+
+    #[test]
+    fn port_65535_works_everywhere_and_port_0_is_rejected() {
+        let svc = service(json!({"metadata": {"name": "edge"}, "spec": {
+        "type": "NodePort", "clusterIP": "10.96.2.1", "ports": [
+            {"name": "max", "port": 65535, "nodePort": 65535, "protocol": "UDP"},
+            {"name": "zero", "port": 0}
+        ]}}));
+        let sl = slice(json!({
+            "metadata": {"name": "edge-1", "labels": {"kubernetes.io/service-name": "edge"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "max", "port": 65535, "protocol": "UDP"}, {"name": "zero", "port": 0}],
+            "endpoints": [{"addresses": ["10.244.3.3"]}]
+        }));
+        let t = translate_on(&node(), &[svc], &[sl]);
+        let max = t
+            .state
+            .get(&addr("10.96.2.1", 65535, Protocol::Udp))
+            .unwrap();
+        assert_eq!(
+            max.backends.active,
+            vec![addr("10.244.3.3", 65535, Protocol::Udp)]
+        );
+        assert!(t
+            .state
+            .get(&addr("10.0.0.1", 65535, Protocol::Udp))
+            .is_some());
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert_eq!(t.errors[0].object, "Service default/edge port zero");
+    }
+
+    #[test]
+    fn ten_thousand_backends_fit_one_service_and_more_than_the_slots_is_an_error() {
+        let ips = crate::test_objects::pod_ips(20, 10_000);
+        let big = crate::test_objects::ready_slice("a", "a-1", 8080, &ips);
+        let svc = crate::test_objects::cluster_ip("a", "10.96.3.1", 80);
+        let t = translate(std::slice::from_ref(&svc), std::slice::from_ref(&big));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(entry_for(&t, "10.96.3.1", 80).backends.active.len(), 10_000);
+
+        let over = MAX_BACKENDS_PER_SERVICE as usize + 1;
+        let too_many = crate::test_objects::ready_slice(
+            "a",
+            "a-2",
+            8080,
+            &crate::test_objects::pod_ips(21, over - 10_000),
+        );
+        let other = web_service();
+        let t = translate(&[svc, other], &[big, too_many]);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert_eq!(t.errors[0].object, "Service default/a port http");
+        assert!(t.errors[0].reason.contains(&over.to_string()));
+        assert!(entry_for(&t, "10.96.0.10", 80).backends.active.is_empty());
+        assert!(t.state.get(&addr("10.96.3.1", 80, Protocol::Tcp)).is_none());
     }
 }

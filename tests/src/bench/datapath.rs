@@ -97,9 +97,7 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
         Programmer::new(maps, MapContents::default(), Metrics::new());
     let ports = filler_services(n, endpoints);
     let (services, slices) = typed_objects(&ports);
-    let report = programmer
-        .full_sync(&services, &slices)
-        .context("programming the Services")?;
+    let report = programmer.full_sync(&services, &slices);
     if !report.errors.is_empty() {
         bail!(
             "{n} Services do not fit the maps: {} errors, first: {}",
