@@ -341,6 +341,18 @@ pub mod config {
 pub const CT_TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_UDP_LIFETIME_NS: u64 = 60 * 1_000_000_000;
 pub const CT_CLOSING_LIFETIME_NS: u64 = 10 * 1_000_000_000;
+/// How long an entry with `flags` of protocol `proto` lives without packets.
+#[inline(always)]
+pub fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
+    if flags & CT_FLAG_CLOSING != 0 {
+        CT_CLOSING_LIFETIME_NS
+    } else if proto == IPPROTO_TCP {
+        CT_TCP_LIFETIME_NS
+    } else {
+        CT_UDP_LIFETIME_NS
+    }
+}
+
 /// Refresh `last_seen_ns` at most this often, to keep writes off the hot path.
 pub const CT_REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -386,7 +398,15 @@ pub mod stats {
     pub const NO_LOCAL_BACKEND_DROPPED: u32 = 12;
     /// connect()/sendmsg() to a Service translated at the socket.
     pub const SOCK_TRANSLATED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Conntrack entries the data path added (not updates of one present).
+    pub const CT_INSERTED: u32 = 14;
+    /// Conntrack entries the data path removed (a new SYN over a reply
+    /// entry of an ended flow).
+    pub const CT_REMOVED: u32 = 15;
+    /// Conntrack entries the agent's sweep removed (expired, or their
+    /// backend was deleted); written by the agent into CPU 0's slot.
+    pub const CT_SWEPT: u32 = 16;
+    pub const COUNT: u32 = 17;
     pub const NAMES: [&str; COUNT as usize] = [
         "service_forwarded",
         "reverse_natted",
@@ -402,6 +422,9 @@ pub mod stats {
         "affinity_hit",
         "no_local_backend_dropped",
         "sock_translated",
+        "ct_inserted",
+        "ct_removed",
+        "ct_swept",
     ];
 }
 

@@ -12,6 +12,9 @@ use lb_common::{
     MAX_SERVICE_SLOTS, MAX_SOCK_REV, MAX_SOURCE_RANGES,
 };
 
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
 const NO_PREALLOC: usize = 1;
 
@@ -62,7 +65,13 @@ pub fn conntrack_ptr(key: &Ct4Key) -> Option<*mut Ct4Value> {
 /// one) then see flows the new ones started, such as a reply's entry.
 #[inline(always)]
 pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value) {
-    let _ = CONNTRACK.insert(*key, *value, 0);
+    // Counted only when the key is new, so the agent can tell evictions
+    // (inserted - removed - present) from updates.
+    if CONNTRACK.insert(*key, *value, BPF_NOEXIST).is_ok() {
+        count(stats::CT_INSERTED);
+    } else {
+        let _ = CONNTRACK.insert(*key, *value, BPF_ANY);
+    }
     if config(config::CT_MIGRATING) != 0 {
         let _ = CONNTRACK_PREV.insert(*key, *value, 0);
     }

@@ -7,11 +7,10 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     config, stats, Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, Service4Key,
-    Service4Value, AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_CLOSING_LIFETIME_NS,
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
-    CT_REFRESH_INTERVAL_NS, CT_TCP_LIFETIME_NS, CT_UDP_LIFETIME_NS, IPPROTO_TCP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL,
-    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    Service4Value, AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_FLAG_CLOSING, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_REFRESH_INTERVAL_NS, IPPROTO_TCP,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_COUNT, SNAT_PORT_MIN, SNAT_PORT_TRIES,
+    SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
@@ -70,13 +69,7 @@ pub trait Rewriter {
 
 #[inline(always)]
 fn lifetime_ns(flow: &Flow, ct: &Ct4Value) -> u64 {
-    if ct.flags & CT_FLAG_CLOSING != 0 {
-        CT_CLOSING_LIFETIME_NS
-    } else if flow.proto == IPPROTO_TCP {
-        CT_TCP_LIFETIME_NS
-    } else {
-        CT_UDP_LIFETIME_NS
-    }
+    lb_common::ct_lifetime_ns(flow.proto, ct.flags)
 }
 
 #[inline(always)]
@@ -257,7 +250,9 @@ fn forget_reply_entry_on_syn(flow: &Flow) {
         direction: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let _ = CONNTRACK.remove(&key);
+    if CONNTRACK.remove(&key).is_ok() {
+        count(stats::CT_REMOVED);
+    }
     // While a migration runs, the old map would hand the entry back.
     let _ = CONNTRACK_PREV.remove(&key);
 }

@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod checker;
+pub mod conntrack_sweep;
 pub mod differ;
 pub mod health_check;
 pub mod inspect;

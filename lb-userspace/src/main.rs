@@ -177,6 +177,10 @@ struct RunArgs {
     /// size is migrated entry by entry, flows keeping their backends.
     #[arg(long, default_value_t = lb_common::MAX_CONNTRACK)]
     conntrack_max: u32,
+    /// How often the conntrack map is swept for entries of deleted backends
+    /// and expired ones (also soon after every sync).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_sweep_interval: Duration,
     /// Remove everything the agent installed (pinned links, which detaches the
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
     #[arg(long)]
@@ -353,6 +357,8 @@ struct DataPath {
     pinned: loader::PinnedState,
     /// Whether this agent's programs are attached (after its first sync).
     attached: bool,
+    /// Wakes the conntrack sweep (after syncs, which may delete backends).
+    sweep: std::sync::mpsc::SyncSender<()>,
 }
 
 impl DataPath {
@@ -366,6 +372,11 @@ impl DataPath {
         if let Err(e) = node_net::destroy_udp_sockets_to(&report.deleted_udp_backends).map(|_| ()) {
             log::warn!("closing UDP sockets connected to deleted backends: {e:#}");
         }
+    }
+
+    fn wake_sweep(&self) {
+        // Full: a sweep is already due.
+        let _ = self.sweep.try_send(());
     }
 
     fn refresh_pods(&mut self) -> Result<()> {
@@ -485,6 +496,11 @@ fn setup_datapath(
         cgroup: args.cgroup.clone(),
         pinned,
         attached: false,
+        sweep: lb_userspace::conntrack_sweep::start(
+            pin_dir.to_owned(),
+            args.conntrack_sweep_interval,
+            metrics.clone(),
+        )?,
     };
     install_datapath_metrics(pin_dir, metrics)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
@@ -652,6 +668,7 @@ async fn run_manifests(
             dp.health.update(programmer.health.values());
             dp.close_stale_udp(&report);
             dp.attach_after_first_sync(&mut programmer.writer)?;
+            dp.wake_sweep();
             metrics.set_ready();
             log.record("manifests", &report, started)
         };
@@ -762,6 +779,7 @@ async fn run_kubernetes(
         dp.health.update(programmer.health.values());
         dp.close_stale_udp(&report);
         dp.attach_after_first_sync(&mut programmer.writer)?;
+        dp.wake_sweep();
         metrics.set_ready();
         log.record(kind, &report, started)?;
     }

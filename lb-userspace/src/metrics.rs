@@ -31,6 +31,11 @@ pub struct ResourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InvalidLabel {
     pub kind: String,
 }
@@ -56,6 +61,13 @@ pub struct Metrics {
     pub watch_restarts: Family<ResourceLabel, Counter>,
     pub invalid_objects: Family<InvalidLabel, Counter>,
     pub map_write_failures: Counter,
+    /// Conntrack entries present at the last sweep, and the map's capacity.
+    pub conntrack_entries: Gauge,
+    pub conntrack_capacity: Gauge,
+    /// Entries the full LRU map dropped on its own.
+    pub conntrack_evictions: Counter,
+    /// Entries the sweep removed, by reason.
+    pub conntrack_swept: Family<ReasonLabel, Counter>,
     ready: AtomicBool,
     /// Text appended to every scrape: counters read from BPF maps.
     pub datapath: Mutex<Box<dyn Fn() -> String + Send>>,
@@ -81,6 +93,10 @@ impl Metrics {
             watch_restarts: Family::default(),
             invalid_objects: Family::default(),
             map_write_failures: Counter::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_capacity: Gauge::default(),
+            conntrack_evictions: Counter::default(),
+            conntrack_swept: Family::default(),
             ready: AtomicBool::new(false),
             datapath: Mutex::new(Box::new(String::new)),
             registry: Registry::default(),
@@ -129,6 +145,26 @@ impl Metrics {
             "map_write_failures",
             "BPF map writes that failed",
             m.map_write_failures.clone(),
+        );
+        registry.register(
+            "conntrack_entries",
+            "Conntrack entries present at the last sweep",
+            m.conntrack_entries.clone(),
+        );
+        registry.register(
+            "conntrack_max_entries",
+            "Capacity of the conntrack map (--conntrack-max)",
+            m.conntrack_capacity.clone(),
+        );
+        registry.register(
+            "conntrack_evictions",
+            "Conntrack entries the full LRU map evicted (added, minus removed, minus present)",
+            m.conntrack_evictions.clone(),
+        );
+        registry.register(
+            "conntrack_swept",
+            "Conntrack entries the sweep removed: backend_gone (deleted backend) or expired",
+            m.conntrack_swept.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -476,3 +476,175 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
         "{text}"
     );
 }
+
+const NGINX_UDP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+const METRICS: &str = "127.0.0.1:10249";
+
+fn scrape(lab: &Lab) -> String {
+    let (code, body) = lab
+        .node
+        .run_in(|| {
+            lb_tests::lab::http_get(METRICS.parse().unwrap(), "/metrics", Duration::from_secs(2))
+        })
+        .expect("scrape /metrics");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// The value of the first sample of `name` whose line holds every part.
+fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} {parts:?} in:\n{text}"))
+}
+
+/// Conntrack entries that name backend `id`.
+fn conntrack_entries_of(lab: &Lab, id: u32) -> usize {
+    let pin = lab.pin_dir.join(lb_common::map_names::CONNTRACK);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open conntrack");
+    let ct: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("conntrack map");
+    ct.iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.backend_id == id)
+        .count()
+}
+
+/// New UDP flows from `flows` distinct source ports of the client pod, each
+/// one datagram (answers are not awaited).
+fn fill_conntrack(lab: &Lab, to: SocketAddrV4, flows: u16) -> usize {
+    lab.client.ns.run_in(|| {
+        let mut sent = 0;
+        for port in 20_000..20_000 + flows {
+            let Ok(s) = std::net::UdpSocket::bind(("0.0.0.0", port)) else {
+                continue;
+            };
+            if s.send_to(b"fill", to).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept() {
+    if !require_root("a_full_conntrack_map_evicts_idle_flows_only") {
+        return;
+    }
+    const CAPACITY: usize = 4096;
+    const FILL_FLOWS: u16 = 20_000;
+    let mut lab = Lab::from_manifest_files(&[
+        example("nginx-deployment.yaml"),
+        example("rolling-update.yaml"),
+    ])
+    .expect("build the lab");
+    lab.start_agent_extra(&[
+        "--conntrack-max",
+        &CAPACITY.to_string(),
+        "--conntrack-sweep-interval",
+        "1s",
+        "--metrics-addr",
+        METRICS,
+    ])
+    .expect("start the agent");
+    let mut clients = web_clients(&lab, 40_000);
+    clients.add(Load::start(
+        lab.client.ns.path(),
+        NGINX_UDP,
+        LoadKind::UdpFlow,
+        "UDP flow",
+        Duration::from_millis(10),
+        40_000,
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Five times the map's size in new flows, twice over.
+    let mut filled = 0;
+    for _ in 0..2 {
+        filled += fill_conntrack(&lab, NGINX_UDP, FILL_FLOWS);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("filler: {filled} new UDP flows into a conntrack map of {CAPACITY} entries");
+    assert!(filled > 30_000, "the filler ran: {filled}");
+
+    // A backend deleted: its entries are swept, and a UDP flow on it
+    // moves to another backend without a lost answer.
+    let nginx_pods = lab.pods_of("Deployment/nginx-deployment");
+    let stale_flow = lab.client.ns.run_in(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let ask = |s: &std::net::UdpSocket, n: usize| {
+        s.send_to(format!("stale {n}").as_bytes(), NGINX_UDP)
+            .expect("send");
+        let mut buf = [0u8; 256];
+        let (len, _) = s
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("stale UDP flow, request {n}: no answer: {e}"));
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    };
+    let victim = ask(&stale_flow, 0);
+    assert!(nginx_pods.contains(&victim), "{victim}");
+    let victim_ip = lab.pods[&victim].ip;
+    let maps = lb_userspace::loader::open_pinned(&lab.pin_dir).expect("maps");
+    let victim_id = maps
+        .read_contents()
+        .expect("read maps")
+        .backend_id(&lb_userspace::model::L4Addr {
+            addr: victim_ip,
+            port: 80,
+            proto: lb_userspace::model::Protocol::Udp,
+        })
+        .expect("the victim's backend id");
+    let before = conntrack_entries_of(&lab, victim_id);
+    assert!(before > 0, "the filler left entries on {victim}");
+    lab.excluded.insert(victim.clone());
+    lab.apply_manifests().expect("remove the victim's endpoint");
+    lab.remove_pod(&victim);
+    let mut answers = Vec::new();
+    for n in 1..=50 {
+        answers.push(ask(&stale_flow, n));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|a| a != &victim && nginx_pods.contains(a)),
+        "the stale UDP flow moved to a live backend: {answers:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut left = before;
+    while Instant::now() < deadline {
+        left = conntrack_entries_of(&lab, victim_id);
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("entries of the deleted backend: {before} before, {left} after the sweep");
+    assert_eq!(left, 0, "the sweep removed the deleted backend's entries");
+
+    std::thread::sleep(Duration::from_secs(2));
+    let reports = clients.finish_and_assert_none_failed();
+    for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
+        assert_kept_its_backend(r);
+    }
+    let m = scrape(&lab);
+    let inserted = metric(&m, "lb_datapath_packets_total", &["ct_inserted"]);
+    let evictions = metric(&m, "lb_conntrack_evictions_total", &[]);
+    let present = metric(&m, "lb_conntrack_entries", &[]);
+    let swept = metric(&m, "lb_conntrack_swept_total", &["backend_gone"]);
+    println!(
+        "conntrack: {inserted} entries inserted, {evictions} evicted, {present} present, {swept} swept (backend gone)"
+    );
+    assert!(present <= CAPACITY as f64, "{present}");
+    assert!(
+        evictions >= inserted - CAPACITY as f64 - swept - 1000.0 && evictions > 0.0,
+        "evictions counted: {evictions} of {inserted} inserted"
+    );
+    // Some of the victim's entries may have been evicted before a sweep.
+    assert!(swept > 0.0, "the sweep counted what it removed: {swept}");
+}

@@ -1,0 +1,282 @@
+//! The conntrack sweep: a background thread that walks the conntrack map
+//! now and then (and soon after a sync), removes entries whose backend was
+//! deleted and entries past their lifetime, and counts what the LRU map
+//! evicted on its own when it was full. The kernel keeps no eviction count,
+//! so it is derived: every entry the data path added was removed by the
+//! data path, removed by a sweep, is still present, or was evicted.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{mpsc, Arc},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{ct_lifetime_ns, map_names, stats, Backend4, Ct4Key, Ct4Value};
+
+use crate::{
+    loader::map_pin_path,
+    metrics::{Metrics, ReasonLabel},
+};
+
+/// Why a sweep removes an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SweepReason {
+    /// Its backend id is free: the backend was deleted.
+    BackendGone,
+    /// No packet for longer than its lifetime.
+    Expired,
+}
+
+impl SweepReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            SweepReason::BackendGone => "backend_gone",
+            SweepReason::Expired => "expired",
+        }
+    }
+}
+
+/// Whether an entry goes, given the monotonic clock and whether its
+/// backend id is in use.
+pub fn verdict(
+    key: &Ct4Key,
+    value: &Ct4Value,
+    now_ns: u64,
+    backend_live: impl FnOnce(u32) -> bool,
+) -> Option<SweepReason> {
+    if now_ns.saturating_sub(value.last_seen_ns) >= ct_lifetime_ns(key.proto, value.flags) {
+        Some(SweepReason::Expired)
+    } else if !backend_live(value.backend_id) {
+        Some(SweepReason::BackendGone)
+    } else {
+        None
+    }
+}
+
+/// Entries the map dropped on its own: added, minus removed by anyone,
+/// minus still present (never below zero: a migration adds entries the
+/// data path did not insert).
+pub fn evicted(inserted: u64, removed: u64, swept: u64, present: u64) -> u64 {
+    inserted.saturating_sub(removed + swept + present)
+}
+
+/// What one sweep saw and did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Entries present after the sweep.
+    pub present: u64,
+    pub backend_gone: u64,
+    pub expired: u64,
+    /// Evictions so far (derived).
+    pub evicted: u64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given. The data path
+    // stamps entries with bpf_ktime_get_coarse_ns, the same clock.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The maps a sweep works on, opened from their pins.
+pub struct Sweeper {
+    conntrack: BpfHashMap<MapData, Ct4Key, Ct4Value>,
+    backends: Array<MapData, Backend4>,
+    stats: PerCpuArray<MapData, u64>,
+    capacity: u32,
+}
+
+impl Sweeper {
+    pub fn open(pin_dir: &std::path::Path) -> Result<Self> {
+        let open = |name: &str| {
+            MapData::from_pin(map_pin_path(pin_dir, name))
+                .with_context(|| format!("opening pinned map {name}"))
+        };
+        let ct = open(map_names::CONNTRACK)?;
+        let capacity = ct.info()?.max_entries();
+        Ok(Self {
+            conntrack: BpfHashMap::try_from(Map::from_map_data(ct)?)?,
+            backends: Array::try_from(Map::Array(open(map_names::BACKENDS)?))?,
+            stats: PerCpuArray::try_from(Map::PerCpuArray(open(map_names::STATS)?))?,
+            capacity,
+        })
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        self.stats
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Adds `n` to the agent's own counter (CPU 0's slot of `CT_SWEPT`; the
+    /// data path never writes it).
+    fn add_swept(&mut self, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut values: Vec<u64> = self
+            .stats
+            .get(&stats::CT_SWEPT, 0)?
+            .iter()
+            .copied()
+            .collect();
+        values[0] += n;
+        self.stats
+            .set(stats::CT_SWEPT, PerCpuValues::try_from(values)?, 0)?;
+        Ok(())
+    }
+
+    /// One pass over the map.
+    pub fn sweep(&mut self) -> Result<SweepReport> {
+        let now = monotonic_ns();
+        let mut live: HashMap<u32, bool> = HashMap::new();
+        let backends = &self.backends;
+        let mut is_live = |id: u32| {
+            *live.entry(id).or_insert_with(|| {
+                id != 0 && backends.get(&id, 0).map(|b| b.addr != 0).unwrap_or(false)
+            })
+        };
+        let mut seen: HashSet<Ct4Key> = HashSet::new();
+        let mut doomed = Vec::new();
+        // A key removed under the walk makes the kernel start over from the
+        // first key: bounded, and each key judged once.
+        for key in self.conntrack.keys().take(2 * self.capacity as usize + 16) {
+            let Ok(key) = key else { continue };
+            if !seen.insert(key) {
+                continue;
+            }
+            let Ok(value) = self.conntrack.get(&key, 0) else {
+                continue;
+            };
+            if let Some(why) = verdict(&key, &value, now, &mut is_live) {
+                doomed.push((key, why));
+            }
+        }
+        let mut report = SweepReport::default();
+        for (key, why) in &doomed {
+            if self.conntrack.remove(key).is_ok() {
+                match why {
+                    SweepReason::BackendGone => report.backend_gone += 1,
+                    SweepReason::Expired => report.expired += 1,
+                }
+            }
+        }
+        self.add_swept(report.backend_gone + report.expired)?;
+        report.present = (seen.len() as u64).saturating_sub(report.backend_gone + report.expired);
+        report.evicted = evicted(
+            self.counter(stats::CT_INSERTED),
+            self.counter(stats::CT_REMOVED),
+            self.counter(stats::CT_SWEPT),
+            report.present,
+        );
+        Ok(report)
+    }
+}
+
+/// Starts the sweep thread: a pass every `interval`, and after a wake-up
+/// sent on the returned channel, at most one pass per `interval` or 5 s
+/// (a pass over a full map takes a while). It ends when the channel's
+/// sender is dropped.
+pub fn start(
+    pin_dir: PathBuf,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+) -> Result<mpsc::SyncSender<()>> {
+    let mut sweeper = Sweeper::open(&pin_dir)?;
+    metrics.conntrack_capacity.set(sweeper.capacity as i64);
+    let (tx, rx) = mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("conntrack-sweep".into())
+        .spawn(move || {
+            let mut evicted_reported = 0;
+            loop {
+                match rx.recv_timeout(interval) {
+                    Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                match sweeper.sweep() {
+                    Ok(r) => {
+                        metrics.conntrack_entries.set(r.present as i64);
+                        for (why, n) in [
+                            (SweepReason::BackendGone, r.backend_gone),
+                            (SweepReason::Expired, r.expired),
+                        ] {
+                            metrics
+                                .conntrack_swept
+                                .get_or_create(&ReasonLabel {
+                                    reason: why.label().into(),
+                                })
+                                .inc_by(n);
+                        }
+                        if r.evicted > evicted_reported {
+                            metrics
+                                .conntrack_evictions
+                                .inc_by(r.evicted - evicted_reported);
+                            evicted_reported = r.evicted;
+                        }
+                        if r.backend_gone + r.expired > 0 {
+                            log::info!("conntrack sweep: {r:?}");
+                        }
+                    }
+                    Err(e) => log::warn!("conntrack sweep failed: {e:#}"),
+                }
+                std::thread::sleep(interval.min(Duration::from_secs(5)));
+            }
+        })
+        .context("starting the conntrack sweep thread")?;
+    Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{CT_FLAG_CLOSING, IPPROTO_TCP, IPPROTO_UDP};
+
+    use super::*;
+
+    fn entry(proto: u8, last_seen_s: u64, flags: u16, backend_id: u32) -> (Ct4Key, Ct4Value) {
+        (
+            Ct4Key {
+                proto,
+                ..Default::default()
+            },
+            Ct4Value {
+                last_seen_ns: last_seen_s * 1_000_000_000,
+                backend_id,
+                flags,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn entries_go_when_expired_or_their_backend_is_deleted() {
+        let now = 100_000 * 1_000_000_000;
+        let live = |id| id == 7;
+        let (k, v) = entry(IPPROTO_UDP, 100_000 - 30, 0, 7);
+        assert_eq!(verdict(&k, &v, now, live), None, "UDP seen 30 s ago");
+        let (k, v) = entry(IPPROTO_UDP, 100_000 - 61, 0, 7);
+        assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::Expired));
+        let (k, v) = entry(IPPROTO_TCP, 100_000 - 3600, 0, 7);
+        assert_eq!(verdict(&k, &v, now, live), None, "TCP lives 6 h");
+        let (k, v) = entry(IPPROTO_TCP, 100_000 - 11, CT_FLAG_CLOSING, 7);
+        assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::Expired));
+        let (k, v) = entry(IPPROTO_TCP, 100_000 - 1, 0, 8);
+        assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::BackendGone));
+    }
+
+    #[test]
+    fn evictions_are_what_nobody_removed_and_is_not_there() {
+        assert_eq!(evicted(1000, 10, 40, 200), 750);
+        assert_eq!(evicted(100, 0, 0, 100), 0);
+        // Migrated entries were never inserted here.
+        assert_eq!(evicted(100, 0, 0, 150), 0);
+    }
+}
