@@ -239,12 +239,15 @@ fn keep_or_drop_old(want: &MapLayout, old: &Path, state: &mut PinnedState) {
 pub struct MapSizes {
     /// Capacity of the conntrack map (two entries a flow).
     pub conntrack: u32,
+    /// Capacity of the session affinity map (one entry a client and frontend).
+    pub affinity: u32,
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
         Self {
             conntrack: lb_common::MAX_CONNTRACK,
+            affinity: lb_common::MAX_AFFINITY,
         }
     }
 }
@@ -256,6 +259,10 @@ pub fn layouts(sizes: MapSizes) -> Vec<MapLayout> {
         .map(|l| match l.name {
             map_names::CONNTRACK => MapLayout {
                 max_entries: sizes.conntrack,
+                ..*l
+            },
+            map_names::AFFINITY => MapLayout {
+                max_entries: sizes.affinity,
                 ..*l
             },
             _ => *l,
@@ -273,6 +280,7 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, PinnedState)> {
         loader.map_pin_path(name, map_pin_path(pin_dir, name));
     }
     loader.map_max_entries(map_names::CONNTRACK, sizes.conntrack);
+    loader.map_max_entries(map_names::AFFINITY, sizes.affinity);
     if let Some(old) = state.conntrack_migrated() {
         loader.map_pin_path(map_names::CONNTRACK_PREV, old.to_owned());
     }

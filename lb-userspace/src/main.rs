@@ -177,6 +177,10 @@ struct RunArgs {
     /// size is migrated entry by entry, flows keeping their backends.
     #[arg(long, default_value_t = lb_common::MAX_CONNTRACK)]
     conntrack_max: u32,
+    /// Capacity of the session affinity map (an LRU: one entry per client
+    /// and frontend with ClientIP affinity; idle clients are evicted first).
+    #[arg(long, default_value_t = lb_common::MAX_AFFINITY)]
+    affinity_max: u32,
     /// How often the conntrack map is swept for entries of deleted backends
     /// and expired ones (also soon after every sync).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -441,6 +445,7 @@ fn setup_datapath(
 ) -> Result<(DataPath, Programmer<BpfMaps>)> {
     let sizes = loader::MapSizes {
         conntrack: args.conntrack_max,
+        affinity: args.affinity_max,
     };
     let (mut ebpf, pinned) = loader::load(pin_dir, sizes)?;
     let mut maps = loader::take_maps(&mut ebpf)?;

@@ -648,3 +648,106 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept() 
     // Some of the victim's entries may have been evicted before a sweep.
     assert!(swept > 0.0, "the sweep counted what it removed: {swept}");
 }
+
+const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
+
+/// Gives the external client `n` more addresses in 10.78.0.0/16 (and the
+/// node a route back to them): `n` more clients.
+fn add_client_addresses(lab: &Lab, n: u16) -> Vec<Ipv4Addr> {
+    let addrs: Vec<Ipv4Addr> = (0..n)
+        .map(|i| Ipv4Addr::new(10, 78, (i / 250) as u8, (i % 250 + 1) as u8))
+        .collect();
+    let batch: String = addrs
+        .iter()
+        .map(|a| format!("addr add {a}/32 dev eth0\n"))
+        .collect();
+    let path = lab.dir.join("client-addrs");
+    std::fs::write(&path, batch).unwrap();
+    lb_tests::lab::run(&["ip", "-n", &lab.ext.name, "-batch", path.to_str().unwrap()])
+        .expect("add client addresses");
+    lab.node
+        .exec(&["ip", "route", "add", "10.78.0.0/16", "via", "10.77.0.2"])
+        .expect("route to the clients");
+    addrs
+}
+
+/// One UDP datagram to `to` from each address: that many new clients of a
+/// ClientIP-affinity Service.
+fn flood_affinity(lab: &Lab, to: SocketAddrV4, from: &[Ipv4Addr]) -> usize {
+    lab.ext.run_in(|| {
+        from.iter()
+            .filter(|a| {
+                std::net::UdpSocket::bind((**a, 0))
+                    .and_then(|s| s.send_to(b"flood", to))
+                    .is_ok()
+            })
+            .count()
+    })
+}
+
+fn affinity_entries(lab: &Lab) -> usize {
+    let pin = lab.pin_dir.join(lb_common::map_names::AFFINITY);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open affinity");
+    let map: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::Affinity4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("affinity map");
+    map.keys().filter_map(Result::ok).count()
+}
+
+#[test]
+fn a_flooded_affinity_map_keeps_active_clients_on_their_backend() {
+    if !require_root("a_flooded_affinity_map_keeps_active_clients_on_their_backend") {
+        return;
+    }
+    const CAPACITY: usize = 1024;
+    const CLIENTS: u16 = 5000;
+    let mut text = std::fs::read_to_string(example("nginx-deployment.yaml")).unwrap();
+    text.push_str(
+        "\n---\napiVersion: v1\nkind: Service\nmetadata: {name: nginx-sticky}\nspec:\n  \
+         clusterIP: 10.96.0.11\n  selector: {app: nginx}\n  sessionAffinity: ClientIP\n  ports:\n  \
+         - {name: tcp, port: 80, protocol: TCP, targetPort: 80}\n  \
+         - {name: udp, port: 80, protocol: UDP, targetPort: 80}\n",
+    );
+    let (objects, _) = workload::parse_lab_objects(&text).expect("parse");
+    let mut lab = Lab::from_objects(objects).expect("build the lab");
+    lab.start_agent_extra(&["--affinity-max", &CAPACITY.to_string()])
+        .expect("start the agent");
+    let mut clients = LoadSet::default();
+    for (ns, what) in [
+        (lab.client.ns.path(), "pod client, ClientIP affinity"),
+        (lab.ext.path(), "external client, ClientIP affinity"),
+    ] {
+        clients.add(Load::start(
+            ns,
+            STICKY,
+            LoadKind::NewConnections,
+            what,
+            Duration::from_millis(10),
+            40_000,
+        ));
+    }
+    let addrs = add_client_addresses(&lab, CLIENTS);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut flooded = 0;
+    for _ in 0..2 {
+        flooded += flood_affinity(&lab, STICKY, &addrs);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let entries = affinity_entries(&lab);
+    println!(
+        "affinity: {flooded} datagrams from {CLIENTS} new clients into a map of {CAPACITY}; {entries} entries left"
+    );
+    assert!(
+        flooded >= 2 * CLIENTS as usize - 10,
+        "the flood ran: {flooded}"
+    );
+    assert!(entries <= CAPACITY, "{entries}");
+    std::thread::sleep(Duration::from_millis(500));
+    let reports = clients.finish_and_assert_none_failed();
+    for r in &reports {
+        assert_eq!(
+            r.answered_by.len(),
+            1,
+            "an active client stays on its backend: {r}"
+        );
+    }
+}
