@@ -285,6 +285,8 @@ pub struct Lab {
     /// `command_in_cgroup` starts processes in it.
     pub cgroup: PathBuf,
     agent: Option<ChildGuard>,
+    /// The lb-agent binary to start (None: the one built with the tests).
+    pub agent_binary: Option<PathBuf>,
     pub objects: Vec<LabObject>,
     /// Extra manifests (Services, EndpointSlices) written as they are.
     pub extra_manifests: BTreeMap<String, String>,
@@ -390,6 +392,7 @@ impl Lab {
             id,
             dir,
             agent: None,
+            agent_binary: None,
             objects,
             extra_manifests: BTreeMap::new(),
             pod_specs: Vec::new(),
@@ -723,7 +726,10 @@ impl Lab {
 
     /// Starts lb-agent with `source` flags without waiting for a sync.
     pub fn spawn_agent_with(&mut self, source: &[&str]) -> Result<()> {
-        let agent = sibling_binary("lb-agent", "LB_AGENT_BIN")?;
+        let agent = match &self.agent_binary {
+            Some(path) => path.clone(),
+            None => sibling_binary("lb-agent", "LB_AGENT_BIN")?,
+        };
         let _ = fs::remove_file(self.dir.join("ready"));
         let log = fs::OpenOptions::new()
             .create(true)

@@ -751,3 +751,66 @@ fn a_flooded_affinity_map_keeps_active_clients_on_their_backend() {
         );
     }
 }
+
+/// Set by `cargo xtask test`: an lb-agent built from the previous release
+/// (or why it could not be built).
+const PREVIOUS_AGENT: &str = "LB_PREVIOUS_AGENT_BIN";
+const PREVIOUS_AGENT_UNAVAILABLE: &str = "LB_PREVIOUS_AGENT_UNAVAILABLE";
+
+#[test]
+fn an_upgrade_from_the_previous_release_under_load_fails_no_request() {
+    if !require_root("an_upgrade_from_the_previous_release_under_load_fails_no_request") {
+        return;
+    }
+    let Some(previous) = std::env::var_os(PREVIOUS_AGENT) else {
+        let why = std::env::var(PREVIOUS_AGENT_UNAVAILABLE).ok();
+        if std::env::var("CI").as_deref() == Ok("true") && why.is_none() {
+            panic!("{PREVIOUS_AGENT} is not set: run the tests with `cargo xtask test`, which builds the previous release");
+        }
+        println!(
+            "SKIPPED an_upgrade_from_the_previous_release_under_load_fails_no_request: {}",
+            why.unwrap_or_else(|| format!("{PREVIOUS_AGENT} is not set (`cargo xtask test` builds the previous release and sets it)"))
+        );
+        return;
+    };
+    let mut k = KubeLab::from_manifests(&[example("rolling-update.yaml")]);
+    k.publish();
+    k.lab.agent_binary = Some(previous.into());
+    k.start_agent();
+    let pods = k.lab.pods_of(WEB_OWNER);
+    k.wait_programmed(
+        WEB,
+        Some(k.pod_ips(&pods)),
+        "served by the previous release",
+    );
+    let clients = web_clients(&k.lab, 40_000);
+    std::thread::sleep(Duration::from_secs(1));
+    // A DaemonSet rollout: the old pod gets SIGTERM, the new one starts.
+    k.lab.stop_agent();
+    k.lab.agent_binary = None;
+    k.start_agent();
+    let log = k.lab.agent_log();
+    println!(
+        "the new agent over the previous release's maps:\n{}",
+        log.lines()
+            .filter(|l| l.contains("another layout")
+                || l.contains("adopted")
+                || l.contains("migrat"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        log.contains("has another layout"),
+        "the release changed map layouts (the stats and config maps grew): {log}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let reports = clients.finish_and_assert_none_failed();
+    for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
+        assert_kept_its_backend(r);
+    }
+    let (ok, text) = agent_check(&k);
+    assert!(
+        ok,
+        "after the upgrade the maps equal the desired state: {text}"
+    );
+}

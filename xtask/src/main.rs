@@ -243,10 +243,68 @@ fn build(release: bool) -> Result<()> {
     sh(&mut c)
 }
 
+/// The release the upgrade test starts from: the last one before the map
+/// layouts changed (stats and config grew), so the test upgrades across a
+/// real layout change.
+const PREVIOUS_RELEASE: &str = "45d8f59e986857fa07d38f2f403770bea727c4a1";
+
+/// Builds lb-agent of [`PREVIOUS_RELEASE`] (once; kept under
+/// target/previous-release). Err: why it cannot be had here (a shallow
+/// clone without that commit); a failing build is an error of its own.
+fn previous_release_agent() -> Result<std::result::Result<PathBuf, String>> {
+    let root = workspace_root();
+    let dir = root.join("target/previous-release");
+    let binary = dir.join("target/debug/lb-agent");
+    let stamp = dir.join("built-from");
+    if binary.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(PREVIOUS_RELEASE)
+    {
+        return Ok(Ok(binary));
+    }
+    let has_commit = Command::new("git")
+        .current_dir(&root)
+        .args(["cat-file", "-e", &format!("{PREVIOUS_RELEASE}^{{commit}}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_commit {
+        return Ok(Err(format!(
+            "commit {PREVIOUS_RELEASE} (the previous release) is not in this clone"
+        )));
+    }
+    println!("[test] building lb-agent of the previous release {PREVIOUS_RELEASE} (once) for the upgrade test");
+    let src = dir.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    let archive = dir.join("src.tar");
+    sh(Command::new("git").current_dir(&root).args([
+        "archive",
+        "--output",
+        &archive.to_string_lossy(),
+        PREVIOUS_RELEASE,
+    ]))?;
+    sh(Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&src))?;
+    sh(cargo()
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .args(["build", "-p", "lb-userspace", "--bin", "lb-agent"]))?;
+    std::fs::write(&stamp, PREVIOUS_RELEASE)?;
+    Ok(Ok(binary))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     // The lab tests run the agent and the pod server binaries.
     build(false)?;
     let mut c = cargo();
+    match previous_release_agent()? {
+        Ok(binary) => c.env("LB_PREVIOUS_AGENT_BIN", binary),
+        Err(why) => {
+            println!("[test] the upgrade test will be skipped: {why}");
+            c.env("LB_PREVIOUS_AGENT_UNAVAILABLE", why)
+        }
+    };
     c.args(["test", "--workspace", "--exclude", "lb-ebpf"])
         .args(extra);
     if !extra.iter().any(|a| a == "--") {
