@@ -285,6 +285,9 @@ pub struct Lab {
     /// `command_in_cgroup` starts processes in it.
     pub cgroup: PathBuf,
     agent: Option<ChildGuard>,
+    /// A program and its arguments the agent is started under (e.g.
+    /// `setpriv` with fewer capabilities); empty: the agent itself.
+    pub agent_wrapper: Vec<String>,
     pub objects: Vec<LabObject>,
     /// Extra manifests (Services, EndpointSlices) written as they are.
     pub extra_manifests: BTreeMap<String, String>,
@@ -390,6 +393,7 @@ impl Lab {
             id,
             dir,
             agent: None,
+            agent_wrapper: Vec::new(),
             objects,
             extra_manifests: BTreeMap::new(),
             pod_specs: Vec::new(),
@@ -686,9 +690,15 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.dir.join("agent.log"))?;
-        let child = self
-            .node
-            .command(agent)
+        let mut command = match self.agent_wrapper.split_first() {
+            Some((wrapper, args)) => {
+                let mut c = self.node.command(wrapper);
+                c.args(args).arg(agent);
+                c
+            }
+            None => self.node.command(agent),
+        };
+        let child = command
             .args(["--pin-dir", &self.pin_dir.to_string_lossy(), "run"])
             .args(source)
             // The socket hooks go on the lab's own cgroup, never on the
