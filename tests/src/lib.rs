@@ -4,6 +4,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod bpf_access;
+pub mod capabilities;
 pub mod lab;
 pub mod packet;
 pub mod privilege;

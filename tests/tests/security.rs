@@ -17,6 +17,7 @@ use std::{
 
 use lb_tests::{
     bpf_access,
+    capabilities::{capability_bit, daemon_set_capabilities, effective_capabilities, with_only},
     lab::{tcp_ask, Lab, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
     privilege::require_root,
 };
@@ -490,71 +491,6 @@ fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
     );
 }
 
-/// The capabilities the DaemonSet adds to the agent's container, read from
-/// deploy/lb-agent.yaml so the test follows the manifest.
-fn daemon_set_capabilities() -> Vec<String> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/lb-agent.yaml");
-    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let doc: Value = serde::Deserialize::deserialize(doc).expect("a YAML document");
-        if doc["kind"] != "DaemonSet" {
-            continue;
-        }
-        let security = &doc["spec"]["template"]["spec"]["containers"][0]["securityContext"];
-        assert_eq!(
-            security["capabilities"]["drop"],
-            json!(["ALL"]),
-            "the DaemonSet drops every capability it does not add"
-        );
-        assert_ne!(security["privileged"], json!(true), "not privileged");
-        return security["capabilities"]["add"]
-            .as_array()
-            .expect("capabilities.add")
-            .iter()
-            .map(|c| c.as_str().unwrap().trim_start_matches("CAP_").to_owned())
-            .collect();
-    }
-    panic!("no DaemonSet in {}", path.display())
-}
-
-/// The capability's bit (linux/capability.h).
-fn capability_bit(name: &str) -> u32 {
-    match name {
-        "NET_BIND_SERVICE" => 10,
-        "NET_ADMIN" => 12,
-        "NET_RAW" => 13,
-        "SYS_ADMIN" => 21,
-        "SYS_RESOURCE" => 24,
-        "PERFMON" => 38,
-        "BPF" => 39,
-        other => panic!("capability {other}: add its bit to capability_bit"),
-    }
-}
-
-/// `setpriv` keeping uid 0 but only `caps`: a root process gets what its
-/// bounding set allows at exec, as in a container that adds `caps`.
-fn with_only(caps: &[&String]) -> Vec<String> {
-    let list: Vec<String> = caps
-        .iter()
-        .map(|c| format!("+{}", c.to_ascii_lowercase()))
-        .collect();
-    vec![
-        "setpriv".into(),
-        format!("--bounding-set=-all,{}", list.join(",")),
-        "--".into(),
-    ]
-}
-
-fn effective_capabilities(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .unwrap()
-        .trim();
-    u64::from_str_radix(hex, 16).unwrap()
-}
-
 #[test]
 fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
     if !require_root("security: DaemonSet capabilities") {
@@ -565,7 +501,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
     let cluster_ip = lab.cluster_ip("my-nginx").expect("the example's ClusterIP");
     let to = SocketAddrV4::new(cluster_ip, 80);
 
-    lab.agent_wrapper = with_only(&caps.iter().collect::<Vec<_>>());
+    lab.agent_wrapper = with_only(&caps);
     lab.start_agent()
         .unwrap_or_else(|e| panic!("the agent with only {caps:?}: {e}"));
     let pid = lab.agent_pid().unwrap();
