@@ -11,7 +11,7 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{model::ServiceName, translate::NodeInfo};
 
@@ -152,7 +152,7 @@ async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16,
             let request = crate::metrics::parse_request(&head);
             let crate::metrics::Request::Read { head_only, .. } = request else {
                 let refusal = crate::metrics::refusal(&request);
-                let _ = stream.write_all(refusal.as_bytes()).await;
+                crate::metrics::answer_and_close(&mut stream, &refusal).await;
                 return;
             };
             let check = checks
@@ -173,7 +173,7 @@ async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16,
                 ),
             ];
             let resp = crate::metrics::http_response(status, &headers, &body, head_only);
-            let _ = stream.write_all(resp.as_bytes()).await;
+            crate::metrics::answer_and_close(&mut stream, &resp).await;
         });
     }
 }

@@ -193,6 +193,25 @@ pub async fn read_request_head(stream: &mut tokio::net::TcpStream, max: usize) -
     buf
 }
 
+/// Sends `response` and closes the connection gracefully: a body the
+/// client sent (a refused POST's, say) and the server never read would make
+/// the close a reset, which can destroy the answer before the client reads
+/// it. So: our FIN first, then discard what comes, bounded in bytes and time.
+pub async fn answer_and_close(stream: &mut tokio::net::TcpStream, response: &str) {
+    if stream.write_all(response.as_bytes()).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
 /// A request as the agent's HTTP servers see it. They only report state,
 /// so GET and HEAD are all they serve: nothing a client sends can change
 /// what the agent does.
@@ -291,7 +310,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
             let head = String::from_utf8_lossy(&head);
             let request = parse_request(&head);
             let Request::Read { path, head_only } = request else {
-                let _ = stream.write_all(refusal(&request).as_bytes()).await;
+                answer_and_close(&mut stream, &refusal(&request)).await;
                 return;
             };
             let (status, ctype, body) = match path {
@@ -315,7 +334,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                 &body,
                 head_only,
             );
-            let _ = stream.write_all(resp.as_bytes()).await;
+            answer_and_close(&mut stream, &resp).await;
         });
     }
 }

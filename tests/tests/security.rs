@@ -113,17 +113,20 @@ fn http(lab: &Lab, port: u16, method: &str, path: &str) -> (u16, String, String)
         let mut s = TcpStream::connect_timeout(&to, TIMEOUT)
             .unwrap_or_else(|e| panic!("connect to {to} for {method} {path}: {e}"));
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // A 16 KiB body (more than one read of the request head): the
+        // server leaves it unread, and must still answer and close, not
+        // reset the connection.
         let body = if ["GET", "HEAD"].contains(&method) {
-            ""
+            String::new()
         } else {
-            "ready=false"
+            format!("ready=false&pad={}", "x".repeat(16 * 1024))
         };
-        write!(
-            s,
+        let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {to}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
-        )
-        .unwrap();
+        );
+        s.write_all(request.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {path} on {to}: {e}"));
         let mut text = String::new();
         s.read_to_string(&mut text)
             .unwrap_or_else(|e| panic!("{method} {path} on {to}: {e}"));
