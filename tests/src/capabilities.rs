@@ -46,18 +46,22 @@ pub fn capability_bit(name: &str) -> u32 {
     }
 }
 
-/// `setpriv` keeping uid 0 but only `caps`: a root process gets what its
-/// bounding set allows at exec, as in a container that adds `caps`.
-pub fn with_only(caps: &[impl AsRef<str>]) -> Vec<String> {
+/// A wrapper (`Lab::agent_wrapper`) that runs the agent as a container
+/// runtime runs an unprivileged container that adds `caps`: uid 0 with only
+/// those capabilities (a root process gets what its bounding set allows at
+/// exec), and `/proc/sys` read-only, in a mount namespace of its own.
+pub fn like_a_container_with(caps: &[impl AsRef<str>]) -> Vec<String> {
     let list: Vec<String> = caps
         .iter()
         .map(|c| format!("+{}", c.as_ref().to_ascii_lowercase()))
         .collect();
-    vec![
-        "setpriv".into(),
-        format!("--bounding-set=-all,{}", list.join(",")),
-        "--".into(),
-    ]
+    let script = format!(
+        "mount -o bind,ro /proc/sys /proc/sys && exec setpriv --bounding-set=-all,{} -- \"$@\"",
+        list.join(",")
+    );
+    ["unshare", "--mount", "--", "sh", "-c", &script, "sh"]
+        .map(String::from)
+        .to_vec()
 }
 
 pub fn effective_capabilities(pid: u32) -> u64 {

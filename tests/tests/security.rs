@@ -17,7 +17,9 @@ use std::{
 
 use lb_tests::{
     bpf_access,
-    capabilities::{capability_bit, daemon_set_capabilities, effective_capabilities, with_only},
+    capabilities::{
+        capability_bit, daemon_set_capabilities, effective_capabilities, like_a_container_with,
+    },
     lab::{tcp_ask, Lab, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
     privilege::require_root,
 };
@@ -510,7 +512,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
     let cluster_ip = lab.cluster_ip("my-nginx").expect("the example's ClusterIP");
     let to = SocketAddrV4::new(cluster_ip, 80);
 
-    lab.agent_wrapper = with_only(&caps);
+    lab.agent_wrapper = like_a_container_with(&caps);
     lab.start_agent()
         .unwrap_or_else(|e| panic!("the agent with only {caps:?}: {e}"));
     let pid = lab.agent_pid().unwrap();
@@ -519,6 +521,15 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
         effective_capabilities(pid),
         want,
         "the agent runs with exactly {caps:?}"
+    );
+    let mounts = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(
+        mounts.lines().any(|m| {
+            let f: Vec<&str> = m.split_whitespace().collect();
+            f.get(4) == Some(&"/proc/sys")
+                && f.get(5).is_some_and(|o| o.split(',').any(|o| o == "ro"))
+        }),
+        "the agent sees /proc/sys read-only, as in a container"
     );
     let answering_pods = |lab: &Lab| -> BTreeSet<String> {
         lab.client.ns.run_in(|| {
@@ -558,7 +569,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
 
     for missing in &caps {
         let rest: Vec<&String> = caps.iter().filter(|c| *c != missing).collect();
-        lab.agent_wrapper = with_only(&rest);
+        lab.agent_wrapper = like_a_container_with(&rest);
         let log_before = lab.agent_log().len();
         let outcome = lab.start_agent();
         let log = lab.agent_log()[log_before..].to_owned();

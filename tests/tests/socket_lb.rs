@@ -268,7 +268,8 @@ fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
     // Last, the node's case with the agent holding only the DaemonSet's
     // capabilities: closing another process's socket (sock_diag destroy)
     // is the one privilege that path adds.
-    let daemon_set_caps = capabilities::with_only(&capabilities::daemon_set_capabilities());
+    let daemon_set_caps =
+        capabilities::like_a_container_with(&capabilities::daemon_set_capabilities());
     for (from_node, wrapper) in [
         (false, Vec::new()),
         (true, Vec::new()),
