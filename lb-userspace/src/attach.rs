@@ -109,9 +109,13 @@ pub enum Attached {
 impl Attachments {
     pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, pod_patterns: Vec<String>) -> Result<Self> {
         let xdp: &mut Xdp = program(ebpf, program_names::XDP_FROM_WIRE)?.try_into()?;
-        xdp.load().context("loading the XDP program")?;
+        // The kernel says only EPERM/EACCES (or a verifier line): name what
+        // a container must add.
+        xdp.load()
+            .context("loading the XDP program (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
         let tc: &mut SchedClassifier = program(ebpf, program_names::TC_FROM_POD)?.try_into()?;
-        tc.load().context("loading the tc program")?;
+        tc.load()
+            .context("loading the tc program (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
         let links_dir = links_dir(pin_dir);
         std::fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;

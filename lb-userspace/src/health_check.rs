@@ -11,7 +11,7 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{model::ServiceName, translate::NodeInfo};
 
@@ -145,8 +145,16 @@ async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16,
         };
         let checks = checks.clone();
         tokio::spawn(async move {
-            // Any path gets the answer, as with kube-proxy.
-            let _ = crate::metrics::read_request_head(&mut stream, 2048).await;
+            // Any path gets the answer, as with kube-proxy; but only to a
+            // read (GET or HEAD), since the answer is all the port is for.
+            let head = crate::metrics::read_request_head(&mut stream, 2048).await;
+            let head = String::from_utf8_lossy(&head);
+            let request = crate::metrics::parse_request(&head);
+            let crate::metrics::Request::Read { head_only, .. } = request else {
+                let refusal = crate::metrics::refusal(&request);
+                crate::metrics::answer_and_close(&mut stream, &refusal).await;
+                return;
+            };
             let check = checks
                 .lock()
                 .expect("health checks lock")
@@ -156,12 +164,16 @@ async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16,
                 return;
             };
             let (status, body) = response(&check);
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                check.local_endpoints,
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
+            let headers = [
+                ("Content-Type", "application/json".to_owned()),
+                ("X-Content-Type-Options", "nosniff".to_owned()),
+                (
+                    "X-Load-Balancing-Endpoint-Weight",
+                    check.local_endpoints.to_string(),
+                ),
+            ];
+            let resp = crate::metrics::http_response(status, &headers, &body, head_only);
+            crate::metrics::answer_and_close(&mut stream, &resp).await;
         });
     }
 }

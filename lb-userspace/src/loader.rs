@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -31,7 +32,28 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
         }
         log::info!("mounted bpffs on {}", parent.display());
     }
-    fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    // 0700 and ours: bpffs roots are world-writable (sticky), and whoever
+    // owns the folder may unlink or swap the pins in it.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)
+        .with_context(|| format!("creating {}", pin_dir.display()))?;
+    let meta =
+        fs::symlink_metadata(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != euid {
+        bail!(
+            "{} is not a folder owned by uid {euid} (owner {}): remove it, another user made it",
+            pin_dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", pin_dir.display()))?;
+    }
     Ok(())
 }
 

@@ -229,6 +229,111 @@ pub async fn read_request_head(stream: &mut tokio::net::TcpStream, max: usize) -
     buf
 }
 
+/// Sends `response` and closes the connection gracefully: a body the
+/// client sent (a refused POST's, say) and the server never read would make
+/// the close a reset, which can destroy the answer before the client reads
+/// it. So: our FIN first, then discard what comes, bounded in bytes and time.
+pub async fn answer_and_close(stream: &mut tokio::net::TcpStream, response: &str) {
+    if stream.write_all(response.as_bytes()).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
+/// A request as the agent's HTTP servers see it. They only report state,
+/// so GET and HEAD are all they serve: nothing a client sends can change
+/// what the agent does.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// GET, or HEAD (the same answer without its body), of `path` (the
+    /// query left out).
+    Read { path: &'a str, head_only: bool },
+    /// Any other method: answered 405, nothing else happens.
+    MethodNotAllowed,
+    /// Not an HTTP request line (or nothing before the timeout): 400.
+    Malformed,
+}
+
+/// Reads the request line of `head`. Methods are case-sensitive (RFC 9110).
+pub fn parse_request(head: &str) -> Request<'_> {
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split(' ');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(method), Some(target), Some(version), None)
+            if target.starts_with('/') && version.starts_with("HTTP/1.") =>
+        {
+            let path = target.split('?').next().unwrap_or(target);
+            match method {
+                "GET" => Request::Read {
+                    path,
+                    head_only: false,
+                },
+                "HEAD" => Request::Read {
+                    path,
+                    head_only: true,
+                },
+                _ => Request::MethodNotAllowed,
+            }
+        }
+        _ => Request::Malformed,
+    }
+}
+
+/// An HTTP/1.1 answer after which the connection closes. `head_only` (for
+/// HEAD) leaves the body out but keeps its Content-Length.
+pub fn http_response(
+    status: &str,
+    headers: &[(&str, String)],
+    body: &str,
+    head_only: bool,
+) -> String {
+    let mut resp = format!("HTTP/1.1 {status}\r\n");
+    for (name, value) in headers {
+        let _ = write!(resp, "{name}: {value}\r\n");
+    }
+    let _ = write!(
+        resp,
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if !head_only {
+        resp.push_str(body);
+    }
+    resp
+}
+
+/// The answer to a request that is no GET or HEAD, or no request at all.
+pub fn refusal(request: &Request<'_>) -> String {
+    let text = |s: &str| {
+        vec![
+            ("Content-Type", "text/plain".to_owned()),
+            ("Allow", s.to_owned()),
+        ]
+    };
+    match request {
+        Request::MethodNotAllowed => http_response(
+            "405 Method Not Allowed",
+            &text("GET, HEAD"),
+            "only GET and HEAD are served\n",
+            false,
+        ),
+        _ => http_response(
+            "400 Bad Request",
+            &text("GET, HEAD"),
+            "not an HTTP request\n",
+            false,
+        ),
+    }
+}
+
 /// Serves the endpoints until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
@@ -239,8 +344,12 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
         tokio::spawn(async move {
             let head = read_request_head(&mut stream, 4096).await;
             let head = String::from_utf8_lossy(&head);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = match path.split('?').next().unwrap_or("/") {
+            let request = parse_request(&head);
+            let Request::Read { path, head_only } = request else {
+                answer_and_close(&mut stream, &refusal(&request)).await;
+                return;
+            };
+            let (status, ctype, body) = match path {
                 "/metrics" => (
                     "200 OK",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -255,11 +364,13 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                 ),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+            let resp = http_response(
+                status,
+                &[("Content-Type", ctype.to_owned())],
+                &body,
+                head_only,
             );
-            let _ = stream.write_all(resp.as_bytes()).await;
+            answer_and_close(&mut stream, &resp).await;
         });
     }
 }
@@ -297,5 +408,58 @@ mod tests {
         );
         assert_eq!(text.matches("# EOF").count(), 1);
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn only_get_and_head_are_read_requests() {
+        assert_eq!(
+            parse_request("GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Request::Read {
+                path: "/metrics",
+                head_only: false
+            }
+        );
+        assert_eq!(
+            parse_request("HEAD /readyz HTTP/1.0\r\n\r\n"),
+            Request::Read {
+                path: "/readyz",
+                head_only: true
+            }
+        );
+        for method in [
+            "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "get",
+        ] {
+            assert_eq!(
+                parse_request(&format!("{method} /readyz HTTP/1.1\r\n\r\n")),
+                Request::MethodNotAllowed,
+                "{method}"
+            );
+        }
+        for junk in [
+            "",
+            "GET",
+            "GET /metrics",
+            "GET metrics HTTP/1.1",
+            "GET / SPDY/3",
+            "GET / HTTP/1.1 x",
+        ] {
+            assert_eq!(parse_request(junk), Request::Malformed, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn head_answers_keep_the_length_and_drop_the_body() {
+        let get = http_response("200 OK", &[], "hello", false);
+        let head = http_response("200 OK", &[], "hello", true);
+        assert!(get.ends_with("\r\n\r\nhello"), "{get:?}");
+        assert!(
+            head.ends_with("\r\n\r\n") && head.contains("Content-Length: 5\r\n"),
+            "{head:?}"
+        );
+        let refused = refusal(&Request::MethodNotAllowed);
+        assert!(
+            refused.starts_with("HTTP/1.1 405 ") && refused.contains("Allow: GET, HEAD\r\n"),
+            "{refused:?}"
+        );
     }
 }

@@ -70,9 +70,79 @@ pub fn nodeport_addresses(
 /// masqueraded flows (source: the node) and translated replies of NodePort
 /// flows (source: a node address) to the kernel as if they came from the
 /// wire, and input routing drops such packets otherwise.
+///
+/// Set over rtnetlink (RTM_SETLINK, IFLA_INET_CONF), not by writing
+/// /proc/sys: container runtimes mount /proc/sys read-only in every
+/// container that is not privileged, and CAP_NET_ADMIN is all this needs.
 pub fn set_accept_local(iface: &str) -> Result<()> {
+    let name = std::ffi::CString::new(iface).context("interface name")?;
+    // SAFETY: a valid NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("interface {iface}"));
+    }
+    set_ipv4_devconf(index, IPV4_DEVCONF_ACCEPT_LOCAL, 1).with_context(|| {
+        format!("setting net.ipv4.conf.{iface}.accept_local=1 (needs CAP_NET_ADMIN)")
+    })?;
+    // What the kernel now holds, read back (reading works on a read-only
+    // /proc/sys).
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-    fs::write(&path, "1").with_context(|| format!("writing 1 to {path}"))
+    match fs::read_to_string(&path) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        Ok(v) => anyhow::bail!("{path} is {} after setting it to 1", v.trim()),
+        Err(e) => Err(e).with_context(|| format!("reading {path}")),
+    }
+}
+
+const NETLINK_ROUTE: libc::c_int = 0;
+const RTM_SETLINK: u16 = 19;
+const IFLA_AF_SPEC: u16 = 26;
+const IFLA_INET_CONF: u16 = 1;
+/// `IPV4_DEVCONF_ACCEPT_LOCAL` of linux/ip.h.
+const IPV4_DEVCONF_ACCEPT_LOCAL: u16 = 23;
+
+/// Sets one IPv4 per-interface setting (what /proc/sys/net/ipv4/conf/IF/*
+/// shows) of interface `index` with one RTM_SETLINK and waits for its ack.
+fn set_ipv4_devconf(index: u32, setting: u16, value: u32) -> Result<()> {
+    // nlattr: length (header included), type; payloads padded to 4 bytes.
+    let attr = |kind: u16, payload: &[u8]| {
+        let mut a = Vec::with_capacity(4 + payload.len());
+        a.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&kind.to_ne_bytes());
+        a.extend_from_slice(payload);
+        a
+    };
+    let conf = attr(setting, &value.to_ne_bytes());
+    let af_spec = attr(
+        IFLA_AF_SPEC,
+        &attr(libc::AF_INET as u16, &attr(IFLA_INET_CONF, &conf)),
+    );
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    let mut ifinfo = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
+    ifinfo.extend_from_slice(&(index as i32).to_ne_bytes());
+    ifinfo.extend_from_slice(&[0; 8]);
+    let len = 16 + ifinfo.len() + af_spec.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&RTM_SETLINK.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    msg.extend_from_slice(&ifinfo);
+    msg.extend_from_slice(&af_spec);
+
+    let sock = Netlink::open(NETLINK_ROUTE)?;
+    sock.send(&msg).context("RTM_SETLINK")?;
+    let mut buf = [0u8; 1024];
+    let n = sock.recv(&mut buf).context("RTM_SETLINK ack")?;
+    if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
+        let err = i32::from_ne_bytes(buf[16..20].try_into().unwrap());
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(-err)).context("RTM_SETLINK");
+        }
+        return Ok(());
+    }
+    anyhow::bail!("RTM_SETLINK: no netlink ack")
 }
 
 /// Destroys the UDP sockets of this network namespace connected to
@@ -82,7 +152,7 @@ pub fn set_accept_local(iface: &str) -> Result<()> {
 /// ECONNABORTED and, like a resolver does, connects again, to a live
 /// backend. Returns how many sockets were closed.
 pub fn destroy_udp_sockets_to(backends: &[std::net::SocketAddrV4]) -> Result<usize> {
-    let diag = SockDiag::open()?;
+    let diag = Netlink::open(NETLINK_SOCK_DIAG)?;
     let mut closed = 0;
     for id in diag.udp_sockets()? {
         let dst = std::net::SocketAddrV4::new(
@@ -116,21 +186,22 @@ const NLM_F_DUMP: u16 = 0x300;
 /// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
 const SOCKID_LEN: usize = 48;
 
-/// A sock_diag netlink socket (closed on drop).
-struct SockDiag(std::os::fd::OwnedFd);
+/// A netlink socket (closed on drop): sock_diag, or rtnetlink for settings.
+struct Netlink(std::os::fd::OwnedFd);
 
-impl SockDiag {
-    fn open() -> Result<Self> {
+impl Netlink {
+    fn open(protocol: libc::c_int) -> Result<Self> {
         // SAFETY: plain socket(2); the fd is owned below.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_SOCK_DIAG,
+                protocol,
             )
         };
         if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("netlink sock_diag socket");
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("netlink socket (protocol {protocol})"));
         }
         // SAFETY: a fresh fd we own.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };

@@ -287,6 +287,9 @@ pub struct Lab {
     agent: Option<ChildGuard>,
     /// The lb-agent binary to start (None: the one built with the tests).
     pub agent_binary: Option<PathBuf>,
+    /// A program and its arguments the agent is started under (e.g.
+    /// `setpriv` with fewer capabilities); empty: the agent itself.
+    pub agent_wrapper: Vec<String>,
     pub objects: Vec<LabObject>,
     /// Extra manifests (Services, EndpointSlices) written as they are.
     pub extra_manifests: BTreeMap<String, String>,
@@ -393,6 +396,7 @@ impl Lab {
             dir,
             agent: None,
             agent_binary: None,
+            agent_wrapper: Vec::new(),
             objects,
             extra_manifests: BTreeMap::new(),
             pod_specs: Vec::new(),
@@ -735,9 +739,15 @@ impl Lab {
             .create(true)
             .append(true)
             .open(self.dir.join("agent.log"))?;
-        let child = self
-            .node
-            .command(agent)
+        let mut command = match self.agent_wrapper.split_first() {
+            Some((wrapper, args)) => {
+                let mut c = self.node.command(wrapper);
+                c.args(args).arg(agent);
+                c
+            }
+            None => self.node.command(agent),
+        };
+        let child = command
             .args(["--pin-dir", &self.pin_dir.to_string_lossy(), "run"])
             .args(source)
             // The socket hooks go on the lab's own cgroup, never on the

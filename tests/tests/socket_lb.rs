@@ -10,6 +10,7 @@ use std::{
 };
 
 use lb_tests::{
+    capabilities,
     lab::{sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_WIRE_ADDR},
     privilege::require_root,
     workload::LabObject,
@@ -22,6 +23,12 @@ const NODE_PORT: u16 = 30080;
 /// The nginx example plus a NodePort Service over the same pods, with the
 /// agent in socket LB mode `mode`.
 fn lab(mode: &str) -> Lab {
+    lab_with_agent_under(mode, Vec::new())
+}
+
+/// `lab(mode)` with the agent started under `wrapper` (see
+/// `Lab::agent_wrapper`).
+fn lab_with_agent_under(mode: &str, wrapper: Vec<String>) -> Lab {
     let example =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/nginx-deployment.yaml");
     let mut lab = Lab::from_manifest_files(&[example]).expect("build the lab");
@@ -33,6 +40,7 @@ fn lab(mode: &str) -> Lab {
     lab.objects
         .push(LabObject::Service(serde_json::from_value(np).unwrap()));
     lab.write_manifests().unwrap();
+    lab.agent_wrapper = wrapper;
     lab.start_agent_extra(&["--socket-lb", mode])
         .expect("start lb-agent");
     lab
@@ -257,10 +265,23 @@ fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
     if !require_root("connected UDP and a deleted backend") {
         return;
     }
-    for from_node in [false, true] {
-        let mut lab = lab("all");
+    // Last, the node's case with the agent holding only the DaemonSet's
+    // capabilities: closing another process's socket (sock_diag destroy)
+    // is the one privilege that path adds.
+    let daemon_set_caps =
+        capabilities::like_a_container_with(&capabilities::daemon_set_capabilities());
+    for (from_node, wrapper) in [
+        (false, Vec::new()),
+        (true, Vec::new()),
+        (true, daemon_set_caps),
+    ] {
+        let who = match (from_node, wrapper.is_empty()) {
+            (false, _) => "pod",
+            (true, true) => "node process",
+            (true, false) => "node process, agent with the DaemonSet's capabilities",
+        };
+        let mut lab = lab_with_agent_under("all", wrapper);
         let (gone, after) = connected_udp_across_backend_deletion(&mut lab, from_node);
-        let who = if from_node { "node process" } else { "pod" };
         let last: Vec<&str> = after[after.len() - 5..]
             .iter()
             .map(|(_, a)| a.split(' ').next().unwrap_or_default())
