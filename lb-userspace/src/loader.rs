@@ -306,9 +306,9 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, PinnedState)> {
     if let Some(old) = state.conntrack_migrated() {
         loader.map_pin_path(map_names::CONNTRACK_PREV, old.to_owned());
     }
-    let ebpf = loader
-        .load(crate::EBPF_OBJECT)
-        .context("loading the BPF object (needs root: CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")?;
+    let ebpf = loader.load(crate::EBPF_OBJECT).context(
+        "loading the BPF object (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root)",
+    )?;
     Ok((ebpf, state))
 }
 

@@ -39,7 +39,8 @@ pub struct KubeLab {
 }
 
 impl KubeLab {
-    pub fn new() -> Self {
+    /// The lab of the nginx example (3 replicas).
+    pub fn nginx() -> Self {
         let k = Self::from_manifests(&[example("nginx-deployment.yaml")]);
         assert_eq!(k.lab.pods.len(), 3, "the example Deployment has 3 replicas");
         k
@@ -65,7 +66,7 @@ impl KubeLab {
     /// The lab with the example published, the agent running and the
     /// nginx Service programmed with all three pods.
     pub fn serving() -> (Self, SocketAddrV4, Vec<String>) {
-        let mut k = Self::new();
+        let mut k = Self::nginx();
         k.publish();
         k.start_agent();
         let nginx = SocketAddrV4::new(NGINX, 80);

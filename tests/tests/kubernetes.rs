@@ -105,7 +105,7 @@ fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() 
     if !require_root("service_created_scaled_and_deleted_through_the_api") {
         return;
     }
-    let mut k = KubeLab::new();
+    let mut k = KubeLab::nginx();
     k.start_agent();
     let frontend = SocketAddrV4::new(NGINX, 80);
     assert_eq!(
@@ -180,7 +180,7 @@ fn service_with_endpoints_in_three_slices_reaches_all_of_them() {
     if !require_root("service_with_endpoints_in_three_slices_reaches_all_of_them") {
         return;
     }
-    let mut k = KubeLab::new();
+    let mut k = KubeLab::nginx();
     let frontend = SocketAddrV4::new(NGINX, 80);
     let pods = k.lab.pods_of("Deployment/nginx-deployment");
     // One slice per pod, as the EndpointSlice controller makes when slices
@@ -253,7 +253,7 @@ fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
     if !require_root("maps_converge_after_410_gone_and_after_the_api_server_restarts") {
         return;
     }
-    let mut k = KubeLab::new();
+    let mut k = KubeLab::nginx();
     let pods = k.lab.pods_of("Deployment/nginx-deployment");
     let all = k.pod_ips(&pods);
     let extra = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 8080);
@@ -362,7 +362,7 @@ fn readyz_waits_for_the_first_full_sync() {
     if !require_root("readyz_waits_for_the_first_full_sync") {
         return;
     }
-    let mut k = KubeLab::new();
+    let mut k = KubeLab::nginx();
     k.publish();
     k.api.stop();
     let flags = k.agent_flags();
@@ -399,7 +399,7 @@ fn objects_the_data_path_cannot_express_are_skipped_counted_and_the_rest_works()
     if !require_root("objects_the_data_path_cannot_express_are_skipped") {
         return;
     }
-    let mut k = KubeLab::new();
+    let mut k = KubeLab::nginx();
     k.publish();
     let sctp = json!({"kind": "Service", "metadata": {"name": "sctp", "namespace": "default"},
         "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 9, "protocol": "SCTP"}]}});
