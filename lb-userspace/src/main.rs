@@ -116,29 +116,31 @@ impl NodeArgs {
 
 #[derive(clap::Args)]
 struct CheckArgs {
-    /// Compare with the Services and EndpointSlices of this folder of manifests.
-    #[arg(long, conflicts_with = "kubeconfig")]
-    manifests: Option<PathBuf>,
-    /// Compare with the Kubernetes API (this kubeconfig; without it and
-    /// without --manifests, the in-cluster or default config).
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    source: SourceArgs,
     /// The agent's node flags, so the desired state is the one it computes.
     #[command(flatten)]
     node: NodeArgs,
 }
 
+/// Where Services and EndpointSlices come from.
 #[derive(clap::Args)]
-struct RunArgs {
+struct SourceArgs {
     /// Read Services and EndpointSlices from this folder of manifests (YAML/JSON,
-    /// multi-document) instead of the Kubernetes API. Re-read when a file changes or on
-    /// SIGHUP; only the difference is written.
+    /// multi-document) instead of the Kubernetes API. `run` re-reads it when a
+    /// file changes or on SIGHUP and writes only the difference.
     #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
     /// Watch the Kubernetes API with this kubeconfig. Without it (and without
     /// --manifests) the in-cluster config is used, or the default kubeconfig.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    source: SourceArgs,
     #[command(flatten)]
     node: NodeArgs,
     /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:10249).
@@ -251,7 +253,7 @@ async fn check(pin_dir: &Path, args: &CheckArgs) -> Result<lb_userspace::checker
         nodeport_addresses: args.node.nodeport_addresses(&wire)?,
         zone: args.node.zone.clone(),
     };
-    let (services, slices) = match &args.manifests {
+    let (services, slices) = match &args.source.manifests {
         Some(dir) => {
             let (set, errors) = ManifestSource::new(dir).read();
             for e in errors {
@@ -260,7 +262,7 @@ async fn check(pin_dir: &Path, args: &CheckArgs) -> Result<lb_userspace::checker
             (set.services, set.slices)
         }
         None => {
-            let client = k8s::client(args.kubeconfig.as_deref()).await?;
+            let client = k8s::client(args.source.kubeconfig.as_deref()).await?;
             let (services, slices, zone) =
                 k8s::list_once(client, args.node.node_name.as_deref()).await?;
             if node.zone.is_none() {
@@ -613,7 +615,7 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
         generation: 0,
     };
     let mut sig = signals()?;
-    match args.manifests.clone() {
+    match args.source.manifests.clone() {
         Some(dir) => {
             run_manifests(
                 &dir,
@@ -712,7 +714,7 @@ async fn run_kubernetes(
     if args.node.node_name.is_none() {
         log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
     }
-    let client = k8s::client(args.kubeconfig.as_deref()).await?;
+    let client = k8s::client(args.source.kubeconfig.as_deref()).await?;
     let mut rx = k8s::start_watches(client, args.node.node_name.clone());
     let mut state = ClusterState::default();
     let mut needs_full = true;
