@@ -1,8 +1,8 @@
 //! The conntrack sweep: a background thread that walks the conntrack map
-//! now and then (and soon after a sync), removes entries whose backend was
-//! deleted and entries past their lifetime, and counts what the LRU map
-//! evicted on its own when it was full. The kernel keeps no eviction count,
-//! so it is derived: every entry the data path added was removed by the
+//! now and then (and soon after a sync that deleted backends), removes
+//! entries whose backend was deleted and entries past their lifetime, and
+//! counts what the LRU map evicted on its own when it was full. The kernel
+//! keeps no eviction count, so it is derived: every entry the data path added was removed by the
 //! data path, removed by a sweep, is still present, or was evicted.
 
 use std::{

@@ -184,7 +184,7 @@ struct RunArgs {
     #[arg(long, default_value_t = lb_common::MAX_AFFINITY)]
     affinity_max: u32,
     /// How often the conntrack map is swept for entries of deleted backends
-    /// and expired ones (also soon after every sync).
+    /// and expired ones (also soon after a sync that deleted backends).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     conntrack_sweep_interval: Duration,
     /// Remove everything the agent installed (pinned links, which detaches the
@@ -380,9 +380,12 @@ impl DataPath {
         }
     }
 
-    fn wake_sweep(&self) {
-        // Full: a sweep is already due.
-        let _ = self.sweep.try_send(());
+    /// A sync that deleted backends left conntrack entries to sweep.
+    fn wake_sweep(&self, report: &SyncReport) {
+        if report.deleted_backends > 0 {
+            // Full: a sweep is already due.
+            let _ = self.sweep.try_send(());
+        }
     }
 
     fn refresh_pods(&mut self) -> Result<()> {
@@ -675,7 +678,7 @@ async fn run_manifests(
             dp.health.update(programmer.health.values());
             dp.close_stale_udp(&report);
             dp.attach_after_first_sync(&mut programmer.writer)?;
-            dp.wake_sweep();
+            dp.wake_sweep(&report);
             metrics.set_ready();
             log.record("manifests", &report, started)
         };
@@ -786,7 +789,7 @@ async fn run_kubernetes(
         dp.health.update(programmer.health.values());
         dp.close_stale_udp(&report);
         dp.attach_after_first_sync(&mut programmer.writer)?;
-        dp.wake_sweep();
+        dp.wake_sweep(&report);
         metrics.set_ready();
         log.record(kind, &report, started)?;
     }

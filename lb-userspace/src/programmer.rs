@@ -28,6 +28,8 @@ pub struct SyncReport {
     pub errors: Vec<String>,
     /// UDP backends this sync deleted: sockets connected to them are stale.
     pub deleted_udp_backends: Vec<std::net::SocketAddrV4>,
+    /// Backends this sync deleted (their conntrack entries are to be swept).
+    pub deleted_backends: usize,
 }
 
 pub struct Programmer<W: MapWriter> {
@@ -56,6 +58,7 @@ pub struct Programmer<W: MapWriter> {
 struct Written {
     writes: usize,
     deleted_udp_backends: Vec<std::net::SocketAddrV4>,
+    deleted_backends: usize,
     /// Of the last pass: the Services left out, the writes that failed.
     unplanned: Vec<differ::Unplanned>,
     failed: Vec<(Option<L4Addr>, String)>,
@@ -181,6 +184,11 @@ impl<W: MapWriter> Programmer<W> {
                     differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(_)
                 )
             });
+            written.deleted_backends += plan
+                .ops
+                .iter()
+                .filter(|o| matches!(o.op, differ::MapOp::DeleteBackend(_)))
+                .count();
             written.deleted_udp_backends.extend(
                 plan.ops
                     .iter()
@@ -220,6 +228,7 @@ impl<W: MapWriter> Programmer<W> {
         let Written {
             writes,
             deleted_udp_backends,
+            deleted_backends,
             unplanned,
             failed,
         } = written;
@@ -229,6 +238,7 @@ impl<W: MapWriter> Programmer<W> {
             writes,
             errors: Vec::new(),
             deleted_udp_backends,
+            deleted_backends,
         };
         for e in &errors {
             let kind = if e.object.contains(" port ") {
