@@ -19,7 +19,7 @@ use crate::model::{
 
 /// What the maps hold (or will hold), in map terms, with the reverse
 /// indexes planning needs (kept in step by `insert_*`/`remove_*`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct MapContents {
     pub services: BTreeMap<Service4Key, Service4Value>,
     pub backends: BTreeMap<u32, Backend4>,
@@ -35,7 +35,27 @@ pub struct MapContents {
     slot_users: HashMap<u32, u32>,
     /// How many master slots use each reverse NAT id.
     master_users: HashMap<u16, u32>,
+    /// One past the highest backend and reverse NAT ids ever written:
+    /// where the search for a free id starts, so a freed id is not handed
+    /// out again until the ids wrap (conntrack and affinity entries of a
+    /// deleted backend or frontend still name it until they are swept).
+    pub next_backend_id: u32,
+    pub next_rev_nat_id: u32,
 }
+
+/// Equal when the maps hold the same entries (the indexes follow from
+/// them; the id cursors are planning history, not contents).
+impl PartialEq for MapContents {
+    fn eq(&self, other: &Self) -> bool {
+        self.services == other.services
+            && self.backends == other.backends
+            && self.rev_nat == other.rev_nat
+            && self.backend_match == other.backend_match
+            && self.source_ranges == other.source_ranges
+    }
+}
+
+impl Eq for MapContents {}
 
 impl MapContents {
     pub fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
@@ -74,6 +94,7 @@ impl MapContents {
     }
 
     pub fn insert_backend(&mut self, id: u32, v: Backend4) {
+        self.next_backend_id = self.next_backend_id.max(id + 1);
         if let Some(old) = self.backends.insert(id, v).and_then(|o| backend_addr(&o)) {
             if self.backend_ids.get(&old) == Some(&id) {
                 self.backend_ids.remove(&old);
@@ -93,6 +114,7 @@ impl MapContents {
     }
 
     pub fn insert_rev_nat(&mut self, id: u16, v: RevNat4) {
+        self.next_rev_nat_id = self.next_rev_nat_id.max(id as u32 + 1);
         if let Some(old) = self.rev_nat.insert(id, v) {
             let key = rev_key(&old);
             if self.rev_ids.get(&key) == Some(&id) {
@@ -293,10 +315,11 @@ impl<'a, K: Ord + Copy + TryFrom<u32>, V> IdAllocator<'a, K, V>
 where
     for<'k> &'k K: IntoU32,
 {
-    fn new(used: &'a BTreeMap<K, V>, max: u32) -> Self {
+    /// `start`: where the search begins (ids below it were used before).
+    fn new(used: &'a BTreeMap<K, V>, max: u32, start: u32) -> Self {
         Self {
             used,
-            next: 1,
+            next: start.max(1),
             max,
             wrapped: false,
             handed: BTreeSet::new(),
@@ -308,14 +331,15 @@ where
         self.released.push(id);
     }
 
-    /// Past the highest id in use first (O(1) while ids last), then the
+    /// Past the highest id ever used first (O(1) while ids last), then the
     /// holes from 1 up.
     fn allocate(&mut self) -> Option<u32> {
         if let Some(id) = self.released.pop() {
             return Some(id);
         }
-        if !self.wrapped && self.next == 1 {
-            self.next = self.used.keys().next_back().map_or(1, |k| k.into_u32() + 1);
+        if !self.wrapped {
+            let past_used = self.used.keys().next_back().map_or(1, |k| k.into_u32() + 1);
+            self.next = self.next.max(past_used);
         }
         loop {
             if self.next > self.max {
@@ -389,8 +413,16 @@ pub fn plan_scoped(
     for e in candidate_entries {
         by_service.entry(&e.service).or_default().push(e);
     }
-    let mut backend_alloc = IdAllocator::new(&current.backends, limits.backend_ids);
-    let mut rev_alloc = IdAllocator::new(&current.rev_nat, limits.rev_nat_ids);
+    let mut backend_alloc = IdAllocator::new(
+        &current.backends,
+        limits.backend_ids,
+        current.next_backend_id,
+    );
+    let mut rev_alloc = IdAllocator::new(
+        &current.rev_nat,
+        limits.rev_nat_ids,
+        current.next_rev_nat_id,
+    );
     let mut new_backend_ids: BTreeMap<L4Addr, u32> = BTreeMap::new();
     let mut new_rev_ids: BTreeMap<(Ipv4Addr, u16), u16> = BTreeMap::new();
     let mut entries: Vec<&ServiceEntry> = Vec::new();

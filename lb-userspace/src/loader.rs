@@ -132,25 +132,40 @@ pub fn old_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(format!("{name}_old"))
 }
 
-/// Maps whose entries carry state packets depend on (flows, affinity,
-/// sockets) and are copied into a map of a new capacity or type, as long
-/// as key and value are unchanged. The others are rebuilt from the desired
-/// state by the first sync.
-const MIGRATED_MAPS: [&str; 4] = [
+/// Maps the data path writes (flows, affinity, sockets): copied into a map
+/// of a new capacity or type while key and value are unchanged, before the
+/// switch and again after it (conntrack is not copied before: the programs
+/// look it up in the old map on a miss).
+const DATAPATH_STATE_MAPS: [&str; 4] = [
     map_names::CONNTRACK,
     map_names::AFFINITY,
     map_names::SOCK_REV,
     map_names::SOCK_FWD,
 ];
 
+/// Maps only the agent writes whose ids the data path's state refers to
+/// (conntrack and affinity entries hold backend and reverse NAT ids):
+/// copied once, before the agent reads them, so every id keeps naming the
+/// same backend or frontend.
+const ID_MAPS: [&str; 3] = [
+    map_names::BACKENDS,
+    map_names::REV_NAT,
+    map_names::BACKEND_MATCH,
+];
+
 /// Whether a pinned map with layout `found` can have its entries copied
 /// into a map of layout `want`.
 pub fn entries_copyable(want: &MapLayout, found: FoundLayout) -> bool {
     let (map_type, key, value, _) = found;
-    MIGRATED_MAPS.contains(&want.name)
+    let kind_ok = match map_type {
+        Some(MapType::Hash | MapType::LruHash) => true,
+        Some(MapType::Array) => want.name == map_names::BACKENDS,
+        _ => false,
+    };
+    (DATAPATH_STATE_MAPS.contains(&want.name) || ID_MAPS.contains(&want.name))
         && key == want.key_size
         && value == want.value_size
-        && matches!(map_type, Some(MapType::Hash | MapType::LruHash))
+        && kind_ok
 }
 
 /// What loading found among the pinned maps.
@@ -158,8 +173,8 @@ pub fn entries_copyable(want: &MapLayout, found: FoundLayout) -> bool {
 pub struct PinnedState {
     /// Maps of another layout whose entries are copied over (name, old pin).
     pub migrated: Vec<(&'static str, PathBuf)>,
-    /// Maps of another layout created empty (name, why); the Service maps
-    /// among them are rebuilt by the first sync.
+    /// Maps created empty although one was pinned (name, why); the Service
+    /// maps among them are rebuilt by the first sync.
     pub rebuilt: Vec<(&'static str, String)>,
 }
 
@@ -188,72 +203,111 @@ fn found_layout(pin: &Path) -> Result<FoundLayout, String> {
         })
 }
 
+/// What becomes of one pinned map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinFate {
+    Adopt,
+    /// Its entries are copied into a new map.
+    Migrate,
+    /// Left to the old programs; the new map starts empty.
+    Rebuild(String),
+}
+
+/// The fate of a map of this version's layout `want`, pinned with `found`
+/// (Err: unreadable). `ids_kept`: the pinned backend and reverse NAT ids
+/// survive (adopted or migrated); when they do not, conntrack and affinity
+/// entries would name the wrong backends and frontends, so they start empty.
+pub fn pin_fate(want: &MapLayout, found: Result<FoundLayout, String>, ids_kept: bool) -> PinFate {
+    if !ids_kept && matches!(want.name, map_names::CONNTRACK | map_names::AFFINITY) {
+        return PinFate::Rebuild("the backend and reverse NAT ids it holds were not kept".into());
+    }
+    match found {
+        Err(e) => PinFate::Rebuild(format!("cannot be opened: {e}")),
+        Ok(found) => match incompatibility(want, found) {
+            None => PinFate::Adopt,
+            Some(_) if entries_copyable(want, found) => PinFate::Migrate,
+            Some(why) => PinFate::Rebuild(why),
+        },
+    }
+}
+
 /// Sorts the pinned maps of a previous version: adopted as they are when
 /// the layout matches; otherwise moved aside to `<name>_old` (bpffs
-/// refuses dots in names) when their entries can be copied, or unpinned. Either way the previous programs
-/// keep using them (a program holds its maps) until the new ones replace
-/// them, which the agent does only after its first sync: packets never see
-/// an empty map. A `_old` pin left by an agent that died while migrating is
-/// migrated again.
+/// refuses dots in names) when their entries can be copied, or unpinned.
+/// Either way the previous programs keep using them (a program holds its
+/// maps) until the new ones replace them, which the agent does only after
+/// its first sync: packets never see an empty map. A `_old` pin left by an
+/// agent that died while migrating stays the source (the old programs may
+/// still use it); the map that agent created is dropped.
 pub fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapLayout]) -> PinnedState {
     let mut state = PinnedState::default();
+    let source = |name: &str| {
+        [old_pin_path(pin_dir, name), map_pin_path(pin_dir, name)]
+            .into_iter()
+            .find(|p| p.exists())
+            .map(|p| {
+                let layout = found_layout(&p);
+                (p, layout)
+            })
+    };
+    let ids_kept = layouts
+        .iter()
+        .filter(|l| matches!(l.name, map_names::BACKENDS | map_names::REV_NAT))
+        .all(|want| {
+            source(want.name).is_some_and(|(_, found)| {
+                !matches!(pin_fate(want, found, true), PinFate::Rebuild(_))
+            })
+        });
     for want in layouts {
         let pin = map_pin_path(pin_dir, want.name);
         let old = old_pin_path(pin_dir, want.name);
-        if pin.exists() {
-            let found = found_layout(&pin);
-            let why = match &found {
-                Ok(found) => incompatibility(want, *found),
-                Err(e) => Some(format!("cannot be opened: {e}")),
-            };
-            let Some(why) = why else {
-                if old.exists() {
-                    keep_or_drop_old(want, &old, &mut state);
+        let Some((from, found)) = source(want.name) else {
+            continue;
+        };
+        let from_old = from == old;
+        match pin_fate(want, found, ids_kept) {
+            PinFate::Adopt if !from_old => {}
+            PinFate::Adopt => {
+                // Back to the layout of the interrupted migration's source.
+                let _ = fs::remove_file(&pin);
+                if fs::rename(&old, &pin).is_err() {
+                    let _ = fs::remove_file(&old);
                 }
-                continue;
-            };
-            let moved = found
-                .is_ok_and(|f| entries_copyable(want, f))
-                .then(|| fs::rename(&pin, &old));
-            if let Some(Ok(())) = moved {
-                log::warn!(
-                    "pinned map {} has another layout ({why}): its entries are copied to a new one",
-                    pin.display()
-                );
+            }
+            PinFate::Migrate => {
+                if from_old {
+                    log::warn!(
+                        "{} left by an interrupted migration: migrated again",
+                        old.display()
+                    );
+                    let _ = fs::remove_file(&pin);
+                } else if let Err(e) = fs::rename(&pin, &old) {
+                    log::warn!("moving {} aside failed ({e}): created anew", pin.display());
+                    let _ = fs::remove_file(&pin);
+                    state
+                        .rebuilt
+                        .push((want.name, format!("moving it aside failed: {e}")));
+                    continue;
+                } else {
+                    log::warn!(
+                        "pinned map {} has another layout: its entries are copied to a new one",
+                        pin.display()
+                    );
+                }
                 state.migrated.push((want.name, old));
-            } else {
-                let note = match moved {
-                    Some(Err(e)) => format!(" (moving it aside failed: {e})"),
-                    _ => String::new(),
-                };
+            }
+            PinFate::Rebuild(why) => {
                 log::warn!(
-                    "pinned map {} has another layout ({why}): created anew and filled before the programs switch{note}",
-                    pin.display()
+                    "pinned map {} is not kept ({why}): created anew and filled before the programs switch",
+                    from.display()
                 );
                 let _ = fs::remove_file(&pin);
                 let _ = fs::remove_file(&old);
                 state.rebuilt.push((want.name, why));
             }
-        } else if old.exists() {
-            keep_or_drop_old(want, &old, &mut state);
         }
     }
     state
-}
-
-fn keep_or_drop_old(want: &MapLayout, old: &Path, state: &mut PinnedState) {
-    match found_layout(old) {
-        Ok(found) if entries_copyable(want, found) => {
-            log::warn!(
-                "{} left by an interrupted migration: migrated again",
-                old.display()
-            );
-            state.migrated.push((want.name, old.to_owned()));
-        }
-        _ => {
-            let _ = fs::remove_file(old);
-        }
-    }
 }
 
 /// How the maps are sized.
@@ -312,18 +366,21 @@ pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, PinnedState)> {
     Ok((ebpf, state))
 }
 
-fn copy_entries<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
-    let open = |p: &Path| -> Result<HashMap<aya::maps::MapData, K, V>> {
-        let data =
-            aya::maps::MapData::from_pin(p).with_context(|| format!("opening {}", p.display()))?;
-        Ok(HashMap::try_from(aya::maps::Map::from_map_data(data)?)?)
-    };
-    let (from, mut to) = (open(from)?, open(to)?);
+fn open_pinned_map(path: &Path) -> Result<aya::maps::Map> {
+    let data = aya::maps::MapData::from_pin(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(aya::maps::Map::from_map_data(data)?)
+}
+
+/// Copies the entries of a hash (or LRU hash) into another; with
+/// `BPF_NOEXIST`, so what the new map already holds wins.
+fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
+    let from: HashMap<_, K, V> = HashMap::try_from(open_pinned_map(from)?)?;
+    let mut to: HashMap<_, K, V> = HashMap::try_from(open_pinned_map(to)?)?;
     let mut copied = 0;
     for entry in from.iter() {
         // An entry that vanished while iterating (LRU) is simply skipped.
         let Ok((k, v)) = entry else { continue };
-        // BPF_NOEXIST: what the new programs wrote since is newer.
         if to.insert(k, v, 1).is_ok() {
             copied += 1;
         }
@@ -331,34 +388,81 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usiz
     Ok(copied)
 }
 
-/// Copies the entries of the maps being migrated that the new maps do not
-/// hold yet. Returns (map, entries copied).
-pub fn copy_migrated(pin_dir: &Path, state: &PinnedState) -> Result<Vec<(&'static str, usize)>> {
+/// Copies backends, by id, from a hash (older versions) or an array.
+fn copy_backends(from: &Path, to: &Path) -> Result<usize> {
+    let mut to: Array<_, lb_common::Backend4> = Array::try_from(open_pinned_map(to)?)?;
+    let entries: Vec<(u32, lb_common::Backend4)> = match open_pinned_map(from)? {
+        map @ aya::maps::Map::Array(_) => {
+            let from: Array<_, lb_common::Backend4> = Array::try_from(map)?;
+            (0..from.len())
+                .filter_map(|id| from.get(&id, 0).ok().map(|b| (id, b)))
+                .filter(|(_, b)| b.addr != 0)
+                .collect()
+        }
+        map => {
+            let from: HashMap<_, u32, lb_common::Backend4> = HashMap::try_from(map)?;
+            from.iter().filter_map(Result::ok).collect()
+        }
+    };
+    let mut copied = 0;
+    for (id, b) in entries {
+        if id < to.len() && to.set(id, b, 0).is_ok() {
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
+fn copy_map(name: &str, old: &Path, new: &Path) -> Result<usize> {
     use lb_common::*;
+    match name {
+        map_names::CONNTRACK => copy_hash::<Ct4Key, Ct4Value>(old, new),
+        map_names::AFFINITY => copy_hash::<Affinity4Key, Affinity4Value>(old, new),
+        map_names::SOCK_REV => copy_hash::<SockRev4Key, SockRev4Value>(old, new),
+        map_names::SOCK_FWD => copy_hash::<SockFwd4Key, u32>(old, new),
+        map_names::BACKENDS => copy_backends(old, new),
+        map_names::REV_NAT => copy_hash::<u16, RevNat4>(old, new),
+        map_names::BACKEND_MATCH => copy_hash::<BackendMatchKey, u8>(old, new),
+        other => bail!("no migration for {other}"),
+    }
+}
+
+/// Before the agent reads its maps: the id maps are copied (and their old
+/// pins dropped: only the agent writes them), and the data path state the
+/// old programs keep writing is copied a first time, conntrack excepted.
+/// Returns (map, entries copied).
+pub fn copy_before_switch(
+    pin_dir: &Path,
+    state: &mut PinnedState,
+) -> Result<Vec<(&'static str, usize)>> {
     let mut out = Vec::new();
     for (name, old) in &state.migrated {
-        let new = map_pin_path(pin_dir, name);
-        let n = match *name {
-            map_names::CONNTRACK => copy_entries::<Ct4Key, Ct4Value>(old, &new)?,
-            map_names::AFFINITY => copy_entries::<Affinity4Key, Affinity4Value>(old, &new)?,
-            map_names::SOCK_REV => copy_entries::<SockRev4Key, SockRev4Value>(old, &new)?,
-            map_names::SOCK_FWD => copy_entries::<SockFwd4Key, u32>(old, &new)?,
-            other => bail!("no migration for {other}"),
-        };
-        out.push((*name, n));
+        if *name == map_names::CONNTRACK {
+            continue;
+        }
+        out.push((*name, copy_map(name, old, &map_pin_path(pin_dir, name))?));
+        if ID_MAPS.contains(name) {
+            let _ = fs::remove_file(old);
+        }
     }
+    state.migrated.retain(|(name, _)| !ID_MAPS.contains(name));
     Ok(out)
 }
 
-/// Ends a migration once the new programs are attached: the last entries
-/// the old programs wrote are copied, then the old pins go (the old maps
-/// are freed with the last program holding them).
+/// Ends a migration once the new programs are attached everywhere: what
+/// the old programs wrote is copied where the new maps hold nothing for
+/// the key, then the old pins go. The old conntrack map stays referenced
+/// by the programs (`lb4_conntrack_prev`) until the next agent loads its
+/// own, so its memory comes back only then.
 pub fn finish_migration(pin_dir: &Path, state: &PinnedState) -> Result<Vec<(&'static str, usize)>> {
-    let copied = copy_migrated(pin_dir, state)?;
+    let mut out = Vec::new();
+    for (name, old) in &state.migrated {
+        out.push((*name, copy_map(name, old, &map_pin_path(pin_dir, name))?));
+    }
     for (_, old) in &state.migrated {
         let _ = fs::remove_file(old);
     }
-    Ok(copied)
+    Ok(out)
 }
 
 /// Takes the maps the agent writes out of a loaded object.

@@ -177,15 +177,17 @@ struct RunArgs {
     /// Capacity of the conntrack map (an LRU: two entries a flow; the least
     /// recently used are evicted when it is full). A pinned map of another
     /// size is migrated entry by entry, flows keeping their backends.
-    #[arg(long, default_value_t = lb_common::MAX_CONNTRACK)]
+    #[arg(long, default_value_t = lb_common::MAX_CONNTRACK,
+          value_parser = clap::value_parser!(u32).range(64..))]
     conntrack_max: u32,
     /// Capacity of the session affinity map (an LRU: one entry per client
     /// and frontend with ClientIP affinity; idle clients are evicted first).
-    #[arg(long, default_value_t = lb_common::MAX_AFFINITY)]
+    #[arg(long, default_value_t = lb_common::MAX_AFFINITY,
+          value_parser = clap::value_parser!(u32).range(64..))]
     affinity_max: u32,
     /// How often the conntrack map is swept for entries of deleted backends
     /// and expired ones (also soon after a sync that deleted backends).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_sweep_interval)]
     conntrack_sweep_interval: Duration,
     /// Remove everything the agent installed (pinned links, which detaches the
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
@@ -201,6 +203,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => Ok(Duration::from_secs(n)),
         _ => Err(format!("bad duration unit in {s:?} (use ms or s)")),
     }
+}
+
+/// At least a second: a pass over a full map is a lot of syscalls.
+fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
+    parse_duration(s).and_then(|d| {
+        if d >= Duration::from_secs(1) {
+            Ok(d)
+        } else {
+            Err(format!("{s:?} is under a second"))
+        }
+    })
 }
 
 fn main() -> Result<()> {
@@ -225,14 +238,23 @@ fn main() -> Result<()> {
         Command::Check(args) => {
             let report = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-                .block_on(check(&cli.pin_dir, &args))?;
-            print!("{report}");
-            if report.is_equal() {
-                println!();
-                Ok(())
-            } else {
-                std::process::exit(1)
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(check(&cli.pin_dir, &args)));
+            match report {
+                Ok(report) if report.is_equal() => {
+                    println!("{report}");
+                    Ok(())
+                }
+                Ok(report) => {
+                    print!("{report}");
+                    std::process::exit(1)
+                }
+                // Told apart from "the maps differ".
+                Err(e) => {
+                    eprintln!("lb-agent check: {e:#}");
+                    std::process::exit(2)
+                }
             }
         }
         Command::Cleanup => {
@@ -363,8 +385,11 @@ struct DataPath {
     pinned: loader::PinnedState,
     /// Whether this agent's programs are attached (after its first sync).
     attached: bool,
-    /// Wakes the conntrack sweep (after syncs, which may delete backends).
-    sweep: std::sync::mpsc::SyncSender<()>,
+    /// Wakes the conntrack sweep, which runs once this agent's programs
+    /// are attached (before, the old programs' maps are not its to judge).
+    sweep: Option<std::sync::mpsc::SyncSender<()>>,
+    sweep_interval: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl DataPath {
@@ -382,9 +407,9 @@ impl DataPath {
 
     /// A sync that deleted backends left conntrack entries to sweep.
     fn wake_sweep(&self, report: &SyncReport) {
-        if report.deleted_backends > 0 {
+        if let Some(tx) = self.sweep.as_ref().filter(|_| report.deleted_backends > 0) {
             // Full: a sweep is already due.
-            let _ = self.sweep.try_send(());
+            let _ = tx.try_send(());
         }
     }
 
@@ -439,6 +464,11 @@ impl DataPath {
             );
             self.pinned.migrated.clear();
         }
+        self.sweep = Some(lb_userspace::conntrack_sweep::start(
+            self.pin_dir.clone(),
+            self.sweep_interval,
+            self.metrics.clone(),
+        )?);
         Ok(())
     }
 }
@@ -452,7 +482,14 @@ fn setup_datapath(
         conntrack: args.conntrack_max,
         affinity: args.affinity_max,
     };
-    let (mut ebpf, pinned) = loader::load(pin_dir, sizes)?;
+    let (mut ebpf, mut pinned) = loader::load(pin_dir, sizes)?;
+    if !pinned.migrated.is_empty() {
+        // Ids first, so the agent reads the maps it adopts; then a first
+        // copy of flow-independent state. Conntrack is looked up in the old
+        // map on a miss and written to both until the switch is over.
+        let copied = loader::copy_before_switch(pin_dir, &mut pinned)?;
+        log::info!("migrating pinned maps of an older layout: {copied:?} entries copied");
+    }
     let mut maps = loader::take_maps(&mut ebpf)?;
     let current = maps.read_contents().context("reading the pinned maps")?;
     if !current.services.is_empty() {
@@ -462,12 +499,6 @@ fn setup_datapath(
             current.services.len(),
             current.backends.len()
         );
-    }
-    if !pinned.migrated.is_empty() {
-        // Copied now, and again after the switch for what the old programs
-        // wrote meanwhile; in between the programs look up the old map on a miss.
-        let copied = loader::copy_migrated(pin_dir, &pinned)?;
-        log::info!("migrating pinned maps of an older layout: {copied:?} entries copied");
     }
     maps.set_conntrack_migrating(pinned.conntrack_migrated().is_some())
         .context("writing the conntrack migration flag")?;
@@ -506,11 +537,9 @@ fn setup_datapath(
         cgroup: args.cgroup.clone(),
         pinned,
         attached: false,
-        sweep: lb_userspace::conntrack_sweep::start(
-            pin_dir.to_owned(),
-            args.conntrack_sweep_interval,
-            metrics.clone(),
-        )?,
+        sweep: None,
+        sweep_interval: args.conntrack_sweep_interval,
+        metrics: metrics.clone(),
     };
     install_datapath_metrics(pin_dir, metrics)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());

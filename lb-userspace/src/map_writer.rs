@@ -394,6 +394,29 @@ mod tests {
         report
     }
 
+    /// Conntrack entries of a deleted backend name its id until they are
+    /// swept: the id must not name a new backend meanwhile.
+    #[test]
+    fn a_freed_backend_id_is_not_handed_out_again_at_once() {
+        let mut w = CheckingWriter::default();
+        let mut current = MapContents::default();
+        converge(
+            &mut w,
+            &mut current,
+            &state(&[(80, &["10.244.0.2", "10.244.0.3"])]),
+        );
+        let freed = current.backend_id(&l4("10.244.0.3", 8080)).unwrap();
+        converge(&mut w, &mut current, &state(&[(80, &["10.244.0.2"])]));
+        assert!(!current.backends.contains_key(&freed));
+        converge(
+            &mut w,
+            &mut current,
+            &state(&[(80, &["10.244.0.2", "10.244.0.9"])]),
+        );
+        let new = current.backend_id(&l4("10.244.0.9", 8080)).unwrap();
+        assert!(new > freed, "freed id {freed} handed out again as {new}");
+    }
+
     #[test]
     fn every_intermediate_state_is_safe_and_the_end_state_matches() {
         let steps: Vec<DesiredState> = vec![

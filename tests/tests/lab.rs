@@ -401,7 +401,7 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
         "recreated with today's layout: {shown}"
     );
     assert!(
-        lab.agent_log().contains("has another layout"),
+        lab.agent_log().contains("lb4_conntrack is not kept ("),
         "the agent says what it dropped"
     );
 }
