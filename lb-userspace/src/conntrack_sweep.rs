@@ -6,7 +6,7 @@
 //! data path, removed by a sweep, is still present, or was evicted.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     path::PathBuf,
     sync::{mpsc, Arc},
     time::Duration,
@@ -70,8 +70,10 @@ pub struct SweepReport {
     pub present: u64,
     pub backend_gone: u64,
     pub expired: u64,
-    /// Evictions so far (derived).
-    pub evicted: u64,
+    /// Evictions so far (derived); None when the walk was cut short (keys
+    /// removed under it made it start over too often), so `present` is
+    /// not to be trusted.
+    pub evicted: Option<u64>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -134,21 +136,37 @@ impl Sweeper {
         Ok(())
     }
 
+    fn backend_live(&self, id: u32) -> bool {
+        id != 0
+            && self
+                .backends
+                .get(&id, 0)
+                .map(|b| b.addr != 0)
+                .unwrap_or(false)
+    }
+
     /// One pass over the map.
     pub fn sweep(&mut self) -> Result<SweepReport> {
+        // Read first: entries added during the walk may be seen present
+        // but are not counted as inserted, so evictions come out low, never
+        // high (the metric only grows).
+        let (inserted, removed, swept) = (
+            self.counter(stats::CT_INSERTED),
+            self.counter(stats::CT_REMOVED),
+            self.counter(stats::CT_SWEPT),
+        );
         let now = monotonic_ns();
-        let mut live: HashMap<u32, bool> = HashMap::new();
-        let backends = &self.backends;
-        let mut is_live = |id: u32| {
-            *live.entry(id).or_insert_with(|| {
-                id != 0 && backends.get(&id, 0).map(|b| b.addr != 0).unwrap_or(false)
-            })
-        };
+        // Only a backend found live is remembered for the pass; one found
+        // gone is looked up again right before its entries are removed.
+        let mut live: HashSet<u32> = HashSet::new();
         let mut seen: HashSet<Ct4Key> = HashSet::new();
         let mut doomed = Vec::new();
         // A key removed under the walk makes the kernel start over from the
         // first key: bounded, and each key judged once.
-        for key in self.conntrack.keys().take(2 * self.capacity as usize + 16) {
+        let bound = 2 * self.capacity as usize + 16;
+        let mut steps = 0;
+        for key in self.conntrack.keys().take(bound) {
+            steps += 1;
             let Ok(key) = key else { continue };
             if !seen.insert(key) {
                 continue;
@@ -156,12 +174,24 @@ impl Sweeper {
             let Ok(value) = self.conntrack.get(&key, 0) else {
                 continue;
             };
-            if let Some(why) = verdict(&key, &value, now, &mut is_live) {
-                doomed.push((key, why));
+            let is_live = |id: u32| live.contains(&id) || self.backend_live(id);
+            if verdict(&key, &value, now, is_live).is_some() {
+                doomed.push(key);
+            } else {
+                live.insert(value.backend_id);
             }
         }
         let mut report = SweepReport::default();
-        for (key, why) in &doomed {
+        for key in &doomed {
+            // Judged again at the last moment: the flow may have sent a
+            // packet, or a sync may have given its backend id to a new
+            // backend whose fresh entries must stay.
+            let Ok(value) = self.conntrack.get(key, 0) else {
+                continue;
+            };
+            let Some(why) = verdict(key, &value, monotonic_ns(), |id| self.backend_live(id)) else {
+                continue;
+            };
             if self.conntrack.remove(key).is_ok() {
                 match why {
                     SweepReason::BackendGone => report.backend_gone += 1,
@@ -171,12 +201,7 @@ impl Sweeper {
         }
         self.add_swept(report.backend_gone + report.expired)?;
         report.present = (seen.len() as u64).saturating_sub(report.backend_gone + report.expired);
-        report.evicted = evicted(
-            self.counter(stats::CT_INSERTED),
-            self.counter(stats::CT_REMOVED),
-            self.counter(stats::CT_SWEPT),
-            report.present,
-        );
+        report.evicted = (steps < bound).then(|| evicted(inserted, removed, swept, report.present));
         Ok(report)
     }
 }
@@ -216,11 +241,11 @@ pub fn start(
                                 })
                                 .inc_by(n);
                         }
-                        if r.evicted > evicted_reported {
+                        if let Some(evicted) = r.evicted.filter(|e| *e > evicted_reported) {
                             metrics
                                 .conntrack_evictions
-                                .inc_by(r.evicted - evicted_reported);
-                            evicted_reported = r.evicted;
+                                .inc_by(evicted - evicted_reported);
+                            evicted_reported = evicted;
                         }
                         if r.backend_gone + r.expired > 0 {
                             log::info!("conntrack sweep: {r:?}");
