@@ -23,6 +23,11 @@ use crate::lab::{ask_on, in_netns, tcp_ask};
 /// How long one request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A UDP request is sent again when no answer came this long.
+pub const UDP_RETRY_AFTER: Duration = Duration::from_millis(300);
+/// How often a UDP request is sent before it counts as failed.
+pub const UDP_ATTEMPTS: usize = 3;
+
 /// A gap this long between answers means a retransmission.
 pub const LOST_PACKET_GAP: Duration = Duration::from_millis(900);
 
@@ -37,7 +42,8 @@ pub enum LoadKind {
     /// an answer that never comes or a reset connection is a failure.
     LongLived,
     /// One UDP socket (one flow: same source port) sending a datagram
-    /// every interval and waiting for the answer.
+    /// every interval and waiting for the answer, sending it again after
+    /// 300 ms without one (as resolvers do), at most 3 times.
     UdpFlow,
 }
 
@@ -55,18 +61,21 @@ pub struct LoadReport {
     pub last_answer: BTreeMap<String, Instant>,
     /// Connections opened (LongLived: 1 + reconnects after a goodbye).
     pub connections: usize,
+    /// UDP requests sent again after a timeout (a datagram lost somewhere).
+    pub udp_retries: usize,
 }
 
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} requests, {} failed, longest gap {} ms, {} connections, answered by {:?}",
+            "{}: {} requests, {} failed, longest gap {} ms, {} connections, {} UDP retries, answered by {:?}",
             self.what,
             self.sent,
             self.failed.len(),
             self.longest_gap.as_millis(),
             self.connections,
+            self.udp_retries,
             self.answered_by
         )
     }
@@ -82,9 +91,9 @@ impl LoadReport {
 
     fn check(&self) {
         assert!(self.sent >= 20, "{}: the client ran: {self}", self.what);
-        // A lost SYN or segment is retransmitted after 1 s: a gap that long
-        // means the data path dropped a packet, even if the request then
-        // succeeded.
+        // A lost SYN is retransmitted after 1 s: a gap that long means the
+        // data path dropped a connection's first packet, even if the
+        // request then succeeded.
         assert!(
             self.longest_gap < LOST_PACKET_GAP,
             "{}: no packet lost (a retransmission shows as a gap of 1 s): {self}",
@@ -141,6 +150,7 @@ impl Load {
                     std::thread::sleep(interval);
                 }
                 r.connections = client.connections;
+                r.udp_retries = client.udp_retries;
                 r
             })
         });
@@ -176,6 +186,7 @@ struct Client {
     stream: Option<TcpStream>,
     udp: Option<UdpSocket>,
     connections: usize,
+    udp_retries: usize,
 }
 
 impl Client {
@@ -186,6 +197,7 @@ impl Client {
             stream: None,
             udp: None,
             connections: 0,
+            udp_retries: 0,
         }
     }
 
@@ -221,16 +233,43 @@ impl Client {
             LoadKind::UdpFlow => {
                 if self.udp.is_none() {
                     let s = UdpSocket::bind("0.0.0.0:0")?;
-                    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                    s.set_read_timeout(Some(UDP_RETRY_AFTER))?;
                     self.connections += 1;
                     self.udp = Some(s);
                 }
                 let s = self.udp.as_ref().expect("bound above");
-                let msg = format!("probe {n}");
-                s.send_to(msg.as_bytes(), self.to)?;
-                let mut buf = [0u8; 512];
-                let (len, _) = s.recv_from(&mut buf)?;
-                Ok(pod_name(&String::from_utf8_lossy(&buf[..len])))
+                // As a resolver does: the same question again after a
+                // timeout. The answer must come from the Service address
+                // (reverse NAT) and echo this request's sequence number.
+                let msg = format!("seq:{n}");
+                for attempt in 0..UDP_ATTEMPTS {
+                    if attempt > 0 {
+                        self.udp_retries += 1;
+                    }
+                    s.send_to(msg.as_bytes(), self.to)?;
+                    let deadline = Instant::now() + UDP_RETRY_AFTER;
+                    let mut buf = [0u8; 512];
+                    // Bounded: each read waits at most UDP_RETRY_AFTER.
+                    while Instant::now() < deadline {
+                        let Ok((len, from)) = s.recv_from(&mut buf) else {
+                            break;
+                        };
+                        let answer = String::from_utf8_lossy(&buf[..len]).into_owned();
+                        if from != SocketAddr::V4(self.to) {
+                            return Err(std::io::Error::other(format!(
+                                "answer from {from}, not from the Service {}: {answer}",
+                                self.to
+                            )));
+                        }
+                        if answer.ends_with(&format!(" {msg}")) {
+                            return Ok(pod_name(&answer));
+                        }
+                    }
+                }
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer to {UDP_ATTEMPTS} attempts"),
+                ))
             }
         }
     }

@@ -216,7 +216,8 @@ fn a_rolling_update_under_load_fails_no_request() {
         assert!(r.connections >= 2, "{r}");
     }
     // Terminating pods get no new connections once the agent has seen the
-    // EndpointSlice (well within a second; their grace period is 3 s).
+    // EndpointSlice (within milliseconds here; 2 s allowed for a slow
+    // machine, still short of their 3 s grace period).
     for r in reports
         .iter()
         .filter(|r| r.what.contains("new connections"))
@@ -229,7 +230,7 @@ fn a_rolling_update_under_load_fails_no_request() {
                     r.what
                 );
                 assert!(
-                    after < Duration::from_secs(1),
+                    after < Duration::from_secs(2),
                     "{}: terminating {pod} still got new connections {after:?} after SIGTERM",
                     r.what
                 );
@@ -317,6 +318,21 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection() {
     // And back to the default size, the same way.
     k.lab.kill_agent();
     k.start_agent();
+    let wait = Instant::now() + Duration::from_secs(10);
+    while k
+        .lab
+        .agent_log()
+        .matches("migration of pinned maps finished")
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < wait,
+            "second migration never finished:\n{}",
+            k.lab.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::thread::sleep(Duration::from_millis(500));
     let reports = clients.finish_and_assert_none_failed();
     for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
@@ -645,8 +661,12 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept() 
         evictions >= inserted - CAPACITY as f64 - swept - 1000.0 && evictions > 0.0,
         "evictions counted: {evictions} of {inserted} inserted"
     );
-    // Some of the victim's entries may have been evicted before a sweep.
-    assert!(swept > 0.0, "the sweep counted what it removed: {swept}");
+    // Some of the victim's entries may have been evicted before the sweep
+    // (the clients keep adding entries), most not.
+    assert!(
+        swept >= before as f64 / 2.0,
+        "the sweep removed most of the {before} entries and counted them: {swept}"
+    );
 }
 
 const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
@@ -793,14 +813,13 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request() {
     println!(
         "the new agent over the previous release's maps:\n{}",
         log.lines()
-            .filter(|l| l.contains("another layout")
-                || l.contains("adopted")
-                || l.contains("migrat"))
+            .filter(|l| l.contains("not kept") || l.contains("adopted") || l.contains("migrat"))
             .collect::<Vec<_>>()
             .join("\n")
     );
     assert!(
-        log.contains("has another layout"),
+        log.contains("lb_stats is not kept (14 entries, now 17)")
+            && log.contains("lb_config is not kept (4 entries, now 5)"),
         "the release changed map layouts (the stats and config maps grew): {log}"
     );
     std::thread::sleep(Duration::from_secs(1));

@@ -94,6 +94,9 @@ fn main() {
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
                 let answer = if &buf[..n] == b"whoami" {
                     format!("{name} {from}")
+                } else if buf[..n].starts_with(b"seq:") {
+                    // Echoed, so a client can match answers to requests.
+                    format!("{name} {}", String::from_utf8_lossy(&buf[..n]))
                 } else {
                     name.clone()
                 };
