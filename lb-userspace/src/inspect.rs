@@ -71,7 +71,7 @@ pub fn render_table(services: &[ProgrammedService]) -> String {
     let _ = writeln!(
         s,
         "{:<24} {:<10} {:>6} {:>8}  BACKENDS",
-        "FRONTEND", "TYPE", "REVNAT", "BACKENDS"
+        "FRONTEND", "TYPE", "REVNAT", "COUNT"
     );
     for svc in services {
         let backends: Vec<String> = svc
