@@ -1,16 +1,13 @@
 //! Property test of translation, differ and writer together: random
 //! Services and EndpointSlices, changed at random, programmed both by full
 //! syncs and by incremental ones. After every step both fake maps must hold
-//! exactly what an independent reading of translate's output says, entry
-//! by entry (backend and reverse NAT ids are compared by what they name).
+//! exactly what translate's output (read independently, per Service) calls
+//! for, as `lb-agent check` compares them: entry by entry, backend and
+//! reverse NAT ids compared by what they name.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::{BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL};
 use proptest::{
     prelude::*,
     sample::select,
@@ -19,10 +16,11 @@ use proptest::{
 use serde_json::{json, Value};
 
 use crate::{
-    differ::{backend_addr, frontend_of, MapContents},
+    checker,
+    differ::MapContents,
     map_writer::fake::CheckingWriter,
     metrics::Metrics,
-    model::{Ipv4Prefix, L4Addr, ServiceEntry, ServiceName},
+    model::{DesiredState, L4Addr, ServiceEntry, ServiceName},
     programmer::{Programmer, ServiceChange},
     test_objects::{service, slice},
     translate::{self, NodeInfo},
@@ -362,118 +360,13 @@ impl Oracle {
     }
 }
 
-type RevKey = (Ipv4Addr, u16);
-
-/// A master slot: (count, terminating count, reverse NAT, flags, affinity).
-type Master = (u16, u16, RevKey, u16, u32);
-
-/// Map contents with ids replaced by what they name.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Canonical {
-    masters: BTreeMap<(L4Addr, u8), Master>,
-    slots: BTreeMap<(L4Addr, u8, u16), L4Addr>,
-    backends: BTreeSet<L4Addr>,
-    rev_nat: BTreeSet<RevKey>,
-    backend_match: BTreeMap<(RevKey, L4Addr), u8>,
-    source_ranges: BTreeSet<(RevKey, Ipv4Prefix)>,
-}
-
-fn canonical(maps: &MapContents) -> Canonical {
-    let mut c = Canonical::default();
-    let backend = |id: &u32| {
-        let b = maps
-            .backends
-            .get(id)
-            .unwrap_or_else(|| panic!("backend id {id} is referenced but missing"));
-        backend_addr(b).expect("a valid protocol")
-    };
-    let rev = |id: &u16| {
-        let r = maps
-            .rev_nat
-            .get(id)
-            .unwrap_or_else(|| panic!("reverse NAT id {id} is referenced but missing"));
-        (Ipv4Addr::from(r.addr.to_ne_bytes()), u16::from_be(r.port))
-    };
-    for (k, v) in &maps.services {
-        let f = frontend_of(k).expect("a valid protocol");
-        if k.backend_slot == 0 {
-            c.masters.insert(
-                (f, k.scope),
-                (
-                    v.count,
-                    v.terminating_count,
-                    rev(&v.rev_nat_id),
-                    v.flags,
-                    v.affinity_timeout,
-                ),
-            );
-        } else {
-            c.slots
-                .insert((f, k.scope, k.backend_slot), backend(&v.backend_id));
-        }
+/// The desired state the maps must equal: the oracle's entries.
+fn desired_state(entries: &BTreeMap<L4Addr, ServiceEntry>) -> DesiredState {
+    let mut d = DesiredState::default();
+    for e in entries.values() {
+        d.insert(e.clone());
     }
-    for b in maps.backends.values() {
-        let addr = backend_addr(b).expect("a valid protocol");
-        assert!(c.backends.insert(addr), "{addr} has two backend ids");
-    }
-    for id in maps.rev_nat.keys() {
-        assert!(
-            c.rev_nat.insert(rev(id)),
-            "two reverse NAT ids for one port"
-        );
-    }
-    for ((r, b), state) in &maps.backend_match {
-        c.backend_match.insert((rev(r), backend(b)), *state);
-    }
-    for (r, prefix) in &maps.source_ranges {
-        c.source_ranges.insert((rev(r), *prefix));
-    }
-    c
-}
-
-/// What the maps must hold for `entries`, read straight off the entries.
-fn expected_maps(entries: &BTreeMap<L4Addr, ServiceEntry>) -> Canonical {
-    let mut c = Canonical::default();
-    for (f, e) in entries {
-        let rev = (f.addr, f.port);
-        c.rev_nat.insert(rev);
-        let scopes = [
-            (SCOPE_EXTERNAL, Some(&e.backends)),
-            (SCOPE_INTERNAL, e.internal.as_ref()),
-        ];
-        for (scope, set) in scopes {
-            let Some(set) = set else { continue };
-            c.masters.insert(
-                (*f, scope),
-                (
-                    set.active.len() as u16,
-                    set.terminating.len() as u16,
-                    rev,
-                    e.flags,
-                    e.affinity_timeout,
-                ),
-            );
-            for (i, b) in set.all().enumerate() {
-                c.slots.insert((*f, scope, i as u16 + 1), *b);
-                c.backends.insert(*b);
-            }
-            for b in &set.terminating {
-                c.backend_match
-                    .entry((rev, *b))
-                    .or_insert(BACKEND_MATCH_TERMINATING);
-            }
-        }
-        // Active in either scope wins over terminating in the other.
-        for set in std::iter::once(&e.backends).chain(e.internal.as_ref()) {
-            for b in &set.active {
-                c.backend_match.insert((rev, *b), BACKEND_MATCH_ACTIVE);
-            }
-        }
-        for r in &e.source_ranges {
-            c.source_ranges.insert((rev, *r));
-        }
-    }
-    c
+    d
 }
 
 fn node() -> NodeInfo {
@@ -530,19 +423,13 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
             prop_assert_eq!(&p.current, &p.writer.maps, "{}: {} mirror", context(), path);
         }
         let expected = oracle.expected(&node(), &world);
-        let want = expected_maps(&expected);
-        prop_assert_eq!(
-            &canonical(&incremental.writer.maps),
-            &want,
-            "{}: incremental maps",
-            context()
-        );
-        prop_assert_eq!(
-            &canonical(&full.writer.maps),
-            &want,
-            "{}: full-sync maps",
-            context()
-        );
+        // The same entry-by-entry comparison `lb-agent check` makes, ids
+        // compared by what they name.
+        let want = desired_state(&expected);
+        for (path, p) in [("incremental", &incremental), ("full", &full)] {
+            let r = checker::check(&want, &p.writer.maps);
+            prop_assert!(r.is_equal(), "{}: {} maps: {}", context(), path, r);
+        }
         prop_assert_eq!(
             &incremental.desired,
             &full.desired,
@@ -553,15 +440,19 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
             let mut c = c.borrow_mut();
             c.steps += 1;
             c.frontends += expected.len();
-            c.backend_slots += want.slots.len();
+            let scopes = || {
+                expected
+                    .values()
+                    .flat_map(|e| std::iter::once(&e.backends).chain(e.internal.as_ref()))
+            };
+            c.backend_slots += scopes().map(|set| set.all().count()).sum::<usize>();
             c.steps_with_contested_frontends += usize::from(!incremental.shadowed.is_empty());
-            c.terminating_masters += want.masters.values().filter(|m| m.1 > 0).count();
-            c.internal_scope_masters += want
-                .masters
-                .keys()
-                .filter(|k| k.1 == SCOPE_INTERNAL)
-                .count();
-            c.source_ranges += want.source_ranges.len();
+            c.terminating_masters += scopes().filter(|set| !set.terminating.is_empty()).count();
+            c.internal_scope_masters += expected.values().filter(|e| e.internal.is_some()).count();
+            c.source_ranges += expected
+                .values()
+                .map(|e| e.source_ranges.len())
+                .sum::<usize>();
             c.reported_errors += full_report.errors.len();
         });
         // Converged: nothing left to write.
