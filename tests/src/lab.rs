@@ -568,6 +568,36 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds Service `name` in `default` (its spec and status given) and one
+    /// EndpointSlice with `endpoints` for ports 80/TCP and 80/UDP to the
+    /// extra manifests (written by the next `write_manifests`).
+    pub fn put_extra_service(
+        &mut self,
+        name: &str,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+        endpoints: Vec<serde_json::Value>,
+    ) {
+        let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec, "status": status});
+        let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-abc"), "namespace": "default",
+                "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"},
+                      {"name": "udp", "port": 80, "protocol": "UDP"}],
+            "endpoints": endpoints});
+        self.extra_manifests.insert(
+            format!("{name}.yaml"),
+            format!(
+                "{}---\n{}",
+                serde_yaml::to_string(&svc).expect("Service as YAML"),
+                serde_yaml::to_string(&slice).expect("EndpointSlice as YAML")
+            ),
+        );
+    }
+
     /// A pod address no pod of the lab holds (10.244.0.10 to .250).
     pub fn free_pod_ip(&self) -> Result<Ipv4Addr> {
         let taken: BTreeSet<Ipv4Addr> = self.pod_specs.iter().map(|p| p.ip).collect();

@@ -71,24 +71,8 @@ fn write_load_balancer(lab: &mut Lab, name: &str, extra: Value) {
             "nodeName": NODE_NAME})
         })
         .collect();
-    let svc = json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"}, "spec": spec,
-        "status": {"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}}});
-    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{name}-abc"), "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4",
-        "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"},
-                  {"name": "udp", "port": 80, "protocol": "UDP"}],
-        "endpoints": endpoints});
-    lab.extra_manifests.insert(
-        format!("{name}.yaml"),
-        format!(
-            "{}---\n{}",
-            serde_yaml::to_string(&svc).unwrap(),
-            serde_yaml::to_string(&slice).unwrap()
-        ),
-    );
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
+    lab.put_extra_service(name, spec, status, endpoints);
     lab.write_manifests().expect("write the manifests");
 }
 

@@ -76,40 +76,20 @@ fn ready(lab: &Lab, name: &str) -> Value {
 
 /// Writes Service `name` and its EndpointSlice without starting an agent.
 fn publish_without_agent(lab: &mut Lab, name: &str, spec: Value, endpoints: Vec<Value>) {
-    write_service(lab, name, spec, json!({}), endpoints);
+    lab.put_extra_service(name, spec, json!({}), endpoints);
     lab.write_manifests().unwrap();
 }
 
 /// Writes Service `name` (its spec given) and one EndpointSlice with
 /// `endpoints` for ports 80/TCP and 80/UDP, and waits for the agent.
 fn publish(lab: &mut Lab, name: &str, spec: Value, status: Value, endpoints: Vec<Value>) {
-    write_service(lab, name, spec, status, endpoints);
+    lab.put_extra_service(name, spec, status, endpoints);
     if lab.agent_pid().is_some() {
         lab.apply_manifests().expect("agent picks up the change");
     } else {
         lab.write_manifests().unwrap();
         lab.start_agent().expect("start lb-agent");
     }
-}
-
-fn write_service(lab: &mut Lab, name: &str, spec: Value, status: Value, endpoints: Vec<Value>) {
-    let svc = json!({"apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": spec, "status": status});
-    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{name}-abc"), "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4",
-        "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"}, {"name": "udp", "port": 80, "protocol": "UDP"}],
-        "endpoints": endpoints});
-    lab.extra_manifests.insert(
-        format!("{name}.yaml"),
-        format!(
-            "{}---\n{}",
-            serde_yaml::to_string(&svc).unwrap(),
-            serde_yaml::to_string(&slice).unwrap()
-        ),
-    );
 }
 
 fn ports(node_port: bool) -> Value {
