@@ -60,14 +60,20 @@ pub fn conntrack_ptr(key: &Ct4Key) -> Option<*mut Ct4Value> {
     CONNTRACK.get_ptr_mut(*key)
 }
 
-/// Records a conntrack entry. While a migration runs it goes into the old
+/// Records a conntrack entry; `known_absent`: the caller just looked the
+/// key up and found nothing. While a migration runs it goes into the old
 /// map too: hooks still running the previous programs (they switch one by
 /// one) then see flows the new ones started, such as a reply's entry.
 #[inline(always)]
-pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value) {
-    // Counted only when the key is new, so the agent can tell evictions
-    // (inserted - removed - present) from updates.
-    if CONNTRACK.insert(*key, *value, BPF_NOEXIST).is_ok() {
+pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value, known_absent: bool) {
+    // A new key is counted, so the agent can tell evictions (inserted -
+    // removed - present) from updates. An LRU update takes a free node
+    // before it looks at the key, so a present key is not first tried with
+    // BPF_NOEXIST: that would cost a second node (and, in a full map, an
+    // eviction) for nothing.
+    // SAFETY: only tested for presence.
+    let absent = known_absent || unsafe { CONNTRACK.get(*key) }.is_none();
+    if absent && CONNTRACK.insert(*key, *value, BPF_NOEXIST).is_ok() {
         count(stats::CT_INSERTED);
     } else {
         let _ = CONNTRACK.insert(*key, *value, BPF_ANY);

@@ -107,7 +107,8 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
         direction: CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    if let Some(ct_ptr) = conntrack_ptr(&fwd_key) {
+    let found = conntrack_ptr(&fwd_key);
+    if let Some(ct_ptr) = found {
         // SAFETY: the pointer comes from a successful lookup.
         let ct = unsafe { *ct_ptr };
         let new_syn = flow.proto == IPPROTO_TCP
@@ -196,7 +197,7 @@ pub fn handle<R: Rewriter>(rw: &R, flow: &Flow, hook: Hook) -> Action {
     // Without a conntrack entry the flow would still work packet by packet,
     // only without backend stickiness, so a full map is not fatal (except
     // for masqueraded flows, whose replies need it).
-    conntrack_insert(&fwd_key, &ct);
+    conntrack_insert(&fwd_key, &ct, found.is_none());
     insert_reply_entry(flow, &backend, &ct, now);
     count(stats::CT_CREATED);
     translate(rw, flow, &backend, &ct)
@@ -387,7 +388,7 @@ fn insert_reply_entry(flow: &Flow, backend: &Backend4, fwd: &Ct4Value, now: u64)
         nat_port: if snat { flow.sport } else { 0 },
         _pad: 0,
     };
-    conntrack_insert(&key, &value);
+    conntrack_insert(&key, &value, false);
 }
 
 /// A reply from a backend to a client of a Service gets the Service's
