@@ -1,19 +1,23 @@
-//! The conntrack sweep: a background thread that walks the conntrack map
-//! now and then (and soon after a sync that deleted backends), removes
-//! entries whose backend was deleted and entries past their lifetime, and
-//! counts what the LRU map evicted on its own when it was full. The kernel
-//! keeps no eviction count, so it is derived: every entry the data path added was removed by the
-//! data path, removed by a sweep, is still present, or was evicted.
+//! The conntrack sweep: a background thread that reads the conntrack map
+//! (in batches) now and then, and soon after a sync that deleted backends;
+//! removes entries whose backend was deleted and entries past their
+//! lifetime; and counts what the LRU map evicted on its own when it was
+//! full. The kernel keeps no eviction count, so it is derived: every entry
+//! the data path added was removed by the data path, removed by a sweep, is
+//! still present, or was evicted.
 
 use std::{
     collections::HashSet,
+    os::fd::AsFd,
     path::PathBuf,
     sync::{mpsc, Arc},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues,
+};
 use lb_common::{ct_lifetime_ns, map_names, stats, Backend4, Ct4Key, Ct4Value};
 
 use crate::{
@@ -70,10 +74,8 @@ pub struct SweepReport {
     pub present: u64,
     pub backend_gone: u64,
     pub expired: u64,
-    /// Evictions so far (derived); None when the walk was cut short (keys
-    /// removed under it made it start over too often), so `present` is
-    /// not to be trusted.
-    pub evicted: Option<u64>,
+    /// Evictions so far (derived).
+    pub evicted: u64,
 }
 
 fn monotonic_ns() -> u64 {
@@ -159,21 +161,12 @@ impl Sweeper {
         // Only a backend found live is remembered for the pass; one found
         // gone is looked up again right before its entries are removed.
         let mut live: HashSet<u32> = HashSet::new();
-        let mut seen: HashSet<Ct4Key> = HashSet::new();
+        let entries: Vec<(Ct4Key, Ct4Value)> =
+            crate::map_batch::lookup_all(self.conntrack.map().fd().as_fd())
+                .context("reading the conntrack map")?;
+        let present = entries.len() as u64;
         let mut doomed = Vec::new();
-        // A key removed under the walk makes the kernel start over from the
-        // first key: bounded, and each key judged once.
-        let bound = 2 * self.capacity as usize + 16;
-        let mut steps = 0;
-        for key in self.conntrack.keys().take(bound) {
-            steps += 1;
-            let Ok(key) = key else { continue };
-            if !seen.insert(key) {
-                continue;
-            }
-            let Ok(value) = self.conntrack.get(&key, 0) else {
-                continue;
-            };
+        for (key, value) in entries {
             let is_live = |id: u32| live.contains(&id) || self.backend_live(id);
             if verdict(&key, &value, now, is_live).is_some() {
                 doomed.push(key);
@@ -200,8 +193,8 @@ impl Sweeper {
             }
         }
         self.add_swept(report.backend_gone + report.expired)?;
-        report.present = (seen.len() as u64).saturating_sub(report.backend_gone + report.expired);
-        report.evicted = (steps < bound).then(|| evicted(inserted, removed, swept, report.present));
+        report.present = present.saturating_sub(report.backend_gone + report.expired);
+        report.evicted = evicted(inserted, removed, swept, report.present);
         Ok(report)
     }
 }
@@ -241,11 +234,11 @@ pub fn start(
                                 })
                                 .inc_by(n);
                         }
-                        if let Some(evicted) = r.evicted.filter(|e| *e > evicted_reported) {
+                        if r.evicted > evicted_reported {
                             metrics
                                 .conntrack_evictions
-                                .inc_by(evicted - evicted_reported);
-                            evicted_reported = evicted;
+                                .inc_by(r.evicted - evicted_reported);
+                            evicted_reported = r.evicted;
                         }
                         if r.backend_gone + r.expired > 0 {
                             log::info!("conntrack sweep: {r:?}");

@@ -12,6 +12,7 @@ pub mod k8s;
 pub mod kube_access;
 pub mod loader;
 pub mod manifests;
+pub mod map_batch;
 pub mod map_writer;
 pub mod metrics;
 pub mod model;

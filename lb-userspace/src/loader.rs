@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    os::fd::AsFd,
     os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
@@ -375,35 +376,24 @@ fn open_pinned_map(path: &Path) -> Result<aya::maps::Map> {
 /// Copies the entries of a hash (or LRU hash) into another; with
 /// `BPF_NOEXIST`, so what the new map already holds wins.
 fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
-    let from: HashMap<_, K, V> = HashMap::try_from(open_pinned_map(from)?)?;
+    let from = aya::maps::MapData::from_pin(from)
+        .with_context(|| format!("opening {}", from.display()))?;
+    let entries: Vec<(K, V)> = crate::map_batch::lookup_all(from.fd().as_fd())?;
     let mut to: HashMap<_, K, V> = HashMap::try_from(open_pinned_map(to)?)?;
-    let mut copied = 0;
-    for entry in from.iter() {
-        // An entry that vanished while iterating (LRU) is simply skipped.
-        let Ok((k, v)) = entry else { continue };
-        if to.insert(k, v, 1).is_ok() {
-            copied += 1;
-        }
-    }
-    Ok(copied)
+    Ok(entries
+        .into_iter()
+        .filter(|(k, v)| to.insert(k, v, 1).is_ok())
+        .count())
 }
 
 /// Copies backends, by id, from a hash (older versions) or an array.
 fn copy_backends(from: &Path, to: &Path) -> Result<usize> {
     let mut to: Array<_, lb_common::Backend4> = Array::try_from(open_pinned_map(to)?)?;
-    let entries: Vec<(u32, lb_common::Backend4)> = match open_pinned_map(from)? {
-        map @ aya::maps::Map::Array(_) => {
-            let from: Array<_, lb_common::Backend4> = Array::try_from(map)?;
-            (0..from.len())
-                .filter_map(|id| from.get(&id, 0).ok().map(|b| (id, b)))
-                .filter(|(_, b)| b.addr != 0)
-                .collect()
-        }
-        map => {
-            let from: HashMap<_, u32, lb_common::Backend4> = HashMap::try_from(map)?;
-            from.iter().filter_map(Result::ok).collect()
-        }
-    };
+    // The same batch read serves a hash (older versions) and an array.
+    let from = aya::maps::MapData::from_pin(from)
+        .with_context(|| format!("opening {}", from.display()))?;
+    let entries: Vec<(u32, lb_common::Backend4)> = crate::map_batch::lookup_all(from.fd().as_fd())?;
+    let entries = entries.into_iter().filter(|(_, b)| b.addr != 0);
     let mut copied = 0;
     for (id, b) in entries {
         if id < to.len() && to.set(id, b, 0).is_ok() {

@@ -2,9 +2,12 @@
 //! fails that Service only: its later writes are skipped so it keeps what it
 //! had, and every other Service goes on.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, os::fd::AsFd};
 
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, MapData, MapError},
+    Pod,
+};
 use lb_common::{
     config, Backend4, BackendMatchKey, RevNat4, Service4Key, Service4Value, SourceRange4,
     SOURCE_RANGE_PREFIX_BITS,
@@ -163,22 +166,20 @@ impl BpfMaps {
     /// Reads everything the maps hold (to adopt maps a previous agent pinned).
     pub fn read_contents(&self) -> Result<MapContents, MapError> {
         let mut c = MapContents::default();
-        for kv in self.services.iter() {
-            let (k, v) = kv?;
+        // A few thousand entries a syscall: the backends array alone has
+        // 131,072 slots to read when the agent adopts its maps.
+        for (k, v) in batch::<_, Service4Key, Service4Value>(&self.services)? {
             c.insert_service(k, v);
         }
-        for (id, v) in self.backends.iter().enumerate() {
-            let v = v?;
+        for (id, v) in batch::<_, u32, Backend4>(&self.backends)? {
             if v.addr != 0 {
-                c.insert_backend(id as u32, v);
+                c.insert_backend(id, v);
             }
         }
-        for kv in self.rev_nat.iter() {
-            let (k, v) = kv?;
+        for (k, v) in batch::<_, u16, RevNat4>(&self.rev_nat)? {
             c.insert_rev_nat(k, v);
         }
-        for kv in self.backend_match.iter() {
-            let (k, state) = kv?;
+        for (k, state) in batch::<_, BackendMatchKey, u8>(&self.backend_match)? {
             c.backend_match.insert((k.rev_nat_id, k.backend_id), state);
         }
         for k in self.source_ranges.keys() {
@@ -195,6 +196,16 @@ impl BpfMaps {
         }
         Ok(c)
     }
+}
+
+/// Every entry of `map`, read in batches.
+fn batch<M: IterableMap<K, V>, K: Pod, V: Pod>(map: &M) -> Result<Vec<(K, V)>, MapError> {
+    crate::map_batch::lookup_all(map.map().fd().as_fd()).map_err(|io_error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        })
+    })
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), String> {
