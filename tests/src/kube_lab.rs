@@ -171,19 +171,7 @@ impl KubeLab {
     }
 
     pub fn metrics(&self) -> String {
-        let (code, body) = self
-            .lab
-            .node
-            .run_in(|| {
-                http_get(
-                    SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
-                    "/metrics",
-                    TIMEOUT,
-                )
-            })
-            .expect("scrape /metrics");
-        assert_eq!(code, 200, "{body}");
-        body
+        self.lab.scrape_metrics(METRICS_PORT)
     }
 
     pub fn readyz(&self) -> Option<u16> {

@@ -598,6 +598,23 @@ impl Lab {
         );
     }
 
+    /// The agent's `/metrics`, scraped inside the node namespace from
+    /// `--metrics-addr 127.0.0.1:port`.
+    pub fn scrape_metrics(&self, port: u16) -> String {
+        let (code, body) = self
+            .node
+            .run_in(|| {
+                http_get(
+                    SocketAddr::from(([127, 0, 0, 1], port)),
+                    "/metrics",
+                    Duration::from_secs(2),
+                )
+            })
+            .expect("scrape /metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
     /// A pod address no pod of the lab holds (10.244.0.10 to .250).
     pub fn free_pod_ip(&self) -> Result<Ipv4Addr> {
         let taken: BTreeSet<Ipv4Addr> = self.pod_specs.iter().map(|p| p.ip).collect();
@@ -1041,4 +1058,14 @@ pub fn http_get(to: SocketAddr, path: &str, timeout: Duration) -> std::io::Resul
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((code, body))
+}
+
+/// Sum of a metric's samples (Prometheus text) whose line starts with
+/// `name` and contains every one of `parts`.
+pub fn metric_sum(metrics: &str, name: &str, parts: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

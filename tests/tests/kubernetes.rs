@@ -12,7 +12,7 @@ use std::{
 use lb_tests::{
     apiserver::{ApiServer, RequestRecord, Resource},
     kube_lab::{KubeLab, NGINX},
-    lab::tcp_ask,
+    lab::{metric_sum, tcp_ask},
     load::{Load, LoadKind},
     privilege::require_root,
 };
@@ -69,15 +69,6 @@ fn assert_requests_within_rbac(api: &ApiServer) {
             );
         }
     }
-}
-
-/// Sum of a metric's samples whose line contains every one of `parts`.
-fn metric_value(metrics: &str, name: &str, parts: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Sends `n` requests over new TCP connections from the client pod; every
@@ -144,7 +135,7 @@ fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() 
     // The network programming latency was measured from the slices' trigger times.
     let m = k.metrics();
     assert!(
-        metric_value(&m, "lb_services_programmed", &[]) >= 2.0,
+        metric_sum(&m, "lb_services_programmed", &[]) >= 2.0,
         "TCP and UDP frontends: {m}"
     );
 
@@ -284,7 +275,7 @@ fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
     k.wait_programmed(nginx, Some(k.pod_ips(&pods[1..])), "after 410 Gone");
     let m = k.metrics();
     assert!(
-        metric_value(&m, "lb_watch_restarts_total", &["services"]) >= 1.0,
+        metric_sum(&m, "lb_watch_restarts_total", &["services"]) >= 1.0,
         "a relist is counted: {m}"
     );
 
@@ -438,7 +429,7 @@ fn objects_the_data_path_cannot_express_are_skipped_counted_and_the_rest_works()
     }
     let m = k.metrics();
     assert!(
-        metric_value(&m, "lb_invalid_objects_total", &[]) >= 2.0,
+        metric_sum(&m, "lb_invalid_objects_total", &[]) >= 2.0,
         "both bad Services are counted:\n{m}"
     );
 }

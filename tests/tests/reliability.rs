@@ -495,24 +495,17 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
 
 const NGINX_UDP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 const METRICS: &str = "127.0.0.1:10249";
+const METRICS_PORT: u16 = 10249;
 
-fn scrape(lab: &Lab) -> String {
-    let (code, body) = lab
-        .node
-        .run_in(|| {
-            lb_tests::lab::http_get(METRICS.parse().unwrap(), "/metrics", Duration::from_secs(2))
-        })
-        .expect("scrape /metrics");
-    assert_eq!(code, 200, "{body}");
-    body
-}
-
-/// The value of the first sample of `name` whose line holds every part.
+/// The value of `name` (samples matching every part, summed); it must be
+/// exported.
 fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} {parts:?} in:\n{text}"))
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p))),
+        "no metric {name} {parts:?} in:\n{text}"
+    );
+    lb_tests::lab::metric_sum(text, name, parts)
 }
 
 /// Conntrack entries that name backend `id`.
@@ -648,7 +641,7 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept() 
     for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
         assert_kept_its_backend(r);
     }
-    let m = scrape(&lab);
+    let m = lab.scrape_metrics(METRICS_PORT);
     let inserted = metric(&m, "lb_datapath_packets_total", &["ct_inserted"]);
     let evictions = metric(&m, "lb_conntrack_evictions_total", &[]);
     let present = metric(&m, "lb_conntrack_entries", &[]);
