@@ -28,10 +28,13 @@ pub mod map_names {
     pub const CONFIG: &str = "lb_config";
     pub const SOCK_REV: &str = "lb4_sock_rev";
     pub const SOCK_FWD: &str = "lb4_sock_fwd";
+    /// Per backend id: where masquerading looks for its next port toward
+    /// that backend.
+    pub const SNAT_CURSOR: &str = "lb4_snat_cursor";
     /// The previous agent's conntrack map while it is migrated (bound to its
     /// pin only then; otherwise an empty one-entry map). Not in [`ALL`].
     pub const CONNTRACK_PREV: &str = "lb4_conntrack_prev";
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -44,13 +47,24 @@ pub mod map_names {
         CONFIG,
         SOCK_REV,
         SOCK_FWD,
+        SNAT_CURSOR,
     ];
+}
+
+/// Names of the programs' load-time globals (set by the loader).
+pub mod global_names {
+    /// `SnatPorts`: the masquerade port ranges.
+    pub const SNAT_PORTS: &str = "SNAT_PORTS";
 }
 
 /// Names of the BPF programs in the object.
 pub mod program_names {
-    /// XDP, on interfaces where packets arrive from the wire.
+    /// XDP, on interfaces where packets arrive from the wire, for drivers
+    /// that deliver complete checksums (an acceleration, chosen per interface).
     pub const XDP_FROM_WIRE: &str = "lb_xdp_from_wire";
+    /// tc ingress (tcx) on interfaces facing the wire: right for every
+    /// checksum state, so the default.
+    pub const TC_FROM_WIRE: &str = "lb_tc_from_wire";
     /// tc ingress on the host side of each pod's veth (packets leaving pods).
     pub const TC_FROM_POD: &str = "lb_tc_from_pod";
     /// XDP that passes everything, for veth peers receiving XDP_TX frames.
@@ -214,13 +228,66 @@ pub const CT_FLAG_SNAT: u16 = 1 << 1;
 /// routing (a local address as source arriving on a pod's veth).
 pub const CT_FLAG_REDIRECT: u16 = 1 << 2;
 
-/// Masqueraded flows get source ports from this range, above Linux's
-/// default ephemeral range (32768-60999) so they do not meet the node's
-/// own connections.
-pub const SNAT_PORT_MIN: u16 = 61_001;
-pub const SNAT_PORT_COUNT: u16 = 4_535;
-/// Ports tried for a new masqueraded flow before it is dropped (counted).
+/// A TCP entry created by a SYN whose handshake has not been seen to
+/// complete in the entry's direction (forward: the client's first ACK;
+/// reply: the backend's SYN-ACK). It lives `CT_OPENING_LIFETIME_NS`, so a
+/// failed or collided attempt leaves nothing long-lived behind.
+pub const CT_FLAG_OPENING: u16 = 1 << 3;
+
+/// Ports tried for a new masqueraded flow before it is dropped (counted
+/// as `snat_ports_exhausted`).
 pub const SNAT_PORT_TRIES: u32 = 16;
+/// Most port ranges masquerading draws from.
+pub const SNAT_PORT_RANGES_MAX: usize = 4;
+
+/// The source ports masqueraded flows get: up to `SNAT_PORT_RANGES_MAX`
+/// ranges `start[i]..start[i]+len[i]` (host order; `len` 0: unused),
+/// chosen by the agent around the node's own ephemeral and reserved ports
+/// and the NodePort range. A load-time global of the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SnatPorts {
+    pub start: [u16; SNAT_PORT_RANGES_MAX],
+    pub len: [u16; SNAT_PORT_RANGES_MAX],
+}
+
+impl SnatPorts {
+    /// How many ports the ranges hold.
+    #[inline(always)]
+    pub fn total(&self) -> u32 {
+        let mut n = 0u32;
+        let mut i = 0;
+        while i < SNAT_PORT_RANGES_MAX {
+            n += self.len[i] as u32;
+            i += 1;
+        }
+        n
+    }
+
+    /// The `index`th port of the ranges (host order); `index < total()`.
+    #[inline(always)]
+    pub fn port_at(&self, index: u32) -> u16 {
+        let (first, _, offset) = self.locate(index);
+        first + offset
+    }
+
+    /// Where the `index`th port is: (first port of its range, the range's
+    /// length, the port's offset in it). (0, 0, 0) past the end.
+    #[inline(always)]
+    pub fn locate(&self, index: u32) -> (u16, u16, u16) {
+        let mut rest = index;
+        let mut i = 0;
+        while i < SNAT_PORT_RANGES_MAX {
+            let len = self.len[i] as u32;
+            if rest < len {
+                return (self.start[i], self.len[i], rest as u16);
+            }
+            rest -= len;
+            i += 1;
+        }
+        (0, 0, 0)
+    }
+}
 
 /// Session affinity (ClientIP): which backend a client last used.
 #[repr(C)]
@@ -341,15 +408,45 @@ pub mod config {
 pub const CT_TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const CT_UDP_LIFETIME_NS: u64 = 60 * 1_000_000_000;
 pub const CT_CLOSING_LIFETIME_NS: u64 = 10 * 1_000_000_000;
+/// A TCP entry whose handshake was not seen to complete (`CT_FLAG_OPENING`).
+pub const CT_OPENING_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+/// After a masqueraded TCP flow closed (or its attempt failed), its
+/// masquerade port is not given out again toward the same backend for
+/// this long: either end may hold the 4-tuple in TIME_WAIT (Linux: 60 s),
+/// and a new SYN on it would meet the old connection's ACK. 120 s is the
+/// kernel NAT's TIME_WAIT timeout, 2 MSL.
+pub const SNAT_TIME_WAIT_NS: u64 = 120 * 1_000_000_000;
+
 /// How long an entry with `flags` of protocol `proto` lives without packets.
 #[inline(always)]
 pub fn ct_lifetime_ns(proto: u8, flags: u16) -> u64 {
     if flags & CT_FLAG_CLOSING != 0 {
         CT_CLOSING_LIFETIME_NS
-    } else if proto == IPPROTO_TCP {
-        CT_TCP_LIFETIME_NS
-    } else {
+    } else if proto != IPPROTO_TCP {
         CT_UDP_LIFETIME_NS
+    } else if flags & CT_FLAG_OPENING != 0 {
+        CT_OPENING_LIFETIME_NS
+    } else {
+        CT_TCP_LIFETIME_NS
+    }
+}
+
+/// How long an idle entry must be kept: its lifetime, and for the reply
+/// entry of a masqueraded TCP flow that closed or never opened, at least
+/// `SNAT_TIME_WAIT_NS`, since that entry is what reserves its masquerade
+/// port toward its backend.
+#[inline(always)]
+pub fn ct_hold_ns(proto: u8, direction: u8, flags: u16) -> u64 {
+    let lifetime = ct_lifetime_ns(proto, flags);
+    let reserves_port = direction == CT_DIR_REPLY && flags & CT_FLAG_SNAT != 0;
+    if reserves_port && proto == IPPROTO_TCP && flags & (CT_FLAG_CLOSING | CT_FLAG_OPENING) != 0 {
+        if lifetime > SNAT_TIME_WAIT_NS {
+            lifetime
+        } else {
+            SNAT_TIME_WAIT_NS
+        }
+    } else {
+        lifetime
     }
 }
 
@@ -390,7 +487,9 @@ pub mod stats {
     pub const REWRITE_FAILED: u32 = 8;
     /// A source outside the frontend's loadBalancerSourceRanges: dropped.
     pub const SOURCE_RANGE_DROPPED: u32 = 9;
-    /// No free masquerade port (or no masquerade address set): dropped.
+    /// No masquerade address or port range set, or the claim of a
+    /// masquerade port failed: dropped. (Ports all in use:
+    /// `SNAT_PORTS_EXHAUSTED`.)
     pub const SNAT_FAILED: u32 = 10;
     /// New flows that went to their client's affinity backend.
     pub const AFFINITY_HIT: u32 = 11;
@@ -406,7 +505,10 @@ pub mod stats {
     /// Conntrack entries the agent's sweep removed (expired, or their
     /// backend was deleted); written by the agent into CPU 0's slot.
     pub const CT_SWEPT: u32 = 16;
-    pub const COUNT: u32 = 17;
+    /// New masqueraded flows that found no free masquerade port toward
+    /// their backend (every port tried is in use or in TIME_WAIT): dropped.
+    pub const SNAT_PORTS_EXHAUSTED: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const NAMES: [&str; COUNT as usize] = [
         "service_forwarded",
         "reverse_natted",
@@ -425,6 +527,7 @@ pub mod stats {
         "ct_inserted",
         "ct_removed",
         "ct_swept",
+        "snat_ports_exhausted",
     ];
 }
 
@@ -447,6 +550,7 @@ mod user {
     unsafe impl aya::Pod for SockRev4Key {}
     unsafe impl aya::Pod for SockRev4Value {}
     unsafe impl aya::Pod for SockFwd4Key {}
+    unsafe impl aya::Pod for SnatPorts {}
 }
 
 #[cfg(test)]

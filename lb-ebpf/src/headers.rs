@@ -9,6 +9,8 @@ pub const L4_OFF: usize = IP_OFF + IP_HLEN;
 pub const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
+pub const IP_TOT_LEN_OFF: usize = IP_OFF + 2;
+pub const IP_TTL_OFF: usize = IP_OFF + 8;
 pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 pub const IP_SADDR_OFF: usize = IP_OFF + 12;
 pub const IP_DADDR_OFF: usize = IP_OFF + 16;
@@ -18,6 +20,11 @@ pub const TCP_CSUM_OFF: usize = L4_OFF + 16;
 pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
 
 const ETH_P_IP: u16 = 0x0800;
+/// The IPv4 address family (socket addresses, FIB lookups); aya's
+/// bindings leave the socket headers out.
+pub const AF_INET: u8 = 2;
+/// TTL of packets the programs build (RSTs).
+pub const DEFAULT_TTL: u8 = 64;
 /// More-fragments flag and fragment offset, network order mask.
 const IP_FRAG_MASK: u16 = 0x3fff;
 

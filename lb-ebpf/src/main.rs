@@ -1,12 +1,13 @@
 //! BPF programs of the load balancer.
 //!
-//! - `lb_xdp_from_wire` (XDP) runs where packets arrive from the wire, where
-//!   checksums are complete, so it rewrites them in software.
-//! - `lb_tc_from_pod` (tc ingress on the host side of pod veths) sees packets
-//!   that pods send, often with only a partial checksum; the skb checksum
-//!   helpers handle both states (see the checksum trap in DESIGN.md).
+//! - `lb_tc_from_wire` (tc ingress, tcx) runs where packets arrive from the
+//!   wire, and `lb_tc_from_pod` on the host side of pod veths. Packets there
+//!   may carry only a partial checksum (a pod's, or a node's whose wire is
+//!   a veth); the skb checksum helpers are right in every state.
+//! - `lb_xdp_from_wire` (XDP) is the wire hook's acceleration for drivers
+//!   that deliver complete checksums; it rewrites them in software.
 //!
-//! Both share the service lookup, backend selection and conntrack in `nat`.
+//! All share the service lookup, backend selection and conntrack in `nat`.
 #![no_std]
 #![no_main]
 
@@ -40,6 +41,11 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
     tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+#[classifier]
+pub fn lb_tc_from_wire(ctx: TcContext) -> i32 {
+    tc_path::try_from_wire(&ctx).unwrap_or(TC_ACT_OK)
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -2,18 +2,37 @@
 //! Their layout and update order are described in lb-common and DESIGN.md.
 
 use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     config, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value,
-    RevNat4, Service4Key, Service4Value, ServiceStats, SockFwd4Key, SockRev4Key, SockRev4Value,
-    SourceRange4, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_MATCH, MAX_CONNTRACK, MAX_REV_NAT,
-    MAX_SERVICE_SLOTS, MAX_SOCK_REV, MAX_SOURCE_RANGES,
+    RevNat4, Service4Key, Service4Value, ServiceStats, SnatPorts, SockFwd4Key, SockRev4Key,
+    SockRev4Value, SourceRange4, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_MATCH, MAX_CONNTRACK,
+    MAX_REV_NAT, MAX_SERVICE_SLOTS, MAX_SOCK_REV, MAX_SOURCE_RANGES,
 };
 
-const BPF_ANY: u64 = 0;
-const BPF_NOEXIST: u64 = 1;
+/// The masquerade port ranges, set by the loader (`global_names::SNAT_PORTS`).
+#[unsafe(no_mangle)]
+static SNAT_PORTS: SnatPorts = SnatPorts {
+    start: [0; lb_common::SNAT_PORT_RANGES_MAX],
+    len: [0; lb_common::SNAT_PORT_RANGES_MAX],
+};
+
+#[inline(always)]
+pub fn snat_ports() -> SnatPorts {
+    // SAFETY: a plain read; volatile so the compiler does not fold the
+    // zero it was compiled with (the loader rewrites it).
+    unsafe { core::ptr::read_volatile(&SNAT_PORTS) }
+}
+
+/// Per backend id, the index of the next masquerade port to try toward
+/// that backend: ports are handed out in turn, so one comes back only
+/// after all the others were given out (the ranges' size divided by the
+/// rate of new flows to that backend).
+#[btf_map(name = "lb4_snat_cursor")]
+pub static SNAT_CURSOR: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
 const NO_PREALLOC: usize = 1;
@@ -73,11 +92,26 @@ pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value, known_absent: bool) {
     // eviction) for nothing.
     // SAFETY: only tested for presence.
     let absent = known_absent || unsafe { CONNTRACK.get(*key) }.is_none();
-    if absent && CONNTRACK.insert(*key, *value, BPF_NOEXIST).is_ok() {
-        count(stats::CT_INSERTED);
-    } else {
-        let _ = CONNTRACK.insert(*key, *value, BPF_ANY);
+    if !(absent && conntrack_insert_new(key, value)) {
+        let _ = CONNTRACK.insert(*key, *value, BPF_ANY as u64);
+        mirror_to_prev(key, value);
     }
+}
+
+/// Records a conntrack entry only if its key is free (atomically: of two
+/// CPUs claiming one key, one wins). True when it did.
+#[inline(always)]
+pub fn conntrack_insert_new(key: &Ct4Key, value: &Ct4Value) -> bool {
+    if CONNTRACK.insert(*key, *value, BPF_NOEXIST as u64).is_err() {
+        return false;
+    }
+    count(stats::CT_INSERTED);
+    mirror_to_prev(key, value);
+    true
+}
+
+#[inline(always)]
+fn mirror_to_prev(key: &Ct4Key, value: &Ct4Value) {
     if config(config::CT_MIGRATING) != 0 {
         let _ = CONNTRACK_PREV.insert(*key, *value, 0);
     }

@@ -16,11 +16,11 @@ use lb_common::{
 };
 
 use crate::{
+    headers::AF_INET,
     maps::{self, backend, backend_match, count, SOCK_FWD, SOCK_REV},
     nat::{lookup_service, remember_affinity, select_backend},
 };
 
-const AF_INET: u32 = 2;
 const ECONNREFUSED: i32 = 111;
 /// Let the syscall go on (with the possibly rewritten address).
 const ALLOW: i32 = 1;
@@ -72,7 +72,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
             (*sa).protocol,
         )
     };
-    if family != AF_INET || !enabled(ctx) {
+    if family != AF_INET as u32 || !enabled(ctx) {
         return ALLOW;
     }
     let proto = match protocol {
@@ -169,7 +169,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
 pub fn restore(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let (family, addr, port) = unsafe { ((*sa).user_family, (*sa).user_ip4, (*sa).user_port) };
-    if family != AF_INET {
+    if family != AF_INET as u32 {
         return ALLOW;
     }
     let key = SockRev4Key {

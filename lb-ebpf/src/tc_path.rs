@@ -1,10 +1,15 @@
-//! tc ingress on the host side of pod veths: packets pods send. Their L4
-//! checksum is often only partial (the pod's stack left it to "hardware"), a
-//! state XDP cannot see, so every rewrite goes through the skb checksum
-//! helpers, which update the field correctly for both states.
+//! tc ingress (tcx), on the host side of pod veths and on interfaces facing
+//! the wire. A packet's L4 checksum may be only partial there (the sender's
+//! stack left it to "hardware": a pod, or a node whose wire is a veth, as in
+//! kind), a state XDP cannot see, so every rewrite goes through the skb
+//! checksum helpers, which update the field correctly in every state
+//! (partial, complete, or verified by the NIC).
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    },
     helpers::{
         bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
         bpf_skb_change_tail, bpf_skb_load_bytes,
@@ -15,23 +20,30 @@ use lb_common::{icmp, stats, IPPROTO_TCP};
 
 use crate::{
     headers::{
-        parse, Flow, Parsed, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF,
-        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
+        parse, Flow, Parsed, AF_INET, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
+        IP_SADDR_OFF, IP_TOT_LEN_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
     },
     maps::count,
     nat::{self, Action, Hook, Rewriter},
     xdp_path::reset_header,
 };
 
-const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
-const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
-const TC_ACT_REDIRECT: i32 = 7;
-const AF_INET: u8 = 2;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-const BPF_FIB_LOOKUP_SKIP_NEIGH: u32 = 1 << 3;
+/// tc verdicts as the classifier returns them.
+const OK: i32 = TC_ACT_OK;
+const SHOT: i32 = TC_ACT_SHOT;
 
+/// tc on a pod's veth: packets the pod sends.
 pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
+    try_handle(ctx, Hook::Pod)
+}
+
+/// tc on an interface facing the wire: packets from other machines.
+pub fn try_from_wire(ctx: &TcContext) -> Result<i32, ()> {
+    try_handle(ctx, Hook::Wire)
+}
+
+#[inline(always)]
+fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
     // Direct packet access needs the headers in the linear part of the skb.
     let want = (L4_OFF + TCP_HLEN) as u32;
     if ctx.data() + want as usize > ctx.data_end() {
@@ -39,28 +51,32 @@ pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
     }
     let flow = match parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(flow) => flow,
-        Parsed::Other => return Ok(TC_ACT_OK),
+        Parsed::Other => return Ok(OK),
         Parsed::Fragment => {
             count(stats::FRAGMENT_PASSED);
-            return Ok(TC_ACT_OK);
+            return Ok(OK);
         }
         Parsed::Malformed => {
             count(stats::MALFORMED_PASSED);
-            return Ok(TC_ACT_OK);
+            return Ok(OK);
         }
     };
     let rw = TcRewriter { ctx };
-    Ok(match nat::handle(&rw, &flow, Hook::Pod) {
-        Action::Pass | Action::Translated => TC_ACT_OK,
-        Action::Redirect => redirect_to_egress(ctx),
-        Action::Drop => TC_ACT_SHOT,
-        Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), TC_ACT_SHOT),
-        Action::RejectUdp => nat::rejected(udp_unreachable(ctx), TC_ACT_SHOT),
+    Ok(match nat::handle(&rw, &flow, hook) {
+        Action::Pass | Action::Translated => OK,
+        // From a pod, a node address as source would look spoofed to input
+        // routing; from the wire the agent lets it in (accept_local), as
+        // it does for XDP, and the kernel routes it on.
+        Action::Redirect if hook == Hook::Pod => redirect_to_egress(ctx),
+        Action::Redirect => OK,
+        Action::Drop => SHOT,
+        Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), SHOT),
+        Action::RejectUdp => nat::rejected(udp_unreachable(ctx), SHOT),
     })
 }
 
 /// Turns a UDP datagram to a Service without backends into an ICMP port
-/// unreachable, sent back into the pod (see lb_common::icmp for why the
+/// unreachable, sent back where it came from (see lb_common::icmp for why the
 /// quoted checksum is predicted rather than copied).
 fn udp_unreachable(ctx: &TcContext) -> Result<i32, ()> {
     let eth: [u8; icmp::ETH_LEN] = ctx.load(0).map_err(|_| ())?;
@@ -75,12 +91,13 @@ fn udp_unreachable(ctx: &TcContext) -> Result<i32, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::PORT_UNREACHABLE_LEN as u32, 0) } != 0 {
         return Err(());
     }
-    redirect_into_pod(ctx)
+    redirect_back(ctx)
 }
 
-/// Back out of the veth the packet came in by: into the pod that sent it.
+/// Out of the interface the packet came in by: into the pod that sent it,
+/// or back onto the wire towards the client.
 #[inline(always)]
-fn redirect_into_pod(ctx: &TcContext) -> Result<i32, ()> {
+fn redirect_back(ctx: &TcContext) -> Result<i32, ()> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
     if ret != TC_ACT_REDIRECT {
@@ -93,9 +110,10 @@ fn redirect_into_pod(ctx: &TcContext) -> Result<i32, ()> {
 /// new destination to. Its source may now be a node address (a NodePort
 /// reply, a masqueraded flow), which the kernel's input routing would drop
 /// as spoofed on a pod's veth. Without a route it goes to the stack.
+#[inline(never)]
 fn redirect_to_egress(ctx: &TcContext) -> i32 {
     let Ok(addrs) = ctx.load::<[u32; 2]>(IP_SADDR_OFF) else {
-        return TC_ACT_OK;
+        return OK;
     };
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions).
     let mut params: FibParams = unsafe { core::mem::zeroed() };
@@ -104,6 +122,8 @@ fn redirect_to_egress(ctx: &TcContext) -> i32 {
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     params.__bindgen_anon_3.ipv4_src = addrs[0];
     params.__bindgen_anon_4.ipv4_dst = addrs[1];
+    // The neighbour is bpf_redirect_neigh's to resolve: with SKIP_NEIGH the
+    // lookup succeeds whether or not the next hop's address is known yet.
     let ret = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
@@ -112,8 +132,8 @@ fn redirect_to_egress(ctx: &TcContext) -> i32 {
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
     };
-    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return TC_ACT_OK;
+    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return OK;
     }
     // The neighbour subsystem resolves the next hop's MAC address.
     unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
@@ -135,10 +155,10 @@ struct End {
 impl TcRewriter<'_> {
     #[inline(always)]
     fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), ()> {
-        let mangled = if flow.proto == IPPROTO_TCP {
+        let mangled: u64 = if flow.proto == IPPROTO_TCP {
             0
         } else {
-            BPF_F_MARK_MANGLED_0
+            BPF_F_MARK_MANGLED_0 as u64
         };
         let ctx = self.ctx;
         // Addresses are in the pseudo header: with BPF_F_PSEUDO_HDR the helper
@@ -147,7 +167,7 @@ impl TcRewriter<'_> {
             flow.l4_csum_off,
             end.old_addr as u64,
             addr as u64,
-            BPF_F_PSEUDO_HDR | mangled | 4,
+            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
         )
         .map_err(|_| ())?;
         ctx.l4_csum_replace(
@@ -188,7 +208,7 @@ impl Rewriter for TcRewriter<'_> {
 }
 
 /// Answers a TCP segment to a Service without backends with a RST, sent
-/// back into the pod. Built from the segment itself with the checksum
+/// back where it came from. Built from the segment itself with the checksum
 /// helpers, so it is right whether the segment's checksum was partial or full.
 fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     let old: [u8; TCP_HLEN] = ctx.load(L4_OFF).map_err(|_| ())?;
@@ -247,7 +267,7 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
         TCP_CSUM_OFF,
         old_l4_len as u64,
         new_l4_len as u64,
-        BPF_F_PSEUDO_HDR | 2,
+        BPF_F_PSEUDO_HDR as u64 | 2,
     )
     .map_err(|_| ())?;
     ctx.store(
@@ -259,6 +279,7 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
         0,
     )
     .map_err(|_| ())?;
+    // Bytes 16..18 are the checksum, already updated in place.
     ctx.store(L4_OFF + 18, &[new[18], new[19]], 0)
         .map_err(|_| ())?;
 
@@ -266,7 +287,7 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     let new_tot = ((IP_HLEN + TCP_HLEN) as u16).to_be();
     ctx.l3_csum_replace(IP_CSUM_OFF, old_tot as u64, new_tot as u64, 2)
         .map_err(|_| ())?;
-    ctx.store(IP_OFF + 2, &new_tot, 0).map_err(|_| ())?;
+    ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(|_| ())?;
     ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(|_| ())?;
     ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(|_| ())?;
 
@@ -281,5 +302,5 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
         return Err(());
     }
-    redirect_into_pod(ctx)
+    redirect_back(ctx)
 }

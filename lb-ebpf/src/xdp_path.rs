@@ -1,5 +1,7 @@
-//! XDP on interfaces facing the wire. Packets here carry complete checksums
-//! (a NIC, or a peer that computed them), so they are updated in software.
+//! XDP on interfaces facing the wire, an acceleration for drivers whose
+//! packets carry complete checksums (a physical NIC): it updates them in
+//! software (RFC 1624), which is wrong for a partial checksum, so the agent
+//! attaches it only where none can arrive (see `lb_tc_from_wire`).
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -10,8 +12,8 @@ use lb_common::{csum, icmp, stats, IPPROTO_TCP};
 
 use crate::{
     headers::{
-        parse, ptr_at, Flow, Parsed, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
-        IP_SADDR_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        parse, ptr_at, Flow, Parsed, DEFAULT_TTL, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN,
+        IP_OFF, IP_SADDR_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::count,
     nat::{self, Action, Hook, Rewriter},
@@ -44,6 +46,7 @@ pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
 
 /// Turns a UDP datagram to a Service without backends into an ICMP port
 /// unreachable and sends it back out (see lb_common::icmp).
+#[inline(never)]
 fn udp_unreachable(ctx: &XdpContext) -> Result<u32, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<[u8; icmp::ETH_LEN]>(start, end, 0).ok_or(())?;
@@ -126,6 +129,7 @@ impl Rewriter for XdpRewriter<'_> {
 
 /// Turns a TCP segment to a Service without backends into the RST the
 /// client's stack expects (RFC 9293 3.10.7.1) and sends it back out.
+#[inline(never)]
 fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let eth = ptr_at::<[u8; ETH_HLEN]>(start, end, 0).ok_or(())?;
@@ -147,7 +151,7 @@ fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, ()> {
 
     let new_tot_len = (IP_HLEN + TCP_HLEN) as u16;
     h[2..4].copy_from_slice(&new_tot_len.to_be_bytes());
-    h[8] = 64;
+    h[IP_TTL_OFF - IP_OFF] = DEFAULT_TTL;
     h[10] = 0;
     h[11] = 0;
     let (src, dst) = ([h[12], h[13], h[14], h[15]], [h[16], h[17], h[18], h[19]]);

@@ -1,6 +1,7 @@
-//! Attaches the programs: XDP on interfaces facing the wire, tc ingress on
-//! the host side of pod veths. Pod interfaces come and go with pods, so they
-//! are rescanned and new ones attached.
+//! Attaches the programs: tc ingress (or XDP, see `wire_hook`) on
+//! interfaces facing the wire, tc ingress on the host side of pod veths.
+//! Pod interfaces come and go with pods, so they are rescanned and new ones
+//! attached.
 
 use std::{
     collections::BTreeMap,
@@ -19,6 +20,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::program_names;
+
+use crate::wire_hook::{self, WireHook, WireHookMode, WireHookReason};
 
 /// How XDP is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -93,8 +96,34 @@ pub fn default_route_interfaces() -> Vec<String> {
 pub struct Attachments {
     /// Pod interfaces attached, by name, with the ifindex they had.
     pod_ifaces: BTreeMap<String, u32>,
+    /// Wire interfaces: never taken for pod interfaces.
+    wire_ifaces: Vec<String>,
     pod_patterns: Vec<String>,
     links_dir: PathBuf,
+}
+
+/// The hook a wire interface got, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireAttachment {
+    pub interface: String,
+    pub hook: WireHook,
+    /// The interface's driver (`ethtool -i`), "unknown" when it has none.
+    pub driver: String,
+    pub reason: WireHookReason,
+    pub attached: Attached,
+}
+
+impl std::fmt::Display for WireAttachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "wire hook on {}: {} ({:?}): {}",
+            self.interface,
+            self.hook,
+            self.attached,
+            self.reason.explain(self.hook, &self.driver)
+        )
+    }
 }
 
 /// How an attachment came about.
@@ -108,19 +137,30 @@ pub enum Attached {
 
 impl Attachments {
     pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, pod_patterns: Vec<String>) -> Result<Self> {
-        let xdp: &mut Xdp = program(ebpf, program_names::XDP_FROM_WIRE)?.try_into()?;
         // The kernel says only EPERM/EACCES (or a verifier line): name what
         // a container must add.
-        xdp.load()
-            .context("loading the XDP program (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
-        let tc: &mut SchedClassifier = program(ebpf, program_names::TC_FROM_POD)?.try_into()?;
-        tc.load()
-            .context("loading the tc program (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
+        for name in [program_names::XDP_FROM_WIRE, program_names::XDP_PASS] {
+            let xdp: &mut Xdp = program(ebpf, name)?.try_into()?;
+            xdp.load().with_context(|| {
+                format!(
+                    "loading the XDP program {name} (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+                )
+            })?;
+        }
+        for name in [program_names::TC_FROM_POD, program_names::TC_FROM_WIRE] {
+            let tc: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
+            tc.load().with_context(|| {
+                format!(
+                    "loading the tc program {name} (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+                )
+            })?;
+        }
         let links_dir = links_dir(pin_dir);
         std::fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;
         Ok(Self {
             pod_ifaces: BTreeMap::new(),
+            wire_ifaces: Vec::new(),
             pod_patterns,
             links_dir,
         })
@@ -130,13 +170,96 @@ impl Attachments {
         self.links_dir.join(format!("{kind}_{iface}"))
     }
 
+    /// Attaches the wire hook `mode` asks for to `iface`, and removes the
+    /// other one if a previous agent left it (after the new one is in
+    /// place: for that moment both run, and the second finds nothing left
+    /// to translate).
     pub fn attach_wire(
         &mut self,
         ebpf: &mut Ebpf,
         iface: &str,
-        mode: XdpAttachMode,
-    ) -> Result<Attached> {
+        mode: WireHookMode,
+        xdp_mode: XdpAttachMode,
+    ) -> Result<WireAttachment> {
+        self.wire_ifaces.push(iface.to_owned());
+        let driver = wire_hook::driver(iface).unwrap_or_else(|| "unknown".into());
+        let (mut hook, mut reason) = wire_hook::choose(mode, &driver);
+        let mut how = None;
+        if hook == WireHook::Xdp {
+            let xdp_mode = match reason {
+                // Generic XDP runs on the skb blind to its checksum state.
+                WireHookReason::CompleteChecksums => XdpAttachMode::Native,
+                _ => xdp_mode,
+            };
+            match self.attach_xdp(ebpf, iface, xdp_mode) {
+                Ok(attached) => how = Some(attached),
+                Err(e) if reason == WireHookReason::CompleteChecksums => {
+                    log::warn!("native XDP on {iface} failed ({e:#}); using tc");
+                    (hook, reason) = (WireHook::Tc, WireHookReason::NoNativeXdp);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let attached = match how {
+            Some(a) => a,
+            None => self.attach_tc_wire(ebpf, iface)?,
+        };
+        match hook {
+            WireHook::Tc => self.neutralize_xdp(ebpf, iface)?,
+            // Detaching tcx resets nothing.
+            WireHook::Xdp => {
+                let _ = std::fs::remove_file(self.pin_path("tcwire", iface));
+            }
+        }
+        Ok(WireAttachment {
+            interface: iface.to_owned(),
+            hook,
+            driver,
+            reason,
+            attached,
+        })
+    }
+
+    /// An XDP link a previous agent left on an interface that now gets tc
+    /// keeps running, with the pass-through program swapped in atomically:
+    /// detaching XDP makes veth (and many NIC drivers) reset their receive
+    /// rings, dropping the packets in them. Pinned as `xdppass_<iface>`.
+    fn neutralize_xdp(&self, ebpf: &mut Ebpf, iface: &str) -> Result<()> {
         let pin = self.pin_path("xdp", iface);
+        let Some(fd) = adopt_pinned(&pin) else {
+            return Ok(());
+        };
+        let pass: &mut Xdp = program(ebpf, program_names::XDP_PASS)?.try_into()?;
+        match XdpLink::try_from(fd)
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(pass.attach_to_link(l)?))
+        {
+            Ok(_) => {
+                std::fs::rename(&pin, self.pin_path("xdppass", iface))
+                    .with_context(|| format!("renaming {}", pin.display()))?;
+                log::info!(
+                    "XDP on {iface} now passes every packet to tc (left attached: detaching it would reset the device's rings)"
+                );
+            }
+            Err(e) => {
+                log::warn!(
+                    "pinned XDP link {} could not be reused ({e}); detaching it",
+                    pin.display()
+                );
+                let _ = std::fs::remove_file(&pin);
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&self, ebpf: &mut Ebpf, iface: &str, mode: XdpAttachMode) -> Result<Attached> {
+        let pin = self.pin_path("xdp", iface);
+        let pass_pin = self.pin_path("xdppass", iface);
+        if !pin.exists() && pass_pin.exists() {
+            // A pass-through link left by a move to tc serves XDP again.
+            std::fs::rename(&pass_pin, &pin)
+                .with_context(|| format!("renaming {}", pass_pin.display()))?;
+        }
         let xdp: &mut Xdp = program(ebpf, program_names::XDP_FROM_WIRE)?.try_into()?;
         if let Some(fd) = adopt_pinned(&pin) {
             match XdpLink::try_from(fd)
@@ -177,9 +300,24 @@ impl Attachments {
         Ok(Attached::New(how))
     }
 
+    fn attach_tc_wire(&self, ebpf: &mut Ebpf, iface: &str) -> Result<Attached> {
+        self.attach_tc(ebpf, program_names::TC_FROM_WIRE, "tcwire", iface)
+    }
+
     fn attach_pod(&self, ebpf: &mut Ebpf, name: &str) -> Result<Attached> {
-        let pin = self.pin_path("tc", name);
-        let tc: &mut SchedClassifier = program(ebpf, program_names::TC_FROM_POD)?.try_into()?;
+        self.attach_tc(ebpf, program_names::TC_FROM_POD, "tc", name)
+    }
+
+    /// tc ingress (tcx) of `program` on `name`, pinned as `<kind>_<name>`.
+    fn attach_tc(
+        &self,
+        ebpf: &mut Ebpf,
+        program_name: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Attached> {
+        let pin = self.pin_path(kind, name);
+        let tc: &mut SchedClassifier = program(ebpf, program_name)?.try_into()?;
         if let Some(fd) = adopt_pinned(&pin) {
             match SchedClassifierLink::try_from(fd)
                 .map_err(anyhow::Error::from)
@@ -211,7 +349,9 @@ impl Attachments {
     pub fn refresh_pod_interfaces(&mut self, ebpf: &mut Ebpf) -> Result<Vec<(String, Attached)>> {
         let present: BTreeMap<String, u32> = interfaces()
             .into_iter()
-            .filter(|(_, n)| self.pod_patterns.iter().any(|p| glob_match(p, n)))
+            .filter(|(_, n)| {
+                self.pod_patterns.iter().any(|p| glob_match(p, n)) && !self.wire_ifaces.contains(n)
+            })
             .map(|(i, n)| (n, i))
             .collect();
         let gone: Vec<String> = self
@@ -369,6 +509,43 @@ pub fn netns_cookie() -> Result<u64> {
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join("links")
+}
+
+/// The wire hooks pinned under `pin_dir`: (interface, hook), by interface.
+pub fn pinned_wire_hooks(pin_dir: &Path) -> Vec<(String, WireHook)> {
+    let mut out: Vec<(String, WireHook)> = std::fs::read_dir(links_dir(pin_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(iface) = name.strip_prefix("tcwire_") {
+                Some((iface.to_owned(), WireHook::Tc))
+            } else {
+                name.strip_prefix("xdp_")
+                    .map(|iface| (iface.to_owned(), WireHook::Xdp))
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Pod interfaces with tc pinned under `pin_dir`.
+pub fn pinned_pod_hooks(pin_dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(links_dir(pin_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("tc_")
+                .map(str::to_owned)
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn adopt_pinned(pin: &Path) -> Option<FdLink> {

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use aya::maps::{
     Array, HashMap as BpfHashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues,
 };
-use lb_common::{ct_lifetime_ns, map_names, stats, Backend4, Ct4Key, Ct4Value};
+use lb_common::{ct_hold_ns, map_names, stats, Backend4, Ct4Key, Ct4Value};
 
 use crate::{
     loader::map_pin_path,
@@ -44,14 +44,17 @@ impl SweepReason {
 }
 
 /// Whether an entry goes, given the monotonic clock and whether its
-/// backend id is in use.
+/// backend id is in use. An entry goes once idle past its hold: its
+/// lifetime, longer for a reply entry that reserves a masquerade port
+/// through TIME_WAIT (the data path stops translating with it earlier).
 pub fn verdict(
     key: &Ct4Key,
     value: &Ct4Value,
     now_ns: u64,
     backend_live: impl FnOnce(u32) -> bool,
 ) -> Option<SweepReason> {
-    if now_ns.saturating_sub(value.last_seen_ns) >= ct_lifetime_ns(key.proto, value.flags) {
+    let hold = ct_hold_ns(key.proto, key.direction, value.flags);
+    if now_ns.saturating_sub(value.last_seen_ns) >= hold {
         Some(SweepReason::Expired)
     } else if !backend_live(value.backend_id) {
         Some(SweepReason::BackendGone)
@@ -65,6 +68,28 @@ pub fn verdict(
 /// data path did not insert).
 pub fn evicted(inserted: u64, removed: u64, swept: u64, present: u64) -> u64 {
     inserted.saturating_sub(removed + swept + present)
+}
+
+/// The data path's conntrack counters, read before a pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtCounters {
+    pub inserted: u64,
+    pub removed: u64,
+    pub swept: u64,
+}
+
+/// After a pass that saw `seen` entries and removed `removed_now` of them:
+/// (entries present, evictions so far). The pass's removals count as swept
+/// as they leave `present`, or each would count as an eviction too.
+pub fn account(before: CtCounters, seen: u64, removed_now: u64) -> (u64, u64) {
+    let present = seen.saturating_sub(removed_now);
+    let evicted = evicted(
+        before.inserted,
+        before.removed,
+        before.swept + removed_now,
+        present,
+    );
+    (present, evicted)
 }
 
 /// What one sweep saw and did.
@@ -151,12 +176,13 @@ impl Sweeper {
     pub fn sweep(&mut self) -> Result<SweepReport> {
         // Read first: entries added during the walk may be seen present
         // but are not counted as inserted, so evictions come out low, never
-        // high (the metric only grows).
-        let (inserted, removed, swept) = (
-            self.counter(stats::CT_INSERTED),
-            self.counter(stats::CT_REMOVED),
-            self.counter(stats::CT_SWEPT),
-        );
+        // high (the metric only grows). This pass's own removals are added
+        // to `swept` below, as they are taken out of `present`.
+        let before = CtCounters {
+            inserted: self.counter(stats::CT_INSERTED),
+            removed: self.counter(stats::CT_REMOVED),
+            swept: self.counter(stats::CT_SWEPT),
+        };
         let now = monotonic_ns();
         // Only a backend found live is remembered for the pass; one found
         // gone is looked up again right before its entries are removed.
@@ -192,9 +218,9 @@ impl Sweeper {
                 }
             }
         }
-        self.add_swept(report.backend_gone + report.expired)?;
-        report.present = present.saturating_sub(report.backend_gone + report.expired);
-        report.evicted = evicted(inserted, removed, swept, report.present);
+        let swept_now = report.backend_gone + report.expired;
+        self.add_swept(swept_now)?;
+        (report.present, report.evicted) = account(before, present, swept_now);
         Ok(report)
     }
 }
@@ -255,7 +281,9 @@ pub fn start(
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{CT_FLAG_CLOSING, IPPROTO_TCP, IPPROTO_UDP};
+    use lb_common::{
+        CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_OPENING, CT_FLAG_SNAT, IPPROTO_TCP, IPPROTO_UDP,
+    };
 
     use super::*;
 
@@ -288,6 +316,50 @@ mod tests {
         assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::Expired));
         let (k, v) = entry(IPPROTO_TCP, 100_000 - 1, 0, 8);
         assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::BackendGone));
+        let (k, v) = entry(IPPROTO_TCP, 100_000 - 61, CT_FLAG_OPENING, 7);
+        assert_eq!(
+            verdict(&k, &v, now, live),
+            Some(SweepReason::Expired),
+            "a handshake never seen to complete lives a minute"
+        );
+    }
+
+    #[test]
+    fn a_closed_masqueraded_flow_keeps_its_port_through_time_wait() {
+        let now = 100_000 * 1_000_000_000;
+        let live = |_| true;
+        let reply = |last_seen_s: u64, flags: u16| {
+            let (mut k, v) = entry(IPPROTO_TCP, last_seen_s, flags, 7);
+            k.direction = CT_DIR_REPLY;
+            (k, v)
+        };
+        let (k, v) = reply(100_000 - 60, CT_FLAG_SNAT | CT_FLAG_CLOSING);
+        assert_eq!(verdict(&k, &v, now, live), None, "closed 60 s ago");
+        let (k, v) = reply(100_000 - 121, CT_FLAG_SNAT | CT_FLAG_CLOSING);
+        assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::Expired));
+        let (k, v) = reply(100_000 - 90, CT_FLAG_SNAT | CT_FLAG_OPENING);
+        assert_eq!(verdict(&k, &v, now, live), None, "a failed attempt too");
+        let (k, v) = reply(100_000 - 60, CT_FLAG_CLOSING);
+        assert_eq!(
+            verdict(&k, &v, now, live),
+            Some(SweepReason::Expired),
+            "no masquerade port to keep"
+        );
+    }
+
+    #[test]
+    fn a_pass_that_removes_entries_does_not_count_them_as_evicted() {
+        // The report's case: after a sync that deleted a backend, a pass
+        // saw 962 entries and swept 212 of them; nothing was evicted (the
+        // old accounting said 212).
+        let before = CtCounters {
+            inserted: 1_002,
+            removed: 0,
+            swept: 40,
+        };
+        assert_eq!(account(before, 962, 212), (750, 0));
+        // 10 evicted before the pass stay counted.
+        assert_eq!(account(before, 952, 212), (740, 10));
     }
 
     #[test]

@@ -98,3 +98,119 @@ pub fn render_table(services: &[ProgrammedService]) -> String {
     }
     s
 }
+
+/// `lb-agent status`: where the programs are attached, read from the
+/// pinned links, with each wire interface's driver and why it got its hook.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct AttachStatus {
+    pub wire: Vec<WireStatus>,
+    /// Pod interfaces (host side) with tc.
+    pub pods: Vec<String>,
+    /// Socket hooks (cgroup sock_addr programs) pinned.
+    pub socket_hooks: Vec<String>,
+    /// Wire interfaces that moved from XDP to tc and keep a pass-through
+    /// XDP program (detaching it would reset the device's rings).
+    pub xdp_pass_through: Vec<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct WireStatus {
+    pub interface: String,
+    pub hook: &'static str,
+    pub driver: String,
+    pub why: String,
+}
+
+pub fn attach_status(pin_dir: &std::path::Path) -> AttachStatus {
+    use crate::wire_hook::{self, WireHook, WireHookMode, WireHookReason};
+    let wire = crate::attach::pinned_wire_hooks(pin_dir)
+        .into_iter()
+        .map(|(interface, hook)| {
+            let driver = wire_hook::driver(&interface).unwrap_or_else(|| "unknown".into());
+            // The reason is not stored: auto's choice for this driver, or
+            // else a chosen hook (or native XDP missing, for tc on a NIC).
+            let why = match wire_hook::choose(WireHookMode::Auto, &driver) {
+                (auto, reason) if auto == hook => reason.explain(hook, &driver),
+                _ if hook == WireHook::Tc => {
+                    format!("chosen by --wire-hook tc, or native XDP failed on driver {driver}")
+                }
+                _ => WireHookReason::Chosen.explain(hook, &driver),
+            };
+            WireStatus {
+                interface,
+                hook: hook.name(),
+                driver,
+                why,
+            }
+        })
+        .collect();
+    AttachStatus {
+        wire,
+        pods: crate::attach::pinned_pod_hooks(pin_dir),
+        socket_hooks: pinned_links_named(pin_dir, "cgroup_lb_sock_"),
+        xdp_pass_through: pinned_links_named(pin_dir, "xdppass_"),
+    }
+}
+
+/// The pinned links whose names start with `prefix`, without it, sorted.
+fn pinned_links_named(pin_dir: &std::path::Path, prefix: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(crate::attach::links_dir(pin_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix(prefix)
+                .map(str::to_owned)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn render_status(status: &AttachStatus) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<16} {:<5} {:<12} WHY",
+        "WIRE INTERFACE", "HOOK", "DRIVER"
+    );
+    for w in &status.wire {
+        let _ = writeln!(
+            s,
+            "{:<16} {:<5} {:<12} {}",
+            w.interface, w.hook, w.driver, w.why
+        );
+    }
+    if status.wire.is_empty() {
+        let _ = writeln!(s, "(no wire hook pinned)");
+    }
+    let _ = writeln!(
+        s,
+        "\npod interfaces with tc: {}{}",
+        status.pods.len(),
+        if status.pods.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", status.pods.join(" "))
+        }
+    );
+    if !status.xdp_pass_through.is_empty() {
+        let _ = writeln!(
+            s,
+            "XDP pass-through (an earlier XDP hook, left attached so the device's rings are not reset): {}",
+            status.xdp_pass_through.join(" ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "socket hooks: {}",
+        if status.socket_hooks.is_empty() {
+            "none (--socket-lb off)".to_owned()
+        } else {
+            status.socket_hooks.join(" ")
+        }
+    );
+    s
+}

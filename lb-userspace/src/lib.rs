@@ -14,6 +14,7 @@ pub mod loader;
 pub mod manifests;
 pub mod map_batch;
 pub mod map_writer;
+pub mod masquerade_ports;
 pub mod metrics;
 pub mod model;
 pub mod node_net;
@@ -24,6 +25,7 @@ mod sync_proptest;
 #[cfg(test)]
 mod test_objects;
 pub mod translate;
+pub mod wire_hook;
 
 /// The BPF object built from lb-ebpf by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -86,7 +86,7 @@ const fn layout<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -
 pub type FoundLayout = (Option<MapType>, u32, u32, u32);
 
 /// Every map of the BPF object, as this version defines it.
-pub const MAP_LAYOUTS: [MapLayout; 12] = {
+pub const MAP_LAYOUTS: [MapLayout; 13] = {
     use lb_common::*;
     use MapType::*;
     [
@@ -105,6 +105,7 @@ pub const MAP_LAYOUTS: [MapLayout; 12] = {
         layout::<u32, u32>(map_names::CONFIG, Array, config::COUNT),
         layout::<SockRev4Key, SockRev4Value>(map_names::SOCK_REV, LruHash, MAX_SOCK_REV),
         layout::<SockFwd4Key, u32>(map_names::SOCK_FWD, LruHash, MAX_SOCK_REV),
+        layout::<u32, u64>(map_names::SNAT_CURSOR, Array, MAX_BACKENDS),
     ]
 };
 
@@ -311,6 +312,26 @@ pub fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapLayout]) -> PinnedState {
     state
 }
 
+/// What a load of the programs is configured with.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadConfig {
+    pub sizes: MapSizes,
+    /// The masquerade port ranges (load-time global).
+    pub snat_ports: lb_common::SnatPorts,
+}
+
+/// An object loader with this load's globals set (the agent's, and tests'
+/// that load the object themselves).
+pub fn object_loader(config: &LoadConfig) -> EbpfLoader<'_> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(
+        lb_common::global_names::SNAT_PORTS,
+        &config.snat_ports,
+        true,
+    );
+    loader
+}
+
 /// How the maps are sized.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -349,10 +370,11 @@ pub fn layouts(sizes: MapSizes) -> Vec<MapLayout> {
 
 /// Loads the programs, creating or adopting the pinned maps. Nothing is
 /// attached here.
-pub fn load(pin_dir: &Path, sizes: MapSizes) -> Result<(Ebpf, PinnedState)> {
+pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> {
     ensure_pin_dir(pin_dir)?;
+    let sizes = config.sizes;
     let state = sort_pinned_maps(pin_dir, &layouts(sizes));
-    let mut loader = EbpfLoader::new();
+    let mut loader = object_loader(config);
     for name in map_names::ALL {
         loader.map_pin_path(name, map_pin_path(pin_dir, name));
     }

@@ -21,10 +21,12 @@ use lb_userspace::{
     loader,
     manifests::ManifestSource,
     map_writer::BpfMaps,
+    masquerade_ports::{self, PortRange},
     metrics::{render_counters, InvalidLabel, Metrics, ResourceLabel},
     node_net,
     programmer::{Programmer, SyncReport},
     translate::NodeInfo,
+    wire_hook::WireHookMode,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -48,6 +50,12 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the Services and backends the pinned maps hold.
     Services {
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print where the programs are attached: each wire interface's hook
+    /// (tc or XDP), its driver and why, the pod interfaces, the socket hooks.
+    Status {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -78,8 +86,9 @@ struct NodeArgs {
     /// This node's name (for node-local decisions), as in the DaemonSet's downward API.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// Interfaces facing the wire, where XDP attaches (comma separated).
-    /// Default: the interfaces that hold a default route.
+    /// Interfaces facing the wire, where the wire hook (tc or XDP, see
+    /// --wire-hook) attaches (comma separated). Default: the interfaces
+    /// that hold a default route.
     #[arg(long, value_delimiter = ',')]
     interfaces: Vec<String>,
     /// Serve NodePorts on the local addresses inside these CIDRs (comma
@@ -150,6 +159,15 @@ struct RunArgs {
     /// Rescanned every --poll-interval, so new pods are covered.
     #[arg(long, value_delimiter = ',', default_value = "lxc*,veth*,cali*")]
     pod_interfaces: Vec<String>,
+    /// The program on the --interfaces: `tc` (tcx, right for every
+    /// checksum state), `xdp` (faster, but corrupts packets that arrive
+    /// with partial checksums, as from a veth), or `auto`: XDP in native
+    /// mode on NIC drivers known to deliver complete checksums, tc on
+    /// everything else (veth, tap, bridges, unknown drivers).
+    #[arg(long, value_enum, default_value_t = WireHookMode::Auto)]
+    wire_hook: WireHookMode,
+    /// How XDP attaches where --wire-hook xdp puts it (auto: native, else
+    /// generic). `--wire-hook auto` uses native mode only.
     #[arg(long, value_enum, default_value_t = XdpAttachMode::Auto)]
     xdp_mode: XdpAttachMode,
     /// How often to look for changed manifests and new pod interfaces.
@@ -164,6 +182,19 @@ struct RunArgs {
     /// address.
     #[arg(long)]
     masquerade_address: Option<std::net::Ipv4Addr>,
+    /// Source ports of masqueraded flows (comma separated ports and
+    /// FIRST-LAST ranges, at most 4). They must not overlap the node's
+    /// ephemeral ports (net.ipv4.ip_local_port_range), its reserved ports
+    /// (net.ipv4.ip_local_reserved_ports) or --nodeport-range. Default:
+    /// 1024-65535 without those. A closed flow's port is kept 120 s (TIME_WAIT),
+    /// so one backend takes at most (ports / 120 s) new masqueraded
+    /// connections per second.
+    #[arg(long, value_delimiter = ',')]
+    masquerade_ports: Vec<PortRange>,
+    /// The cluster's NodePort range (the API server's
+    /// --service-node-port-range), kept out of the masquerade ports.
+    #[arg(long, default_value = "30000-32767")]
+    nodeport_range: PortRange,
     /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername
     /// hooks): `all` sockets in --cgroup, the `host` network namespace only,
     /// or `off` (the per-packet paths do all the work).
@@ -235,6 +266,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Stats { output } => print_stats(&cli.pin_dir, output),
+        Command::Status { output } => {
+            let status = inspect::attach_status(&cli.pin_dir);
+            match output {
+                Output::Table => print!("{}", inspect::render_status(&status)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+            }
+            Ok(())
+        }
         Command::Check(args) => {
             let report = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -377,8 +416,9 @@ struct DataPath {
     health: HealthServer,
     socket_lb: SocketLbMode,
     pin_dir: PathBuf,
-    /// Interfaces facing the wire (XDP).
+    /// Interfaces facing the wire.
     wire: Vec<String>,
+    wire_hook: WireHookMode,
     xdp_mode: XdpAttachMode,
     cgroup: PathBuf,
     /// Pinned maps of an older layout being migrated.
@@ -432,10 +472,14 @@ impl DataPath {
             return Ok(());
         }
         for iface in &self.wire {
-            let how = self
-                .attachments
-                .attach_wire(&mut self.ebpf, iface, self.xdp_mode)?;
-            log::info!("XDP on {iface}: {how:?}");
+            let a = self.attachments.attach_wire(
+                &mut self.ebpf,
+                iface,
+                self.wire_hook,
+                self.xdp_mode,
+            )?;
+            log::info!("{a}");
+            self.metrics.record_wire_hook(&a);
         }
         if self.socket_lb == SocketLbMode::Off {
             self.attachments.detach_cgroup();
@@ -478,11 +522,14 @@ fn setup_datapath(
     args: &RunArgs,
     metrics: &Arc<Metrics>,
 ) -> Result<(DataPath, Programmer<BpfMaps>)> {
-    let sizes = loader::MapSizes {
-        conntrack: args.conntrack_max,
-        affinity: args.affinity_max,
+    let config = loader::LoadConfig {
+        sizes: loader::MapSizes {
+            conntrack: args.conntrack_max,
+            affinity: args.affinity_max,
+        },
+        snat_ports: snat_ports(args)?,
     };
-    let (mut ebpf, mut pinned) = loader::load(pin_dir, sizes)?;
+    let (mut ebpf, mut pinned) = loader::load(pin_dir, &config)?;
     if !pinned.migrated.is_empty() {
         // Ids first, so the agent reads the maps it adopts; then a first
         // copy of flow-independent state. Conntrack is looked up in the old
@@ -533,6 +580,7 @@ fn setup_datapath(
         socket_lb: args.socket_lb,
         pin_dir: pin_dir.to_owned(),
         wire,
+        wire_hook: args.wire_hook,
         xdp_mode: args.xdp_mode,
         cgroup: args.cgroup.clone(),
         pinned,
@@ -549,6 +597,29 @@ fn setup_datapath(
         zone: args.node.zone.clone(),
     };
     Ok((dp, programmer))
+}
+
+/// The masquerade port ranges: --masquerade-ports checked against the
+/// node's own ports, or the default carved around them.
+fn snat_ports(args: &RunArgs) -> Result<lb_common::SnatPorts> {
+    let node = masquerade_ports::read_node_ports(args.nodeport_range)
+        .context("reading the node's ephemeral and reserved ports")?;
+    let ranges = if args.masquerade_ports.is_empty() {
+        masquerade_ports::default_ranges(&node)?
+    } else {
+        masquerade_ports::check_ranges(&args.masquerade_ports, &node)
+            .context("--masquerade-ports")?;
+        args.masquerade_ports.clone()
+    };
+    log::info!(
+        "masquerade ports {} ({} ports; node ephemeral ports {}, reserved {}, NodePorts {})",
+        masquerade_ports::display(&ranges),
+        masquerade_ports::count(&ranges),
+        node.ephemeral,
+        masquerade_ports::display(&node.reserved),
+        node.node_port_range
+    );
+    Ok(masquerade_ports::to_global(&ranges)?)
 }
 
 /// Per-Service and data path counters, read from the per-CPU maps at scrape time.

@@ -36,6 +36,14 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WireHookLabel {
+    pub interface: String,
+    pub hook: String,
+    pub driver: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InvalidLabel {
     pub kind: String,
 }
@@ -68,6 +76,8 @@ pub struct Metrics {
     pub conntrack_evictions: Counter,
     /// Entries the sweep removed, by reason.
     pub conntrack_swept: Family<ReasonLabel, Counter>,
+    /// 1 per wire interface, labelled with its hook and why.
+    pub wire_hooks: Family<WireHookLabel, Gauge>,
     ready: AtomicBool,
     /// Text appended to every scrape: counters read from BPF maps.
     pub datapath: Mutex<Box<dyn Fn() -> String + Send>>,
@@ -97,6 +107,7 @@ impl Metrics {
             conntrack_capacity: Gauge::default(),
             conntrack_evictions: Counter::default(),
             conntrack_swept: Family::default(),
+            wire_hooks: Family::default(),
             ready: AtomicBool::new(false),
             datapath: Mutex::new(Box::new(String::new)),
             registry: Registry::default(),
@@ -166,7 +177,23 @@ impl Metrics {
             "Conntrack entries the sweep removed: backend_gone (deleted backend) or expired",
             m.conntrack_swept.clone(),
         );
+        registry.register(
+            "wire_hook",
+            "1 per interface facing the wire: its hook (tc or xdp), driver and the reason for the choice",
+            m.wire_hooks.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn record_wire_hook(&self, a: &crate::attach::WireAttachment) {
+        self.wire_hooks
+            .get_or_create(&WireHookLabel {
+                interface: a.interface.clone(),
+                hook: a.hook.name().into(),
+                driver: a.driver.clone(),
+                reason: a.reason.label().into(),
+            })
+            .set(1);
     }
 
     pub fn set_ready(&self) {

@@ -10,6 +10,7 @@ pub mod kube_lab;
 pub mod lab;
 pub mod load;
 pub mod packet;
+pub mod packet_harness;
 pub mod privilege;
 pub mod rollout;
 pub mod workload;

@@ -55,6 +55,9 @@ pub struct LoadReport {
     pub failed: Vec<String>,
     /// The longest time between two answers (or from start to the first).
     pub longest_gap: Duration,
+    /// When the longest gap ended (UTC, as the agent logs), to find what
+    /// happened then.
+    pub longest_gap_ended: Option<chrono::DateTime<chrono::Utc>>,
     /// Answers per pod name.
     pub answered_by: BTreeMap<String, usize>,
     /// When each pod answered last.
@@ -69,11 +72,14 @@ impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} requests, {} failed, longest gap {} ms, {} connections, {} UDP retries, answered by {:?}",
+            "{}: {} requests, {} failed, longest gap {} ms (ended {}), {} connections, {} UDP retries, answered by {:?}",
             self.what,
             self.sent,
             self.failed.len(),
             self.longest_gap.as_millis(),
+            self.longest_gap_ended
+                .map(|t| t.format("%H:%M:%S%.3f").to_string())
+                .unwrap_or_default(),
             self.connections,
             self.udp_retries,
             self.answered_by
@@ -140,7 +146,10 @@ impl Load {
                     r.sent += 1;
                     match client.request(r.sent) {
                         Ok(pod) => {
-                            r.longest_gap = r.longest_gap.max(last_ok.elapsed());
+                            if last_ok.elapsed() > r.longest_gap {
+                                r.longest_gap = last_ok.elapsed();
+                                r.longest_gap_ended = Some(chrono::Utc::now());
+                            }
                             last_ok = Instant::now();
                             *r.answered_by.entry(pod.clone()).or_default() += 1;
                             r.last_answer.insert(pod, last_ok);

@@ -3,171 +3,17 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-    Ebpf,
-};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::{csum, program_names, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_FLAG_CLUSTER_IP};
+use lb_common::csum;
 use lb_tests::{
     packet::{self, Tuple, TCP_ACK, TCP_RST, TCP_SYN},
+    packet_harness::{
+        default_masquerade_ports, Harness, Program, CLIENT, SVC, TC_ACT_OK, TC_ACT_REDIRECT,
+        XDP_PASS, XDP_TX,
+    },
     privilege::require_root,
 };
-use lb_userspace::{
-    differ::{plan, MapContents},
-    loader,
-    map_writer::{apply_plan, BpfMaps},
-    model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
-    translate::{translate_on, NodeInfo},
-};
-use serde_json::{json, Value};
-
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
-
-/// A Service port to program: (port, protocol, backends as (address, port)).
-type TestService<'a> = (u16, Protocol, &'a [(Ipv4Addr, u16)]);
-
-struct Harness {
-    ebpf: Ebpf,
-    maps: BpfMaps,
-    current: MapContents,
-}
-
-impl Harness {
-    fn new() -> Self {
-        // Not pinned: each test gets its own maps.
-        let mut ebpf = Ebpf::load(lb_userspace::EBPF_OBJECT).expect("load BPF object");
-        let xdp: &mut Xdp = ebpf
-            .program_mut(program_names::XDP_FROM_WIRE)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        xdp.load().expect("load XDP program");
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(program_names::TC_FROM_POD)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        tc.load().expect("load tc program");
-        let maps = loader::take_maps(&mut ebpf).expect("take maps");
-        Self {
-            ebpf,
-            maps,
-            current: MapContents::default(),
-        }
-    }
-
-    /// Programs Services: (port, proto, backends as (addr, port)).
-    fn program(&mut self, services: &[TestService]) {
-        let mut desired = DesiredState::default();
-        for (port, proto, backends) in services {
-            let frontend = L4Addr {
-                addr: SVC,
-                port: *port,
-                proto: *proto,
-            };
-            let mut backends: Vec<L4Addr> = backends
-                .iter()
-                .map(|(a, p)| L4Addr {
-                    addr: *a,
-                    port: *p,
-                    proto: *proto,
-                })
-                .collect();
-            backends.sort();
-            desired.insert(ServiceEntry {
-                service: ServiceName {
-                    namespace: "default".into(),
-                    name: format!("svc-{port}"),
-                },
-                port_name: String::new(),
-                frontend,
-                backends: BackendSet {
-                    active: backends,
-                    terminating: Vec::new(),
-                },
-                internal: None,
-                flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0,
-                source_ranges: Vec::new(),
-            });
-        }
-        let p = plan(&self.current, &desired);
-        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
-        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
-        assert!(
-            report.failed.is_empty(),
-            "map writes failed: {:?}",
-            report.failed
-        );
-    }
-
-    /// Programs what translation makes of Kubernetes objects for `node`.
-    fn program_objects(&mut self, node: &NodeInfo, services: &[Value], slices: &[Value]) {
-        let services: Vec<Service> = services
-            .iter()
-            .map(|v| serde_json::from_value(v.clone()).expect("Service"))
-            .collect();
-        let slices: Vec<EndpointSlice> = slices
-            .iter()
-            .map(|v| serde_json::from_value(v.clone()).expect("EndpointSlice"))
-            .collect();
-        let t = translate_on(node, &services, &slices);
-        assert!(t.errors.is_empty(), "{:?}", t.errors);
-        let p = plan(&self.current, &t.state);
-        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
-        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
-        assert!(report.failed.is_empty(), "{:?}", report.failed);
-    }
-
-    fn run_xdp(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let xdp: &Xdp = self
-            .ebpf
-            .program(program_names::XDP_FROM_WIRE)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut out = vec![0u8; input.len() + 256];
-        let r = xdp
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("XDP test run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    }
-
-    fn run_tc(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        self.try_run_tc(input).expect("tc test run")
-    }
-
-    /// The kernel refuses some skb input outright (EINVAL); fuzzing must
-    /// tell that apart from a verdict.
-    fn try_run_tc(&self, input: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
-        let tc: &SchedClassifier = self
-            .ebpf
-            .program(program_names::TC_FROM_POD)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut out = vec![0u8; input.len() + 256];
-        let r = tc.test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
-    }
-}
+use lb_userspace::{model::Protocol, translate::NodeInfo};
+use serde_json::json;
 
 fn to_svc(sport: u16, dport: u16) -> Tuple {
     Tuple {
@@ -583,7 +429,15 @@ fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
     if !require_root("nodeport_from_the_wire_is_masqueraded") {
         return;
     }
-    let mut h = Harness::new();
+    for wire in Program::WIRE {
+        for proto in ["tcp", "udp"] {
+            nodeport_round_trip(wire, proto);
+        }
+    }
+}
+
+/// A NodePort service of one backend (B1:8080) on node address NODE.
+fn nodeport_harness(h: &mut Harness) {
     h.maps
         .set_masquerade_addr(NODE)
         .expect("masquerade address");
@@ -602,71 +456,72 @@ fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
         "ports": [{"name": "t", "port": 8080, "protocol": "TCP"}, {"name": "u", "port": 8080, "protocol": "UDP"}],
         "endpoints": [{"addresses": [B1.to_string()], "nodeName": "n1"}]});
     h.program_objects(&node, &[svc], &[slice]);
+}
+
+fn nodeport_round_trip(wire: Program, proto: &str) {
+    let mut h = Harness::new();
+    nodeport_harness(&mut h);
     let to_node = Tuple {
         src: CLIENT,
         sport: 45000,
         dst: NODE,
         dport: 30080,
     };
-    for proto in ["tcp", "udp"] {
-        let sent = if proto == "tcp" {
-            packet::tcp(&to_node, TCP_SYN, 1000, &[], &[])
-        } else {
-            packet::udp(&to_node, b"question", true)
-        };
-        let (verdict, out) = h.run_xdp(&sent);
-        assert_eq!(verdict, XDP_PASS, "{proto}");
-        let p = packet::parse(&out);
-        assert_eq!(
-            (p.dst, p.dport),
-            (B1, 8080),
-            "{proto}: DNAT to the backend: {p:?}"
-        );
-        assert_eq!(p.src, NODE, "{proto}: masqueraded to the node: {p:?}");
-        assert!(
-            (SNAT_PORT_MIN..=SNAT_PORT_MIN + (SNAT_PORT_COUNT - 1)).contains(&p.sport),
-            "{proto}: masquerade port {} outside the range",
-            p.sport
-        );
-        assert!(
-            p.ip_checksum_ok && p.l4_checksum_ok,
-            "{proto}: checksums {p:?}"
-        );
-        // The same flow again: same port.
-        let again = packet::parse(&h.run_xdp(&sent).1);
-        assert_eq!(
-            again.sport, p.sport,
-            "{proto}: a flow keeps its masquerade port"
-        );
+    let sent = if proto == "tcp" {
+        packet::tcp(&to_node, TCP_SYN, 1000, &[], &[])
+    } else {
+        packet::udp(&to_node, b"question", true)
+    };
+    let (verdict, out) = h.run(wire, &sent);
+    assert_eq!(verdict, wire.pass(), "{wire:?} {proto}");
+    let p = packet::parse(&out);
+    assert_eq!(
+        (p.dst, p.dport),
+        (B1, 8080),
+        "{wire:?} {proto}: DNAT: {p:?}"
+    );
+    assert_eq!(p.src, NODE, "{wire:?} {proto}: masqueraded: {p:?}");
+    assert!(
+        default_masquerade_ports()
+            .iter()
+            .any(|r| (r.first..=r.last).contains(&p.sport)),
+        "{wire:?} {proto}: masquerade port {} outside the ranges",
+        p.sport
+    );
+    assert!(
+        p.ip_checksum_ok && p.l4_checksum_ok,
+        "{wire:?} {proto}: {p:?}"
+    );
+    let again = packet::parse(&h.run(wire, &sent).1);
+    assert_eq!(
+        again.sport, p.sport,
+        "{wire:?} {proto}: a flow keeps its port"
+    );
 
-        // The backend's reply, leaving its pod: both ends restored.
-        let back = Tuple {
-            src: B1,
-            sport: 8080,
-            dst: NODE,
-            dport: p.sport,
-        };
-        let reply = if proto == "tcp" {
-            packet::tcp(&back, TCP_SYN | TCP_ACK, 5000, &[], &[])
-        } else {
-            packet::udp(&back, b"answer", true)
-        };
-        let (verdict, out) = h.run_tc(&reply);
-        assert!(
-            verdict == TC_ACT_OK || verdict == TC_ACT_REDIRECT,
-            "{proto}: verdict {verdict}"
-        );
-        let r = packet::parse(&out);
-        assert_eq!(
-            (r.src, r.sport, r.dst, r.dport),
-            (NODE, 30080, CLIENT, 45000),
-            "{proto}: reply restored: {r:?}"
-        );
-        assert!(
-            r.ip_checksum_ok && r.l4_checksum_ok,
-            "{proto}: checksums {r:?}"
-        );
-    }
+    // The backend's reply, leaving its pod: both ends restored.
+    let back = Tuple {
+        src: B1,
+        sport: 8080,
+        dst: NODE,
+        dport: p.sport,
+    };
+    let reply = if proto == "tcp" {
+        packet::tcp(&back, TCP_SYN | TCP_ACK, 5000, &[], &[])
+    } else {
+        packet::udp(&back, b"answer", true)
+    };
+    let (verdict, out) = h.run_tc(&reply);
+    assert!(
+        verdict == TC_ACT_OK || verdict == TC_ACT_REDIRECT,
+        "{proto}: verdict {verdict}"
+    );
+    let r = packet::parse(&out);
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (NODE, 30080, CLIENT, 45000),
+        "{wire:?} {proto}: reply restored: {r:?}"
+    );
+    assert!(r.ip_checksum_ok && r.l4_checksum_ok, "{proto}: {r:?}");
 }
 
 #[test]

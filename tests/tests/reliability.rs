@@ -811,9 +811,22 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request() {
             .join("\n")
     );
     assert!(
-        log.contains("lb_stats is not kept (14 entries, now 17)")
-            && log.contains("lb_config is not kept (4 entries, now 5)"),
+        log.contains(&format!(
+            "lb_stats is not kept (14 entries, now {})",
+            lb_common::stats::COUNT
+        )) && log.contains("lb_config is not kept (4 entries, now 5)"),
         "the release changed map layouts (the stats and config maps grew): {log}"
+    );
+    // The previous release served the wire with XDP; this one puts tc
+    // there (the lab's wire is a veth), and leaves XDP passing everything
+    // rather than detach it (which resets a veth's or NIC's rings).
+    let links = lb_userspace::attach::links_dir(&k.lab.pin_dir);
+    assert!(
+        links.join("tcwire_eth0").exists()
+            && links.join("xdppass_eth0").exists()
+            && !links.join("xdp_eth0").exists(),
+        "the wire hook moved from XDP to tc: {:?}",
+        std::fs::read_dir(&links).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
     );
     std::thread::sleep(Duration::from_secs(1));
     let reports = clients.finish_and_assert_none_failed();

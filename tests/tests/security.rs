@@ -544,7 +544,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
     );
     assert!(
         lab.agent_log().contains("adopted pinned maps")
-            && lab.agent_log().contains("XDP on eth0: Replaced"),
+            && lab.agent_log().contains("wire hook on eth0: tc (Replaced)"),
         "the restarted agent adopted the pins:\n{}",
         lab.agent_log()
     );
