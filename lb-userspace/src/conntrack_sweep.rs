@@ -173,6 +173,12 @@ impl Sweeper {
     }
 
     /// One pass over the map.
+    /// New masqueraded flows dropped so far because every port toward
+    /// their backend was taken (in use or in TIME_WAIT).
+    pub fn snat_ports_exhausted(&self) -> u64 {
+        self.counter(stats::SNAT_PORTS_EXHAUSTED)
+    }
+
     pub fn sweep(&mut self) -> Result<SweepReport> {
         // Read first: entries added during the walk may be seen present
         // but are not counted as inserted, so evictions come out low, never
@@ -241,6 +247,7 @@ pub fn start(
         .name("conntrack-sweep".into())
         .spawn(move || {
             let mut evicted_reported = 0;
+            let mut exhausted_reported = sweeper.snat_ports_exhausted();
             loop {
                 match rx.recv_timeout(interval) {
                     Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -271,6 +278,14 @@ pub fn start(
                         }
                     }
                     Err(e) => log::warn!("conntrack sweep failed: {e:#}"),
+                }
+                let exhausted = sweeper.snat_ports_exhausted();
+                if exhausted > exhausted_reported {
+                    log::warn!(
+                        "{} new masqueraded flows were dropped: every masquerade port toward their backend was in use or in TIME_WAIT (snat_ports_exhausted); widen --masquerade-ports",
+                        exhausted - exhausted_reported
+                    );
+                    exhausted_reported = exhausted;
                 }
                 std::thread::sleep(interval.min(Duration::from_secs(5)));
             }

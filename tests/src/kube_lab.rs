@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::{
     apiserver::ApiServer,
-    lab::{http_get, Lab, NODE_NAME},
+    lab::{http_get, Lab, Wire, NODE_NAME},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -49,7 +49,12 @@ impl KubeLab {
     /// The lab of these manifest files, with the API server (nothing
     /// published yet).
     pub fn from_manifests(files: &[PathBuf]) -> Self {
-        let lab = Lab::from_manifest_files(files).expect("build the lab");
+        Self::from_manifests_on(Wire::Software, files)
+    }
+
+    /// The same on `wire`.
+    pub fn from_manifests_on(wire: Wire, files: &[PathBuf]) -> Self {
+        let lab = Lab::from_manifest_files_on(wire, files).expect("build the lab");
         let api = ApiServer::start_in(Some(lab.node.path())).expect("start the API server fixture");
         api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME,
             "labels": {"topology.kubernetes.io/zone": "lab-a"}}}))

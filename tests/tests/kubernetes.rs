@@ -107,7 +107,7 @@ fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() 
 
     // Created with one ready pod.
     let pods = k.lab.pods_of("Deployment/nginx-deployment");
-    k.lab.excluded = pods[1..].iter().cloned().collect();
+    k.lab.state.excluded = pods[1..].iter().cloned().collect();
     k.publish();
     k.wait_programmed(frontend, Some(k.pod_ips(&pods[..1])), "created");
     assert_answered_by(
@@ -117,13 +117,13 @@ fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() 
     );
 
     // Scaled up to three.
-    k.lab.excluded.clear();
+    k.lab.state.excluded.clear();
     k.publish();
     k.wait_programmed(frontend, Some(k.pod_ips(&pods)), "scaled up");
     assert_answered_by(&spread(&k.lab, frontend, 150), &pods, "scaled up to 3");
 
     // Scaled down to two.
-    k.lab.excluded = [pods[0].clone()].into();
+    k.lab.state.excluded = [pods[0].clone()].into();
     k.publish();
     k.wait_programmed(frontend, Some(k.pod_ips(&pods[1..])), "scaled down");
     assert_answered_by(
@@ -259,7 +259,7 @@ fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
 
     // Events lost and history compacted: the open watches end with 410 Gone;
     // only the relist shows that `extra` is gone and nginx lost a pod.
-    k.lab.excluded = [pods[0].clone()].into();
+    k.lab.state.excluded = [pods[0].clone()].into();
     let slice = serde_json::to_value(&k.lab.endpoint_slices()[0]).unwrap();
     k.api
         .change_silently(
@@ -282,7 +282,7 @@ fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
     // The API server goes away, the world changes, it comes back with its
     // history lost: the agent's resumed watch gets 410 and relists.
     k.api.stop();
-    k.lab.excluded.clear();
+    k.lab.state.excluded.clear();
     let slice = serde_json::to_value(&k.lab.endpoint_slices()[0]).unwrap();
     k.api
         .change_silently(&[extra_service(), extra_slice(&all), slice], &[])
@@ -338,7 +338,7 @@ fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
     // still arrives.
     k.api.set_delay(Duration::from_millis(300));
     k.api.start(false).unwrap();
-    k.lab.excluded = [pods[2].clone()].into();
+    k.lab.state.excluded = [pods[2].clone()].into();
     k.publish();
     k.wait_programmed(
         nginx,

@@ -13,12 +13,37 @@ use lb_tests::{
     apiserver::Resource,
     churn::{self, ApiChange as ChurnChange, ChurnService},
     kube_lab::{example, KubeLab},
-    lab::{Lab, NODE_NAME, NODE_WIRE_ADDR},
+    lab::{Lab, Wire, NODE_NAME, NODE_WIRE_ADDR},
     load::{Load, LoadKind, LoadReport, LoadSet},
+    on_each_wire,
     privilege::require_root,
     rollout::{complete, next_steps, PodPhase, RolloutParams, RolloutPod, Step},
     workload::{self, LabObject},
 };
+
+on_each_wire!(
+    a_rolling_update_under_load_fails_no_request,
+    agent_kill_restart_and_upgrade_under_load_fail_no_connection,
+    a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_the_maps_exact,
+    a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept,
+    a_flooded_affinity_map_keeps_active_clients_on_their_backend,
+);
+
+// The previous release attached XDP to the wire whatever it was, which
+// corrupts partial checksums (the bug this release fixes): on a software
+// wire it fails before any upgrade. So the upgrade runs on the NIC-like
+// wire, twice: to XDP again (the program swapped in its pinned link), and
+// to tc (`--wire-hook tc`, as auto chooses on a veth), which leaves the
+// XDP link passing everything.
+#[test]
+fn an_upgrade_from_the_previous_release_keeping_xdp_under_load_fails_no_request() {
+    an_upgrade_from_the_previous_release_under_load_fails_no_request("xdp");
+}
+
+#[test]
+fn an_upgrade_from_the_previous_release_moving_to_tc_under_load_fails_no_request() {
+    an_upgrade_from_the_previous_release_under_load_fails_no_request("tc");
+}
 
 const WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), 80);
 const WEB_NODE_PORT: SocketAddrV4 = SocketAddrV4::new(NODE_WIRE_ADDR, 30081);
@@ -55,8 +80,8 @@ fn web_clients(lab: &Lab, max: usize) -> LoadSet {
     set
 }
 
-fn web_lab() -> KubeLab {
-    let mut k = KubeLab::from_manifests(&[example("rolling-update.yaml")]);
+fn web_lab(wire: Wire) -> KubeLab {
+    let mut k = KubeLab::from_manifests_on(wire, &[example("rolling-update.yaml")]);
     assert_eq!(k.lab.pods_of(WEB_OWNER).len(), 4, "4 replicas");
     k.publish();
     k.start_agent();
@@ -69,6 +94,7 @@ fn web_lab() -> KubeLab {
 /// so the pods get a new pod-template-hash, names and (free) addresses.
 fn next_version_pods(lab: &Lab) -> Vec<workload::LabPod> {
     let mut objects: Vec<LabObject> = lab
+        .state
         .objects
         .iter()
         .filter(|o| matches!(o, LabObject::Deployment(_)))
@@ -88,7 +114,7 @@ fn next_version_pods(lab: &Lab) -> Vec<workload::LabPod> {
             c.image = Some("registry.k8s.io/e2e-test-images/agnhost:2.48".into());
         }
     }
-    let taken: BTreeSet<Ipv4Addr> = lab.pod_specs.iter().map(|p| p.ip).collect();
+    let taken: BTreeSet<Ipv4Addr> = lab.state.pod_specs.iter().map(|p| p.ip).collect();
     let mut free = (20u8..=250)
         .map(|i| Ipv4Addr::new(10, 244, 0, i))
         .filter(|ip| !taken.contains(ip));
@@ -110,14 +136,14 @@ fn answered(reports: &[LoadReport]) -> BTreeMap<String, usize> {
     all
 }
 
-#[test]
-fn a_rolling_update_under_load_fails_no_request() {
+fn a_rolling_update_under_load_fails_no_request(wire: Wire) {
     if !require_root("a_rolling_update_under_load_fails_no_request") {
         return;
     }
-    let mut k = web_lab();
+    let mut k = web_lab(wire);
     let deployment = k
         .lab
+        .state
         .objects
         .iter()
         .find_map(|o| match o {
@@ -250,12 +276,11 @@ fn assert_kept_its_backend(r: &LoadReport) {
     );
 }
 
-#[test]
-fn agent_kill_restart_and_upgrade_under_load_fail_no_connection() {
+fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
     if !require_root("agent_kill_restart_and_upgrade_under_load_fail_no_connection") {
         return;
     }
-    let mut k = web_lab();
+    let mut k = web_lab(wire);
     let clients = web_clients(&k.lab, 40_000);
     std::thread::sleep(Duration::from_millis(500));
     for round in 0..3 {
@@ -391,15 +416,16 @@ fn apply_changes(k: &KubeLab, changes: Vec<ChurnChange>) {
     k.api.apply_all(&apply).expect("apply");
 }
 
-#[test]
-fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_the_maps_exact() {
+fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_the_maps_exact(
+    wire: Wire,
+) {
     if !require_root("a_thousand_services_churning_for_a_minute") {
         return;
     }
     const SERVICES: usize = 1000;
     const SEED: u64 = 0x5eed_1b07;
     let churn_for = Duration::from_secs(60);
-    let mut k = KubeLab::from_manifests(&[example("rolling-update.yaml")]);
+    let mut k = KubeLab::from_manifests_on(wire, &[example("rolling-update.yaml")]);
     k.publish();
     let mut rng = churn::Rng::new(SEED);
     let mut services: Vec<ChurnService> = (0..SERVICES).map(ChurnService::new).collect();
@@ -537,17 +563,19 @@ fn fill_conntrack(lab: &Lab, to: SocketAddrV4, flows: u16) -> usize {
     })
 }
 
-#[test]
-fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept() {
+fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wire: Wire) {
     if !require_root("a_full_conntrack_map_evicts_idle_flows_only") {
         return;
     }
     const CAPACITY: usize = 4096;
     const FILL_FLOWS: u16 = 20_000;
-    let mut lab = Lab::from_manifest_files(&[
-        example("nginx-deployment.yaml"),
-        example("rolling-update.yaml"),
-    ])
+    let mut lab = Lab::from_manifest_files_on(
+        wire,
+        &[
+            example("nginx-deployment.yaml"),
+            example("rolling-update.yaml"),
+        ],
+    )
     .expect("build the lab");
     lab.start_agent_extra(&[
         "--conntrack-max",
@@ -610,7 +638,7 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept() 
         .expect("the victim's backend id");
     let before = conntrack_entries_of(&lab, victim_id);
     assert!(before > 0, "the filler left entries on {victim}");
-    lab.excluded.insert(victim.clone());
+    lab.state.excluded.insert(victim.clone());
     lab.apply_manifests().expect("remove the victim's endpoint");
     lab.remove_pod(&victim);
     let mut answers = Vec::new();
@@ -706,8 +734,7 @@ fn affinity_entries(lab: &Lab) -> usize {
     map.keys().filter_map(Result::ok).count()
 }
 
-#[test]
-fn a_flooded_affinity_map_keeps_active_clients_on_their_backend() {
+fn a_flooded_affinity_map_keeps_active_clients_on_their_backend(wire: Wire) {
     if !require_root("a_flooded_affinity_map_keeps_active_clients_on_their_backend") {
         return;
     }
@@ -721,7 +748,7 @@ fn a_flooded_affinity_map_keeps_active_clients_on_their_backend() {
          - {name: udp, port: 80, protocol: UDP, targetPort: 80}\n",
     );
     let (objects, _) = workload::parse_lab_objects(&text).expect("parse");
-    let mut lab = Lab::from_objects(objects).expect("build the lab");
+    let mut lab = Lab::from_objects_on(wire, objects).expect("build the lab");
     lab.start_agent_extra(&["--affinity-max", &CAPACITY.to_string()])
         .expect("start the agent");
     let mut clients = LoadSet::default();
@@ -770,8 +797,7 @@ fn a_flooded_affinity_map_keeps_active_clients_on_their_backend() {
 const PREVIOUS_AGENT: &str = "LB_PREVIOUS_AGENT_BIN";
 const PREVIOUS_AGENT_UNAVAILABLE: &str = "LB_PREVIOUS_AGENT_UNAVAILABLE";
 
-#[test]
-fn an_upgrade_from_the_previous_release_under_load_fails_no_request() {
+fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &str) {
     if !require_root("an_upgrade_from_the_previous_release_under_load_fails_no_request") {
         return;
     }
@@ -786,9 +812,11 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request() {
         );
         return;
     };
-    let mut k = KubeLab::from_manifests(&[example("rolling-update.yaml")]);
+    let mut k = KubeLab::from_manifests_on(Wire::Nic, &[example("rolling-update.yaml")]);
     k.publish();
     k.lab.agent_binary = Some(previous.into());
+    // Its flags are the previous release's (it has no --wire-hook).
+    k.lab.agent_defaults.clear();
     k.start_agent();
     let pods = k.lab.pods_of(WEB_OWNER);
     k.wait_programmed(
@@ -801,6 +829,7 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request() {
     // A DaemonSet rollout: the old pod gets SIGTERM, the new one starts.
     k.lab.stop_agent();
     k.lab.agent_binary = None;
+    k.lab.agent_defaults = vec!["--wire-hook".into(), new_hook.into()];
     k.start_agent();
     let log = k.lab.agent_log();
     println!(
@@ -817,17 +846,31 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request() {
         )) && log.contains("lb_config is not kept (4 entries, now 5)"),
         "the release changed map layouts (the stats and config maps grew): {log}"
     );
-    // The previous release served the wire with XDP; this one puts tc
-    // there (the lab's wire is a veth), and leaves XDP passing everything
-    // rather than detach it (which resets a veth's or NIC's rings).
+    // The previous release served the wire with XDP. Moving to tc leaves
+    // XDP passing everything rather than detach it (which resets a veth's
+    // or NIC's rings); staying on XDP swaps the program in the pinned link.
     let links = lb_userspace::attach::links_dir(&k.lab.pin_dir);
-    assert!(
-        links.join("tcwire_eth0").exists()
-            && links.join("xdppass_eth0").exists()
-            && !links.join("xdp_eth0").exists(),
-        "the wire hook moved from XDP to tc: {:?}",
-        std::fs::read_dir(&links).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
-    );
+    let expected: &[(&str, bool)] = match new_hook {
+        "tc" => &[
+            ("tcwire_eth0", true),
+            ("xdppass_eth0", true),
+            ("xdp_eth0", false),
+        ],
+        _ => &[
+            ("tcwire_eth0", false),
+            ("xdppass_eth0", false),
+            ("xdp_eth0", true),
+        ],
+    };
+    for (pin, present) in expected {
+        assert_eq!(
+            links.join(pin).exists(),
+            *present,
+            "to {new_hook}: link pin {pin}: {:?}",
+            std::fs::read_dir(&links)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+    }
     std::thread::sleep(Duration::from_secs(1));
     let reports = clients.finish_and_assert_none_failed();
     for r in reports.iter().filter(|r| r.what.contains("long-lived")) {

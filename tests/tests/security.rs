@@ -20,7 +20,8 @@ use lb_tests::{
     capabilities::{
         capability_bit, daemon_set_capabilities, effective_capabilities, like_a_container_with,
     },
-    lab::{tcp_ask, Lab, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    lab::{tcp_ask, Lab, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    on_each_wire,
     privilege::require_root,
 };
 use serde_json::{json, Value};
@@ -36,9 +37,13 @@ const UNPRIVILEGED: u32 = 65534;
 /// A lab with the nginx example's three pods (TCP and UDP on port 80) and a
 /// route from the external client to the LoadBalancer address.
 fn lab() -> Lab {
+    lab_on(Wire::Software)
+}
+
+fn lab_on(wire: Wire) -> Lab {
     let example =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/nginx-deployment.yaml");
-    let lab = Lab::from_manifest_files(&[example]).expect("build the lab");
+    let lab = Lab::from_manifest_files_on(wire, &[example]).expect("build the lab");
     assert_eq!(lab.pods.len(), 3, "the nginx example has three replicas");
     lab.ext
         .exec(&[
@@ -580,15 +585,16 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
     }
 }
 
-#[test]
-fn source_range_drops_are_counted_exactly_and_allowed_sources_are_not() {
+on_each_wire!(source_range_drops_are_counted_exactly_and_allowed_sources_are_not);
+
+fn source_range_drops_are_counted_exactly_and_allowed_sources_are_not(wire: Wire) {
     if !require_root("security: source range drops counted") {
         return;
     }
     const REQUESTS: u64 = 40;
     // Outside the allowed range, on the external client next to its own.
     const DISALLOWED: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 99);
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     lab.ext
         .exec(&[
             "ip",

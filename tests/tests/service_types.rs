@@ -11,10 +11,23 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{tcp_ask, udp_ask, Lab, Netns, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    lab::{tcp_ask, udp_ask, Lab, Netns, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    on_each_wire,
     privilege::require_root,
 };
 use serde_json::{json, Value};
+
+on_each_wire!(
+    should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete,
+    should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols,
+    should_preserve_the_client_source_with_external_traffic_policy_local_and_only_use_local_endpoints,
+    loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in,
+    should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_ip_is_not_assigned_to_a_node,
+    should_have_session_affinity_work_switch_and_time_out_for_nodeport_service,
+    should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_external_traffic_policy_local,
+    should_fail_health_check_node_port_if_there_are_only_terminating_endpoints,
+    should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service,
+);
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
@@ -25,9 +38,14 @@ const SECOND_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 /// A lab with the nginx example's three pods (TCP and UDP on port 80) and
 /// routes from the external client to the test's external addresses.
 fn lab() -> Lab {
+    lab_on(Wire::Software)
+}
+
+/// The same on `wire`.
+fn lab_on(wire: Wire) -> Lab {
     let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/nginx-deployment.yaml");
-    let lab = Lab::from_manifest_files(&[example]).expect("build the lab");
+    let lab = Lab::from_manifest_files_on(wire, &[example]).expect("build the lab");
     assert_eq!(lab.pods.len(), 3);
     lab.ext
         .exec(&[
@@ -156,12 +174,11 @@ fn connect_fails(ns: &Netns, to: SocketAddrV4) -> bool {
     })
 }
 
-#[test]
-fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete() {
+fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete(wire: Wire) {
     if !require_root("nodeport") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     // A second node address: NodePorts are served on every one of them.
     lab.node
         .exec(&[
@@ -219,7 +236,7 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
     assert_no_nat_failures(&lab);
 
     // should release NodePorts on delete
-    lab.extra_manifests.remove("np.yaml");
+    lab.state.extra_manifests.remove("np.yaml");
     lab.apply_manifests().unwrap();
     assert!(
         connect_fails(&lab.ext, to),
@@ -227,13 +244,13 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
     );
 }
 
-#[test]
 fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols(
+    wire: Wire,
 ) {
     if !require_root("nodeport protocols") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
     publish(
@@ -258,15 +275,16 @@ fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_numb
     );
     assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 30)), all);
     assert_eq!(pods_of(&whoami_udp(&lab.ext, to, 30)), all);
+    lab.assert_no_checksum_errors();
 }
 
-#[test]
 fn should_preserve_the_client_source_with_external_traffic_policy_local_and_only_use_local_endpoints(
+    wire: Wire,
 ) {
     if !require_root("externalTrafficPolicy Local") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     let all = pod_names(&lab);
     // The third pod is "on another node": Local external traffic skips it.
     let eps = vec![
@@ -303,12 +321,11 @@ fn should_preserve_the_client_source_with_external_traffic_policy_local_and_only
     lab.assert_no_checksum_errors();
 }
 
-#[test]
-fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in() {
+fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(wire: Wire) {
     if !require_root("LoadBalancer") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
@@ -345,6 +362,7 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in() 
     );
     // The NodePort is not subject to the ranges, as in kube-proxy.
     assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 30)), all);
+    lab.assert_no_checksum_errors();
 }
 
 /// Masqueraded traffic must never have been dropped for want of a port or
@@ -355,13 +373,13 @@ fn assert_no_nat_failures(lab: &Lab) {
     }
 }
 
-#[test]
 fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_ip_is_not_assigned_to_a_node(
+    wire: Wire,
 ) {
     if !require_root("externalIPs") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     let all = pod_names(&lab);
     let eps = all.iter().map(|p| ready(&lab, p)).collect();
     publish(
@@ -468,6 +486,7 @@ fn check_affinity(lab: &mut Lab, kind: &str, ns_ext: bool) {
         moved,
         "after the affinity timeout the client never reached another backend in 8 tries"
     );
+    lab.assert_no_checksum_errors();
 }
 
 #[test]
@@ -479,12 +498,11 @@ fn should_have_session_affinity_work_switch_and_time_out_for_service_with_type_c
     check_affinity(&mut lab, "ClusterIP", false);
 }
 
-#[test]
-fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service() {
+fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service(wire: Wire) {
     if !require_root("affinity NodePort") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     check_affinity(&mut lab, "NodePort", true);
 }
 
@@ -571,13 +589,13 @@ fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_wi
     );
 }
 
-#[test]
 fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_external_traffic_policy_local(
+    wire: Wire,
 ) {
     if !require_root("terminating fallback Local") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     let all = pod_names(&lab);
     let eps = local_terminating_remote_ready(&lab, &all);
     publish(
@@ -596,6 +614,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
         "the local serving terminating endpoint"
     );
     assert_eq!(sources_of(&seen), vec![EXT_CLIENT_ADDR]);
+    lab.assert_no_checksum_errors();
 }
 
 #[test]
@@ -636,12 +655,11 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
     );
 }
 
-#[test]
-fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() {
+fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(wire: Wire) {
     if !require_root("healthCheckNodePort") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(wire);
     let all = pod_names(&lab);
     let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.31",
         "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100, "ports": ports(true)});
@@ -683,12 +701,13 @@ fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints() 
         "terminating local endpoints still serve"
     );
     // Deleted Service: the port closes.
-    lab.extra_manifests.remove("hc.yaml");
+    lab.state.extra_manifests.remove("hc.yaml");
     lab.apply_manifests().unwrap();
     assert!(connect_fails(
         &lab.ext,
         SocketAddrV4::new(NODE_WIRE_ADDR, 32100)
     ));
+    lab.assert_no_checksum_errors();
 }
 
 /// Sends from one UDP socket (one flow) until `want` answers, bounded.
@@ -712,8 +731,8 @@ fn udp_flow_reaches(sock: &std::net::UdpSocket, want: &str, tries: usize) -> Vec
     answers
 }
 
-fn check_udp_flow_follows_pod_cycle(node_port: bool) {
-    let mut lab = lab();
+fn check_udp_flow_follows_pod_cycle(node_port: bool, wire: Wire) {
+    let mut lab = lab_on(wire);
     let all = pod_names(&lab);
     let ty = if node_port { "NodePort" } else { "ClusterIP" };
     let spec = json!({"type": ty, "clusterIP": "10.96.0.33", "ports": ports(node_port)});
@@ -750,6 +769,7 @@ fn check_udp_flow_follows_pod_cycle(node_port: bool) {
         "the same UDP flow must move to the new pod: {after:?}"
     );
     assert!(after.len() <= 2, "the flow moved late: {after:?}");
+    lab.assert_no_checksum_errors();
 }
 
 #[test]
@@ -757,15 +777,16 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip
     if !require_root("UDP pod cycle ClusterIP") {
         return;
     }
-    check_udp_flow_follows_pod_cycle(false);
+    check_udp_flow_follows_pod_cycle(false, Wire::Software);
 }
 
-#[test]
-fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service() {
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service(
+    wire: Wire,
+) {
     if !require_root("UDP pod cycle NodePort") {
         return;
     }
-    check_udp_flow_follows_pod_cycle(true);
+    check_udp_flow_follows_pod_cycle(true, wire);
 }
 
 #[test]
@@ -841,7 +862,7 @@ spec:
 }
 
 fn set_multi_ports(lab: &mut Lab, ports: Value) {
-    for o in &mut lab.objects {
+    for o in &mut lab.state.objects {
         if let lb_tests::workload::LabObject::Service(s) = o {
             s.spec.as_mut().unwrap().ports = Some(serde_json::from_value(ports.clone()).unwrap());
         }

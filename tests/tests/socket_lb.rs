@@ -37,7 +37,8 @@ fn lab_with_agent_under(mode: &str, wrapper: Vec<String>) -> Lab {
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.11", "selector": {"app": "nginx"},
             "ports": [{"name": "http", "port": 80, "targetPort": 80, "nodePort": NODE_PORT},
                       {"name": "udp", "port": 80, "protocol": "UDP", "targetPort": 80, "nodePort": NODE_PORT}]}});
-    lab.objects
+    lab.state
+        .objects
         .push(LabObject::Service(serde_json::from_value(np).unwrap()));
     lab.write_manifests().unwrap();
     lab.agent_wrapper = wrapper;
@@ -249,7 +250,7 @@ fn connected_udp_across_backend_deletion(
     let (_, first) = next();
     let used = first.split(' ').next().unwrap_or_default().to_owned();
     assert!(lab.pods.contains_key(&used), "first answer: {first}");
-    lab.excluded.insert(used.clone());
+    lab.state.excluded.insert(used.clone());
     lab.apply_manifests().expect("backend deleted");
     // Drain what was sent before the change landed, then watch.
     let mut after = Vec::new();

@@ -269,8 +269,8 @@ pub fn measure(
             docs.push_str(&slice.to_string());
             docs.push('\n');
         }
-        lab.extra_manifests.clear();
-        lab.extra_manifests.insert("bench.yaml".into(), docs);
+        lab.state.extra_manifests.clear();
+        lab.state.extra_manifests.insert("bench.yaml".into(), docs);
         lab.write_manifests()?;
         let _ = lb_userspace::loader::cleanup(&lab.pin_dir);
         for (mode, socket_lb) in [(0, "all"), (1, "off")] {

@@ -2,6 +2,10 @@
 //! its pod name, on the ports it is given. Prints "ready" once all sockets
 //! listen, so the lab knows the pod is ready.
 //!
+//! A line `once` is answered with the pod name and the connection closed
+//! by the server, as an HTTP/1.0 server (or one sending `Connection:
+//! close`) does: the server's side then holds the 4-tuple in TIME_WAIT.
+//!
 //! On SIGTERM it shuts down the way a well-behaved server in a terminating
 //! pod does: it keeps accepting (Services may still route new connections
 //! to it until the EndpointSlice says it is terminating), and it closes
@@ -39,8 +43,8 @@ fn serve_tcp(stream: TcpStream, name: String) {
         } else {
             name.clone()
         };
-        let closing = TERMINATING.load(Ordering::SeqCst);
-        if closing {
+        let closing = TERMINATING.load(Ordering::SeqCst) || line.trim() == "once";
+        if TERMINATING.load(Ordering::SeqCst) {
             answer.push_str(" bye");
         }
         answer.push('\n');

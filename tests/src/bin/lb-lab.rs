@@ -47,7 +47,7 @@ fn demo(dir: PathBuf) -> Result<()> {
             .join(", ")
     );
     let mut lab = Lab::from_manifest_files(&files)?;
-    for pod in lab.pod_specs.iter() {
+    for pod in lab.state.pod_specs.iter() {
         println!("  pod {:<40} {:<15} ({})", pod.name, pod.ip, pod.owner);
     }
     println!(
@@ -65,6 +65,7 @@ fn demo(dir: PathBuf) -> Result<()> {
     );
 
     let services: Vec<ServicePorts> = lab
+        .state
         .objects
         .iter()
         .filter_map(|o| match o {

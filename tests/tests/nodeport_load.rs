@@ -1,0 +1,54 @@
+//! NodePort under the load of a busy node: 1,000 new connections a second
+//! from outside to the 4 pods of `examples/rolling-update.yaml`, for longer
+//! than the default masquerade ports (33,512) take to come round at 250 new
+//! connections a second per backend (134 s). The pods close first, so each
+//! backend holds every masquerade tuple it saw in TIME_WAIT for 60 s: a
+//! masquerade port handed out again within that time gets the old
+//! connection's ACK instead of a SYN-ACK, and the client retransmits its
+//! SYN a second later. No SYN may be retransmitted and no connection fail.
+
+use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+
+use lb_tests::{
+    lab::{Lab, Wire, NODE_WIRE_ADDR},
+    on_each_wire,
+    privilege::require_root,
+    rate_load::{self, RateLoad},
+};
+
+on_each_wire!(nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait);
+
+/// Long enough for every backend's masquerade ports to come round once.
+const DURATION: Duration = Duration::from_secs(140);
+
+fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wire: Wire) {
+    if !require_root("nodeport_at_1000_new_connections_a_second") {
+        return;
+    }
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/rolling-update.yaml");
+    let mut lab = Lab::from_manifest_files_on(wire, &[example]).expect("build the lab");
+    assert_eq!(lab.pods.len(), 4, "the example has 4 replicas");
+    // Room for every flow of the run (two entries each, reply entries of
+    // closed flows kept 120 s): the test is about ports, not LRU pressure.
+    lab.start_agent_extra(&["--conntrack-max", "524288"])
+        .expect("start lb-agent");
+    let load = RateLoad {
+        what: format!("NodePort new connections, {wire:?} wire"),
+        to: SocketAddrV4::new(NODE_WIRE_ADDR, 30081),
+        rate: 1000,
+        duration: DURATION,
+        threads: 8,
+    };
+    let report = rate_load::run(&lab.ext.path(), &load);
+    println!("RATE {report}");
+    let exhausted = lab.datapath_stat("snat_ports_exhausted");
+    println!("RATE snat_ports_exhausted {exhausted}");
+    assert!(
+        report.attempted as f64 >= 0.9 * 1000.0 * DURATION.as_secs_f64(),
+        "the load ran at the rate asked: {report}"
+    );
+    assert_eq!(report.failed, 0, "{report}: {:?}", report.failures);
+    assert_eq!(report.syn_retransmissions, 0, "{report}");
+    assert_eq!(exhausted, 0, "no new flow found every port taken");
+    lab.assert_no_checksum_errors();
+}
