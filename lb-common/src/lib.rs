@@ -67,8 +67,11 @@ pub mod program_names {
     pub const TC_FROM_WIRE: &str = "lb_tc_from_wire";
     /// tc ingress on the host side of each pod's veth (packets leaving pods).
     pub const TC_FROM_POD: &str = "lb_tc_from_pod";
-    /// XDP that passes everything, for veth peers receiving XDP_TX frames.
+    /// XDP that passes everything, for veth peers receiving XDP_TX frames
+    /// and a wire interface moved to tc (see the agent's attach).
     pub const XDP_PASS: &str = "lb_xdp_pass";
+    /// tc that passes everything: the benchmark's baseline.
+    pub const TC_PASS: &str = "lb_tc_pass";
     /// cgroup socket hooks (socket-level load balancing).
     pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
     pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";

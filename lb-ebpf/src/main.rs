@@ -38,6 +38,12 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Passes every packet: the benchmark's baseline for the tc programs.
+#[classifier]
+pub fn lb_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[classifier]
 pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
     tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK)

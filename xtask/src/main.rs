@@ -11,12 +11,16 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod test_plan;
+
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
 commands:
   setup            install what building and testing need (idempotent)
   build [--release] build the agent, the BPF object and the lab binaries
-  test [ARGS]      run every test (unit, packet, lab); ARGS go to cargo test
+  test [ARGS]      run every test (unit, packet, lab: independent lab test
+                   binaries side by side, timing-sensitive ones alone);
+                   with ARGS, `cargo test ARGS` instead (one binary, a filter)
   demo             build the lab from examples/, run the agent, send requests
                    from a client pod to each ClusterIP and show who answered
   run -- FLAGS     run `lb-agent run FLAGS` (e.g. --manifests DIR or --kubeconfig)
@@ -297,15 +301,22 @@ fn previous_release_agent() -> Result<std::result::Result<PathBuf, String>> {
 fn test(extra: &[String]) -> Result<()> {
     // The lab tests run the agent and the pod server binaries.
     build(false)?;
-    let mut c = cargo();
-    match previous_release_agent()? {
-        Ok(binary) => c.env("LB_PREVIOUS_AGENT_BIN", binary),
+    let env = match previous_release_agent()? {
+        Ok(binary) => (
+            "LB_PREVIOUS_AGENT_BIN",
+            binary.to_string_lossy().into_owned(),
+        ),
         Err(why) => {
             println!("[test] the upgrade test will be skipped: {why}");
-            c.env("LB_PREVIOUS_AGENT_UNAVAILABLE", why)
+            ("LB_PREVIOUS_AGENT_UNAVAILABLE", why)
         }
     };
-    c.args(["test", "--workspace", "--exclude", "lb-ebpf"])
+    if extra.is_empty() {
+        return test_plan::run(&workspace_root(), &[(env.0.into(), env.1)]);
+    }
+    let mut c = cargo();
+    c.env(env.0, env.1)
+        .args(["test", "--workspace", "--exclude", "lb-ebpf"])
         .args(extra);
     if !extra.iter().any(|a| a == "--") {
         // Lab tests each build a node of namespaces; on two cores they are
@@ -347,6 +358,8 @@ struct BenchPlan {
     traffic_rounds: &'static str,
     control_plane_services: &'static str,
     control_plane_changes: &'static str,
+    /// Seconds of NodePort load at 1,000 new connections a second.
+    nodeport_seconds: &'static str,
 }
 
 const FULL: BenchPlan = BenchPlan {
@@ -359,6 +372,7 @@ const FULL: BenchPlan = BenchPlan {
     traffic_rounds: "3",
     control_plane_services: "10000",
     control_plane_changes: "300",
+    nodeport_seconds: "60",
 };
 
 const QUICK: BenchPlan = BenchPlan {
@@ -371,6 +385,7 @@ const QUICK: BenchPlan = BenchPlan {
     traffic_rounds: "1",
     control_plane_services: "1000",
     control_plane_changes: "100",
+    nodeport_seconds: "10",
 };
 
 /// Runs one lb-bench measurement: progress streams to the terminal, the
@@ -521,6 +536,22 @@ fn bench(quick: bool) -> Result<()> {
             plan.control_plane_changes,
         ],
     )?);
+    let mut nodeport = vec![
+        "nodeport-load",
+        "--rate",
+        "1000",
+        "--seconds",
+        plan.nodeport_seconds,
+    ];
+    let previous = previous_release_agent()?;
+    let previous_path = previous.as_ref().map(|p| p.to_string_lossy().into_owned());
+    match &previous_path {
+        Ok(path) => nodeport.extend(["--previous-agent", path.as_str()]),
+        Err(why) => {
+            println!("[bench] the previous release is left out of the NodePort load: {why}")
+        }
+    }
+    report.push_str(&bench_section("NodePort under load", &nodeport)?);
     // Rule programming goes last: the kernel frees the huge iptables and
     // nftables rule sets of its namespaces in the background for minutes,
     // which would load the machine under the traffic runs.

@@ -1,11 +1,13 @@
-//! Per-packet cost of `lb_xdp_from_wire`, through BPF_PROG_TEST_RUN, as the
-//! number of Services grows.
+//! Per-packet cost of the wire hook, `lb_xdp_from_wire` and
+//! `lb_tc_from_wire` side by side, through BPF_PROG_TEST_RUN, as the number
+//! of Services grows.
 //!
 //! Each packet is its own test run (repeat 1): a repeated run would feed the
 //! program the packet it rewrote itself (the kernel does not restore the
 //! frame between repeats), which is no longer Service traffic. The kernel
-//! times only the program; an empty XDP program (`lb_xdp_pass`) timed the
-//! same way is subtracted, which takes out the timer and call overhead.
+//! times only the program; an empty program of the same kind (`lb_xdp_pass`,
+//! `lb_tc_pass`) timed the same way is subtracted, which takes out the timer
+//! and call overhead (tc's includes building an skb).
 //! A figure is the median of one batch of single runs; the reported one is
 //! the minimum over batches (the least disturbed by the rest of the machine).
 //! The kernel's clock here counts in steps of about 10 ns, so figures move
@@ -15,7 +17,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use lb_common::program_names;
@@ -27,11 +29,45 @@ use super::{filler_services, kube_proxy::ServicePort, median, progress, typed_ob
 use crate::packet::{self, Tuple, TCP_ACK};
 
 const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+/// The wire hooks measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Xdp => program_names::XDP_FROM_WIRE,
+            Hook::Tc => program_names::TC_FROM_WIRE,
+        }
+    }
+
+    fn empty(self) -> &'static str {
+        match self {
+            Hook::Xdp => program_names::XDP_PASS,
+            Hook::Tc => program_names::TC_PASS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "XDP",
+            Hook::Tc => "tc",
+        }
+    }
+}
 
 /// The cost of one packet kind at one number of Services, in ns.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PacketCosts {
     pub services: usize,
+    pub hook: Option<Hook>,
     /// The empty program's own figure (subtracted from the others).
     pub empty_ns: f64,
     /// A SYN of a new flow: service lookup, backend pick, conntrack entries
@@ -47,7 +83,7 @@ pub struct PacketCosts {
 /// `packet(i)`; returns the median ns. The first output is checked with
 /// `check`, so a bench that measured the wrong path fails instead.
 fn batch(
-    program: &Xdp,
+    program: &dyn Runner,
     count: usize,
     packet: &mut dyn FnMut(usize) -> Vec<u8>,
     check: &dyn Fn(&[u8]) -> Result<()>,
@@ -57,14 +93,14 @@ fn batch(
     for i in 0..count {
         let input = packet(i);
         let r = program
-            .test_run(TestRunOptions {
+            .run(TestRunOptions {
                 data_in: Some(&input),
                 data_out: Some(&mut out),
                 ..Default::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
-        if r.return_value != XDP_PASS {
-            bail!("verdict {} instead of XDP_PASS", r.return_value);
+        if r.return_value != program.pass() {
+            bail!("verdict {} instead of passing on", r.return_value);
         }
         if i == 0 {
             check(&out[..r.data_size_out as usize])?;
@@ -72,6 +108,40 @@ fn batch(
         samples.push(r.duration.as_nanos() as f64);
     }
     Ok(median(samples))
+}
+
+/// An XDP or tc program run by BPF_PROG_TEST_RUN.
+trait Runner {
+    fn run(
+        &self,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>;
+    /// The verdict of a packet that goes on.
+    fn pass(&self) -> u32;
+}
+
+impl Runner for Xdp {
+    fn run(
+        &self,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError> {
+        self.test_run(opts)
+    }
+    fn pass(&self) -> u32 {
+        XDP_PASS
+    }
+}
+
+impl Runner for SchedClassifier {
+    fn run(
+        &self,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError> {
+        self.test_run(opts)
+    }
+    fn pass(&self) -> u32 {
+        TC_ACT_OK
+    }
 }
 
 /// One loaded object whose maps hold one size's Services.
@@ -84,13 +154,20 @@ struct Instance {
 }
 
 fn instance(n: usize, endpoints: usize) -> Result<Instance> {
-    let mut ebpf = Ebpf::load(lb_userspace::EBPF_OBJECT).context("loading the BPF object")?;
-    for name in [program_names::XDP_FROM_WIRE, program_names::XDP_PASS] {
-        let p: &mut Xdp = ebpf
-            .program_mut(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()?;
-        p.load().with_context(|| format!("loading {name}"))?;
+    let mut ebpf = loader::object_loader(&loader::LoadConfig::default())
+        .load(lb_userspace::EBPF_OBJECT)
+        .context("loading the BPF object")?;
+    for hook in Hook::ALL {
+        for name in [hook.program(), hook.empty()] {
+            let p = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?;
+            match hook {
+                Hook::Xdp => <&mut Xdp>::try_from(p)?.load(),
+                Hook::Tc => <&mut SchedClassifier>::try_from(p)?.load(),
+            }
+            .with_context(|| format!("loading {name}"))?;
+        }
     }
     let maps = loader::take_maps(&mut ebpf)?;
     let mut programmer: Programmer<BpfMaps> =
@@ -132,94 +209,119 @@ pub fn measure(
         ));
         instances.push(instance(n, endpoints)?);
     }
-    let mut best: Vec<PacketCosts> = sizes
+    let mut best: Vec<PacketCosts> = Hook::ALL
         .iter()
-        .map(|&n| PacketCosts {
-            services: n,
-            empty_ns: f64::MAX,
-            new_flow_ns: f64::MAX,
-            established_ns: f64::MAX,
-            not_service_ns: f64::MAX,
+        .flat_map(|hook| {
+            sizes.iter().map(|&n| PacketCosts {
+                services: n,
+                hook: Some(*hook),
+                empty_ns: f64::MAX,
+                new_flow_ns: f64::MAX,
+                established_ns: f64::MAX,
+                not_service_ns: f64::MAX,
+            })
         })
         .collect();
     let mut flow = 0usize;
     for b in 0..batches {
         progress(&format!("per packet: batch {} of {batches}", b + 1));
-        for (inst, best) in instances.iter().zip(best.iter_mut()) {
-            let xdp: &Xdp = inst
-                .ebpf
-                .program(program_names::XDP_FROM_WIRE)
-                .context("XDP program")?
-                .try_into()?;
-            let empty: &Xdp = inst
-                .ebpf
-                .program(program_names::XDP_PASS)
-                .context("empty program")?
-                .try_into()?;
-            let probe = &inst.probe;
-            let backends: Vec<Ipv4Addr> = probe.endpoints.iter().map(|e| e.0).collect();
-            let to_backend = |out: &[u8]| -> Result<()> {
-                let p = packet::parse(out);
-                if !backends.contains(&p.dst) || p.dport != 8080 || !p.l4_checksum_ok {
-                    bail!("not translated to a backend: {p:?}");
-                }
-                Ok(())
-            };
-            let untouched = |out: &[u8]| -> Result<()> {
-                let p = packet::parse(out);
-                if p.dst != NOT_A_SERVICE {
-                    bail!("a non-Service packet was changed: {p:?}");
-                }
-                Ok(())
-            };
-            let established = Tuple {
-                src: Ipv4Addr::new(172, 31, 255, 1),
-                sport: 40_000,
-                dst: probe.cluster_ip,
-                dport: probe.port,
-            };
-            let ack = packet::tcp(&established, TCP_ACK, 1, &[], b"x");
-            let other = packet::tcp(
-                &Tuple {
-                    dst: NOT_A_SERVICE,
-                    ..established
-                },
-                TCP_ACK,
-                1,
-                &[],
-                b"x",
-            );
-            // The flow's first packet creates its conntrack entry.
-            batch(xdp, 1, &mut |_| packet::tcp_syn(&established), &to_backend)?;
-            let e = batch(empty, count, &mut |_| ack.clone(), &|_| Ok(()))?;
-            // New flows: a client address never seen before, each.
-            let nf = batch(
-                xdp,
-                count,
-                &mut |_| {
-                    flow += 1;
-                    packet::tcp_syn(&Tuple {
-                        src: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + flow as u32),
-                        ..established
-                    })
-                },
-                &to_backend,
-            )?;
-            let est = batch(xdp, count, &mut |_| ack.clone(), &to_backend)?;
-            let ns = batch(xdp, count, &mut |_| other.clone(), &untouched)?;
-            best.empty_ns = best.empty_ns.min(e);
-            best.new_flow_ns = best.new_flow_ns.min(nf - e);
-            best.established_ns = best.established_ns.min(est - e);
-            best.not_service_ns = best.not_service_ns.min(ns - e);
+        for (i, hook) in Hook::ALL.iter().enumerate() {
+            for (j, inst) in instances.iter().enumerate() {
+                let best = &mut best[i * sizes.len() + j];
+                let got = measure_once(inst, *hook, count, &mut flow)?;
+                best.empty_ns = best.empty_ns.min(got.empty_ns);
+                best.new_flow_ns = best.new_flow_ns.min(got.new_flow_ns);
+                best.established_ns = best.established_ns.min(got.established_ns);
+                best.not_service_ns = best.not_service_ns.min(got.not_service_ns);
+            }
         }
     }
-    for (c, inst) in best.iter().zip(&instances) {
+    for c in &best {
         progress(&format!(
-            "per packet at {} Services: new flow {:.0} ns, established {:.0} ns, not a Service {:.0} ns (empty program {:.0} ns)",
-            inst.services, c.new_flow_ns, c.established_ns, c.not_service_ns, c.empty_ns
+            "per packet, {} at {} Services: new flow {:.0} ns, established {:.0} ns, not a Service {:.0} ns (empty program {:.0} ns)",
+            c.hook.map(Hook::name).unwrap_or_default(), c.services, c.new_flow_ns, c.established_ns, c.not_service_ns, c.empty_ns
         ));
     }
     Ok(best)
+}
+
+/// One batch of each packet kind through `hook` of `inst`; `flow` numbers
+/// the new flows' clients (never seen before).
+fn measure_once(
+    inst: &Instance,
+    hook: Hook,
+    count: usize,
+    flow: &mut usize,
+) -> Result<PacketCosts> {
+    let program = |name: &str| -> Result<&dyn Runner> {
+        let p = inst
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?;
+        Ok(match hook {
+            Hook::Xdp => <&Xdp>::try_from(p)? as &dyn Runner,
+            Hook::Tc => <&SchedClassifier>::try_from(p)? as &dyn Runner,
+        })
+    };
+    let (wire, empty) = (program(hook.program())?, program(hook.empty())?);
+    let probe = &inst.probe;
+    let backends: Vec<Ipv4Addr> = probe.endpoints.iter().map(|e| e.0).collect();
+    let to_backend = |out: &[u8]| -> Result<()> {
+        let p = packet::parse(out);
+        if !backends.contains(&p.dst) || p.dport != 8080 || !p.l4_checksum_ok {
+            bail!("not translated to a backend: {p:?}");
+        }
+        Ok(())
+    };
+    let untouched = |out: &[u8]| -> Result<()> {
+        let p = packet::parse(out);
+        if p.dst != NOT_A_SERVICE {
+            bail!("a non-Service packet was changed: {p:?}");
+        }
+        Ok(())
+    };
+    let established = Tuple {
+        src: Ipv4Addr::new(172, 31, 255, 1),
+        sport: 40_000,
+        dst: probe.cluster_ip,
+        dport: probe.port,
+    };
+    let ack = packet::tcp(&established, TCP_ACK, 1, &[], b"x");
+    let other = packet::tcp(
+        &Tuple {
+            dst: NOT_A_SERVICE,
+            ..established
+        },
+        TCP_ACK,
+        1,
+        &[],
+        b"x",
+    );
+    // The flow's first packet creates its conntrack entry.
+    batch(wire, 1, &mut |_| packet::tcp_syn(&established), &to_backend)?;
+    let e = batch(empty, count, &mut |_| ack.clone(), &|_| Ok(()))?;
+    let nf = batch(
+        wire,
+        count,
+        &mut |_| {
+            *flow += 1;
+            packet::tcp_syn(&Tuple {
+                src: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + *flow as u32),
+                ..established
+            })
+        },
+        &to_backend,
+    )?;
+    let est = batch(wire, count, &mut |_| ack.clone(), &to_backend)?;
+    let ns = batch(wire, count, &mut |_| other.clone(), &untouched)?;
+    Ok(PacketCosts {
+        services: inst.services,
+        hook: Some(hook),
+        empty_ns: e,
+        new_flow_ns: nf - e,
+        established_ns: est - e,
+        not_service_ns: ns - e,
+    })
 }
 
 /// An address no Service has.
@@ -227,29 +329,42 @@ const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 
 /// The report section.
 pub fn markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: usize) -> String {
-    let mut s = String::from("## Per-packet cost of the XDP program\n\n");
+    let mut s = String::from("## Per-packet cost of the wire hook: XDP and tc\n\n");
     s.push_str(&format!(
-        "BPF_PROG_TEST_RUN of `lb_xdp_from_wire`, one packet per run, ns per packet minus the empty program's (`lb_xdp_pass`, same packet, same way); median of {count} runs, minimum over {batches} batches taken in turns across the sizes (each size has its own maps). Services have {endpoints} endpoints each; the probed one is the last programmed.\n\n"
+        "BPF_PROG_TEST_RUN of `lb_xdp_from_wire` and `lb_tc_from_wire` (the same NAT core; tc updates checksums with the skb helpers, right for partial checksums, which XDP cannot be), one packet per run, ns per packet minus the empty program's of the same kind (`lb_xdp_pass`, `lb_tc_pass`: same packet, same way); median of {count} runs, minimum over {batches} batches taken in turns across the sizes and hooks (each size has its own maps). Services have {endpoints} endpoints each; the probed one is the last programmed.\n\n"
     ));
-    s.push_str("| Services | new flow (SYN: lookup, pick, conntrack, DNAT) | established flow (conntrack hit, DNAT) | not a Service (parse, miss) | empty program |\n| ---: | ---: | ---: | ---: | ---: |\n");
+    s.push_str("| Services | hook | new flow (SYN: lookup, pick, conntrack, DNAT) | established flow (conntrack hit, DNAT) | not a Service (parse, miss) | empty program |\n| ---: | --- | ---: | ---: | ---: | ---: |\n");
     for c in costs {
         s.push_str(&format!(
-            "| {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns |\n",
+            "| {} | {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns |\n",
             super::thousands(c.services),
+            c.hook.map(Hook::name).unwrap_or_default(),
             c.new_flow_ns,
             c.established_ns,
             c.not_service_ns,
             c.empty_ns
         ));
     }
-    if let (Some(first), Some(last)) = (costs.first(), costs.last()) {
-        s.push_str(&format!(
-            "\nFrom {} to {} Services: new flow x{:.2}, established x{:.2}.\n",
-            super::thousands(first.services),
-            super::thousands(last.services),
-            last.new_flow_ns / first.new_flow_ns,
-            last.established_ns / first.established_ns
-        ));
+    s.push('\n');
+    for size in costs
+        .iter()
+        .map(|c| c.services)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let of = |h: Hook| {
+            costs
+                .iter()
+                .find(|c| c.services == size && c.hook == Some(h))
+        };
+        if let (Some(x), Some(t)) = (of(Hook::Xdp), of(Hook::Tc)) {
+            s.push_str(&format!(
+                "- {} Services, tc / XDP: new flow x{:.2}, established x{:.2}, not a Service x{:.2}.\n",
+                super::thousands(size),
+                t.new_flow_ns / x.new_flow_ns,
+                t.established_ns / x.established_ns,
+                t.not_service_ns / x.not_service_ns.max(1.0),
+            ));
+        }
     }
     s.push('\n');
     s

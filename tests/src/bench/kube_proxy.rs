@@ -24,6 +24,8 @@ pub struct ServicePort {
     /// "tcp" or "udp".
     pub protocol: &'static str,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// Also a NodePort (externalTrafficPolicy Cluster) on this port.
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -35,6 +37,14 @@ impl ServicePort {
     fn svc_chain(&self) -> String {
         format!(
             "KUBE-SVC-{}",
+            hash16(&format!("{}{}", self.port_name(), self.protocol))
+        )
+    }
+
+    /// The KUBE-EXT chain of a NodePort (kube-proxy 1.24+).
+    fn ext_chain(&self) -> String {
+        format!(
+            "KUBE-EXT-{}",
             hash16(&format!("{}{}", self.port_name(), self.protocol))
         )
     }
@@ -157,6 +167,29 @@ fn push_fixed_nat_chains(out: &mut String) {
     );
 }
 
+/// NodePorts with externalTrafficPolicy Cluster: KUBE-NODEPORTS jumps to
+/// the port's KUBE-EXT chain, which marks for masquerade and goes on to the
+/// Service's KUBE-SVC chain.
+fn push_node_port_chains(decl: &mut String, rules: &mut String, s: &ServicePort) {
+    let (Some(np), false) = (s.node_port, s.endpoints.is_empty()) else {
+        return;
+    };
+    let ext = s.ext_chain();
+    let _ = writeln!(decl, ":{ext} - [0:0]");
+    let _ = writeln!(
+        rules,
+        "-A KUBE-NODEPORTS -m comment --comment \"{}\" -m {p} -p {p} --dport {np} -j {ext}",
+        s.port_name(),
+        p = s.protocol
+    );
+    let _ = writeln!(
+        rules,
+        "-A {ext} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
+        s.port_name()
+    );
+    let _ = writeln!(rules, "-A {ext} -j {}", s.svc_chain());
+}
+
 fn push_services_chain(out: &mut String, services: &[ServicePort]) {
     for s in services.iter().filter(|s| !s.endpoints.is_empty()) {
         let _ = writeln!(
@@ -255,6 +288,7 @@ pub fn iptables_full(services: &[ServicePort]) -> String {
     push_services_chain(&mut rules, services);
     for s in services {
         push_service_chains(&mut decl, &mut rules, s);
+        push_node_port_chains(&mut decl, &mut rules, s);
     }
     let mut out = String::from(FILTER_TABLE);
     out.push_str(&decl);
@@ -424,6 +458,7 @@ mod tests {
 
     fn svc(i: u8, endpoints: usize) -> ServicePort {
         ServicePort {
+            node_port: None,
             namespace: "default".into(),
             name: format!("svc-{i}"),
             port_name: "http".into(),

@@ -7,6 +7,7 @@
 
 pub mod datapath;
 pub mod kube_proxy;
+pub mod nodeport_load;
 pub mod plot;
 pub mod programming;
 pub mod rule_tools;
@@ -48,6 +49,7 @@ pub fn filler_services(n: usize, endpoints: usize) -> Vec<ServicePort> {
             endpoints: (0..endpoints)
                 .map(|e| (filler_endpoint_ip(i, e), 8080))
                 .collect(),
+            node_port: None,
         })
         .collect()
 }

@@ -66,6 +66,7 @@ pub fn service_set(
         port: 80,
         protocol: "tcp",
         endpoints: pods.to_vec(),
+        node_port: None,
     };
     if n < 3 {
         let mut v = filler_services(n.saturating_sub(1), endpoints);

@@ -73,7 +73,8 @@ const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M
        lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K]
        lb-bench programming --sizes N,N,... [--endpoints E] [--changes K] [--limit-s S]
        lb-bench rules       --services N --format iptables|nft [--endpoints E]
-       lb-bench traffic     --sizes N,N,... [--endpoints E] [--ms MS] [--rounds R] [--plot-dir DIR] [--plot-prefix P]";
+       lb-bench traffic     --sizes N,N,... [--endpoints E] [--ms MS] [--rounds R] [--plot-dir DIR] [--plot-prefix P]
+       lb-bench nodeport-load [--rate R] [--seconds S] [--previous-agent PATH]";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -131,6 +132,18 @@ fn main() -> Result<()> {
                 }
                 println!();
             }
+            Ok(())
+        }
+        Some("nodeport-load") => {
+            let f = Flags::parse(&args[1..])?;
+            let (rate, seconds) = (f.num("rate", 1000)? as u32, f.num("seconds", 60)? as u64);
+            let mut modes = vec![bench::nodeport_load::Mode::Ours];
+            if let Some(previous) = f.get("previous-agent") {
+                modes.push(bench::nodeport_load::Mode::Previous(previous.into()));
+            }
+            modes.push(bench::nodeport_load::Mode::KubeProxyIptables);
+            let rows = bench::nodeport_load::measure(rate, seconds, &modes)?;
+            print!("{}", bench::nodeport_load::markdown(&rows, rate, seconds));
             Ok(())
         }
         _ => bail!("{USAGE}"),

@@ -1,0 +1,285 @@
+//! Two nodes, each with its own agent, pins and pods, on one wire (see
+//! lb_tests::lab::cluster): what crosses nodes. ClusterIP to pods on the
+//! other node, NodePort and LoadBalancer addresses on either node to
+//! remote backends (masqueraded), externalTrafficPolicy Local and the
+//! healthCheckNodePort of each node, a backend removed, and one node's
+//! agent killed and restarted under load while the other keeps serving.
+//! Each runs on both kinds of wire, with zero checksum errors anywhere.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_tests::{
+    lab::{
+        cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
+        http_get, report_checksum_counters, tcp_ask, udp_ask, Netns, Wire,
+    },
+    load::{Load, LoadKind, LoadSet},
+    on_each_wire,
+    privilege::require_root,
+};
+use serde_json::{json, Value};
+
+on_each_wire!(
+    cluster_ip_reaches_pods_on_the_other_node,
+    node_port_and_load_balancer_on_either_node_reach_remote_backends,
+    external_traffic_policy_local_serves_only_local_pods_and_health_checks_say_so,
+    a_removed_remote_backend_gets_no_new_connections,
+    one_nodes_agent_killed_and_restarted_under_load_loses_nothing,
+);
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const HEALTH_PORT: u16 = 32_000;
+
+/// Two nodes with the nginx example's 3 pods: two on node-1, one on node-2.
+fn cluster(wire: Wire) -> Cluster {
+    let example =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/nginx-deployment.yaml");
+    let c = Cluster::from_manifest_files(wire, 2, &[example]).expect("build the cluster");
+    assert_eq!(c.pods_on(0).len(), 2);
+    assert_eq!(c.pods_on(1).len(), 1);
+    c
+}
+
+fn endpoint(c: &Cluster, pod: &str) -> Value {
+    let node = node_name(c.placement[pod] + 1);
+    json!({"addresses": [c.pod(pod).ip.to_string()],
+        "conditions": {"ready": true, "serving": true, "terminating": false},
+        "nodeName": node, "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"}})
+}
+
+fn ports(node_port: Option<u16>) -> Value {
+    match node_port {
+        Some(np) => json!([{"name": "tcp", "port": 80, "protocol": "TCP", "nodePort": np},
+                           {"name": "udp", "port": 80, "protocol": "UDP", "nodePort": np}]),
+        None => json!([{"name": "tcp", "port": 80, "protocol": "TCP"},
+                       {"name": "udp", "port": 80, "protocol": "UDP"}]),
+    }
+}
+
+/// Publishes Service `name` with endpoints `pods` and starts the agents
+/// (or waits for them to apply it).
+fn publish(c: &mut Cluster, name: &str, spec: Value, status: Value, pods: &[String]) {
+    let endpoints = pods.iter().map(|p| endpoint(c, p)).collect();
+    c.state.put_extra_service(name, spec, status, endpoints);
+    if c.nodes[0].agent_pid().is_some() {
+        c.apply_manifests().expect("agents pick up the change");
+    } else {
+        c.write_manifests().expect("manifests");
+        c.start_agents().expect("start the agents");
+    }
+}
+
+/// `n` TCP "whoami" requests from `ns`: (answering pod, source it saw) counted.
+fn whoami(ns: &Netns, to: SocketAddrV4, n: usize) -> BTreeMap<(String, Ipv4Addr), usize> {
+    ns.run_in(|| {
+        let mut seen = BTreeMap::new();
+        for i in 0..n {
+            let answer = tcp_ask(to, "whoami", TIMEOUT)
+                .unwrap_or_else(|e| panic!("TCP request {i} to {to}: {e}"));
+            let (pod, peer) = answer.trim().split_once(' ').expect("name and peer");
+            let peer: SocketAddrV4 = peer.parse().expect("peer address");
+            *seen.entry((pod.to_owned(), *peer.ip())).or_insert(0) += 1;
+        }
+        seen
+    })
+}
+
+/// `n` UDP requests from `ns`, each answered from `to` itself.
+fn udp_answers(ns: &Netns, to: SocketAddrV4, n: usize) -> Vec<String> {
+    ns.run_in(|| {
+        (0..n)
+            .map(|i| {
+                let (answer, from) = udp_ask(to, "hello", TIMEOUT)
+                    .unwrap_or_else(|e| panic!("UDP request {i} to {to}: {e}"));
+                assert_eq!(from, SocketAddr::V4(to), "the answer comes from {to}");
+                answer
+            })
+            .collect()
+    })
+}
+
+fn pods_and_sources(seen: &BTreeMap<(String, Ipv4Addr), usize>) -> (Vec<String>, Vec<Ipv4Addr>) {
+    let mut pods: Vec<String> = seen.keys().map(|(p, _)| p.clone()).collect();
+    let mut sources: Vec<Ipv4Addr> = seen.keys().map(|(_, s)| *s).collect();
+    pods.sort();
+    pods.dedup();
+    sources.sort();
+    sources.dedup();
+    (pods, sources)
+}
+
+fn cluster_ip_reaches_pods_on_the_other_node(wire: Wire) {
+    if !require_root("cluster_ip_reaches_pods_on_the_other_node") {
+        return;
+    }
+    let mut c = cluster(wire);
+    let remote = c.pods_on(1);
+    let spec = json!({"clusterIP": "10.96.0.40", "ports": ports(None)});
+    publish(&mut c, "remote", spec, json!({}), &remote);
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 40), 80);
+    let client = &c.nodes[0].client;
+    let (pods, sources) = pods_and_sources(&whoami(&client.ns, to, 30));
+    assert_eq!(pods, remote, "node-1's client reaches node-2's pod");
+    assert_eq!(sources, vec![client.ip], "the client's address is kept");
+    for answer in udp_answers(&client.ns, to, 30) {
+        assert_eq!(answer, remote[0]);
+    }
+    report_checksum_counters("ClusterIP across nodes", &c.checksum_errors());
+}
+
+fn node_port_and_load_balancer_on_either_node_reach_remote_backends(wire: Wire) {
+    if !require_root("node_port_and_load_balancer_on_either_node_reach_remote_backends") {
+        return;
+    }
+    let mut c = cluster(wire);
+    c.ext
+        .exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{LB_IP}/32"),
+            "via",
+            &node_addr(1).to_string(),
+        ])
+        .expect("route to the LoadBalancer address via node-1");
+    for (k, remote_of) in [(1usize, 1usize), (2, 0)] {
+        // NodePort on node k, backends only on the other node.
+        let pods = c.pods_on(remote_of);
+        let name = format!("np{k}");
+        let np = 30090 + k as u16;
+        let spec = json!({"type": "NodePort", "clusterIP": format!("10.96.0.{}", 40 + k),
+            "ports": ports(Some(np))});
+        publish(&mut c, &name, spec, json!({}), &pods);
+        let to = SocketAddrV4::new(node_addr(k), np);
+        let (answered, sources) = pods_and_sources(&whoami(&c.ext, to, 20));
+        assert_eq!(
+            answered, pods,
+            "NodePort on node-{k} to the other node's pods"
+        );
+        assert_eq!(sources, vec![node_addr(k)], "masqueraded to node-{k}");
+        for answer in udp_answers(&c.ext, to, 20) {
+            assert!(pods.contains(&answer), "{answer}");
+        }
+    }
+    let remote = c.pods_on(1);
+    let spec =
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.45", "ports": ports(Some(30095))});
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
+    publish(&mut c, "lb", spec, status, &remote);
+    let to = SocketAddrV4::new(LB_IP, 80);
+    let (answered, sources) = pods_and_sources(&whoami(&c.ext, to, 20));
+    assert_eq!(answered, remote, "the LoadBalancer address via node-1");
+    assert_eq!(sources, vec![node_addr(1)]);
+    report_checksum_counters(
+        "NodePort and LoadBalancer across nodes",
+        &c.checksum_errors(),
+    );
+}
+
+fn external_traffic_policy_local_serves_only_local_pods_and_health_checks_say_so(wire: Wire) {
+    if !require_root("external_traffic_policy_local_across_nodes") {
+        return;
+    }
+    let mut c = cluster(wire);
+    let local = c.pods_on(0);
+    let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.46",
+        "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT,
+        "ports": ports(Some(30096))});
+    publish(&mut c, "local", spec, json!({}), &local);
+    let to = SocketAddrV4::new(node_addr(1), 30096);
+    let (answered, sources) = pods_and_sources(&whoami(&c.ext, to, 20));
+    assert_eq!(answered, local, "only node-1's own pods");
+    assert_eq!(
+        sources,
+        vec![CLUSTER_EXT_ADDR],
+        "the client's address is kept"
+    );
+    // node-2 has no local endpoint: its NodePort drops (as kube-proxy
+    // does), and its health check tells the load balancer to steer away.
+    let to_node2 = SocketAddrV4::new(node_addr(2), 30096);
+    let refused = c
+        .ext
+        .run_in(|| tcp_ask(to_node2, "whoami", Duration::from_millis(500)));
+    assert!(
+        refused.is_err(),
+        "node-2 has no local endpoint: {refused:?}"
+    );
+    for (k, want) in [(1usize, 200u16), (2, 503)] {
+        let at = SocketAddr::from((node_addr(k), HEALTH_PORT));
+        let (code, body) = c
+            .ext
+            .run_in(|| http_get(at, "/", TIMEOUT))
+            .unwrap_or_else(|e| panic!("health check of node-{k}: {e}"));
+        assert_eq!(code, want, "health check of node-{k}: {body}");
+    }
+    report_checksum_counters("externalTrafficPolicy Local", &c.checksum_errors());
+}
+
+fn a_removed_remote_backend_gets_no_new_connections(wire: Wire) {
+    if !require_root("a_removed_remote_backend_gets_no_new_connections") {
+        return;
+    }
+    let mut c = cluster(wire);
+    let all: Vec<String> = c.placement.keys().cloned().collect();
+    let spec = json!({"type": "NodePort", "clusterIP": "10.96.0.47", "ports": ports(Some(30097))});
+    publish(&mut c, "all", spec.clone(), json!({}), &all);
+    let to = SocketAddrV4::new(node_addr(1), 30097);
+    let (answered, _) = pods_and_sources(&whoami(&c.ext, to, 40));
+    assert_eq!(answered.len(), 3, "every pod answers: {answered:?}");
+    // The pod on node-2 leaves the Service.
+    let gone = c.pods_on(1)[0].clone();
+    let rest: Vec<String> = all.iter().filter(|p| **p != gone).cloned().collect();
+    publish(&mut c, "all", spec, json!({}), &rest);
+    let (answered, _) = pods_and_sources(&whoami(&c.ext, to, 40));
+    assert!(!answered.contains(&gone), "{gone} got a new connection");
+    let to_node2 = SocketAddrV4::new(node_addr(2), 30097);
+    let (answered, _) = pods_and_sources(&whoami(&c.ext, to_node2, 20));
+    assert!(
+        !answered.contains(&gone),
+        "{gone} got a new connection via node-2"
+    );
+    report_checksum_counters("backend removal across nodes", &c.checksum_errors());
+}
+
+fn one_nodes_agent_killed_and_restarted_under_load_loses_nothing(wire: Wire) {
+    if !require_root("one_nodes_agent_killed_and_restarted_under_load") {
+        return;
+    }
+    let mut c = cluster(wire);
+    let all: Vec<String> = c.placement.keys().cloned().collect();
+    let spec = json!({"type": "NodePort", "clusterIP": "10.96.0.48", "ports": ports(Some(30098))});
+    publish(&mut c, "web", spec, json!({}), &all);
+    let mut clients = LoadSet::default();
+    for k in [1usize, 2] {
+        let to = SocketAddrV4::new(node_addr(k), 30098);
+        for (kind, what, every) in [
+            (LoadKind::NewConnections, "new connections", 5),
+            (LoadKind::LongLived, "long-lived connection", 10),
+        ] {
+            clients.add(Load::start(
+                c.ext.path(),
+                to,
+                kind,
+                &format!("NodePort on node-{k}, {what}"),
+                Duration::from_millis(every),
+                20_000,
+            ));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    c.nodes[0].kill_agent();
+    std::thread::sleep(Duration::from_secs(1));
+    c.nodes[0].start_agent().expect("restart node-1's agent");
+    std::thread::sleep(Duration::from_secs(1));
+    let reports = clients.finish_and_assert_none_failed();
+    for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
+        assert_eq!(r.connections, 1, "{r}: the connection survived");
+    }
+    report_checksum_counters("an agent restarted under load", &c.checksum_errors());
+}
