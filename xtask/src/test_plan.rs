@@ -104,10 +104,14 @@ fn build_tests(root: &Path) -> Result<Vec<TestBinary>> {
     Ok(bins)
 }
 
-/// `lb-tests` of a package id (`path+file:///work/main/tests#lb-tests@0.1.0`).
+/// The package name in a package id: `path+file:///work/main/tests#lb-tests@0.1.0`,
+/// or `path+file:///work/main/lb-common#0.1.0` when it is the folder's name.
 fn package_name(id: &str) -> String {
-    let tail = id.rsplit('#').next().unwrap_or(id);
-    tail.split('@').next().unwrap_or(tail).to_owned()
+    let (url, tail) = id.rsplit_once('#').unwrap_or((id, ""));
+    match tail.split_once('@') {
+        Some((name, _)) => name.to_owned(),
+        None => url.rsplit('/').next().unwrap_or(url).to_owned(),
+    }
 }
 
 /// A test binary running, its output going to a file.
