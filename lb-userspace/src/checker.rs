@@ -380,7 +380,10 @@ mod tests {
              - {addresses: [10.244.0.12], conditions: {ready: false, serving: true, terminating: true}}\n",
         );
         let mut p = Programmer::new(AcceptingMaps, MapContents::default(), Metrics::new());
-        let report = p.full_sync(&[svc], &[slice]);
+        let report = p.full_sync(
+            &[crate::objects::ServiceInfo::from(svc)],
+            &[crate::objects::SliceInfo::from(slice)],
+        );
         assert!(report.errors.is_empty(), "{report:?}");
         (p.desired.clone(), p.current.clone())
     }

@@ -10,10 +10,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{model::ServiceName, translate::NodeInfo};
+use crate::{
+    model::ServiceName,
+    objects::{AddressType, ServiceInfo, ServiceKind, SliceInfo},
+    translate::NodeInfo,
+};
 
 /// One Service's health check port and what it reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,35 +30,31 @@ pub struct HealthCheck {
 /// The health check a Service asks of this node, if any.
 pub fn health_check_of(
     node: &NodeInfo,
-    name: &ServiceName,
-    svc: &Service,
-    slices: &[&EndpointSlice],
+    svc: &ServiceInfo,
+    slices: &[&SliceInfo],
 ) -> Option<HealthCheck> {
-    let spec = svc.spec.as_ref()?;
-    if spec.type_.as_deref() != Some("LoadBalancer")
-        || spec.external_traffic_policy.as_deref() != Some("Local")
-    {
+    if svc.ignored.is_some() || svc.kind != ServiceKind::LoadBalancer || !svc.external_local {
         return None;
     }
-    let port = u16::try_from(spec.health_check_node_port?)
+    let port = u16::try_from(svc.health_check_node_port?)
         .ok()
         .filter(|p| *p != 0)?;
     let mut local = BTreeSet::new();
-    for slice in slices.iter().filter(|s| s.address_type == "IPv4") {
+    for slice in slices
+        .iter()
+        .filter(|s| s.address_type == AddressType::Ipv4)
+    {
         for e in &slice.endpoints {
-            let c = e.conditions.as_ref();
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let is_local = !node.name.is_empty() && e.node_name.as_deref() == Some(&node.name);
-            if ready && !terminating && is_local {
-                if let Some(a) = e.addresses.first() {
+            let is_local = !node.name.is_empty() && e.node.as_deref() == Some(node.name.as_str());
+            if e.ready && is_local {
+                if let Some(a) = &e.address {
                     local.insert(a.clone());
                 }
             }
         }
     }
     Some(HealthCheck {
-        service: name.clone(),
+        service: svc.name.clone(),
         port,
         local_endpoints: local.len(),
     })
@@ -183,7 +182,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn svc(extra: serde_json::Value) -> Service {
+    fn svc(extra: serde_json::Value) -> ServiceInfo {
         let mut v = json!({"metadata": {"name": "web", "namespace": "shop"},
             "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
                 "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
@@ -191,27 +190,19 @@ mod tests {
         for (k, val) in extra.as_object().unwrap() {
             v["spec"][k] = val.clone();
         }
-        serde_json::from_value(v).unwrap()
+        crate::test_objects::service(v)
     }
 
-    fn slice(eps: serde_json::Value) -> EndpointSlice {
-        serde_json::from_value(json!({"metadata": {"name": "web-1", "namespace": "shop",
+    fn slice(eps: serde_json::Value) -> SliceInfo {
+        crate::test_objects::slice(json!({"metadata": {"name": "web-1", "namespace": "shop",
             "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": eps}))
-        .unwrap()
     }
 
     fn node() -> NodeInfo {
         NodeInfo {
             name: "n1".into(),
             ..Default::default()
-        }
-    }
-
-    fn name() -> ServiceName {
-        ServiceName {
-            namespace: "shop".into(),
-            name: "web".into(),
         }
     }
 
@@ -222,7 +213,7 @@ mod tests {
             {"addresses": ["10.244.0.6"], "nodeName": "n1", "conditions": {"ready": false, "serving": true, "terminating": true}},
             {"addresses": ["10.244.1.5"], "nodeName": "n2", "conditions": {"ready": true}}
         ]));
-        let c = health_check_of(&node(), &name(), &svc(json!({})), &[&s]).unwrap();
+        let c = health_check_of(&node(), &svc(json!({})), &[&s]).unwrap();
         assert_eq!((c.port, c.local_endpoints), (32000, 1));
         let (status, body) = response(&c);
         assert_eq!(status, "200 OK");
@@ -236,7 +227,7 @@ mod tests {
         let s = slice(json!([
             {"addresses": ["10.244.0.6"], "nodeName": "n1", "conditions": {"ready": false, "serving": true, "terminating": true}}
         ]));
-        let c = health_check_of(&node(), &name(), &svc(json!({})), &[&s]).unwrap();
+        let c = health_check_of(&node(), &svc(json!({})), &[&s]).unwrap();
         assert_eq!(c.local_endpoints, 0);
         assert_eq!(response(&c).0, "503 Service Unavailable");
     }
@@ -249,7 +240,7 @@ mod tests {
             json!({"healthCheckNodePort": null}),
         ] {
             assert!(
-                health_check_of(&node(), &name(), &svc(extra.clone()), &[]).is_none(),
+                health_check_of(&node(), &svc(extra.clone()), &[]).is_none(),
                 "{extra}"
             );
         }

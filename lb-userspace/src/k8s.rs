@@ -5,7 +5,7 @@
 //! resync that converges the maps and removes what no longer exists.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     path::Path,
 };
 
@@ -26,14 +26,12 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
+pub use crate::objects::TRIGGER_TIME_ANNOTATION;
 use crate::{
     model::ServiceName,
+    objects::{ServiceInfo, SliceInfo, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
     programmer::ServiceChange,
-    translate::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL},
 };
-
-/// The annotation kube-proxy measures network programming latency from.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// Objects this agent leaves alone, as kube-proxy does: Services of another
 /// proxy, and headless ones (their slices carry the label too).
@@ -60,7 +58,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 pub async fn list_once(
     client: Client,
     node_name: Option<&str>,
-) -> Result<(Vec<Service>, Vec<EndpointSlice>, Option<String>)> {
+) -> Result<(Vec<ServiceInfo>, Vec<SliceInfo>, Option<String>)> {
     let params = kube::api::ListParams::default().labels(&proxy_label_selector());
     let services = Api::<Service>::all(client.clone())
         .list(&params)
@@ -77,15 +75,48 @@ pub async fn list_once(
             .get_opt(name)
             .await
             .with_context(|| format!("reading Node {name}"))?
-            .and_then(|n| {
-                n.metadata
-                    .labels?
-                    .get("topology.kubernetes.io/zone")
-                    .cloned()
-            }),
+            .and_then(|n| NodeFacts::from(&n).zone),
         None => None,
     };
-    Ok((services, slices, zone))
+    Ok((
+        services.iter().map(ServiceInfo::from).collect(),
+        slices.iter().map(SliceInfo::from).collect(),
+        zone,
+    ))
+}
+
+/// What the agent reads of its own Node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// `topology.kubernetes.io/zone`, for topology hints.
+    pub zone: Option<String>,
+    /// Not being deleted and not tainted ToBeDeletedByClusterAutoscaler:
+    /// kube-proxy's `/healthz` says 503 otherwise, so load balancers drain
+    /// the node before it goes.
+    pub eligible: bool,
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+impl From<&Node> for NodeFacts {
+    fn from(n: &Node) -> Self {
+        let deleting = n.metadata.deletion_timestamp.is_some();
+        let tainted = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+        NodeFacts {
+            zone: n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("topology.kubernetes.io/zone"))
+                .cloned(),
+            eligible: !deleting && !tainted,
+        }
+    }
 }
 
 /// A change from one of the watches.
@@ -152,55 +183,11 @@ fn spawn_watch<K>(
     });
 }
 
-/// Drops what the agent never reads, to keep memory flat at large scale.
-fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    meta.creation_timestamp = None;
-    if let Some(a) = meta.annotations.as_mut() {
-        a.retain(|k, _| k == TRIGGER_TIME_ANNOTATION);
-    }
-}
+/// An EndpointSlice's identity: (namespace, name).
+type SliceKey = (Box<str>, Box<str>);
 
-/// A slice keeps only what translation reads: per endpoint its addresses,
-/// conditions, node, zone and hints. Endpoints are the bulk of the store
-/// (10,000 Services x 10 endpoints are 100,000 of them).
-fn slim_slice(slice: &mut EndpointSlice) {
-    slim_meta(&mut slice.metadata);
-    if let Some(l) = slice.metadata.labels.as_mut() {
-        l.retain(|k, _| k == SERVICE_NAME_LABEL);
-    }
-    for e in slice.endpoints.iter_mut() {
-        e.target_ref = None;
-        e.deprecated_topology = None;
-        e.hostname = None;
-        e.addresses.shrink_to_fit();
-    }
-    slice.endpoints.shrink_to_fit();
-}
-
-fn slice_key(s: &EndpointSlice) -> (String, String) {
-    (
-        s.metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        s.metadata.name.clone().unwrap_or_default(),
-    )
-}
-
-fn slice_service(s: &EndpointSlice) -> Option<ServiceName> {
-    let name = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(ServiceName {
-        namespace: s
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name: name.clone(),
-    })
+fn slice_key(s: &SliceInfo) -> SliceKey {
+    (s.namespace.clone(), s.name.clone())
 }
 
 /// What a batch of changes asks of the programmer.
@@ -216,20 +203,20 @@ pub struct Work {
 /// by Service.
 #[derive(Default)]
 pub struct ClusterState {
-    pub services: HashMap<ServiceName, Service>,
-    slices: HashMap<(String, String), EndpointSlice>,
-    by_service: HashMap<ServiceName, BTreeSet<(String, String)>>,
-    pub node: Option<Node>,
+    pub services: HashMap<ServiceName, ServiceInfo>,
+    slices: HashMap<SliceKey, SliceInfo>,
+    by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
+    pub node: Option<NodeFacts>,
     /// Objects buffered during a relist, swapped in at InitDone.
-    init_services: Option<Vec<Service>>,
-    init_slices: Option<Vec<EndpointSlice>>,
+    init_services: Option<Vec<ServiceInfo>>,
+    init_slices: Option<Vec<SliceInfo>>,
     pub services_synced: bool,
     pub slices_synced: bool,
     /// Trigger times of slice changes not yet written, per Service.
     pending_triggers: HashMap<ServiceName, Vec<DateTime<Utc>>>,
     /// Latest trigger time observed per slice, so a relist does not count
     /// the same change twice.
-    observed_trigger: HashMap<(String, String), DateTime<Utc>>,
+    observed_trigger: HashMap<SliceKey, DateTime<Utc>>,
 }
 
 impl ClusterState {
@@ -239,11 +226,11 @@ impl ClusterState {
 
     /// References, not copies: a full sync of a large cluster must not
     /// double the store in memory.
-    pub fn all_services(&self) -> Vec<&Service> {
+    pub fn all_services(&self) -> Vec<&ServiceInfo> {
         self.services.values().collect()
     }
 
-    pub fn all_slices(&self) -> Vec<&EndpointSlice> {
+    pub fn all_slices(&self) -> Vec<&SliceInfo> {
         self.slices.values().collect()
     }
 
@@ -279,20 +266,10 @@ impl ClusterState {
             .collect()
     }
 
-    fn note_trigger(&mut self, slice: &EndpointSlice) {
-        let Some(service) = slice_service(slice) else {
+    fn note_trigger(&mut self, slice: &SliceInfo) {
+        let (Some(service), Some(t)) = (slice.service.clone(), slice.trigger_time) else {
             return;
         };
-        let Some(t) = slice
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
-            .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
-        else {
-            return;
-        };
-        let t = t.with_timezone(&Utc);
         let key = slice_key(slice);
         if self
             .observed_trigger
@@ -305,15 +282,15 @@ impl ClusterState {
         self.pending_triggers.entry(service).or_default().push(t);
     }
 
-    fn put_slice(&mut self, slice: EndpointSlice, work: &mut Work) {
+    fn put_slice(&mut self, slice: SliceInfo, work: &mut Work) {
         let key = slice_key(&slice);
-        if let Some(old) = self.slices.get(&key).and_then(slice_service) {
+        if let Some(old) = self.slices.get(&key).and_then(|s| s.service.clone()) {
             if let Some(keys) = self.by_service.get_mut(&old) {
                 keys.remove(&key);
             }
             work.dirty.insert(old);
         }
-        if let Some(svc) = slice_service(&slice) {
+        if let Some(svc) = slice.service.clone() {
             self.by_service
                 .entry(svc.clone())
                 .or_default()
@@ -323,10 +300,10 @@ impl ClusterState {
         self.slices.insert(key, slice);
     }
 
-    fn remove_slice(&mut self, slice: &EndpointSlice, work: &mut Work) {
+    fn remove_slice(&mut self, slice: &SliceInfo, work: &mut Work) {
         let key = slice_key(slice);
         if let Some(old) = self.slices.remove(&key) {
-            if let Some(svc) = slice_service(&old) {
+            if let Some(svc) = old.service {
                 if let Some(keys) = self.by_service.get_mut(&svc) {
                     keys.remove(&key);
                     if keys.is_empty() {
@@ -339,95 +316,96 @@ impl ClusterState {
         self.observed_trigger.remove(&key);
     }
 
-    /// Folds one change into the store and notes what it asks for.
+    /// Folds one change into the store and notes what it asks for. Objects
+    /// are kept as translation reads them (`objects`), nothing more.
     pub fn apply(&mut self, change: Change, work: &mut Work) {
         match change {
-            Change::Service(ev) => match ev {
-                Event::Apply(mut s) => {
-                    slim_meta(&mut s.metadata);
-                    s.status = None;
-                    let name = crate::translate::service_name(&s);
-                    work.dirty.insert(name.clone());
-                    self.services.insert(name, s);
-                }
-                Event::Delete(s) => {
-                    let name = crate::translate::service_name(&s);
-                    self.services.remove(&name);
-                    work.dirty.insert(name);
-                }
-                Event::Init => {
-                    if self.services_synced {
-                        work.restarts.push("services");
-                    }
-                    self.init_services = Some(Vec::new());
-                }
-                Event::InitApply(mut s) => {
-                    slim_meta(&mut s.metadata);
-                    s.status = None;
-                    self.init_services.get_or_insert_with(Vec::new).push(s);
-                }
-                Event::InitDone => {
-                    let list = self.init_services.take().unwrap_or_default();
-                    self.services = list
-                        .into_iter()
-                        .map(|s| (crate::translate::service_name(&s), s))
-                        .collect();
-                    self.services_synced = true;
-                    work.full_resync = true;
-                }
-            },
-            Change::Slice(ev) => match ev {
-                Event::Apply(mut s) => {
-                    self.note_trigger(&s);
-                    slim_slice(&mut s);
-                    self.put_slice(s, work);
-                }
-                Event::Delete(s) => self.remove_slice(&s, work),
-                Event::Init => {
-                    if self.slices_synced {
-                        work.restarts.push("endpointslices");
-                    }
-                    self.init_slices = Some(Vec::new());
-                }
-                Event::InitApply(mut s) => {
-                    self.note_trigger(&s);
-                    slim_slice(&mut s);
-                    self.init_slices.get_or_insert_with(Vec::new).push(s);
-                }
-                Event::InitDone => {
-                    let list = self.init_slices.take().unwrap_or_default();
-                    self.slices.clear();
-                    self.by_service.clear();
-                    let mut ignore = Work::default();
-                    for s in list {
-                        self.put_slice(s, &mut ignore);
-                    }
-                    let live: BTreeSet<(String, String)> = self.slices.keys().cloned().collect();
-                    self.observed_trigger.retain(|k, _| live.contains(k));
-                    self.slices_synced = true;
-                    work.full_resync = true;
-                }
-            },
-            Change::Node(ev) => match *ev {
-                Event::Apply(mut n) | Event::InitApply(mut n) => {
-                    slim_meta(&mut n.metadata);
-                    n.status = n.status.map(|mut st| {
-                        st.images = None;
-                        st
-                    });
-                    self.node = Some(n);
-                }
-                Event::Delete(_) => self.node = None,
-                Event::Init => {
-                    if self.node.is_some() {
-                        work.restarts.push("nodes");
-                    }
-                }
-                Event::InitDone => {}
-            },
+            Change::Service(ev) => self.apply_service(ev, work),
+            Change::Slice(ev) => self.apply_slice(ev, work),
+            Change::Node(ev) => self.apply_node(*ev, work),
             Change::WatchError(resource, e) => {
                 log::warn!("watch of {resource} failed, retrying: {e}")
             }
+        }
+    }
+
+    fn apply_service(&mut self, ev: Event<Service>, work: &mut Work) {
+        match ev {
+            Event::Apply(s) => {
+                let s = ServiceInfo::from(s);
+                work.dirty.insert(s.name.clone());
+                self.services.insert(s.name.clone(), s);
+            }
+            Event::Delete(s) => {
+                let name = crate::objects::service_name(&s.metadata);
+                self.services.remove(&name);
+                work.dirty.insert(name);
+            }
+            Event::Init => {
+                if self.services_synced {
+                    work.restarts.push("services");
+                }
+                self.init_services = Some(Vec::new());
+            }
+            Event::InitApply(s) => {
+                self.init_services
+                    .get_or_insert_with(Vec::new)
+                    .push(ServiceInfo::from(s));
+            }
+            Event::InitDone => {
+                let list = self.init_services.take().unwrap_or_default();
+                self.services = list.into_iter().map(|s| (s.name.clone(), s)).collect();
+                self.services_synced = true;
+                work.full_resync = true;
+            }
+        }
+    }
+
+    fn apply_slice(&mut self, ev: Event<EndpointSlice>, work: &mut Work) {
+        match ev {
+            Event::Apply(s) => {
+                let s = SliceInfo::from(s);
+                self.note_trigger(&s);
+                self.put_slice(s, work);
+            }
+            Event::Delete(s) => self.remove_slice(&SliceInfo::from(s), work),
+            Event::Init => {
+                if self.slices_synced {
+                    work.restarts.push("endpointslices");
+                }
+                self.init_slices = Some(Vec::new());
+            }
+            Event::InitApply(s) => {
+                let s = SliceInfo::from(s);
+                self.note_trigger(&s);
+                self.init_slices.get_or_insert_with(Vec::new).push(s);
+            }
+            Event::InitDone => {
+                let list = self.init_slices.take().unwrap_or_default();
+                self.slices.clear();
+                self.by_service.clear();
+                let mut ignore = Work::default();
+                for s in list {
+                    self.put_slice(s, &mut ignore);
+                }
+                let live: BTreeSet<SliceKey> = self.slices.keys().cloned().collect();
+                self.observed_trigger.retain(|k, _| live.contains(k));
+                self.slices_synced = true;
+                work.full_resync = true;
+            }
+        }
+    }
+
+    fn apply_node(&mut self, ev: Event<Node>, work: &mut Work) {
+        match ev {
+            Event::Apply(n) | Event::InitApply(n) => self.node = Some(NodeFacts::from(&n)),
+            Event::Delete(_) => self.node = None,
+            Event::Init => {
+                if self.node.is_some() {
+                    work.restarts.push("nodes");
+                }
+            }
+            Event::InitDone => {}
         }
     }
 }
@@ -435,25 +413,14 @@ impl ClusterState {
 impl ClusterState {
     /// This node's `topology.kubernetes.io/zone`, for topology hints.
     pub fn node_zone(&self) -> Option<String> {
-        self.node
-            .as_ref()?
-            .metadata
-            .labels
-            .as_ref()?
-            .get("topology.kubernetes.io/zone")
-            .cloned()
+        self.node.as_ref()?.zone.clone()
     }
-}
 
-/// Labels of the node, for logs.
-pub fn node_summary(node: &Node) -> BTreeMap<String, String> {
-    node.metadata
-        .labels
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("topology.kubernetes.io/"))
-        .collect()
+    /// Whether this node may take traffic (see `NodeFacts::eligible`);
+    /// true until its Node says otherwise, as in kube-proxy.
+    pub fn node_eligible(&self) -> bool {
+        self.node.as_ref().is_none_or(|n| n.eligible)
+    }
 }
 
 #[cfg(test)]
@@ -569,7 +536,7 @@ mod tests {
     }
 
     #[test]
-    fn managed_fields_and_foreign_annotations_are_dropped() {
+    fn the_store_keeps_what_translation_reads_status_included() {
         let mut st = ClusterState::default();
         let mut s = svc("a", "10.96.0.1");
         s.metadata.annotations = Some(
@@ -579,12 +546,23 @@ mod tests {
             )]
             .into(),
         );
-        st.apply(Change::Service(Event::Apply(s)), &mut Work::default());
-        assert!(st.services[&name("a")]
-            .metadata
-            .annotations
-            .as_ref()
-            .unwrap()
-            .is_empty());
+        s.spec.as_mut().unwrap().type_ = Some("LoadBalancer".into());
+        s.status = Some(
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.9"}]}}))
+                .unwrap(),
+        );
+        st.apply(
+            Change::Service(Event::Apply(s.clone())),
+            &mut Work::default(),
+        );
+        assert_eq!(
+            st.services[&name("a")],
+            ServiceInfo::from(&s),
+            "the same as the manifest source keeps"
+        );
+        assert_eq!(
+            st.services[&name("a")].ingress_ips,
+            vec![crate::objects::Addr::parse("192.0.2.9")]
+        );
     }
 }

@@ -18,6 +18,7 @@ pub mod masquerade_ports;
 pub mod metrics;
 pub mod model;
 pub mod node_net;
+pub mod objects;
 pub mod programmer;
 pub mod pseudo_fs;
 #[cfg(test)]

@@ -13,10 +13,14 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 
+use crate::objects::{ServiceInfo, SliceInfo};
+
+/// The objects of the folder, as translation reads them (the same form
+/// the API source keeps).
 #[derive(Clone, Debug, Default)]
 pub struct ManifestSet {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<ServiceInfo>,
+    pub slices: Vec<SliceInfo>,
 }
 
 impl ManifestSet {
@@ -83,11 +87,11 @@ pub fn parse_documents(file: &Path, text: &str) -> (ManifestSet, Vec<ManifestErr
             .map(|n| format!("{kind} {n}"));
         match kind.as_str() {
             "Service" => match serde_yaml::from_value::<Service>(value) {
-                Ok(s) => set.services.push(s),
+                Ok(s) => set.services.push(ServiceInfo::from(s)),
                 Err(e) => errors.push(err(name, e.to_string())),
             },
             "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
-                Ok(s) => set.slices.push(s),
+                Ok(s) => set.slices.push(SliceInfo::from(s)),
                 Err(e) => errors.push(err(name, e.to_string())),
             },
             "" => errors.push(err(name, "document has no kind".into())),

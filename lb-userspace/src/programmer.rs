@@ -9,14 +9,13 @@ use std::{
     time::Instant,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
 use crate::{
     differ::{self, IdLimits, MapContents},
     health_check::{health_check_of, HealthCheck},
     map_writer::{apply_plan, MapWriter},
     metrics::{InvalidLabel, MapLabel, Metrics},
     model::{DesiredState, L4Addr, ServiceEntry, ServiceName, Shadowed},
+    objects::{ServiceInfo, SliceInfo},
     translate::{self, TranslateError},
 };
 
@@ -26,6 +25,8 @@ pub struct SyncReport {
     pub backends: usize,
     pub writes: usize,
     pub errors: Vec<String>,
+    /// What translation passed over on purpose (debug logs).
+    pub notes: Vec<String>,
     /// UDP backends this sync deleted: sockets connected to them are stale.
     pub deleted_udp_backends: Vec<std::net::SocketAddrV4>,
     /// Backends this sync deleted (their conntrack entries are to be swept).
@@ -67,8 +68,8 @@ struct Written {
 /// One Service to re-translate: its object (None: deleted) and its slices.
 pub struct ServiceChange<'a> {
     pub name: ServiceName,
-    pub service: Option<&'a Service>,
-    pub slices: Vec<&'a EndpointSlice>,
+    pub service: Option<&'a ServiceInfo>,
+    pub slices: Vec<&'a SliceInfo>,
 }
 
 impl<W: MapWriter> Programmer<W> {
@@ -97,7 +98,7 @@ impl<W: MapWriter> Programmer<W> {
     /// writes the difference; what no longer exists is removed. Problems
     /// (invalid objects, full maps) fail the Services they concern and are
     /// listed in the report; everything else is programmed.
-    pub fn full_sync<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+    pub fn full_sync<S: Borrow<ServiceInfo>, E: Borrow<SliceInfo>>(
         &mut self,
         services: &[S],
         slices: &[E],
@@ -113,20 +114,20 @@ impl<W: MapWriter> Programmer<W> {
         self.shadowed = t.shadowed;
         let written = self.write(None);
         self.names_changed = true;
-        self.finish(started, written, t.errors)
+        self.finish(started, written, t.errors, t.notes)
     }
 
     /// Re-translates the given Services only and writes what changed (and
     /// retries the frontends an earlier sync could not program).
     pub fn sync_services(&mut self, changes: &[ServiceChange]) -> SyncReport {
         let started = Instant::now();
-        let mut errors = Vec::new();
+        let (mut errors, mut notes) = (Vec::new(), Vec::new());
         let mut touched: BTreeSet<L4Addr> = self.unprogrammed.clone();
         for change in changes {
             self.health.remove(&change.name);
             if let Some(h) = change
                 .service
-                .and_then(|svc| health_check_of(&self.node, &change.name, svc, &change.slices))
+                .and_then(|svc| health_check_of(&self.node, svc, &change.slices))
             {
                 self.health.insert(change.name.clone(), h);
             }
@@ -135,9 +136,9 @@ impl<W: MapWriter> Programmer<W> {
                 Some(svc) => match translate::translate_service(
                     &self.node,
                     svc,
-                    &change.name,
                     &change.slices,
                     &mut errors,
+                    &mut notes,
                 ) {
                     Ok(entries) => entries,
                     Err(reason) => {
@@ -159,7 +160,7 @@ impl<W: MapWriter> Programmer<W> {
             }
         }
         let written = self.write(Some(&touched));
-        self.finish(started, written, errors)
+        self.finish(started, written, errors, notes)
     }
 
     /// Plans and writes, twice when the first pass left Services out and
@@ -224,6 +225,7 @@ impl<W: MapWriter> Programmer<W> {
         started: Instant,
         written: Written,
         errors: Vec<TranslateError>,
+        notes: Vec<String>,
     ) -> SyncReport {
         let Written {
             writes,
@@ -237,6 +239,7 @@ impl<W: MapWriter> Programmer<W> {
             backends: self.desired.backend_count(),
             writes,
             errors: Vec::new(),
+            notes,
             deleted_udp_backends,
             deleted_backends,
         };
@@ -358,7 +361,7 @@ mod tests {
         }
     }
 
-    fn change<'a>(svc: Option<&'a Service>, n: &str, sl: &'a EndpointSlice) -> ServiceChange<'a> {
+    fn change<'a>(svc: Option<&'a ServiceInfo>, n: &str, sl: &'a SliceInfo) -> ServiceChange<'a> {
         ServiceChange {
             name: name(n),
             service: svc,
@@ -376,7 +379,7 @@ mod tests {
     }
 
     /// Three Services of 3, 3 and 1 backends, and room for 5 backend ids.
-    fn three_services() -> (Vec<Service>, Vec<EndpointSlice>) {
+    fn three_services() -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
         let services = vec![
             cluster_ip("a", "10.96.0.1", 80),
             cluster_ip("b", "10.96.0.2", 80),

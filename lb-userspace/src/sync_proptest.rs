@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::objects::{ServiceInfo, SliceInfo};
 use proptest::{
     prelude::*,
     sample::select,
@@ -221,7 +221,7 @@ fn service_name(i: usize) -> String {
     format!("s{i}")
 }
 
-fn service_object(i: usize, spec: &ServiceSpec) -> Service {
+fn service_object(i: usize, spec: &ServiceSpec) -> ServiceInfo {
     let ports: Vec<Value> = spec
         .ports
         .iter()
@@ -257,7 +257,7 @@ fn service_object(i: usize, spec: &ServiceSpec) -> Service {
     service(v)
 }
 
-fn slice_object(svc: usize, i: usize, spec: &SliceSpec) -> EndpointSlice {
+fn slice_object(svc: usize, i: usize, spec: &SliceSpec) -> SliceInfo {
     let ports: Vec<Value> = spec
         .ports
         .iter()
@@ -287,8 +287,8 @@ fn slice_object(svc: usize, i: usize, spec: &SliceSpec) -> EndpointSlice {
 /// The objects as the API would hold them.
 #[derive(Default)]
 struct World {
-    services: BTreeMap<usize, Service>,
-    slices: BTreeMap<(usize, usize), EndpointSlice>,
+    services: BTreeMap<usize, ServiceInfo>,
+    slices: BTreeMap<(usize, usize), SliceInfo>,
 }
 
 impl World {
@@ -314,7 +314,7 @@ impl World {
         }
     }
 
-    fn slices_of(&self, s: usize) -> Vec<&EndpointSlice> {
+    fn slices_of(&self, s: usize) -> Vec<&SliceInfo> {
         self.slices
             .range((s, 0)..(s + 1, 0))
             .map(|(_, v)| v)
@@ -334,14 +334,14 @@ impl Oracle {
     fn expected(&mut self, node: &NodeInfo, world: &World) -> BTreeMap<L4Addr, ServiceEntry> {
         self.last_good.retain(|s, _| world.services.contains_key(s));
         for (s, svc) in &world.services {
-            let name = ServiceName {
-                namespace: "default".into(),
-                name: service_name(*s),
-            };
             let mut errors = Vec::new();
-            if let Ok(mut entries) =
-                translate::translate_service(node, svc, &name, &world.slices_of(*s), &mut errors)
-            {
+            if let Ok(mut entries) = translate::translate_service(
+                node,
+                svc,
+                &world.slices_of(*s),
+                &mut errors,
+                &mut Vec::new(),
+            ) {
                 // One Service listing a frontend twice: the last port wins.
                 let mut seen = BTreeSet::new();
                 entries.reverse();
@@ -405,8 +405,8 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
             service: world.services.get(&s),
             slices,
         }]);
-        let services: Vec<&Service> = world.services.values().collect();
-        let slices: Vec<&EndpointSlice> = world.slices.values().collect();
+        let services: Vec<&ServiceInfo> = world.services.values().collect();
+        let slices: Vec<&SliceInfo> = world.slices.values().collect();
         let full_report = full.full_sync(&services, &slices);
         let context = || format!("after change {n} ({c:?})");
         for (path, p, r) in [

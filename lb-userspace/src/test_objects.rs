@@ -1,18 +1,25 @@
-//! Kubernetes objects for tests, built from JSON the way the API serves them.
+//! Kubernetes objects for tests, built from JSON the way the API serves them
+//! and read the way both sources read them (`objects`).
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{json, Value};
 
-pub fn service(v: Value) -> Service {
-    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("Service {v}: {e}"))
+use crate::objects::{ServiceInfo, SliceInfo};
+
+pub fn service(v: Value) -> ServiceInfo {
+    let s: Service =
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("Service {v}: {e}"));
+    ServiceInfo::from(s)
 }
 
-pub fn slice(v: Value) -> EndpointSlice {
-    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("EndpointSlice {v}: {e}"))
+pub fn slice(v: Value) -> SliceInfo {
+    let s: EndpointSlice =
+        serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("EndpointSlice {v}: {e}"));
+    SliceInfo::from(s)
 }
 
 /// A ClusterIP Service `default/<name>` with one TCP port `http`.
-pub fn cluster_ip(name: &str, ip: &str, port: i32) -> Service {
+pub fn cluster_ip(name: &str, ip: &str, port: i32) -> ServiceInfo {
     service(json!({
         "metadata": {"name": name, "namespace": "default"},
         "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": port}]}
@@ -21,7 +28,7 @@ pub fn cluster_ip(name: &str, ip: &str, port: i32) -> Service {
 
 /// A slice of `default/<service>` with port `http` = `port` and ready
 /// endpoints at `ips`.
-pub fn ready_slice(service: &str, slice_name: &str, port: i32, ips: &[String]) -> EndpointSlice {
+pub fn ready_slice(service: &str, slice_name: &str, port: i32, ips: &[String]) -> SliceInfo {
     let endpoints: Vec<Value> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
     slice(json!({
         "metadata": {"name": slice_name, "namespace": "default",

@@ -1,33 +1,37 @@
-//! The pure translation: Services + EndpointSlices -> the frontends and
-//! backends the data path must serve. No I/O, so it is unit tested with
-//! hand-built objects.
+//! The pure translation: Services + EndpointSlices (as `objects` reads
+//! them) -> the frontends and backends the data path must serve. No I/O, so
+//! it is unit tested with hand-built objects.
+//!
+//! Endpoints are chosen the way kube-proxy's CategorizeEndpoints chooses
+//! them: ready ones, narrowed by topology hints (node hints when every
+//! ready endpoint has one and one names this node, else zone hints the
+//! same way) for the cluster-wide set; when none is ready, serving
+//! terminating ones. Each address family is served on its own: this data
+//! path serves IPv4, and a Service's IPv6 addresses are passed over (noted
+//! in `Translation::notes`), never a reason to drop its IPv4 side.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
-use std::borrow::Borrow;
-
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
     MAX_BACKENDS_PER_SERVICE, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXTERNAL_LOCAL,
     SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     SVC_FLAG_TWO_SCOPES,
 };
 
-use crate::model::{
-    BackendSet, Conflict, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry, ServiceName,
-    Shadowed,
+pub use crate::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::{
+    model::{
+        BackendSet, Conflict, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry,
+        ServiceName, Shadowed,
+    },
+    objects::{Addr, AddressType, Affinity, PortInfo, ServiceInfo, ServiceKind, SliceInfo},
 };
-
-/// Label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Services with this label belong to another proxy (kube-proxy honours it too).
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Services with this label are headless (no virtual IP) whatever their spec says.
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// Something that could not be expressed in the data path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +51,9 @@ impl fmt::Display for TranslateError {
 pub struct Translation {
     pub state: DesiredState,
     pub errors: Vec<TranslateError>,
+    /// What was passed over on purpose (addresses of a family the data
+    /// path does not serve): for debug logs.
+    pub notes: Vec<String>,
     /// Services none of whose ports could be translated because the Service
     /// itself is invalid: their previous entries should be kept.
     pub failed_services: BTreeSet<ServiceName>,
@@ -54,17 +61,6 @@ pub struct Translation {
     pub health_checks: Vec<crate::health_check::HealthCheck>,
     /// Entries whose frontend a Service that sorts first holds.
     pub shadowed: Shadowed,
-}
-
-pub fn service_name(svc: &Service) -> ServiceName {
-    ServiceName {
-        namespace: svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name: svc.metadata.name.clone().unwrap_or_default(),
-    }
 }
 
 /// What translation needs to know about the node it programs.
@@ -80,7 +76,7 @@ pub struct NodeInfo {
 
 /// Translates every Service and its EndpointSlices for a node without
 /// NodePort addresses, name or zone (tests and tools).
-pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+pub fn translate<S: Borrow<ServiceInfo>, E: Borrow<SliceInfo>>(
     services: &[S],
     slices: &[E],
 ) -> Translation {
@@ -90,61 +86,52 @@ pub fn translate<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
 /// Translates every Service and its EndpointSlices for `node`.
 /// Takes owned objects or references alike, so a caller with a store can
 /// translate without copying it.
-pub fn translate_on<S: Borrow<Service>, E: Borrow<EndpointSlice>>(
+pub fn translate_on<S: Borrow<ServiceInfo>, E: Borrow<SliceInfo>>(
     node: &NodeInfo,
     services: &[S],
     slices: &[E],
 ) -> Translation {
-    let mut slices_by_service: BTreeMap<ServiceName, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices_by_service: BTreeMap<&ServiceName, Vec<&SliceInfo>> = BTreeMap::new();
     for slice in slices {
-        let slice: &EndpointSlice = slice.borrow();
-        let Some(svc) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let name = ServiceName {
-            namespace: slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            name: svc.clone(),
-        };
-        slices_by_service.entry(name).or_default().push(slice);
-    }
-
-    let mut out = Translation::default();
-    for svc in services {
-        let svc: &Service = svc.borrow();
-        let name = service_name(svc);
-        let empty = Vec::new();
-        let slices = slices_by_service.get(&name).unwrap_or(&empty);
-        out.health_checks
-            .extend(crate::health_check::health_check_of(
-                node, &name, svc, slices,
-            ));
-        match translate_service(node, svc, &name, slices, &mut out.errors) {
-            Ok(entries) => {
-                for entry in entries {
-                    if let Some(c) = out.state.claim(entry, &mut out.shadowed) {
-                        out.errors.push(c.into());
-                    }
-                }
-            }
-            Err(reason) => {
-                out.errors.push(TranslateError {
-                    object: format!("Service {name}"),
-                    reason,
-                });
-                out.failed_services.insert(name);
-            }
+        let slice: &SliceInfo = slice.borrow();
+        if let Some(svc) = &slice.service {
+            slices_by_service.entry(svc).or_default().push(slice);
         }
     }
+    let mut out = Translation::default();
+    for svc in services {
+        let svc: &ServiceInfo = svc.borrow();
+        let slices = slices_by_service
+            .get(&svc.name)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        out.health_checks
+            .extend(crate::health_check::health_check_of(node, svc, slices));
+        let result = translate_service(node, svc, slices, &mut out.errors, &mut out.notes);
+        claim_all(&mut out, svc, result);
+    }
     out
+}
+
+/// Claims the frontends of one Service's entries, or records why the
+/// whole Service failed.
+fn claim_all(out: &mut Translation, svc: &ServiceInfo, result: Result<Vec<ServiceEntry>, String>) {
+    match result {
+        Ok(entries) => {
+            for entry in entries {
+                if let Some(c) = out.state.claim(entry, &mut out.shadowed) {
+                    out.errors.push(c.into());
+                }
+            }
+        }
+        Err(reason) => {
+            out.errors.push(TranslateError {
+                object: format!("Service {}", svc.name),
+                reason,
+            });
+            out.failed_services.insert(svc.name.clone());
+        }
+    }
 }
 
 impl From<Conflict> for TranslateError {
@@ -183,12 +170,6 @@ pub fn carry_over_failed(
 
 /// Session affinity timeout kube-proxy uses when the Service gives none.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
-/// Annotations that turn topology hints on (current and deprecated names).
-const TOPOLOGY_MODE_ANNOTATIONS: [&str; 2] = [
-    "service.kubernetes.io/topology-mode",
-    "service.kubernetes.io/topology-aware-hints",
-];
-const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// One endpoint of a Service port with what the traffic policies read.
 #[derive(Clone, Debug)]
@@ -198,271 +179,129 @@ struct Endpoint {
     serving: bool,
     terminating: bool,
     local: bool,
-    /// Zones of `hints.forZones` (None: no hints).
-    zone_hints: Option<Vec<String>>,
+    zone_hints: Vec<Arc<str>>,
+    node_hints: Vec<Arc<str>>,
+}
+
+/// The IPv4 addresses a Service is served on.
+struct Frontends {
+    cluster_ip: Ipv4Addr,
+    external_ips: Vec<Ipv4Addr>,
+    ingress_ips: Vec<Ipv4Addr>,
+}
+
+/// What is read once per Service and used for each of its ports.
+struct ServiceRules {
+    frontends: Frontends,
+    affinity_timeout: u32,
+    source_ranges: Vec<Ipv4Prefix>,
 }
 
 /// Translates one Service with its slices: its entries, or why the whole
-/// Service cannot be programmed. Per-port problems go to `errors`.
+/// Service cannot be programmed. Per-port problems go to `errors`, what is
+/// passed over on purpose to `notes`.
 pub fn translate_service(
     node: &NodeInfo,
-    svc: &Service,
-    name: &ServiceName,
-    slices: &[&EndpointSlice],
+    svc: &ServiceInfo,
+    slices: &[&SliceInfo],
     errors: &mut Vec<TranslateError>,
+    notes: &mut Vec<String>,
 ) -> Result<Vec<ServiceEntry>, String> {
-    let labels = svc.metadata.labels.as_ref();
-    if labels
-        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
-    {
+    if svc.ignored.is_some() {
         return Ok(Vec::new());
     }
-    let Some(spec) = svc.spec.as_ref() else {
-        return Err("the Service has no spec".into());
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if let ServiceKind::Unknown(t) = &svc.kind {
+        return Err(format!("type {t:?} is not a Service type"));
+    }
+    let Some(frontends) = frontends(svc, notes)? else {
         return Ok(Vec::new());
-    }
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        Some("None") => return Ok(Vec::new()),
-        Some("") | None => return Err("spec.clusterIP is empty (manifests must carry the address an API server would allocate)".into()),
-        Some(ip) => ip,
     };
-    let addr = parse_ipv4(cluster_ip, "clusterIP")?;
-    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if !matches!(svc_type, "ClusterIP" | "NodePort" | "LoadBalancer") {
-        return Err(format!("type {svc_type:?} is not a Service type"));
-    }
-    let external_ips = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .map(|ip| parse_ipv4(ip, "externalIPs entry"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let lb_ips = if svc_type == "LoadBalancer" {
-        svc.status
-            .iter()
-            .filter_map(|s| s.load_balancer.as_ref())
-            .flat_map(|lb| lb.ingress.iter().flatten())
-            // ipMode Proxy: the load balancer proxies, traffic arrives for
-            // the node, not for the ingress address.
-            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|i| i.ip.as_deref())
-            .map(|ip| parse_ipv4(ip, "status.loadBalancer.ingress ip"))
-            .collect::<Result<Vec<_>, _>>()?
-    } else {
-        Vec::new()
+    let rules = ServiceRules {
+        frontends,
+        affinity_timeout: affinity_timeout(&svc.affinity)?,
+        source_ranges: source_ranges(svc)?,
     };
-    let source_ranges = source_ranges(svc)?;
-    let affinity_timeout = match spec.session_affinity.as_deref() {
-        Some("ClientIP") => spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .map_or(Ok(DEFAULT_AFFINITY_TIMEOUT), |t| {
-                u32::try_from(t)
-                    .ok()
-                    .filter(|t| (1..=86_400).contains(t))
-                    .ok_or_else(|| {
-                        format!("sessionAffinity timeoutSeconds {t} is not in 1..=86400")
-                    })
-            })?,
-        None | Some("None") => 0,
-        Some(other) => return Err(format!("sessionAffinity {other:?} is not supported")),
-    };
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
-    let topology = !internal_local
-        && (spec.traffic_distribution.as_deref() == Some("PreferClose")
-            || svc.metadata.annotations.as_ref().is_some_and(|a| {
-                TOPOLOGY_MODE_ANNOTATIONS
-                    .iter()
-                    .any(|k| a.get(*k).is_some_and(|v| v.eq_ignore_ascii_case("auto")))
-            }));
-
+    // In name order: when two slices disagree about one address, the
+    // outcome must not depend on the order they arrived in.
+    let mut slices = slices.to_vec();
+    slices.sort_by(|a, b| a.name.cmp(&b.name));
     let mut entries = Vec::new();
-    for port in spec.ports.as_deref().unwrap_or_default() {
-        let port_name = port.name.clone().unwrap_or_default();
-        let object = if port_name.is_empty() {
-            format!("Service {name} port {}", port.port)
-        } else {
-            format!("Service {name} port {port_name}")
-        };
-        let proto = match Protocol::from_k8s(port.protocol.as_deref()) {
-            Ok(p) => p,
-            Err(reason) => {
-                errors.push(TranslateError { object, reason });
-                continue;
-            }
-        };
-        let Some(svc_port) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
-            errors.push(TranslateError {
-                object,
-                reason: format!("port {} is not in 1..=65535", port.port),
-            });
-            continue;
-        };
-        let node_port = match port.node_port {
-            Some(p) if svc_type != "ClusterIP" => match u16::try_from(p).ok().filter(|p| *p != 0) {
-                Some(p) => Some(p),
-                None => {
-                    errors.push(TranslateError {
-                        object,
-                        reason: format!("nodePort {p} is not in 1..=65535"),
-                    });
-                    continue;
-                }
-            },
-            _ => None,
-        };
-        let mut endpoints = BTreeMap::new();
-        // In name order: when two slices disagree about one address, the
-        // outcome must not depend on the order they arrived in.
-        let mut slices = slices.to_vec();
-        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        for slice in slices {
-            collect_endpoints(
-                slice,
-                &port_name,
-                proto,
-                node,
-                publish_not_ready,
-                &mut endpoints,
-                errors,
-            );
-        }
-        let endpoints: Vec<Endpoint> = endpoints.into_values().collect();
-        if endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
-            errors.push(TranslateError {
-                object,
-                reason: format!(
-                    "{} endpoints exceed the data path's limit of {MAX_BACKENDS_PER_SERVICE} per Service port",
-                    endpoints.len()
-                ),
-            });
-            continue;
-        }
-        let cluster = backend_set(&endpoints, |_| true, topology.then_some(node));
-        let local = backend_set(&endpoints, |e| e.local, None);
-        let internal = if internal_local {
-            local.clone()
-        } else {
-            cluster.clone()
-        };
-        let entry = |frontend: L4Addr,
-                     flags: u16,
-                     backends: BackendSet,
-                     internal_set: Option<BackendSet>| ServiceEntry {
-            service: name.clone(),
-            port_name: port_name.clone(),
-            frontend,
-            backends,
-            internal: internal_set,
-            flags: flags
-                | if internal_local {
-                    SVC_FLAG_INTERNAL_LOCAL
-                } else {
-                    0
-                },
-            affinity_timeout,
-            source_ranges: if flags & SVC_FLAG_LOAD_BALANCER != 0 {
-                source_ranges.clone()
-            } else {
-                Vec::new()
-            },
-        };
-        entries.push(entry(
-            L4Addr {
-                addr,
-                port: svc_port,
-                proto,
-            },
-            SVC_FLAG_CLUSTER_IP,
-            internal.clone(),
-            None,
-        ));
-        // External frontends: Local policy serves outside traffic from this
-        // node's endpoints, unmasqueraded; this node's pods still get the
-        // internal set (as kube-proxy short-circuits them).
-        let mut external = |addr: Ipv4Addr, port: u16, kind: u16| {
-            let (flags, backends, internal_set) = if external_local {
-                (
-                    kind | SVC_FLAG_EXTERNAL_LOCAL | SVC_FLAG_TWO_SCOPES,
-                    local.clone(),
-                    Some(internal.clone()),
-                )
-            } else {
-                (kind, cluster.clone(), None)
-            };
-            let flags = if kind == SVC_FLAG_LOAD_BALANCER && !source_ranges.is_empty() {
-                flags | SVC_FLAG_SOURCE_RANGES
-            } else {
-                flags
-            };
-            entries.push(entry(
-                L4Addr { addr, port, proto },
-                flags,
-                backends,
-                internal_set,
-            ));
-        };
-        if let Some(np) = node_port {
-            for a in &node.nodeport_addresses {
-                external(*a, np, SVC_FLAG_NODE_PORT);
-            }
-        }
-        for a in &external_ips {
-            external(*a, svc_port, SVC_FLAG_EXTERNAL_IP);
-        }
-        for a in &lb_ips {
-            external(*a, svc_port, SVC_FLAG_LOAD_BALANCER);
+    for port in &svc.ports {
+        match port_entries(node, svc, &rules, port, &slices, errors) {
+            Ok(mut e) => entries.append(&mut e),
+            Err(reason) => errors.push(TranslateError {
+                object: port_object(svc, port),
+                reason,
+            }),
         }
     }
     Ok(entries)
 }
 
-fn parse_ipv4(text: &str, what: &str) -> Result<Ipv4Addr, String> {
-    match text.parse::<Ipv4Addr>() {
-        Ok(a) => Ok(a),
-        Err(_) if text.parse::<std::net::Ipv6Addr>().is_ok() => Err(format!(
-            "{what} {text} is IPv6, which the data path does not serve yet"
-        )),
-        Err(_) => Err(format!("{what} {text:?} is not an IP address")),
+fn port_object(svc: &ServiceInfo, port: &PortInfo) -> String {
+    if port.name.is_empty() {
+        format!("Service {} port {}", svc.name, port.port)
+    } else {
+        format!("Service {} port {}", svc.name, port.name)
     }
 }
 
-/// `spec.loadBalancerSourceRanges`, or the older annotation when the spec
-/// has none (kube-proxy reads both the same way).
-fn source_ranges(svc: &Service) -> Result<Vec<Ipv4Prefix>, String> {
-    let from_spec: Vec<String> = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.load_balancer_source_ranges.clone())
-        .unwrap_or_default();
-    let texts = if from_spec.is_empty() {
-        svc.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
-            .map(|v| {
-                v.split(',')
-                    .map(str::to_owned)
-                    .filter(|s| !s.trim().is_empty())
-                    .collect()
-            })
-            .unwrap_or_default()
-    } else {
-        from_spec
-    };
-    let mut out = Vec::new();
-    for t in texts {
-        if t.contains(':') {
-            // An IPv6 range cannot match IPv4 traffic; kube-proxy's IPv4
-            // rules skip it the same way.
-            continue;
+/// The IPv4 member of each address list; IPv6 ones are noted and passed
+/// over, an address that is none is an error. None: no IPv4 ClusterIP
+/// (an IPv6-only Service), nothing to serve here.
+fn frontends(svc: &ServiceInfo, notes: &mut Vec<String>) -> Result<Option<Frontends>, String> {
+    if svc.cluster_ips.is_empty() {
+        return Err("spec.clusterIP is empty (manifests must carry the address an API server would allocate)".into());
+    }
+    let mut v4 = |addrs: &[Addr], what: &str| -> Result<Vec<Ipv4Addr>, String> {
+        let mut out = Vec::new();
+        for a in addrs {
+            match a {
+                Addr::V4(a) => out.push(*a),
+                Addr::V6(a) => notes.push(format!(
+                    "Service {}: {what} {a} is IPv6, which this data path does not serve yet; its IPv4 side is served",
+                    svc.name
+                )),
+                Addr::Invalid(t) => return Err(format!("{what} {t:?} is not an IP address")),
+            }
         }
+        Ok(out)
+    };
+    let cluster = v4(&svc.cluster_ips, "clusterIP")?;
+    let external_ips = v4(&svc.external_ips, "externalIPs entry")?;
+    let ingress_ips = if svc.kind == ServiceKind::LoadBalancer {
+        v4(&svc.ingress_ips, "status.loadBalancer.ingress ip")?
+    } else {
+        Vec::new()
+    };
+    Ok(cluster.first().map(|&cluster_ip| Frontends {
+        cluster_ip,
+        external_ips,
+        ingress_ips,
+    }))
+}
+
+fn affinity_timeout(affinity: &Affinity) -> Result<u32, String> {
+    match affinity {
+        Affinity::None => Ok(0),
+        Affinity::ClientIp {
+            timeout_seconds: None,
+        } => Ok(DEFAULT_AFFINITY_TIMEOUT),
+        Affinity::ClientIp {
+            timeout_seconds: Some(t),
+        } => u32::try_from(*t)
+            .ok()
+            .filter(|t| (1..=86_400).contains(t))
+            .ok_or_else(|| format!("sessionAffinity timeoutSeconds {t} is not in 1..=86400")),
+        Affinity::Unsupported(other) => Err(format!("sessionAffinity {other:?} is not supported")),
+    }
+}
+
+/// The IPv4 `loadBalancerSourceRanges`; an IPv6 range cannot match IPv4
+/// traffic (kube-proxy's IPv4 rules skip it the same way).
+fn source_ranges(svc: &ServiceInfo) -> Result<Vec<Ipv4Prefix>, String> {
+    let mut out = Vec::new();
+    for t in svc.source_ranges.iter().filter(|t| !t.contains(':')) {
         out.push(
             t.parse::<Ipv4Prefix>()
                 .map_err(|e| format!("loadBalancerSourceRanges: {e}"))?,
@@ -473,27 +312,213 @@ fn source_ranges(svc: &Service) -> Result<Vec<Ipv4Prefix>, String> {
     Ok(out)
 }
 
+/// A port number of a Service (1..=65535).
+fn port_number(n: i32, what: &str) -> Result<u16, String> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what} {n} is not in 1..=65535"))
+}
+
+/// The entries of one Service port: its ClusterIP frontend and its
+/// external ones (NodePorts, externalIPs, LoadBalancer ingress).
+fn port_entries(
+    node: &NodeInfo,
+    svc: &ServiceInfo,
+    rules: &ServiceRules,
+    port: &PortInfo,
+    slices: &[&SliceInfo],
+    errors: &mut Vec<TranslateError>,
+) -> Result<Vec<ServiceEntry>, String> {
+    let proto = port.protocol.clone()?;
+    let svc_port = port_number(port.port, "port")?;
+    let node_port = match port.node_port {
+        Some(p) if svc.kind != ServiceKind::ClusterIp => Some(port_number(p, "nodePort")?),
+        _ => None,
+    };
+    let endpoints = port_endpoints(node, port, proto, slices, errors);
+    if endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
+        return Err(format!(
+            "{} endpoints exceed the data path's limit of {MAX_BACKENDS_PER_SERVICE} per Service port",
+            endpoints.len()
+        ));
+    }
+    let sets = BackendSets::new(&endpoints, node, svc.internal_local);
+    let build = EntryBuilder {
+        svc,
+        rules,
+        port_name: &port.name,
+        sets: &sets,
+    };
+    let mut entries = vec![build.cluster_ip(L4Addr {
+        addr: rules.frontends.cluster_ip,
+        port: svc_port,
+        proto,
+    })];
+    let mut external = |addr: Ipv4Addr, port: u16, kind: u16| {
+        entries.push(build.external(L4Addr { addr, port, proto }, kind));
+    };
+    if let Some(np) = node_port {
+        for a in &node.nodeport_addresses {
+            external(*a, np, SVC_FLAG_NODE_PORT);
+        }
+    }
+    for a in &rules.frontends.external_ips {
+        external(*a, svc_port, SVC_FLAG_EXTERNAL_IP);
+    }
+    for a in &rules.frontends.ingress_ips {
+        external(*a, svc_port, SVC_FLAG_LOAD_BALANCER);
+    }
+    Ok(entries)
+}
+
+/// The backend sets of one port: cluster-wide (with topology), this
+/// node's, and the one pods use (internalTrafficPolicy).
+struct BackendSets {
+    cluster: BackendSet,
+    local: BackendSet,
+    internal: BackendSet,
+}
+
+impl BackendSets {
+    fn new(endpoints: &[Endpoint], node: &NodeInfo, internal_local: bool) -> Self {
+        let topology = topology_mode(endpoints, node);
+        let cluster = backend_set(endpoints, |_| true, &topology);
+        let local = backend_set(endpoints, |e| e.local, &TopologyMode::None);
+        let internal = if internal_local {
+            local.clone()
+        } else {
+            cluster.clone()
+        };
+        Self {
+            cluster,
+            local,
+            internal,
+        }
+    }
+}
+
+/// Makes the entries of one port's frontends.
+struct EntryBuilder<'a> {
+    svc: &'a ServiceInfo,
+    rules: &'a ServiceRules,
+    port_name: &'a str,
+    sets: &'a BackendSets,
+}
+
+impl EntryBuilder<'_> {
+    fn entry(
+        &self,
+        frontend: L4Addr,
+        flags: u16,
+        backends: BackendSet,
+        internal: Option<BackendSet>,
+    ) -> ServiceEntry {
+        let internal_flag = if self.svc.internal_local {
+            SVC_FLAG_INTERNAL_LOCAL
+        } else {
+            0
+        };
+        ServiceEntry {
+            service: self.svc.name.clone(),
+            port_name: self.port_name.to_owned(),
+            frontend,
+            backends,
+            internal,
+            flags: flags | internal_flag,
+            affinity_timeout: self.rules.affinity_timeout,
+            source_ranges: if flags & SVC_FLAG_LOAD_BALANCER != 0 {
+                self.rules.source_ranges.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn cluster_ip(&self, frontend: L4Addr) -> ServiceEntry {
+        self.entry(
+            frontend,
+            SVC_FLAG_CLUSTER_IP,
+            self.sets.internal.clone(),
+            None,
+        )
+    }
+
+    /// An external frontend: with externalTrafficPolicy Local, outside
+    /// traffic goes to this node's endpoints unmasqueraded and this node's
+    /// pods keep the internal set (as kube-proxy short-circuits them).
+    fn external(&self, frontend: L4Addr, kind: u16) -> ServiceEntry {
+        let (mut flags, backends, internal) = if self.svc.external_local {
+            (
+                kind | SVC_FLAG_EXTERNAL_LOCAL | SVC_FLAG_TWO_SCOPES,
+                self.sets.local.clone(),
+                Some(self.sets.internal.clone()),
+            )
+        } else {
+            (kind, self.sets.cluster.clone(), None)
+        };
+        if kind == SVC_FLAG_LOAD_BALANCER && !self.rules.source_ranges.is_empty() {
+            flags |= SVC_FLAG_SOURCE_RANGES;
+        }
+        self.entry(frontend, flags, backends, internal)
+    }
+}
+
+/// Which endpoints topology hints leave to this node (kube-proxy's
+/// topologyModeFromHints).
+#[derive(Debug, PartialEq, Eq)]
+enum TopologyMode {
+    /// No hints to use: every endpoint.
+    None,
+    /// Endpoints hinted for this node.
+    SameNode(String),
+    /// Endpoints hinted for this node's zone.
+    SameZone(String),
+}
+
+/// Node hints when every ready endpoint has some and one names this node;
+/// else zone hints the same way for the node's zone; else none.
+fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return TopologyMode::None;
+    }
+    let usable = |hints: fn(&Endpoint) -> &[Arc<str>], want: &str| {
+        ready.iter().all(|e| !hints(e).is_empty())
+            && ready.iter().any(|e| hints(e).iter().any(|h| &**h == want))
+    };
+    if !node.name.is_empty() && usable(|e| &e.node_hints, &node.name) {
+        return TopologyMode::SameNode(node.name.clone());
+    }
+    match node.zone.as_deref() {
+        Some(zone) if usable(|e| &e.zone_hints, zone) => TopologyMode::SameZone(zone.to_owned()),
+        _ => TopologyMode::None,
+    }
+}
+
+fn available(e: &Endpoint, mode: &TopologyMode) -> bool {
+    match mode {
+        TopologyMode::None => true,
+        TopologyMode::SameNode(n) => e.node_hints.iter().any(|h| &**h == n),
+        TopologyMode::SameZone(z) => e.zone_hints.iter().any(|h| &**h == z),
+    }
+}
+
 /// The backends for new flows among `endpoints` that pass `scope`, the way
-/// kube-proxy picks them: ready ones (narrowed by topology hints when every
-/// one has hints and some name this node's zone); when none is ready,
-/// serving terminating ones. Terminating endpoints not chosen are kept.
+/// kube-proxy picks them: ready ones available to this node's topology;
+/// when none is ready, serving terminating ones. Terminating endpoints not
+/// chosen are kept for the flows they have.
 fn backend_set(
     endpoints: &[Endpoint],
     scope: impl Fn(&Endpoint) -> bool,
-    topology: Option<&NodeInfo>,
+    topology: &TopologyMode,
 ) -> BackendSet {
     let in_scope: Vec<&Endpoint> = endpoints.iter().filter(|e| scope(e)).collect();
-    let mut active: Vec<&Endpoint> = in_scope.iter().copied().filter(|e| e.ready).collect();
-    if let Some(zone) = topology.and_then(|n| n.zone.as_deref()) {
-        let usable = !active.is_empty()
-            && active.iter().all(|e| e.zone_hints.is_some())
-            && active
-                .iter()
-                .any(|e| e.zone_hints.iter().flatten().any(|z| z == zone));
-        if usable {
-            active.retain(|e| e.zone_hints.iter().flatten().any(|z| z == zone));
-        }
-    }
+    let mut active: Vec<&Endpoint> = in_scope
+        .iter()
+        .copied()
+        .filter(|e| e.ready && available(e, topology))
+        .collect();
     if active.is_empty() {
         active = in_scope
             .iter()
@@ -516,86 +541,84 @@ fn backend_set(
     }
 }
 
+/// The endpoints of one Service port over all its IPv4 slices.
+fn port_endpoints(
+    node: &NodeInfo,
+    port: &PortInfo,
+    proto: Protocol,
+    slices: &[&SliceInfo],
+    errors: &mut Vec<TranslateError>,
+) -> Vec<Endpoint> {
+    let mut endpoints = BTreeMap::new();
+    for slice in slices {
+        collect_endpoints(slice, &port.name, proto, node, &mut endpoints, errors);
+    }
+    endpoints.into_values().collect()
+}
+
 /// Adds the endpoints of `slice` for the Service port named `port_name`
 /// (matched by name and protocol, as kube-proxy does).
 fn collect_endpoints(
-    slice: &EndpointSlice,
+    slice: &SliceInfo,
     port_name: &str,
     proto: Protocol,
     node: &NodeInfo,
-    publish_not_ready: bool,
     out: &mut BTreeMap<L4Addr, Endpoint>,
     errors: &mut Vec<TranslateError>,
 ) {
-    if slice.address_type != "IPv4" {
+    if slice.address_type != AddressType::Ipv4 {
         return;
     }
-    let slice_name = format!(
-        "{}/{}",
-        slice.metadata.namespace.as_deref().unwrap_or("default"),
-        slice.metadata.name.as_deref().unwrap_or("")
-    );
-    let Some(port) = slice.ports.as_deref().unwrap_or_default().iter().find(|p| {
-        p.name.as_deref().unwrap_or("") == port_name
-            && Protocol::from_k8s(p.protocol.as_deref()) == Ok(proto)
-    }) else {
+    let Some(port) = slice
+        .ports
+        .iter()
+        .find(|p| &*p.name == port_name && p.protocol.as_ref() == Ok(&proto))
+    else {
         return;
     };
+    let object = || format!("EndpointSlice {}", slice.display_name());
     let Some(port_number) = port
         .port
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0)
     else {
         errors.push(TranslateError {
-            object: format!("EndpointSlice {slice_name}"),
+            object: object(),
             reason: format!("port {port_name:?} has no valid number"),
         });
         return;
     };
     for endpoint in &slice.endpoints {
-        let c = endpoint.conditions.as_ref();
-        // Nil `ready` and `serving` mean unknown, which consumers treat as
-        // true; nil `terminating` means false.
-        let ready = c.and_then(|c| c.ready).unwrap_or(true) || publish_not_ready;
-        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-        // All addresses of an endpoint are fungible; use the first, like kube-proxy.
-        let Some(first) = endpoint.addresses.first() else {
-            continue;
+        let addr = match &endpoint.address {
+            None => continue,
+            Some(Addr::V4(a)) => *a,
+            Some(other) => {
+                errors.push(TranslateError {
+                    object: object(),
+                    reason: format!("endpoint address {other} is not an IPv4 address"),
+                });
+                continue;
+            }
         };
-        let Ok(addr) = first.parse::<Ipv4Addr>() else {
-            errors.push(TranslateError {
-                object: format!("EndpointSlice {slice_name}"),
-                reason: format!("endpoint address {first:?} is not an IPv4 address"),
-            });
-            continue;
+        let e = Endpoint {
+            addr: L4Addr {
+                addr,
+                port: port_number,
+                proto,
+            },
+            ready: endpoint.ready,
+            serving: endpoint.serving,
+            terminating: endpoint.terminating,
+            local: !node.name.is_empty() && endpoint.node.as_deref() == Some(node.name.as_str()),
+            zone_hints: endpoint.zone_hints.clone(),
+            node_hints: endpoint.node_hints.clone(),
         };
-        let addr = L4Addr {
-            addr,
-            port: port_number,
-            proto,
-        };
-        let zone_hints = endpoint
-            .hints
-            .as_ref()
-            .and_then(|h| h.for_zones.as_ref())
-            .filter(|z| !z.is_empty())
-            .map(|z| z.iter().map(|z| z.name.clone()).collect());
-        let local = !node.name.is_empty() && endpoint.node_name.as_deref() == Some(&node.name);
         // The same address in two slices (a slice being replaced): the
         // readier copy wins.
-        let e = Endpoint {
-            addr,
-            ready: ready && !terminating,
-            serving,
-            terminating,
-            local,
-            zone_hints,
-        };
-        match out.get(&addr) {
+        match out.get(&e.addr) {
             Some(old) if old.ready || !e.ready => {}
             _ => {
-                out.insert(addr, e);
+                out.insert(e.addr, e);
             }
         }
     }
@@ -605,16 +628,10 @@ fn collect_endpoints(
 mod tests {
     use super::*;
 
-    const NO_SLICES: &[EndpointSlice] = &[];
+    const NO_SLICES: &[SliceInfo] = &[];
     use serde_json::json;
 
-    fn service(v: serde_json::Value) -> Service {
-        serde_json::from_value(v).expect("test Service must deserialize")
-    }
-
-    fn slice(v: serde_json::Value) -> EndpointSlice {
-        serde_json::from_value(v).expect("test EndpointSlice must deserialize")
-    }
+    use crate::test_objects::{service, slice};
 
     fn ep(ip: &str, ready: Option<bool>) -> serde_json::Value {
         match ready {
@@ -623,7 +640,7 @@ mod tests {
         }
     }
 
-    fn web_service() -> Service {
+    fn web_service() -> ServiceInfo {
         service(json!({
             "metadata": {"name": "web", "namespace": "shop"},
             "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "ports": [
@@ -633,7 +650,7 @@ mod tests {
         }))
     }
 
-    fn web_slice(name: &str, endpoints: Vec<serde_json::Value>) -> EndpointSlice {
+    fn web_slice(name: &str, endpoints: Vec<serde_json::Value>) -> SliceInfo {
         slice(json!({
             "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": "IPv4",
@@ -762,9 +779,10 @@ mod tests {
     #[test]
     fn slices_of_other_namespaces_or_families_are_ignored() {
         let mut other_ns = web_slice("web-x", vec![ep("10.244.9.9", None)]);
-        other_ns.metadata.namespace = Some("other".into());
+        other_ns.namespace = "other".into();
+        other_ns.service.as_mut().unwrap().namespace = "other".into();
         let mut v6 = web_slice("web-v6", vec![ep("fd00::1", None)]);
-        v6.address_type = "IPv6".into();
+        v6.address_type = crate::objects::AddressType::Ipv6;
         let t = translate(&[web_service()], &[other_ns, v6]);
         assert!(t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)]
             .backends
@@ -799,15 +817,19 @@ mod tests {
         );
         let t = translate(&[bad, web_service(), v6], NO_SLICES);
         assert_eq!(t.state.len(), 2);
-        assert_eq!(t.errors.len(), 2);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
         assert!(t
             .errors
             .iter()
             .any(|e| e.object == "Service default/bad" && e.reason.contains("not an IP")));
-        assert!(t
-            .errors
-            .iter()
-            .any(|e| e.object == "Service default/six" && e.reason.contains("IPv6")));
+        // An IPv6-only Service is no error: its family is not served here.
+        assert!(
+            t.notes
+                .iter()
+                .any(|n| n.contains("default/six") && n.contains("IPv6")),
+            "{:?}",
+            t.notes
+        );
     }
 
     #[test]
@@ -817,7 +839,7 @@ mod tests {
             &[web_slice("w", vec![ep("10.244.0.5", None)])],
         );
         let mut broken = web_service();
-        broken.spec.as_mut().unwrap().cluster_ip = Some("garbage".into());
+        broken.cluster_ips = vec![crate::objects::Addr::parse("garbage")];
         let mut t = translate(&[broken], &[web_slice("w", vec![ep("10.244.0.5", None)])]);
         assert!(t.state.is_empty());
         carry_over_failed(&mut t, &good.state, &good.shadowed);
@@ -827,7 +849,7 @@ mod tests {
     #[test]
     fn duplicate_frontends_are_reported_not_merged() {
         let mut other = web_service();
-        other.metadata.name = Some("web2".into());
+        other.name.name = "web2".into();
         let t = translate(&[web_service(), other], NO_SLICES);
         assert_eq!(t.state.len(), 2);
         assert!(t.errors.iter().any(|e| e.reason.contains("already used")));
@@ -852,7 +874,7 @@ mod tests {
             "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
     }
 
-    fn policy_service(extra: serde_json::Value) -> Service {
+    fn policy_service(extra: serde_json::Value) -> ServiceInfo {
         let mut v = json!({
             "metadata": {"name": "web", "namespace": "shop"},
             "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "ports": [
@@ -965,10 +987,13 @@ mod tests {
             json!({"type": "ClusterIP", "internalTrafficPolicy": "Local",
             "publishNotReadyAddresses": true}),
         );
+        // The EndpointSlice controller marks every endpoint of such a
+        // Service ready; kube-proxy reads the slice, not the Service.
         let sl = web_slice(
             "w",
             vec![
-                ep_full("10.244.0.5", false, false, false, "n1"),
+                ep_full("10.244.0.5", true, false, false, "n1"),
+                ep_full("10.244.0.6", false, false, false, "n1"),
                 ep_full("10.244.1.5", true, true, false, "n2"),
             ],
         );
@@ -976,15 +1001,17 @@ mod tests {
         let e = entry_for(&t, "10.96.0.10", 80);
         assert_eq!(
             e.backends.active,
-            vec![addr("10.244.0.5", 8080, Protocol::Tcp)]
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)],
+            "local only, and only what the slice calls ready"
         );
         assert_ne!(e.flags & SVC_FLAG_INTERNAL_LOCAL, 0);
     }
 
     #[test]
     fn topology_hints_apply_only_when_every_endpoint_has_one_for_some_zone() {
-        let svc =
-            policy_service(json!({"type": "ClusterIP", "trafficDistribution": "PreferClose"}));
+        // Like kube-proxy, the slice's hints decide, not the Service: this
+        // one names no traffic distribution and no topology annotation.
+        let svc = policy_service(json!({"type": "ClusterIP"}));
         let hinted = |ip: &str, zone: &str| json!({"addresses": [ip], "nodeName": "x", "hints": {"forZones": [{"name": zone}]}});
         let all_hinted = web_slice(
             "w",
@@ -1001,6 +1028,113 @@ mod tests {
         );
         let t = translate_on(&node(), &[svc], &[one_unhinted]);
         assert_eq!(entry_for(&t, "10.96.0.10", 80).backends.active.len(), 2);
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints() {
+        let svc = policy_service(json!({"type": "ClusterIP"}));
+        let hinted = |ip: &str, node: &str, zone: &str| {
+            json!({"addresses": [ip], "nodeName": node,
+            "hints": {"forNodes": [{"name": node}], "forZones": [{"name": zone}]}})
+        };
+        let sl = web_slice(
+            "w",
+            vec![
+                hinted("10.244.0.5", "n1", "z1"),
+                hinted("10.244.0.6", "n9", "z1"),
+                hinted("10.244.1.5", "n2", "z2"),
+            ],
+        );
+        let t = translate_on(
+            &node(),
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&sl),
+        );
+        assert_eq!(
+            entry_for(&t, "10.96.0.10", 80).backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)],
+            "PreferSameNode: this node's endpoint"
+        );
+        // On a node no endpoint is hinted for: the zone's.
+        let other = NodeInfo {
+            name: "n7".into(),
+            ..node()
+        };
+        let t = translate_on(&other, &[svc], &[sl]);
+        assert_eq!(
+            entry_for(&t, "10.96.0.10", 80).backends.active,
+            vec![
+                addr("10.244.0.5", 8080, Protocol::Tcp),
+                addr("10.244.0.6", 8080, Protocol::Tcp)
+            ],
+            "PreferSameZone: the zone's endpoints"
+        );
+    }
+
+    #[test]
+    fn topology_still_applies_to_external_ports_under_internal_policy_local() {
+        let svc = policy_service(json!({"internalTrafficPolicy": "Local"}));
+        let hinted = |ip: &str, node: &str, zone: &str| {
+            json!({"addresses": [ip], "nodeName": node,
+            "hints": {"forZones": [{"name": zone}]}})
+        };
+        let sl = web_slice(
+            "w",
+            vec![
+                hinted("10.244.0.5", "n1", "z1"),
+                hinted("10.244.1.5", "n2", "z2"),
+            ],
+        );
+        let t = translate_on(&node(), &[svc], &[sl]);
+        assert_eq!(
+            entry_for(&t, "10.0.0.1", 30080).backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)],
+            "the NodePort (Cluster policy) uses the zone's endpoints"
+        );
+        assert_eq!(
+            entry_for(&t, "10.96.0.10", 80).backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)],
+            "the ClusterIP this node's"
+        );
+    }
+
+    #[test]
+    fn each_family_is_served_on_its_own() {
+        let svc = service(json!({"metadata": {"name": "dual", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "fd00::10",
+                "clusterIPs": ["fd00::10", "10.96.0.10"], "ipFamilies": ["IPv6", "IPv4"],
+                "ipFamilyPolicy": "PreferDualStack",
+                "externalIPs": ["2001:db8::7", "192.0.2.7"],
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "2001:db8::100"}, {"ip": "192.0.2.100"}]}}}));
+        let t = translate_on(&node(), &[svc], NO_SLICES);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        for (a, p) in [
+            ("10.96.0.10", 80),
+            ("192.0.2.7", 80),
+            ("192.0.2.100", 80),
+            ("10.0.0.1", 30080),
+        ] {
+            entry_for(&t, a, p);
+        }
+        assert_eq!(t.notes.len(), 3, "{:?}", t.notes);
+    }
+
+    #[test]
+    fn an_unset_serving_condition_means_serving() {
+        let svc = policy_service(json!({"type": "ClusterIP"}));
+        let sl = web_slice(
+            "w",
+            vec![
+                json!({"addresses": ["10.244.0.5"], "conditions": {"ready": false, "terminating": true}}),
+            ],
+        );
+        let t = translate_on(&node(), &[svc], &[sl]);
+        assert_eq!(
+            entry_for(&t, "10.96.0.10", 80).backends.active,
+            vec![addr("10.244.0.5", 8080, Protocol::Tcp)],
+            "a terminating endpoint with serving unset is a fallback, as in kube-proxy"
+        );
     }
 
     #[test]
@@ -1059,7 +1193,7 @@ mod tests {
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": ["10.244.0.300"]}, {"addresses": []}, {"addresses": ["10.244.0.7"]}]
         }));
-        let mut services: Vec<Service> = bad_services.into_iter().map(service).collect();
+        let mut services: Vec<ServiceInfo> = bad_services.into_iter().map(service).collect();
         services.push(bad_ports);
         services.push(web_service());
         let t = translate_on(&node(), &services, &[bad_slice]);

@@ -16,6 +16,9 @@
 //!   `410 Gone` ERROR event ("too old resource version"), which forces a
 //!   relist, as etcd compaction does.
 //!
+//! Objects are stored as a real API server would serve them after
+//! defaulting (see `api_defaults`).
+//!
 //! Test controls: create/update/delete objects, [`ApiServer::expire_watches`]
 //! (410 to every open watch), [`ApiServer::drop_connections`] (cut every
 //! open stream), [`ApiServer::set_delay`] (a slow server), and
@@ -265,6 +268,7 @@ impl ApiServer {
         let mut st = self.lock();
         for object in objects {
             let (key, mut object) = keyed(object)?;
+            crate::api_defaults::apply(&mut object);
             st.rv += 1;
             let rv = st.rv;
             object["metadata"]["resourceVersion"] = json!(rv.to_string());

@@ -1,6 +1,7 @@
 //! Test support for the load balancer: packet builders for BPF_PROG_TEST_RUN,
 //! the privilege gate, the network-namespace lab, and raw bpf(2) probes.
 
+pub mod api_defaults;
 pub mod apiserver;
 pub mod bench;
 pub mod bpf_access;
@@ -37,6 +38,48 @@ macro_rules! on_each_wire {
                 #[test]
                 fn $name() {
                     super::$name($crate::lab::Wire::Nic)
+                }
+            )*
+        }
+    };
+}
+
+/// Declares each named lab test once per source of desired state (see
+/// `lab::Source`): `manifests::NAME` and `api::NAME`, each calling
+/// `NAME(source, Wire::Software)`.
+#[macro_export]
+macro_rules! on_each_source {
+    ($($name:ident),* $(,)?) => {
+        $crate::lab_test_variants!(manifests, Manifests, Software, $($name),*);
+        $crate::lab_test_variants!(api, Api, Software, $($name),*);
+    };
+}
+
+/// Declares each named lab test for both sources and both wires:
+/// `manifests_software_wire::NAME`, `api_nic_wire::NAME`, and the other
+/// two, each calling `NAME(source, wire)`.
+#[macro_export]
+macro_rules! on_each_source_and_wire {
+    ($($name:ident),* $(,)?) => {
+        $crate::lab_test_variants!(manifests_software_wire, Manifests, Software, $($name),*);
+        $crate::lab_test_variants!(manifests_nic_wire, Manifests, Nic, $($name),*);
+        $crate::lab_test_variants!(api_software_wire, Api, Software, $($name),*);
+        $crate::lab_test_variants!(api_nic_wire, Api, Nic, $($name),*);
+    };
+}
+
+/// One module of test variants (for the two macros above).
+#[macro_export]
+macro_rules! lab_test_variants {
+    ($module:ident, $source:ident, $wire:ident, $($name:ident),*) => {
+        mod $module {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(
+                        $crate::lab::Source::$source,
+                        $crate::lab::Wire::$wire,
+                    )
                 }
             )*
         }

@@ -16,6 +16,7 @@ use lb_userspace::{
     map_writer::{apply_plan, BpfMaps},
     masquerade_ports::{self, PortRange},
     model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
+    objects::{ServiceInfo, SliceInfo},
     translate::{translate_on, NodeInfo},
 };
 use serde_json::Value;
@@ -155,13 +156,21 @@ impl Harness {
 
     /// Programs what translation makes of Kubernetes objects for `node`.
     pub fn program_objects(&mut self, node: &NodeInfo, services: &[Value], slices: &[Value]) {
-        let services: Vec<Service> = services
+        let services: Vec<ServiceInfo> = services
             .iter()
-            .map(|v| serde_json::from_value(v.clone()).expect("Service"))
+            .map(|v| {
+                serde_json::from_value::<Service>(v.clone())
+                    .expect("Service")
+                    .into()
+            })
             .collect();
-        let slices: Vec<EndpointSlice> = slices
+        let slices: Vec<SliceInfo> = slices
             .iter()
-            .map(|v| serde_json::from_value(v.clone()).expect("EndpointSlice"))
+            .map(|v| {
+                serde_json::from_value::<EndpointSlice>(v.clone())
+                    .expect("EndpointSlice")
+                    .into()
+            })
             .collect();
         let t = translate_on(node, &services, &slices);
         assert!(t.errors.is_empty(), "{:?}", t.errors);

@@ -11,13 +11,13 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{tcp_ask, udp_ask, Lab, Netns, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
-    on_each_wire,
+    lab::{tcp_ask, udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
+    on_each_source, on_each_source_and_wire,
     privilege::require_root,
 };
 use serde_json::{json, Value};
 
-on_each_wire!(
+on_each_source_and_wire!(
     should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete,
     should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols,
     should_preserve_the_client_source_with_external_traffic_policy_local_and_only_use_local_endpoints,
@@ -29,6 +29,20 @@ on_each_wire!(
     should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service,
 );
 
+on_each_source!(
+    should_have_session_affinity_work_switch_and_time_out_for_service_with_type_clusterip,
+    should_allow_pods_to_hairpin_back_to_themselves_through_services,
+    should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_cluster,
+    should_respect_internal_traffic_policy_local_pod_to_pod,
+    should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip_service,
+    should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back,
+    should_serve_multiport_endpoints_from_pods,
+    should_be_updated_after_adding_or_deleting_ports,
+    topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one,
+    should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_local,
+    publish_not_ready_addresses_serves_endpoints_that_are_not_ready,
+);
+
 const TIMEOUT: Duration = Duration::from_secs(2);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
@@ -37,15 +51,11 @@ const SECOND_NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
 
 /// A lab with the nginx example's three pods (TCP and UDP on port 80) and
 /// routes from the external client to the test's external addresses.
-fn lab() -> Lab {
-    lab_on(Wire::Software)
-}
-
-/// The same on `wire`.
-fn lab_on(wire: Wire) -> Lab {
+/// The same on `wire`, the agent reading `source`.
+fn lab_on(source: Source, wire: Wire) -> Lab {
     let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/nginx-deployment.yaml");
-    let lab = Lab::from_manifest_files_on(wire, &[example]).expect("build the lab");
+    let lab = Lab::from_manifest_files_with(source, wire, &[example]).expect("build the lab");
     assert_eq!(lab.pods.len(), 3);
     lab.ext
         .exec(&[
@@ -174,11 +184,14 @@ fn connect_fails(ns: &Netns, to: SocketAddrV4) -> bool {
     })
 }
 
-fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete(wire: Wire) {
+fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete(
+    source: Source,
+    wire: Wire,
+) {
     if !require_root("nodeport") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     // A second node address: NodePorts are served on every one of them.
     lab.node
         .exec(&[
@@ -245,12 +258,13 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
 }
 
 fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols(
+    source: Source,
     wire: Wire,
 ) {
     if !require_root("nodeport protocols") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
     publish(
@@ -279,12 +293,13 @@ fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_numb
 }
 
 fn should_preserve_the_client_source_with_external_traffic_policy_local_and_only_use_local_endpoints(
+    source: Source,
     wire: Wire,
 ) {
     if !require_root("externalTrafficPolicy Local") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     // The third pod is "on another node": Local external traffic skips it.
     let eps = vec![
@@ -321,11 +336,14 @@ fn should_preserve_the_client_source_with_external_traffic_policy_local_and_only
     lab.assert_no_checksum_errors();
 }
 
-fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(wire: Wire) {
+fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(
+    source: Source,
+    wire: Wire,
+) {
     if !require_root("LoadBalancer") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
     let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
@@ -374,12 +392,13 @@ fn assert_no_nat_failures(lab: &Lab) {
 }
 
 fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_ip_is_not_assigned_to_a_node(
+    source: Source,
     wire: Wire,
 ) {
     if !require_root("externalIPs") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps = all.iter().map(|p| ready(&lab, p)).collect();
     publish(
@@ -489,29 +508,33 @@ fn check_affinity(lab: &mut Lab, kind: &str, ns_ext: bool) {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
-fn should_have_session_affinity_work_switch_and_time_out_for_service_with_type_clusterip() {
+fn should_have_session_affinity_work_switch_and_time_out_for_service_with_type_clusterip(
+    source: Source,
+    _wire: Wire,
+) {
     if !require_root("affinity clusterIP") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     check_affinity(&mut lab, "ClusterIP", false);
 }
 
-fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service(wire: Wire) {
+fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service(
+    source: Source,
+    wire: Wire,
+) {
     if !require_root("affinity NodePort") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     check_affinity(&mut lab, "NodePort", true);
 }
 
-#[test]
-fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services(source: Source, _wire: Wire) {
     if !require_root("hairpin") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps = vec![ready(&lab, &all[0])];
     publish(
@@ -540,13 +563,14 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
     assert_no_nat_failures(&lab);
 }
 
-#[test]
 fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_cluster(
+    source: Source,
+    _wire: Wire,
 ) {
     if !require_root("terminating fallback") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 27), 80);
     // One ready, two serving and terminating: only the ready one gets new flows.
@@ -590,12 +614,13 @@ fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_wi
 }
 
 fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_external_traffic_policy_local(
+    source: Source,
     wire: Wire,
 ) {
     if !require_root("terminating fallback Local") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps = local_terminating_remote_ready(&lab, &all);
     publish(
@@ -617,12 +642,11 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     lab.assert_no_checksum_errors();
 }
 
-#[test]
-fn should_respect_internal_traffic_policy_local_pod_to_pod() {
+fn should_respect_internal_traffic_policy_local_pod_to_pod(source: Source, _wire: Wire) {
     if !require_root("internalTrafficPolicy Local") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps = vec![
         ready(&lab, &all[0]),
@@ -655,11 +679,14 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
     );
 }
 
-fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(wire: Wire) {
+fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(
+    source: Source,
+    wire: Wire,
+) {
     if !require_root("healthCheckNodePort") {
         return;
     }
-    let mut lab = lab_on(wire);
+    let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.31",
         "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100, "ports": ports(true)});
@@ -731,8 +758,8 @@ fn udp_flow_reaches(sock: &std::net::UdpSocket, want: &str, tries: usize) -> Vec
     answers
 }
 
-fn check_udp_flow_follows_pod_cycle(node_port: bool, wire: Wire) {
-    let mut lab = lab_on(wire);
+fn check_udp_flow_follows_pod_cycle(node_port: bool, source: Source, wire: Wire) {
+    let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let ty = if node_port { "NodePort" } else { "ClusterIP" };
     let spec = json!({"type": ty, "clusterIP": "10.96.0.33", "ports": ports(node_port)});
@@ -772,29 +799,34 @@ fn check_udp_flow_follows_pod_cycle(node_port: bool, wire: Wire) {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
-fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip_service() {
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip_service(
+    source: Source,
+    _wire: Wire,
+) {
     if !require_root("UDP pod cycle ClusterIP") {
         return;
     }
-    check_udp_flow_follows_pod_cycle(false, Wire::Software);
+    check_udp_flow_follows_pod_cycle(false, source, Wire::Software);
 }
 
 fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service(
+    source: Source,
     wire: Wire,
 ) {
     if !require_root("UDP pod cycle NodePort") {
         return;
     }
-    check_udp_flow_follows_pod_cycle(true, wire);
+    check_udp_flow_follows_pod_cycle(true, source, wire);
 }
 
-#[test]
-fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back() {
+fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back(
+    source: Source,
+    _wire: Wire,
+) {
     if !require_root("ExternalName to ClusterIP") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
     let external_name = json!({"type": "ExternalName", "externalName": "db.example.com"});
@@ -827,7 +859,7 @@ fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back()
 
 /// A lab whose two pods listen on two TCP ports (80 "http", 81 "admin"),
 /// with a Service over them built by the lab's controller.
-fn multiport_lab(service_ports: Value) -> Lab {
+fn multiport_lab(source: Source, service_ports: Value) -> Lab {
     let yaml = format!(
         r#"
 apiVersion: apps/v1
@@ -856,7 +888,7 @@ spec:
 "#
     );
     let (objects, _) = lb_tests::workload::parse_lab_objects(&yaml).expect("parse");
-    let mut lab = Lab::from_objects(objects).expect("build the lab");
+    let mut lab = Lab::from_objects_with(source, Wire::Software, objects).expect("build the lab");
     lab.start_agent().expect("start lb-agent");
     lab
 }
@@ -870,15 +902,17 @@ fn set_multi_ports(lab: &mut Lab, ports: Value) {
     lab.apply_manifests().expect("agent picks up the ports");
 }
 
-#[test]
-fn should_serve_multiport_endpoints_from_pods() {
+fn should_serve_multiport_endpoints_from_pods(source: Source, _wire: Wire) {
     if !require_root("multiport") {
         return;
     }
-    let lab = multiport_lab(json!([
-        {"name": "http", "port": 80, "targetPort": "http"},
-        {"name": "admin", "port": 8081, "targetPort": "admin"}
-    ]));
+    let lab = multiport_lab(
+        source,
+        json!([
+            {"name": "http", "port": 80, "targetPort": "http"},
+            {"name": "admin", "port": 8081, "targetPort": "admin"}
+        ]),
+    );
     let pods = pod_names(&lab);
     assert_eq!(pods.len(), 2);
     for port in [80, 8081] {
@@ -892,12 +926,14 @@ fn should_serve_multiport_endpoints_from_pods() {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
-fn should_be_updated_after_adding_or_deleting_ports() {
+fn should_be_updated_after_adding_or_deleting_ports(source: Source, _wire: Wire) {
     if !require_root("adding or deleting ports") {
         return;
     }
-    let mut lab = multiport_lab(json!([{"name": "http", "port": 80, "targetPort": "http"}]));
+    let mut lab = multiport_lab(
+        source,
+        json!([{"name": "http", "port": 80, "targetPort": "http"}]),
+    );
     let pods = pod_names(&lab);
     let addr = |port| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 40), port);
     assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(80), 30)), pods);
@@ -925,12 +961,14 @@ fn should_be_updated_after_adding_or_deleting_ports() {
     assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, addr(8081), 30)), pods);
 }
 
-#[test]
-fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one() {
+fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one(
+    source: Source,
+    _wire: Wire,
+) {
     if !require_root("topology hints") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let hinted = |lab: &Lab, pod: &str, zone: &str| {
         let mut e = ready(lab, pod);
@@ -964,13 +1002,14 @@ fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one() {
     assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 40)), all);
 }
 
-#[test]
 fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_internal_traffic_policy_local(
+    source: Source,
+    _wire: Wire,
 ) {
     if !require_root("terminating fallback internalTrafficPolicy Local") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps = local_terminating_remote_ready(&lab, &all);
     publish(
@@ -991,12 +1030,11 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     );
 }
 
-#[test]
-fn publish_not_ready_addresses_serves_endpoints_that_are_not_ready() {
+fn publish_not_ready_addresses_serves_endpoints_that_are_not_ready(source: Source, _wire: Wire) {
     if !require_root("publishNotReadyAddresses") {
         return;
     }
-    let mut lab = lab();
+    let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let not_ready: Vec<Value> = all
         .iter()
@@ -1012,6 +1050,18 @@ fn publish_not_ready_addresses_serves_endpoints_that_are_not_ready() {
         connect_fails(&lab.client.ns, to),
         "not-ready endpoints must not serve"
     );
+    // The Service flag alone changes nothing (kube-proxy reads the slice)...
     publish(&mut lab, "pnr", spec(true), json!({}), not_ready);
+    assert!(
+        connect_fails(&lab.client.ns, to),
+        "the slice still says not ready"
+    );
+    // ...until the EndpointSlice controller rewrites the slice for it: the
+    // same pods, ready (published), not serving.
+    let published: Vec<Value> = all
+        .iter()
+        .map(|p| endpoint(&lab, p, true, false, false, NODE_NAME))
+        .collect();
+    publish(&mut lab, "pnr", spec(true), json!({}), published);
     assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, to, 30)), all);
 }

@@ -16,6 +16,7 @@ pub mod traffic;
 use std::{net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_userspace::objects::{ServiceInfo, SliceInfo};
 use serde_json::{json, Value};
 
 use kube_proxy::ServicePort;
@@ -78,18 +79,18 @@ pub fn k8s_objects(s: &ServicePort) -> (Value, Value) {
     (service, slice)
 }
 
-/// Typed Services and EndpointSlices for in-process translation.
-pub fn typed_objects(ports: &[ServicePort]) -> (Vec<Service>, Vec<EndpointSlice>) {
-    ports
-        .iter()
-        .map(|s| {
-            let (svc, slice) = k8s_objects(s);
-            (
-                serde_json::from_value(svc).expect("a valid Service"),
-                serde_json::from_value(slice).expect("a valid EndpointSlice"),
-            )
-        })
-        .unzip()
+/// Services and EndpointSlices for in-process translation, read as the
+/// agent's sources read them.
+pub fn typed_objects(ports: &[ServicePort]) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
+    ports.iter().map(typed_object).unzip()
+}
+
+/// One Service port's objects, read as the agent's sources read them.
+pub fn typed_object(port: &ServicePort) -> (ServiceInfo, SliceInfo) {
+    let (svc, slice) = k8s_objects(port);
+    let svc: Service = serde_json::from_value(svc).expect("a valid Service");
+    let slice: EndpointSlice = serde_json::from_value(slice).expect("a valid EndpointSlice");
+    (svc.into(), slice.into())
 }
 
 /// The value at quantile `p` (0..=1) of sorted samples.

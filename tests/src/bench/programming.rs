@@ -108,8 +108,7 @@ fn ours(n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
     let mut times = Vec::with_capacity(changes);
     for c in 0..changes {
         let (i, _) = toggle_endpoint(&mut ports, c, endpoints);
-        let (_, slice) = super::k8s_objects(&ports[i]);
-        slices[i] = serde_json::from_value(slice)?;
+        slices[i] = super::typed_object(&ports[i]).1;
         let change = ServiceChange {
             name: ServiceName {
                 namespace: BENCH_NAMESPACE.into(),

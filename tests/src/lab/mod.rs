@@ -16,6 +16,7 @@
 //! Several nodes (`Cluster`, see `cluster`): the nodes' and the external
 //! client's eth0 on one bridge, routes between the nodes' pod ranges.
 
+pub mod api_source;
 pub mod client;
 pub mod cluster;
 pub mod netns;
@@ -34,6 +35,7 @@ use std::{
 use anyhow::{Context, Result};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+pub use api_source::Source;
 pub use client::{ask_on, http_get, metric_sum, tcp_ask, udp_ask};
 pub use netns::{in_netns, run, sibling_binary, sweep_stale, ChildGuard, Netns, LAB_CGROUP_ROOT};
 pub use node::{LabNode, NodeSpec, Pod};
@@ -60,7 +62,10 @@ pub fn new_lab_id() -> String {
 /// its namespace.
 pub struct Lab {
     pub wire: Wire,
+    pub source: Source,
     pub state: Workloads,
+    /// The API server fixture the agent watches (Source::Api).
+    pub api: Option<api_source::ApiSource>,
     /// Keeps the external client's pass-through XDP program attached;
     /// released inside that namespace (see Drop).
     ext_xdp: Option<aya::Ebpf>,
@@ -99,6 +104,19 @@ impl Lab {
     }
 
     pub fn from_objects_on(wire: Wire, objects: Vec<LabObject>) -> Result<Self> {
+        Self::from_objects_with(Source::Manifests, wire, objects)
+    }
+
+    /// The lab of `manifests` on `wire`, its agent reading `source`.
+    pub fn from_manifest_files_with(
+        source: Source,
+        wire: Wire,
+        manifests: &[PathBuf],
+    ) -> Result<Self> {
+        Self::from_objects_with(source, wire, state::objects_of_files(manifests)?)
+    }
+
+    pub fn from_objects_with(source: Source, wire: Wire, objects: Vec<LabObject>) -> Result<Self> {
         sweep_stale();
         let id = new_lab_id();
         let mut node = LabNode::create(&NodeSpec {
@@ -123,9 +141,18 @@ impl Lab {
         }
         let mut ips = (10u8..=250).map(|i| Ipv4Addr::new(10, 244, 0, i));
         let pod_specs = workload::pods_for_workloads(&objects, &mut ips, NODE_NAME)?;
+        let api = match source {
+            Source::Api => Some(api_source::ApiSource::start(&node, NODE_NAME)?),
+            Source::Manifests => None,
+        };
+        if let Some(api) = &api {
+            node.source_flags = Some(api.agent_flags());
+        }
         let mut lab = Self {
             wire,
+            source,
             state: Workloads::new(objects),
+            api,
             ext_xdp,
             ext,
             node,
@@ -189,13 +216,17 @@ impl Lab {
         self.state.pod_specs.retain(|p| p.name != name);
     }
 
-    /// Writes the Services and the EndpointSlices the control plane would
-    /// derive from the pods. Returns how many files changed.
-    pub fn write_manifests(&self) -> Result<usize> {
+    /// Publishes the Services and the EndpointSlices the control plane
+    /// would derive from the pods: as manifest files, or to the API server
+    /// fixture. Returns how many files (objects) changed.
+    pub fn write_manifests(&mut self) -> Result<usize> {
         let files = self
             .state
             .manifest_files(|name| self.node.pods.contains_key(name))?;
-        state::write_files(&self.node.manifest_dir(), &self.node.dir, &files)
+        match &mut self.api {
+            Some(api) => api.publish(&files),
+            None => state::write_files(&self.node.manifest_dir(), &self.node.dir, &files),
+        }
     }
 
     /// The Services of the lab's objects.

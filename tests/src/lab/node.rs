@@ -69,6 +69,9 @@ pub struct LabNode {
     pub agent_wrapper: Vec<String>,
     /// Flags every start of the agent gets (the wire's `--wire-hook`).
     pub agent_defaults: Vec<String>,
+    /// Where the agent reads the desired state: None, this node's manifest
+    /// folder; else these flags (`--kubeconfig PATH`).
+    pub source_flags: Option<Vec<String>>,
     pub pods: BTreeMap<String, Pod>,
     pub client: Pod,
     next_if: u32,
@@ -108,6 +111,7 @@ impl LabNode {
             agent_binary: None,
             agent_wrapper: Vec::new(),
             agent_defaults: Vec::new(),
+            source_flags: None,
             pods: BTreeMap::new(),
             client: Pod {
                 name: "client".into(),
@@ -269,9 +273,15 @@ impl LabNode {
 
     /// `start_agent` with more agent flags (e.g. `--socket-lb off`).
     pub fn start_agent_extra(&mut self, extra: &[&str]) -> Result<()> {
-        let dir = self.manifest_dir().to_string_lossy().into_owned();
+        let source = self.source_flags.clone().unwrap_or_else(|| {
+            vec![
+                "--manifests".into(),
+                self.manifest_dir().to_string_lossy().into_owned(),
+            ]
+        });
         let name = self.node_name.clone();
-        let mut flags = vec!["--manifests", &dir, "--node-name", &name];
+        let mut flags: Vec<&str> = source.iter().map(String::as_str).collect();
+        flags.extend(["--node-name", &name]);
         flags.extend_from_slice(extra);
         self.start_agent_with(&flags)
     }

@@ -1,0 +1,498 @@
+//! What translation reads of Services and EndpointSlices, and nothing
+//! more: both sources (the API watches and the manifest folder) turn every
+//! object into these before they keep it, and translation reads only
+//! these. So the two sources cannot differ in what they keep (a source
+//! that dropped `status` once lost every LoadBalancer address), and a
+//! large cluster costs what translation needs, not whole objects.
+//!
+//! Parsed once, as kube-proxy's ServicePortInfo is: addresses are parsed
+//! here (a bad one kept as `Addr::Invalid`, for translation to report with
+//! the Service's name); endpoint conditions get their API defaults.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, LazyLock, Mutex},
+};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::{
+    core::v1::{Service, ServiceSpec},
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+
+use crate::model::{Protocol, ServiceName};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy (kube-proxy honours it too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label are headless (no virtual IP) whatever their spec says.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The annotation kube-proxy measures network programming latency from.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// The older way to give `loadBalancerSourceRanges` (kube-proxy reads it
+/// when the spec has none).
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// An address as a Service or endpoint gives it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Addr {
+    V4(Ipv4Addr),
+    V6(Ipv6Addr),
+    /// Not an IP address: reported by translation.
+    Invalid(Box<str>),
+}
+
+impl Addr {
+    pub fn parse(text: &str) -> Self {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => Addr::V4(a),
+            Ok(IpAddr::V6(a)) => Addr::V6(a),
+            Err(_) => Addr::Invalid(text.into()),
+        }
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::V4(a) => write!(f, "{a}"),
+            Addr::V6(a) => write!(f, "{a}"),
+            Addr::Invalid(t) => write!(f, "{t:?}"),
+        }
+    }
+}
+
+/// `spec.type`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+    Unknown(Box<str>),
+}
+
+/// Why this agent leaves a Service alone, as kube-proxy does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ignored {
+    /// `service.kubernetes.io/service-proxy-name`: another proxy's.
+    OtherProxy,
+    /// `clusterIP: None`, or the `service.kubernetes.io/headless` label.
+    Headless,
+    ExternalName,
+}
+
+/// `spec.sessionAffinity` with its timeout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Affinity {
+    None,
+    ClientIp { timeout_seconds: Option<i32> },
+    Unsupported(Box<str>),
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    pub name: Box<str>,
+    /// The protocol, or why it is not one the data path serves.
+    pub protocol: Result<Protocol, String>,
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+/// A Service as translation reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: ServiceName,
+    pub ignored: Option<Ignored>,
+    pub kind: ServiceKind,
+    /// `spec.clusterIPs` (one per family, the primary first), or
+    /// `spec.clusterIP` when an object carries only that (manifests).
+    pub cluster_ips: Vec<Addr>,
+    pub external_ips: Vec<Addr>,
+    /// `status.loadBalancer.ingress` addresses, without those of ipMode
+    /// Proxy (the load balancer proxies: traffic arrives for the node).
+    pub ingress_ips: Vec<Addr>,
+    /// `spec.loadBalancerSourceRanges`, else the annotation's, as written.
+    pub source_ranges: Vec<Box<str>>,
+    pub ports: Vec<PortInfo>,
+    pub affinity: Affinity,
+    pub external_local: bool,
+    pub internal_local: bool,
+    pub health_check_node_port: Option<i32>,
+}
+
+/// `addressType` of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressType {
+    Ipv4,
+    Ipv6,
+    /// FQDN (deprecated) or unknown: not served.
+    Other(Box<str>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: Box<str>,
+    pub protocol: Result<Protocol, String>,
+    pub port: Option<i32>,
+}
+
+/// One endpoint, its conditions with the API's defaults (ready and
+/// serving true when unset, terminating false), as kube-proxy reads them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The first address (all of an endpoint's are fungible, kube-proxy
+    /// uses the first); None when it has none.
+    pub address: Option<Addr>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<Arc<str>>,
+    /// `hints.forZones` and `hints.forNodes`.
+    pub zone_hints: Vec<Arc<str>>,
+    pub node_hints: Vec<Arc<str>>,
+}
+
+/// An EndpointSlice as translation reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub namespace: Box<str>,
+    pub name: Box<str>,
+    /// The Service of the `kubernetes.io/service-name` label.
+    pub service: Option<ServiceName>,
+    pub address_type: AddressType,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointInfo>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`.
+    pub trigger_time: Option<DateTime<Utc>>,
+}
+
+/// Node names and zones repeat across every endpoint: one copy each.
+fn intern(text: &str) -> Arc<str> {
+    static STRINGS: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Default::default);
+    let mut strings = STRINGS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = strings.get(text) {
+        return s.clone();
+    }
+    let s: Arc<str> = text.into();
+    strings.insert(s.clone());
+    s
+}
+
+pub fn service_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ServiceName {
+    ServiceName {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+impl From<&Service> for ServiceInfo {
+    fn from(svc: &Service) -> Self {
+        let default_spec = ServiceSpec::default();
+        let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+        ServiceInfo {
+            name: service_name(&svc.metadata),
+            ignored: ignored(svc, spec),
+            kind: kind(spec.type_.as_deref()),
+            cluster_ips: cluster_ips(spec),
+            external_ips: spec
+                .external_ips
+                .iter()
+                .flatten()
+                .map(|a| Addr::parse(a))
+                .collect(),
+            ingress_ips: ingress_ips(svc),
+            source_ranges: source_ranges(svc, spec),
+            ports: spec.ports.iter().flatten().map(port_info).collect(),
+            affinity: affinity(spec),
+            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            health_check_node_port: spec.health_check_node_port,
+        }
+    }
+}
+
+impl From<Service> for ServiceInfo {
+    fn from(svc: Service) -> Self {
+        ServiceInfo::from(&svc)
+    }
+}
+
+fn ignored(svc: &Service, spec: &ServiceSpec) -> Option<Ignored> {
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        return Some(Ignored::OtherProxy);
+    }
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL))
+        || spec.cluster_ip.as_deref() == Some("None")
+    {
+        return Some(Ignored::Headless);
+    }
+    (spec.type_.as_deref() == Some("ExternalName")).then_some(Ignored::ExternalName)
+}
+
+fn kind(type_: Option<&str>) -> ServiceKind {
+    match type_.unwrap_or("ClusterIP") {
+        "ClusterIP" => ServiceKind::ClusterIp,
+        "NodePort" => ServiceKind::NodePort,
+        "LoadBalancer" => ServiceKind::LoadBalancer,
+        "ExternalName" => ServiceKind::ExternalName,
+        other => ServiceKind::Unknown(other.into()),
+    }
+}
+
+fn cluster_ips(spec: &ServiceSpec) -> Vec<Addr> {
+    let listed = spec.cluster_ips.iter().flatten();
+    let single = spec.cluster_ip.iter();
+    let texts: Vec<&String> = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) {
+        listed.collect()
+    } else {
+        single.collect()
+    };
+    texts
+        .into_iter()
+        .filter(|t| !t.is_empty() && *t != "None")
+        .map(|t| Addr::parse(t))
+        .collect()
+}
+
+fn ingress_ips(svc: &Service) -> Vec<Addr> {
+    svc.status
+        .iter()
+        .filter_map(|s| s.load_balancer.as_ref())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_deref())
+        .map(Addr::parse)
+        .collect()
+}
+
+fn source_ranges(svc: &Service, spec: &ServiceSpec) -> Vec<Box<str>> {
+    let from_spec: Vec<Box<str>> = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .map(Into::into)
+        .collect();
+    if !from_spec.is_empty() {
+        return from_spec;
+    }
+    svc.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Into::into)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn port_info(p: &k8s_openapi::api::core::v1::ServicePort) -> PortInfo {
+    PortInfo {
+        name: p.name.as_deref().unwrap_or_default().into(),
+        protocol: Protocol::from_k8s(p.protocol.as_deref()),
+        port: p.port,
+        node_port: p.node_port,
+    }
+}
+
+fn affinity(spec: &ServiceSpec) -> Affinity {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Affinity::None,
+        Some("ClientIP") => Affinity::ClientIp {
+            timeout_seconds: spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds),
+        },
+        Some(other) => Affinity::Unsupported(other.into()),
+    }
+}
+
+impl From<&EndpointSlice> for SliceInfo {
+    fn from(slice: &EndpointSlice) -> Self {
+        let meta = &slice.metadata;
+        let service = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .map(|svc| ServiceName {
+                namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                name: svc.clone(),
+            });
+        SliceInfo {
+            namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
+            service,
+            address_type: match slice.address_type.as_str() {
+                "IPv4" => AddressType::Ipv4,
+                "IPv6" => AddressType::Ipv6,
+                other => AddressType::Other(other.into()),
+            },
+            ports: slice
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| SlicePort {
+                    name: p.name.as_deref().unwrap_or_default().into(),
+                    protocol: Protocol::from_k8s(p.protocol.as_deref()),
+                    port: p.port,
+                })
+                .collect(),
+            endpoints: slice.endpoints.iter().map(endpoint_info).collect(),
+            trigger_time: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
+                .map(|t| t.with_timezone(&Utc)),
+        }
+    }
+}
+
+impl From<EndpointSlice> for SliceInfo {
+    fn from(slice: EndpointSlice) -> Self {
+        SliceInfo::from(&slice)
+    }
+}
+
+fn endpoint_info(e: &Endpoint) -> EndpointInfo {
+    let c = e.conditions.as_ref();
+    let hints = e.hints.as_ref();
+    EndpointInfo {
+        address: e.addresses.first().map(|a| Addr::parse(a)),
+        ready: c.and_then(|c| c.ready).unwrap_or(true),
+        serving: c.and_then(|c| c.serving).unwrap_or(true),
+        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+        node: e.node_name.as_deref().map(intern),
+        zone_hints: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| intern(&z.name))
+            .collect(),
+        node_hints: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|n| intern(&n.name))
+            .collect(),
+    }
+}
+
+impl SliceInfo {
+    /// `namespace/name`, for messages.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(v: serde_json::Value) -> ServiceInfo {
+        ServiceInfo::from(serde_json::from_value::<Service>(v).expect("a Service"))
+    }
+
+    #[test]
+    fn what_the_api_server_sends_is_kept_whatever_the_source() {
+        let s = service(json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                "annotations": {SOURCE_RANGES_ANNOTATION: "10.0.0.0/8, 192.0.2.0/24"}},
+            "spec": {"type": "LoadBalancer", "clusterIP": "fd00::10",
+                "clusterIPs": ["fd00::10", "10.96.0.10"], "ipFamilies": ["IPv6", "IPv4"],
+                "externalIPs": ["192.0.2.7", "2001:db8::7"],
+                "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Cluster",
+                "healthCheckNodePort": 32000, "sessionAffinity": "None",
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "192.0.2.100"}, {"ip": "192.0.2.101", "ipMode": "Proxy"},
+                {"ip": "2001:db8::100"}]}}
+        }));
+        assert_eq!(s.kind, ServiceKind::LoadBalancer);
+        assert_eq!(
+            s.cluster_ips,
+            vec![Addr::parse("fd00::10"), Addr::parse("10.96.0.10")]
+        );
+        assert_eq!(s.external_ips.len(), 2);
+        assert_eq!(
+            s.ingress_ips,
+            vec![Addr::parse("192.0.2.100"), Addr::parse("2001:db8::100")],
+            "ipMode Proxy left out"
+        );
+        assert_eq!(
+            s.source_ranges,
+            vec!["10.0.0.0/8".into(), "192.0.2.0/24".into()]
+        );
+        assert!(s.external_local && !s.internal_local);
+        assert_eq!(s.health_check_node_port, Some(32000));
+        assert_eq!(s.ports[0].node_port, Some(30080));
+        assert_eq!(s.ignored, None);
+    }
+
+    #[test]
+    fn services_other_proxies_own_and_headless_ones_are_marked() {
+        let s = service(
+            json!({"metadata": {"name": "a", "labels": {SERVICE_PROXY_NAME_LABEL: "x"}},
+            "spec": {"clusterIP": "10.96.0.1"}}),
+        );
+        assert_eq!(s.ignored, Some(Ignored::OtherProxy));
+        let s = service(json!({"metadata": {"name": "a"}, "spec": {"clusterIP": "None"}}));
+        assert_eq!(s.ignored, Some(Ignored::Headless));
+        let s = service(json!({"metadata": {"name": "a"},
+            "spec": {"type": "ExternalName", "externalName": "example.com"}}));
+        assert_eq!(s.ignored, Some(Ignored::ExternalName));
+    }
+
+    #[test]
+    fn endpoint_conditions_get_the_api_defaults() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "s", "namespace": "default",
+                "labels": {SERVICE_NAME_LABEL: "web"},
+                "annotations": {TRIGGER_TIME_ANNOTATION: "2026-12-03T10:00:00Z"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.244.0.1"]},
+                {"addresses": ["10.244.0.2"], "conditions": {"ready": false}},
+                {"addresses": ["10.244.0.3"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "nodeName": "n1", "hints": {"forZones": [{"name": "a"}], "forNodes": [{"name": "n1"}]}}]
+        }))
+        .unwrap();
+        let s = SliceInfo::from(&slice);
+        assert_eq!(s.service.as_ref().map(|n| n.name.as_str()), Some("web"));
+        assert!(s.trigger_time.is_some());
+        let e = &s.endpoints;
+        assert!(
+            e[0].ready && e[0].serving && !e[0].terminating,
+            "unset: ready, serving"
+        );
+        assert!(
+            !e[1].ready && e[1].serving,
+            "serving unset means true, whatever ready says"
+        );
+        assert!(e[2].serving && e[2].terminating);
+        assert_eq!(e[2].zone_hints, vec![Arc::from("a")]);
+        assert_eq!(e[2].node_hints, vec![Arc::from("n1")]);
+        assert!(
+            Arc::ptr_eq(e[2].node.as_ref().unwrap(), &e[2].node_hints[0]),
+            "interned"
+        );
+    }
+}
