@@ -18,6 +18,8 @@ use lb_tests::{
 use serde_json::{json, Value};
 
 on_each_source_and_wire!(
+    a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order,
+    source_ranges_given_by_annotation_are_honoured,
     should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_delete,
     should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_number_but_different_protocols,
     should_preserve_the_client_source_with_external_traffic_policy_local_and_only_use_local_endpoints,
@@ -380,6 +382,68 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(
     );
     // The NodePort is not subject to the ranges, as in kube-proxy.
     assert_eq!(pods_of(&whoami_tcp(&lab.ext, np, 30)), all);
+    lab.assert_no_checksum_errors();
+}
+
+/// What a real cluster sends for a dual-stack Service whose primary family
+/// is IPv6: its IPv4 ClusterIP, externalIP and LoadBalancer address are
+/// served from pods and from the wire; the IPv6 ones do not take the
+/// Service down.
+fn a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order(source: Source, wire: Wire) {
+    if !require_root("dual-stack") {
+        return;
+    }
+    let mut lab = lab_on(source, wire);
+    let all = pod_names(&lab);
+    let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
+    let spec = json!({"type": "LoadBalancer", "clusterIP": "fd00::50",
+        "clusterIPs": ["fd00::50", "10.96.0.50"], "ipFamilies": ["IPv6", "IPv4"],
+        "ipFamilyPolicy": "PreferDualStack",
+        "externalIPs": ["2001:db8::50", EXTERNAL_IP.to_string()], "ports": ports(true)});
+    let status = json!({"loadBalancer": {"ingress": [{"ip": "2001:db8::100"}, {"ip": LB_IP.to_string()}]}});
+    publish(&mut lab, "dual", spec, status, eps);
+    let cluster = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 50), 80);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, cluster, 20)), all);
+    assert_eq!(pods_of(&whoami_udp(&lab.client.ns, cluster, 20)), all);
+    for to in [
+        SocketAddrV4::new(EXTERNAL_IP, 80),
+        SocketAddrV4::new(LB_IP, 80),
+        SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
+    ] {
+        assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 20)), all, "{to}");
+    }
+    lab.assert_no_checksum_errors();
+}
+
+/// `loadBalancerSourceRanges` given by the older annotation, as kube-proxy
+/// reads it when the spec has none.
+fn source_ranges_given_by_annotation_are_honoured(source: Source, wire: Wire) {
+    if !require_root("source ranges annotation") {
+        return;
+    }
+    let mut lab = lab_on(source, wire);
+    let all = pod_names(&lab);
+    let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
+    let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.51", "ports": ports(true)});
+    let to = SocketAddrV4::new(LB_IP, 80);
+    for (ranges, allowed) in [("10.77.0.0/24, 10.1.0.0/16", true), ("10.99.0.0/16", false)] {
+        let annotations =
+            json!({"service.beta.kubernetes.io/load-balancer-source-ranges": ranges});
+        lab.state
+            .put_annotated_service("ann", annotations, spec.clone(), status.clone(), eps.clone());
+        if lab.agent_pid().is_some() {
+            lab.apply_manifests().expect("agent picks up the change");
+        } else {
+            lab.write_manifests().unwrap();
+            lab.start_agent().expect("start lb-agent");
+        }
+        if allowed {
+            assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 10)), all, "{ranges}");
+        } else {
+            assert!(connect_fails(&lab.ext, to), "{ranges}: the client got in");
+        }
+    }
     lab.assert_no_checksum_errors();
 }
 

@@ -104,8 +104,20 @@ impl Workloads {
         status: serde_json::Value,
         endpoints: Vec<serde_json::Value>,
     ) {
+        self.put_annotated_service(name, serde_json::json!({}), spec, status, endpoints);
+    }
+
+    /// `put_extra_service` with annotations on the Service.
+    pub fn put_annotated_service(
+        &mut self,
+        name: &str,
+        annotations: serde_json::Value,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+        endpoints: Vec<serde_json::Value>,
+    ) {
         let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "default"},
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations},
             "spec": spec, "status": status});
         let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{name}-abc"), "namespace": "default",
