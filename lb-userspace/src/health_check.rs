@@ -1,8 +1,10 @@
 //! healthCheckNodePort: for a LoadBalancer Service with
 //! externalTrafficPolicy Local, an HTTP server on that port tells the
 //! cloud load balancer whether this node has a local endpoint to send to,
-//! with kube-proxy's answer: 200 and the count when it has ready ones, 503
-//! when it has none or only terminating ones.
+//! with kube-proxy's answer: 200 and the count when it has ready ones and
+//! the proxy itself is healthy (see `proxy_health`), 503 when it has none,
+//! only terminating ones, or the proxy is not healthy. It listens on the
+//! node's NodePort addresses, as kube-proxy does.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,6 +17,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     model::ServiceName,
     objects::{AddressType, ServiceInfo, ServiceKind, SliceInfo},
+    proxy_health::ProxyHealth,
     translate::NodeInfo,
 };
 
@@ -62,8 +65,8 @@ pub fn health_check_of(
 
 /// Status line and JSON body of the answer, as kube-proxy's healthcheck
 /// server gives them.
-pub fn response(check: &HealthCheck) -> (&'static str, String) {
-    let status = if check.local_endpoints > 0 {
+pub fn response(check: &HealthCheck, proxy_healthy: bool) -> (&'static str, String) {
+    let status = if check.local_endpoints > 0 && proxy_healthy {
         "200 OK"
     } else {
         "503 Service Unavailable"
@@ -71,20 +74,32 @@ pub fn response(check: &HealthCheck) -> (&'static str, String) {
     let body = serde_json::json!({
         "service": {"namespace": check.service.namespace, "name": check.service.name},
         "localEndpoints": check.local_endpoints,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": proxy_healthy,
     });
     (status, body.to_string())
 }
 
-/// The listeners, one per health check port, kept equal to the checks the
-/// Services ask for.
-#[derive(Default)]
+/// The listeners, per health check port one on each NodePort address, kept
+/// equal to the checks the Services ask for.
 pub struct HealthServer {
     checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>,
-    listeners: BTreeMap<u16, JoinHandle<()>>,
+    listeners: BTreeMap<u16, Vec<JoinHandle<()>>>,
+    addresses: Vec<Ipv4Addr>,
+    proxy: Arc<ProxyHealth>,
 }
 
 impl HealthServer {
+    /// Health checks served on `addresses` (the NodePort addresses; all of
+    /// the node's when empty), reporting `proxy`'s health too.
+    pub fn new(addresses: Vec<Ipv4Addr>, proxy: Arc<ProxyHealth>) -> Self {
+        Self {
+            checks: Arc::default(),
+            listeners: BTreeMap::new(),
+            addresses,
+            proxy,
+        }
+    }
+
     /// Opens ports that are new, closes ports no Service asks for any more,
     /// and updates what every port reports. A port that cannot be bound is
     /// logged and retried on the next update.
@@ -101,35 +116,55 @@ impl HealthServer {
                 );
             }
         }
-        self.listeners.retain(|port, task| {
-            let keep = by_port.contains_key(port) && !task.is_finished();
+        self.listeners.retain(|port, tasks| {
+            let keep = by_port.contains_key(port) && tasks.iter().all(|t| !t.is_finished());
             if !keep {
-                task.abort();
+                tasks.iter().for_each(JoinHandle::abort);
             }
             keep
         });
         for port in by_port.keys() {
-            if self.listeners.contains_key(port) {
-                continue;
-            }
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
-            let std_listener = match std::net::TcpListener::bind(addr) {
-                Ok(l) => l,
-                Err(e) => {
-                    log::error!("healthCheckNodePort {port}: cannot listen: {e}");
-                    continue;
+            if !self.listeners.contains_key(port) {
+                if let Some(tasks) = self.listen(*port) {
+                    self.listeners.insert(*port, tasks);
                 }
-            };
-            let _ = std_listener.set_nonblocking(true);
-            let Ok(listener) = TcpListener::from_std(std_listener) else {
-                continue;
-            };
-            let checks = self.checks.clone();
-            let port = *port;
-            self.listeners
-                .insert(port, tokio::spawn(serve(listener, port, checks)));
+            }
         }
         *self.checks.lock().expect("health checks lock") = by_port;
+    }
+
+    /// One listener on each address for `port`; None (logged, retried on
+    /// the next update) when one cannot be bound.
+    fn listen(&self, port: u16) -> Option<Vec<JoinHandle<()>>> {
+        let addresses = if self.addresses.is_empty() {
+            vec![Ipv4Addr::UNSPECIFIED]
+        } else {
+            self.addresses.clone()
+        };
+        let mut listeners = Vec::new();
+        for a in addresses {
+            let addr = SocketAddr::from((a, port));
+            let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            });
+            match bound {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    log::error!("healthCheckNodePort {addr}: cannot listen: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(
+            listeners
+                .into_iter()
+                .map(|l| {
+                    let (checks, proxy) = (self.checks.clone(), self.proxy.clone());
+                    tokio::spawn(serve(l, port, checks, proxy))
+                })
+                .collect(),
+        )
     }
 
     pub fn ports(&self) -> Vec<u16> {
@@ -137,12 +172,17 @@ impl HealthServer {
     }
 }
 
-async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>) {
+async fn serve(
+    listener: TcpListener,
+    port: u16,
+    checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>,
+    proxy: Arc<ProxyHealth>,
+) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
-        let checks = checks.clone();
+        let (checks, proxy) = (checks.clone(), proxy.clone());
         tokio::spawn(async move {
             // Any path gets the answer, as with kube-proxy; but only to a
             // read (GET or HEAD), since the answer is all the port is for.
@@ -162,7 +202,7 @@ async fn serve(listener: TcpListener, port: u16, checks: Arc<Mutex<BTreeMap<u16,
             let Some(check) = check else {
                 return;
             };
-            let (status, body) = response(&check);
+            let (status, body) = response(&check, proxy.is_healthy());
             let headers = [
                 ("Content-Type", "application/json".to_owned()),
                 ("X-Content-Type-Options", "nosniff".to_owned()),
@@ -215,7 +255,7 @@ mod tests {
         ]));
         let c = health_check_of(&node(), &svc(json!({})), &[&s]).unwrap();
         assert_eq!((c.port, c.local_endpoints), (32000, 1));
-        let (status, body) = response(&c);
+        let (status, body) = response(&c, true);
         assert_eq!(status, "200 OK");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["localEndpoints"], 1);
@@ -229,7 +269,20 @@ mod tests {
         ]));
         let c = health_check_of(&node(), &svc(json!({})), &[&s]).unwrap();
         assert_eq!(c.local_endpoints, 0);
-        assert_eq!(response(&c).0, "503 Service Unavailable");
+        assert_eq!(response(&c, true).0, "503 Service Unavailable");
+    }
+
+    #[test]
+    fn an_unhealthy_proxy_fails_the_check_whatever_its_endpoints() {
+        let s = slice(json!([
+            {"addresses": ["10.244.0.5"], "nodeName": "n1", "conditions": {"ready": true}}
+        ]));
+        let c = health_check_of(&node(), &svc(json!({})), &[&s]).unwrap();
+        let (status, body) = response(&c, false);
+        assert_eq!(status, "503 Service Unavailable");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["serviceProxyHealthy"], false);
+        assert_eq!(body["localEndpoints"], 1);
     }
 
     #[test]

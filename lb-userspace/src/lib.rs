@@ -20,6 +20,7 @@ pub mod model;
 pub mod node_net;
 pub mod objects;
 pub mod programmer;
+pub mod proxy_health;
 pub mod pseudo_fs;
 #[cfg(test)]
 mod sync_proptest;

@@ -339,6 +339,9 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// Capacity of the session affinity map (one entry a client and frontend).
     pub affinity: u32,
+    /// Capacity of the backends array (and of the masquerade cursors,
+    /// also indexed by backend id).
+    pub backends: u32,
 }
 
 impl Default for MapSizes {
@@ -346,6 +349,7 @@ impl Default for MapSizes {
         Self {
             conntrack: lb_common::MAX_CONNTRACK,
             affinity: lb_common::MAX_AFFINITY,
+            backends: lb_common::MAX_BACKENDS,
         }
     }
 }
@@ -361,6 +365,10 @@ pub fn layouts(sizes: MapSizes) -> Vec<MapLayout> {
             },
             map_names::AFFINITY => MapLayout {
                 max_entries: sizes.affinity,
+                ..*l
+            },
+            map_names::BACKENDS | map_names::SNAT_CURSOR => MapLayout {
+                max_entries: sizes.backends,
                 ..*l
             },
             _ => *l,
@@ -380,6 +388,8 @@ pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> 
     }
     loader.map_max_entries(map_names::CONNTRACK, sizes.conntrack);
     loader.map_max_entries(map_names::AFFINITY, sizes.affinity);
+    loader.map_max_entries(map_names::BACKENDS, sizes.backends);
+    loader.map_max_entries(map_names::SNAT_CURSOR, sizes.backends);
     if let Some(old) = state.conntrack_migrated() {
         loader.map_pin_path(map_names::CONNTRACK_PREV, old.to_owned());
     }

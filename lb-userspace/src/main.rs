@@ -25,6 +25,7 @@ use lb_userspace::{
     metrics::{render_counters, InvalidLabel, Metrics, ResourceLabel},
     node_net,
     programmer::{Programmer, SyncReport},
+    proxy_health::{self, ProxyHealth},
     translate::NodeInfo,
     wire_hook::WireHookMode,
 };
@@ -155,6 +156,22 @@ struct RunArgs {
     /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:10249).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve kube-proxy's /healthz and /livez here (the address cloud load
+    /// balancers probe for externalTrafficPolicy Cluster); `off` to not.
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_healthz_addr)]
+    healthz_addr: HealthzAddr,
+    /// How long a received change may wait to be written before /healthz,
+    /// /livez and every healthCheckNodePort report 503 (kube-proxy: twice
+    /// its sync period, 60 s).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    healthz_timeout: Duration,
+    /// Capacity of the backends map (one entry per distinct endpoint
+    /// address, port and protocol). A Service whose backends do not fit is
+    /// left as it was, reported, and makes /healthz 503 after
+    /// --healthz-timeout.
+    #[arg(long, default_value_t = lb_common::MAX_BACKENDS,
+          value_parser = clap::value_parser!(u32).range(16..=(1 << 24)))]
+    backends_max: u32,
     /// Host-side pod veth names where tc attaches (`*` wildcards, comma separated).
     /// Rescanned every --poll-interval, so new pods are covered.
     #[arg(long, value_delimiter = ',', default_value = "lxc*,veth*,cali*")]
@@ -224,6 +241,20 @@ struct RunArgs {
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
     #[arg(long)]
     cleanup: bool,
+}
+
+/// `--healthz-addr`: an address, or off.
+#[derive(Clone, Copy, Debug)]
+struct HealthzAddr(Option<std::net::SocketAddr>);
+
+fn parse_healthz_addr(s: &str) -> Result<HealthzAddr, String> {
+    match s {
+        "" | "off" => Ok(HealthzAddr(None)),
+        _ => s
+            .parse()
+            .map(|a| HealthzAddr(Some(a)))
+            .map_err(|e| format!("{s:?}: {e}")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -414,6 +445,8 @@ struct DataPath {
     ebpf: aya::Ebpf,
     attachments: Attachments,
     health: HealthServer,
+    /// The proxy's own health (`--healthz-addr`, healthCheckNodePorts).
+    proxy: Arc<ProxyHealth>,
     socket_lb: SocketLbMode,
     pin_dir: PathBuf,
     /// Interfaces facing the wire.
@@ -433,6 +466,30 @@ struct DataPath {
 }
 
 impl DataPath {
+    /// What follows every sync, whichever the source: names for metrics,
+    /// health check ports, stale UDP sockets, this agent's programs
+    /// attached (after its first sync), the sweep woken, readiness, and the
+    /// proxy's health (updated when everything reached the maps).
+    fn after_sync(
+        &mut self,
+        programmer: &mut Programmer<BpfMaps>,
+        report: &SyncReport,
+    ) -> Result<()> {
+        publish_names(programmer);
+        self.health.update(programmer.health.values());
+        self.close_stale_udp(report);
+        self.attach_after_first_sync(&mut programmer.writer)?;
+        self.wake_sweep(report);
+        self.metrics.set_ready();
+        if report.complete {
+            self.proxy.updated();
+        }
+        for note in &report.notes {
+            log::debug!("{note}");
+        }
+        Ok(())
+    }
+
     /// Host sockets connected (translated at connect()) to UDP backends a
     /// sync deleted are closed; pods' connected UDP goes per packet and
     /// moves by itself.
@@ -521,11 +578,13 @@ fn setup_datapath(
     pin_dir: &Path,
     args: &RunArgs,
     metrics: &Arc<Metrics>,
+    proxy: &Arc<ProxyHealth>,
 ) -> Result<(DataPath, Programmer<BpfMaps>)> {
     let config = loader::LoadConfig {
         sizes: loader::MapSizes {
             conntrack: args.conntrack_max,
             affinity: args.affinity_max,
+            backends: args.backends_max,
         },
         snat_ports: snat_ports(args)?,
     };
@@ -576,7 +635,8 @@ fn setup_datapath(
     let dp = DataPath {
         ebpf,
         attachments,
-        health: HealthServer::default(),
+        health: HealthServer::new(nodeport_addresses.clone(), proxy.clone()),
+        proxy: proxy.clone(),
         socket_lb: args.socket_lb,
         pin_dir: pin_dir.to_owned(),
         wire,
@@ -591,6 +651,7 @@ fn setup_datapath(
     };
     install_datapath_metrics(pin_dir, metrics)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
+    programmer.limits.backend_ids = args.backends_max - 1;
     programmer.node = NodeInfo {
         name: args.node.node_name.clone().unwrap_or_default(),
         nodeport_addresses,
@@ -712,7 +773,16 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
             }
         });
     }
-    let (mut dp, mut programmer) = setup_datapath(pin_dir, &args, &metrics)?;
+    let proxy = ProxyHealth::new(args.healthz_timeout);
+    if let HealthzAddr(Some(addr)) = args.healthz_addr {
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            if let Err(e) = proxy_health::serve(addr, p).await {
+                log::error!("proxy health endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    let (mut dp, mut programmer) = setup_datapath(pin_dir, &args, &metrics, &proxy)?;
     let mut log = SyncLog {
         ready_file: args.ready_file.clone(),
         generation: 0,
@@ -774,26 +844,24 @@ async fn run_manifests(
                     .inc();
                 report.errors.insert(0, format!("manifest: {e}"));
             }
-            publish_names(programmer);
-            dp.health.update(programmer.health.values());
-            dp.close_stale_udp(&report);
-            dp.attach_after_first_sync(&mut programmer.writer)?;
-            dp.wake_sweep(&report);
-            metrics.set_ready();
+            dp.after_sync(programmer, &report)?;
             log.record("manifests", &report, started)
         };
+    dp.proxy.queued_update();
     sync(&mut source, log, dp)?;
     let mut tick = tokio::time::interval(args.poll_interval);
     loop {
         tokio::select! {
             _ = sig.hup.recv() => {
                 log::info!("SIGHUP: re-reading {}", dir.display());
+                dp.proxy.queued_update();
                 sync(&mut source, log, dp)?;
             }
             _ = sig.term.recv() => break,
             _ = sig.int.recv() => break,
             _ = tick.tick() => {
                 if source.changed() {
+                    dp.proxy.queued_update();
                     sync(&mut source, log, dp)?;
                 }
                 dp.refresh_pods()?;
@@ -846,6 +914,10 @@ async fn run_kubernetes(
                 Err(_) => break,
             }
         }
+        dp.proxy.set_node_eligible(state.node_eligible());
+        if !work.dirty.is_empty() || work.full_resync {
+            dp.proxy.queued_update();
+        }
         for r in &work.restarts {
             log::info!("watch of {r} restarted with a relist: full resync");
             metrics
@@ -885,12 +957,7 @@ async fn run_kubernetes(
             metrics.programming_latency.observe(secs.max(0.0));
         }
         needs_full = false;
-        publish_names(programmer);
-        dp.health.update(programmer.health.values());
-        dp.close_stale_udp(&report);
-        dp.attach_after_first_sync(&mut programmer.writer)?;
-        dp.wake_sweep(&report);
-        metrics.set_ready();
+        dp.after_sync(programmer, &report)?;
         log.record(kind, &report, started)?;
     }
     Ok(())

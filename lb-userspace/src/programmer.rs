@@ -27,6 +27,9 @@ pub struct SyncReport {
     pub errors: Vec<String>,
     /// What translation passed over on purpose (debug logs).
     pub notes: Vec<String>,
+    /// Every frontend's desired state reached the maps (no Service left
+    /// out for want of room, no failed write).
+    pub complete: bool,
     /// UDP backends this sync deleted: sockets connected to them are stale.
     pub deleted_udp_backends: Vec<std::net::SocketAddrV4>,
     /// Backends this sync deleted (their conntrack entries are to be swept).
@@ -240,6 +243,7 @@ impl<W: MapWriter> Programmer<W> {
             writes,
             errors: Vec::new(),
             notes,
+            complete: unplanned.is_empty() && failed.is_empty(),
             deleted_udp_backends,
             deleted_backends,
         };

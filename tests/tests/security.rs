@@ -28,6 +28,8 @@ use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const METRICS_PORT: u16 = 10249;
+/// kube-proxy's `/healthz` and `/livez` (`--healthz-addr`).
+const PROXY_HEALTH_PORT: u16 = 10256;
 const HEALTH_CHECK_PORT: u16 = 32100;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
 const NODE_PORT: u16 = 30080;
@@ -99,7 +101,13 @@ fn lab_with_agent_ports() -> Lab {
 /// carry one), from the node namespace to its loopback. Returns the status,
 /// the head and the body.
 fn http(lab: &Lab, port: u16, method: &str, path: &str) -> (u16, String, String) {
-    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    // Health check ports listen on the NodePort addresses, as kube-proxy's.
+    let ip = if port == HEALTH_CHECK_PORT {
+        NODE_WIRE_ADDR
+    } else {
+        Ipv4Addr::LOCALHOST
+    };
+    let to = SocketAddr::from((ip, port));
     lab.node.run_in(|| {
         let mut s = TcpStream::connect_timeout(&to, TIMEOUT)
             .unwrap_or_else(|e| panic!("connect to {to} for {method} {path}: {e}"));
@@ -385,7 +393,7 @@ fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users(
     let (sockets, files) = open_files(pid);
     assert_eq!(
         listening_tcp_ports(pid, &sockets),
-        BTreeSet::from([METRICS_PORT, HEALTH_CHECK_PORT]),
+        BTreeSet::from([METRICS_PORT, HEALTH_CHECK_PORT, PROXY_HEALTH_PORT]),
         "the agent's listening TCP sockets"
     );
     assert_eq!(
@@ -458,6 +466,7 @@ fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
             &["/metrics", "/readyz", "/healthz", "/", "/debug/pprof"][..],
         ),
         (HEALTH_CHECK_PORT, &["/", "/healthz"][..]),
+        (PROXY_HEALTH_PORT, &["/healthz", "/livez"][..]),
     ] {
         for method in writes {
             for path in paths {

@@ -400,7 +400,8 @@ fn a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order(source: So
         "clusterIPs": ["fd00::50", "10.96.0.50"], "ipFamilies": ["IPv6", "IPv4"],
         "ipFamilyPolicy": "PreferDualStack",
         "externalIPs": ["2001:db8::50", EXTERNAL_IP.to_string()], "ports": ports(true)});
-    let status = json!({"loadBalancer": {"ingress": [{"ip": "2001:db8::100"}, {"ip": LB_IP.to_string()}]}});
+    let status =
+        json!({"loadBalancer": {"ingress": [{"ip": "2001:db8::100"}, {"ip": LB_IP.to_string()}]}});
     publish(&mut lab, "dual", spec, status, eps);
     let cluster = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 50), 80);
     assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, cluster, 20)), all);
@@ -428,10 +429,14 @@ fn source_ranges_given_by_annotation_are_honoured(source: Source, wire: Wire) {
     let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.51", "ports": ports(true)});
     let to = SocketAddrV4::new(LB_IP, 80);
     for (ranges, allowed) in [("10.77.0.0/24, 10.1.0.0/16", true), ("10.99.0.0/16", false)] {
-        let annotations =
-            json!({"service.beta.kubernetes.io/load-balancer-source-ranges": ranges});
-        lab.state
-            .put_annotated_service("ann", annotations, spec.clone(), status.clone(), eps.clone());
+        let annotations = json!({"service.beta.kubernetes.io/load-balancer-source-ranges": ranges});
+        lab.state.put_annotated_service(
+            "ann",
+            annotations,
+            spec.clone(),
+            status.clone(),
+            eps.clone(),
+        );
         if lab.agent_pid().is_some() {
             lab.apply_manifests().expect("agent picks up the change");
         } else {

@@ -36,6 +36,7 @@ const LAB_TESTS: &[(&str, Run)] = &[
     ("security", Run::Shared(1)),
     ("kubernetes", Run::Shared(2)),
     ("multi_node", Run::Shared(2)),
+    ("health", Run::Shared(2)),
     ("reliability", Run::Alone),
     ("nodeport_load", Run::Alone),
 ];
