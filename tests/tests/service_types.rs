@@ -404,14 +404,14 @@ fn a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order(source: So
         json!({"loadBalancer": {"ingress": [{"ip": "2001:db8::100"}, {"ip": LB_IP.to_string()}]}});
     publish(&mut lab, "dual", spec, status, eps);
     let cluster = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 50), 80);
-    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, cluster, 20)), all);
-    assert_eq!(pods_of(&whoami_udp(&lab.client.ns, cluster, 20)), all);
+    assert_eq!(pods_of(&whoami_tcp(&lab.client.ns, cluster, 40)), all);
+    assert_eq!(pods_of(&whoami_udp(&lab.client.ns, cluster, 40)), all);
     for to in [
         SocketAddrV4::new(EXTERNAL_IP, 80),
         SocketAddrV4::new(LB_IP, 80),
         SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
     ] {
-        assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 20)), all, "{to}");
+        assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 40)), all, "{to}");
     }
     lab.assert_no_checksum_errors();
 }
@@ -444,7 +444,7 @@ fn source_ranges_given_by_annotation_are_honoured(source: Source, wire: Wire) {
             lab.start_agent().expect("start lb-agent");
         }
         if allowed {
-            assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 10)), all, "{ranges}");
+            assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 40)), all, "{ranges}");
         } else {
             assert!(connect_fails(&lab.ext, to), "{ranges}: the client got in");
         }
