@@ -4,10 +4,7 @@
 //! Services it touches. A relist (410 Gone, a dropped watch) ends in a full
 //! resync that converges the maps and removes what no longer exists.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    path::Path,
-};
+use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -17,12 +14,11 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         watcher::{self, Event},
         WatchStreamExt,
     },
-    Api, Client, Config,
+    Api, Client,
 };
 use tokio::sync::mpsc;
 
@@ -37,20 +33,6 @@ use crate::{
 /// proxy, and headless ones (their slices carry the label too).
 pub fn proxy_label_selector() -> String {
     format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
-}
-
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
-        }
-        None => Config::infer()
-            .await
-            .context("no --kubeconfig and no in-cluster or default kubeconfig")?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 /// What the watches would deliver, read once (for `lb-agent check`):

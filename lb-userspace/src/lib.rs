@@ -2,6 +2,7 @@
 //! EndpointSlices into map contents with a pure function, and writes the
 //! maps in an order that never shows packets a half-written Service.
 
+pub mod api_client;
 pub mod attach;
 pub mod checker;
 pub mod conntrack_sweep;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{map_names, stats, DEFAULT_PIN_DIR};
 use lb_userspace::{
+    api_client::{self, ApiClientOptions, ApiServerAddress},
     attach::{
         default_route_interfaces, ensure_cgroup2, netns_cookie, Attachments, SocketLbMode,
         XdpAttachMode,
@@ -145,6 +146,30 @@ struct SourceArgs {
     /// --manifests) the in-cluster config is used, or the default kubeconfig.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// The API server's own address (https://HOST:PORT: a control-plane
+    /// node or the load balancer in front of them). Required in a pod: the
+    /// in-cluster address is the `kubernetes` Service, which nothing
+    /// translates after a node reboot until this agent has read the API.
+    /// `kubernetes-service` keeps the in-cluster address (where another
+    /// proxy still translates it). With --kubeconfig, replaces its server.
+    #[arg(long, env = api_client::API_SERVER_ENV, value_parser = api_client::parse_api_server)]
+    api_server: Option<ApiServerAddress>,
+    /// Every API request must connect and start answering within this;
+    /// the API server is probed this often, and after three times this
+    /// without an answer /readyz reports not ready (the data path keeps
+    /// what it last programmed).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    api_timeout: Duration,
+}
+
+impl SourceArgs {
+    fn api_options(&self) -> ApiClientOptions<'_> {
+        ApiClientOptions {
+            kubeconfig: self.kubeconfig.as_deref(),
+            api_server: self.api_server.as_ref(),
+            timeout: self.api_timeout,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -354,7 +379,7 @@ async fn check(pin_dir: &Path, args: &CheckArgs) -> Result<lb_userspace::checker
             (set.services, set.slices)
         }
         None => {
-            let client = k8s::client(args.source.kubeconfig.as_deref()).await?;
+            let client = api_client::client(&args.source.api_options()).await?;
             let (services, slices, zone) =
                 k8s::list_once(client, args.node.node_name.as_deref()).await?;
             if node.zone.is_none() {
@@ -782,14 +807,20 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
             }
         });
     }
+    // The API client first: an address that cannot work is refused before
+    // anything is attached.
+    let api = match &args.source.manifests {
+        Some(_) => None,
+        None => Some(api_client::client(&args.source.api_options()).await?),
+    };
     let (mut dp, mut programmer) = setup_datapath(pin_dir, &args, &metrics, &proxy)?;
     let mut log = SyncLog {
         ready_file: args.ready_file.clone(),
         generation: 0,
     };
     let mut sig = signals()?;
-    match args.source.manifests.clone() {
-        Some(dir) => {
+    match (api, args.source.manifests.clone()) {
+        (None, Some(dir)) => {
             run_manifests(
                 &dir,
                 &args,
@@ -801,8 +832,10 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
             )
             .await?
         }
-        None => {
+        (Some(client), _) => {
+            spawn_api_probe(client.clone(), args.source.api_timeout, metrics.clone());
             run_kubernetes(
+                client,
                 &args,
                 &mut dp,
                 &mut programmer,
@@ -812,6 +845,7 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
             )
             .await?
         }
+        (None, None) => unreachable!("no manifests means the API source"),
     }
     log::info!(
         "exiting: the programs stay attached through links pinned at {} (`lb-agent cleanup` removes them)",
@@ -874,7 +908,18 @@ async fn run_manifests(
 /// Most changes folded into one sync; a burst (a relist) is written at once.
 const MAX_BATCH: usize = 20_000;
 
+/// Probes the API server in the background, for /readyz and the
+/// `lb_api_server_up` metric.
+fn spawn_api_probe(client: kube::Client, timeout: Duration, metrics: Arc<Metrics>) {
+    tokio::spawn(api_client::probe_forever(
+        client,
+        timeout,
+        move |reachable, unready| metrics.set_api_server(reachable, unready),
+    ));
+}
+
 async fn run_kubernetes(
+    client: kube::Client,
     args: &RunArgs,
     dp: &mut DataPath,
     programmer: &mut Programmer<BpfMaps>,
@@ -885,7 +930,6 @@ async fn run_kubernetes(
     if args.node.node_name.is_none() {
         log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
     }
-    let client = k8s::client(args.source.kubeconfig.as_deref()).await?;
     let mut rx = k8s::start_watches(client, args.node.node_name.clone());
     let mut state = ClusterState::default();
     let mut needs_full = true;

@@ -79,6 +79,10 @@ pub struct Metrics {
     /// 1 per wire interface, labelled with its hook and why.
     pub wire_hooks: Family<WireHookLabel, Gauge>,
     ready: AtomicBool,
+    /// 1 while the API server answers its probe.
+    pub api_server_up: Gauge,
+    /// Set after the API server has not answered for long (API mode).
+    api_unready: AtomicBool,
     /// Text appended to every scrape: counters read from BPF maps.
     pub datapath: Mutex<Box<dyn Fn() -> String + Send>>,
 }
@@ -109,6 +113,8 @@ impl Metrics {
             conntrack_swept: Family::default(),
             wire_hooks: Family::default(),
             ready: AtomicBool::new(false),
+            api_server_up: Gauge::default(),
+            api_unready: AtomicBool::new(false),
             datapath: Mutex::new(Box::new(String::new)),
             registry: Registry::default(),
         };
@@ -182,6 +188,11 @@ impl Metrics {
             "1 per interface facing the wire: its hook (tc or xdp), driver and the reason for the choice",
             m.wire_hooks.clone(),
         );
+        registry.register(
+            "api_server_up",
+            "1 while the Kubernetes API server answers the agent's probe (API mode)",
+            m.api_server_up.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -201,7 +212,24 @@ impl Metrics {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.readiness().is_ok()
+    }
+
+    /// Ready, or why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if !self.ready.load(Ordering::SeqCst) {
+            Err("first sync not done\n")
+        } else if self.api_unready.load(Ordering::SeqCst) {
+            Err("the Kubernetes API server does not answer\n")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// What the API server probe found.
+    pub fn set_api_server(&self, reachable: bool, unready: bool) {
+        self.api_server_up.set(i64::from(reachable));
+        self.api_unready.store(unready, Ordering::SeqCst);
     }
 
     pub fn render(&self) -> String {
@@ -383,12 +411,10 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
                     metrics.render(),
                 ),
                 "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                "/readyz" if metrics.is_ready() => ("200 OK", "text/plain", "ok\n".to_owned()),
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "first sync not done\n".to_owned(),
-                ),
+                "/readyz" => match metrics.readiness() {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
+                    Err(why) => ("503 Service Unavailable", "text/plain", why.to_owned()),
+                },
                 _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
             };
             let resp = http_response(

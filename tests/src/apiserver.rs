@@ -12,6 +12,7 @@
 //! - `labelSelector` (`k`, `!k`, `k=v`, `k!=v`, comma = and) and
 //!   `fieldSelector` (`metadata.name=`, `metadata.namespace=`); an object that
 //!   stops (starts) matching a watch's selector is sent as DELETED (ADDED);
+//! - `GET /version`, which every client may read;
 //! - a watch from a resourceVersion older than the compaction point gets a
 //!   `410 Gone` ERROR event ("too old resource version"), which forces a
 //!   relist, as etcd compaction does.
@@ -21,7 +22,8 @@
 //!
 //! Test controls: create/update/delete objects, [`ApiServer::expire_watches`]
 //! (410 to every open watch), [`ApiServer::drop_connections`] (cut every
-//! open stream), [`ApiServer::set_delay`] (a slow server), and
+//! open stream), [`ApiServer::set_delay`] (a slow server),
+//! [`ApiServer::set_unresponsive`] (accepts, then never answers), and
 //! [`ApiServer::stop`]/[`ApiServer::start`] (unreachable, then back on the
 //! same address, optionally having lost its watch history like a restarted
 //! server).
@@ -104,6 +106,8 @@ impl Resource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
     pub method: String,
+    /// The URL path, without the query.
+    pub path: String,
     pub resource: Option<Resource>,
     pub namespace: Option<String>,
     pub watch: bool,
@@ -135,6 +139,8 @@ struct Store {
     /// Bumped to cut every open connection.
     drop_epoch: u64,
     delay: Duration,
+    /// Requests are read and never answered; open watches go silent.
+    unresponsive: bool,
     requests: Vec<RequestRecord>,
 }
 
@@ -255,6 +261,15 @@ impl ApiServer {
     /// Every response (and every watch event) waits this long first.
     pub fn set_delay(&self, delay: Duration) {
         self.lock().delay = delay;
+    }
+
+    /// While set, the server accepts connections and reads requests but
+    /// never answers, and open watches send nothing (not even bookmarks):
+    /// a hung API server. Requests held meanwhile are closed unanswered
+    /// when it is cleared.
+    pub fn set_unresponsive(&self, unresponsive: bool) {
+        self.lock().unresponsive = unresponsive;
+        self.shared.changed.notify_all();
     }
 
     /// Creates or replaces an object (from its `kind`, namespace and name),
@@ -418,6 +433,7 @@ fn keyed(object: &Value) -> Result<(ObjectKey, Value)> {
 
 /// A parsed request target.
 struct Target {
+    path: String,
     resource: Option<Resource>,
     namespace: Option<String>,
     query: BTreeMap<String, String>,
@@ -434,6 +450,7 @@ fn parse_target(target: &str) -> Target {
         })
         .collect();
     let mut found = Target {
+        path: path.to_owned(),
         resource: None,
         namespace: None,
         query,
@@ -644,12 +661,22 @@ fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBoo
             .requests
             .push(RequestRecord {
                 method: method.clone(),
+                path: t.path.clone(),
                 resource: t.resource,
                 namespace: t.namespace.clone(),
                 watch,
                 status,
             })
     };
+    if hold_unanswered(shared, running, drop_epoch) {
+        record(0);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Ok(());
+    }
+    if t.path == "/version" && method == "GET" {
+        record(200);
+        return Ok(write_response(&mut stream, 200, &version_info())?);
+    }
     let Some(resource) = t.resource else {
         record(404);
         return Ok(write_response(
@@ -693,6 +720,30 @@ fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBoo
         record(code);
         Ok(write_response(&mut stream, code, &body)?)
     }
+}
+
+/// While the fixture is unresponsive, holds the request; true when it was
+/// held (its answer is never sent).
+fn hold_unanswered(shared: &Shared, running: &AtomicBool, drop_epoch: u64) -> bool {
+    let mut st = shared.store.lock().expect("store");
+    if !st.unresponsive {
+        return false;
+    }
+    while st.unresponsive && st.drop_epoch == drop_epoch && running.load(Ordering::SeqCst) {
+        st = shared
+            .changed
+            .wait_timeout(st, WAIT_SLICE)
+            .expect("store")
+            .0;
+    }
+    true
+}
+
+/// `GET /version`, as the API server answers it.
+fn version_info() -> Value {
+    json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-fixture",
+           "gitCommit": "", "gitTreeState": "clean", "buildDate": "2025-01-01T00:00:00Z",
+           "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"})
 }
 
 fn list(shared: &Shared, resource: Resource, t: &Target, selector: &Selector) -> (u16, Value) {
@@ -811,6 +862,14 @@ fn serve_watch(
         if st.expire_epoch != expire_epoch {
             drop(st);
             return gone(&mut stream);
+        }
+        if st.unresponsive {
+            st = shared
+                .changed
+                .wait_timeout(st, WAIT_SLICE)
+                .expect("store")
+                .0;
+            continue;
         }
         let events: Vec<StoredEvent> = st
             .history

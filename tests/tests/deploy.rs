@@ -12,7 +12,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Container, PodSpec, Probe, ServiceAccount},
+        core::v1::{ConfigMap, Container, PodSpec, Probe, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -23,7 +23,7 @@ use serde_json::Value as Json;
 
 const AGENT_CONTAINER: &str = "lb-agent";
 const BPFFS: &str = "/sys/fs/bpf";
-const KINDS: &str = "ServiceAccount, ClusterRole, ClusterRoleBinding, DaemonSet";
+const KINDS: &str = "ConfigMap, ServiceAccount, ClusterRole, ClusterRoleBinding, DaemonSet";
 
 /// Where a document came from, for messages.
 #[derive(Clone)]
@@ -40,6 +40,7 @@ impl fmt::Display for Origin {
 
 #[derive(Default)]
 struct Manifests {
+    config_maps: Vec<(Origin, ConfigMap)>,
     service_accounts: Vec<(Origin, ServiceAccount)>,
     cluster_roles: Vec<(Origin, ClusterRole)>,
     bindings: Vec<(Origin, ClusterRoleBinding)>,
@@ -85,6 +86,7 @@ fn load() -> Manifests {
                 .and_then(Json::as_str)
                 .unwrap_or_else(|| panic!("{origin}: no kind"));
             match kind {
+                "ConfigMap" => m.config_maps.push((origin.clone(), parse(&origin, &json))),
                 "ServiceAccount" => m
                     .service_accounts
                     .push((origin.clone(), parse(&origin, &json))),
@@ -310,6 +312,71 @@ fn binding_ties_the_role_to_the_daemon_sets_service_account() {
     assert!(
         !roles_bound_to_agent(&m).is_empty(),
         "no ClusterRoleBinding has subject ServiceAccount {namespace}/{sa} with a ClusterRole from deploy/"
+    );
+}
+
+/// The API server's address is a required setting of its own: the
+/// DaemonSet reads LB_API_SERVER from a ConfigMap shipped next to it, whose
+/// value as shipped the agent refuses (so an unedited apply fails at once,
+/// saying what to set, not after the next reboot); nothing points the agent
+/// at the `kubernetes` Service.
+#[test]
+fn the_api_server_address_is_required_and_the_placeholder_refused() {
+    use lb_userspace::api_client::{parse_api_server, API_SERVER_ENV, KUBERNETES_SERVICE_SETTING};
+    let m = load();
+    let (origin, ds) = the_daemon_set(&m);
+    let c = agent_container(origin, pod_spec(origin, ds));
+    let env = c.env.iter().flatten();
+    let setting = env
+        .clone()
+        .find(|e| e.name == API_SERVER_ENV)
+        .unwrap_or_else(|| panic!("{origin}: no {API_SERVER_ENV} env"));
+    let key_ref = setting
+        .value_from
+        .as_ref()
+        .and_then(|v| v.config_map_key_ref.as_ref())
+        .unwrap_or_else(|| panic!("{origin}: {API_SERVER_ENV} must come from a ConfigMap key"));
+    assert_ne!(
+        key_ref.optional,
+        Some(true),
+        "{origin}: the API server setting must not be optional"
+    );
+    let (cm_origin, cm) = m
+        .config_maps
+        .iter()
+        .find(|(_, cm)| {
+            cm.metadata.name.as_deref() == Some(key_ref.name.as_str())
+                && cm.metadata.namespace == ds.metadata.namespace
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{origin}: ConfigMap {:?} is not in deploy/ (in the DaemonSet's namespace)",
+                key_ref.name
+            )
+        });
+    let shipped = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&key_ref.key))
+        .unwrap_or_else(|| panic!("{cm_origin}: no key {:?}", key_ref.key));
+    let refusal = parse_api_server(shipped)
+        .expect_err("the shipped value must be a placeholder the agent refuses");
+    assert!(refusal.contains("API server's own address"), "{refusal}");
+    // Filled in as the comment says, it is accepted.
+    let filled = shipped.replace("<api-server-address>", "192.0.2.10");
+    assert!(parse_api_server(&filled).is_ok(), "{filled}");
+    for e in env {
+        assert!(
+            e.name != "KUBERNETES_SERVICE_HOST"
+                && e.value.as_deref() != Some(KUBERNETES_SERVICE_SETTING),
+            "{origin}: env {} points the agent at the `kubernetes` Service",
+            e.name
+        );
+    }
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        flag_value(&args, "--api-server").is_none(),
+        "{origin}: --api-server in args would override the ConfigMap"
     );
 }
 

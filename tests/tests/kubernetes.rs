@@ -11,8 +11,8 @@ use std::{
 
 use lb_tests::{
     apiserver::{ApiServer, RequestRecord, Resource},
-    kube_lab::{KubeLab, NGINX},
-    lab::{metric_sum, tcp_ask},
+    kube_lab::{KubeLab, CONVERGE, NGINX},
+    lab::{metric_sum, sibling_binary, tcp_ask},
     load::{Load, LoadKind},
     privilege::require_root,
 };
@@ -44,6 +44,11 @@ fn assert_requests_within_rbac(api: &ApiServer) {
     }
     assert!(!requests.is_empty(), "the agent made no API request");
     for r in &requests {
+        // `/version` (the agent's reachability probe) is readable by every
+        // client: the API server's system:public-info-viewer role.
+        if r.resource.is_none() && r.path == "/version" && r.method == "GET" {
+            continue;
+        }
         let resource = r
             .resource
             .unwrap_or_else(|| panic!("request outside the served resources: {r:?}"));
@@ -346,6 +351,201 @@ fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
         "through a slow API server",
     );
     assert_answered_by(&spread(&k.lab, nginx, 40), &pods[..2], "after the outage");
+}
+
+/// Polls `/readyz` until it answers `want`; returns how long that took.
+fn wait_readyz(k: &KubeLab, want: u16, within: Duration) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if k.readyz() == Some(want) {
+            return started.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "/readyz did not answer {want} within {within:?} (last: {:?})\n{}",
+        k.readyz(),
+        k.lab.agent_log()
+    );
+}
+
+#[test]
+fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
+    if !require_root("an_api_server_that_accepts_and_never_answers") {
+        return;
+    }
+    let mut k = KubeLab::nginx();
+    k.publish();
+    let api_timeout = Duration::from_secs(1);
+    k.start_agent_extra(&["--api-timeout", "1s"]);
+    let nginx = SocketAddrV4::new(NGINX, 80);
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "initial");
+    wait_readyz(&k, 200, Duration::from_secs(5));
+    let before = k.snapshot();
+    let prober = Load::start(
+        k.lab.client.ns.path(),
+        nginx,
+        LoadKind::NewConnections,
+        "API server hung",
+        Duration::from_millis(5),
+        20_000,
+    );
+
+    // Hung: connections are accepted, nothing is answered, open watches
+    // go silent. A 410 makes the watches relist, into the hang.
+    k.api.set_unresponsive(true);
+    k.api.expire_watches();
+    let took = wait_readyz(&k, 503, api_timeout * 10);
+    println!("HUNG: /readyz 503 after {took:?} (--api-timeout {api_timeout:?})");
+    assert!(
+        took >= api_timeout * 2,
+        "not ready only after three timeouts without an answer, took {took:?}"
+    );
+    let m = k.metrics();
+    assert_eq!(metric_sum(&m, "lb_api_server_up", &[]), 0.0, "{m}");
+    let log = k.lab.agent_log();
+    for said in [
+        "API server probe failed",
+        "/readyz reports not ready",
+        "watch of services failed, retrying",
+    ] {
+        assert!(log.contains(said), "the agent must say {said:?}:\n{log}");
+    }
+    assert_eq!(before, k.snapshot(), "the maps stay as last programmed");
+    prober.finish().assert_none_failed();
+
+    // Answering again: ready, and a change made meanwhile arrives.
+    k.lab.state.excluded = [pods[2].clone()].into();
+    k.publish();
+    k.api.set_unresponsive(false);
+    let took = wait_readyz(&k, 200, CONVERGE);
+    println!("RECOVERED: /readyz 200 after {took:?}");
+    k.wait_programmed(nginx, Some(k.pod_ips(&pods[..2])), "after the hang");
+    assert_answered_by(&spread(&k.lab, nginx, 40), &pods[..2], "after the hang");
+    assert!(k.lab.agent_log().contains("API server answers again"));
+    assert_requests_within_rbac(&k.api);
+}
+
+/// Runs `lb-agent run` in the lab node with `env`, expecting it to exit
+/// within 15 s; returns (success, output).
+fn agent_run_exits(k: &KubeLab, flags: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let agent = sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent binary");
+    let out = k.lab.dir.join("bootstrap.log");
+    let log = std::fs::File::create(&out).unwrap();
+    let mut cmd = k.lab.node.command(agent);
+    cmd.arg("--pin-dir")
+        .arg(&k.lab.pin_dir)
+        .arg("run")
+        .args(flags)
+        .args(["--interfaces", "eth0", "--healthz-addr", "off"])
+        .env_remove("KUBECONFIG")
+        .env_remove("RUST_BACKTRACE")
+        .env("HOME", &k.lab.dir)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let mut child = cmd.spawn().expect("spawn lb-agent");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "lb-agent {flags:?} did not exit in 15 s:\n{}",
+                std::fs::read_to_string(&out).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.success(), std::fs::read_to_string(&out).unwrap())
+}
+
+#[test]
+fn the_api_server_address_is_required_in_a_pod_and_an_untranslated_service_address_refused() {
+    if !require_root("the_api_server_address_is_required_in_a_pod") {
+        return;
+    }
+    let mut k = KubeLab::nginx();
+    k.publish();
+    let kubeconfig = k.kubeconfig.to_string_lossy().into_owned();
+    // What the kubelet tells every pod about the `kubernetes` Service.
+    let pod_env = [
+        ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+        ("KUBERNETES_SERVICE_PORT", "443"),
+        ("KUBERNETES_PORT", "tcp://10.96.0.1:443"),
+    ];
+
+    // In a pod without the setting: refused at once, saying what to set.
+    let (ok, out) = agent_run_exits(&k, &[], &pod_env);
+    assert!(
+        !ok && out.contains("the API server address is required"),
+        "{out}"
+    );
+    assert!(out.contains("LB_API_SERVER"), "{out}");
+
+    // The DaemonSet's placeholder is not an address.
+    let mut env = pod_env.to_vec();
+    env.push(("LB_API_SERVER", "https://<api-server-address>:6443"));
+    let (ok, out) = agent_run_exits(&k, &[], &env);
+    assert!(!ok && out.contains("is not a URL"), "{out}");
+
+    // The `kubernetes` Service's address, which nothing here translates:
+    // refused within --api-timeout, before anything is attached.
+    let (ok, out) = agent_run_exits(
+        &k,
+        &[
+            "--kubeconfig",
+            &kubeconfig,
+            "--api-server",
+            "https://10.96.0.1:443",
+            "--api-timeout",
+            "2s",
+        ],
+        &pod_env,
+    );
+    assert!(
+        !ok && out.contains("is the `kubernetes` Service's ClusterIP")
+            && out.contains("nothing on this node translates it"),
+        "{out}"
+    );
+    let said = out.lines().find(|l| l.starts_with("Error:"));
+    println!("REFUSED: {}", said.unwrap_or_default());
+    let pinned: Vec<_> = std::fs::read_dir(&k.lab.pin_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(pinned.is_empty(), "nothing attached or pinned: {pinned:?}");
+
+    // --api-server replaces the kubeconfig's server: the agent runs.
+    let wrong = k.lab.dir.join("kubeconfig-service-address");
+    std::fs::write(
+        &wrong,
+        k.api
+            .kubeconfig()
+            .replace(&k.api.addr().to_string(), "10.96.0.1:443"),
+    )
+    .unwrap();
+    let real = format!("http://{}", k.api.addr());
+    let wrong = wrong.to_string_lossy().into_owned();
+    let flags: Vec<String> = k
+        .agent_flags()
+        .into_iter()
+        .map(|f| if f == kubeconfig { wrong.clone() } else { f })
+        .chain(["--api-server".into(), real])
+        .collect();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    k.lab.start_agent_with(&flags).expect("start lb-agent");
+    k.wait_programmed(
+        SocketAddrV4::new(NGINX, 80),
+        Some(k.pod_ips(&k.lab.pods_of("Deployment/nginx-deployment"))),
+        "with --api-server",
+    );
 }
 
 #[test]
