@@ -10,11 +10,13 @@ pub mod churn;
 pub mod kube_lab;
 pub mod lab;
 pub mod load;
+pub mod memcg;
 pub mod packet;
 pub mod packet_harness;
 pub mod privilege;
 pub mod rate_load;
 pub mod rollout;
+pub mod scale;
 pub mod workload;
 
 /// Declares each named lab test once per kind of wire (see

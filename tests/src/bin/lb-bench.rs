@@ -17,10 +17,7 @@
 //!
 //! Each prints a markdown section on stdout; progress goes to stderr.
 
-use std::{
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lb_common::Service4Key;
@@ -28,13 +25,14 @@ use lb_tests::{
     apiserver::ApiServer,
     bench::{self, percentile, traffic::rss_kib},
     lab::{Lab, NODE_NAME},
+    scale::{service, service_ip, slice},
 };
 use lb_userspace::{
     differ::master_key,
     loader,
     model::{L4Addr, Protocol},
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 struct Args {
     services: usize,
@@ -192,38 +190,6 @@ impl Flags {
         }
         Ok(sizes)
     }
-}
-
-fn service_ip(i: usize) -> Ipv4Addr {
-    // 10.96.0.0/12 holds a million addresses; skip .0 of each /24.
-    let n = (i / 255) * 256 + i % 255 + 1;
-    Ipv4Addr::new(10, 96 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
-}
-
-fn endpoint_ip(i: usize, e: usize) -> Ipv4Addr {
-    let n = i * 256 + e + 1;
-    Ipv4Addr::new(10, 128 + (n >> 16) as u8 % 64, (n >> 8) as u8, n as u8)
-}
-
-fn service(i: usize) -> Value {
-    json!({"kind": "Service", "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
-        "spec": {"clusterIP": service_ip(i).to_string(), "selector": {"app": format!("app-{i}")},
-                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
-}
-
-fn slice(i: usize, endpoints: usize) -> Value {
-    let eps: Vec<Value> = (0..endpoints)
-        .map(|e| {
-            json!({"addresses": [endpoint_ip(i, e).to_string()], "conditions": {"ready": true},
-                   "nodeName": NODE_NAME})
-        })
-        .collect();
-    json!({"kind": "EndpointSlice", "metadata": {"name": format!("svc-{i}-abcde"), "namespace": "bench",
-            "labels": {"kubernetes.io/service-name": format!("svc-{i}")},
-            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time":
-                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)}},
-        "addressType": "IPv4", "endpoints": eps,
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
 }
 
 /// The sync duration the agent logged for its first (full) sync.

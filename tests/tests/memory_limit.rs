@@ -1,0 +1,164 @@
+//! The DaemonSet's memory limit (deploy/lb-agent.yaml) against what the
+//! agent is charged at 10,000 Services x 10 endpoints read from the API
+//! server fixture, through relists. The agent runs in a memory cgroup with
+//! exactly that limit, as its container would: it must not be killed, and
+//! its peak (its own pages plus the kernel memory of the BPF maps it
+//! created, both charged to the pod) must leave a fifth of the limit free
+//! for what a real cluster adds (larger objects, more labels and ports).
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    apiserver::ApiServer,
+    bench::traffic::{map_memlock_kib, rss_kib},
+    lab::{Lab, NODE_NAME},
+    memcg::{parse_quantity, MemoryCgroup},
+    privilege::require_root,
+    scale,
+};
+use lb_userspace::{
+    differ::master_key,
+    loader,
+    model::{L4Addr, Protocol},
+};
+use serde_json::{json, Value};
+
+const SERVICES: usize = 10_000;
+const ENDPOINTS: usize = 10;
+const RELISTS: u64 = 2;
+
+/// `resources.limits.memory` of the lb-agent container, as written.
+fn daemon_set_memory_limit() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lb-agent.yaml");
+    let text = std::fs::read_to_string(&path).expect("deploy/lb-agent.yaml");
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("YAML");
+        if v["kind"] != "DaemonSet" {
+            continue;
+        }
+        let containers = v["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .expect("containers");
+        let agent = containers
+            .iter()
+            .find(|c| c["name"] == "lb-agent")
+            .expect("the lb-agent container");
+        return agent["resources"]["limits"]["memory"]
+            .as_str()
+            .expect("resources.limits.memory is set")
+            .to_owned();
+    }
+    panic!("no DaemonSet in deploy/lb-agent.yaml");
+}
+
+/// Waits until the agent has written sync `generation`.
+fn wait_generation(lab: &mut Lab, generation: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while lab.generation() < generation {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no sync {generation} in 300 s\n{}",
+            lab.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
+    if !require_root("the_daemon_sets_memory_limit_covers_10k_services") {
+        return;
+    }
+    let quantity = daemon_set_memory_limit();
+    let limit = parse_quantity(&quantity).expect("a memory quantity");
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+
+    // Dropped after the lab (declared first): its processes are gone then.
+    let cgroup = MemoryCgroup::create(&format!("lb-memory-{}", std::process::id()), limit)
+        .expect("a memory cgroup (cgroup v2 memory controller, or v1's)");
+    let mut lab = Lab::from_objects(Vec::new()).expect("lab");
+    let api = ApiServer::start_in(Some(lab.node.path())).expect("API server fixture");
+    api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME}}))
+        .unwrap();
+    let objects: Vec<Value> = (0..SERVICES)
+        .flat_map(|i| [scale::service(i), scale::slice(i, ENDPOINTS)])
+        .collect();
+    api.apply_all(&objects).unwrap();
+    drop(objects);
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+
+    lab.node.agent_wrapper = cgroup.wrapper();
+    let kc = kubeconfig.to_string_lossy().into_owned();
+    // As the DaemonSet runs it: the API source, socket LB on every socket.
+    lab.spawn_agent_with(&[
+        "--kubeconfig",
+        &kc,
+        "--node-name",
+        NODE_NAME,
+        "--socket-lb",
+        "all",
+    ])
+    .expect("spawn lb-agent");
+    wait_generation(&mut lab, 1, "first sync");
+    let maps = loader::open_pinned(&lab.pin_dir).expect("pinned maps");
+    let backends_of = |i: usize| {
+        let key = master_key(&L4Addr {
+            addr: scale::service_ip(i),
+            port: 80,
+            proto: Protocol::Tcp,
+        });
+        maps.services.get(&key, 0).ok().map(|v| v.count)
+    };
+    for i in [0, SERVICES / 2, SERVICES - 1] {
+        assert_eq!(backends_of(i), Some(ENDPOINTS as u16), "Service {i}");
+    }
+
+    // Relists: every watch restarts with a full list and a full sync, the
+    // moment the store holds the old objects and the new list at once.
+    for n in 1..=RELISTS {
+        let before = lab.generation();
+        api.expire_watches();
+        wait_generation(&mut lab, before + 1, "sync after a relist");
+        let relisted = lab.agent_log().matches("restarted with a relist").count() as u64;
+        assert!(relisted >= n, "relist {n} not seen:\n{}", lab.agent_log());
+    }
+    for i in [0, SERVICES - 1] {
+        assert_eq!(backends_of(i), Some(ENDPOINTS as u16), "Service {i}");
+    }
+
+    let pid = lab.agent_pid().expect("the agent runs");
+    let (_, rss_peak_kib) = rss_kib(pid);
+    let maps_kib = map_memlock_kib(pid);
+    let charged_peak = cgroup.peak().unwrap();
+    let oom_kills = cgroup.oom_kills().unwrap();
+    let agent_and_maps = (rss_peak_kib + maps_kib) * 1024;
+    println!(
+        "MEMORY: limit {quantity} ({:.0} MiB, cgroup {:?}); agent peak RSS {:.1} MiB + BPF maps \
+         {:.1} MiB = {:.1} MiB ({:.0}% of the limit); cgroup peak {:.1} MiB (page cache \
+         included), now {:.1} MiB; OOM kills {oom_kills}",
+        mib(limit),
+        cgroup.version,
+        rss_peak_kib as f64 / 1024.0,
+        maps_kib as f64 / 1024.0,
+        mib(agent_and_maps),
+        100.0 * agent_and_maps as f64 / limit as f64,
+        mib(charged_peak),
+        mib(cgroup.current().unwrap_or(0)),
+    );
+    assert_eq!(oom_kills, 0, "the limit killed the agent");
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_ok(),
+        "the agent is gone:\n{}",
+        lab.agent_log()
+    );
+    assert!(
+        agent_and_maps * 5 <= limit * 4,
+        "deploy/lb-agent.yaml's memory limit {quantity} leaves less than a fifth free over the \
+         measured peak of {:.1} MiB: raise it",
+        mib(agent_and_maps)
+    );
+}
