@@ -23,6 +23,7 @@ pub mod objects;
 pub mod programmer;
 pub mod proxy_health;
 pub mod pseudo_fs;
+pub mod seccomp_profile;
 #[cfg(test)]
 mod sync_proptest;
 #[cfg(test)]

@@ -27,6 +27,7 @@ use lb_userspace::{
     node_net,
     programmer::{Programmer, SyncReport},
     proxy_health::{self, ProxyHealth},
+    seccomp_profile,
     translate::NodeInfo,
     wire_hook::WireHookMode,
 };
@@ -69,8 +70,16 @@ enum Command {
     /// Compare the pinned maps with the desired state, entry by entry;
     /// exits 1 when they differ, listing every difference.
     Check(Box<CheckArgs>),
-    /// Remove the pinned maps. Programs detach when the agent exits.
+    /// Remove the pinned links (which detaches the programs) and maps.
     Cleanup,
+    /// Print the seccomp profile the agent's container needs (the system
+    /// calls the agent makes, `bpf` among them, which the runtimes' default
+    /// profile refuses), or write it to --output, e.g. into the kubelet's
+    /// /var/lib/kubelet/seccomp for a Localhost profile.
+    SeccompProfile {
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -356,6 +365,15 @@ fn main() -> Result<()> {
             for p in loader::cleanup(&cli.pin_dir)? {
                 println!("removed {}", p.display());
             }
+            Ok(())
+        }
+        Command::SeccompProfile { output: None } => {
+            print!("{}", seccomp_profile::PROFILE);
+            Ok(())
+        }
+        Command::SeccompProfile { output: Some(path) } => {
+            seccomp_profile::write(&path)?;
+            println!("wrote {}", path.display());
             Ok(())
         }
     }

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bpf_access;
 pub mod capabilities;
 pub mod churn;
+pub mod container;
 pub mod kube_lab;
 pub mod lab;
 pub mod load;

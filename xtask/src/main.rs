@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test|demo|run>`.
+//! Project tasks: `cargo xtask <setup|build|test|demo|run|image|bench>`.
 //!
 //! Every task first runs `setup`, which makes a fresh machine ready and is
 //! cheap when everything is already there.
@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod image;
 mod test_plan;
 
 const USAGE: &str = "usage: cargo xtask <command> [args]
@@ -24,6 +25,11 @@ commands:
   demo             build the lab from examples/, run the agent, send requests
                    from a client pod to each ClusterIP and show who answered
   run -- FLAGS     run `lb-agent run FLAGS` (e.g. --manifests DIR or --kubeconfig)
+  image [--debug] [--tag NAME] [--save FILE.tar] [--agent-bin PATH]
+                   build the agent's container image offline with podman
+                   (FROM scratch: the agent and its C libraries; default
+                   tag localhost/lb-agent:latest, release build); --save
+                   also writes it as an OCI archive to load on nodes
   bench [--quick]  measure (release build) against kube-proxy's iptables and
                    nftables rules and write bench/results/<date>.md with plots;
                    --quick is a smoke run of a few minutes";
@@ -38,6 +44,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The kube-proxy rule sets the benchmark compares against are tested.
     ("iptables", "iptables-legacy-restore"),
     ("nftables", "nft"),
+    // The agent's image is built and run in the tests (deploy/image/).
+    ("podman", "podman"),
+    ("buildah", "buildah"),
+    ("runc", "runc"),
+    // A throwaway cluster CA for the in-cluster config of the image test.
+    ("openssl", "openssl"),
 ];
 
 fn main() -> ExitCode {
@@ -48,6 +60,9 @@ fn main() -> ExitCode {
         Some("test") => setup().and_then(|_| test(&args[1..])),
         Some("demo") => setup().and_then(|_| demo()),
         Some("run") => setup().and_then(|_| run_agent(&args[1..])),
+        Some("image") => setup()
+            .and_then(|_| image::ImageRequest::parse(&args[1..]))
+            .and_then(|request| image::build(&request).map(drop)),
         Some("bench") => setup().and_then(|_| bench(args.iter().any(|a| a == "--quick"))),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
@@ -301,21 +316,29 @@ fn previous_release_agent() -> Result<std::result::Result<PathBuf, String>> {
 fn test(extra: &[String]) -> Result<()> {
     // The lab tests run the agent and the pod server binaries.
     build(false)?;
-    let env = match previous_release_agent()? {
+    let previous = match previous_release_agent()? {
         Ok(binary) => (
-            "LB_PREVIOUS_AGENT_BIN",
+            "LB_PREVIOUS_AGENT_BIN".to_string(),
             binary.to_string_lossy().into_owned(),
         ),
         Err(why) => {
             println!("[test] the upgrade test will be skipped: {why}");
-            ("LB_PREVIOUS_AGENT_UNAVAILABLE", why)
+            ("LB_PREVIOUS_AGENT_UNAVAILABLE".to_string(), why)
         }
     };
+    // tests/tests/container.rs runs this build of the agent as an image.
+    let image = image::build(&image::ImageRequest {
+        debug: true,
+        tag: "localhost/lb-agent:test".into(),
+        save: None,
+        agent_bin: Some(workspace_root().join("target/debug/lb-agent")),
+    })?;
+    let env = [previous, ("LB_AGENT_IMAGE".to_string(), image)];
     if extra.is_empty() {
-        return test_plan::run(&workspace_root(), &[(env.0.into(), env.1)]);
+        return test_plan::run(&workspace_root(), &env);
     }
     let mut c = cargo();
-    c.env(env.0, env.1)
+    c.envs(env)
         .args(["test", "--workspace", "--exclude", "lb-ebpf"])
         .args(extra);
     if !extra.iter().any(|a| a == "--") {

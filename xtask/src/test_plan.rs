@@ -38,6 +38,7 @@ const LAB_TESTS: &[(&str, Run)] = &[
     ("multi_node", Run::Shared(2)),
     ("health", Run::Shared(2)),
     ("memory_limit", Run::Shared(1)),
+    ("container", Run::Shared(1)),
     ("reliability", Run::Alone),
     ("nodeport_load", Run::Alone),
 ];
