@@ -1,0 +1,552 @@
+//! The planner: one method per phase, in the order the writes must reach
+//! the maps (see the module above). Ids are allocated first, Service by
+//! Service; every later phase resolves a backend or frontend through
+//! `NewIds`, which holds what the maps already had plus what was handed
+//! out, so a planned entry always resolves.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use lb_common::{
+    Service4Key, Service4Value, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL,
+};
+
+use super::{
+    backend_addr, backend_value, frontend_of, ids::IdAllocator, rev_key, rev_nat_value,
+    scoped_slot_key, slots_of, IdLimits, MapContents, MapOp, Plan, PlanError, PlannedOp, Unplanned,
+};
+use crate::model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName};
+
+/// Plans the writes for the frontends in `touched` only (None: all of them).
+/// An incremental change touches the frontends of the Services that changed,
+/// before and after, so its cost does not grow with the number of Services.
+///
+/// A Service whose new backends or frontends find no free id is left out
+/// whole (in `Plan::unplanned`): it keeps what the maps hold for it, and
+/// every other Service is planned as usual.
+pub fn plan_scoped(
+    current: &MapContents,
+    desired: &DesiredState,
+    touched: Option<&BTreeSet<L4Addr>>,
+    limits: &IdLimits,
+) -> Plan {
+    let mut planner = Planner::new(current, desired, touched);
+    planner.allocate_ids(limits);
+    planner.put_backends();
+    planner.put_rev_nat();
+    planner.put_memberships();
+    planner.put_slots();
+    planner.delete_gone_frontends();
+    planner.delete_unused_rev_nat_and_backends();
+    Plan {
+        ops: planner.ops,
+        unplanned: planner.unplanned,
+    }
+}
+
+/// Ids of backends and frontends: those the maps hold, then those this
+/// plan handed out.
+struct NewIds<'a> {
+    current: &'a MapContents,
+    backends: BTreeMap<L4Addr, u32>,
+    rev_nat: BTreeMap<(Ipv4Addr, u16), u16>,
+}
+
+impl NewIds<'_> {
+    fn backend(&self, b: &L4Addr) -> Option<u32> {
+        self.current
+            .backend_id(b)
+            .or_else(|| self.backends.get(b).copied())
+    }
+
+    fn rev_nat(&self, addr: Ipv4Addr, port: u16) -> Option<u16> {
+        self.current
+            .rev_nat_id(addr, port)
+            .or_else(|| self.rev_nat.get(&(addr, port)).copied())
+    }
+
+    /// The id of a backend of a planned entry, which `allocate_ids` gave one.
+    fn planned_backend(&self, b: &L4Addr) -> u32 {
+        self.backend(b)
+            .expect("allocate_ids gave every backend of a planned entry an id")
+    }
+
+    /// The reverse NAT id of a planned frontend.
+    fn planned_rev_nat(&self, f: &L4Addr) -> u16 {
+        self.rev_nat(f.addr, f.port)
+            .expect("allocate_ids gave every planned frontend an id")
+    }
+}
+
+struct Planner<'a> {
+    current: &'a MapContents,
+    desired: &'a DesiredState,
+    touched: Option<&'a BTreeSet<L4Addr>>,
+    ids: NewIds<'a>,
+    /// The entries planned (their Services got every id they need).
+    entries: Vec<&'a ServiceEntry>,
+    /// Frontends of Services left out: they keep what the maps hold.
+    failed: BTreeSet<L4Addr>,
+    unplanned: Vec<Unplanned>,
+    wanted_backends: BTreeSet<u32>,
+    wanted_rev: BTreeSet<u16>,
+    ops: Vec<PlannedOp>,
+    /// Membership and source range deletions, written after the gone
+    /// frontends' slots.
+    late_deletes: Vec<PlannedOp>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        current: &'a MapContents,
+        desired: &'a DesiredState,
+        touched: Option<&'a BTreeSet<L4Addr>>,
+    ) -> Self {
+        Self {
+            current,
+            desired,
+            touched,
+            ids: NewIds {
+                current,
+                backends: BTreeMap::new(),
+                rev_nat: BTreeMap::new(),
+            },
+            entries: Vec::new(),
+            failed: BTreeSet::new(),
+            unplanned: Vec::new(),
+            wanted_backends: BTreeSet::new(),
+            wanted_rev: BTreeSet::new(),
+            ops: Vec::new(),
+            late_deletes: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, op: MapOp, frontend: Option<L4Addr>) {
+        self.ops.push(PlannedOp { op, frontend });
+    }
+
+    /// Ids are handed out Service by Service (in name order, so which ones
+    /// fit a nearly full map does not depend on arrival order), and a
+    /// Service gets all of its ids or none.
+    fn allocate_ids(&mut self, limits: &IdLimits) {
+        let candidates: Vec<&'a ServiceEntry> = match self.touched {
+            None => self.desired.entries().values().collect(),
+            Some(t) => t.iter().filter_map(|f| self.desired.get(f)).collect(),
+        };
+        let mut by_service: BTreeMap<&ServiceName, Vec<&'a ServiceEntry>> = BTreeMap::new();
+        for e in candidates {
+            by_service.entry(&e.service).or_default().push(e);
+        }
+        let mut allocators = Allocators {
+            backends: IdAllocator::new(
+                &self.current.backends,
+                limits.backend_ids,
+                self.current.next_backend_id,
+            ),
+            rev_nat: IdAllocator::new(
+                &self.current.rev_nat,
+                limits.rev_nat_ids,
+                self.current.next_rev_nat_id,
+            ),
+            limits: *limits,
+        };
+        for (service, entries) in by_service {
+            match self.allocate_service(&entries, &mut allocators) {
+                Ok(()) => self.entries.extend(entries),
+                Err(error) => {
+                    let frontends: Vec<L4Addr> = entries.iter().map(|e| e.frontend).collect();
+                    self.failed.extend(frontends.iter().copied());
+                    self.unplanned.push(Unplanned {
+                        service: service.clone(),
+                        frontends,
+                        error,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Every id one Service needs, or none: on failure the ids it got are
+    /// given back.
+    fn allocate_service(
+        &mut self,
+        entries: &[&ServiceEntry],
+        allocators: &mut Allocators<'_>,
+    ) -> Result<(), PlanError> {
+        let mut fresh_backends: Vec<L4Addr> = Vec::new();
+        let mut fresh_revs: Vec<(Ipv4Addr, u16)> = Vec::new();
+        let result =
+            self.allocate_entries(entries, allocators, &mut fresh_backends, &mut fresh_revs);
+        if result.is_err() {
+            for b in fresh_backends {
+                let id = self.ids.backends.remove(&b).expect("just handed out");
+                allocators.backends.release(id);
+            }
+            for r in fresh_revs {
+                let id = self.ids.rev_nat.remove(&r).expect("just handed out");
+                allocators.rev_nat.release(id as u32);
+            }
+        }
+        result
+    }
+
+    fn allocate_entries(
+        &mut self,
+        entries: &[&ServiceEntry],
+        allocators: &mut Allocators<'_>,
+        fresh_backends: &mut Vec<L4Addr>,
+        fresh_revs: &mut Vec<(Ipv4Addr, u16)>,
+    ) -> Result<(), PlanError> {
+        for entry in entries {
+            for b in entry.all_backends() {
+                if self.ids.backend(b).is_some() {
+                    continue;
+                }
+                let id = allocators
+                    .backends
+                    .allocate()
+                    .ok_or(PlanError::BackendIdsExhausted {
+                        limit: allocators.limits.backend_ids,
+                    })?;
+                self.ids.backends.insert(*b, id);
+                fresh_backends.push(*b);
+            }
+            let f = entry.frontend;
+            if self.ids.rev_nat(f.addr, f.port).is_some() {
+                continue;
+            }
+            let id = allocators
+                .rev_nat
+                .allocate()
+                .ok_or(PlanError::RevNatIdsExhausted {
+                    limit: allocators.limits.rev_nat_ids,
+                })?;
+            self.ids.rev_nat.insert((f.addr, f.port), id as u16);
+            fresh_revs.push((f.addr, f.port));
+        }
+        Ok(())
+    }
+
+    /// Backends first: a slot must never point at a missing backend. The
+    /// backends the slots of unplanned frontends point at stay.
+    fn put_backends(&mut self) {
+        for entry in self.entries.clone() {
+            for b in entry.all_backends() {
+                let id = self.ids.planned_backend(b);
+                if !self.wanted_backends.insert(id) {
+                    continue;
+                }
+                let value = backend_value(b);
+                if self.current.backends.get(&id) != Some(&value) {
+                    self.push(MapOp::PutBackend(id, value), None);
+                }
+            }
+        }
+        for f in &self.failed {
+            for (k, v) in slots_of(&self.current.services, f) {
+                if k.backend_slot != 0 {
+                    self.wanted_backends.insert(v.backend_id);
+                }
+            }
+        }
+    }
+
+    /// Reverse NAT before a Service becomes visible, so its first reply
+    /// already finds it.
+    fn put_rev_nat(&mut self) {
+        for entry in self.entries.clone() {
+            let f = entry.frontend;
+            let id = self.ids.planned_rev_nat(&f);
+            if !self.wanted_rev.insert(id) {
+                continue;
+            }
+            let value = rev_nat_value(&f);
+            if self.current.rev_nat.get(&id) != Some(&value) {
+                self.push(MapOp::PutRevNat(id, value), Some(f));
+            }
+        }
+    }
+
+    /// Which backends belong to the frontend (flows and session affinity
+    /// check it) and source ranges, before a master turns them on. TCP and
+    /// UDP of one port share a reverse NAT id, so these are planned per
+    /// address and port.
+    fn put_memberships(&mut self) {
+        let mut groups: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
+        match self.touched {
+            None => {
+                groups.extend(self.desired.entries().keys().map(|f| (f.addr, f.port)));
+                groups.extend(self.current.rev_nat.values().map(rev_key));
+            }
+            Some(t) => groups.extend(t.iter().map(|f| (f.addr, f.port))),
+        }
+        for (addr, port) in groups {
+            if let Some(rev) = self.ids.rev_nat(addr, port) {
+                self.put_group_memberships(addr, port, rev);
+            }
+        }
+    }
+
+    fn put_group_memberships(&mut self, addr: Ipv4Addr, port: u16, rev: u16) {
+        let mut matches: BTreeMap<(u16, u32), u8> = BTreeMap::new();
+        let mut ranges = BTreeSet::new();
+        // An unplanned frontend keeps its entries, so nothing of the
+        // address and port it shares is deleted.
+        let mut keep_all = false;
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let frontend = L4Addr { addr, port, proto };
+            if self.failed.contains(&frontend) {
+                keep_all = true;
+                continue;
+            }
+            let Some(e) = self.desired.get(&frontend) else {
+                continue;
+            };
+            for set in std::iter::once(&e.backends).chain(e.internal.as_ref()) {
+                for b in &set.terminating {
+                    let id = self.ids.planned_backend(b);
+                    matches
+                        .entry((rev, id))
+                        .or_insert(BACKEND_MATCH_TERMINATING);
+                }
+                for b in &set.active {
+                    matches.insert((rev, self.ids.planned_backend(b)), BACKEND_MATCH_ACTIVE);
+                }
+            }
+            ranges.extend(e.source_ranges.iter().map(|r| (rev, *r)));
+        }
+        for (m, state) in &matches {
+            if self.current.backend_match.get(m) != Some(state) {
+                self.push(MapOp::PutBackendMatch(m.0, m.1, *state), None);
+            }
+        }
+        for r in &ranges {
+            if !self.current.source_ranges.contains(r) {
+                self.push(MapOp::PutSourceRange(r.0, r.1), None);
+            }
+        }
+        if !keep_all {
+            let tcp = L4Addr {
+                addr,
+                port,
+                proto: Protocol::Tcp,
+            };
+            self.delete_memberships_not_in(rev, &matches, &ranges, tcp);
+        }
+    }
+
+    fn delete_memberships_not_in(
+        &mut self,
+        rev: u16,
+        matches: &BTreeMap<(u16, u32), u8>,
+        ranges: &BTreeSet<(u16, crate::model::Ipv4Prefix)>,
+        tag: L4Addr,
+    ) {
+        let current = self.current;
+        for m in current
+            .backend_match
+            .range((rev, 0)..=(rev, u32::MAX))
+            .map(|(k, _)| k)
+        {
+            if !matches.contains_key(m) {
+                self.late_deletes.push(PlannedOp {
+                    op: MapOp::DeleteBackendMatch(m.0, m.1),
+                    frontend: Some(tag),
+                });
+            }
+        }
+        for r in current.source_ranges.iter().filter(|(id, _)| *id == rev) {
+            if !ranges.contains(r) {
+                self.late_deletes.push(PlannedOp {
+                    op: MapOp::DeleteSourceRange(r.0, r.1),
+                    frontend: None,
+                });
+            }
+        }
+    }
+
+    /// Per frontend and scope: slots 1..=n, then the master (count) last,
+    /// then the slots past the new count. The internal scope goes first:
+    /// the external master's flag sends pod traffic to it.
+    fn put_slots(&mut self) {
+        for entry in self.entries.clone() {
+            let scopes: [(u8, Option<&BackendSet>); 2] = [
+                (SCOPE_INTERNAL, entry.internal.as_ref()),
+                (SCOPE_EXTERNAL, Some(&entry.backends)),
+            ];
+            for (scope, set) in scopes {
+                if let Some(set) = set {
+                    self.put_scope_slots(entry, scope, set);
+                }
+            }
+            self.delete_slots_past_count(entry);
+        }
+    }
+
+    fn put_scope_slots(&mut self, entry: &ServiceEntry, scope: u8, set: &BackendSet) {
+        let f = entry.frontend;
+        for (n, b) in (1u16..).zip(set.all()) {
+            let key = scoped_slot_key(&f, scope, n);
+            let value = Service4Value {
+                backend_id: self.ids.planned_backend(b),
+                ..Default::default()
+            };
+            if self.current.services.get(&key) != Some(&value) {
+                self.push(MapOp::PutService(key, value), Some(f));
+            }
+        }
+        let master = Service4Value {
+            count: set.active.len() as u16,
+            terminating_count: set.terminating.len() as u16,
+            rev_nat_id: self.ids.planned_rev_nat(&f),
+            flags: entry.flags,
+            affinity_timeout: entry.affinity_timeout,
+            ..Default::default()
+        };
+        let key = scoped_slot_key(&f, scope, 0);
+        if self.current.services.get(&key) != Some(&master) {
+            self.push(MapOp::PutService(key, master), Some(f));
+        }
+    }
+
+    fn delete_slots_past_count(&mut self, entry: &ServiceEntry) {
+        let f = entry.frontend;
+        let stale: Vec<Service4Key> = slots_of(&self.current.services, &f)
+            .map(|(k, _)| *k)
+            .filter(|key| {
+                let len = match key.scope {
+                    SCOPE_EXTERNAL => Some(entry.backends.all().count()),
+                    SCOPE_INTERNAL => entry.internal.as_ref().map(|s| s.all().count()),
+                    _ => None,
+                };
+                len.is_none_or(|len| key.backend_slot as usize > len)
+            })
+            .collect();
+        for key in stale {
+            self.push(MapOp::DeleteService(key), Some(f));
+        }
+    }
+
+    /// The frontends this plan looks at for deletion.
+    fn candidates(&self) -> Vec<L4Addr> {
+        match self.touched {
+            None => self.current.frontends().collect(),
+            Some(t) => t.iter().copied().collect(),
+        }
+    }
+
+    /// Frontends that are gone: master first, so lookups miss at once;
+    /// then the late membership deletions, then (full plans) malformed
+    /// leftovers.
+    fn delete_gone_frontends(&mut self) {
+        for f in self.candidates() {
+            if self.desired.get(&f).is_some() {
+                continue;
+            }
+            let mut slots: Vec<Service4Key> = slots_of(&self.current.services, &f)
+                .map(|(k, _)| *k)
+                .collect();
+            // Masters (slot 0) first, external before internal.
+            slots.sort_by_key(|k| (k.backend_slot, k.scope));
+            for key in slots {
+                self.push(MapOp::DeleteService(key), Some(f));
+            }
+        }
+        let late = std::mem::take(&mut self.late_deletes);
+        self.ops.extend(late);
+        if self.touched.is_none() {
+            // Malformed leftovers (unknown protocol numbers) go too.
+            let current = self.current;
+            for key in current.services.keys().filter(|k| frontend_of(k).is_none()) {
+                self.push(MapOp::DeleteService(*key), None);
+            }
+        }
+    }
+
+    /// Reverse NAT and backends nobody uses any more.
+    fn delete_unused_rev_nat_and_backends(&mut self) {
+        let (orphan_revs, orphan_backends) = self.orphans();
+        let current = self.current;
+        for id in orphan_revs {
+            let Some(r) = current.rev_nat.get(&id) else {
+                continue;
+            };
+            if !self.wanted_rev.contains(&id) && !desired_uses_rev(self.desired, r) {
+                self.push(MapOp::DeleteRevNat(id), None);
+            }
+        }
+        for id in orphan_backends {
+            let Some(b) = current.backends.get(&id) else {
+                continue;
+            };
+            let still_used = self.wanted_backends.contains(&id)
+                || backend_addr(b).is_some_and(|a| self.desired.uses_backend(&a));
+            if !still_used {
+                self.push(MapOp::DeleteBackend(id), None);
+            }
+        }
+    }
+
+    /// Reverse NAT and backend ids that may have lost their last user: the
+    /// gone frontends' (and in a full plan every unwanted one), or in an
+    /// incremental plan those the touched frontends used before.
+    fn orphans(&self) -> (BTreeSet<u16>, BTreeSet<u32>) {
+        let mut revs = BTreeSet::new();
+        let mut backends = BTreeSet::new();
+        let candidates = self.candidates();
+        for f in candidates.iter().filter(|f| self.desired.get(f).is_none()) {
+            for (k, v) in slots_of(&self.current.services, f) {
+                if k.backend_slot == 0 {
+                    revs.insert(v.rev_nat_id);
+                } else {
+                    backends.insert(v.backend_id);
+                }
+            }
+        }
+        match self.touched {
+            None => {
+                revs.extend(
+                    self.current
+                        .rev_nat
+                        .keys()
+                        .filter(|id| !self.wanted_rev.contains(id)),
+                );
+                backends.extend(
+                    self.current
+                        .backends
+                        .keys()
+                        .filter(|id| !self.wanted_backends.contains(id)),
+                );
+            }
+            Some(_) => {
+                for f in candidates.iter().filter(|f| !self.failed.contains(f)) {
+                    for (k, v) in slots_of(&self.current.services, f) {
+                        if k.backend_slot != 0 {
+                            backends.insert(v.backend_id);
+                        }
+                    }
+                }
+            }
+        }
+        (revs, backends)
+    }
+}
+
+/// The two id allocators of one plan and their limits.
+struct Allocators<'a> {
+    backends: IdAllocator<'a, u32, lb_common::Backend4>,
+    rev_nat: IdAllocator<'a, u16, lb_common::RevNat4>,
+    limits: IdLimits,
+}
+
+/// Whether a frontend of `desired` still restores to this address and port
+/// (TCP and UDP of one port share a reverse NAT entry).
+fn desired_uses_rev(desired: &DesiredState, r: &lb_common::RevNat4) -> bool {
+    let (addr, port) = rev_key(r);
+    [Protocol::Tcp, Protocol::Udp]
+        .into_iter()
+        .any(|proto| desired.get(&L4Addr { addr, port, proto }).is_some())
+}
