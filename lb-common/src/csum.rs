@@ -17,14 +17,14 @@ pub fn fold(mut sum: u32) -> u16 {
 #[inline(always)]
 pub fn replace4(check: u16, from: u32, to: u32) -> u16 {
     let nfrom = !from;
-    let sum = (!check) as u32 + (nfrom & 0xffff) + (nfrom >> 16) + (to & 0xffff) + (to >> 16);
+    let sum = u32::from(!check) + (nfrom & 0xffff) + (nfrom >> 16) + (to & 0xffff) + (to >> 16);
     !fold(sum)
 }
 
 /// New checksum after a 16-bit field changed from `from` to `to`.
 #[inline(always)]
 pub fn replace2(check: u16, from: u16, to: u16) -> u16 {
-    let sum = (!check) as u32 + (!from) as u32 + to as u32;
+    let sum = u32::from(!check) + u32::from(!from) + u32::from(to);
     !fold(sum)
 }
 
@@ -57,7 +57,7 @@ pub fn udp_replace2(check: u16, from: u16, to: u16) -> u16 {
 pub fn sum_words(words: &[u16]) -> u32 {
     let mut sum = 0u32;
     for w in words {
-        sum += *w as u32;
+        sum += u32::from(*w);
     }
     sum
 }
@@ -65,13 +65,13 @@ pub fn sum_words(words: &[u16]) -> u32 {
 /// Full checksum of `bytes` plus an initial unfolded `seed` (e.g. a pseudo
 /// header sum). Odd lengths are padded with a zero byte.
 pub fn checksum(bytes: &[u8], seed: u32) -> u16 {
-    let mut sum = seed as u64;
+    let mut sum = u64::from(seed);
     let mut chunks = bytes.chunks_exact(2);
     for c in &mut chunks {
-        sum += u16::from_ne_bytes([c[0], c[1]]) as u64;
+        sum += u64::from(u16::from_ne_bytes([c[0], c[1]]));
     }
     if let [last] = chunks.remainder() {
-        sum += u16::from_ne_bytes([*last, 0]) as u64;
+        sum += u64::from(u16::from_ne_bytes([*last, 0]));
     }
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
@@ -86,8 +86,8 @@ pub fn pseudo_header_sum(saddr: u32, daddr: u32, proto: u8, l4_len: u16) -> u32 
         + (saddr >> 16)
         + (daddr & 0xffff)
         + (daddr >> 16)
-        + u16::from_ne_bytes([0, proto]) as u32
-        + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32
+        + u32::from(u16::from_ne_bytes([0, proto]))
+        + u32::from(u16::from_ne_bytes(l4_len.to_be_bytes()))
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ fn sum_bytes<const N: usize>(b: &[u8; N]) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i + 1 < N {
-        sum += u16::from_ne_bytes([b[i], b[i + 1]]) as u32;
+        sum += u32::from(u16::from_ne_bytes([b[i], b[i + 1]]));
         i += 2;
     }
     sum
@@ -95,7 +95,7 @@ pub fn port_unreachable_head(
 
     let mut quoted = *udp;
     quoted[6..8].copy_from_slice(&udp_check.to_ne_bytes());
-    let icmp_sum = u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]) as u32
+    let icmp_sum = u32::from(u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]))
         + sum_bytes(ip)
         + sum_bytes(&quoted);
     let icmp_check = !csum::fold(icmp_sum);

@@ -261,7 +261,7 @@ impl SnatPorts {
         let mut n = 0u32;
         let mut i = 0;
         while i < SNAT_PORT_RANGES_MAX {
-            n += self.len[i] as u32;
+            n += u32::from(self.len[i]);
             i += 1;
         }
         n
@@ -281,7 +281,7 @@ impl SnatPorts {
         let mut rest = index;
         let mut i = 0;
         while i < SNAT_PORT_RANGES_MAX {
-            let len = self.len[i] as u32;
+            let len = u32::from(self.len[i]);
             if rest < len {
                 return (self.start[i], self.len[i], rest as u16);
             }
@@ -536,7 +536,11 @@ pub mod stats {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::*;
+    use super::{
+        Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value, RevNat4,
+        Service4Key, Service4Value, ServiceStats, SnatPorts, SockFwd4Key, SockRev4Key,
+        SockRev4Value, SourceRange4,
+    };
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no
     // invalid bit patterns (checked by bytemuck's derive).
     unsafe impl aya::Pod for Service4Key {}

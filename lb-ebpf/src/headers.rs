@@ -16,7 +16,9 @@ pub const IP_SADDR_OFF: usize = IP_OFF + 12;
 pub const IP_DADDR_OFF: usize = IP_OFF + 16;
 pub const L4_SPORT_OFF: usize = L4_OFF;
 pub const L4_DPORT_OFF: usize = L4_OFF + 2;
-pub const TCP_CSUM_OFF: usize = L4_OFF + 16;
+/// Where the checksum sits in a TCP header.
+pub const TCP_CSUM_FIELD: usize = 16;
+pub const TCP_CSUM_OFF: usize = L4_OFF + TCP_CSUM_FIELD;
 pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
 
 const ETH_P_IP: u16 = 0x0800;

@@ -26,7 +26,7 @@ use aya_ebpf::{
 
 #[xdp]
 pub fn lb_xdp_from_wire(ctx: XdpContext) -> u32 {
-    xdp_path::try_from_wire(&ctx).unwrap_or(xdp_action::XDP_PASS)
+    xdp_path::from_wire(&ctx)
 }
 
 /// Passes every packet. For the peer of a veth that receives XDP_TX or
@@ -46,12 +46,12 @@ pub fn lb_tc_pass(_ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
-    tc_path::try_from_pod(&ctx).unwrap_or(TC_ACT_OK)
+    tc_path::from_pod(&ctx)
 }
 
 #[classifier]
 pub fn lb_tc_from_wire(ctx: TcContext) -> i32 {
-    tc_path::try_from_wire(&ctx).unwrap_or(TC_ACT_OK)
+    tc_path::from_wire(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

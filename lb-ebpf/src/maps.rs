@@ -93,7 +93,7 @@ pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value, known_absent: bool) {
     // SAFETY: only tested for presence.
     let absent = known_absent || unsafe { CONNTRACK.get(*key) }.is_none();
     if !(absent && conntrack_insert_new(key, value)) {
-        let _ = CONNTRACK.insert(*key, *value, BPF_ANY as u64);
+        let _ = CONNTRACK.insert(*key, *value, u64::from(BPF_ANY));
         mirror_to_prev(key, value);
     }
 }
@@ -102,7 +102,10 @@ pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value, known_absent: bool) {
 /// CPUs claiming one key, one wins). True when it did.
 #[inline(always)]
 pub fn conntrack_insert_new(key: &Ct4Key, value: &Ct4Value) -> bool {
-    if CONNTRACK.insert(*key, *value, BPF_NOEXIST as u64).is_err() {
+    if CONNTRACK
+        .insert(*key, *value, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         return false;
     }
     count(stats::CT_INSERTED);
@@ -187,11 +190,11 @@ pub fn config(index: u32) -> u32 {
 
 #[inline(always)]
 pub fn count_service(rev_nat_id: u16, bytes: u16) {
-    if let Some(s) = SERVICE_STATS.get_ptr_mut(rev_nat_id as u32) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(u32::from(rev_nat_id)) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe {
             (*s).packets += 1;
-            (*s).bytes += bytes as u64;
+            (*s).bytes += u64::from(bytes);
         }
     }
 }

@@ -50,15 +50,12 @@ pub enum Hook {
 /// rejected), or `drop` when it could not build one (counted as dropped).
 #[inline(always)]
 pub fn rejected<T>(answer: Result<T, ()>, drop: T) -> T {
-    match answer {
-        Ok(action) => {
-            count(stats::NO_BACKEND_REJECTED);
-            action
-        }
-        Err(()) => {
-            count(stats::NO_BACKEND_DROPPED);
-            drop
-        }
+    if let Ok(action) = answer {
+        count(stats::NO_BACKEND_REJECTED);
+        action
+    } else {
+        count(stats::NO_BACKEND_DROPPED);
+        drop
     }
 }
 
@@ -326,7 +323,7 @@ pub fn select_backend(
     if svc.affinity_timeout != 0 {
         let key = *client;
         if let Some(a) = unsafe { AFFINITY.get(key) }.copied() {
-            let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
+            let timeout_ns = u64::from(svc.affinity_timeout) * 1_000_000_000;
             if now.saturating_sub(a.last_used_ns) < timeout_ns
                 && backend_match(a.backend_id, svc.rev_nat_id) == Some(BACKEND_MATCH_ACTIVE)
             {
@@ -336,7 +333,7 @@ pub fn select_backend(
         }
     }
     // checked_rem: no panic path (the verifier refuses one in a function).
-    let pick = unsafe { bpf_get_prandom_u32() }.checked_rem(svc.count as u32)?;
+    let pick = unsafe { bpf_get_prandom_u32() }.checked_rem(u32::from(svc.count))?;
     let slot = pick as u16 + 1;
     let slot_key = Service4Key {
         backend_slot: slot,
@@ -466,7 +463,7 @@ fn masquerade_source(
     unsafe { *cursor = next.wrapping_add(1) };
     // The range is found once; the probe walks on within it (a loop whose
     // body branches on the range would cost the verifier its paths).
-    let (range_first, range_len, offset) = ports.locate((next % total as u64) as u32);
+    let (range_first, range_len, offset) = ports.locate((next % u64::from(total)) as u32);
     if range_len == 0 {
         return Err(stats::SNAT_FAILED);
     }
@@ -490,7 +487,7 @@ fn masquerade_source(
     };
     let mut i = 0;
     while i < SNAT_PORT_TRIES {
-        let in_range = ((offset as u32 + i) % range_len as u32) as u16;
+        let in_range = ((u32::from(offset) + i) % u32::from(range_len)) as u16;
         key.dport = (range_first + in_range).to_be();
         if claim_reply_entry(&key, &reply, now) {
             return Ok((addr, key.dport));
@@ -498,7 +495,7 @@ fn masquerade_source(
         i += 1;
     }
     // A run of busy ports: the next flow starts past it.
-    unsafe { *cursor = next.wrapping_add(SNAT_PORT_TRIES as u64) };
+    unsafe { *cursor = next.wrapping_add(u64::from(SNAT_PORT_TRIES)) };
     Err(stats::SNAT_PORTS_EXHAUSTED)
 }
 
@@ -530,20 +527,17 @@ fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4, ct: &Ct4Value
     if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {
         done = rw.rewrite_src(flow, ct.nat_addr, ct.nat_port);
     }
-    match done {
-        Ok(()) => {
-            count(stats::SERVICE_FORWARDED);
-            count_service(ct.rev_nat_id, flow.ip_tot_len);
-            if ct.flags & CT_FLAG_SNAT != 0 {
-                Action::Redirect
-            } else {
-                Action::Translated
-            }
+    if done.is_ok() {
+        count(stats::SERVICE_FORWARDED);
+        count_service(ct.rev_nat_id, flow.ip_tot_len);
+        if ct.flags & CT_FLAG_SNAT != 0 {
+            Action::Redirect
+        } else {
+            Action::Translated
         }
-        Err(()) => {
-            count(stats::REWRITE_FAILED);
-            Action::Drop
-        }
+    } else {
+        count(stats::REWRITE_FAILED);
+        Action::Drop
     }
 }
 
@@ -641,19 +635,16 @@ fn reverse_nat<R: Rewriter>(rw: &R, flow: &Flow, now: u64) -> Option<Action> {
     if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {
         done = rw.rewrite_dst(flow, ct.nat_addr, ct.nat_port);
     }
-    Some(match done {
-        Ok(()) => {
-            count(stats::REVERSE_NATTED);
-            if ct.flags & CT_FLAG_REDIRECT != 0 {
-                Action::Redirect
-            } else {
-                Action::Translated
-            }
+    Some(if let Ok(()) = done {
+        count(stats::REVERSE_NATTED);
+        if ct.flags & CT_FLAG_REDIRECT != 0 {
+            Action::Redirect
+        } else {
+            Action::Translated
         }
-        Err(()) => {
-            count(stats::REWRITE_FAILED);
-            Action::Drop
-        }
+    } else {
+        count(stats::REWRITE_FAILED);
+        Action::Drop
     })
 }
 

@@ -34,8 +34,8 @@ fn netns_cookie(ctx: &SockAddrContext) -> u64 {
 
 #[inline(always)]
 fn host_netns_cookie() -> u64 {
-    (maps::config(config::HOST_NETNS_COOKIE_HI) as u64) << 32
-        | maps::config(config::HOST_NETNS_COOKIE_LO) as u64
+    u64::from(maps::config(config::HOST_NETNS_COOKIE_HI)) << 32
+        | u64::from(maps::config(config::HOST_NETNS_COOKIE_LO))
 }
 
 #[inline(always)]
@@ -61,34 +61,9 @@ pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: the kernel hands a valid context; fields are read one by one
-    // (the verifier checks each access).
-    let (family, addr, port, protocol) = unsafe {
-        (
-            (*sa).user_family,
-            (*sa).user_ip4,
-            (*sa).user_port,
-            (*sa).protocol,
-        )
-    };
-    if family != AF_INET as u32 || !enabled(ctx) {
+    let Some((addr, port, proto)) = service_request(ctx, sticky) else {
         return ALLOW;
-    }
-    let proto = match protocol {
-        6 => IPPROTO_TCP,
-        17 => IPPROTO_UDP,
-        _ => return ALLOW,
     };
-    // A connected UDP socket translated here would stay on its backend
-    // after that backend is gone. The agent closes such sockets in its own
-    // (host) namespace; in pods they are left to the per-packet path, which
-    // moves them to a live backend by itself.
-    if !sticky && proto == IPPROTO_UDP && netns_cookie(ctx) != host_netns_cookie() {
-        return ALLOW;
-    }
-    // user_port holds the port in network order in its low 16 bits.
-    let port = port as u16;
     let Some((svc_key, svc)) = lookup_service(addr, port, proto, true) else {
         return ALLOW;
     };
@@ -102,29 +77,21 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
     }
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let sock_cookie = unsafe { bpf_get_socket_cookie(sa as *mut _) };
+    let sa = ctx.sock_addr;
     let fwd_key = SockFwd4Key {
-        cookie: sock_cookie,
+        cookie: unsafe { bpf_get_socket_cookie(sa as *mut _) },
         addr,
         port,
         proto,
         _pad: 0,
     };
     if sticky {
-        if let Some(id) = unsafe { SOCK_FWD.get(fwd_key) }.copied() {
-            if backend_match(id, svc.rev_nat_id).is_some() {
-                if let Some(backend) = backend(id) {
-                    unsafe {
-                        (*sa).user_ip4 = backend.addr;
-                        (*sa).user_port = backend.port as u32;
-                    }
-                    count(stats::SOCK_TRANSLATED);
-                    return ALLOW;
-                }
-            }
+        if let Some(backend) = kept_backend(&fwd_key, svc.rev_nat_id) {
+            connect_to(ctx, &backend);
+            return ALLOW;
         }
     }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let cookie = netns_cookie(ctx);
     let client = Affinity4Key {
         client: (cookie ^ (cookie >> 32)) as u32,
@@ -132,11 +99,9 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         proto,
         client_kind: AFFINITY_CLIENT_NETNS,
     };
-    let Some(backend_id) = select_backend(&svc, &svc_key, &client, now) else {
-        count(stats::BACKEND_MISSING);
-        return ALLOW;
-    };
-    let Some(backend) = backend(backend_id) else {
+    let Some((backend_id, backend)) =
+        select_backend(&svc, &svc_key, &client, now).and_then(|id| Some((id, backend(id)?)))
+    else {
         count(stats::BACKEND_MISSING);
         return ALLOW;
     };
@@ -145,7 +110,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         let _ = SOCK_FWD.insert(fwd_key, backend_id, 0);
     }
     let key = SockRev4Key {
-        cookie: sock_cookie,
+        cookie: fwd_key.cookie,
         addr: backend.addr,
         port: backend.port,
         _pad: 0,
@@ -156,12 +121,61 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         rev_nat_id: svc.rev_nat_id,
     };
     let _ = SOCK_REV.insert(key, value, 0);
+    connect_to(ctx, &backend);
+    ALLOW
+}
+
+/// The destination (address, port in network order, protocol) of a
+/// connect() or sendmsg() this hook may translate: IPv4 TCP or UDP, socket
+/// LB on for the socket's namespace. A connected UDP socket translated
+/// here would stay on its backend after that backend is gone: the agent
+/// closes such sockets in its own (host) namespace; in pods they are left
+/// to the per-packet path, which moves them to a live backend by itself.
+#[inline(always)]
+fn service_request(ctx: &SockAddrContext, sticky: bool) -> Option<(u32, u16, u8)> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid context; fields are read one by one
+    // (the verifier checks each access).
+    let (family, addr, port, protocol) = unsafe {
+        (
+            (*sa).user_family,
+            (*sa).user_ip4,
+            (*sa).user_port,
+            (*sa).protocol,
+        )
+    };
+    if family != u32::from(AF_INET) || !enabled(ctx) {
+        return None;
+    }
+    let proto = [IPPROTO_TCP, IPPROTO_UDP]
+        .into_iter()
+        .find(|p| u32::from(*p) == protocol)?;
+    if !sticky && proto == IPPROTO_UDP && netns_cookie(ctx) != host_netns_cookie() {
+        return None;
+    }
+    // user_port holds the port in network order in its low 16 bits.
+    Some((addr, port as u16, proto))
+}
+
+/// The backend an unconnected UDP socket already sends this Service's
+/// datagrams to, while it is still one of the Service's backends.
+#[inline(always)]
+fn kept_backend(fwd_key: &SockFwd4Key, rev_nat_id: u16) -> Option<lb_common::Backend4> {
+    let id = unsafe { SOCK_FWD.get(*fwd_key) }.copied()?;
+    backend_match(id, rev_nat_id)?;
+    backend(id)
+}
+
+/// Points the socket's destination at `backend`.
+#[inline(always)]
+fn connect_to(ctx: &SockAddrContext, backend: &lb_common::Backend4) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as above; the verifier allows writing these two fields.
     unsafe {
         (*sa).user_ip4 = backend.addr;
-        (*sa).user_port = backend.port as u32;
+        (*sa).user_port = u32::from(backend.port);
     }
     count(stats::SOCK_TRANSLATED);
-    ALLOW
 }
 
 /// recvmsg4 and getpeername4: a backend's address becomes the Service's
@@ -169,7 +183,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
 pub fn restore(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let (family, addr, port) = unsafe { ((*sa).user_family, (*sa).user_ip4, (*sa).user_port) };
-    if family != AF_INET as u32 {
+    if family != u32::from(AF_INET) {
         return ALLOW;
     }
     let key = SockRev4Key {
@@ -181,7 +195,7 @@ pub fn restore(ctx: &SockAddrContext) -> i32 {
     if let Some(v) = unsafe { SOCK_REV.get(key) }.copied() {
         unsafe {
             (*sa).user_ip4 = v.addr;
-            (*sa).user_port = v.port as u32;
+            (*sa).user_port = u32::from(v.port);
         }
     }
     ALLOW

@@ -21,7 +21,8 @@ use lb_common::{icmp, stats, IPPROTO_TCP};
 use crate::{
     headers::{
         parse, Flow, Parsed, AF_INET, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
-        IP_SADDR_OFF, IP_TOT_LEN_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
+        IP_SADDR_OFF, IP_TOT_LEN_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_FIELD,
+        TCP_CSUM_OFF, TCP_HLEN,
     },
     maps::count,
     nat::{self, Action, Hook, Rewriter},
@@ -33,17 +34,17 @@ const OK: i32 = TC_ACT_OK;
 const SHOT: i32 = TC_ACT_SHOT;
 
 /// tc on a pod's veth: packets the pod sends.
-pub fn try_from_pod(ctx: &TcContext) -> Result<i32, ()> {
-    try_handle(ctx, Hook::Pod)
+pub fn from_pod(ctx: &TcContext) -> i32 {
+    handle(ctx, Hook::Pod)
 }
 
 /// tc on an interface facing the wire: packets from other machines.
-pub fn try_from_wire(ctx: &TcContext) -> Result<i32, ()> {
-    try_handle(ctx, Hook::Wire)
+pub fn from_wire(ctx: &TcContext) -> i32 {
+    handle(ctx, Hook::Wire)
 }
 
 #[inline(always)]
-fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
+fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     // Direct packet access needs the headers in the linear part of the skb.
     let want = (L4_OFF + TCP_HLEN) as u32;
     if ctx.data() + want as usize > ctx.data_end() {
@@ -51,28 +52,27 @@ fn try_handle(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
     }
     let flow = match parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(flow) => flow,
-        Parsed::Other => return Ok(OK),
+        Parsed::Other => return OK,
         Parsed::Fragment => {
             count(stats::FRAGMENT_PASSED);
-            return Ok(OK);
+            return OK;
         }
         Parsed::Malformed => {
             count(stats::MALFORMED_PASSED);
-            return Ok(OK);
+            return OK;
         }
     };
     let rw = TcRewriter { ctx };
-    Ok(match nat::handle(&rw, &flow, hook) {
-        Action::Pass | Action::Translated => OK,
+    match nat::handle(&rw, &flow, hook) {
         // From a pod, a node address as source would look spoofed to input
         // routing; from the wire the agent lets it in (accept_local), as
         // it does for XDP, and the kernel routes it on.
         Action::Redirect if hook == Hook::Pod => redirect_to_egress(ctx),
-        Action::Redirect => OK,
+        Action::Pass | Action::Translated | Action::Redirect => OK,
         Action::Drop => SHOT,
         Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), SHOT),
         Action::RejectUdp => nat::rejected(udp_unreachable(ctx), SHOT),
-    })
+    }
 }
 
 /// Turns a UDP datagram to a Service without backends into an ICMP port
@@ -132,7 +132,7 @@ fn redirect_to_egress(ctx: &TcContext) -> i32 {
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
     };
-    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return OK;
     }
     // The neighbour subsystem resolves the next hop's MAC address.
@@ -158,26 +158,26 @@ impl TcRewriter<'_> {
         let mangled: u64 = if flow.proto == IPPROTO_TCP {
             0
         } else {
-            BPF_F_MARK_MANGLED_0 as u64
+            u64::from(BPF_F_MARK_MANGLED_0)
         };
         let ctx = self.ctx;
         // Addresses are in the pseudo header: with BPF_F_PSEUDO_HDR the helper
         // also fixes a partial checksum, which covers only that header.
         ctx.l4_csum_replace(
             flow.l4_csum_off,
-            end.old_addr as u64,
-            addr as u64,
-            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+            u64::from(end.old_addr),
+            u64::from(addr),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
         )
         .map_err(|_| ())?;
         ctx.l4_csum_replace(
             flow.l4_csum_off,
-            end.old_port as u64,
-            port as u64,
+            u64::from(end.old_port),
+            u64::from(port),
             mangled | 2,
         )
         .map_err(|_| ())?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, end.old_addr as u64, addr as u64, 4)
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(end.old_addr), u64::from(addr), 4)
             .map_err(|_| ())?;
         ctx.store(end.addr_off, &addr, 0).map_err(|_| ())?;
         ctx.store(end.port_off, &port, 0).map_err(|_| ())?;
@@ -219,15 +219,32 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
         return Err(());
     }
     let new = reset_header(&old, flow).ok_or(())?;
+    update_reset_checksum(ctx, &old, new, doff)?;
+    write_reset(ctx, flow, &new)?;
+    let new_len = (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32;
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
+        return Err(());
+    }
+    redirect_back(ctx)
+}
 
-    // Sum out the old header (checksum field as zero) and its options, sum in
-    // the new header: a diff the helper applies only where the checksum
-    // covers the segment (not to a partial checksum, which covers only the
-    // pseudo header).
+/// The TCP checksum of the reset: the old header (checksum field as zero)
+/// and its options summed out, the new header summed in, a diff the helper
+/// applies only where the checksum covers the segment (not to a partial
+/// checksum, which covers only the pseudo header); then the pseudo
+/// header's new length. Swapping addresses changes neither its sum nor
+/// the IP header's.
+#[inline(always)]
+fn update_reset_checksum(
+    ctx: &TcContext,
+    old: &[u8; TCP_HLEN],
+    mut new: [u8; TCP_HLEN],
+    doff: usize,
+) -> Result<(), ()> {
     let mut from = [0u8; TCP_HLEN + 40];
-    from[..TCP_HLEN].copy_from_slice(&old);
-    from[16] = 0;
-    from[17] = 0;
+    from[..TCP_HLEN].copy_from_slice(old);
+    from[TCP_CSUM_FIELD] = 0;
+    from[TCP_CSUM_FIELD + 1] = 0;
     let opt_len = doff - TCP_HLEN;
     if opt_len > 0 && opt_len <= 40 {
         // The raw helper: the length is bounded 1..=40 here, which the
@@ -244,63 +261,55 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
             return Err(());
         }
     }
-    let mut to = new;
     let diff = unsafe {
         bpf_csum_diff(
             from.as_mut_ptr() as *mut u32,
             from.len() as u32,
-            to.as_mut_ptr() as *mut u32,
-            to.len() as u32,
+            new.as_mut_ptr() as *mut u32,
+            new.len() as u32,
             0,
         )
     };
     if diff < 0 {
         return Err(());
     }
-    ctx.l4_csum_replace(TCP_CSUM_OFF, 0, diff as u32 as u64, 0)
+    ctx.l4_csum_replace(TCP_CSUM_OFF, 0, u64::from(diff as u32), 0)
         .map_err(|_| ())?;
-    // The pseudo header's length changes; swapping addresses does not change
-    // its sum, nor the IP header's.
     let old_l4_len = (doff as u16).to_be();
     let new_l4_len = (TCP_HLEN as u16).to_be();
     ctx.l4_csum_replace(
         TCP_CSUM_OFF,
-        old_l4_len as u64,
-        new_l4_len as u64,
-        BPF_F_PSEUDO_HDR as u64 | 2,
+        u64::from(old_l4_len),
+        u64::from(new_l4_len),
+        u64::from(BPF_F_PSEUDO_HDR) | 2,
     )
-    .map_err(|_| ())?;
-    ctx.store(
-        L4_OFF,
-        &[
-            new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9],
-            new[10], new[11], new[12], new[13], new[14], new[15],
-        ],
-        0,
-    )
-    .map_err(|_| ())?;
-    // Bytes 16..18 are the checksum, already updated in place.
-    ctx.store(L4_OFF + 18, &[new[18], new[19]], 0)
-        .map_err(|_| ())?;
+    .map_err(|_| ())
+}
 
+/// The reset's header around its updated checksum, the IP length (and
+/// checksum), swapped addresses and MACs.
+#[inline(always)]
+fn write_reset(ctx: &TcContext, flow: &Flow, new: &[u8; TCP_HLEN]) -> Result<(), ()> {
+    let before_csum: [u8; TCP_CSUM_FIELD] = [
+        new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9], new[10],
+        new[11], new[12], new[13], new[14], new[15],
+    ];
+    ctx.store(L4_OFF, &before_csum, 0).map_err(|_| ())?;
+    // The checksum field itself is already updated in place.
+    let after_csum = [new[TCP_CSUM_FIELD + 2], new[TCP_CSUM_FIELD + 3]];
+    ctx.store(L4_OFF + TCP_CSUM_FIELD + 2, &after_csum, 0)
+        .map_err(|_| ())?;
     let old_tot = flow.ip_tot_len.to_be();
     let new_tot = ((IP_HLEN + TCP_HLEN) as u16).to_be();
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_tot as u64, new_tot as u64, 2)
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_tot), u64::from(new_tot), 2)
         .map_err(|_| ())?;
     ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(|_| ())?;
     ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(|_| ())?;
     ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(|_| ())?;
-
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     let swapped = [
         macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
         macs[4], macs[5],
     ];
-    ctx.store(0, &swapped, 0).map_err(|_| ())?;
-
-    let new_len = (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32;
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
-        return Err(());
-    }
-    redirect_back(ctx)
+    ctx.store(0, &swapped, 0).map_err(|_| ())
 }

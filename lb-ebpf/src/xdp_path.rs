@@ -19,21 +19,21 @@ use crate::{
     nat::{self, Action, Hook, Rewriter},
 };
 
-pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
+pub fn from_wire(ctx: &XdpContext) -> u32 {
     let flow = match parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(flow) => flow,
-        Parsed::Other => return Ok(xdp_action::XDP_PASS),
+        Parsed::Other => return xdp_action::XDP_PASS,
         Parsed::Fragment => {
             count(stats::FRAGMENT_PASSED);
-            return Ok(xdp_action::XDP_PASS);
+            return xdp_action::XDP_PASS;
         }
         Parsed::Malformed => {
             count(stats::MALFORMED_PASSED);
-            return Ok(xdp_action::XDP_PASS);
+            return xdp_action::XDP_PASS;
         }
     };
     let rw = XdpRewriter { ctx };
-    Ok(match nat::handle(&rw, &flow, Hook::Wire) {
+    match nat::handle(&rw, &flow, Hook::Wire) {
         // Packets from the wire go on through the kernel's routing; the
         // agent lets the wire interfaces accept a node address as source
         // (accept_local) for masqueraded and reverse-translated ones.
@@ -41,7 +41,7 @@ pub fn try_from_wire(ctx: &XdpContext) -> Result<u32, ()> {
         Action::Drop => xdp_action::XDP_DROP,
         Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), xdp_action::XDP_DROP),
         Action::RejectUdp => nat::rejected(udp_unreachable(ctx), xdp_action::XDP_DROP),
-    })
+    }
 }
 
 /// Turns a UDP datagram to a Service without backends into an ICMP port
@@ -218,7 +218,7 @@ pub fn reset_header(old: &[u8; TCP_HLEN], flow: &Flow) -> Option<[u8; TCP_HLEN]>
         new[13] = TCP_RST;
     } else {
         let seq = u32::from_be_bytes([old[4], old[5], old[6], old[7]]);
-        let seg_len = payload + (flags & TCP_SYN != 0) as u32 + (flags & TCP_FIN != 0) as u32;
+        let seg_len = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
         new[8..12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
         new[13] = TCP_RST | TCP_ACK;
     }

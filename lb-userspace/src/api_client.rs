@@ -67,7 +67,7 @@ pub struct ApiClientOptions<'a> {
 /// A response body that stops arriving (a list page, a watch that sends
 /// not even bookmarks) is cut after this. Longer than a watch's own
 /// 290 s, so a quiet watch is ended by the server, not by us.
-const STALLED_BODY_TIMEOUT: Duration = Duration::from_secs(300);
+const STALLED_BODY_TIMEOUT: Duration = Duration::from_mins(5);
 
 /// A client whose every request is bounded in time.
 pub async fn client(opts: &ApiClientOptions<'_>) -> Result<Client> {

@@ -132,105 +132,143 @@ fn expected(desired: &DesiredState) -> View {
 /// The maps' view, and what is wrong with them on their own (entries
 /// nothing points at, ids that resolve to nothing).
 fn actual(maps: &MapContents) -> (View, Vec<String>) {
-    let mut view = View::default();
-    let mut problems = Vec::new();
-    let rev = |id: u16| {
-        maps.rev_nat
-            .get(&id)
-            .map(|r| (Ipv4Addr::from(r.addr.to_ne_bytes()), u16::from_be(r.port)))
-    };
-    let mut used_backends = BTreeSet::new();
-    let mut used_revs = BTreeSet::new();
-    let mut slots_seen: BTreeSet<Service4Key> = BTreeSet::new();
-    for (key, master) in maps.services.iter().filter(|(k, _)| k.backend_slot == 0) {
-        slots_seen.insert(*key);
-        let Some(f) = frontend_of(key) else {
-            problems.push(format!("master slot with unknown protocol {}", key.proto));
-            continue;
-        };
-        used_revs.insert(master.rev_nat_id);
-        let n = master.count as usize + master.terminating_count as usize;
-        let mut slots = Vec::with_capacity(n);
-        for slot in 1..=n {
-            let k = scoped_slot_key(&f, key.scope, slot as u16);
-            slots_seen.insert(k);
-            slots.push(maps.services.get(&k).and_then(|v| {
-                used_backends.insert(v.backend_id);
-                maps.backends.get(&v.backend_id).and_then(backend_addr)
-            }));
-        }
-        view.frontends.insert(
-            (f, key.scope),
-            ScopeView {
-                count: master.count,
-                terminating_count: master.terminating_count,
-                flags: master.flags,
-                affinity_timeout: master.affinity_timeout,
-                rev_nat: rev(master.rev_nat_id),
-                slots,
-            },
-        );
-    }
-    for key in maps.services.keys().filter(|k| !slots_seen.contains(k)) {
-        problems.push(match frontend_of(key) {
-            Some(f) => format!(
-                "{f} {} slot {}: past its master's count (or no master)",
-                scope_name(key.scope),
-                key.backend_slot
-            ),
-            None => format!("slot with unknown protocol {}", key.proto),
-        });
-    }
-    for (&(rev_id, backend_id), &state) in &maps.backend_match {
-        match (
-            rev(rev_id),
-            maps.backends.get(&backend_id).and_then(backend_addr),
-        ) {
-            (Some(group), Some(b)) => {
-                view.backend_match.insert((group, b), state);
+    let mut reading = Reading::default();
+    reading.frontends(maps);
+    reading.stray_slots(maps);
+    reading.memberships(maps);
+    reading.unused_entries(maps);
+    reading.duplicate_backends(maps);
+    (reading.view, reading.problems)
+}
+
+/// The maps read back in address terms, and what does not fit together.
+#[derive(Default)]
+struct Reading {
+    view: View,
+    problems: Vec<String>,
+    used_backends: BTreeSet<u32>,
+    used_revs: BTreeSet<u16>,
+    slots_seen: BTreeSet<Service4Key>,
+}
+
+/// The address and port a reverse NAT id restores, if it exists.
+fn rev_of(maps: &MapContents, id: u16) -> Option<(Ipv4Addr, u16)> {
+    maps.rev_nat
+        .get(&id)
+        .map(|r| (Ipv4Addr::from(r.addr.to_ne_bytes()), u16::from_be(r.port)))
+}
+
+impl Reading {
+    /// Every master and the slots up to its count.
+    fn frontends(&mut self, maps: &MapContents) {
+        for (key, master) in maps.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+            self.slots_seen.insert(*key);
+            let Some(f) = frontend_of(key) else {
+                self.problems
+                    .push(format!("master slot with unknown protocol {}", key.proto));
+                continue;
+            };
+            self.used_revs.insert(master.rev_nat_id);
+            let n = master.count as usize + master.terminating_count as usize;
+            let mut slots = Vec::with_capacity(n);
+            for slot in 1..=n {
+                let k = scoped_slot_key(&f, key.scope, slot as u16);
+                self.slots_seen.insert(k);
+                slots.push(maps.services.get(&k).and_then(|v| {
+                    self.used_backends.insert(v.backend_id);
+                    maps.backends.get(&v.backend_id).and_then(backend_addr)
+                }));
             }
-            _ => problems.push(format!(
-                "backend match (reverse NAT {rev_id}, backend {backend_id}) names a missing entry"
-            )),
+            self.view.frontends.insert(
+                (f, key.scope),
+                ScopeView {
+                    count: master.count,
+                    terminating_count: master.terminating_count,
+                    flags: master.flags,
+                    affinity_timeout: master.affinity_timeout,
+                    rev_nat: rev_of(maps, master.rev_nat_id),
+                    slots,
+                },
+            );
         }
     }
-    for &(rev_id, prefix) in &maps.source_ranges {
-        match rev(rev_id) {
-            Some(group) => {
-                view.source_ranges.insert((group, prefix));
+
+    /// Slots no master's count reaches.
+    fn stray_slots(&mut self, maps: &MapContents) {
+        for key in maps
+            .services
+            .keys()
+            .filter(|k| !self.slots_seen.contains(k))
+        {
+            self.problems.push(match frontend_of(key) {
+                Some(f) => format!(
+                    "{f} {} slot {}: past its master's count (or no master)",
+                    scope_name(key.scope),
+                    key.backend_slot
+                ),
+                None => format!("slot with unknown protocol {}", key.proto),
+            });
+        }
+    }
+
+    /// Backend matches and source ranges, by address.
+    fn memberships(&mut self, maps: &MapContents) {
+        for (&(rev_id, backend_id), &state) in &maps.backend_match {
+            let backend = maps.backends.get(&backend_id).and_then(backend_addr);
+            match (rev_of(maps, rev_id), backend) {
+                (Some(group), Some(b)) => {
+                    self.view.backend_match.insert((group, b), state);
+                }
+                _ => self.problems.push(format!(
+                    "backend match (reverse NAT {rev_id}, backend {backend_id}) names a missing entry"
+                )),
             }
-            None => problems.push(format!(
-                "source range {prefix} of reverse NAT {rev_id}, which does not exist"
-            )),
+        }
+        for &(rev_id, prefix) in &maps.source_ranges {
+            match rev_of(maps, rev_id) {
+                Some(group) => {
+                    self.view.source_ranges.insert((group, prefix));
+                }
+                None => self.problems.push(format!(
+                    "source range {prefix} of reverse NAT {rev_id}, which does not exist"
+                )),
+            }
         }
     }
-    for (id, b) in &maps.backends {
-        if !used_backends.contains(id) {
-            problems.push(format!(
-                "backend {id} ({}) is in no slot",
-                backend_addr(b).map_or("invalid".into(), |a| a.to_string())
-            ));
+
+    /// Backends in no slot, reverse NAT entries of no frontend.
+    fn unused_entries(&mut self, maps: &MapContents) {
+        for (id, b) in &maps.backends {
+            if !self.used_backends.contains(id) {
+                self.problems.push(format!(
+                    "backend {id} ({}) is in no slot",
+                    backend_addr(b).map_or("invalid".into(), |a| a.to_string())
+                ));
+            }
+        }
+        for (id, r) in &maps.rev_nat {
+            if !self.used_revs.contains(id) {
+                self.problems.push(format!(
+                    "reverse NAT {id} ({}:{}) is used by no frontend",
+                    Ipv4Addr::from(r.addr.to_ne_bytes()),
+                    u16::from_be(r.port)
+                ));
+            }
         }
     }
-    for (id, r) in &maps.rev_nat {
-        if !used_revs.contains(id) {
-            problems.push(format!(
-                "reverse NAT {id} ({}:{}) is used by no frontend",
-                Ipv4Addr::from(r.addr.to_ne_bytes()),
-                u16::from_be(r.port)
-            ));
+
+    fn duplicate_backends(&mut self, maps: &MapContents) {
+        let mut by_addr: BTreeMap<L4Addr, Vec<u32>> = BTreeMap::new();
+        for (id, b) in &maps.backends {
+            if let Some(a) = backend_addr(b) {
+                by_addr.entry(a).or_default().push(*id);
+            }
+        }
+        for (a, ids) in by_addr.iter().filter(|(_, ids)| ids.len() > 1) {
+            self.problems
+                .push(format!("backend {a} has several ids: {ids:?}"));
         }
     }
-    let mut by_addr: BTreeMap<L4Addr, Vec<u32>> = BTreeMap::new();
-    for (id, b) in &maps.backends {
-        if let Some(a) = backend_addr(b) {
-            by_addr.entry(a).or_default().push(*id);
-        }
-    }
-    for (a, ids) in by_addr.iter().filter(|(_, ids)| ids.len() > 1) {
-        problems.push(format!("backend {a} has several ids: {ids:?}"));
-    }
-    (view, problems)
 }
 
 fn show_slots(slots: &[Option<L4Addr>]) -> String {

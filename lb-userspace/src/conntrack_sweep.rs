@@ -139,10 +139,7 @@ impl Sweeper {
     }
 
     fn counter(&self, index: u32) -> u64 {
-        self.stats
-            .get(&index, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        self.stats.get(&index, 0).map_or(0, |v| v.iter().sum())
     }
 
     /// Adds `n` to the agent's own counter (CPU 0's slot of `CT_SWEPT`; the
@@ -164,12 +161,7 @@ impl Sweeper {
     }
 
     fn backend_live(&self, id: u32) -> bool {
-        id != 0
-            && self
-                .backends
-                .get(&id, 0)
-                .map(|b| b.addr != 0)
-                .unwrap_or(false)
+        id != 0 && self.backends.get(&id, 0).is_ok_and(|b| b.addr != 0)
     }
 
     /// One pass over the map.
@@ -241,7 +233,7 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> Result<mpsc::SyncSender<()>> {
     let mut sweeper = Sweeper::open(&pin_dir)?;
-    metrics.conntrack_capacity.set(sweeper.capacity as i64);
+    metrics.conntrack_capacity.set(i64::from(sweeper.capacity));
     let (tx, rx) = mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
         .name("conntrack-sweep".into())

@@ -306,7 +306,7 @@ impl ClusterState {
             Change::Slice(ev) => self.apply_slice(ev, work),
             Change::Node(ev) => self.apply_node(*ev, work),
             Change::WatchError(resource, e) => {
-                log::warn!("watch of {resource} failed, retrying: {e}")
+                log::warn!("watch of {resource} failed, retrying: {e}");
             }
         }
     }

@@ -87,8 +87,13 @@ pub type FoundLayout = (Option<MapType>, u32, u32, u32);
 
 /// Every map of the BPF object, as this version defines it.
 pub const MAP_LAYOUTS: [MapLayout; 13] = {
-    use lb_common::*;
-    use MapType::*;
+    use lb_common::{
+        config, map_names, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key,
+        Ct4Value, RevNat4, Service4Key, Service4Value, ServiceStats, SockFwd4Key, SockRev4Key,
+        SockRev4Value, SourceRange4, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_MATCH, MAX_CONNTRACK,
+        MAX_REV_NAT, MAX_SERVICE_SLOTS, MAX_SOCK_REV, MAX_SOURCE_RANGES,
+    };
+    use MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     [
         layout::<Service4Key, Service4Value>(map_names::SERVICES, Hash, MAX_SERVICE_SLOTS),
         // An array since backends became one (lookups inlined); a pinned
@@ -436,7 +441,10 @@ fn copy_backends(from: &Path, to: &Path) -> Result<usize> {
 }
 
 fn copy_map(name: &str, old: &Path, new: &Path) -> Result<usize> {
-    use lb_common::*;
+    use lb_common::{
+        map_names, Affinity4Key, Affinity4Value, BackendMatchKey, Ct4Key, Ct4Value, RevNat4,
+        SockFwd4Key, SockRev4Key, SockRev4Value,
+    };
     match name {
         map_names::CONNTRACK => copy_hash::<Ct4Key, Ct4Value>(old, new),
         map_names::AFFINITY => copy_hash::<Affinity4Key, Affinity4Value>(old, new),

@@ -388,23 +388,20 @@ async fn check(pin_dir: &Path, args: &CheckArgs) -> Result<lb_userspace::checker
         nodeport_addresses: args.node.nodeport_addresses(&wire)?,
         zone: args.node.zone.clone(),
     };
-    let (services, slices) = match &args.source.manifests {
-        Some(dir) => {
-            let (set, errors) = ManifestSource::new(dir).read();
-            for e in errors {
-                eprintln!("manifest: {e}");
-            }
-            (set.services, set.slices)
+    let (services, slices) = if let Some(dir) = &args.source.manifests {
+        let (set, errors) = ManifestSource::new(dir).read();
+        for e in errors {
+            eprintln!("manifest: {e}");
         }
-        None => {
-            let client = api_client::client(&args.source.api_options()).await?;
-            let (services, slices, zone) =
-                k8s::list_once(client, args.node.node_name.as_deref()).await?;
-            if node.zone.is_none() {
-                node.zone = zone;
-            }
-            (services, slices)
+        (set.services, set.slices)
+    } else {
+        let client = api_client::client(&args.source.api_options()).await?;
+        let (services, slices, zone) =
+            k8s::list_once(client, args.node.node_name.as_deref()).await?;
+        if node.zone.is_none() {
+            node.zone = zone;
         }
+        (services, slices)
     };
     let translation = lb_userspace::translate::translate_on(&node, &services, &slices);
     for e in &translation.errors {
@@ -631,50 +628,10 @@ fn setup_datapath(
         },
         snat_ports: snat_ports(args)?,
     };
-    let (mut ebpf, mut pinned) = loader::load(pin_dir, &config)?;
-    if !pinned.migrated.is_empty() {
-        // Ids first, so the agent reads the maps it adopts; then a first
-        // copy of flow-independent state. Conntrack is looked up in the old
-        // map on a miss and written to both until the switch is over.
-        let copied = loader::copy_before_switch(pin_dir, &mut pinned)?;
-        log::info!("migrating pinned maps of an older layout: {copied:?} entries copied");
-    }
-    let mut maps = loader::take_maps(&mut ebpf)?;
-    let current = maps.read_contents().context("reading the pinned maps")?;
-    if !current.services.is_empty() {
-        log::info!(
-            "adopted pinned maps at {}: {} service slots, {} backends",
-            pin_dir.display(),
-            current.services.len(),
-            current.backends.len()
-        );
-    }
-    maps.set_conntrack_migrating(pinned.conntrack_migrated().is_some())
-        .context("writing the conntrack migration flag")?;
+    let (mut ebpf, pinned) = loader::load(pin_dir, &config)?;
+    let (mut maps, current, pinned) = adopt_maps(pin_dir, &mut ebpf, pinned)?;
     let attachments = Attachments::new(&mut ebpf, pin_dir, args.pod_interfaces.clone())?;
-    let wire = args.node.wire();
-    if wire.is_empty() {
-        log::warn!("no interface faces the wire (no default route and no --interfaces): XDP is not attached");
-    }
-    let nodeport_addresses = args.node.nodeport_addresses(&wire)?;
-    let masquerade = args
-        .masquerade_address
-        .or_else(|| nodeport_addresses.first().copied());
-    match masquerade {
-        Some(a) => {
-            maps.set_masquerade_addr(a)
-                .context("writing the masquerade address")?;
-            log::info!("NodePorts on {nodeport_addresses:?}; masquerading to {a}");
-        }
-        None => log::warn!(
-            "no NodePort address and no --masquerade-address: flows that need masquerading are dropped (counted as snat_failed)"
-        ),
-    }
-    for iface in &wire {
-        node_net::set_accept_local(iface)?;
-    }
-    maps.set_socket_lb(args.socket_lb.config_value(), netns_cookie()?)
-        .context("writing the socket LB mode")?;
+    let (wire, nodeport_addresses) = configure_node(args, &mut maps)?;
     let dp = DataPath {
         ebpf,
         attachments,
@@ -701,6 +658,74 @@ fn setup_datapath(
         zone: args.node.zone.clone(),
     };
     Ok((dp, programmer))
+}
+
+/// The loaded object's maps with what they hold: pinned maps adopted (of
+/// an older layout, their ids copied first, so the agent reads the maps it
+/// adopts), the conntrack migration flag set.
+fn adopt_maps(
+    pin_dir: &Path,
+    ebpf: &mut aya::Ebpf,
+    mut pinned: loader::PinnedState,
+) -> Result<(
+    BpfMaps,
+    lb_userspace::differ::MapContents,
+    loader::PinnedState,
+)> {
+    if !pinned.migrated.is_empty() {
+        // Then a first copy of flow-independent state. Conntrack is looked
+        // up in the old map on a miss and written to both until the switch
+        // is over.
+        let copied = loader::copy_before_switch(pin_dir, &mut pinned)?;
+        log::info!("migrating pinned maps of an older layout: {copied:?} entries copied");
+    }
+    let mut maps = loader::take_maps(ebpf)?;
+    let current = maps.read_contents().context("reading the pinned maps")?;
+    if !current.services.is_empty() {
+        log::info!(
+            "adopted pinned maps at {}: {} service slots, {} backends",
+            pin_dir.display(),
+            current.services.len(),
+            current.backends.len()
+        );
+    }
+    maps.set_conntrack_migrating(pinned.conntrack_migrated().is_some())
+        .context("writing the conntrack migration flag")?;
+    Ok((maps, current, pinned))
+}
+
+/// The node's side of the data path: the wire interfaces (accepting node
+/// addresses as source), the NodePort addresses, the masquerade address
+/// and the socket LB mode. Returns the wire interfaces and NodePort
+/// addresses.
+fn configure_node(
+    args: &RunArgs,
+    maps: &mut BpfMaps,
+) -> Result<(Vec<String>, Vec<std::net::Ipv4Addr>)> {
+    let wire = args.node.wire();
+    if wire.is_empty() {
+        log::warn!("no interface faces the wire (no default route and no --interfaces): XDP is not attached");
+    }
+    let nodeport_addresses = args.node.nodeport_addresses(&wire)?;
+    let masquerade = args
+        .masquerade_address
+        .or_else(|| nodeport_addresses.first().copied());
+    match masquerade {
+        Some(a) => {
+            maps.set_masquerade_addr(a)
+                .context("writing the masquerade address")?;
+            log::info!("NodePorts on {nodeport_addresses:?}; masquerading to {a}");
+        }
+        None => log::warn!(
+            "no NodePort address and no --masquerade-address: flows that need masquerading are dropped (counted as snat_failed)"
+        ),
+    }
+    for iface in &wire {
+        node_net::set_accept_local(iface)?;
+    }
+    maps.set_socket_lb(args.socket_lb.config_value(), netns_cookie()?)
+        .context("writing the socket LB mode")?;
+    Ok((wire, nodeport_addresses))
 }
 
 /// The masquerade port ranges: --masquerade-ports checked against the
@@ -739,10 +764,7 @@ fn install_datapath_metrics(pin_dir: &Path, metrics: &Arc<Metrics>) -> Result<()
     *metrics.datapath.lock().expect("metrics lock") = Box::new(move || {
         let mut rows = Vec::new();
         for (i, name) in stats::NAMES.iter().enumerate() {
-            let v: u64 = stats
-                .get(&(i as u32), 0)
-                .map(|p| p.iter().sum())
-                .unwrap_or(0);
+            let v: u64 = stats.get(&(i as u32), 0).map_or(0, |p| p.iter().sum());
             rows.push((vec![("counter", (*name).to_owned())], v));
         }
         let mut out = render_counters(
@@ -752,7 +774,7 @@ fn install_datapath_metrics(pin_dir: &Path, metrics: &Arc<Metrics>) -> Result<()
         );
         let (mut packets, mut bytes) = (Vec::new(), Vec::new());
         for (id, (service, frontend)) in names.lock().expect("names lock").iter() {
-            let Ok(per_cpu) = svc_stats.get(&(*id as u32), 0) else {
+            let Ok(per_cpu) = svc_stats.get(&u32::from(*id), 0) else {
                 continue;
             };
             let (p, b) = per_cpu
@@ -848,7 +870,7 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
                 &metrics,
                 &mut sig,
             )
-            .await?
+            .await?;
         }
         (Some(client), _) => {
             spawn_api_probe(client.clone(), args.source.api_timeout, metrics.clone());
@@ -861,7 +883,7 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
                 &metrics,
                 &mut sig,
             )
-            .await?
+            .await?;
         }
         (None, None) => unreachable!("no manifests means the API source"),
     }
@@ -964,53 +986,16 @@ async fn run_kubernetes(
             _ = tick.tick() => { dp.refresh_pods()?; continue; }
         };
         let started = Instant::now();
-        let mut work = Work::default();
-        state.apply(first, &mut work);
-        let mut n = 1;
-        while n < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(c) => {
-                    state.apply(c, &mut work);
-                    n += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        dp.proxy.set_node_eligible(state.node_eligible());
-        if !work.dirty.is_empty() || work.full_resync {
-            dp.proxy.queued_update();
-        }
-        for r in &work.restarts {
-            log::info!("watch of {r} restarted with a relist: full resync");
-            metrics
-                .watch_restarts
-                .get_or_create(&ResourceLabel {
-                    resource: (*r).into(),
-                })
-                .inc();
-        }
+        let work = receive_batch(first, &mut rx, &mut state);
+        note_received(&work, &state, dp, metrics);
         needs_full |= work.full_resync;
-        if args.node.zone.is_none() {
-            let zone = state.node_zone();
-            if zone != programmer.node.zone {
-                log::info!("node zone is now {zone:?}: topology hints re-evaluated");
-                programmer.node.zone = zone;
-                needs_full = true;
-            }
-        }
+        needs_full |= args.node.zone.is_none() && follow_node_zone(&state, programmer);
         // Nothing is written before both lists are complete: a restarted agent
         // keeps serving what the pinned maps hold until it knows the truth.
         if !state.synced() {
             continue;
         }
-        let (kind, report) = if needs_full {
-            let r = programmer.full_sync(&state.all_services(), &state.all_slices());
-            release_freed_memory();
-            ("full", r)
-        } else if !work.dirty.is_empty() {
-            let changes = state.changes(&work.dirty);
-            ("incremental", programmer.sync_services(&changes))
-        } else {
+        let Some((kind, report)) = program(&state, &work, needs_full, programmer) else {
             continue;
         };
         let now = chrono::Utc::now();
@@ -1023,6 +1008,73 @@ async fn run_kubernetes(
         log.record(kind, &report, started)?;
     }
     Ok(())
+}
+
+/// `first` and whatever else has arrived, up to MAX_BATCH changes, applied
+/// to the cluster state.
+fn receive_batch(
+    first: k8s::Change,
+    rx: &mut tokio::sync::mpsc::Receiver<k8s::Change>,
+    state: &mut ClusterState,
+) -> Work {
+    let mut work = Work::default();
+    state.apply(first, &mut work);
+    for _ in 1..MAX_BATCH {
+        let Ok(c) = rx.try_recv() else {
+            break;
+        };
+        state.apply(c, &mut work);
+    }
+    work
+}
+
+/// What received changes mean before they are written: the node's
+/// eligibility and a pending update for /healthz, relists in the metrics.
+fn note_received(work: &Work, state: &ClusterState, dp: &DataPath, metrics: &Metrics) {
+    dp.proxy.set_node_eligible(state.node_eligible());
+    if !work.dirty.is_empty() || work.full_resync {
+        dp.proxy.queued_update();
+    }
+    for r in &work.restarts {
+        log::info!("watch of {r} restarted with a relist: full resync");
+        metrics
+            .watch_restarts
+            .get_or_create(&ResourceLabel {
+                resource: (*r).into(),
+            })
+            .inc();
+    }
+}
+
+/// Takes the Node's zone label when --zone is not given; true when it
+/// changed (topology hints must be evaluated again).
+fn follow_node_zone(state: &ClusterState, programmer: &mut Programmer<BpfMaps>) -> bool {
+    let zone = state.node_zone();
+    if zone == programmer.node.zone {
+        return false;
+    }
+    log::info!("node zone is now {zone:?}: topology hints re-evaluated");
+    programmer.node.zone = zone;
+    true
+}
+
+/// A full sync, or the changed Services only; None when nothing changed.
+fn program(
+    state: &ClusterState,
+    work: &Work,
+    needs_full: bool,
+    programmer: &mut Programmer<BpfMaps>,
+) -> Option<(&'static str, SyncReport)> {
+    if needs_full {
+        let report = programmer.full_sync(&state.all_services(), &state.all_slices());
+        release_freed_memory();
+        Some(("full", report))
+    } else if work.dirty.is_empty() {
+        None
+    } else {
+        let changes = state.changes(&work.dirty);
+        Some(("incremental", programmer.sync_services(&changes)))
+    }
 }
 
 /// A full sync (a relist of a large cluster) allocates and frees a lot at

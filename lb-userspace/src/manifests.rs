@@ -140,8 +140,7 @@ impl ManifestSource {
     /// True when a file was added, removed or modified since the last read.
     pub fn changed(&self) -> bool {
         self.current_fingerprint()
-            .map(|f| f != self.fingerprint)
-            .unwrap_or(true)
+            .map_or(true, |f| f != self.fingerprint)
     }
 
     fn current_fingerprint(&self) -> std::io::Result<Vec<(PathBuf, SystemTime, u64)>> {

@@ -142,7 +142,7 @@ fn match_key(rev_nat_id: u16, backend_id: u32) -> BackendMatchKey {
 
 fn range_key(rev_nat_id: u16, r: &Ipv4Prefix) -> Key<SourceRange4> {
     Key::new(
-        SOURCE_RANGE_PREFIX_BITS + r.len as u32,
+        SOURCE_RANGE_PREFIX_BITS + u32::from(r.len),
         SourceRange4 {
             rev_nat_id,
             _pad: 0,
@@ -210,8 +210,7 @@ fn batch<M: IterableMap<K, V>, K: Pod, V: Pod>(map: &M) -> Result<Vec<(K, V)>, M
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), String> {
     match r {
-        Ok(()) => Ok(()),
-        Err(MapError::KeyNotFound) => Ok(()),
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(e.to_string()),
     }

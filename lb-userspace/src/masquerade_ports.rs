@@ -72,12 +72,11 @@ impl FromStr for PortRange {
                 .parse::<u16>()
                 .map_err(|_| PortRangeError::Syntax(s.to_owned()))
         };
-        let range = match s.split_once('-') {
-            Some((a, b)) => PortRange::new(parse(a)?, parse(b)?),
-            None => {
-                let p = parse(s)?;
-                PortRange::new(p, p)
-            }
+        let range = if let Some((a, b)) = s.split_once('-') {
+            PortRange::new(parse(a)?, parse(b)?)
+        } else {
+            let p = parse(s)?;
+            PortRange::new(p, p)
         };
         if range.first > range.last {
             return Err(PortRangeError::Reversed(range));
@@ -128,7 +127,7 @@ pub fn default_ranges(node: &NodePorts) -> Result<Vec<PortRange>, PortRangeError
         }
         next = next.max(u32::from(r.last) + 1);
     }
-    if next <= u32::from(u16::MAX) {
+    if u16::try_from(next).is_ok() {
         free.push(PortRange::new(next as u16, u16::MAX));
     }
     free.sort_by_key(|r| std::cmp::Reverse(r.port_count()));

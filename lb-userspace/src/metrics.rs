@@ -52,9 +52,9 @@ pub struct InvalidLabel {
 /// 0.25 s and 0.5 s, then 1..59 s by 1, 60..115 s by 5, 120..300 s by 30.
 pub fn network_programming_buckets() -> Vec<f64> {
     let mut b = vec![0.25, 0.5];
-    b.extend((1..=59).map(|s| s as f64));
-    b.extend((0..12).map(|i| 60.0 + 5.0 * i as f64));
-    b.extend((0..7).map(|i| 120.0 + 30.0 * i as f64));
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    b.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
     b
 }
 
@@ -98,8 +98,8 @@ impl Metrics {
         ]);
         let programming_latency = Histogram::new(network_programming_buckets());
         let m = Metrics {
-            sync_duration: sync_duration.clone(),
-            programming_latency: programming_latency.clone(),
+            sync_duration,
+            programming_latency,
             services: Gauge::default(),
             backends: Gauge::default(),
             map_entries: Family::default(),
@@ -118,82 +118,92 @@ impl Metrics {
             datapath: Mutex::new(Box::new(String::new)),
             registry: Registry::default(),
         };
+        m.register_sync_metrics(&mut registry);
+        m.register_datapath_metrics(&mut registry);
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// What syncs write and how long they take.
+    fn register_sync_metrics(&self, registry: &mut Registry) {
         registry.register(
             "sync_proxy_rules_duration_seconds",
             "Time to compute and write one sync to the BPF maps",
-            sync_duration,
+            self.sync_duration.clone(),
         );
         registry.register(
             "network_programming_duration_seconds",
             "From an EndpointSlice's last-change-trigger-time to its endpoints being written to the maps",
-            programming_latency,
+            self.programming_latency.clone(),
         );
         registry.register(
             "services_programmed",
             "Service frontends in the maps",
-            m.services.clone(),
+            self.services.clone(),
         );
         registry.register(
             "backends_programmed",
             "Backend slots in the maps",
-            m.backends.clone(),
+            self.backends.clone(),
         );
         registry.register(
             "map_entries",
             "Entries in each BPF map the agent writes",
-            m.map_entries.clone(),
+            self.map_entries.clone(),
         );
         registry.register(
             "map_max_entries",
             "Capacity of each BPF map",
-            m.map_capacity.clone(),
+            self.map_capacity.clone(),
         );
         registry.register(
             "watch_restarts",
             "Times a Kubernetes watch was restarted with a full relist",
-            m.watch_restarts.clone(),
+            self.watch_restarts.clone(),
         );
         registry.register(
             "invalid_objects",
             "Objects (or Service ports) skipped because the data path cannot express them",
-            m.invalid_objects.clone(),
+            self.invalid_objects.clone(),
         );
         registry.register(
             "map_write_failures",
             "BPF map writes that failed",
-            m.map_write_failures.clone(),
+            self.map_write_failures.clone(),
         );
+    }
+
+    /// The data path's own state: conntrack, hooks, the API server.
+    fn register_datapath_metrics(&self, registry: &mut Registry) {
         registry.register(
             "conntrack_entries",
             "Conntrack entries present at the last sweep",
-            m.conntrack_entries.clone(),
+            self.conntrack_entries.clone(),
         );
         registry.register(
             "conntrack_max_entries",
             "Capacity of the conntrack map (--conntrack-max)",
-            m.conntrack_capacity.clone(),
+            self.conntrack_capacity.clone(),
         );
         registry.register(
             "conntrack_evictions",
             "Conntrack entries the full LRU map evicted (added, minus removed, minus present)",
-            m.conntrack_evictions.clone(),
+            self.conntrack_evictions.clone(),
         );
         registry.register(
             "conntrack_swept",
             "Conntrack entries the sweep removed: backend_gone (deleted backend) or expired",
-            m.conntrack_swept.clone(),
+            self.conntrack_swept.clone(),
         );
         registry.register(
             "wire_hook",
             "1 per interface facing the wire: its hook (tc or xdp), driver and the reason for the choice",
-            m.wire_hooks.clone(),
+            self.wire_hooks.clone(),
         );
         registry.register(
             "api_server_up",
             "1 while the Kubernetes API server answers the agent's probe (API mode)",
-            m.api_server_up.clone(),
+            self.api_server_up.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
     }
 
     pub fn record_wire_hook(&self, a: &crate::attach::WireAttachment) {
@@ -273,7 +283,7 @@ pub async fn read_request_head(stream: &mut tokio::net::TcpStream, max: usize) -
         )
         .await
         {
-            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(0) | Err(_)) | Err(_) => break,
             Ok(Ok(k)) => n += k,
         }
         if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {

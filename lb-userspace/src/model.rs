@@ -166,7 +166,7 @@ impl ServiceEntry {
     pub fn all_backends(&self) -> impl Iterator<Item = &L4Addr> {
         self.backends
             .all()
-            .chain(self.internal.iter().flat_map(|s| s.all()))
+            .chain(self.internal.iter().flat_map(BackendSet::all))
     }
 }
 

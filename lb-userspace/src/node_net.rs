@@ -25,7 +25,7 @@ pub fn interface_addresses() -> Result<BTreeMap<String, Vec<Ipv4Addr>>> {
             continue;
         }
         // SAFETY: non-null sockaddr; its family says how to read it.
-        if unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
             continue;
         }
         let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };

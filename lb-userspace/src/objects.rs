@@ -174,7 +174,9 @@ pub struct SliceInfo {
 /// Node names and zones repeat across every endpoint: one copy each.
 fn intern(text: &str) -> Arc<str> {
     static STRINGS: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Default::default);
-    let mut strings = STRINGS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut strings = STRINGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(s) = strings.get(text) {
         return s.clone();
     }

@@ -147,6 +147,7 @@ impl<W: MapWriter> Programmer<W> {
                     Err(reason) => {
                         // Invalid as a whole: keep what it had.
                         errors.push(TranslateError {
+                            kind: crate::translate::ObjectKind::Service,
                             object: format!("Service {}", change.name),
                             reason,
                         });
@@ -230,36 +231,43 @@ impl<W: MapWriter> Programmer<W> {
         errors: Vec<TranslateError>,
         notes: Vec<String>,
     ) -> SyncReport {
-        let Written {
-            writes,
-            deleted_udp_backends,
-            deleted_backends,
-            unplanned,
-            failed,
-        } = written;
         let mut out = SyncReport {
             frontends: self.desired.len(),
             backends: self.desired.backend_count(),
-            writes,
+            writes: written.writes,
             errors: Vec::new(),
             notes,
-            complete: unplanned.is_empty() && failed.is_empty(),
-            deleted_udp_backends,
-            deleted_backends,
+            complete: written.unplanned.is_empty() && written.failed.is_empty(),
+            deleted_udp_backends: written.deleted_udp_backends,
+            deleted_backends: written.deleted_backends,
         };
-        for e in &errors {
-            let kind = if e.object.contains(" port ") {
-                "service_port"
-            } else {
-                "service"
+        self.report_errors(&mut out, &errors, &written.unplanned, &written.failed);
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.services.set(out.frontends as i64);
+        self.metrics.backends.set(out.backends as i64);
+        self.record_map_sizes();
+        out
+    }
+
+    /// Every reason something was not programmed, into the report and the
+    /// metrics.
+    fn report_errors(
+        &self,
+        out: &mut SyncReport,
+        errors: &[TranslateError],
+        unplanned: &[differ::Unplanned],
+        failed: &[(Option<L4Addr>, String)],
+    ) {
+        for e in errors {
+            let label = InvalidLabel {
+                kind: e.kind.label().into(),
             };
-            self.metrics
-                .invalid_objects
-                .get_or_create(&InvalidLabel { kind: kind.into() })
-                .inc();
+            self.metrics.invalid_objects.get_or_create(&label).inc();
             out.errors.push(format!("cannot program {e}"));
         }
-        for u in &unplanned {
+        for u in unplanned {
             self.metrics.map_write_failures.inc();
             out.errors.push(format!(
                 "cannot program Service {}: {} (it keeps its previous state, {} frontends not updated)",
@@ -268,19 +276,17 @@ impl<W: MapWriter> Programmer<W> {
                 u.frontends.len()
             ));
         }
-        for (frontend, reason) in &failed {
+        for (frontend, reason) in failed {
             self.metrics.map_write_failures.inc();
             out.errors.push(match frontend {
                 Some(f) => format!("programming {f} failed, it keeps its previous state: {reason}"),
                 None => format!("map write failed: {reason}"),
             });
         }
-        self.metrics
-            .sync_duration
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.services.set(out.frontends as i64);
-        self.metrics.backends.set(out.backends as i64);
-        for (map, n, cap) in [
+    }
+
+    fn record_map_sizes(&self) {
+        let sizes = [
             (
                 lb_common::map_names::SERVICES,
                 self.current.services.len(),
@@ -296,15 +302,15 @@ impl<W: MapWriter> Programmer<W> {
                 self.current.rev_nat.len(),
                 lb_common::MAX_REV_NAT,
             ),
-        ] {
+        ];
+        for (map, n, cap) in sizes {
             let label = MapLabel { map: map.into() };
             self.metrics.map_entries.get_or_create(&label).set(n as i64);
             self.metrics
                 .map_capacity
                 .get_or_create(&label)
-                .set(cap as i64);
+                .set(i64::from(cap));
         }
-        out
     }
 
     /// The names when they may have changed since the last call: building

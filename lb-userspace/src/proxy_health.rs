@@ -55,7 +55,9 @@ impl ProxyHealth {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A change arrived that a sync has to write.
@@ -93,8 +95,10 @@ impl ProxyHealth {
         // As kube-proxy: a healthy answer says "updated now".
         let last = if ok { Some(now) } else { last };
         let time = |t: Option<SystemTime>| {
-            t.map(|t| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Nanos, true))
-                .unwrap_or_else(|| "0001-01-01T00:00:00Z".into())
+            t.map_or_else(
+                || "0001-01-01T00:00:00Z".into(),
+                |t| DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Nanos, true),
+            )
         };
         let body = if with_node {
             serde_json::json!({"lastUpdated": time(last), "currentTime": time(Some(now)), "nodeEligible": eligible})
@@ -169,7 +173,7 @@ mod tests {
 
     #[test]
     fn a_node_being_deleted_fails_healthz_not_livez() {
-        let h = ProxyHealth::new(Duration::from_secs(60));
+        let h = ProxyHealth::new(Duration::from_mins(1));
         h.set_node_eligible(false);
         let (status, body) = h.answer(true);
         assert_eq!(status, "503 Service Unavailable");

@@ -36,9 +36,28 @@ use crate::{
 /// Something that could not be expressed in the data path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TranslateError {
+    pub kind: ObjectKind,
     /// e.g. `Service default/web` or `Service default/web port dns`.
     pub object: String,
     pub reason: String,
+}
+
+/// What a translation error is about (`lb_invalid_objects_total{kind}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    Service,
+    ServicePort,
+    EndpointSlice,
+}
+
+impl ObjectKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ObjectKind::Service => "service",
+            ObjectKind::ServicePort => "service_port",
+            ObjectKind::EndpointSlice => "endpoint_slice",
+        }
+    }
 }
 
 impl fmt::Display for TranslateError {
@@ -126,6 +145,7 @@ fn claim_all(out: &mut Translation, svc: &ServiceInfo, result: Result<Vec<Servic
         }
         Err(reason) => {
             out.errors.push(TranslateError {
+                kind: ObjectKind::Service,
                 object: format!("Service {}", svc.name),
                 reason,
             });
@@ -137,6 +157,7 @@ fn claim_all(out: &mut Translation, svc: &ServiceInfo, result: Result<Vec<Servic
 impl From<Conflict> for TranslateError {
     fn from(c: Conflict) -> Self {
         TranslateError {
+            kind: ObjectKind::Service,
             object: format!("Service {}", c.loser),
             reason: format!(
                 "frontend {} is already used by Service {} (of two claims the first name in order wins)",
@@ -230,6 +251,7 @@ pub fn translate_service(
         match port_entries(node, svc, &rules, port, &slices, errors) {
             Ok(mut e) => entries.append(&mut e),
             Err(reason) => errors.push(TranslateError {
+                kind: ObjectKind::ServicePort,
                 object: port_object(svc, port),
                 reason,
             }),
@@ -583,6 +605,7 @@ fn collect_endpoints(
         .filter(|p| *p != 0)
     else {
         errors.push(TranslateError {
+            kind: ObjectKind::EndpointSlice,
             object: object(),
             reason: format!("port {port_name:?} has no valid number"),
         });
@@ -594,6 +617,7 @@ fn collect_endpoints(
             Some(Addr::V4(a)) => *a,
             Some(other) => {
                 errors.push(TranslateError {
+                    kind: ObjectKind::EndpointSlice,
                     object: object(),
                     reason: format!("endpoint address {other} is not an IPv4 address"),
                 });

@@ -210,7 +210,7 @@ impl ApiServer {
                         });
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5))
+                        std::thread::sleep(Duration::from_millis(5));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -666,7 +666,7 @@ fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBoo
                 namespace: t.namespace.clone(),
                 watch,
                 status,
-            })
+            });
     };
     if hold_unanswered(shared, running, drop_epoch) {
         record(0);
@@ -774,7 +774,7 @@ fn list(shared: &Shared, resource: Resource, t: &Target, selector: &Selector) ->
     let mut items = Vec::new();
     let mut next = None;
     let mut last: Option<(&String, &String)> = None;
-    for ((r, ns, name), object) in st.objects.iter() {
+    for ((r, ns, name), object) in &st.objects {
         if *r != resource {
             continue;
         }
@@ -828,8 +828,7 @@ fn serve_watch(
         .query
         .get("timeoutSeconds")
         .and_then(|v| v.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(1800));
+        .map_or(Duration::from_mins(30), Duration::from_secs);
     let deadline = Instant::now() + timeout;
     write!(
         stream,
@@ -885,12 +884,10 @@ fn serve_watch(
             let now_matches = selector.matches(&e.object);
             let was_matching = e.previous.as_ref().is_some_and(|p| selector.matches(p));
             let kind = match (e.kind, was_matching, now_matches) {
-                ("DELETED", true, _) => "DELETED",
-                ("DELETED", false, _) => continue,
+                ("DELETED", true, _) | (_, true, false) => "DELETED",
+                ("DELETED", false, _) | (_, false, false) => continue,
                 (_, false, true) => "ADDED",
                 (_, true, true) => "MODIFIED",
-                (_, true, false) => "DELETED",
-                (_, false, false) => continue,
             };
             if !delay.is_zero() {
                 std::thread::sleep(delay);

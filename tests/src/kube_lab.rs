@@ -98,7 +98,7 @@ impl KubeLab {
     /// `start_agent` with more flags.
     pub fn start_agent_extra(&mut self, extra: &[&str]) {
         let mut flags = self.agent_flags();
-        flags.extend(extra.iter().map(|s| s.to_string()));
+        flags.extend(extra.iter().map(std::string::ToString::to_string));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         self.lab.start_agent_with(&flags).expect("start lb-agent");
     }

@@ -124,10 +124,10 @@ pub fn next_steps(params: &RolloutParams, pods: &[RolloutPod], now: Duration) ->
     for p in pods {
         match p.phase {
             PodPhase::Starting if now.saturating_sub(p.since) >= params.readiness_delay => {
-                steps.push(Step::MarkReady(p.name.clone()))
+                steps.push(Step::MarkReady(p.name.clone()));
             }
             PodPhase::Terminating if now.saturating_sub(p.since) >= params.grace => {
-                steps.push(Step::Remove(p.name.clone()))
+                steps.push(Step::Remove(p.name.clone()));
             }
             _ => {}
         }

@@ -260,12 +260,12 @@ impl<'a> Workload<'a> {
             .selector
             .match_labels
             .as_ref()
-            .is_none_or(|m| m.is_empty())
+            .is_none_or(std::collections::BTreeMap::is_empty)
             && self
                 .selector
                 .match_expressions
                 .as_ref()
-                .is_none_or(|e| e.is_empty());
+                .is_none_or(std::vec::Vec::is_empty);
         if selector_is_empty {
             return Err(invalid("spec.selector must not be empty".into()));
         }
@@ -881,7 +881,7 @@ mod tests {
         for service in ["frontend", "frontend-nodeport"] {
             let of = slices_of(&slices, service);
             assert_eq!(of.len(), 1, "{service}");
-            assert_eq!(slice_ports(of[0]), vec![("".into(), "TCP".into(), 80)]);
+            assert_eq!(slice_ports(of[0]), vec![(String::new(), "TCP".into(), 80)]);
             assert_eq!(of[0].endpoints.len(), 4);
         }
     }
@@ -931,7 +931,7 @@ mod tests {
                 document: 2,
                 reason,
             }) => {
-                assert!(reason.contains("Deployment"), "{reason}")
+                assert!(reason.contains("Deployment"), "{reason}");
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -972,7 +972,10 @@ mod tests {
         let slices = endpoint_slices_for_services(&objects, &pods);
         assert_eq!(slices.len(), 1);
         assert_eq!(addresses(&slices[0]), ["10.244.0.2"]);
-        assert_eq!(slice_ports(&slices[0]), vec![("".into(), "TCP".into(), 80)]);
+        assert_eq!(
+            slice_ports(&slices[0]),
+            vec![(String::new(), "TCP".into(), 80)]
+        );
     }
 
     #[test]
@@ -1253,7 +1256,7 @@ mod tests {
         let mut pool = (2..=4).map(|i| Ipv4Addr::new(10, 244, 0, i));
         match pods_for_workloads(&objects, &mut pool, "n") {
             Err(WorkloadError::OutOfAddresses { pod }) => {
-                assert!(pod.starts_with("default/frontend-"), "{pod}")
+                assert!(pod.starts_with("default/frontend-"), "{pod}");
             }
             other => panic!("unexpected {other:?}"),
         }

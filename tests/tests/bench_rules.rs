@@ -66,7 +66,7 @@ fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint() {
 fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) {
     let mut cmd = ns.command(program);
     cmd.args(args);
-    if let Err(e) = feed(cmd, input, Duration::from_secs(60)) {
+    if let Err(e) = feed(cmd, input, Duration::from_mins(1)) {
         panic!("{program} {args:?}: {e}");
     }
 }

@@ -36,9 +36,10 @@ fn image_or_skip(test: &str) -> Option<String> {
     }
     let image = image_under_test();
     if image.is_none() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{test}: {IMAGE_ENV} is not set (`cargo xtask test` builds the image)");
-        }
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "{test}: {IMAGE_ENV} is not set (`cargo xtask test` builds the image)"
+        );
         eprintln!(
             "SKIPPED {test}: no image; `cargo xtask image --debug --tag T` builds one, \
              then set {IMAGE_ENV}=T (`cargo xtask test` does both)"
@@ -228,7 +229,7 @@ fn the_image_runs_as_the_daemon_set_serves_survives_a_restart_and_cleans_up() {
     args.push("--interfaces=eth0".into());
     let started = Instant::now();
     let agent = Container::start(&format!("{}-agent", lab.id), &options, &image, &args).unwrap();
-    let ready = wait_http(&lab, 10249, "/readyz", 200, Duration::from_secs(60));
+    let ready = wait_http(&lab, 10249, "/readyz", 200, Duration::from_mins(1));
     println!(
         "container start to /readyz 200 (first sync): {} ms",
         (started.elapsed().max(ready)).as_millis()
@@ -252,7 +253,7 @@ fn the_image_runs_as_the_daemon_set_serves_survives_a_restart_and_cleans_up() {
     std::thread::sleep(Duration::from_secs(1));
     let restarted = Instant::now();
     agent.restart().unwrap();
-    let ready = wait_http(&lab, 10249, "/readyz", 200, Duration::from_secs(60));
+    let ready = wait_http(&lab, 10249, "/readyz", 200, Duration::from_mins(1));
     println!(
         "container restart to /readyz 200: {} ms",
         (restarted.elapsed().max(ready)).as_millis()
@@ -282,7 +283,7 @@ fn the_image_runs_as_the_daemon_set_serves_survives_a_restart_and_cleans_up() {
     options.retain(|o| !o.starts_with("--env=") && !o.starts_with("--entrypoint="));
     let command = |args: &[&str]| {
         let mut all = vec!["--pin-dir=/sys/fs/bpf/lb-agent".to_string()];
-        all.extend(args.iter().map(|a| a.to_string()));
+        all.extend(args.iter().map(std::string::ToString::to_string));
         run_to_end(&options, &image, &all).unwrap()
     };
     for (args, expect) in [
@@ -382,7 +383,7 @@ fn allowed_syscalls(path: &PathBuf) -> BTreeSet<String> {
         .filter(|rule| {
             rule["includes"]["caps"]
                 .as_array()
-                .is_none_or(|caps| caps.is_empty())
+                .is_none_or(std::vec::Vec::is_empty)
         })
         .flat_map(|rule| rule["names"].as_array().unwrap())
         .map(|n| n.as_str().unwrap().to_owned())

@@ -403,7 +403,7 @@ fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
         "not ready only after three timeouts without an answer, took {took:?}"
     );
     let m = k.metrics();
-    assert_eq!(metric_sum(&m, "lb_api_server_up", &[]), 0.0, "{m}");
+    assert!(metric_sum(&m, "lb_api_server_up", &[]) < 0.5, "down: {m}");
     let log = k.lab.agent_log();
     for said in [
         "API server probe failed",

@@ -56,7 +56,7 @@ fn daemon_set_memory_limit() -> String {
 
 /// Waits until the agent has written sync `generation`.
 fn wait_generation(lab: &mut Lab, generation: u64, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_mins(5);
     while lab.generation() < generation {
         assert!(
             Instant::now() < deadline,
@@ -74,7 +74,7 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
     }
     let quantity = daemon_set_memory_limit();
     let limit = parse_quantity(&quantity).expect("a memory quantity");
-    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
 
     // Dropped after the lab (declared first): its processes are gone then.
     let cgroup = MemoryCgroup::create(&format!("lb-memory-{}", std::process::id()), limit)

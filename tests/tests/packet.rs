@@ -818,7 +818,7 @@ fn thousands_of_random_truncated_and_malformed_packets_leave_non_service_traffic
         let ip = packet::IP_OFF;
         let mut variants = vec![
             packet::with_ip_options(full),
-            packet::as_fragment(full.to_vec()),
+            packet::as_fragment(full.clone()),
         ];
         for ihl in 0..16u8 {
             let mut p = full.clone();

@@ -337,7 +337,7 @@ fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users(
     let let_in: Vec<_> = report
         .outcomes
         .iter()
-        .filter(|(_, errno)| !matches!(errno, Some(libc::EACCES) | Some(libc::EPERM)))
+        .filter(|(_, errno)| !matches!(errno, Some(libc::EACCES | libc::EPERM)))
         .collect();
     assert!(
         let_in.is_empty(),
@@ -576,10 +576,10 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
         let error = outcome.err().unwrap_or_else(|| {
             panic!("the agent works without {missing}: remove it from the DaemonSet\n{log}")
         });
-        let failure = log
-            .split_once("Error:")
-            .map(|(_, f)| f)
-            .unwrap_or_else(|| panic!("no error reported without {missing}: {error}\n{log}"));
+        let failure = log.split_once("Error:").map_or_else(
+            || panic!("no error reported without {missing}: {error}\n{log}"),
+            |(_, f)| f,
+        );
         let reason = failure.lines().next().unwrap_or_default().trim();
         assert!(
             reason.contains(&format!("CAP_{missing}")),

@@ -930,7 +930,7 @@ fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back(
 /// with a Service over them built by the lab's controller.
 fn multiport_lab(source: Source, service_ports: Value) -> Lab {
     let yaml = format!(
-        r#"
+        r"
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: multi}}
@@ -954,7 +954,7 @@ spec:
   clusterIP: 10.96.0.40
   selector: {{app: multi}}
   ports: {service_ports}
-"#
+"
     );
     let (objects, _) = lb_tests::workload::parse_lab_objects(&yaml).expect("parse");
     let mut lab = Lab::from_objects_with(source, Wire::Software, objects).expect("build the lab");

@@ -44,7 +44,7 @@ impl ImageRequest {
             match arg.as_str() {
                 "--debug" => request.debug = true,
                 "--release" => request.debug = false,
-                "--tag" => request.tag = value()?.clone(),
+                "--tag" => request.tag.clone_from(value()?),
                 "--save" => request.save = Some(value()?.into()),
                 "--agent-bin" => request.agent_bin = Some(value()?.into()),
                 other => bail!("image: unknown argument {other}"),
@@ -68,17 +68,16 @@ pub fn podman() -> Command {
 pub fn build(request: &ImageRequest) -> Result<String> {
     let root = workspace_root();
     let profile = if request.debug { "debug" } else { "release" };
-    let agent = match &request.agent_bin {
-        Some(path) => path.clone(),
-        None => {
-            let mut c = cargo();
-            c.args(["build", "-p", "lb-userspace", "--bin", "lb-agent"]);
-            if !request.debug {
-                c.arg("--release");
-            }
-            sh(&mut c)?;
-            root.join("target").join(profile).join("lb-agent")
+    let agent = if let Some(path) = &request.agent_bin {
+        path.clone()
+    } else {
+        let mut c = cargo();
+        c.args(["build", "-p", "lb-userspace", "--bin", "lb-agent"]);
+        if !request.debug {
+            c.arg("--release");
         }
+        sh(&mut c)?;
+        root.join("target").join(profile).join("lb-agent")
     };
     let context = root.join("target/image").join(profile);
     assemble_rootfs(&agent, &context.join("rootfs"))?;

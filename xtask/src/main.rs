@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test|demo|run|image|bench>`.
+//! Project tasks: `cargo xtask <setup|build|test|lint|demo|run|image|bench>`.
 //!
 //! Every task first runs `setup`, which makes a fresh machine ready and is
 //! cheap when everything is already there.
@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
 mod image;
+mod lint;
+mod setup;
 mod test_plan;
 
 const USAGE: &str = "usage: cargo xtask <command> [args]
@@ -25,6 +28,9 @@ commands:
   demo             build the lab from examples/, run the agent, send requests
                    from a client pod to each ClusterIP and show who answered
   run -- FLAGS     run `lb-agent run FLAGS` (e.g. --manifests DIR or --kubeconfig)
+  lint             cargo fmt --check and clippy (warnings as errors, the
+                   workspace lint table) on the host crates and on lb-ebpf
+                   for its BPF target
   image [--debug] [--tag NAME] [--save FILE.tar] [--agent-bin PATH]
                    build the agent's container image offline with podman
                    (FROM scratch: the agent and its C libraries; default
@@ -34,36 +40,21 @@ commands:
                    nftables rules and write bench/results/<date>.md with plots;
                    --quick is a smoke run of a few minutes";
 
-/// Debian packages the tests and the demo use, with a binary that tells
-/// whether each is installed.
-const APT_PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip"),
-    ("ethtool", "ethtool"),
-    ("util-linux", "nsenter"),
-    ("bpftool", "bpftool"),
-    // The kube-proxy rule sets the benchmark compares against are tested.
-    ("iptables", "iptables-legacy-restore"),
-    ("nftables", "nft"),
-    // The agent's image is built and run in the tests (deploy/image/).
-    ("podman", "podman"),
-    ("buildah", "buildah"),
-    ("runc", "runc"),
-    // A throwaway cluster CA for the in-cluster config of the image test.
-    ("openssl", "openssl"),
-];
-
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup(),
-        Some("build") => setup().and_then(|_| build(args.iter().any(|a| a == "--release"))),
-        Some("test") => setup().and_then(|_| test(&args[1..])),
-        Some("demo") => setup().and_then(|_| demo()),
-        Some("run") => setup().and_then(|_| run_agent(&args[1..])),
-        Some("image") => setup()
-            .and_then(|_| image::ImageRequest::parse(&args[1..]))
+        Some("setup") => setup::setup(),
+        Some("build") => setup::setup().and_then(|()| build(args.iter().any(|a| a == "--release"))),
+        Some("test") => setup::setup().and_then(|()| test(&args[1..])),
+        Some("demo") => setup::setup().and_then(|()| demo()),
+        Some("run") => setup::setup().and_then(|()| run_agent(&args[1..])),
+        Some("lint") => setup::setup().and_then(|()| lint::lint()),
+        Some("image") => setup::setup()
+            .and_then(|()| image::ImageRequest::parse(&args[1..]))
             .and_then(|request| image::build(&request).map(drop)),
-        Some("bench") => setup().and_then(|_| bench(args.iter().any(|a| a == "--quick"))),
+        Some("bench") => {
+            setup::setup().and_then(|()| bench::bench(args.iter().any(|a| a == "--quick")))
+        }
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -109,142 +100,6 @@ fn output(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn have(binary: &str) -> bool {
-    env::var_os("PATH")
-        .map(|paths| env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
-        .unwrap_or(false)
-}
-
-fn home() -> Result<PathBuf> {
-    env::var_os("HOME")
-        .map(PathBuf::from)
-        .context("HOME is not set")
-}
-
-fn setup() -> Result<()> {
-    // 1. The nightly toolchain compiles the BPF object (build-std needs it).
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
-        .context("rustup is required (https://rustup.rs) and was not found")?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        say("installing the nightly toolchain (BPF object needs -Z build-std)");
-        sh(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))
-        .context("no nightly toolchain and it could not be installed")?;
-    }
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("rustc +nightly does not run")?
-        .trim()
-        .to_owned();
-
-    // 2. rust-src: build-std=core compiles core for bpfel-unknown-none.
-    let core_src = Path::new(&sysroot).join("lib/rustlib/src/rust/library/core");
-    if core_src.is_dir() {
-        say("rust-src for nightly: present");
-    } else {
-        say("adding rust-src to the nightly toolchain");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-            .context("rust-src could not be installed for the nightly toolchain")?;
-    }
-
-    // 3. bpf-linker, built against the nightly's own LLVM: bitcode from one
-    // LLVM major cannot be linked by another.
-    let verbose =
-        output(Command::new("rustc").args(["+nightly", "-vV"])).context("rustc +nightly -vV")?;
-    let llvm_major = verbose
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .and_then(|v| v.split('.').next())
-        .context("cannot read the nightly's LLVM version")?
-        .to_owned();
-    let llvm_dir = home()?.join(".local/lib/rust-llvm/lib");
-    std::fs::create_dir_all(&llvm_dir)?;
-    // Link every libLLVM of the nightly: libLLVM.so for building bpf-linker,
-    // the versioned names for its run-time loader (its rpath points here).
-    for entry in std::fs::read_dir(Path::new(&sysroot).join("lib"))?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("libLLVM") {
-            let link = llvm_dir.join(&name);
-            let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(entry.path(), &link)?;
-            if name.starts_with("libLLVM.so.") {
-                let plain = llvm_dir.join("libLLVM.so");
-                let _ = std::fs::remove_file(&plain);
-                std::os::unix::fs::symlink(entry.path(), &plain)?;
-            }
-        }
-    }
-    let linker_ok = |cmd: &mut Command| output(cmd).is_some_and(|v| v.starts_with("bpf-linker"));
-    if linker_ok(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
-        say(&format!(
-            "bpf-linker: present (LLVM {llvm_major} from the nightly)"
-        ));
-    } else {
-        say(&format!(
-            "building bpf-linker against the nightly's LLVM {llvm_major} (about 2 minutes)"
-        ));
-        sh(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--force",
-                "--no-default-features",
-                "--features",
-            ])
-            .arg(format!("llvm-{llvm_major}"))
-            .env("LLVM_PREFIX", llvm_dir.parent().expect("lib has a parent")))
-        .context("bpf-linker could not be built")?;
-        if !linker_ok(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"])) {
-            bail!("bpf-linker was installed but does not run (is ~/.cargo/bin on PATH?)");
-        }
-    }
-
-    // 4. System tools the lab and users need.
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .filter(|(_, bin)| !have(bin))
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        say("system packages: present");
-    } else {
-        say(&format!(
-            "installing Debian packages: {}",
-            missing.join(" ")
-        ));
-        if !have("apt-get") {
-            bail!(
-                "missing {} and apt-get is not available: install them by hand",
-                missing.join(" ")
-            );
-        }
-        apt_install(&missing)?;
-    }
-
-    // 5. bpffs, where the agent pins its maps.
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-    {
-        say("bpffs: mounted at /sys/fs/bpf");
-    } else if unsafe_is_root() {
-        say("mounting bpffs at /sys/fs/bpf");
-        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
-    } else {
-        say("bpffs is not mounted at /sys/fs/bpf and this is not root: the agent mounts it when run as root");
-    }
-    Ok(())
-}
-
-fn unsafe_is_root() -> bool {
-    output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
 
 fn cargo() -> Command {
@@ -363,248 +218,4 @@ fn run_agent(args: &[String]) -> Result<()> {
     sh(Command::new(workspace_root().join("target/debug/lb-agent"))
         .arg("run")
         .args(args))
-}
-
-/// Debian packages the benchmark adds to setup's (which has iptables and
-/// nftables): the plotter.
-const BENCH_APT_PACKAGES: &[(&str, &str)] = &[("gnuplot-nox", "gnuplot")];
-
-/// What one benchmark run measures, full or quick.
-struct BenchPlan {
-    datapath_sizes: &'static str,
-    programming_sizes: &'static str,
-    traffic_sizes: &'static str,
-    /// Seconds an external tool may take to install one rule set.
-    tool_limit_s: &'static str,
-    changes: &'static str,
-    traffic_ms: &'static str,
-    traffic_rounds: &'static str,
-    control_plane_services: &'static str,
-    control_plane_changes: &'static str,
-    /// Seconds of NodePort load at 1,000 new connections a second.
-    nodeport_seconds: &'static str,
-}
-
-const FULL: BenchPlan = BenchPlan {
-    datapath_sizes: "1,1000,10000,30000",
-    programming_sizes: "1,1000,10000,30000,100000",
-    traffic_sizes: "1,1000,10000,30000",
-    tool_limit_s: "180",
-    changes: "50",
-    traffic_ms: "1000",
-    traffic_rounds: "3",
-    control_plane_services: "10000",
-    control_plane_changes: "300",
-    nodeport_seconds: "60",
-};
-
-const QUICK: BenchPlan = BenchPlan {
-    datapath_sizes: "1,1000",
-    programming_sizes: "1,1000",
-    traffic_sizes: "1,1000",
-    tool_limit_s: "60",
-    changes: "20",
-    traffic_ms: "300",
-    traffic_rounds: "1",
-    control_plane_services: "1000",
-    control_plane_changes: "100",
-    nodeport_seconds: "10",
-};
-
-/// Runs one lb-bench measurement: progress streams to the terminal, the
-/// markdown section it prints is returned.
-fn bench_section(name: &str, args: &[&str]) -> Result<String> {
-    let bin = workspace_root().join("target/release/lb-bench");
-    let started = std::time::Instant::now();
-    println!("[bench] {name}: lb-bench {}", args.join(" "));
-    let out = Command::new(bin)
-        .args(args)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running lb-bench {}", args[0]))?;
-    if !out.status.success() {
-        bail!("lb-bench {} failed ({})", args[0], out.status);
-    }
-    let section = String::from_utf8_lossy(&out.stdout).into_owned();
-    print!("{section}");
-    println!(
-        "[bench] {name}: done in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(section)
-}
-
-fn install_bench_packages() -> Result<()> {
-    let missing: Vec<&str> = BENCH_APT_PACKAGES
-        .iter()
-        .filter(|(_, bin)| !have(bin))
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        say("benchmark packages (gnuplot): present");
-        return Ok(());
-    }
-    say(&format!(
-        "installing Debian packages for the benchmark: {}",
-        missing.join(" ")
-    ));
-    apt_install(&missing)
-}
-
-/// `apt-get update` and `apt-get install` of `packages`, non-interactively.
-fn apt_install(packages: &[&str]) -> Result<()> {
-    sh(Command::new("apt-get")
-        .args(["update", "-q"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    sh(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .context("apt-get install failed (root is required)")
-}
-
-fn first_line(cmd: &mut Command) -> String {
-    output(cmd)
-        .and_then(|o| o.lines().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// Runs the benchmarks on release builds and writes a markdown report
-/// with PNG plots beside it.
-fn bench(quick: bool) -> Result<()> {
-    install_bench_packages()?;
-    build(true)?;
-    let root = workspace_root();
-    let started = std::time::Instant::now();
-    let plan = if quick { &QUICK } else { &FULL };
-    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"]))
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let stem = format!("{date}{}", if quick { "-quick" } else { "" });
-    let dir = root.join("bench/results");
-    std::fs::create_dir_all(&dir)?;
-    let mut report = String::new();
-    report.push_str(&format!(
-        "# lb benchmark results, {date}{}\n\n",
-        if quick { " (--quick)" } else { "" }
-    ));
-    report.push_str("## Machine and versions\n\n");
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let commit = first_line(Command::new("git").args(["-C"]).arg(&root).args([
-        "rev-parse",
-        "--short",
-        "HEAD",
-    ]));
-    report.push_str(&format!(
-        "- kernel: {}\n- CPU: {cpu}, {cores} cores; memory: {}\n- {}; aya 0.14, aya-ebpf 0.2.1\n- lb commit {commit}\n- {}; {}\n- IPVS: {}\n\n",
-        first_line(Command::new("uname").args(["-srm"])),
-        first_line(Command::new("sh").args(["-c", "free -h | awk '/Mem:/ {print $2}'"])),
-        first_line(Command::new("rustc").arg("-V")),
-        first_line(Command::new("iptables").arg("-V")),
-        first_line(Command::new("nft").arg("-v")),
-        if Path::new("/proc/net/ip_vs").exists() {
-            "present, not measured"
-        } else {
-            "not in this kernel (no /proc/net/ip_vs, no loadable modules): kube-proxy's IPVS mode cannot be measured here"
-        },
-    ));
-    report.push_str(&bench_section(
-        "per-packet cost",
-        &[
-            "datapath",
-            "--sizes",
-            plan.datapath_sizes,
-            "--endpoints",
-            "4",
-        ],
-    )?);
-    report.push_str(&bench_section(
-        "traffic through the lab",
-        &[
-            "traffic",
-            "--sizes",
-            plan.traffic_sizes,
-            "--endpoints",
-            "4",
-            "--ms",
-            plan.traffic_ms,
-            "--rounds",
-            plan.traffic_rounds,
-            "--plot-dir",
-            &dir.to_string_lossy(),
-            "--plot-prefix",
-            &format!("{stem}-"),
-        ],
-    )?);
-    report.push_str(&bench_section(
-        "control plane",
-        &[
-            "control-plane",
-            "--services",
-            plan.control_plane_services,
-            "--endpoints",
-            "10",
-            "--changes",
-            plan.control_plane_changes,
-        ],
-    )?);
-    let mut nodeport = vec![
-        "nodeport-load",
-        "--rate",
-        "1000",
-        "--seconds",
-        plan.nodeport_seconds,
-    ];
-    let previous = previous_release_agent()?;
-    let previous_path = previous.as_ref().map(|p| p.to_string_lossy().into_owned());
-    match &previous_path {
-        Ok(path) => nodeport.extend(["--previous-agent", path.as_str()]),
-        Err(why) => {
-            println!("[bench] the previous release is left out of the NodePort load: {why}")
-        }
-    }
-    report.push_str(&bench_section("NodePort under load", &nodeport)?);
-    // Rule programming goes last: the kernel frees the huge iptables and
-    // nftables rule sets of its namespaces in the background for minutes,
-    // which would load the machine under the traffic runs.
-    report.push_str(&bench_section(
-        "rule programming",
-        &[
-            "programming",
-            "--sizes",
-            plan.programming_sizes,
-            "--endpoints",
-            "4",
-            "--changes",
-            plan.changes,
-            "--limit-s",
-            plan.tool_limit_s,
-        ],
-    )?);
-    let took = started.elapsed().as_secs_f64();
-    report.push_str(&format!(
-        "Whole run: {:.0} min {:.0} s (release build not included). Reproduce with `cargo xtask bench{}` (as root).\n",
-        (took / 60.0).floor(),
-        took % 60.0,
-        if quick { " --quick" } else { "" }
-    ));
-    let file = dir.join(format!("{stem}.md"));
-    std::fs::write(&file, report)?;
-    println!(
-        "[bench] report written to {} ({:.0} s)",
-        file.display(),
-        took
-    );
-    Ok(())
 }

@@ -107,7 +107,7 @@ impl MapContents {
     }
 
     pub fn insert_rev_nat(&mut self, id: u16, v: RevNat4) {
-        self.next_rev_nat_id = self.next_rev_nat_id.max(id as u32 + 1);
+        self.next_rev_nat_id = self.next_rev_nat_id.max(u32::from(id) + 1);
         if let Some(old) = self.rev_nat.insert(id, v) {
             let key = rev_key(&old);
             if self.rev_ids.get(&key) == Some(&id) {

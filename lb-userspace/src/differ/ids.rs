@@ -27,7 +27,7 @@ impl IntoU32 for &u32 {
 
 impl IntoU32 for &u16 {
     fn into_u32(self) -> u32 {
-        *self as u32
+        u32::from(*self)
     }
 }
 

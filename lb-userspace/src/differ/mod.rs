@@ -73,7 +73,7 @@ impl Default for IdLimits {
             // Ids index the backends array.
             backend_ids: MAX_BACKENDS - 1,
             // Ids are u16 and 0 means none.
-            rev_nat_ids: (MAX_REV_NAT - 1).min(u16::MAX as u32),
+            rev_nat_ids: (MAX_REV_NAT - 1).min(u32::from(u16::MAX)),
         }
     }
 }

@@ -187,7 +187,7 @@ impl<'a> Planner<'a> {
             }
             for r in fresh_revs {
                 let id = self.ids.rev_nat.remove(&r).expect("just handed out");
-                allocators.rev_nat.release(id as u32);
+                allocators.rev_nat.release(u32::from(id));
             }
         }
         result

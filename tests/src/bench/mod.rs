@@ -106,7 +106,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -152,7 +152,7 @@ fn cpu_times() -> Option<(u64, u64)> {
 /// goes) in the background for seconds to minutes; a measurement taken
 /// meanwhile would charge that work to whichever mode runs next.
 pub fn wait_for_quiet() {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + Duration::from_mins(2);
     let started = std::time::Instant::now();
     loop {
         let Some((b0, t0)) = cpu_times() else { return };
@@ -226,6 +226,6 @@ mod tests {
         assert_eq!(thousands(1), "1");
         assert_eq!(thousands(1000), "1,000");
         assert_eq!(thousands(30000), "30,000");
-        assert_eq!(thousands(100000), "100,000");
+        assert_eq!(thousands(100_000), "100,000");
     }
 }

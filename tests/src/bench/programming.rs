@@ -236,28 +236,26 @@ pub fn measure(
         let mut ipt: [Programming; 2] = Default::default();
         let mut rules = 0;
         for (slot, binary) in IPTABLES_BACKENDS.iter().enumerate() {
-            ipt[slot] = match skipped(&gave_up, binary) {
-                Some(p) => p,
-                None => {
-                    progress(&format!(
-                        "programming {n} Services: {binary}-restore (limit {} s)",
-                        limit.as_secs()
-                    ));
-                    let (p, r) = iptables(binary, n, endpoints, few, limit)?;
-                    rules = r;
-                    p
-                }
-            };
-        }
-        let nftables = match skipped(&gave_up, "nft") {
-            Some(p) => p,
-            None => {
+            ipt[slot] = if let Some(p) = skipped(&gave_up, binary) {
+                p
+            } else {
                 progress(&format!(
-                    "programming {n} Services: nft -f (limit {} s)",
+                    "programming {n} Services: {binary}-restore (limit {} s)",
                     limit.as_secs()
                 ));
-                nftables(n, endpoints, few, limit)?
-            }
+                let (p, r) = iptables(binary, n, endpoints, few, limit)?;
+                rules = r;
+                p
+            };
+        }
+        let nftables = if let Some(p) = skipped(&gave_up, "nft") {
+            p
+        } else {
+            progress(&format!(
+                "programming {n} Services: nft -f (limit {} s)",
+                limit.as_secs()
+            ));
+            nftables(n, endpoints, few, limit)?
         };
         for (tool, p) in [
             (IPTABLES_BACKENDS[0], &ipt[0]),

@@ -194,7 +194,7 @@ pub fn flush_rules(lab: &Lab) -> Result<()> {
 fn restore(lab: &Lab, program: &[&str], input: &str) -> Result<()> {
     let mut cmd = lab.node.command(program[0]);
     cmd.args(&program[1..]);
-    rule_tools::feed(cmd, input, Duration::from_secs(600)).map_err(anyhow::Error::msg)?;
+    rule_tools::feed(cmd, input, Duration::from_mins(10)).map_err(anyhow::Error::msg)?;
     Ok(())
 }
 
@@ -286,7 +286,7 @@ pub fn measure(
                 "--socket-lb",
                 socket_lb,
             ])?;
-            let deadline = started + Duration::from_secs(600);
+            let deadline = started + Duration::from_mins(10);
             while lab.generation() < 1 {
                 if std::time::Instant::now() > deadline {
                     bail!("no first sync in 600 s:\n{}", lab.agent_log());

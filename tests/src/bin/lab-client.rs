@@ -57,7 +57,7 @@ fn main() {
                 let r = s.send_to(b"whoami", to).and_then(|_| s.recv_from(&mut buf));
                 match r {
                     Ok((len, from)) => {
-                        println!("{from}\t{}", String::from_utf8_lossy(&buf[..len]))
+                        println!("{from}\t{}", String::from_utf8_lossy(&buf[..len]));
                     }
                     Err(e) => println!("-\terror: {e}"),
                 }
@@ -73,8 +73,7 @@ fn main() {
                 let mut buf = [0u8; 512];
                 let peer = s
                     .peer_addr()
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|e| format!("error: {e}"));
+                    .map_or_else(|e| format!("error: {e}"), |p| p.to_string());
                 let r = s.send(b"whoami").and_then(|_| s.recv(&mut buf));
                 match r {
                     Ok(len) => println!("{peer}\t{}", String::from_utf8_lossy(&buf[..len])),

@@ -30,9 +30,8 @@ extern "C" fn on_sigterm(_: libc::c_int) {
 
 fn serve_tcp(stream: TcpStream, name: String) {
     let peer = stream.peer_addr().ok();
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
     };
     let reader = BufReader::new(stream);
     for line in reader.lines() {

@@ -222,7 +222,7 @@ fn control_plane(a: Args) -> Result<()> {
     let started = Instant::now();
     let kc = kubeconfig.to_string_lossy().into_owned();
     lab.spawn_agent_with(&["--kubeconfig", &kc, "--node-name", NODE_NAME])?;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_mins(5);
     while lab.generation() < 1 {
         if Instant::now() > deadline {
             bail!("no first sync in 300 s:\n{}", lab.agent_log());
@@ -257,8 +257,8 @@ fn control_plane(a: Args) -> Result<()> {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     for n in 0..a.changes {
         seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         let i = (seed >> 33) as usize % a.services;
         let new = if sizes[i] == a.endpoints {
             a.endpoints + 1

@@ -24,7 +24,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("demo") => demo(PathBuf::from(
-            args.get(1).map(String::as_str).unwrap_or("examples"),
+            args.get(1).map_or("examples", String::as_str),
         )),
         _ => bail!("usage: lb-lab demo [MANIFEST_DIR]"),
     }
@@ -47,7 +47,7 @@ fn demo(dir: PathBuf) -> Result<()> {
             .join(", ")
     );
     let mut lab = Lab::from_manifest_files(&files)?;
-    for pod in lab.state.pod_specs.iter() {
+    for pod in &lab.state.pod_specs {
         println!("  pod {:<40} {:<15} ({})", pod.name, pod.ip, pod.owner);
     }
     println!(

@@ -200,7 +200,11 @@ impl Cluster {
 
     /// Rewrites the manifests and waits until every running agent applied them.
     pub fn apply_manifests(&mut self) -> Result<()> {
-        let before: Vec<u64> = self.nodes.iter().map(|n| n.generation()).collect();
+        let before: Vec<u64> = self
+            .nodes
+            .iter()
+            .map(super::node::LabNode::generation)
+            .collect();
         if self.write_manifests()? == 0 {
             return Ok(());
         }

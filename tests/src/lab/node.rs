@@ -434,7 +434,7 @@ impl LabNode {
             "--pin-dir".into(),
             pin_dir,
         ];
-        cmd.extend(args.iter().map(|a| a.to_string()));
+        cmd.extend(args.iter().map(std::string::ToString::to_string));
         let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
         let out = self
             .netns
