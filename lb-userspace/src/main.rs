@@ -11,25 +11,25 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::{map_names, stats, DEFAULT_PIN_DIR};
 use lb_userspace::{
-    api_client::{self, ApiClientOptions, ApiServerAddress},
-    attach::{
+    datapath::attach::{
         default_route_interfaces, ensure_cgroup2, netns_cookie, Attachments, SocketLbMode,
         XdpAttachMode,
     },
-    health_check::HealthServer,
-    inspect,
-    k8s::{self, ClusterState, Work},
-    loader,
-    manifests::ManifestSource,
-    map_writer::BpfMaps,
-    masquerade_ports::{self, PortRange},
-    metrics::{render_counters, InvalidLabel, Metrics, ResourceLabel},
-    node_net,
-    programmer::{Programmer, SyncReport},
-    proxy_health::{self, ProxyHealth},
+    datapath::inspect,
+    datapath::loader,
+    datapath::wire_hook::WireHookMode,
+    node::masquerade_ports::{self, PortRange},
+    node::node_net,
     seccomp_profile,
+    serve::health_check::HealthServer,
+    serve::metrics::{render_counters, InvalidLabel, Metrics, ResourceLabel, WireHookLabel},
+    serve::proxy_health::{self, ProxyHealth},
+    source::api_client::{self, ApiClientOptions, ApiServerAddress},
+    source::k8s::{self, ClusterState, Work},
+    source::manifests::ManifestSource,
+    sync::map_writer::BpfMaps,
+    sync::programmer::{Programmer, SyncReport},
     translate::NodeInfo,
-    wire_hook::WireHookMode,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -381,7 +381,10 @@ fn main() -> Result<()> {
 
 /// Translates the source the way the agent does and compares the result
 /// with the pinned maps.
-async fn check(pin_dir: &Path, args: &CheckArgs) -> Result<lb_userspace::checker::CheckReport> {
+async fn check(
+    pin_dir: &Path,
+    args: &CheckArgs,
+) -> Result<lb_userspace::sync::checker::CheckReport> {
     let wire = args.node.wire();
     let mut node = NodeInfo {
         name: args.node.node_name.clone().unwrap_or_default(),
@@ -409,7 +412,10 @@ async fn check(pin_dir: &Path, args: &CheckArgs) -> Result<lb_userspace::checker
     }
     let maps = loader::open_pinned(pin_dir)?;
     let contents = maps.read_contents().context("reading the pinned maps")?;
-    Ok(lb_userspace::checker::check(&translation.state, &contents))
+    Ok(lb_userspace::sync::checker::check(
+        &translation.state,
+        &contents,
+    ))
 }
 
 fn print_stats(pin_dir: &Path, output: Output) -> Result<()> {
@@ -576,7 +582,12 @@ impl DataPath {
                 self.xdp_mode,
             )?;
             log::info!("{a}");
-            self.metrics.record_wire_hook(&a);
+            self.metrics.record_wire_hook(WireHookLabel {
+                interface: a.interface.clone(),
+                hook: a.hook.name().into(),
+                driver: a.driver.clone(),
+                reason: a.reason.label().into(),
+            });
         }
         if self.socket_lb == SocketLbMode::Off {
             self.attachments.detach_cgroup();
@@ -605,7 +616,7 @@ impl DataPath {
             );
             self.pinned.migrated.clear();
         }
-        self.sweep = Some(lb_userspace::conntrack_sweep::start(
+        self.sweep = Some(lb_userspace::datapath::conntrack_sweep::start(
             self.pin_dir.clone(),
             self.sweep_interval,
             self.metrics.clone(),
@@ -669,7 +680,7 @@ fn adopt_maps(
     mut pinned: loader::PinnedState,
 ) -> Result<(
     BpfMaps,
-    lb_userspace::differ::MapContents,
+    lb_userspace::sync::differ::MapContents,
     loader::PinnedState,
 )> {
     if !pinned.migrated.is_empty() {
@@ -833,7 +844,7 @@ async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
     if let Some(addr) = args.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = lb_userspace::metrics::serve(addr, m).await {
+            if let Err(e) = lb_userspace::serve::metrics::serve(addr, m).await {
                 log::error!("metrics endpoint on {addr} failed: {e}");
             }
         });

@@ -4,7 +4,7 @@
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{json, Value};
 
-use crate::objects::{ServiceInfo, SliceInfo};
+use crate::source::objects::{ServiceInfo, SliceInfo};
 
 pub fn service(v: Value) -> ServiceInfo {
     let s: Service =

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{inspect, loader, model::Protocol};
+use lb_userspace::{datapath::inspect, datapath::loader, model::Protocol};
 use serde_json::{json, Value};
 
 use crate::{

@@ -31,7 +31,7 @@ impl MemoryCgroup {
     /// Creates cgroup `name` limited to `limit` bytes, without swap.
     pub fn create(name: &str, limit: u64) -> Result<Self> {
         let v2_root = Path::new(LAB_CGROUP_ROOT);
-        lb_userspace::attach::ensure_cgroup2(v2_root)?;
+        lb_userspace::datapath::attach::ensure_cgroup2(v2_root)?;
         let v2 = fs::read_to_string(v2_root.join("cgroup.controllers"))
             .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
         let cg = if v2 {

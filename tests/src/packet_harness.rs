@@ -11,12 +11,12 @@ use aya::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{program_names, Ct4Key, Ct4Value, SVC_FLAG_CLUSTER_IP};
 use lb_userspace::{
-    differ::{plan, MapContents},
-    loader::{self, LoadConfig},
-    map_writer::{apply_plan, BpfMaps},
-    masquerade_ports::{self, PortRange},
+    datapath::loader::{self, LoadConfig},
     model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
-    objects::{ServiceInfo, SliceInfo},
+    node::masquerade_ports::{self, PortRange},
+    source::objects::{ServiceInfo, SliceInfo},
+    sync::differ::{plan, MapContents},
+    sync::map_writer::{apply_plan, BpfMaps},
     translate::{translate_on, NodeInfo},
 };
 use serde_json::Value;

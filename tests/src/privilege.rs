@@ -1,8 +1,12 @@
 //! Privileged tests run for real where they can. Without root they skip
 //! loudly, except under CI (CI=true), where a missing privilege is a failure.
 
-/// True when the caller may go on; false (after saying so) when it must skip.
-pub fn require_root(test: &str) -> bool {
+/// True when the calling test may go on; false (after saying so) when it
+/// must skip. The test is named by its thread, as the test harness names
+/// it (`module::test`), so no name is typed by hand.
+pub fn require_root() -> bool {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("this test");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;

@@ -35,7 +35,7 @@ fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
 
 #[test]
 fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint() {
-    if !require_root("kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint") {
+    if !require_root() {
         return;
     }
     let (lab, pods) = pods_only_lab().expect("build the lab");
@@ -73,7 +73,7 @@ fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) {
 
 #[test]
 fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
-    if !require_root("kube_proxy_full_and_partial_syncs_load_with_every_backend") {
+    if !require_root() {
         return;
     }
     let ns = Netns::create(&format!("lbt-{}-rules", std::process::id())).expect("netns");

@@ -31,7 +31,7 @@ const NODE_PORT: u16 = 30081;
 /// The image to test, or None after saying why the test skips (a failure
 /// under CI=true).
 fn image_or_skip(test: &str) -> Option<String> {
-    if !require_root(test) {
+    if !require_root() {
         return None;
     }
     let image = image_under_test();
@@ -144,7 +144,7 @@ fn write_cluster_ca(path: &std::path::Path) {
 
 impl Drop for PodHost {
     fn drop(&mut self) {
-        let _ = lb_userspace::loader::cleanup(&self.bpffs.join("lb-agent"));
+        let _ = lb_userspace::datapath::loader::cleanup(&self.bpffs.join("lb-agent"));
         let _ = fs::remove_dir_all(&self.bpffs);
     }
 }

@@ -17,7 +17,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use lb_userspace::kube_access::{ApiAccess, REQUIRED_API_ACCESS};
+use lb_userspace::source::kube_access::{ApiAccess, REQUIRED_API_ACCESS};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value as Json;
 
@@ -291,7 +291,7 @@ fn cluster_role_grants_exactly_the_required_access() {
     let extra: Vec<_> = granted.difference(&required).collect();
     assert!(
         missing.is_empty() && extra.is_empty(),
-        "ClusterRole differs from lb_userspace::kube_access::REQUIRED_API_ACCESS \
+        "ClusterRole differs from lb_userspace::source::kube_access::REQUIRED_API_ACCESS \
          as (apiGroup, resource, verb): missing {missing:?}, not needed {extra:?}"
     );
 }
@@ -322,7 +322,9 @@ fn binding_ties_the_role_to_the_daemon_sets_service_account() {
 /// at the `kubernetes` Service.
 #[test]
 fn the_api_server_address_is_required_and_the_placeholder_refused() {
-    use lb_userspace::api_client::{parse_api_server, API_SERVER_ENV, KUBERNETES_SERVICE_SETTING};
+    use lb_userspace::source::api_client::{
+        parse_api_server, API_SERVER_ENV, KUBERNETES_SERVICE_SETTING,
+    };
     let m = load();
     let (origin, ds) = the_daemon_set(&m);
     let c = agent_container(origin, pod_spec(origin, ds));

@@ -104,7 +104,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn healthz_and_livez_answer_as_kube_proxys_do(source: Source, _wire: Wire) {
-    if !require_root("healthz and livez") {
+    if !require_root() {
         return;
     }
     let mut lab = lab(source);
@@ -126,7 +126,7 @@ fn a_change_that_cannot_be_written_makes_the_proxy_unhealthy_until_it_can(
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root("unhealthy on a full map") {
+    if !require_root() {
         return;
     }
     let mut lab = lab(source);
@@ -172,7 +172,7 @@ fn a_change_that_cannot_be_written_makes_the_proxy_unhealthy_until_it_can(
 }
 
 fn health_check_ports_listen_on_the_nodeport_addresses_only(source: Source, _wire: Wire) {
-    if !require_root("health check addresses") {
+    if !require_root() {
         return;
     }
     let mut lab = lab(source);
@@ -191,7 +191,7 @@ fn health_check_ports_listen_on_the_nodeport_addresses_only(source: Source, _wir
 /// or tainted by the cluster autoscaler); /livez does not.
 #[test]
 fn a_node_being_drained_fails_healthz_but_not_livez() {
-    if !require_root("node drained") {
+    if !require_root() {
         return;
     }
     let mut lab = lab(Source::Api);

@@ -59,7 +59,7 @@ fn assert_requests_within_rbac(api: &ApiServer) {
             (m, _) => panic!("the agent must only read, saw {m} on {plural}"),
         };
         assert!(
-            lb_userspace::kube_access::allows(group, plural, verb),
+            lb_userspace::source::kube_access::allows(group, plural, verb),
             "{verb} {group}/{plural} is not in the agent's RBAC"
         );
     }
@@ -98,7 +98,7 @@ fn assert_answered_by(got: &BTreeMap<String, usize>, pods: &[String], what: &str
 
 #[test]
 fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() {
-    if !require_root("service_created_scaled_and_deleted_through_the_api") {
+    if !require_root() {
         return;
     }
     let mut k = KubeLab::nginx();
@@ -173,7 +173,7 @@ fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() 
 
 #[test]
 fn service_with_endpoints_in_three_slices_reaches_all_of_them() {
-    if !require_root("service_with_endpoints_in_three_slices_reaches_all_of_them") {
+    if !require_root() {
         return;
     }
     let mut k = KubeLab::nginx();
@@ -246,7 +246,7 @@ fn extra_slice(ips: &BTreeSet<Ipv4Addr>) -> Value {
 
 #[test]
 fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
-    if !require_root("maps_converge_after_410_gone_and_after_the_api_server_restarts") {
+    if !require_root() {
         return;
     }
     let mut k = KubeLab::nginx();
@@ -311,7 +311,7 @@ fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
 
 #[test]
 fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
-    if !require_root("an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was") {
+    if !require_root() {
         return;
     }
     let (mut k, nginx, pods) = KubeLab::serving();
@@ -371,7 +371,7 @@ fn wait_readyz(k: &KubeLab, want: u16, within: Duration) -> Duration {
 
 #[test]
 fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
-    if !require_root("an_api_server_that_accepts_and_never_answers") {
+    if !require_root() {
         return;
     }
     let mut k = KubeLab::nginx();
@@ -469,7 +469,7 @@ fn agent_run_exits(k: &KubeLab, flags: &[&str], env: &[(&str, &str)]) -> (bool, 
 
 #[test]
 fn the_api_server_address_is_required_in_a_pod_and_an_untranslated_service_address_refused() {
-    if !require_root("the_api_server_address_is_required_in_a_pod") {
+    if !require_root() {
         return;
     }
     let mut k = KubeLab::nginx();
@@ -550,7 +550,7 @@ fn the_api_server_address_is_required_in_a_pod_and_an_untranslated_service_addre
 
 #[test]
 fn readyz_waits_for_the_first_full_sync() {
-    if !require_root("readyz_waits_for_the_first_full_sync") {
+    if !require_root() {
         return;
     }
     let mut k = KubeLab::nginx();
@@ -587,7 +587,7 @@ fn readyz_waits_for_the_first_full_sync() {
 
 #[test]
 fn objects_the_data_path_cannot_express_are_skipped_counted_and_the_rest_works() {
-    if !require_root("objects_the_data_path_cannot_express_are_skipped") {
+    if !require_root() {
         return;
     }
     let mut k = KubeLab::nginx();

@@ -86,7 +86,7 @@ fn assert_fair(lab: &Lab, counts: &BTreeMap<String, usize>, total: usize, what: 
 
 #[test]
 fn client_pod_reaches_every_backend_of_a_cluster_ip_over_tcp_and_udp() {
-    if !require_root("client_pod_reaches_every_backend_of_a_cluster_ip") {
+    if !require_root() {
         return;
     }
     let lab = nginx_lab();
@@ -102,7 +102,7 @@ on_each_wire!(
 );
 
 fn external_client_reaches_every_backend_of_a_cluster_ip(wire: Wire) {
-    if !require_root("external_client_reaches_every_backend_of_a_cluster_ip") {
+    if !require_root() {
         return;
     }
     let lab = nginx_lab_on(wire);
@@ -114,7 +114,7 @@ fn external_client_reaches_every_backend_of_a_cluster_ip(wire: Wire) {
 
 #[test]
 fn source_pod_ip_is_preserved_to_the_backend() {
-    if !require_root("source_pod_ip_is_preserved_to_the_backend") {
+    if !require_root() {
         return;
     }
     let lab = nginx_lab();
@@ -135,7 +135,7 @@ fn source_pod_ip_is_preserved_to_the_backend() {
 
 #[test]
 fn a_connection_keeps_its_backend_for_its_whole_life() {
-    if !require_root("a_connection_keeps_its_backend_for_its_whole_life") {
+    if !require_root() {
         return;
     }
     let mut lab = nginx_lab();
@@ -187,7 +187,7 @@ fn a_connection_keeps_its_backend_for_its_whole_life() {
 }
 
 fn should_be_rejected_when_no_endpoints_exist(wire: Wire) {
-    if !require_root("should_be_rejected_when_no_endpoints_exist") {
+    if !require_root() {
         return;
     }
     let mut lab =
@@ -258,7 +258,7 @@ fn should_be_rejected_when_no_endpoints_exist(wire: Wire) {
 
 #[test]
 fn removing_a_backend_from_the_manifests_stops_new_connections_to_it() {
-    if !require_root("removing_a_backend_stops_new_connections_to_it") {
+    if !require_root() {
         return;
     }
     let mut lab = nginx_lab();
@@ -290,7 +290,7 @@ fn removing_a_backend_from_the_manifests_stops_new_connections_to_it() {
 
 #[test]
 fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
-    if !require_root("a_bad_manifest_is_reported") {
+    if !require_root() {
         return;
     }
     let mut lab = nginx_lab();
@@ -321,7 +321,7 @@ fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
 
 #[test]
 fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips() {
-    if !require_root("replicaset_example_serves_its_services") {
+    if !require_root() {
         return;
     }
     let mut lab = Lab::from_manifest_files(&[example("frontend-replicaset.yaml")]).expect("lab");
@@ -346,7 +346,7 @@ fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips()
 
 #[test]
 fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
-    if !require_root("an_agent_recreates_pinned_maps_of_an_older_layout") {
+    if !require_root() {
         return;
     }
     let mut lab =
@@ -425,7 +425,7 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
 /// tests above).
 #[test]
 fn xdp_forced_onto_a_software_wire_corrupts_checksums_and_the_lab_counts_them() {
-    if !require_root("xdp_forced_onto_a_software_wire_corrupts_checksums") {
+    if !require_root() {
         return;
     }
     let mut lab = Lab::from_manifest_files_on(Wire::Software, &[example("nginx-deployment.yaml")])

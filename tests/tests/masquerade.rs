@@ -10,7 +10,7 @@ use lb_tests::{
     packet_harness::{Harness, Program},
     privilege::require_root,
 };
-use lb_userspace::{masquerade_ports, translate::NodeInfo};
+use lb_userspace::{node::masquerade_ports, translate::NodeInfo};
 use serde_json::json;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -64,7 +64,7 @@ fn syn(h: &Harness, wire: Program, sport: u16) -> Option<u16> {
 
 #[test]
 fn masquerade_ports_are_handed_out_in_turn_across_the_ranges() {
-    if !require_root("masquerade_ports_are_handed_out_in_turn") {
+    if !require_root() {
         return;
     }
     for wire in Program::WIRE {
@@ -108,7 +108,7 @@ fn lifetime_s(key: &lb_common::Ct4Key, value: &Ct4Value) -> u64 {
 
 #[test]
 fn a_closed_flows_port_is_not_given_out_again_before_time_wait_ends() {
-    if !require_root("a_closed_flows_port_is_not_given_out_again") {
+    if !require_root() {
         return;
     }
     for wire in Program::WIRE {
@@ -148,7 +148,7 @@ fn a_closed_flows_port_is_not_given_out_again_before_time_wait_ends() {
 
 #[test]
 fn established_flows_live_long_and_failed_attempts_do_not() {
-    if !require_root("established_flows_live_long_and_failed_attempts_do_not") {
+    if !require_root() {
         return;
     }
     for wire in Program::WIRE {
@@ -189,7 +189,7 @@ fn established_flows_live_long_and_failed_attempts_do_not() {
 
 #[test]
 fn a_close_seen_on_either_side_closes_both_entries() {
-    if !require_root("a_close_seen_on_either_side_closes_both_entries") {
+    if !require_root() {
         return;
     }
     for wire in Program::WIRE {
@@ -217,7 +217,7 @@ fn a_close_seen_on_either_side_closes_both_entries() {
 /// redirected, not handed to the stack.
 #[test]
 fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
-    if !require_root("a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved") {
+    if !require_root() {
         return;
     }
     let ns = lb_tests::lab::Netns::create(&format!("lbt-{}-fib", std::process::id()))
@@ -259,7 +259,7 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
 /// conntrack entries XDP made for them, alone.
 #[test]
 fn tc_on_the_wire_leaves_what_xdp_before_it_translated() {
-    if !require_root("tc_on_the_wire_leaves_what_xdp_before_it_translated") {
+    if !require_root() {
         return;
     }
     let h = nodeport("2000-2009");

@@ -20,9 +20,9 @@ use lb_tests::{
     scale,
 };
 use lb_userspace::{
-    differ::master_key,
-    loader,
+    datapath::loader,
     model::{L4Addr, Protocol},
+    sync::differ::master_key,
 };
 use serde_json::{json, Value};
 
@@ -69,7 +69,7 @@ fn wait_generation(lab: &mut Lab, generation: u64, what: &str) {
 
 #[test]
 fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
-    if !require_root("the_daemon_sets_memory_limit_covers_10k_services") {
+    if !require_root() {
         return;
     }
     let quantity = daemon_set_memory_limit();

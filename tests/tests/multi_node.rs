@@ -115,7 +115,7 @@ fn pods_and_sources(seen: &BTreeMap<(String, Ipv4Addr), usize>) -> (Vec<String>,
 }
 
 fn cluster_ip_reaches_pods_on_the_other_node(wire: Wire) {
-    if !require_root("cluster_ip_reaches_pods_on_the_other_node") {
+    if !require_root() {
         return;
     }
     let mut c = cluster(wire);
@@ -134,7 +134,7 @@ fn cluster_ip_reaches_pods_on_the_other_node(wire: Wire) {
 }
 
 fn node_port_and_load_balancer_on_either_node_reach_remote_backends(wire: Wire) {
-    if !require_root("node_port_and_load_balancer_on_either_node_reach_remote_backends") {
+    if !require_root() {
         return;
     }
     let mut c = cluster(wire);
@@ -183,7 +183,7 @@ fn node_port_and_load_balancer_on_either_node_reach_remote_backends(wire: Wire) 
 }
 
 fn external_traffic_policy_local_serves_only_local_pods_and_health_checks_say_so(wire: Wire) {
-    if !require_root("external_traffic_policy_local_across_nodes") {
+    if !require_root() {
         return;
     }
     let mut c = cluster(wire);
@@ -222,7 +222,7 @@ fn external_traffic_policy_local_serves_only_local_pods_and_health_checks_say_so
 }
 
 fn a_removed_remote_backend_gets_no_new_connections(wire: Wire) {
-    if !require_root("a_removed_remote_backend_gets_no_new_connections") {
+    if !require_root() {
         return;
     }
     let mut c = cluster(wire);
@@ -248,7 +248,7 @@ fn a_removed_remote_backend_gets_no_new_connections(wire: Wire) {
 }
 
 fn one_nodes_agent_killed_and_restarted_under_load_loses_nothing(wire: Wire) {
-    if !require_root("one_nodes_agent_killed_and_restarted_under_load") {
+    if !require_root() {
         return;
     }
     let mut c = cluster(wire);

@@ -22,7 +22,7 @@ on_each_wire!(nodeport_at_1000_new_connections_a_second_never_meets_a_backends_t
 const DURATION: Duration = Duration::from_secs(140);
 
 fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wire: Wire) {
-    if !require_root("nodeport_at_1000_new_connections_a_second") {
+    if !require_root() {
         return;
     }
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/rolling-update.yaml");

@@ -30,7 +30,7 @@ const B3: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
 
 #[test]
 fn tcp_syn_to_cluster_ip_is_translated_with_valid_checksums_by_xdp_and_tc() {
-    if !require_root("tcp_syn_to_cluster_ip") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -63,7 +63,7 @@ fn tcp_syn_to_cluster_ip_is_translated_with_valid_checksums_by_xdp_and_tc() {
 
 #[test]
 fn udp_datagram_to_cluster_ip_is_translated_and_reply_is_reverse_natted() {
-    if !require_root("udp_datagram_to_cluster_ip") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -125,7 +125,7 @@ fn udp_datagram_to_cluster_ip_is_translated_and_reply_is_reverse_natted() {
 
 #[test]
 fn tcp_reply_gets_the_service_address_as_source() {
-    if !require_root("tcp_reply_gets_the_service_address") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -152,7 +152,7 @@ fn tcp_reply_gets_the_service_address_as_source() {
 
 #[test]
 fn udp_without_checksum_keeps_zero() {
-    if !require_root("udp_without_checksum_keeps_zero") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -176,7 +176,7 @@ fn udp_without_checksum_keeps_zero() {
 
 #[test]
 fn a_flow_keeps_its_backend_and_flows_spread_over_backends() {
-    if !require_root("a_flow_keeps_its_backend") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -209,7 +209,7 @@ fn a_flow_keeps_its_backend_and_flows_spread_over_backends() {
 
 #[test]
 fn non_service_truncated_and_malformed_packets_pass_byte_identical() {
-    if !require_root("non_service_packets_pass_untouched") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -274,7 +274,7 @@ fn non_service_truncated_and_malformed_packets_pass_byte_identical() {
 
 #[test]
 fn tcp_to_a_service_without_endpoints_is_answered_with_a_reset() {
-    if !require_root("tcp_without_endpoints_is_reset") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -372,7 +372,7 @@ fn assert_port_unreachable(hook: &str, sent: &[u8], out: &[u8], finished_check: 
 
 #[test]
 fn udp_to_a_service_without_endpoints_is_answered_with_port_unreachable() {
-    if !require_root("udp_to_a_service_without_endpoints") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -405,7 +405,7 @@ fn udp_to_a_service_without_endpoints_is_answered_with_port_unreachable() {
 
 #[test]
 fn a_deleted_backend_moves_its_flows_to_a_live_one() {
-    if !require_root("a_deleted_backend_moves_its_flows") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -426,7 +426,7 @@ const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
 #[test]
 fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
-    if !require_root("nodeport_from_the_wire_is_masqueraded") {
+    if !require_root() {
         return;
     }
     for wire in Program::WIRE {
@@ -526,7 +526,7 @@ fn nodeport_round_trip(wire: Program, proto: &str) {
 
 #[test]
 fn a_direct_connection_reusing_a_translated_tuple_is_left_alone() {
-    if !require_root("a_direct_connection_reusing_a_translated_tuple") {
+    if !require_root() {
         return;
     }
     let mut h = Harness::new();
@@ -762,7 +762,7 @@ fn check_fuzzed(
 
 #[test]
 fn thousands_of_random_truncated_and_malformed_packets_leave_non_service_traffic_untouched() {
-    if !require_root("random_packets_leave_non_service_traffic_untouched") {
+    if !require_root() {
         return;
     }
     let seed = std::env::var("LB_FUZZ_SEED")
@@ -854,7 +854,7 @@ fn thousands_of_random_truncated_and_malformed_packets_leave_non_service_traffic
 
 #[test]
 fn a_service_with_ten_thousand_backends_spreads_new_flows_over_all_of_them() {
-    if !require_root("ten_thousand_backends") {
+    if !require_root() {
         return;
     }
     const N: usize = 10_000;

@@ -137,7 +137,7 @@ fn answered(reports: &[LoadReport]) -> BTreeMap<String, usize> {
 }
 
 fn a_rolling_update_under_load_fails_no_request(wire: Wire) {
-    if !require_root("a_rolling_update_under_load_fails_no_request") {
+    if !require_root() {
         return;
     }
     let mut k = web_lab(wire);
@@ -281,7 +281,7 @@ fn assert_kept_its_backend(r: &LoadReport) {
 }
 
 fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
-    if !require_root("agent_kill_restart_and_upgrade_under_load_fail_no_connection") {
+    if !require_root() {
         return;
     }
     let mut k = web_lab(wire);
@@ -423,7 +423,7 @@ fn apply_changes(k: &KubeLab, changes: Vec<ChurnChange>) {
 fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_the_maps_exact(
     wire: Wire,
 ) {
-    if !require_root("a_thousand_services_churning_for_a_minute") {
+    if !require_root() {
         return;
     }
     const SERVICES: usize = 1000;
@@ -515,10 +515,12 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
         port: victim.port,
         proto: lb_userspace::model::Protocol::Tcp,
     };
-    let mut maps = lb_userspace::loader::open_pinned(&k.lab.pin_dir).expect("open maps");
-    lb_userspace::map_writer::MapWriter::apply(
+    let mut maps = lb_userspace::datapath::loader::open_pinned(&k.lab.pin_dir).expect("open maps");
+    lb_userspace::sync::map_writer::MapWriter::apply(
         &mut maps,
-        &lb_userspace::differ::MapOp::DeleteService(lb_userspace::differ::master_key(&frontend)),
+        &lb_userspace::sync::differ::MapOp::DeleteService(lb_userspace::sync::differ::master_key(
+            &frontend,
+        )),
     )
     .expect("delete a master slot");
     let (ok, text) = agent_check(&k);
@@ -574,7 +576,7 @@ fn fill_conntrack(lab: &Lab, to: SocketAddrV4, flows: u16) -> usize {
 }
 
 fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wire: Wire) {
-    if !require_root("a_full_conntrack_map_evicts_idle_flows_only") {
+    if !require_root() {
         return;
     }
     const CAPACITY: usize = 4096;
@@ -636,7 +638,7 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wi
     let victim = ask(&stale_flow, 0);
     assert!(nginx_pods.contains(&victim), "{victim}");
     let victim_ip = lab.pods[&victim].ip;
-    let maps = lb_userspace::loader::open_pinned(&lab.pin_dir).expect("maps");
+    let maps = lb_userspace::datapath::loader::open_pinned(&lab.pin_dir).expect("maps");
     let victim_id = maps
         .read_contents()
         .expect("read maps")
@@ -746,7 +748,7 @@ fn affinity_entries(lab: &Lab) -> usize {
 }
 
 fn a_flooded_affinity_map_keeps_active_clients_on_their_backend(wire: Wire) {
-    if !require_root("a_flooded_affinity_map_keeps_active_clients_on_their_backend") {
+    if !require_root() {
         return;
     }
     const CAPACITY: usize = 1024;
@@ -809,7 +811,7 @@ const PREVIOUS_AGENT: &str = "LB_PREVIOUS_AGENT_BIN";
 const PREVIOUS_AGENT_UNAVAILABLE: &str = "LB_PREVIOUS_AGENT_UNAVAILABLE";
 
 fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &str) {
-    if !require_root("an_upgrade_from_the_previous_release_under_load_fails_no_request") {
+    if !require_root() {
         return;
     }
     let Some(previous) = std::env::var_os(PREVIOUS_AGENT) else {
@@ -858,7 +860,7 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     // The previous release served the wire with XDP. Moving to tc leaves
     // XDP passing everything rather than detach it (which resets a veth's
     // or NIC's rings); staying on XDP swaps the program in the pinned link.
-    let links = lb_userspace::attach::links_dir(&k.lab.pin_dir);
+    let links = lb_userspace::datapath::attach::links_dir(&k.lab.pin_dir);
     let expected: &[(&str, bool)] = match new_hook {
         "tc" => &[
             ("tcwire_eth0", true),

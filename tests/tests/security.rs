@@ -291,13 +291,13 @@ fn unix_socket_paths(pid: u32, inodes: &BTreeSet<u64>) -> Vec<String> {
 
 #[test]
 fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users() {
-    if !require_root("security: pins closed to unprivileged users") {
+    if !require_root() {
         return;
     }
     let lab = lab_with_agent_ports();
     let (maps, links, dirs) = pins(&lab.pin_dir);
     assert!(
-        maps.len() >= lb_userspace::loader::MAP_LAYOUTS.len(),
+        maps.len() >= lb_userspace::datapath::loader::MAP_LAYOUTS.len(),
         "every map is pinned: {maps:?}"
     );
     assert!(!links.is_empty(), "program links are pinned under {dirs:?}");
@@ -446,7 +446,7 @@ fn observable_state(lab: &Lab) -> BTreeMap<&'static str, String> {
 
 #[test]
 fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
-    if !require_root("security: read-only HTTP ports") {
+    if !require_root() {
         return;
     }
     let lab = lab_with_agent_ports();
@@ -502,7 +502,7 @@ fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
 
 #[test]
 fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
-    if !require_root("security: DaemonSet capabilities") {
+    if !require_root() {
         return;
     }
     let caps = daemon_set_capabilities();
@@ -563,7 +563,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
         lab.agent_log()
     );
     lab.stop_agent();
-    lb_userspace::loader::cleanup(&lab.pin_dir).expect("remove the pins");
+    lb_userspace::datapath::loader::cleanup(&lab.pin_dir).expect("remove the pins");
 
     for missing in &caps {
         let rest: Vec<&String> = caps.iter().filter(|c| *c != missing).collect();
@@ -572,7 +572,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
         let outcome = lab.start_agent();
         let log = lab.agent_log()[log_before..].to_owned();
         lab.stop_agent();
-        let _ = lb_userspace::loader::cleanup(&lab.pin_dir);
+        let _ = lb_userspace::datapath::loader::cleanup(&lab.pin_dir);
         let error = outcome.err().unwrap_or_else(|| {
             panic!("the agent works without {missing}: remove it from the DaemonSet\n{log}")
         });
@@ -597,7 +597,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
 on_each_wire!(source_range_drops_are_counted_exactly_and_allowed_sources_are_not);
 
 fn source_range_drops_are_counted_exactly_and_allowed_sources_are_not(wire: Wire) {
-    if !require_root("security: source range drops counted") {
+    if !require_root() {
         return;
     }
     const REQUESTS: u64 = 40;

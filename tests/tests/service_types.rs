@@ -190,7 +190,7 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("nodeport") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -263,7 +263,7 @@ fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_numb
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("nodeport protocols") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -298,7 +298,7 @@ fn should_preserve_the_client_source_with_external_traffic_policy_local_and_only
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("externalTrafficPolicy Local") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -342,7 +342,7 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("LoadBalancer") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -390,7 +390,7 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(
 /// served from pods and from the wire; the IPv6 ones do not take the
 /// Service down.
 fn a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order(source: Source, wire: Wire) {
-    if !require_root("dual-stack") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -419,7 +419,7 @@ fn a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order(source: So
 /// `loadBalancerSourceRanges` given by the older annotation, as kube-proxy
 /// reads it when the spec has none.
 fn source_ranges_given_by_annotation_are_honoured(source: Source, wire: Wire) {
-    if !require_root("source ranges annotation") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -464,7 +464,7 @@ fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("externalIPs") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -581,7 +581,7 @@ fn should_have_session_affinity_work_switch_and_time_out_for_service_with_type_c
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root("affinity clusterIP") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);
@@ -592,7 +592,7 @@ fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service(
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("affinity NodePort") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -600,7 +600,7 @@ fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service(
 }
 
 fn should_allow_pods_to_hairpin_back_to_themselves_through_services(source: Source, _wire: Wire) {
-    if !require_root("hairpin") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);
@@ -636,7 +636,7 @@ fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_wi
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root("terminating fallback") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);
@@ -686,7 +686,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("terminating fallback Local") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -712,7 +712,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
 }
 
 fn should_respect_internal_traffic_policy_local_pod_to_pod(source: Source, _wire: Wire) {
-    if !require_root("internalTrafficPolicy Local") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);
@@ -752,7 +752,7 @@ fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("healthCheckNodePort") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, wire);
@@ -872,7 +872,7 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root("UDP pod cycle ClusterIP") {
+    if !require_root() {
         return;
     }
     check_udp_flow_follows_pod_cycle(false, source, Wire::Software);
@@ -882,7 +882,7 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
     source: Source,
     wire: Wire,
 ) {
-    if !require_root("UDP pod cycle NodePort") {
+    if !require_root() {
         return;
     }
     check_udp_flow_follows_pod_cycle(true, source, wire);
@@ -892,7 +892,7 @@ fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back(
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root("ExternalName to ClusterIP") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);
@@ -972,7 +972,7 @@ fn set_multi_ports(lab: &mut Lab, ports: Value) {
 }
 
 fn should_serve_multiport_endpoints_from_pods(source: Source, _wire: Wire) {
-    if !require_root("multiport") {
+    if !require_root() {
         return;
     }
     let lab = multiport_lab(
@@ -996,7 +996,7 @@ fn should_serve_multiport_endpoints_from_pods(source: Source, _wire: Wire) {
 }
 
 fn should_be_updated_after_adding_or_deleting_ports(source: Source, _wire: Wire) {
-    if !require_root("adding or deleting ports") {
+    if !require_root() {
         return;
     }
     let mut lab = multiport_lab(
@@ -1034,7 +1034,7 @@ fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one(
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root("topology hints") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);
@@ -1075,7 +1075,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root("terminating fallback internalTrafficPolicy Local") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);
@@ -1100,7 +1100,7 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
 }
 
 fn publish_not_ready_addresses_serves_endpoints_that_are_not_ready(source: Source, _wire: Wire) {
-    if !require_root("publishNotReadyAddresses") {
+    if !require_root() {
         return;
     }
     let mut lab = lab_on(source, Wire::Software);

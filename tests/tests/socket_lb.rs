@@ -92,7 +92,7 @@ fn all_pods(lab: &Lab) -> BTreeSet<String> {
 
 #[test]
 fn should_function_for_node_service_http() {
-    if !require_root("should_function_for_node_service_http") {
+    if !require_root() {
         return;
     }
     let lab = lab("all");
@@ -117,7 +117,7 @@ fn should_function_for_node_service_http() {
 
 #[test]
 fn should_function_for_node_service_udp() {
-    if !require_root("should_function_for_node_service_udp") {
+    if !require_root() {
         return;
     }
     let lab = lab("all");
@@ -141,7 +141,7 @@ fn should_function_for_node_service_udp() {
 
 #[test]
 fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client() {
-    if !require_root("pod connection through socket LB") {
+    if !require_root() {
         return;
     }
     let lab = lab("all");
@@ -171,7 +171,7 @@ fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client()
 
 #[test]
 fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
-    if !require_root("socket LB off") {
+    if !require_root() {
         return;
     }
     let lab = lab("off");
@@ -191,7 +191,7 @@ fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
 
 #[test]
 fn socket_lb_host_mode_translates_host_sockets_only() {
-    if !require_root("socket LB host") {
+    if !require_root() {
         return;
     }
     let lab = lab("host");
@@ -263,7 +263,7 @@ fn connected_udp_across_backend_deletion(
 
 #[test]
 fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
-    if !require_root("connected UDP and a deleted backend") {
+    if !require_root() {
         return;
     }
     // Last, the node's case with the agent holding only the DaemonSet's

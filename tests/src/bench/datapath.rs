@@ -22,7 +22,8 @@ use aya::{
 };
 use lb_common::program_names;
 use lb_userspace::{
-    differ::MapContents, loader, map_writer::BpfMaps, metrics::Metrics, programmer::Programmer,
+    datapath::loader, serve::metrics::Metrics, sync::differ::MapContents,
+    sync::map_writer::BpfMaps, sync::programmer::Programmer,
 };
 
 use super::{filler_services, kube_proxy::ServicePort, median, progress, typed_objects};

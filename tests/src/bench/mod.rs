@@ -16,7 +16,7 @@ pub mod traffic;
 use std::{net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_userspace::objects::{ServiceInfo, SliceInfo};
+use lb_userspace::source::objects::{ServiceInfo, SliceInfo};
 use serde_json::{json, Value};
 
 use kube_proxy::ServicePort;

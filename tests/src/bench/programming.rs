@@ -14,12 +14,11 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::Ebpf;
 use lb_userspace::{
-    differ::MapContents,
-    loader,
-    map_writer::BpfMaps,
-    metrics::Metrics,
+    datapath::loader,
     model::ServiceName,
-    programmer::{Programmer, ServiceChange},
+    serve::metrics::Metrics,
+    source::objects::ServiceChange,
+    sync::{differ::MapContents, map_writer::BpfMaps, programmer::Programmer},
 };
 
 use super::{

@@ -273,7 +273,7 @@ pub fn measure(
         lab.state.extra_manifests.clear();
         lab.state.extra_manifests.insert("bench.yaml".into(), docs);
         lab.write_manifests()?;
-        let _ = lb_userspace::loader::cleanup(&lab.pin_dir);
+        let _ = lb_userspace::datapath::loader::cleanup(&lab.pin_dir);
         for (mode, socket_lb) in [(0, "all"), (1, "off")] {
             progress(&format!("traffic at {n} Services: {}", MODES[mode]));
             let dir = lab.manifest_dir().to_string_lossy().into_owned();
@@ -304,7 +304,7 @@ pub fn measure(
             row.modes[mode] = Some(client_median(&lab, &last, ms, rounds)?);
             lab.stop_agent();
         }
-        lb_userspace::loader::cleanup(&lab.pin_dir)?;
+        lb_userspace::datapath::loader::cleanup(&lab.pin_dir)?;
 
         // iptables mode.
         progress(&format!(

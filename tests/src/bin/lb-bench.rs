@@ -28,9 +28,9 @@ use lb_tests::{
     scale::{service, service_ip, slice},
 };
 use lb_userspace::{
-    differ::master_key,
-    loader,
+    datapath::loader,
     model::{L4Addr, Protocol},
+    sync::differ::master_key,
 };
 use serde_json::json;
 

@@ -202,7 +202,7 @@ pub fn sweep_stale() {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if dead(&name) {
-                let _ = lb_userspace::loader::cleanup(&e.path());
+                let _ = lb_userspace::datapath::loader::cleanup(&e.path());
             }
         }
     }

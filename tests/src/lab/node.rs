@@ -97,7 +97,7 @@ impl LabNode {
         let netns = Netns::create(&format!("{}-node", spec.id))?;
         super::wire::make_router(&netns)?;
         let client_ns = Netns::create(&format!("{}-client", spec.id))?;
-        lb_userspace::attach::ensure_cgroup2(Path::new(LAB_CGROUP_ROOT))?;
+        lb_userspace::datapath::attach::ensure_cgroup2(Path::new(LAB_CGROUP_ROOT))?;
         let cgroup = PathBuf::from(LAB_CGROUP_ROOT).join(&spec.id);
         fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
@@ -479,7 +479,7 @@ impl Drop for LabNode {
                 self.agent_log()
             );
         }
-        let _ = lb_userspace::loader::cleanup(&self.pin_dir);
+        let _ = lb_userspace::datapath::loader::cleanup(&self.pin_dir);
         let _ = fs::remove_dir_all(&self.dir);
         remove_cgroup(&self.cgroup);
         // Pods, the client and the node's namespace go with their fields.

@@ -15,8 +15,8 @@ use lb_common::{
 };
 
 use crate::{
-    differ::{backend_addr, frontend_of, scoped_slot_key, MapContents},
     model::{BackendSet, DesiredState, Ipv4Prefix, L4Addr},
+    sync::differ::{backend_addr, frontend_of, scoped_slot_key, MapContents},
 };
 
 /// The master slot of one frontend and scope, and its backend slots in order.
@@ -381,10 +381,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        differ::{master_key, slot_key, MapOp},
-        map_writer::MapWriter,
-        metrics::Metrics,
-        programmer::Programmer,
+        serve::metrics::Metrics,
+        sync::differ::{master_key, slot_key, MapOp},
+        sync::map_writer::MapWriter,
+        sync::programmer::Programmer,
     };
 
     /// Maps that take every write; the programmer's record of them is
@@ -392,7 +392,7 @@ mod tests {
     struct AcceptingMaps;
 
     impl MapWriter for AcceptingMaps {
-        fn apply(&mut self, _: &MapOp) -> Result<(), String> {
+        fn apply(&mut self, _: &MapOp) -> Result<(), crate::sync::map_writer::WriteError> {
             Ok(())
         }
     }
@@ -419,8 +419,8 @@ mod tests {
         );
         let mut p = Programmer::new(AcceptingMaps, MapContents::default(), Metrics::new());
         let report = p.full_sync(
-            &[crate::objects::ServiceInfo::from(svc)],
-            &[crate::objects::SliceInfo::from(slice)],
+            &[crate::source::objects::ServiceInfo::from(svc)],
+            &[crate::source::objects::SliceInfo::from(slice)],
         );
         assert!(report.errors.is_empty(), "{report:?}");
         (p.desired.clone(), p.current.clone())

@@ -22,11 +22,12 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-pub use crate::objects::TRIGGER_TIME_ANNOTATION;
+pub use crate::source::objects::TRIGGER_TIME_ANNOTATION;
 use crate::{
     model::ServiceName,
-    objects::{ServiceInfo, SliceInfo, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
-    programmer::ServiceChange,
+    source::objects::{
+        ServiceChange, ServiceInfo, SliceInfo, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL,
+    },
 };
 
 /// Objects this agent leaves alone, as kube-proxy does: Services of another
@@ -319,7 +320,7 @@ impl ClusterState {
                 self.services.insert(s.name.clone(), s);
             }
             Event::Delete(s) => {
-                let name = crate::objects::service_name(&s.metadata);
+                let name = crate::source::objects::service_name(&s.metadata);
                 self.services.remove(&name);
                 work.dirty.insert(name);
             }
@@ -544,7 +545,7 @@ mod tests {
         );
         assert_eq!(
             st.services[&name("a")].ingress_ips,
-            vec![crate::objects::Addr::parse("192.0.2.9")]
+            vec![crate::source::objects::Addr::parse("192.0.2.9")]
         );
     }
 }

@@ -23,7 +23,7 @@ use std::{
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::net::TcpListener;
 
-use crate::metrics::{
+use super::metrics::{
     answer_and_close, http_response, parse_request, read_request_head, refusal, Request,
 };
 

@@ -206,15 +206,9 @@ impl Metrics {
         );
     }
 
-    pub fn record_wire_hook(&self, a: &crate::attach::WireAttachment) {
-        self.wire_hooks
-            .get_or_create(&WireHookLabel {
-                interface: a.interface.clone(),
-                hook: a.hook.name().into(),
-                driver: a.driver.clone(),
-                reason: a.reason.label().into(),
-            })
-            .set(1);
+    /// `lb_wire_hook{interface,hook,driver,reason} 1` for one wire interface.
+    pub fn record_wire_hook(&self, label: WireHookLabel) {
+        self.wire_hooks.get_or_create(&label).set(1);
     }
 
     pub fn set_ready(&self) {

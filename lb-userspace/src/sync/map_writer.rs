@@ -14,20 +14,51 @@ use lb_common::{
 };
 
 use crate::{
-    differ::{MapContents, MapOp, PlannedOp},
     model::{Ipv4Prefix, L4Addr},
+    sync::differ::{MapContents, MapOp, PlannedOp},
 };
 
 /// Where writes go: the BPF maps, or a simulation in tests.
 pub trait MapWriter {
-    fn apply(&mut self, op: &MapOp) -> Result<(), String>;
+    fn apply(&mut self, op: &MapOp) -> Result<(), WriteError>;
+}
+
+/// Why a map write did not happen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The map has no room for another entry.
+    #[error("map is full ({0})")]
+    Full(String),
+    /// The kernel refused the write for another reason.
+    #[error("{0}")]
+    Refused(String),
+    /// Not attempted: a backend or reverse NAT write it needs failed.
+    #[error("a backend or reverse NAT write it needs failed")]
+    DependencyFailed,
+}
+
+/// A write that failed, and the frontend it belonged to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedWrite {
+    pub frontend: Option<L4Addr>,
+    pub op: MapOp,
+    pub error: WriteError,
+}
+
+impl std::fmt::Display for FailedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.error {
+            WriteError::DependencyFailed => write!(f, "{}", self.error),
+            _ => write!(f, "{:?}: {}", self.op, self.error),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct ApplyReport {
     pub applied: usize,
-    /// Frontends whose writes failed, with the reason.
-    pub failed: Vec<(Option<L4Addr>, String)>,
+    /// Writes that failed or were held back, with their frontends.
+    pub failed: Vec<FailedWrite>,
     /// Frontends left as they were because a write of theirs, or one they
     /// depend on, failed.
     pub failed_frontends: BTreeSet<L4Addr>,
@@ -40,42 +71,23 @@ pub fn apply_plan(
     current: &mut MapContents,
 ) -> ApplyReport {
     let mut report = ApplyReport::default();
-    let failed_frontends = &mut report.failed_frontends;
-    let mut failed_backends: BTreeSet<u32> = BTreeSet::new();
-    // Reverse NAT ids whose entry, backend set or source ranges could not
-    // be written: a master must not turn them on.
-    let mut failed_revs: BTreeSet<u16> = BTreeSet::new();
+    let mut held = HeldBack::default();
     for step in plan {
-        if let Some(f) = step.frontend {
-            if failed_frontends.contains(&f) {
-                continue;
-            }
+        if step
+            .frontend
+            .is_some_and(|f| report.failed_frontends.contains(&f))
+        {
+            continue;
         }
         let op = &step.op;
-        let blocked = match op {
-            MapOp::PutService(k, v) if k.backend_slot == 0 => failed_revs.contains(&v.rev_nat_id),
-            // A slot of a frontend whose backend set could not be written
-            // stays as it was, like its master.
-            MapOp::PutService(_, v) => {
-                failed_backends.contains(&v.backend_id)
-                    || step.frontend.is_some_and(|f| {
-                        current
-                            .rev_nat_id(f.addr, f.port)
-                            .is_some_and(|id| failed_revs.contains(&id))
-                    })
-            }
-            // Still referenced by a slot whose update failed: keep it.
-            MapOp::DeleteBackend(id) => current.backend_in_use(*id),
-            MapOp::DeleteRevNat(id) => current.rev_nat_in_use(*id),
-            _ => false,
-        };
-        if blocked {
+        if held.blocks(step, current) {
             if let (Some(f), MapOp::PutService(..)) = (step.frontend, op) {
-                failed_frontends.insert(f);
-                report.failed.push((
-                    Some(f),
-                    "a backend or reverse NAT write it needs failed".into(),
-                ));
+                report.failed_frontends.insert(f);
+                report.failed.push(FailedWrite {
+                    frontend: Some(f),
+                    op: *op,
+                    error: WriteError::DependencyFailed,
+                });
             }
             continue;
         }
@@ -84,28 +96,66 @@ pub fn apply_plan(
                 report.applied += 1;
                 record(current, op);
             }
-            Err(reason) => {
-                match *op {
-                    MapOp::PutBackend(id, _) => {
-                        failed_backends.insert(id);
-                    }
-                    MapOp::PutRevNat(id, _)
-                    | MapOp::PutBackendMatch(id, ..)
-                    | MapOp::PutSourceRange(id, _) => {
-                        failed_revs.insert(id);
-                    }
-                    _ => {}
-                }
+            Err(error) => {
+                held.note_failed(op);
                 if let Some(f) = step.frontend {
-                    failed_frontends.insert(f);
+                    report.failed_frontends.insert(f);
                 }
-                report
-                    .failed
-                    .push((step.frontend, format!("{op:?}: {reason}")));
+                report.failed.push(FailedWrite {
+                    frontend: step.frontend,
+                    op: *op,
+                    error,
+                });
             }
         }
     }
     report
+}
+
+/// What earlier failed writes hold back.
+#[derive(Default)]
+struct HeldBack {
+    backends: BTreeSet<u32>,
+    /// Reverse NAT ids whose entry, backend set or source ranges could not
+    /// be written: a master must not turn them on.
+    revs: BTreeSet<u16>,
+}
+
+impl HeldBack {
+    fn note_failed(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PutBackend(id, _) => {
+                self.backends.insert(id);
+            }
+            MapOp::PutRevNat(id, _)
+            | MapOp::PutBackendMatch(id, ..)
+            | MapOp::PutSourceRange(id, _) => {
+                self.revs.insert(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether `step` must wait for a write that failed.
+    fn blocks(&self, step: &PlannedOp, current: &MapContents) -> bool {
+        match &step.op {
+            MapOp::PutService(k, v) if k.backend_slot == 0 => self.revs.contains(&v.rev_nat_id),
+            // A slot of a frontend whose backend set could not be written
+            // stays as it was, like its master.
+            MapOp::PutService(_, v) => {
+                self.backends.contains(&v.backend_id)
+                    || step.frontend.is_some_and(|f| {
+                        current
+                            .rev_nat_id(f.addr, f.port)
+                            .is_some_and(|id| self.revs.contains(&id))
+                    })
+            }
+            // Still referenced by a slot whose update failed: keep it.
+            MapOp::DeleteBackend(id) => current.backend_in_use(*id),
+            MapOp::DeleteRevNat(id) => current.rev_nat_in_use(*id),
+            _ => false,
+        }
+    }
 }
 
 /// Mirrors a successful write in `maps`.
@@ -200,7 +250,7 @@ impl BpfMaps {
 
 /// Every entry of `map`, read in batches.
 fn batch<M: IterableMap<K, V>, K: Pod, V: Pod>(map: &M) -> Result<Vec<(K, V)>, MapError> {
-    crate::map_batch::lookup_all(map.map().fd().as_fd()).map_err(|io_error| {
+    crate::sync::map_batch::lookup_all(map.map().fd().as_fd()).map_err(|io_error| {
         MapError::SyscallError(aya::sys::SyscallError {
             call: "bpf_map_lookup_batch",
             io_error,
@@ -208,11 +258,21 @@ fn batch<M: IterableMap<K, V>, K: Pod, V: Pod>(map: &M) -> Result<Vec<(K, V)>, M
     })
 }
 
-fn ignore_missing(r: Result<(), MapError>) -> Result<(), String> {
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), WriteError> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(write_error(e)),
+    }
+}
+
+/// E2BIG from an update means the map is full.
+fn write_error(e: MapError) -> WriteError {
+    match e {
+        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            WriteError::Full(s.io_error.to_string())
+        }
+        e => WriteError::Refused(e.to_string()),
     }
 }
 
@@ -248,7 +308,7 @@ impl BpfMaps {
 }
 
 impl MapWriter for BpfMaps {
-    fn apply(&mut self, op: &MapOp) -> Result<(), String> {
+    fn apply(&mut self, op: &MapOp) -> Result<(), WriteError> {
         let r = match op {
             MapOp::PutBackend(id, v) => self.backends.set(*id, v, 0),
             MapOp::PutRevNat(id, v) => self.rev_nat.insert(id, v, 0),
@@ -267,12 +327,7 @@ impl MapWriter for BpfMaps {
                 return ignore_missing(self.source_ranges.remove(&range_key(*rev, r)))
             }
         };
-        r.map_err(|e| match e {
-            MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                format!("map is full ({})", s.io_error)
-            }
-            e => e.to_string(),
-        })
+        r.map_err(write_error)
     }
 }
 
@@ -280,7 +335,7 @@ impl MapWriter for BpfMaps {
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
-    use crate::differ::reader_violation;
+    use crate::sync::differ::reader_violation;
 
     /// How many entries each fake map takes (None: no limit).
     #[derive(Clone, Copy, Debug, Default)]
@@ -307,10 +362,10 @@ pub(crate) mod fake {
     }
 
     impl MapWriter for CheckingWriter {
-        fn apply(&mut self, op: &MapOp) -> Result<(), String> {
+        fn apply(&mut self, op: &MapOp) -> Result<(), WriteError> {
             if let (Some(port), MapOp::PutService(k, _)) = (self.full_for_port, op) {
                 if u16::from_be(k.port) == port {
-                    return Err("map is full".into());
+                    return Err(WriteError::Full("injected".into()));
                 }
             }
             let m = &self.maps;
@@ -337,7 +392,7 @@ pub(crate) mod fake {
                 _ => false,
             };
             if at_limit {
-                return Err("map is full (fake capacity)".into());
+                return Err(WriteError::Full("fake capacity".into()));
             }
             record(&mut self.maps, op);
             self.writes.push(*op);
@@ -353,8 +408,8 @@ pub(crate) mod fake {
 mod tests {
     use super::{fake::CheckingWriter, *};
     use crate::{
-        differ::plan,
         model::{BackendSet, DesiredState, Protocol, ServiceEntry, ServiceName},
+        sync::differ::plan,
     };
     use lb_common::SVC_FLAG_CLUSTER_IP;
 
@@ -541,12 +596,12 @@ mod tests {
             &state(&[(80, &["10.244.0.2"]), (81, &["10.244.0.3"])]),
         );
         assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
-        assert_eq!(report.failed[0].0, Some(l4("10.96.0.10", 81)));
+        assert_eq!(report.failed[0].frontend, Some(l4("10.96.0.10", 81)));
         assert!(current
             .services
-            .contains_key(&crate::differ::master_key(&l4("10.96.0.10", 80))));
+            .contains_key(&crate::sync::differ::master_key(&l4("10.96.0.10", 80))));
         assert!(!current
             .services
-            .contains_key(&crate::differ::master_key(&l4("10.96.0.10", 81))));
+            .contains_key(&crate::sync::differ::master_key(&l4("10.96.0.10", 81))));
     }
 }

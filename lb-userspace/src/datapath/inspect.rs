@@ -8,8 +8,8 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
-    differ::{backend_addr, frontend_of, MapContents},
     model::L4Addr,
+    sync::differ::{backend_addr, frontend_of, MapContents},
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -122,8 +122,8 @@ pub struct WireStatus {
 }
 
 pub fn attach_status(pin_dir: &std::path::Path) -> AttachStatus {
-    use crate::wire_hook::{self, WireHook, WireHookMode, WireHookReason};
-    let wire = crate::attach::pinned_wire_hooks(pin_dir)
+    use crate::datapath::wire_hook::{self, WireHook, WireHookMode, WireHookReason};
+    let wire = crate::datapath::attach::pinned_wire_hooks(pin_dir)
         .into_iter()
         .map(|(interface, hook)| {
             let driver = wire_hook::driver(&interface).unwrap_or_else(|| "unknown".into());
@@ -146,7 +146,7 @@ pub fn attach_status(pin_dir: &std::path::Path) -> AttachStatus {
         .collect();
     AttachStatus {
         wire,
-        pods: crate::attach::pinned_pod_hooks(pin_dir),
+        pods: crate::datapath::attach::pinned_pod_hooks(pin_dir),
         socket_hooks: pinned_links_named(pin_dir, "cgroup_lb_sock_"),
         xdp_pass_through: pinned_links_named(pin_dir, "xdppass_"),
     }
@@ -154,7 +154,7 @@ pub fn attach_status(pin_dir: &std::path::Path) -> AttachStatus {
 
 /// The pinned links whose names start with `prefix`, without it, sorted.
 fn pinned_links_named(pin_dir: &std::path::Path, prefix: &str) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(crate::attach::links_dir(pin_dir))
+    let mut out: Vec<String> = std::fs::read_dir(crate::datapath::attach::links_dir(pin_dir))
         .into_iter()
         .flatten()
         .flatten()

@@ -13,7 +13,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 
-use crate::objects::{ServiceInfo, SliceInfo};
+use crate::source::objects::{ServiceInfo, SliceInfo};
 
 /// The objects of the folder, as translation reads them (the same form
 /// the API source keeps).

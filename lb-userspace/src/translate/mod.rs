@@ -10,6 +10,8 @@
 //! path serves IPv4, and a Service's IPv6 addresses are passed over (noted
 //! in `Translation::notes`), never a reason to drop its IPv4 side.
 
+pub mod health;
+
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
@@ -24,13 +26,13 @@ use lb_common::{
     SVC_FLAG_TWO_SCOPES,
 };
 
-pub use crate::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+pub use crate::source::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 use crate::{
     model::{
         BackendSet, Conflict, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry,
         ServiceName, Shadowed,
     },
-    objects::{Addr, AddressType, Affinity, PortInfo, ServiceInfo, ServiceKind, SliceInfo},
+    source::objects::{Addr, AddressType, Affinity, PortInfo, ServiceInfo, ServiceKind, SliceInfo},
 };
 
 /// Something that could not be expressed in the data path.
@@ -77,7 +79,7 @@ pub struct Translation {
     /// itself is invalid: their previous entries should be kept.
     pub failed_services: BTreeSet<ServiceName>,
     /// healthCheckNodePorts this node serves.
-    pub health_checks: Vec<crate::health_check::HealthCheck>,
+    pub health_checks: Vec<health::HealthCheck>,
     /// Entries whose frontend a Service that sorts first holds.
     pub shadowed: Shadowed,
 }
@@ -125,7 +127,7 @@ pub fn translate_on<S: Borrow<ServiceInfo>, E: Borrow<SliceInfo>>(
             .map(Vec::as_slice)
             .unwrap_or_default();
         out.health_checks
-            .extend(crate::health_check::health_check_of(node, svc, slices));
+            .extend(health::health_check_of(node, svc, slices));
         let result = translate_service(node, svc, slices, &mut out.errors, &mut out.notes);
         claim_all(&mut out, svc, result);
     }
@@ -806,7 +808,7 @@ mod tests {
         other_ns.namespace = "other".into();
         other_ns.service.as_mut().unwrap().namespace = "other".into();
         let mut v6 = web_slice("web-v6", vec![ep("fd00::1", None)]);
-        v6.address_type = crate::objects::AddressType::Ipv6;
+        v6.address_type = crate::source::objects::AddressType::Ipv6;
         let t = translate(&[web_service()], &[other_ns, v6]);
         assert!(t.state.entries()[&addr("10.96.0.10", 80, Protocol::Tcp)]
             .backends
@@ -863,7 +865,7 @@ mod tests {
             &[web_slice("w", vec![ep("10.244.0.5", None)])],
         );
         let mut broken = web_service();
-        broken.cluster_ips = vec![crate::objects::Addr::parse("garbage")];
+        broken.cluster_ips = vec![crate::source::objects::Addr::parse("garbage")];
         let mut t = translate(&[broken], &[web_slice("w", vec![ep("10.244.0.5", None)])]);
         assert!(t.state.is_empty());
         carry_over_failed(&mut t, &good.state, &good.shadowed);

@@ -10,12 +10,12 @@ use std::{
 };
 
 use crate::{
-    differ::{self, IdLimits, MapContents},
-    health_check::{health_check_of, HealthCheck},
-    map_writer::{apply_plan, MapWriter},
-    metrics::{InvalidLabel, MapLabel, Metrics},
     model::{DesiredState, L4Addr, ServiceEntry, ServiceName, Shadowed},
-    objects::{ServiceInfo, SliceInfo},
+    serve::metrics::{InvalidLabel, MapLabel, Metrics},
+    source::objects::{ServiceChange, ServiceInfo, SliceInfo},
+    sync::differ::{self, IdLimits, MapContents},
+    sync::map_writer::{apply_plan, FailedWrite, MapWriter},
+    translate::health::{health_check_of, HealthCheck},
     translate::{self, TranslateError},
 };
 
@@ -65,14 +65,7 @@ struct Written {
     deleted_backends: usize,
     /// Of the last pass: the Services left out, the writes that failed.
     unplanned: Vec<differ::Unplanned>,
-    failed: Vec<(Option<L4Addr>, String)>,
-}
-
-/// One Service to re-translate: its object (None: deleted) and its slices.
-pub struct ServiceChange<'a> {
-    pub name: ServiceName,
-    pub service: Option<&'a ServiceInfo>,
-    pub slices: Vec<&'a SliceInfo>,
+    failed: Vec<FailedWrite>,
 }
 
 impl<W: MapWriter> Programmer<W> {
@@ -258,7 +251,7 @@ impl<W: MapWriter> Programmer<W> {
         out: &mut SyncReport,
         errors: &[TranslateError],
         unplanned: &[differ::Unplanned],
-        failed: &[(Option<L4Addr>, String)],
+        failed: &[FailedWrite],
     ) {
         for e in errors {
             let label = InvalidLabel {
@@ -276,11 +269,11 @@ impl<W: MapWriter> Programmer<W> {
                 u.frontends.len()
             ));
         }
-        for (frontend, reason) in failed {
+        for w in failed {
             self.metrics.map_write_failures.inc();
-            out.errors.push(match frontend {
-                Some(f) => format!("programming {f} failed, it keeps its previous state: {reason}"),
-                None => format!("map write failed: {reason}"),
+            out.errors.push(match w.frontend {
+                Some(f) => format!("programming {f} failed, it keeps its previous state: {w}"),
+                None => format!("map write failed: {w}"),
             });
         }
     }
@@ -340,9 +333,9 @@ impl<W: MapWriter> Programmer<W> {
 mod tests {
     use super::*;
     use crate::{
-        map_writer::fake::{Capacity, CheckingWriter},
-        metrics::Metrics,
         model::Protocol,
+        serve::metrics::Metrics,
+        sync::map_writer::fake::{Capacity, CheckingWriter},
         test_objects::{cluster_ip, pod_ips, ready_slice},
     };
 

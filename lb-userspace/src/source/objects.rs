@@ -402,6 +402,14 @@ impl SliceInfo {
     }
 }
 
+/// One Service to translate again: its object (None: deleted) and its
+/// slices, as a source hands changes to the programmer.
+pub struct ServiceChange<'a> {
+    pub name: ServiceName,
+    pub service: Option<&'a ServiceInfo>,
+    pub slices: Vec<&'a SliceInfo>,
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

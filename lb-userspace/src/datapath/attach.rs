@@ -21,7 +21,7 @@ use aya::{
 };
 use lb_common::program_names;
 
-use crate::wire_hook::{self, WireHook, WireHookMode, WireHookReason};
+use crate::datapath::wire_hook::{self, WireHook, WireHookMode, WireHookReason};
 
 /// How XDP is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -462,7 +462,7 @@ impl Attachments {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    crate::pseudo_fs::is(path, crate::pseudo_fs::CGROUP2_SUPER_MAGIC)
+    crate::datapath::pseudo_fs::is(path, crate::datapath::pseudo_fs::CGROUP2_SUPER_MAGIC)
 }
 
 /// Makes sure `path` is a cgroup v2 folder: it is one, or it is mounted
@@ -479,7 +479,7 @@ pub fn ensure_cgroup2(path: &Path) -> Result<()> {
         );
     }
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    crate::pseudo_fs::mount("cgroup2", path)
+    crate::datapath::pseudo_fs::mount("cgroup2", path)
         .with_context(|| format!("mounting cgroup2 on {}", path.display()))?;
     log::info!("mounted the cgroup v2 hierarchy on {}", path.display());
     Ok(())

@@ -21,8 +21,8 @@ use aya::maps::{
 use lb_common::{ct_hold_ns, map_names, stats, Backend4, Ct4Key, Ct4Value};
 
 use crate::{
-    loader::map_pin_path,
-    metrics::{Metrics, ReasonLabel},
+    datapath::loader::map_pin_path,
+    serve::metrics::{Metrics, ReasonLabel},
 };
 
 /// Why a sweep removes an entry.
@@ -186,7 +186,7 @@ impl Sweeper {
         // gone is looked up again right before its entries are removed.
         let mut live: HashSet<u32> = HashSet::new();
         let entries: Vec<(Ct4Key, Ct4Value)> =
-            crate::map_batch::lookup_all(self.conntrack.map().fd().as_fd())
+            crate::sync::map_batch::lookup_all(self.conntrack.map().fd().as_fd())
                 .context("reading the conntrack map")?;
         let present = entries.len() as u64;
         let mut doomed = Vec::new();

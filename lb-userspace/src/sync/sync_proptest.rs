@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::objects::{ServiceInfo, SliceInfo};
+use crate::source::objects::{ServiceInfo, SliceInfo};
 use proptest::{
     prelude::*,
     sample::select,
@@ -16,12 +16,13 @@ use proptest::{
 use serde_json::{json, Value};
 
 use crate::{
-    checker,
-    differ::MapContents,
-    map_writer::fake::CheckingWriter,
-    metrics::Metrics,
     model::{DesiredState, L4Addr, ServiceEntry, ServiceName},
-    programmer::{Programmer, ServiceChange},
+    serve::metrics::Metrics,
+    source::objects::ServiceChange,
+    sync::checker,
+    sync::differ::MapContents,
+    sync::map_writer::fake::CheckingWriter,
+    sync::programmer::Programmer,
     test_objects::{service, slice},
     translate::{self, NodeInfo},
 };
@@ -456,7 +457,7 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
             c.reported_errors += full_report.errors.len();
         });
         // Converged: nothing left to write.
-        let again = crate::differ::plan(&full.current, &full.desired);
+        let again = crate::sync::differ::plan(&full.current, &full.desired);
         prop_assert!(again.ops.is_empty(), "{}: {:?}", context(), again.ops);
     }
     Ok(())

@@ -16,7 +16,7 @@ use aya::{
 };
 use lb_common::map_names;
 
-use crate::{map_writer::BpfMaps, pseudo_fs};
+use crate::{datapath::pseudo_fs, sync::map_writer::BpfMaps};
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one on its parent if
 /// needed (a fresh machine has none at /sys/fs/bpf).
@@ -415,7 +415,7 @@ fn open_pinned_map(path: &Path) -> Result<aya::maps::Map> {
 fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
     let from = aya::maps::MapData::from_pin(from)
         .with_context(|| format!("opening {}", from.display()))?;
-    let entries: Vec<(K, V)> = crate::map_batch::lookup_all(from.fd().as_fd())?;
+    let entries: Vec<(K, V)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
     let mut to: HashMap<_, K, V> = HashMap::try_from(open_pinned_map(to)?)?;
     Ok(entries
         .into_iter()
@@ -429,7 +429,8 @@ fn copy_backends(from: &Path, to: &Path) -> Result<usize> {
     // The same batch read serves a hash (older versions) and an array.
     let from = aya::maps::MapData::from_pin(from)
         .with_context(|| format!("opening {}", from.display()))?;
-    let entries: Vec<(u32, lb_common::Backend4)> = crate::map_batch::lookup_all(from.fd().as_fd())?;
+    let entries: Vec<(u32, lb_common::Backend4)> =
+        crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
     let entries = entries.into_iter().filter(|(_, b)| b.addr != 0);
     let mut copied = 0;
     for (id, b) in entries {
@@ -537,7 +538,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
 /// maps, and the folders if they are then empty.
 pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    let links = crate::attach::links_dir(pin_dir);
+    let links = crate::datapath::attach::links_dir(pin_dir);
     if let Ok(entries) = fs::read_dir(&links) {
         for e in entries.flatten() {
             fs::remove_file(e.path())

@@ -1,0 +1,12 @@
+//! Keeping the maps equal to the desired state: the plan of writes in a
+//! reader-safe order (`differ`), writing it (`map_writer`, `map_batch`),
+//! full and incremental syncs (`programmer`), and the independent check
+//! of the pinned maps against the desired state (`checker`).
+
+pub mod checker;
+pub mod differ;
+pub mod map_batch;
+pub mod map_writer;
+pub mod programmer;
+#[cfg(test)]
+mod sync_proptest;
