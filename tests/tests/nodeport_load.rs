@@ -43,6 +43,15 @@ fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wi
     println!("RATE {report}");
     let exhausted = lab.datapath_stat("snat_ports_exhausted");
     println!("RATE snat_ports_exhausted {exhausted}");
+    // Every counter, so that a failure shows what the data path saw (a
+    // packet passed as malformed, a rewrite that failed, ...).
+    let counters: Vec<String> = lb_common::stats::NAMES
+        .iter()
+        .map(|name| (name, lab.datapath_stat(name)))
+        .filter(|(_, n)| *n != 0)
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect();
+    println!("RATE data path counters: {}", counters.join(" "));
     assert!(
         report.attempted as f64 >= 0.9 * 1000.0 * DURATION.as_secs_f64(),
         "the load ran at the rate asked: {report}"
