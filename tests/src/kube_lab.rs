@@ -100,7 +100,11 @@ impl KubeLab {
         let mut flags = self.agent_flags();
         flags.extend(extra.iter().map(std::string::ToString::to_string));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        self.lab.start_agent_with(&flags).expect("start lb-agent");
+        self.lab
+            .agent()
+            .only(&flags)
+            .start()
+            .expect("start lb-agent");
     }
 
     /// Publishes the lab's Services and the EndpointSlices of its ready pods.

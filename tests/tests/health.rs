@@ -108,7 +108,7 @@ fn healthz_and_livez_answer_as_kube_proxys_do(source: Source, _wire: Wire) {
         return;
     }
     let mut lab = lab(source);
-    lab.start_agent().expect("start lb-agent");
+    lab.agent().start().expect("start lb-agent");
     let (code, body) = proxy_health(&lab, "/healthz");
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["nodeEligible"], true, "{body}");
@@ -133,7 +133,9 @@ fn a_change_that_cannot_be_written_makes_the_proxy_unhealthy_until_it_can(
     publish_local_lb(&mut lab);
     lab.write_manifests().unwrap();
     // Room for 15 backends: the health checked Service's 6 fit.
-    lab.start_agent_extra(&["--backends-max", "16", "--healthz-timeout", "2s"])
+    lab.agent()
+        .flags(&["--backends-max", "16", "--healthz-timeout", "2s"])
+        .start()
         .expect("start lb-agent");
     assert_eq!(health_check(&lab).0, 200);
     // 40 more backends cannot be written: the change waits.
@@ -178,7 +180,7 @@ fn health_check_ports_listen_on_the_nodeport_addresses_only(source: Source, _wir
     let mut lab = lab(source);
     publish_local_lb(&mut lab);
     lab.write_manifests().unwrap();
-    lab.start_agent().expect("start lb-agent");
+    lab.agent().start().expect("start lb-agent");
     assert_eq!(health_check(&lab).0, 200);
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTH_CHECK_PORT));
     let refused = lab
@@ -195,7 +197,7 @@ fn a_node_being_drained_fails_healthz_but_not_livez() {
         return;
     }
     let mut lab = lab(Source::Api);
-    lab.start_agent().expect("start lb-agent");
+    lab.agent().start().expect("start lb-agent");
     assert_eq!(proxy_health(&lab, "/healthz").0, 200);
     let api = &lab.api.as_ref().expect("the API fixture").server;
     let taint = json!({"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"});

@@ -540,7 +540,7 @@ fn the_api_server_address_is_required_in_a_pod_and_an_untranslated_service_addre
         .chain(["--api-server".into(), real])
         .collect();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    k.lab.start_agent_with(&flags).expect("start lb-agent");
+    k.lab.agent().only(&flags).start().expect("start lb-agent");
     k.wait_programmed(
         SocketAddrV4::new(NGINX, 80),
         Some(k.pod_ips(&k.lab.pods_of("Deployment/nginx-deployment"))),
@@ -558,7 +558,7 @@ fn readyz_waits_for_the_first_full_sync() {
     k.api.stop();
     let flags = k.agent_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    k.lab.spawn_agent_with(&flags).expect("spawn lb-agent");
+    k.lab.agent().only(&flags).spawn().expect("spawn lb-agent");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut code = None;
     while Instant::now() < deadline && code.is_none() {

@@ -36,7 +36,7 @@ fn nginx_lab_on(wire: Wire) -> Lab {
     let mut lab = Lab::from_manifest_files_on(wire, &[example("nginx-deployment.yaml")])
         .expect("build the lab");
     assert_eq!(lab.pods.len(), 3, "the example Deployment has 3 replicas");
-    lab.start_agent().expect("start lb-agent");
+    lab.agent().start().expect("start lb-agent");
     lab
 }
 
@@ -197,7 +197,7 @@ fn should_be_rejected_when_no_endpoints_exist(wire: Wire) {
         "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\nspec:\n  clusterIP: 10.96.0.99\n  selector: {app: nothing-matches}\n  ports: [{name: tcp, port: 80}, {name: udp, port: 80, protocol: UDP}]\n".into(),
     );
     lab.write_manifests().unwrap();
-    lab.start_agent().expect("agent");
+    lab.agent().start().expect("agent");
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 80);
     // Several times each: a refusal must come every time, not only once.
     for (who, ns) in [
@@ -326,7 +326,7 @@ fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips()
     }
     let mut lab = Lab::from_manifest_files(&[example("frontend-replicaset.yaml")]).expect("lab");
     assert_eq!(lab.pods.len(), 4, "the example ReplicaSet has 4 replicas");
-    lab.start_agent().expect("agent");
+    lab.agent().start().expect("agent");
     for svc in ["frontend", "frontend-nodeport"] {
         let ip = lab
             .cluster_ip(svc)
@@ -397,7 +397,8 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
         "1",
     ])
     .expect("create an old-type backends map");
-    lab.start_agent()
+    lab.agent()
+        .start()
         .expect("the agent starts over pins of an older layout");
     let shown = lb_tests::lab::run(&["bpftool", "-j", "map", "show", "pinned", backends]).unwrap();
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
@@ -430,7 +431,9 @@ fn xdp_forced_onto_a_software_wire_corrupts_checksums_and_the_lab_counts_them() 
     }
     let mut lab = Lab::from_manifest_files_on(Wire::Software, &[example("nginx-deployment.yaml")])
         .expect("build the lab");
-    lab.start_agent_extra(&["--wire-hook", "xdp"])
+    lab.agent()
+        .flags(&["--wire-hook", "xdp"])
+        .start()
         .expect("start lb-agent");
     assert!(
         lab.agent_log()

@@ -94,15 +94,17 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
     lab.node.agent_wrapper = cgroup.wrapper();
     let kc = kubeconfig.to_string_lossy().into_owned();
     // As the DaemonSet runs it: the API source, socket LB on every socket.
-    lab.spawn_agent_with(&[
-        "--kubeconfig",
-        &kc,
-        "--node-name",
-        NODE_NAME,
-        "--socket-lb",
-        "all",
-    ])
-    .expect("spawn lb-agent");
+    lab.agent()
+        .only(&[
+            "--kubeconfig",
+            &kc,
+            "--node-name",
+            NODE_NAME,
+            "--socket-lb",
+            "all",
+        ])
+        .spawn()
+        .expect("spawn lb-agent");
     wait_generation(&mut lab, 1, "first sync");
     let maps = loader::open_pinned(&lab.pin_dir).expect("pinned maps");
     let backends_of = |i: usize| {

@@ -275,7 +275,7 @@ fn one_nodes_agent_killed_and_restarted_under_load_loses_nothing(wire: Wire) {
     std::thread::sleep(Duration::from_secs(1));
     c.nodes[0].kill_agent();
     std::thread::sleep(Duration::from_secs(1));
-    c.nodes[0].start_agent().expect("restart node-1's agent");
+    c.nodes[0].agent().start().expect("restart node-1's agent");
     std::thread::sleep(Duration::from_secs(1));
     let reports = clients.finish_and_assert_none_failed();
     for r in reports.iter().filter(|r| r.what.contains("long-lived")) {

@@ -30,7 +30,9 @@ fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wi
     assert_eq!(lab.pods.len(), 4, "the example has 4 replicas");
     // Room for every flow of the run (two entries each, reply entries of
     // closed flows kept 120 s): the test is about ports, not LRU pressure.
-    lab.start_agent_extra(&["--conntrack-max", "524288"])
+    lab.agent()
+        .flags(&["--conntrack-max", "524288"])
+        .start()
         .expect("start lb-agent");
     let load = RateLoad {
         what: format!("NodePort new connections, {wire:?} wire"),

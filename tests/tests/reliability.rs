@@ -589,15 +589,17 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wi
         ],
     )
     .expect("build the lab");
-    lab.start_agent_extra(&[
-        "--conntrack-max",
-        &CAPACITY.to_string(),
-        "--conntrack-sweep-interval",
-        "1s",
-        "--metrics-addr",
-        METRICS,
-    ])
-    .expect("start the agent");
+    lab.agent()
+        .flags(&[
+            "--conntrack-max",
+            &CAPACITY.to_string(),
+            "--conntrack-sweep-interval",
+            "1s",
+            "--metrics-addr",
+            METRICS,
+        ])
+        .start()
+        .expect("start the agent");
     let mut clients = web_clients(&lab, 40_000);
     clients.add(Load::start(
         lab.client.ns.path(),
@@ -762,7 +764,9 @@ fn a_flooded_affinity_map_keeps_active_clients_on_their_backend(wire: Wire) {
     );
     let (objects, _) = workload::parse_lab_objects(&text).expect("parse");
     let mut lab = Lab::from_objects_on(wire, objects).expect("build the lab");
-    lab.start_agent_extra(&["--affinity-max", &CAPACITY.to_string()])
+    lab.agent()
+        .flags(&["--affinity-max", &CAPACITY.to_string()])
+        .start()
         .expect("start the agent");
     let mut clients = LoadSet::default();
     for (ns, what) in [

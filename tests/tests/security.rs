@@ -92,7 +92,9 @@ fn lab_with_agent_ports() -> Lab {
         "local-lb",
         json!({"externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_CHECK_PORT}),
     );
-    lab.start_agent_extra(&["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")])
+    lab.agent()
+        .flags(&["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")])
+        .start()
         .expect("start lb-agent");
     lab
 }
@@ -511,7 +513,8 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
     let to = SocketAddrV4::new(cluster_ip, 80);
 
     lab.agent_wrapper = like_a_container_with(&caps);
-    lab.start_agent()
+    lab.agent()
+        .start()
         .unwrap_or_else(|e| panic!("the agent with only {caps:?}: {e}"));
     let pid = lab.agent_pid().unwrap();
     let want: u64 = caps.iter().map(|c| 1u64 << capability_bit(c)).sum();
@@ -549,7 +552,8 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
     // A restart adopts the pinned maps and links, which takes other calls
     // (opening pins, replacing a link's program) than a first start.
     lab.stop_agent();
-    lab.start_agent()
+    lab.agent()
+        .start()
         .unwrap_or_else(|e| panic!("the agent restarted with only {caps:?}: {e}"));
     assert_eq!(
         answering_pods(&lab),
@@ -569,7 +573,7 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
         let rest: Vec<&String> = caps.iter().filter(|c| *c != missing).collect();
         lab.agent_wrapper = like_a_container_with(&rest);
         let log_before = lab.agent_log().len();
-        let outcome = lab.start_agent();
+        let outcome = lab.agent().start();
         let log = lab.agent_log()[log_before..].to_owned();
         lab.stop_agent();
         let _ = lb_userspace::datapath::loader::cleanup(&lab.pin_dir);
@@ -619,7 +623,9 @@ fn source_range_drops_are_counted_exactly_and_allowed_sources_are_not(wire: Wire
         "ranged-lb",
         json!({"loadBalancerSourceRanges": [format!("{EXT_CLIENT_ADDR}/32")]}),
     );
-    lab.start_agent_extra(&["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")])
+    lab.agent()
+        .flags(&["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")])
+        .start()
         .expect("start lb-agent");
     let to = SocketAddrV4::new(LB_IP, 80);
     let dropped = |lab: &Lab| lab.datapath_stat("source_range_dropped");

@@ -118,7 +118,7 @@ fn publish(lab: &mut Lab, name: &str, spec: Value, status: Value, endpoints: Vec
         lab.apply_manifests().expect("agent picks up the change");
     } else {
         lab.write_manifests().unwrap();
-        lab.start_agent().expect("start lb-agent");
+        lab.agent().start().expect("start lb-agent");
     }
 }
 
@@ -441,7 +441,7 @@ fn source_ranges_given_by_annotation_are_honoured(source: Source, wire: Wire) {
             lab.apply_manifests().expect("agent picks up the change");
         } else {
             lab.write_manifests().unwrap();
-            lab.start_agent().expect("start lb-agent");
+            lab.agent().start().expect("start lb-agent");
         }
         if allowed {
             assert_eq!(pods_of(&whoami_tcp(&lab.ext, to, 40)), all, "{ranges}");
@@ -958,7 +958,7 @@ spec:
     );
     let (objects, _) = lb_tests::workload::parse_lab_objects(&yaml).expect("parse");
     let mut lab = Lab::from_objects_with(source, Wire::Software, objects).expect("build the lab");
-    lab.start_agent().expect("start lb-agent");
+    lab.agent().start().expect("start lb-agent");
     lab
 }
 
@@ -1053,7 +1053,9 @@ fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one(
     ];
     // The agent runs in zone-a.
     publish_without_agent(&mut lab, "topo", spec.clone(), eps);
-    lab.start_agent_extra(&["--zone", "zone-a"])
+    lab.agent()
+        .flags(&["--zone", "zone-a"])
+        .start()
         .expect("start lb-agent");
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 35), 80);
     assert_eq!(

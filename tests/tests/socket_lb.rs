@@ -42,7 +42,9 @@ fn lab_with_agent_under(mode: &str, wrapper: Vec<String>) -> Lab {
         .push(LabObject::Service(serde_json::from_value(np).unwrap()));
     lab.write_manifests().unwrap();
     lab.agent_wrapper = wrapper;
-    lab.start_agent_extra(&["--socket-lb", mode])
+    lab.agent()
+        .flags(&["--socket-lb", mode])
+        .start()
         .expect("start lb-agent");
     lab
 }

@@ -69,11 +69,11 @@ fn iptables_rules(lab: &Lab) -> String {
 /// Sets `mode` up in `lab`.
 fn serve(lab: &mut Lab, mode: &Mode) -> Result<()> {
     match mode {
-        Mode::Ours => lab.start_agent(),
+        Mode::Ours => lab.agent().start(),
         Mode::Previous(binary) => {
             lab.agent_binary = Some(binary.clone());
             lab.agent_defaults.clear();
-            lab.start_agent()
+            lab.agent().start()
         }
         Mode::KubeProxyIptables => {
             rule_tools::install_iptables_jumps(&lab.node, IPTABLES)?;

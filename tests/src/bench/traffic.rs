@@ -278,14 +278,16 @@ pub fn measure(
             progress(&format!("traffic at {n} Services: {}", MODES[mode]));
             let dir = lab.manifest_dir().to_string_lossy().into_owned();
             let started = std::time::Instant::now();
-            lab.spawn_agent_with(&[
-                "--manifests",
-                &dir,
-                "--node-name",
-                NODE_NAME,
-                "--socket-lb",
-                socket_lb,
-            ])?;
+            lab.agent()
+                .only(&[
+                    "--manifests",
+                    &dir,
+                    "--node-name",
+                    NODE_NAME,
+                    "--socket-lb",
+                    socket_lb,
+                ])
+                .spawn()?;
             let deadline = started + Duration::from_mins(10);
             while lab.generation() < 1 {
                 if std::time::Instant::now() > deadline {

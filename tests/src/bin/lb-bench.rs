@@ -221,7 +221,9 @@ fn control_plane(a: Args) -> Result<()> {
     eprintln!("[bench] starting lb-agent and waiting for its first full sync");
     let started = Instant::now();
     let kc = kubeconfig.to_string_lossy().into_owned();
-    lab.spawn_agent_with(&["--kubeconfig", &kc, "--node-name", NODE_NAME])?;
+    lab.agent()
+        .only(&["--kubeconfig", &kc, "--node-name", NODE_NAME])
+        .spawn()?;
     let deadline = Instant::now() + Duration::from_mins(5);
     while lab.generation() < 1 {
         if Instant::now() > deadline {

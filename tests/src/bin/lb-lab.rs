@@ -54,7 +54,7 @@ fn demo(dir: PathBuf) -> Result<()> {
         "lab: starting lb-agent in the node namespace (pins under {})",
         lab.pin_dir.display()
     );
-    lab.start_agent()?;
+    lab.agent().start()?;
     let agent = lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN")?;
     let table = std::process::Command::new(agent)
         .args(["--pin-dir", &lab.pin_dir.to_string_lossy(), "services"])

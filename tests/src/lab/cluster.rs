@@ -185,12 +185,8 @@ impl Cluster {
     /// Starts every node's agent and waits for their first syncs.
     pub fn start_agents(&mut self) -> Result<()> {
         for node in &mut self.nodes {
-            node.spawn_agent_with(&[
-                "--manifests",
-                &node.manifest_dir().to_string_lossy(),
-                "--node-name",
-                &node.node_name.clone(),
-            ])?;
+            // Its manifest folder and name: a cluster's nodes read files.
+            node.agent().spawn()?;
         }
         for node in &mut self.nodes {
             node.wait_for_generation(1)?;

@@ -58,7 +58,7 @@ pub fn new_lab_id() -> String {
 }
 
 /// One node, its external client and the desired state its agent reads.
-/// Derefs to the node (`lab.pods`, `lab.start_agent()`), which derefs to
+/// Derefs to the node (`lab.pods`, `lab.agent().start()`), which derefs to
 /// its namespace.
 pub struct Lab {
     pub wire: Wire,

@@ -265,36 +265,24 @@ impl LabNode {
         self.dir.join("manifests")
     }
 
-    /// Starts lb-agent in this node on its manifest folder and waits for
-    /// its first sync.
-    pub fn start_agent(&mut self) -> Result<()> {
-        self.start_agent_extra(&[])
-    }
-
-    /// `start_agent` with more agent flags (e.g. `--socket-lb off`).
-    pub fn start_agent_extra(&mut self, extra: &[&str]) -> Result<()> {
-        let source = self.source_flags.clone().unwrap_or_else(|| {
+    /// How this node's agent is to be started: on the node's source (its
+    /// manifest folder, or the flags the lab set, e.g. `--kubeconfig`) with
+    /// `--node-name`, plus what the caller adds:
+    /// `node.agent().flags(&["--socket-lb", "off"]).start()`.
+    pub fn agent(&mut self) -> AgentLaunch<'_> {
+        let mut flags = self.source_flags.clone().unwrap_or_else(|| {
             vec![
                 "--manifests".into(),
                 self.manifest_dir().to_string_lossy().into_owned(),
             ]
         });
-        let name = self.node_name.clone();
-        let mut flags: Vec<&str> = source.iter().map(String::as_str).collect();
-        flags.extend(["--node-name", &name]);
-        flags.extend_from_slice(extra);
-        self.start_agent_with(&flags)
+        flags.extend(["--node-name".into(), self.node_name.clone()]);
+        AgentLaunch { node: self, flags }
     }
 
-    /// Starts lb-agent with `source` flags (e.g. `--kubeconfig PATH`) and
-    /// waits for its first sync.
-    pub fn start_agent_with(&mut self, source: &[&str]) -> Result<()> {
-        self.spawn_agent_with(source)?;
-        self.wait_for_generation(1)
-    }
-
-    /// Starts lb-agent with `source` flags without waiting for a sync.
-    pub fn spawn_agent_with(&mut self, source: &[&str]) -> Result<()> {
+    /// Starts lb-agent with these flags (and the lab's per-node ones)
+    /// without waiting for a sync.
+    fn spawn_agent(&mut self, source: &[&str]) -> Result<()> {
         let agent = match &self.agent_binary {
             Some(path) => path.clone(),
             None => sibling_binary("lb-agent", "LB_AGENT_BIN")?,
@@ -465,6 +453,41 @@ impl LabNode {
         let mut all = vec![&self.netns, &self.client.ns];
         all.extend(self.pods.values().map(|p| &p.ns));
         all
+    }
+}
+
+/// A node's agent about to start (see `LabNode::agent`).
+pub struct AgentLaunch<'a> {
+    node: &'a mut LabNode,
+    flags: Vec<String>,
+}
+
+impl AgentLaunch<'_> {
+    /// More flags after the source and node ones.
+    pub fn flags(mut self, extra: &[&str]) -> Self {
+        self.flags.extend(extra.iter().map(|f| (*f).to_owned()));
+        self
+    }
+
+    /// These flags instead of the node's source and `--node-name` (the
+    /// lab's own, such as `--pin-dir` and `--interfaces`, still come).
+    pub fn only(mut self, flags: &[&str]) -> Self {
+        self.flags = flags.iter().map(|f| (*f).to_owned()).collect();
+        self
+    }
+
+    /// Starts it and waits for its first sync.
+    pub fn start(self) -> Result<()> {
+        let node = self.node;
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        node.spawn_agent(&flags)?;
+        node.wait_for_generation(1)
+    }
+
+    /// Starts it without waiting for a sync.
+    pub fn spawn(self) -> Result<()> {
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        self.node.spawn_agent(&flags)
     }
 }
 
