@@ -7,5 +7,5 @@ pub mod attach;
 pub mod conntrack_sweep;
 pub mod inspect;
 pub mod loader;
-pub mod pseudo_fs;
+pub(crate) mod pseudo_fs;
 pub mod wire_hook;

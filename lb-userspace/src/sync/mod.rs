@@ -5,7 +5,7 @@
 
 pub mod checker;
 pub mod differ;
-pub mod map_batch;
+pub(crate) mod map_batch;
 pub mod map_writer;
 pub mod programmer;
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! path serves IPv4, and a Service's IPv6 addresses are passed over (noted
 //! in `Translation::notes`), never a reason to drop its IPv4 side.
 
-pub mod health;
+pub(crate) mod health;
 
 use std::{
     borrow::Borrow,
