@@ -528,16 +528,25 @@ fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4, ct: &Ct4Value
         done = rw.rewrite_src(flow, ct.nat_addr, ct.nat_port);
     }
     if done.is_ok() {
-        count(stats::SERVICE_FORWARDED);
         count_service(ct.rev_nat_id, flow.ip_tot_len);
-        if ct.flags & CT_FLAG_SNAT != 0 {
-            Action::Redirect
-        } else {
-            Action::Translated
-        }
-    } else {
+    }
+    rewritten(done, stats::SERVICE_FORWARDED, ct.flags & CT_FLAG_SNAT != 0)
+}
+
+/// The verdict after a flow's rewrite: counted under `counter`, and sent
+/// to its egress device when `redirect` (its source became a node
+/// address); dropped and counted when a helper failed.
+#[inline(always)]
+fn rewritten(done: Result<(), ()>, counter: u32, redirect: bool) -> Action {
+    if done.is_err() {
         count(stats::REWRITE_FAILED);
-        Action::Drop
+        return Action::Drop;
+    }
+    count(counter);
+    if redirect {
+        Action::Redirect
+    } else {
+        Action::Translated
     }
 }
 
@@ -635,17 +644,11 @@ fn reverse_nat<R: Rewriter>(rw: &R, flow: &Flow, now: u64) -> Option<Action> {
     if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {
         done = rw.rewrite_dst(flow, ct.nat_addr, ct.nat_port);
     }
-    Some(if let Ok(()) = done {
-        count(stats::REVERSE_NATTED);
-        if ct.flags & CT_FLAG_REDIRECT != 0 {
-            Action::Redirect
-        } else {
-            Action::Translated
-        }
-    } else {
-        count(stats::REWRITE_FAILED);
-        Action::Drop
-    })
+    Some(rewritten(
+        done,
+        stats::REVERSE_NATTED,
+        ct.flags & CT_FLAG_REDIRECT != 0,
+    ))
 }
 
 /// Keeps a reply entry's state: open once the backend answered the SYN,

@@ -1,35 +1,27 @@
 //! The capabilities the DaemonSet gives the agent, and running the agent
 //! with only some of them, as a container runtime would.
 
-use std::{fs, path::PathBuf};
+use std::fs;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The capabilities the DaemonSet adds to the agent's container, read from
 /// deploy/lb-agent.yaml so the test follows the manifest.
 pub fn daemon_set_capabilities() -> Vec<String> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/lb-agent.yaml");
-    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let doc: Value = serde::Deserialize::deserialize(doc).expect("a YAML document");
-        if doc["kind"] != "DaemonSet" {
-            continue;
-        }
-        let security = &doc["spec"]["template"]["spec"]["containers"][0]["securityContext"];
-        assert_eq!(
-            security["capabilities"]["drop"],
-            json!(["ALL"]),
-            "the DaemonSet drops every capability it does not add"
-        );
-        assert_ne!(security["privileged"], json!(true), "not privileged");
-        return security["capabilities"]["add"]
-            .as_array()
-            .expect("capabilities.add")
-            .iter()
-            .map(|c| c.as_str().unwrap().trim_start_matches("CAP_").to_owned())
-            .collect();
-    }
-    panic!("no DaemonSet in {}", path.display())
+    let pod = crate::container::daemon_set_pod();
+    let security = &crate::container::container_of(&pod, "lb-agent")["securityContext"];
+    assert_eq!(
+        security["capabilities"]["drop"],
+        json!(["ALL"]),
+        "the DaemonSet drops every capability it does not add"
+    );
+    assert_ne!(security["privileged"], json!(true), "not privileged");
+    security["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| c.as_str().unwrap().trim_start_matches("CAP_").to_owned())
+        .collect()
 }
 
 /// The capability's bit (linux/capability.h).

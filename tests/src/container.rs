@@ -236,8 +236,11 @@ impl Container {
             .arg(image)
             .args(args)
             .output()?;
+        // The guard exists before the check: a container that was created
+        // but failed to start is removed too.
+        let container = Self { name: name.into() };
         check(&out, "podman run")?;
-        Ok(Self { name: name.into() })
+        Ok(container)
     }
 
     /// `podman restart`: SIGTERM, then the same container started again,

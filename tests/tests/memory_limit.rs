@@ -6,14 +6,12 @@
 //! created, both charged to the pod) must leave a fifth of the limit free
 //! for what a real cluster adds (larger objects, more labels and ports).
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use lb_tests::{
     apiserver::ApiServer,
     bench::traffic::{map_memlock_kib, rss_kib},
+    container::{container_of, daemon_set_pod},
     lab::{Lab, NODE_NAME},
     memcg::{parse_quantity, MemoryCgroup},
     privilege::require_root,
@@ -32,26 +30,11 @@ const RELISTS: u64 = 2;
 
 /// `resources.limits.memory` of the lb-agent container, as written.
 fn daemon_set_memory_limit() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lb-agent.yaml");
-    let text = std::fs::read_to_string(&path).expect("deploy/lb-agent.yaml");
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v: Value = serde::Deserialize::deserialize(doc).expect("YAML");
-        if v["kind"] != "DaemonSet" {
-            continue;
-        }
-        let containers = v["spec"]["template"]["spec"]["containers"]
-            .as_array()
-            .expect("containers");
-        let agent = containers
-            .iter()
-            .find(|c| c["name"] == "lb-agent")
-            .expect("the lb-agent container");
-        return agent["resources"]["limits"]["memory"]
-            .as_str()
-            .expect("resources.limits.memory is set")
-            .to_owned();
-    }
-    panic!("no DaemonSet in deploy/lb-agent.yaml");
+    let pod = daemon_set_pod();
+    container_of(&pod, "lb-agent")["resources"]["limits"]["memory"]
+        .as_str()
+        .expect("resources.limits.memory is set")
+        .to_owned()
 }
 
 /// Waits until the agent has written sync `generation`.

@@ -43,13 +43,19 @@ fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wi
     };
     let report = rate_load::run(&lab.ext.path(), &load);
     println!("RATE {report}");
-    let exhausted = lab.datapath_stat("snat_ports_exhausted");
+    // Every counter, read once, so that a failure shows what the data path
+    // saw (a packet passed as malformed, a rewrite that failed, ...).
+    let stats = lab.agent_command_json(&["stats", "--output", "json"]);
+    let counter = |name: &str| {
+        stats[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+    let exhausted = counter("snat_ports_exhausted");
     println!("RATE snat_ports_exhausted {exhausted}");
-    // Every counter, so that a failure shows what the data path saw (a
-    // packet passed as malformed, a rewrite that failed, ...).
     let counters: Vec<String> = lb_common::stats::NAMES
         .iter()
-        .map(|name| (name, lab.datapath_stat(name)))
+        .map(|name| (name, counter(name)))
         .filter(|(_, n)| *n != 0)
         .map(|(name, n)| format!("{name}={n}"))
         .collect();

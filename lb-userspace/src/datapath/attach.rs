@@ -533,6 +533,11 @@ pub fn pinned_wire_hooks(pin_dir: &Path) -> Vec<(String, WireHook)> {
 
 /// Pod interfaces with tc pinned under `pin_dir`.
 pub fn pinned_pod_hooks(pin_dir: &Path) -> Vec<String> {
+    pinned_links_named(pin_dir, "tc_")
+}
+
+/// The pinned links whose names start with `prefix`, without it, sorted.
+pub fn pinned_links_named(pin_dir: &Path, prefix: &str) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(links_dir(pin_dir))
         .into_iter()
         .flatten()
@@ -540,7 +545,7 @@ pub fn pinned_pod_hooks(pin_dir: &Path) -> Vec<String> {
         .filter_map(|e| {
             e.file_name()
                 .to_string_lossy()
-                .strip_prefix("tc_")
+                .strip_prefix(prefix)
                 .map(str::to_owned)
         })
         .collect();

@@ -8,6 +8,7 @@ use lb_common::{
 use serde::Serialize;
 
 use crate::{
+    datapath::attach,
     model::L4Addr,
     sync::differ::{backend_addr, frontend_of, MapContents},
 };
@@ -123,7 +124,7 @@ pub struct WireStatus {
 
 pub fn attach_status(pin_dir: &std::path::Path) -> AttachStatus {
     use crate::datapath::wire_hook::{self, WireHook, WireHookMode, WireHookReason};
-    let wire = crate::datapath::attach::pinned_wire_hooks(pin_dir)
+    let wire = attach::pinned_wire_hooks(pin_dir)
         .into_iter()
         .map(|(interface, hook)| {
             let driver = wire_hook::driver(&interface).unwrap_or_else(|| "unknown".into());
@@ -146,27 +147,10 @@ pub fn attach_status(pin_dir: &std::path::Path) -> AttachStatus {
         .collect();
     AttachStatus {
         wire,
-        pods: crate::datapath::attach::pinned_pod_hooks(pin_dir),
-        socket_hooks: pinned_links_named(pin_dir, "cgroup_lb_sock_"),
-        xdp_pass_through: pinned_links_named(pin_dir, "xdppass_"),
+        pods: attach::pinned_pod_hooks(pin_dir),
+        socket_hooks: attach::pinned_links_named(pin_dir, "cgroup_lb_sock_"),
+        xdp_pass_through: attach::pinned_links_named(pin_dir, "xdppass_"),
     }
-}
-
-/// The pinned links whose names start with `prefix`, without it, sorted.
-fn pinned_links_named(pin_dir: &std::path::Path, prefix: &str) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(crate::datapath::attach::links_dir(pin_dir))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix(prefix)
-                .map(str::to_owned)
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 pub fn render_status(status: &AttachStatus) -> String {
