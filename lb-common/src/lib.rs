@@ -10,51 +10,49 @@ use bytemuck::{Pod, Zeroable};
 
 pub mod csum;
 pub mod icmp;
+pub mod map_spec;
+pub mod uapi;
 
 /// Default bpffs folder where the agent pins its maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb-agent";
 
-/// Names of the maps, as the BPF object declares them and as they are pinned.
+/// Names of the maps, as the BPF object declares them and as they are
+/// pinned (from [`map_spec`]).
 pub mod map_names {
-    pub const SERVICES: &str = "lb4_services";
-    pub const BACKENDS: &str = "lb4_backends";
-    pub const REV_NAT: &str = "lb4_reverse_nat";
-    pub const CONNTRACK: &str = "lb4_conntrack";
-    pub const STATS: &str = "lb_stats";
-    pub const SERVICE_STATS: &str = "lb4_svc_stats";
-    pub const AFFINITY: &str = "lb4_affinity";
-    pub const BACKEND_MATCH: &str = "lb4_backend_match";
-    pub const SOURCE_RANGES: &str = "lb4_source_ranges";
-    pub const CONFIG: &str = "lb_config";
-    pub const SOCK_REV: &str = "lb4_sock_rev";
-    pub const SOCK_FWD: &str = "lb4_sock_fwd";
-    /// Per backend id: where masquerading looks for its next port toward
-    /// that backend.
-    pub const SNAT_CURSOR: &str = "lb4_snat_cursor";
-    /// The previous agent's conntrack map while it is migrated (bound to its
-    /// pin only then; otherwise an empty one-entry map). Not in [`ALL`].
-    pub const CONNTRACK_PREV: &str = "lb4_conntrack_prev";
-    pub const ALL: [&str; 13] = [
-        SERVICES,
-        BACKENDS,
-        REV_NAT,
-        CONNTRACK,
-        STATS,
-        SERVICE_STATS,
-        AFFINITY,
-        BACKEND_MATCH,
-        SOURCE_RANGES,
-        CONFIG,
-        SOCK_REV,
-        SOCK_FWD,
-        SNAT_CURSOR,
-    ];
+    use crate::map_spec;
+
+    pub const SERVICES: &str = map_spec::SERVICES.name;
+    pub const BACKENDS: &str = map_spec::BACKENDS.name;
+    pub const REV_NAT: &str = map_spec::REV_NAT.name;
+    pub const CONNTRACK: &str = map_spec::CONNTRACK.name;
+    pub const STATS: &str = map_spec::STATS.name;
+    pub const SERVICE_STATS: &str = map_spec::SERVICE_STATS.name;
+    pub const AFFINITY: &str = map_spec::AFFINITY.name;
+    pub const BACKEND_MATCH: &str = map_spec::BACKEND_MATCH.name;
+    pub const SOURCE_RANGES: &str = map_spec::SOURCE_RANGES.name;
+    pub const CONFIG: &str = map_spec::CONFIG.name;
+    pub const SOCK_REV: &str = map_spec::SOCK_REV.name;
+    pub const SOCK_FWD: &str = map_spec::SOCK_FWD.name;
+    pub const SNAT_CURSOR: &str = map_spec::SNAT_CURSOR.name;
+    pub const CONNTRACK_PREV: &str = map_spec::CONNTRACK_PREV.name;
+    /// The pinned maps, in the order of `map_spec::ALL`.
+    pub const ALL: [&str; map_spec::ALL.len()] = {
+        let mut names = [""; map_spec::ALL.len()];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = map_spec::ALL[i].name;
+            i += 1;
+        }
+        names
+    };
 }
 
 /// Names of the programs' load-time globals (set by the loader).
 pub mod global_names {
     /// `SnatPorts`: the masquerade port ranges.
     pub const SNAT_PORTS: &str = "SNAT_PORTS";
+    /// `DatapathConfig`: the masquerade address and the socket LB mode.
+    pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 }
 
 /// Names of the BPF programs in the object.
@@ -79,22 +77,19 @@ pub mod program_names {
     pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 }
 
-pub const MAX_SERVICE_SLOTS: u32 = 262_144;
-pub const MAX_BACKENDS: u32 = 131_072;
-pub const MAX_REV_NAT: u32 = 65_536;
-pub const MAX_CONNTRACK: u32 = 262_144;
-pub const MAX_AFFINITY: u32 = 65_536;
-pub const MAX_BACKEND_MATCH: u32 = 262_144;
-pub const MAX_SOURCE_RANGES: u32 = 16_384;
-pub const MAX_SOCK_REV: u32 = 262_144;
+/// Default capacities, from [`map_spec`].
+pub const MAX_SERVICE_SLOTS: u32 = map_spec::SERVICES.max_entries;
+pub const MAX_BACKENDS: u32 = map_spec::BACKENDS.max_entries;
+pub const MAX_REV_NAT: u32 = map_spec::REV_NAT.max_entries;
+pub const MAX_CONNTRACK: u32 = map_spec::CONNTRACK.max_entries;
+pub const MAX_AFFINITY: u32 = map_spec::AFFINITY.max_entries;
 /// Most backends one Service port can have: slots 1..=N of the services map
 /// are numbered by a u16, as are the master's count and terminating_count.
 /// The data path never walks the slots (it picks one at random and looks it
 /// up), so a large N costs map entries, not time per packet.
 pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX;
 
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+pub use uapi::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Key of the services map. `backend_slot` 0 is the master entry of a Service
 /// port; slots 1..=count point at backends.
@@ -391,20 +386,28 @@ pub const SOCKET_LB_HOST: u32 = 2;
 /// Bits of `SourceRange4` before the address.
 pub const SOURCE_RANGE_PREFIX_BITS: u32 = 32;
 
-/// Indices of the config array.
+/// Indices of the config array: what the agent changes while the
+/// programs run. What is fixed for a load is in [`DatapathConfig`].
 pub mod config {
-    /// The node address masqueraded flows get as source (network order).
-    pub const MASQUERADE_ADDR: u32 = 0;
-    /// `SOCKET_LB_*`.
-    pub const SOCKET_LB_MODE: u32 = 1;
-    /// The agent's (host) network namespace cookie, low and high halves.
-    pub const HOST_NETNS_COOKIE_LO: u32 = 2;
-    pub const HOST_NETNS_COOKIE_HI: u32 = 3;
     /// Non-zero while a conntrack map of an older layout is being migrated:
     /// a lookup that misses falls back to `lb4_conntrack_prev` and moves the
     /// entry over, so flows keep their backends across the switch.
-    pub const CT_MIGRATING: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const CT_MIGRATING: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
+/// What the agent sets once per load of the programs: a load-time global
+/// (`global_names::DATAPATH_CONFIG`), read without a map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// The agent's (host) network namespace cookie, for `SOCKET_LB_HOST`.
+    pub host_netns_cookie: u64,
+    /// The node address masqueraded flows get as source (network order;
+    /// 0: masquerading off, such flows are dropped and counted).
+    pub masquerade_addr: u32,
+    /// `SOCKET_LB_*`.
+    pub socket_lb_mode: u32,
 }
 
 /// How long an idle entry keeps its backend, as in the kernel's conntrack.
@@ -477,8 +480,8 @@ pub mod stats {
     /// To a Service with no backend: answered with a TCP RST or an ICMP
     /// port unreachable.
     pub const NO_BACKEND_REJECTED: u32 = 3;
-    /// To a Service with no backend, and the answer could not be built
-    /// (a segment with payload, a packet the helpers refused): dropped.
+    /// To a Service with no backend, and no answer was sent: dropped. The
+    /// total of the `no_backend_dropped_*` reasons (`RejectFailure`).
     pub const NO_BACKEND_DROPPED: u32 = 4;
     /// A slot pointed at a backend id that is not in the backends map.
     pub const BACKEND_MISSING: u32 = 5;
@@ -486,7 +489,8 @@ pub mod stats {
     pub const MALFORMED_PASSED: u32 = 6;
     /// IPv4 fragments addressed to a Service: passed untouched.
     pub const FRAGMENT_PASSED: u32 = 7;
-    /// A helper that rewrites the packet failed: dropped.
+    /// A rewrite of the packet failed: dropped. The total of the
+    /// `rewrite_failed_*` reasons (`RewriteFailure`).
     pub const REWRITE_FAILED: u32 = 8;
     /// A source outside the frontend's loadBalancerSourceRanges: dropped.
     pub const SOURCE_RANGE_DROPPED: u32 = 9;
@@ -511,7 +515,73 @@ pub mod stats {
     /// New masqueraded flows that found no free masquerade port toward
     /// their backend (every port tried is in use or in TIME_WAIT): dropped.
     pub const SNAT_PORTS_EXHAUSTED: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// The first of the `RewriteFailure` counters, one per reason.
+    const REWRITE_FAILED_BY: u32 = 18;
+    /// The first of the `RejectFailure` counters, one per reason.
+    const NO_BACKEND_DROPPED_BY: u32 = REWRITE_FAILED_BY + RewriteFailure::COUNT;
+    pub const COUNT: u32 = NO_BACKEND_DROPPED_BY + RejectFailure::COUNT;
+
+    /// Why a translated packet could not be rewritten (it is dropped).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[repr(u32)]
+    pub enum RewriteFailure {
+        /// A field the parser found is no longer within the packet.
+        OutOfBounds = 0,
+        /// A checksum helper refused the update.
+        Checksum = 1,
+        /// Writing the new address or port into the packet failed.
+        Store = 2,
+    }
+
+    impl RewriteFailure {
+        const COUNT: u32 = 3;
+
+        /// Its counter (counted beside the total `REWRITE_FAILED`).
+        #[inline(always)]
+        pub const fn counter(self) -> u32 {
+            REWRITE_FAILED_BY + self as u32
+        }
+    }
+
+    /// Why a packet to a Service without backends got no answer (a TCP RST
+    /// or an ICMP port unreachable) and was dropped instead.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[repr(u32)]
+    pub enum RejectFailure {
+        /// Not a packet to answer: a segment with payload, or a RST.
+        NotAnswerable = 0,
+        /// Its headers could not be read or are no longer within the packet.
+        OutOfBounds = 1,
+        /// A checksum helper refused the update.
+        Checksum = 2,
+        /// Writing the answer's bytes failed.
+        Store = 3,
+        /// Growing or trimming the packet to the answer's size failed.
+        Resize = 4,
+        /// Sending the answer back out failed.
+        Redirect = 5,
+    }
+
+    impl RejectFailure {
+        const COUNT: u32 = 6;
+
+        /// Its counter (counted beside the total `NO_BACKEND_DROPPED`).
+        #[inline(always)]
+        pub const fn counter(self) -> u32 {
+            NO_BACKEND_DROPPED_BY + self as u32
+        }
+    }
+
+    impl From<RewriteFailure> for RejectFailure {
+        fn from(f: RewriteFailure) -> Self {
+            match f {
+                RewriteFailure::OutOfBounds => Self::OutOfBounds,
+                RewriteFailure::Checksum => Self::Checksum,
+                RewriteFailure::Store => Self::Store,
+            }
+        }
+    }
+
     pub const NAMES: [&str; COUNT as usize] = [
         "service_forwarded",
         "reverse_natted",
@@ -531,14 +601,23 @@ pub mod stats {
         "ct_removed",
         "ct_swept",
         "snat_ports_exhausted",
+        "rewrite_failed_out_of_bounds",
+        "rewrite_failed_checksum",
+        "rewrite_failed_store",
+        "no_backend_dropped_not_answerable",
+        "no_backend_dropped_out_of_bounds",
+        "no_backend_dropped_checksum",
+        "no_backend_dropped_store",
+        "no_backend_dropped_resize",
+        "no_backend_dropped_redirect",
     ];
 }
 
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value, RevNat4,
-        Service4Key, Service4Value, ServiceStats, SnatPorts, SockFwd4Key, SockRev4Key,
+        Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value, DatapathConfig,
+        RevNat4, Service4Key, Service4Value, ServiceStats, SnatPorts, SockFwd4Key, SockRev4Key,
         SockRev4Value, SourceRange4,
     };
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no
@@ -558,6 +637,7 @@ mod user {
     unsafe impl aya::Pod for SockRev4Value {}
     unsafe impl aya::Pod for SockFwd4Key {}
     unsafe impl aya::Pod for SnatPorts {}
+    unsafe impl aya::Pod for DatapathConfig {}
 }
 
 #[cfg(test)]
@@ -580,5 +660,49 @@ mod tests {
         assert_eq!(size_of::<SockRev4Key>(), 16);
         assert_eq!(size_of::<SockRev4Value>(), 8);
         assert_eq!(size_of::<SockFwd4Key>(), 16);
+    }
+
+    #[test]
+    fn failure_reasons_have_their_own_named_counters() {
+        use stats::{RejectFailure, RewriteFailure, NAMES};
+        let name = |i: u32| NAMES[i as usize];
+        assert_eq!(
+            name(RewriteFailure::OutOfBounds.counter()),
+            "rewrite_failed_out_of_bounds"
+        );
+        assert_eq!(
+            name(RewriteFailure::Store.counter()),
+            "rewrite_failed_store"
+        );
+        assert_eq!(
+            name(RejectFailure::NotAnswerable.counter()),
+            "no_backend_dropped_not_answerable"
+        );
+        assert_eq!(
+            name(RejectFailure::Redirect.counter()),
+            "no_backend_dropped_redirect"
+        );
+        assert_eq!(RejectFailure::Redirect.counter() + 1, stats::COUNT);
+    }
+
+    #[test]
+    fn uapi_values_are_the_kernels() {
+        assert_eq!(i32::from(uapi::ETH_P_IP), libc::ETH_P_IP);
+        assert_eq!(i32::from(uapi::AF_INET), libc::AF_INET);
+        assert_eq!(i32::from(uapi::IPPROTO_TCP), libc::IPPROTO_TCP);
+        assert_eq!(i32::from(uapi::IPPROTO_UDP), libc::IPPROTO_UDP);
+        assert_eq!(uapi::ECONNREFUSED, libc::ECONNREFUSED);
+    }
+
+    #[test]
+    fn every_pinned_map_has_a_name_of_its_own() {
+        for (i, a) in map_spec::ALL.iter().enumerate() {
+            assert_eq!(map_names::ALL[i], a.name);
+            assert!(
+                map_spec::ALL[i + 1..].iter().all(|b| b.name != a.name),
+                "{}",
+                a.name
+            );
+        }
     }
 }

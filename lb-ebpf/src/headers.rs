@@ -1,30 +1,50 @@
 //! Bounds-checked parsing of Ethernet / IPv4 / TCP / UDP headers.
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::uapi::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
+/// Where the EtherType sits, after the two MAC addresses.
+const ETH_TYPE_OFF: usize = 12;
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IP_HLEN: usize = 20;
 pub const L4_OFF: usize = IP_OFF + IP_HLEN;
 pub const TCP_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 
-pub const IP_TOT_LEN_OFF: usize = IP_OFF + 2;
-pub const IP_TTL_OFF: usize = IP_OFF + 8;
-pub const IP_CSUM_OFF: usize = IP_OFF + 10;
-pub const IP_SADDR_OFF: usize = IP_OFF + 12;
-pub const IP_DADDR_OFF: usize = IP_OFF + 16;
-pub const L4_SPORT_OFF: usize = L4_OFF;
-pub const L4_DPORT_OFF: usize = L4_OFF + 2;
-/// Where the checksum sits in a TCP header.
-pub const TCP_CSUM_FIELD: usize = 16;
-pub const TCP_CSUM_OFF: usize = L4_OFF + TCP_CSUM_FIELD;
+/// Field offsets within an IPv4 header.
+pub mod ipv4 {
+    pub const TOT_LEN: usize = 2;
+    /// Flags and fragment offset.
+    pub const FRAG_OFF: usize = 6;
+    pub const TTL: usize = 8;
+    pub const PROTOCOL: usize = 9;
+    pub const CSUM: usize = 10;
+    pub const SADDR: usize = 12;
+    pub const DADDR: usize = 16;
+}
+
+/// Field offsets within a TCP header.
+pub mod tcp {
+    pub const SPORT: usize = 0;
+    pub const DPORT: usize = 2;
+    pub const SEQ: usize = 4;
+    pub const ACK_SEQ: usize = 8;
+    /// Data offset (header length in words) in the high nibble.
+    pub const DOFF: usize = 12;
+    pub const FLAGS: usize = 13;
+    pub const CSUM: usize = 16;
+}
+
+pub const IP_TOT_LEN_OFF: usize = IP_OFF + ipv4::TOT_LEN;
+pub const IP_CSUM_OFF: usize = IP_OFF + ipv4::CSUM;
+pub const IP_SADDR_OFF: usize = IP_OFF + ipv4::SADDR;
+pub const IP_DADDR_OFF: usize = IP_OFF + ipv4::DADDR;
+pub const L4_SPORT_OFF: usize = L4_OFF + tcp::SPORT;
+pub const L4_DPORT_OFF: usize = L4_OFF + tcp::DPORT;
+pub const TCP_CSUM_OFF: usize = L4_OFF + tcp::CSUM;
+/// Where the checksum sits in a UDP header.
 pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
 
-const ETH_P_IP: u16 = 0x0800;
-/// The IPv4 address family (socket addresses, FIB lookups); aya's
-/// bindings leave the socket headers out.
-pub const AF_INET: u8 = 2;
 /// TTL of packets the programs build (RSTs).
 pub const DEFAULT_TTL: u8 = 64;
 /// More-fragments flag and fragment offset, network order mask.
@@ -78,10 +98,16 @@ fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     ptr_at::<T>(start, end, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
+/// The IPv4 address at `off` in `hdr`, network order.
+#[inline(always)]
+fn addr_at(hdr: &[u8; IP_HLEN], off: usize) -> u32 {
+    u32::from_ne_bytes([hdr[off], hdr[off + 1], hdr[off + 2], hdr[off + 3]])
+}
+
 /// Parses the headers between `start` and `end` (packet data pointers).
 #[inline(always)]
 pub fn parse(start: usize, end: usize) -> Parsed {
-    let Some(eth_type) = read::<u16>(start, end, 12) else {
+    let Some(eth_type) = read::<u16>(start, end, ETH_TYPE_OFF) else {
         return Parsed::Other;
     };
     if u16::from_be(eth_type) != ETH_P_IP {
@@ -98,17 +124,17 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     let Some(hdr) = read::<[u8; IP_HLEN]>(start, end, IP_OFF) else {
         return Parsed::Malformed;
     };
-    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    let proto = hdr[9];
+    let frag = u16::from_be_bytes([hdr[ipv4::FRAG_OFF], hdr[ipv4::FRAG_OFF + 1]]);
+    let proto = hdr[ipv4::PROTOCOL];
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::Other;
     }
     if frag & IP_FRAG_MASK != 0 {
         return Parsed::Fragment;
     }
-    let ip_tot_len = u16::from_be_bytes([hdr[2], hdr[3]]);
-    let saddr = u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]);
-    let daddr = u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]);
+    let ip_tot_len = u16::from_be_bytes([hdr[ipv4::TOT_LEN], hdr[ipv4::TOT_LEN + 1]]);
+    let saddr = addr_at(&hdr, ipv4::SADDR);
+    let daddr = addr_at(&hdr, ipv4::DADDR);
     let (l4_len, l4_csum_off) = if proto == IPPROTO_TCP {
         (TCP_HLEN, TCP_CSUM_OFF)
     } else {

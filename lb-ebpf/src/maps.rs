@@ -1,5 +1,6 @@
 //! The maps, declared with BTF so `bpftool map dump` shows field names.
-//! Their layout and update order are described in lb-common and DESIGN.md.
+//! Each is sized by its entry in `lb_common::map_spec`, and checked
+//! against it at compile time (name, key and value sizes).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -7,10 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    config, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value,
-    RevNat4, Service4Key, Service4Value, ServiceStats, SnatPorts, SockFwd4Key, SockRev4Key,
-    SockRev4Value, SourceRange4, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_MATCH, MAX_CONNTRACK,
-    MAX_REV_NAT, MAX_SERVICE_SLOTS, MAX_SOCK_REV, MAX_SOURCE_RANGES,
+    config, map_spec as spec, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey,
+    Ct4Key, Ct4Value, DatapathConfig, RevNat4, Service4Key, Service4Value, ServiceStats, SnatPorts,
+    SockFwd4Key, SockRev4Key, SockRev4Value, SourceRange4,
 };
 
 /// The masquerade port ranges, set by the loader (`global_names::SNAT_PORTS`).
@@ -27,12 +27,37 @@ pub fn snat_ports() -> SnatPorts {
     unsafe { core::ptr::read_volatile(&SNAT_PORTS) }
 }
 
+/// The masquerade address and socket LB mode, set by the loader
+/// (`global_names::DATAPATH_CONFIG`).
+#[unsafe(no_mangle)]
+static DATAPATH_CONFIG: DatapathConfig = DatapathConfig {
+    host_netns_cookie: 0,
+    masquerade_addr: 0,
+    socket_lb_mode: 0,
+};
+
+#[inline(always)]
+pub fn datapath_config() -> DatapathConfig {
+    // SAFETY: as for `snat_ports`.
+    unsafe { core::ptr::read_volatile(&DATAPATH_CONFIG) }
+}
+
+/// Whether a declaration matches its entry in the table (compile time).
+macro_rules! check_spec {
+    ($spec:expr, $name:literal, $key:ty, $value:ty) => {
+        const _: () = assert!(
+            $spec.declared_as::<$key, $value>($name),
+            concat!($name, " differs from lb_common::map_spec")
+        );
+    };
+}
+
 /// Per backend id, the index of the next masquerade port to try toward
 /// that backend: ports are handed out in turn, so one comes back only
 /// after all the others were given out (the ranges' size divided by the
 /// rate of new flows to that backend).
 #[btf_map(name = "lb4_snat_cursor")]
-pub static SNAT_CURSOR: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
+pub static SNAT_CURSOR: Array<u64, { spec::SNAT_CURSOR.max_entries as usize }> = Array::new();
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
 const NO_PREALLOC: usize = 1;
@@ -41,7 +66,7 @@ const NO_PREALLOC: usize = 1;
 pub static SERVICES: HashMap<
     Service4Key,
     Service4Value,
-    { MAX_SERVICE_SLOTS as usize },
+    { spec::SERVICES.max_entries as usize },
     NO_PREALLOC,
 > = HashMap::new();
 
@@ -49,18 +74,24 @@ pub static SERVICES: HashMap<
 /// array lookup is inlined by the verifier where a hash lookup costs some
 /// 30 ns on every packet. A free id holds zeros (address 0).
 #[btf_map(name = "lb4_backends")]
-pub static BACKENDS: Array<Backend4, { MAX_BACKENDS as usize }> = Array::new();
+pub static BACKENDS: Array<Backend4, { spec::BACKENDS.max_entries as usize }> = Array::new();
 
 #[btf_map(name = "lb4_reverse_nat")]
-pub static REV_NAT: HashMap<u16, RevNat4, { MAX_REV_NAT as usize }, NO_PREALLOC> = HashMap::new();
+pub static REV_NAT: HashMap<u16, RevNat4, { spec::REV_NAT.max_entries as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 #[btf_map(name = "lb4_conntrack")]
-pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { MAX_CONNTRACK as usize }> = LruHashMap::new();
+pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { spec::CONNTRACK.max_entries as usize }> =
+    LruHashMap::new();
 
 /// The conntrack map of the agent version being replaced, while its entries
 /// are migrated (see `config::CT_MIGRATING`); one entry otherwise.
 #[btf_map(name = "lb4_conntrack_prev")]
-pub static CONNTRACK_PREV: LruHashMap<Ct4Key, Ct4Value, 1> = LruHashMap::new();
+pub static CONNTRACK_PREV: LruHashMap<
+    Ct4Key,
+    Ct4Value,
+    { spec::CONNTRACK_PREV.max_entries as usize },
+> = LruHashMap::new();
 
 /// The conntrack entry of `key`. While an older map is migrated, a miss
 /// looks there and moves the entry over, so a flow created by the previous
@@ -121,36 +152,70 @@ fn mirror_to_prev(key: &Ct4Key, value: &Ct4Value) {
 }
 
 #[btf_map(name = "lb_stats")]
-pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
+pub static STATS: PerCpuArray<u64, { spec::STATS.max_entries as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "lb4_svc_stats")]
-pub static SERVICE_STATS: PerCpuArray<ServiceStats, { MAX_REV_NAT as usize }> = PerCpuArray::new();
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, { spec::SERVICE_STATS.max_entries as usize }> =
+    PerCpuArray::new();
 
 #[btf_map(name = "lb4_affinity")]
-pub static AFFINITY: LruHashMap<Affinity4Key, Affinity4Value, { MAX_AFFINITY as usize }> =
-    LruHashMap::new();
+pub static AFFINITY: LruHashMap<
+    Affinity4Key,
+    Affinity4Value,
+    { spec::AFFINITY.max_entries as usize },
+> = LruHashMap::new();
 
 #[btf_map(name = "lb4_backend_match")]
 pub static BACKEND_MATCH: HashMap<
     BackendMatchKey,
     u8,
-    { MAX_BACKEND_MATCH as usize },
+    { spec::BACKEND_MATCH.max_entries as usize },
     NO_PREALLOC,
 > = HashMap::new();
 
 #[btf_map(name = "lb4_source_ranges")]
-pub static SOURCE_RANGES: LpmTrie<SourceRange4, u8, { MAX_SOURCE_RANGES as usize }> =
+pub static SOURCE_RANGES: LpmTrie<SourceRange4, u8, { spec::SOURCE_RANGES.max_entries as usize }> =
     LpmTrie::new();
 
 #[btf_map(name = "lb4_sock_rev")]
-pub static SOCK_REV: LruHashMap<SockRev4Key, SockRev4Value, { MAX_SOCK_REV as usize }> =
-    LruHashMap::new();
+pub static SOCK_REV: LruHashMap<
+    SockRev4Key,
+    SockRev4Value,
+    { spec::SOCK_REV.max_entries as usize },
+> = LruHashMap::new();
 
 #[btf_map(name = "lb4_sock_fwd")]
-pub static SOCK_FWD: LruHashMap<SockFwd4Key, u32, { MAX_SOCK_REV as usize }> = LruHashMap::new();
+pub static SOCK_FWD: LruHashMap<SockFwd4Key, u32, { spec::SOCK_FWD.max_entries as usize }> =
+    LruHashMap::new();
 
 #[btf_map(name = "lb_config")]
-pub static CONFIG: Array<u32, { config::COUNT as usize }> = Array::new();
+pub static CONFIG: Array<u32, { spec::CONFIG.max_entries as usize }> = Array::new();
+
+// Each declaration above against its entry in the table.
+check_spec!(spec::SNAT_CURSOR, "lb4_snat_cursor", u32, u64);
+check_spec!(spec::SERVICES, "lb4_services", Service4Key, Service4Value);
+check_spec!(spec::BACKENDS, "lb4_backends", u32, Backend4);
+check_spec!(spec::REV_NAT, "lb4_reverse_nat", u16, RevNat4);
+check_spec!(spec::CONNTRACK, "lb4_conntrack", Ct4Key, Ct4Value);
+check_spec!(spec::CONNTRACK_PREV, "lb4_conntrack_prev", Ct4Key, Ct4Value);
+check_spec!(spec::STATS, "lb_stats", u32, u64);
+check_spec!(spec::SERVICE_STATS, "lb4_svc_stats", u32, ServiceStats);
+check_spec!(spec::AFFINITY, "lb4_affinity", Affinity4Key, Affinity4Value);
+check_spec!(
+    spec::BACKEND_MATCH,
+    "lb4_backend_match",
+    BackendMatchKey,
+    u8
+);
+check_spec!(
+    spec::SOURCE_RANGES,
+    "lb4_source_ranges",
+    spec::LpmKey<SourceRange4>,
+    u8
+);
+check_spec!(spec::SOCK_REV, "lb4_sock_rev", SockRev4Key, SockRev4Value);
+check_spec!(spec::SOCK_FWD, "lb4_sock_fwd", SockFwd4Key, u32);
+check_spec!(spec::CONFIG, "lb_config", u32, u32);
 
 #[inline(always)]
 pub fn source_allowed(rev_nat_id: u16, saddr: u32) -> bool {

@@ -6,11 +6,13 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    config, ct_hold_ns, stats, Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, RevNat4,
-    Service4Key, Service4Value, AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_OPENING, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
-    CT_REFRESH_INTERVAL_NS, IPPROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_TRIES,
-    SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    ct_hold_ns,
+    stats::{self, RejectFailure, RewriteFailure},
+    Affinity4Key, Affinity4Value, Backend4, Ct4Key, Ct4Value, RevNat4, Service4Key, Service4Value,
+    AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING,
+    CT_FLAG_OPENING, CT_FLAG_REDIRECT, CT_FLAG_SNAT, CT_REFRESH_INTERVAL_NS, IPPROTO_TCP,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
@@ -47,22 +49,47 @@ pub enum Hook {
 }
 
 /// The hook's verdict for a rejection: the answer it built (counted as
-/// rejected), or `drop` when it could not build one (counted as dropped).
+/// rejected), or `drop` when it could not build one (counted as dropped,
+/// in total and by reason).
 #[inline(always)]
-pub fn rejected<T>(answer: Result<T, ()>, drop: T) -> T {
-    if let Ok(action) = answer {
-        count(stats::NO_BACKEND_REJECTED);
-        action
-    } else {
-        count(stats::NO_BACKEND_DROPPED);
-        drop
+pub fn rejected<T>(answer: Result<T, RejectFailure>, drop: T) -> T {
+    match answer {
+        Ok(action) => {
+            count(stats::NO_BACKEND_REJECTED);
+            action
+        }
+        Err(why) => {
+            count(stats::NO_BACKEND_DROPPED);
+            count(why.counter());
+            drop
+        }
     }
 }
 
 /// Rewrites addresses and ports with the checksum updates the hook needs.
 pub trait Rewriter {
-    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()>;
-    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()>;
+    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure>;
+    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure>;
+}
+
+/// Why a masqueraded flow got no source address and port (dropped).
+#[derive(Clone, Copy)]
+enum SnatFailure {
+    /// No masquerade address or port ranges are configured, or the
+    /// backend's port cursor is missing.
+    Unavailable,
+    /// Every port tried toward the backend is held by another flow.
+    PortsExhausted,
+}
+
+impl SnatFailure {
+    #[inline(always)]
+    fn counter(self) -> u32 {
+        match self {
+            Self::Unavailable => stats::SNAT_FAILED,
+            Self::PortsExhausted => stats::SNAT_PORTS_EXHAUSTED,
+        }
+    }
 }
 
 #[inline(always)]
@@ -281,8 +308,8 @@ fn new_flow<R: Rewriter>(rw: &R, flow: &Flow, start: &NewFlow) -> Action {
                 ct.nat_addr = addr;
                 ct.nat_port = port;
             }
-            Err(reason) => {
-                count(reason);
+            Err(why) => {
+                count(why.counter());
                 return Action::Drop;
             }
         }
@@ -438,23 +465,23 @@ pub fn find_service(key: &mut Service4Key, internal: bool) -> Option<Service4Val
 /// masquerade address and the next port of the ranges, in turn per
 /// backend, whose reply entry is free: absent, or idle past its hold (a
 /// closed flow's port waits out TIME_WAIT). The reply entry is claimed
-/// here, atomically. Err: the `stats` counter of why there is none.
+/// here, atomically.
 #[inline(always)]
 fn masquerade_source(
     flow: &Flow,
     backend: &Backend4,
     fwd: &Ct4Value,
     now: u64,
-) -> Result<(u32, u16), u32> {
-    let addr = maps::config(config::MASQUERADE_ADDR);
+) -> Result<(u32, u16), SnatFailure> {
+    let addr = maps::datapath_config().masquerade_addr;
     let ports = snat_ports();
     let total = ports.total();
     if addr == 0 || total == 0 {
-        return Err(stats::SNAT_FAILED);
+        return Err(SnatFailure::Unavailable);
     }
     let cursor = SNAT_CURSOR
         .get_ptr_mut(fwd.backend_id)
-        .ok_or(stats::SNAT_FAILED)?;
+        .ok_or(SnatFailure::Unavailable)?;
     // Not atomic: two CPUs may read the same value and start at the same
     // port, and then the claim below (an insert that fails when the key
     // exists) lets one of them have it and moves the other on.
@@ -465,7 +492,7 @@ fn masquerade_source(
     // body branches on the range would cost the verifier its paths).
     let (range_first, range_len, offset) = ports.locate((next % u64::from(total)) as u32);
     if range_len == 0 {
-        return Err(stats::SNAT_FAILED);
+        return Err(SnatFailure::Unavailable);
     }
     let reply = Ct4Value {
         last_seen_ns: now,
@@ -496,7 +523,7 @@ fn masquerade_source(
     }
     // A run of busy ports: the next flow starts past it.
     unsafe { *cursor = next.wrapping_add(u64::from(SNAT_PORT_TRIES)) };
-    Err(stats::SNAT_PORTS_EXHAUSTED)
+    Err(SnatFailure::PortsExhausted)
 }
 
 /// Takes the reply tuple `key` for a new masqueraded flow if no flow holds
@@ -535,11 +562,12 @@ fn translate<R: Rewriter>(rw: &R, flow: &Flow, backend: &Backend4, ct: &Ct4Value
 
 /// The verdict after a flow's rewrite: counted under `counter`, and sent
 /// to its egress device when `redirect` (its source became a node
-/// address); dropped and counted when a helper failed.
+/// address); dropped and counted, in total and by reason, when it failed.
 #[inline(always)]
-fn rewritten(done: Result<(), ()>, counter: u32, redirect: bool) -> Action {
-    if done.is_err() {
+fn rewritten(done: Result<(), RewriteFailure>, counter: u32, redirect: bool) -> Action {
+    if let Err(why) = done {
         count(stats::REWRITE_FAILED);
+        count(why.counter());
         return Action::Drop;
     }
     count(counter);

@@ -11,17 +11,17 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    config, stats, Affinity4Key, SockFwd4Key, SockRev4Key, SockRev4Value, AFFINITY_CLIENT_NETNS,
-    IPPROTO_TCP, IPPROTO_UDP, SOCKET_LB_ALL, SOCKET_LB_HOST, SVC_FLAG_SOURCE_RANGES,
+    stats,
+    uapi::{AF_INET, ECONNREFUSED},
+    Affinity4Key, SockFwd4Key, SockRev4Key, SockRev4Value, AFFINITY_CLIENT_NETNS, IPPROTO_TCP,
+    IPPROTO_UDP, SOCKET_LB_ALL, SOCKET_LB_HOST, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
-    headers::AF_INET,
     maps::{self, backend, backend_match, count, SOCK_FWD, SOCK_REV},
     nat::{lookup_service, remember_affinity, select_backend},
 };
 
-const ECONNREFUSED: i32 = 111;
 /// Let the syscall go on (with the possibly rewritten address).
 const ALLOW: i32 = 1;
 /// Fail the syscall (with the error set by `bpf_set_retval`).
@@ -33,16 +33,11 @@ fn netns_cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 #[inline(always)]
-fn host_netns_cookie() -> u64 {
-    u64::from(maps::config(config::HOST_NETNS_COOKIE_HI)) << 32
-        | u64::from(maps::config(config::HOST_NETNS_COOKIE_LO))
-}
-
-#[inline(always)]
 fn enabled(ctx: &SockAddrContext) -> bool {
-    match maps::config(config::SOCKET_LB_MODE) {
+    let config = maps::datapath_config();
+    match config.socket_lb_mode {
         SOCKET_LB_ALL => true,
-        SOCKET_LB_HOST => netns_cookie(ctx) == host_netns_cookie(),
+        SOCKET_LB_HOST => netns_cookie(ctx) == config.host_netns_cookie,
         _ => false,
     }
 }
@@ -150,7 +145,10 @@ fn service_request(ctx: &SockAddrContext, sticky: bool) -> Option<(u32, u16, u8)
     let proto = [IPPROTO_TCP, IPPROTO_UDP]
         .into_iter()
         .find(|p| u32::from(*p) == protocol)?;
-    if !sticky && proto == IPPROTO_UDP && netns_cookie(ctx) != host_netns_cookie() {
+    if !sticky
+        && proto == IPPROTO_UDP
+        && netns_cookie(ctx) != maps::datapath_config().host_netns_cookie
+    {
         return None;
     }
     // user_port holds the port in network order in its low 16 bits.

@@ -16,17 +16,21 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{icmp, stats, IPPROTO_TCP};
+use lb_common::{
+    icmp,
+    stats::{self, RejectFailure, RewriteFailure},
+    uapi::AF_INET,
+    IPPROTO_TCP,
+};
 
 use crate::{
     headers::{
-        parse, Flow, Parsed, AF_INET, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
-        IP_SADDR_OFF, IP_TOT_LEN_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_FIELD,
-        TCP_CSUM_OFF, TCP_HLEN,
+        parse, tcp, Flow, Parsed, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
+        IP_SADDR_OFF, IP_TOT_LEN_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
     },
     maps::count,
     nat::{self, Action, Hook, Rewriter},
-    xdp_path::reset_header,
+    xdp_path::{reset_header, tcp_header_len},
 };
 
 /// tc verdicts as the classifier returns them.
@@ -78,18 +82,19 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
 /// Turns a UDP datagram to a Service without backends into an ICMP port
 /// unreachable, sent back where it came from (see lb_common::icmp for why the
 /// quoted checksum is predicted rather than copied).
-fn udp_unreachable(ctx: &TcContext) -> Result<i32, ()> {
-    let eth: [u8; icmp::ETH_LEN] = ctx.load(0).map_err(|_| ())?;
-    let ip: [u8; icmp::IP_LEN] = ctx.load(IP_OFF).map_err(|_| ())?;
-    let udp: [u8; icmp::QUOTED_L4_LEN] = ctx.load(L4_OFF).map_err(|_| ())?;
+fn udp_unreachable(ctx: &TcContext) -> Result<i32, RejectFailure> {
+    let eth: [u8; icmp::ETH_LEN] = ctx.load(0).map_err(|_| RejectFailure::OutOfBounds)?;
+    let ip: [u8; icmp::IP_LEN] = ctx.load(IP_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
+    let udp: [u8; icmp::QUOTED_L4_LEN] =
+        ctx.load(L4_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
     let check = icmp::quoted_udp_check(&ip, &udp);
     let head = icmp::port_unreachable_head(&eth, &ip, &udp, check);
     if unsafe { bpf_skb_change_head(ctx.skb.skb, icmp::GROW as u32, 0) } != 0 {
-        return Err(());
+        return Err(RejectFailure::Resize);
     }
-    ctx.store(0, &head, 0).map_err(|_| ())?;
+    ctx.store(0, &head, 0).map_err(|_| RejectFailure::Store)?;
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, icmp::PORT_UNREACHABLE_LEN as u32, 0) } != 0 {
-        return Err(());
+        return Err(RejectFailure::Resize);
     }
     redirect_back(ctx)
 }
@@ -97,11 +102,11 @@ fn udp_unreachable(ctx: &TcContext) -> Result<i32, ()> {
 /// Out of the interface the packet came in by: into the pod that sent it,
 /// or back onto the wire towards the client.
 #[inline(always)]
-fn redirect_back(ctx: &TcContext) -> Result<i32, ()> {
+fn redirect_back(ctx: &TcContext) -> Result<i32, RejectFailure> {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let ret = unsafe { bpf_redirect(ifindex, 0) } as i32;
     if ret != TC_ACT_REDIRECT {
-        return Err(());
+        return Err(RejectFailure::Redirect);
     }
     Ok(ret)
 }
@@ -154,7 +159,7 @@ struct End {
 
 impl TcRewriter<'_> {
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), ()> {
+    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         let mangled: u64 = if flow.proto == IPPROTO_TCP {
             0
         } else {
@@ -169,24 +174,26 @@ impl TcRewriter<'_> {
             u64::from(addr),
             u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
         )
-        .map_err(|_| ())?;
+        .map_err(|_| RewriteFailure::Checksum)?;
         ctx.l4_csum_replace(
             flow.l4_csum_off,
             u64::from(end.old_port),
             u64::from(port),
             mangled | 2,
         )
-        .map_err(|_| ())?;
+        .map_err(|_| RewriteFailure::Checksum)?;
         ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(end.old_addr), u64::from(addr), 4)
-            .map_err(|_| ())?;
-        ctx.store(end.addr_off, &addr, 0).map_err(|_| ())?;
-        ctx.store(end.port_off, &port, 0).map_err(|_| ())?;
+            .map_err(|_| RewriteFailure::Checksum)?;
+        ctx.store(end.addr_off, &addr, 0)
+            .map_err(|_| RewriteFailure::Store)?;
+        ctx.store(end.port_off, &port, 0)
+            .map_err(|_| RewriteFailure::Store)?;
         Ok(())
     }
 }
 
 impl Rewriter for TcRewriter<'_> {
-    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         let end = End {
             addr_off: IP_DADDR_OFF,
             port_off: L4_DPORT_OFF,
@@ -196,7 +203,7 @@ impl Rewriter for TcRewriter<'_> {
         self.rewrite(flow, end, addr, port)
     }
 
-    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         let end = End {
             addr_off: IP_SADDR_OFF,
             port_off: L4_SPORT_OFF,
@@ -210,20 +217,20 @@ impl Rewriter for TcRewriter<'_> {
 /// Answers a TCP segment to a Service without backends with a RST, sent
 /// back where it came from. Built from the segment itself with the checksum
 /// helpers, so it is right whether the segment's checksum was partial or full.
-fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, ()> {
-    let old: [u8; TCP_HLEN] = ctx.load(L4_OFF).map_err(|_| ())?;
-    let doff = ((old[12] >> 4) as usize) * 4;
+fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailure> {
+    let old: [u8; TCP_HLEN] = ctx.load(L4_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
+    let doff = tcp_header_len(&old);
     // Only segments without payload are answered (a SYN, or a bare ACK/FIN
     // of a flow whose Service lost its backends); others are dropped.
     if doff < TCP_HLEN || flow.ip_tot_len as usize != IP_HLEN + doff {
-        return Err(());
+        return Err(RejectFailure::NotAnswerable);
     }
-    let new = reset_header(&old, flow).ok_or(())?;
+    let new = reset_header(&old, flow).ok_or(RejectFailure::NotAnswerable)?;
     update_reset_checksum(ctx, &old, new, doff)?;
     write_reset(ctx, flow, &new)?;
     let new_len = (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32;
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
-        return Err(());
+        return Err(RejectFailure::Resize);
     }
     redirect_back(ctx)
 }
@@ -240,11 +247,11 @@ fn update_reset_checksum(
     old: &[u8; TCP_HLEN],
     mut new: [u8; TCP_HLEN],
     doff: usize,
-) -> Result<(), ()> {
+) -> Result<(), RejectFailure> {
     let mut from = [0u8; TCP_HLEN + 40];
     from[..TCP_HLEN].copy_from_slice(old);
-    from[TCP_CSUM_FIELD] = 0;
-    from[TCP_CSUM_FIELD + 1] = 0;
+    from[tcp::CSUM] = 0;
+    from[tcp::CSUM + 1] = 0;
     let opt_len = doff - TCP_HLEN;
     if opt_len > 0 && opt_len <= 40 {
         // The raw helper: the length is bounded 1..=40 here, which the
@@ -258,7 +265,7 @@ fn update_reset_checksum(
             )
         };
         if ret != 0 {
-            return Err(());
+            return Err(RejectFailure::OutOfBounds);
         }
     }
     let diff = unsafe {
@@ -271,10 +278,10 @@ fn update_reset_checksum(
         )
     };
     if diff < 0 {
-        return Err(());
+        return Err(RejectFailure::Checksum);
     }
     ctx.l4_csum_replace(TCP_CSUM_OFF, 0, u64::from(diff as u32), 0)
-        .map_err(|_| ())?;
+        .map_err(|_| RejectFailure::Checksum)?;
     let old_l4_len = (doff as u16).to_be();
     let new_l4_len = (TCP_HLEN as u16).to_be();
     ctx.l4_csum_replace(
@@ -283,33 +290,34 @@ fn update_reset_checksum(
         u64::from(new_l4_len),
         u64::from(BPF_F_PSEUDO_HDR) | 2,
     )
-    .map_err(|_| ())
+    .map_err(|_| RejectFailure::Checksum)
 }
 
 /// The reset's header around its updated checksum, the IP length (and
 /// checksum), swapped addresses and MACs.
 #[inline(always)]
-fn write_reset(ctx: &TcContext, flow: &Flow, new: &[u8; TCP_HLEN]) -> Result<(), ()> {
-    let before_csum: [u8; TCP_CSUM_FIELD] = [
+fn write_reset(ctx: &TcContext, flow: &Flow, new: &[u8; TCP_HLEN]) -> Result<(), RejectFailure> {
+    let store = |_| RejectFailure::Store;
+    let before_csum: [u8; tcp::CSUM] = [
         new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9], new[10],
         new[11], new[12], new[13], new[14], new[15],
     ];
-    ctx.store(L4_OFF, &before_csum, 0).map_err(|_| ())?;
+    ctx.store(L4_OFF, &before_csum, 0).map_err(store)?;
     // The checksum field itself is already updated in place.
-    let after_csum = [new[TCP_CSUM_FIELD + 2], new[TCP_CSUM_FIELD + 3]];
-    ctx.store(L4_OFF + TCP_CSUM_FIELD + 2, &after_csum, 0)
-        .map_err(|_| ())?;
+    let after_csum = [new[tcp::CSUM + 2], new[tcp::CSUM + 3]];
+    ctx.store(L4_OFF + tcp::CSUM + 2, &after_csum, 0)
+        .map_err(store)?;
     let old_tot = flow.ip_tot_len.to_be();
     let new_tot = ((IP_HLEN + TCP_HLEN) as u16).to_be();
     ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_tot), u64::from(new_tot), 2)
-        .map_err(|_| ())?;
-    ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(|_| ())?;
-    ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(|_| ())?;
-    ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(|_| ())?;
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+        .map_err(|_| RejectFailure::Checksum)?;
+    ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(store)?;
+    ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(store)?;
+    ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(store)?;
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| RejectFailure::OutOfBounds)?;
     let swapped = [
         macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
         macs[4], macs[5],
     ];
-    ctx.store(0, &swapped, 0).map_err(|_| ())
+    ctx.store(0, &swapped, 0).map_err(store)
 }

@@ -8,12 +8,16 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{csum, icmp, stats, IPPROTO_TCP};
+use lb_common::{
+    csum, icmp,
+    stats::{self, RejectFailure, RewriteFailure},
+    IPPROTO_TCP,
+};
 
 use crate::{
     headers::{
-        parse, ptr_at, Flow, Parsed, DEFAULT_TTL, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN,
-        IP_OFF, IP_SADDR_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        ipv4, parse, ptr_at, tcp, Flow, Parsed, DEFAULT_TTL, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF,
+        IP_HLEN, IP_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::count,
     nat::{self, Action, Hook, Rewriter},
@@ -47,11 +51,12 @@ pub fn from_wire(ctx: &XdpContext) -> u32 {
 /// Turns a UDP datagram to a Service without backends into an ICMP port
 /// unreachable and sends it back out (see lb_common::icmp).
 #[inline(never)]
-fn udp_unreachable(ctx: &XdpContext) -> Result<u32, ()> {
+fn udp_unreachable(ctx: &XdpContext) -> Result<u32, RejectFailure> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let eth = ptr_at::<[u8; icmp::ETH_LEN]>(start, end, 0).ok_or(())?;
-    let ip = ptr_at::<[u8; icmp::IP_LEN]>(start, end, IP_OFF).ok_or(())?;
-    let udp = ptr_at::<[u8; icmp::QUOTED_L4_LEN]>(start, end, L4_OFF).ok_or(())?;
+    let bounds = RejectFailure::OutOfBounds;
+    let eth = ptr_at::<[u8; icmp::ETH_LEN]>(start, end, 0).ok_or(bounds)?;
+    let ip = ptr_at::<[u8; icmp::IP_LEN]>(start, end, IP_OFF).ok_or(bounds)?;
+    let udp = ptr_at::<[u8; icmp::QUOTED_L4_LEN]>(start, end, L4_OFF).ok_or(bounds)?;
     // SAFETY: bounds checked above.
     let (eth, ip, udp) = unsafe {
         (
@@ -63,15 +68,15 @@ fn udp_unreachable(ctx: &XdpContext) -> Result<u32, ()> {
     let check = icmp::quoted_udp_check(&ip, &udp);
     let head = icmp::port_unreachable_head(&eth, &ip, &udp, check);
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(icmp::GROW as i32)) } != 0 {
-        return Err(());
+        return Err(RejectFailure::Resize);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
-    let out = ptr_at::<[u8; icmp::HEAD_LEN]>(start, end, 0).ok_or(())?;
+    let out = ptr_at::<[u8; icmp::HEAD_LEN]>(start, end, 0).ok_or(bounds)?;
     // SAFETY: bounds checked above.
     unsafe { out.write_unaligned(head) };
     let delta = icmp::PORT_UNREACHABLE_LEN as i32 - (end - start) as i32;
     if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(());
+        return Err(RejectFailure::Resize);
     }
     Ok(xdp_action::XDP_TX)
 }
@@ -82,8 +87,8 @@ struct XdpRewriter<'a> {
 
 impl XdpRewriter<'_> {
     #[inline(always)]
-    fn field<T>(&self, offset: usize) -> Result<*mut T, ()> {
-        ptr_at::<T>(self.ctx.data(), self.ctx.data_end(), offset).ok_or(())
+    fn field<T>(&self, offset: usize) -> Result<*mut T, RewriteFailure> {
+        ptr_at::<T>(self.ctx.data(), self.ctx.data_end(), offset).ok_or(RewriteFailure::OutOfBounds)
     }
 
     #[inline(always)]
@@ -94,7 +99,7 @@ impl XdpRewriter<'_> {
         port_off: usize,
         addr: u32,
         port: u16,
-    ) -> Result<(), ()> {
+    ) -> Result<(), RewriteFailure> {
         let ip_addr = self.field::<u32>(addr_off)?;
         let l4_port = self.field::<u16>(port_off)?;
         let ip_csum = self.field::<u16>(IP_CSUM_OFF)?;
@@ -118,11 +123,11 @@ impl XdpRewriter<'_> {
 }
 
 impl Rewriter for XdpRewriter<'_> {
-    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         self.rewrite(flow, IP_DADDR_OFF, L4_DPORT_OFF, addr, port)
     }
 
-    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), ()> {
+    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         self.rewrite(flow, IP_SADDR_OFF, L4_SPORT_OFF, addr, port)
     }
 }
@@ -130,36 +135,39 @@ impl Rewriter for XdpRewriter<'_> {
 /// Turns a TCP segment to a Service without backends into the RST the
 /// client's stack expects (RFC 9293 3.10.7.1) and sends it back out.
 #[inline(never)]
-fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, ()> {
+fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, RejectFailure> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    let eth = ptr_at::<[u8; ETH_HLEN]>(start, end, 0).ok_or(())?;
-    let ip = ptr_at::<[u8; IP_HLEN]>(start, end, IP_OFF).ok_or(())?;
-    let tcp = ptr_at::<[u8; TCP_HLEN]>(start, end, L4_OFF).ok_or(())?;
+    let bounds = RejectFailure::OutOfBounds;
+    let eth = ptr_at::<[u8; ETH_HLEN]>(start, end, 0).ok_or(bounds)?;
+    let ip = ptr_at::<[u8; IP_HLEN]>(start, end, IP_OFF).ok_or(bounds)?;
+    let tcp_hdr = ptr_at::<[u8; TCP_HLEN]>(start, end, L4_OFF).ok_or(bounds)?;
     // SAFETY: bounds checked above.
     let (mut e, mut h, old) = unsafe {
         (
             eth.read_unaligned(),
             ip.read_unaligned(),
-            tcp.read_unaligned(),
+            tcp_hdr.read_unaligned(),
         )
     };
-    let new = reset_header(&old, flow).ok_or(())?;
+    let new = reset_header(&old, flow).ok_or(RejectFailure::NotAnswerable)?;
 
     let mac = [e[0], e[1], e[2], e[3], e[4], e[5]];
     e.copy_within(6..12, 0);
     e[6..12].copy_from_slice(&mac);
 
     let new_tot_len = (IP_HLEN + TCP_HLEN) as u16;
-    h[2..4].copy_from_slice(&new_tot_len.to_be_bytes());
-    h[IP_TTL_OFF - IP_OFF] = DEFAULT_TTL;
-    h[10] = 0;
-    h[11] = 0;
-    let (src, dst) = ([h[12], h[13], h[14], h[15]], [h[16], h[17], h[18], h[19]]);
-    h[12..16].copy_from_slice(&dst);
-    h[16..20].copy_from_slice(&src);
+    h[ipv4::TOT_LEN..ipv4::TOT_LEN + 2].copy_from_slice(&new_tot_len.to_be_bytes());
+    h[ipv4::TTL] = DEFAULT_TTL;
+    h[ipv4::CSUM..ipv4::CSUM + 2].copy_from_slice(&[0, 0]);
+    let mut src = [0u8; 4];
+    let mut dst = [0u8; 4];
+    src.copy_from_slice(&h[ipv4::SADDR..ipv4::SADDR + 4]);
+    dst.copy_from_slice(&h[ipv4::DADDR..ipv4::DADDR + 4]);
+    h[ipv4::SADDR..ipv4::SADDR + 4].copy_from_slice(&dst);
+    h[ipv4::DADDR..ipv4::DADDR + 4].copy_from_slice(&src);
     let ip_sum = csum::sum_words(&words10(&h));
     let ip_csum = !csum::fold(ip_sum);
-    h[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
+    h[ipv4::CSUM..ipv4::CSUM + 2].copy_from_slice(&ip_csum.to_ne_bytes());
 
     let mut t = new;
     let pseudo = csum::pseudo_header_sum(
@@ -169,17 +177,17 @@ fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, ()> {
         TCP_HLEN as u16,
     );
     let tcp_csum = !csum::fold(pseudo + csum::sum_words(&words10(&t)));
-    t[16..18].copy_from_slice(&tcp_csum.to_ne_bytes());
+    t[tcp::CSUM..tcp::CSUM + 2].copy_from_slice(&tcp_csum.to_ne_bytes());
 
     unsafe {
         eth.write_unaligned(e);
         ip.write_unaligned(h);
-        tcp.write_unaligned(t);
+        tcp_hdr.write_unaligned(t);
     }
     let new_len = (ETH_HLEN + IP_HLEN + TCP_HLEN) as i32;
     let delta = new_len - (end - start) as i32;
     if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(());
+        return Err(RejectFailure::Resize);
     }
     Ok(xdp_action::XDP_TX)
 }
@@ -200,28 +208,38 @@ fn words10(b: &[u8; 20]) -> [u16; 10] {
 #[inline(always)]
 pub fn reset_header(old: &[u8; TCP_HLEN], flow: &Flow) -> Option<[u8; TCP_HLEN]> {
     use crate::headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
-    let flags = old[13];
+    let flags = old[tcp::FLAGS];
     if flags & TCP_RST != 0 {
         return None;
     }
-    let doff = ((old[12] >> 4) as usize) * 4;
+    let doff = tcp_header_len(old);
     let tot = flow.ip_tot_len as usize;
     if doff < TCP_HLEN || tot < IP_HLEN + doff {
         return None;
     }
     let payload = (tot - IP_HLEN - doff) as u32;
     let mut new = [0u8; TCP_HLEN];
-    new[0..2].copy_from_slice(&old[2..4]);
-    new[2..4].copy_from_slice(&old[0..2]);
+    new[tcp::SPORT..tcp::SPORT + 2].copy_from_slice(&old[tcp::DPORT..tcp::DPORT + 2]);
+    new[tcp::DPORT..tcp::DPORT + 2].copy_from_slice(&old[tcp::SPORT..tcp::SPORT + 2]);
     if flags & TCP_ACK != 0 {
-        new[4..8].copy_from_slice(&old[8..12]);
-        new[13] = TCP_RST;
+        new[tcp::SEQ..tcp::SEQ + 4].copy_from_slice(&old[tcp::ACK_SEQ..tcp::ACK_SEQ + 4]);
+        new[tcp::FLAGS] = TCP_RST;
     } else {
-        let seq = u32::from_be_bytes([old[4], old[5], old[6], old[7]]);
+        let mut seq = [0u8; 4];
+        seq.copy_from_slice(&old[tcp::SEQ..tcp::SEQ + 4]);
+        let seq = u32::from_be_bytes(seq);
         let seg_len = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
-        new[8..12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
-        new[13] = TCP_RST | TCP_ACK;
+        new[tcp::ACK_SEQ..tcp::ACK_SEQ + 4]
+            .copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
+        new[tcp::FLAGS] = TCP_RST | TCP_ACK;
     }
-    new[12] = 0x50;
+    // Five 32-bit words, no options.
+    new[tcp::DOFF] = ((TCP_HLEN / 4) as u8) << 4;
     Some(new)
+}
+
+/// The TCP header's length in bytes, from its data offset.
+#[inline(always)]
+pub fn tcp_header_len(hdr: &[u8; TCP_HLEN]) -> usize {
+    ((hdr[tcp::DOFF] >> 4) as usize) * 4
 }

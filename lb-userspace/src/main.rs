@@ -631,6 +631,11 @@ fn setup_datapath(
     metrics: &Arc<Metrics>,
     proxy: &Arc<ProxyHealth>,
 ) -> Result<(DataPath, Programmer<BpfMaps>)> {
+    let NodeSide {
+        wire,
+        nodeport_addresses,
+        datapath,
+    } = node_side(args)?;
     let config = loader::LoadConfig {
         sizes: loader::MapSizes {
             conntrack: args.conntrack_max,
@@ -638,11 +643,14 @@ fn setup_datapath(
             backends: args.backends_max,
         },
         snat_ports: snat_ports(args)?,
+        datapath,
     };
     let (mut ebpf, pinned) = loader::load(pin_dir, &config)?;
-    let (mut maps, current, pinned) = adopt_maps(pin_dir, &mut ebpf, pinned)?;
+    let (maps, current, pinned) = adopt_maps(pin_dir, &mut ebpf, pinned)?;
     let attachments = Attachments::new(&mut ebpf, pin_dir, args.pod_interfaces.clone())?;
-    let (wire, nodeport_addresses) = configure_node(args, &mut maps)?;
+    for iface in &wire {
+        node_net::set_accept_local(iface)?;
+    }
     let dp = DataPath {
         ebpf,
         attachments,
@@ -705,14 +713,16 @@ fn adopt_maps(
     Ok((maps, current, pinned))
 }
 
-/// The node's side of the data path: the wire interfaces (accepting node
-/// addresses as source), the NodePort addresses, the masquerade address
-/// and the socket LB mode. Returns the wire interfaces and NodePort
-/// addresses.
-fn configure_node(
-    args: &RunArgs,
-    maps: &mut BpfMaps,
-) -> Result<(Vec<String>, Vec<std::net::Ipv4Addr>)> {
+/// The node's side of the data path, found before the programs load: the
+/// wire interfaces, the NodePort addresses, and the load-time
+/// configuration (masquerade address, socket LB mode).
+struct NodeSide {
+    wire: Vec<String>,
+    nodeport_addresses: Vec<std::net::Ipv4Addr>,
+    datapath: lb_common::DatapathConfig,
+}
+
+fn node_side(args: &RunArgs) -> Result<NodeSide> {
     let wire = args.node.wire();
     if wire.is_empty() {
         log::warn!("no interface faces the wire (no default route and no --interfaces): XDP is not attached");
@@ -722,21 +732,21 @@ fn configure_node(
         .masquerade_address
         .or_else(|| nodeport_addresses.first().copied());
     match masquerade {
-        Some(a) => {
-            maps.set_masquerade_addr(a)
-                .context("writing the masquerade address")?;
-            log::info!("NodePorts on {nodeport_addresses:?}; masquerading to {a}");
-        }
+        Some(a) => log::info!("NodePorts on {nodeport_addresses:?}; masquerading to {a}"),
         None => log::warn!(
             "no NodePort address and no --masquerade-address: flows that need masquerading are dropped (counted as snat_failed)"
         ),
     }
-    for iface in &wire {
-        node_net::set_accept_local(iface)?;
-    }
-    maps.set_socket_lb(args.socket_lb.config_value(), netns_cookie()?)
-        .context("writing the socket LB mode")?;
-    Ok((wire, nodeport_addresses))
+    let datapath = lb_common::DatapathConfig {
+        host_netns_cookie: netns_cookie()?,
+        masquerade_addr: masquerade.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+        socket_lb_mode: args.socket_lb.config_value(),
+    };
+    Ok(NodeSide {
+        wire,
+        nodeport_addresses,
+        datapath,
+    })
 }
 
 /// The masquerade port ranges: --masquerade-ports checked against the

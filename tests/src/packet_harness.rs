@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::{program_names, Ct4Key, Ct4Value, SVC_FLAG_CLUSTER_IP};
+use lb_common::{program_names, Ct4Key, Ct4Value, DatapathConfig, SVC_FLAG_CLUSTER_IP};
 use lb_userspace::{
     datapath::loader::{self, LoadConfig},
     model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
@@ -29,6 +29,8 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 
 pub const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
+/// The node address the harness's programs masquerade to.
+pub const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
 /// The programs a packet can be run through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +87,10 @@ impl Harness {
     pub fn with_masquerade_ports(ranges: &[PortRange]) -> Self {
         let config = LoadConfig {
             snat_ports: masquerade_ports::to_global(ranges).expect("port ranges"),
+            datapath: DatapathConfig {
+                masquerade_addr: u32::from_ne_bytes(NODE.octets()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         // Not pinned: each test gets its own maps.

@@ -13,7 +13,7 @@ use lb_tests::{
 use lb_userspace::{node::masquerade_ports, translate::NodeInfo};
 use serde_json::json;
 
-const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+use lb_tests::packet_harness::NODE;
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 
@@ -22,9 +22,6 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 fn nodeport(ranges: &str) -> Harness {
     let ranges = masquerade_ports::parse_list(ranges).expect("ranges");
     let mut h = Harness::with_masquerade_ports(&ranges);
-    h.maps
-        .set_masquerade_addr(NODE)
-        .expect("masquerade address");
     let node = NodeInfo {
         name: "n1".into(),
         nodeport_addresses: vec![NODE],
@@ -232,9 +229,6 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
         ns.exec(&cmd.split(' ').collect::<Vec<_>>()).expect(cmd);
     }
     let mut h = Harness::new();
-    h.maps
-        .set_masquerade_addr(NODE)
-        .expect("masquerade address");
     let pod = Ipv4Addr::new(10, 244, 0, 9);
     h.program(&[(80, lb_userspace::model::Protocol::Tcp, &[(pod, 8080)])]);
     let to_itself = Tuple {

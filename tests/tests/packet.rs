@@ -422,7 +422,7 @@ fn a_deleted_backend_moves_its_flows_to_a_live_one() {
     );
 }
 
-const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+use lb_tests::packet_harness::NODE;
 
 #[test]
 fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
@@ -438,9 +438,6 @@ fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
 
 /// A NodePort service of one backend (B1:8080) on node address NODE.
 fn nodeport_harness(h: &mut Harness) {
-    h.maps
-        .set_masquerade_addr(NODE)
-        .expect("masquerade address");
     let node = NodeInfo {
         name: "n1".into(),
         nodeport_addresses: vec![NODE],

@@ -299,7 +299,7 @@ fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users(
     let lab = lab_with_agent_ports();
     let (maps, links, dirs) = pins(&lab.pin_dir);
     assert!(
-        maps.len() >= lb_userspace::datapath::loader::MAP_LAYOUTS.len(),
+        maps.len() >= lb_common::map_spec::ALL.len(),
         "every map is pinned: {maps:?}"
     );
     assert!(!links.is_empty(), "program links are pinned under {dirs:?}");

@@ -14,7 +14,10 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapType},
     Ebpf, EbpfLoader,
 };
-use lb_common::map_names;
+use lb_common::{
+    map_names,
+    map_spec::{self, Capacity, MapKind, MapSpec},
+};
 
 use crate::{datapath::pseudo_fs, sync::map_writer::BpfMaps};
 
@@ -62,65 +65,28 @@ pub fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(name)
 }
 
-/// Type, key size, value size and capacity a map of this version has.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MapLayout {
-    pub name: &'static str,
-    pub map_type: MapType,
-    pub key_size: u32,
-    pub value_size: u32,
-    pub max_entries: u32,
-}
-
-const fn layout<K, V>(name: &'static str, map_type: MapType, max_entries: u32) -> MapLayout {
-    MapLayout {
-        name,
-        map_type,
-        key_size: std::mem::size_of::<K>() as u32,
-        value_size: std::mem::size_of::<V>() as u32,
-        max_entries,
-    }
-}
-
 /// What a pinned map is: (type, key size, value size, capacity).
 pub type FoundLayout = (Option<MapType>, u32, u32, u32);
 
-/// Every map of the BPF object, as this version defines it.
-pub const MAP_LAYOUTS: [MapLayout; 13] = {
-    use lb_common::{
-        config, map_names, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key,
-        Ct4Value, RevNat4, Service4Key, Service4Value, ServiceStats, SockFwd4Key, SockRev4Key,
-        SockRev4Value, SourceRange4, MAX_AFFINITY, MAX_BACKENDS, MAX_BACKEND_MATCH, MAX_CONNTRACK,
-        MAX_REV_NAT, MAX_SERVICE_SLOTS, MAX_SOCK_REV, MAX_SOURCE_RANGES,
-    };
-    use MapType::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
-    [
-        layout::<Service4Key, Service4Value>(map_names::SERVICES, Hash, MAX_SERVICE_SLOTS),
-        // An array since backends became one (lookups inlined); a pinned
-        // hash of an older version is recreated.
-        layout::<u32, Backend4>(map_names::BACKENDS, Array, MAX_BACKENDS),
-        layout::<u16, RevNat4>(map_names::REV_NAT, Hash, MAX_REV_NAT),
-        layout::<Ct4Key, Ct4Value>(map_names::CONNTRACK, LruHash, MAX_CONNTRACK),
-        layout::<u32, u64>(map_names::STATS, PerCpuArray, stats::COUNT),
-        layout::<u32, ServiceStats>(map_names::SERVICE_STATS, PerCpuArray, MAX_REV_NAT),
-        layout::<Affinity4Key, Affinity4Value>(map_names::AFFINITY, LruHash, MAX_AFFINITY),
-        layout::<BackendMatchKey, u8>(map_names::BACKEND_MATCH, Hash, MAX_BACKEND_MATCH),
-        // LPM trie keys carry a 32-bit prefix length in front.
-        layout::<(u32, SourceRange4), u8>(map_names::SOURCE_RANGES, LpmTrie, MAX_SOURCE_RANGES),
-        layout::<u32, u32>(map_names::CONFIG, Array, config::COUNT),
-        layout::<SockRev4Key, SockRev4Value>(map_names::SOCK_REV, LruHash, MAX_SOCK_REV),
-        layout::<SockFwd4Key, u32>(map_names::SOCK_FWD, LruHash, MAX_SOCK_REV),
-        layout::<u32, u64>(map_names::SNAT_CURSOR, Array, MAX_BACKENDS),
-    ]
-};
+/// The kernel's type for a map of kind `kind`.
+pub fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LpmTrie => MapType::LpmTrie,
+    }
+}
 
 /// Why a pinned map with (type, key size, value size, capacity) `found`
 /// cannot be adopted as `want`, if it cannot.
-pub fn incompatibility(want: &MapLayout, found: FoundLayout) -> Option<String> {
-    let (map_type, key, value, max) = found;
+pub fn incompatibility(want: &MapSpec, found: FoundLayout) -> Option<String> {
+    let (found_type, key, value, max) = found;
     let mut why = Vec::new();
-    if map_type != Some(want.map_type) {
-        why.push(format!("type {map_type:?}, now {:?}", want.map_type));
+    let want_type = map_type(want.kind);
+    if found_type != Some(want_type) {
+        why.push(format!("type {found_type:?}, now {want_type:?}"));
     }
     if key != want.key_size {
         why.push(format!("key {key} bytes, now {}", want.key_size));
@@ -162,7 +128,7 @@ const ID_MAPS: [&str; 3] = [
 
 /// Whether a pinned map with layout `found` can have its entries copied
 /// into a map of layout `want`.
-pub fn entries_copyable(want: &MapLayout, found: FoundLayout) -> bool {
+pub fn entries_copyable(want: &MapSpec, found: FoundLayout) -> bool {
     let (map_type, key, value, _) = found;
     let kind_ok = match map_type {
         Some(MapType::Hash | MapType::LruHash) => true,
@@ -224,7 +190,7 @@ pub enum PinFate {
 /// (Err: unreadable). `ids_kept`: the pinned backend and reverse NAT ids
 /// survive (adopted or migrated); when they do not, conntrack and affinity
 /// entries would name the wrong backends and frontends, so they start empty.
-pub fn pin_fate(want: &MapLayout, found: Result<FoundLayout, String>, ids_kept: bool) -> PinFate {
+pub fn pin_fate(want: &MapSpec, found: Result<FoundLayout, String>, ids_kept: bool) -> PinFate {
     if !ids_kept && matches!(want.name, map_names::CONNTRACK | map_names::AFFINITY) {
         return PinFate::Rebuild("the backend and reverse NAT ids it holds were not kept".into());
     }
@@ -246,7 +212,7 @@ pub fn pin_fate(want: &MapLayout, found: Result<FoundLayout, String>, ids_kept: 
 /// its first sync: packets never see an empty map. A `_old` pin left by an
 /// agent that died while migrating stays the source (the old programs may
 /// still use it); the map that agent created is dropped.
-pub fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapLayout]) -> PinnedState {
+pub fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapSpec]) -> PinnedState {
     let mut state = PinnedState::default();
     let source = |name: &str| {
         [old_pin_path(pin_dir, name), map_pin_path(pin_dir, name)]
@@ -323,6 +289,8 @@ pub struct LoadConfig {
     pub sizes: MapSizes,
     /// The masquerade port ranges (load-time global).
     pub snat_ports: lb_common::SnatPorts,
+    /// The masquerade address and socket LB mode (load-time global).
+    pub datapath: lb_common::DatapathConfig,
 }
 
 /// An object loader with this load's globals set (the agent's, and tests'
@@ -332,6 +300,11 @@ pub fn object_loader(config: &LoadConfig) -> EbpfLoader<'_> {
     loader.override_global(
         lb_common::global_names::SNAT_PORTS,
         &config.snat_ports,
+        true,
+    );
+    loader.override_global(
+        lb_common::global_names::DATAPATH_CONFIG,
+        &config.datapath,
         true,
     );
     loader
@@ -359,24 +332,24 @@ impl Default for MapSizes {
     }
 }
 
-/// The layouts of this version with the configured sizes.
-pub fn layouts(sizes: MapSizes) -> Vec<MapLayout> {
-    MAP_LAYOUTS
+impl MapSizes {
+    /// The capacity the flags give maps sized by `capacity`.
+    fn of(&self, capacity: Capacity) -> u32 {
+        match capacity {
+            Capacity::Conntrack => self.conntrack,
+            Capacity::Affinity => self.affinity,
+            Capacity::Backends => self.backends,
+        }
+    }
+}
+
+/// The maps of this version with the configured sizes.
+pub fn layouts(sizes: MapSizes) -> Vec<MapSpec> {
+    map_spec::ALL
         .iter()
-        .map(|l| match l.name {
-            map_names::CONNTRACK => MapLayout {
-                max_entries: sizes.conntrack,
-                ..*l
-            },
-            map_names::AFFINITY => MapLayout {
-                max_entries: sizes.affinity,
-                ..*l
-            },
-            map_names::BACKENDS | map_names::SNAT_CURSOR => MapLayout {
-                max_entries: sizes.backends,
-                ..*l
-            },
-            _ => *l,
+        .map(|spec| MapSpec {
+            max_entries: spec.sized_by.map_or(spec.max_entries, |c| sizes.of(c)),
+            ..*spec
         })
         .collect()
 }
@@ -385,16 +358,15 @@ pub fn layouts(sizes: MapSizes) -> Vec<MapLayout> {
 /// attached here.
 pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> {
     ensure_pin_dir(pin_dir)?;
-    let sizes = config.sizes;
-    let state = sort_pinned_maps(pin_dir, &layouts(sizes));
+    let maps = layouts(config.sizes);
+    let state = sort_pinned_maps(pin_dir, &maps);
     let mut loader = object_loader(config);
-    for name in map_names::ALL {
-        loader.map_pin_path(name, map_pin_path(pin_dir, name));
+    for spec in &maps {
+        loader.map_pin_path(spec.name, map_pin_path(pin_dir, spec.name));
+        if spec.sized_by.is_some() {
+            loader.map_max_entries(spec.name, spec.max_entries);
+        }
     }
-    loader.map_max_entries(map_names::CONNTRACK, sizes.conntrack);
-    loader.map_max_entries(map_names::AFFINITY, sizes.affinity);
-    loader.map_max_entries(map_names::BACKENDS, sizes.backends);
-    loader.map_max_entries(map_names::SNAT_CURSOR, sizes.backends);
     if let Some(old) = state.conntrack_migrated() {
         loader.map_pin_path(map_names::CONNTRACK_PREV, old.to_owned());
     }
@@ -565,20 +537,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_map_of_the_object_has_a_layout() {
-        let names: Vec<&str> = MAP_LAYOUTS.iter().map(|l| l.name).collect();
-        for n in map_names::ALL {
-            assert!(names.contains(&n), "{n} has no layout");
-        }
-        assert_eq!(names.len(), map_names::ALL.len());
+    fn flags_size_only_the_maps_marked_as_sized_by_them() {
+        let sizes = MapSizes {
+            conntrack: 100,
+            affinity: 200,
+            backends: 300,
+        };
+        let find = |name| *layouts(sizes).iter().find(|s| s.name == name).unwrap();
+        assert_eq!(find(map_names::CONNTRACK).max_entries, 100);
+        assert_eq!(find(map_names::AFFINITY).max_entries, 200);
+        assert_eq!(find(map_names::BACKENDS).max_entries, 300);
+        assert_eq!(find(map_names::SNAT_CURSOR).max_entries, 300);
+        assert_eq!(find(map_names::SERVICES), map_spec::SERVICES);
     }
 
     #[test]
     fn a_grown_value_or_capacity_is_incompatible() {
-        let ct = MAP_LAYOUTS
-            .iter()
-            .find(|l| l.name == map_names::CONNTRACK)
-            .unwrap();
+        let ct = &map_spec::CONNTRACK;
         let lru = Some(MapType::LruHash);
         assert_eq!(
             incompatibility(ct, (lru, 16, 24, lb_common::MAX_CONNTRACK)),
@@ -591,10 +566,7 @@ mod tests {
 
     #[test]
     fn a_changed_map_type_is_incompatible() {
-        let backends = MAP_LAYOUTS
-            .iter()
-            .find(|l| l.name == map_names::BACKENDS)
-            .unwrap();
+        let backends = &map_spec::BACKENDS;
         let why = incompatibility(
             backends,
             (Some(MapType::Hash), 4, 12, lb_common::MAX_BACKENDS),

@@ -277,33 +277,10 @@ fn write_error(e: MapError) -> WriteError {
 }
 
 impl BpfMaps {
-    /// Sets the socket-level load balancing mode (`SOCKET_LB_*`) and the
-    /// host network namespace it means for `SOCKET_LB_HOST`.
-    pub fn set_socket_lb(&mut self, mode: u32, host_netns_cookie: u64) -> Result<(), MapError> {
-        self.config
-            .set(config::HOST_NETNS_COOKIE_LO, host_netns_cookie as u32, 0)?;
-        self.config.set(
-            config::HOST_NETNS_COOKIE_HI,
-            (host_netns_cookie >> 32) as u32,
-            0,
-        )?;
-        self.config.set(config::SOCKET_LB_MODE, mode, 0)
-    }
-
     /// Turns the data path's fall back to the old conntrack map on or off
     /// (see `loader::PinnedState`).
     pub fn set_conntrack_migrating(&mut self, on: bool) -> Result<(), MapError> {
         self.config.set(config::CT_MIGRATING, u32::from(on), 0)
-    }
-
-    /// Sets the source address masqueraded flows get (0: masquerading off,
-    /// such flows are dropped and counted).
-    pub fn set_masquerade_addr(&mut self, addr: std::net::Ipv4Addr) -> Result<(), MapError> {
-        self.config.set(
-            config::MASQUERADE_ADDR,
-            u32::from_ne_bytes(addr.octets()),
-            0,
-        )
     }
 }
 

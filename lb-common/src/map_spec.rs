@@ -1,0 +1,144 @@
+//! The maps in one table: name, kind, key and value sizes and default
+//! capacity. The BPF object sizes its declarations from it (and checks at
+//! compile time that each declaration's name and sizes match its entry),
+//! the loader checks pinned maps against it, and the agent's flags resize
+//! the entries marked as sized by them.
+
+use core::mem::size_of;
+
+use crate::{
+    config, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value,
+    RevNat4, Service4Key, Service4Value, ServiceStats, SockFwd4Key, SockRev4Key, SockRev4Value,
+    SourceRange4,
+};
+
+/// The kernel map types the object uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    Array,
+    PerCpuArray,
+    LpmTrie,
+}
+
+/// One map of the object, as this version defines it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// The name in the object, and of its pin.
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// The default capacity (see [`MapSpec::sized_by`]).
+    pub max_entries: u32,
+    /// The agent flag that overrides `max_entries`, if one does.
+    pub sized_by: Option<Capacity>,
+}
+
+/// Capacities set by the agent's flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    /// `--conntrack-max`.
+    Conntrack,
+    /// `--affinity-max`.
+    Affinity,
+    /// `--backends-max` (the backends array and what is indexed by backend id).
+    Backends,
+}
+
+impl MapSpec {
+    const fn of<K, V>(name: &'static str, kind: MapKind, max_entries: u32) -> Self {
+        Self {
+            name,
+            kind,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            max_entries,
+            sized_by: None,
+        }
+    }
+
+    const fn sized_by(self, capacity: Capacity) -> Self {
+        Self {
+            sized_by: Some(capacity),
+            ..self
+        }
+    }
+
+    /// Whether a declaration named `name` with key `K` and value `V` is
+    /// this map (for compile-time checks in the BPF object).
+    pub const fn declared_as<K, V>(&self, name: &str) -> bool {
+        let (a, b) = (self.name.as_bytes(), name.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        self.key_size as usize == size_of::<K>() && self.value_size as usize == size_of::<V>()
+    }
+}
+
+use Capacity::{Affinity, Backends, Conntrack};
+use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
+
+/// An LPM trie key: a 32-bit prefix length in front of the data.
+#[repr(C)]
+pub struct LpmKey<T> {
+    pub prefix_len: u32,
+    pub data: T,
+}
+
+pub const SERVICES: MapSpec =
+    MapSpec::of::<Service4Key, Service4Value>("lb4_services", Hash, 262_144);
+/// An array indexed by backend id (lookups inlined); a free id holds zeros.
+pub const BACKENDS: MapSpec =
+    MapSpec::of::<u32, Backend4>("lb4_backends", Array, 131_072).sized_by(Backends);
+/// Reverse NAT ids are 16-bit.
+pub const REV_NAT: MapSpec = MapSpec::of::<u16, RevNat4>("lb4_reverse_nat", Hash, 65_536);
+pub const CONNTRACK: MapSpec =
+    MapSpec::of::<Ct4Key, Ct4Value>("lb4_conntrack", LruHash, 262_144).sized_by(Conntrack);
+pub const STATS: MapSpec = MapSpec::of::<u32, u64>("lb_stats", PerCpuArray, stats::COUNT);
+/// Indexed by reverse NAT id.
+pub const SERVICE_STATS: MapSpec =
+    MapSpec::of::<u32, ServiceStats>("lb4_svc_stats", PerCpuArray, REV_NAT.max_entries);
+pub const AFFINITY: MapSpec =
+    MapSpec::of::<Affinity4Key, Affinity4Value>("lb4_affinity", LruHash, 65_536).sized_by(Affinity);
+pub const BACKEND_MATCH: MapSpec =
+    MapSpec::of::<BackendMatchKey, u8>("lb4_backend_match", Hash, 262_144);
+pub const SOURCE_RANGES: MapSpec =
+    MapSpec::of::<LpmKey<SourceRange4>, u8>("lb4_source_ranges", LpmTrie, 16_384);
+pub const CONFIG: MapSpec = MapSpec::of::<u32, u32>("lb_config", Array, config::COUNT);
+pub const SOCK_REV: MapSpec =
+    MapSpec::of::<SockRev4Key, SockRev4Value>("lb4_sock_rev", LruHash, 262_144);
+pub const SOCK_FWD: MapSpec = MapSpec::of::<SockFwd4Key, u32>("lb4_sock_fwd", LruHash, 262_144);
+/// Per backend id: where masquerading looks for its next port toward that
+/// backend.
+pub const SNAT_CURSOR: MapSpec =
+    MapSpec::of::<u32, u64>("lb4_snat_cursor", Array, BACKENDS.max_entries).sized_by(Backends);
+/// The previous agent's conntrack map while it is migrated (bound to its
+/// pin only then; otherwise an empty one-entry map). Not in [`ALL`].
+pub const CONNTRACK_PREV: MapSpec =
+    MapSpec::of::<Ct4Key, Ct4Value>("lb4_conntrack_prev", LruHash, 1);
+
+/// Every map the agent pins.
+pub const ALL: [MapSpec; 13] = [
+    SERVICES,
+    BACKENDS,
+    REV_NAT,
+    CONNTRACK,
+    STATS,
+    SERVICE_STATS,
+    AFFINITY,
+    BACKEND_MATCH,
+    SOURCE_RANGES,
+    CONFIG,
+    SOCK_REV,
+    SOCK_FWD,
+    SNAT_CURSOR,
+];
