@@ -6,18 +6,15 @@
 
 use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
-use lb_tests::{
-    bench::{
-        filler_services, kube_proxy,
-        rule_tools::{feed, flush_iptables, install_iptables_jumps},
-        traffic::{
-            flush_rules, install_iptables, install_nft, pods_only_lab, probe_addr, service_set,
-            PROBE_LAST, PROBE_MIDDLE,
-        },
+use lb_bench::{
+    filler_services, kube_proxy,
+    rule_tools::{feed, flush_iptables, install_iptables_jumps},
+    traffic::{
+        flush_rules, install_iptables, install_nft, pods_only_lab, probe_addr, service_set,
+        PROBE_LAST, PROBE_MIDDLE,
     },
-    lab::{tcp_ask, Lab, Netns},
-    privilege::require_root,
 };
+use lb_lab::{privilege::require_root, tcp_ask, Lab, Netns};
 
 /// 30 new connections from the client pod to `to`: which pods answered.
 fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {

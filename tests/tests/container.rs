@@ -13,15 +13,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_lab::{
     container::{
         command_of, container_of, daemon_set_pod, image_size, image_under_test, repo_path,
         run_options, run_to_end, security_options, ClusterFacts, Container, IMAGE_ENV,
     },
+    http_get,
     kube_lab::example,
-    lab::{http_get, tcp_ask, Lab, Source, Wire},
     load::{Load, LoadKind, LoadSet},
     privilege::require_root,
+    tcp_ask, Lab, Source, Wire,
 };
 use serde_json::Value;
 
@@ -170,7 +171,7 @@ fn wait_http(lab: &Lab, port: u16, path: &str, want: u16, within: Duration) -> D
 }
 
 fn loads(lab: &Lab) -> LoadSet {
-    let node_port = SocketAddrV4::new(lb_tests::lab::NODE_WIRE_ADDR, NODE_PORT);
+    let node_port = SocketAddrV4::new(lb_lab::NODE_WIRE_ADDR, NODE_PORT);
     let mut clients = LoadSet::default();
     for (ns, to, what) in [
         (lab.client.ns.path(), CLUSTER_IP, "ClusterIP from a pod"),

@@ -10,11 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    apiserver::Resource,
-    lab::{http_get, tcp_ask, Lab, Source, Wire, NODE_NAME, NODE_WIRE_ADDR},
-    on_each_source,
-    privilege::require_root,
+use lb_kube_fixtures::apiserver::Resource;
+use lb_lab::{
+    http_get, on_each_source, privilege::require_root, tcp_ask, Lab, Source, Wire, NODE_NAME,
+    NODE_WIRE_ADDR,
 };
 use serde_json::{json, Value};
 

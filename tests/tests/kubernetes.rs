@@ -9,12 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    apiserver::{ApiServer, RequestRecord, Resource},
+use lb_kube_fixtures::apiserver::{ApiServer, RequestRecord, Resource};
+use lb_lab::{
     kube_lab::{KubeLab, CONVERGE, NGINX},
-    lab::{metric_sum, sibling_binary, tcp_ask},
     load::{Load, LoadKind},
+    metric_sum,
     privilege::require_root,
+    sibling_binary, tcp_ask,
 };
 use lb_userspace::model::Protocol;
 use serde_json::{json, Value};
@@ -78,7 +79,7 @@ fn assert_requests_within_rbac(api: &ApiServer) {
 
 /// Sends `n` requests over new TCP connections from the client pod; every
 /// one must succeed. Returns answers per pod.
-fn spread(lab: &lb_tests::lab::Lab, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+fn spread(lab: &lb_lab::Lab, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
     lab.client.ns.run_in(|| {
         let mut got = BTreeMap::new();
         for i in 0..n {

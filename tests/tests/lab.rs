@@ -1,5 +1,5 @@
 //! Lab tests: real sockets through the real programs, in a node built from
-//! network namespaces (see lb_tests::lab). Links between node and pods
+//! network namespaces (see the lb_lab crate). Links between node and pods
 //! finalize checksums; tests that send from the external client run on both
 //! kinds of wire (partial checksums from a software peer, complete ones
 //! from a NIC), so a checksum mistake shows up as a failed request or a
@@ -13,10 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    lab::{ask_on, in_netns, tcp_ask, udp_ask, Lab, Wire},
-    on_each_wire,
-    privilege::require_root,
+use lb_lab::{
+    ask_on, in_netns, on_each_wire, privilege::require_root, tcp_ask, udp_ask, Lab, Wire,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -356,7 +354,7 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
     std::fs::create_dir_all(&lab.pin_dir).unwrap();
     let ct = lab.pin_dir.join("lb4_conntrack");
     let ct = ct.to_str().unwrap();
-    lb_tests::lab::run(&[
+    lb_lab::run(&[
         "bpftool",
         "map",
         "create",
@@ -378,7 +376,7 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
     // program load would then fail on the type.
     let backends = lab.pin_dir.join("lb4_backends");
     let backends = backends.to_str().unwrap();
-    lb_tests::lab::run(&[
+    lb_lab::run(&[
         "bpftool",
         "map",
         "create",
@@ -400,13 +398,13 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
     lab.agent()
         .start()
         .expect("the agent starts over pins of an older layout");
-    let shown = lb_tests::lab::run(&["bpftool", "-j", "map", "show", "pinned", backends]).unwrap();
+    let shown = lb_lab::run(&["bpftool", "-j", "map", "show", "pinned", backends]).unwrap();
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["type"], "array", "recreated as an array: {shown}");
     let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 30);
     assert_eq!(tcp.len(), 3, "{tcp:?}");
     assert_eq!(udp.len(), 3, "{udp:?}");
-    let shown = lb_tests::lab::run(&["bpftool", "-j", "map", "show", "pinned", ct]).unwrap();
+    let shown = lb_lab::run(&["bpftool", "-j", "map", "show", "pinned", ct]).unwrap();
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(
         shown["bytes_value"], 24,

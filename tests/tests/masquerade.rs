@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{stats, Ct4Value, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_OPENING};
-use lb_tests::{
+use lb_lab::{
     packet::{self, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     packet_harness::{Harness, Program},
     privilege::require_root,
@@ -220,7 +220,7 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
     if !require_root() {
         return;
     }
-    let ns = lb_tests::lab::Netns::create(&format!("lbt-{}-fib", std::process::id()))
+    let ns = lb_lab::Netns::create(&format!("lbt-{}-fib", std::process::id()))
         .expect("a network namespace");
     for cmd in [
         "ip link add d0 type veth peer name d1",
@@ -240,7 +240,7 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
     let to_itself = Tuple {
         src: pod,
         sport: 40000,
-        dst: lb_tests::packet_harness::SVC,
+        dst: lb_lab::packet_harness::SVC,
         dport: 80,
     };
     let syn = packet::tcp(&to_itself, TCP_SYN, 1, &[], &[]);
@@ -249,7 +249,7 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
     assert_eq!((p.src, p.dst), (NODE, pod), "masqueraded hairpin: {p:?}");
     assert_eq!(
         verdict,
-        lb_tests::packet_harness::TC_ACT_REDIRECT,
+        lb_lab::packet_harness::TC_ACT_REDIRECT,
         "redirected to the egress device without a neighbour entry"
     );
 }

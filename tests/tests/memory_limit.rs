@@ -8,14 +8,13 @@
 
 use std::time::{Duration, Instant};
 
-use lb_tests::{
-    apiserver::ApiServer,
-    bench::traffic::{map_memlock_kib, rss_kib},
+use lb_bench::traffic::{map_memlock_kib, rss_kib};
+use lb_kube_fixtures::{apiserver::ApiServer, scale};
+use lb_lab::{
     container::{container_of, daemon_set_pod},
-    lab::{Lab, NODE_NAME},
     memcg::{parse_quantity, MemoryCgroup},
     privilege::require_root,
-    scale,
+    Lab, NODE_NAME,
 };
 use lb_userspace::{
     datapath::loader,
@@ -67,7 +66,7 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
     api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME}}))
         .unwrap();
     let objects: Vec<Value> = (0..SERVICES)
-        .flat_map(|i| [scale::service(i), scale::slice(i, ENDPOINTS)])
+        .flat_map(|i| [scale::service(i), scale::slice(i, ENDPOINTS, NODE_NAME)])
         .collect();
     api.apply_all(&objects).unwrap();
     drop(objects);

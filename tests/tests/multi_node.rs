@@ -1,5 +1,5 @@
 //! Two nodes, each with its own agent, pins and pods, on one wire (see
-//! lb_tests::lab::cluster): what crosses nodes. ClusterIP to pods on the
+//! lb_lab::cluster): what crosses nodes. ClusterIP to pods on the
 //! other node, NodePort and LoadBalancer addresses on either node to
 //! remote backends (masqueraded), externalTrafficPolicy Local and the
 //! healthCheckNodePort of each node, a backend removed, and one node's
@@ -13,14 +13,13 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
-    lab::{
-        cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
-        http_get, report_checksum_counters, tcp_ask, udp_ask, Netns, Wire,
-    },
+use lb_lab::{
+    cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
+    http_get,
     load::{Load, LoadKind, LoadSet},
     on_each_wire,
     privilege::require_root,
+    report_checksum_counters, tcp_ask, udp_ask, Netns, Wire,
 };
 use serde_json::{json, Value};
 

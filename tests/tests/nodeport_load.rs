@@ -9,11 +9,11 @@
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
-use lb_tests::{
-    lab::{Lab, Wire, NODE_WIRE_ADDR},
+use lb_lab::{
     on_each_wire,
     privilege::require_root,
     rate_load::{self, RateLoad},
+    Lab, Wire, NODE_WIRE_ADDR,
 };
 
 on_each_wire!(nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait);

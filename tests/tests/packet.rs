@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use lb_common::csum;
-use lb_tests::{
+use lb_lab::{
     packet::{self, Tuple, TCP_ACK, TCP_RST, TCP_SYN},
     packet_harness::{
         default_masquerade_ports, Harness, Program, CLIENT, SVC, TC_ACT_OK, TC_ACT_REDIRECT,

@@ -9,16 +9,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_kube_fixtures::{
     apiserver::Resource,
     churn::{self, ApiChange as ChurnChange, ChurnService},
+    rollout::{complete, next_steps, PodPhase, RolloutParams, RolloutPod, Step},
+    workload::{self, LabObject},
+};
+use lb_lab::{
     kube_lab::{example, KubeLab},
-    lab::{Lab, Wire, NODE_NAME, NODE_WIRE_ADDR},
     load::{Load, LoadKind, LoadReport, LoadSet},
     on_each_wire,
     privilege::require_root,
-    rollout::{complete, next_steps, PodPhase, RolloutParams, RolloutPod, Step},
-    workload::{self, LabObject},
+    Lab, Wire, NODE_NAME, NODE_WIRE_ADDR,
 };
 
 on_each_wire!(
@@ -309,7 +311,7 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
         "the conntrack map is migrated:\n{log}"
     );
     let ct = k.lab.pin_dir.join(lb_common::map_names::CONNTRACK);
-    let shown = lb_tests::lab::run(&[
+    let shown = lb_lab::run(&[
         "bpftool",
         "-j",
         "map",
@@ -374,7 +376,7 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
 /// Runs `lb-agent check` against the lab's API server in the node
 /// namespace: (exit success, output).
 fn agent_check(k: &KubeLab) -> (bool, String) {
-    let agent = lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent");
+    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent");
     let out = k
         .lab
         .node
@@ -441,7 +443,7 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
         &k,
         services
             .iter()
-            .flat_map(lb_tests::churn::ChurnService::objects)
+            .flat_map(lb_kube_fixtures::churn::ChurnService::objects)
             .collect(),
     );
     k.start_agent();
@@ -543,7 +545,7 @@ fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
             .any(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p))),
         "no metric {name} {parts:?} in:\n{text}"
     );
-    lb_tests::lab::metric_sum(text, name, parts)
+    lb_lab::metric_sum(text, name, parts)
 }
 
 /// Conntrack entries that name backend `id`.
@@ -719,7 +721,7 @@ fn add_client_addresses(lab: &Lab, n: u16) -> Vec<Ipv4Addr> {
     });
     let path = lab.dir.join("client-addrs");
     std::fs::write(&path, batch).unwrap();
-    lb_tests::lab::run(&["ip", "-n", &lab.ext.name, "-batch", path.to_str().unwrap()])
+    lb_lab::run(&["ip", "-n", &lab.ext.name, "-batch", path.to_str().unwrap()])
         .expect("add client addresses");
     lab.node
         .exec(&["ip", "route", "add", "10.78.0.0/16", "via", "10.77.0.2"])

@@ -15,14 +15,14 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
+use lb_lab::{
     bpf_access,
     capabilities::{
         capability_bit, daemon_set_capabilities, effective_capabilities, like_a_container_with,
     },
-    lab::{tcp_ask, Lab, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
     on_each_wire,
     privilege::require_root,
+    sibling_binary, tcp_ask, Lab, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR,
 };
 use serde_json::{json, Value};
 
@@ -190,7 +190,10 @@ struct ProbeReport {
 }
 
 fn probe(as_user: Option<u32>, attempts: &[String]) -> ProbeReport {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_access-probe"));
+    // A binary of the lab crate: built by `cargo build --bins`, as the
+    // agent and lab-server are.
+    let bin = sibling_binary("access-probe", "ACCESS_PROBE_BIN").expect("access-probe binary");
+    let mut cmd = Command::new(bin);
     if let Some(uid) = as_user {
         cmd.args(["--as", &uid.to_string()]);
     }
@@ -425,7 +428,7 @@ fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users(
 /// What a write attempt could change: the metrics, readiness, the health
 /// check's answer, the programmed Services and the sync generation.
 fn observable_state(lab: &Lab) -> BTreeMap<&'static str, String> {
-    let agent = lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN").unwrap();
+    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN").unwrap();
     let services = lab
         .node
         .exec(&[

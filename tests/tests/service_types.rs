@@ -10,10 +10,9 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
-    lab::{tcp_ask, udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
-    on_each_source, on_each_source_and_wire,
-    privilege::require_root,
+use lb_lab::{
+    on_each_source, on_each_source_and_wire, privilege::require_root, tcp_ask, udp_ask, Lab, Netns,
+    Source, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR,
 };
 use serde_json::{json, Value};
 
@@ -739,7 +738,7 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod(source: Source, _wire
     );
     assert_eq!(
         sources_of(&seen),
-        vec![lb_tests::lab::CLIENT_POD_ADDR],
+        vec![lb_lab::CLIENT_POD_ADDR],
         "source pod IP preserved"
     );
     assert_eq!(
@@ -764,7 +763,7 @@ fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(
     let check = |lab: &Lab| -> (u16, Value) {
         let (code, body) = lab
             .ext
-            .run_in(|| lb_tests::lab::http_get(health, "/healthz", TIMEOUT))
+            .run_in(|| lb_lab::http_get(health, "/healthz", TIMEOUT))
             .expect("health check answers");
         (code, serde_json::from_str(&body).expect("JSON body"))
     };
@@ -956,7 +955,7 @@ spec:
   ports: {service_ports}
 "
     );
-    let (objects, _) = lb_tests::workload::parse_lab_objects(&yaml).expect("parse");
+    let (objects, _) = lb_kube_fixtures::workload::parse_lab_objects(&yaml).expect("parse");
     let mut lab = Lab::from_objects_with(source, Wire::Software, objects).expect("build the lab");
     lab.agent().start().expect("start lb-agent");
     lab
@@ -964,7 +963,7 @@ spec:
 
 fn set_multi_ports(lab: &mut Lab, ports: Value) {
     for o in &mut lab.state.objects {
-        if let lb_tests::workload::LabObject::Service(s) = o {
+        if let lb_kube_fixtures::workload::LabObject::Service(s) = o {
             s.spec.as_mut().unwrap().ports = Some(serde_json::from_value(ports.clone()).unwrap());
         }
     }

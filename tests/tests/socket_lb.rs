@@ -9,11 +9,10 @@ use std::{
     process::Stdio,
 };
 
-use lb_tests::{
-    capabilities,
-    lab::{sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_WIRE_ADDR},
-    privilege::require_root,
-    workload::LabObject,
+use lb_kube_fixtures::workload::LabObject;
+use lb_lab::{
+    capabilities, privilege::require_root, sibling_binary, Lab, Netns, CLIENT_POD_ADDR,
+    NODE_WIRE_ADDR,
 };
 use serde_json::json;
 
@@ -232,7 +231,7 @@ fn connected_udp_across_backend_deletion(
         .spawn()
         .expect("start lab-client");
     let stdout = child.stdout.take().unwrap();
-    let guard = lb_tests::lab::ChildGuard(child);
+    let guard = lb_lab::ChildGuard(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
