@@ -1,5 +1,5 @@
 //! The Kubernetes source end to end: the real lb-agent binary, started with
-//! `--kubeconfig`, watches an API server fixture (tests/src/apiserver.rs)
+//! `--kubeconfig`, watches an API server fixture (kube-fixtures/src/apiserver.rs)
 //! that speaks the real list/watch protocol, while the lab's pods answer
 //! real traffic through the attached data path.
 
