@@ -65,6 +65,9 @@ pub use node::{LabNode, Pod};
 pub use state::Workloads;
 pub use wire::Wire;
 
+/// The one way to declare a test that needs root (see `privilege`).
+pub use lb_lab_macros::privileged_test;
+
 use lb_kube_fixtures::workload::{self, LabObject, LabPod};
 
 pub const NODE_WIRE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);

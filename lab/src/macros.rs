@@ -1,8 +1,10 @@
 //! The macros that declare lab tests: one test per wire, per source of
-//! desired state, or both.
+//! desired state, or both. Each variant is a `#[privileged_test]`: the
+//! named function is a plain function (no attribute, no privilege gate of
+//! its own) that the variants call once the gate let them through.
 
 /// Declares each named lab test once per kind of wire (see
-/// `lab::Wire`): `software_wire::NAME` and `nic_wire::NAME`, each calling
+/// `Wire`): `software_wire::NAME` and `nic_wire::NAME`, each calling
 /// `NAME(wire)`. For every test that sends from the wire, so both the
 /// partial checksums of a software peer (tc) and the complete ones of a
 /// NIC (XDP) are exercised.
@@ -11,7 +13,7 @@ macro_rules! on_each_wire {
     ($($name:ident),* $(,)?) => {
         mod software_wire {
             $(
-                #[test]
+                #[$crate::privileged_test]
                 fn $name() {
                     super::$name($crate::Wire::Software)
                 }
@@ -19,7 +21,7 @@ macro_rules! on_each_wire {
         }
         mod nic_wire {
             $(
-                #[test]
+                #[$crate::privileged_test]
                 fn $name() {
                     super::$name($crate::Wire::Nic)
                 }
@@ -29,7 +31,7 @@ macro_rules! on_each_wire {
 }
 
 /// Declares each named lab test once per source of desired state (see
-/// `lab::Source`): `manifests::NAME` and `api::NAME`, each calling
+/// `Source`): `manifests::NAME` and `api::NAME`, each calling
 /// `NAME(source, Wire::Software)`.
 #[macro_export]
 macro_rules! on_each_source {
@@ -58,7 +60,7 @@ macro_rules! lab_test_variants {
     ($module:ident, $source:ident, $wire:ident, $($name:ident),*) => {
         mod $module {
             $(
-                #[test]
+                #[$crate::privileged_test]
                 fn $name() {
                     super::$name(
                         $crate::Source::$source,

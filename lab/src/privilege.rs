@@ -1,5 +1,11 @@
 //! Privileged tests run for real where they can. Without root they skip
 //! loudly, except under CI (CI=true), where a missing privilege is a failure.
+//!
+//! A test declares that it needs root in one way: `#[privileged_test]` in
+//! place of `#[test]`, or by being named in `on_each_wire!`,
+//! `on_each_source!` or `on_each_source_and_wire!`, whose variants are
+//! such tests. Both put the gate below first in the test; no test calls it
+//! itself.
 
 /// True when the calling test may go on; false (after saying so) when it
 /// must skip. The test is named by its thread, as the test harness names

@@ -14,7 +14,7 @@ use lb_bench::{
         PROBE_LAST, PROBE_MIDDLE,
     },
 };
-use lb_lab::{privilege::require_root, tcp_ask, Lab, Netns};
+use lb_lab::{privileged_test, tcp_ask, Lab, Netns};
 
 /// 30 new connections from the client pod to `to`: which pods answered.
 fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
@@ -30,11 +30,8 @@ fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
     })
 }
 
-#[test]
+#[privileged_test]
 fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint() {
-    if !require_root() {
-        return;
-    }
     let (lab, pods) = pods_only_lab().expect("build the lab");
     let set = service_set(41, 4, &pods);
     for (mode, install) in [
@@ -68,11 +65,8 @@ fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) {
     }
 }
 
-#[test]
+#[privileged_test]
 fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
-    if !require_root() {
-        return;
-    }
     let ns = Netns::create(&format!("lbt-{}-rules", std::process::id())).expect("netns");
     let mut ports = filler_services(20, 3);
     for binary in ["iptables-legacy", "iptables-nft"] {

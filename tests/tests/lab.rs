@@ -13,9 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_lab::{
-    ask_on, in_netns, on_each_wire, privilege::require_root, tcp_ask, udp_ask, Lab, Wire,
-};
+use lb_lab::{ask_on, in_netns, on_each_wire, privileged_test, tcp_ask, udp_ask, Lab, Wire};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -82,11 +80,8 @@ fn assert_fair(lab: &Lab, counts: &BTreeMap<String, usize>, total: usize, what: 
     }
 }
 
-#[test]
+#[privileged_test]
 fn client_pod_reaches_every_backend_of_a_cluster_ip_over_tcp_and_udp() {
-    if !require_root() {
-        return;
-    }
     let lab = nginx_lab();
     let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 300);
     assert_fair(&lab, &tcp, 300, "TCP");
@@ -100,9 +95,6 @@ on_each_wire!(
 );
 
 fn external_client_reaches_every_backend_of_a_cluster_ip(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let lab = nginx_lab_on(wire);
     let (tcp, udp) = spread(&lab, true, SocketAddrV4::new(NGINX, 80), 150);
     assert_fair(&lab, &tcp, 150, "TCP from the wire");
@@ -110,11 +102,8 @@ fn external_client_reaches_every_backend_of_a_cluster_ip(wire: Wire) {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn source_pod_ip_is_preserved_to_the_backend() {
-    if !require_root() {
-        return;
-    }
     let lab = nginx_lab();
     let answer = lab
         .client
@@ -131,11 +120,8 @@ fn source_pod_ip_is_preserved_to_the_backend() {
     );
 }
 
-#[test]
+#[privileged_test]
 fn a_connection_keeps_its_backend_for_its_whole_life() {
-    if !require_root() {
-        return;
-    }
     let mut lab = nginx_lab();
     let to = SocketAddrV4::new(NGINX, 80);
     let (tx_open, rx_open) = std::sync::mpsc::channel();
@@ -185,9 +171,6 @@ fn a_connection_keeps_its_backend_for_its_whole_life() {
 }
 
 fn should_be_rejected_when_no_endpoints_exist(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab =
         Lab::from_manifest_files_on(wire, &[example("nginx-deployment.yaml")]).expect("lab");
     lab.state.extra_manifests.insert(
@@ -254,11 +237,8 @@ fn should_be_rejected_when_no_endpoints_exist(wire: Wire) {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn removing_a_backend_from_the_manifests_stops_new_connections_to_it() {
-    if !require_root() {
-        return;
-    }
     let mut lab = nginx_lab();
     let removed = lab.pods.keys().next().unwrap().clone();
     lab.state.excluded.insert(removed.clone());
@@ -286,11 +266,8 @@ fn removing_a_backend_from_the_manifests_stops_new_connections_to_it() {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
-    if !require_root() {
-        return;
-    }
     let mut lab = nginx_lab();
     lab.state.extra_manifests.insert(
         "broken.yaml".into(),
@@ -317,11 +294,8 @@ fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
     );
 }
 
-#[test]
+#[privileged_test]
 fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips() {
-    if !require_root() {
-        return;
-    }
     let mut lab = Lab::from_manifest_files(&[example("frontend-replicaset.yaml")]).expect("lab");
     assert_eq!(lab.pods.len(), 4, "the example ReplicaSet has 4 replicas");
     lab.agent().start().expect("agent");
@@ -342,11 +316,8 @@ fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips()
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
-    if !require_root() {
-        return;
-    }
     let mut lab =
         Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("build the lab");
     // What an agent of an earlier version left: a conntrack map whose values
@@ -422,11 +393,8 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
 /// pods behind links that finalize checksums count the damage. The same
 /// traffic with the default hook (tc there) counts none (the software-wire
 /// tests above).
-#[test]
+#[privileged_test]
 fn xdp_forced_onto_a_software_wire_corrupts_checksums_and_the_lab_counts_them() {
-    if !require_root() {
-        return;
-    }
     let mut lab = Lab::from_manifest_files_on(Wire::Software, &[example("nginx-deployment.yaml")])
         .expect("build the lab");
     lab.agent()

@@ -13,8 +13,7 @@ use lb_kube_fixtures::{apiserver::ApiServer, scale};
 use lb_lab::{
     container::{container_of, daemon_set_pod},
     memcg::{parse_quantity, MemoryCgroup},
-    privilege::require_root,
-    Lab, NODE_NAME,
+    privileged_test, Lab, NODE_NAME,
 };
 use lb_userspace::{
     datapath::loader,
@@ -49,11 +48,8 @@ fn wait_generation(lab: &mut Lab, generation: u64, what: &str) {
     }
 }
 
-#[test]
+#[privileged_test]
 fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
-    if !require_root() {
-        return;
-    }
     let quantity = daemon_set_memory_limit();
     let limit = parse_quantity(&quantity).expect("a memory quantity");
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);

@@ -20,9 +20,8 @@ use lb_lab::{
     capabilities::{
         capability_bit, daemon_set_capabilities, effective_capabilities, like_a_container_with,
     },
-    on_each_wire,
-    privilege::require_root,
-    sibling_binary, tcp_ask, Lab, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR,
+    on_each_wire, privileged_test, sibling_binary, tcp_ask, Lab, Wire, EXT_CLIENT_ADDR, NODE_NAME,
+    NODE_WIRE_ADDR,
 };
 use serde_json::{json, Value};
 
@@ -294,11 +293,8 @@ fn unix_socket_paths(pid: u32, inodes: &BTreeSet<u64>) -> Vec<String> {
         .collect()
 }
 
-#[test]
+#[privileged_test]
 fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users() {
-    if !require_root() {
-        return;
-    }
     let lab = lab_with_agent_ports();
     let (maps, links, dirs) = pins(&lab.pin_dir);
     assert!(
@@ -449,11 +445,8 @@ fn observable_state(lab: &Lab) -> BTreeMap<&'static str, String> {
     ])
 }
 
-#[test]
+#[privileged_test]
 fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
-    if !require_root() {
-        return;
-    }
     let lab = lab_with_agent_ports();
     let before = observable_state(&lab);
     assert!(before["readyz"].starts_with("200"), "{before:?}");
@@ -505,11 +498,8 @@ fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
     );
 }
 
-#[test]
+#[privileged_test]
 fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
-    if !require_root() {
-        return;
-    }
     let caps = daemon_set_capabilities();
     let mut lab = lab();
     let cluster_ip = lab.cluster_ip("my-nginx").expect("the example's ClusterIP");
@@ -604,9 +594,6 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
 on_each_wire!(source_range_drops_are_counted_exactly_and_allowed_sources_are_not);
 
 fn source_range_drops_are_counted_exactly_and_allowed_sources_are_not(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     const REQUESTS: u64 = 40;
     // Outside the allowed range, on the external client next to its own.
     const DISALLOWED: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 99);

@@ -11,8 +11,7 @@ use std::{
 
 use lb_kube_fixtures::workload::LabObject;
 use lb_lab::{
-    capabilities, privilege::require_root, sibling_binary, Lab, Netns, CLIENT_POD_ADDR,
-    NODE_WIRE_ADDR,
+    capabilities, privileged_test, sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_WIRE_ADDR,
 };
 use serde_json::json;
 
@@ -91,11 +90,8 @@ fn all_pods(lab: &Lab) -> BTreeSet<String> {
     lab.pods.keys().cloned().collect()
 }
 
-#[test]
+#[privileged_test]
 fn should_function_for_node_service_http() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("all");
     for to in [
         SocketAddrV4::new(NGINX, 80),
@@ -116,11 +112,8 @@ fn should_function_for_node_service_http() {
     assert!(lab.datapath_stat("sock_translated") >= 60);
 }
 
-#[test]
+#[privileged_test]
 fn should_function_for_node_service_udp() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("all");
     for to in [
         SocketAddrV4::new(NGINX, 80),
@@ -140,11 +133,8 @@ fn should_function_for_node_service_udp() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("all");
     let to = SocketAddrV4::new(NGINX, 80);
     let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
@@ -170,11 +160,8 @@ fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client()
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("off");
     let to = SocketAddrV4::new(NGINX, 80);
     let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
@@ -190,11 +177,8 @@ fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn socket_lb_host_mode_translates_host_sockets_only() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("host");
     let to = SocketAddrV4::new(NGINX, 80);
     let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
@@ -262,11 +246,8 @@ fn connected_udp_across_backend_deletion(
     (used, after)
 }
 
-#[test]
+#[privileged_test]
 fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
-    if !require_root() {
-        return;
-    }
     // Last, the node's case with the agent holding only the DaemonSet's
     // capabilities: closing another process's socket (sock_diag destroy)
     // is the one privilege that path adds.
