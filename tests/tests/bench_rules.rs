@@ -6,18 +6,15 @@
 
 use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
-use lb_tests::{
-    bench::{
-        filler_services, kube_proxy,
-        rule_tools::{feed, flush_iptables, install_iptables_jumps},
-        traffic::{
-            flush_rules, install_iptables, install_nft, pods_only_lab, probe_addr, service_set,
-            PROBE_LAST, PROBE_MIDDLE,
-        },
+use lb_bench::{
+    filler_services, kube_proxy,
+    rule_tools::{feed, flush_iptables, install_iptables_jumps},
+    traffic::{
+        flush_rules, install_iptables, install_nft, pods_only_lab, probe_addr, service_set,
+        PROBE_LAST, PROBE_MIDDLE,
     },
-    lab::{tcp_ask, Lab, Netns},
-    privilege::require_root,
 };
+use lb_lab::{privileged_test, tcp_ask, Lab, Netns};
 
 /// 30 new connections from the client pod to `to`: which pods answered.
 fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
@@ -33,11 +30,8 @@ fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
     })
 }
 
-#[test]
+#[privileged_test]
 fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint() {
-    if !require_root() {
-        return;
-    }
     let (lab, pods) = pods_only_lab().expect("build the lab");
     let set = service_set(41, 4, &pods);
     for (mode, install) in [
@@ -71,11 +65,8 @@ fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) {
     }
 }
 
-#[test]
+#[privileged_test]
 fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
-    if !require_root() {
-        return;
-    }
     let ns = Netns::create(&format!("lbt-{}-rules", std::process::id())).expect("netns");
     let mut ports = filler_services(20, 3);
     for binary in ["iptables-legacy", "iptables-nft"] {

@@ -13,15 +13,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_lab::{
     container::{
         command_of, container_of, daemon_set_pod, image_size, image_under_test, repo_path,
         run_options, run_to_end, security_options, ClusterFacts, Container, IMAGE_ENV,
     },
+    http_get,
     kube_lab::example,
-    lab::{http_get, tcp_ask, Lab, Source, Wire},
     load::{Load, LoadKind, LoadSet},
-    privilege::require_root,
+    privileged_test, tcp_ask, Lab, Source, Wire,
 };
 use serde_json::Value;
 
@@ -31,9 +31,6 @@ const NODE_PORT: u16 = 30081;
 /// The image to test, or None after saying why the test skips (a failure
 /// under CI=true).
 fn image_or_skip(test: &str) -> Option<String> {
-    if !require_root() {
-        return None;
-    }
     let image = image_under_test();
     if image.is_none() {
         assert!(
@@ -170,7 +167,7 @@ fn wait_http(lab: &Lab, port: u16, path: &str, want: u16, within: Duration) -> D
 }
 
 fn loads(lab: &Lab) -> LoadSet {
-    let node_port = SocketAddrV4::new(lb_tests::lab::NODE_WIRE_ADDR, NODE_PORT);
+    let node_port = SocketAddrV4::new(lb_lab::NODE_WIRE_ADDR, NODE_PORT);
     let mut clients = LoadSet::default();
     for (ns, to, what) in [
         (lab.client.ns.path(), CLUSTER_IP, "ClusterIP from a pod"),
@@ -197,7 +194,7 @@ fn loads(lab: &Lab) -> LoadSet {
 /// seccomp profile, the agent starts under that profile and serves the
 /// lab; a container restart under load fails nothing (the pins are
 /// adopted); `lb-agent cleanup` from the image removes every pin.
-#[test]
+#[privileged_test]
 fn the_image_runs_as_the_daemon_set_serves_survives_a_restart_and_cleans_up() {
     let test = "the image as the DaemonSet runs it";
     let Some(image) = image_or_skip(test) else {
@@ -326,7 +323,7 @@ fn the_image_runs_as_the_daemon_set_serves_survives_a_restart_and_cleans_up() {
 /// The runtime's default seccomp profile refuses the agent (bpf(2) needs
 /// SYS_ADMIN there), which is why the DaemonSet ships its own; that one
 /// allows nothing the default refuses but `bpf`.
-#[test]
+#[privileged_test]
 fn the_runtime_default_profile_refuses_the_agent_and_the_shipped_one_adds_only_bpf() {
     let test = "seccomp profiles";
     let Some(image) = image_or_skip(test) else {

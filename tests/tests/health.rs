@@ -10,11 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    apiserver::Resource,
-    lab::{http_get, tcp_ask, Lab, Source, Wire, NODE_NAME, NODE_WIRE_ADDR},
-    on_each_source,
-    privilege::require_root,
+use lb_kube_fixtures::apiserver::Resource;
+use lb_lab::{
+    http_get, on_each_source, privileged_test, tcp_ask, Lab, Source, Wire, NODE_NAME,
+    NODE_WIRE_ADDR,
 };
 use serde_json::{json, Value};
 
@@ -104,9 +103,6 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn healthz_and_livez_answer_as_kube_proxys_do(source: Source, _wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab(source);
     lab.agent().start().expect("start lb-agent");
     let (code, body) = proxy_health(&lab, "/healthz");
@@ -126,9 +122,6 @@ fn a_change_that_cannot_be_written_makes_the_proxy_unhealthy_until_it_can(
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab(source);
     publish_local_lb(&mut lab);
     lab.write_manifests().unwrap();
@@ -174,9 +167,6 @@ fn a_change_that_cannot_be_written_makes_the_proxy_unhealthy_until_it_can(
 }
 
 fn health_check_ports_listen_on_the_nodeport_addresses_only(source: Source, _wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab(source);
     publish_local_lb(&mut lab);
     lab.write_manifests().unwrap();
@@ -191,11 +181,8 @@ fn health_check_ports_listen_on_the_nodeport_addresses_only(source: Source, _wir
 
 /// kube-proxy's /healthz drains a node that is going away (being deleted,
 /// or tainted by the cluster autoscaler); /livez does not.
-#[test]
+#[privileged_test]
 fn a_node_being_drained_fails_healthz_but_not_livez() {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab(Source::Api);
     lab.agent().start().expect("start lb-agent");
     assert_eq!(proxy_health(&lab, "/healthz").0, 200);

@@ -1,5 +1,5 @@
 //! The Kubernetes source end to end: the real lb-agent binary, started with
-//! `--kubeconfig`, watches an API server fixture (tests/src/apiserver.rs)
+//! `--kubeconfig`, watches an API server fixture (kube-fixtures/src/apiserver.rs)
 //! that speaks the real list/watch protocol, while the lab's pods answer
 //! real traffic through the attached data path.
 
@@ -9,12 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    apiserver::{ApiServer, RequestRecord, Resource},
+use lb_kube_fixtures::apiserver::{ApiServer, RequestRecord, Resource};
+use lb_lab::{
     kube_lab::{KubeLab, CONVERGE, NGINX},
-    lab::{metric_sum, sibling_binary, tcp_ask},
     load::{Load, LoadKind},
-    privilege::require_root,
+    metric_sum, privileged_test, sibling_binary, tcp_ask,
 };
 use lb_userspace::model::Protocol;
 use serde_json::{json, Value};
@@ -78,7 +77,7 @@ fn assert_requests_within_rbac(api: &ApiServer) {
 
 /// Sends `n` requests over new TCP connections from the client pod; every
 /// one must succeed. Returns answers per pod.
-fn spread(lab: &lb_tests::lab::Lab, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+fn spread(lab: &lb_lab::Lab, to: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
     lab.client.ns.run_in(|| {
         let mut got = BTreeMap::new();
         for i in 0..n {
@@ -96,11 +95,8 @@ fn assert_answered_by(got: &BTreeMap<String, usize>, pods: &[String], what: &str
     assert_eq!(answered, wanted, "{what}: answers per pod {got:?}");
 }
 
-#[test]
+#[privileged_test]
 fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() {
-    if !require_root() {
-        return;
-    }
     let mut k = KubeLab::nginx();
     k.start_agent();
     let frontend = SocketAddrV4::new(NGINX, 80);
@@ -171,11 +167,8 @@ fn service_created_scaled_and_deleted_through_the_api_is_reflected_in_traffic() 
     k.lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn service_with_endpoints_in_three_slices_reaches_all_of_them() {
-    if !require_root() {
-        return;
-    }
     let mut k = KubeLab::nginx();
     let frontend = SocketAddrV4::new(NGINX, 80);
     let pods = k.lab.pods_of("Deployment/nginx-deployment");
@@ -244,11 +237,8 @@ fn extra_slice(ips: &BTreeSet<Ipv4Addr>) -> Value {
         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
 }
 
-#[test]
+#[privileged_test]
 fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
-    if !require_root() {
-        return;
-    }
     let mut k = KubeLab::nginx();
     let pods = k.lab.pods_of("Deployment/nginx-deployment");
     let all = k.pod_ips(&pods);
@@ -309,11 +299,8 @@ fn maps_converge_after_410_gone_and_after_the_api_server_restarts() {
     assert_requests_within_rbac(&k.api);
 }
 
-#[test]
+#[privileged_test]
 fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
-    if !require_root() {
-        return;
-    }
     let (mut k, nginx, pods) = KubeLab::serving();
     let before = k.snapshot();
 
@@ -369,11 +356,8 @@ fn wait_readyz(k: &KubeLab, want: u16, within: Duration) -> Duration {
     );
 }
 
-#[test]
+#[privileged_test]
 fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
-    if !require_root() {
-        return;
-    }
     let mut k = KubeLab::nginx();
     k.publish();
     let api_timeout = Duration::from_secs(1);
@@ -467,11 +451,8 @@ fn agent_run_exits(k: &KubeLab, flags: &[&str], env: &[(&str, &str)]) -> (bool, 
     (status.success(), std::fs::read_to_string(&out).unwrap())
 }
 
-#[test]
+#[privileged_test]
 fn the_api_server_address_is_required_in_a_pod_and_an_untranslated_service_address_refused() {
-    if !require_root() {
-        return;
-    }
     let mut k = KubeLab::nginx();
     k.publish();
     let kubeconfig = k.kubeconfig.to_string_lossy().into_owned();
@@ -548,11 +529,8 @@ fn the_api_server_address_is_required_in_a_pod_and_an_untranslated_service_addre
     );
 }
 
-#[test]
+#[privileged_test]
 fn readyz_waits_for_the_first_full_sync() {
-    if !require_root() {
-        return;
-    }
     let mut k = KubeLab::nginx();
     k.publish();
     k.api.stop();
@@ -585,11 +563,8 @@ fn readyz_waits_for_the_first_full_sync() {
     assert_requests_within_rbac(&k.api);
 }
 
-#[test]
+#[privileged_test]
 fn objects_the_data_path_cannot_express_are_skipped_counted_and_the_rest_works() {
-    if !require_root() {
-        return;
-    }
     let mut k = KubeLab::nginx();
     k.publish();
     let sctp = json!({"kind": "Service", "metadata": {"name": "sctp", "namespace": "default"},

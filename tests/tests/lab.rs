@@ -1,5 +1,5 @@
 //! Lab tests: real sockets through the real programs, in a node built from
-//! network namespaces (see lb_tests::lab). Links between node and pods
+//! network namespaces (see the lb_lab crate). Links between node and pods
 //! finalize checksums; tests that send from the external client run on both
 //! kinds of wire (partial checksums from a software peer, complete ones
 //! from a NIC), so a checksum mistake shows up as a failed request or a
@@ -13,11 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    lab::{ask_on, in_netns, tcp_ask, udp_ask, Lab, Wire},
-    on_each_wire,
-    privilege::require_root,
-};
+use lb_lab::{ask_on, in_netns, on_each_wire, privileged_test, tcp_ask, udp_ask, Lab, Wire};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -84,11 +80,8 @@ fn assert_fair(lab: &Lab, counts: &BTreeMap<String, usize>, total: usize, what: 
     }
 }
 
-#[test]
+#[privileged_test]
 fn client_pod_reaches_every_backend_of_a_cluster_ip_over_tcp_and_udp() {
-    if !require_root() {
-        return;
-    }
     let lab = nginx_lab();
     let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 300);
     assert_fair(&lab, &tcp, 300, "TCP");
@@ -102,9 +95,6 @@ on_each_wire!(
 );
 
 fn external_client_reaches_every_backend_of_a_cluster_ip(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let lab = nginx_lab_on(wire);
     let (tcp, udp) = spread(&lab, true, SocketAddrV4::new(NGINX, 80), 150);
     assert_fair(&lab, &tcp, 150, "TCP from the wire");
@@ -112,11 +102,8 @@ fn external_client_reaches_every_backend_of_a_cluster_ip(wire: Wire) {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn source_pod_ip_is_preserved_to_the_backend() {
-    if !require_root() {
-        return;
-    }
     let lab = nginx_lab();
     let answer = lab
         .client
@@ -133,11 +120,8 @@ fn source_pod_ip_is_preserved_to_the_backend() {
     );
 }
 
-#[test]
+#[privileged_test]
 fn a_connection_keeps_its_backend_for_its_whole_life() {
-    if !require_root() {
-        return;
-    }
     let mut lab = nginx_lab();
     let to = SocketAddrV4::new(NGINX, 80);
     let (tx_open, rx_open) = std::sync::mpsc::channel();
@@ -187,9 +171,6 @@ fn a_connection_keeps_its_backend_for_its_whole_life() {
 }
 
 fn should_be_rejected_when_no_endpoints_exist(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab =
         Lab::from_manifest_files_on(wire, &[example("nginx-deployment.yaml")]).expect("lab");
     lab.state.extra_manifests.insert(
@@ -256,11 +237,8 @@ fn should_be_rejected_when_no_endpoints_exist(wire: Wire) {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn removing_a_backend_from_the_manifests_stops_new_connections_to_it() {
-    if !require_root() {
-        return;
-    }
     let mut lab = nginx_lab();
     let removed = lab.pods.keys().next().unwrap().clone();
     lab.state.excluded.insert(removed.clone());
@@ -288,11 +266,8 @@ fn removing_a_backend_from_the_manifests_stops_new_connections_to_it() {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
-    if !require_root() {
-        return;
-    }
     let mut lab = nginx_lab();
     lab.state.extra_manifests.insert(
         "broken.yaml".into(),
@@ -319,11 +294,8 @@ fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
     );
 }
 
-#[test]
+#[privileged_test]
 fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips() {
-    if !require_root() {
-        return;
-    }
     let mut lab = Lab::from_manifest_files(&[example("frontend-replicaset.yaml")]).expect("lab");
     assert_eq!(lab.pods.len(), 4, "the example ReplicaSet has 4 replicas");
     lab.agent().start().expect("agent");
@@ -344,11 +316,8 @@ fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips()
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
-    if !require_root() {
-        return;
-    }
     let mut lab =
         Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("build the lab");
     // What an agent of an earlier version left: a conntrack map whose values
@@ -356,7 +325,7 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
     std::fs::create_dir_all(&lab.pin_dir).unwrap();
     let ct = lab.pin_dir.join("lb4_conntrack");
     let ct = ct.to_str().unwrap();
-    lb_tests::lab::run(&[
+    lb_lab::run(&[
         "bpftool",
         "map",
         "create",
@@ -378,7 +347,7 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
     // program load would then fail on the type.
     let backends = lab.pin_dir.join("lb4_backends");
     let backends = backends.to_str().unwrap();
-    lb_tests::lab::run(&[
+    lb_lab::run(&[
         "bpftool",
         "map",
         "create",
@@ -400,13 +369,13 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
     lab.agent()
         .start()
         .expect("the agent starts over pins of an older layout");
-    let shown = lb_tests::lab::run(&["bpftool", "-j", "map", "show", "pinned", backends]).unwrap();
+    let shown = lb_lab::run(&["bpftool", "-j", "map", "show", "pinned", backends]).unwrap();
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["type"], "array", "recreated as an array: {shown}");
     let (tcp, udp) = spread(&lab, false, SocketAddrV4::new(NGINX, 80), 30);
     assert_eq!(tcp.len(), 3, "{tcp:?}");
     assert_eq!(udp.len(), 3, "{udp:?}");
-    let shown = lb_tests::lab::run(&["bpftool", "-j", "map", "show", "pinned", ct]).unwrap();
+    let shown = lb_lab::run(&["bpftool", "-j", "map", "show", "pinned", ct]).unwrap();
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(
         shown["bytes_value"], 24,
@@ -424,11 +393,8 @@ fn an_agent_recreates_pinned_maps_of_an_older_layout_and_serves() {
 /// pods behind links that finalize checksums count the damage. The same
 /// traffic with the default hook (tc there) counts none (the software-wire
 /// tests above).
-#[test]
+#[privileged_test]
 fn xdp_forced_onto_a_software_wire_corrupts_checksums_and_the_lab_counts_them() {
-    if !require_root() {
-        return;
-    }
     let mut lab = Lab::from_manifest_files_on(Wire::Software, &[example("nginx-deployment.yaml")])
         .expect("build the lab");
     lab.agent()

@@ -5,10 +5,10 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{stats, Ct4Value, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_OPENING};
-use lb_tests::{
+use lb_lab::{
     packet::{self, Tuple, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     packet_harness::{Harness, Program},
-    privilege::require_root,
+    privileged_test,
 };
 use lb_userspace::{node::masquerade_ports, translate::NodeInfo};
 use serde_json::json;
@@ -59,11 +59,8 @@ fn syn(h: &Harness, wire: Program, sport: u16) -> Option<u16> {
     (verdict == wire.pass()).then(|| packet::parse(&out).sport)
 }
 
-#[test]
+#[privileged_test]
 fn masquerade_ports_are_handed_out_in_turn_across_the_ranges() {
-    if !require_root() {
-        return;
-    }
     for wire in Program::WIRE {
         let h = nodeport("2000-2002,3000-3001");
         let ports: Vec<Option<u16>> = (0..5).map(|i| syn(&h, wire, 40000 + i)).collect();
@@ -103,11 +100,8 @@ fn lifetime_s(key: &lb_common::Ct4Key, value: &Ct4Value) -> u64 {
     lb_common::ct_lifetime_ns(key.proto, value.flags) / 1_000_000_000
 }
 
-#[test]
+#[privileged_test]
 fn a_closed_flows_port_is_not_given_out_again_before_time_wait_ends() {
-    if !require_root() {
-        return;
-    }
     for wire in Program::WIRE {
         let mut h = nodeport("2000-2002");
         // Three connections open, talk and close (the backend first, as a
@@ -143,11 +137,8 @@ fn a_closed_flows_port_is_not_given_out_again_before_time_wait_ends() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn established_flows_live_long_and_failed_attempts_do_not() {
-    if !require_root() {
-        return;
-    }
     for wire in Program::WIRE {
         let h = nodeport("2000-2009");
         // A handshake that completes: both entries lose their opening flag.
@@ -184,11 +175,8 @@ fn established_flows_live_long_and_failed_attempts_do_not() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn a_close_seen_on_either_side_closes_both_entries() {
-    if !require_root() {
-        return;
-    }
     for wire in Program::WIRE {
         let h = nodeport("2000-2009");
         let port = syn(&h, wire, 40000).expect("a port");
@@ -212,12 +200,9 @@ fn a_close_seen_on_either_side_closes_both_entries() {
 /// neighbour entry (BPF_FIB_LOOKUP_SKIP_NEIGH; `bpf_redirect_neigh`
 /// resolves it): here the gateway has none, and the packet must still be
 /// redirected, not handed to the stack.
-#[test]
+#[privileged_test]
 fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
-    if !require_root() {
-        return;
-    }
-    let ns = lb_tests::lab::Netns::create(&format!("lbt-{}-fib", std::process::id()))
+    let ns = lb_lab::Netns::create(&format!("lbt-{}-fib", std::process::id()))
         .expect("a network namespace");
     for cmd in [
         "ip link add d0 type veth peer name d1",
@@ -234,7 +219,7 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
     let to_itself = Tuple {
         src: pod,
         sport: 40000,
-        dst: lb_tests::packet_harness::SVC,
+        dst: lb_lab::packet_harness::SVC,
         dport: 80,
     };
     let syn = packet::tcp(&to_itself, TCP_SYN, 1, &[], &[]);
@@ -243,7 +228,7 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
     assert_eq!((p.src, p.dst), (NODE, pod), "masqueraded hairpin: {p:?}");
     assert_eq!(
         verdict,
-        lb_tests::packet_harness::TC_ACT_REDIRECT,
+        lb_lab::packet_harness::TC_ACT_REDIRECT,
         "redirected to the egress device without a neighbour entry"
     );
 }
@@ -251,11 +236,8 @@ fn a_hairpin_packet_is_redirected_before_its_next_hop_is_resolved() {
 /// While an agent moves a wire interface from XDP to tc, both run: tc sees
 /// the packets XDP already translated. It must leave them, and the
 /// conntrack entries XDP made for them, alone.
-#[test]
+#[privileged_test]
 fn tc_on_the_wire_leaves_what_xdp_before_it_translated() {
-    if !require_root() {
-        return;
-    }
     let h = nodeport("2000-2009");
     let sent = packet::tcp(&from_client(40000), TCP_SYN, 1, &[], &[]);
     let (verdict, translated) = h.run(Program::Xdp, &sent);

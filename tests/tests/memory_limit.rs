@@ -8,14 +8,12 @@
 
 use std::time::{Duration, Instant};
 
-use lb_tests::{
-    apiserver::ApiServer,
-    bench::traffic::{map_memlock_kib, rss_kib},
+use lb_bench::traffic::{map_memlock_kib, rss_kib};
+use lb_kube_fixtures::{apiserver::ApiServer, scale};
+use lb_lab::{
     container::{container_of, daemon_set_pod},
-    lab::{Lab, NODE_NAME},
     memcg::{parse_quantity, MemoryCgroup},
-    privilege::require_root,
-    scale,
+    privileged_test, Lab, NODE_NAME,
 };
 use lb_userspace::{
     datapath::loader,
@@ -50,11 +48,8 @@ fn wait_generation(lab: &mut Lab, generation: u64, what: &str) {
     }
 }
 
-#[test]
+#[privileged_test]
 fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
-    if !require_root() {
-        return;
-    }
     let quantity = daemon_set_memory_limit();
     let limit = parse_quantity(&quantity).expect("a memory quantity");
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
@@ -67,7 +62,7 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
     api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME}}))
         .unwrap();
     let objects: Vec<Value> = (0..SERVICES)
-        .flat_map(|i| [scale::service(i), scale::slice(i, ENDPOINTS)])
+        .flat_map(|i| [scale::service(i), scale::slice(i, ENDPOINTS, NODE_NAME)])
         .collect();
     api.apply_all(&objects).unwrap();
     drop(objects);

@@ -1,5 +1,5 @@
 //! Two nodes, each with its own agent, pins and pods, on one wire (see
-//! lb_tests::lab::cluster): what crosses nodes. ClusterIP to pods on the
+//! lb_lab::cluster): what crosses nodes. ClusterIP to pods on the
 //! other node, NodePort and LoadBalancer addresses on either node to
 //! remote backends (masqueraded), externalTrafficPolicy Local and the
 //! healthCheckNodePort of each node, a backend removed, and one node's
@@ -13,14 +13,11 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
-    lab::{
-        cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
-        http_get, report_checksum_counters, tcp_ask, udp_ask, Netns, Wire,
-    },
+use lb_lab::{
+    cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
+    http_get,
     load::{Load, LoadKind, LoadSet},
-    on_each_wire,
-    privilege::require_root,
+    on_each_wire, report_checksum_counters, tcp_ask, udp_ask, Netns, Wire,
 };
 use serde_json::{json, Value};
 
@@ -115,9 +112,6 @@ fn pods_and_sources(seen: &BTreeMap<(String, Ipv4Addr), usize>) -> (Vec<String>,
 }
 
 fn cluster_ip_reaches_pods_on_the_other_node(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut c = cluster(wire);
     let remote = c.pods_on(1);
     let spec = json!({"clusterIP": "10.96.0.40", "ports": ports(None)});
@@ -134,9 +128,6 @@ fn cluster_ip_reaches_pods_on_the_other_node(wire: Wire) {
 }
 
 fn node_port_and_load_balancer_on_either_node_reach_remote_backends(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut c = cluster(wire);
     c.ext
         .exec(&[
@@ -183,9 +174,6 @@ fn node_port_and_load_balancer_on_either_node_reach_remote_backends(wire: Wire) 
 }
 
 fn external_traffic_policy_local_serves_only_local_pods_and_health_checks_say_so(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut c = cluster(wire);
     let local = c.pods_on(0);
     let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.46",
@@ -222,9 +210,6 @@ fn external_traffic_policy_local_serves_only_local_pods_and_health_checks_say_so
 }
 
 fn a_removed_remote_backend_gets_no_new_connections(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut c = cluster(wire);
     let all: Vec<String> = c.placement.keys().cloned().collect();
     let spec = json!({"type": "NodePort", "clusterIP": "10.96.0.47", "ports": ports(Some(30097))});
@@ -248,9 +233,6 @@ fn a_removed_remote_backend_gets_no_new_connections(wire: Wire) {
 }
 
 fn one_nodes_agent_killed_and_restarted_under_load_loses_nothing(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut c = cluster(wire);
     let all: Vec<String> = c.placement.keys().cloned().collect();
     let spec = json!({"type": "NodePort", "clusterIP": "10.96.0.48", "ports": ports(Some(30098))});

@@ -9,11 +9,10 @@
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
-use lb_tests::{
-    lab::{Lab, Wire, NODE_WIRE_ADDR},
+use lb_lab::{
     on_each_wire,
-    privilege::require_root,
     rate_load::{self, RateLoad},
+    Lab, Wire, NODE_WIRE_ADDR,
 };
 
 on_each_wire!(nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait);
@@ -22,9 +21,6 @@ on_each_wire!(nodeport_at_1000_new_connections_a_second_never_meets_a_backends_t
 const DURATION: Duration = Duration::from_secs(140);
 
 fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/rolling-update.yaml");
     let mut lab = Lab::from_manifest_files_on(wire, &[example]).expect("build the lab");
     assert_eq!(lab.pods.len(), 4, "the example has 4 replicas");

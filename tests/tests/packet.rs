@@ -4,13 +4,13 @@
 use std::net::Ipv4Addr;
 
 use lb_common::csum;
-use lb_tests::{
+use lb_lab::{
     packet::{self, Tuple, TCP_ACK, TCP_RST, TCP_SYN},
     packet_harness::{
         default_masquerade_ports, Harness, Program, CLIENT, SVC, TC_ACT_OK, TC_ACT_REDIRECT,
         XDP_PASS, XDP_TX,
     },
-    privilege::require_root,
+    privileged_test,
 };
 use lb_userspace::{model::Protocol, translate::NodeInfo};
 use serde_json::json;
@@ -28,11 +28,8 @@ const B1: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const B2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 6);
 const B3: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
 
-#[test]
+#[privileged_test]
 fn tcp_syn_to_cluster_ip_is_translated_with_valid_checksums_by_xdp_and_tc() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(80, Protocol::Tcp, &[(B1, 8080)])]);
     for (hook, sport) in [("xdp", 40000u16), ("tc", 40001)] {
@@ -61,11 +58,8 @@ fn tcp_syn_to_cluster_ip_is_translated_with_valid_checksums_by_xdp_and_tc() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn udp_datagram_to_cluster_ip_is_translated_and_reply_is_reverse_natted() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(53, Protocol::Udp, &[(B2, 5353)])]);
     let t = to_svc(33333, 53);
@@ -123,11 +117,8 @@ fn udp_datagram_to_cluster_ip_is_translated_and_reply_is_reverse_natted() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn tcp_reply_gets_the_service_address_as_source() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(80, Protocol::Tcp, &[(B1, 8080)])]);
     let (_, _) = h.run_tc(&packet::tcp_syn(&to_svc(41000, 80)));
@@ -150,11 +141,8 @@ fn tcp_reply_gets_the_service_address_as_source() {
     assert!(p.ip_checksum_ok && p.l4_checksum_ok, "{p:?}");
 }
 
-#[test]
+#[privileged_test]
 fn udp_without_checksum_keeps_zero() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(53, Protocol::Udp, &[(B2, 5353)])]);
     for run in 0..2 {
@@ -174,11 +162,8 @@ fn udp_without_checksum_keeps_zero() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn a_flow_keeps_its_backend_and_flows_spread_over_backends() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(80, Protocol::Tcp, &[(B1, 8080), (B2, 8080), (B3, 8080)])]);
     let mut seen = std::collections::BTreeMap::new();
@@ -207,11 +192,8 @@ fn a_flow_keeps_its_backend_and_flows_spread_over_backends() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn non_service_truncated_and_malformed_packets_pass_byte_identical() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[
         (80, Protocol::Tcp, &[(B1, 8080)]),
@@ -272,11 +254,8 @@ fn non_service_truncated_and_malformed_packets_pass_byte_identical() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn tcp_to_a_service_without_endpoints_is_answered_with_a_reset() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(80, Protocol::Tcp, &[])]);
     let syn = packet::tcp_syn(&to_svc(45000, 80));
@@ -370,11 +349,8 @@ fn assert_port_unreachable(hook: &str, sent: &[u8], out: &[u8], finished_check: 
     assert_eq!(csum::checksum(&icmp, 0), 0, "{hook}: ICMP checksum");
 }
 
-#[test]
+#[privileged_test]
 fn udp_to_a_service_without_endpoints_is_answered_with_port_unreachable() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(53, Protocol::Udp, &[])]);
     for payload in [&b""[..], b"x", &[7u8; 1200]] {
@@ -403,11 +379,8 @@ fn udp_to_a_service_without_endpoints_is_answered_with_port_unreachable() {
     assert_port_unreachable("tc, partial checksum", &sent, &out, finished);
 }
 
-#[test]
+#[privileged_test]
 fn a_deleted_backend_moves_its_flows_to_a_live_one() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(53, Protocol::Udp, &[(B1, 5353)])]);
     let t = to_svc(50000, 53);
@@ -424,11 +397,8 @@ fn a_deleted_backend_moves_its_flows_to_a_live_one() {
 
 use lb_tests::packet_harness::NODE;
 
-#[test]
+#[privileged_test]
 fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
-    if !require_root() {
-        return;
-    }
     for wire in Program::WIRE {
         for proto in ["tcp", "udp"] {
             nodeport_round_trip(wire, proto);
@@ -521,11 +491,8 @@ fn nodeport_round_trip(wire: Program, proto: &str) {
     assert!(r.ip_checksum_ok && r.l4_checksum_ok, "{proto}: {r:?}");
 }
 
-#[test]
+#[privileged_test]
 fn a_direct_connection_reusing_a_translated_tuple_is_left_alone() {
-    if !require_root() {
-        return;
-    }
     let mut h = Harness::new();
     h.program(&[(80, Protocol::Tcp, &[(B1, 8080)])]);
     // A translated connection from client port 40000 leaves a reply entry
@@ -757,11 +724,8 @@ fn check_fuzzed(
     }
 }
 
-#[test]
+#[privileged_test]
 fn thousands_of_random_truncated_and_malformed_packets_leave_non_service_traffic_untouched() {
-    if !require_root() {
-        return;
-    }
     let seed = std::env::var("LB_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -849,11 +813,8 @@ fn thousands_of_random_truncated_and_malformed_packets_leave_non_service_traffic
     );
 }
 
-#[test]
+#[privileged_test]
 fn a_service_with_ten_thousand_backends_spreads_new_flows_over_all_of_them() {
-    if !require_root() {
-        return;
-    }
     const N: usize = 10_000;
     let mut h = Harness::new();
     let backend = |i: usize| Ipv4Addr::new(10, 20, (i >> 8) as u8, i as u8);

@@ -9,16 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_kube_fixtures::{
     apiserver::Resource,
     churn::{self, ApiChange as ChurnChange, ChurnService},
-    kube_lab::{example, KubeLab},
-    lab::{Lab, Wire, NODE_NAME, NODE_WIRE_ADDR},
-    load::{Load, LoadKind, LoadReport, LoadSet},
-    on_each_wire,
-    privilege::require_root,
     rollout::{complete, next_steps, PodPhase, RolloutParams, RolloutPod, Step},
     workload::{self, LabObject},
+};
+use lb_lab::{
+    kube_lab::{example, KubeLab},
+    load::{Load, LoadKind, LoadReport, LoadSet},
+    on_each_wire, privileged_test, Lab, Wire, NODE_NAME, NODE_WIRE_ADDR,
 };
 
 on_each_wire!(
@@ -35,12 +35,12 @@ on_each_wire!(
 // wire, twice: to XDP again (the program swapped in its pinned link), and
 // to tc (`--wire-hook tc`, as auto chooses on a veth), which leaves the
 // XDP link passing everything.
-#[test]
+#[privileged_test]
 fn an_upgrade_from_the_previous_release_keeping_xdp_under_load_fails_no_request() {
     an_upgrade_from_the_previous_release_under_load_fails_no_request("xdp");
 }
 
-#[test]
+#[privileged_test]
 fn an_upgrade_from_the_previous_release_moving_to_tc_under_load_fails_no_request() {
     an_upgrade_from_the_previous_release_under_load_fails_no_request("tc");
 }
@@ -137,9 +137,6 @@ fn answered(reports: &[LoadReport]) -> BTreeMap<String, usize> {
 }
 
 fn a_rolling_update_under_load_fails_no_request(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut k = web_lab(wire);
     let deployment = k
         .lab
@@ -281,9 +278,6 @@ fn assert_kept_its_backend(r: &LoadReport) {
 }
 
 fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut k = web_lab(wire);
     let clients = web_clients(&k.lab, 40_000);
     std::thread::sleep(Duration::from_millis(500));
@@ -309,7 +303,7 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
         "the conntrack map is migrated:\n{log}"
     );
     let ct = k.lab.pin_dir.join(lb_common::map_names::CONNTRACK);
-    let shown = lb_tests::lab::run(&[
+    let shown = lb_lab::run(&[
         "bpftool",
         "-j",
         "map",
@@ -374,7 +368,7 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
 /// Runs `lb-agent check` against the lab's API server in the node
 /// namespace: (exit success, output).
 fn agent_check(k: &KubeLab) -> (bool, String) {
-    let agent = lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent");
+    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent");
     let out = k
         .lab
         .node
@@ -423,9 +417,6 @@ fn apply_changes(k: &KubeLab, changes: Vec<ChurnChange>) {
 fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_the_maps_exact(
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     const SERVICES: usize = 1000;
     const SEED: u64 = 0x5eed_1b07;
     let churn_for = Duration::from_mins(1);
@@ -441,7 +432,7 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
         &k,
         services
             .iter()
-            .flat_map(lb_tests::churn::ChurnService::objects)
+            .flat_map(lb_kube_fixtures::churn::ChurnService::objects)
             .collect(),
     );
     k.start_agent();
@@ -543,7 +534,7 @@ fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
             .any(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p))),
         "no metric {name} {parts:?} in:\n{text}"
     );
-    lb_tests::lab::metric_sum(text, name, parts)
+    lb_lab::metric_sum(text, name, parts)
 }
 
 /// Conntrack entries that name backend `id`.
@@ -576,9 +567,6 @@ fn fill_conntrack(lab: &Lab, to: SocketAddrV4, flows: u16) -> usize {
 }
 
 fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     const CAPACITY: usize = 4096;
     const FILL_FLOWS: u16 = 20_000;
     let mut lab = Lab::from_manifest_files_on(
@@ -719,7 +707,7 @@ fn add_client_addresses(lab: &Lab, n: u16) -> Vec<Ipv4Addr> {
     });
     let path = lab.dir.join("client-addrs");
     std::fs::write(&path, batch).unwrap();
-    lb_tests::lab::run(&["ip", "-n", &lab.ext.name, "-batch", path.to_str().unwrap()])
+    lb_lab::run(&["ip", "-n", &lab.ext.name, "-batch", path.to_str().unwrap()])
         .expect("add client addresses");
     lab.node
         .exec(&["ip", "route", "add", "10.78.0.0/16", "via", "10.77.0.2"])
@@ -750,9 +738,6 @@ fn affinity_entries(lab: &Lab) -> usize {
 }
 
 fn a_flooded_affinity_map_keeps_active_clients_on_their_backend(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     const CAPACITY: usize = 1024;
     const CLIENTS: u16 = 5000;
     let mut text = std::fs::read_to_string(example("nginx-deployment.yaml")).unwrap();
@@ -815,9 +800,6 @@ const PREVIOUS_AGENT: &str = "LB_PREVIOUS_AGENT_BIN";
 const PREVIOUS_AGENT_UNAVAILABLE: &str = "LB_PREVIOUS_AGENT_UNAVAILABLE";
 
 fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &str) {
-    if !require_root() {
-        return;
-    }
     let Some(previous) = std::env::var_os(PREVIOUS_AGENT) else {
         let why = std::env::var(PREVIOUS_AGENT_UNAVAILABLE).ok();
         assert!(!(std::env::var("CI").as_deref() == Ok("true") && why.is_none()), "{PREVIOUS_AGENT} is not set: run the tests with `cargo xtask test`, which builds the previous release");

@@ -15,14 +15,13 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
+use lb_lab::{
     bpf_access,
     capabilities::{
         capability_bit, daemon_set_capabilities, effective_capabilities, like_a_container_with,
     },
-    lab::{tcp_ask, Lab, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
-    on_each_wire,
-    privilege::require_root,
+    on_each_wire, privileged_test, sibling_binary, tcp_ask, Lab, Wire, EXT_CLIENT_ADDR, NODE_NAME,
+    NODE_WIRE_ADDR,
 };
 use serde_json::{json, Value};
 
@@ -190,7 +189,10 @@ struct ProbeReport {
 }
 
 fn probe(as_user: Option<u32>, attempts: &[String]) -> ProbeReport {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_access-probe"));
+    // A binary of the lab crate: built by `cargo build --bins`, as the
+    // agent and lab-server are.
+    let bin = sibling_binary("access-probe", "ACCESS_PROBE_BIN").expect("access-probe binary");
+    let mut cmd = Command::new(bin);
     if let Some(uid) = as_user {
         cmd.args(["--as", &uid.to_string()]);
     }
@@ -291,11 +293,8 @@ fn unix_socket_paths(pid: u32, inodes: &BTreeSet<u64>) -> Vec<String> {
         .collect()
 }
 
-#[test]
+#[privileged_test]
 fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users() {
-    if !require_root() {
-        return;
-    }
     let lab = lab_with_agent_ports();
     let (maps, links, dirs) = pins(&lab.pin_dir);
     assert!(
@@ -425,7 +424,7 @@ fn pins_folders_files_and_sockets_of_the_agent_are_closed_to_unprivileged_users(
 /// What a write attempt could change: the metrics, readiness, the health
 /// check's answer, the programmed Services and the sync generation.
 fn observable_state(lab: &Lab) -> BTreeMap<&'static str, String> {
-    let agent = lb_tests::lab::sibling_binary("lb-agent", "LB_AGENT_BIN").unwrap();
+    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN").unwrap();
     let services = lab
         .node
         .exec(&[
@@ -446,11 +445,8 @@ fn observable_state(lab: &Lab) -> BTreeMap<&'static str, String> {
     ])
 }
 
-#[test]
+#[privileged_test]
 fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
-    if !require_root() {
-        return;
-    }
     let lab = lab_with_agent_ports();
     let before = observable_state(&lab);
     assert!(before["readyz"].starts_with("200"), "{before:?}");
@@ -502,11 +498,8 @@ fn metrics_and_health_ports_answer_only_reads_and_writes_change_nothing() {
     );
 }
 
-#[test]
+#[privileged_test]
 fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
-    if !require_root() {
-        return;
-    }
     let caps = daemon_set_capabilities();
     let mut lab = lab();
     let cluster_ip = lab.cluster_ip("my-nginx").expect("the example's ClusterIP");
@@ -601,9 +594,6 @@ fn daemon_set_capabilities_are_enough_and_each_one_is_needed() {
 on_each_wire!(source_range_drops_are_counted_exactly_and_allowed_sources_are_not);
 
 fn source_range_drops_are_counted_exactly_and_allowed_sources_are_not(wire: Wire) {
-    if !require_root() {
-        return;
-    }
     const REQUESTS: u64 = 40;
     // Outside the allowed range, on the external client next to its own.
     const DISALLOWED: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 99);

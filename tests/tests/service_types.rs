@@ -10,10 +10,9 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
-    lab::{tcp_ask, udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR},
-    on_each_source, on_each_source_and_wire,
-    privilege::require_root,
+use lb_lab::{
+    on_each_source, on_each_source_and_wire, tcp_ask, udp_ask, Lab, Netns, Source, Wire,
+    EXT_CLIENT_ADDR, NODE_NAME, NODE_WIRE_ADDR,
 };
 use serde_json::{json, Value};
 
@@ -190,9 +189,6 @@ fn should_be_able_to_create_a_functioning_nodeport_service_and_release_it_on_del
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     // A second node address: NodePorts are served on every one of them.
     lab.node
@@ -263,9 +259,6 @@ fn should_be_able_to_update_service_type_to_nodeport_listening_on_same_port_numb
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
@@ -298,9 +291,6 @@ fn should_preserve_the_client_source_with_external_traffic_policy_local_and_only
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     // The third pod is "on another node": Local external traffic skips it.
@@ -342,9 +332,6 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
@@ -390,9 +377,6 @@ fn loadbalancer_ingress_is_served_and_source_ranges_let_only_those_sources_in(
 /// served from pods and from the wire; the IPv6 ones do not take the
 /// Service down.
 fn a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order(source: Source, wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
@@ -419,9 +403,6 @@ fn a_dual_stack_service_is_served_on_its_ipv4_side_whatever_the_order(source: So
 /// `loadBalancerSourceRanges` given by the older annotation, as kube-proxy
 /// reads it when the spec has none.
 fn source_ranges_given_by_annotation_are_honoured(source: Source, wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
@@ -464,9 +445,6 @@ fn should_be_possible_to_connect_to_a_service_via_external_ip_when_the_external_
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps = all.iter().map(|p| ready(&lab, p)).collect();
@@ -581,9 +559,6 @@ fn should_have_session_affinity_work_switch_and_time_out_for_service_with_type_c
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     check_affinity(&mut lab, "ClusterIP", false);
 }
@@ -592,17 +567,11 @@ fn should_have_session_affinity_work_switch_and_time_out_for_nodeport_service(
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     check_affinity(&mut lab, "NodePort", true);
 }
 
 fn should_allow_pods_to_hairpin_back_to_themselves_through_services(source: Source, _wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps = vec![ready(&lab, &all[0])];
@@ -636,9 +605,6 @@ fn should_fallback_to_terminating_endpoints_when_there_are_no_ready_endpoints_wi
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 27), 80);
@@ -686,9 +652,6 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let eps = local_terminating_remote_ready(&lab, &all);
@@ -712,9 +675,6 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
 }
 
 fn should_respect_internal_traffic_policy_local_pod_to_pod(source: Source, _wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps = vec![
@@ -739,7 +699,7 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod(source: Source, _wire
     );
     assert_eq!(
         sources_of(&seen),
-        vec![lb_tests::lab::CLIENT_POD_ADDR],
+        vec![lb_lab::CLIENT_POD_ADDR],
         "source pod IP preserved"
     );
     assert_eq!(
@@ -752,9 +712,6 @@ fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, wire);
     let all = pod_names(&lab);
     let spec = json!({"type": "LoadBalancer", "clusterIP": "10.96.0.31",
@@ -764,7 +721,7 @@ fn should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(
     let check = |lab: &Lab| -> (u16, Value) {
         let (code, body) = lab
             .ext
-            .run_in(|| lb_tests::lab::http_get(health, "/healthz", TIMEOUT))
+            .run_in(|| lb_lab::http_get(health, "/healthz", TIMEOUT))
             .expect("health check answers");
         (code, serde_json::from_str(&body).expect("JSON body"))
     };
@@ -872,9 +829,6 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_clusterip
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     check_udp_flow_follows_pod_cycle(false, source, Wire::Software);
 }
 
@@ -882,9 +836,6 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
     source: Source,
     wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     check_udp_flow_follows_pod_cycle(true, source, wire);
 }
 
@@ -892,9 +843,6 @@ fn should_be_able_to_change_the_type_from_external_name_to_cluster_ip_and_back(
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps: Vec<Value> = all.iter().map(|p| ready(&lab, p)).collect();
@@ -956,7 +904,7 @@ spec:
   ports: {service_ports}
 "
     );
-    let (objects, _) = lb_tests::workload::parse_lab_objects(&yaml).expect("parse");
+    let (objects, _) = lb_kube_fixtures::workload::parse_lab_objects(&yaml).expect("parse");
     let mut lab = Lab::from_objects_with(source, Wire::Software, objects).expect("build the lab");
     lab.agent().start().expect("start lb-agent");
     lab
@@ -964,7 +912,7 @@ spec:
 
 fn set_multi_ports(lab: &mut Lab, ports: Value) {
     for o in &mut lab.state.objects {
-        if let lb_tests::workload::LabObject::Service(s) = o {
+        if let lb_kube_fixtures::workload::LabObject::Service(s) = o {
             s.spec.as_mut().unwrap().ports = Some(serde_json::from_value(ports.clone()).unwrap());
         }
     }
@@ -972,9 +920,6 @@ fn set_multi_ports(lab: &mut Lab, ports: Value) {
 }
 
 fn should_serve_multiport_endpoints_from_pods(source: Source, _wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let lab = multiport_lab(
         source,
         json!([
@@ -996,9 +941,6 @@ fn should_serve_multiport_endpoints_from_pods(source: Source, _wire: Wire) {
 }
 
 fn should_be_updated_after_adding_or_deleting_ports(source: Source, _wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = multiport_lab(
         source,
         json!([{"name": "http", "port": 80, "targetPort": "http"}]),
@@ -1034,9 +976,6 @@ fn topology_hints_keep_traffic_in_the_node_zone_when_every_endpoint_has_one(
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let hinted = |lab: &Lab, pod: &str, zone: &str| {
@@ -1077,9 +1016,6 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
     source: Source,
     _wire: Wire,
 ) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let eps = local_terminating_remote_ready(&lab, &all);
@@ -1102,9 +1038,6 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
 }
 
 fn publish_not_ready_addresses_serves_endpoints_that_are_not_ready(source: Source, _wire: Wire) {
-    if !require_root() {
-        return;
-    }
     let mut lab = lab_on(source, Wire::Software);
     let all = pod_names(&lab);
     let not_ready: Vec<Value> = all

@@ -9,11 +9,9 @@ use std::{
     process::Stdio,
 };
 
-use lb_tests::{
-    capabilities,
-    lab::{sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_WIRE_ADDR},
-    privilege::require_root,
-    workload::LabObject,
+use lb_kube_fixtures::workload::LabObject;
+use lb_lab::{
+    capabilities, privileged_test, sibling_binary, Lab, Netns, CLIENT_POD_ADDR, NODE_WIRE_ADDR,
 };
 use serde_json::json;
 
@@ -92,11 +90,8 @@ fn all_pods(lab: &Lab) -> BTreeSet<String> {
     lab.pods.keys().cloned().collect()
 }
 
-#[test]
+#[privileged_test]
 fn should_function_for_node_service_http() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("all");
     for to in [
         SocketAddrV4::new(NGINX, 80),
@@ -117,11 +112,8 @@ fn should_function_for_node_service_http() {
     assert!(lab.datapath_stat("sock_translated") >= 60);
 }
 
-#[test]
+#[privileged_test]
 fn should_function_for_node_service_udp() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("all");
     for to in [
         SocketAddrV4::new(NGINX, 80),
@@ -141,11 +133,8 @@ fn should_function_for_node_service_udp() {
     }
 }
 
-#[test]
+#[privileged_test]
 fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("all");
     let to = SocketAddrV4::new(NGINX, 80);
     let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
@@ -171,11 +160,8 @@ fn a_pod_connection_shows_the_pod_to_the_backend_and_the_service_to_the_client()
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("off");
     let to = SocketAddrV4::new(NGINX, 80);
     let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
@@ -191,11 +177,8 @@ fn socket_lb_off_leaves_the_packet_paths_doing_the_work() {
     lab.assert_no_checksum_errors();
 }
 
-#[test]
+#[privileged_test]
 fn socket_lb_host_mode_translates_host_sockets_only() {
-    if !require_root() {
-        return;
-    }
     let lab = lab("host");
     let to = SocketAddrV4::new(NGINX, 80);
     let lines = client(&lab, &lab.client.ns, &["tcp", &to.to_string(), "30"]);
@@ -232,7 +215,7 @@ fn connected_udp_across_backend_deletion(
         .spawn()
         .expect("start lab-client");
     let stdout = child.stdout.take().unwrap();
-    let guard = lb_tests::lab::ChildGuard(child);
+    let guard = lb_lab::ChildGuard(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
@@ -263,11 +246,8 @@ fn connected_udp_across_backend_deletion(
     (used, after)
 }
 
-#[test]
+#[privileged_test]
 fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
-    if !require_root() {
-        return;
-    }
     // Last, the node's case with the agent holding only the DaemonSet's
     // capabilities: closing another process's socket (sock_diag destroy)
     // is the one privilege that path adds.

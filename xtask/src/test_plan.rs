@@ -13,6 +13,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+/// The package whose integration tests (tests/tests/*.rs) are the lab
+/// tests. The lab, fixture and bench crates (lb-lab, lb-kube-fixtures,
+/// lb-bench) hold only unit tests, run with the other unit tests.
+const TESTS_PACKAGE: &str = "lb-tests";
+
 /// How a test binary of the tests crate runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Run {
@@ -49,8 +54,9 @@ const SHARED_AT_ONCE: usize = 2;
 /// A test executable cargo built.
 #[derive(Clone, Debug)]
 struct TestBinary {
-    /// `lb-userspace (lib)`, `lb-tests test lab`, ...
+    /// `lb-userspace lib lb_userspace`, `lb-tests test lab`, ...
     name: String,
+    package: String,
     target: String,
     kind: String,
     path: PathBuf,
@@ -90,14 +96,13 @@ fn build_tests(root: &Path) -> Result<Vec<TestBinary>> {
             .unwrap_or_default()
             .to_owned();
         let manifest = PathBuf::from(msg["manifest_path"].as_str().unwrap_or_default());
+        let package = msg["package_id"]
+            .as_str()
+            .map(package_name)
+            .unwrap_or_default();
         bins.push(TestBinary {
-            name: format!(
-                "{} {kind} {target}",
-                msg["package_id"]
-                    .as_str()
-                    .map(package_name)
-                    .unwrap_or_default()
-            ),
+            name: format!("{package} {kind} {target}"),
+            package,
             target,
             kind,
             path: PathBuf::from(exe),
@@ -202,15 +207,12 @@ fn run_pool(
     Ok(ok)
 }
 
-/// The whole plan; `env` goes to every test binary.
-pub fn run(root: &Path, env: &[(String, String)]) -> Result<()> {
-    let started = Instant::now();
-    let bins = build_tests(root)?;
-    let logs = root.join("target/test-logs");
-    std::fs::create_dir_all(&logs)?;
+/// The lab test binaries and the unit ones; an error when a lab test file
+/// has no place in [`LAB_TESTS`].
+fn split_plan(bins: Vec<TestBinary>) -> Result<(Vec<TestBinary>, Vec<TestBinary>)> {
     let (lab, unit): (Vec<_>, Vec<_>) = bins
         .into_iter()
-        .partition(|b| b.kind == "test" && b.name.starts_with("lb-tests"));
+        .partition(|b| b.kind == "test" && b.package == TESTS_PACKAGE);
     for b in &lab {
         if !LAB_TESTS.iter().any(|(t, _)| *t == b.target) {
             bail!(
@@ -219,6 +221,16 @@ pub fn run(root: &Path, env: &[(String, String)]) -> Result<()> {
             );
         }
     }
+    Ok((lab, unit))
+}
+
+/// The whole plan; `env` goes to every test binary.
+pub fn run(root: &Path, env: &[(String, String)]) -> Result<()> {
+    let started = Instant::now();
+    let bins = build_tests(root)?;
+    let logs = root.join("target/test-logs");
+    std::fs::create_dir_all(&logs)?;
+    let (lab, unit) = split_plan(bins)?;
     let mut summary = Vec::new();
     let mut ok = run_pool(
         unit.into_iter().map(|b| (b, None)).collect(),
@@ -258,4 +270,57 @@ pub fn run(root: &Path, env: &[(String, String)]) -> Result<()> {
         bail!("some tests failed (see their output above)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bin(package: &str, kind: &str, target: &str) -> TestBinary {
+        TestBinary {
+            name: format!("{package} {kind} {target}"),
+            package: package.into(),
+            target: target.into(),
+            kind: kind.into(),
+            path: PathBuf::new(),
+            dir: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn lab_tests_are_the_tests_crates_integration_tests() {
+        let (lab, unit) = split_plan(vec![
+            bin("lb-tests", "test", "lab"),
+            bin("lb-lab", "lib", "lb_lab"),
+            bin("lb-kube-fixtures", "lib", "lb_kube_fixtures"),
+            bin("lb-bench", "bin", "lb-bench"),
+            bin("lb-userspace", "lib", "lb_userspace"),
+        ])
+        .unwrap();
+        assert_eq!(lab.len(), 1);
+        assert_eq!(lab[0].target, "lab");
+        assert_eq!(unit.len(), 4);
+    }
+
+    #[test]
+    fn a_test_file_missing_from_the_plan_fails_it() {
+        let err = split_plan(vec![bin("lb-tests", "test", "not_planned")]).unwrap_err();
+        assert!(err.to_string().contains("tests/tests/not_planned.rs"));
+    }
+
+    #[test]
+    fn every_test_file_has_a_place_in_the_plan() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tests");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rs") {
+                let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+                assert!(
+                    LAB_TESTS.iter().any(|(t, _)| *t == stem),
+                    "{} is not in LAB_TESTS",
+                    path.display()
+                );
+            }
+        }
+    }
 }

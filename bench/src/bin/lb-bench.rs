@@ -1,0 +1,337 @@
+//! lb-bench: measurements behind `cargo xtask bench`.
+//!
+//! `lb-bench control-plane --services N --endpoints M --changes K` drives the
+//! real lb-agent (with the data path attached in a lab node) from the API
+//! server fixture and measures, end to end:
+//! - initial programming of N Services x M endpoints: from the agent's start
+//!   to its first full sync written (and the sync's own duration, from its log);
+//! - K single-EndpointSlice changes: from the fixture storing the change to
+//!   the new backend count being visible in the pinned services map
+//!   (p50/p99/max), each change one endpoint added or removed;
+//! - the agent's RSS after the initial sync and at the end (and its peak).
+//!
+//! `lb-bench datapath|programming|traffic --sizes 1,1000,...` run the
+//! measurements of the `lb_bench` library (per-packet cost, rule programming vs
+//! iptables-restore and nft, traffic through the lab vs kube-proxy's
+//! iptables and nftables modes, agent memory).
+//!
+//! Each prints a markdown section on stdout; progress goes to stderr.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use lb_bench::{percentile, traffic::rss_kib};
+use lb_common::Service4Key;
+use lb_kube_fixtures::{
+    apiserver::ApiServer,
+    scale::{service, service_ip, slice},
+};
+use lb_lab::{Lab, NODE_NAME};
+use lb_userspace::{
+    datapath::loader,
+    model::{L4Addr, Protocol},
+    sync::differ::master_key,
+};
+use serde_json::json;
+
+struct Args {
+    services: usize,
+    endpoints: usize,
+    changes: usize,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut a = Args {
+        services: 10_000,
+        endpoints: 10,
+        changes: 300,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || -> Result<usize> {
+            it.next()
+                .with_context(|| format!("{flag} needs a value"))?
+                .parse()
+                .with_context(|| format!("bad value for {flag}"))
+        };
+        match flag.as_str() {
+            "--services" => a.services = value()?,
+            "--endpoints" => a.endpoints = value()?,
+            "--changes" => a.changes = value()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    if a.services == 0 || a.services > 60_000 || a.endpoints == 0 || a.endpoints > 200 {
+        bail!("--services must be 1..=60000 and --endpoints 1..=200");
+    }
+    Ok(a)
+}
+
+const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K]
+       lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K]
+       lb-bench programming --sizes N,N,... [--endpoints E] [--changes K] [--limit-s S]
+       lb-bench rules       --services N --format iptables|nft [--endpoints E]
+       lb-bench traffic     --sizes N,N,... [--endpoints E] [--ms MS] [--rounds R] [--plot-dir DIR] [--plot-prefix P]
+       lb-bench nodeport-load [--rate R] [--seconds S] [--previous-agent PATH]";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("control-plane") => control_plane(parse_args(&args[1..])?),
+        Some("datapath") => {
+            let f = Flags::parse(&args[1..])?;
+            let (endpoints, batches, count) = (
+                f.num("endpoints", 4)?,
+                f.num("batches", 5)?,
+                f.num("count", 2000)?,
+            );
+            let costs = lb_bench::datapath::measure(&f.sizes()?, endpoints, batches, count)?;
+            print!(
+                "{}",
+                lb_bench::datapath::markdown(&costs, endpoints, batches, count)
+            );
+            Ok(())
+        }
+        Some("programming") => {
+            let f = Flags::parse(&args[1..])?;
+            let endpoints = f.num("endpoints", 4)?;
+            let limit = Duration::from_secs(f.num("limit-s", 600)? as u64);
+            let rows = lb_bench::programming::measure(
+                &f.sizes()?,
+                endpoints,
+                f.num("changes", 50)?,
+                limit,
+            )?;
+            print!(
+                "{}",
+                lb_bench::programming::markdown(&rows, endpoints, limit)
+            );
+            Ok(())
+        }
+        Some("rules") => {
+            // The kube-proxy-shaped rules the benchmark compares against.
+            let f = Flags::parse(&args[1..])?;
+            let ports = lb_bench::filler_services(f.num("services", 1)?, f.num("endpoints", 4)?);
+            match f.get("format").as_deref() {
+                Some("iptables") => print!("{}", lb_bench::kube_proxy::iptables_full(&ports)),
+                Some("nft") => print!("{}", lb_bench::kube_proxy::nft_full(&ports)),
+                _ => bail!("--format iptables|nft\n{USAGE}"),
+            }
+            Ok(())
+        }
+        Some("traffic") => {
+            let f = Flags::parse(&args[1..])?;
+            let (endpoints, ms, rounds) = (
+                f.num("endpoints", 4)?,
+                f.num("ms", 1000)? as u64,
+                f.num("rounds", 3)?,
+            );
+            let rows = lb_bench::traffic::measure(&f.sizes()?, endpoints, ms, rounds)?;
+            print!(
+                "{}",
+                lb_bench::traffic::markdown(&rows, endpoints, ms, rounds)
+            );
+            if let Some(dir) = f.get("plot-dir") {
+                let prefix = f.get("plot-prefix").unwrap_or_default();
+                let files = lb_bench::plot::draw(&rows, std::path::Path::new(&dir), &prefix)?;
+                println!("Plots (against the number of Services, all modes):\n");
+                for file in files {
+                    println!("![{file}]({file})");
+                }
+                println!();
+            }
+            Ok(())
+        }
+        Some("nodeport-load") => {
+            let f = Flags::parse(&args[1..])?;
+            let (rate, seconds) = (f.num("rate", 1000)? as u32, f.num("seconds", 60)? as u64);
+            let mut modes = vec![lb_bench::nodeport_load::Mode::Ours];
+            if let Some(previous) = f.get("previous-agent") {
+                modes.push(lb_bench::nodeport_load::Mode::Previous(previous.into()));
+            }
+            modes.push(lb_bench::nodeport_load::Mode::KubeProxyIptables);
+            let rows = lb_bench::nodeport_load::measure(rate, seconds, &modes)?;
+            print!(
+                "{}",
+                lb_bench::nodeport_load::markdown(&rows, rate, seconds)
+            );
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
+
+/// `--name value` pairs.
+struct Flags(Vec<(String, String)>);
+
+impl Flags {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut pairs = Vec::new();
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let name = flag
+                .strip_prefix("--")
+                .with_context(|| format!("unexpected {flag}\n{USAGE}"))?;
+            let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+            pairs.push((name.to_owned(), value.clone()));
+        }
+        Ok(Self(pairs))
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn num(&self, name: &str, default: usize) -> Result<usize> {
+        self.get(name).map_or(Ok(default), |v| {
+            v.parse().with_context(|| format!("bad --{name} {v}"))
+        })
+    }
+
+    fn sizes(&self) -> Result<Vec<usize>> {
+        let v = self.get("sizes").context("--sizes N,N,... is required")?;
+        let sizes: Vec<usize> = v
+            .split(',')
+            .map(|s| s.trim().parse().with_context(|| format!("bad size {s}")))
+            .collect::<Result<_>>()?;
+        if sizes.is_empty() || sizes.iter().any(|&n| n == 0 || n > 200_000) {
+            bail!("sizes must be 1..=200000");
+        }
+        Ok(sizes)
+    }
+}
+
+/// The sync duration the agent logged for its first (full) sync.
+fn first_sync_duration(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("sync 1 (full)"))
+        .and_then(|l| l.rsplit(", ").next())
+        .map(str::to_owned)
+}
+
+fn control_plane(a: Args) -> Result<()> {
+    let mut lab = Lab::from_objects(Vec::new())?;
+    let api = ApiServer::start_in(Some(lab.node.path()))?;
+    api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME}}))?;
+    eprintln!(
+        "[bench] control plane: storing {} Services x {} endpoints in the API server fixture",
+        a.services, a.endpoints
+    );
+    let mut objects = Vec::with_capacity(a.services * 2);
+    for i in 0..a.services {
+        objects.push(service(i));
+        objects.push(slice(i, a.endpoints, NODE_NAME));
+    }
+    api.apply_all(&objects)?;
+    drop(objects);
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig())?;
+
+    eprintln!("[bench] starting lb-agent and waiting for its first full sync");
+    let started = Instant::now();
+    let kc = kubeconfig.to_string_lossy().into_owned();
+    lab.agent()
+        .only(&["--kubeconfig", &kc, "--node-name", NODE_NAME])
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_mins(5);
+    while lab.generation() < 1 {
+        if Instant::now() > deadline {
+            bail!("no first sync in 300 s:\n{}", lab.agent_log());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let initial = started.elapsed();
+    let pid = lab.agent_pid().context("agent runs")?;
+    let (rss_after_sync, _) = rss_kib(pid);
+    let maps = loader::open_pinned(&lab.pin_dir)?;
+    let key_of = |i: usize| -> Service4Key {
+        master_key(&L4Addr {
+            addr: service_ip(i),
+            port: 80,
+            proto: Protocol::Tcp,
+        })
+    };
+    let count_of = |i: usize| maps.services.get(&key_of(i), 0).ok().map(|v| v.count);
+    for i in [0, a.services / 2, a.services - 1] {
+        if count_of(i) != Some(a.endpoints as u16) {
+            bail!(
+                "Service {i} is not fully programmed after the first sync: {:?}",
+                count_of(i)
+            );
+        }
+    }
+
+    eprintln!("[bench] {} single-EndpointSlice changes", a.changes);
+    let mut latencies = Vec::with_capacity(a.changes);
+    let mut sizes = vec![a.endpoints; a.services];
+    // A fixed-seed LCG: the same Services are changed in every run.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for n in 0..a.changes {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let i = (seed >> 33) as usize % a.services;
+        let new = if sizes[i] == a.endpoints {
+            a.endpoints + 1
+        } else {
+            a.endpoints
+        };
+        let t0 = Instant::now();
+        api.apply(&slice(i, new, NODE_NAME))?;
+        let deadline = t0 + Duration::from_secs(10);
+        loop {
+            if count_of(i) == Some(new as u16) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("change {n} (Service {i} to {new} endpoints) not programmed in 10 s");
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        latencies.push(t0.elapsed());
+        sizes[i] = new;
+        // Changes arrive one at a time, as single edits do in a cluster.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    latencies.sort();
+    let (rss_end, rss_peak) = rss_kib(pid);
+    let sync = first_sync_duration(&lab.agent_log()).unwrap_or_else(|| "?".into());
+    let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+    println!(
+        "### Control plane: {} Services x {} endpoints ({} backends)\n",
+        a.services,
+        a.endpoints,
+        a.services * a.endpoints
+    );
+    println!("| Measure | Value |\n| --- | --- |");
+    println!(
+        "| Agent start to first full sync written (list + translate + write, BPF load included) | {} |",
+        ms(initial)
+    );
+    println!("| First full sync alone (translate + write, agent log) | {sync} |");
+    println!(
+        "| EndpointSlice change to map, p50 ({} changes) | {} |",
+        latencies.len(),
+        ms(percentile(&latencies, 0.50))
+    );
+    println!(
+        "| EndpointSlice change to map, p99 | {} |",
+        ms(percentile(&latencies, 0.99))
+    );
+    println!(
+        "| EndpointSlice change to map, max | {} |",
+        ms(*latencies.last().unwrap_or(&Duration::ZERO))
+    );
+    println!(
+        "| Agent RSS after first sync / at end / peak | {:.1} / {:.1} / {:.1} MiB |",
+        rss_after_sync as f64 / 1024.0,
+        rss_end as f64 / 1024.0,
+        rss_peak as f64 / 1024.0
+    );
+    println!();
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! Per-packet cost of the wire hook, `lb_xdp_from_wire` and
+//! `lb_tc_from_wire` side by side, through BPF_PROG_TEST_RUN, as the number
+//! of Services grows.
+//!
+//! Each packet is its own test run (repeat 1): a repeated run would feed the
+//! program the packet it rewrote itself (the kernel does not restore the
+//! frame between repeats), which is no longer Service traffic. The kernel
+//! times only the program; an empty program of the same kind (`lb_xdp_pass`,
+//! `lb_tc_pass`) timed the same way is subtracted, which takes out the timer
+//! and call overhead (tc's includes building an skb).
+//! A figure is the median of one batch of single runs; the reported one is
+//! the minimum over batches (the least disturbed by the rest of the machine).
+//! The kernel's clock here counts in steps of about 10 ns, so figures move
+//! in such steps.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use lb_common::program_names;
+use lb_userspace::{
+    datapath::loader, serve::metrics::Metrics, sync::differ::MapContents,
+    sync::map_writer::BpfMaps, sync::programmer::Programmer,
+};
+
+use crate::{filler_services, kube_proxy::ServicePort, median, progress, typed_objects};
+use lb_lab::packet::{self, Tuple, TCP_ACK};
+
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+
+/// The wire hooks measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Xdp => program_names::XDP_FROM_WIRE,
+            Hook::Tc => program_names::TC_FROM_WIRE,
+        }
+    }
+
+    fn empty(self) -> &'static str {
+        match self {
+            Hook::Xdp => program_names::XDP_PASS,
+            Hook::Tc => program_names::TC_PASS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "XDP",
+            Hook::Tc => "tc",
+        }
+    }
+}
+
+/// The cost of one packet kind at one number of Services, in ns.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PacketCosts {
+    pub services: usize,
+    pub hook: Option<Hook>,
+    /// The empty program's own figure (subtracted from the others).
+    pub(crate) empty_ns: f64,
+    /// A SYN of a new flow: service lookup, backend pick, conntrack entries
+    /// created, DNAT with checksum fix-up.
+    pub(crate) new_flow_ns: f64,
+    /// A packet of an established flow: conntrack hit, backend lookup, DNAT.
+    pub(crate) established_ns: f64,
+    /// A packet to an address that is no Service: parse and miss.
+    pub(crate) not_service_ns: f64,
+}
+
+/// One batch: `count` single test runs of `program`, on packets made by
+/// `packet(i)`; returns the median ns. The first output is checked with
+/// `check`, so a bench that measured the wrong path fails instead.
+fn batch(
+    program: &dyn Runner,
+    count: usize,
+    packet: &mut dyn FnMut(usize) -> Vec<u8>,
+    check: &dyn Fn(&[u8]) -> Result<()>,
+) -> Result<f64> {
+    let mut samples = Vec::with_capacity(count);
+    let mut out = vec![0u8; 512];
+    for i in 0..count {
+        let input = packet(i);
+        let r = program
+            .run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        if r.return_value != program.pass() {
+            bail!("verdict {} instead of passing on", r.return_value);
+        }
+        if i == 0 {
+            check(&out[..r.data_size_out as usize])?;
+        }
+        samples.push(r.duration.as_nanos() as f64);
+    }
+    Ok(median(samples))
+}
+
+/// An XDP or tc program run by BPF_PROG_TEST_RUN.
+trait Runner {
+    fn run(
+        &self,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>;
+    /// The verdict of a packet that goes on.
+    fn pass(&self) -> u32;
+}
+
+impl Runner for Xdp {
+    fn run(
+        &self,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError> {
+        self.test_run(opts)
+    }
+    fn pass(&self) -> u32 {
+        XDP_PASS
+    }
+}
+
+impl Runner for SchedClassifier {
+    fn run(
+        &self,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError> {
+        self.test_run(opts)
+    }
+    fn pass(&self) -> u32 {
+        TC_ACT_OK
+    }
+}
+
+/// One loaded object whose maps hold one size's Services.
+struct Instance {
+    services: usize,
+    ebpf: Ebpf,
+    /// Keeps the maps (taken out of `ebpf`) open.
+    _programmer: Programmer<BpfMaps>,
+    probe: ServicePort,
+}
+
+fn instance(n: usize, endpoints: usize) -> Result<Instance> {
+    let mut ebpf = loader::object_loader(&loader::LoadConfig::default())
+        .load(lb_userspace::EBPF_OBJECT)
+        .context("loading the BPF object")?;
+    for hook in Hook::ALL {
+        for name in [hook.program(), hook.empty()] {
+            let p = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?;
+            match hook {
+                Hook::Xdp => <&mut Xdp>::try_from(p)?.load(),
+                Hook::Tc => <&mut SchedClassifier>::try_from(p)?.load(),
+            }
+            .with_context(|| format!("loading {name}"))?;
+        }
+    }
+    let maps = loader::take_maps(&mut ebpf)?;
+    let mut programmer: Programmer<BpfMaps> =
+        Programmer::new(maps, MapContents::default(), Metrics::new());
+    let ports = filler_services(n, endpoints);
+    let (services, slices) = typed_objects(&ports);
+    let report = programmer.full_sync(&services, &slices);
+    if !report.errors.is_empty() {
+        bail!(
+            "{n} Services do not fit the maps: {} errors, first: {}",
+            report.errors.len(),
+            report.errors[0]
+        );
+    }
+    // The probed Service: the last one programmed.
+    let probe = ports.last().context("at least one Service")?.clone();
+    Ok(Instance {
+        services: n,
+        ebpf,
+        _programmer: programmer,
+        probe,
+    })
+}
+
+/// Measures at each size in `sizes`, `batches` batches of `count` packets
+/// per figure. Every size has its own loaded object and maps, and the
+/// batches go round the sizes in turn, so a noisy moment of the machine
+/// hits them all alike instead of one size's figures.
+pub fn measure(
+    sizes: &[usize],
+    endpoints: usize,
+    batches: usize,
+    count: usize,
+) -> Result<Vec<PacketCosts>> {
+    let mut instances = Vec::new();
+    for &n in sizes {
+        progress(&format!(
+            "per packet: programming {n} Services into their own maps"
+        ));
+        instances.push(instance(n, endpoints)?);
+    }
+    let mut best: Vec<PacketCosts> = Hook::ALL
+        .iter()
+        .flat_map(|hook| {
+            sizes.iter().map(|&n| PacketCosts {
+                services: n,
+                hook: Some(*hook),
+                empty_ns: f64::MAX,
+                new_flow_ns: f64::MAX,
+                established_ns: f64::MAX,
+                not_service_ns: f64::MAX,
+            })
+        })
+        .collect();
+    let mut flow = 0usize;
+    for b in 0..batches {
+        progress(&format!("per packet: batch {} of {batches}", b + 1));
+        for (i, hook) in Hook::ALL.iter().enumerate() {
+            for (j, inst) in instances.iter().enumerate() {
+                let best = &mut best[i * sizes.len() + j];
+                let got = measure_once(inst, *hook, count, &mut flow)?;
+                best.empty_ns = best.empty_ns.min(got.empty_ns);
+                best.new_flow_ns = best.new_flow_ns.min(got.new_flow_ns);
+                best.established_ns = best.established_ns.min(got.established_ns);
+                best.not_service_ns = best.not_service_ns.min(got.not_service_ns);
+            }
+        }
+    }
+    for c in &best {
+        progress(&format!(
+            "per packet, {} at {} Services: new flow {:.0} ns, established {:.0} ns, not a Service {:.0} ns (empty program {:.0} ns)",
+            c.hook.map(Hook::name).unwrap_or_default(), c.services, c.new_flow_ns, c.established_ns, c.not_service_ns, c.empty_ns
+        ));
+    }
+    Ok(best)
+}
+
+/// One batch of each packet kind through `hook` of `inst`; `flow` numbers
+/// the new flows' clients (never seen before).
+fn measure_once(
+    inst: &Instance,
+    hook: Hook,
+    count: usize,
+    flow: &mut usize,
+) -> Result<PacketCosts> {
+    let program = |name: &str| -> Result<&dyn Runner> {
+        let p = inst
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?;
+        Ok(match hook {
+            Hook::Xdp => <&Xdp>::try_from(p)? as &dyn Runner,
+            Hook::Tc => <&SchedClassifier>::try_from(p)? as &dyn Runner,
+        })
+    };
+    let (wire, empty) = (program(hook.program())?, program(hook.empty())?);
+    let probe = &inst.probe;
+    let backends: Vec<Ipv4Addr> = probe.endpoints.iter().map(|e| e.0).collect();
+    let to_backend = |out: &[u8]| -> Result<()> {
+        let p = packet::parse(out);
+        if !backends.contains(&p.dst) || p.dport != 8080 || !p.l4_checksum_ok {
+            bail!("not translated to a backend: {p:?}");
+        }
+        Ok(())
+    };
+    let untouched = |out: &[u8]| -> Result<()> {
+        let p = packet::parse(out);
+        if p.dst != NOT_A_SERVICE {
+            bail!("a non-Service packet was changed: {p:?}");
+        }
+        Ok(())
+    };
+    let established = Tuple {
+        src: Ipv4Addr::new(172, 31, 255, 1),
+        sport: 40_000,
+        dst: probe.cluster_ip,
+        dport: probe.port,
+    };
+    let ack = packet::tcp(&established, TCP_ACK, 1, &[], b"x");
+    let other = packet::tcp(
+        &Tuple {
+            dst: NOT_A_SERVICE,
+            ..established
+        },
+        TCP_ACK,
+        1,
+        &[],
+        b"x",
+    );
+    // The flow's first packet creates its conntrack entry.
+    batch(wire, 1, &mut |_| packet::tcp_syn(&established), &to_backend)?;
+    let e = batch(empty, count, &mut |_| ack.clone(), &|_| Ok(()))?;
+    let nf = batch(
+        wire,
+        count,
+        &mut |_| {
+            *flow += 1;
+            packet::tcp_syn(&Tuple {
+                src: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + *flow as u32),
+                ..established
+            })
+        },
+        &to_backend,
+    )?;
+    let est = batch(wire, count, &mut |_| ack.clone(), &to_backend)?;
+    let ns = batch(wire, count, &mut |_| other.clone(), &untouched)?;
+    Ok(PacketCosts {
+        services: inst.services,
+        hook: Some(hook),
+        empty_ns: e,
+        new_flow_ns: nf - e,
+        established_ns: est - e,
+        not_service_ns: ns - e,
+    })
+}
+
+/// An address no Service has.
+const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+
+/// The report section.
+pub fn markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: usize) -> String {
+    let mut s = String::from("## Per-packet cost of the wire hook: XDP and tc\n\n");
+    s.push_str(&format!(
+        "BPF_PROG_TEST_RUN of `lb_xdp_from_wire` and `lb_tc_from_wire` (the same NAT core; tc updates checksums with the skb helpers, right for partial checksums, which XDP cannot be), one packet per run, ns per packet minus the empty program's of the same kind (`lb_xdp_pass`, `lb_tc_pass`: same packet, same way); median of {count} runs, minimum over {batches} batches taken in turns across the sizes and hooks (each size has its own maps). Services have {endpoints} endpoints each; the probed one is the last programmed.\n\n"
+    ));
+    s.push_str("| Services | hook | new flow (SYN: lookup, pick, conntrack, DNAT) | established flow (conntrack hit, DNAT) | not a Service (parse, miss) | empty program |\n| ---: | --- | ---: | ---: | ---: | ---: |\n");
+    for c in costs {
+        s.push_str(&format!(
+            "| {} | {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns |\n",
+            crate::thousands(c.services),
+            c.hook.map(Hook::name).unwrap_or_default(),
+            c.new_flow_ns,
+            c.established_ns,
+            c.not_service_ns,
+            c.empty_ns
+        ));
+    }
+    s.push('\n');
+    for size in costs
+        .iter()
+        .map(|c| c.services)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let of = |h: Hook| {
+            costs
+                .iter()
+                .find(|c| c.services == size && c.hook == Some(h))
+        };
+        if let (Some(x), Some(t)) = (of(Hook::Xdp), of(Hook::Tc)) {
+            s.push_str(&format!(
+                "- {} Services, tc / XDP: new flow x{:.2}, established x{:.2}, not a Service x{:.2}.\n",
+                crate::thousands(size),
+                t.new_flow_ns / x.new_flow_ns,
+                t.established_ns / x.established_ns,
+                t.not_service_ns / x.not_service_ns.max(1.0),
+            ));
+        }
+    }
+    s.push('\n');
+    s
+}

@@ -1,0 +1,231 @@
+//! `cargo xtask bench`'s measurements (run by the `lb-bench` binary): the
+//! workload every mode is given, and one module per measurement.
+//!
+//! Every mode gets the same Services: N Services of one TCP port each, with
+//! E endpoints each, at addresses that exist nowhere (no traffic goes to
+//! them), plus the probed Services, whose endpoints are the lab's pods.
+
+pub mod datapath;
+pub mod kube_proxy;
+pub mod nodeport_load;
+pub mod plot;
+pub mod programming;
+pub mod rule_tools;
+pub mod traffic;
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_userspace::source::objects::{ServiceInfo, SliceInfo};
+use serde_json::{json, Value};
+
+use kube_proxy::ServicePort;
+
+pub(crate) const BENCH_NAMESPACE: &str = "bench";
+
+/// The i-th filler Service's ClusterIP, in 10.96.0.0/12 above 10.100.0.0
+/// (the lab's own Services live in 10.96.0.0/16); .0 of each /24 is skipped.
+pub(crate) fn filler_service_ip(i: usize) -> Ipv4Addr {
+    let n = (i / 255) * 256 + i % 255 + 1;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + n as u32)
+}
+
+/// Endpoint `e` of filler Service `i`, in 10.128.0.0/10: outside the lab's
+/// pod range, routed nowhere.
+pub(crate) fn filler_endpoint_ip(i: usize, e: usize) -> Ipv4Addr {
+    let n = (i * 64 + e + 1) as u32;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n % (1 << 22))
+}
+
+/// N filler Services with `endpoints` endpoints each (port 80 -> 8080, TCP).
+pub fn filler_services(n: usize, endpoints: usize) -> Vec<ServicePort> {
+    (0..n)
+        .map(|i| ServicePort {
+            namespace: BENCH_NAMESPACE.into(),
+            name: format!("svc-{i}"),
+            port_name: "http".into(),
+            cluster_ip: filler_service_ip(i),
+            port: 80,
+            protocol: "tcp",
+            endpoints: (0..endpoints)
+                .map(|e| (filler_endpoint_ip(i, e), 8080))
+                .collect(),
+            node_port: None,
+        })
+        .collect()
+}
+
+/// The Kubernetes objects of one Service port: its Service and one
+/// EndpointSlice, as the API server would hold them.
+pub(crate) fn k8s_objects(s: &ServicePort) -> (Value, Value) {
+    let protocol = s.protocol.to_uppercase();
+    let target = s.endpoints.first().map_or(s.port, |e| e.1);
+    let service = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": s.name, "namespace": s.namespace},
+        "spec": {"type": "ClusterIP", "clusterIP": s.cluster_ip.to_string(),
+                 "selector": {"app": s.name},
+                 "ports": [{"name": s.port_name, "port": s.port, "protocol": protocol,
+                            "targetPort": target}]}});
+    let endpoints: Vec<Value> = s
+        .endpoints
+        .iter()
+        .map(|(addr, _)| json!({"addresses": [addr.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{}-bench", s.name), "namespace": s.namespace,
+                     "labels": {"kubernetes.io/service-name": s.name}},
+        "addressType": "IPv4", "endpoints": endpoints,
+        "ports": [{"name": s.port_name, "port": target, "protocol": protocol}]});
+    (service, slice)
+}
+
+/// Services and EndpointSlices for in-process translation, read as the
+/// agent's sources read them.
+pub(crate) fn typed_objects(ports: &[ServicePort]) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
+    ports.iter().map(typed_object).unzip()
+}
+
+/// One Service port's objects, read as the agent's sources read them.
+pub(crate) fn typed_object(port: &ServicePort) -> (ServiceInfo, SliceInfo) {
+    let (svc, slice) = k8s_objects(port);
+    let svc: Service = serde_json::from_value(svc).expect("a valid Service");
+    let slice: EndpointSlice = serde_json::from_value(slice).expect("a valid EndpointSlice");
+    (svc.into(), slice.into())
+}
+
+/// The value at quantile `p` (0..=1) of sorted samples.
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 10.0 {
+        format!("{ms:.3} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+/// "1,000" for 1000: tables read better with thousands separated.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// (busy, total) jiffies of all CPUs, from /proc/stat.
+fn cpu_times() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Waits (up to two minutes) until the machine is nearly idle. The kernel
+/// frees large iptables and nftables rule sets (a flush, a namespace that
+/// goes) in the background for seconds to minutes; a measurement taken
+/// meanwhile would charge that work to whichever mode runs next.
+pub(crate) fn wait_for_quiet() {
+    let deadline = std::time::Instant::now() + Duration::from_mins(2);
+    let started = std::time::Instant::now();
+    loop {
+        let Some((b0, t0)) = cpu_times() else { return };
+        std::thread::sleep(Duration::from_millis(500));
+        let Some((b1, t1)) = cpu_times() else { return };
+        let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+        if busy < 0.10 {
+            if started.elapsed() > Duration::from_secs(2) {
+                progress(&format!(
+                    "waited {:.0} s for the kernel's background work to end",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            progress(&format!(
+                "machine still {:.0}% busy after 120 s: measuring anyway",
+                busy * 100.0
+            ));
+            return;
+        }
+    }
+}
+
+/// Progress on stderr (stdout carries the report).
+pub fn progress(msg: &str) {
+    eprintln!("[bench {}] {msg}", chrono::Utc::now().format("%H:%M:%S"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filler_addresses_are_distinct_and_outside_the_lab_ranges() {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..100_000 {
+            let ip = filler_service_ip(i);
+            assert!(seen.insert(ip), "{ip} twice");
+            assert_ne!(ip.octets()[3], 0);
+            assert!(
+                ip.octets()[0] == 10 && (100..112).contains(&ip.octets()[1]),
+                "{ip}"
+            );
+        }
+        let mut eps = std::collections::BTreeSet::new();
+        for i in 0..30_000 {
+            for e in 0..10 {
+                let ip = filler_endpoint_ip(i, e);
+                assert!(eps.insert(ip), "{ip} twice");
+                assert!(ip.octets()[1] >= 128 && ip.octets()[1] < 192, "{ip}");
+            }
+        }
+    }
+
+    #[test]
+    fn objects_translate_to_one_frontend_with_every_endpoint() {
+        let ports = filler_services(3, 4);
+        let (services, slices) = typed_objects(&ports);
+        let t = lb_userspace::translate::translate(&services, &slices);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(t.state.entries().len(), 3);
+        for entry in t.state.entries().values() {
+            assert_eq!(entry.backends.active.len(), 4);
+        }
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(1), "1");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(30000), "30,000");
+        assert_eq!(thousands(100_000), "100,000");
+    }
+}

@@ -1,0 +1,129 @@
+//! lb-lab: the lab as a program. `lb-lab demo DIR` builds a node in network
+//! namespaces from the manifests in DIR, runs lb-agent on it, sends requests
+//! from a client pod to every ClusterIP and shows which pods answered.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_kube_fixtures::workload::LabObject;
+use lb_lab::{tcp_ask, udp_ask, Lab};
+
+const REQUESTS: usize = 100;
+
+/// A Service's name, ClusterIP and (port, protocol) pairs.
+type ServicePorts = (String, std::net::Ipv4Addr, Vec<(u16, String)>);
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("demo") => demo(PathBuf::from(
+            args.get(1).map_or("examples", String::as_str),
+        )),
+        _ => bail!("usage: lb-lab demo [MANIFEST_DIR]"),
+    }
+}
+
+fn demo(dir: PathBuf) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    println!(
+        "lab: building a node from {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut lab = Lab::from_manifest_files(&files)?;
+    for pod in &lab.state.pod_specs {
+        println!("  pod {:<40} {:<15} ({})", pod.name, pod.ip, pod.owner);
+    }
+    println!(
+        "lab: starting lb-agent in the node namespace (pins under {})",
+        lab.pin_dir.display()
+    );
+    lab.agent().start()?;
+    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN")?;
+    let table = std::process::Command::new(agent)
+        .args(["--pin-dir", &lab.pin_dir.to_string_lossy(), "services"])
+        .output()?;
+    println!(
+        "\n$ lb-agent services\n{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+
+    let services: Vec<ServicePorts> = lab
+        .state
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            LabObject::Service(s) => {
+                let spec = s.spec.as_ref()?;
+                let ip = spec.cluster_ip.as_ref()?.parse().ok()?;
+                let ports = spec
+                    .ports
+                    .as_ref()?
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.port as u16,
+                            p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        )
+                    })
+                    .collect();
+                Some((s.metadata.name.clone()?, ip, ports))
+            }
+            _ => None,
+        })
+        .collect();
+    for (name, ip, ports) in services {
+        for (port, proto) in ports {
+            let to = SocketAddrV4::new(ip, port);
+            let started = Instant::now();
+            let answers: BTreeMap<String, usize> = lab.client.ns.run_in(|| {
+                let mut counts = BTreeMap::new();
+                for _ in 0..REQUESTS {
+                    let answer = if proto == "UDP" {
+                        udp_ask(to, "hello", Duration::from_secs(2)).map(|(a, _)| a)
+                    } else {
+                        tcp_ask(to, "hello", Duration::from_secs(2))
+                    };
+                    *counts
+                        .entry(answer.unwrap_or_else(|e| format!("<error: {e}>")))
+                        .or_insert(0) += 1;
+                }
+                counts
+            });
+            println!(
+                "client pod -> Service {name} {to}/{proto}: {REQUESTS} {} in {:?}",
+                if proto == "UDP" {
+                    "datagrams"
+                } else {
+                    "connections"
+                },
+                started.elapsed()
+            );
+            for (pod, n) in answers {
+                println!("  {n:>4}  {pod}");
+            }
+        }
+    }
+    let errors = lab.checksum_errors();
+    let total: u64 = errors.iter().map(|(_, t, u, i)| t + u + i).sum();
+    println!(
+        "\nchecksum errors in all {} namespaces (Tcp + Udp + Icmp InCsumErrors): {total}",
+        errors.len()
+    );
+    println!("lab: cleaning up (namespaces, agent, pinned maps)");
+    Ok(())
+}

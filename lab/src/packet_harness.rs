@@ -1,0 +1,292 @@
+//! The BPF object loaded for BPF_PROG_TEST_RUN, with maps of its own, and
+//! helpers to program Services into it and run crafted packets through each
+//! program.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::{program_names, Ct4Key, Ct4Value, DatapathConfig, SVC_FLAG_CLUSTER_IP};
+use lb_userspace::{
+    datapath::loader::{self, LoadConfig},
+    model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
+    node::masquerade_ports::{self, PortRange},
+    source::objects::{ServiceInfo, SliceInfo},
+    sync::differ::{plan, MapContents},
+    sync::map_writer::{apply_plan, BpfMaps},
+    translate::{translate_on, NodeInfo},
+};
+use serde_json::Value;
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+pub const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
+/// The node address the harness's programs masquerade to.
+pub const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+/// The programs a packet can be run through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// XDP on the wire.
+    Xdp,
+    /// tc on the wire.
+    TcWire,
+    /// tc on a pod's veth.
+    TcPod,
+}
+
+impl Program {
+    /// The two programs that can serve the wire.
+    pub const WIRE: [Program; 2] = [Program::Xdp, Program::TcWire];
+
+    fn name(self) -> &'static str {
+        match self {
+            Program::Xdp => program_names::XDP_FROM_WIRE,
+            Program::TcWire => program_names::TC_FROM_WIRE,
+            Program::TcPod => program_names::TC_FROM_POD,
+        }
+    }
+
+    /// The verdict a translated packet that goes on gets.
+    pub fn pass(self) -> u32 {
+        match self {
+            Program::Xdp => XDP_PASS,
+            Program::TcWire | Program::TcPod => TC_ACT_OK,
+        }
+    }
+}
+
+/// The masquerade ports the harness loads with: Linux's defaults carved out.
+pub fn default_masquerade_ports() -> Vec<PortRange> {
+    masquerade_ports::parse_list("1024-29999,61000-65535").expect("valid ranges")
+}
+
+/// A Service port to program: (port, protocol, backends as (address, port)).
+type TestService<'a> = (u16, Protocol, &'a [(Ipv4Addr, u16)]);
+
+pub struct Harness {
+    pub ebpf: Ebpf,
+    pub maps: BpfMaps,
+    pub current: MapContents,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with_masquerade_ports(&default_masquerade_ports())
+    }
+
+    /// A harness whose programs masquerade to ports of `ranges`.
+    pub fn with_masquerade_ports(ranges: &[PortRange]) -> Self {
+        let config = LoadConfig {
+            snat_ports: masquerade_ports::to_global(ranges).expect("port ranges"),
+            datapath: DatapathConfig {
+                masquerade_addr: u32::from_ne_bytes(NODE.octets()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // Not pinned: each test gets its own maps.
+        let mut ebpf = loader::object_loader(&config)
+            .load(lb_userspace::EBPF_OBJECT)
+            .expect("load BPF object");
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program_names::XDP_FROM_WIRE)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        xdp.load().expect("load XDP program");
+        for name in [program_names::TC_FROM_POD, program_names::TC_FROM_WIRE] {
+            let tc: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            tc.load().expect("load tc program");
+        }
+        let maps = loader::take_maps(&mut ebpf).expect("take maps");
+        Self {
+            ebpf,
+            maps,
+            current: MapContents::default(),
+        }
+    }
+
+    /// Programs Services: (port, proto, backends as (addr, port)).
+    pub fn program(&mut self, services: &[TestService]) {
+        let mut desired = DesiredState::default();
+        for (port, proto, backends) in services {
+            let frontend = L4Addr {
+                addr: SVC,
+                port: *port,
+                proto: *proto,
+            };
+            let mut backends: Vec<L4Addr> = backends
+                .iter()
+                .map(|(a, p)| L4Addr {
+                    addr: *a,
+                    port: *p,
+                    proto: *proto,
+                })
+                .collect();
+            backends.sort();
+            desired.insert(ServiceEntry {
+                service: ServiceName {
+                    namespace: "default".into(),
+                    name: format!("svc-{port}"),
+                },
+                port_name: String::new(),
+                frontend,
+                backends: BackendSet {
+                    active: backends,
+                    terminating: Vec::new(),
+                },
+                internal: None,
+                flags: SVC_FLAG_CLUSTER_IP,
+                affinity_timeout: 0,
+                source_ranges: Vec::new(),
+            });
+        }
+        let p = plan(&self.current, &desired);
+        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
+        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
+        assert!(
+            report.failed.is_empty(),
+            "map writes failed: {:?}",
+            report.failed
+        );
+    }
+
+    /// Programs what translation makes of Kubernetes objects for `node`.
+    pub fn program_objects(&mut self, node: &NodeInfo, services: &[Value], slices: &[Value]) {
+        let services: Vec<ServiceInfo> = services
+            .iter()
+            .map(|v| {
+                serde_json::from_value::<Service>(v.clone())
+                    .expect("Service")
+                    .into()
+            })
+            .collect();
+        let slices: Vec<SliceInfo> = slices
+            .iter()
+            .map(|v| {
+                serde_json::from_value::<EndpointSlice>(v.clone())
+                    .expect("EndpointSlice")
+                    .into()
+            })
+            .collect();
+        let t = translate_on(node, &services, &slices);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let p = plan(&self.current, &t.state);
+        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
+        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+    }
+
+    pub fn run_xdp(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        self.run(Program::Xdp, input)
+    }
+
+    pub fn run_tc(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        self.run(Program::TcPod, input)
+    }
+
+    /// Runs `input` through `program`: (verdict, packet out).
+    pub fn run(&self, program: Program, input: &[u8]) -> (u32, Vec<u8>) {
+        match program {
+            Program::Xdp => self.run_xdp_program(input),
+            _ => self
+                .try_run(program, input)
+                .unwrap_or_else(|e| panic!("{program:?} test run: {e}")),
+        }
+    }
+
+    fn run_xdp_program(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let xdp: &Xdp = self
+            .ebpf
+            .program(program_names::XDP_FROM_WIRE)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; input.len() + 256];
+        let r = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("XDP test run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// The kernel refuses some skb input outright (EINVAL); fuzzing must
+    /// tell that apart from a verdict.
+    pub fn try_run_tc(&self, input: &[u8]) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        self.try_run(Program::TcPod, input)
+    }
+
+    /// Runs `input` through a tc program.
+    pub(crate) fn try_run(
+        &self,
+        program: Program,
+        input: &[u8],
+    ) -> Result<(u32, Vec<u8>), aya::programs::ProgramError> {
+        let tc: &SchedClassifier = self
+            .ebpf
+            .program(program.name())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; input.len() + 256];
+        let r = tc.test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    /// Every conntrack entry.
+    pub fn conntrack(&self) -> Vec<(Ct4Key, Ct4Value)> {
+        let map = self
+            .ebpf
+            .map(lb_common::map_names::CONNTRACK)
+            .expect("conntrack map");
+        let map: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
+            aya::maps::HashMap::try_from(map).expect("conntrack is a hash");
+        map.iter().map(|r| r.expect("conntrack entry")).collect()
+    }
+
+    /// Replaces a conntrack entry (to age it, say).
+    pub fn set_conntrack(&mut self, key: Ct4Key, value: Ct4Value) {
+        let map = self
+            .ebpf
+            .map_mut(lb_common::map_names::CONNTRACK)
+            .expect("conntrack map");
+        let mut map: aya::maps::HashMap<_, Ct4Key, Ct4Value> =
+            aya::maps::HashMap::try_from(map).expect("conntrack is a hash");
+        map.insert(key, value, 0).expect("conntrack write");
+    }
+
+    /// A data path counter (`lb_common::stats`), summed over CPUs.
+    pub fn stat(&self, index: u32) -> u64 {
+        let map = self
+            .ebpf
+            .map(lb_common::map_names::STATS)
+            .expect("stats map");
+        let stats: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(map).expect("stats is a per-CPU array");
+        stats.get(&index, 0).expect("counter").iter().sum()
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
