@@ -13,7 +13,7 @@ use lb_lab::{
 use lb_userspace::{node::masquerade_ports, translate::NodeInfo};
 use serde_json::json;
 
-use lb_tests::packet_harness::NODE;
+use lb_lab::packet_harness::NODE;
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 

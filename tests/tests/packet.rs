@@ -8,7 +8,7 @@ use lb_lab::{
     packet::{self, Tuple, TCP_ACK, TCP_RST, TCP_SYN},
     packet_harness::{
         default_masquerade_ports, Harness, Program, CLIENT, SVC, TC_ACT_OK, TC_ACT_REDIRECT,
-        XDP_PASS, XDP_TX,
+        TC_ACT_SHOT, XDP_PASS, XDP_TX,
     },
     privileged_test,
 };
@@ -308,6 +308,25 @@ fn tcp_to_a_service_without_endpoints_is_answered_with_a_reset() {
     assert_eq!(verdict, TC_ACT_OK, "UDP to a TCP-only Service is not ours");
 }
 
+/// A segment with payload to a Service without endpoints: XDP answers it
+/// with a RST (it rebuilds the whole packet); tc does not (its checksum
+/// helpers cannot take the payload out of a partial checksum), so it
+/// drops it and counts it under its own reason, beside the total.
+#[privileged_test]
+fn a_segment_with_payload_to_a_service_without_endpoints_is_dropped_by_tc_and_counted_by_reason() {
+    use lb_common::stats::{self, RejectFailure};
+    let mut h = Harness::new();
+    h.program(&[(80, Protocol::Tcp, &[])]);
+    let data = packet::tcp(&to_svc(45003, 80), TCP_ACK, 1, &[], b"GET /");
+    assert_eq!(h.run_xdp(&data).0, XDP_TX, "xdp answers");
+    assert_eq!(h.stat(stats::NO_BACKEND_REJECTED), 1);
+    assert_eq!(h.run_tc(&data).0, TC_ACT_SHOT, "tc drops");
+    assert_eq!(h.stat(stats::NO_BACKEND_DROPPED), 1);
+    assert_eq!(h.stat(RejectFailure::NotAnswerable.counter()), 1);
+    assert_eq!(h.stat(RejectFailure::OutOfBounds.counter()), 0);
+    assert_eq!(h.stat(stats::REWRITE_FAILED), 0);
+}
+
 /// Checks an ICMP port unreachable answering `sent`; `finished_check` is
 /// the quoted UDP checksum once the kernel has finished a partial one.
 fn assert_port_unreachable(hook: &str, sent: &[u8], out: &[u8], finished_check: [u8; 2]) {
@@ -395,7 +414,7 @@ fn a_deleted_backend_moves_its_flows_to_a_live_one() {
     );
 }
 
-use lb_tests::packet_harness::NODE;
+use lb_lab::packet_harness::NODE;
 
 #[privileged_test]
 fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
