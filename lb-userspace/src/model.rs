@@ -32,13 +32,11 @@ impl Protocol {
     }
 
     /// Parses a Kubernetes protocol name ("TCP" when absent).
-    pub fn from_k8s(name: Option<&str>) -> Result<Self, String> {
+    pub fn from_k8s(name: Option<&str>) -> Result<Self, UnsupportedProtocol> {
         match name.unwrap_or("TCP") {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
-            other => Err(format!(
-                "protocol {other} is not supported by the data path"
-            )),
+            other => Err(UnsupportedProtocol(other.into())),
         }
     }
 }
@@ -113,20 +111,33 @@ impl Ipv4Prefix {
     }
 }
 
-impl std::str::FromStr for Ipv4Prefix {
-    type Err = String;
+/// A protocol the data path does not carry (SCTP, or a name Kubernetes
+/// does not know).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("protocol {0} is not supported by the data path")]
+pub struct UnsupportedProtocol(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+/// Why a text is not an IPv4 prefix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("{0:?} is not an IPv4 CIDR")]
+    NotIpv4(String),
+    #[error("{0:?} has an invalid prefix length")]
+    Length(String),
+}
+
+impl std::str::FromStr for Ipv4Prefix {
+    type Err = PrefixError;
+
+    fn from_str(s: &str) -> Result<Self, PrefixError> {
         let s = s.trim();
         let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| PrefixError::NotIpv4(s.into()))?;
         let len: u8 = len
             .parse()
             .ok()
             .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?;
+            .ok_or_else(|| PrefixError::Length(s.into()))?;
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
         Ok(Self {
             addr: Ipv4Addr::from(u32::from(addr) & mask),

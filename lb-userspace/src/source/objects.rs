@@ -22,7 +22,7 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointSlice},
 };
 
-use crate::model::{Protocol, ServiceName};
+use crate::model::{Protocol, ServiceName, UnsupportedProtocol};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -98,7 +98,7 @@ pub enum Affinity {
 pub struct PortInfo {
     pub name: Box<str>,
     /// The protocol, or why it is not one the data path serves.
-    pub protocol: Result<Protocol, String>,
+    pub protocol: Result<Protocol, UnsupportedProtocol>,
     pub port: i32,
     pub node_port: Option<i32>,
 }
@@ -137,7 +137,7 @@ pub enum AddressType {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePort {
     pub name: Box<str>,
-    pub protocol: Result<Protocol, String>,
+    pub protocol: Result<Protocol, UnsupportedProtocol>,
     pub port: Option<i32>,
 }
 

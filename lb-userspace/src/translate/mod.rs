@@ -11,11 +11,13 @@
 //! in `Translation::notes`), never a reason to drop its IPv4 side.
 
 pub(crate) mod health;
+mod invalid;
+
+pub use invalid::{Invalid, ObjectKind, TranslateError};
 
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
-    fmt,
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -34,39 +36,6 @@ use crate::{
     },
     source::objects::{Addr, AddressType, Affinity, PortInfo, ServiceInfo, ServiceKind, SliceInfo},
 };
-
-/// Something that could not be expressed in the data path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TranslateError {
-    pub kind: ObjectKind,
-    /// e.g. `Service default/web` or `Service default/web port dns`.
-    pub object: String,
-    pub reason: String,
-}
-
-/// What a translation error is about (`lb_invalid_objects_total{kind}`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ObjectKind {
-    Service,
-    ServicePort,
-    EndpointSlice,
-}
-
-impl ObjectKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            ObjectKind::Service => "service",
-            ObjectKind::ServicePort => "service_port",
-            ObjectKind::EndpointSlice => "endpoint_slice",
-        }
-    }
-}
-
-impl fmt::Display for TranslateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.object, self.reason)
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct Translation {
@@ -136,7 +105,7 @@ pub fn translate_on<S: Borrow<ServiceInfo>, E: Borrow<SliceInfo>>(
 
 /// Claims the frontends of one Service's entries, or records why the
 /// whole Service failed.
-fn claim_all(out: &mut Translation, svc: &ServiceInfo, result: Result<Vec<ServiceEntry>, String>) {
+fn claim_all(out: &mut Translation, svc: &ServiceInfo, result: Result<Vec<ServiceEntry>, Invalid>) {
     match result {
         Ok(entries) => {
             for entry in entries {
@@ -161,10 +130,10 @@ impl From<Conflict> for TranslateError {
         TranslateError {
             kind: ObjectKind::Service,
             object: format!("Service {}", c.loser),
-            reason: format!(
-                "frontend {} is already used by Service {} (of two claims the first name in order wins)",
-                c.frontend, c.winner
-            ),
+            reason: Invalid::FrontendTaken {
+                frontend: c.frontend,
+                winner: c.winner,
+            },
         }
     }
 }
@@ -229,12 +198,12 @@ pub fn translate_service(
     slices: &[&SliceInfo],
     errors: &mut Vec<TranslateError>,
     notes: &mut Vec<String>,
-) -> Result<Vec<ServiceEntry>, String> {
+) -> Result<Vec<ServiceEntry>, Invalid> {
     if svc.ignored.is_some() {
         return Ok(Vec::new());
     }
     if let ServiceKind::Unknown(t) = &svc.kind {
-        return Err(format!("type {t:?} is not a Service type"));
+        return Err(Invalid::NotAServiceType(t.to_string()));
     }
     let Some(frontends) = frontends(svc, notes)? else {
         return Ok(Vec::new());
@@ -273,11 +242,11 @@ fn port_object(svc: &ServiceInfo, port: &PortInfo) -> String {
 /// The IPv4 member of each address list; IPv6 ones are noted and passed
 /// over, an address that is none is an error. None: no IPv4 ClusterIP
 /// (an IPv6-only Service), nothing to serve here.
-fn frontends(svc: &ServiceInfo, notes: &mut Vec<String>) -> Result<Option<Frontends>, String> {
+fn frontends(svc: &ServiceInfo, notes: &mut Vec<String>) -> Result<Option<Frontends>, Invalid> {
     if svc.cluster_ips.is_empty() {
-        return Err("spec.clusterIP is empty (manifests must carry the address an API server would allocate)".into());
+        return Err(Invalid::NoClusterIp);
     }
-    let mut v4 = |addrs: &[Addr], what: &str| -> Result<Vec<Ipv4Addr>, String> {
+    let mut v4 = |addrs: &[Addr], what: &'static str| -> Result<Vec<Ipv4Addr>, Invalid> {
         let mut out = Vec::new();
         for a in addrs {
             match a {
@@ -286,7 +255,12 @@ fn frontends(svc: &ServiceInfo, notes: &mut Vec<String>) -> Result<Option<Fronte
                     "Service {}: {what} {a} is IPv6, which this data path does not serve yet; its IPv4 side is served",
                     svc.name
                 )),
-                Addr::Invalid(t) => return Err(format!("{what} {t:?} is not an IP address")),
+                Addr::Invalid(t) => {
+                    return Err(Invalid::NotAnAddress {
+                        field: what,
+                        value: t.to_string(),
+                    })
+                }
             }
         }
         Ok(out)
@@ -305,7 +279,7 @@ fn frontends(svc: &ServiceInfo, notes: &mut Vec<String>) -> Result<Option<Fronte
     }))
 }
 
-fn affinity_timeout(affinity: &Affinity) -> Result<u32, String> {
+fn affinity_timeout(affinity: &Affinity) -> Result<u32, Invalid> {
     match affinity {
         Affinity::None => Ok(0),
         Affinity::ClientIp {
@@ -316,20 +290,17 @@ fn affinity_timeout(affinity: &Affinity) -> Result<u32, String> {
         } => u32::try_from(*t)
             .ok()
             .filter(|t| (1..=86_400).contains(t))
-            .ok_or_else(|| format!("sessionAffinity timeoutSeconds {t} is not in 1..=86400")),
-        Affinity::Unsupported(other) => Err(format!("sessionAffinity {other:?} is not supported")),
+            .ok_or(Invalid::AffinityTimeout(*t)),
+        Affinity::Unsupported(other) => Err(Invalid::UnsupportedAffinity(other.to_string())),
     }
 }
 
 /// The IPv4 `loadBalancerSourceRanges`; an IPv6 range cannot match IPv4
 /// traffic (kube-proxy's IPv4 rules skip it the same way).
-fn source_ranges(svc: &ServiceInfo) -> Result<Vec<Ipv4Prefix>, String> {
+fn source_ranges(svc: &ServiceInfo) -> Result<Vec<Ipv4Prefix>, Invalid> {
     let mut out = Vec::new();
     for t in svc.source_ranges.iter().filter(|t| !t.contains(':')) {
-        out.push(
-            t.parse::<Ipv4Prefix>()
-                .map_err(|e| format!("loadBalancerSourceRanges: {e}"))?,
-        );
+        out.push(t.parse::<Ipv4Prefix>()?);
     }
     out.sort();
     out.dedup();
@@ -337,11 +308,11 @@ fn source_ranges(svc: &ServiceInfo) -> Result<Vec<Ipv4Prefix>, String> {
 }
 
 /// A port number of a Service (1..=65535).
-fn port_number(n: i32, what: &str) -> Result<u16, String> {
+fn port_number(n: i32, field: &'static str) -> Result<u16, Invalid> {
     u16::try_from(n)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{what} {n} is not in 1..=65535"))
+        .ok_or(Invalid::PortNumber { field, value: n })
 }
 
 /// The entries of one Service port: its ClusterIP frontend and its
@@ -353,7 +324,7 @@ fn port_entries(
     port: &PortInfo,
     slices: &[&SliceInfo],
     errors: &mut Vec<TranslateError>,
-) -> Result<Vec<ServiceEntry>, String> {
+) -> Result<Vec<ServiceEntry>, Invalid> {
     let proto = port.protocol.clone()?;
     let svc_port = port_number(port.port, "port")?;
     let node_port = match port.node_port {
@@ -362,10 +333,7 @@ fn port_entries(
     };
     let endpoints = port_endpoints(node, port, proto, slices, errors);
     if endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
-        return Err(format!(
-            "{} endpoints exceed the data path's limit of {MAX_BACKENDS_PER_SERVICE} per Service port",
-            endpoints.len()
-        ));
+        return Err(Invalid::TooManyEndpoints(endpoints.len()));
     }
     let sets = BackendSets::new(&endpoints, node, svc.internal_local);
     let build = EntryBuilder {
@@ -609,7 +577,7 @@ fn collect_endpoints(
         errors.push(TranslateError {
             kind: ObjectKind::EndpointSlice,
             object: object(),
-            reason: format!("port {port_name:?} has no valid number"),
+            reason: Invalid::EndpointPortNumber(port_name.to_string()),
         });
         return;
     };
@@ -621,7 +589,7 @@ fn collect_endpoints(
                 errors.push(TranslateError {
                     kind: ObjectKind::EndpointSlice,
                     object: object(),
-                    reason: format!("endpoint address {other} is not an IPv4 address"),
+                    reason: Invalid::EndpointNotIpv4(other.clone()),
                 });
                 continue;
             }
@@ -826,10 +794,9 @@ mod tests {
         assert_eq!(t.state.len(), 1);
         assert_eq!(t.errors.len(), 1);
         assert_eq!(t.errors[0].object, "Service default/mixed port s");
-        assert!(
-            t.errors[0].reason.contains("SCTP"),
-            "{}",
-            t.errors[0].reason
+        assert_eq!(
+            t.errors[0].reason,
+            Invalid::Protocol(crate::model::UnsupportedProtocol("SCTP".into()))
         );
     }
 
@@ -844,10 +811,14 @@ mod tests {
         let t = translate(&[bad, web_service(), v6], NO_SLICES);
         assert_eq!(t.state.len(), 2);
         assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
-        assert!(t
-            .errors
-            .iter()
-            .any(|e| e.object == "Service default/bad" && e.reason.contains("not an IP")));
+        assert!(t.errors.iter().any(|e| e.object == "Service default/bad"
+            && matches!(
+                e.reason,
+                Invalid::NotAnAddress {
+                    field: "clusterIP",
+                    ..
+                }
+            )));
         // An IPv6-only Service is no error: its family is not served here.
         assert!(
             t.notes
@@ -878,7 +849,10 @@ mod tests {
         other.name.name = "web2".into();
         let t = translate(&[web_service(), other], NO_SLICES);
         assert_eq!(t.state.len(), 2);
-        assert!(t.errors.iter().any(|e| e.reason.contains("already used")));
+        assert!(t
+            .errors
+            .iter()
+            .any(|e| matches!(e.reason, Invalid::FrontendTaken { .. })));
     }
 
     fn node() -> NodeInfo {
@@ -1180,17 +1154,17 @@ mod tests {
         let t = translate_on(&node(), &[bad], NO_SLICES);
         assert!(t.state.is_empty());
         assert!(
-            t.errors[0].reason.contains("loadBalancerSourceRanges"),
+            matches!(t.errors[0].reason, Invalid::SourceRange(_)),
             "{:?}",
             t.errors
         );
     }
 
-    fn errors_of<'a>(t: &'a Translation, object: &str) -> Vec<&'a str> {
+    fn errors_of<'a>(t: &'a Translation, object: &str) -> Vec<&'a Invalid> {
         t.errors
             .iter()
             .filter(|e| e.object == object)
-            .map(|e| e.reason.as_str())
+            .map(|e| &e.reason)
             .collect()
     }
 
@@ -1235,24 +1209,26 @@ mod tests {
             assert_eq!(errors_of(&t, &object).len(), 1, "{object}: {:?}", t.errors);
             assert!(t.failed_services.iter().any(|s| s.name == name));
         }
-        for (port, needle) in [
-            ("zero", "not in 1..=65535"),
-            ("big", "not in 1..=65535"),
-            ("neg", "not in 1..=65535"),
-            ("proto", "QUIC"),
-            ("np", "nodePort 0"),
+        let port = |field, value| Invalid::PortNumber { field, value };
+        for (name, reason) in [
+            ("zero", port("port", 0)),
+            ("big", port("port", 65536)),
+            ("neg", port("port", -1)),
+            (
+                "proto",
+                Invalid::Protocol(crate::model::UnsupportedProtocol("QUIC".into())),
+            ),
+            ("np", port("nodePort", 0)),
         ] {
-            let object = format!("Service default/ports port {port}");
-            let errors = errors_of(&t, &object);
-            assert!(
-                errors.len() == 1 && errors[0].contains(needle),
-                "{object}: {errors:?}"
-            );
+            let object = format!("Service default/ports port {name}");
+            assert_eq!(errors_of(&t, &object), [&reason], "{object}");
         }
         assert!(entry_for(&t, "10.96.1.4", 83).backends.active.is_empty());
         let slice_errors = errors_of(&t, "EndpointSlice shop/web-bad");
         assert!(
-            slice_errors.iter().any(|e| e.contains("10.244.0.300")),
+            slice_errors
+                .iter()
+                .any(|e| **e == Invalid::EndpointNotIpv4(Addr::Invalid("10.244.0.300".into()))),
             "{:?}",
             t.errors
         );
@@ -1342,7 +1318,7 @@ mod tests {
         let t = translate(&[svc, other], &[big, too_many]);
         assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
         assert_eq!(t.errors[0].object, "Service default/a port http");
-        assert!(t.errors[0].reason.contains(&over.to_string()));
+        assert_eq!(t.errors[0].reason, Invalid::TooManyEndpoints(over));
         assert!(entry_for(&t, "10.96.0.10", 80).backends.active.is_empty());
         assert!(t.state.get(&addr("10.96.3.1", 80, Protocol::Tcp)).is_none());
     }
