@@ -6,10 +6,11 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc,
     },
 };
 
+use crate::serve::datapath_metrics::{DatapathCollector, DatapathCounters};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -83,8 +84,8 @@ pub struct Metrics {
     pub api_server_up: Gauge,
     /// Set after the API server has not answered for long (API mode).
     api_unready: AtomicBool,
-    /// Text appended to every scrape: counters read from BPF maps.
-    pub datapath: Mutex<Box<dyn Fn() -> String + Send>>,
+    /// Counters read from the BPF maps at every scrape.
+    pub datapath: Arc<DatapathCounters>,
 }
 
 impl Metrics {
@@ -115,11 +116,12 @@ impl Metrics {
             ready: AtomicBool::new(false),
             api_server_up: Gauge::default(),
             api_unready: AtomicBool::new(false),
-            datapath: Mutex::new(Box::new(String::new)),
+            datapath: Arc::default(),
             registry: Registry::default(),
         };
         m.register_sync_metrics(&mut registry);
         m.register_datapath_metrics(&mut registry);
+        registry.register_collector(Box::new(DatapathCollector(m.datapath.clone())));
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -239,30 +241,8 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
-        // The registry ends with "# EOF"; the data path counters go before it.
-        if let Some(stripped) = out.strip_suffix("# EOF\n") {
-            out = stripped.to_owned();
-        }
-        if let Ok(f) = self.datapath.lock() {
-            out.push_str(&f());
-        }
-        out.push_str("# EOF\n");
         out
     }
-}
-
-/// Renders labelled counters in the text exposition format.
-pub fn render_counters(name: &str, help: &str, rows: &[(Vec<(&str, String)>, u64)]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "# HELP {name} {help}.\n# TYPE {name} counter");
-    for (labels, value) in rows {
-        let l: Vec<String> = labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", v.replace('"', "'")))
-            .collect();
-        let _ = writeln!(s, "{name}_total{{{}}} {value}", l.join(","));
-    }
-    s
 }
 
 /// Reads an HTTP request head, bounded in size (`max` bytes) and time
@@ -447,22 +427,12 @@ mod tests {
     }
 
     #[test]
-    fn render_has_registry_and_datapath_counters_and_one_eof() {
+    fn before_the_data_path_is_loaded_a_scrape_has_no_datapath_counters() {
         let m = Metrics::new();
         m.services.set(3);
-        *m.datapath.lock().unwrap() = Box::new(|| {
-            render_counters(
-                "lb_x",
-                "x",
-                &[(vec![("service", "default/a".to_owned())], 7)],
-            )
-        });
         let text = m.render();
         assert!(text.contains("lb_services_programmed 3"), "{text}");
-        assert!(
-            text.contains("lb_x_total{service=\"default/a\"} 7"),
-            "{text}"
-        );
+        assert!(!text.contains("lb_datapath_packets"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1);
         assert!(text.ends_with("# EOF\n"));
     }

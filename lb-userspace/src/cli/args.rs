@@ -1,0 +1,293 @@
+//! The command line: subcommands, flags and their parsers.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_common::DEFAULT_PIN_DIR;
+use lb_userspace::{
+    datapath::attach::{default_route_interfaces, SocketLbMode, XdpAttachMode},
+    datapath::wire_hook::WireHookMode,
+    node::masquerade_ports::PortRange,
+    node::node_net,
+    source::api_client::{self, ApiClientOptions, ApiServerAddress},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF/XDP Service load balancer for Kubernetes (kube-proxy replacement)"
+)]
+pub(crate) struct Cli {
+    /// bpffs folder holding the pinned maps.
+    #[arg(long, global = true, default_value = DEFAULT_PIN_DIR, env = "LB_PIN_DIR")]
+    pub(crate) pin_dir: PathBuf,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Load and attach the data path and keep its maps equal to the desired Services.
+    Run(Box<RunArgs>),
+    /// Print the Services and backends the pinned maps hold.
+    Services {
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print where the programs are attached: each wire interface's hook
+    /// (tc or XDP), its driver and why, the pod interfaces, the socket hooks.
+    Status {
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print the data path's packet counters (summed over CPUs).
+    Stats {
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Compare the pinned maps with the desired state, entry by entry;
+    /// exits 1 when they differ, listing every difference.
+    Check(Box<CheckArgs>),
+    /// Remove the pinned links (which detaches the programs) and maps.
+    Cleanup,
+    /// Print the seccomp profile the agent's container needs (the system
+    /// calls the agent makes, `bpf` among them, which the runtimes' default
+    /// profile refuses), or write it to --output, e.g. into the kubelet's
+    /// /var/lib/kubelet/seccomp for a Localhost profile.
+    SeccompProfile {
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum Output {
+    Table,
+    Json,
+}
+
+/// Where the agent finds (or mounts) the cgroup v2 root by default.
+pub(crate) const DEFAULT_CGROUP_ROOT: &str = "/run/lb-agent/cgroupv2";
+
+/// What the translation depends on about this node.
+#[derive(clap::Args)]
+pub(crate) struct NodeArgs {
+    /// This node's name (for node-local decisions), as in the DaemonSet's downward API.
+    #[arg(long, env = "NODE_NAME")]
+    pub(crate) node_name: Option<String>,
+    /// Interfaces facing the wire, where the wire hook (tc or XDP, see
+    /// --wire-hook) attaches (comma separated). Default: the interfaces
+    /// that hold a default route.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) interfaces: Vec<String>,
+    /// Serve NodePorts on the local addresses inside these CIDRs (comma
+    /// separated), like kube-proxy's --nodeport-addresses. Default: the
+    /// addresses of the --interfaces (the wire-facing ones).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) nodeport_addresses: Vec<lb_userspace::model::Ipv4Prefix>,
+    /// This node's zone, for EndpointSlice topology hints. Default: the
+    /// Node's `topology.kubernetes.io/zone` label (Kubernetes source only).
+    #[arg(long)]
+    pub(crate) zone: Option<String>,
+}
+
+impl NodeArgs {
+    /// The interfaces facing the wire: --interfaces, or those holding a
+    /// default route.
+    pub(crate) fn wire(&self) -> Vec<String> {
+        if self.interfaces.is_empty() {
+            default_route_interfaces()
+        } else {
+            self.interfaces.clone()
+        }
+    }
+
+    pub(crate) fn nodeport_addresses(&self, wire: &[String]) -> Result<Vec<std::net::Ipv4Addr>> {
+        let addresses = node_net::interface_addresses()?;
+        Ok(node_net::nodeport_addresses(
+            &addresses,
+            wire,
+            &self.nodeport_addresses,
+        ))
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    pub(crate) source: SourceArgs,
+    /// The agent's node flags, so the desired state is the one it computes.
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+}
+
+/// Where Services and EndpointSlices come from.
+#[derive(clap::Args)]
+pub(crate) struct SourceArgs {
+    /// Read Services and EndpointSlices from this folder of manifests (YAML/JSON,
+    /// multi-document) instead of the Kubernetes API. `run` re-reads it when a
+    /// file changes or on SIGHUP and writes only the difference.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub(crate) manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API with this kubeconfig. Without it (and without
+    /// --manifests) the in-cluster config is used, or the default kubeconfig.
+    #[arg(long)]
+    pub(crate) kubeconfig: Option<PathBuf>,
+    /// The API server's own address (https://HOST:PORT: a control-plane
+    /// node or the load balancer in front of them). Required in a pod: the
+    /// in-cluster address is the `kubernetes` Service, which nothing
+    /// translates after a node reboot until this agent has read the API.
+    /// `kubernetes-service` keeps the in-cluster address (where another
+    /// proxy still translates it). With --kubeconfig, replaces its server.
+    #[arg(long, env = api_client::API_SERVER_ENV, value_parser = api_client::parse_api_server)]
+    pub(crate) api_server: Option<ApiServerAddress>,
+    /// Every API request must connect and start answering within this;
+    /// the API server is probed this often, and after three times this
+    /// without an answer /readyz reports not ready (the data path keeps
+    /// what it last programmed).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) api_timeout: Duration,
+}
+
+impl SourceArgs {
+    pub(crate) fn api_options(&self) -> ApiClientOptions<'_> {
+        ApiClientOptions {
+            kubeconfig: self.kubeconfig.as_deref(),
+            api_server: self.api_server.as_ref(),
+            timeout: self.api_timeout,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
+    #[command(flatten)]
+    pub(crate) source: SourceArgs,
+    #[command(flatten)]
+    pub(crate) node: NodeArgs,
+    /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:10249).
+    #[arg(long)]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve kube-proxy's /healthz and /livez here (the address cloud load
+    /// balancers probe for externalTrafficPolicy Cluster); `off` to not.
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_healthz_addr)]
+    pub(crate) healthz_addr: HealthzAddr,
+    /// How long a received change may wait to be written before /healthz,
+    /// /livez and every healthCheckNodePort report 503 (kube-proxy: twice
+    /// its sync period, 60 s).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub(crate) healthz_timeout: Duration,
+    /// Capacity of the backends map (one entry per distinct endpoint
+    /// address, port and protocol). A Service whose backends do not fit is
+    /// left as it was, reported, and makes /healthz 503 after
+    /// --healthz-timeout.
+    #[arg(long, default_value_t = lb_common::MAX_BACKENDS,
+          value_parser = clap::value_parser!(u32).range(16..=(1 << 24)))]
+    pub(crate) backends_max: u32,
+    /// Host-side pod veth names where tc attaches (`*` wildcards, comma separated).
+    /// Rescanned every --poll-interval, so new pods are covered.
+    #[arg(long, value_delimiter = ',', default_value = "lxc*,veth*,cali*")]
+    pub(crate) pod_interfaces: Vec<String>,
+    /// The program on the --interfaces: `tc` (tcx, right for every
+    /// checksum state), `xdp` (faster, but corrupts packets that arrive
+    /// with partial checksums, as from a veth), or `auto`: XDP in native
+    /// mode on NIC drivers known to deliver complete checksums, tc on
+    /// everything else (veth, tap, bridges, unknown drivers).
+    #[arg(long, value_enum, default_value_t = WireHookMode::Auto)]
+    pub(crate) wire_hook: WireHookMode,
+    /// How XDP attaches where --wire-hook xdp puts it (auto: native, else
+    /// generic). `--wire-hook auto` uses native mode only.
+    #[arg(long, value_enum, default_value_t = XdpAttachMode::Auto)]
+    pub(crate) xdp_mode: XdpAttachMode,
+    /// How often to look for changed manifests and new pod interfaces.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub(crate) poll_interval: Duration,
+    /// Written (atomically) after every sync with its generation and outcome.
+    #[arg(long)]
+    pub(crate) ready_file: Option<PathBuf>,
+    /// Source address of masqueraded flows (NodePort, externalIPs and
+    /// LoadBalancer traffic with externalTrafficPolicy Cluster, and pods
+    /// reaching themselves through a Service). Default: the first NodePort
+    /// address.
+    #[arg(long)]
+    pub(crate) masquerade_address: Option<std::net::Ipv4Addr>,
+    /// Source ports of masqueraded flows (comma separated ports and
+    /// FIRST-LAST ranges, at most 4). They must not overlap the node's
+    /// ephemeral ports (net.ipv4.ip_local_port_range), its reserved ports
+    /// (net.ipv4.ip_local_reserved_ports) or --nodeport-range. Default:
+    /// 1024-65535 without those. A closed flow's port is kept 120 s (TIME_WAIT),
+    /// so one backend takes at most (ports / 120 s) new masqueraded
+    /// connections per second.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) masquerade_ports: Vec<PortRange>,
+    /// The cluster's NodePort range (the API server's
+    /// --service-node-port-range), kept out of the masquerade ports.
+    #[arg(long, default_value = "30000-32767")]
+    pub(crate) nodeport_range: PortRange,
+    /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/getpeername
+    /// hooks): `all` sockets in --cgroup, the `host` network namespace only,
+    /// or `off` (the per-packet paths do all the work).
+    #[arg(long, value_enum, default_value_t = SocketLbMode::All)]
+    pub(crate) socket_lb: SocketLbMode,
+    /// The cgroup v2 folder the socket hooks attach to. The default is the
+    /// v2 root, mounted there when it is not yet (the root covers every
+    /// process of the node, also where /sys/fs/cgroup holds v1 controllers).
+    #[arg(long, default_value = DEFAULT_CGROUP_ROOT)]
+    pub(crate) cgroup: PathBuf,
+    /// Capacity of the conntrack map (an LRU: two entries a flow; the least
+    /// recently used are evicted when it is full). A pinned map of another
+    /// size is migrated entry by entry, flows keeping their backends.
+    #[arg(long, default_value_t = lb_common::MAX_CONNTRACK,
+          value_parser = clap::value_parser!(u32).range(64..))]
+    pub(crate) conntrack_max: u32,
+    /// Capacity of the session affinity map (an LRU: one entry per client
+    /// and frontend with ClientIP affinity; idle clients are evicted first).
+    #[arg(long, default_value_t = lb_common::MAX_AFFINITY,
+          value_parser = clap::value_parser!(u32).range(64..))]
+    pub(crate) affinity_max: u32,
+    /// How often the conntrack map is swept for entries of deleted backends
+    /// and expired ones (also soon after a sync that deleted backends).
+    #[arg(long, default_value = "30s", value_parser = parse_sweep_interval)]
+    pub(crate) conntrack_sweep_interval: Duration,
+    /// Remove everything the agent installed (pinned links, which detaches the
+    /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
+    #[arg(long)]
+    pub(crate) cleanup: bool,
+}
+
+/// `--healthz-addr`: an address, or off.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HealthzAddr(pub(crate) Option<std::net::SocketAddr>);
+
+pub(crate) fn parse_healthz_addr(s: &str) -> Result<HealthzAddr, String> {
+    match s {
+        "" | "off" => Ok(HealthzAddr(None)),
+        _ => s
+            .parse()
+            .map(|a| HealthzAddr(Some(a)))
+            .map_err(|e| format!("{s:?}: {e}")),
+    }
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        _ => Err(format!("bad duration unit in {s:?} (use ms or s)")),
+    }
+}
+
+/// At least a second: a pass over a full map is a lot of syscalls.
+pub(crate) fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
+    parse_duration(s).and_then(|d| {
+        if d >= Duration::from_secs(1) {
+            Ok(d)
+        } else {
+            Err(format!("{s:?} is under a second"))
+        }
+    })
+}

@@ -1,0 +1,82 @@
+//! The inspection commands: `check` and `stats`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use lb_common::{map_names, stats};
+use lb_userspace::{
+    datapath::loader,
+    source::api_client::{self},
+    source::k8s::{self},
+    source::manifests::ManifestSource,
+    translate::NodeInfo,
+};
+
+use super::args::{CheckArgs, Output};
+
+/// Translates the source the way the agent does and compares the result
+/// with the pinned maps.
+pub(crate) async fn check(
+    pin_dir: &Path,
+    args: &CheckArgs,
+) -> Result<lb_userspace::sync::checker::CheckReport> {
+    let wire = args.node.wire();
+    let mut node = NodeInfo {
+        name: args.node.node_name.clone().unwrap_or_default(),
+        nodeport_addresses: args.node.nodeport_addresses(&wire)?,
+        zone: args.node.zone.clone(),
+    };
+    let (services, slices) = if let Some(dir) = &args.source.manifests {
+        let (set, errors) = ManifestSource::new(dir).read();
+        for e in errors {
+            eprintln!("manifest: {e}");
+        }
+        (set.services, set.slices)
+    } else {
+        let client = api_client::client(&args.source.api_options()).await?;
+        let (services, slices, zone) =
+            k8s::list_once(client, args.node.node_name.as_deref()).await?;
+        if node.zone.is_none() {
+            node.zone = zone;
+        }
+        (services, slices)
+    };
+    let translation = lb_userspace::translate::translate_on(&node, &services, &slices);
+    for e in &translation.errors {
+        eprintln!("not programmable: {e}");
+    }
+    let maps = loader::open_pinned(pin_dir)?;
+    let contents = maps.read_contents().context("reading the pinned maps")?;
+    Ok(lb_userspace::sync::checker::check(
+        &translation.state,
+        &contents,
+    ))
+}
+
+pub(crate) fn print_stats(pin_dir: &Path, output: Output) -> Result<()> {
+    let path = loader::map_pin_path(pin_dir, map_names::STATS);
+    let data = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let array: aya::maps::PerCpuArray<_, u64> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let mut rows = Vec::new();
+    for (i, name) in stats::NAMES.iter().enumerate() {
+        let total: u64 = array.get(&(i as u32), 0)?.iter().sum();
+        rows.push((*name, total));
+    }
+    match output {
+        Output::Table => {
+            for (name, v) in rows {
+                println!("{name:<22} {v}");
+            }
+        }
+        Output::Json => {
+            let m: serde_json::Map<String, serde_json::Value> = rows
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into()))
+                .collect();
+            println!("{}", serde_json::Value::Object(m));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! `lb-agent run`: the servers, then the loop that follows the source
+//! (manifests or the API server) and programs every change.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use lb_userspace::{
+    datapath::loader,
+    serve::metrics::{InvalidLabel, Metrics, ResourceLabel},
+    serve::proxy_health::{self, ProxyHealth},
+    source::api_client,
+    source::k8s::{self, ClusterState, Work},
+    source::manifests::ManifestSource,
+    sync::map_writer::BpfMaps,
+    sync::programmer::{Programmer, SyncReport},
+};
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::{
+    args::{HealthzAddr, RunArgs},
+    datapath::{setup_datapath, DataPath, SyncLog},
+};
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn signals() -> Result<Signals> {
+    Ok(Signals {
+        hup: signal(SignalKind::hangup())?,
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    })
+}
+
+pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
+    if args.cleanup {
+        for p in loader::cleanup(pin_dir)? {
+            println!("removed {}", p.display());
+        }
+        return Ok(());
+    }
+    let metrics = Metrics::new();
+    if let Some(addr) = args.metrics_addr {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = lb_userspace::serve::metrics::serve(addr, m).await {
+                log::error!("metrics endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    let proxy = ProxyHealth::new(args.healthz_timeout);
+    if let HealthzAddr(Some(addr)) = args.healthz_addr {
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            if let Err(e) = proxy_health::serve(addr, p).await {
+                log::error!("proxy health endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    // The API client first: an address that cannot work is refused before
+    // anything is attached.
+    let api = match &args.source.manifests {
+        Some(_) => None,
+        None => Some(api_client::client(&args.source.api_options()).await?),
+    };
+    let (mut dp, mut programmer) = setup_datapath(pin_dir, &args, &metrics, &proxy)?;
+    let mut log = SyncLog {
+        ready_file: args.ready_file.clone(),
+        generation: 0,
+    };
+    let mut sig = signals()?;
+    match (api, args.source.manifests.clone()) {
+        (None, Some(dir)) => {
+            run_manifests(
+                &dir,
+                &args,
+                &mut dp,
+                &mut programmer,
+                &mut log,
+                &metrics,
+                &mut sig,
+            )
+            .await?;
+        }
+        (Some(client), _) => {
+            spawn_api_probe(client.clone(), args.source.api_timeout, metrics.clone());
+            run_kubernetes(
+                client,
+                &args,
+                &mut dp,
+                &mut programmer,
+                &mut log,
+                &metrics,
+                &mut sig,
+            )
+            .await?;
+        }
+        (None, None) => unreachable!("no manifests means the API source"),
+    }
+    log::info!(
+        "exiting: the programs stay attached through links pinned at {} (`lb-agent cleanup` removes them)",
+        pin_dir.display()
+    );
+    Ok(())
+}
+
+async fn run_manifests(
+    dir: &Path,
+    args: &RunArgs,
+    dp: &mut DataPath,
+    programmer: &mut Programmer<BpfMaps>,
+    log: &mut SyncLog,
+    metrics: &Arc<Metrics>,
+    sig: &mut Signals,
+) -> Result<()> {
+    let mut source = ManifestSource::new(dir);
+    let mut sync =
+        |source: &mut ManifestSource, log: &mut SyncLog, dp: &mut DataPath| -> Result<()> {
+            let started = Instant::now();
+            let (set, manifest_errors) = source.read();
+            let mut report = programmer.full_sync(&set.services, &set.slices);
+            for e in manifest_errors {
+                metrics
+                    .invalid_objects
+                    .get_or_create(&InvalidLabel {
+                        kind: "manifest".into(),
+                    })
+                    .inc();
+                report.errors.insert(0, format!("manifest: {e}"));
+            }
+            dp.after_sync(programmer, &report)?;
+            log.record("manifests", &report, started)
+        };
+    dp.proxy.queued_update();
+    sync(&mut source, log, dp)?;
+    let mut tick = tokio::time::interval(args.poll_interval);
+    loop {
+        tokio::select! {
+            _ = sig.hup.recv() => {
+                log::info!("SIGHUP: re-reading {}", dir.display());
+                dp.proxy.queued_update();
+                sync(&mut source, log, dp)?;
+            }
+            _ = sig.term.recv() => break,
+            _ = sig.int.recv() => break,
+            _ = tick.tick() => {
+                if source.changed() {
+                    dp.proxy.queued_update();
+                    sync(&mut source, log, dp)?;
+                }
+                dp.refresh_pods()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Most changes folded into one sync; a burst (a relist) is written at once.
+const MAX_BATCH: usize = 20_000;
+
+/// Probes the API server in the background, for /readyz and the
+/// `lb_api_server_up` metric.
+fn spawn_api_probe(client: kube::Client, timeout: Duration, metrics: Arc<Metrics>) {
+    tokio::spawn(api_client::probe_forever(
+        client,
+        timeout,
+        move |reachable, unready| metrics.set_api_server(reachable, unready),
+    ));
+}
+
+async fn run_kubernetes(
+    client: kube::Client,
+    args: &RunArgs,
+    dp: &mut DataPath,
+    programmer: &mut Programmer<BpfMaps>,
+    log: &mut SyncLog,
+    metrics: &Arc<Metrics>,
+    sig: &mut Signals,
+) -> Result<()> {
+    if args.node.node_name.is_none() {
+        log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
+    }
+    let mut rx = k8s::start_watches(client, args.node.node_name.clone());
+    let mut state = ClusterState::default();
+    let mut needs_full = true;
+    let mut tick = tokio::time::interval(args.poll_interval);
+    loop {
+        let first = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => anyhow::bail!("the watches ended"),
+            },
+            _ = sig.term.recv() => break,
+            _ = sig.int.recv() => break,
+            _ = sig.hup.recv() => { needs_full = true; continue; }
+            _ = tick.tick() => { dp.refresh_pods()?; continue; }
+        };
+        let started = Instant::now();
+        let work = receive_batch(first, &mut rx, &mut state);
+        note_received(&work, &state, dp, metrics);
+        needs_full |= work.full_resync;
+        needs_full |= args.node.zone.is_none() && follow_node_zone(&state, programmer);
+        // Nothing is written before both lists are complete: a restarted agent
+        // keeps serving what the pinned maps hold until it knows the truth.
+        if !state.synced() {
+            continue;
+        }
+        let Some((kind, report)) = program(&state, &work, needs_full, programmer) else {
+            continue;
+        };
+        let now = chrono::Utc::now();
+        for t in state.take_triggers(&work.dirty, needs_full) {
+            let secs = (now - t).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics.programming_latency.observe(secs.max(0.0));
+        }
+        needs_full = false;
+        dp.after_sync(programmer, &report)?;
+        log.record(kind, &report, started)?;
+    }
+    Ok(())
+}
+
+/// `first` and whatever else has arrived, up to MAX_BATCH changes, applied
+/// to the cluster state.
+fn receive_batch(
+    first: k8s::Change,
+    rx: &mut tokio::sync::mpsc::Receiver<k8s::Change>,
+    state: &mut ClusterState,
+) -> Work {
+    let mut work = Work::default();
+    state.apply(first, &mut work);
+    for _ in 1..MAX_BATCH {
+        let Ok(c) = rx.try_recv() else {
+            break;
+        };
+        state.apply(c, &mut work);
+    }
+    work
+}
+
+/// What received changes mean before they are written: the node's
+/// eligibility and a pending update for /healthz, relists in the metrics.
+fn note_received(work: &Work, state: &ClusterState, dp: &DataPath, metrics: &Metrics) {
+    dp.proxy.set_node_eligible(state.node_eligible());
+    if !work.dirty.is_empty() || work.full_resync {
+        dp.proxy.queued_update();
+    }
+    for r in &work.restarts {
+        log::info!("watch of {r} restarted with a relist: full resync");
+        metrics
+            .watch_restarts
+            .get_or_create(&ResourceLabel {
+                resource: (*r).into(),
+            })
+            .inc();
+    }
+}
+
+/// Takes the Node's zone label when --zone is not given; true when it
+/// changed (topology hints must be evaluated again).
+fn follow_node_zone(state: &ClusterState, programmer: &mut Programmer<BpfMaps>) -> bool {
+    let zone = state.node_zone();
+    if zone == programmer.node.zone {
+        return false;
+    }
+    log::info!("node zone is now {zone:?}: topology hints re-evaluated");
+    programmer.node.zone = zone;
+    true
+}
+
+/// A full sync, or the changed Services only; None when nothing changed.
+fn program(
+    state: &ClusterState,
+    work: &Work,
+    needs_full: bool,
+    programmer: &mut Programmer<BpfMaps>,
+) -> Option<(&'static str, SyncReport)> {
+    if needs_full {
+        let report = programmer.full_sync(&state.all_services(), &state.all_slices());
+        release_freed_memory();
+        Some(("full", report))
+    } else if work.dirty.is_empty() {
+        None
+    } else {
+        let changes = state.changes(&work.dirty);
+        Some(("incremental", programmer.sync_services(&changes)))
+    }
+}
+
+/// A full sync (a relist of a large cluster) allocates and frees a lot at
+/// once; glibc keeps freed memory in its arenas unless asked to return it.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
