@@ -54,11 +54,8 @@ pub(crate) async fn check(
 }
 
 pub(crate) fn print_stats(pin_dir: &Path, output: Output) -> Result<()> {
-    let path = loader::map_pin_path(pin_dir, map_names::STATS);
-    let data = aya::maps::MapData::from_pin(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
     let array: aya::maps::PerCpuArray<_, u64> =
-        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+        aya::maps::PerCpuArray::try_from(loader::open_pinned_map(pin_dir, map_names::STATS)?)?;
     let mut rows = Vec::new();
     for (i, name) in stats::NAMES.iter().enumerate() {
         let total: u64 = array.get(&(i as u32), 0)?.iter().sum();

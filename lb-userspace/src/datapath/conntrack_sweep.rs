@@ -16,12 +16,12 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{
-    Array, HashMap as BpfHashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues,
+    Array, HashMap as BpfHashMap, IterableMap, MapData, MapInfo, PerCpuArray, PerCpuValues,
 };
 use lb_common::{ct_hold_ns, map_names, stats, Backend4, Ct4Key, Ct4Value};
 
 use crate::{
-    datapath::loader::map_pin_path,
+    datapath::loader,
     serve::metrics::{Metrics, ReasonLabel},
 };
 
@@ -124,16 +124,13 @@ pub struct Sweeper {
 
 impl Sweeper {
     pub fn open(pin_dir: &std::path::Path) -> Result<Self> {
-        let open = |name: &str| {
-            MapData::from_pin(map_pin_path(pin_dir, name))
-                .with_context(|| format!("opening pinned map {name}"))
-        };
-        let ct = open(map_names::CONNTRACK)?;
-        let capacity = ct.info()?.max_entries();
+        let open = |name| loader::open_pinned_map(pin_dir, name);
+        let capacity =
+            MapInfo::from_pin(loader::map_pin_path(pin_dir, map_names::CONNTRACK))?.max_entries();
         Ok(Self {
-            conntrack: BpfHashMap::try_from(Map::from_map_data(ct)?)?,
-            backends: Array::try_from(Map::Array(open(map_names::BACKENDS)?))?,
-            stats: PerCpuArray::try_from(Map::PerCpuArray(open(map_names::STATS)?))?,
+            conntrack: BpfHashMap::try_from(open(map_names::CONNTRACK)?)?,
+            backends: Array::try_from(open(map_names::BACKENDS)?)?,
+            stats: PerCpuArray::try_from(open(map_names::STATS)?)?,
             capacity,
         })
     }

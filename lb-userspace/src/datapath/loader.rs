@@ -163,9 +163,8 @@ impl PinnedState {
 }
 
 fn found_layout(pin: &Path) -> Result<FoundLayout, String> {
-    aya::maps::MapData::from_pin(pin)
+    aya::maps::MapInfo::from_pin(pin)
         .map_err(|e| e.to_string())
-        .and_then(|m| m.info().map_err(|e| e.to_string()))
         .map(|i| {
             (
                 i.map_type().ok(),
@@ -376,19 +375,32 @@ pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> 
     Ok((ebpf, state))
 }
 
-fn open_pinned_map(path: &Path) -> Result<aya::maps::Map> {
-    let data = aya::maps::MapData::from_pin(path)
-        .with_context(|| format!("opening {}", path.display()))?;
+/// Opens the map pinned at `path`.
+fn open_pin(path: &Path) -> Result<aya::maps::MapData> {
+    aya::maps::MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Opens the map `name` pinned under `pin_dir`, typed as the kernel says
+/// it is: how every reader of the pinned maps opens them.
+pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<aya::maps::Map> {
+    let path = map_pin_path(pin_dir, name);
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is the agent running, with --pin-dir {}?)",
+            path.display(),
+            pin_dir.display()
+        )
+    })?;
     Ok(aya::maps::Map::from_map_data(data)?)
 }
 
 /// Copies the entries of a hash (or LRU hash) into another; with
 /// `BPF_NOEXIST`, so what the new map already holds wins.
 fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
-    let from = aya::maps::MapData::from_pin(from)
-        .with_context(|| format!("opening {}", from.display()))?;
+    let from = open_pin(from)?;
     let entries: Vec<(K, V)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
-    let mut to: HashMap<_, K, V> = HashMap::try_from(open_pinned_map(to)?)?;
+    let mut to: HashMap<_, K, V> =
+        HashMap::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
     Ok(entries
         .into_iter()
         .filter(|(k, v)| to.insert(k, v, 1).is_ok())
@@ -397,10 +409,10 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> 
 
 /// Copies backends, by id, from a hash (older versions) or an array.
 fn copy_backends(from: &Path, to: &Path) -> Result<usize> {
-    let mut to: Array<_, lb_common::Backend4> = Array::try_from(open_pinned_map(to)?)?;
+    let mut to: Array<_, lb_common::Backend4> =
+        Array::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
     // The same batch read serves a hash (older versions) and an array.
-    let from = aya::maps::MapData::from_pin(from)
-        .with_context(|| format!("opening {}", from.display()))?;
+    let from = open_pin(from)?;
     let entries: Vec<(u32, lb_common::Backend4)> =
         crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
     let entries = entries.into_iter().filter(|(_, b)| b.addr != 0);
@@ -486,23 +498,14 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
 
 /// Opens the pinned maps without loading programs (for inspection).
 pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
-    let open = |name: &str| -> Result<aya::maps::MapData> {
-        let path = map_pin_path(pin_dir, name);
-        aya::maps::MapData::from_pin(&path).with_context(|| {
-            format!(
-                "opening {} (is the agent running, with --pin-dir {}?)",
-                path.display(),
-                pin_dir.display()
-            )
-        })
-    };
+    let open = |name| open_pinned_map(pin_dir, name);
     Ok(BpfMaps {
-        services: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::SERVICES)?))?,
-        backends: Array::try_from(aya::maps::Map::Array(open(map_names::BACKENDS)?))?,
-        rev_nat: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::REV_NAT)?))?,
-        backend_match: HashMap::try_from(aya::maps::Map::HashMap(open(map_names::BACKEND_MATCH)?))?,
-        source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(open(map_names::SOURCE_RANGES)?))?,
-        config: Array::try_from(aya::maps::Map::Array(open(map_names::CONFIG)?))?,
+        services: HashMap::try_from(open(map_names::SERVICES)?)?,
+        backends: Array::try_from(open(map_names::BACKENDS)?)?,
+        rev_nat: HashMap::try_from(open(map_names::REV_NAT)?)?,
+        backend_match: HashMap::try_from(open(map_names::BACKEND_MATCH)?)?,
+        source_ranges: LpmTrie::try_from(open(map_names::SOURCE_RANGES)?)?,
+        config: Array::try_from(open(map_names::CONFIG)?)?,
     })
 }
 

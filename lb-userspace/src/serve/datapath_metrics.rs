@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use lb_common::{map_names, stats, ServiceStats};
 use prometheus_client::{
     collector::Collector,
@@ -39,11 +39,7 @@ struct CounterMaps {
 impl DatapathCounters {
     /// Opens the pinned counter maps under `pin_dir`.
     pub fn open(&self, pin_dir: &Path) -> Result<()> {
-        let open = |name: &str| -> Result<Map> {
-            Ok(Map::PerCpuArray(MapData::from_pin(loader::map_pin_path(
-                pin_dir, name,
-            ))?))
-        };
+        let open = |name| loader::open_pinned_map(pin_dir, name);
         let maps = CounterMaps {
             events: PerCpuArray::try_from(open(map_names::STATS)?)?,
             services: PerCpuArray::try_from(open(map_names::SERVICE_STATS)?)?,
