@@ -23,7 +23,7 @@ impl Protocol {
         }
     }
 
-    pub fn from_number(n: u8) -> Option<Self> {
+    pub(crate) fn from_number(n: u8) -> Option<Self> {
         match n {
             IPPROTO_TCP => Some(Protocol::Tcp),
             IPPROTO_UDP => Some(Protocol::Udp),
@@ -32,7 +32,7 @@ impl Protocol {
     }
 
     /// Parses a Kubernetes protocol name ("TCP" when absent).
-    pub fn from_k8s(name: Option<&str>) -> Result<Self, UnsupportedProtocol> {
+    pub(crate) fn from_k8s(name: Option<&str>) -> Result<Self, UnsupportedProtocol> {
         match name.unwrap_or("TCP") {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
@@ -174,7 +174,7 @@ pub struct ServiceEntry {
 
 impl ServiceEntry {
     /// Every backend the entry keeps in the maps, in both scopes.
-    pub fn all_backends(&self) -> impl Iterator<Item = &L4Addr> {
+    pub(crate) fn all_backends(&self) -> impl Iterator<Item = &L4Addr> {
         self.backends
             .all()
             .chain(self.internal.iter().flat_map(BackendSet::all))
@@ -211,12 +211,12 @@ impl DesiredState {
         self.entries.is_empty()
     }
 
-    pub fn backend_count(&self) -> usize {
+    pub(crate) fn backend_count(&self) -> usize {
         self.active_backends
     }
 
     /// Whether any entry balances over `backend`.
-    pub fn uses_backend(&self, backend: &L4Addr) -> bool {
+    pub(crate) fn uses_backend(&self, backend: &L4Addr) -> bool {
         self.backend_users.contains_key(backend)
     }
 
@@ -256,7 +256,7 @@ impl DesiredState {
     }
 
     /// Frontends that belong to `service`.
-    pub fn frontends_of(&self, service: &ServiceName) -> Vec<L4Addr> {
+    pub(crate) fn frontends_of(&self, service: &ServiceName) -> Vec<L4Addr> {
         self.by_service
             .get(service)
             .map(|set| set.iter().copied().collect())

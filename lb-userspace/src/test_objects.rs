@@ -28,7 +28,7 @@ pub fn cluster_ip(name: &str, ip: &str, port: i32) -> ServiceInfo {
 
 /// A slice of `default/<service>` with port `http` = `port` and ready
 /// endpoints at `ips`.
-pub fn ready_slice(service: &str, slice_name: &str, port: i32, ips: &[String]) -> SliceInfo {
+pub(crate) fn ready_slice(service: &str, slice_name: &str, port: i32, ips: &[String]) -> SliceInfo {
     let endpoints: Vec<Value> = ips.iter().map(|ip| json!({"addresses": [ip]})).collect();
     slice(json!({
         "metadata": {"name": slice_name, "namespace": "default",

@@ -53,7 +53,7 @@ pub fn interfaces() -> Vec<(u32, String)> {
 }
 
 /// Shell-style match with `*` as the only wildcard.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     let parts: Vec<&str> = pattern.split('*').collect();
     if parts.len() == 1 {
         return pattern == name;
@@ -512,7 +512,7 @@ pub fn links_dir(pin_dir: &Path) -> PathBuf {
 }
 
 /// The wire hooks pinned under `pin_dir`: (interface, hook), by interface.
-pub fn pinned_wire_hooks(pin_dir: &Path) -> Vec<(String, WireHook)> {
+pub(crate) fn pinned_wire_hooks(pin_dir: &Path) -> Vec<(String, WireHook)> {
     let mut out: Vec<(String, WireHook)> = std::fs::read_dir(links_dir(pin_dir))
         .into_iter()
         .flatten()
@@ -532,12 +532,12 @@ pub fn pinned_wire_hooks(pin_dir: &Path) -> Vec<(String, WireHook)> {
 }
 
 /// Pod interfaces with tc pinned under `pin_dir`.
-pub fn pinned_pod_hooks(pin_dir: &Path) -> Vec<String> {
+pub(crate) fn pinned_pod_hooks(pin_dir: &Path) -> Vec<String> {
     pinned_links_named(pin_dir, "tc_")
 }
 
 /// The pinned links whose names start with `prefix`, without it, sorted.
-pub fn pinned_links_named(pin_dir: &Path, prefix: &str) -> Vec<String> {
+pub(crate) fn pinned_links_named(pin_dir: &Path, prefix: &str) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(links_dir(pin_dir))
         .into_iter()
         .flatten()

@@ -94,7 +94,7 @@ pub fn account(before: CtCounters, seen: u64, removed_now: u64) -> (u64, u64) {
 
 /// What one sweep saw and did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct SweepReport {
+pub(crate) struct SweepReport {
     /// Entries present after the sweep.
     pub present: u64,
     pub backend_gone: u64,
@@ -115,7 +115,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// The maps a sweep works on, opened from their pins.
-pub struct Sweeper {
+pub(crate) struct Sweeper {
     conntrack: BpfHashMap<MapData, Ct4Key, Ct4Value>,
     backends: Array<MapData, Backend4>,
     stats: PerCpuArray<MapData, u64>,

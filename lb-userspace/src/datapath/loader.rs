@@ -23,7 +23,7 @@ use crate::{datapath::pseudo_fs, sync::map_writer::BpfMaps};
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one on its parent if
 /// needed (a fresh machine has none at /sys/fs/bpf).
-pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
+pub(crate) fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
     let parent = pin_dir.parent().context("pin dir has no parent")?;
     if !pseudo_fs::is(parent, pseudo_fs::BPF_FS_MAGIC) {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -61,15 +61,15 @@ pub fn ensure_pin_dir(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(name)
 }
 
 /// What a pinned map is: (type, key size, value size, capacity).
-pub type FoundLayout = (Option<MapType>, u32, u32, u32);
+pub(crate) type FoundLayout = (Option<MapType>, u32, u32, u32);
 
 /// The kernel's type for a map of kind `kind`.
-pub fn map_type(kind: MapKind) -> MapType {
+pub(crate) fn map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
         MapKind::LruHash => MapType::LruHash,
@@ -81,7 +81,7 @@ pub fn map_type(kind: MapKind) -> MapType {
 
 /// Why a pinned map with (type, key size, value size, capacity) `found`
 /// cannot be adopted as `want`, if it cannot.
-pub fn incompatibility(want: &MapSpec, found: FoundLayout) -> Option<String> {
+pub(crate) fn incompatibility(want: &MapSpec, found: FoundLayout) -> Option<String> {
     let (found_type, key, value, max) = found;
     let mut why = Vec::new();
     let want_type = map_type(want.kind);
@@ -101,7 +101,7 @@ pub fn incompatibility(want: &MapSpec, found: FoundLayout) -> Option<String> {
 }
 
 /// Where a replaced map stays pinned while its entries are migrated.
-pub fn old_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn old_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(format!("{name}_old"))
 }
 
@@ -128,7 +128,7 @@ const ID_MAPS: [&str; 3] = [
 
 /// Whether a pinned map with layout `found` can have its entries copied
 /// into a map of layout `want`.
-pub fn entries_copyable(want: &MapSpec, found: FoundLayout) -> bool {
+pub(crate) fn entries_copyable(want: &MapSpec, found: FoundLayout) -> bool {
     let (map_type, key, value, _) = found;
     let kind_ok = match map_type {
         Some(MapType::Hash | MapType::LruHash) => true,
@@ -177,7 +177,7 @@ fn found_layout(pin: &Path) -> Result<FoundLayout, String> {
 
 /// What becomes of one pinned map.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PinFate {
+pub(crate) enum PinFate {
     Adopt,
     /// Its entries are copied into a new map.
     Migrate,
@@ -189,7 +189,11 @@ pub enum PinFate {
 /// (Err: unreadable). `ids_kept`: the pinned backend and reverse NAT ids
 /// survive (adopted or migrated); when they do not, conntrack and affinity
 /// entries would name the wrong backends and frontends, so they start empty.
-pub fn pin_fate(want: &MapSpec, found: Result<FoundLayout, String>, ids_kept: bool) -> PinFate {
+pub(crate) fn pin_fate(
+    want: &MapSpec,
+    found: Result<FoundLayout, String>,
+    ids_kept: bool,
+) -> PinFate {
     if !ids_kept && matches!(want.name, map_names::CONNTRACK | map_names::AFFINITY) {
         return PinFate::Rebuild("the backend and reverse NAT ids it holds were not kept".into());
     }
@@ -211,7 +215,7 @@ pub fn pin_fate(want: &MapSpec, found: Result<FoundLayout, String>, ids_kept: bo
 /// its first sync: packets never see an empty map. A `_old` pin left by an
 /// agent that died while migrating stays the source (the old programs may
 /// still use it); the map that agent created is dropped.
-pub fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapSpec]) -> PinnedState {
+pub(crate) fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapSpec]) -> PinnedState {
     let mut state = PinnedState::default();
     let source = |name: &str| {
         [old_pin_path(pin_dir, name), map_pin_path(pin_dir, name)]

@@ -3,8 +3,8 @@
 
 use std::{ffi::CString, path::Path};
 
-pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub(crate) const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Whether the filesystem holding `path` has the magic number `magic`.
 pub fn is(path: &Path, magic: i64) -> bool {

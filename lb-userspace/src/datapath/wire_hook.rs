@@ -73,7 +73,7 @@ impl WireHookReason {
     }
 
     /// The reason in words, for logs and `lb-agent status`.
-    pub fn explain(self, hook: WireHook, driver: &str) -> String {
+    pub(crate) fn explain(self, hook: WireHook, driver: &str) -> String {
         match (self, hook) {
             (WireHookReason::Chosen, WireHook::Xdp) if !complete_checksums(driver) => format!(
                 "chosen by --wire-hook xdp; driver {driver} may deliver partial checksums, which XDP corrupts"
@@ -122,7 +122,7 @@ const COMPLETE_CHECKSUM_DRIVERS: &[&str] = &[
 ];
 
 /// Whether `driver` is one whose packets carry complete checksums.
-pub fn complete_checksums(driver: &str) -> bool {
+pub(crate) fn complete_checksums(driver: &str) -> bool {
     COMPLETE_CHECKSUM_DRIVERS.contains(&driver)
 }
 

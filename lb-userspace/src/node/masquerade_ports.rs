@@ -27,7 +27,7 @@ impl PortRange {
     }
 
     /// How many ports (a range holds at least one).
-    pub fn port_count(&self) -> u32 {
+    pub(crate) fn port_count(&self) -> u32 {
         u32::from(self.last) - u32::from(self.first) + 1
     }
 
@@ -110,7 +110,7 @@ pub struct NodePorts {
 
 /// Ports below this are left out of the default ranges (privileged ports,
 /// where well-known services listen).
-pub const DEFAULT_FIRST_PORT: u16 = 1024;
+pub(crate) const DEFAULT_FIRST_PORT: u16 = 1024;
 
 /// The default ranges: 1024-65535 without the node's ports, the largest
 /// `SNAT_PORT_RANGES_MAX` pieces, in port order.

@@ -21,7 +21,7 @@ use prometheus_client::{
 use crate::datapath::loader;
 
 /// Reverse NAT id -> (Service, frontend): the labels of per-Service counters.
-pub type FrontendNames = BTreeMap<u16, (String, String)>;
+pub(crate) type FrontendNames = BTreeMap<u16, (String, String)>;
 
 /// The counters' source: the pinned maps once the data path is loaded,
 /// and the names of the frontends the last sync programmed.
@@ -77,7 +77,7 @@ impl CounterMaps {
 /// Registers the counters' collector (`lb_datapath_packets_total`,
 /// `lb_service_packets_total`, `lb_service_bytes_total`).
 #[derive(Clone)]
-pub struct DatapathCollector(pub Arc<DatapathCounters>);
+pub(crate) struct DatapathCollector(pub Arc<DatapathCounters>);
 
 impl fmt::Debug for DatapathCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

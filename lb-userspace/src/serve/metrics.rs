@@ -51,7 +51,7 @@ pub struct InvalidLabel {
 
 /// kube-proxy's buckets for network_programming_duration_seconds:
 /// 0.25 s and 0.5 s, then 1..59 s by 1, 60..115 s by 5, 120..300 s by 30.
-pub fn network_programming_buckets() -> Vec<f64> {
+pub(crate) fn network_programming_buckets() -> Vec<f64> {
     let mut b = vec![0.25, 0.5];
     b.extend((1..=59).map(f64::from));
     b.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
@@ -217,10 +217,6 @@ impl Metrics {
         self.ready.store(true, Ordering::SeqCst);
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.readiness().is_ok()
-    }
-
     /// Ready, or why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
         if !self.ready.load(Ordering::SeqCst) {
@@ -247,7 +243,7 @@ impl Metrics {
 
 /// Reads an HTTP request head, bounded in size (`max` bytes) and time
 /// (5 s), for the agent's small servers that answer and close.
-pub async fn read_request_head(stream: &mut tokio::net::TcpStream, max: usize) -> Vec<u8> {
+pub(crate) async fn read_request_head(stream: &mut tokio::net::TcpStream, max: usize) -> Vec<u8> {
     let mut buf = vec![0u8; max];
     let mut n = 0;
     while n < buf.len() {
@@ -272,7 +268,7 @@ pub async fn read_request_head(stream: &mut tokio::net::TcpStream, max: usize) -
 /// client sent (a refused POST's, say) and the server never read would make
 /// the close a reset, which can destroy the answer before the client reads
 /// it. So: our FIN first, then discard what comes, bounded in bytes and time.
-pub async fn answer_and_close(stream: &mut tokio::net::TcpStream, response: &str) {
+pub(crate) async fn answer_and_close(stream: &mut tokio::net::TcpStream, response: &str) {
     if stream.write_all(response.as_bytes()).await.is_err() || stream.shutdown().await.is_err() {
         return;
     }
@@ -302,7 +298,7 @@ pub enum Request<'a> {
 }
 
 /// Reads the request line of `head`. Methods are case-sensitive (RFC 9110).
-pub fn parse_request(head: &str) -> Request<'_> {
+pub(crate) fn parse_request(head: &str) -> Request<'_> {
     let line = head.lines().next().unwrap_or_default();
     let mut parts = line.split(' ');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -328,7 +324,7 @@ pub fn parse_request(head: &str) -> Request<'_> {
 
 /// An HTTP/1.1 answer after which the connection closes. `head_only` (for
 /// HEAD) leaves the body out but keeps its Content-Length.
-pub fn http_response(
+pub(crate) fn http_response(
     status: &str,
     headers: &[(&str, String)],
     body: &str,

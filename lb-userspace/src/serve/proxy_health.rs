@@ -77,7 +77,7 @@ impl ProxyHealth {
     }
 
     /// The proxy's own health, the node's state left out.
-    pub fn is_healthy(&self) -> bool {
+    pub(crate) fn is_healthy(&self) -> bool {
         self.lock()
             .oldest_pending
             .is_none_or(|t| t.elapsed() < self.timeout)

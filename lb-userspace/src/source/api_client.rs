@@ -126,13 +126,13 @@ fn would_use_in_cluster_config() -> bool {
 /// The `kubernetes` Service's address, as the kubelet tells every pod
 /// (KUBERNETES_PORT=tcp://IP:PORT, set even when the pod overrides
 /// KUBERNETES_SERVICE_HOST).
-pub fn kubernetes_service_address() -> Option<SocketAddr> {
+pub(crate) fn kubernetes_service_address() -> Option<SocketAddr> {
     let v = std::env::var("KUBERNETES_PORT").ok()?;
     v.strip_prefix("tcp://")?.parse().ok()
 }
 
 /// Where `url` connects, when its host is an address (not a name).
-pub fn url_address(url: &http::Uri) -> Option<SocketAddr> {
+pub(crate) fn url_address(url: &http::Uri) -> Option<SocketAddr> {
     let host = url.host()?.trim_matches(['[', ']']);
     let ip: IpAddr = host.parse().ok()?;
     let port = url.port_u16().unwrap_or(match url.scheme_str() {
@@ -145,7 +145,10 @@ pub fn url_address(url: &http::Uri) -> Option<SocketAddr> {
 /// Refuses an API server address that is the `kubernetes` Service when
 /// nothing on this node answers there yet (no kube-proxy, and not this
 /// agent's maps from before a restart): the watches could never start.
-pub async fn refuse_untranslated_service_address(url: &http::Uri, timeout: Duration) -> Result<()> {
+pub(crate) async fn refuse_untranslated_service_address(
+    url: &http::Uri,
+    timeout: Duration,
+) -> Result<()> {
     let (Some(target), Some(service)) = (url_address(url), kubernetes_service_address()) else {
         return Ok(());
     };
@@ -185,7 +188,7 @@ fn untranslated_message(target: SocketAddr, why: &str) -> String {
 /// watch events, and a hung server sends nothing at all, so silence on
 /// the watches says nothing.
 #[derive(Debug)]
-pub struct Reachability {
+pub(crate) struct Reachability {
     last_answer: Instant,
     last_failure: Instant,
     failures: u32,
@@ -195,7 +198,7 @@ pub struct Reachability {
 
 /// What a probe's outcome changed.
 #[derive(Debug, PartialEq, Eq)]
-pub enum ReachabilityChange {
+pub(crate) enum ReachabilityChange {
     None,
     /// The first answer after failures.
     Recovered {
@@ -249,13 +252,13 @@ impl Reachability {
         t.saturating_duration_since(self.last_answer) >= self.unready_after
     }
 
-    pub fn silent_for(&self, now: Instant) -> Duration {
+    pub(crate) fn silent_for(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.last_answer)
     }
 }
 
 /// Probes that many timeouts make the agent unready.
-pub const UNREADY_AFTER_TIMEOUTS: u32 = 3;
+pub(crate) const UNREADY_AFTER_TIMEOUTS: u32 = 3;
 
 /// Asks the API server for its version every `timeout`, each ask bounded
 /// by `timeout`, and reports through `report(reachable, unready)`.

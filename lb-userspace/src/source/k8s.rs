@@ -22,7 +22,6 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-pub use crate::source::objects::TRIGGER_TIME_ANNOTATION;
 use crate::{
     model::ServiceName,
     source::objects::{
@@ -32,7 +31,7 @@ use crate::{
 
 /// Objects this agent leaves alone, as kube-proxy does: Services of another
 /// proxy, and headless ones (their slices carry the label too).
-pub fn proxy_label_selector() -> String {
+pub(crate) fn proxy_label_selector() -> String {
     format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
 }
 
@@ -80,7 +79,7 @@ pub struct NodeFacts {
 }
 
 /// The taint the cluster autoscaler puts on a node it is about to delete.
-pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+pub(crate) const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 impl From<&Node> for NodeFacts {
     fn from(n: &Node) -> Self {
@@ -409,6 +408,7 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::objects::TRIGGER_TIME_ANNOTATION;
     use serde_json::json;
 
     fn svc(name: &str, ip: &str) -> Service {

@@ -55,7 +55,7 @@ impl fmt::Display for ManifestError {
 
 /// Parses every document of one file. Kinds other than Service and
 /// EndpointSlice (Deployments, ConfigMaps, ...) are ignored.
-pub fn parse_documents(file: &Path, text: &str) -> (ManifestSet, Vec<ManifestError>) {
+pub(crate) fn parse_documents(file: &Path, text: &str) -> (ManifestSet, Vec<ManifestError>) {
     let mut set = ManifestSet::default();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {

@@ -27,14 +27,15 @@ use crate::model::{Protocol, ServiceName, UnsupportedProtocol};
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Services with this label belong to another proxy (kube-proxy honours it too).
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label are headless (no virtual IP) whatever their spec says.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The annotation kube-proxy measures network programming latency from.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub(crate) const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// The older way to give `loadBalancerSourceRanges` (kube-proxy reads it
 /// when the spec has none).
-pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+pub(crate) const SOURCE_RANGES_ANNOTATION: &str =
+    "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// An address as a Service or endpoint gives it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -397,7 +398,7 @@ fn endpoint_info(e: &Endpoint) -> EndpointInfo {
 
 impl SliceInfo {
     /// `namespace/name`, for messages.
-    pub fn display_name(&self) -> String {
+    pub(crate) fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 }

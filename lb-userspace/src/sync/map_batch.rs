@@ -33,7 +33,7 @@ const CHUNK: usize = 4096;
 /// Every (key, value) of a hash, LRU hash or array map whose key and value
 /// are `K` and `V`. Entries added or removed while it reads may or may not
 /// be in the result (as with a walk key by key), none twice.
-pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     let mut chunk = CHUNK;
     // The batch token: a bucket index for hashes, the last key for arrays.

@@ -326,7 +326,7 @@ pub(crate) mod fake {
     /// Applies writes to an in-memory copy and checks, after every single
     /// write, that a packet could not see a half-written Service.
     #[derive(Default)]
-    pub struct CheckingWriter {
+    pub(crate) struct CheckingWriter {
         pub maps: MapContents,
         pub writes: Vec<MapOp>,
         /// Fail puts of slots of this frontend port (a "full map").

@@ -86,7 +86,8 @@ impl<W: MapWriter> Programmer<W> {
     }
 
     /// Frontends whose desired state is not in the maps.
-    pub fn unprogrammed(&self) -> &BTreeSet<L4Addr> {
+    #[cfg(test)]
+    pub(crate) fn unprogrammed(&self) -> &BTreeSet<L4Addr> {
         &self.unprogrammed
     }
 
@@ -313,7 +314,7 @@ impl<W: MapWriter> Programmer<W> {
     }
 
     /// rev_nat id -> (Service, frontend address:port), for per-Service counters.
-    pub fn rev_nat_names(&self) -> BTreeMap<u16, (String, String)> {
+    pub(crate) fn rev_nat_names(&self) -> BTreeMap<u16, (String, String)> {
         let mut out = BTreeMap::new();
         for (frontend, entry) in self.desired.entries() {
             if let Some(id) = self.current.rev_nat_id(frontend.addr, frontend.port) {

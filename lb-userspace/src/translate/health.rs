@@ -23,7 +23,7 @@ pub struct HealthCheck {
 }
 
 /// The health check a Service asks of this node, if any.
-pub fn health_check_of(
+pub(crate) fn health_check_of(
     node: &NodeInfo,
     svc: &ServiceInfo,
     slices: &[&SliceInfo],

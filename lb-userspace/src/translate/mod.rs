@@ -13,7 +13,8 @@
 pub(crate) mod health;
 mod invalid;
 
-pub use invalid::{Invalid, ObjectKind, TranslateError};
+pub use invalid::Invalid;
+pub(crate) use invalid::{ObjectKind, TranslateError};
 
 use std::{
     borrow::Borrow,
@@ -28,7 +29,7 @@ use lb_common::{
     SVC_FLAG_TWO_SCOPES,
 };
 
-pub use crate::source::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+pub use crate::source::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL};
 use crate::{
     model::{
         BackendSet, Conflict, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry,
@@ -140,7 +141,7 @@ impl From<Conflict> for TranslateError {
 
 /// Keeps the previous entries (held or waiting) of Services that failed
 /// as a whole, so a bad edit does not take down what was already serving.
-pub fn carry_over_failed(
+pub(crate) fn carry_over_failed(
     translation: &mut Translation,
     previous: &DesiredState,
     previous_shadowed: &Shadowed,
@@ -161,7 +162,7 @@ pub fn carry_over_failed(
 }
 
 /// Session affinity timeout kube-proxy uses when the Service gives none.
-pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// One endpoint of a Service port with what the traffic policies read.
 #[derive(Clone, Debug)]
@@ -192,7 +193,7 @@ struct ServiceRules {
 /// Translates one Service with its slices: its entries, or why the whole
 /// Service cannot be programmed. Per-port problems go to `errors`, what is
 /// passed over on purpose to `notes`.
-pub fn translate_service(
+pub(crate) fn translate_service(
     node: &NodeInfo,
     svc: &ServiceInfo,
     slices: &[&SliceInfo],

@@ -51,7 +51,7 @@ impl PartialEq for MapContents {
 impl Eq for MapContents {}
 
 impl MapContents {
-    pub fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
+    pub(crate) fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
         if let Some(old) = self.services.insert(k, v) {
             self.unref(&k, &old);
         }
@@ -62,7 +62,7 @@ impl MapContents {
         }
     }
 
-    pub fn remove_service(&mut self, k: &Service4Key) {
+    pub(crate) fn remove_service(&mut self, k: &Service4Key) {
         if let Some(old) = self.services.remove(k) {
             self.unref(k, &old);
         }
@@ -77,16 +77,16 @@ impl MapContents {
     }
 
     /// Whether a backend slot points at backend `id`.
-    pub fn backend_in_use(&self, id: u32) -> bool {
+    pub(crate) fn backend_in_use(&self, id: u32) -> bool {
         self.slot_users.contains_key(&id)
     }
 
     /// Whether a master slot uses reverse NAT `id`.
-    pub fn rev_nat_in_use(&self, id: u16) -> bool {
+    pub(crate) fn rev_nat_in_use(&self, id: u16) -> bool {
         self.master_users.contains_key(&id)
     }
 
-    pub fn insert_backend(&mut self, id: u32, v: Backend4) {
+    pub(crate) fn insert_backend(&mut self, id: u32, v: Backend4) {
         self.next_backend_id = self.next_backend_id.max(id + 1);
         if let Some(old) = self.backends.insert(id, v).and_then(|o| backend_addr(&o)) {
             if self.backend_ids.get(&old) == Some(&id) {
@@ -98,7 +98,7 @@ impl MapContents {
         }
     }
 
-    pub fn remove_backend(&mut self, id: u32) {
+    pub(crate) fn remove_backend(&mut self, id: u32) {
         if let Some(addr) = self.backends.remove(&id).and_then(|o| backend_addr(&o)) {
             if self.backend_ids.get(&addr) == Some(&id) {
                 self.backend_ids.remove(&addr);
@@ -106,7 +106,7 @@ impl MapContents {
         }
     }
 
-    pub fn insert_rev_nat(&mut self, id: u16, v: RevNat4) {
+    pub(crate) fn insert_rev_nat(&mut self, id: u16, v: RevNat4) {
         self.next_rev_nat_id = self.next_rev_nat_id.max(u32::from(id) + 1);
         if let Some(old) = self.rev_nat.insert(id, v) {
             let key = rev_key(&old);
@@ -117,7 +117,7 @@ impl MapContents {
         self.rev_ids.entry(rev_key(&v)).or_insert(id);
     }
 
-    pub fn remove_rev_nat(&mut self, id: u16) {
+    pub(crate) fn remove_rev_nat(&mut self, id: u16) {
         if let Some(old) = self.rev_nat.remove(&id) {
             let key = rev_key(&old);
             if self.rev_ids.get(&key) == Some(&id) {
@@ -130,7 +130,7 @@ impl MapContents {
         self.backend_ids.get(addr).copied()
     }
 
-    pub fn rev_nat_id(&self, addr: Ipv4Addr, port: u16) -> Option<u16> {
+    pub(crate) fn rev_nat_id(&self, addr: Ipv4Addr, port: u16) -> Option<u16> {
         self.rev_ids.get(&(addr, port)).copied()
     }
 

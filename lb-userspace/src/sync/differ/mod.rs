@@ -19,7 +19,7 @@ use lb_common::{
 };
 
 pub use contents::MapContents;
-pub use planner::plan_scoped;
+pub(crate) use planner::plan_scoped;
 
 use crate::model::{DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceName};
 
@@ -97,11 +97,11 @@ pub fn master_key(frontend: &L4Addr) -> Service4Key {
     slot_key(frontend, 0)
 }
 
-pub fn slot_key(frontend: &L4Addr, slot: u16) -> Service4Key {
+pub(crate) fn slot_key(frontend: &L4Addr, slot: u16) -> Service4Key {
     scoped_slot_key(frontend, SCOPE_EXTERNAL, slot)
 }
 
-pub fn scoped_slot_key(frontend: &L4Addr, scope: u8, slot: u16) -> Service4Key {
+pub(crate) fn scoped_slot_key(frontend: &L4Addr, scope: u8, slot: u16) -> Service4Key {
     Service4Key {
         addr: u32::from_ne_bytes(frontend.addr.octets()),
         port: frontend.port.to_be(),
@@ -112,7 +112,7 @@ pub fn scoped_slot_key(frontend: &L4Addr, scope: u8, slot: u16) -> Service4Key {
     }
 }
 
-pub fn frontend_of(key: &Service4Key) -> Option<L4Addr> {
+pub(crate) fn frontend_of(key: &Service4Key) -> Option<L4Addr> {
     Some(L4Addr {
         addr: key.addr.to_ne_bytes().into(),
         port: u16::from_be(key.port),
@@ -120,7 +120,7 @@ pub fn frontend_of(key: &Service4Key) -> Option<L4Addr> {
     })
 }
 
-pub fn backend_value(b: &L4Addr) -> Backend4 {
+pub(crate) fn backend_value(b: &L4Addr) -> Backend4 {
     Backend4 {
         addr: u32::from_ne_bytes(b.addr.octets()),
         port: b.port.to_be(),
@@ -131,7 +131,7 @@ pub fn backend_value(b: &L4Addr) -> Backend4 {
     }
 }
 
-pub fn backend_addr(b: &Backend4) -> Option<L4Addr> {
+pub(crate) fn backend_addr(b: &Backend4) -> Option<L4Addr> {
     Some(L4Addr {
         addr: b.addr.to_ne_bytes().into(),
         port: u16::from_be(b.port),
@@ -148,7 +148,7 @@ pub(crate) fn rev_nat_value(f: &L4Addr) -> RevNat4 {
 }
 
 /// The slots of `frontend` present in `services`, master included.
-pub fn slots_of<'a>(
+pub(crate) fn slots_of<'a>(
     services: &'a BTreeMap<Service4Key, Service4Value>,
     frontend: &L4Addr,
 ) -> impl Iterator<Item = (&'a Service4Key, &'a Service4Value)> + 'a {
@@ -177,7 +177,8 @@ pub fn plan(current: &MapContents, desired: &DesiredState) -> Plan {
 /// Checks what a packet could see in `maps`: every master's slots up to its
 /// count exist and point at existing backends, and its reverse NAT exists.
 /// Returns the first violation.
-pub fn reader_violation(maps: &MapContents) -> Option<String> {
+#[cfg(test)]
+pub(crate) fn reader_violation(maps: &MapContents) -> Option<String> {
     for (key, master) in maps.services.iter().filter(|(k, _)| k.backend_slot == 0) {
         if !maps.rev_nat.contains_key(&master.rev_nat_id) {
             return Some(format!(

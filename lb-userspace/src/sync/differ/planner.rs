@@ -27,7 +27,7 @@ use crate::model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, Ser
 /// A Service whose new backends or frontends find no free id is left out
 /// whole (in `Plan::unplanned`): it keeps what the maps hold for it, and
 /// every other Service is planned as usual.
-pub fn plan_scoped(
+pub(crate) fn plan_scoped(
     current: &MapContents,
     desired: &DesiredState,
     touched: Option<&BTreeSet<L4Addr>>,
