@@ -17,11 +17,13 @@
 //!
 //! Each prints a markdown section on stdout; progress goes to stderr.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context, Result};
 use lb_bench::{percentile, traffic::rss_kib};
-use lb_common::Service4Key;
 use lb_kube_fixtures::{
     apiserver::ApiServer,
     scale::{service, service_ip, slice},
@@ -216,6 +218,44 @@ fn first_sync_duration(log: &str) -> Option<String> {
 fn control_plane(a: Args) -> Result<()> {
     let mut lab = Lab::from_objects(Vec::new())?;
     let api = ApiServer::start_in(Some(lab.node.path()))?;
+    store_objects(&api, &a)?;
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig())?;
+    let initial = start_and_wait_for_first_sync(&mut lab, &kubeconfig)?;
+    let pid = lab.agent_pid().context("agent runs")?;
+    let (rss_after_sync, _) = rss_kib(pid);
+    let maps = loader::open_pinned(&lab.pin_dir)?;
+    let count_of = |i: usize| {
+        let key = master_key(&L4Addr {
+            addr: service_ip(i),
+            port: 80,
+            proto: Protocol::Tcp,
+        });
+        maps.services.get(&key, 0).ok().map(|v| v.count)
+    };
+    for i in [0, a.services / 2, a.services - 1] {
+        if count_of(i) != Some(a.endpoints as u16) {
+            bail!(
+                "Service {i} is not fully programmed after the first sync: {:?}",
+                count_of(i)
+            );
+        }
+    }
+    let latencies = change_latencies(&api, &a, count_of)?;
+    let (rss_end, rss_peak) = rss_kib(pid);
+    let report = ControlPlaneReport {
+        initial,
+        first_sync: first_sync_duration(&lab.agent_log()).unwrap_or_else(|| "?".into()),
+        latencies,
+        rss_kib: [rss_after_sync, rss_end, rss_peak],
+    };
+    report.print(&a);
+    Ok(())
+}
+
+/// Stores the benchmark's Services and EndpointSlices (and the Node) in
+/// the API server fixture.
+fn store_objects(api: &ApiServer, a: &Args) -> Result<()> {
     api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME}}))?;
     eprintln!(
         "[bench] control plane: storing {} Services x {} endpoints in the API server fixture",
@@ -227,10 +267,12 @@ fn control_plane(a: Args) -> Result<()> {
         objects.push(slice(i, a.endpoints, NODE_NAME));
     }
     api.apply_all(&objects)?;
-    drop(objects);
-    let kubeconfig = lab.dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig())?;
+    Ok(())
+}
 
+/// Starts the agent on the fixture and returns the time to its first
+/// full sync.
+fn start_and_wait_for_first_sync(lab: &mut Lab, kubeconfig: &Path) -> Result<Duration> {
     eprintln!("[bench] starting lb-agent and waiting for its first full sync");
     let started = Instant::now();
     let kc = kubeconfig.to_string_lossy().into_owned();
@@ -244,27 +286,16 @@ fn control_plane(a: Args) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let initial = started.elapsed();
-    let pid = lab.agent_pid().context("agent runs")?;
-    let (rss_after_sync, _) = rss_kib(pid);
-    let maps = loader::open_pinned(&lab.pin_dir)?;
-    let key_of = |i: usize| -> Service4Key {
-        master_key(&L4Addr {
-            addr: service_ip(i),
-            port: 80,
-            proto: Protocol::Tcp,
-        })
-    };
-    let count_of = |i: usize| maps.services.get(&key_of(i), 0).ok().map(|v| v.count);
-    for i in [0, a.services / 2, a.services - 1] {
-        if count_of(i) != Some(a.endpoints as u16) {
-            bail!(
-                "Service {i} is not fully programmed after the first sync: {:?}",
-                count_of(i)
-            );
-        }
-    }
+    Ok(started.elapsed())
+}
 
+/// Applies single-EndpointSlice changes one at a time and returns, sorted,
+/// how long each took to reach the maps (`count_of`: a Service's count).
+fn change_latencies(
+    api: &ApiServer,
+    a: &Args,
+    count_of: impl Fn(usize) -> Option<u16>,
+) -> Result<Vec<Duration>> {
     eprintln!("[bench] {} single-EndpointSlice changes", a.changes);
     let mut latencies = Vec::with_capacity(a.changes);
     let mut sizes = vec![a.endpoints; a.services];
@@ -283,10 +314,7 @@ fn control_plane(a: Args) -> Result<()> {
         let t0 = Instant::now();
         api.apply(&slice(i, new, NODE_NAME))?;
         let deadline = t0 + Duration::from_secs(10);
-        loop {
-            if count_of(i) == Some(new as u16) {
-                break;
-            }
+        while count_of(i) != Some(new as u16) {
             if Instant::now() > deadline {
                 bail!("change {n} (Service {i} to {new} endpoints) not programmed in 10 s");
             }
@@ -298,40 +326,55 @@ fn control_plane(a: Args) -> Result<()> {
         std::thread::sleep(Duration::from_millis(2));
     }
     latencies.sort();
-    let (rss_end, rss_peak) = rss_kib(pid);
-    let sync = first_sync_duration(&lab.agent_log()).unwrap_or_else(|| "?".into());
-    let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
-    println!(
-        "### Control plane: {} Services x {} endpoints ({} backends)\n",
-        a.services,
-        a.endpoints,
-        a.services * a.endpoints
-    );
-    println!("| Measure | Value |\n| --- | --- |");
-    println!(
-        "| Agent start to first full sync written (list + translate + write, BPF load included) | {} |",
-        ms(initial)
-    );
-    println!("| First full sync alone (translate + write, agent log) | {sync} |");
-    println!(
-        "| EndpointSlice change to map, p50 ({} changes) | {} |",
-        latencies.len(),
-        ms(percentile(&latencies, 0.50))
-    );
-    println!(
-        "| EndpointSlice change to map, p99 | {} |",
-        ms(percentile(&latencies, 0.99))
-    );
-    println!(
-        "| EndpointSlice change to map, max | {} |",
-        ms(*latencies.last().unwrap_or(&Duration::ZERO))
-    );
-    println!(
-        "| Agent RSS after first sync / at end / peak | {:.1} / {:.1} / {:.1} MiB |",
-        rss_after_sync as f64 / 1024.0,
-        rss_end as f64 / 1024.0,
-        rss_peak as f64 / 1024.0
-    );
-    println!();
-    Ok(())
+    Ok(latencies)
+}
+
+/// What `control_plane` measured.
+struct ControlPlaneReport {
+    initial: Duration,
+    first_sync: String,
+    latencies: Vec<Duration>,
+    /// After the first sync, at the end, peak.
+    rss_kib: [u64; 3],
+}
+
+impl ControlPlaneReport {
+    fn print(&self, a: &Args) {
+        let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+        let latencies = &self.latencies;
+        println!(
+            "### Control plane: {} Services x {} endpoints ({} backends)\n",
+            a.services,
+            a.endpoints,
+            a.services * a.endpoints
+        );
+        println!("| Measure | Value |\n| --- | --- |");
+        println!(
+            "| Agent start to first full sync written (list + translate + write, BPF load included) | {} |",
+            ms(self.initial)
+        );
+        println!(
+            "| First full sync alone (translate + write, agent log) | {} |",
+            self.first_sync
+        );
+        println!(
+            "| EndpointSlice change to map, p50 ({} changes) | {} |",
+            latencies.len(),
+            ms(percentile(latencies, 0.50))
+        );
+        println!(
+            "| EndpointSlice change to map, p99 | {} |",
+            ms(percentile(latencies, 0.99))
+        );
+        println!(
+            "| EndpointSlice change to map, max | {} |",
+            ms(*latencies.last().unwrap_or(&Duration::ZERO))
+        );
+        let mib = self.rss_kib.map(|k| k as f64 / 1024.0);
+        println!(
+            "| Agent RSS after first sync / at end / peak | {:.1} / {:.1} / {:.1} MiB |",
+            mib[0], mib[1], mib[2]
+        );
+        println!();
+    }
 }
