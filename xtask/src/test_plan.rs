@@ -112,8 +112,8 @@ fn build_tests(root: &Path) -> Result<Vec<TestBinary>> {
     Ok(bins)
 }
 
-/// The package name in a package id: `path+file:///work/main/tests#lb-tests@0.1.0`,
-/// or `path+file:///work/main/lb-common#0.1.0` when it is the folder's name.
+/// The package name in a package id: `path+file:///src/lb/tests#lb-tests@0.1.0`,
+/// or `path+file:///src/lb/lb-common#0.1.0` when it is the folder's name.
 fn package_name(id: &str) -> String {
     let (url, tail) = id.rsplit_once('#').unwrap_or((id, ""));
     match tail.split_once('@') {
