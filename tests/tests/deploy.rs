@@ -11,7 +11,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, DaemonSetSpec},
         core::v1::{ConfigMap, Container, PodSpec, Probe, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
@@ -430,7 +430,16 @@ fn daemon_set_runs_the_agent_with_what_it_needs() {
     let pod = pod_spec(origin, ds);
     let spec = ds.spec.as_ref().expect("pod_spec found it");
     let c = agent_container(origin, pod);
+    selects_its_template(origin, spec);
+    knows_its_node(origin, pod, c);
+    updates_one_node_at_a_time(origin, spec);
+    pins_on_the_hosts_bpffs(origin, pod, c);
+    propagates_mounts_as_the_api_server_allows(origin, pod);
+    may_load_and_attach(origin, c);
+    probes_and_serves_metrics_on_one_port(origin, c);
+}
 
+fn selects_its_template(origin: &Origin, spec: &DaemonSetSpec) {
     // Selector must select the template, or the API server rejects the DaemonSet.
     let template_labels = spec
         .template
@@ -443,7 +452,9 @@ fn daemon_set_runs_the_agent_with_what_it_needs() {
         !selector.is_empty() && selector.iter().all(|(k, v)| template_labels.get(k) == Some(v)),
         "{origin}: selector.matchLabels {selector:?} does not select template labels {template_labels:?}"
     );
+}
 
+fn knows_its_node(origin: &Origin, pod: &PodSpec, c: &Container) {
     // The data path attaches to the node's own interfaces.
     assert_eq!(
         pod.host_network,
@@ -468,7 +479,9 @@ fn daemon_set_runs_the_agent_with_what_it_needs() {
         Some("spec.nodeName"),
         "{origin}: NODE_NAME must come from fieldRef spec.nodeName"
     );
+}
 
+fn updates_one_node_at_a_time(origin: &Origin, spec: &DaemonSetSpec) {
     // One node at a time loses its agent during an update.
     let strategy = spec
         .update_strategy
@@ -487,7 +500,9 @@ fn daemon_set_runs_the_agent_with_what_it_needs() {
         Some(IntOrString::Int(1)),
         "{origin}: updateStrategy.rollingUpdate.maxUnavailable"
     );
+}
 
+fn pins_on_the_hosts_bpffs(origin: &Origin, pod: &PodSpec, c: &Container) {
     // Pins on the host's bpffs, visible from the container and outliving it.
     let mount = c
         .volume_mounts
@@ -529,7 +544,9 @@ fn daemon_set_runs_the_agent_with_what_it_needs() {
         Some(true),
         "{origin}: {BPFFS} must be writable to pin maps"
     );
+}
 
+fn propagates_mounts_as_the_api_server_allows(origin: &Origin, pod: &PodSpec) {
     // The API server rejects Bidirectional propagation in a container that is
     // not privileged; parsing alone does not apply that rule.
     for any in pod
@@ -548,7 +565,9 @@ fn daemon_set_runs_the_agent_with_what_it_needs() {
             );
         }
     }
+}
 
+fn may_load_and_attach(origin: &Origin, c: &Container) {
     // Loading and attaching: privileged, or at least CAP_BPF and CAP_NET_ADMIN.
     let sc = c.security_context.as_ref();
     let privileged = sc.and_then(|s| s.privileged) == Some(true);
@@ -563,7 +582,9 @@ fn daemon_set_runs_the_agent_with_what_it_needs() {
         privileged || (added.contains("BPF") && added.contains("NET_ADMIN")),
         "{origin}: container must be privileged or add capabilities BPF and NET_ADMIN (adds {added:?})"
     );
+}
 
+fn probes_and_serves_metrics_on_one_port(origin: &Origin, c: &Container) {
     // The metrics port, which the probes and --metrics-addr must agree on.
     let metrics: Vec<_> = c
         .ports
