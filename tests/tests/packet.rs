@@ -885,3 +885,66 @@ fn a_service_with_ten_thousand_backends_spreads_new_flows_over_all_of_them() {
     assert!(above_old_limit > 1500, "{above_old_limit} past slot 4096");
     assert!(chosen.last().is_some_and(|i| *i >= N - 100));
 }
+
+/// The agent writes runs of entries as batch syscalls: in order, a delete
+/// of an absent key is no failure, and a write the map refuses stops the
+/// batch there, reporting how many went in before it.
+#[privileged_test]
+fn batched_map_writes_go_in_order_skip_absent_deletes_and_stop_at_a_refused_write() {
+    use lb_common::{Backend4, Service4Key, Service4Value, MAX_BACKENDS};
+    use lb_userspace::sync::{
+        differ::MapOp,
+        map_writer::{MapWriter, WriteError},
+    };
+    let mut h = Harness::new();
+    let key = |slot: u16| Service4Key {
+        addr: u32::from_ne_bytes([10, 96, 9, 9]),
+        port: 80u16.to_be(),
+        backend_slot: slot,
+        proto: 6,
+        ..Default::default()
+    };
+    let value = |id: u32| Service4Value {
+        backend_id: id,
+        ..Default::default()
+    };
+    let puts: Vec<MapOp> = (1..=5000u16)
+        .map(|s| MapOp::PutService(key(s), value(u32::from(s))))
+        .collect();
+    h.maps
+        .apply_batch(&puts)
+        .expect("5,000 puts in two batches");
+    let held = h.maps.read_contents().expect("read").services;
+    assert_eq!(held.len(), 5000);
+    assert_eq!(held.get(&key(4321)), Some(&value(4321)));
+
+    // Slot 9,999 was never written: deleting it is no failure.
+    let deletes: Vec<MapOp> = [1u16, 9999, 2, 3]
+        .iter()
+        .map(|s| MapOp::DeleteService(key(*s)))
+        .collect();
+    h.maps
+        .apply_batch(&deletes)
+        .expect("absent keys are skipped");
+    let held = h.maps.read_contents().expect("read").services;
+    assert_eq!(held.len(), 4997);
+    assert!(!held.contains_key(&key(3)));
+
+    // An id past the array's end is refused (E2BIG): the batch stops there.
+    let backend = Backend4 {
+        addr: u32::from_ne_bytes([10, 244, 0, 9]),
+        port: 8080u16.to_be(),
+        proto: 6,
+        ..Default::default()
+    };
+    let writes = [
+        MapOp::PutBackend(7, backend),
+        MapOp::PutBackend(MAX_BACKENDS + 1, backend),
+        MapOp::PutBackend(8, backend),
+    ];
+    let (written, error) = h.maps.apply_batch(&writes).expect_err("refused");
+    assert_eq!(written, 1);
+    assert!(matches!(error, WriteError::Full(_)), "{error:?}");
+    let backends = h.maps.read_contents().expect("read").backends;
+    assert!(backends.contains_key(&7) && !backends.contains_key(&8));
+}

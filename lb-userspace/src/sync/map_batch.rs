@@ -1,7 +1,12 @@
-//! Reading a whole map with `BPF_MAP_LOOKUP_BATCH` (kernel 5.6+), a few
-//! thousand entries a syscall, where aya 0.14 offers one syscall (or two)
-//! an entry. Used where whole maps are read: the conntrack sweep, the
-//! adoption of pinned maps, `lb-agent services` and `check`.
+//! Batched map syscalls (kernel 5.6+), a few thousand entries a syscall
+//! where aya 0.14 offers one syscall (or two) an entry:
+//! `BPF_MAP_LOOKUP_BATCH` where whole maps are read (the conntrack sweep,
+//! the adoption of pinned maps, `lb-agent services` and `check`), and
+//! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` where a sync writes
+//! runs of entries. The kernel applies a batch's elements in order and
+//! stops at the first that fails, so readers see what a write one by one
+//! would have shown them at some point, and the caller learns how many
+//! went in.
 
 use std::{
     io,
@@ -10,21 +15,89 @@ use std::{
 };
 
 use aya::Pod;
+use aya_obj::generated::{bpf_attr__bindgen_ty_3 as BatchAttr, bpf_cmd};
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// A `batch` member of `union bpf_attr` for `map` and `count` entries,
+/// everything else zero (`BPF_ANY`, no flags).
+fn batch_attr(map: BorrowedFd<'_>, count: usize) -> BatchAttr {
+    BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: 0,
+        values: 0,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    }
+}
 
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+/// `bpf(cmd, attr)`, with the batch member as the attribute.
+fn bpf_batch(cmd: bpf_cmd, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid batch attribute whose pointers the caller
+    // keeps alive for the call; the kernel reads and writes at most its size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// A batch write that stopped: how many entries went in before the one
+/// that failed, and why it failed.
+#[derive(Debug)]
+pub(crate) struct BatchStopped {
+    pub(crate) written: usize,
+    pub(crate) error: io::Error,
+}
+
+/// Writes `keys[i] -> values[i]` in order (`BPF_ANY`), `CHUNK` a syscall.
+pub(crate) fn update_all<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), BatchStopped> {
+    assert_eq!(keys.len(), values.len(), "a value per key");
+    let mut done = 0;
+    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        let mut attr = batch_attr(map, k.len());
+        attr.keys = k.as_ptr() as u64;
+        attr.values = v.as_ptr() as u64;
+        if let Err(error) = bpf_batch(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) {
+            return Err(BatchStopped {
+                written: done + attr.count as usize,
+                error,
+            });
+        }
+        done += k.len();
+    }
+    Ok(())
+}
+
+/// Deletes `keys` in order, `CHUNK` a syscall; a key that is absent stops
+/// the batch there (ENOENT), as it would stop a delete one by one.
+pub(crate) fn delete_all<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), BatchStopped> {
+    let mut done = 0;
+    for k in keys.chunks(CHUNK) {
+        let mut attr = batch_attr(map, k.len());
+        attr.keys = k.as_ptr() as u64;
+        if let Err(error) = bpf_batch(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr) {
+            return Err(BatchStopped {
+                written: done + attr.count as usize,
+                error,
+            });
+        }
+        done += k.len();
+    }
+    Ok(())
 }
 
 /// Entries asked for per syscall (more when a hash bucket holds more).
@@ -44,27 +117,14 @@ pub(crate) fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<
     loop {
         let mut keys: Vec<K> = Vec::with_capacity(chunk);
         let mut values: Vec<V> = Vec::with_capacity(chunk);
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { in_token.as_ptr() as u64 },
-            out_batch: out_token.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: the attribute points at buffers of `count` keys and
-        // values and two tokens of at least the key size, all alive for
-        // the call; the kernel writes at most that much.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
+        let mut attr = batch_attr(map, chunk);
+        attr.in_batch = if first { 0 } else { in_token.as_ptr() as u64 };
+        attr.out_batch = out_token.as_mut_ptr() as u64;
+        attr.keys = keys.as_mut_ptr() as u64;
+        attr.values = values.as_mut_ptr() as u64;
+        // The attribute points at buffers of `count` keys and values and
+        // two tokens of at least the key size, all alive for the call.
+        let err = bpf_batch(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr).err();
         match err.as_ref().and_then(io::Error::raw_os_error) {
             // One hash bucket holds more than `chunk`: ask for more.
             Some(libc::ENOSPC) if chunk < 1 << 20 => {

@@ -15,12 +15,55 @@ use lb_common::{
 
 use crate::{
     model::{Ipv4Prefix, L4Addr},
-    sync::differ::{MapContents, MapOp, PlannedOp},
+    sync::{
+        differ::{MapContents, MapOp, PlannedOp},
+        map_batch::{delete_all, update_all, BatchStopped},
+    },
 };
 
 /// Where writes go: the BPF maps, or a simulation in tests.
 pub trait MapWriter {
     fn apply(&mut self, op: &MapOp) -> Result<(), WriteError>;
+
+    /// Applies `ops`, a run of one `BatchKind`, in order; on failure, how
+    /// many went in before the one that failed, and why. Readers see what
+    /// they would see if the ops were applied one at a time (the default).
+    fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+        for (i, op) in ops.iter().enumerate() {
+            self.apply(op).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes that go to one map with one command, so a run of them can be
+/// one batch syscall. Source ranges (an LPM trie, which has no batch
+/// operations) are written one by one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchKind {
+    /// Puts and deletes (zeroing) of the backends array.
+    Backends,
+    PutRevNat,
+    DeleteRevNat,
+    PutService,
+    DeleteService,
+    PutBackendMatch,
+    DeleteBackendMatch,
+}
+
+impl BatchKind {
+    pub fn of(op: &MapOp) -> Option<Self> {
+        Some(match op {
+            MapOp::PutBackend(..) | MapOp::DeleteBackend(_) => Self::Backends,
+            MapOp::PutRevNat(..) => Self::PutRevNat,
+            MapOp::DeleteRevNat(_) => Self::DeleteRevNat,
+            MapOp::PutService(..) => Self::PutService,
+            MapOp::DeleteService(_) => Self::DeleteService,
+            MapOp::PutBackendMatch(..) => Self::PutBackendMatch,
+            MapOp::DeleteBackendMatch(..) => Self::DeleteBackendMatch,
+            MapOp::PutSourceRange(..) | MapOp::DeleteSourceRange(..) => return None,
+        })
+    }
 }
 
 /// Why a map write did not happen.
@@ -65,22 +108,93 @@ pub struct ApplyReport {
 }
 
 /// Applies `plan` in order, keeping `current` equal to what was written.
+/// Until a write fails, runs of one `BatchKind` go as one batch; after
+/// that, one by one, since what later writes may do then depends on which
+/// failed.
 pub fn apply_plan(
     writer: &mut dyn MapWriter,
     plan: &[PlannedOp],
     current: &mut MapContents,
 ) -> ApplyReport {
-    let mut report = ApplyReport::default();
-    let mut held = HeldBack::default();
-    for step in plan {
+    let mut run = PlanRun::default();
+    let mut i = 0;
+    while i < plan.len() {
+        let batch = if run.report.failed.is_empty() {
+            run.batchable(&plan[i..], current)
+        } else {
+            0
+        };
+        if batch > 1 {
+            i += run.apply_batch(writer, &plan[i..i + batch], current);
+        } else {
+            run.apply_one(writer, &plan[i], current);
+            i += 1;
+        }
+    }
+    run.report
+}
+
+/// The state of one `apply_plan`.
+#[derive(Default)]
+struct PlanRun {
+    report: ApplyReport,
+    held: HeldBack,
+}
+
+impl PlanRun {
+    /// How many steps from the first form a run of one batch kind, none
+    /// held back.
+    fn batchable(&self, steps: &[PlannedOp], current: &MapContents) -> usize {
+        let Some(kind) = steps.first().and_then(|s| BatchKind::of(&s.op)) else {
+            return 0;
+        };
+        steps
+            .iter()
+            .take_while(|s| BatchKind::of(&s.op) == Some(kind) && !self.held.blocks(s, current))
+            .count()
+    }
+
+    /// Applies a run as one batch; returns how many steps it used up (all,
+    /// or those before the one that failed and that one).
+    fn apply_batch(
+        &mut self,
+        writer: &mut dyn MapWriter,
+        steps: &[PlannedOp],
+        current: &mut MapContents,
+    ) -> usize {
+        let ops: Vec<MapOp> = steps.iter().map(|s| s.op).collect();
+        let (written, failed) = match writer.apply_batch(&ops) {
+            Ok(()) => (ops.len(), None),
+            Err((written, error)) => (written, Some(error)),
+        };
+        for op in &ops[..written] {
+            record(current, op);
+        }
+        self.report.applied += written;
+        match failed {
+            None => written,
+            Some(error) => {
+                self.fail(&steps[written], error);
+                written + 1
+            }
+        }
+    }
+
+    fn apply_one(
+        &mut self,
+        writer: &mut dyn MapWriter,
+        step: &PlannedOp,
+        current: &mut MapContents,
+    ) {
+        let report = &mut self.report;
         if step
             .frontend
             .is_some_and(|f| report.failed_frontends.contains(&f))
         {
-            continue;
+            return;
         }
         let op = &step.op;
-        if held.blocks(step, current) {
+        if self.held.blocks(step, current) {
             if let (Some(f), MapOp::PutService(..)) = (step.frontend, op) {
                 report.failed_frontends.insert(f);
                 report.failed.push(FailedWrite {
@@ -89,27 +203,29 @@ pub fn apply_plan(
                     error: WriteError::DependencyFailed,
                 });
             }
-            continue;
+            return;
         }
         match writer.apply(op) {
             Ok(()) => {
                 report.applied += 1;
                 record(current, op);
             }
-            Err(error) => {
-                held.note_failed(op);
-                if let Some(f) = step.frontend {
-                    report.failed_frontends.insert(f);
-                }
-                report.failed.push(FailedWrite {
-                    frontend: step.frontend,
-                    op: *op,
-                    error,
-                });
-            }
+            Err(error) => self.fail(step, error),
         }
     }
-    report
+
+    /// Notes a write that failed: what it holds back, its frontend.
+    fn fail(&mut self, step: &PlannedOp, error: WriteError) {
+        self.held.note_failed(&step.op);
+        if let Some(f) = step.frontend {
+            self.report.failed_frontends.insert(f);
+        }
+        self.report.failed.push(FailedWrite {
+            frontend: step.frontend,
+            op: step.op,
+            error,
+        });
+    }
 }
 
 /// What earlier failed writes hold back.
@@ -305,6 +421,136 @@ impl MapWriter for BpfMaps {
             }
         };
         r.map_err(write_error)
+    }
+
+    fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+        let mut done = 0;
+        while done < ops.len() {
+            let rest = &ops[done..];
+            let Err(stopped) = self.write_batch(rest) else {
+                return Ok(());
+            };
+            let deleting = matches!(
+                BatchKind::of(&rest[0]),
+                Some(
+                    BatchKind::DeleteRevNat
+                        | BatchKind::DeleteService
+                        | BatchKind::DeleteBackendMatch
+                )
+            );
+            // An absent key stops a delete batch; it is no failure, as
+            // for a delete one by one: go on after it.
+            if deleting && stopped.error.raw_os_error() == Some(libc::ENOENT) {
+                done += stopped.written + 1;
+                continue;
+            }
+            return Err((done + stopped.written, io_write_error(&stopped.error)));
+        }
+        Ok(())
+    }
+}
+
+impl BpfMaps {
+    /// One batch syscall (or a few) for `ops`, all of one `BatchKind`.
+    fn write_batch(&mut self, ops: &[MapOp]) -> Result<(), BatchStopped> {
+        let Some(kind) = ops.first().and_then(BatchKind::of) else {
+            return Ok(());
+        };
+        match kind {
+            BatchKind::Backends => {
+                let (ids, values): (Vec<u32>, Vec<Backend4>) = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        MapOp::PutBackend(id, v) => Some((id, v)),
+                        MapOp::DeleteBackend(id) => Some((id, Backend4::default())),
+                        _ => None,
+                    })
+                    .unzip();
+                update_all(fd(&self.backends), &ids, &values)
+            }
+            BatchKind::PutRevNat => {
+                let (ids, values): (Vec<u16>, Vec<RevNat4>) = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        MapOp::PutRevNat(id, v) => Some((id, v)),
+                        _ => None,
+                    })
+                    .unzip();
+                update_all(fd(&self.rev_nat), &ids, &values)
+            }
+            BatchKind::PutService => {
+                let (keys, values): (Vec<Service4Key>, Vec<Service4Value>) = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        MapOp::PutService(k, v) => Some((k, v)),
+                        _ => None,
+                    })
+                    .unzip();
+                update_all(fd(&self.services), &keys, &values)
+            }
+            BatchKind::PutBackendMatch => {
+                let (keys, values): (Vec<BackendMatchKey>, Vec<u8>) = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        MapOp::PutBackendMatch(rev, b, state) => Some((match_key(rev, b), state)),
+                        _ => None,
+                    })
+                    .unzip();
+                update_all(fd(&self.backend_match), &keys, &values)
+            }
+            BatchKind::DeleteRevNat | BatchKind::DeleteService | BatchKind::DeleteBackendMatch => {
+                self.delete_batch(kind, ops)
+            }
+        }
+    }
+
+    fn delete_batch(&mut self, kind: BatchKind, ops: &[MapOp]) -> Result<(), BatchStopped> {
+        match kind {
+            BatchKind::DeleteRevNat => {
+                let ids: Vec<u16> = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        MapOp::DeleteRevNat(id) => Some(id),
+                        _ => None,
+                    })
+                    .collect();
+                delete_all(fd(&self.rev_nat), &ids)
+            }
+            BatchKind::DeleteService => {
+                let keys: Vec<Service4Key> = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        MapOp::DeleteService(k) => Some(k),
+                        _ => None,
+                    })
+                    .collect();
+                delete_all(fd(&self.services), &keys)
+            }
+            _ => {
+                let keys: Vec<BackendMatchKey> = ops
+                    .iter()
+                    .filter_map(|op| match *op {
+                        MapOp::DeleteBackendMatch(rev, b) => Some(match_key(rev, b)),
+                        _ => None,
+                    })
+                    .collect();
+                delete_all(fd(&self.backend_match), &keys)
+            }
+        }
+    }
+}
+
+/// The file descriptor of one of the agent's maps.
+fn fd<K: Pod, V: Pod, M: IterableMap<K, V>>(map: &M) -> std::os::fd::BorrowedFd<'_> {
+    map.map().fd().as_fd()
+}
+
+/// E2BIG from an update means the map is full.
+fn io_write_error(e: &std::io::Error) -> WriteError {
+    if e.raw_os_error() == Some(libc::E2BIG) {
+        WriteError::Full(e.to_string())
+    } else {
+        WriteError::Refused(e.to_string())
     }
 }
 
