@@ -63,8 +63,9 @@ pub(crate) fn print_stats(pin_dir: &Path, output: Output) -> Result<()> {
     }
     match output {
         Output::Table => {
+            let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
             for (name, v) in rows {
-                println!("{name:<22} {v}");
+                println!("{name:<width$} {v}");
             }
         }
         Output::Json => {
