@@ -215,6 +215,15 @@ fn first_sync_duration(log: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The first duration the agent logged on the line containing `what`.
+fn logged_duration(log: &str, what: &str) -> String {
+    log.lines()
+        .find(|l| l.contains(what))
+        .and_then(|l| l.split(what).nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map_or_else(|| "?".into(), |d| d.trim_end_matches([':', ',']).to_owned())
+}
+
 fn control_plane(a: Args) -> Result<()> {
     let mut lab = Lab::from_objects(Vec::new())?;
     let api = ApiServer::start_in(Some(lab.node.path()))?;
@@ -242,10 +251,19 @@ fn control_plane(a: Args) -> Result<()> {
         }
     }
     let latencies = change_latencies(&api, &a, count_of)?;
+    if let Some(l) = lab
+        .agent_log()
+        .lines()
+        .find(|l| l.contains("data path loaded in "))
+    {
+        eprintln!("[bench] {l}");
+    }
     let (rss_end, rss_peak) = rss_kib(pid);
     let report = ControlPlaneReport {
         initial,
         first_sync: first_sync_duration(&lab.agent_log()).unwrap_or_else(|| "?".into()),
+        datapath_loaded: logged_duration(&lab.agent_log(), "data path loaded in "),
+        lists_complete: logged_duration(&lab.agent_log(), "were complete "),
         latencies,
         rss_kib: [rss_after_sync, rss_end, rss_peak],
     };
@@ -333,6 +351,10 @@ fn change_latencies(
 struct ControlPlaneReport {
     initial: Duration,
     first_sync: String,
+    /// Maps created and programs verified (agent log).
+    datapath_loaded: String,
+    /// From the watches' start to both lists complete (agent log).
+    lists_complete: String,
     latencies: Vec<Duration>,
     /// After the first sync, at the end, peak.
     rss_kib: [u64; 3],
@@ -352,6 +374,14 @@ impl ControlPlaneReport {
         println!(
             "| Agent start to first full sync written (list + translate + write, BPF load included) | {} |",
             ms(self.initial)
+        );
+        println!(
+            "| of which: data path loaded (maps, program verification; agent log) | {} |",
+            self.datapath_loaded
+        );
+        println!(
+            "| of which: Services and EndpointSlices listed (agent log) | {} |",
+            self.lists_complete
         );
         println!(
             "| First full sync alone (translate + write, agent log) | {} |",

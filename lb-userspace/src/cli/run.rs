@@ -187,6 +187,7 @@ async fn run_kubernetes(
     if args.node.node_name.is_none() {
         log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
     }
+    let watching = Instant::now();
     let mut rx = k8s::start_watches(client, args.node.node_name.clone());
     let mut state = ClusterState::default();
     let mut needs_full = true;
@@ -211,6 +212,12 @@ async fn run_kubernetes(
         // keeps serving what the pinned maps hold until it knows the truth.
         if !state.synced() {
             continue;
+        }
+        if needs_full && log.generation == 0 {
+            log::info!(
+                "the lists of Services and EndpointSlices were complete {:?} after the watches started",
+                watching.elapsed()
+            );
         }
         let Some((kind, report)) = program(&state, &work, needs_full, programmer) else {
             continue;

@@ -15,7 +15,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf,
 };
@@ -136,25 +136,20 @@ pub enum Attached {
 }
 
 impl Attachments {
+    /// Loads the programs every node needs: tc on pods and on the wire,
+    /// and XDP's pass-through. `lb_xdp_from_wire` is loaded when a wire
+    /// interface first gets XDP (with `--wire-hook auto`, only NICs known
+    /// to deliver complete checksums do), sparing its verification on
+    /// nodes that never use it.
     pub fn new(ebpf: &mut Ebpf, pin_dir: &Path, pod_patterns: Vec<String>) -> Result<Self> {
-        // The kernel says only EPERM/EACCES (or a verifier line): name what
-        // a container must add.
-        for name in [program_names::XDP_FROM_WIRE, program_names::XDP_PASS] {
-            let xdp: &mut Xdp = program(ebpf, name)?.try_into()?;
-            xdp.load().with_context(|| {
-                format!(
-                    "loading the XDP program {name} (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
-                )
-            })?;
-        }
-        for name in [program_names::TC_FROM_POD, program_names::TC_FROM_WIRE] {
-            let tc: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
-            tc.load().with_context(|| {
-                format!(
-                    "loading the tc program {name} (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
-                )
-            })?;
-        }
+        load_programs(
+            ebpf,
+            &[
+                program_names::TC_FROM_POD,
+                program_names::TC_FROM_WIRE,
+                program_names::XDP_PASS,
+            ],
+        )?;
         let links_dir = links_dir(pin_dir);
         std::fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;
@@ -260,6 +255,7 @@ impl Attachments {
             std::fs::rename(&pass_pin, &pin)
                 .with_context(|| format!("renaming {}", pass_pin.display()))?;
         }
+        load_programs(ebpf, &[program_names::XDP_FROM_WIRE])?;
         let xdp: &mut Xdp = program(ebpf, program_names::XDP_FROM_WIRE)?.try_into()?;
         if let Some(fd) = adopt_pinned(&pin) {
             match XdpLink::try_from(fd)
@@ -565,6 +561,42 @@ fn adopt_pinned(pin: &Path) -> Option<FdLink> {
             None
         }
     }
+}
+
+/// Loads (verifies) the named XDP and tc programs that are not loaded
+/// yet, one thread each: the verifier's time is most of the agent's start
+/// (about 0.45 s for each program that carries the NAT core), and each
+/// program is verified on its own.
+fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
+    let wanted: Vec<(&str, &mut Program)> = ebpf
+        .programs_mut()
+        .filter(|(name, p)| names.contains(name) && p.fd().is_err())
+        .collect();
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = wanted
+            .into_iter()
+            .map(|(name, p)| scope.spawn(move || load_program(name, p)))
+            .collect();
+        // Scoped: every thread is joined before this returns, also when
+        // one failed.
+        loads.into_iter().try_for_each(|l| {
+            l.join()
+                .unwrap_or_else(|_| bail!("a program loader thread panicked"))
+        })
+    })
+}
+
+/// Loads one program; the kernel says only EPERM/EACCES (or a verifier
+/// line), so the error names what a container must add.
+fn load_program(name: &str, p: &mut Program) -> Result<()> {
+    let (kind, loaded) = match p {
+        Program::Xdp(x) => ("XDP", x.load()),
+        Program::SchedClassifier(t) => ("tc", t.load()),
+        _ => bail!("{name} is not an XDP or tc program"),
+    };
+    loaded.with_context(|| {
+        format!("loading the {kind} program {name} (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")
+    })
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
