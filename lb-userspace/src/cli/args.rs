@@ -72,7 +72,7 @@ pub(crate) enum Output {
 pub(crate) const DEFAULT_CGROUP_ROOT: &str = "/run/lb-agent/cgroupv2";
 
 /// What the translation depends on about this node.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct NodeArgs {
     /// This node's name (for node-local decisions), as in the DaemonSet's downward API.
     #[arg(long, env = "NODE_NAME")]
@@ -114,7 +114,7 @@ impl NodeArgs {
     }
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct CheckArgs {
     #[command(flatten)]
     pub(crate) source: SourceArgs,
@@ -124,7 +124,7 @@ pub(crate) struct CheckArgs {
 }
 
 /// Where Services and EndpointSlices come from.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct SourceArgs {
     /// Read Services and EndpointSlices from this folder of manifests (YAML/JSON,
     /// multi-document) instead of the Kubernetes API. `run` re-reads it when a
@@ -161,7 +161,7 @@ impl SourceArgs {
     }
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) source: SourceArgs,

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_userspace::{
     datapath::loader,
     serve::metrics::{InvalidLabel, Metrics, ResourceLabel},
@@ -70,7 +70,13 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
         Some(_) => None,
         None => Some(api_client::client(&args.source.api_options()).await?),
     };
-    let (mut dp, mut programmer) = setup_datapath(pin_dir, &args, &metrics, &proxy)?;
+    // The watches start before the data path loads: the verifier and the
+    // lists take about as long, so they run side by side.
+    let mut watches = api
+        .as_ref()
+        .map(|client| Watches::start(client.clone(), &args));
+    let (mut dp, mut programmer) =
+        load_while_listing(pin_dir, &args, &metrics, &proxy, watches.as_mut()).await?;
     let mut log = SyncLog {
         ready_file: args.ready_file.clone(),
         generation: 0,
@@ -90,9 +96,9 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
             .await?;
         }
         (Some(client), _) => {
-            spawn_api_probe(client.clone(), args.source.api_timeout, metrics.clone());
+            spawn_api_probe(client, args.source.api_timeout, metrics.clone());
             run_kubernetes(
-                client,
+                watches.expect("started with the client"),
                 &args,
                 &mut dp,
                 &mut programmer,
@@ -175,8 +181,63 @@ fn spawn_api_probe(client: kube::Client, timeout: Duration, metrics: Arc<Metrics
     ));
 }
 
+/// The watches of Services, EndpointSlices and the Node, and what they
+/// delivered before the loop started.
+struct Watches {
+    rx: tokio::sync::mpsc::Receiver<k8s::Change>,
+    state: ClusterState,
+    received: Work,
+    started: Instant,
+}
+
+impl Watches {
+    fn start(client: kube::Client, args: &RunArgs) -> Self {
+        if args.node.node_name.is_none() {
+            log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
+        }
+        Self {
+            rx: k8s::start_watches(client, args.node.node_name.clone()),
+            state: ClusterState::default(),
+            received: Work::default(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Loads the data path on a blocking thread while what the watches
+/// deliver meanwhile goes into their state.
+async fn load_while_listing(
+    pin_dir: &Path,
+    args: &RunArgs,
+    metrics: &Arc<Metrics>,
+    proxy: &Arc<ProxyHealth>,
+    mut watches: Option<&mut Watches>,
+) -> Result<(DataPath, Programmer<BpfMaps>)> {
+    let setup = {
+        let (pin_dir, args) = (pin_dir.to_owned(), args.clone());
+        let (metrics, proxy) = (metrics.clone(), proxy.clone());
+        tokio::task::spawn_blocking(move || setup_datapath(&pin_dir, &args, &metrics, &proxy))
+    };
+    tokio::pin!(setup);
+    loop {
+        let change = async {
+            match watches.as_deref_mut() {
+                Some(w) => w.rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            done = &mut setup => return done.context("the data path setup thread")?,
+            Some(c) = change => {
+                let w = watches.as_deref_mut().expect("a change came from the watches");
+                w.state.apply(c, &mut w.received);
+            }
+        }
+    }
+}
+
 async fn run_kubernetes(
-    client: kube::Client,
+    watches: Watches,
     args: &RunArgs,
     dp: &mut DataPath,
     programmer: &mut Programmer<BpfMaps>,
@@ -184,27 +245,32 @@ async fn run_kubernetes(
     metrics: &Arc<Metrics>,
     sig: &mut Signals,
 ) -> Result<()> {
-    if args.node.node_name.is_none() {
-        log::warn!("no --node-name / NODE_NAME: node-local information is not watched");
-    }
-    let watching = Instant::now();
-    let mut rx = k8s::start_watches(client, args.node.node_name.clone());
-    let mut state = ClusterState::default();
+    let Watches {
+        mut rx,
+        mut state,
+        received,
+        started: watching,
+    } = watches;
+    let mut pending = Some(received);
     let mut needs_full = true;
     let mut tick = tokio::time::interval(args.poll_interval);
     loop {
-        let first = tokio::select! {
-            c = rx.recv() => match c {
-                Some(c) => c,
-                None => anyhow::bail!("the watches ended"),
-            },
-            _ = sig.term.recv() => break,
-            _ = sig.int.recv() => break,
-            _ = sig.hup.recv() => { needs_full = true; continue; }
-            _ = tick.tick() => { dp.refresh_pods()?; continue; }
-        };
         let started = Instant::now();
-        let work = receive_batch(first, &mut rx, &mut state);
+        let work = if let Some(work) = pending.take() {
+            work
+        } else {
+            let first = tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => c,
+                    None => anyhow::bail!("the watches ended"),
+                },
+                _ = sig.term.recv() => break,
+                _ = sig.int.recv() => break,
+                _ = sig.hup.recv() => { needs_full = true; continue; }
+                _ = tick.tick() => { dp.refresh_pods()?; continue; }
+            };
+            receive_batch(first, &mut rx, &mut state)
+        };
         note_received(&work, &state, dp, metrics);
         needs_full |= work.full_resync;
         needs_full |= args.node.zone.is_none() && follow_node_zone(&state, programmer);
