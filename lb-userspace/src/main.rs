@@ -4,7 +4,10 @@ mod cli;
 
 use anyhow::Result;
 use clap::Parser;
-use lb_userspace::{datapath::inspect, datapath::loader, seccomp_profile};
+use lb_userspace::{
+    datapath::{inspect, loader, map_memory},
+    seccomp_profile,
+};
 
 use cli::{
     args::{Cli, Command, Output},
@@ -31,6 +34,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Stats { output } => print_stats(&cli.pin_dir, output),
+        Command::Maps { output } => {
+            let usage = map_memory::pinned_usage(&cli.pin_dir)?;
+            match output {
+                Output::Table => print!("{}", map_memory::render_table(&usage)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&usage)?),
+            }
+            Ok(())
+        }
         Command::Status { output } => {
             let status = inspect::attach_status(&cli.pin_dir);
             match output {

@@ -608,3 +608,48 @@ fn objects_the_data_path_cannot_express_are_skipped_counted_and_the_rest_works()
         "both bad Services are counted:\n{m}"
     );
 }
+
+/// `lb-agent maps` and `lb_map_memory_bytes` report what the kernel
+/// charges for each pinned map, and the capacity flags size it: a
+/// conntrack map of 4,096 entries costs a fraction of the default's.
+#[privileged_test]
+fn map_memory_is_reported_per_map_and_follows_the_capacity_flags() {
+    let mut k = KubeLab::nginx();
+    k.publish();
+    k.start_agent_extra(&["--conntrack-max", "4096"]);
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    k.wait_programmed(
+        SocketAddrV4::new(NGINX, 80),
+        Some(k.pod_ips(&pods)),
+        "served",
+    );
+    let maps = k.lab.agent_command_json(&["maps", "--output", "json"]);
+    let maps = maps.as_array().expect("a list of maps");
+    assert_eq!(maps.len(), lb_common::map_spec::ALL.len(), "{maps:?}");
+    let of = |name: &str| {
+        maps.iter()
+            .find(|m| m["map"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {maps:?}"))
+            .clone()
+    };
+    let ct = of("lb4_conntrack");
+    assert_eq!(ct["max_entries"], 4096);
+    let ct_bytes = ct["memory_bytes"].as_u64().expect("bytes");
+    // At least the preallocated keys and values (16 + 24 bytes an entry).
+    assert!(ct_bytes >= 4096 * 40, "{ct}");
+    let backends = of("lb4_backends");
+    assert!(
+        backends["memory_bytes"].as_u64().unwrap() >= u64::from(lb_common::MAX_BACKENDS) * 12,
+        "{backends}"
+    );
+    assert!(
+        ct_bytes < backends["memory_bytes"].as_u64().unwrap(),
+        "4,096 conntrack entries cost less than 131,072 backend slots: {ct} {backends}"
+    );
+    let metrics = k.metrics();
+    let scraped = metric_sum(&metrics, "lb_map_memory_bytes", &["map=\"lb4_conntrack\""]);
+    assert!(
+        (scraped - ct_bytes as f64).abs() < 1.0,
+        "{scraped} vs {ct_bytes}"
+    );
+}

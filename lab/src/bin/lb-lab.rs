@@ -54,13 +54,15 @@ fn demo(dir: PathBuf) -> Result<()> {
     );
     lab.agent().start()?;
     let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN")?;
-    let table = std::process::Command::new(agent)
-        .args(["--pin-dir", &lab.pin_dir.to_string_lossy(), "services"])
-        .output()?;
-    println!(
-        "\n$ lb-agent services\n{}",
-        String::from_utf8_lossy(&table.stdout)
-    );
+    for command in ["services", "maps"] {
+        let table = std::process::Command::new(&agent)
+            .args(["--pin-dir", &lab.pin_dir.to_string_lossy(), command])
+            .output()?;
+        println!(
+            "\n$ lb-agent {command}\n{}",
+            String::from_utf8_lossy(&table.stdout)
+        );
+    }
 
     let services: Vec<ServicePorts> = lab
         .state

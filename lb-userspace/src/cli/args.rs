@@ -47,6 +47,12 @@ pub(crate) enum Command {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Print each pinned map's capacity and the memory the kernel charges
+    /// for it (its fdinfo's memlock), and their total.
+    Maps {
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Compare the pinned maps with the desired state, entry by entry;
     /// exits 1 when they differ, listing every difference.
     Check(Box<CheckArgs>),

@@ -5,20 +5,21 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    os::fd::AsFd,
     path::Path,
     sync::{Arc, Mutex},
 };
 
 use anyhow::Result;
 use aya::maps::{MapData, PerCpuArray};
-use lb_common::{map_names, stats, ServiceStats};
+use lb_common::{map_names, map_spec, stats, ServiceStats};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, MetricType},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
-use crate::datapath::loader;
+use crate::datapath::{loader, map_memory};
 
 /// Reverse NAT id -> (Service, frontend): the labels of per-Service counters.
 pub(crate) type FrontendNames = BTreeMap<u16, (String, String)>;
@@ -34,15 +35,27 @@ pub struct DatapathCounters {
 struct CounterMaps {
     events: PerCpuArray<MapData, u64>,
     services: PerCpuArray<MapData, ServiceStats>,
+    /// Every pinned map, for its memory.
+    all: Vec<(&'static str, MapData)>,
 }
 
 impl DatapathCounters {
     /// Opens the pinned counter maps under `pin_dir`.
     pub fn open(&self, pin_dir: &Path) -> Result<()> {
         let open = |name| loader::open_pinned_map(pin_dir, name);
+        let all = map_spec::ALL
+            .iter()
+            .map(|s| {
+                Ok((
+                    s.name,
+                    MapData::from_pin(loader::map_pin_path(pin_dir, s.name))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
         let maps = CounterMaps {
             events: PerCpuArray::try_from(open(map_names::STATS)?)?,
             services: PerCpuArray::try_from(open(map_names::SERVICE_STATS)?)?,
+            all,
         };
         *self.maps.lock().expect("counter maps lock") = Some(maps);
         Ok(())
@@ -101,6 +114,19 @@ impl Collector for DatapathCollector {
         )?;
         for (name, total) in maps.events() {
             ConstCounter::new(total).encode(family.encode_family(&[("counter", name)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "map_memory_bytes",
+            "Memory the kernel charges for each pinned map (its memlock)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, data) in &maps.all {
+            let Ok(bytes) = map_memory::memory_of(data.fd().as_fd()) else {
+                continue;
+            };
+            ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&[("map", *name)])?)?;
         }
         let names = self.0.names.lock().map_err(|_| fmt::Error)?;
         let rows: Vec<_> = names
