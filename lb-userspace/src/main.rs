@@ -12,18 +12,21 @@ use lb_userspace::{
 use cli::{
     args::{Cli, Command, Output},
     commands::{check, print_stats},
-    run::run,
+    run::{limit_malloc_arenas, run},
 };
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(run(&cli.pin_dir, *args)),
+        Command::Run(args) => {
+            limit_malloc_arenas();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(run(&cli.pin_dir, *args))
+        }
         Command::Services { output } => {
             let maps = loader::open_pinned(&cli.pin_dir)?;
             let services = inspect::programmed_services(&maps.read_contents()?);

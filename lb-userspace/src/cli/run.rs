@@ -367,6 +367,24 @@ fn program(
     }
 }
 
+/// One malloc arena for the whole agent, unless MALLOC_ARENA_MAX says
+/// otherwise: glibc gives threads arenas of their own (up to eight per
+/// core), and the watches' and the sync's threads each kept theirs full of
+/// freed memory. At 10,000 Services x 10 endpoints: RSS after the first
+/// sync 88 -> 75 MiB, peak 110 -> 90 MiB. The agent's allocations are
+/// mostly on one thread at a time, so the shared arena's lock costs
+/// little.
+pub(crate) fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before
+        // the runtime's threads start.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 /// A full sync (a relist of a large cluster) allocates and frees a lot at
 /// once; glibc keeps freed memory in its arenas unless asked to return it.
 fn release_freed_memory() {
