@@ -101,15 +101,14 @@ impl From<&Node> for NodeFacts {
     }
 }
 
-/// A change from one of the watches.
-// Service and slice events are the common ones and come at similar sizes;
-// boxing them would add an allocation per event.
-#[allow(clippy::large_enum_variant)]
+/// A change from one of the watches, already in the slim form the store
+/// keeps: each watch converts its objects on its own task, so the channel
+/// (up to 4,096 changes during a list) holds slim objects rather than whole
+/// Kubernetes ones, and the conversion runs beside the store's work.
 pub enum Change {
-    Service(Event<Service>),
-    Slice(Event<EndpointSlice>),
-    /// Boxed: a Node is large and rare next to Service and slice events.
-    Node(Box<Event<Node>>),
+    Service(Event<ServiceInfo>),
+    Slice(Event<SliceInfo>),
+    Node(Event<NodeFacts>),
     /// The watch of `resource` failed (it retries with backoff).
     WatchError(&'static str, String),
 }
@@ -124,22 +123,33 @@ pub fn start_watches(client: Client, node_name: Option<String>) -> mpsc::Receive
         svc_cfg.clone(),
         tx.clone(),
         "services",
-        Change::Service,
+        |e| Change::Service(slim(e, ServiceInfo::from)),
     );
     spawn_watch(
         Api::<EndpointSlice>::all(client.clone()),
         svc_cfg,
         tx.clone(),
         "endpointslices",
-        Change::Slice,
+        |e| Change::Slice(slim(e, SliceInfo::from)),
     );
     if let Some(node) = node_name {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
         spawn_watch(Api::<Node>::all(client), cfg, tx, "nodes", |e| {
-            Change::Node(Box::new(e))
+            Change::Node(slim(e, |n: Node| NodeFacts::from(&n)))
         });
     }
     rx
+}
+
+/// The event with its object converted by `convert`.
+fn slim<K, T>(event: Event<K>, convert: impl Fn(K) -> T) -> Event<T> {
+    match event {
+        Event::Apply(k) => Event::Apply(convert(k)),
+        Event::Delete(k) => Event::Delete(convert(k)),
+        Event::Init => Event::Init,
+        Event::InitApply(k) => Event::InitApply(convert(k)),
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 fn spawn_watch<K>(
@@ -304,24 +314,22 @@ impl ClusterState {
         match change {
             Change::Service(ev) => self.apply_service(ev, work),
             Change::Slice(ev) => self.apply_slice(ev, work),
-            Change::Node(ev) => self.apply_node(*ev, work),
+            Change::Node(ev) => self.apply_node(ev, work),
             Change::WatchError(resource, e) => {
                 log::warn!("watch of {resource} failed, retrying: {e}");
             }
         }
     }
 
-    fn apply_service(&mut self, ev: Event<Service>, work: &mut Work) {
+    fn apply_service(&mut self, ev: Event<ServiceInfo>, work: &mut Work) {
         match ev {
             Event::Apply(s) => {
-                let s = ServiceInfo::from(s);
                 work.dirty.insert(s.name.clone());
                 self.services.insert(s.name.clone(), s);
             }
             Event::Delete(s) => {
-                let name = crate::source::objects::service_name(&s.metadata);
-                self.services.remove(&name);
-                work.dirty.insert(name);
+                self.services.remove(&s.name);
+                work.dirty.insert(s.name);
             }
             Event::Init => {
                 if self.services_synced {
@@ -330,9 +338,7 @@ impl ClusterState {
                 self.init_services = Some(Vec::new());
             }
             Event::InitApply(s) => {
-                self.init_services
-                    .get_or_insert_with(Vec::new)
-                    .push(ServiceInfo::from(s));
+                self.init_services.get_or_insert_with(Vec::new).push(s);
             }
             Event::InitDone => {
                 let list = self.init_services.take().unwrap_or_default();
@@ -343,14 +349,13 @@ impl ClusterState {
         }
     }
 
-    fn apply_slice(&mut self, ev: Event<EndpointSlice>, work: &mut Work) {
+    fn apply_slice(&mut self, ev: Event<SliceInfo>, work: &mut Work) {
         match ev {
             Event::Apply(s) => {
-                let s = SliceInfo::from(s);
                 self.note_trigger(&s);
                 self.put_slice(s, work);
             }
-            Event::Delete(s) => self.remove_slice(&SliceInfo::from(s), work),
+            Event::Delete(s) => self.remove_slice(&s, work),
             Event::Init => {
                 if self.slices_synced {
                     work.restarts.push("endpointslices");
@@ -358,7 +363,6 @@ impl ClusterState {
                 self.init_slices = Some(Vec::new());
             }
             Event::InitApply(s) => {
-                let s = SliceInfo::from(s);
                 self.note_trigger(&s);
                 self.init_slices.get_or_insert_with(Vec::new).push(s);
             }
@@ -378,9 +382,9 @@ impl ClusterState {
         }
     }
 
-    fn apply_node(&mut self, ev: Event<Node>, work: &mut Work) {
+    fn apply_node(&mut self, ev: Event<NodeFacts>, work: &mut Work) {
         match ev {
-            Event::Apply(n) | Event::InitApply(n) => self.node = Some(NodeFacts::from(&n)),
+            Event::Apply(n) | Event::InitApply(n) => self.node = Some(n),
             Event::Delete(_) => self.node = None,
             Event::Init => {
                 if self.node.is_some() {
@@ -411,13 +415,17 @@ mod tests {
     use crate::source::objects::TRIGGER_TIME_ANNOTATION;
     use serde_json::json;
 
-    fn svc(name: &str, ip: &str) -> Service {
+    fn svc_object(name: &str, ip: &str) -> Service {
         serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default"},
             "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
         .unwrap()
     }
 
-    fn slice(name: &str, svc: &str, ip: &str, trigger: Option<&str>) -> EndpointSlice {
+    fn svc(name: &str, ip: &str) -> ServiceInfo {
+        svc_object(name, ip).into()
+    }
+
+    fn slice(name: &str, svc: &str, ip: &str, trigger: Option<&str>) -> SliceInfo {
         let mut annotations = serde_json::Map::new();
         if let Some(t) = trigger {
             annotations.insert(TRIGGER_TIME_ANNOTATION.into(), t.into());
@@ -425,6 +433,7 @@ mod tests {
         serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default",
             "labels": {"kubernetes.io/service-name": svc}, "annotations": annotations},
             "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": [{"addresses": [ip]}]}))
+        .map(|s: EndpointSlice| s.into())
         .unwrap()
     }
 
@@ -521,7 +530,7 @@ mod tests {
     #[test]
     fn the_store_keeps_what_translation_reads_status_included() {
         let mut st = ClusterState::default();
-        let mut s = svc("a", "10.96.0.1");
+        let mut s = svc_object("a", "10.96.0.1");
         s.metadata.annotations = Some(
             [(
                 "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
@@ -535,7 +544,7 @@ mod tests {
                 .unwrap(),
         );
         st.apply(
-            Change::Service(Event::Apply(s.clone())),
+            Change::Service(slim(Event::Apply(s.clone()), ServiceInfo::from)),
             &mut Work::default(),
         );
         assert_eq!(
