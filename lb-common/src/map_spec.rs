@@ -45,6 +45,9 @@ pub enum Capacity {
     Affinity,
     /// `--backends-max` (the backends array and what is indexed by backend id).
     Backends,
+    /// `--services-max` (service slots, and backend-match pairs, of which
+    /// there is one per backend slot).
+    Services,
 }
 
 impl MapSpec {
@@ -84,7 +87,7 @@ impl MapSpec {
     }
 }
 
-use Capacity::{Affinity, Backends, Conntrack};
+use Capacity::{Affinity, Backends, Conntrack, Services};
 use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
 
 /// An LPM trie key: a 32-bit prefix length in front of the data.
@@ -94,8 +97,9 @@ pub struct LpmKey<T> {
     pub data: T,
 }
 
+/// A slot per frontend (its master) and per backend of each frontend.
 pub const SERVICES: MapSpec =
-    MapSpec::of::<Service4Key, Service4Value>("lb4_services", Hash, 262_144);
+    MapSpec::of::<Service4Key, Service4Value>("lb4_services", Hash, 262_144).sized_by(Services);
 /// An array indexed by backend id (lookups inlined); a free id holds zeros.
 pub const BACKENDS: MapSpec =
     MapSpec::of::<u32, Backend4>("lb4_backends", Array, 131_072).sized_by(Backends);
@@ -110,7 +114,8 @@ pub const SERVICE_STATS: MapSpec =
 pub const AFFINITY: MapSpec =
     MapSpec::of::<Affinity4Key, Affinity4Value>("lb4_affinity", LruHash, 65_536).sized_by(Affinity);
 pub const BACKEND_MATCH: MapSpec =
-    MapSpec::of::<BackendMatchKey, u8>("lb4_backend_match", Hash, 262_144);
+    MapSpec::of::<BackendMatchKey, u8>("lb4_backend_match", Hash, SERVICES.max_entries)
+        .sized_by(Services);
 pub const SOURCE_RANGES: MapSpec =
     MapSpec::of::<LpmKey<SourceRange4>, u8>("lb4_source_ranges", LpmTrie, 16_384);
 pub const CONFIG: MapSpec = MapSpec::of::<u32, u32>("lb_config", Array, config::COUNT);

@@ -653,3 +653,51 @@ fn map_memory_is_reported_per_map_and_follows_the_capacity_flags() {
         "{scraped} vs {ct_bytes}"
     );
 }
+
+/// `--services-max` sizes the services map; Services that do not fit are
+/// reported and counted, the agent keeps running, and what was already
+/// served keeps being served.
+#[privileged_test]
+fn a_full_services_map_fails_the_services_that_do_not_fit_and_nothing_else() {
+    let mut k = KubeLab::nginx();
+    k.publish();
+    k.start_agent_extra(&["--services-max", "32"]);
+    let nginx = SocketAddrV4::new(NGINX, 80);
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "served");
+    let more: Vec<Value> = (0..40)
+        .map(|i| {
+            json!({"kind": "Service", "metadata": {"name": format!("more-{i}"), "namespace": "default"},
+                "spec": {"clusterIP": format!("10.96.7.{}", i + 1), "ports": [{"port": 80}]}})
+        })
+        .collect();
+    k.api.apply_all(&more).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    let failures = loop {
+        let m = k.metrics();
+        let n = metric_sum(&m, "lb_map_write_failures_total", &[]);
+        if n > 0.0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(failures > 0.0, "writes into the full map are counted");
+    let m = k.metrics();
+    assert_eq!(
+        metric_sum(&m, "lb_map_max_entries", &["map=\"lb4_services\""]),
+        32.0,
+        "{m}"
+    );
+    assert!(
+        k.lab.agent_log().contains("map is full"),
+        "the log says why:\n{}",
+        k.lab.agent_log()
+    );
+    assert_answered_by(&spread(&k.lab, nginx, 30), &pods, "still served");
+    let maps = k.lab.agent_command_json(&["maps", "--output", "json"]);
+    let services = maps
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["map"] == "lb4_services"))
+        .expect("services map");
+    assert_eq!(services["max_entries"], 32);
+}

@@ -192,6 +192,15 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = lb_common::MAX_BACKENDS,
           value_parser = clap::value_parser!(u32).range(16..=(1 << 24)))]
     pub(crate) backends_max: u32,
+    /// Capacity of the services map: a slot per Service frontend (ClusterIP,
+    /// NodePort, externalIP, LoadBalancer address, per port) plus one per
+    /// backend of each, and of the backend-match map (one entry per backend
+    /// slot). Entries are allocated as they are written (about 16 bytes a
+    /// slot of capacity when empty). A frontend that does not fit is left
+    /// as it was, reported, and counted in lb_map_write_failures_total.
+    #[arg(long, default_value_t = lb_common::MAX_SERVICE_SLOTS,
+          value_parser = clap::value_parser!(u32).range(16..=(1 << 26)))]
+    pub(crate) services_max: u32,
     /// Host-side pod veth names where tc attaches (`*` wildcards, comma separated).
     /// Rescanned every --poll-interval, so new pods are covered.
     #[arg(long, value_delimiter = ',', default_value = "lxc*,veth*,cali*")]

@@ -227,6 +227,7 @@ pub(crate) fn setup_datapath(
             conntrack: args.conntrack_max,
             affinity: args.affinity_max,
             backends: args.backends_max,
+            services: args.services_max,
         },
         snat_ports: snat_ports(args)?,
         datapath,
@@ -264,6 +265,7 @@ pub(crate) fn setup_datapath(
     metrics.datapath.open(pin_dir)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
     programmer.limits.backend_ids = args.backends_max - 1;
+    programmer.service_slots = args.services_max;
     programmer.node = NodeInfo {
         name: args.node.node_name.clone().unwrap_or_default(),
         nodeport_addresses,

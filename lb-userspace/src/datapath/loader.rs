@@ -323,6 +323,8 @@ pub struct MapSizes {
     /// Capacity of the backends array (and of the masquerade cursors,
     /// also indexed by backend id).
     pub backends: u32,
+    /// Capacity of the services map (and of the backend-match map).
+    pub services: u32,
 }
 
 impl Default for MapSizes {
@@ -331,6 +333,7 @@ impl Default for MapSizes {
             conntrack: lb_common::MAX_CONNTRACK,
             affinity: lb_common::MAX_AFFINITY,
             backends: lb_common::MAX_BACKENDS,
+            services: lb_common::MAX_SERVICE_SLOTS,
         }
     }
 }
@@ -342,6 +345,7 @@ impl MapSizes {
             Capacity::Conntrack => self.conntrack,
             Capacity::Affinity => self.affinity,
             Capacity::Backends => self.backends,
+            Capacity::Services => self.services,
         }
     }
 }
@@ -549,13 +553,16 @@ mod tests {
             conntrack: 100,
             affinity: 200,
             backends: 300,
+            services: 400,
         };
         let find = |name| *layouts(sizes).iter().find(|s| s.name == name).unwrap();
         assert_eq!(find(map_names::CONNTRACK).max_entries, 100);
         assert_eq!(find(map_names::AFFINITY).max_entries, 200);
         assert_eq!(find(map_names::BACKENDS).max_entries, 300);
         assert_eq!(find(map_names::SNAT_CURSOR).max_entries, 300);
-        assert_eq!(find(map_names::SERVICES), map_spec::SERVICES);
+        assert_eq!(find(map_names::SERVICES).max_entries, 400);
+        assert_eq!(find(map_names::BACKEND_MATCH).max_entries, 400);
+        assert_eq!(find(map_names::REV_NAT), map_spec::REV_NAT);
     }
 
     #[test]

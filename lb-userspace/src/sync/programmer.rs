@@ -51,6 +51,8 @@ pub struct Programmer<W: MapWriter> {
     pub shadowed: Shadowed,
     /// Ids the maps have room for.
     pub limits: IdLimits,
+    /// The services map's capacity (reported with its fill).
+    pub service_slots: u32,
     /// Frontends whose desired state did not reach the maps (no free id, a
     /// failed write): every sync tries them again, so they get in once
     /// room is made.
@@ -81,6 +83,7 @@ impl<W: MapWriter> Programmer<W> {
             health: BTreeMap::new(),
             shadowed: Shadowed::default(),
             limits: IdLimits::default(),
+            service_slots: lb_common::MAX_SERVICE_SLOTS,
             unprogrammed: BTreeSet::new(),
         }
     }
@@ -284,17 +287,18 @@ impl<W: MapWriter> Programmer<W> {
             (
                 lb_common::map_names::SERVICES,
                 self.current.services.len(),
-                lb_common::MAX_SERVICE_SLOTS,
+                self.service_slots,
             ),
+            // Id 0 means none: the capacities are one more than the ids.
             (
                 lb_common::map_names::BACKENDS,
                 self.current.backends.len(),
-                lb_common::MAX_BACKENDS,
+                self.limits.backend_ids + 1,
             ),
             (
                 lb_common::map_names::REV_NAT,
                 self.current.rev_nat.len(),
-                lb_common::MAX_REV_NAT,
+                self.limits.rev_nat_ids + 1,
             ),
         ];
         for (map, n, cap) in sizes {
