@@ -10,7 +10,7 @@ use lb_userspace::{
 };
 
 use cli::{
-    args::{Cli, Command, Output},
+    args::{CheckArgs, Cli, Command, Output},
     commands::{check, print_stats},
     run::{limit_malloc_arenas, run},
 };
@@ -30,51 +30,18 @@ fn main() -> Result<()> {
         Command::Services { output } => {
             let maps = loader::open_pinned(&cli.pin_dir)?;
             let services = inspect::programmed_services(&maps.read_contents()?);
-            match output {
-                Output::Table => print!("{}", inspect::render_table(&services)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&services)?),
-            }
-            Ok(())
+            show(output, &services, |s| inspect::render_table(s))
         }
         Command::Stats { output } => print_stats(&cli.pin_dir, output),
         Command::Maps { output } => {
             let usage = map_memory::pinned_usage(&cli.pin_dir)?;
-            match output {
-                Output::Table => print!("{}", map_memory::render_table(&usage)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&usage)?),
-            }
-            Ok(())
+            show(output, &usage, |u| map_memory::render_table(u))
         }
         Command::Status { output } => {
             let status = inspect::attach_status(&cli.pin_dir);
-            match output {
-                Output::Table => print!("{}", inspect::render_status(&status)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-            }
-            Ok(())
+            show(output, &status, inspect::render_status)
         }
-        Command::Check(args) => {
-            let report = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(check(&cli.pin_dir, &args)));
-            match report {
-                Ok(report) if report.is_equal() => {
-                    println!("{report}");
-                    Ok(())
-                }
-                Ok(report) => {
-                    print!("{report}");
-                    std::process::exit(1)
-                }
-                // Told apart from "the maps differ".
-                Err(e) => {
-                    eprintln!("lb-agent check: {e:#}");
-                    std::process::exit(2)
-                }
-            }
-        }
+        Command::Check(args) => check_and_exit(&cli.pin_dir, &args),
         Command::Cleanup => {
             for p in loader::cleanup(&cli.pin_dir)? {
                 println!("removed {}", p.display());
@@ -89,6 +56,44 @@ fn main() -> Result<()> {
             seccomp_profile::write(&path)?;
             println!("wrote {}", path.display());
             Ok(())
+        }
+    }
+}
+
+/// Prints `value` as a table (`render`) or as JSON.
+fn show<T: serde::Serialize + ?Sized>(
+    output: Output,
+    value: &T,
+    render: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    match output {
+        Output::Table => print!("{}", render(value)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+/// `lb-agent check`: exits 0 when the maps equal the desired state, 1 when
+/// they differ (listing every difference), 2 when it could not tell.
+fn check_and_exit(pin_dir: &std::path::Path, args: &CheckArgs) -> Result<()> {
+    let report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(check(pin_dir, args)));
+    match report {
+        Ok(report) if report.is_equal() => {
+            println!("{report}");
+            Ok(())
+        }
+        Ok(report) => {
+            print!("{report}");
+            std::process::exit(1)
+        }
+        // Told apart from "the maps differ".
+        Err(e) => {
+            eprintln!("lb-agent check: {e:#}");
+            std::process::exit(2)
         }
     }
 }
