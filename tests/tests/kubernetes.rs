@@ -683,11 +683,8 @@ fn a_full_services_map_fails_the_services_that_do_not_fit_and_nothing_else() {
     };
     assert!(failures > 0.0, "writes into the full map are counted");
     let m = k.metrics();
-    assert_eq!(
-        metric_sum(&m, "lb_map_max_entries", &["map=\"lb4_services\""]),
-        32.0,
-        "{m}"
-    );
+    let capacity = metric_sum(&m, "lb_map_max_entries", &["map=\"lb4_services\""]);
+    assert!((capacity - 32.0).abs() < 0.5, "{m}");
     assert!(
         k.lab.agent_log().contains("map is full"),
         "the log says why:\n{}",
