@@ -457,87 +457,63 @@ impl BpfMaps {
             return Ok(());
         };
         match kind {
-            BatchKind::Backends => {
-                let (ids, values): (Vec<u32>, Vec<Backend4>) = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        MapOp::PutBackend(id, v) => Some((id, v)),
-                        MapOp::DeleteBackend(id) => Some((id, Backend4::default())),
-                        _ => None,
-                    })
-                    .unzip();
-                update_all(fd(&self.backends), &ids, &values)
-            }
-            BatchKind::PutRevNat => {
-                let (ids, values): (Vec<u16>, Vec<RevNat4>) = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        MapOp::PutRevNat(id, v) => Some((id, v)),
-                        _ => None,
-                    })
-                    .unzip();
-                update_all(fd(&self.rev_nat), &ids, &values)
-            }
-            BatchKind::PutService => {
-                let (keys, values): (Vec<Service4Key>, Vec<Service4Value>) = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        MapOp::PutService(k, v) => Some((k, v)),
-                        _ => None,
-                    })
-                    .unzip();
-                update_all(fd(&self.services), &keys, &values)
-            }
-            BatchKind::PutBackendMatch => {
-                let (keys, values): (Vec<BackendMatchKey>, Vec<u8>) = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        MapOp::PutBackendMatch(rev, b, state) => Some((match_key(rev, b), state)),
-                        _ => None,
-                    })
-                    .unzip();
-                update_all(fd(&self.backend_match), &keys, &values)
-            }
-            BatchKind::DeleteRevNat | BatchKind::DeleteService | BatchKind::DeleteBackendMatch => {
-                self.delete_batch(kind, ops)
+            BatchKind::Backends => put_run(fd(&self.backends), ops, |op| match *op {
+                MapOp::PutBackend(id, v) => Some((id, v)),
+                MapOp::DeleteBackend(id) => Some((id, Backend4::default())),
+                _ => None,
+            }),
+            BatchKind::PutRevNat => put_run(fd(&self.rev_nat), ops, |op| match *op {
+                MapOp::PutRevNat(id, v) => Some((id, v)),
+                _ => None,
+            }),
+            BatchKind::PutService => put_run(fd(&self.services), ops, |op| match *op {
+                MapOp::PutService(k, v) => Some((k, v)),
+                _ => None,
+            }),
+            BatchKind::PutBackendMatch => put_run(fd(&self.backend_match), ops, |op| match *op {
+                MapOp::PutBackendMatch(rev, b, state) => Some((match_key(rev, b), state)),
+                _ => None,
+            }),
+            BatchKind::DeleteRevNat => delete_run(fd(&self.rev_nat), ops, |op| match *op {
+                MapOp::DeleteRevNat(id) => Some(id),
+                _ => None,
+            }),
+            BatchKind::DeleteService => delete_run(fd(&self.services), ops, |op| match *op {
+                MapOp::DeleteService(k) => Some(k),
+                _ => None,
+            }),
+            BatchKind::DeleteBackendMatch => {
+                delete_run(fd(&self.backend_match), ops, |op| match *op {
+                    MapOp::DeleteBackendMatch(rev, b) => Some(match_key(rev, b)),
+                    _ => None,
+                })
             }
         }
     }
+}
 
-    fn delete_batch(&mut self, kind: BatchKind, ops: &[MapOp]) -> Result<(), BatchStopped> {
-        match kind {
-            BatchKind::DeleteRevNat => {
-                let ids: Vec<u16> = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        MapOp::DeleteRevNat(id) => Some(id),
-                        _ => None,
-                    })
-                    .collect();
-                delete_all(fd(&self.rev_nat), &ids)
-            }
-            BatchKind::DeleteService => {
-                let keys: Vec<Service4Key> = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        MapOp::DeleteService(k) => Some(k),
-                        _ => None,
-                    })
-                    .collect();
-                delete_all(fd(&self.services), &keys)
-            }
-            _ => {
-                let keys: Vec<BackendMatchKey> = ops
-                    .iter()
-                    .filter_map(|op| match *op {
-                        MapOp::DeleteBackendMatch(rev, b) => Some(match_key(rev, b)),
-                        _ => None,
-                    })
-                    .collect();
-                delete_all(fd(&self.backend_match), &keys)
-            }
-        }
-    }
+/// Writes the entry `entry` gives for each op of a run, as batches. Every
+/// op of a run has one (they are of one `BatchKind`), so the kernel's
+/// count of entries written is a count of ops.
+fn put_run<K: Pod, V: Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    ops: &[MapOp],
+    entry: impl Fn(&MapOp) -> Option<(K, V)>,
+) -> Result<(), BatchStopped> {
+    let (keys, values): (Vec<K>, Vec<V>) = ops.iter().filter_map(entry).unzip();
+    debug_assert_eq!(keys.len(), ops.len(), "a run of one kind");
+    update_all(map, &keys, &values)
+}
+
+/// Deletes the key `key` gives for each op of a run, as batches.
+fn delete_run<K: Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    ops: &[MapOp],
+    key: impl Fn(&MapOp) -> Option<K>,
+) -> Result<(), BatchStopped> {
+    let keys: Vec<K> = ops.iter().filter_map(key).collect();
+    debug_assert_eq!(keys.len(), ops.len(), "a run of one kind");
+    delete_all(map, &keys)
 }
 
 /// The file descriptor of one of the agent's maps.
