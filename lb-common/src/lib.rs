@@ -10,6 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 pub mod csum;
 pub mod icmp;
+pub mod ipv6;
 pub mod map_spec;
 pub mod uapi;
 
@@ -35,6 +36,14 @@ pub mod map_names {
     pub const SOCK_FWD: &str = map_spec::SOCK_FWD.name;
     pub const SNAT_CURSOR: &str = map_spec::SNAT_CURSOR.name;
     pub const CONNTRACK_PREV: &str = map_spec::CONNTRACK_PREV.name;
+    pub const SERVICES6: &str = map_spec::SERVICES6.name;
+    pub const BACKENDS6: &str = map_spec::BACKENDS6.name;
+    pub const REV_NAT6: &str = map_spec::REV_NAT6.name;
+    pub const CONNTRACK6: &str = map_spec::CONNTRACK6.name;
+    pub const AFFINITY6: &str = map_spec::AFFINITY6.name;
+    pub const BACKEND_MATCH6: &str = map_spec::BACKEND_MATCH6.name;
+    pub const SOURCE_RANGES6: &str = map_spec::SOURCE_RANGES6.name;
+    pub const SNAT_CURSOR6: &str = map_spec::SNAT_CURSOR6.name;
     /// The pinned maps, in the order of `map_spec::ALL`.
     pub const ALL: [&str; map_spec::ALL.len()] = {
         let mut names = [""; map_spec::ALL.len()];
@@ -89,6 +98,9 @@ pub const MAX_AFFINITY: u32 = map_spec::AFFINITY.max_entries;
 /// up), so a large N costs map entries, not time per packet.
 pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX;
 
+pub use ipv6::{
+    Affinity6Key, Backend6, Ct6Key, Ct6Value, Ipv6Bytes, RevNat6, Service6Key, SourceRange6,
+};
 pub use uapi::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Key of the services map. `backend_slot` 0 is the master entry of a Service
@@ -408,6 +420,9 @@ pub struct DatapathConfig {
     pub masquerade_addr: u32,
     /// `SOCKET_LB_*`.
     pub socket_lb_mode: u32,
+    /// The node's IPv6 masquerade address (all zero: masquerading IPv6
+    /// flows is off).
+    pub masquerade_addr6: Ipv6Bytes,
 }
 
 /// How long an idle entry keeps its backend, as in the kernel's conntrack.

@@ -7,9 +7,9 @@
 use core::mem::size_of;
 
 use crate::{
-    config, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey, Ct4Key, Ct4Value,
-    RevNat4, Service4Key, Service4Value, ServiceStats, SockFwd4Key, SockRev4Key, SockRev4Value,
-    SourceRange4,
+    config, stats, Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6, BackendMatchKey,
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Service4Key, Service4Value, Service6Key,
+    ServiceStats, SockFwd4Key, SockRev4Key, SockRev4Value, SourceRange4, SourceRange6,
 };
 
 /// The kernel map types the object uses.
@@ -131,8 +131,35 @@ pub const SNAT_CURSOR: MapSpec =
 pub const CONNTRACK_PREV: MapSpec =
     MapSpec::of::<Ct4Key, Ct4Value>("lb4_conntrack_prev", LruHash, 1);
 
+/// The IPv6 twins, sized by the same flags. Backend ids are per family
+/// (each indexes its own array); reverse NAT ids are one space over both,
+/// so `lb4_svc_stats` counts the frontends of both.
+pub const SERVICES6: MapSpec =
+    MapSpec::of::<Service6Key, Service4Value>("lb6_services", Hash, SERVICES.max_entries)
+        .sized_by(Services);
+pub const BACKENDS6: MapSpec =
+    MapSpec::of::<u32, Backend6>("lb6_backends", Array, BACKENDS.max_entries).sized_by(Backends);
+pub const REV_NAT6: MapSpec =
+    MapSpec::of::<u16, RevNat6>("lb6_reverse_nat", Hash, REV_NAT.max_entries);
+pub const CONNTRACK6: MapSpec =
+    MapSpec::of::<Ct6Key, Ct6Value>("lb6_conntrack", LruHash, CONNTRACK.max_entries)
+        .sized_by(Conntrack);
+pub const AFFINITY6: MapSpec =
+    MapSpec::of::<Affinity6Key, Affinity4Value>("lb6_affinity", LruHash, AFFINITY.max_entries)
+        .sized_by(Affinity);
+pub const BACKEND_MATCH6: MapSpec =
+    MapSpec::of::<BackendMatchKey, u8>("lb6_backend_match", Hash, SERVICES.max_entries)
+        .sized_by(Services);
+pub const SOURCE_RANGES6: MapSpec = MapSpec::of::<LpmKey<SourceRange6>, u8>(
+    "lb6_source_ranges",
+    LpmTrie,
+    SOURCE_RANGES.max_entries,
+);
+pub const SNAT_CURSOR6: MapSpec =
+    MapSpec::of::<u32, u64>("lb6_snat_cursor", Array, BACKENDS.max_entries).sized_by(Backends);
+
 /// Every map the agent pins.
-pub const ALL: [MapSpec; 13] = [
+pub const ALL: [MapSpec; 21] = [
     SERVICES,
     BACKENDS,
     REV_NAT,
@@ -146,4 +173,12 @@ pub const ALL: [MapSpec; 13] = [
     SOCK_REV,
     SOCK_FWD,
     SNAT_CURSOR,
+    SERVICES6,
+    BACKENDS6,
+    REV_NAT6,
+    CONNTRACK6,
+    AFFINITY6,
+    BACKEND_MATCH6,
+    SOURCE_RANGES6,
+    SNAT_CURSOR6,
 ];

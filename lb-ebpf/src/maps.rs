@@ -8,9 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    config, map_spec as spec, stats, Affinity4Key, Affinity4Value, Backend4, BackendMatchKey,
-    Ct4Key, Ct4Value, DatapathConfig, RevNat4, Service4Key, Service4Value, ServiceStats, SnatPorts,
-    SockFwd4Key, SockRev4Key, SockRev4Value, SourceRange4,
+    config, map_spec as spec, stats, Affinity4Key, Affinity4Value, Affinity6Key, Backend4,
+    Backend6, BackendMatchKey, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, RevNat4,
+    RevNat6, Service4Key, Service4Value, Service6Key, ServiceStats, SnatPorts, SockFwd4Key,
+    SockRev4Key, SockRev4Value, SourceRange4, SourceRange6,
 };
 
 /// The masquerade port ranges, set by the loader (`global_names::SNAT_PORTS`).
@@ -34,6 +35,7 @@ static DATAPATH_CONFIG: DatapathConfig = DatapathConfig {
     host_netns_cookie: 0,
     masquerade_addr: 0,
     socket_lb_mode: 0,
+    masquerade_addr6: [0; 16],
 };
 
 #[inline(always)]
@@ -191,6 +193,51 @@ pub static SOCK_FWD: LruHashMap<SockFwd4Key, u32, { spec::SOCK_FWD.max_entries a
 #[btf_map(name = "lb_config")]
 pub static CONFIG: Array<u32, { spec::CONFIG.max_entries as usize }> = Array::new();
 
+// The IPv6 twins.
+#[btf_map(name = "lb6_services")]
+pub static SERVICES6: HashMap<
+    Service6Key,
+    Service4Value,
+    { spec::SERVICES6.max_entries as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "lb6_backends")]
+pub static BACKENDS6: Array<Backend6, { spec::BACKENDS6.max_entries as usize }> = Array::new();
+
+#[btf_map(name = "lb6_reverse_nat")]
+pub static REV_NAT6: HashMap<u16, RevNat6, { spec::REV_NAT6.max_entries as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "lb6_conntrack")]
+pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Value, { spec::CONNTRACK6.max_entries as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "lb6_affinity")]
+pub static AFFINITY6: LruHashMap<
+    Affinity6Key,
+    Affinity4Value,
+    { spec::AFFINITY6.max_entries as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "lb6_backend_match")]
+pub static BACKEND_MATCH6: HashMap<
+    BackendMatchKey,
+    u8,
+    { spec::BACKEND_MATCH6.max_entries as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "lb6_source_ranges")]
+pub static SOURCE_RANGES6: LpmTrie<
+    SourceRange6,
+    u8,
+    { spec::SOURCE_RANGES6.max_entries as usize },
+> = LpmTrie::new();
+
+#[btf_map(name = "lb6_snat_cursor")]
+pub static SNAT_CURSOR6: Array<u64, { spec::SNAT_CURSOR6.max_entries as usize }> = Array::new();
+
 // Each declaration above against its entry in the table.
 check_spec!(spec::SNAT_CURSOR, "lb4_snat_cursor", u32, u64);
 check_spec!(spec::SERVICES, "lb4_services", Service4Key, Service4Value);
@@ -216,6 +263,29 @@ check_spec!(
 check_spec!(spec::SOCK_REV, "lb4_sock_rev", SockRev4Key, SockRev4Value);
 check_spec!(spec::SOCK_FWD, "lb4_sock_fwd", SockFwd4Key, u32);
 check_spec!(spec::CONFIG, "lb_config", u32, u32);
+check_spec!(spec::SERVICES6, "lb6_services", Service6Key, Service4Value);
+check_spec!(spec::BACKENDS6, "lb6_backends", u32, Backend6);
+check_spec!(spec::REV_NAT6, "lb6_reverse_nat", u16, RevNat6);
+check_spec!(spec::CONNTRACK6, "lb6_conntrack", Ct6Key, Ct6Value);
+check_spec!(
+    spec::AFFINITY6,
+    "lb6_affinity",
+    Affinity6Key,
+    Affinity4Value
+);
+check_spec!(
+    spec::BACKEND_MATCH6,
+    "lb6_backend_match",
+    BackendMatchKey,
+    u8
+);
+check_spec!(
+    spec::SOURCE_RANGES6,
+    "lb6_source_ranges",
+    spec::LpmKey<SourceRange6>,
+    u8
+);
+check_spec!(spec::SNAT_CURSOR6, "lb6_snat_cursor", u32, u64);
 
 #[inline(always)]
 pub fn source_allowed(rev_nat_id: u16, saddr: u32) -> bool {

@@ -1,0 +1,130 @@
+//! The IPv6 twins of the IPv4 map types: the same fields and meanings, with
+//! 16-byte addresses (network byte order, as in packets). Values that hold
+//! no address ([`crate::Service4Value`], [`crate::Affinity4Value`],
+//! [`crate::BackendMatchKey`]) are shared by both families.
+
+use bytemuck::{Pod, Zeroable};
+
+/// An IPv6 address as its 16 bytes in network order.
+pub type Ipv6Bytes = [u8; 16];
+
+/// Key of `lb6_services` (see [`crate::Service4Key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Service6Key {
+    pub addr: Ipv6Bytes,
+    /// Network byte order.
+    pub port: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    /// `SCOPE_*`.
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A backend of `lb6_backends` (see [`crate::Backend4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Backend6 {
+    pub addr: Ipv6Bytes,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+    /// Index of the backend's zone (0 = unknown).
+    pub zone: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `lb6_reverse_nat` (see [`crate::RevNat4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RevNat6 {
+    pub addr: Ipv6Bytes,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `lb6_conntrack` (see [`crate::Ct4Key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Ct6Key {
+    pub saddr: Ipv6Bytes,
+    pub daddr: Ipv6Bytes,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_DIR_*`.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `lb6_conntrack` (see [`crate::Ct4Value`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Ct6Value {
+    pub last_seen_ns: u64,
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    /// `CT_FLAG_*`.
+    pub flags: u16,
+    pub nat_addr: Ipv6Bytes,
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of `lb6_affinity` (see [`crate::Affinity4Key`]); a socket-path
+/// client (`AFFINITY_CLIENT_NETNS`) keeps its folded cookie in the first
+/// four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Affinity6Key {
+    pub client: Ipv6Bytes,
+    pub rev_nat_id: u16,
+    pub proto: u8,
+    pub client_kind: u8,
+}
+
+/// Data of a `lb6_source_ranges` LPM trie key: the prefix length covers
+/// `rev_nat_id` and `_pad` (`SOURCE_RANGE_PREFIX_BITS`) plus the range's
+/// mask bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct SourceRange6 {
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub addr: Ipv6Bytes,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{Affinity6Key, Backend6, Ct6Key, Ct6Value, RevNat6, Service6Key, SourceRange6};
+    // SAFETY: repr(C), Copy, explicit padding, no invalid bit patterns
+    // (checked by bytemuck's derive).
+    unsafe impl aya::Pod for Service6Key {}
+    unsafe impl aya::Pod for Backend6 {}
+    unsafe impl aya::Pod for RevNat6 {}
+    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for Ct6Value {}
+    unsafe impl aya::Pod for Affinity6Key {}
+    unsafe impl aya::Pod for SourceRange6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Service6Key>(), 24);
+        assert_eq!(size_of::<Backend6>(), 24);
+        assert_eq!(size_of::<RevNat6>(), 20);
+        assert_eq!(size_of::<Ct6Key>(), 40);
+        assert_eq!(size_of::<Ct6Value>(), 40);
+        assert_eq!(size_of::<Affinity6Key>(), 20);
+        assert_eq!(size_of::<SourceRange6>(), 20);
+    }
+}
