@@ -90,6 +90,45 @@ pub fn pseudo_header_sum(saddr: u32, daddr: u32, proto: u8, l4_len: u16) -> u32 
         + u32::from(u16::from_ne_bytes(l4_len.to_be_bytes()))
 }
 
+/// New checksum after a 16-byte field (an IPv6 address, as four words)
+/// changed from `from` to `to`.
+#[inline(always)]
+pub fn replace16(check: u16, from: &[u32; 4], to: &[u32; 4]) -> u16 {
+    let mut c = check;
+    let mut i = 0;
+    while i < 4 {
+        c = replace4(c, from[i], to[i]);
+        i += 1;
+    }
+    c
+}
+
+/// A UDP checksum over IPv6 is mandatory (RFC 8200 8.1): a computed zero
+/// is sent as 0xffff, and a zero received is updated like any value.
+#[inline(always)]
+pub fn udp6_nonzero(check: u16) -> u16 {
+    if check == 0 {
+        0xffff
+    } else {
+        check
+    }
+}
+
+/// Unfolded sum of the IPv6 pseudo header for TCP/UDP (RFC 8200 8.1;
+/// addresses as in memory, `proto` and `l4_len` host order).
+pub fn pseudo_header_sum6(saddr: &[u32; 4], daddr: &[u32; 4], proto: u8, l4_len: u32) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        sum += (saddr[i] & 0xffff) + (saddr[i] >> 16) + (daddr[i] & 0xffff) + (daddr[i] >> 16);
+        i += 1;
+    }
+    let len = l4_len.to_be_bytes();
+    sum + u32::from(u16::from_ne_bytes([len[0], len[1]]))
+        + u32::from(u16::from_ne_bytes([len[2], len[3]]))
+        + u32::from(u16::from_ne_bytes([0, proto]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +179,20 @@ mod tests {
         seg[2..4].copy_from_slice(&8080u16.to_be_bytes());
         seg[6..8].copy_from_slice(&c2.to_ne_bytes());
         assert_eq!(checksum(&seg, pseudo_header_sum(s, d2, 17, 12)), 0);
+    }
+
+    #[test]
+    fn ipv6_address_update_matches_recomputation() {
+        use crate::ipv6::words;
+        let s = words([0xfd, 0, 0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        let d = words([0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]);
+        let d2 = words([0xfd, 0, 2, 0x44, 0, 1, 0, 0, 0, 0, 0, 0, 0xab, 0, 0, 0x23]);
+        let mut seg = [0u8, 53, 0, 80, 0, 12, 0, 0, b'p', b'i', b'n', b'g'];
+        let c = checksum(&seg, pseudo_header_sum6(&s, &d, 17, 12));
+        seg[6..8].copy_from_slice(&c.to_ne_bytes());
+        let c2 = udp6_nonzero(replace16(c, &d, &d2));
+        seg[6..8].copy_from_slice(&c2.to_ne_bytes());
+        assert_eq!(checksum(&seg, pseudo_header_sum6(&s, &d2, 17, 12)), 0);
     }
 
     #[test]

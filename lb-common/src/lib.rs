@@ -707,6 +707,13 @@ mod tests {
         assert_eq!(i32::from(uapi::IPPROTO_TCP), libc::IPPROTO_TCP);
         assert_eq!(i32::from(uapi::IPPROTO_UDP), libc::IPPROTO_UDP);
         assert_eq!(uapi::ECONNREFUSED, libc::ECONNREFUSED);
+        assert_eq!(i32::from(uapi::ETH_P_IPV6), libc::ETH_P_IPV6);
+        assert_eq!(i32::from(uapi::AF_INET6), libc::AF_INET6);
+        assert_eq!(i32::from(uapi::IPPROTO_HOPOPTS), libc::IPPROTO_HOPOPTS);
+        assert_eq!(i32::from(uapi::IPPROTO_ROUTING), libc::IPPROTO_ROUTING);
+        assert_eq!(i32::from(uapi::IPPROTO_FRAGMENT), libc::IPPROTO_FRAGMENT);
+        assert_eq!(i32::from(uapi::IPPROTO_DSTOPTS), libc::IPPROTO_DSTOPTS);
+        assert_eq!(i32::from(uapi::IPPROTO_ICMPV6), libc::IPPROTO_ICMPV6);
     }
 
     #[test]

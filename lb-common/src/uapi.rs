@@ -13,3 +13,15 @@ pub const IPPROTO_UDP: u8 = 17;
 /// `<asm-generic/errno.h>`: what connect() to a Service without endpoints
 /// returns.
 pub const ECONNREFUSED: i32 = 111;
+/// `<linux/if_ether.h>`: the IPv6 EtherType (host order).
+pub const ETH_P_IPV6: u16 = 0x86DD;
+/// `<linux/socket.h>`: the IPv6 address family.
+pub const AF_INET6: u8 = 10;
+/// `<linux/in6.h>`: IPv6 extension headers a Service packet may carry
+/// before its TCP or UDP header.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+/// `<linux/in6.h>`.
+pub const IPPROTO_ICMPV6: u8 = 58;

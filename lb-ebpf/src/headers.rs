@@ -1,6 +1,12 @@
-//! Bounds-checked parsing of Ethernet / IPv4 / TCP / UDP headers.
+//! Bounds-checked parsing of Ethernet / IPv4 or IPv6 / TCP / UDP headers.
 
-use lb_common::uapi::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    uapi::{
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING,
+        IPPROTO_TCP, IPPROTO_UDP,
+    },
+    Ipv6Bytes,
+};
 
 pub const ETH_HLEN: usize = 14;
 /// Where the EtherType sits, after the two MAC addresses.
@@ -35,6 +41,20 @@ pub mod tcp {
     pub const CSUM: usize = 16;
 }
 
+/// Field offsets within an IPv6 header (RFC 8200 3).
+pub mod ipv6 {
+    /// The fixed header's length.
+    pub const HLEN: usize = 40;
+    pub const PAYLOAD_LEN: usize = 4;
+    pub const NEXT_HEADER: usize = 6;
+    pub const SADDR: usize = 8;
+    pub const DADDR: usize = 24;
+    /// Extension headers skipped before the L4 header, at most.
+    pub const MAX_EXT_HEADERS: usize = 4;
+}
+
+pub const IP6_SADDR_OFF: usize = IP_OFF + ipv6::SADDR;
+pub const IP6_DADDR_OFF: usize = IP_OFF + ipv6::DADDR;
 pub const IP_TOT_LEN_OFF: usize = IP_OFF + ipv4::TOT_LEN;
 pub const IP_CSUM_OFF: usize = IP_OFF + ipv4::CSUM;
 pub const IP_SADDR_OFF: usize = IP_OFF + ipv4::SADDR;
@@ -43,7 +63,11 @@ pub const L4_SPORT_OFF: usize = L4_OFF + tcp::SPORT;
 pub const L4_DPORT_OFF: usize = L4_OFF + tcp::DPORT;
 pub const TCP_CSUM_OFF: usize = L4_OFF + tcp::CSUM;
 /// Where the checksum sits in a UDP header.
-pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
+const UDP_CSUM: usize = 6;
+
+/// Farther than any header the parser reads (IPv6 extension headers
+/// included).
+const MAX_HEADERS_LEN: usize = 0x3fff;
 
 /// TTL of packets the programs build (RSTs).
 pub const DEFAULT_TTL: u8 = 64;
@@ -55,36 +79,60 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// What the data path needs to know of a packet. Addresses and ports stay in
-/// network byte order, as read from the packet.
+/// What the data path needs to know of a packet, for an address family
+/// whose addresses are `A` (`u32` or `Ipv6Bytes`). Addresses and ports stay
+/// in network byte order, as read from the packet. `repr(C)`: the two
+/// addresses sit side by side, as in the IPv6 header, so one helper call
+/// copies both.
+#[repr(C)]
 #[derive(Clone, Copy)]
-pub struct Flow {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct Flow<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// Offset of the L4 header (after any IPv6 extension headers).
+    pub l4_off: usize,
     /// Offset of the L4 checksum field.
     pub l4_csum_off: usize,
-    /// Host order.
+    /// The IP packet's length, header included (host order).
     pub ip_tot_len: u16,
 }
 
-pub enum Parsed {
+pub type Flow4 = Flow<u32>;
+pub type Flow6 = Flow<Ipv6Bytes>;
+
+/// What a packet of one family is to the load balancer.
+pub enum Parsed<F> {
     /// Not something the load balancer translates: pass untouched.
     Other,
-    /// An IPv4 fragment: its L4 header is absent or incomplete.
+    /// A fragment (IPv4, or an IPv6 fragment header): its L4 header is
+    /// absent or incomplete.
     Fragment,
     /// Shorter than the headers it claims: pass untouched, counted.
     Malformed,
-    Flow(Flow),
+    Flow(F),
+}
+
+/// The network layer a frame carries, by its EtherType.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L3 {
+    Ipv4,
+    Ipv6,
+    Other,
 }
 
 /// Returns a pointer to a `T` at `offset`, or `None` when it would run past
 /// the end of the packet.
 #[inline(always)]
 pub fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*mut T> {
+    // An offset kept in a map (the IPv6 scratch) is unknown to the
+    // verifier until bounded here.
+    if offset > MAX_HEADERS_LEN {
+        return None;
+    }
     let len = core::mem::size_of::<T>();
     if start + offset + len > end {
         return None;
@@ -98,21 +146,55 @@ fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     ptr_at::<T>(start, end, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
-/// The IPv4 address at `off` in `hdr`, network order.
-#[inline(always)]
-fn addr_at(hdr: &[u8; IP_HLEN], off: usize) -> u32 {
-    u32::from_ne_bytes([hdr[off], hdr[off + 1], hdr[off + 2], hdr[off + 3]])
+/// The ports and flags of a TCP or UDP header.
+struct L4 {
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    csum_off: usize,
 }
 
-/// Parses the headers between `start` and `end` (packet data pointers).
+/// The TCP or UDP header at `off`, of which the IP header claims `claimed`
+/// bytes onwards; None when it is shorter than its fixed header.
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Parsed {
-    let Some(eth_type) = read::<u16>(start, end, ETH_TYPE_OFF) else {
-        return Parsed::Other;
+fn parse_l4(start: usize, end: usize, proto: u8, off: usize, claimed: usize) -> Option<L4> {
+    let (l4_len, csum) = if proto == IPPROTO_TCP {
+        (TCP_HLEN, tcp::CSUM)
+    } else {
+        (UDP_HLEN, UDP_CSUM)
     };
-    if u16::from_be(eth_type) != ETH_P_IP {
-        return Parsed::Other;
+    if claimed < l4_len {
+        return None;
     }
+    let ports = read::<[u16; 2]>(start, end, off)?;
+    ptr_at::<u8>(start, end, off + l4_len - 1)?;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        read::<u8>(start, end, off + tcp::FLAGS).unwrap_or(0)
+    } else {
+        0
+    };
+    Some(L4 {
+        sport: ports[0],
+        dport: ports[1],
+        tcp_flags,
+        csum_off: off + csum,
+    })
+}
+
+/// The network layer of the frame between `start` and `end` (packet data
+/// pointers); each family's headers are then parsed by `parse4`/`parse6`.
+#[inline(always)]
+pub fn l3(start: usize, end: usize) -> L3 {
+    match read::<u16>(start, end, ETH_TYPE_OFF).map(u16::from_be) {
+        Some(ETH_P_IP) => L3::Ipv4,
+        Some(ETH_P_IPV6) => L3::Ipv6,
+        _ => L3::Other,
+    }
+}
+
+/// An IPv4 frame's headers.
+#[inline(always)]
+pub fn parse4(start: usize, end: usize) -> Parsed<Flow4> {
     let Some(ver_ihl) = read::<u8>(start, end, IP_OFF) else {
         return Parsed::Malformed;
     };
@@ -121,47 +203,100 @@ pub fn parse(start: usize, end: usize) -> Parsed {
     if ver_ihl != 0x45 {
         return Parsed::Other;
     }
-    let Some(hdr) = read::<[u8; IP_HLEN]>(start, end, IP_OFF) else {
+    // Field by field: a copy of the whole header would cost a stack slot
+    // per byte.
+    if ptr_at::<[u8; IP_HLEN]>(start, end, IP_OFF).is_none() {
+        return Parsed::Malformed;
+    }
+    let (Some(tot_len), Some(frag), Some(proto), Some(addrs)) = (
+        read::<u16>(start, end, IP_OFF + ipv4::TOT_LEN),
+        read::<u16>(start, end, IP_OFF + ipv4::FRAG_OFF),
+        read::<u8>(start, end, IP_OFF + ipv4::PROTOCOL),
+        read::<[u32; 2]>(start, end, IP_OFF + ipv4::SADDR),
+    ) else {
         return Parsed::Malformed;
     };
-    let frag = u16::from_be_bytes([hdr[ipv4::FRAG_OFF], hdr[ipv4::FRAG_OFF + 1]]);
-    let proto = hdr[ipv4::PROTOCOL];
+    let frag = u16::from_be(frag);
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::Other;
     }
     if frag & IP_FRAG_MASK != 0 {
         return Parsed::Fragment;
     }
-    let ip_tot_len = u16::from_be_bytes([hdr[ipv4::TOT_LEN], hdr[ipv4::TOT_LEN + 1]]);
-    let saddr = addr_at(&hdr, ipv4::SADDR);
-    let daddr = addr_at(&hdr, ipv4::DADDR);
-    let (l4_len, l4_csum_off) = if proto == IPPROTO_TCP {
-        (TCP_HLEN, TCP_CSUM_OFF)
-    } else {
-        (UDP_HLEN, UDP_CSUM_OFF)
-    };
-    if (ip_tot_len as usize) < IP_HLEN + l4_len {
+    let ip_tot_len = u16::from_be(tot_len);
+    let l4_claimed = (ip_tot_len as usize).saturating_sub(IP_HLEN);
+    let Some(l4) = parse_l4(start, end, proto, L4_OFF, l4_claimed) else {
         return Parsed::Malformed;
-    }
-    let Some(ports) = read::<[u16; 2]>(start, end, L4_OFF) else {
-        return Parsed::Malformed;
-    };
-    if ptr_at::<u8>(start, end, L4_OFF + l4_len - 1).is_none() {
-        return Parsed::Malformed;
-    }
-    let tcp_flags = if proto == IPPROTO_TCP {
-        read::<u8>(start, end, L4_OFF + 13).unwrap_or(0)
-    } else {
-        0
     };
     Parsed::Flow(Flow {
-        saddr,
-        daddr,
-        sport: ports[0],
-        dport: ports[1],
+        saddr: addrs[0],
+        daddr: addrs[1],
+        sport: l4.sport,
+        dport: l4.dport,
         proto,
-        tcp_flags,
-        l4_csum_off,
+        tcp_flags: l4.tcp_flags,
+        l4_off: L4_OFF,
+        l4_csum_off: l4.csum_off,
         ip_tot_len,
     })
+}
+
+/// IPv6: the fixed header, then hop-by-hop, routing and destination
+/// options headers (at most `MAX_EXT_HEADERS`) up to TCP or UDP. A fragment
+/// header makes it a fragment; anything else (ICMPv6 and so neighbour
+/// discovery, ESP, ...) is not the load balancer's.
+#[inline(always)]
+pub fn parse6(start: usize, end: usize, out: &mut Flow6) -> Parsed<()> {
+    // The addresses are left to the hook, which copies them straight into
+    // `out` with a helper: read here, their bytes would be spilled to the
+    // stack one by one.
+    if ptr_at::<[u8; ipv6::HLEN]>(start, end, IP_OFF).is_none() {
+        return Parsed::Malformed;
+    }
+    let Some(first) = read::<[u8; 8]>(start, end, IP_OFF) else {
+        return Parsed::Malformed;
+    };
+    if first[0] >> 4 != 6 {
+        return Parsed::Other;
+    }
+    let payload_len = u16::from_be_bytes([first[ipv6::PAYLOAD_LEN], first[ipv6::PAYLOAD_LEN + 1]]);
+    let ip_end = IP_OFF + ipv6::HLEN + payload_len as usize;
+    let mut next = first[ipv6::NEXT_HEADER];
+    let mut off = IP_OFF + ipv6::HLEN;
+    let mut i = 0;
+    while i < ipv6::MAX_EXT_HEADERS && next != IPPROTO_TCP && next != IPPROTO_UDP {
+        // Every extension header starts with its next header and (but for
+        // a fragment header) its length in 8-byte units beyond the first.
+        let Some(ext) = read::<[u8; 2]>(start, end, off) else {
+            return Parsed::Malformed;
+        };
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                next = ext[0];
+                off += (ext[1] as usize + 1) * 8;
+            }
+            IPPROTO_FRAGMENT if ext[0] == IPPROTO_TCP || ext[0] == IPPROTO_UDP => {
+                return Parsed::Fragment;
+            }
+            _ => return Parsed::Other,
+        }
+        i += 1;
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return Parsed::Other;
+    }
+    if off > ip_end {
+        return Parsed::Malformed;
+    }
+    let Some(l4) = parse_l4(start, end, next, off, ip_end - off) else {
+        return Parsed::Malformed;
+    };
+    out.sport = l4.sport;
+    out.dport = l4.dport;
+    out.proto = next;
+    out.tcp_flags = l4.tcp_flags;
+    out.l4_off = off;
+    out.l4_csum_off = l4.csum_off;
+    out.ip_tot_len = (ipv6::HLEN as u16).saturating_add(payload_len);
+    Parsed::Flow(())
 }

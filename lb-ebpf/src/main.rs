@@ -11,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+mod family;
 mod headers;
 mod maps;
 mod nat;

@@ -2,16 +2,19 @@
 //! Each is sized by its entry in `lb_common::map_spec`, and checked
 //! against it at compile time (name, key and value sizes).
 
+use core::mem::MaybeUninit;
+
+use crate::{headers::Flow6, nat::NewFlow};
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     config, map_spec as spec, stats, Affinity4Key, Affinity4Value, Affinity6Key, Backend4,
-    Backend6, BackendMatchKey, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, RevNat4,
-    RevNat6, Service4Key, Service4Value, Service6Key, ServiceStats, SnatPorts, SockFwd4Key,
-    SockRev4Key, SockRev4Value, SourceRange4, SourceRange6,
+    Backend6, BackendMatchKey, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, Ipv6Bytes,
+    RevNat4, RevNat6, Service4Key, Service4Value, Service6Key, ServiceStats, SnatPorts,
+    SockFwd4Key, SockRev4Key, SockRev4Value, SourceRange4, SourceRange6,
 };
 
 /// The masquerade port ranges, set by the loader (`global_names::SNAT_PORTS`).
@@ -35,7 +38,7 @@ static DATAPATH_CONFIG: DatapathConfig = DatapathConfig {
     host_netns_cookie: 0,
     masquerade_addr: 0,
     socket_lb_mode: 0,
-    masquerade_addr6: [0; 16],
+    masquerade_addr6: [0; 4],
 };
 
 #[inline(always)]
@@ -97,19 +100,20 @@ pub static CONNTRACK_PREV: LruHashMap<
 
 /// The conntrack entry of `key`. While an older map is migrated, a miss
 /// looks there and moves the entry over, so a flow created by the previous
-/// programs keeps its backend (and its replies their reverse NAT).
+/// programs keeps its backend (and its replies their reverse NAT). Keys
+/// and values go to the helpers by reference: a copy costs stack.
 #[inline(always)]
 pub fn conntrack_ptr(key: &Ct4Key) -> Option<*mut Ct4Value> {
-    if let Some(p) = CONNTRACK.get_ptr_mut(*key) {
+    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
         return Some(p);
     }
     if config(config::CT_MIGRATING) == 0 {
         return None;
     }
-    // SAFETY: the value is copied out before the map is touched again.
-    let old = unsafe { CONNTRACK_PREV.get(*key) }.copied()?;
-    let _ = CONNTRACK.insert(*key, old, 0);
-    CONNTRACK.get_ptr_mut(*key)
+    // SAFETY: the helper copies the value before the map is touched again.
+    let old = unsafe { CONNTRACK_PREV.get(key) }?;
+    let _ = CONNTRACK.insert(key, old, 0);
+    CONNTRACK.get_ptr_mut(key)
 }
 
 /// Records a conntrack entry; `known_absent`: the caller just looked the
@@ -124,9 +128,9 @@ pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value, known_absent: bool) {
     // BPF_NOEXIST: that would cost a second node (and, in a full map, an
     // eviction) for nothing.
     // SAFETY: only tested for presence.
-    let absent = known_absent || unsafe { CONNTRACK.get(*key) }.is_none();
+    let absent = known_absent || unsafe { CONNTRACK.get(key) }.is_none();
     if !(absent && conntrack_insert_new(key, value)) {
-        let _ = CONNTRACK.insert(*key, *value, u64::from(BPF_ANY));
+        let _ = CONNTRACK.insert(key, value, u64::from(BPF_ANY));
         mirror_to_prev(key, value);
     }
 }
@@ -136,7 +140,7 @@ pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value, known_absent: bool) {
 #[inline(always)]
 pub fn conntrack_insert_new(key: &Ct4Key, value: &Ct4Value) -> bool {
     if CONNTRACK
-        .insert(*key, *value, u64::from(BPF_NOEXIST))
+        .insert(key, value, u64::from(BPF_NOEXIST))
         .is_err()
     {
         return false;
@@ -149,7 +153,7 @@ pub fn conntrack_insert_new(key: &Ct4Key, value: &Ct4Value) -> bool {
 #[inline(always)]
 fn mirror_to_prev(key: &Ct4Key, value: &Ct4Value) {
     if config(config::CT_MIGRATING) != 0 {
-        let _ = CONNTRACK_PREV.insert(*key, *value, 0);
+        let _ = CONNTRACK_PREV.insert(key, value, 0);
     }
 }
 
@@ -192,6 +196,20 @@ pub static SOCK_FWD: LruHashMap<SockFwd4Key, u32, { spec::SOCK_FWD.max_entries a
 
 #[btf_map(name = "lb_config")]
 pub static CONFIG: Array<u32, { spec::CONFIG.max_entries as usize }> = Array::new();
+
+/// Per-CPU room for an IPv6 packet's parsed headers: off the stack, which
+/// the NAT core's call chain needs for its IPv6 keys and values (BPF
+/// allows 512 bytes in all). Programs run to completion on a CPU, so no
+/// two packets share it at once. Not pinned: it holds nothing between
+/// packets.
+#[btf_map(name = "lb6_flow_scratch")]
+pub static FLOW6_SCRATCH: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
+
+/// An IPv6 packet's parsed headers and the state of its lookup.
+pub struct Scratch6 {
+    pub flow: Flow6,
+    pub start: MaybeUninit<NewFlow<Ipv6Bytes>>,
+}
 
 // The IPv6 twins.
 #[btf_map(name = "lb6_services")]
@@ -286,19 +304,6 @@ check_spec!(
     u8
 );
 check_spec!(spec::SNAT_CURSOR6, "lb6_snat_cursor", u32, u64);
-
-#[inline(always)]
-pub fn source_allowed(rev_nat_id: u16, saddr: u32) -> bool {
-    let key = Key::new(
-        lb_common::SOURCE_RANGE_PREFIX_BITS + 32,
-        SourceRange4 {
-            rev_nat_id,
-            _pad: 0,
-            addr: saddr,
-        },
-    );
-    SOURCE_RANGES.get(&key).is_some()
-}
 
 /// The backend with this id, if the id is in use.
 #[inline(always)]

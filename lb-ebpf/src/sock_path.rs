@@ -13,11 +13,12 @@ use aya_ebpf::{
 use lb_common::{
     stats,
     uapi::{AF_INET, ECONNREFUSED},
-    Affinity4Key, SockFwd4Key, SockRev4Key, SockRev4Value, AFFINITY_CLIENT_NETNS, IPPROTO_TCP,
-    IPPROTO_UDP, SOCKET_LB_ALL, SOCKET_LB_HOST, SVC_FLAG_SOURCE_RANGES,
+    SockFwd4Key, SockRev4Key, SockRev4Value, AFFINITY_CLIENT_NETNS, IPPROTO_TCP, IPPROTO_UDP,
+    SOCKET_LB_ALL, SOCKET_LB_HOST, SVC_FLAG_SOURCE_RANGES,
 };
 
 use crate::{
+    family::{Client, V4},
     maps::{self, backend, backend_match, count, SOCK_FWD, SOCK_REV},
     nat::{lookup_service, remember_affinity, select_backend},
 };
@@ -59,7 +60,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     let Some((addr, port, proto)) = service_request(ctx, sticky) else {
         return ALLOW;
     };
-    let Some((svc_key, svc)) = lookup_service(addr, port, proto, true) else {
+    let Some((frontend, svc)) = lookup_service::<V4>(addr, port, proto, true) else {
         return ALLOW;
     };
     // The client's address is not known before the socket is bound, so
@@ -88,19 +89,19 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let cookie = netns_cookie(ctx);
-    let client = Affinity4Key {
-        client: (cookie ^ (cookie >> 32)) as u32,
+    let client = Client {
+        id: (cookie ^ (cookie >> 32)) as u32,
         rev_nat_id: svc.rev_nat_id,
         proto,
-        client_kind: AFFINITY_CLIENT_NETNS,
+        kind: AFFINITY_CLIENT_NETNS,
     };
     let Some((backend_id, backend)) =
-        select_backend(&svc, &svc_key, &client, now).and_then(|id| Some((id, backend(id)?)))
+        select_backend::<V4>(&svc, &frontend, &client, now).and_then(|id| Some((id, backend(id)?)))
     else {
         count(stats::BACKEND_MISSING);
         return ALLOW;
     };
-    remember_affinity(&svc, &client, backend_id, now);
+    remember_affinity::<V4>(&svc, &client, backend_id, now);
     if sticky {
         let _ = SOCK_FWD.insert(fwd_key, backend_id, 0);
     }

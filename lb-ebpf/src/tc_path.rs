@@ -5,6 +5,8 @@
 //! checksum helpers, which update the field correctly in every state
 //! (partial, complete, or verified by the NIC).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
@@ -18,19 +20,21 @@ use aya_ebpf::{
 };
 use lb_common::{
     icmp,
-    stats::{self, RejectFailure, RewriteFailure},
-    uapi::AF_INET,
-    IPPROTO_TCP,
+    stats::{RejectFailure, RewriteFailure},
+    uapi::{AF_INET, AF_INET6},
+    Ipv6Bytes, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
+    family::{V4, V6},
     headers::{
-        parse, tcp, Flow, Parsed, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
-        IP_SADDR_OFF, IP_TOT_LEN_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
+        ipv6, l3, parse4, parse6, tcp, Flow4, Flow6, Parsed, ETH_HLEN, IP6_DADDR_OFF,
+        IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, IP_TOT_LEN_OFF,
+        L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
     },
-    maps::count,
+    maps::FLOW6_SCRATCH,
     nat::{self, Action, Hook, Rewriter},
-    xdp_path::{reset_header, tcp_header_len},
+    xdp_path::{flow_of, reset_header, tcp_header_len},
 };
 
 /// tc verdicts as the classifier returns them.
@@ -49,29 +53,32 @@ pub fn from_wire(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn handle(ctx: &TcContext, hook: Hook) -> i32 {
-    // Direct packet access needs the headers in the linear part of the skb.
-    let want = (L4_OFF + TCP_HLEN) as u32;
+    // Direct packet access needs the headers in the linear part of the skb:
+    // an IPv6 header and TCP's (an IPv4 packet's fit in that).
+    let want = ((IP_OFF + ipv6::HLEN + TCP_HLEN) as u32).min(ctx.len());
     if ctx.data() + want as usize > ctx.data_end() {
         let _ = ctx.pull_data(want);
     }
-    let flow = match parse(ctx.data(), ctx.data_end()) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Other => return OK,
-        Parsed::Fragment => {
-            count(stats::FRAGMENT_PASSED);
-            return OK;
-        }
-        Parsed::Malformed => {
-            count(stats::MALFORMED_PASSED);
-            return OK;
-        }
+    match l3(ctx.data(), ctx.data_end()) {
+        L3::Ipv4 => handle4(ctx, hook),
+        L3::Ipv6 => handle6(ctx, hook),
+        L3::Other => OK,
+    }
+}
+
+/// Each family's path in a function of its own: inlined side by side their
+/// frames would add up past BPF's 512 bytes of stack.
+#[inline(never)]
+fn handle4(ctx: &TcContext, hook: Hook) -> i32 {
+    let Some(flow) = flow_of(parse4(ctx.data(), ctx.data_end())) else {
+        return OK;
     };
     let rw = TcRewriter { ctx };
-    match nat::handle(&rw, &flow, hook) {
+    match nat::handle::<V4, _>(&rw, &flow, hook, &mut MaybeUninit::uninit()) {
         // From a pod, a node address as source would look spoofed to input
         // routing; from the wire the agent lets it in (accept_local), as
         // it does for XDP, and the kernel routes it on.
-        Action::Redirect if hook == Hook::Pod => redirect_to_egress(ctx),
+        Action::Redirect if hook == Hook::Pod => redirect_to_egress4(ctx),
         Action::Pass | Action::Translated | Action::Redirect => OK,
         Action::Drop => SHOT,
         Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), SHOT),
@@ -79,9 +86,63 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
     }
 }
 
+#[inline(never)]
+fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
+    let Some(scratch) = FLOW6_SCRATCH.get_ptr_mut(0) else {
+        return OK;
+    };
+    // SAFETY: this CPU's slot, no other user while the program runs.
+    let scratch = unsafe { &mut *scratch };
+    let flow = &mut scratch.flow;
+    if flow_of(parse6_linear(ctx, flow)).is_none() {
+        return OK;
+    }
+    // Both addresses in one copy, straight into the flow (see `parse6`).
+    let addrs = (&raw mut flow.saddr).cast::<core::ffi::c_void>();
+    let len = 2 * core::mem::size_of::<Ipv6Bytes>() as u32;
+    if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, IP6_SADDR_OFF as u32, addrs, len) } != 0
+    {
+        return OK;
+    }
+    let flow = &scratch.flow;
+    let rw = TcRewriter { ctx };
+    match nat::handle::<V6, _>(&rw, flow, hook, &mut scratch.start) {
+        // IPv6 has no accept_local: a node address as source is dropped by
+        // input routing from the wire too, so both hooks send it out.
+        Action::Redirect => redirect_to_egress6(ctx),
+        Action::Pass | Action::Translated => OK,
+        Action::Drop => SHOT,
+        // Answers over IPv6 (RST, ICMPv6 unreachable) are not built yet.
+        Action::RejectTcp | Action::RejectUdp => {
+            nat::rejected(Err::<i32, _>(RejectFailure::NotAnswerable), SHOT)
+        }
+    }
+}
+
+/// Most header bytes pulled into the linear part of the skb for an IPv6
+/// packet whose extension headers reach past the first pull.
+const MAX_HEADERS_PULL: u32 = 256;
+
+/// IPv6 extension headers may reach past the first pull: a packet that
+/// has some gets a larger one before it is parsed.
+#[inline(always)]
+fn parse6_linear(ctx: &TcContext, out: &mut Flow6) -> Parsed<()> {
+    let next = ctx
+        .load::<u8>(IP_OFF + ipv6::NEXT_HEADER)
+        .unwrap_or(IPPROTO_TCP);
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    let more = ctx.len().min(MAX_HEADERS_PULL);
+    if next != IPPROTO_TCP && next != IPPROTO_UDP && linear < more {
+        let _ = ctx.pull_data(more);
+    }
+    parse6(ctx.data(), ctx.data_end(), out)
+}
+
 /// Turns a UDP datagram to a Service without backends into an ICMP port
 /// unreachable, sent back where it came from (see lb_common::icmp for why the
-/// quoted checksum is predicted rather than copied).
+/// quoted checksum is predicted rather than copied). Not inlined, like
+/// `tcp_reset`: their buffers stay out of the translation's frame.
+#[inline(never)]
 fn udp_unreachable(ctx: &TcContext) -> Result<i32, RejectFailure> {
     let eth: [u8; icmp::ETH_LEN] = ctx.load(0).map_err(|_| RejectFailure::OutOfBounds)?;
     let ip: [u8; icmp::IP_LEN] = ctx.load(IP_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
@@ -116,23 +177,42 @@ fn redirect_back(ctx: &TcContext) -> Result<i32, RejectFailure> {
 /// reply, a masqueraded flow), which the kernel's input routing would drop
 /// as spoofed on a pod's veth. Without a route it goes to the stack.
 #[inline(never)]
-fn redirect_to_egress(ctx: &TcContext) -> i32 {
+fn redirect_to_egress4(ctx: &TcContext) -> i32 {
     let Ok(addrs) = ctx.load::<[u32; 2]>(IP_SADDR_OFF) else {
         return OK;
     };
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions).
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    // tot_len 0 skips the MTU check: pod packets may be GSO super-frames.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     params.__bindgen_anon_3.ipv4_src = addrs[0];
     params.__bindgen_anon_4.ipv4_dst = addrs[1];
+    redirect_by_fib(ctx, &mut params)
+}
+
+/// As `redirect_to_egress4`, for IPv6.
+#[inline(never)]
+fn redirect_to_egress6(ctx: &TcContext) -> i32 {
+    let Ok(addrs) = ctx.load::<[[u32; 4]; 2]>(IP6_SADDR_OFF) else {
+        return OK;
+    };
+    // SAFETY: as in `redirect_to_egress4`.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET6;
+    params.__bindgen_anon_3.ipv6_src = addrs[0];
+    params.__bindgen_anon_4.ipv6_dst = addrs[1];
+    redirect_by_fib(ctx, &mut params)
+}
+
+#[inline(always)]
+fn redirect_by_fib(ctx: &TcContext, params: &mut FibParams) -> i32 {
+    // tot_len 0 skips the MTU check: pod packets may be GSO super-frames.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // The neighbour is bpf_redirect_neigh's to resolve: with SKIP_NEIGH the
     // lookup succeeds whether or not the next hop's address is known yet.
     let ret = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
@@ -150,21 +230,52 @@ struct TcRewriter<'a> {
 
 /// Which end of the packet a rewrite changes: where its address and port
 /// sit and what they hold now.
-struct End {
+struct End<A> {
     addr_off: usize,
     port_off: usize,
-    old_addr: u32,
+    old_addr: A,
     old_port: u16,
 }
 
 impl TcRewriter<'_> {
+    /// UDP's zero checksum means "none" over IPv4: the helper leaves it so.
     #[inline(always)]
-    fn rewrite(&self, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), RewriteFailure> {
-        let mangled: u64 = if flow.proto == IPPROTO_TCP {
+    fn mangled<A>(flow: &crate::headers::Flow<A>) -> u64 {
+        if flow.proto == IPPROTO_TCP {
             0
         } else {
             u64::from(BPF_F_MARK_MANGLED_0)
-        };
+        }
+    }
+
+    #[inline(always)]
+    fn rewrite_port<A>(
+        &self,
+        flow: &crate::headers::Flow<A>,
+        end: &End<A>,
+        port: u16,
+    ) -> Result<(), RewriteFailure> {
+        self.ctx
+            .l4_csum_replace(
+                flow.l4_csum_off,
+                u64::from(end.old_port),
+                u64::from(port),
+                Self::mangled(flow) | 2,
+            )
+            .map_err(|_| RewriteFailure::Checksum)?;
+        self.ctx
+            .store(end.port_off, &port, 0)
+            .map_err(|_| RewriteFailure::Store)
+    }
+
+    #[inline(always)]
+    fn rewrite4(
+        &self,
+        flow: &Flow4,
+        end: End<u32>,
+        addr: u32,
+        port: u16,
+    ) -> Result<(), RewriteFailure> {
         let ctx = self.ctx;
         // Addresses are in the pseudo header: with BPF_F_PSEUDO_HDR the helper
         // also fixes a partial checksum, which covers only that header.
@@ -172,52 +283,99 @@ impl TcRewriter<'_> {
             flow.l4_csum_off,
             u64::from(end.old_addr),
             u64::from(addr),
-            u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
-        )
-        .map_err(|_| RewriteFailure::Checksum)?;
-        ctx.l4_csum_replace(
-            flow.l4_csum_off,
-            u64::from(end.old_port),
-            u64::from(port),
-            mangled | 2,
+            u64::from(BPF_F_PSEUDO_HDR) | Self::mangled(flow) | 4,
         )
         .map_err(|_| RewriteFailure::Checksum)?;
         ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(end.old_addr), u64::from(addr), 4)
             .map_err(|_| RewriteFailure::Checksum)?;
         ctx.store(end.addr_off, &addr, 0)
             .map_err(|_| RewriteFailure::Store)?;
-        ctx.store(end.port_off, &port, 0)
+        self.rewrite_port(flow, &end, port)
+    }
+
+    /// A 16-byte address does not fit the helper's 2- or 4-byte update: its
+    /// difference goes in as a sum (size 0), still as a pseudo header field.
+    #[inline(always)]
+    fn rewrite6(
+        &self,
+        flow: &Flow6,
+        end: End<Ipv6Bytes>,
+        addr: Ipv6Bytes,
+        port: u16,
+    ) -> Result<(), RewriteFailure> {
+        let ctx = self.ctx;
+        let mut old = end.old_addr;
+        let mut new = addr;
+        let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(RewriteFailure::Checksum);
+        }
+        ctx.l4_csum_replace(
+            flow.l4_csum_off,
+            0,
+            u64::from(diff as u32),
+            u64::from(BPF_F_PSEUDO_HDR) | Self::mangled(flow),
+        )
+        .map_err(|_| RewriteFailure::Checksum)?;
+        ctx.store(end.addr_off, &addr, 0)
             .map_err(|_| RewriteFailure::Store)?;
-        Ok(())
+        self.rewrite_port(flow, &end, port)
     }
 }
 
-impl Rewriter for TcRewriter<'_> {
-    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
+impl Rewriter<V4> for TcRewriter<'_> {
+    #[inline(always)]
+    fn rewrite_dst(&self, flow: &Flow4, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         let end = End {
             addr_off: IP_DADDR_OFF,
             port_off: L4_DPORT_OFF,
             old_addr: flow.daddr,
             old_port: flow.dport,
         };
-        self.rewrite(flow, end, addr, port)
+        self.rewrite4(flow, end, addr, port)
     }
 
-    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
+    #[inline(always)]
+    fn rewrite_src(&self, flow: &Flow4, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         let end = End {
             addr_off: IP_SADDR_OFF,
             port_off: L4_SPORT_OFF,
             old_addr: flow.saddr,
             old_port: flow.sport,
         };
-        self.rewrite(flow, end, addr, port)
+        self.rewrite4(flow, end, addr, port)
+    }
+}
+
+impl Rewriter<V6> for TcRewriter<'_> {
+    #[inline(always)]
+    fn rewrite_dst(&self, flow: &Flow6, addr: Ipv6Bytes, port: u16) -> Result<(), RewriteFailure> {
+        let end = End {
+            addr_off: IP6_DADDR_OFF,
+            port_off: flow.l4_off + tcp::DPORT,
+            old_addr: flow.daddr,
+            old_port: flow.dport,
+        };
+        self.rewrite6(flow, end, addr, port)
+    }
+
+    #[inline(always)]
+    fn rewrite_src(&self, flow: &Flow6, addr: Ipv6Bytes, port: u16) -> Result<(), RewriteFailure> {
+        let end = End {
+            addr_off: IP6_SADDR_OFF,
+            port_off: flow.l4_off + tcp::SPORT,
+            old_addr: flow.saddr,
+            old_port: flow.sport,
+        };
+        self.rewrite6(flow, end, addr, port)
     }
 }
 
 /// Answers a TCP segment to a Service without backends with a RST, sent
 /// back where it came from. Built from the segment itself with the checksum
 /// helpers, so it is right whether the segment's checksum was partial or full.
-fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Result<i32, RejectFailure> {
+#[inline(never)]
+fn tcp_reset(ctx: &TcContext, flow: &Flow4) -> Result<i32, RejectFailure> {
     let old: [u8; TCP_HLEN] = ctx.load(L4_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
     let doff = tcp_header_len(&old);
     // Only segments without payload are answered (a SYN, or a bare ACK/FIN
@@ -296,7 +454,7 @@ fn update_reset_checksum(
 /// The reset's header around its updated checksum, the IP length (and
 /// checksum), swapped addresses and MACs.
 #[inline(always)]
-fn write_reset(ctx: &TcContext, flow: &Flow, new: &[u8; TCP_HLEN]) -> Result<(), RejectFailure> {
+fn write_reset(ctx: &TcContext, flow: &Flow4, new: &[u8; TCP_HLEN]) -> Result<(), RejectFailure> {
     let store = |_| RejectFailure::Store;
     let before_csum: [u8; tcp::CSUM] = [
         new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9], new[10],

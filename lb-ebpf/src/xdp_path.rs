@@ -3,41 +3,64 @@
 //! software (RFC 1624), which is wrong for a partial checksum, so the agent
 //! attaches it only where none can arrive (see `lb_tc_from_wire`).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 use lb_common::{
     csum, icmp,
     stats::{self, RejectFailure, RewriteFailure},
-    IPPROTO_TCP,
+    Ipv6Bytes, IPPROTO_TCP,
 };
 
 use crate::{
+    family::{V4, V6},
     headers::{
-        ipv4, parse, ptr_at, tcp, Flow, Parsed, DEFAULT_TTL, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF,
-        IP_HLEN, IP_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        ipv4, l3, parse4, parse6, ptr_at, tcp, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL, ETH_HLEN,
+        IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L3,
+        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
-    maps::count,
+    maps::{count, FLOW6_SCRATCH},
     nat::{self, Action, Hook, Rewriter},
 };
 
 pub fn from_wire(ctx: &XdpContext) -> u32 {
-    let flow = match parse(ctx.data(), ctx.data_end()) {
-        Parsed::Flow(flow) => flow,
-        Parsed::Other => return xdp_action::XDP_PASS,
+    match l3(ctx.data(), ctx.data_end()) {
+        L3::Ipv4 => from_wire4(ctx),
+        L3::Ipv6 => from_wire6(ctx),
+        L3::Other => xdp_action::XDP_PASS,
+    }
+}
+
+/// The flow of a parsed packet; None (counted) for what passes untouched.
+#[inline(always)]
+pub fn flow_of<F>(parsed: Parsed<F>) -> Option<F> {
+    match parsed {
+        Parsed::Flow(flow) => Some(flow),
+        Parsed::Other => None,
         Parsed::Fragment => {
             count(stats::FRAGMENT_PASSED);
-            return xdp_action::XDP_PASS;
+            None
         }
         Parsed::Malformed => {
             count(stats::MALFORMED_PASSED);
-            return xdp_action::XDP_PASS;
+            None
         }
+    }
+}
+
+/// Each family's path in a function of its own: inlined side by side their
+/// frames would add up past BPF's 512 bytes of stack.
+#[inline(never)]
+fn from_wire4(ctx: &XdpContext) -> u32 {
+    let Some(flow) = flow_of(parse4(ctx.data(), ctx.data_end())) else {
+        return xdp_action::XDP_PASS;
     };
     let rw = XdpRewriter { ctx };
-    match nat::handle(&rw, &flow, Hook::Wire) {
+    match nat::handle::<V4, _>(&rw, &flow, Hook::Wire, &mut MaybeUninit::uninit()) {
         // Packets from the wire go on through the kernel's routing; the
         // agent lets the wire interfaces accept a node address as source
         // (accept_local) for masqueraded and reverse-translated ones.
@@ -45,6 +68,36 @@ pub fn from_wire(ctx: &XdpContext) -> u32 {
         Action::Drop => xdp_action::XDP_DROP,
         Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), xdp_action::XDP_DROP),
         Action::RejectUdp => nat::rejected(udp_unreachable(ctx), xdp_action::XDP_DROP),
+    }
+}
+
+#[inline(never)]
+fn from_wire6(ctx: &XdpContext) -> u32 {
+    let Some(scratch) = FLOW6_SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's slot, no other user while the program runs.
+    let scratch = unsafe { &mut *scratch };
+    let flow = &mut scratch.flow;
+    if flow_of(parse6(ctx.data(), ctx.data_end(), flow)).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    // Both addresses in one copy, straight into the flow (see `parse6`).
+    let addrs = (&raw mut flow.saddr).cast::<core::ffi::c_void>();
+    let len = 2 * core::mem::size_of::<Ipv6Bytes>() as u32;
+    if unsafe { bpf_xdp_load_bytes(ctx.ctx, IP6_SADDR_OFF as u32, addrs, len) } != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    let flow = &scratch.flow;
+    let rw = XdpRewriter { ctx };
+    match nat::handle::<V6, _>(&rw, flow, Hook::Wire, &mut scratch.start) {
+        Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        // Answers over IPv6 (RST, ICMPv6 unreachable) are not built yet.
+        Action::RejectTcp | Action::RejectUdp => nat::rejected(
+            Err::<u32, _>(RejectFailure::NotAnswerable),
+            xdp_action::XDP_DROP,
+        ),
     }
 }
 
@@ -91,10 +144,41 @@ impl XdpRewriter<'_> {
         ptr_at::<T>(self.ctx.data(), self.ctx.data_end(), offset).ok_or(RewriteFailure::OutOfBounds)
     }
 
+    /// IPv6 has no header checksum; the addresses are in the L4 one's
+    /// pseudo header, and UDP's is never zero.
+    #[inline(always)]
+    fn rewrite6(
+        &self,
+        flow: &Flow6,
+        addr_off: usize,
+        port_off: usize,
+        addr: Ipv6Bytes,
+        port: u16,
+    ) -> Result<(), RewriteFailure> {
+        let ip_addr = self.field::<Ipv6Bytes>(addr_off)?;
+        let l4_port = self.field::<u16>(port_off)?;
+        let l4_csum = self.field::<u16>(flow.l4_csum_off)?;
+        // SAFETY: every pointer was bounds checked above.
+        unsafe {
+            let (old_addr, old_port) = (ip_addr.read_unaligned(), l4_port.read_unaligned());
+            let c = csum::replace16(l4_csum.read_unaligned(), &old_addr, &addr);
+            let c = csum::replace2(c, old_port, port);
+            let c = if flow.proto == IPPROTO_TCP {
+                c
+            } else {
+                csum::udp6_nonzero(c)
+            };
+            l4_csum.write_unaligned(c);
+            ip_addr.write_unaligned(addr);
+            l4_port.write_unaligned(port);
+        }
+        Ok(())
+    }
+
     #[inline(always)]
     fn rewrite(
         &self,
-        flow: &Flow,
+        flow: &Flow4,
         addr_off: usize,
         port_off: usize,
         addr: u32,
@@ -122,20 +206,34 @@ impl XdpRewriter<'_> {
     }
 }
 
-impl Rewriter for XdpRewriter<'_> {
-    fn rewrite_dst(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
+impl Rewriter<V4> for XdpRewriter<'_> {
+    #[inline(always)]
+    fn rewrite_dst(&self, flow: &Flow4, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         self.rewrite(flow, IP_DADDR_OFF, L4_DPORT_OFF, addr, port)
     }
 
-    fn rewrite_src(&self, flow: &Flow, addr: u32, port: u16) -> Result<(), RewriteFailure> {
+    #[inline(always)]
+    fn rewrite_src(&self, flow: &Flow4, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         self.rewrite(flow, IP_SADDR_OFF, L4_SPORT_OFF, addr, port)
+    }
+}
+
+impl Rewriter<V6> for XdpRewriter<'_> {
+    #[inline(always)]
+    fn rewrite_dst(&self, flow: &Flow6, addr: Ipv6Bytes, port: u16) -> Result<(), RewriteFailure> {
+        self.rewrite6(flow, IP6_DADDR_OFF, flow.l4_off + tcp::DPORT, addr, port)
+    }
+
+    #[inline(always)]
+    fn rewrite_src(&self, flow: &Flow6, addr: Ipv6Bytes, port: u16) -> Result<(), RewriteFailure> {
+        self.rewrite6(flow, IP6_SADDR_OFF, flow.l4_off + tcp::SPORT, addr, port)
     }
 }
 
 /// Turns a TCP segment to a Service without backends into the RST the
 /// client's stack expects (RFC 9293 3.10.7.1) and sends it back out.
 #[inline(never)]
-fn tcp_reset(ctx: &XdpContext, flow: &Flow) -> Result<u32, RejectFailure> {
+fn tcp_reset(ctx: &XdpContext, flow: &Flow4) -> Result<u32, RejectFailure> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let bounds = RejectFailure::OutOfBounds;
     let eth = ptr_at::<[u8; ETH_HLEN]>(start, end, 0).ok_or(bounds)?;
@@ -206,7 +304,7 @@ fn words10(b: &[u8; 20]) -> [u16; 10] {
 /// The 20-byte TCP header of the RST answering `old` (checksum left zero),
 /// or `None` when the segment is not one to answer.
 #[inline(always)]
-pub fn reset_header(old: &[u8; TCP_HLEN], flow: &Flow) -> Option<[u8; TCP_HLEN]> {
+pub fn reset_header<A>(old: &[u8; TCP_HLEN], flow: &Flow<A>) -> Option<[u8; TCP_HLEN]> {
     use crate::headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
     let flags = old[tcp::FLAGS];
     if flags & TCP_RST != 0 {
@@ -214,10 +312,12 @@ pub fn reset_header(old: &[u8; TCP_HLEN], flow: &Flow) -> Option<[u8; TCP_HLEN]>
     }
     let doff = tcp_header_len(old);
     let tot = flow.ip_tot_len as usize;
-    if doff < TCP_HLEN || tot < IP_HLEN + doff {
+    // The IP header with any IPv6 extension headers.
+    let ip_hlen = flow.l4_off - IP_OFF;
+    if doff < TCP_HLEN || tot < ip_hlen + doff {
         return None;
     }
-    let payload = (tot - IP_HLEN - doff) as u32;
+    let payload = (tot - ip_hlen - doff) as u32;
     let mut new = [0u8; TCP_HLEN];
     new[tcp::SPORT..tcp::SPORT + 2].copy_from_slice(&old[tcp::DPORT..tcp::DPORT + 2]);
     new[tcp::DPORT..tcp::DPORT + 2].copy_from_slice(&old[tcp::SPORT..tcp::SPORT + 2]);

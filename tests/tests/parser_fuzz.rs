@@ -8,7 +8,7 @@
 #[path = "../../lb-ebpf/src/headers.rs"]
 mod headers;
 
-use headers::{parse, Parsed};
+use headers::{l3, parse4, parse6, Flow, Parsed, L3};
 use proptest::{
     prelude::*,
     test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
@@ -71,9 +71,15 @@ enum Expected {
     Malformed,
     /// saddr, daddr, sport, dport (as in the packet), proto.
     Flow([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8),
+    /// IPv6: sport, dport, proto, L4 offset (the hooks copy the addresses
+    /// in themselves).
+    Flow6([u8; 2], [u8; 2], u8, usize),
 }
 
 fn expected(p: &[u8]) -> Expected {
+    if p.len() >= 14 && p[12..14] == [0x86, 0xdd] {
+        return expected6(p);
+    }
     if p.len() < 14 || p[12..14] != [0x08, 0x00] {
         return Expected::Other;
     }
@@ -103,18 +109,84 @@ fn expected(p: &[u8]) -> Expected {
     Expected::Flow(a(26), a(30), [p[34], p[35]], [p[36], p[37]], proto)
 }
 
-fn verdict(p: &Parsed) -> Expected {
+/// IPv6: up to four hop-by-hop, routing or destination options headers,
+/// then TCP or UDP; a fragment header before either makes a fragment.
+fn expected6(p: &[u8]) -> Expected {
+    if p.len() < 54 {
+        return Expected::Malformed;
+    }
+    if p[14] >> 4 != 6 {
+        return Expected::Other;
+    }
+    let ip_end = 54 + u16::from_be_bytes([p[18], p[19]]) as usize;
+    let (mut next, mut off) = (p[20], 54);
+    for _ in 0..4 {
+        if next == 6 || next == 17 {
+            break;
+        }
+        if p.len() < off + 2 {
+            return Expected::Malformed;
+        }
+        match next {
+            0 | 43 | 60 => (next, off) = (p[off], off + (p[off + 1] as usize + 1) * 8),
+            44 if p[off] == 6 || p[off] == 17 => return Expected::Fragment,
+            _ => return Expected::Other,
+        }
+    }
+    let l4_len = match next {
+        6 => 20,
+        17 => 8,
+        _ => return Expected::Other,
+    };
+    if off > ip_end || ip_end - off < l4_len || p.len() < off + l4_len {
+        return Expected::Malformed;
+    }
+    Expected::Flow6([p[off], p[off + 1]], [p[off + 2], p[off + 3]], next, off)
+}
+
+fn parsed(start: usize, end: usize) -> Expected {
+    match l3(start, end) {
+        L3::Other => Expected::Other,
+        L3::Ipv4 => match parse4(start, end) {
+            Parsed::Flow(f) => Expected::Flow(
+                f.saddr.to_ne_bytes(),
+                f.daddr.to_ne_bytes(),
+                f.sport.to_ne_bytes(),
+                f.dport.to_ne_bytes(),
+                f.proto,
+            ),
+            other => plain(&other),
+        },
+        L3::Ipv6 => {
+            let mut f = Flow {
+                saddr: [0; 4],
+                daddr: [0; 4],
+                sport: 0,
+                dport: 0,
+                proto: 0,
+                tcp_flags: 0,
+                l4_off: 0,
+                l4_csum_off: 0,
+                ip_tot_len: 0,
+            };
+            match parse6(start, end, &mut f) {
+                Parsed::Flow(()) => Expected::Flow6(
+                    f.sport.to_ne_bytes(),
+                    f.dport.to_ne_bytes(),
+                    f.proto,
+                    f.l4_off,
+                ),
+                other => plain(&other),
+            }
+        }
+    }
+}
+
+fn plain<F>(p: &Parsed<F>) -> Expected {
     match p {
-        Parsed::Other => Expected::Other,
+        Parsed::Other | Parsed::Flow(_) => Expected::Other,
         Parsed::Fragment => Expected::Fragment,
         Parsed::Malformed => Expected::Malformed,
-        Parsed::Flow(f) => Expected::Flow(
-            f.saddr.to_ne_bytes(),
-            f.daddr.to_ne_bytes(),
-            f.sport.to_ne_bytes(),
-            f.dport.to_ne_bytes(),
-            f.proto,
-        ),
     }
 }
 
@@ -141,15 +213,49 @@ fn valid_packet() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-/// Valid packets with a few bytes overwritten and a random cut, and plain
-/// random bytes.
+/// A valid Ethernet/IPv6/TCP-or-UDP packet, with up to three extension
+/// headers (hop-by-hop, routing, destination options, fragment) between.
+fn valid_packet6() -> impl Strategy<Value = Vec<u8>> {
+    (
+        any::<bool>(),
+        any::<[u8; 32]>(),
+        prop::collection::vec((prop::sample::select(vec![0u8, 43, 60, 44]), 0..2u8), 0..3),
+        any::<[u8; 20]>(),
+        prop::collection::vec(any::<u8>(), 0..32),
+    )
+        .prop_map(|(udp, addrs, exts, l4, payload)| {
+            let proto = if udp { 17 } else { 6 };
+            let l4_len = if udp { 8 } else { 20 };
+            let mut body = Vec::new();
+            let kinds: Vec<u8> = exts.iter().map(|e| e.0).chain([proto]).collect();
+            for (i, (_, len)) in exts.iter().enumerate() {
+                let size = (*len as usize + 1) * 8;
+                let mut h = vec![0u8; size];
+                h[0] = kinds[i + 1];
+                h[1] = if kinds[i] == 44 { 0 } else { *len };
+                body.extend_from_slice(&h[..if kinds[i] == 44 { 8 } else { size }]);
+            }
+            body.extend_from_slice(&l4[..l4_len]);
+            body.extend_from_slice(&payload);
+            let mut p = vec![0u8; 12];
+            p.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+            p.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            p.extend_from_slice(&[kinds[0], 64]);
+            p.extend_from_slice(&addrs);
+            p.extend_from_slice(&body);
+            p
+        })
+}
+
+/// Valid packets of both families with a few bytes overwritten and a
+/// random cut, and plain random bytes.
 fn fuzzed_packet() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..100),
         (
-            valid_packet(),
-            prop::collection::vec((0..80usize, any::<u8>()), 0..4),
-            prop::option::of(0..80usize),
+            prop_oneof![valid_packet(), valid_packet6()],
+            prop::collection::vec((0..110usize, any::<u8>()), 0..4),
+            prop::option::of(0..140usize),
         )
             .prop_map(|(mut p, writes, cut)| {
                 for (i, b) in writes {
@@ -178,17 +284,26 @@ fn the_bpf_header_parser_never_reads_past_the_packet_and_agrees_with_a_reference
     );
     let page = std::cell::RefCell::new(GuardedPage::new());
     let flows = std::cell::Cell::new(0usize);
+    let flows6 = std::cell::Cell::new(0usize);
     let result = runner.run(&fuzzed_packet(), |p| {
         let (start, end) = page.borrow_mut().place(&p);
-        let got = verdict(&parse(start, end));
+        let got = parsed(start, end);
         flows.set(flows.get() + usize::from(matches!(got, Expected::Flow(..))));
+        flows6.set(flows6.get() + usize::from(matches!(got, Expected::Flow6(..))));
         prop_assert_eq!(got, expected(&p), "packet {:02x?}", p);
         Ok(())
     });
-    let flows = flows.get();
-    eprintln!("{cases} packets (deterministic seed), {flows} parsed as flows");
+    let (flows, flows6) = (flows.get(), flows6.get());
+    eprintln!("{cases} packets (deterministic seed), {flows} IPv4 and {flows6} IPv6 flows");
     if let Err(e) = result {
         panic!("{e}");
     }
-    assert!(flows > cases as usize / 10, "too few valid flows: {flows}");
+    assert!(
+        flows > cases as usize / 20,
+        "too few valid IPv4 flows: {flows}"
+    );
+    assert!(
+        flows6 > cases as usize / 20,
+        "too few valid IPv6 flows: {flows6}"
+    );
 }

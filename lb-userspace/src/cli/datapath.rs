@@ -336,7 +336,7 @@ fn node_side(args: &RunArgs) -> Result<NodeSide> {
         host_netns_cookie: netns_cookie()?,
         masquerade_addr: masquerade.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         socket_lb_mode: args.socket_lb.config_value(),
-        masquerade_addr6: [0; 16],
+        masquerade_addr6: [0; 4],
     };
     Ok(NodeSide {
         wire,
