@@ -39,6 +39,7 @@ pub mod memcg;
 pub mod netns;
 pub mod node;
 pub mod packet;
+pub mod packet6;
 pub mod packet_harness;
 pub mod privilege;
 pub mod rate_load;

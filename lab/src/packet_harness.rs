@@ -2,14 +2,18 @@
 //! helpers to program Services into it and run crafted packets through each
 //! program.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::{program_names, Ct4Key, Ct4Value, DatapathConfig, SVC_FLAG_CLUSTER_IP};
+use lb_common::{
+    ipv6::words, map_names, program_names, Backend6, BackendMatchKey, Ct4Key, Ct4Value, Ct6Key,
+    Ct6Value, DatapathConfig, RevNat6, Service4Value, Service6Key, BACKEND_MATCH_ACTIVE,
+    SCOPE_EXTERNAL, SVC_FLAG_CLUSTER_IP,
+};
 use lb_userspace::{
     datapath::loader::{self, LoadConfig},
     model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
@@ -21,6 +25,7 @@ use lb_userspace::{
 };
 use serde_json::Value;
 
+pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const TC_ACT_OK: u32 = 0;
@@ -31,6 +36,19 @@ pub const SVC: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 100);
 /// The node address the harness's programs masquerade to.
 pub const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// The node's IPv6 masquerade address.
+pub const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
+
+/// An IPv6 frontend to write straight into the lb6_ maps (the control
+/// plane's IPv6 side is tested on its own): address, port, protocol,
+/// `SVC_FLAG_*`, backends as (address, port).
+pub struct Frontend6<'a> {
+    pub addr: Ipv6Addr,
+    pub port: u16,
+    pub proto: Protocol,
+    pub flags: u16,
+    pub backends: &'a [(Ipv6Addr, u16)],
+}
 
 /// The programs a packet can be run through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +107,7 @@ impl Harness {
             snat_ports: masquerade_ports::to_global(ranges).expect("port ranges"),
             datapath: DatapathConfig {
                 masquerade_addr: u32::from_ne_bytes(NODE.octets()),
+                masquerade_addr6: lb_common::ipv6::words(NODE6.octets()),
                 ..Default::default()
             },
             ..Default::default()
@@ -273,6 +292,80 @@ impl Harness {
         map.insert(key, value, 0).expect("conntrack write");
     }
 
+    /// Writes IPv6 frontends into the lb6_ maps in the order the agent
+    /// keeps (backends, reverse NAT, backend match, slots, master last).
+    /// Backend ids count from 1 and reverse NAT ids from 1000, per call.
+    pub fn program6(&mut self, frontends: &[Frontend6]) {
+        let mut next_backend = 1u32;
+        for (i, f) in frontends.iter().enumerate() {
+            let rev_nat_id = 1000 + i as u16;
+            let ids: Vec<u32> = f
+                .backends
+                .iter()
+                .map(|(addr, port)| {
+                    let id = next_backend;
+                    next_backend += 1;
+                    let m = self.ebpf.map_mut(map_names::BACKENDS6).expect("backends6");
+                    let mut a: aya::maps::Array<_, Backend6> =
+                        aya::maps::Array::try_from(m).expect("backends6 is an array");
+                    a.set(id, backend6(*addr, *port, f.proto), 0)
+                        .expect("backends6 write");
+                    id
+                })
+                .collect();
+            let rev = RevNat6 {
+                addr: words(f.addr.octets()),
+                port: f.port.to_be(),
+                _pad: 0,
+            };
+            self.put6(map_names::REV_NAT6, rev_nat_id, rev);
+            for id in &ids {
+                let key = BackendMatchKey {
+                    backend_id: *id,
+                    rev_nat_id,
+                    _pad: 0,
+                };
+                self.put6(map_names::BACKEND_MATCH6, key, BACKEND_MATCH_ACTIVE);
+            }
+            let key = |slot: u16| Service6Key {
+                addr: words(f.addr.octets()),
+                port: f.port.to_be(),
+                backend_slot: slot,
+                proto: f.proto.number(),
+                scope: SCOPE_EXTERNAL,
+                _pad: [0; 2],
+            };
+            for (slot, id) in ids.iter().enumerate() {
+                let value = Service4Value {
+                    backend_id: *id,
+                    ..Default::default()
+                };
+                self.put6(map_names::SERVICES6, key(slot as u16 + 1), value);
+            }
+            let master = Service4Value {
+                count: ids.len() as u16,
+                rev_nat_id,
+                flags: f.flags,
+                ..Default::default()
+            };
+            self.put6(map_names::SERVICES6, key(0), master);
+        }
+    }
+
+    fn put6<K: aya::Pod, V: aya::Pod>(&mut self, map: &str, key: K, value: V) {
+        let m = self.ebpf.map_mut(map).expect("IPv6 map");
+        let mut h: aya::maps::HashMap<_, K, V> = aya::maps::HashMap::try_from(m).expect("hash");
+        h.insert(key, value, 0).expect("hash write");
+    }
+
+    /// Every IPv6 conntrack entry.
+    pub fn conntrack6(&self) -> Vec<(Ct6Key, Ct6Value)> {
+        let map = self.ebpf.map(map_names::CONNTRACK6).expect("conntrack6");
+        let map: aya::maps::HashMap<_, Ct6Key, Ct6Value> =
+            aya::maps::HashMap::try_from(map).expect("conntrack6 is a hash");
+        map.iter().map(|r| r.expect("conntrack6 entry")).collect()
+    }
+
     /// A data path counter (`lb_common::stats`), summed over CPUs.
     pub fn stat(&self, index: u32) -> u64 {
         let map = self
@@ -282,6 +375,15 @@ impl Harness {
         let stats: aya::maps::PerCpuArray<_, u64> =
             aya::maps::PerCpuArray::try_from(map).expect("stats is a per-CPU array");
         stats.get(&index, 0).expect("counter").iter().sum()
+    }
+}
+
+fn backend6(addr: Ipv6Addr, port: u16, proto: Protocol) -> Backend6 {
+    Backend6 {
+        addr: words(addr.octets()),
+        port: port.to_be(),
+        proto: proto.number(),
+        ..Default::default()
     }
 }
 

@@ -205,6 +205,10 @@ pub static CONFIG: Array<u32, { spec::CONFIG.max_entries as usize }> = Array::ne
 #[btf_map(name = "lb6_flow_scratch")]
 pub static FLOW6_SCRATCH: PerCpuArray<Scratch6, 1> = PerCpuArray::new();
 
+/// The state of an IPv4 packet's lookup, off the stack as for IPv6.
+#[btf_map(name = "lb4_flow_scratch")]
+pub static FLOW4_SCRATCH: PerCpuArray<MaybeUninit<NewFlow<u32>>, 1> = PerCpuArray::new();
+
 /// An IPv6 packet's parsed headers and the state of its lookup.
 pub struct Scratch6 {
     pub flow: Flow6,

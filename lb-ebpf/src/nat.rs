@@ -156,6 +156,23 @@ pub fn handle<F: Family, R: Rewriter<F>>(
         hook,
         known_absent: true,
         now,
+        backend: Backend {
+            addr: F::Addr::UNSPECIFIED,
+            port: 0,
+            proto: 0,
+            state: 0,
+            zone: 0,
+            _pad: [0; 3],
+        },
+        ct: Ct {
+            last_seen_ns: 0,
+            backend_id: 0,
+            rev_nat_id: 0,
+            flags: 0,
+            nat_addr: F::Addr::UNSPECIFIED,
+            nat_port: 0,
+            _pad: Default::default(),
+        },
     });
     let Some(svc) = find_service::<F>(&mut start.frontend, hook == Hook::Pod) else {
         if let Some(action) = reverse_nat::<F, R>(rw, flow, now) {
@@ -197,7 +214,7 @@ fn tuple<A: Copy>(flow: &Flow<A>, direction: u8) -> Tuple<A> {
 
 /// What a new flow to a Service starts from (one argument: BPF functions
 /// take at most five).
-pub struct NewFlow<A> {
+pub struct NewFlow<A: Addr> {
     frontend: SvcKey<A>,
     svc: Service4Value,
     fwd: Tuple<A>,
@@ -205,6 +222,9 @@ pub struct NewFlow<A> {
     /// The caller looked the forward key up and found nothing.
     known_absent: bool,
     now: u64,
+    /// Set by `pick_backend`.
+    backend: Backend<A>,
+    ct: Ct<A>,
 }
 
 /// A packet of a flow conntrack knows goes to the flow's backend while the
@@ -303,31 +323,49 @@ fn masquerades<A: PartialEq>(
         || (hook == Hook::Wire && external && svc.flags & SVC_FLAG_EXTERNAL_LOCAL == 0)
 }
 
-/// A new flow: pick a backend, record both conntrack entries (claiming a
-/// masquerade port when the flow needs one) and translate.
-#[inline(never)]
+/// A new flow, in three steps run one after the other from `handle`, so
+/// their frames do not nest: pick a backend, record both conntrack entries
+/// (claiming a masquerade port when the flow needs one), translate. What
+/// one step hands the next is kept in `start` (for IPv6 a per-CPU scratch
+/// value, off the stack).
+#[inline(always)]
 fn new_flow<F: Family, R: Rewriter<F>>(
     rw: &R,
     flow: &Flow<F::Addr>,
-    start: &NewFlow<F::Addr>,
+    start: &mut NewFlow<F::Addr>,
 ) -> Action {
+    if !pick_backend::<F>(flow, start) {
+        count(stats::BACKEND_MISSING);
+        return Action::Drop;
+    }
+    if let Err(why) = record_flow::<F>(flow, start) {
+        count(why.counter());
+        return Action::Drop;
+    }
+    count(stats::CT_CREATED);
+    translate::<F, R>(rw, flow, &start.backend, &start.ct)
+}
+
+/// Chooses the new flow's backend (session affinity, else at random) and
+/// fills `start.backend` and `start.ct`; false when the slot or backend
+/// it found is gone.
+#[inline(never)]
+fn pick_backend<F: Family>(flow: &Flow<F::Addr>, start: &mut NewFlow<F::Addr>) -> bool {
     let svc = &start.svc;
-    let now = start.now;
     let client = Client {
         id: flow.saddr,
         rev_nat_id: svc.rev_nat_id,
         proto: flow.proto,
         kind: AFFINITY_CLIENT_ADDR,
     };
-    let Some((backend_id, backend)) = select_backend::<F>(svc, &start.frontend, &client, now)
+    let Some((backend_id, backend)) = select_backend::<F>(svc, &start.frontend, &client, start.now)
         .and_then(|id| Some((id, F::backend(id)?)))
     else {
-        count(stats::BACKEND_MISSING);
-        return Action::Drop;
+        return false;
     };
-    remember_affinity::<F>(svc, &client, backend_id, now);
-    let mut ct = Ct {
-        last_seen_ns: now,
+    remember_affinity::<F>(svc, &client, backend_id, start.now);
+    start.ct = Ct {
+        last_seen_ns: start.now,
         backend_id,
         rev_nat_id: svc.rev_nat_id,
         flags: new_entry_flags(flow, svc),
@@ -335,26 +373,30 @@ fn new_flow<F: Family, R: Rewriter<F>>(
         nat_port: 0,
         _pad: Default::default(),
     };
-    if masquerades(flow, start.hook, svc, &backend) {
-        ct.flags |= CT_FLAG_SNAT | CT_FLAG_REDIRECT;
-        match masquerade_source::<F>(flow, &backend, &ct, now) {
-            Ok((addr, port)) => {
-                ct.nat_addr = addr;
-                ct.nat_port = port;
-            }
-            Err(why) => {
-                count(why.counter());
-                return Action::Drop;
-            }
-        }
+    start.backend = backend;
+    true
+}
+
+/// Records the new flow's reply entry (claiming a masquerade source when
+/// it is masqueraded, which sets `start.ct`'s NAT address and port) and
+/// its forward entry.
+#[inline(never)]
+fn record_flow<F: Family>(
+    flow: &Flow<F::Addr>,
+    start: &mut NewFlow<F::Addr>,
+) -> Result<(), SnatFailure> {
+    if masquerades(flow, start.hook, &start.svc, &start.backend) {
+        start.ct.flags |= CT_FLAG_SNAT | CT_FLAG_REDIRECT;
+        let (addr, port) = masquerade_source::<F>(flow, &start.backend, &start.ct, start.now)?;
+        start.ct.nat_addr = addr;
+        start.ct.nat_port = port;
     } else {
-        insert_reply_entry::<F>(flow, &backend, &ct, now);
+        insert_reply_entry::<F>(flow, &start.backend, &start.ct, start.now);
     }
     // Without a forward entry the flow would still work packet by packet,
     // only without backend stickiness, so a full map is not fatal.
-    F::ct_insert(&start.fwd, &ct, start.known_absent);
-    count(stats::CT_CREATED);
-    translate::<F, R>(rw, flow, &backend, &ct)
+    F::ct_insert(&start.fwd, &start.ct, start.known_absent);
+    Ok(())
 }
 
 #[inline(always)]
@@ -504,9 +546,9 @@ pub fn find_service<F: Family>(
 /// backend, whose reply entry is free: absent, or idle past its hold (a
 /// closed flow's port waits out TIME_WAIT). The reply entry is claimed
 /// here, atomically. The steps of a new flow (masquerade, reply entry,
-/// translation) are not inlined: side by side in `new_flow`'s frame their
-/// IPv6 keys and values would not fit BPF's 512 bytes of stack.
-#[inline(never)]
+/// translation) are functions of their own: side by side in one frame
+/// their IPv6 keys and values would not fit BPF's 512 bytes of stack.
+#[inline(always)]
 fn masquerade_source<F: Family>(
     flow: &Flow<F::Addr>,
     backend: &Backend<F::Addr>,
@@ -571,10 +613,11 @@ fn claim_reply_entry<F: Family>(key: &Tuple<F::Addr>, reply: &Ct<F::Addr>, now: 
     match F::ct_ptr(key) {
         None => F::ct_insert_new(key, reply),
         Some(p) => {
+            // Read in place: a copy of the entry would cost stack.
             // SAFETY: the pointer comes from a successful lookup.
-            let held = unsafe { *p };
-            let hold = ct_hold_ns(key.proto, CT_DIR_REPLY, held.flags);
-            if now.saturating_sub(held.last_seen_ns) < hold {
+            let (flags, last_seen_ns) = unsafe { ((*p).flags, (*p).last_seen_ns) };
+            let hold = ct_hold_ns(key.proto, CT_DIR_REPLY, flags);
+            if now.saturating_sub(last_seen_ns) < hold {
                 return false;
             }
             F::ct_insert(key, reply, false);
@@ -657,7 +700,7 @@ fn reply_value<F: Family>(flow: &Flow<F::Addr>, fwd: &Ct<F::Addr>, now: u64) -> 
 
 /// The reply entry of a new flow that is not masqueraded: its tuple
 /// (backend -> this client's address and port) is now this flow's.
-#[inline(never)]
+#[inline(always)]
 fn insert_reply_entry<F: Family>(
     flow: &Flow<F::Addr>,
     backend: &Backend<F::Addr>,

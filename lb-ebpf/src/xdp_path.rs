@@ -3,8 +3,6 @@
 //! software (RFC 1624), which is wrong for a partial checksum, so the agent
 //! attaches it only where none can arrive (see `lb_tc_from_wire`).
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
@@ -23,7 +21,7 @@ use crate::{
         IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L3,
         L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
-    maps::{count, FLOW6_SCRATCH},
+    maps::{count, FLOW4_SCRATCH, FLOW6_SCRATCH},
     nat::{self, Action, Hook, Rewriter},
 };
 
@@ -56,11 +54,16 @@ pub fn flow_of<F>(parsed: Parsed<F>) -> Option<F> {
 /// frames would add up past BPF's 512 bytes of stack.
 #[inline(never)]
 fn from_wire4(ctx: &XdpContext) -> u32 {
+    let Some(slot) = FLOW4_SCRATCH.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's slot, no other user while the program runs.
+    let slot = unsafe { &mut *slot };
     let Some(flow) = flow_of(parse4(ctx.data(), ctx.data_end())) else {
         return xdp_action::XDP_PASS;
     };
     let rw = XdpRewriter { ctx };
-    match nat::handle::<V4, _>(&rw, &flow, Hook::Wire, &mut MaybeUninit::uninit()) {
+    match nat::handle::<V4, _>(&rw, &flow, Hook::Wire, slot) {
         // Packets from the wire go on through the kernel's routing; the
         // agent lets the wire interfaces accept a node address as source
         // (accept_local) for masqueraded and reverse-translated ones.

@@ -33,6 +33,7 @@ const LAB_TESTS: &[(&str, Run)] = &[
     ("deploy", Run::Shared(4)),
     ("parser_fuzz", Run::Shared(1)),
     ("packet", Run::Shared(2)),
+    ("packet_ipv6", Run::Shared(2)),
     ("masquerade", Run::Shared(2)),
     ("bench_rules", Run::Shared(1)),
     ("lab", Run::Shared(2)),
