@@ -151,3 +151,33 @@ pub fn parse6(p: &[u8]) -> Parsed6 {
         l4_checksum_ok: l4_checksum(&src, &dst, next, seg) == 0,
     }
 }
+
+/// An ICMPv6 error that came out of a program: type, code, whether its
+/// checksum (over the IPv6 pseudo header) holds, and the quoted packet's
+/// destination port.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Icmp6Error {
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub kind: (u8, u8),
+    pub checksum_ok: bool,
+    pub quoted_dport: u16,
+}
+
+/// Parses an ICMPv6 error answering a datagram (no extension headers).
+pub fn parse_icmp6_error(p: &[u8]) -> Icmp6Error {
+    let ip = &p[IP6_OFF..IP6_OFF + IP6_HLEN];
+    assert_eq!(ip[6], 58, "not ICMPv6: {p:02x?}");
+    let end = IP6_OFF + IP6_HLEN + u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let msg = &p[IP6_OFF + IP6_HLEN..end];
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+    let quoted_l4 = 8 + IP6_HLEN;
+    Icmp6Error {
+        src,
+        dst,
+        kind: (msg[0], msg[1]),
+        checksum_ok: l4_checksum(&src, &dst, 58, msg) == 0,
+        quoted_dport: u16::from_be_bytes([msg[quoted_l4 + 2], msg[quoted_l4 + 3]]),
+    }
+}

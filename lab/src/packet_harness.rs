@@ -80,6 +80,14 @@ impl Program {
             Program::TcWire | Program::TcPod => TC_ACT_OK,
         }
     }
+
+    /// The verdict of an answer sent back where the packet came from.
+    pub fn answer(self) -> u32 {
+        match self {
+            Program::Xdp => XDP_TX,
+            Program::TcWire | Program::TcPod => TC_ACT_REDIRECT,
+        }
+    }
 }
 
 /// The masquerade ports the harness loads with: Linux's defaults carved out.

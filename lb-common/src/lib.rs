@@ -10,6 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 pub mod csum;
 pub mod icmp;
+pub mod icmp6;
 pub mod ipv6;
 pub mod map_spec;
 pub mod uapi;

@@ -10,7 +10,7 @@ use lb_common::{
 
 pub const ETH_HLEN: usize = 14;
 /// Where the EtherType sits, after the two MAC addresses.
-const ETH_TYPE_OFF: usize = 12;
+pub const ETH_TYPE_OFF: usize = 12;
 pub const IP_OFF: usize = ETH_HLEN;
 pub const IP_HLEN: usize = 20;
 pub const L4_OFF: usize = IP_OFF + IP_HLEN;
@@ -61,7 +61,6 @@ pub const IP_SADDR_OFF: usize = IP_OFF + ipv4::SADDR;
 pub const IP_DADDR_OFF: usize = IP_OFF + ipv4::DADDR;
 pub const L4_SPORT_OFF: usize = L4_OFF + tcp::SPORT;
 pub const L4_DPORT_OFF: usize = L4_OFF + tcp::DPORT;
-pub const TCP_CSUM_OFF: usize = L4_OFF + tcp::CSUM;
 /// Where the checksum sits in a UDP header.
 const UDP_CSUM: usize = 6;
 

@@ -17,18 +17,18 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    icmp,
+    icmp, icmp6,
     stats::{RejectFailure, RewriteFailure},
-    uapi::{AF_INET, AF_INET6},
+    uapi::{AF_INET, AF_INET6, ETH_P_IPV6},
     Ipv6Bytes, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     family::{V4, V6},
     headers::{
-        ipv6, l3, parse4, parse6, tcp, Flow4, Flow6, Parsed, ETH_HLEN, IP6_DADDR_OFF,
-        IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, IP_TOT_LEN_OFF,
-        L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_CSUM_OFF, TCP_HLEN,
+        ipv6, l3, parse4, parse6, tcp, Flow, Flow4, Flow6, Parsed, ETH_HLEN, ETH_TYPE_OFF,
+        IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF,
+        IP_TOT_LEN_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::{FLOW4_SCRATCH, FLOW6_SCRATCH},
     nat::{self, Action, Hook, Rewriter},
@@ -115,10 +115,8 @@ fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
         Action::Redirect => redirect_to_egress6(ctx),
         Action::Pass | Action::Translated => OK,
         Action::Drop => SHOT,
-        // Answers over IPv6 (RST, ICMPv6 unreachable) are not built yet.
-        Action::RejectTcp | Action::RejectUdp => {
-            nat::rejected(Err::<i32, _>(RejectFailure::NotAnswerable), SHOT)
-        }
+        Action::RejectTcp => nat::rejected(tcp_reset6(ctx, flow), SHOT),
+        Action::RejectUdp => nat::rejected(udp_unreachable6(ctx, flow), SHOT),
     }
 }
 
@@ -379,21 +377,128 @@ impl Rewriter<V6> for TcRewriter<'_> {
 /// helpers, so it is right whether the segment's checksum was partial or full.
 #[inline(never)]
 fn tcp_reset(ctx: &TcContext, flow: &Flow4) -> Result<i32, RejectFailure> {
-    let old: [u8; TCP_HLEN] = ctx.load(L4_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
+    reset_segment(ctx, flow)?;
+    let store = |_| RejectFailure::Store;
+    let old_tot = flow.ip_tot_len.to_be();
+    let new_tot = ((IP_HLEN + TCP_HLEN) as u16).to_be();
+    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_tot), u64::from(new_tot), 2)
+        .map_err(|_| RejectFailure::Checksum)?;
+    ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(store)?;
+    ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(store)?;
+    ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(store)?;
+    send_back(ctx, (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32)
+}
+
+/// `tcp_reset` for IPv6 (no header checksum; the payload length instead of
+/// the total). Only a segment right behind the IPv6 header is answered.
+#[inline(never)]
+fn tcp_reset6(ctx: &TcContext, flow: &Flow6) -> Result<i32, RejectFailure> {
+    if flow.l4_off != IP_OFF + ipv6::HLEN {
+        return Err(RejectFailure::NotAnswerable);
+    }
+    reset_segment(ctx, flow)?;
+    let store = |_| RejectFailure::Store;
+    let payload_len = (TCP_HLEN as u16).to_be();
+    ctx.store(IP_OFF + ipv6::PAYLOAD_LEN, &payload_len, 0)
+        .map_err(store)?;
+    ctx.store(IP6_SADDR_OFF, &flow.daddr, 0).map_err(store)?;
+    ctx.store(IP6_DADDR_OFF, &flow.saddr, 0).map_err(store)?;
+    send_back(ctx, (IP_OFF + ipv6::HLEN + TCP_HLEN) as u32)
+}
+
+/// The TCP header of a reset in place of the segment's (either family):
+/// only segments without payload are answered (a SYN, or a bare ACK/FIN
+/// of a flow whose Service lost its backends); others are dropped.
+#[inline(always)]
+fn reset_segment<A>(ctx: &TcContext, flow: &Flow<A>) -> Result<(), RejectFailure> {
+    let l4_off = flow.l4_off;
+    let old: [u8; TCP_HLEN] = ctx.load(l4_off).map_err(|_| RejectFailure::OutOfBounds)?;
     let doff = tcp_header_len(&old);
-    // Only segments without payload are answered (a SYN, or a bare ACK/FIN
-    // of a flow whose Service lost its backends); others are dropped.
-    if doff < TCP_HLEN || flow.ip_tot_len as usize != IP_HLEN + doff {
+    if doff < TCP_HLEN || flow.ip_tot_len as usize != (l4_off - IP_OFF) + doff {
         return Err(RejectFailure::NotAnswerable);
     }
     let new = reset_header(&old, flow).ok_or(RejectFailure::NotAnswerable)?;
-    update_reset_checksum(ctx, &old, new, doff)?;
-    write_reset(ctx, flow, &new)?;
-    let new_len = (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32;
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len, 0) } != 0 {
+    update_reset_checksum(ctx, l4_off, &old, new, doff)?;
+    let store = |_| RejectFailure::Store;
+    let before_csum: [u8; tcp::CSUM] = [
+        new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9], new[10],
+        new[11], new[12], new[13], new[14], new[15],
+    ];
+    ctx.store(l4_off, &before_csum, 0).map_err(store)?;
+    // The checksum field itself is already updated in place.
+    let after_csum = [new[tcp::CSUM + 2], new[tcp::CSUM + 3]];
+    ctx.store(l4_off + tcp::CSUM + 2, &after_csum, 0)
+        .map_err(store)
+}
+
+/// Swaps the MAC addresses, trims the packet to `len` and sends it back
+/// out of the interface it came in by.
+#[inline(always)]
+fn send_back(ctx: &TcContext, len: u32) -> Result<i32, RejectFailure> {
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| RejectFailure::OutOfBounds)?;
+    let swapped = [
+        macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
+        macs[4], macs[5],
+    ];
+    ctx.store(0, &swapped, 0)
+        .map_err(|_| RejectFailure::Store)?;
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
         return Err(RejectFailure::Resize);
     }
     redirect_back(ctx)
+}
+
+/// Turns a UDP datagram to an IPv6 Service without backends into an
+/// ICMPv6 port unreachable (see lb_common::icmp6), sent back where it
+/// came from. Written field by field into the room opened in front of
+/// the datagram: a whole new head built on the stack would not fit.
+#[inline(never)]
+fn udp_unreachable6(ctx: &TcContext, flow: &Flow6) -> Result<i32, RejectFailure> {
+    const QUOTE_OFF: usize = icmp6::HEAD_LEN;
+    const QUOTE_LEN: usize = icmp6::IP6_LEN + icmp6::QUOTED_L4_LEN;
+    if flow.l4_off != IP_OFF + ipv6::HLEN {
+        return Err(RejectFailure::NotAnswerable);
+    }
+    let (bounds, store) = (|_| RejectFailure::OutOfBounds, |_| RejectFailure::Store);
+    let udp: [u8; icmp6::QUOTED_L4_LEN] = ctx.load(flow.l4_off).map_err(bounds)?;
+    let check = icmp6::quoted_udp_check(&flow.saddr, &flow.daddr, &udp);
+    let macs: [u8; 12] = ctx.load(0).map_err(bounds)?;
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, icmp6::GROW as u32, 0) } != 0 {
+        return Err(RejectFailure::Resize);
+    }
+    // The datagram's IPv6 header and UDP bytes now sit where the answer
+    // quotes them; only the quoted UDP checksum changes.
+    ctx.store(QUOTE_OFF + icmp6::IP6_LEN + 6, &check, 0)
+        .map_err(store)?;
+    let mut quote: [u8; QUOTE_LEN] = ctx.load(QUOTE_OFF).map_err(bounds)?;
+    let quote_sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            quote.as_mut_ptr() as *mut u32,
+            QUOTE_LEN as u32,
+            0,
+        )
+    };
+    if quote_sum < 0 {
+        return Err(RejectFailure::Checksum);
+    }
+    let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32);
+    ctx.store(
+        icmp6::ETH_LEN + icmp6::IP6_LEN,
+        &icmp6::header(icmp_check),
+        0,
+    )
+    .map_err(store)?;
+    ctx.store(IP_OFF, &icmp6::IP6_FIRST_BYTES, 0)
+        .map_err(store)?;
+    ctx.store(IP6_SADDR_OFF, &flow.daddr, 0).map_err(store)?;
+    ctx.store(IP6_DADDR_OFF, &flow.saddr, 0).map_err(store)?;
+    // The frame's own addresses, which `send_back` swaps.
+    ctx.store(0, &macs, 0).map_err(store)?;
+    ctx.store(ETH_TYPE_OFF, &ETH_P_IPV6.to_be(), 0)
+        .map_err(store)?;
+    send_back(ctx, icmp6::PORT_UNREACHABLE_LEN as u32)
 }
 
 /// The TCP checksum of the reset: the old header (checksum field as zero)
@@ -405,6 +510,7 @@ fn tcp_reset(ctx: &TcContext, flow: &Flow4) -> Result<i32, RejectFailure> {
 #[inline(always)]
 fn update_reset_checksum(
     ctx: &TcContext,
+    l4_off: usize,
     old: &[u8; TCP_HLEN],
     mut new: [u8; TCP_HLEN],
     doff: usize,
@@ -420,7 +526,7 @@ fn update_reset_checksum(
         let ret = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb as *const _,
-                (L4_OFF + TCP_HLEN) as u32,
+                (l4_off + TCP_HLEN) as u32,
                 from.as_mut_ptr().add(TCP_HLEN) as *mut _,
                 opt_len as u32,
             )
@@ -441,44 +547,17 @@ fn update_reset_checksum(
     if diff < 0 {
         return Err(RejectFailure::Checksum);
     }
-    ctx.l4_csum_replace(TCP_CSUM_OFF, 0, u64::from(diff as u32), 0)
+    let csum_off = l4_off + tcp::CSUM;
+    ctx.l4_csum_replace(csum_off, 0, u64::from(diff as u32), 0)
         .map_err(|_| RejectFailure::Checksum)?;
     let old_l4_len = (doff as u16).to_be();
     let new_l4_len = (TCP_HLEN as u16).to_be();
+    // IPv6's 32-bit upper-layer length changes in its low 16 bits only.
     ctx.l4_csum_replace(
-        TCP_CSUM_OFF,
+        csum_off,
         u64::from(old_l4_len),
         u64::from(new_l4_len),
         u64::from(BPF_F_PSEUDO_HDR) | 2,
     )
     .map_err(|_| RejectFailure::Checksum)
-}
-
-/// The reset's header around its updated checksum, the IP length (and
-/// checksum), swapped addresses and MACs.
-#[inline(always)]
-fn write_reset(ctx: &TcContext, flow: &Flow4, new: &[u8; TCP_HLEN]) -> Result<(), RejectFailure> {
-    let store = |_| RejectFailure::Store;
-    let before_csum: [u8; tcp::CSUM] = [
-        new[0], new[1], new[2], new[3], new[4], new[5], new[6], new[7], new[8], new[9], new[10],
-        new[11], new[12], new[13], new[14], new[15],
-    ];
-    ctx.store(L4_OFF, &before_csum, 0).map_err(store)?;
-    // The checksum field itself is already updated in place.
-    let after_csum = [new[tcp::CSUM + 2], new[tcp::CSUM + 3]];
-    ctx.store(L4_OFF + tcp::CSUM + 2, &after_csum, 0)
-        .map_err(store)?;
-    let old_tot = flow.ip_tot_len.to_be();
-    let new_tot = ((IP_HLEN + TCP_HLEN) as u16).to_be();
-    ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old_tot), u64::from(new_tot), 2)
-        .map_err(|_| RejectFailure::Checksum)?;
-    ctx.store(IP_TOT_LEN_OFF, &new_tot, 0).map_err(store)?;
-    ctx.store(IP_SADDR_OFF, &flow.daddr, 0).map_err(store)?;
-    ctx.store(IP_DADDR_OFF, &flow.saddr, 0).map_err(store)?;
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| RejectFailure::OutOfBounds)?;
-    let swapped = [
-        macs[6], macs[7], macs[8], macs[9], macs[10], macs[11], macs[0], macs[1], macs[2], macs[3],
-        macs[4], macs[5],
-    ];
-    ctx.store(0, &swapped, 0).map_err(store)
 }

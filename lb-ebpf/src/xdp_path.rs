@@ -5,21 +5,22 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 use lb_common::{
-    csum, icmp,
+    csum, icmp, icmp6,
     stats::{self, RejectFailure, RewriteFailure},
+    uapi::{ETH_P_IPV6, IPPROTO_ICMPV6},
     Ipv6Bytes, IPPROTO_TCP,
 };
 
 use crate::{
     family::{V4, V6},
     headers::{
-        ipv4, l3, parse4, parse6, ptr_at, tcp, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL, ETH_HLEN,
-        IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L3,
-        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        ipv4, ipv6, l3, parse4, parse6, ptr_at, tcp, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL,
+        ETH_HLEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
+        IP_SADDR_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::{count, FLOW4_SCRATCH, FLOW6_SCRATCH},
     nat::{self, Action, Hook, Rewriter},
@@ -96,11 +97,8 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
     match nat::handle::<V6, _>(&rw, flow, Hook::Wire, &mut scratch.start) {
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        // Answers over IPv6 (RST, ICMPv6 unreachable) are not built yet.
-        Action::RejectTcp | Action::RejectUdp => nat::rejected(
-            Err::<u32, _>(RejectFailure::NotAnswerable),
-            xdp_action::XDP_DROP,
-        ),
+        Action::RejectTcp => nat::rejected(tcp_reset6(ctx, flow), xdp_action::XDP_DROP),
+        Action::RejectUdp => nat::rejected(udp_unreachable6(ctx, flow), xdp_action::XDP_DROP),
     }
 }
 
@@ -135,6 +133,196 @@ fn udp_unreachable(ctx: &XdpContext) -> Result<u32, RejectFailure> {
         return Err(RejectFailure::Resize);
     }
     Ok(xdp_action::XDP_TX)
+}
+
+/// `udp_unreachable` for IPv6 (see lb_common::icmp6), written field by
+/// field into the room opened in front of the datagram (a whole new head
+/// built on the stack would not fit). Only a datagram right behind the
+/// IPv6 header is answered.
+#[inline(never)]
+fn udp_unreachable6(ctx: &XdpContext, flow: &Flow6) -> Result<u32, RejectFailure> {
+    const QUOTE_OFF: usize = icmp6::HEAD_LEN;
+    const QUOTE_LEN: usize = icmp6::IP6_LEN + icmp6::QUOTED_L4_LEN;
+    if flow.l4_off != IP_OFF + ipv6::HLEN {
+        return Err(RejectFailure::NotAnswerable);
+    }
+    let bounds = RejectFailure::OutOfBounds;
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let udp = ptr_at::<[u8; icmp6::QUOTED_L4_LEN]>(start, end, flow.l4_off).ok_or(bounds)?;
+    let macs = ptr_at::<[u16; 6]>(start, end, 0).ok_or(bounds)?;
+    // SAFETY: bounds checked above.
+    let (udp, macs) = unsafe { (udp.read_unaligned(), macs.read_unaligned()) };
+    let check = icmp6::quoted_udp_check(&flow.saddr, &flow.daddr, &udp);
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(icmp6::GROW as i32)) } != 0 {
+        return Err(RejectFailure::Resize);
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let quote = ptr_at::<[u8; QUOTE_LEN]>(start, end, QUOTE_OFF).ok_or(bounds)?;
+    let udp_check = ptr_at::<u16>(start, end, QUOTE_OFF + icmp6::IP6_LEN + 6).ok_or(bounds)?;
+    let icmp = ptr_at::<[u8; 8]>(start, end, icmp6::ETH_LEN + icmp6::IP6_LEN).ok_or(bounds)?;
+    let eth = ptr_at::<[u16; 7]>(start, end, 0).ok_or(bounds)?;
+    let version = ptr_at::<[u8; 4]>(start, end, IP_OFF).ok_or(bounds)?;
+    // SAFETY: every pointer is bounds checked (`ptr_at`) before use.
+    unsafe {
+        // The quoted UDP checksum as it will leave the node.
+        udp_check.write_unaligned(check);
+        let quote_sum = bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            quote.cast::<u32>(),
+            QUOTE_LEN as u32,
+            0,
+        );
+        if quote_sum < 0 {
+            return Err(RejectFailure::Checksum);
+        }
+        let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32);
+        icmp.write_unaligned(icmp6::header(icmp_check));
+        // The frame's own addresses (swapped below) and EtherType.
+        let [d0, d1, d2, s0, s1, s2] = macs;
+        eth.write_unaligned([d0, d1, d2, s0, s1, s2, ETH_P_IPV6.to_be()]);
+        let first = icmp6::IP6_FIRST_BYTES;
+        version.write_unaligned([first[0], first[1], first[2], first[3]]);
+        let payload_len = (icmp6::PORT_UNREACHABLE_LEN - IP_OFF - ipv6::HLEN) as u16;
+        write_ipv6_answer_header(start, end, flow, payload_len, IPPROTO_ICMPV6)?;
+    }
+    let delta = icmp6::PORT_UNREACHABLE_LEN as i32 - (end - start) as i32;
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(RejectFailure::Resize);
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+/// `tcp_reset` for IPv6, written field by field in place (arrays of the
+/// headers on the stack would not fit it). Only a segment right behind
+/// the IPv6 header is answered.
+#[inline(never)]
+fn tcp_reset6(ctx: &XdpContext, flow: &Flow6) -> Result<u32, RejectFailure> {
+    const L4: usize = IP_OFF + ipv6::HLEN;
+    if flow.l4_off != L4 {
+        return Err(RejectFailure::NotAnswerable);
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let bounds = RejectFailure::OutOfBounds;
+    let seq_ack = ptr_at::<[u32; 2]>(start, end, L4 + tcp::SEQ).ok_or(bounds)?;
+    let doff_flags = ptr_at::<[u8; 2]>(start, end, L4 + tcp::DOFF).ok_or(bounds)?;
+    let rest = ptr_at::<[u16; 3]>(start, end, L4 + tcp::FLAGS + 1).ok_or(bounds)?;
+    // SAFETY: every pointer is bounds checked (`ptr_at`) before use.
+    unsafe {
+        let [doff, flags] = doff_flags.read_unaligned();
+        let [seq, ack] = seq_ack.read_unaligned();
+        let doff = usize::from(doff >> 4) * 4;
+        let answer =
+            reset_answer(flow, flags, doff, seq, ack).ok_or(RejectFailure::NotAnswerable)?;
+        ptr_at::<[u16; 2]>(start, end, L4)
+            .ok_or(bounds)?
+            .write_unaligned([flow.dport, flow.sport]);
+        seq_ack.write_unaligned([answer.seq, answer.ack]);
+        let head = [((TCP_HLEN / 4) as u8) << 4, answer.flags];
+        doff_flags.write_unaligned(head);
+        // Window, checksum, urgent pointer.
+        let pseudo =
+            csum::pseudo_header_sum6(&flow.daddr, &flow.saddr, IPPROTO_TCP, TCP_HLEN as u32);
+        let words = [
+            u32::from(flow.dport),
+            u32::from(flow.sport),
+            answer.seq & 0xffff,
+            answer.seq >> 16,
+            answer.ack & 0xffff,
+            answer.ack >> 16,
+            u32::from(u16::from_ne_bytes(head)),
+        ];
+        let sum = pseudo + words.iter().sum::<u32>();
+        rest.write_unaligned([0, !csum::fold(sum), 0]);
+        write_ipv6_answer_header(start, end, flow, TCP_HLEN as u16, IPPROTO_TCP)?;
+    }
+    let delta = (L4 + TCP_HLEN) as i32 - (end - start) as i32;
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(RejectFailure::Resize);
+    }
+    Ok(xdp_action::XDP_TX)
+}
+
+/// The IPv6 header (and Ethernet addresses) of an answer to `flow`, sent
+/// back the way it came, carrying `payload_len` bytes of `next_header`.
+///
+/// # Safety
+/// `start`/`end` are the packet's data pointers.
+#[inline(always)]
+unsafe fn write_ipv6_answer_header(
+    start: usize,
+    end: usize,
+    flow: &Flow6,
+    payload_len: u16,
+    next_header: u8,
+) -> Result<(), RejectFailure> {
+    let bounds = RejectFailure::OutOfBounds;
+    let len = ptr_at::<[u8; 4]>(start, end, IP_OFF + ipv6::PAYLOAD_LEN).ok_or(bounds)?;
+    let saddr = ptr_at::<Ipv6Bytes>(start, end, IP6_SADDR_OFF).ok_or(bounds)?;
+    let daddr = ptr_at::<Ipv6Bytes>(start, end, IP6_DADDR_OFF).ok_or(bounds)?;
+    let macs = ptr_at::<[u16; 6]>(start, end, 0).ok_or(bounds)?;
+    let [l0, l1] = payload_len.to_be_bytes();
+    // SAFETY: bounds checked above.
+    unsafe {
+        len.write_unaligned([l0, l1, next_header, DEFAULT_TTL]);
+        saddr.write_unaligned(flow.daddr);
+        daddr.write_unaligned(flow.saddr);
+        let [d0, d1, d2, s0, s1, s2] = macs.read_unaligned();
+        macs.write_unaligned([s0, s1, s2, d0, d1, d2]);
+    }
+    Ok(())
+}
+
+/// What a RST answering a segment carries, in network order.
+pub struct ResetAnswer {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+}
+
+/// The sequence numbers and flags of the RST answering a segment with
+/// `flags`, a `doff`-byte header, and `seq`/`ack` as sent (network order);
+/// `None` when it is not one to answer (a RST, a header that does not fit).
+#[inline(always)]
+pub fn reset_answer<A>(
+    flow: &Flow<A>,
+    flags: u8,
+    doff: usize,
+    seq: u32,
+    ack: u32,
+) -> Option<ResetAnswer> {
+    use crate::headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+    if flags & TCP_RST != 0 {
+        return None;
+    }
+    let tot = flow.ip_tot_len as usize;
+    // The IP header with any IPv6 extension headers.
+    let ip_hlen = flow.l4_off - IP_OFF;
+    if doff < TCP_HLEN || tot < ip_hlen + doff {
+        return None;
+    }
+    let payload = (tot - ip_hlen - doff) as u32;
+    if flags & TCP_ACK != 0 {
+        return Some(ResetAnswer {
+            seq: ack,
+            ack: 0,
+            flags: TCP_RST,
+        });
+    }
+    let seg_len = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+    Some(ResetAnswer {
+        seq: 0,
+        ack: u32::from_be(seq).wrapping_add(seg_len).to_be(),
+        flags: TCP_RST | TCP_ACK,
+    })
+}
+
+/// Swaps destination and source MAC addresses.
+#[inline(always)]
+fn swap_macs(e: &mut [u8; ETH_HLEN]) {
+    let mac = [e[0], e[1], e[2], e[3], e[4], e[5]];
+    e.copy_within(6..12, 0);
+    e[6..12].copy_from_slice(&mac);
 }
 
 struct XdpRewriter<'a> {
@@ -251,10 +439,7 @@ fn tcp_reset(ctx: &XdpContext, flow: &Flow4) -> Result<u32, RejectFailure> {
         )
     };
     let new = reset_header(&old, flow).ok_or(RejectFailure::NotAnswerable)?;
-
-    let mac = [e[0], e[1], e[2], e[3], e[4], e[5]];
-    e.copy_within(6..12, 0);
-    e[6..12].copy_from_slice(&mac);
+    swap_macs(&mut e);
 
     let new_tot_len = (IP_HLEN + TCP_HLEN) as u16;
     h[ipv4::TOT_LEN..ipv4::TOT_LEN + 2].copy_from_slice(&new_tot_len.to_be_bytes());
@@ -308,34 +493,20 @@ fn words10(b: &[u8; 20]) -> [u16; 10] {
 /// or `None` when the segment is not one to answer.
 #[inline(always)]
 pub fn reset_header<A>(old: &[u8; TCP_HLEN], flow: &Flow<A>) -> Option<[u8; TCP_HLEN]> {
-    use crate::headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
-    let flags = old[tcp::FLAGS];
-    if flags & TCP_RST != 0 {
-        return None;
-    }
-    let doff = tcp_header_len(old);
-    let tot = flow.ip_tot_len as usize;
-    // The IP header with any IPv6 extension headers.
-    let ip_hlen = flow.l4_off - IP_OFF;
-    if doff < TCP_HLEN || tot < ip_hlen + doff {
-        return None;
-    }
-    let payload = (tot - ip_hlen - doff) as u32;
+    let word = |i: usize| u32::from_ne_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]]);
+    let answer = reset_answer(
+        flow,
+        old[tcp::FLAGS],
+        tcp_header_len(old),
+        word(tcp::SEQ),
+        word(tcp::ACK_SEQ),
+    )?;
     let mut new = [0u8; TCP_HLEN];
     new[tcp::SPORT..tcp::SPORT + 2].copy_from_slice(&old[tcp::DPORT..tcp::DPORT + 2]);
     new[tcp::DPORT..tcp::DPORT + 2].copy_from_slice(&old[tcp::SPORT..tcp::SPORT + 2]);
-    if flags & TCP_ACK != 0 {
-        new[tcp::SEQ..tcp::SEQ + 4].copy_from_slice(&old[tcp::ACK_SEQ..tcp::ACK_SEQ + 4]);
-        new[tcp::FLAGS] = TCP_RST;
-    } else {
-        let mut seq = [0u8; 4];
-        seq.copy_from_slice(&old[tcp::SEQ..tcp::SEQ + 4]);
-        let seq = u32::from_be_bytes(seq);
-        let seg_len = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
-        new[tcp::ACK_SEQ..tcp::ACK_SEQ + 4]
-            .copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
-        new[tcp::FLAGS] = TCP_RST | TCP_ACK;
-    }
+    new[tcp::SEQ..tcp::SEQ + 4].copy_from_slice(&answer.seq.to_ne_bytes());
+    new[tcp::ACK_SEQ..tcp::ACK_SEQ + 4].copy_from_slice(&answer.ack.to_ne_bytes());
+    new[tcp::FLAGS] = answer.flags;
     // Five 32-bit words, no options.
     new[tcp::DOFF] = ((TCP_HLEN / 4) as u8) << 4;
     Some(new)

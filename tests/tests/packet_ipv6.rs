@@ -7,9 +7,10 @@ use std::net::Ipv6Addr;
 
 use lb_common::{stats, SVC_FLAG_CLUSTER_IP, SVC_FLAG_NODE_PORT};
 use lb_lab::{
-    packet::{TCP_ACK, TCP_SYN},
+    packet::{TCP_ACK, TCP_RST, TCP_SYN},
     packet6::{
-        self, neighbour_solicitation, parse6, tcp6, udp6, Tuple6, DEST_OPTS, FRAGMENT, HOP_BY_HOP,
+        self, neighbour_solicitation, parse6, parse_icmp6_error, tcp6, udp6, Tuple6, DEST_OPTS,
+        FRAGMENT, HOP_BY_HOP,
     },
     packet_harness::{
         default_masquerade_ports, Frontend6, Harness, Program, NODE6, TC_ACT_OK, TC_ACT_REDIRECT,
@@ -247,12 +248,37 @@ fn nodeport_round_trip(wire: Program, proto: Protocol) {
 }
 
 #[privileged_test]
-fn an_ipv6_service_without_endpoints_drops_and_counts_until_ipv6_answers_exist() {
+fn an_ipv6_service_without_endpoints_answers_tcp_with_a_reset_and_udp_with_port_unreachable() {
     let mut h = Harness::new();
-    h.program6(&[cluster_ip(Protocol::Tcp, &[])]);
+    h.program6(&[
+        cluster_ip(Protocol::Tcp, &[]),
+        cluster_ip(Protocol::Udp, &[]),
+    ]);
+    for program in ALL {
+        let sent = tcp6(&to_svc(46000), TCP_SYN, &[], &[]);
+        let (verdict, out) = h.run(program, &sent);
+        assert_eq!(verdict, program.answer(), "{program:?} RST");
+        let r = parse6(&out);
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (SVC, 80, CLIENT, 46000),
+            "{program:?}"
+        );
+        assert_eq!(r.tcp_flags, TCP_RST | TCP_ACK, "{program:?}: {r:?}");
+        assert!(r.l4_checksum_ok, "{program:?}: {r:?}");
+
+        let (verdict, out) = h.run(program, &udp6(&to_svc(46001), b"question"));
+        assert_eq!(verdict, program.answer(), "{program:?} ICMPv6");
+        let e = parse_icmp6_error(&out);
+        assert_eq!((e.src, e.dst), (SVC, CLIENT), "{program:?}: {e:?}");
+        assert_eq!(e.kind, (1, 4), "{program:?}: port unreachable");
+        assert!(e.checksum_ok, "{program:?}: {e:?}");
+        assert_eq!(e.quoted_dport, 80, "{program:?}: {e:?}");
+    }
+    // Behind an extension header there is nothing to quote: dropped, counted.
     for program in ALL {
         let dropped = h.stat(stats::NO_BACKEND_DROPPED);
-        let (verdict, _) = h.run(program, &tcp6(&to_svc(46000), TCP_SYN, &[], &[]));
+        let (verdict, _) = h.run(program, &tcp6(&to_svc(46002), TCP_SYN, &[DEST_OPTS], &[]));
         let drop = if program == Program::Xdp {
             XDP_DROP
         } else {
