@@ -133,9 +133,45 @@ pub struct SourceRange6 {
     pub addr: Ipv6Bytes,
 }
 
+/// Key of `lb6_sock_rev` (see [`crate::SockRev4Key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRev6Key {
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub addr: Ipv6Bytes,
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `lb6_sock_rev` (see [`crate::SockRev4Value`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockRev6Value {
+    /// Service address and port, network byte order.
+    pub addr: Ipv6Bytes,
+    pub port: u16,
+    pub rev_nat_id: u16,
+}
+
+/// Key of `lb6_sock_fwd` (see [`crate::SockFwd4Key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockFwd6Key {
+    pub cookie: u64,
+    /// Service address and port, network byte order.
+    pub addr: Ipv6Bytes,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
 #[cfg(feature = "user")]
 mod user {
-    use super::{Affinity6Key, Backend6, Ct6Key, Ct6Value, RevNat6, Service6Key, SourceRange6};
+    use super::{
+        Affinity6Key, Backend6, Ct6Key, Ct6Value, RevNat6, Service6Key, SockFwd6Key, SockRev6Key,
+        SockRev6Value, SourceRange6,
+    };
     // SAFETY: repr(C), Copy, explicit padding, no invalid bit patterns
     // (checked by bytemuck's derive).
     unsafe impl aya::Pod for Service6Key {}
@@ -145,6 +181,9 @@ mod user {
     unsafe impl aya::Pod for Ct6Value {}
     unsafe impl aya::Pod for Affinity6Key {}
     unsafe impl aya::Pod for SourceRange6 {}
+    unsafe impl aya::Pod for SockRev6Key {}
+    unsafe impl aya::Pod for SockRev6Value {}
+    unsafe impl aya::Pod for SockFwd6Key {}
 }
 
 #[cfg(test)]
@@ -169,5 +208,8 @@ mod tests {
         assert_eq!(size_of::<Ct6Value>(), 40);
         assert_eq!(size_of::<Affinity6Key>(), 20);
         assert_eq!(size_of::<SourceRange6>(), 20);
+        assert_eq!(size_of::<SockRev6Key>(), 32);
+        assert_eq!(size_of::<SockRev6Value>(), 20);
+        assert_eq!(size_of::<SockFwd6Key>(), 32);
     }
 }

@@ -45,6 +45,8 @@ pub mod map_names {
     pub const BACKEND_MATCH6: &str = map_spec::BACKEND_MATCH6.name;
     pub const SOURCE_RANGES6: &str = map_spec::SOURCE_RANGES6.name;
     pub const SNAT_CURSOR6: &str = map_spec::SNAT_CURSOR6.name;
+    pub const SOCK_REV6: &str = map_spec::SOCK_REV6.name;
+    pub const SOCK_FWD6: &str = map_spec::SOCK_FWD6.name;
     /// The pinned maps, in the order of `map_spec::ALL`.
     pub const ALL: [&str; map_spec::ALL.len()] = {
         let mut names = [""; map_spec::ALL.len()];
@@ -85,6 +87,11 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
+    /// Their IPv6 twins (IPv4-mapped addresses go through the IPv4 maps).
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "lb_sock_getpeername6";
 }
 
 /// Default capacities, from [`map_spec`].
@@ -100,7 +107,8 @@ pub const MAX_AFFINITY: u32 = map_spec::AFFINITY.max_entries;
 pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX;
 
 pub use ipv6::{
-    Affinity6Key, Backend6, Ct6Key, Ct6Value, Ipv6Bytes, RevNat6, Service6Key, SourceRange6,
+    Affinity6Key, Backend6, Ct6Key, Ct6Value, Ipv6Bytes, RevNat6, Service6Key, SockFwd6Key,
+    SockRev6Key, SockRev6Value, SourceRange6,
 };
 pub use uapi::{IPPROTO_TCP, IPPROTO_UDP};
 

@@ -9,7 +9,8 @@ use core::mem::size_of;
 use crate::{
     config, stats, Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6, BackendMatchKey,
     Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Service4Key, Service4Value, Service6Key,
-    ServiceStats, SockFwd4Key, SockRev4Key, SockRev4Value, SourceRange4, SourceRange6,
+    ServiceStats, SockFwd4Key, SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value,
+    SourceRange4, SourceRange6,
 };
 
 /// The kernel map types the object uses.
@@ -158,8 +159,13 @@ pub const SOURCE_RANGES6: MapSpec = MapSpec::of::<LpmKey<SourceRange6>, u8>(
 pub const SNAT_CURSOR6: MapSpec =
     MapSpec::of::<u32, u64>("lb6_snat_cursor", Array, BACKENDS.max_entries).sized_by(Backends);
 
+pub const SOCK_REV6: MapSpec =
+    MapSpec::of::<SockRev6Key, SockRev6Value>("lb6_sock_rev", LruHash, SOCK_REV.max_entries);
+pub const SOCK_FWD6: MapSpec =
+    MapSpec::of::<SockFwd6Key, u32>("lb6_sock_fwd", LruHash, SOCK_FWD.max_entries);
+
 /// Every map the agent pins.
-pub const ALL: [MapSpec; 21] = [
+pub const ALL: [MapSpec; 23] = [
     SERVICES,
     BACKENDS,
     REV_NAT,
@@ -181,4 +187,6 @@ pub const ALL: [MapSpec; 21] = [
     BACKEND_MATCH6,
     SOURCE_RANGES6,
     SNAT_CURSOR6,
+    SOCK_REV6,
+    SOCK_FWD6,
 ];

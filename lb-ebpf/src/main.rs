@@ -67,12 +67,32 @@ pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock_path::restore(&ctx)
+    sock_path::restore4(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock_path::restore(&ctx)
+    sock_path::restore4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock_path::connect6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_path::sendmsg6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock_path::restore6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock_path::restore6(&ctx)
 }
 
 #[cfg(not(test))]

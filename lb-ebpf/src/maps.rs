@@ -14,7 +14,8 @@ use lb_common::{
     config, map_spec as spec, stats, Affinity4Key, Affinity4Value, Affinity6Key, Backend4,
     Backend6, BackendMatchKey, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, Ipv6Bytes,
     RevNat4, RevNat6, Service4Key, Service4Value, Service6Key, ServiceStats, SnatPorts,
-    SockFwd4Key, SockRev4Key, SockRev4Value, SourceRange4, SourceRange6,
+    SockFwd4Key, SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value, SourceRange4,
+    SourceRange6,
 };
 
 /// The masquerade port ranges, set by the loader (`global_names::SNAT_PORTS`).
@@ -260,6 +261,17 @@ pub static SOURCE_RANGES6: LpmTrie<
 #[btf_map(name = "lb6_snat_cursor")]
 pub static SNAT_CURSOR6: Array<u64, { spec::SNAT_CURSOR6.max_entries as usize }> = Array::new();
 
+#[btf_map(name = "lb6_sock_rev")]
+pub static SOCK_REV6: LruHashMap<
+    SockRev6Key,
+    SockRev6Value,
+    { spec::SOCK_REV6.max_entries as usize },
+> = LruHashMap::new();
+
+#[btf_map(name = "lb6_sock_fwd")]
+pub static SOCK_FWD6: LruHashMap<SockFwd6Key, u32, { spec::SOCK_FWD6.max_entries as usize }> =
+    LruHashMap::new();
+
 // Each declaration above against its entry in the table.
 check_spec!(spec::SNAT_CURSOR, "lb4_snat_cursor", u32, u64);
 check_spec!(spec::SERVICES, "lb4_services", Service4Key, Service4Value);
@@ -308,12 +320,8 @@ check_spec!(
     u8
 );
 check_spec!(spec::SNAT_CURSOR6, "lb6_snat_cursor", u32, u64);
-
-/// The backend with this id, if the id is in use.
-#[inline(always)]
-pub fn backend(id: u32) -> Option<Backend4> {
-    BACKENDS.get(id).copied().filter(|b| b.addr != 0)
-}
+check_spec!(spec::SOCK_REV6, "lb6_sock_rev", SockRev6Key, SockRev6Value);
+check_spec!(spec::SOCK_FWD6, "lb6_sock_fwd", SockFwd6Key, u32);
 
 /// The `BACKEND_MATCH_*` state of a backend in a frontend (None: not one
 /// of its backends).

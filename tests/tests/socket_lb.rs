@@ -1,10 +1,10 @@
 //! Socket-level load balancing in the lab: clients run as their own
 //! processes (`lab-client`) inside the lab's cgroup, where the agent's
-//! connect4/sendmsg4/recvmsg4/getpeername4 hooks apply.
+//! connect/sendmsg/recvmsg/getpeername hooks (both families) apply.
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     process::Stdio,
 };
@@ -107,6 +107,32 @@ fn should_function_for_node_service_http() {
             peers(&lines),
             BTreeSet::from([to.to_string()]),
             "getpeername shows the address the process connected to"
+        );
+    }
+    assert!(lab.datapath_stat("sock_translated") >= 60);
+}
+
+/// A dual-stack (AF_INET6) socket reaching an IPv4 Service by its
+/// IPv4-mapped address goes through connect6 and getpeername6 to the IPv4
+/// maps, and sees the mapped Service address as its peer.
+#[privileged_test]
+fn a_dual_stack_socket_reaches_an_ipv4_service_by_its_ipv4_mapped_address() {
+    let lab = lab("all");
+    for to in [
+        SocketAddrV4::new(NGINX, 80),
+        SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
+    ] {
+        let mapped = SocketAddrV6::new(to.ip().to_ipv6_mapped(), to.port(), 0, 0);
+        let lines = client(&lab, &lab.node, &["tcp", &mapped.to_string(), "30"]);
+        assert_eq!(
+            answering_pods(&lines),
+            all_pods(&lab),
+            "a node process reaches {mapped}"
+        );
+        assert_eq!(
+            peers(&lines),
+            BTreeSet::from([mapped.to_string()]),
+            "getpeername shows the mapped address the process connected to"
         );
     }
     assert!(lab.datapath_stat("sock_translated") >= 60);

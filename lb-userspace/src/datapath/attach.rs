@@ -402,11 +402,15 @@ impl SocketLbMode {
     }
 }
 
-const SOCK_PROGRAMS: [&str; 4] = [
+const SOCK_PROGRAMS: [&str; 8] = [
     program_names::SOCK_CONNECT4,
     program_names::SOCK_SENDMSG4,
     program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
+    program_names::SOCK_CONNECT6,
+    program_names::SOCK_SENDMSG6,
+    program_names::SOCK_RECVMSG6,
+    program_names::SOCK_GETPEERNAME6,
 ];
 
 impl Attachments {
