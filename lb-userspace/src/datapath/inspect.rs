@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::{
     datapath::attach,
     model::L4Addr,
-    sync::differ::{backend_addr, frontend_of, MapContents},
+    sync::differ::{backend_addr, frontend_of, MapContents, SlotKey},
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -47,14 +47,17 @@ pub fn programmed_services(maps: &MapContents) -> Vec<ProgrammedService> {
         }
         let backends = (1..=master.count)
             .filter_map(|slot| {
-                maps.services.get(&lb_common::Service4Key {
+                maps.services.get(&SlotKey {
                     backend_slot: slot,
                     ..*key
                 })
             })
             .map(|v| ProgrammedBackend {
                 id: v.backend_id,
-                backend: maps.backends.get(&v.backend_id).and_then(backend_addr),
+                // Ids are per family: the frontend's.
+                backend: maps.backends[frontend.family()]
+                    .get(&v.backend_id)
+                    .and_then(backend_addr),
             })
             .collect();
         out.push(ProgrammedService {
