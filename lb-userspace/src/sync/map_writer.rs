@@ -657,6 +657,69 @@ mod tests {
         );
     }
 
+    /// One Service port on an IPv4 and an IPv6 address, a backend each.
+    fn dual_stack(v6_backends: &[&str]) -> DesiredState {
+        let mut s = state(&[(80, &["10.244.0.2", "10.244.0.3"])]);
+        let mut backends: Vec<L4Addr> = v6_backends.iter().map(|b| l4(b, 8080)).collect();
+        backends.sort();
+        s.insert(ServiceEntry {
+            frontend: l4("fd00::10", 80),
+            backends: BackendSet {
+                active: backends,
+                terminating: Vec::new(),
+            },
+            ..s.get(&l4("10.96.0.10", 80)).unwrap().clone()
+        });
+        s
+    }
+
+    #[test]
+    fn backend_ids_are_per_family_and_reverse_nat_ids_one_space() {
+        let mut w = CheckingWriter::default();
+        let mut current = MapContents::default();
+        let desired = dual_stack(&["fd00:244::2", "fd00:244::3"]);
+        converge(&mut w, &mut current, &desired);
+        let ids = |family: Family| current.backends[family].keys().copied().collect::<Vec<_>>();
+        assert_eq!(ids(Family::Ipv4), [1, 2]);
+        assert_eq!(ids(Family::Ipv6), [1, 2]);
+        let revs: Vec<(u16, bool)> = current
+            .rev_nat
+            .iter()
+            .map(|(id, r)| (*id, r.addr.is_ipv6()))
+            .collect();
+        assert_eq!(revs, [(1, false), (2, true)]);
+        // Each family's writes keep the order: backends, reverse NAT,
+        // memberships, slots, master last.
+        let v6_kinds: Vec<&str> = w
+            .writes
+            .iter()
+            .filter(|op| op.family() == Family::Ipv6)
+            .map(|op| match op {
+                MapOp::PutBackend(..) => "backend",
+                MapOp::PutRevNat(..) => "revnat",
+                MapOp::PutService(k, _) if k.backend_slot == 0 => "master",
+                MapOp::PutService(..) => "slot",
+                MapOp::PutBackendMatch(..) => "match",
+                _ => "delete",
+            })
+            .collect();
+        assert_eq!(
+            v6_kinds,
+            ["backend", "backend", "revnat", "match", "match", "slot", "slot", "master"]
+        );
+        // Removing the IPv6 side frees its ids, and leaves IPv4 alone.
+        w.writes.clear();
+        converge(
+            &mut w,
+            &mut current,
+            &state(&[(80, &["10.244.0.2", "10.244.0.3"])]),
+        );
+        assert!(w.writes.iter().all(|op| op.family() == Family::Ipv6));
+        assert!(current.backends.ipv6.is_empty());
+        assert_eq!(current.rev_nat.len(), 1);
+        assert!(plan(&w.maps.clone(), &dual_stack(&[])).unplanned.is_empty());
+    }
+
     #[test]
     fn removing_a_backend_rewrites_only_what_changed() {
         let mut w = CheckingWriter::default();

@@ -252,11 +252,21 @@ pub fn plan(current: &MapContents, desired: &DesiredState) -> Plan {
 #[cfg(test)]
 pub(crate) fn reader_violation(maps: &MapContents) -> Option<String> {
     for (key, master) in maps.services.iter().filter(|(k, _)| k.backend_slot == 0) {
-        if !maps.rev_nat.contains_key(&master.rev_nat_id) {
-            return Some(format!(
-                "{key:?}: reverse NAT {} missing",
-                master.rev_nat_id
-            ));
+        match maps.rev_nat.get(&master.rev_nat_id) {
+            None => {
+                return Some(format!(
+                    "{key:?}: reverse NAT {} missing",
+                    master.rev_nat_id
+                ))
+            }
+            // Written to the other family's map: the data path misses it.
+            Some(r) if Family::of(r.addr) != key.family() => {
+                return Some(format!(
+                    "{key:?}: reverse NAT {} is {r:?}",
+                    master.rev_nat_id
+                ))
+            }
+            Some(_) => {}
         }
         for slot in 1..=master.count {
             let slot_key = SlotKey {
