@@ -82,7 +82,8 @@ pub fn render_table(services: &[ProgrammedService]) -> String {
             .backends
             .iter()
             .map(|b| match &b.backend {
-                Some(a) => format!("{}:{}", a.addr, a.port),
+                // IPv6 in brackets, as addresses with ports are written.
+                Some(a) => std::net::SocketAddr::new(a.addr, a.port).to_string(),
                 None => format!("<missing id {}>", b.id),
             })
             .collect();
@@ -200,4 +201,31 @@ pub fn render_status(status: &AttachStatus) -> String {
         }
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    #[test]
+    fn ipv6_frontends_and_backends_print_in_brackets() {
+        let l4 = |a: &str, port| L4Addr {
+            addr: a.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+        };
+        let services = [ProgrammedService {
+            frontend: l4("fd00::10", 80),
+            kind: vec!["ClusterIP"],
+            rev_nat_id: 2,
+            backends: vec![ProgrammedBackend {
+                id: 1,
+                backend: Some(l4("fd00:244::5", 8080)),
+            }],
+        }];
+        let table = render_table(&services);
+        assert!(table.contains("[fd00::10]:80/TCP"), "{table}");
+        assert!(table.contains("[fd00:244::5]:8080"), "{table}");
+    }
 }

@@ -340,3 +340,62 @@ impl Netlink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sockaddr6(a: Ipv6Addr) -> libc::sockaddr_in6 {
+        // SAFETY: all-zero is a valid sockaddr_in6.
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = a.octets();
+        sa
+    }
+
+    #[test]
+    fn global_ipv6_addresses_count_and_link_local_ones_do_not() {
+        let read = |a: &str| {
+            let sa = sockaddr6(a.parse().unwrap());
+            // SAFETY: a sockaddr_in6 whose family says so.
+            unsafe { served_address(std::ptr::from_ref(&sa).cast()) }
+        };
+        assert_eq!(read("fd00:1::1"), Some("fd00:1::1".parse().unwrap()));
+        assert_eq!(read("2001:db8::5"), Some("2001:db8::5".parse().unwrap()));
+        assert_eq!(read("fe80::1"), None);
+        assert_eq!(read("febf::1"), None);
+    }
+
+    #[test]
+    fn nodeport_addresses_of_both_families_from_the_wire_or_the_filter() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let all = BTreeMap::from([
+            ("eth0".to_owned(), vec![ip("10.0.0.1"), ip("fd00:1::1")]),
+            ("lo".to_owned(), vec![ip("127.0.0.1"), ip("::1")]),
+            (
+                "eth1".to_owned(),
+                vec![ip("192.168.1.1"), ip("2001:db8::1")],
+            ),
+        ]);
+        let wire = ["eth0".to_owned()];
+        assert_eq!(
+            nodeport_addresses(&all, &wire, &[]),
+            [ip("10.0.0.1"), ip("fd00:1::1")]
+        );
+        let filter: Vec<IpPrefix> = ["2001:db8::/32", "0.0.0.0/0", "::/0"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let mut got = nodeport_addresses(&all, &wire, &filter);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ip("10.0.0.1"),
+                ip("192.168.1.1"),
+                ip("2001:db8::1"),
+                ip("fd00:1::1")
+            ]
+        );
+    }
+}

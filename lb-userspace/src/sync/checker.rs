@@ -434,6 +434,77 @@ mod tests {
         (p.desired.clone(), p.current.clone())
     }
 
+    /// A dual-stack Service, IPv6 first, with a slice of each family.
+    fn programmed_dual_stack() -> (DesiredState, MapContents) {
+        let svc: k8s_openapi::api::core::v1::Service = yaml(
+            "metadata: {name: web, namespace: default}\n\
+             spec: {clusterIP: 'fd00::30', clusterIPs: ['fd00::30', 10.96.0.30],\n\
+               ipFamilies: [IPv6, IPv4], ports: [{port: 80}]}\n",
+        );
+        let slice = |family: &str, ips: &str| -> crate::source::objects::SliceInfo {
+            let s: k8s_openapi::api::discovery::v1::EndpointSlice = yaml(&format!(
+                "metadata: {{name: web-{family}, namespace: default,\n\
+                   labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: {family}\n\
+                 ports: [{{port: 8080}}]\n\
+                 endpoints: [{ips}]\n"
+            ));
+            s.into()
+        };
+        let slices = [
+            slice(
+                "IPv4",
+                "{addresses: [10.244.0.10]}, {addresses: [10.244.0.11]}",
+            ),
+            slice("IPv6", "{addresses: ['fd00:244::10']}"),
+        ];
+        let mut p = Programmer::new(AcceptingMaps, MapContents::default(), Metrics::new());
+        let report = p.full_sync(&[crate::source::objects::ServiceInfo::from(svc)], &slices);
+        assert!(report.errors.is_empty(), "{report:?}");
+        (p.desired.clone(), p.current.clone())
+    }
+
+    #[test]
+    fn both_families_are_compared_and_a_mixed_up_id_is_named() {
+        let (desired, maps) = programmed_dual_stack();
+        let r = check(&desired, &maps);
+        assert!(r.is_equal(), "{r}");
+        assert_eq!(r.backends, 3, "{r}");
+        let v6 = L4Addr {
+            addr: "fd00::30".parse().unwrap(),
+            ..web()
+        };
+        // The IPv6 slot names IPv4 backend 2: the check resolves it in the
+        // IPv6 array, where it is missing.
+        let mut m = maps.clone();
+        let slot = *m.services.get(&slot_key(&v6, 1)).unwrap();
+        m.insert_service(
+            slot_key(&v6, 1),
+            Service4Value {
+                backend_id: 2,
+                ..slot
+            },
+        );
+        let r = check(&desired, &m);
+        assert!(
+            r.differences
+                .iter()
+                .any(|d| d.contains("[fd00::30]:80/TCP external") && d.contains("<missing>")),
+            "{r}"
+        );
+        // The IPv6 frontend gone from the maps.
+        let mut m = maps;
+        m.remove_service(&master_key(&v6));
+        m.remove_service(&slot_key(&v6, 1));
+        let r = check(&desired, &m);
+        assert!(
+            r.differences
+                .iter()
+                .any(|d| d.contains("[fd00::30]:80/TCP external: missing from the maps")),
+            "{r}"
+        );
+    }
+
     fn web() -> L4Addr {
         L4Addr {
             addr: IpAddr::from([10, 96, 0, 30]),
