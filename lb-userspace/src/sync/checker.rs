@@ -177,10 +177,7 @@ impl Reading {
                 self.slots_seen.insert(k);
                 slots.push(maps.services.get(&k).and_then(|v| {
                     // A slot names a backend of its frontend's family.
-                    let id = BackendId {
-                        family: f.family(),
-                        id: v.backend_id,
-                    };
+                    let id = k.backend(v);
                     self.used_backends.insert(id);
                     backend_of(maps, id)
                 }));

@@ -285,6 +285,11 @@ impl<F: RawFamily> FamilyMaps<F> {
         )
     }
 
+    /// One slot, looked up in the kernel.
+    pub(crate) fn service(&self, key: &SlotKey) -> Option<Service4Value> {
+        self.services.get(&F::service_key(key), 0).ok()
+    }
+
     /// Adds what the family's maps hold to `c`.
     pub(crate) fn read_into(&self, c: &mut MapContents) -> Result<(), MapError> {
         // A few thousand entries a syscall: a backends array alone has

@@ -8,12 +8,12 @@ use aya::{
     maps::{Array, IterableMap, MapData, MapError},
     Pod,
 };
-use lb_common::config;
+use lb_common::{config, Service4Value};
 
 use crate::{
     model::{Family, L4Addr},
     sync::{
-        differ::{BackendId, MapContents, MapOp, PlannedOp},
+        differ::{BackendId, MapContents, MapOp, PlannedOp, SlotKey},
         family_maps::{FamilyMaps, Ipv4Maps, Ipv6Maps},
         map_batch::{delete_all, update_all, BatchStopped},
     },
@@ -262,11 +262,7 @@ impl HeldBack {
             // A slot of a frontend whose backend set could not be written
             // stays as it was, like its master.
             MapOp::PutService(k, v) => {
-                let backend = BackendId {
-                    family: k.family(),
-                    id: v.backend_id,
-                };
-                self.backends.contains(&backend)
+                self.backends.contains(&k.backend(v))
                     || step.frontend.is_some_and(|f| {
                         current
                             .rev_nat_id(f.addr, f.port)
@@ -320,6 +316,15 @@ impl BpfMaps {
         self.ipv4.read_into(&mut c)?;
         self.ipv6.read_into(&mut c)?;
         Ok(c)
+    }
+
+    /// The slot `key` names, from its family's services map (None: absent
+    /// or unreadable).
+    pub fn service(&self, key: &SlotKey) -> Option<Service4Value> {
+        match key.family() {
+            Family::Ipv4 => self.ipv4.service(key),
+            Family::Ipv6 => self.ipv6.service(key),
+        }
     }
 }
 

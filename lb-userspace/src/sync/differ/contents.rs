@@ -62,7 +62,7 @@ impl MapContents {
         if k.backend_slot == 0 {
             *self.master_users.entry(v.rev_nat_id).or_insert(0) += 1;
         } else {
-            *self.slot_users.entry(slot_backend(&k, &v)).or_insert(0) += 1;
+            *self.slot_users.entry(k.backend(&v)).or_insert(0) += 1;
         }
     }
 
@@ -76,7 +76,7 @@ impl MapContents {
         if k.backend_slot == 0 {
             decrement(&mut self.master_users, &old.rev_nat_id);
         } else {
-            decrement(&mut self.slot_users, &slot_backend(k, old));
+            decrement(&mut self.slot_users, &k.backend(old));
         }
     }
 
@@ -161,14 +161,6 @@ impl MapContents {
             .keys()
             .filter(|k| k.backend_slot == 0)
             .filter_map(frontend_of)
-    }
-}
-
-/// The backend a (non-master) slot points at: one of its frontend's family.
-fn slot_backend(k: &SlotKey, v: &Service4Value) -> BackendId {
-    BackendId {
-        family: k.family(),
-        id: v.backend_id,
     }
 }
 

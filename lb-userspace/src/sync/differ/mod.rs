@@ -1,7 +1,9 @@
 //! Turns desired state vs. what the maps hold into an ordered list of map
 //! writes. The order is what keeps packets safe without transactions:
 //! backends, reverse NAT, backend slots, then the master slot (the count a
-//! reader trusts) last; deletions run the other way round.
+//! reader trusts) last; deletions run the other way round. Both families
+//! are planned together: each write goes to the maps of the family its
+//! address names, backend ids are per family and reverse NAT ids one space.
 
 //!
 //! `contents`: the maps' entries and the indexes planning reads;
@@ -36,6 +38,15 @@ pub struct SlotKey {
 impl SlotKey {
     pub fn family(&self) -> Family {
         Family::of(self.addr)
+    }
+
+    /// The backend a (non-master) slot's value points at: one of the
+    /// slot's own family.
+    pub fn backend(&self, value: &Service4Value) -> BackendId {
+        BackendId {
+            family: self.family(),
+            id: value.backend_id,
+        }
     }
 }
 

@@ -262,7 +262,7 @@ impl<'a> Planner<'a> {
         for f in &self.failed {
             for (k, v) in slots_of(&self.current.services, f) {
                 if k.backend_slot != 0 {
-                    self.wanted_backends.insert(slot_backend(k, v));
+                    self.wanted_backends.insert(k.backend(v));
                 }
             }
         }
@@ -526,7 +526,7 @@ impl<'a> Planner<'a> {
                 if k.backend_slot == 0 {
                     revs.insert(v.rev_nat_id);
                 } else {
-                    backends.insert(slot_backend(k, v));
+                    backends.insert(k.backend(v));
                 }
             }
         }
@@ -548,7 +548,7 @@ impl<'a> Planner<'a> {
                 for f in candidates.iter().filter(|f| !self.failed.contains(f)) {
                     for (k, v) in slots_of(&self.current.services, f) {
                         if k.backend_slot != 0 {
-                            backends.insert(slot_backend(k, v));
+                            backends.insert(k.backend(v));
                         }
                     }
                 }
@@ -564,14 +564,6 @@ struct Allocators<'a> {
     backends: PerFamily<IdAllocator<'a, u32, BackendEntry>>,
     rev_nat: IdAllocator<'a, u16, RevNatEntry>,
     limits: IdLimits,
-}
-
-/// The backend a (non-master) slot points at.
-fn slot_backend(k: &SlotKey, v: &Service4Value) -> BackendId {
-    BackendId {
-        family: k.family(),
-        id: v.backend_id,
-    }
 }
 
 /// Whether a frontend of `desired` still restores to this address and port
