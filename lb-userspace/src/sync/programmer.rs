@@ -418,6 +418,53 @@ mod tests {
         (services, slices)
     }
 
+    /// A slice of `default/<service>` with ready IPv6 endpoints.
+    fn ready_slice6(service: &str, ips: &[&str]) -> SliceInfo {
+        let endpoints: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| serde_json::json!({"addresses": [ip]}))
+            .collect();
+        crate::test_objects::slice(serde_json::json!({
+            "metadata": {"name": format!("{service}-6"), "namespace": "default",
+                "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints
+        }))
+    }
+
+    #[test]
+    fn backend_ids_run_out_per_family_and_reverse_nat_ids_over_both() {
+        let limits = IdLimits {
+            backend_ids: 3,
+            rev_nat_ids: 2,
+        };
+        let mut p = programmer(limits, Capacity::default());
+        let services = [
+            cluster_ip("a", "10.96.0.1", 80),
+            cluster_ip("b", "fd00::1", 80),
+            cluster_ip("c", "fd00::2", 80),
+        ];
+        let slices = [
+            ready_slice("a", "a-1", 8080, &pod_ips(1, 3)),
+            ready_slice6("b", &["fd00:244::1", "fd00:244::2", "fd00:244::3"]),
+            ready_slice6("c", &["fd00:244::1"]),
+        ];
+        let report = p.full_sync(&services, &slices);
+        // Three backend ids in each family suffice; the third frontend
+        // finds no reverse NAT id: the two families share them.
+        assert!(served_with(&p, &frontend("10.96.0.1", 80), 3));
+        assert!(served_with(&p, &frontend("fd00::1", 80), 3));
+        assert!(!served_with(&p, &frontend("fd00::2", 80), 1));
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(
+            report.errors[0].contains("Service default/c")
+                && report.errors[0].contains("reverse-NAT id"),
+            "{}",
+            report.errors[0]
+        );
+    }
+
     #[test]
     fn exhausted_backend_ids_fail_one_service_and_it_gets_in_once_room_is_made() {
         let limits = IdLimits {
