@@ -20,8 +20,9 @@ use crate::{
     sync::{
         differ::{BackendEntry, BackendId, MapContents, MapOp, RevNatEntry, SlotKey},
         map_batch::BatchStopped,
-        map_writer::WriteError,
-        map_writer::{batch, delete_run, fd, ignore_missing, put_run, write_error, BatchKind},
+        map_writer::{
+            batch, delete_run, fd, ignore_missing, put_run, write_error, BatchKind, WriteError,
+        },
     },
 };
 
@@ -388,5 +389,53 @@ impl<F: RawFamily> FamilyMaps<F> {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_written_in_network_order_and_read_back_equal() {
+        let slot = SlotKey {
+            addr: "fd00::10".parse().unwrap(),
+            port: 443,
+            backend_slot: 3,
+            proto: 6,
+            scope: 1,
+        };
+        let raw = Ipv6Maps::service_key(&slot);
+        assert_eq!(raw.addr, "fd00::10".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(raw.port.to_ne_bytes(), 443u16.to_be_bytes());
+        assert_eq!(Ipv6Maps::slot_key(&raw), slot);
+        let v4 = SlotKey {
+            addr: "10.96.0.10".parse().unwrap(),
+            ..slot
+        };
+        let raw4 = Ipv4Maps::service_key(&v4);
+        assert_eq!(raw4.addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(Ipv4Maps::slot_key(&raw4), v4);
+
+        let backend = BackendEntry {
+            addr: "fd00:244::5".parse().unwrap(),
+            port: 8080,
+            proto: 17,
+            state: 0,
+            zone: 2,
+        };
+        assert_eq!(
+            Ipv6Maps::backend_entry(&Ipv6Maps::backend(&backend)),
+            Some(backend)
+        );
+        assert_eq!(Ipv6Maps::backend_entry(&Backend6::default()), None);
+        let rev = RevNatEntry {
+            addr: "fd00::10".parse().unwrap(),
+            port: 53,
+        };
+        assert_eq!(Ipv6Maps::rev_nat_entry(&Ipv6Maps::rev_nat(&rev)), rev);
+        let range: IpPrefix = "2001:db8::/32".parse().unwrap();
+        let raw = Ipv6Maps::source_range(7, &range);
+        assert_eq!(Ipv6Maps::range_parts(&raw), (7, range.addr));
     }
 }
