@@ -67,7 +67,23 @@ pub fn programmed_services(maps: &MapContents) -> Vec<ProgrammedService> {
             backends,
         });
     }
+    // A stable sort: the scopes of one frontend keep their order.
+    out.sort_by_key(|s| row_order(&s.frontend));
     out
+}
+
+/// IPv4 rows in the order of earlier versions (the raw key order of
+/// `lb4_services`: address and port as their network-order bytes read
+/// natively), so output compared over time does not move; IPv6 rows after.
+fn row_order(frontend: &L4Addr) -> (u8, u128, u16) {
+    match frontend.addr {
+        std::net::IpAddr::V4(a) => (
+            0,
+            u128::from(u32::from_ne_bytes(a.octets())),
+            frontend.port.to_be(),
+        ),
+        std::net::IpAddr::V6(a) => (1, u128::from(a), frontend.port),
+    }
 }
 
 pub fn render_table(services: &[ProgrammedService]) -> String {
@@ -207,6 +223,32 @@ pub fn render_status(status: &AttachStatus) -> String {
 mod tests {
     use super::*;
     use crate::model::Protocol;
+
+    #[test]
+    fn ipv4_rows_keep_the_order_of_the_raw_ipv4_keys_and_ipv6_rows_follow() {
+        let mut maps = MapContents::default();
+        for a in ["fd00::1", "10.96.1.2", "10.96.0.10"] {
+            let f = L4Addr {
+                addr: a.parse().unwrap(),
+                port: 80,
+                proto: Protocol::Tcp,
+            };
+            let master = lb_common::Service4Value::default();
+            maps.insert_service(crate::sync::differ::master_key(&f), master);
+        }
+        let rows: Vec<String> = programmed_services(&maps)
+            .iter()
+            .map(|s| s.frontend.to_string())
+            .collect();
+        // Raw IPv4 keys compare the address bytes read natively.
+        let raw = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let (first, second) = if raw([10, 96, 1, 2]) < raw([10, 96, 0, 10]) {
+            ("10.96.1.2:80/TCP", "10.96.0.10:80/TCP")
+        } else {
+            ("10.96.0.10:80/TCP", "10.96.1.2:80/TCP")
+        };
+        assert_eq!(rows, [first, second, "[fd00::1]:80/TCP"]);
+    }
 
     #[test]
     fn ipv6_frontends_and_backends_print_in_brackets() {
