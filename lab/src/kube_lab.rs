@@ -140,14 +140,17 @@ impl KubeLab {
         inspect::programmed_services(&contents)
             .into_iter()
             .find(|s| {
-                s.frontend.addr == *frontend.ip()
+                s.frontend.addr == std::net::IpAddr::V4(*frontend.ip())
                     && s.frontend.port == frontend.port()
                     && s.frontend.proto == proto
             })
             .map(|s| {
                 s.backends
                     .iter()
-                    .filter_map(|b| b.backend.map(|a| a.addr))
+                    .filter_map(|b| match b.backend?.addr {
+                        std::net::IpAddr::V4(a) => Some(a),
+                        std::net::IpAddr::V6(_) => None,
+                    })
                     .collect()
             })
     }

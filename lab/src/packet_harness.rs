@@ -147,14 +147,14 @@ impl Harness {
         let mut desired = DesiredState::default();
         for (port, proto, backends) in services {
             let frontend = L4Addr {
-                addr: SVC,
+                addr: SVC.into(),
                 port: *port,
                 proto: *proto,
             };
             let mut backends: Vec<L4Addr> = backends
                 .iter()
                 .map(|(a, p)| L4Addr {
-                    addr: *a,
+                    addr: (*a).into(),
                     port: *p,
                     proto: *proto,
                 })

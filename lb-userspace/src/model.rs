@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
@@ -50,17 +50,87 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// An IP address family: each has its own maps in the data path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    /// Bits in an address of the family.
+    pub fn bits(self) -> u8 {
+        match self {
+            Family::Ipv4 => 32,
+            Family::Ipv6 => 128,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
+    }
+}
+
+/// One value per address family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PerFamily<T> {
+    pub ipv4: T,
+    pub ipv6: T,
+}
+
+impl<T> std::ops::Index<Family> for PerFamily<T> {
+    type Output = T;
+
+    fn index(&self, family: Family) -> &T {
+        match family {
+            Family::Ipv4 => &self.ipv4,
+            Family::Ipv6 => &self.ipv6,
+        }
+    }
+}
+
+impl<T> std::ops::IndexMut<Family> for PerFamily<T> {
+    fn index_mut(&mut self, family: Family) -> &mut T {
+        match family {
+            Family::Ipv4 => &mut self.ipv4,
+            Family::Ipv6 => &mut self.ipv6,
+        }
+    }
+}
+
 /// An address, port and protocol: a Service frontend or a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct L4Addr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
+impl L4Addr {
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+}
+
+/// IPv6 frontends print as `[addr]:port/proto`, as in URLs.
 impl fmt::Display for L4Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+        }
     }
 }
 
@@ -93,21 +163,36 @@ impl BackendSet {
     }
 }
 
-/// An IPv4 prefix (a `loadBalancerSourceRanges` entry).
+/// An IPv4 or IPv6 prefix (a `loadBalancerSourceRanges` entry, a
+/// `--nodeport-addresses` filter), its host bits zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Ipv4Prefix {
-    pub addr: Ipv4Addr,
+pub struct IpPrefix {
+    pub addr: IpAddr,
     pub len: u8,
 }
 
-impl Ipv4Prefix {
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.len)
-        };
-        u32::from(addr) & mask == u32::from(self.addr)
+/// `addr` with the bits past `len` cleared (`len` at most the family's bits).
+fn masked(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
+impl IpPrefix {
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+
+    /// Whether `addr` is in the prefix (never for the other family).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        Family::of(addr) == self.family() && masked(addr, self.len) == self.addr
     }
 }
 
@@ -117,36 +202,45 @@ impl Ipv4Prefix {
 #[error("protocol {0} is not supported by the data path")]
 pub struct UnsupportedProtocol(pub String);
 
-/// Why a text is not an IPv4 prefix.
+/// Why a text is not an IP prefix.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PrefixError {
-    #[error("{0:?} is not an IPv4 CIDR")]
-    NotIpv4(String),
+    #[error("{0:?} is not an IPv4 or IPv6 CIDR")]
+    NotAPrefix(String),
     #[error("{0:?} has an invalid prefix length")]
     Length(String),
 }
 
-impl std::str::FromStr for Ipv4Prefix {
+/// `a.b.c.d/n` or `x::y/n`; a bare address is a prefix of its full length.
+impl std::str::FromStr for IpPrefix {
     type Err = PrefixError;
 
     fn from_str(s: &str) -> Result<Self, PrefixError> {
         let s = s.trim();
-        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr.parse().map_err(|_| PrefixError::NotIpv4(s.into()))?;
-        let len: u8 = len
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
             .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| PrefixError::Length(s.into()))?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            .map_err(|_| PrefixError::NotAPrefix(s.into()))?;
+        let bits = Family::of(addr).bits();
+        let len: u8 = match len {
+            None => bits,
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|l| *l <= bits)
+                .ok_or_else(|| PrefixError::Length(s.into()))?,
+        };
         Ok(Self {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            addr: masked(addr, len),
             len,
         })
     }
 }
 
-impl fmt::Display for Ipv4Prefix {
+impl fmt::Display for IpPrefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
     }
@@ -169,7 +263,7 @@ pub struct ServiceEntry {
     /// ClientIP session affinity timeout in seconds (0: none).
     pub affinity_timeout: u32,
     /// `loadBalancerSourceRanges` (empty: every source).
-    pub source_ranges: Vec<Ipv4Prefix>,
+    pub source_ranges: Vec<IpPrefix>,
 }
 
 impl ServiceEntry {
@@ -370,5 +464,51 @@ impl FromIterator<ServiceEntry> for DesiredState {
             s.insert(e);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_of_both_families_parse_with_their_host_bits_cleared() {
+        let p: IpPrefix = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(p.to_string(), "10.0.0.0/8");
+        assert!(p.contains("10.9.9.9".parse().unwrap()));
+        assert!(!p.contains("::ffff:10.9.9.9".parse().unwrap()));
+        let p: IpPrefix = "2001:db8::1/32".parse().unwrap();
+        assert_eq!(p.to_string(), "2001:db8::/32");
+        assert!(p.contains("2001:db8:ffff::2".parse().unwrap()));
+        assert!(!p.contains("2001:db9::".parse().unwrap()));
+        assert_eq!("fd00::7".parse::<IpPrefix>().unwrap().len, 128);
+        assert_eq!("0.0.0.0/0".parse::<IpPrefix>().unwrap().len, 0);
+        assert!(matches!(
+            "10.0.0.0/33".parse::<IpPrefix>(),
+            Err(PrefixError::Length(_))
+        ));
+        assert!(matches!(
+            "fd00::/129".parse::<IpPrefix>(),
+            Err(PrefixError::Length(_))
+        ));
+        assert!(matches!(
+            "web".parse::<IpPrefix>(),
+            Err(PrefixError::NotAPrefix(_))
+        ));
+    }
+
+    #[test]
+    fn ipv6_frontends_print_in_brackets() {
+        let f = L4Addr {
+            addr: "fd00::10".parse().unwrap(),
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        assert_eq!(f.to_string(), "[fd00::10]:80/TCP");
+        let f = L4Addr {
+            addr: "10.96.0.10".parse().unwrap(),
+            ..f
+        };
+        assert_eq!(f.to_string(), "10.96.0.10:80/TCP");
     }
 }

@@ -24,7 +24,7 @@ fn nodeport(ranges: &str) -> Harness {
     let mut h = Harness::with_masquerade_ports(&ranges);
     let node = NodeInfo {
         name: "n1".into(),
-        nodeport_addresses: vec![NODE],
+        nodeport_addresses: vec![NODE.into()],
         zone: None,
     };
     let svc = json!({"metadata": {"name": "np", "namespace": "default"},

@@ -87,11 +87,11 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
     let maps = loader::open_pinned(&lab.pin_dir).expect("pinned maps");
     let backends_of = |i: usize| {
         let key = master_key(&L4Addr {
-            addr: scale::service_ip(i),
+            addr: scale::service_ip(i).into(),
             port: 80,
             proto: Protocol::Tcp,
         });
-        maps.services.get(&key, 0).ok().map(|v| v.count)
+        maps.service(&key).map(|v| v.count)
     };
     for i in [0, SERVICES / 2, SERVICES - 1] {
         assert_eq!(backends_of(i), Some(ENDPOINTS as u16), "Service {i}");

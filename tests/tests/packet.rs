@@ -429,7 +429,7 @@ fn nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
 fn nodeport_harness(h: &mut Harness) {
     let node = NodeInfo {
         name: "n1".into(),
-        nodeport_addresses: vec![NODE],
+        nodeport_addresses: vec![NODE.into()],
         zone: None,
     };
     let svc = json!({"metadata": {"name": "np", "namespace": "default"},
@@ -891,18 +891,22 @@ fn a_service_with_ten_thousand_backends_spreads_new_flows_over_all_of_them() {
 /// batch there, reporting how many went in before it.
 #[privileged_test]
 fn batched_map_writes_go_in_order_skip_absent_deletes_and_stop_at_a_refused_write() {
-    use lb_common::{Backend4, Service4Key, Service4Value, MAX_BACKENDS};
-    use lb_userspace::sync::{
-        differ::MapOp,
-        map_writer::{MapWriter, WriteError},
+    use lb_common::{Service4Value, MAX_BACKENDS};
+    use lb_userspace::{
+        model::Family,
+        sync::{
+            differ::{BackendEntry, BackendId, MapOp, SlotKey},
+            map_writer::{MapWriter, WriteError},
+        },
     };
+    use std::net::IpAddr;
     let mut h = Harness::new();
-    let key = |slot: u16| Service4Key {
-        addr: u32::from_ne_bytes([10, 96, 9, 9]),
-        port: 80u16.to_be(),
+    let key = |slot: u16| SlotKey {
+        addr: IpAddr::from([10, 96, 9, 9]),
+        port: 80,
         backend_slot: slot,
         proto: 6,
-        ..Default::default()
+        scope: 0,
     };
     let value = |id: u32| Service4Value {
         backend_id: id,
@@ -931,20 +935,25 @@ fn batched_map_writes_go_in_order_skip_absent_deletes_and_stop_at_a_refused_writ
     assert!(!held.contains_key(&key(3)));
 
     // An id past the array's end is refused (E2BIG): the batch stops there.
-    let backend = Backend4 {
-        addr: u32::from_ne_bytes([10, 244, 0, 9]),
-        port: 8080u16.to_be(),
+    let backend = BackendEntry {
+        addr: IpAddr::from([10, 244, 0, 9]),
+        port: 8080,
         proto: 6,
-        ..Default::default()
+        state: 0,
+        zone: 0,
+    };
+    let id = |id: u32| BackendId {
+        family: Family::Ipv4,
+        id,
     };
     let writes = [
-        MapOp::PutBackend(7, backend),
-        MapOp::PutBackend(MAX_BACKENDS + 1, backend),
-        MapOp::PutBackend(8, backend),
+        MapOp::PutBackend(id(7), backend),
+        MapOp::PutBackend(id(MAX_BACKENDS + 1), backend),
+        MapOp::PutBackend(id(8), backend),
     ];
     let (written, error) = h.maps.apply_batch(&writes).expect_err("refused");
     assert_eq!(written, 1);
     assert!(matches!(error, WriteError::Full(_)), "{error:?}");
-    let backends = h.maps.read_contents().expect("read").backends;
+    let backends = h.maps.read_contents().expect("read").backends.ipv4;
     assert!(backends.contains_key(&7) && !backends.contains_key(&8));
 }

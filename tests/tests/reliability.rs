@@ -502,7 +502,7 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
         .find(|s| s.exists)
         .expect("a Service exists");
     let frontend = lb_userspace::model::L4Addr {
-        addr: victim.cluster_ip(),
+        addr: victim.cluster_ip().into(),
         port: victim.port,
         proto: lb_userspace::model::Protocol::Tcp,
     };
@@ -633,7 +633,7 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wi
         .read_contents()
         .expect("read maps")
         .backend_id(&lb_userspace::model::L4Addr {
-            addr: victim_ip,
+            addr: victim_ip.into(),
             port: 80,
             proto: lb_userspace::model::Protocol::Udp,
         })

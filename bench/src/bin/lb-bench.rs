@@ -236,11 +236,11 @@ fn control_plane(a: Args) -> Result<()> {
     let maps = loader::open_pinned(&lab.pin_dir)?;
     let count_of = |i: usize| {
         let key = master_key(&L4Addr {
-            addr: service_ip(i),
+            addr: service_ip(i).into(),
             port: 80,
             proto: Protocol::Tcp,
         });
-        maps.services.get(&key, 0).ok().map(|v| v.count)
+        maps.service(&key).map(|v| v.count)
     };
     for i in [0, a.services / 2, a.services - 1] {
         if count_of(i) != Some(a.endpoints as u16) {

@@ -89,10 +89,11 @@ pub(crate) struct NodeArgs {
     #[arg(long, value_delimiter = ',')]
     pub(crate) interfaces: Vec<String>,
     /// Serve NodePorts on the local addresses inside these CIDRs (comma
-    /// separated), like kube-proxy's --nodeport-addresses. Default: the
-    /// addresses of the --interfaces (the wire-facing ones).
+    /// separated, IPv4 or IPv6), like kube-proxy's --nodeport-addresses.
+    /// Default: the addresses of the --interfaces (the wire-facing ones),
+    /// IPv4 and IPv6 (not link-local).
     #[arg(long, value_delimiter = ',')]
-    pub(crate) nodeport_addresses: Vec<lb_userspace::model::Ipv4Prefix>,
+    pub(crate) nodeport_addresses: Vec<lb_userspace::model::IpPrefix>,
     /// This node's zone, for EndpointSlice topology hints. Default: the
     /// Node's `topology.kubernetes.io/zone` label (Kubernetes source only).
     #[arg(long)]
@@ -110,7 +111,7 @@ impl NodeArgs {
         }
     }
 
-    pub(crate) fn nodeport_addresses(&self, wire: &[String]) -> Result<Vec<std::net::Ipv4Addr>> {
+    pub(crate) fn nodeport_addresses(&self, wire: &[String]) -> Result<Vec<std::net::IpAddr>> {
         let addresses = node_net::interface_addresses()?;
         Ok(node_net::nodeport_addresses(
             &addresses,
@@ -228,6 +229,10 @@ pub(crate) struct RunArgs {
     /// address.
     #[arg(long)]
     pub(crate) masquerade_address: Option<std::net::Ipv4Addr>,
+    /// Source address of masqueraded IPv6 flows (as --masquerade-address
+    /// for IPv4). Default: the first IPv6 NodePort address.
+    #[arg(long)]
+    pub(crate) masquerade_address6: Option<std::net::Ipv6Addr>,
     /// Source ports of masqueraded flows (comma separated ports and
     /// FIRST-LAST ranges, at most 4). They must not overlap the node's
     /// ephemeral ports (net.ipv4.ip_local_port_range), its reserved ports

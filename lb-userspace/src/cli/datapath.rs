@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -300,7 +301,7 @@ fn adopt_maps(
             "adopted pinned maps at {}: {} service slots, {} backends",
             pin_dir.display(),
             current.services.len(),
-            current.backends.len()
+            current.backends.ipv4.len() + current.backends.ipv6.len()
         );
     }
     maps.set_conntrack_migrating(pinned.conntrack_migrated().is_some())
@@ -313,8 +314,41 @@ fn adopt_maps(
 /// configuration (masquerade address, socket LB mode).
 struct NodeSide {
     wire: Vec<String>,
-    nodeport_addresses: Vec<std::net::Ipv4Addr>,
+    nodeport_addresses: Vec<IpAddr>,
     datapath: lb_common::DatapathConfig,
+}
+
+/// The masquerade source of each family: the flag, else the first
+/// NodePort address of the family (logged; None: such flows are dropped).
+fn masquerade_addresses(
+    args: &RunArgs,
+    nodeport_addresses: &[IpAddr],
+) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let v4 = args.masquerade_address.or_else(|| {
+        nodeport_addresses.iter().find_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+    });
+    let v6 = args.masquerade_address6.or_else(|| {
+        nodeport_addresses.iter().find_map(|a| match a {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+    });
+    match v4 {
+        Some(a) => log::info!("NodePorts on {nodeport_addresses:?}; masquerading to {a}"),
+        None => log::warn!(
+            "no NodePort address and no --masquerade-address: flows that need masquerading are dropped (counted as snat_failed)"
+        ),
+    }
+    match v6 {
+        Some(a) => log::info!("masquerading IPv6 flows to {a}"),
+        None => log::info!(
+            "no IPv6 NodePort address and no --masquerade-address6: IPv6 flows that need masquerading are dropped (counted as snat_failed)"
+        ),
+    }
+    (v4, v6)
 }
 
 fn node_side(args: &RunArgs) -> Result<NodeSide> {
@@ -323,20 +357,12 @@ fn node_side(args: &RunArgs) -> Result<NodeSide> {
         log::warn!("no interface faces the wire (no default route and no --interfaces): XDP is not attached");
     }
     let nodeport_addresses = args.node.nodeport_addresses(&wire)?;
-    let masquerade = args
-        .masquerade_address
-        .or_else(|| nodeport_addresses.first().copied());
-    match masquerade {
-        Some(a) => log::info!("NodePorts on {nodeport_addresses:?}; masquerading to {a}"),
-        None => log::warn!(
-            "no NodePort address and no --masquerade-address: flows that need masquerading are dropped (counted as snat_failed)"
-        ),
-    }
+    let (masquerade, masquerade6) = masquerade_addresses(args, &nodeport_addresses);
     let datapath = lb_common::DatapathConfig {
         host_netns_cookie: netns_cookie()?,
         masquerade_addr: masquerade.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         socket_lb_mode: args.socket_lb.config_value(),
-        masquerade_addr6: [0; 4],
+        masquerade_addr6: masquerade6.map_or([0; 4], |a| lb_common::ipv6::words(a.octets())),
     };
     Ok(NodeSide {
         wire,

@@ -1,9 +1,11 @@
-//! The conntrack sweep: a background thread that reads the conntrack map
-//! (in batches) now and then, and soon after a sync that deleted backends;
-//! removes entries whose backend was deleted and entries past their
-//! lifetime; and counts what the LRU map evicted on its own when it was
-//! full. The kernel keeps no eviction count, so it is derived: every entry
-//! the data path added was removed by the data path, removed by a sweep, is
+//! The conntrack sweep: a background thread that reads the conntrack maps
+//! of both families (in batches) now and then, and soon after a sync that
+//! deleted backends; removes entries whose backend was deleted and entries
+//! past their lifetime (the same rules for IPv4 and IPv6, each entry's
+//! backend looked up in its own family's array); and counts what the LRU
+//! maps evicted on their own when full. The kernel keeps no eviction count,
+//! so it is derived: every entry the data path added (the counters cover
+//! both families) was removed by the data path, removed by a sweep, is
 //! still present, or was evicted.
 
 use std::{
@@ -15,10 +17,15 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{
-    Array, HashMap as BpfHashMap, IterableMap, MapData, MapInfo, PerCpuArray, PerCpuValues,
+use aya::{
+    maps::{
+        Array, HashMap as BpfHashMap, IterableMap, MapData, MapInfo, PerCpuArray, PerCpuValues,
+    },
+    Pod,
 };
-use lb_common::{ct_hold_ns, map_names, stats, Backend4, Ct4Key, Ct4Value};
+use lb_common::{
+    ct_hold_ns, map_names, stats, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
+};
 
 use crate::{
     datapath::loader,
@@ -43,20 +50,80 @@ impl SweepReason {
     }
 }
 
-/// Whether an entry goes, given the monotonic clock and whether its
-/// backend id is in use. An entry goes once idle past its hold: its
-/// lifetime, longer for a reply entry that reserves a masquerade port
-/// through TIME_WAIT (the data path stops translating with it earlier).
+/// The conntrack and backend types of one family, as the sweep reads them.
+pub trait CtFamily {
+    type Key: Pod;
+    type Value: Pod;
+    type Backend: Pod;
+    /// Protocol and direction of a key.
+    fn flow(key: &Self::Key) -> (u8, u8);
+    /// Last packet, flags and backend id of a value.
+    fn state(value: &Self::Value) -> (u64, u16, u32);
+    /// Whether a backends array entry holds a backend (a free id is zeros).
+    fn holds_backend(b: &Self::Backend) -> bool;
+}
+
+/// `lb4_conntrack` and `lb4_backends`.
+pub struct Ct4;
+/// `lb6_conntrack` and `lb6_backends`.
+pub struct Ct6;
+
+impl CtFamily for Ct4 {
+    type Key = Ct4Key;
+    type Value = Ct4Value;
+    type Backend = Backend4;
+    fn flow(k: &Ct4Key) -> (u8, u8) {
+        (k.proto, k.direction)
+    }
+    fn state(v: &Ct4Value) -> (u64, u16, u32) {
+        (v.last_seen_ns, v.flags, v.backend_id)
+    }
+    fn holds_backend(b: &Backend4) -> bool {
+        b.addr != 0
+    }
+}
+
+impl CtFamily for Ct6 {
+    type Key = Ct6Key;
+    type Value = Ct6Value;
+    type Backend = Backend6;
+    fn flow(k: &Ct6Key) -> (u8, u8) {
+        (k.proto, k.direction)
+    }
+    fn state(v: &Ct6Value) -> (u64, u16, u32) {
+        (v.last_seen_ns, v.flags, v.backend_id)
+    }
+    fn holds_backend(b: &Backend6) -> bool {
+        b.addr != [0; 4]
+    }
+}
+
+/// Whether an IPv4 entry goes (see [`verdict_of`]).
 pub fn verdict(
     key: &Ct4Key,
     value: &Ct4Value,
     now_ns: u64,
     backend_live: impl FnOnce(u32) -> bool,
 ) -> Option<SweepReason> {
-    let hold = ct_hold_ns(key.proto, key.direction, value.flags);
-    if now_ns.saturating_sub(value.last_seen_ns) >= hold {
+    verdict_of::<Ct4>(key, value, now_ns, backend_live)
+}
+
+/// Whether an entry goes, given the monotonic clock and whether its
+/// backend id is in use. An entry goes once idle past its hold: its
+/// lifetime, longer for a reply entry that reserves a masquerade port
+/// through TIME_WAIT (the data path stops translating with it earlier).
+pub fn verdict_of<F: CtFamily>(
+    key: &F::Key,
+    value: &F::Value,
+    now_ns: u64,
+    backend_live: impl FnOnce(u32) -> bool,
+) -> Option<SweepReason> {
+    let (proto, direction) = F::flow(key);
+    let (last_seen_ns, flags, backend_id) = F::state(value);
+    let hold = ct_hold_ns(proto, direction, flags);
+    if now_ns.saturating_sub(last_seen_ns) >= hold {
         Some(SweepReason::Expired)
-    } else if !backend_live(value.backend_id) {
+    } else if !backend_live(backend_id) {
         Some(SweepReason::BackendGone)
     } else {
         None
@@ -114,23 +181,99 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// One family's conntrack map and the backends its entries name.
+struct CtTable<F: CtFamily> {
+    conntrack: BpfHashMap<MapData, F::Key, F::Value>,
+    backends: Array<MapData, F::Backend>,
+}
+
+/// What a pass over one family's map saw and removed.
+#[derive(Debug, Default)]
+struct TablePass {
+    seen: u64,
+    backend_gone: u64,
+    expired: u64,
+}
+
+impl<F: CtFamily> CtTable<F> {
+    fn open(pin_dir: &std::path::Path, conntrack: &str, backends: &str) -> Result<Self> {
+        let open = |name| loader::open_pinned_map(pin_dir, name);
+        Ok(Self {
+            conntrack: BpfHashMap::try_from(open(conntrack)?)?,
+            backends: Array::try_from(open(backends)?)?,
+        })
+    }
+
+    fn backend_live(&self, id: u32) -> bool {
+        id != 0
+            && self
+                .backends
+                .get(&id, 0)
+                .is_ok_and(|b| F::holds_backend(&b))
+    }
+
+    /// Reads the map and removes the entries that go.
+    fn pass(&mut self) -> Result<TablePass> {
+        let now = monotonic_ns();
+        // Only a backend found live is remembered for the pass; one found
+        // gone is looked up again right before its entries are removed.
+        let mut live: HashSet<u32> = HashSet::new();
+        let entries: Vec<(F::Key, F::Value)> =
+            crate::sync::map_batch::lookup_all(self.conntrack.map().fd().as_fd())
+                .context("reading the conntrack map")?;
+        let mut report = TablePass {
+            seen: entries.len() as u64,
+            ..Default::default()
+        };
+        let mut doomed = Vec::new();
+        for (key, value) in entries {
+            let is_live = |id: u32| live.contains(&id) || self.backend_live(id);
+            if verdict_of::<F>(&key, &value, now, is_live).is_some() {
+                doomed.push(key);
+            } else {
+                live.insert(F::state(&value).2);
+            }
+        }
+        for key in &doomed {
+            // Judged again at the last moment: the flow may have sent a
+            // packet, or a sync may have given its backend id to a new
+            // backend whose fresh entries must stay.
+            let Ok(value) = self.conntrack.get(key, 0) else {
+                continue;
+            };
+            let live = |id| self.backend_live(id);
+            let Some(why) = verdict_of::<F>(key, &value, monotonic_ns(), live) else {
+                continue;
+            };
+            if self.conntrack.remove(key).is_ok() {
+                match why {
+                    SweepReason::BackendGone => report.backend_gone += 1,
+                    SweepReason::Expired => report.expired += 1,
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
 /// The maps a sweep works on, opened from their pins.
 pub(crate) struct Sweeper {
-    conntrack: BpfHashMap<MapData, Ct4Key, Ct4Value>,
-    backends: Array<MapData, Backend4>,
+    ipv4: CtTable<Ct4>,
+    ipv6: CtTable<Ct6>,
     stats: PerCpuArray<MapData, u64>,
+    /// Of each family's map (both are sized by --conntrack-max).
     capacity: u32,
 }
 
 impl Sweeper {
     pub fn open(pin_dir: &std::path::Path) -> Result<Self> {
-        let open = |name| loader::open_pinned_map(pin_dir, name);
         let capacity =
             MapInfo::from_pin(loader::map_pin_path(pin_dir, map_names::CONNTRACK))?.max_entries();
+        let stats = loader::open_pinned_map(pin_dir, map_names::STATS)?;
         Ok(Self {
-            conntrack: BpfHashMap::try_from(open(map_names::CONNTRACK)?)?,
-            backends: Array::try_from(open(map_names::BACKENDS)?)?,
-            stats: PerCpuArray::try_from(open(map_names::STATS)?)?,
+            ipv4: CtTable::open(pin_dir, map_names::CONNTRACK, map_names::BACKENDS)?,
+            ipv6: CtTable::open(pin_dir, map_names::CONNTRACK6, map_names::BACKENDS6)?,
+            stats: PerCpuArray::try_from(stats)?,
             capacity,
         })
     }
@@ -157,17 +300,13 @@ impl Sweeper {
         Ok(())
     }
 
-    fn backend_live(&self, id: u32) -> bool {
-        id != 0 && self.backends.get(&id, 0).is_ok_and(|b| b.addr != 0)
-    }
-
-    /// One pass over the map.
     /// New masqueraded flows dropped so far because every port toward
     /// their backend was taken (in use or in TIME_WAIT).
     pub fn snat_ports_exhausted(&self) -> u64 {
         self.counter(stats::SNAT_PORTS_EXHAUSTED)
     }
 
+    /// One pass over both families' maps.
     pub fn sweep(&mut self) -> Result<SweepReport> {
         // Read first: entries added during the walk may be seen present
         // but are not counted as inserted, so evictions come out low, never
@@ -178,44 +317,16 @@ impl Sweeper {
             removed: self.counter(stats::CT_REMOVED),
             swept: self.counter(stats::CT_SWEPT),
         };
-        let now = monotonic_ns();
-        // Only a backend found live is remembered for the pass; one found
-        // gone is looked up again right before its entries are removed.
-        let mut live: HashSet<u32> = HashSet::new();
-        let entries: Vec<(Ct4Key, Ct4Value)> =
-            crate::sync::map_batch::lookup_all(self.conntrack.map().fd().as_fd())
-                .context("reading the conntrack map")?;
-        let present = entries.len() as u64;
-        let mut doomed = Vec::new();
-        for (key, value) in entries {
-            let is_live = |id: u32| live.contains(&id) || self.backend_live(id);
-            if verdict(&key, &value, now, is_live).is_some() {
-                doomed.push(key);
-            } else {
-                live.insert(value.backend_id);
-            }
-        }
-        let mut report = SweepReport::default();
-        for key in &doomed {
-            // Judged again at the last moment: the flow may have sent a
-            // packet, or a sync may have given its backend id to a new
-            // backend whose fresh entries must stay.
-            let Ok(value) = self.conntrack.get(key, 0) else {
-                continue;
-            };
-            let Some(why) = verdict(key, &value, monotonic_ns(), |id| self.backend_live(id)) else {
-                continue;
-            };
-            if self.conntrack.remove(key).is_ok() {
-                match why {
-                    SweepReason::BackendGone => report.backend_gone += 1,
-                    SweepReason::Expired => report.expired += 1,
-                }
-            }
-        }
+        let v4 = self.ipv4.pass()?;
+        let v6 = self.ipv6.pass().context("IPv6")?;
+        let mut report = SweepReport {
+            backend_gone: v4.backend_gone + v6.backend_gone,
+            expired: v4.expired + v6.expired,
+            ..Default::default()
+        };
         let swept_now = report.backend_gone + report.expired;
         self.add_swept(swept_now)?;
-        (report.present, report.evicted) = account(before, present, swept_now);
+        (report.present, report.evicted) = account(before, v4.seen + v6.seen, swept_now);
         Ok(report)
     }
 }
@@ -326,6 +437,33 @@ mod tests {
             Some(SweepReason::Expired),
             "a handshake never seen to complete lives a minute"
         );
+    }
+
+    #[test]
+    fn ipv6_entries_go_by_the_same_rules() {
+        let now = 100_000 * 1_000_000_000;
+        let live = |id| id == 7;
+        let entry6 = |proto, last_seen_s: u64, backend_id| {
+            let key = Ct6Key {
+                proto,
+                ..Default::default()
+            };
+            let value = Ct6Value {
+                last_seen_ns: last_seen_s * 1_000_000_000,
+                backend_id,
+                ..Default::default()
+            };
+            (key, value)
+        };
+        let (k, v) = entry6(IPPROTO_UDP, 100_000 - 30, 7);
+        assert_eq!(verdict_of::<Ct6>(&k, &v, now, live), None);
+        let (k, v) = entry6(IPPROTO_UDP, 100_000 - 61, 7);
+        let expired = verdict_of::<Ct6>(&k, &v, now, live);
+        assert_eq!(expired, Some(SweepReason::Expired));
+        let (k, v) = entry6(IPPROTO_TCP, 100_000 - 1, 8);
+        let gone = verdict_of::<Ct6>(&k, &v, now, live);
+        assert_eq!(gone, Some(SweepReason::BackendGone));
+        assert!(!Ct6::holds_backend(&Backend6::default()));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::{
     datapath::attach,
     model::L4Addr,
-    sync::differ::{backend_addr, frontend_of, MapContents},
+    sync::differ::{backend_addr, frontend_of, MapContents, SlotKey},
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -47,14 +47,17 @@ pub fn programmed_services(maps: &MapContents) -> Vec<ProgrammedService> {
         }
         let backends = (1..=master.count)
             .filter_map(|slot| {
-                maps.services.get(&lb_common::Service4Key {
+                maps.services.get(&SlotKey {
                     backend_slot: slot,
                     ..*key
                 })
             })
             .map(|v| ProgrammedBackend {
                 id: v.backend_id,
-                backend: maps.backends.get(&v.backend_id).and_then(backend_addr),
+                // Ids are per family: the frontend's.
+                backend: maps.backends[frontend.family()]
+                    .get(&v.backend_id)
+                    .and_then(backend_addr),
             })
             .collect();
         out.push(ProgrammedService {
@@ -64,7 +67,23 @@ pub fn programmed_services(maps: &MapContents) -> Vec<ProgrammedService> {
             backends,
         });
     }
+    // A stable sort: the scopes of one frontend keep their order.
+    out.sort_by_key(|s| row_order(&s.frontend));
     out
+}
+
+/// IPv4 rows in the order of earlier versions (the raw key order of
+/// `lb4_services`: address and port as their network-order bytes read
+/// natively), so output compared over time does not move; IPv6 rows after.
+fn row_order(frontend: &L4Addr) -> (u8, u128, u16) {
+    match frontend.addr {
+        std::net::IpAddr::V4(a) => (
+            0,
+            u128::from(u32::from_ne_bytes(a.octets())),
+            frontend.port.to_be(),
+        ),
+        std::net::IpAddr::V6(a) => (1, u128::from(a), frontend.port),
+    }
 }
 
 pub fn render_table(services: &[ProgrammedService]) -> String {
@@ -79,7 +98,8 @@ pub fn render_table(services: &[ProgrammedService]) -> String {
             .backends
             .iter()
             .map(|b| match &b.backend {
-                Some(a) => format!("{}:{}", a.addr, a.port),
+                // IPv6 in brackets, as addresses with ports are written.
+                Some(a) => std::net::SocketAddr::new(a.addr, a.port).to_string(),
                 None => format!("<missing id {}>", b.id),
             })
             .collect();
@@ -197,4 +217,57 @@ pub fn render_status(status: &AttachStatus) -> String {
         }
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    #[test]
+    fn ipv4_rows_keep_the_order_of_the_raw_ipv4_keys_and_ipv6_rows_follow() {
+        let mut maps = MapContents::default();
+        for a in ["fd00::1", "10.96.1.2", "10.96.0.10"] {
+            let f = L4Addr {
+                addr: a.parse().unwrap(),
+                port: 80,
+                proto: Protocol::Tcp,
+            };
+            let master = lb_common::Service4Value::default();
+            maps.insert_service(crate::sync::differ::master_key(&f), master);
+        }
+        let rows: Vec<String> = programmed_services(&maps)
+            .iter()
+            .map(|s| s.frontend.to_string())
+            .collect();
+        // Raw IPv4 keys compare the address bytes read natively.
+        let raw = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let (first, second) = if raw([10, 96, 1, 2]) < raw([10, 96, 0, 10]) {
+            ("10.96.1.2:80/TCP", "10.96.0.10:80/TCP")
+        } else {
+            ("10.96.0.10:80/TCP", "10.96.1.2:80/TCP")
+        };
+        assert_eq!(rows, [first, second, "[fd00::1]:80/TCP"]);
+    }
+
+    #[test]
+    fn ipv6_frontends_and_backends_print_in_brackets() {
+        let l4 = |a: &str, port| L4Addr {
+            addr: a.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+        };
+        let services = [ProgrammedService {
+            frontend: l4("fd00::10", 80),
+            kind: vec!["ClusterIP"],
+            rev_nat_id: 2,
+            backends: vec![ProgrammedBackend {
+                id: 1,
+                backend: Some(l4("fd00:244::5", 8080)),
+            }],
+        }];
+        let table = render_table(&services);
+        assert!(table.contains("[fd00::10]:80/TCP"), "{table}");
+        assert!(table.contains("[fd00:244::5]:8080"), "{table}");
+    }
 }

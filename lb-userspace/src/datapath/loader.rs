@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapType},
+    maps::{Array, HashMap, MapType},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -19,7 +19,10 @@ use lb_common::{
     map_spec::{self, Capacity, MapKind, MapSpec},
 };
 
-use crate::{datapath::pseudo_fs, sync::map_writer::BpfMaps};
+use crate::{
+    datapath::pseudo_fs,
+    sync::{family_maps::FamilyMaps, map_writer::BpfMaps},
+};
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one on its parent if
 /// needed (a fresh machine has none at /sys/fs/bpf).
@@ -495,11 +498,8 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
             .with_context(|| format!("map {name} missing from the object"))
     };
     Ok(BpfMaps {
-        services: HashMap::try_from(take(map_names::SERVICES)?)?,
-        backends: Array::try_from(take(map_names::BACKENDS)?)?,
-        rev_nat: HashMap::try_from(take(map_names::REV_NAT)?)?,
-        backend_match: HashMap::try_from(take(map_names::BACKEND_MATCH)?)?,
-        source_ranges: LpmTrie::try_from(take(map_names::SOURCE_RANGES)?)?,
+        ipv4: FamilyMaps::from_maps(&mut take)?,
+        ipv6: FamilyMaps::from_maps(&mut take)?,
         config: Array::try_from(take(map_names::CONFIG)?)?,
     })
 }
@@ -508,11 +508,8 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
 pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
     let open = |name| open_pinned_map(pin_dir, name);
     Ok(BpfMaps {
-        services: HashMap::try_from(open(map_names::SERVICES)?)?,
-        backends: Array::try_from(open(map_names::BACKENDS)?)?,
-        rev_nat: HashMap::try_from(open(map_names::REV_NAT)?)?,
-        backend_match: HashMap::try_from(open(map_names::BACKEND_MATCH)?)?,
-        source_ranges: LpmTrie::try_from(open(map_names::SOURCE_RANGES)?)?,
+        ipv4: FamilyMaps::from_maps(open)?,
+        ipv6: FamilyMaps::from_maps(open)?,
         config: Array::try_from(open(map_names::CONFIG)?)?,
     })
 }

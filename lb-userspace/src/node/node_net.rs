@@ -1,16 +1,46 @@
-//! This node's network facts the data path depends on: the IPv4 addresses
-//! of its interfaces (NodePort addresses, the masquerade source) and the
-//! interface setting masqueraded traffic needs.
+//! This node's network facts the data path depends on: the IPv4 and IPv6
+//! addresses of its interfaces (NodePort addresses, the masquerade
+//! sources) and the interface setting masqueraded traffic needs.
 
-use std::{collections::BTreeMap, ffi::CStr, fs, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result};
 
-use crate::model::Ipv4Prefix;
+use crate::model::IpPrefix;
 
-/// IPv4 addresses of every interface, by interface name, in the kernel's order.
-pub fn interface_addresses() -> Result<BTreeMap<String, Vec<Ipv4Addr>>> {
-    let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+/// The address of an interface address entry, if it is one of a family
+/// the data path serves and not link-local IPv6 (fe80::/10: no Service
+/// traffic arrives for it, and it needs an interface to mean anything).
+///
+/// # Safety
+/// `sa` points at a sockaddr whose `sa_family` says its real type.
+unsafe fn served_address(sa: *const libc::sockaddr) -> Option<IpAddr> {
+    match i32::from(unsafe { (*sa).sa_family }) {
+        libc::AF_INET => {
+            let sin = unsafe { &*(sa as *const libc::sockaddr_in) };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                sin.sin_addr.s_addr,
+            ))))
+        }
+        libc::AF_INET6 => {
+            let sin6 = unsafe { &*(sa as *const libc::sockaddr_in6) };
+            let a = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+            (!link_local).then_some(IpAddr::V6(a))
+        }
+        _ => None,
+    }
+}
+
+/// IPv4 and IPv6 (not link-local) addresses of every interface, by
+/// interface name, in the kernel's order.
+pub fn interface_addresses() -> Result<BTreeMap<String, Vec<IpAddr>>> {
+    let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -25,11 +55,9 @@ pub fn interface_addresses() -> Result<BTreeMap<String, Vec<Ipv4Addr>>> {
             continue;
         }
         // SAFETY: non-null sockaddr; its family says how to read it.
-        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+        let Some(addr) = (unsafe { served_address(ifa.ifa_addr) }) else {
             continue;
-        }
-        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+        };
         let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
             .to_string_lossy()
             .into_owned();
@@ -44,11 +72,11 @@ pub fn interface_addresses() -> Result<BTreeMap<String, Vec<Ipv4Addr>>> {
 /// --nodeport-addresses), every local address inside one of its prefixes;
 /// without, the addresses of the interfaces facing the wire.
 pub fn nodeport_addresses(
-    all: &BTreeMap<String, Vec<Ipv4Addr>>,
+    all: &BTreeMap<String, Vec<IpAddr>>,
     wire: &[String],
-    filter: &[Ipv4Prefix],
-) -> Vec<Ipv4Addr> {
-    let mut out: Vec<Ipv4Addr> = if filter.is_empty() {
+    filter: &[IpPrefix],
+) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = if filter.is_empty() {
         wire.iter()
             .filter_map(|w| all.get(w))
             .flatten()
@@ -310,5 +338,64 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sockaddr6(a: Ipv6Addr) -> libc::sockaddr_in6 {
+        // SAFETY: all-zero is a valid sockaddr_in6.
+        let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_addr.s6_addr = a.octets();
+        sa
+    }
+
+    #[test]
+    fn global_ipv6_addresses_count_and_link_local_ones_do_not() {
+        let read = |a: &str| {
+            let sa = sockaddr6(a.parse().unwrap());
+            // SAFETY: a sockaddr_in6 whose family says so.
+            unsafe { served_address(std::ptr::from_ref(&sa).cast()) }
+        };
+        assert_eq!(read("fd00:1::1"), Some("fd00:1::1".parse().unwrap()));
+        assert_eq!(read("2001:db8::5"), Some("2001:db8::5".parse().unwrap()));
+        assert_eq!(read("fe80::1"), None);
+        assert_eq!(read("febf::1"), None);
+    }
+
+    #[test]
+    fn nodeport_addresses_of_both_families_from_the_wire_or_the_filter() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let all = BTreeMap::from([
+            ("eth0".to_owned(), vec![ip("10.0.0.1"), ip("fd00:1::1")]),
+            ("lo".to_owned(), vec![ip("127.0.0.1"), ip("::1")]),
+            (
+                "eth1".to_owned(),
+                vec![ip("192.168.1.1"), ip("2001:db8::1")],
+            ),
+        ]);
+        let wire = ["eth0".to_owned()];
+        assert_eq!(
+            nodeport_addresses(&all, &wire, &[]),
+            [ip("10.0.0.1"), ip("fd00:1::1")]
+        );
+        let filter: Vec<IpPrefix> = ["2001:db8::/32", "0.0.0.0/0", "::/0"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let mut got = nodeport_addresses(&all, &wire, &filter);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ip("10.0.0.1"),
+                ip("192.168.1.1"),
+                ip("2001:db8::1"),
+                ip("fd00:1::1")
+            ]
+        );
     }
 }

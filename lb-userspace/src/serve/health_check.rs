@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -19,14 +19,14 @@ use crate::translate::health::{response, HealthCheck};
 pub struct HealthServer {
     checks: Arc<Mutex<BTreeMap<u16, HealthCheck>>>,
     listeners: BTreeMap<u16, Vec<JoinHandle<()>>>,
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     proxy: Arc<ProxyHealth>,
 }
 
 impl HealthServer {
     /// Health checks served on `addresses` (the NodePort addresses; all of
     /// the node's when empty), reporting `proxy`'s health too.
-    pub fn new(addresses: Vec<Ipv4Addr>, proxy: Arc<ProxyHealth>) -> Self {
+    pub fn new(addresses: Vec<IpAddr>, proxy: Arc<ProxyHealth>) -> Self {
         Self {
             checks: Arc::default(),
             listeners: BTreeMap::new(),
@@ -72,7 +72,7 @@ impl HealthServer {
     /// the next update) when one cannot be bound.
     fn listen(&self, port: u16) -> Option<Vec<JoinHandle<()>>> {
         let addresses = if self.addresses.is_empty() {
-            vec![Ipv4Addr::UNSPECIFIED]
+            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
         } else {
             self.addresses.clone()
         };

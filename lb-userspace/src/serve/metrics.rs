@@ -70,7 +70,8 @@ pub struct Metrics {
     pub watch_restarts: Family<ResourceLabel, Counter>,
     pub invalid_objects: Family<InvalidLabel, Counter>,
     pub map_write_failures: Counter,
-    /// Conntrack entries present at the last sweep, and the map's capacity.
+    /// Conntrack entries present at the last sweep (both families' maps),
+    /// and the capacity of each (both are sized by --conntrack-max).
     pub conntrack_entries: Gauge,
     pub conntrack_capacity: Gauge,
     /// Entries the full LRU map dropped on its own.

@@ -113,6 +113,8 @@ pub struct ServiceInfo {
     /// `spec.clusterIPs` (one per family, the primary first), or
     /// `spec.clusterIP` when an object carries only that (manifests).
     pub cluster_ips: Vec<Addr>,
+    /// `spec.ipFamilyPolicy` RequireDualStack: a single clusterIP is noted.
+    pub require_dual_stack: bool,
     pub external_ips: Vec<Addr>,
     /// `status.loadBalancer.ingress` addresses, without those of ipMode
     /// Proxy (the load balancer proxies: traffic arrives for the node).
@@ -204,6 +206,7 @@ impl From<&Service> for ServiceInfo {
             ignored: ignored(svc, spec),
             kind: kind(spec.type_.as_deref()),
             cluster_ips: cluster_ips(spec),
+            require_dual_stack: spec.ip_family_policy.as_deref() == Some("RequireDualStack"),
             external_ips: spec
                 .external_ips
                 .iter()

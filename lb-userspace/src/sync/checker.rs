@@ -7,16 +7,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{
-    Service4Key, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-};
+use lb_common::{BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL};
 
 use crate::{
-    model::{BackendSet, DesiredState, Ipv4Prefix, L4Addr},
-    sync::differ::{backend_addr, frontend_of, scoped_slot_key, MapContents},
+    model::{BackendSet, DesiredState, Family, IpPrefix, L4Addr},
+    sync::differ::{backend_addr, frontend_of, scoped_slot_key, BackendId, MapContents, SlotKey},
 };
 
 /// The master slot of one frontend and scope, and its backend slots in order.
@@ -27,7 +25,7 @@ struct ScopeView {
     flags: u16,
     affinity_timeout: u32,
     /// The reverse NAT entry the master names (None: missing).
-    rev_nat: Option<(Ipv4Addr, u16)>,
+    rev_nat: Option<(IpAddr, u16)>,
     /// Slots 1..=count+terminating_count; None: missing slot or backend.
     slots: Vec<Option<L4Addr>>,
 }
@@ -37,8 +35,8 @@ struct ScopeView {
 struct View {
     frontends: BTreeMap<(L4Addr, u8), ScopeView>,
     /// (Service address and port, backend) -> `BACKEND_MATCH_*`.
-    backend_match: BTreeMap<((Ipv4Addr, u16), L4Addr), u8>,
-    source_ranges: BTreeSet<((Ipv4Addr, u16), Ipv4Prefix)>,
+    backend_match: BTreeMap<((IpAddr, u16), L4Addr), u8>,
+    source_ranges: BTreeSet<((IpAddr, u16), IpPrefix)>,
 }
 
 /// The outcome of a check.
@@ -146,16 +144,19 @@ fn actual(maps: &MapContents) -> (View, Vec<String>) {
 struct Reading {
     view: View,
     problems: Vec<String>,
-    used_backends: BTreeSet<u32>,
+    used_backends: BTreeSet<BackendId>,
     used_revs: BTreeSet<u16>,
-    slots_seen: BTreeSet<Service4Key>,
+    slots_seen: BTreeSet<SlotKey>,
 }
 
 /// The address and port a reverse NAT id restores, if it exists.
-fn rev_of(maps: &MapContents, id: u16) -> Option<(Ipv4Addr, u16)> {
-    maps.rev_nat
-        .get(&id)
-        .map(|r| (Ipv4Addr::from(r.addr.to_ne_bytes()), u16::from_be(r.port)))
+fn rev_of(maps: &MapContents, id: u16) -> Option<(IpAddr, u16)> {
+    maps.rev_nat.get(&id).map(|r| (r.addr, r.port))
+}
+
+/// The backend entry `id` names, as an address.
+fn backend_of(maps: &MapContents, id: BackendId) -> Option<L4Addr> {
+    maps.backends[id.family].get(&id.id).and_then(backend_addr)
 }
 
 impl Reading {
@@ -175,8 +176,10 @@ impl Reading {
                 let k = scoped_slot_key(&f, key.scope, slot as u16);
                 self.slots_seen.insert(k);
                 slots.push(maps.services.get(&k).and_then(|v| {
-                    self.used_backends.insert(v.backend_id);
-                    maps.backends.get(&v.backend_id).and_then(backend_addr)
+                    // A slot names a backend of its frontend's family.
+                    let id = k.backend(v);
+                    self.used_backends.insert(id);
+                    backend_of(maps, id)
                 }));
             }
             self.view.frontends.insert(
@@ -214,7 +217,7 @@ impl Reading {
     /// Backend matches and source ranges, by address.
     fn memberships(&mut self, maps: &MapContents) {
         for (&(rev_id, backend_id), &state) in &maps.backend_match {
-            let backend = maps.backends.get(&backend_id).and_then(backend_addr);
+            let backend = backend_of(maps, backend_id);
             match (rev_of(maps, rev_id), backend) {
                 (Some(group), Some(b)) => {
                     self.view.backend_match.insert((group, b), state);
@@ -238,20 +241,20 @@ impl Reading {
 
     /// Backends in no slot, reverse NAT entries of no frontend.
     fn unused_entries(&mut self, maps: &MapContents) {
-        for (id, b) in &maps.backends {
-            if !self.used_backends.contains(id) {
+        for id in maps.backend_ids() {
+            if !self.used_backends.contains(&id) {
+                let b = maps.backends[id.family].get(&id.id).and_then(backend_addr);
                 self.problems.push(format!(
                     "backend {id} ({}) is in no slot",
-                    backend_addr(b).map_or("invalid".into(), |a| a.to_string())
+                    b.map_or("invalid".into(), |a| a.to_string())
                 ));
             }
         }
         for (id, r) in &maps.rev_nat {
             if !self.used_revs.contains(id) {
                 self.problems.push(format!(
-                    "reverse NAT {id} ({}:{}) is used by no frontend",
-                    Ipv4Addr::from(r.addr.to_ne_bytes()),
-                    u16::from_be(r.port)
+                    "reverse NAT {id} ({}) is used by no frontend",
+                    SocketAddr::new(r.addr, r.port)
                 ));
             }
         }
@@ -259,9 +262,11 @@ impl Reading {
 
     fn duplicate_backends(&mut self, maps: &MapContents) {
         let mut by_addr: BTreeMap<L4Addr, Vec<u32>> = BTreeMap::new();
-        for (id, b) in &maps.backends {
-            if let Some(a) = backend_addr(b) {
-                by_addr.entry(a).or_default().push(*id);
+        for family in [Family::Ipv4, Family::Ipv6] {
+            for (id, b) in &maps.backends[family] {
+                if let Some(a) = backend_addr(b) {
+                    by_addr.entry(a).or_default().push(*id);
+                }
             }
         }
         for (a, ids) in by_addr.iter().filter(|(_, ids)| ids.len() > 1) {
@@ -320,7 +325,7 @@ pub fn check(desired: &DesiredState, maps: &MapContents) -> CheckReport {
     let want = expected(desired);
     let (got, mut differences) = actual(maps);
     let mut report = CheckReport {
-        backends: maps.backends.len(),
+        backends: maps.backends.ipv4.len() + maps.backends.ipv6.len(),
         rev_nat: maps.rev_nat.len(),
         ..Default::default()
     };
@@ -377,7 +382,7 @@ pub fn check(desired: &DesiredState, maps: &MapContents) -> CheckReport {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{Backend4, Service4Value};
+    use lb_common::Service4Value;
 
     use super::*;
     use crate::{
@@ -426,9 +431,80 @@ mod tests {
         (p.desired.clone(), p.current.clone())
     }
 
+    /// A dual-stack Service, IPv6 first, with a slice of each family.
+    fn programmed_dual_stack() -> (DesiredState, MapContents) {
+        let svc: k8s_openapi::api::core::v1::Service = yaml(
+            "metadata: {name: web, namespace: default}\n\
+             spec: {clusterIP: 'fd00::30', clusterIPs: ['fd00::30', 10.96.0.30],\n\
+               ipFamilies: [IPv6, IPv4], ports: [{port: 80}]}\n",
+        );
+        let slice = |family: &str, ips: &str| -> crate::source::objects::SliceInfo {
+            let s: k8s_openapi::api::discovery::v1::EndpointSlice = yaml(&format!(
+                "metadata: {{name: web-{family}, namespace: default,\n\
+                   labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: {family}\n\
+                 ports: [{{port: 8080}}]\n\
+                 endpoints: [{ips}]\n"
+            ));
+            s.into()
+        };
+        let slices = [
+            slice(
+                "IPv4",
+                "{addresses: [10.244.0.10]}, {addresses: [10.244.0.11]}",
+            ),
+            slice("IPv6", "{addresses: ['fd00:244::10']}"),
+        ];
+        let mut p = Programmer::new(AcceptingMaps, MapContents::default(), Metrics::new());
+        let report = p.full_sync(&[crate::source::objects::ServiceInfo::from(svc)], &slices);
+        assert!(report.errors.is_empty(), "{report:?}");
+        (p.desired.clone(), p.current.clone())
+    }
+
+    #[test]
+    fn both_families_are_compared_and_a_mixed_up_id_is_named() {
+        let (desired, maps) = programmed_dual_stack();
+        let r = check(&desired, &maps);
+        assert!(r.is_equal(), "{r}");
+        assert_eq!(r.backends, 3, "{r}");
+        let v6 = L4Addr {
+            addr: "fd00::30".parse().unwrap(),
+            ..web()
+        };
+        // The IPv6 slot names IPv4 backend 2: the check resolves it in the
+        // IPv6 array, where it is missing.
+        let mut m = maps.clone();
+        let slot = *m.services.get(&slot_key(&v6, 1)).unwrap();
+        m.insert_service(
+            slot_key(&v6, 1),
+            Service4Value {
+                backend_id: 2,
+                ..slot
+            },
+        );
+        let r = check(&desired, &m);
+        assert!(
+            r.differences
+                .iter()
+                .any(|d| d.contains("[fd00::30]:80/TCP external") && d.contains("<missing>")),
+            "{r}"
+        );
+        // The IPv6 frontend gone from the maps.
+        let mut m = maps;
+        m.remove_service(&master_key(&v6));
+        m.remove_service(&slot_key(&v6, 1));
+        let r = check(&desired, &m);
+        assert!(
+            r.differences
+                .iter()
+                .any(|d| d.contains("[fd00::30]:80/TCP external: missing from the maps")),
+            "{r}"
+        );
+    }
+
     fn web() -> L4Addr {
         L4Addr {
-            addr: Ipv4Addr::new(10, 96, 0, 30),
+            addr: IpAddr::from([10, 96, 0, 30]),
             port: 80,
             proto: crate::model::Protocol::Tcp,
         }
@@ -477,12 +553,16 @@ mod tests {
         // A backend nothing uses.
         let mut m = maps.clone();
         m.insert_backend(
-            999,
-            Backend4 {
-                addr: u32::from_ne_bytes([10, 244, 9, 9]),
-                port: 80u16.to_be(),
+            BackendId {
+                family: Family::Ipv4,
+                id: 999,
+            },
+            crate::sync::differ::BackendEntry {
+                addr: IpAddr::from([10, 244, 9, 9]),
+                port: 80,
                 proto: 6,
-                ..Default::default()
+                state: 0,
+                zone: 0,
             },
         );
         find(&m, "backend 999 (10.244.9.9:80/TCP) is in no slot");

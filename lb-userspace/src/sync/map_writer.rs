@@ -5,18 +5,16 @@
 use std::{collections::BTreeSet, os::fd::AsFd};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, MapData, MapError},
+    maps::{Array, IterableMap, MapData, MapError},
     Pod,
 };
-use lb_common::{
-    config, Backend4, BackendMatchKey, RevNat4, Service4Key, Service4Value, SourceRange4,
-    SOURCE_RANGE_PREFIX_BITS,
-};
+use lb_common::{config, Service4Value};
 
 use crate::{
-    model::{Ipv4Prefix, L4Addr},
+    model::{Family, L4Addr},
     sync::{
-        differ::{MapContents, MapOp, PlannedOp},
+        differ::{BackendId, MapContents, MapOp, PlannedOp, SlotKey},
+        family_maps::{FamilyMaps, Ipv4Maps, Ipv6Maps},
         map_batch::{delete_all, update_all, BatchStopped},
     },
 };
@@ -36,9 +34,9 @@ pub trait MapWriter {
     }
 }
 
-/// Writes that go to one map with one command, so a run of them can be
-/// one batch syscall. Source ranges (an LPM trie, which has no batch
-/// operations) are written one by one.
+/// Writes that go to one map with one command, so a run of them (of one
+/// family: [`MapOp::family`]) can be one batch syscall. Source ranges (an
+/// LPM trie, which has no batch operations) are written one by one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchKind {
     /// Puts and deletes (zeroing) of the backends array.
@@ -56,7 +54,7 @@ impl BatchKind {
         Some(match op {
             MapOp::PutBackend(..) | MapOp::DeleteBackend(_) => Self::Backends,
             MapOp::PutRevNat(..) => Self::PutRevNat,
-            MapOp::DeleteRevNat(_) => Self::DeleteRevNat,
+            MapOp::DeleteRevNat(..) => Self::DeleteRevNat,
             MapOp::PutService(..) => Self::PutService,
             MapOp::DeleteService(_) => Self::DeleteService,
             MapOp::PutBackendMatch(..) => Self::PutBackendMatch,
@@ -148,9 +146,14 @@ impl PlanRun {
         let Some(kind) = steps.first().and_then(|s| BatchKind::of(&s.op)) else {
             return 0;
         };
+        let family = steps[0].op.family();
         steps
             .iter()
-            .take_while(|s| BatchKind::of(&s.op) == Some(kind) && !self.held.blocks(s, current))
+            .take_while(|s| {
+                BatchKind::of(&s.op) == Some(kind)
+                    && s.op.family() == family
+                    && !self.held.blocks(s, current)
+            })
             .count()
     }
 
@@ -231,7 +234,7 @@ impl PlanRun {
 /// What earlier failed writes hold back.
 #[derive(Default)]
 struct HeldBack {
-    backends: BTreeSet<u32>,
+    backends: BTreeSet<BackendId>,
     /// Reverse NAT ids whose entry, backend set or source ranges could not
     /// be written: a master must not turn them on.
     revs: BTreeSet<u16>,
@@ -258,8 +261,8 @@ impl HeldBack {
             MapOp::PutService(k, v) if k.backend_slot == 0 => self.revs.contains(&v.rev_nat_id),
             // A slot of a frontend whose backend set could not be written
             // stays as it was, like its master.
-            MapOp::PutService(_, v) => {
-                self.backends.contains(&v.backend_id)
+            MapOp::PutService(k, v) => {
+                self.backends.contains(&k.backend(v))
                     || step.frontend.is_some_and(|f| {
                         current
                             .rev_nat_id(f.addr, f.port)
@@ -268,7 +271,7 @@ impl HeldBack {
             }
             // Still referenced by a slot whose update failed: keep it.
             MapOp::DeleteBackend(id) => current.backend_in_use(*id),
-            MapOp::DeleteRevNat(id) => current.rev_nat_in_use(*id),
+            MapOp::DeleteRevNat(id, _) => current.rev_nat_in_use(*id),
             _ => false,
         }
     }
@@ -281,7 +284,7 @@ pub fn record(maps: &mut MapContents, op: &MapOp) {
         MapOp::PutRevNat(id, v) => maps.insert_rev_nat(id, v),
         MapOp::PutService(k, v) => maps.insert_service(k, v),
         MapOp::DeleteService(k) => maps.remove_service(&k),
-        MapOp::DeleteRevNat(id) => maps.remove_rev_nat(id),
+        MapOp::DeleteRevNat(id, _) => maps.remove_rev_nat(id),
         MapOp::DeleteBackend(id) => maps.remove_backend(id),
         MapOp::PutBackendMatch(rev, b, state) => {
             maps.backend_match.insert((rev, b), state);
@@ -298,74 +301,37 @@ pub fn record(maps: &mut MapContents, op: &MapOp) {
     }
 }
 
-fn match_key(rev_nat_id: u16, backend_id: u32) -> BackendMatchKey {
-    BackendMatchKey {
-        backend_id,
-        rev_nat_id,
-        _pad: 0,
-    }
-}
-
-fn range_key(rev_nat_id: u16, r: &Ipv4Prefix) -> Key<SourceRange4> {
-    Key::new(
-        SOURCE_RANGE_PREFIX_BITS + u32::from(r.len),
-        SourceRange4 {
-            rev_nat_id,
-            _pad: 0,
-            addr: u32::from_ne_bytes(r.addr.octets()),
-        },
-    )
-}
-
-/// The agent's maps in the kernel.
+/// The agent's maps in the kernel: each family's, and the configuration.
 pub struct BpfMaps {
-    pub services: HashMap<MapData, Service4Key, Service4Value>,
-    /// Indexed by backend id; a free id holds zeros.
-    pub backends: Array<MapData, Backend4>,
-    pub rev_nat: HashMap<MapData, u16, RevNat4>,
-    pub backend_match: HashMap<MapData, BackendMatchKey, u8>,
-    pub source_ranges: LpmTrie<MapData, SourceRange4, u8>,
+    pub ipv4: FamilyMaps<Ipv4Maps>,
+    pub ipv6: FamilyMaps<Ipv6Maps>,
     pub config: Array<MapData, u32>,
 }
 
 impl BpfMaps {
-    /// Reads everything the maps hold (to adopt maps a previous agent pinned).
+    /// Reads everything the maps of both families hold (to adopt maps a
+    /// previous agent pinned).
     pub fn read_contents(&self) -> Result<MapContents, MapError> {
         let mut c = MapContents::default();
-        // A few thousand entries a syscall: the backends array alone has
-        // 131,072 slots to read when the agent adopts its maps.
-        for (k, v) in batch::<_, Service4Key, Service4Value>(&self.services)? {
-            c.insert_service(k, v);
-        }
-        for (id, v) in batch::<_, u32, Backend4>(&self.backends)? {
-            if v.addr != 0 {
-                c.insert_backend(id, v);
-            }
-        }
-        for (k, v) in batch::<_, u16, RevNat4>(&self.rev_nat)? {
-            c.insert_rev_nat(k, v);
-        }
-        for (k, state) in batch::<_, BackendMatchKey, u8>(&self.backend_match)? {
-            c.backend_match.insert((k.rev_nat_id, k.backend_id), state);
-        }
-        for k in self.source_ranges.keys() {
-            let k = k?;
-            let len = k.prefix_len().saturating_sub(SOURCE_RANGE_PREFIX_BITS) as u8;
-            let d = k.data();
-            c.source_ranges.insert((
-                d.rev_nat_id,
-                Ipv4Prefix {
-                    addr: d.addr.to_ne_bytes().into(),
-                    len,
-                },
-            ));
-        }
+        self.ipv4.read_into(&mut c)?;
+        self.ipv6.read_into(&mut c)?;
         Ok(c)
+    }
+
+    /// The slot `key` names, from its family's services map (None: absent
+    /// or unreadable).
+    pub fn service(&self, key: &SlotKey) -> Option<Service4Value> {
+        match key.family() {
+            Family::Ipv4 => self.ipv4.service(key),
+            Family::Ipv6 => self.ipv6.service(key),
+        }
     }
 }
 
 /// Every entry of `map`, read in batches.
-fn batch<M: IterableMap<K, V>, K: Pod, V: Pod>(map: &M) -> Result<Vec<(K, V)>, MapError> {
+pub(crate) fn batch<M: IterableMap<K, V>, K: Pod, V: Pod>(
+    map: &M,
+) -> Result<Vec<(K, V)>, MapError> {
     crate::sync::map_batch::lookup_all(map.map().fd().as_fd()).map_err(|io_error| {
         MapError::SyscallError(aya::sys::SyscallError {
             call: "bpf_map_lookup_batch",
@@ -374,7 +340,7 @@ fn batch<M: IterableMap<K, V>, K: Pod, V: Pod>(map: &M) -> Result<Vec<(K, V)>, M
     })
 }
 
-fn ignore_missing(r: Result<(), MapError>) -> Result<(), WriteError> {
+pub(crate) fn ignore_missing(r: Result<(), MapError>) -> Result<(), WriteError> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -383,7 +349,7 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), WriteError> {
 }
 
 /// E2BIG from an update means the map is full.
-fn write_error(e: MapError) -> WriteError {
+pub(crate) fn write_error(e: MapError) -> WriteError {
     match e {
         MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
             WriteError::Full(s.io_error.to_string())
@@ -402,25 +368,10 @@ impl BpfMaps {
 
 impl MapWriter for BpfMaps {
     fn apply(&mut self, op: &MapOp) -> Result<(), WriteError> {
-        let r = match op {
-            MapOp::PutBackend(id, v) => self.backends.set(*id, v, 0),
-            MapOp::PutRevNat(id, v) => self.rev_nat.insert(id, v, 0),
-            MapOp::PutService(k, v) => self.services.insert(k, v, 0),
-            MapOp::DeleteService(k) => return ignore_missing(self.services.remove(k)),
-            MapOp::DeleteRevNat(id) => return ignore_missing(self.rev_nat.remove(id)),
-            MapOp::DeleteBackend(id) => self.backends.set(*id, Backend4::default(), 0),
-            MapOp::PutBackendMatch(rev, b, state) => {
-                self.backend_match.insert(match_key(*rev, *b), state, 0)
-            }
-            MapOp::DeleteBackendMatch(rev, b) => {
-                return ignore_missing(self.backend_match.remove(&match_key(*rev, *b)))
-            }
-            MapOp::PutSourceRange(rev, r) => self.source_ranges.insert(&range_key(*rev, r), 1, 0),
-            MapOp::DeleteSourceRange(rev, r) => {
-                return ignore_missing(self.source_ranges.remove(&range_key(*rev, r)))
-            }
-        };
-        r.map_err(write_error)
+        match op.family() {
+            Family::Ipv4 => self.ipv4.apply(op),
+            Family::Ipv6 => self.ipv6.apply(op),
+        }
     }
 
     fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
@@ -451,43 +402,13 @@ impl MapWriter for BpfMaps {
 }
 
 impl BpfMaps {
-    /// One batch syscall (or a few) for `ops`, all of one `BatchKind`.
+    /// One batch syscall (or a few) for `ops`, all of one `BatchKind` and
+    /// one family.
     fn write_batch(&mut self, ops: &[MapOp]) -> Result<(), BatchStopped> {
-        let Some(kind) = ops.first().and_then(BatchKind::of) else {
-            return Ok(());
-        };
-        match kind {
-            BatchKind::Backends => put_run(fd(&self.backends), ops, |op| match *op {
-                MapOp::PutBackend(id, v) => Some((id, v)),
-                MapOp::DeleteBackend(id) => Some((id, Backend4::default())),
-                _ => None,
-            }),
-            BatchKind::PutRevNat => put_run(fd(&self.rev_nat), ops, |op| match *op {
-                MapOp::PutRevNat(id, v) => Some((id, v)),
-                _ => None,
-            }),
-            BatchKind::PutService => put_run(fd(&self.services), ops, |op| match *op {
-                MapOp::PutService(k, v) => Some((k, v)),
-                _ => None,
-            }),
-            BatchKind::PutBackendMatch => put_run(fd(&self.backend_match), ops, |op| match *op {
-                MapOp::PutBackendMatch(rev, b, state) => Some((match_key(rev, b), state)),
-                _ => None,
-            }),
-            BatchKind::DeleteRevNat => delete_run(fd(&self.rev_nat), ops, |op| match *op {
-                MapOp::DeleteRevNat(id) => Some(id),
-                _ => None,
-            }),
-            BatchKind::DeleteService => delete_run(fd(&self.services), ops, |op| match *op {
-                MapOp::DeleteService(k) => Some(k),
-                _ => None,
-            }),
-            BatchKind::DeleteBackendMatch => {
-                delete_run(fd(&self.backend_match), ops, |op| match *op {
-                    MapOp::DeleteBackendMatch(rev, b) => Some(match_key(rev, b)),
-                    _ => None,
-                })
-            }
+        match ops.first().map(MapOp::family) {
+            None => Ok(()),
+            Some(Family::Ipv4) => self.ipv4.write_batch(ops),
+            Some(Family::Ipv6) => self.ipv6.write_batch(ops),
         }
     }
 }
@@ -495,7 +416,7 @@ impl BpfMaps {
 /// Writes the entry `entry` gives for each op of a run, as batches. Every
 /// op of a run has one (they are of one `BatchKind`), so the kernel's
 /// count of entries written is a count of ops.
-fn put_run<K: Pod, V: Pod>(
+pub(crate) fn put_run<K: Pod, V: Pod>(
     map: std::os::fd::BorrowedFd<'_>,
     ops: &[MapOp],
     entry: impl Fn(&MapOp) -> Option<(K, V)>,
@@ -506,7 +427,7 @@ fn put_run<K: Pod, V: Pod>(
 }
 
 /// Deletes the key `key` gives for each op of a run, as batches.
-fn delete_run<K: Pod>(
+pub(crate) fn delete_run<K: Pod>(
     map: std::os::fd::BorrowedFd<'_>,
     ops: &[MapOp],
     key: impl Fn(&MapOp) -> Option<K>,
@@ -517,7 +438,7 @@ fn delete_run<K: Pod>(
 }
 
 /// The file descriptor of one of the agent's maps.
-fn fd<K: Pod, V: Pod, M: IterableMap<K, V>>(map: &M) -> std::os::fd::BorrowedFd<'_> {
+pub(crate) fn fd<K: Pod, V: Pod, M: IterableMap<K, V>>(map: &M) -> std::os::fd::BorrowedFd<'_> {
     map.map().fd().as_fd()
 }
 
@@ -563,7 +484,7 @@ pub(crate) mod fake {
     impl MapWriter for CheckingWriter {
         fn apply(&mut self, op: &MapOp) -> Result<(), WriteError> {
             if let (Some(port), MapOp::PutService(k, _)) = (self.full_for_port, op) {
-                if u16::from_be(k.port) == port {
+                if k.port == port {
                     return Err(WriteError::Full("injected".into()));
                 }
             }
@@ -671,7 +592,7 @@ mod tests {
         );
         let freed = current.backend_id(&l4("10.244.0.3", 8080)).unwrap();
         converge(&mut w, &mut current, &state(&[(80, &["10.244.0.2"])]));
-        assert!(!current.backends.contains_key(&freed));
+        assert!(!current.backends.ipv4.contains_key(&freed));
         converge(
             &mut w,
             &mut current,
@@ -739,6 +660,69 @@ mod tests {
             kinds,
             ["backend", "backend", "revnat", "match", "match", "slot", "slot", "master"]
         );
+    }
+
+    /// One Service port on an IPv4 and an IPv6 address, a backend each.
+    fn dual_stack(v6_backends: &[&str]) -> DesiredState {
+        let mut s = state(&[(80, &["10.244.0.2", "10.244.0.3"])]);
+        let mut backends: Vec<L4Addr> = v6_backends.iter().map(|b| l4(b, 8080)).collect();
+        backends.sort();
+        s.insert(ServiceEntry {
+            frontend: l4("fd00::10", 80),
+            backends: BackendSet {
+                active: backends,
+                terminating: Vec::new(),
+            },
+            ..s.get(&l4("10.96.0.10", 80)).unwrap().clone()
+        });
+        s
+    }
+
+    #[test]
+    fn backend_ids_are_per_family_and_reverse_nat_ids_one_space() {
+        let mut w = CheckingWriter::default();
+        let mut current = MapContents::default();
+        let desired = dual_stack(&["fd00:244::2", "fd00:244::3"]);
+        converge(&mut w, &mut current, &desired);
+        let ids = |family: Family| current.backends[family].keys().copied().collect::<Vec<_>>();
+        assert_eq!(ids(Family::Ipv4), [1, 2]);
+        assert_eq!(ids(Family::Ipv6), [1, 2]);
+        let revs: Vec<(u16, bool)> = current
+            .rev_nat
+            .iter()
+            .map(|(id, r)| (*id, r.addr.is_ipv6()))
+            .collect();
+        assert_eq!(revs, [(1, false), (2, true)]);
+        // Each family's writes keep the order: backends, reverse NAT,
+        // memberships, slots, master last.
+        let v6_kinds: Vec<&str> = w
+            .writes
+            .iter()
+            .filter(|op| op.family() == Family::Ipv6)
+            .map(|op| match op {
+                MapOp::PutBackend(..) => "backend",
+                MapOp::PutRevNat(..) => "revnat",
+                MapOp::PutService(k, _) if k.backend_slot == 0 => "master",
+                MapOp::PutService(..) => "slot",
+                MapOp::PutBackendMatch(..) => "match",
+                _ => "delete",
+            })
+            .collect();
+        assert_eq!(
+            v6_kinds,
+            ["backend", "backend", "revnat", "match", "match", "slot", "slot", "master"]
+        );
+        // Removing the IPv6 side frees its ids, and leaves IPv4 alone.
+        w.writes.clear();
+        converge(
+            &mut w,
+            &mut current,
+            &state(&[(80, &["10.244.0.2", "10.244.0.3"])]),
+        );
+        assert!(w.writes.iter().all(|op| op.family() == Family::Ipv6));
+        assert!(current.backends.ipv6.is_empty());
+        assert_eq!(current.rev_nat.len(), 1);
+        assert!(plan(&w.maps.clone(), &dual_stack(&[])).unplanned.is_empty());
     }
 
     #[test]

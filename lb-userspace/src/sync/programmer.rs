@@ -177,13 +177,13 @@ impl<W: MapWriter> Programmer<W> {
             let freed = plan.ops.iter().any(|o| {
                 matches!(
                     o.op,
-                    differ::MapOp::DeleteBackend(_) | differ::MapOp::DeleteRevNat(_)
+                    differ::MapOp::DeleteBackend(_) | differ::MapOp::DeleteRevNat(..)
                 )
             });
             self.names_changed |= plan.ops.iter().any(|o| {
                 matches!(
                     o.op,
-                    differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(_)
+                    differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(..)
                 )
             });
             written.deleted_backends += plan
@@ -195,12 +195,18 @@ impl<W: MapWriter> Programmer<W> {
                 plan.ops
                     .iter()
                     .filter_map(|o| match o.op {
-                        differ::MapOp::DeleteBackend(id) => self.current.backends.get(&id).copied(),
+                        differ::MapOp::DeleteBackend(id) => {
+                            self.current.backends[id.family].get(&id.id).copied()
+                        }
                         _ => None,
                     })
                     .filter_map(|b| differ::backend_addr(&b))
                     .filter(|a| a.proto == crate::model::Protocol::Udp)
-                    .map(|a| std::net::SocketAddrV4::new(a.addr, a.port)),
+                    // Socket-level balancing (connect4) is IPv4's alone.
+                    .filter_map(|a| match a.addr {
+                        std::net::IpAddr::V4(ip) => Some(std::net::SocketAddrV4::new(ip, a.port)),
+                        std::net::IpAddr::V6(_) => None,
+                    }),
             );
             let applied = apply_plan(&mut self.writer, &plan.ops, &mut self.current);
             written.writes += applied.applied;
@@ -283,23 +289,34 @@ impl<W: MapWriter> Programmer<W> {
     }
 
     fn record_map_sizes(&self) {
+        use lb_common::map_names;
+        let c = &self.current;
+        // IPv4 addresses sort before IPv6 ones: the IPv6 entries are a tail.
+        let first_v6 = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+        let slots6 = c.services.range(
+            differ::SlotKey {
+                addr: first_v6,
+                port: 0,
+                backend_slot: 0,
+                proto: 0,
+                scope: 0,
+            }..,
+        );
+        let slots6 = slots6.count();
+        let revs6 = c.rev_nat.values().filter(|r| r.addr.is_ipv6()).count();
+        // Id 0 means none: the capacities are one more than the ids.
+        let (backend_cap, rev_cap) = (self.limits.backend_ids + 1, self.limits.rev_nat_ids + 1);
         let sizes = [
             (
-                lb_common::map_names::SERVICES,
-                self.current.services.len(),
+                map_names::SERVICES,
+                c.services.len() - slots6,
                 self.service_slots,
             ),
-            // Id 0 means none: the capacities are one more than the ids.
-            (
-                lb_common::map_names::BACKENDS,
-                self.current.backends.len(),
-                self.limits.backend_ids + 1,
-            ),
-            (
-                lb_common::map_names::REV_NAT,
-                self.current.rev_nat.len(),
-                self.limits.rev_nat_ids + 1,
-            ),
+            (map_names::SERVICES6, slots6, self.service_slots),
+            (map_names::BACKENDS, c.backends.ipv4.len(), backend_cap),
+            (map_names::BACKENDS6, c.backends.ipv6.len(), backend_cap),
+            (map_names::REV_NAT, c.rev_nat.len() - revs6, rev_cap),
+            (map_names::REV_NAT6, revs6, rev_cap),
         ];
         for (map, n, cap) in sizes {
             let label = MapLabel { map: map.into() };
@@ -325,7 +342,7 @@ impl<W: MapWriter> Programmer<W> {
                 out.entry(id).or_insert_with(|| {
                     (
                         entry.service.to_string(),
-                        format!("{}:{}", frontend.addr, frontend.port),
+                        std::net::SocketAddr::new(frontend.addr, frontend.port).to_string(),
                     )
                 });
             }
@@ -401,6 +418,53 @@ mod tests {
         (services, slices)
     }
 
+    /// A slice of `default/<service>` with ready IPv6 endpoints.
+    fn ready_slice6(service: &str, ips: &[&str]) -> SliceInfo {
+        let endpoints: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| serde_json::json!({"addresses": [ip]}))
+            .collect();
+        crate::test_objects::slice(serde_json::json!({
+            "metadata": {"name": format!("{service}-6"), "namespace": "default",
+                "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints
+        }))
+    }
+
+    #[test]
+    fn backend_ids_run_out_per_family_and_reverse_nat_ids_over_both() {
+        let limits = IdLimits {
+            backend_ids: 3,
+            rev_nat_ids: 2,
+        };
+        let mut p = programmer(limits, Capacity::default());
+        let services = [
+            cluster_ip("a", "10.96.0.1", 80),
+            cluster_ip("b", "fd00::1", 80),
+            cluster_ip("c", "fd00::2", 80),
+        ];
+        let slices = [
+            ready_slice("a", "a-1", 8080, &pod_ips(1, 3)),
+            ready_slice6("b", &["fd00:244::1", "fd00:244::2", "fd00:244::3"]),
+            ready_slice6("c", &["fd00:244::1"]),
+        ];
+        let report = p.full_sync(&services, &slices);
+        // Three backend ids in each family suffice; the third frontend
+        // finds no reverse NAT id: the two families share them.
+        assert!(served_with(&p, &frontend("10.96.0.1", 80), 3));
+        assert!(served_with(&p, &frontend("fd00::1", 80), 3));
+        assert!(!served_with(&p, &frontend("fd00::2", 80), 1));
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(
+            report.errors[0].contains("Service default/c")
+                && report.errors[0].contains("reverse-NAT id"),
+            "{}",
+            report.errors[0]
+        );
+    }
+
     #[test]
     fn exhausted_backend_ids_fail_one_service_and_it_gets_in_once_room_is_made() {
         let limits = IdLimits {
@@ -432,7 +496,13 @@ mod tests {
         assert!(!served_with(&p, &frontend("10.96.0.1", 80), 3));
         assert!(served_with(&p, &frontend("10.96.0.2", 80), 3));
         assert!(p.unprogrammed().is_empty());
-        assert!(p.writer.maps.backends.keys().all(|id| (1..=5).contains(id)));
+        assert!(p
+            .writer
+            .maps
+            .backends
+            .ipv4
+            .keys()
+            .all(|id| (1..=5).contains(id)));
     }
 
     #[test]
@@ -582,7 +652,7 @@ mod tests {
             differ::slots_of(&p.writer.maps.services, &f).count(),
             10_001
         );
-        assert_eq!(p.writer.maps.backends.len(), 10_000);
+        assert_eq!(p.writer.maps.backends.ipv4.len(), 10_000);
         assert!(differ::reader_violation(&p.writer.maps).is_none());
     }
 }

@@ -3,7 +3,8 @@
 //! syncs and by incremental ones. After every step both fake maps must hold
 //! exactly what translate's output (read independently, per Service) calls
 //! for, as `lb-agent check` compares them: entry by entry, backend and
-//! reverse NAT ids compared by what they name.
+//! reverse NAT ids compared by what they name. Services are IPv4, IPv6 or
+//! dual-stack, with slices of either family.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -41,6 +42,8 @@ struct PortSpec {
 #[derive(Clone, Debug)]
 struct ServiceSpec {
     cluster_ip: &'static str,
+    /// A second clusterIP (the other family, or not: bad input too).
+    second_cluster_ip: Option<&'static str>,
     svc_type: &'static str,
     ports: Vec<PortSpec>,
     external_local: bool,
@@ -65,6 +68,7 @@ struct EndpointSpec {
 
 #[derive(Clone, Debug)]
 struct SliceSpec {
+    address_type: &'static str,
     ports: Vec<(&'static str, i32, &'static str)>,
     endpoints: Vec<EndpointSpec>,
 }
@@ -78,7 +82,7 @@ enum Change {
 }
 
 // Small pools, so Services collide on frontends and slices on addresses.
-const CLUSTER_IPS: [&str; 10] = [
+const CLUSTER_IPS: [&str; 13] = [
     "10.96.0.1",
     "10.96.0.2",
     "10.96.0.3",
@@ -89,6 +93,18 @@ const CLUSTER_IPS: [&str; 10] = [
     "10.96.0.6",
     "10.96.0.300",
     "None",
+    "fd00::96:1",
+    "fd00::96:2",
+    "fd00::96:1",
+];
+const SECOND_CLUSTER_IPS: [Option<&str>; 7] = [
+    None,
+    None,
+    Some("fd00::96:1"),
+    Some("fd00::96:3"),
+    Some("fd00::96:2"),
+    Some("10.96.0.1"),
+    Some("fd00::96:zz"),
 ];
 const PROTOS: [&str; 4] = ["TCP", "TCP", "UDP", "SCTP"];
 const POD_IPS: [&str; 7] = [
@@ -100,6 +116,23 @@ const POD_IPS: [&str; 7] = [
     "10.244.0.1",
     "fd00::1",
 ];
+
+/// The address an endpoint drawn as `ip` has in a slice of `address_type`:
+/// IPv6 slices get IPv6 twins of the pool, and one address of the other
+/// family each way (an error for that endpoint).
+fn slice_address(address_type: &str, ip: &'static str) -> &'static str {
+    if address_type != "IPv6" {
+        return ip;
+    }
+    match ip {
+        "10.244.0.1" => "fd00:244::1",
+        "10.244.0.2" => "fd00:244::2",
+        "10.244.0.3" => "fd00:244::3",
+        "10.244.1.1" => "fd00:244:1::1",
+        "10.244.1.2" => "fd00:244:1::2",
+        _ => "10.244.0.1",
+    }
+}
 
 fn port_spec() -> impl Strategy<Value = PortSpec> {
     (
@@ -120,6 +153,7 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
     (
         (
             select(CLUSTER_IPS.to_vec()),
+            select(SECOND_CLUSTER_IPS.to_vec()),
             select(vec![
                 "ClusterIP",
                 "ClusterIP",
@@ -133,21 +167,23 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
         ),
         (
             select(vec![None, None, None, Some(30), Some(0)]),
-            prop::option::of(select(vec!["192.0.2.1", "192.0.2.2"])),
+            prop::option::of(select(vec!["192.0.2.1", "192.0.2.2", "2001:db8::1"])),
             prop::option::of(select(vec![
                 "10.0.0.0/8",
                 "0.0.0.0/0",
                 "10.0.0.0/8",
                 "10.1.0.0/40",
+                "2001:db8::/32",
+                "fd00::/129",
             ])),
-            prop::option::of(select(vec!["198.51.100.1", "10.96.0.2"])),
+            prop::option::of(select(vec!["198.51.100.1", "10.96.0.2", "2001:db8::7"])),
             any::<bool>(),
             any::<bool>(),
         ),
     )
         .prop_map(
             |(
-                (cluster_ip, svc_type, ports, external_local, internal_local),
+                (cluster_ip, second_cluster_ip, svc_type, ports, external_local, internal_local),
                 (
                     affinity_timeout,
                     lb_ip,
@@ -158,6 +194,7 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
                 ),
             )| ServiceSpec {
                 cluster_ip,
+                second_cluster_ip,
                 svc_type,
                 ports,
                 external_local,
@@ -195,6 +232,7 @@ fn endpoint_spec() -> impl Strategy<Value = EndpointSpec> {
 
 fn slice_spec() -> impl Strategy<Value = SliceSpec> {
     (
+        select(vec!["IPv4", "IPv4", "IPv6"]),
         prop::collection::vec(
             (
                 select(vec!["p0", "p1"]),
@@ -205,7 +243,11 @@ fn slice_spec() -> impl Strategy<Value = SliceSpec> {
         ),
         prop::collection::vec(endpoint_spec(), 0..6),
     )
-        .prop_map(|(ports, endpoints)| SliceSpec { ports, endpoints })
+        .prop_map(|(address_type, ports, endpoints)| SliceSpec {
+            address_type,
+            ports,
+            endpoints,
+        })
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -239,6 +281,9 @@ fn service_object(i: usize, spec: &ServiceSpec) -> ServiceInfo {
             "publishNotReadyAddresses": spec.publish_not_ready,
         }
     });
+    if let Some(second) = spec.second_cluster_ip {
+        v["spec"]["clusterIPs"] = json!([spec.cluster_ip, second]);
+    }
     if let Some(t) = spec.affinity_timeout {
         v["spec"]["sessionAffinity"] = json!("ClientIP");
         v["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": t}});
@@ -268,7 +313,8 @@ fn slice_object(svc: usize, i: usize, spec: &SliceSpec) -> SliceInfo {
         .endpoints
         .iter()
         .map(|e| {
-            let mut v = json!({"addresses": [e.ip], "nodeName": e.node, "conditions": {
+            let ip = slice_address(spec.address_type, e.ip);
+            let mut v = json!({"addresses": [ip], "nodeName": e.node, "conditions": {
                 "ready": e.ready, "serving": e.serving, "terminating": e.terminating}});
             if let Some(z) = e.zone {
                 v["hints"] = json!({"forZones": [{"name": z}]});
@@ -279,7 +325,7 @@ fn slice_object(svc: usize, i: usize, spec: &SliceSpec) -> SliceInfo {
     slice(json!({
         "metadata": {"name": format!("{}-{i}", service_name(svc)), "namespace": "default",
             "labels": {"kubernetes.io/service-name": service_name(svc)}},
-        "addressType": "IPv4",
+        "addressType": spec.address_type,
         "ports": ports,
         "endpoints": endpoints
     }))
@@ -373,7 +419,7 @@ fn desired_state(entries: &BTreeMap<L4Addr, ServiceEntry>) -> DesiredState {
 fn node() -> NodeInfo {
     NodeInfo {
         name: "n1".into(),
-        nodeport_addresses: vec!["10.0.0.1".parse().unwrap()],
+        nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "fd00:1::1".parse().unwrap()],
         zone: Some("z1".into()),
     }
 }
@@ -441,6 +487,10 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
             let mut c = c.borrow_mut();
             c.steps += 1;
             c.frontends += expected.len();
+            let ipv6 = || expected.values().filter(|e| e.frontend.addr.is_ipv6());
+            c.ipv6_frontends += ipv6().count();
+            c.ipv6_backend_slots += ipv6().map(|e| e.all_backends().count()).sum::<usize>();
+            c.ipv6_source_ranges += ipv6().map(|e| e.source_ranges.len()).sum::<usize>();
             let scopes = || {
                 expected
                     .values()
@@ -469,6 +519,9 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
 struct Coverage {
     steps: usize,
     frontends: usize,
+    ipv6_frontends: usize,
+    ipv6_backend_slots: usize,
+    ipv6_source_ranges: usize,
     backend_slots: usize,
     steps_with_contested_frontends: usize,
     terminating_masters: usize,
@@ -500,7 +553,9 @@ fn full_and_incremental_syncs_program_exactly_the_translation() {
         assert!(
             c.backend_slots > 1000
                 && c.steps_with_contested_frontends > 100
-                && c.terminating_masters > 100,
+                && c.terminating_masters > 100
+                && c.ipv6_backend_slots > 500
+                && c.ipv6_source_ranges > 20,
             "the generator no longer reaches the interesting cases: {c:?}"
         );
     });

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use super::NodeInfo;
 use crate::{
     model::ServiceName,
-    source::objects::{AddressType, ServiceInfo, ServiceKind, SliceInfo},
+    source::objects::{Addr, AddressType, ServiceInfo, ServiceKind, SliceInfo},
 };
 
 /// One Service's health check port and what it reports.
@@ -34,11 +34,14 @@ pub(crate) fn health_check_of(
     let port = u16::try_from(svc.health_check_node_port?)
         .ok()
         .filter(|p| *p != 0)?;
+    // Endpoints of the primary family (the first clusterIP's): a
+    // dual-stack pod has an address in each family and counts once.
+    let primary = match svc.cluster_ips.first() {
+        Some(Addr::V6(_)) => AddressType::Ipv6,
+        _ => AddressType::Ipv4,
+    };
     let mut local = BTreeSet::new();
-    for slice in slices
-        .iter()
-        .filter(|s| s.address_type == AddressType::Ipv4)
-    {
+    for slice in slices.iter().filter(|s| s.address_type == primary) {
         for e in &slice.endpoints {
             let is_local = !node.name.is_empty() && e.node.as_deref() == Some(node.name.as_str());
             if e.ready && is_local {
@@ -137,6 +140,26 @@ mod tests {
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["serviceProxyHealthy"], false);
         assert_eq!(body["localEndpoints"], 1);
+    }
+
+    #[test]
+    fn an_ipv6_primary_service_counts_its_ipv6_endpoints_once() {
+        let v6 =
+            crate::test_objects::slice(json!({"metadata": {"name": "web-2", "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6", "ports": [{"port": 8080}], "endpoints": [
+                {"addresses": ["fd00:244::5"], "nodeName": "n1", "conditions": {"ready": true}},
+                {"addresses": ["fd00:244::6"], "nodeName": "n1", "conditions": {"ready": true}}
+            ]}));
+        let v4 = slice(json!([
+            {"addresses": ["10.244.0.5"], "nodeName": "n1", "conditions": {"ready": true}}
+        ]));
+        let ipv6_first =
+            svc(json!({"clusterIP": "fd00::10", "clusterIPs": ["fd00::10", "10.96.0.10"]}));
+        let c = health_check_of(&node(), &ipv6_first, &[&v4, &v6]).unwrap();
+        assert_eq!(c.local_endpoints, 2);
+        let c = health_check_of(&node(), &svc(json!({})), &[&v4, &v6]).unwrap();
+        assert_eq!(c.local_endpoints, 1);
     }
 
     #[test]

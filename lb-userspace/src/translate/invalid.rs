@@ -7,7 +7,7 @@ use std::fmt;
 use lb_common::MAX_BACKENDS_PER_SERVICE;
 
 use crate::{
-    model::{L4Addr, PrefixError, ServiceName, UnsupportedProtocol},
+    model::{Family, L4Addr, PrefixError, ServiceName, UnsupportedProtocol},
     source::objects::Addr,
 };
 
@@ -77,6 +77,6 @@ pub enum Invalid {
     },
     #[error("port {0:?} has no valid number")]
     EndpointPortNumber(String),
-    #[error("endpoint address {0} is not an IPv4 address")]
-    EndpointNotIpv4(Addr),
+    #[error("endpoint address {0} is not an {1} address (the slice's addressType)")]
+    EndpointWrongFamily(Addr, Family),
 }

@@ -6,9 +6,13 @@
 //! them: ready ones, narrowed by topology hints (node hints when every
 //! ready endpoint has one and one names this node, else zone hints the
 //! same way) for the cluster-wide set; when none is ready, serving
-//! terminating ones. Each address family is served on its own: this data
-//! path serves IPv4, and a Service's IPv6 addresses are passed over (noted
-//! in `Translation::notes`), never a reason to drop its IPv4 side.
+//! terminating ones. Each address family is served on its own: a Service
+//! has a side per family of its clusterIPs (as the API server allocated
+//! them for its ipFamilyPolicy), whose frontends are that family's
+//! clusterIP, externalIPs, LoadBalancer ingress and NodePort addresses,
+//! with backends from the EndpointSlices of that family only. An address
+//! of a family the Service has no clusterIP of is passed over (noted in
+//! `Translation::notes`), never a reason to drop the other side.
 
 pub(crate) mod health;
 mod invalid;
@@ -19,7 +23,7 @@ pub(crate) use invalid::{ObjectKind, TranslateError};
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -32,7 +36,7 @@ use lb_common::{
 pub use crate::source::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL};
 use crate::{
     model::{
-        BackendSet, Conflict, DesiredState, Ipv4Prefix, L4Addr, Protocol, ServiceEntry,
+        BackendSet, Conflict, DesiredState, Family, IpPrefix, L4Addr, Protocol, ServiceEntry,
         ServiceName, Shadowed,
     },
     source::objects::{Addr, AddressType, Affinity, PortInfo, ServiceInfo, ServiceKind, SliceInfo},
@@ -42,8 +46,8 @@ use crate::{
 pub struct Translation {
     pub state: DesiredState,
     pub errors: Vec<TranslateError>,
-    /// What was passed over on purpose (addresses of a family the data
-    /// path does not serve): for debug logs.
+    /// What was passed over on purpose (addresses of a family the Service
+    /// has no clusterIP of): for debug logs.
     pub notes: Vec<String>,
     /// Services none of whose ports could be translated because the Service
     /// itself is invalid: their previous entries should be kept.
@@ -59,8 +63,8 @@ pub struct Translation {
 pub struct NodeInfo {
     /// Endpoints whose `nodeName` is this are local (traffic policy Local).
     pub name: String,
-    /// Addresses NodePorts are served on.
-    pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// Addresses NodePorts are served on (each to its family's side).
+    pub nodeport_addresses: Vec<IpAddr>,
     /// `topology.kubernetes.io/zone` of the node, for topology hints.
     pub zone: Option<String>,
 }
@@ -176,18 +180,21 @@ struct Endpoint {
     node_hints: Vec<Arc<str>>,
 }
 
-/// The IPv4 addresses a Service is served on.
+/// The addresses of one family a Service is served on.
 struct Frontends {
-    cluster_ip: Ipv4Addr,
-    external_ips: Vec<Ipv4Addr>,
-    ingress_ips: Vec<Ipv4Addr>,
+    family: Family,
+    cluster_ip: IpAddr,
+    external_ips: Vec<IpAddr>,
+    ingress_ips: Vec<IpAddr>,
 }
 
 /// What is read once per Service and used for each of its ports.
 struct ServiceRules {
-    frontends: Frontends,
+    /// One side per family of the clusterIPs, the primary first.
+    sides: Vec<Frontends>,
     affinity_timeout: u32,
-    source_ranges: Vec<Ipv4Prefix>,
+    /// Of both families: each frontend takes its own family's.
+    source_ranges: Vec<IpPrefix>,
 }
 
 /// Translates one Service with its slices: its entries, or why the whole
@@ -206,11 +213,8 @@ pub(crate) fn translate_service(
     if let ServiceKind::Unknown(t) = &svc.kind {
         return Err(Invalid::NotAServiceType(t.to_string()));
     }
-    let Some(frontends) = frontends(svc, notes)? else {
-        return Ok(Vec::new());
-    };
     let rules = ServiceRules {
-        frontends,
+        sides: frontends(svc, notes)?,
         affinity_timeout: affinity_timeout(&svc.affinity)?,
         source_ranges: source_ranges(svc)?,
     };
@@ -240,44 +244,70 @@ fn port_object(svc: &ServiceInfo, port: &PortInfo) -> String {
     }
 }
 
-/// The IPv4 member of each address list; IPv6 ones are noted and passed
-/// over, an address that is none is an error. None: no IPv4 ClusterIP
-/// (an IPv6-only Service), nothing to serve here.
-fn frontends(svc: &ServiceInfo, notes: &mut Vec<String>) -> Result<Option<Frontends>, Invalid> {
+/// The addresses of each address list as IP addresses; an address that
+/// is none is an error for the Service.
+fn addresses(addrs: &[Addr], field: &'static str) -> Result<Vec<IpAddr>, Invalid> {
+    addrs
+        .iter()
+        .map(|a| match a {
+            Addr::V4(a) => Ok(IpAddr::V4(*a)),
+            Addr::V6(a) => Ok(IpAddr::V6(*a)),
+            Addr::Invalid(t) => Err(Invalid::NotAnAddress {
+                field,
+                value: t.to_string(),
+            }),
+        })
+        .collect()
+}
+
+/// A side per family of the clusterIPs (the first clusterIP of each
+/// family), with the externalIPs and ingress addresses of that family.
+/// Addresses of a family without a clusterIP are noted and passed over.
+fn frontends(svc: &ServiceInfo, notes: &mut Vec<String>) -> Result<Vec<Frontends>, Invalid> {
     if svc.cluster_ips.is_empty() {
         return Err(Invalid::NoClusterIp);
     }
-    let mut v4 = |addrs: &[Addr], what: &'static str| -> Result<Vec<Ipv4Addr>, Invalid> {
-        let mut out = Vec::new();
-        for a in addrs {
-            match a {
-                Addr::V4(a) => out.push(*a),
-                Addr::V6(a) => notes.push(format!(
-                    "Service {}: {what} {a} is IPv6, which this data path does not serve yet; its IPv4 side is served",
-                    svc.name
-                )),
-                Addr::Invalid(t) => {
-                    return Err(Invalid::NotAnAddress {
-                        field: what,
-                        value: t.to_string(),
-                    })
-                }
-            }
-        }
-        Ok(out)
-    };
-    let cluster = v4(&svc.cluster_ips, "clusterIP")?;
-    let external_ips = v4(&svc.external_ips, "externalIPs entry")?;
-    let ingress_ips = if svc.kind == ServiceKind::LoadBalancer {
-        v4(&svc.ingress_ips, "status.loadBalancer.ingress ip")?
+    let cluster = addresses(&svc.cluster_ips, "clusterIP")?;
+    let external = addresses(&svc.external_ips, "externalIPs entry")?;
+    let ingress = if svc.kind == ServiceKind::LoadBalancer {
+        addresses(&svc.ingress_ips, "status.loadBalancer.ingress ip")?
     } else {
         Vec::new()
     };
-    Ok(cluster.first().map(|&cluster_ip| Frontends {
-        cluster_ip,
-        external_ips,
-        ingress_ips,
-    }))
+    let mut sides: Vec<Frontends> = Vec::new();
+    for ip in cluster {
+        let family = Family::of(ip);
+        if sides.iter().any(|s| s.family == family) {
+            continue;
+        }
+        let of_family = |list: &[IpAddr]| -> Vec<IpAddr> {
+            list.iter()
+                .copied()
+                .filter(|a| Family::of(*a) == family)
+                .collect()
+        };
+        sides.push(Frontends {
+            family,
+            cluster_ip: ip,
+            external_ips: of_family(&external),
+            ingress_ips: of_family(&ingress),
+        });
+    }
+    if svc.require_dual_stack && sides.len() < 2 {
+        notes.push(format!(
+            "Service {}: ipFamilyPolicy RequireDualStack but clusterIPs has one family; serving it",
+            svc.name
+        ));
+    }
+    let served = |a: &IpAddr| sides.iter().any(|s| s.family == Family::of(*a));
+    for a in external.iter().chain(&ingress).filter(|a| !served(a)) {
+        notes.push(format!(
+            "Service {}: {a} is {}, a family it has no clusterIP of; passed over",
+            svc.name,
+            Family::of(*a)
+        ));
+    }
+    Ok(sides)
 }
 
 fn affinity_timeout(affinity: &Affinity) -> Result<u32, Invalid> {
@@ -296,12 +326,13 @@ fn affinity_timeout(affinity: &Affinity) -> Result<u32, Invalid> {
     }
 }
 
-/// The IPv4 `loadBalancerSourceRanges`; an IPv6 range cannot match IPv4
-/// traffic (kube-proxy's IPv4 rules skip it the same way).
-fn source_ranges(svc: &ServiceInfo) -> Result<Vec<Ipv4Prefix>, Invalid> {
+/// The `loadBalancerSourceRanges` of both families; each frontend takes
+/// those of its own family (a range cannot match the other family's
+/// traffic: kube-proxy's per-family rules split them the same way).
+fn source_ranges(svc: &ServiceInfo) -> Result<Vec<IpPrefix>, Invalid> {
     let mut out = Vec::new();
-    for t in svc.source_ranges.iter().filter(|t| !t.contains(':')) {
-        out.push(t.parse::<Ipv4Prefix>()?);
+    for t in &svc.source_ranges {
+        out.push(t.parse::<IpPrefix>()?);
     }
     out.sort();
     out.dedup();
@@ -316,8 +347,9 @@ fn port_number(n: i32, field: &'static str) -> Result<u16, Invalid> {
         .ok_or(Invalid::PortNumber { field, value: n })
 }
 
-/// The entries of one Service port: its ClusterIP frontend and its
-/// external ones (NodePorts, externalIPs, LoadBalancer ingress).
+/// The entries of one Service port: for each family's side, its ClusterIP
+/// frontend and its external ones (NodePorts, externalIPs, LoadBalancer
+/// ingress).
 fn port_entries(
     node: &NodeInfo,
     svc: &ServiceInfo,
@@ -332,35 +364,39 @@ fn port_entries(
         Some(p) if svc.kind != ServiceKind::ClusterIp => Some(port_number(p, "nodePort")?),
         _ => None,
     };
-    let endpoints = port_endpoints(node, port, proto, slices, errors);
-    if endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
-        return Err(Invalid::TooManyEndpoints(endpoints.len()));
-    }
-    let sets = BackendSets::new(&endpoints, node, svc.internal_local);
-    let build = EntryBuilder {
-        svc,
-        rules,
-        port_name: &port.name,
-        sets: &sets,
-    };
-    let mut entries = vec![build.cluster_ip(L4Addr {
-        addr: rules.frontends.cluster_ip,
-        port: svc_port,
-        proto,
-    })];
-    let mut external = |addr: Ipv4Addr, port: u16, kind: u16| {
-        entries.push(build.external(L4Addr { addr, port, proto }, kind));
-    };
-    if let Some(np) = node_port {
-        for a in &node.nodeport_addresses {
-            external(*a, np, SVC_FLAG_NODE_PORT);
+    let mut entries = Vec::new();
+    for side in &rules.sides {
+        let endpoints = port_endpoints(node, port, proto, side.family, slices, errors);
+        if endpoints.len() > MAX_BACKENDS_PER_SERVICE as usize {
+            return Err(Invalid::TooManyEndpoints(endpoints.len()));
         }
-    }
-    for a in &rules.frontends.external_ips {
-        external(*a, svc_port, SVC_FLAG_EXTERNAL_IP);
-    }
-    for a in &rules.frontends.ingress_ips {
-        external(*a, svc_port, SVC_FLAG_LOAD_BALANCER);
+        let sets = BackendSets::new(&endpoints, node, svc.internal_local);
+        let build = EntryBuilder {
+            svc,
+            rules,
+            port_name: &port.name,
+            sets: &sets,
+        };
+        entries.push(build.cluster_ip(L4Addr {
+            addr: side.cluster_ip,
+            port: svc_port,
+            proto,
+        }));
+        let mut external = |addr: IpAddr, port: u16, kind: u16| {
+            entries.push(build.external(L4Addr { addr, port, proto }, kind));
+        };
+        if let Some(np) = node_port {
+            let node_addrs = node.nodeport_addresses.iter();
+            for a in node_addrs.filter(|a| Family::of(**a) == side.family) {
+                external(*a, np, SVC_FLAG_NODE_PORT);
+            }
+        }
+        for a in &side.external_ips {
+            external(*a, svc_port, SVC_FLAG_EXTERNAL_IP);
+        }
+        for a in &side.ingress_ips {
+            external(*a, svc_port, SVC_FLAG_LOAD_BALANCER);
+        }
     }
     Ok(entries)
 }
@@ -421,7 +457,7 @@ impl EntryBuilder<'_> {
             flags: flags | internal_flag,
             affinity_timeout: self.rules.affinity_timeout,
             source_ranges: if flags & SVC_FLAG_LOAD_BALANCER != 0 {
-                self.rules.source_ranges.clone()
+                self.source_ranges_of(frontend.family()).collect()
             } else {
                 Vec::new()
             },
@@ -450,10 +486,17 @@ impl EntryBuilder<'_> {
         } else {
             (kind, self.sets.cluster.clone(), None)
         };
-        if kind == SVC_FLAG_LOAD_BALANCER && !self.rules.source_ranges.is_empty() {
+        let ranged = self.source_ranges_of(frontend.family()).next().is_some();
+        if kind == SVC_FLAG_LOAD_BALANCER && ranged {
             flags |= SVC_FLAG_SOURCE_RANGES;
         }
         self.entry(frontend, flags, backends, internal)
+    }
+
+    /// The source ranges that apply to frontends of `family`.
+    fn source_ranges_of(&self, family: Family) -> impl Iterator<Item = IpPrefix> + '_ {
+        let ranges = self.rules.source_ranges.iter();
+        ranges.copied().filter(move |r| r.family() == family)
     }
 }
 
@@ -534,23 +577,29 @@ fn backend_set(
     }
 }
 
-/// The endpoints of one Service port over all its IPv4 slices.
+/// The endpoints of one Service port over all its slices of `family`.
 fn port_endpoints(
     node: &NodeInfo,
     port: &PortInfo,
     proto: Protocol,
+    family: Family,
     slices: &[&SliceInfo],
     errors: &mut Vec<TranslateError>,
 ) -> Vec<Endpoint> {
     let mut endpoints = BTreeMap::new();
-    for slice in slices {
+    let want = match family {
+        Family::Ipv4 => AddressType::Ipv4,
+        Family::Ipv6 => AddressType::Ipv6,
+    };
+    for slice in slices.iter().filter(|s| s.address_type == want) {
         collect_endpoints(slice, &port.name, proto, node, &mut endpoints, errors);
     }
     endpoints.into_values().collect()
 }
 
-/// Adds the endpoints of `slice` for the Service port named `port_name`
-/// (matched by name and protocol, as kube-proxy does).
+/// Adds the endpoints of `slice` (of an address type the data path
+/// serves) for the Service port named `port_name` (matched by name and
+/// protocol, as kube-proxy does).
 fn collect_endpoints(
     slice: &SliceInfo,
     port_name: &str,
@@ -559,9 +608,11 @@ fn collect_endpoints(
     out: &mut BTreeMap<L4Addr, Endpoint>,
     errors: &mut Vec<TranslateError>,
 ) {
-    if slice.address_type != AddressType::Ipv4 {
-        return;
-    }
+    let family = match slice.address_type {
+        AddressType::Ipv4 => Family::Ipv4,
+        AddressType::Ipv6 => Family::Ipv6,
+        AddressType::Other(_) => return,
+    };
     let Some(port) = slice
         .ports
         .iter()
@@ -585,12 +636,13 @@ fn collect_endpoints(
     for endpoint in &slice.endpoints {
         let addr = match &endpoint.address {
             None => continue,
-            Some(Addr::V4(a)) => *a,
+            Some(Addr::V4(a)) if family == Family::Ipv4 => IpAddr::V4(*a),
+            Some(Addr::V6(a)) if family == Family::Ipv6 => IpAddr::V6(*a),
             Some(other) => {
                 errors.push(TranslateError {
                     kind: ObjectKind::EndpointSlice,
                     object: object(),
-                    reason: Invalid::EndpointNotIpv4(other.clone()),
+                    reason: Invalid::EndpointWrongFamily(other.clone(), family),
                 });
                 continue;
             }
@@ -810,7 +862,8 @@ mod tests {
             json!({"metadata": {"name": "six"}, "spec": {"clusterIP": "fd00::10", "ports": [{"port": 80}]}}),
         );
         let t = translate(&[bad, web_service(), v6], NO_SLICES);
-        assert_eq!(t.state.len(), 2);
+        // web's two ports and six's one (IPv6 is served too).
+        assert_eq!(t.state.len(), 3);
         assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
         assert!(t.errors.iter().any(|e| e.object == "Service default/bad"
             && matches!(
@@ -820,14 +873,8 @@ mod tests {
                     ..
                 }
             )));
-        // An IPv6-only Service is no error: its family is not served here.
-        assert!(
-            t.notes
-                .iter()
-                .any(|n| n.contains("default/six") && n.contains("IPv6")),
-            "{:?}",
-            t.notes
-        );
+        assert!(t.notes.is_empty(), "{:?}", t.notes);
+        entry_for(&t, "fd00::10", 80);
     }
 
     #[test]
@@ -1108,17 +1155,164 @@ mod tests {
                 "externalIPs": ["2001:db8::7", "192.0.2.7"],
                 "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
             "status": {"loadBalancer": {"ingress": [{"ip": "2001:db8::100"}, {"ip": "192.0.2.100"}]}}}));
-        let t = translate_on(&node(), &[svc], NO_SLICES);
+        let t = translate_on(&dual_node(), &[svc], NO_SLICES);
         assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert!(t.notes.is_empty(), "{:?}", t.notes);
         for (a, p) in [
             ("10.96.0.10", 80),
             ("192.0.2.7", 80),
             ("192.0.2.100", 80),
             ("10.0.0.1", 30080),
+            ("fd00::10", 80),
+            ("2001:db8::7", 80),
+            ("2001:db8::100", 80),
+            ("fd00:1::1", 30080),
         ] {
             entry_for(&t, a, p);
         }
-        assert_eq!(t.notes.len(), 3, "{:?}", t.notes);
+        assert_eq!(t.state.len(), 8, "{:?}", t.state.entries().keys());
+    }
+
+    fn dual_node() -> NodeInfo {
+        NodeInfo {
+            nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "fd00:1::1".parse().unwrap()],
+            ..node()
+        }
+    }
+
+    fn dual_service(cluster_ips: serde_json::Value, families: serde_json::Value) -> ServiceInfo {
+        service(json!({"metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "NodePort", "clusterIP": cluster_ips[0], "clusterIPs": cluster_ips,
+                "ipFamilies": families, "ipFamilyPolicy": "RequireDualStack",
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}))
+    }
+
+    fn slice_of(name: &str, address_type: &str, ips: &[&str]) -> SliceInfo {
+        let endpoints: Vec<serde_json::Value> = ips.iter().map(|ip| ep(ip, None)).collect();
+        slice(json!({
+            "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": address_type,
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints
+        }))
+    }
+
+    fn active(t: &Translation, a: &str, port: u16) -> Vec<String> {
+        let e = entry_for(t, a, port);
+        e.backends.active.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn slices_give_backends_to_their_own_family_merged_over_slices() {
+        let slices = [
+            slice_of("web-4a", "IPv4", &["10.244.0.5"]),
+            slice_of("web-6a", "IPv6", &["fd00:244::5"]),
+            slice_of("web-6b", "IPv6", &["fd00:244::6", "fd00:244::5"]),
+            slice_of("web-4b", "IPv4", &["10.244.0.6"]),
+        ];
+        for families in [json!(["IPv4", "IPv6"]), json!(["IPv6", "IPv4"])] {
+            let ips = if families[0] == "IPv4" {
+                json!(["10.96.0.10", "fd00::10"])
+            } else {
+                json!(["fd00::10", "10.96.0.10"])
+            };
+            let t = translate_on(&dual_node(), &[dual_service(ips, families)], &slices);
+            assert!(t.errors.is_empty(), "{:?}", t.errors);
+            assert!(t.notes.is_empty(), "{:?}", t.notes);
+            let v4 = ["10.244.0.5:8080/TCP", "10.244.0.6:8080/TCP"];
+            let v6 = ["[fd00:244::5]:8080/TCP", "[fd00:244::6]:8080/TCP"];
+            assert_eq!(active(&t, "10.96.0.10", 80), v4);
+            assert_eq!(active(&t, "10.0.0.1", 30080), v4);
+            assert_eq!(active(&t, "fd00::10", 80), v6);
+            assert_eq!(active(&t, "fd00:1::1", 30080), v6);
+            assert_eq!(t.state.len(), 4);
+        }
+    }
+
+    #[test]
+    fn an_ipv6_only_service_is_served_on_ipv6_alone() {
+        let svc = service(json!({"metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "NodePort", "clusterIP": "fd00::10", "ipFamilies": ["IPv6"],
+                "ipFamilyPolicy": "SingleStack", "externalIPs": ["192.0.2.7"],
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}));
+        let slices = [slice_of("web-6", "IPv6", &["fd00:244::5"])];
+        let t = translate_on(&dual_node(), &[svc], &slices);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(active(&t, "fd00::10", 80), ["[fd00:244::5]:8080/TCP"]);
+        assert_eq!(active(&t, "fd00:1::1", 30080), ["[fd00:244::5]:8080/TCP"]);
+        assert_eq!(t.state.len(), 2, "{:?}", t.state.entries().keys());
+        // The IPv4 externalIP has no IPv4 side to belong to.
+        assert_eq!(t.notes.len(), 1, "{:?}", t.notes);
+    }
+
+    #[test]
+    fn require_dual_stack_with_one_cluster_ip_is_noted_and_served() {
+        let t = translate_on(
+            &dual_node(),
+            &[dual_service(json!(["10.96.0.10"]), json!(["IPv4"]))],
+            NO_SLICES,
+        );
+        entry_for(&t, "10.96.0.10", 80);
+        assert_eq!(t.state.len(), 2);
+        assert!(t.notes[0].contains("RequireDualStack"), "{:?}", t.notes);
+    }
+
+    #[test]
+    fn a_slice_address_of_the_other_family_is_an_error_for_that_endpoint() {
+        let slices = [slice_of("web-6", "IPv6", &["10.244.0.5", "fd00:244::5"])];
+        let t = translate_on(
+            &dual_node(),
+            &[dual_service(json!(["fd00::10"]), json!(["IPv6"]))],
+            &slices,
+        );
+        assert_eq!(active(&t, "fd00::10", 80), ["[fd00:244::5]:8080/TCP"]);
+        assert_eq!(
+            errors_of(&t, "EndpointSlice shop/web-6"),
+            [&Invalid::EndpointWrongFamily(
+                Addr::V4("10.244.0.5".parse().unwrap()),
+                Family::Ipv6
+            )]
+        );
+    }
+
+    #[test]
+    fn source_ranges_apply_to_the_frontends_of_their_family() {
+        let svc = service(json!({"metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "clusterIPs": ["10.96.0.10", "fd00::10"],
+                "loadBalancerSourceRanges": ["10.1.2.3/16", "2001:db8::/32"],
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"ip": "2001:db8::100"}]}}}));
+        let t = translate_on(&dual_node(), &[svc], NO_SLICES);
+        let v4 = entry_for(&t, "192.0.2.1", 80);
+        assert_eq!(v4.source_ranges, vec!["10.1.0.0/16".parse().unwrap()]);
+        let v6 = entry_for(&t, "2001:db8::100", 80);
+        assert_eq!(v6.source_ranges, vec!["2001:db8::/32".parse().unwrap()]);
+        assert_ne!(v6.flags & SVC_FLAG_SOURCE_RANGES, 0);
+        assert!(entry_for(&t, "fd00:1::1", 30080).source_ranges.is_empty());
+
+        let bad = service(json!({"metadata": {"name": "bad", "namespace": "shop"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "fd00::11",
+                "loadBalancerSourceRanges": ["2001:db8::/129"], "ports": [{"port": 80}]}}));
+        let t = translate_on(&dual_node(), &[bad], NO_SLICES);
+        assert!(t.state.is_empty());
+        assert!(matches!(t.errors[0].reason, Invalid::SourceRange(_)));
+    }
+
+    #[test]
+    fn an_invalid_ipv6_address_fails_its_service_only() {
+        let bad = service(json!({"metadata": {"name": "bad", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11", "fd00::zz"],
+                "ports": [{"port": 80}]}}));
+        let t = translate_on(&dual_node(), &[bad, web_service()], NO_SLICES);
+        entry_for(&t, "10.96.0.10", 80);
+        assert_eq!(
+            errors_of(&t, "Service shop/bad"),
+            [&Invalid::NotAnAddress {
+                field: "clusterIP",
+                value: "fd00::zz".into()
+            }]
+        );
     }
 
     #[test]
@@ -1227,9 +1421,11 @@ mod tests {
         assert!(entry_for(&t, "10.96.1.4", 83).backends.active.is_empty());
         let slice_errors = errors_of(&t, "EndpointSlice shop/web-bad");
         assert!(
-            slice_errors
-                .iter()
-                .any(|e| **e == Invalid::EndpointNotIpv4(Addr::Invalid("10.244.0.300".into()))),
+            slice_errors.iter().any(|e| **e
+                == Invalid::EndpointWrongFamily(
+                    Addr::Invalid("10.244.0.300".into()),
+                    Family::Ipv4
+                )),
             "{:?}",
             t.errors
         );

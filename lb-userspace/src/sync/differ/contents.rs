@@ -2,37 +2,41 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use lb_common::{Backend4, RevNat4, Service4Key, Service4Value};
+use lb_common::Service4Value;
 
-use super::{backend_addr, frontend_of, rev_key};
-use crate::model::{Ipv4Prefix, L4Addr};
+use super::{backend_addr, frontend_of, rev_key, BackendEntry, BackendId, RevNatEntry, SlotKey};
+use crate::model::{Family, IpPrefix, L4Addr, PerFamily};
 
-/// What the maps hold (or will hold), in map terms, with the reverse
-/// indexes planning needs (kept in step by `insert_*`/`remove_*`).
+/// What the maps of both families hold (or will hold), in map terms, with
+/// the reverse indexes planning needs (kept in step by
+/// `insert_*`/`remove_*`). Each entry's address says its family's maps.
 #[derive(Clone, Debug, Default)]
 pub struct MapContents {
-    pub services: BTreeMap<Service4Key, Service4Value>,
-    pub backends: BTreeMap<u32, Backend4>,
-    pub rev_nat: BTreeMap<u16, RevNat4>,
-    /// (reverse NAT id, backend id) -> `BACKEND_MATCH_*`: which backends
+    pub services: BTreeMap<SlotKey, Service4Value>,
+    /// Per family: backend ids are each family's own.
+    pub backends: PerFamily<BTreeMap<u32, BackendEntry>>,
+    /// Reverse NAT ids are one space over both families.
+    pub rev_nat: BTreeMap<u16, RevNatEntry>,
+    /// (reverse NAT id, backend) -> `BACKEND_MATCH_*`: which backends
     /// belong to which frontend (flows and affinity check it).
-    pub backend_match: BTreeMap<(u16, u32), u8>,
+    pub backend_match: BTreeMap<(u16, BackendId), u8>,
     /// loadBalancerSourceRanges per reverse NAT id.
-    pub source_ranges: BTreeSet<(u16, Ipv4Prefix)>,
+    pub source_ranges: BTreeSet<(u16, IpPrefix)>,
+    /// Ids in the family of the address.
     backend_ids: HashMap<L4Addr, u32>,
-    rev_ids: HashMap<(Ipv4Addr, u16), u16>,
-    /// How many backend slots point at each backend id.
-    slot_users: HashMap<u32, u32>,
+    rev_ids: HashMap<(IpAddr, u16), u16>,
+    /// How many backend slots point at each backend.
+    slot_users: HashMap<BackendId, u32>,
     /// How many master slots use each reverse NAT id.
     master_users: HashMap<u16, u32>,
     /// One past the highest backend and reverse NAT ids ever written:
     /// where the search for a free id starts, so a freed id is not handed
     /// out again until the ids wrap (conntrack and affinity entries of a
     /// deleted backend or frontend still name it until they are swept).
-    pub next_backend_id: u32,
+    pub next_backend_id: PerFamily<u32>,
     pub next_rev_nat_id: u32,
 }
 
@@ -51,33 +55,33 @@ impl PartialEq for MapContents {
 impl Eq for MapContents {}
 
 impl MapContents {
-    pub(crate) fn insert_service(&mut self, k: Service4Key, v: Service4Value) {
+    pub(crate) fn insert_service(&mut self, k: SlotKey, v: Service4Value) {
         if let Some(old) = self.services.insert(k, v) {
             self.unref(&k, &old);
         }
         if k.backend_slot == 0 {
             *self.master_users.entry(v.rev_nat_id).or_insert(0) += 1;
         } else {
-            *self.slot_users.entry(v.backend_id).or_insert(0) += 1;
+            *self.slot_users.entry(k.backend(&v)).or_insert(0) += 1;
         }
     }
 
-    pub(crate) fn remove_service(&mut self, k: &Service4Key) {
+    pub(crate) fn remove_service(&mut self, k: &SlotKey) {
         if let Some(old) = self.services.remove(k) {
             self.unref(k, &old);
         }
     }
 
-    fn unref(&mut self, k: &Service4Key, old: &Service4Value) {
+    fn unref(&mut self, k: &SlotKey, old: &Service4Value) {
         if k.backend_slot == 0 {
             decrement(&mut self.master_users, &old.rev_nat_id);
         } else {
-            decrement(&mut self.slot_users, &old.backend_id);
+            decrement(&mut self.slot_users, &k.backend(old));
         }
     }
 
     /// Whether a backend slot points at backend `id`.
-    pub(crate) fn backend_in_use(&self, id: u32) -> bool {
+    pub(crate) fn backend_in_use(&self, id: BackendId) -> bool {
         self.slot_users.contains_key(&id)
     }
 
@@ -86,27 +90,33 @@ impl MapContents {
         self.master_users.contains_key(&id)
     }
 
-    pub(crate) fn insert_backend(&mut self, id: u32, v: Backend4) {
-        self.next_backend_id = self.next_backend_id.max(id + 1);
-        if let Some(old) = self.backends.insert(id, v).and_then(|o| backend_addr(&o)) {
+    pub(crate) fn insert_backend(&mut self, backend: BackendId, v: BackendEntry) {
+        let BackendId { family, id } = backend;
+        let next = &mut self.next_backend_id[family];
+        *next = (*next).max(id + 1);
+        let old = self.backends[family].insert(id, v);
+        if let Some(old) = old.and_then(|o| backend_addr(&o)) {
             if self.backend_ids.get(&old) == Some(&id) {
                 self.backend_ids.remove(&old);
             }
         }
-        if let Some(addr) = backend_addr(&v) {
+        // An entry filed in the other family's array is not found by address.
+        if let Some(addr) = backend_addr(&v).filter(|a| a.family() == family) {
             self.backend_ids.entry(addr).or_insert(id);
         }
     }
 
-    pub(crate) fn remove_backend(&mut self, id: u32) {
-        if let Some(addr) = self.backends.remove(&id).and_then(|o| backend_addr(&o)) {
-            if self.backend_ids.get(&addr) == Some(&id) {
+    pub(crate) fn remove_backend(&mut self, backend: BackendId) {
+        let BackendId { family, id } = backend;
+        let old = self.backends[family].remove(&id);
+        if let Some(addr) = old.and_then(|o| backend_addr(&o)) {
+            if addr.family() == family && self.backend_ids.get(&addr) == Some(&id) {
                 self.backend_ids.remove(&addr);
             }
         }
     }
 
-    pub(crate) fn insert_rev_nat(&mut self, id: u16, v: RevNat4) {
+    pub(crate) fn insert_rev_nat(&mut self, id: u16, v: RevNatEntry) {
         self.next_rev_nat_id = self.next_rev_nat_id.max(u32::from(id) + 1);
         if let Some(old) = self.rev_nat.insert(id, v) {
             let key = rev_key(&old);
@@ -130,8 +140,19 @@ impl MapContents {
         self.backend_ids.get(addr).copied()
     }
 
-    pub(crate) fn rev_nat_id(&self, addr: Ipv4Addr, port: u16) -> Option<u16> {
+    pub(crate) fn rev_nat_id(&self, addr: IpAddr, port: u16) -> Option<u16> {
         self.rev_ids.get(&(addr, port)).copied()
+    }
+
+    /// Every backend id of both families.
+    pub(crate) fn backend_ids(&self) -> impl Iterator<Item = BackendId> + '_ {
+        [Family::Ipv4, Family::Ipv6]
+            .into_iter()
+            .flat_map(move |family| {
+                self.backends[family]
+                    .keys()
+                    .map(move |&id| BackendId { family, id })
+            })
     }
 
     /// Frontends that have a master slot.

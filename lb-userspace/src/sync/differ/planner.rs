@@ -6,19 +6,22 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use lb_common::{
-    Service4Key, Service4Value, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL,
+    Service4Value, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
 use super::{
     backend_addr, backend_value, frontend_of, ids::IdAllocator, rev_key, rev_nat_value,
-    scoped_slot_key, slots_of, IdLimits, MapContents, MapOp, Plan, PlanError, PlannedOp, Unplanned,
+    scoped_slot_key, slots_of, BackendEntry, BackendId, IdLimits, MapContents, MapOp, Plan,
+    PlanError, PlannedOp, RevNatEntry, SlotKey, Unplanned,
 };
-use crate::model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName};
+use crate::model::{
+    BackendSet, DesiredState, Family, IpPrefix, L4Addr, PerFamily, Protocol, ServiceEntry,
+    ServiceName,
+};
 
 /// Plans the writes for the frontends in `touched` only (None: all of them).
 /// An incremental change touches the frontends of the Services that changed,
@@ -51,8 +54,9 @@ pub(crate) fn plan_scoped(
 /// plan handed out.
 struct NewIds<'a> {
     current: &'a MapContents,
+    /// Ids in the family of the address.
     backends: BTreeMap<L4Addr, u32>,
-    rev_nat: BTreeMap<(Ipv4Addr, u16), u16>,
+    rev_nat: BTreeMap<(IpAddr, u16), u16>,
 }
 
 impl NewIds<'_> {
@@ -62,16 +66,21 @@ impl NewIds<'_> {
             .or_else(|| self.backends.get(b).copied())
     }
 
-    fn rev_nat(&self, addr: Ipv4Addr, port: u16) -> Option<u16> {
+    fn rev_nat(&self, addr: IpAddr, port: u16) -> Option<u16> {
         self.current
             .rev_nat_id(addr, port)
             .or_else(|| self.rev_nat.get(&(addr, port)).copied())
     }
 
     /// The id of a backend of a planned entry, which `allocate_ids` gave one.
-    fn planned_backend(&self, b: &L4Addr) -> u32 {
-        self.backend(b)
-            .expect("allocate_ids gave every backend of a planned entry an id")
+    fn planned_backend(&self, b: &L4Addr) -> BackendId {
+        let id = self
+            .backend(b)
+            .expect("allocate_ids gave every backend of a planned entry an id");
+        BackendId {
+            family: b.family(),
+            id,
+        }
     }
 
     /// The reverse NAT id of a planned frontend.
@@ -91,7 +100,7 @@ struct Planner<'a> {
     /// Frontends of Services left out: they keep what the maps hold.
     failed: BTreeSet<L4Addr>,
     unplanned: Vec<Unplanned>,
-    wanted_backends: BTreeSet<u32>,
+    wanted_backends: BTreeSet<BackendId>,
     wanted_rev: BTreeSet<u16>,
     ops: Vec<PlannedOp>,
     /// Membership and source range deletions, written after the gone
@@ -140,12 +149,18 @@ impl<'a> Planner<'a> {
         for e in candidates {
             by_service.entry(&e.service).or_default().push(e);
         }
-        let mut allocators = Allocators {
-            backends: IdAllocator::new(
-                &self.current.backends,
+        let backends = |family| {
+            IdAllocator::new(
+                &self.current.backends[family],
                 limits.backend_ids,
-                self.current.next_backend_id,
-            ),
+                self.current.next_backend_id[family],
+            )
+        };
+        let mut allocators = Allocators {
+            backends: PerFamily {
+                ipv4: backends(Family::Ipv4),
+                ipv6: backends(Family::Ipv6),
+            },
             rev_nat: IdAllocator::new(
                 &self.current.rev_nat,
                 limits.rev_nat_ids,
@@ -177,13 +192,13 @@ impl<'a> Planner<'a> {
         allocators: &mut Allocators<'_>,
     ) -> Result<(), PlanError> {
         let mut fresh_backends: Vec<L4Addr> = Vec::new();
-        let mut fresh_revs: Vec<(Ipv4Addr, u16)> = Vec::new();
+        let mut fresh_revs: Vec<(IpAddr, u16)> = Vec::new();
         let result =
             self.allocate_entries(entries, allocators, &mut fresh_backends, &mut fresh_revs);
         if result.is_err() {
             for b in fresh_backends {
                 let id = self.ids.backends.remove(&b).expect("just handed out");
-                allocators.backends.release(id);
+                allocators.backends[b.family()].release(id);
             }
             for r in fresh_revs {
                 let id = self.ids.rev_nat.remove(&r).expect("just handed out");
@@ -198,19 +213,18 @@ impl<'a> Planner<'a> {
         entries: &[&ServiceEntry],
         allocators: &mut Allocators<'_>,
         fresh_backends: &mut Vec<L4Addr>,
-        fresh_revs: &mut Vec<(Ipv4Addr, u16)>,
+        fresh_revs: &mut Vec<(IpAddr, u16)>,
     ) -> Result<(), PlanError> {
         for entry in entries {
             for b in entry.all_backends() {
                 if self.ids.backend(b).is_some() {
                     continue;
                 }
-                let id = allocators
-                    .backends
-                    .allocate()
-                    .ok_or(PlanError::BackendIdsExhausted {
+                let id = allocators.backends[b.family()].allocate().ok_or(
+                    PlanError::BackendIdsExhausted {
                         limit: allocators.limits.backend_ids,
-                    })?;
+                    },
+                )?;
                 self.ids.backends.insert(*b, id);
                 fresh_backends.push(*b);
             }
@@ -240,7 +254,7 @@ impl<'a> Planner<'a> {
                     continue;
                 }
                 let value = backend_value(b);
-                if self.current.backends.get(&id) != Some(&value) {
+                if self.current.backends[id.family].get(&id.id) != Some(&value) {
                     self.push(MapOp::PutBackend(id, value), None);
                 }
             }
@@ -248,7 +262,7 @@ impl<'a> Planner<'a> {
         for f in &self.failed {
             for (k, v) in slots_of(&self.current.services, f) {
                 if k.backend_slot != 0 {
-                    self.wanted_backends.insert(v.backend_id);
+                    self.wanted_backends.insert(k.backend(v));
                 }
             }
         }
@@ -275,7 +289,7 @@ impl<'a> Planner<'a> {
     /// UDP of one port share a reverse NAT id, so these are planned per
     /// address and port.
     fn put_memberships(&mut self) {
-        let mut groups: BTreeSet<(Ipv4Addr, u16)> = BTreeSet::new();
+        let mut groups: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
         match self.touched {
             None => {
                 groups.extend(self.desired.entries().keys().map(|f| (f.addr, f.port)));
@@ -290,8 +304,8 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn put_group_memberships(&mut self, addr: Ipv4Addr, port: u16, rev: u16) {
-        let mut matches: BTreeMap<(u16, u32), u8> = BTreeMap::new();
+    fn put_group_memberships(&mut self, addr: IpAddr, port: u16, rev: u16) {
+        let mut matches: BTreeMap<(u16, BackendId), u8> = BTreeMap::new();
         let mut ranges = BTreeSet::new();
         // An unplanned frontend keeps its entries, so nothing of the
         // address and port it shares is deleted.
@@ -341,14 +355,24 @@ impl<'a> Planner<'a> {
     fn delete_memberships_not_in(
         &mut self,
         rev: u16,
-        matches: &BTreeMap<(u16, u32), u8>,
-        ranges: &BTreeSet<(u16, crate::model::Ipv4Prefix)>,
+        matches: &BTreeMap<(u16, BackendId), u8>,
+        ranges: &BTreeSet<(u16, IpPrefix)>,
         tag: L4Addr,
     ) {
         let current = self.current;
+        let (lo, hi) = (
+            BackendId {
+                family: Family::Ipv4,
+                id: 0,
+            },
+            BackendId {
+                family: Family::Ipv6,
+                id: u32::MAX,
+            },
+        );
         for m in current
             .backend_match
-            .range((rev, 0)..=(rev, u32::MAX))
+            .range((rev, lo)..=(rev, hi))
             .map(|(k, _)| k)
         {
             if !matches.contains_key(m) {
@@ -391,7 +415,7 @@ impl<'a> Planner<'a> {
         for (n, b) in (1u16..).zip(set.all()) {
             let key = scoped_slot_key(&f, scope, n);
             let value = Service4Value {
-                backend_id: self.ids.planned_backend(b),
+                backend_id: self.ids.planned_backend(b).id,
                 ..Default::default()
             };
             if self.current.services.get(&key) != Some(&value) {
@@ -414,7 +438,7 @@ impl<'a> Planner<'a> {
 
     fn delete_slots_past_count(&mut self, entry: &ServiceEntry) {
         let f = entry.frontend;
-        let stale: Vec<Service4Key> = slots_of(&self.current.services, &f)
+        let stale: Vec<SlotKey> = slots_of(&self.current.services, &f)
             .map(|(k, _)| *k)
             .filter(|key| {
                 let len = match key.scope {
@@ -446,7 +470,7 @@ impl<'a> Planner<'a> {
             if self.desired.get(&f).is_some() {
                 continue;
             }
-            let mut slots: Vec<Service4Key> = slots_of(&self.current.services, &f)
+            let mut slots: Vec<SlotKey> = slots_of(&self.current.services, &f)
                 .map(|(k, _)| *k)
                 .collect();
             // Masters (slot 0) first, external before internal.
@@ -475,11 +499,11 @@ impl<'a> Planner<'a> {
                 continue;
             };
             if !self.wanted_rev.contains(&id) && !desired_uses_rev(self.desired, r) {
-                self.push(MapOp::DeleteRevNat(id), None);
+                self.push(MapOp::DeleteRevNat(id, Family::of(r.addr)), None);
             }
         }
         for id in orphan_backends {
-            let Some(b) = current.backends.get(&id) else {
+            let Some(b) = current.backends[id.family].get(&id.id) else {
                 continue;
             };
             let still_used = self.wanted_backends.contains(&id)
@@ -493,7 +517,7 @@ impl<'a> Planner<'a> {
     /// Reverse NAT and backend ids that may have lost their last user: the
     /// gone frontends' (and in a full plan every unwanted one), or in an
     /// incremental plan those the touched frontends used before.
-    fn orphans(&self) -> (BTreeSet<u16>, BTreeSet<u32>) {
+    fn orphans(&self) -> (BTreeSet<u16>, BTreeSet<BackendId>) {
         let mut revs = BTreeSet::new();
         let mut backends = BTreeSet::new();
         let candidates = self.candidates();
@@ -502,7 +526,7 @@ impl<'a> Planner<'a> {
                 if k.backend_slot == 0 {
                     revs.insert(v.rev_nat_id);
                 } else {
-                    backends.insert(v.backend_id);
+                    backends.insert(k.backend(v));
                 }
             }
         }
@@ -516,8 +540,7 @@ impl<'a> Planner<'a> {
                 );
                 backends.extend(
                     self.current
-                        .backends
-                        .keys()
+                        .backend_ids()
                         .filter(|id| !self.wanted_backends.contains(id)),
                 );
             }
@@ -525,7 +548,7 @@ impl<'a> Planner<'a> {
                 for f in candidates.iter().filter(|f| !self.failed.contains(f)) {
                     for (k, v) in slots_of(&self.current.services, f) {
                         if k.backend_slot != 0 {
-                            backends.insert(v.backend_id);
+                            backends.insert(k.backend(v));
                         }
                     }
                 }
@@ -535,16 +558,17 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// The two id allocators of one plan and their limits.
+/// The id allocators of one plan and their limits: backend ids per
+/// family, reverse NAT ids over both.
 struct Allocators<'a> {
-    backends: IdAllocator<'a, u32, lb_common::Backend4>,
-    rev_nat: IdAllocator<'a, u16, lb_common::RevNat4>,
+    backends: PerFamily<IdAllocator<'a, u32, BackendEntry>>,
+    rev_nat: IdAllocator<'a, u16, RevNatEntry>,
     limits: IdLimits,
 }
 
 /// Whether a frontend of `desired` still restores to this address and port
 /// (TCP and UDP of one port share a reverse NAT entry).
-fn desired_uses_rev(desired: &DesiredState, r: &lb_common::RevNat4) -> bool {
+fn desired_uses_rev(desired: &DesiredState, r: &RevNatEntry) -> bool {
     let (addr, port) = rev_key(r);
     [Protocol::Tcp, Protocol::Udp]
         .into_iter()
