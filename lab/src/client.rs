@@ -1,15 +1,16 @@
 //! Clients the tests run inside lab namespaces: one TCP line, one UDP
-//! datagram, one HTTP GET, and a reader of Prometheus text.
+//! datagram, one HTTP GET, and a reader of Prometheus text. Each takes an
+//! address of either family (`SocketAddrV4`, `SocketAddrV6`, `SocketAddr`).
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 /// Sends one line over a new TCP connection and returns the answer line.
-pub fn tcp_ask(to: SocketAddrV4, msg: &str, timeout: Duration) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)?;
+pub fn tcp_ask(to: impl Into<SocketAddr>, msg: &str, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     ask_on(&mut s, msg)
 }
@@ -39,11 +40,12 @@ pub fn ask_on(s: &mut TcpStream, msg: &str) -> std::io::Result<String> {
 
 /// Sends one UDP datagram and returns the answer, with its source address.
 pub fn udp_ask(
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     msg: &str,
     timeout: Duration,
 ) -> std::io::Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let to = to.into();
+    let s = UdpSocket::bind(unspecified_of(&to))?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(msg.as_bytes(), to)?;
     let mut buf = [0u8; 512];
@@ -51,8 +53,21 @@ pub fn udp_ask(
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
 
+/// The any-address and port 0 of `to`'s family: where a client binds.
+pub fn unspecified_of(to: &SocketAddr) -> SocketAddr {
+    match to {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    }
+}
+
 /// A plain HTTP/1.1 GET; returns the status code and body.
-pub fn http_get(to: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+pub fn http_get(
+    to: impl Into<SocketAddr>,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let to = to.into();
     let mut s = TcpStream::connect_timeout(&to, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     write!(

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -147,6 +147,23 @@ impl Workloads {
             }
             _ => None,
         })
+    }
+
+    /// The cluster IPs of the Service `name`, one per family in the order
+    /// of its `clusterIPs` (its `clusterIP` when it has no list).
+    pub fn cluster_ips(&self, name: &str) -> Vec<IpAddr> {
+        let spec = self.objects.iter().find_map(|o| match o {
+            LabObject::Service(s) if s.metadata.name.as_deref() == Some(name) => s.spec.clone(),
+            _ => None,
+        });
+        let Some(spec) = spec else {
+            return Vec::new();
+        };
+        let list = match spec.cluster_ips.filter(|l| !l.is_empty()) {
+            Some(list) => list,
+            None => spec.cluster_ip.into_iter().collect(),
+        };
+        list.iter().filter_map(|ip| ip.parse().ok()).collect()
     }
 
     /// Pod names of the Deployment/ReplicaSet owner (`Kind/name`).
