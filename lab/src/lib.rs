@@ -69,7 +69,7 @@ use anyhow::Result;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 pub use api_source::Source;
-pub use client::{ask_on, http_get, metric_sum, tcp_ask, udp_ask};
+pub use client::{ask_on, http_get, metric_sum, ping6, tcp_ask, udp_ask};
 pub use netns::{in_netns, run, sibling_binary, ChildGuard, Netns};
 pub(crate) use netns::{sweep_stale, LAB_CGROUP_ROOT};
 use node::NodeSpec;

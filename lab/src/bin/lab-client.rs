@@ -19,11 +19,9 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
-
-use lb_lab::client::unspecified_of;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -158,6 +156,16 @@ fn bench_connection(to: SocketAddr) -> std::io::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where a client of `to` binds: the any-address of its family, port 0.
+fn unspecified_of(to: &SocketAddr) -> SocketAddr {
+    let any: IpAddr = if to.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(any, 0)
 }
 
 fn tcp_once(to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {
