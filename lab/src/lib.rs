@@ -230,6 +230,20 @@ impl Lab {
         self.state.put_extra_service(name, spec, status, endpoints);
     }
 
+    /// Adds dual-stack Service `name` and one EndpointSlice per family
+    /// (`("IPv6", endpoints)`, ...) to the extra manifests (written by the
+    /// next `write_manifests`); see `Workloads::put_dual_stack_service`.
+    pub fn put_dual_stack_service(
+        &mut self,
+        name: &str,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+        slices: &[(&str, Vec<serde_json::Value>)],
+    ) {
+        self.state
+            .put_dual_stack_service(name, spec, status, slices);
+    }
+
     /// Creates a pod (a new replica) and starts its server.
     pub fn add_pod(&mut self, spec: LabPod) -> Result<()> {
         self.node.start_pod(&spec)?;

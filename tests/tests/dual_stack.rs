@@ -8,9 +8,10 @@
 //!   nothing is left behind (these run now);
 //! - a dual-stack ClusterIP answers over IPv4 and IPv6 from a pod (TCP and
 //!   UDP), a NodePort on the node's IPv6 wire address from the external
-//!   client, a SingleStack IPv6 Service answers, and a dual-stack Service
-//!   reaches a backend on the other node of a cluster over IPv6 (these
-//!   wait for the IPv6 data path, hence `#[ignore]`).
+//!   client, a SingleStack IPv6 Service answers, IPv6 externalIPs and
+//!   LoadBalancer ingress addresses answer from the wire, and a dual-stack
+//!   Service reaches a backend on the other node of a cluster over IPv6
+//!   (these wait for the IPv6 data path, hence `#[ignore]`).
 //!
 //! Every test ends with zero checksum errors (IPv4 and IPv6 counters) in
 //! every namespace.
@@ -25,8 +26,9 @@ use std::{
 use lb_lab::{
     cluster::{node_addr6, Cluster},
     on_each_source_and_wire, on_each_wire, ping6, report_checksum_counters, tcp_ask, udp_ask, Lab,
-    Netns, Source, Wire, EXT_CLIENT_ADDR6, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
+    Netns, Source, Wire, EXT_CLIENT_ADDR6, NODE_NAME, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
 };
+use serde_json::{json, Value};
 
 on_each_source_and_wire!(the_lab_is_dual_stack_with_the_agent_running);
 on_each_wire!(two_nodes_route_each_others_ipv6_pod_ranges);
@@ -65,25 +67,29 @@ waiting_for_ipv6_data_path!(
     service_manifests_software_wire,
     Manifests,
     Software,
-    a_node_port_answers_on_the_nodes_ipv6_wire_address
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
 );
 waiting_for_ipv6_data_path!(
     service_manifests_nic_wire,
     Manifests,
     Nic,
-    a_node_port_answers_on_the_nodes_ipv6_wire_address
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
 );
 waiting_for_ipv6_data_path!(
     service_api_software_wire,
     Api,
     Software,
-    a_node_port_answers_on_the_nodes_ipv6_wire_address
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
 );
 waiting_for_ipv6_data_path!(
     service_api_nic_wire,
     Api,
     Nic,
-    a_node_port_answers_on_the_nodes_ipv6_wire_address
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
 );
 // A cluster's agents read manifest files only.
 waiting_for_ipv6_data_path!(
@@ -105,6 +111,10 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const REQUESTS: usize = 20;
 const PORT: u16 = 80;
 const NODE_PORT: u16 = 30090;
+/// Documentation addresses (RFC 3849) the external client routes via the
+/// node: an externalIP and a LoadBalancer ingress.
+const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 
 fn example() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/dual-stack.yaml")
@@ -248,6 +258,10 @@ fn the_lab_is_dual_stack_with_the_agent_running(source: Source, wire: Wire) {
     assert_pings(&client.ns, NODE_WIRE_ADDR6, "client pod to node");
     assert_pings(&lab.ext, NODE_WIRE_ADDR6, "external client to node");
     assert_pings(&lab.node.netns, EXT_CLIENT_ADDR6, "node to external client");
+    // The check can fail: nobody has this address on the wire.
+    let nobody: Ipv6Addr = "fd00:77::99".parse().expect("an address");
+    let short = Duration::from_millis(300);
+    assert!(lab.ext.run_in(|| ping6(nobody, short)).is_err());
     report_checksum_counters("dual-stack lab, no Service", &lab.checksum_errors());
     assert_nothing_left_after(lab);
 }
@@ -380,4 +394,63 @@ fn a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6(_source: S
     let seen = whoami_udp(&client.ns, to, REQUESTS);
     assert_eq!(pods_in(&seen), all);
     report_checksum_counters("dual-stack across nodes", &c.checksum_errors());
+}
+
+/// An endpoint of `pod` with its address of `family`, ready, on this node.
+fn ready_endpoint(lab: &Lab, pod: &str, family: &str) -> Value {
+    let p = &lab.pods[pod];
+    let address = if family == "IPv6" {
+        p.ip6.to_string()
+    } else {
+        p.ip.to_string()
+    };
+    json!({"addresses": [address],
+        "conditions": {"ready": true, "serving": true, "terminating": false},
+        "nodeName": NODE_NAME, "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"}})
+}
+
+/// A LoadBalancer Service, IPv6 first, with an IPv6 externalIP and an IPv6
+/// ingress address: both answer from the external client (which routes
+/// them via the node), TCP and UDP, from both pods.
+fn ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire(source: Source, wire: Wire) {
+    let mut lab = example_lab(source, wire);
+    lab.ext
+        .exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/64",
+            "via",
+            &NODE_WIRE_ADDR6.to_string(),
+        ])
+        .expect("route to the external addresses");
+    let pods = pod_names(&lab);
+    let slices: Vec<(&str, Vec<Value>)> = ["IPv6", "IPv4"]
+        .into_iter()
+        .map(|f| (f, pods.iter().map(|p| ready_endpoint(&lab, p, f)).collect()))
+        .collect();
+    let spec = json!({"type": "LoadBalancer", "clusterIPs": ["fd00:96::50", "10.96.0.50"],
+        "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack",
+        "externalIPs": [EXTERNAL_IP6.to_string()],
+        "ports": [{"name": "tcp", "port": 80, "protocol": "TCP", "nodePort": 30091},
+                  {"name": "udp", "port": 80, "protocol": "UDP", "nodePort": 30091}]});
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
+    lab.put_dual_stack_service("lb6", spec, status, &slices);
+    lab.apply_manifests()
+        .expect("the agent picks up the Service");
+    for ip in [EXTERNAL_IP6, LB_IP6] {
+        let to = SocketAddr::new(ip.into(), PORT);
+        assert_eq!(
+            pods_in(&whoami_tcp(&lab.ext, to, REQUESTS)),
+            pods,
+            "TCP {to}"
+        );
+        assert_eq!(
+            pods_in(&whoami_udp(&lab.ext, to, REQUESTS)),
+            pods,
+            "UDP {to}"
+        );
+    }
+    report_checksum_counters("IPv6 externalIP and ingress", &lab.checksum_errors());
 }
