@@ -250,3 +250,19 @@ pub(crate) fn sweep_stale() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_read_from_both_snmp_formats() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors InCsumErrors\nUdp: 10 0 2 2\n";
+        assert_eq!(snmp_counter(snmp, "Udp:", "InCsumErrors"), 2);
+        assert_eq!(snmp_counter(snmp, "Tcp:", "InCsumErrors"), 0);
+        let snmp6 = "Icmp6InCsumErrors               \t3\nUdp6InCsumErrors                \t0\n";
+        assert_eq!(snmp6_counter(snmp6, "Icmp6InCsumErrors"), 3);
+        assert_eq!(snmp6_counter(snmp6, "Udp6InCsumErrors"), 0);
+        assert_eq!(snmp6_counter(snmp6, "UdpLite6InCsumErrors"), 0);
+    }
+}
