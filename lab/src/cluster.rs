@@ -120,8 +120,8 @@ impl Cluster {
             &format!("{CLUSTER_EXT_ADDR6}/64"),
         )?;
         wire::route(&cluster.ext.name, "10.96.0.0/12", &node_addr(1).to_string())?;
-        let service_cidr6 = crate::SERVICE_CIDR6;
-        wire::route(&cluster.ext.name, service_cidr6, &node_addr6(1).to_string())?;
+        let via6 = node_addr6(1).to_string();
+        wire::route(&cluster.ext.name, crate::SERVICE_CIDR6, &via6)?;
         for k in 1..=count {
             cluster.add_node(&id, k)?;
         }

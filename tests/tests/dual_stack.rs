@@ -18,9 +18,10 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    io::ErrorKind,
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_lab::{
@@ -68,14 +69,16 @@ waiting_for_ipv6_data_path!(
     Manifests,
     Software,
     a_node_port_answers_on_the_nodes_ipv6_wire_address,
-    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire,
+    an_ipv6_service_without_endpoints_refuses_at_once
 );
 waiting_for_ipv6_data_path!(
     service_manifests_nic_wire,
     Manifests,
     Nic,
     a_node_port_answers_on_the_nodes_ipv6_wire_address,
-    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire,
+    an_ipv6_service_without_endpoints_refuses_at_once
 );
 waiting_for_ipv6_data_path!(
     service_api_software_wire,
@@ -453,4 +456,58 @@ fn ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire(source: Sourc
         );
     }
     report_checksum_counters("IPv6 externalIP and ingress", &lab.checksum_errors());
+}
+
+/// How a connection attempt from `ns` to `to` failed, and after how long:
+/// TCP connect, or a connected UDP socket's answer.
+fn refusal(ns: &Netns, to: SocketAddr, udp: bool) -> (Option<ErrorKind>, Duration) {
+    ns.run_in(|| {
+        let started = Instant::now();
+        let result = if udp {
+            let s = UdpSocket::bind(lb_lab::client::unspecified_of(&to)).expect("bind");
+            s.connect(to).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            s.send(b"hello").expect("send");
+            s.recv(&mut [0u8; 64]).map(drop)
+        } else {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).map(drop)
+        };
+        (result.err().map(|e| e.kind()), started.elapsed())
+    })
+}
+
+/// An IPv6 Service whose selector matches nothing is refused at once over
+/// TCP (a RST) and UDP (an ICMPv6 port unreachable), from a pod and from
+/// the wire, every time, as its IPv4 twin is (lab.rs).
+fn an_ipv6_service_without_endpoints_refuses_at_once(source: Source, wire: Wire) {
+    let mut lab = example_lab(source, wire);
+    lab.state.extra_manifests.insert(
+        "empty6.yaml".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty6}\nspec:\n  clusterIP: \"fd00:96::99\"\n  ipFamilies: [IPv6]\n  selector: {app: nothing-matches}\n  ports: [{name: tcp, port: 80}, {name: udp, port: 80, protocol: UDP}]\n".into(),
+    );
+    lab.apply_manifests()
+        .expect("the agent picks up the Service");
+    let to = SocketAddr::new("fd00:96::99".parse::<IpAddr>().expect("address"), PORT);
+    for (who, ns) in [
+        ("client pod", &lab.client.ns),
+        ("external client", &lab.ext),
+    ] {
+        for attempt in 0..3 {
+            for udp in [false, true] {
+                let (err, elapsed) = refusal(ns, to, udp);
+                let what = format!(
+                    "{who}, {} attempt {attempt}",
+                    if udp { "UDP" } else { "TCP" }
+                );
+                assert_eq!(
+                    err,
+                    Some(ErrorKind::ConnectionRefused),
+                    "{what} after {elapsed:?}"
+                );
+                assert!(elapsed < Duration::from_secs(1), "{what}: took {elapsed:?}");
+            }
+        }
+    }
+    report_checksum_counters("IPv6 Service without endpoints", &lab.checksum_errors());
 }
