@@ -354,7 +354,9 @@ impl Drop for Lab {
     }
 }
 
-/// (namespace, TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors) of each.
+/// (namespace, TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors) of each;
+/// the UDP and ICMP counts include their IPv6 twins (Udp6InCsumErrors,
+/// Icmp6InCsumErrors; TCP has one counter for both families).
 pub(crate) fn checksum_errors_of(namespaces: &[&Netns]) -> Vec<(String, u64, u64, u64)> {
     namespaces
         .iter()
@@ -373,7 +375,7 @@ pub(crate) fn assert_no_checksum_errors_in(counters: &[(String, u64, u64, u64)])
         .collect();
     assert!(
         bad.is_empty(),
-        "checksum errors (namespace, TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors): {bad:?}"
+        "checksum errors (namespace, TcpInCsumErrors, Udp(6)InCsumErrors, Icmp(6)InCsumErrors): {bad:?}"
     );
 }
 
