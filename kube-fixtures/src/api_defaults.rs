@@ -82,9 +82,12 @@ fn service(object: &mut Value) {
 }
 
 /// `clusterIPs` from `clusterIP` (or the other way round), `ipFamilies`
-/// from the addresses, `ipFamilyPolicy` SingleStack for one address.
+/// from the addresses, `ipFamilyPolicy` SingleStack for one address and
+/// RequireDualStack for two. As on a dual-stack cluster, a Service whose
+/// policy is PreferDualStack or RequireDualStack gets the other family
+/// too (after the ones it names) and an address of it (see `allocate`).
 fn cluster_ip_families(spec: &mut Value) {
-    let ips: Vec<String> = match spec["clusterIPs"].as_array() {
+    let mut ips: Vec<String> = match spec["clusterIPs"].as_array() {
         Some(list) if !list.is_empty() => list
             .iter()
             .filter_map(|v| v.as_str().map(str::to_owned))
@@ -98,18 +101,62 @@ fn cluster_ip_families(spec: &mut Value) {
         return;
     }
     default(spec, "clusterIP", json!(ips[0]));
-    default(spec, "clusterIPs", json!(ips));
     if ips[0] == "None" {
+        default(spec, "clusterIPs", json!(ips));
         return;
     }
-    let families: Vec<&str> = ips.iter().map(|ip| family(ip)).collect();
-    default(spec, "ipFamilies", json!(families));
-    let policy = if ips.len() > 1 {
+    let single = if ips.len() > 1 {
         "RequireDualStack"
     } else {
         "SingleStack"
     };
-    default(spec, "ipFamilyPolicy", json!(policy));
+    default(spec, "ipFamilyPolicy", json!(single));
+    let mut families: Vec<String> = match spec["ipFamilies"].as_array() {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        _ => ips.iter().map(|ip| family(ip).to_owned()).collect(),
+    };
+    if spec["ipFamilyPolicy"] != json!("SingleStack") && families.len() == 1 {
+        let other = if families[0] == "IPv6" {
+            "IPv4"
+        } else {
+            "IPv6"
+        };
+        families.push(other.to_owned());
+    }
+    for wanted in families.iter().skip(ips.len()) {
+        match allocate(wanted, &ips[0]) {
+            Some(ip) => ips.push(ip),
+            None => break,
+        }
+    }
+    families.truncate(ips.len());
+    spec["clusterIPs"] = json!(ips);
+    spec["ipFamilies"] = json!(families);
+}
+
+/// The fixture's allocator for a dual-stack Service's second address:
+/// the mirror of its first, 10.96.c.d and fd00:96::c:d (decimal octets
+/// written as hex groups), so either is read off the other. None when the
+/// first is not of that shape.
+fn allocate(family_wanted: &str, first: &str) -> Option<String> {
+    let ip: std::net::IpAddr = first.parse().ok()?;
+    match (family_wanted, ip) {
+        ("IPv6", std::net::IpAddr::V4(v4)) => {
+            let [_, _, c, d] = v4.octets();
+            let text = format!("fd00:96::{c}:{d}");
+            // As the API server writes it: the canonical text.
+            Some(text.parse::<std::net::Ipv6Addr>().ok()?.to_string())
+        }
+        ("IPv4", std::net::IpAddr::V6(v6)) => {
+            let groups = v6.segments();
+            let octet = |g: u16| format!("{g:x}").parse::<u8>().ok();
+            Some(format!("10.96.{}.{}", octet(groups[6])?, octet(groups[7])?))
+        }
+        _ => None,
+    }
 }
 
 fn endpoint_slice(object: &mut Value) {
@@ -164,5 +211,46 @@ mod tests {
             s["status"]["loadBalancer"]["ingress"][0]["ip"],
             json!("192.0.2.1")
         );
+    }
+
+    fn defaulted(spec: Value) -> Value {
+        let mut s = json!({"kind": "Service", "metadata": {"name": "web"}, "spec": spec});
+        apply(&mut s);
+        s["spec"].take()
+    }
+
+    #[test]
+    fn an_unset_policy_is_single_stack_ipv4_or_ipv6_by_the_address() {
+        let v4 = defaulted(json!({"clusterIP": "10.96.0.40", "ports": [{"port": 80}]}));
+        assert_eq!(v4["ipFamilies"], json!(["IPv4"]));
+        assert_eq!(v4["ipFamilyPolicy"], json!("SingleStack"));
+        let v6 = defaulted(json!({"clusterIP": "fd00:96::42", "ports": [{"port": 80}]}));
+        assert_eq!(v6["clusterIPs"], json!(["fd00:96::42"]));
+        assert_eq!(v6["ipFamilies"], json!(["IPv6"]));
+        assert_eq!(v6["ipFamilyPolicy"], json!("SingleStack"));
+    }
+
+    #[test]
+    fn a_dual_stack_policy_gets_the_other_family_in_the_order_of_ip_families() {
+        for policy in ["PreferDualStack", "RequireDualStack"] {
+            let s = defaulted(json!({"clusterIP": "10.96.0.40", "ipFamilyPolicy": policy}));
+            assert_eq!(s["clusterIPs"], json!(["10.96.0.40", "fd00:96::40"]));
+            assert_eq!(s["ipFamilies"], json!(["IPv4", "IPv6"]));
+            assert_eq!(s["ipFamilyPolicy"], json!(policy));
+            let s = defaulted(json!({"clusterIP": "fd00:96::40", "ipFamilyPolicy": policy,
+                "ipFamilies": ["IPv6"]}));
+            assert_eq!(s["clusterIPs"], json!(["fd00:96::40", "10.96.0.40"]));
+            assert_eq!(s["ipFamilies"], json!(["IPv6", "IPv4"]));
+        }
+        let given = defaulted(json!({"clusterIPs": ["fd00:96::41", "10.96.0.41"],
+            "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "PreferDualStack"}));
+        assert_eq!(given["clusterIPs"], json!(["fd00:96::41", "10.96.0.41"]));
+        assert_eq!(given["ipFamilies"], json!(["IPv6", "IPv4"]));
+    }
+
+    #[test]
+    fn a_headless_service_keeps_none() {
+        let s = defaulted(json!({"clusterIP": "None", "ipFamilyPolicy": "PreferDualStack"}));
+        assert_eq!(s["clusterIPs"], json!(["None"]));
     }
 }

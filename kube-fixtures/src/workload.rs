@@ -16,13 +16,15 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, ReplicaSet},
-        core::v1::{Container, ObjectReference, PodTemplateSpec, Service, ServicePort},
+        core::v1::{
+            Container, ObjectReference, PodTemplateSpec, Service, ServicePort, ServiceSpec,
+        },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::{
@@ -115,6 +117,33 @@ pub struct LabPod {
     /// while `ready` (its probe) holds.
     pub terminating: bool,
     pub node_name: String,
+}
+
+/// A pod's IPv6 address beside its IPv4 one `a.b.c.d`: `fd00:a:b:c::d`,
+/// the decimal octets written as the hex groups (10.244.1.5 becomes
+/// fd00:10:244:1::5), so one can be read off the other and node k's pods
+/// (10.244.k.0/24) are fd00:10:244:k::/64.
+pub fn pod_ip6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = ip.octets();
+    // A decimal octet read as hex is at most 0x255: it fits a group.
+    let group = |octet: u8| u16::from_str_radix(&octet.to_string(), 16).expect("decimal digits");
+    Ipv6Addr::new(0xfd00, group(a), group(b), group(c), 0, 0, 0, group(d))
+}
+
+impl LabPod {
+    /// The pod's IPv6 address (see `pod_ip6`).
+    pub fn ip6(&self) -> Ipv6Addr {
+        pod_ip6(self.ip)
+    }
+
+    /// The pod's address of family `family` (`IPv4` or `IPv6`).
+    pub fn ip_of_family(&self, family: &str) -> IpAddr {
+        if family == "IPv6" {
+            IpAddr::V6(self.ip6())
+        } else {
+            IpAddr::V4(self.ip)
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -413,30 +442,79 @@ fn slices_for_service(
     }
 
     let mut slices = Vec::new();
-    for (ports, endpoints) in groups {
-        // `chunks` yields nothing for the placeholder's empty list.
-        let chunks: Vec<&[Endpoint]> = if endpoints.is_empty() {
-            vec![&[]]
-        } else {
-            endpoints.chunks(MAX_ENDPOINTS_PER_SLICE).collect()
-        };
-        for chunk in chunks {
-            let slice_name = generate_name(
-                &format!("{}-", service.metadata.name.as_deref().unwrap_or("")),
-                namespace,
-                slices.len(),
-                taken,
-            );
-            slices.push(EndpointSlice {
-                metadata: slice_metadata(service, slice_name),
-                address_type: "IPv4".into(),
-                endpoints: chunk.to_vec(),
-                // The API omits an empty list.
-                ports: (!ports.is_empty()).then(|| ports.clone()),
-            });
+    // One set of slices per address family, as the controller writes them
+    // for a dual-stack Service.
+    for family in service_families(spec) {
+        for (ports, endpoints) in &groups {
+            // `chunks` yields nothing for the placeholder's empty list.
+            let chunks: Vec<&[Endpoint]> = if endpoints.is_empty() {
+                vec![&[]]
+            } else {
+                endpoints.chunks(MAX_ENDPOINTS_PER_SLICE).collect()
+            };
+            for chunk in chunks {
+                let slice_name = generate_name(
+                    &format!("{}-", service.metadata.name.as_deref().unwrap_or("")),
+                    namespace,
+                    slices.len(),
+                    taken,
+                );
+                slices.push(EndpointSlice {
+                    metadata: slice_metadata(service, slice_name),
+                    address_type: family.clone(),
+                    endpoints: chunk
+                        .iter()
+                        .map(|e| endpoint_of_family(e, &family))
+                        .collect(),
+                    // The API omits an empty list.
+                    ports: (!ports.is_empty()).then(|| ports.clone()),
+                });
+            }
         }
     }
     slices
+}
+
+/// The address families a Service's endpoints are published in:
+/// `ipFamilies`, else those of its cluster IPs, else IPv4 (what the API
+/// server defaults on a single-stack IPv4 cluster).
+fn service_families(spec: &ServiceSpec) -> Vec<String> {
+    if let Some(families) = spec.ip_families.as_ref().filter(|f| !f.is_empty()) {
+        return families.clone();
+    }
+    let ips = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter());
+    let mut families: Vec<String> = Vec::new();
+    for ip in ips.filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+        let family = if ip.is_ipv6() { "IPv6" } else { "IPv4" };
+        if !families.iter().any(|f| f == family) {
+            families.push(family.to_owned());
+        }
+    }
+    if families.is_empty() {
+        families.push("IPv4".to_owned());
+    }
+    families
+}
+
+/// An endpoint (built with the pod's IPv4 address) with its address in
+/// `family`.
+fn endpoint_of_family(endpoint: &Endpoint, family: &str) -> Endpoint {
+    let mut e = endpoint.clone();
+    if family == "IPv6" {
+        e.addresses = e
+            .addresses
+            .iter()
+            .map(|a| {
+                a.parse()
+                    .map_or_else(|_| a.clone(), |ip| pod_ip6(ip).to_string())
+            })
+            .collect();
+    }
+    e
 }
 
 fn slice_metadata(service: &Service, name: String) -> ObjectMeta {
@@ -1355,5 +1433,53 @@ mod tests {
             .map(|p| (p.name.clone(), p.port))
             .collect();
         assert_eq!(ports, [(None, 8080), (Some("proxy".into()), 15001)]);
+    }
+
+    #[test]
+    fn pod_ipv6_addresses_mirror_the_ipv4_ones() {
+        assert_eq!(
+            pod_ip6(Ipv4Addr::new(10, 244, 1, 5)),
+            "fd00:10:244:1::5".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            pod_ip6(Ipv4Addr::new(10, 244, 0, 255)),
+            "fd00:10:244:0::255".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_service_gets_one_slice_per_family_in_the_order_of_ip_families() {
+        let mut objects = vec![simple_deployment("web", 2, json!({"app": "web"}))];
+        objects.push(service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIPs": ["fd00:96::40", "10.96.0.40"], "ipFamilies": ["IPv6", "IPv4"],
+                "ipFamilyPolicy": "RequireDualStack", "selector": {"app": "web"},
+                "ports": [{"port": 80}]}
+        })));
+        let pods = pods_of(&objects);
+        let slices = endpoint_slices_for_services(&objects, &pods);
+        let families: Vec<&str> = slices.iter().map(|s| s.address_type.as_str()).collect();
+        assert_eq!(families, ["IPv6", "IPv4"]);
+        let addresses = |s: &EndpointSlice| -> Vec<String> {
+            s.endpoints.iter().map(|e| e.addresses[0].clone()).collect()
+        };
+        let v4: Vec<String> = pods.iter().map(|p| p.ip.to_string()).collect();
+        let v6: Vec<String> = pods.iter().map(|p| p.ip6().to_string()).collect();
+        assert_eq!(addresses(&slices[0]), v6);
+        assert_eq!(addresses(&slices[1]), v4);
+        assert_ne!(slices[0].metadata.name, slices[1].metadata.name);
+    }
+
+    #[test]
+    fn an_ipv6_only_service_gets_only_an_ipv6_slice() {
+        let mut objects = vec![simple_deployment("web", 1, json!({"app": "web"}))];
+        objects.push(service(json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": "fd00:96::42", "selector": {"app": "web"},
+                "ports": [{"port": 80}]}
+        })));
+        let slices = endpoint_slices_for_services(&objects, &pods_of(&objects));
+        assert_eq!(slices.len(), 1);
+        assert_eq!(slices[0].address_type, "IPv6");
     }
 }

@@ -41,7 +41,15 @@ impl ApiSource {
     pub fn start(node: &LabNode, node_name: &str) -> Result<Self> {
         let server =
             ApiServer::start_in(Some(node.path())).context("start the API server fixture")?;
-        server.apply(&json!({"kind": "Node", "metadata": {"name": node_name}}))?;
+        // As a dual-stack cluster registers it: a pod range and an
+        // address of each family.
+        server.apply(&json!({"kind": "Node", "metadata": {"name": node_name},
+            "spec": {"podCIDR": "10.244.0.0/24",
+                "podCIDRs": ["10.244.0.0/24", "fd00:10:244::/64"]},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": crate::NODE_WIRE_ADDR.to_string()},
+                {"type": "InternalIP", "address": crate::NODE_WIRE_ADDR6.to_string()},
+                {"type": "Hostname", "address": node_name}]}}))?;
         let kubeconfig = node.dir.join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig())?;
         Ok(Self {

@@ -1,15 +1,16 @@
 //! Clients the tests run inside lab namespaces: one TCP line, one UDP
-//! datagram, one HTTP GET, and a reader of Prometheus text.
+//! datagram, one HTTP GET, and a reader of Prometheus text. Each takes an
+//! address of either family (`SocketAddrV4`, `SocketAddrV6`, `SocketAddr`).
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 /// Sends one line over a new TCP connection and returns the answer line.
-pub fn tcp_ask(to: SocketAddrV4, msg: &str, timeout: Duration) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)?;
+pub fn tcp_ask(to: impl Into<SocketAddr>, msg: &str, timeout: Duration) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to.into(), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     ask_on(&mut s, msg)
 }
@@ -39,11 +40,12 @@ pub fn ask_on(s: &mut TcpStream, msg: &str) -> std::io::Result<String> {
 
 /// Sends one UDP datagram and returns the answer, with its source address.
 pub fn udp_ask(
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     msg: &str,
     timeout: Duration,
 ) -> std::io::Result<(String, SocketAddr)> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let to = to.into();
+    let s = UdpSocket::bind(unspecified_of(&to))?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(msg.as_bytes(), to)?;
     let mut buf = [0u8; 512];
@@ -51,8 +53,21 @@ pub fn udp_ask(
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }
 
+/// The any-address and port 0 of `to`'s family: where a client binds.
+pub fn unspecified_of(to: &SocketAddr) -> SocketAddr {
+    match to {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    }
+}
+
 /// A plain HTTP/1.1 GET; returns the status code and body.
-pub fn http_get(to: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+pub fn http_get(
+    to: impl Into<SocketAddr>,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let to = to.into();
     let mut s = TcpStream::connect_timeout(&to, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     write!(
@@ -80,4 +95,75 @@ pub fn metric_sum(metrics: &str, name: &str, parts: &[&str]) -> f64 {
         .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// One ICMPv6 echo to `to`, answered within `timeout` (the lab has no
+/// `ping`): proves neighbour discovery and routing both ways. A raw
+/// ICMPv6 socket, so it needs CAP_NET_RAW, as lab tests have; the kernel
+/// fills in the checksum.
+pub fn ping6(to: std::net::Ipv6Addr, timeout: Duration) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let last = std::io::Error::last_os_error;
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
+        )
+    };
+    if fd < 0 {
+        return Err(last());
+    }
+    // SAFETY: a new fd nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: valid fd, option value and length.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let id = (std::process::id() as u16).to_be_bytes();
+    // Echo request: type 128, code 0, checksum (the kernel's), id, seq 1.
+    let request = [128u8, 0, 0, 0, id[0], id[1], 0, 1, b'l', b'a', b'b'];
+    // SAFETY: an all-zero sockaddr_in6 is valid; the fields are set next.
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    addr.sin6_addr.s6_addr = to.octets();
+    // SAFETY: valid fd, buffer and address of the given lengths.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(last());
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    while std::time::Instant::now() < deadline {
+        // SAFETY: valid fd and buffer; the socket times out every 100 ms.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        // Raw ICMPv6 sockets get the ICMPv6 message without the IPv6 header.
+        if n >= 8 && buf[0] == 129 && buf[4..6] == id {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no echo reply from {to} in {timeout:?}"),
+    ))
 }

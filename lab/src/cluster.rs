@@ -11,9 +11,16 @@
 //!
 //! Each node routes the other nodes' pod ranges via their wire address,
 //! as a routed pod network (Calico without overlay) does. Pods of the
-//! desired state are placed on the nodes in turn.
+//! desired state are placed on the nodes in turn. IPv6 beside it (see the
+//! plan in lib.rs): wire fd00:78::k/64 and ext fd00:78::100, pods
+//! fd00:10:244:k::/64, routed between nodes the same way.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -28,10 +35,17 @@ use crate::{
 use lb_kube_fixtures::workload::{self, LabObject};
 
 pub const CLUSTER_EXT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
+/// The external client's IPv6 address on the cluster's wire.
+pub const CLUSTER_EXT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x78, 0, 0, 0, 0, 0, 0x100);
 
 /// The wire address of node `k` (1-based).
 pub fn node_addr(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 78, 0, k as u8)
+}
+
+/// The IPv6 wire address of node `k` (1-based): fd00:78::k.
+pub fn node_addr6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x78, 0, 0, 0, 0, 0, k as u16)
 }
 
 /// The Kubernetes name of node `k` (1-based).
@@ -42,6 +56,11 @@ pub fn node_name(k: usize) -> String {
 /// The pod range of node `k` (1-based): 10.244.k.0/24.
 pub(crate) fn pod_cidr(k: usize) -> String {
     format!("10.244.{k}.0/24")
+}
+
+/// The IPv6 pod range of node `k` (1-based): fd00:10:244:k::/64.
+pub(crate) fn pod_cidr6(k: usize) -> String {
+    format!("fd00:10:244:{k}::/64")
 }
 
 pub struct Cluster {
@@ -71,7 +90,18 @@ impl Cluster {
         sweep_stale();
         let id = new_lab_id();
         let switch = Netns::create(&format!("{id}-sw"))?;
-        switch.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        // No multicast snooping: without an MLD querier on the wire it
+        // could come to drop the solicitations of IPv6 neighbour discovery.
+        switch.exec(&[
+            "ip",
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         switch.exec(&["ip", "link", "set", "br0", "up"])?;
         let ext = Netns::create(&format!("{id}-ext"))?;
         let mut cluster = Self {
@@ -84,7 +114,14 @@ impl Cluster {
             switch,
         };
         cluster.plug(&cluster.ext.name.clone(), "ext", CLUSTER_EXT_ADDR)?;
+        wire::address(
+            &cluster.ext.name,
+            "eth0",
+            &format!("{CLUSTER_EXT_ADDR6}/64"),
+        )?;
         wire::route(&cluster.ext.name, "10.96.0.0/12", &node_addr(1).to_string())?;
+        let via6 = node_addr6(1).to_string();
+        wire::route(&cluster.ext.name, crate::SERVICE_CIDR6, &via6)?;
         for k in 1..=count {
             cluster.add_node(&id, k)?;
         }
@@ -92,6 +129,7 @@ impl Cluster {
             for j in (1..=count).filter(|j| *j != k) {
                 let ns = &cluster.nodes[k - 1].name;
                 wire::route(ns, &pod_cidr(j), &node_addr(j).to_string())?;
+                wire::route(ns, &pod_cidr6(j), &node_addr6(j).to_string())?;
             }
         }
         cluster.place_pods()?;
@@ -127,7 +165,8 @@ impl Cluster {
         node.agent_defaults = self.wire.agent_flags();
         let ns_name = node.name.clone();
         self.nodes.push(node);
-        self.plug(&ns_name, &format!("n{k}"), node_addr(k))
+        self.plug(&ns_name, &format!("n{k}"), node_addr(k))?;
+        wire::address(&ns_name, "eth0", &format!("{}/64", node_addr6(k)))
     }
 
     /// Pods of the workloads, in turn on each node, with addresses from

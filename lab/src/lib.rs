@@ -13,6 +13,18 @@
 //!                                                          └─ lxcM ══ eth0 client pod ns
 //! ```
 //!
+//! Every namespace is dual-stack; the IPv6 plan (ULA, fd00::/8) mirrors
+//! the IPv4 one, DAD off so addresses work at once:
+//!
+//! | what                  | IPv4            | IPv6                   |
+//! |-----------------------|-----------------|------------------------|
+//! | node wire (eth0)      | 10.77.0.1/24    | fd00:77::1/64          |
+//! | external client       | 10.77.0.2/24    | fd00:77::2/64          |
+//! | pod (10.244.k.n)      | /32             | fd00:10:244:k::n/128   |
+//! | pod's gateway         | 169.254.1.1     | fe80::1 (link-local)   |
+//! | Service range         | 10.96.0.0/12    | fd00:96::/64           |
+//! | cluster wire, node k  | 10.78.0.k/24    | fd00:78::k/64          |
+//!
 //! Several nodes (`Cluster`, see `cluster`): the nodes' and the external
 //! client's eth0 on one bridge, routes between the nodes' pod ranges.
 //!
@@ -47,7 +59,7 @@ pub mod state;
 pub mod wire;
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     ops::{Deref, DerefMut},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
@@ -58,7 +70,7 @@ use anyhow::Result;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 pub use api_source::Source;
-pub use client::{ask_on, http_get, metric_sum, tcp_ask, udp_ask};
+pub use client::{ask_on, http_get, metric_sum, ping6, tcp_ask, udp_ask};
 pub use netns::{in_netns, run, sibling_binary, ChildGuard, Netns};
 pub(crate) use netns::{sweep_stale, LAB_CGROUP_ROOT};
 use node::NodeSpec;
@@ -74,6 +86,16 @@ use lb_kube_fixtures::workload::{self, LabObject, LabPod};
 pub const NODE_WIRE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 pub const EXT_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const CLIENT_POD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// The node's IPv6 wire address (beside `NODE_WIRE_ADDR`).
+pub const NODE_WIRE_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
+/// The external client's IPv6 address (beside `EXT_CLIENT_ADDR`).
+pub const EXT_CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);
+/// Where the lab's IPv6 Service addresses are (the example's, and those
+/// the API fixture allocates for dual-stack Services).
+pub const SERVICE_CIDR6: &str = "fd00:96::/64";
+/// Every pod's IPv6 address (`pod_ip6` of 10.244.0.0/16).
+pub const POD_CIDR6: &str = "fd00:10:244::/48";
+pub use lb_kube_fixtures::workload::pod_ip6;
 pub const NODE_NAME: &str = "lab-node";
 
 static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -156,6 +178,8 @@ impl Lab {
         wire::veth(&node.name, "eth0", &ext.name, "eth0")?;
         wire::address(&node.name, "eth0", &format!("{NODE_WIRE_ADDR}/24"))?;
         wire::address(&ext.name, "eth0", &format!("{EXT_CLIENT_ADDR}/24"))?;
+        wire::address(&node.name, "eth0", &format!("{NODE_WIRE_ADDR6}/64"))?;
+        wire::address(&ext.name, "eth0", &format!("{EXT_CLIENT_ADDR6}/64"))?;
         wire.configure(&node.name, "eth0")?;
         wire.configure(&ext.name, "eth0")?;
         let ext_xdp = if wire.peers_need_xdp() {
@@ -165,6 +189,9 @@ impl Lab {
         };
         for cidr in ["10.96.0.0/12", "10.244.0.0/16"] {
             wire::route(&ext.name, cidr, &NODE_WIRE_ADDR.to_string())?;
+        }
+        for cidr in [SERVICE_CIDR6, POD_CIDR6] {
+            wire::route(&ext.name, cidr, &NODE_WIRE_ADDR6.to_string())?;
         }
         let mut ips = (10u8..=250).map(|i| Ipv4Addr::new(10, 244, 0, i));
         let pod_specs = workload::pods_for_workloads(&objects, &mut ips, NODE_NAME)?;
@@ -202,6 +229,20 @@ impl Lab {
         endpoints: Vec<serde_json::Value>,
     ) {
         self.state.put_extra_service(name, spec, status, endpoints);
+    }
+
+    /// Adds dual-stack Service `name` and one EndpointSlice per family
+    /// (`("IPv6", endpoints)`, ...) to the extra manifests (written by the
+    /// next `write_manifests`); see `Workloads::put_dual_stack_service`.
+    pub fn put_dual_stack_service(
+        &mut self,
+        name: &str,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+        slices: &[(&str, Vec<serde_json::Value>)],
+    ) {
+        self.state
+            .put_dual_stack_service(name, spec, status, slices);
     }
 
     /// Creates a pod (a new replica) and starts its server.
@@ -278,6 +319,12 @@ impl Lab {
         self.state.cluster_ip(name)
     }
 
+    /// The cluster IPs (both families of a dual-stack one) of the
+    /// Service `name`, in the order of its `clusterIPs`.
+    pub fn cluster_ips(&self, name: &str) -> Vec<std::net::IpAddr> {
+        self.state.cluster_ips(name)
+    }
+
     /// Pod names of the Deployment/ReplicaSet owner (`Kind/name`).
     pub fn pods_of(&self, owner: &str) -> Vec<String> {
         self.state.pods_of(owner)
@@ -308,7 +355,9 @@ impl Drop for Lab {
     }
 }
 
-/// (namespace, TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors) of each.
+/// (namespace, TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors) of each;
+/// the UDP and ICMP counts include their IPv6 twins (Udp6InCsumErrors,
+/// Icmp6InCsumErrors; TCP has one counter for both families).
 pub(crate) fn checksum_errors_of(namespaces: &[&Netns]) -> Vec<(String, u64, u64, u64)> {
     namespaces
         .iter()
@@ -327,7 +376,7 @@ pub(crate) fn assert_no_checksum_errors_in(counters: &[(String, u64, u64, u64)])
         .collect();
     assert!(
         bad.is_empty(),
-        "checksum errors (namespace, TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors): {bad:?}"
+        "checksum errors (namespace, TcpInCsumErrors, Udp(6)InCsumErrors, Icmp(6)InCsumErrors): {bad:?}"
     );
 }
 

@@ -45,6 +45,14 @@ impl Netns {
             name: name.to_owned(),
         };
         run(&["ip", "-n", name, "link", "set", "lo", "up"])?;
+        // No duplicate address detection: IPv6 addresses (link-local ones
+        // included) are usable at once, not tentative for a second.
+        ns.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ])?;
         Ok(ns)
     }
 
@@ -84,16 +92,23 @@ impl Netns {
         in_netns(&self.path(), f)
     }
 
-    /// The kernel's checksum error counters in this namespace:
-    /// (TcpInCsumErrors, UdpInCsumErrors, IcmpInCsumErrors), as `nstat`
-    /// reports them.
+    /// The kernel's checksum error counters in this namespace, both
+    /// families: (TcpInCsumErrors, UdpInCsumErrors + Udp6InCsumErrors,
+    /// IcmpInCsumErrors + Icmp6InCsumErrors), as `nstat` reports them
+    /// (TCP counts both families in one counter).
     pub fn checksum_errors(&self) -> (u64, u64, u64) {
-        let snmp =
-            self.run_in(|| fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp"));
+        let (snmp, snmp6) = self.run_in(|| {
+            (
+                fs::read_to_string("/proc/thread-self/net/snmp").expect("read snmp"),
+                // Absent when the kernel has no IPv6.
+                fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default(),
+            )
+        });
         (
             snmp_counter(&snmp, "Tcp:", "InCsumErrors"),
-            snmp_counter(&snmp, "Udp:", "InCsumErrors"),
-            snmp_counter(&snmp, "Icmp:", "InCsumErrors"),
+            snmp_counter(&snmp, "Udp:", "InCsumErrors") + snmp6_counter(&snmp6, "Udp6InCsumErrors"),
+            snmp_counter(&snmp, "Icmp:", "InCsumErrors")
+                + snmp6_counter(&snmp6, "Icmp6InCsumErrors"),
         )
     }
 }
@@ -148,6 +163,17 @@ fn snmp_counter(snmp: &str, section: &str, field: &str) -> u64 {
         .position(|n| *n == field)
         .and_then(|i| values.get(i))
         .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A counter of /proc/net/snmp6 (one `Name value` per line).
+fn snmp6_counter(snmp6: &str, field: &str) -> u64 {
+    snmp6
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(char::is_whitespace)?;
+            (name == field).then(|| value.trim().parse().ok())?
+        })
         .unwrap_or(0)
 }
 
@@ -222,5 +248,21 @@ pub(crate) fn sweep_stale() {
                 let _ = fs::remove_dir(e.path());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_read_from_both_snmp_formats() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors InCsumErrors\nUdp: 10 0 2 2\n";
+        assert_eq!(snmp_counter(snmp, "Udp:", "InCsumErrors"), 2);
+        assert_eq!(snmp_counter(snmp, "Tcp:", "InCsumErrors"), 0);
+        let snmp6 = "Icmp6InCsumErrors               \t3\nUdp6InCsumErrors                \t0\n";
+        assert_eq!(snmp6_counter(snmp6, "Icmp6InCsumErrors"), 3);
+        assert_eq!(snmp6_counter(snmp6, "Udp6InCsumErrors"), 0);
+        assert_eq!(snmp6_counter(snmp6, "UdpLite6InCsumErrors"), 0);
     }
 }

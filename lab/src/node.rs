@@ -4,6 +4,9 @@
 //!
 //! Pods are routed like Calico does it: a /32 on eth0 and a default route
 //! via 169.254.1.1, answered by a static neighbour entry for the host veth.
+//! IPv6 the same way beside it: a /128 (`pod_ip6`: 10.244.k.n is
+//! fd00:10:244:k::n) and a default route via the link-local fe80::1, also
+//! a static neighbour entry; the node routes each pod's /128 to its veth.
 //! The host side of each pod's veth has tx checksum offload off, so packets
 //! the node forwards into a pod get their checksum finalized there: where a
 //! wrongly updated partial checksum turns into a wrong full one, counted by
@@ -13,7 +16,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Deref,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -26,14 +29,18 @@ use crate::{
     client::http_get,
     netns::{run, sibling_binary, ChildGuard, Netns, LAB_CGROUP_ROOT},
 };
-use lb_kube_fixtures::workload::LabPod;
+use lb_kube_fixtures::workload::{pod_ip6, LabPod};
 
 const POD_GATEWAY: &str = "169.254.1.1";
+/// The pods' IPv6 next hop: link-local, so it needs no route of its own.
+const POD_GATEWAY6: &str = "fe80::1";
 
 /// A pod: its namespace, veth pair and (for backends) its server.
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (`pod_ip6` of `ip`).
+    pub ip6: Ipv6Addr,
     pub(crate) host_if: String,
     // Field order matters: the server dies before its namespace goes.
     // Held so the server is killed with the pod.
@@ -116,6 +123,7 @@ impl LabNode {
             client: Pod {
                 name: "client".into(),
                 ip: spec.client_ip,
+                ip6: pod_ip6(spec.client_ip),
                 host_if: String::new(),
                 server: None,
                 ns: client_ns,
@@ -218,7 +226,72 @@ impl LabNode {
             "nud",
             "permanent",
         ])?;
+        self.wire_pod_ip6(pod_ns, &host_if, &host_mac, &pod_mac, pod_ip6(ip))?;
         Ok(host_if)
+    }
+
+    /// The IPv6 half of `wire_pod`, built the same way: the pod's /128
+    /// routed to its veth with a static neighbour on the node; in the pod
+    /// a default route via a link-local gateway the host veth answers for.
+    fn wire_pod_ip6(
+        &self,
+        pod_ns: &str,
+        host_if: &str,
+        host_mac: &str,
+        pod_mac: &str,
+        ip6: Ipv6Addr,
+    ) -> Result<()> {
+        let node = self.netns.name.as_str();
+        let ip6_s = ip6.to_string();
+        let host = format!("{ip6}/128");
+        run(&[
+            "ip", "-n", node, "-6", "route", "add", &host, "dev", host_if,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            node,
+            "-6",
+            "neigh",
+            "replace",
+            &ip6_s,
+            "lladdr",
+            pod_mac,
+            "dev",
+            host_if,
+            "nud",
+            "permanent",
+        ])?;
+        crate::wire::address(pod_ns, "eth0", &host)?;
+        run(&[
+            "ip",
+            "-n",
+            pod_ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            POD_GATEWAY6,
+            "dev",
+            "eth0",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            pod_ns,
+            "-6",
+            "neigh",
+            "replace",
+            POD_GATEWAY6,
+            "lladdr",
+            host_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
     }
 
     /// Creates a pod's namespace and starts its server; the pod is ready
@@ -245,6 +318,7 @@ impl LabNode {
             Pod {
                 name: spec.name.clone(),
                 ip: spec.ip,
+                ip6: pod_ip6(spec.ip),
                 host_if,
                 server: Some(server),
                 ns,

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -122,21 +122,53 @@ impl Workloads {
         let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": "default", "annotations": annotations},
             "spec": spec, "status": status});
-        let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-abc"), "namespace": "default",
-                "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"},
-                      {"name": "udp", "port": 80, "protocol": "UDP"}],
-            "endpoints": endpoints});
-        self.extra_manifests.insert(
-            format!("{name}.yaml"),
-            format!(
-                "{}---\n{}",
-                serde_yaml::to_string(&svc).expect("Service as YAML"),
-                serde_yaml::to_string(&slice).expect("EndpointSlice as YAML")
-            ),
-        );
+        self.put_service_manifest(name, &svc, &[("IPv4", endpoints)]);
+    }
+
+    /// Adds Service `name` in `default` (its spec and status given) and one
+    /// EndpointSlice per address family (`IPv4`, `IPv6`) with its
+    /// endpoints, for ports 80/TCP and 80/UDP, to the extra manifests: a
+    /// dual-stack Service as the control plane publishes it.
+    pub fn put_dual_stack_service(
+        &mut self,
+        name: &str,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+        slices: &[(&str, Vec<serde_json::Value>)],
+    ) {
+        let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec, "status": status});
+        self.put_service_manifest(name, &svc, slices);
+    }
+
+    /// The Service and its slices (one per (family, endpoints)) as the
+    /// extra manifest `<name>.yaml`.
+    fn put_service_manifest(
+        &mut self,
+        name: &str,
+        svc: &serde_json::Value,
+        slices: &[(&str, Vec<serde_json::Value>)],
+    ) {
+        let mut text = serde_yaml::to_string(svc).expect("Service as YAML");
+        for (i, (family, endpoints)) in slices.iter().enumerate() {
+            // The first keeps the name single-stack Services always had.
+            let slice_name = match i {
+                0 => format!("{name}-abc"),
+                _ => format!("{name}-{}", family.to_lowercase()),
+            };
+            let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": slice_name, "namespace": "default",
+                    "labels": {"kubernetes.io/service-name": name}},
+                "addressType": family,
+                "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"},
+                          {"name": "udp", "port": 80, "protocol": "UDP"}],
+                "endpoints": endpoints});
+            text.push_str("---\n");
+            text.push_str(&serde_yaml::to_string(&slice).expect("EndpointSlice as YAML"));
+        }
+        self.extra_manifests.insert(format!("{name}.yaml"), text);
     }
 
     /// The ClusterIP of the Service `name`.
@@ -147,6 +179,23 @@ impl Workloads {
             }
             _ => None,
         })
+    }
+
+    /// The cluster IPs of the Service `name`, one per family in the order
+    /// of its `clusterIPs` (its `clusterIP` when it has no list).
+    pub fn cluster_ips(&self, name: &str) -> Vec<IpAddr> {
+        let spec = self.objects.iter().find_map(|o| match o {
+            LabObject::Service(s) if s.metadata.name.as_deref() == Some(name) => s.spec.clone(),
+            _ => None,
+        });
+        let Some(spec) = spec else {
+            return Vec::new();
+        };
+        let list = match spec.cluster_ips.filter(|l| !l.is_empty()) {
+            Some(list) => list,
+            None => spec.cluster_ip.into_iter().collect(),
+        };
+        list.iter().filter_map(|ip| ip.parse().ok()).collect()
     }
 
     /// Pod names of the Deployment/ReplicaSet owner (`Kind/name`).

@@ -61,27 +61,35 @@ pub fn veth(a: &str, a_if: &str, b: &str, b_if: &str) -> Result<()> {
     Ok(())
 }
 
-/// Adds `addr/prefix` to `iface` of namespace `ns`.
+/// Adds `addr/prefix` (either family) to `iface` of namespace `ns`; an
+/// IPv6 one without duplicate address detection, usable at once.
 pub fn address(ns: &str, iface: &str, cidr: &str) -> Result<()> {
-    run(&["ip", "-n", ns, "addr", "add", cidr, "dev", iface])?;
+    let mut cmd = vec!["ip", "-n", ns, "addr", "add", cidr, "dev", iface];
+    if cidr.contains(':') {
+        cmd.push("nodad");
+    }
+    run(&cmd)?;
     Ok(())
 }
 
-/// Adds a route to `cidr` via `gateway` in namespace `ns`.
+/// Adds a route to `cidr` via `gateway` in namespace `ns` (either family:
+/// `ip` takes it from the addresses).
 pub fn route(ns: &str, cidr: &str, gateway: &str) -> Result<()> {
     run(&["ip", "-n", ns, "route", "add", cidr, "via", gateway])?;
     Ok(())
 }
 
-/// Forwarding on, reverse path filtering off: a node routes for its pods.
+/// Forwarding on (both families), reverse path filtering off: a node
+/// routes for its pods.
 pub(crate) fn make_router(ns: &Netns) -> Result<()> {
-    for sysctl in [
+    ns.exec(&[
+        "sysctl",
+        "-qw",
         "net.ipv4.ip_forward=1",
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
-    ] {
-        ns.exec(&["sysctl", "-qw", sysctl])?;
-    }
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
     Ok(())
 }
 

@@ -42,6 +42,7 @@ const LAB_TESTS: &[(&str, Run)] = &[
     ("security", Run::Shared(1)),
     ("kubernetes", Run::Shared(2)),
     ("multi_node", Run::Shared(2)),
+    ("dual_stack", Run::Shared(2)),
     ("health", Run::Shared(2)),
     ("memory_limit", Run::Shared(1)),
     ("container", Run::Shared(1)),

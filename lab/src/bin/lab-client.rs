@@ -2,6 +2,8 @@
 //! namespace, and in the lab's cgroup, where the agent's socket hooks
 //! apply). Prints one line per answer, tab separated, for the test to read.
 //!
+//! ADDR:PORT is either family: 10.96.0.10:80 or [fd00:96::40]:80.
+//!
 //!   lab-client tcp ADDR:PORT N        N connections: "peer\tanswer" (getpeername, whoami)
 //!   lab-client udp ADDR:PORT N        N datagrams, each from a new unconnected socket
 //!                                     (a new flow): "from\tanswer"
@@ -17,7 +19,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -46,11 +48,11 @@ fn main() {
             }
         }
         "udp" | "udp-one-socket" => {
-            let mut s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let mut s = UdpSocket::bind(unspecified_of(&to)).expect("bind");
             s.set_read_timeout(Some(TIMEOUT)).unwrap();
             for _ in 0..n {
                 if mode == "udp" {
-                    s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                    s = UdpSocket::bind(unspecified_of(&to)).expect("bind");
                     s.set_read_timeout(Some(TIMEOUT)).unwrap();
                 }
                 let mut buf = [0u8; 512];
@@ -65,7 +67,7 @@ fn main() {
         }
         "udp-connected" => {
             let interval: u64 = args.get(3).and_then(|m| m.parse().ok()).unwrap_or(100);
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let s = UdpSocket::bind(unspecified_of(&to)).expect("bind");
             s.connect(to).expect("connect");
             s.set_read_timeout(Some(Duration::from_millis(interval.max(50) * 3)))
                 .unwrap();
@@ -154,6 +156,16 @@ fn bench_connection(to: SocketAddr) -> std::io::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where a client of `to` binds: the any-address of its family, port 0.
+fn unspecified_of(to: &SocketAddr) -> SocketAddr {
+    let any: IpAddr = if to.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(any, 0)
 }
 
 fn tcp_once(to: SocketAddr) -> std::io::Result<(SocketAddr, String)> {

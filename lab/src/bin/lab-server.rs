@@ -13,11 +13,14 @@
 //! the client knows to reconnect (HTTP's `Connection: close`). The kubelet
 //! (the lab) kills it when the grace period is over.
 //!
+//! It listens on both families: one socket per port on [::], which takes
+//! IPv4 too (as v4-mapped addresses, shown as plain IPv4 ones).
+//!
 //! Usage: lab-server --name POD [--tcp PORT]... [--udp PORT]...
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Shutdown, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::atomic::{AtomicBool, Ordering},
     thread,
 };
@@ -28,8 +31,23 @@ extern "C" fn on_sigterm(_: libc::c_int) {
     TERMINATING.store(true, Ordering::SeqCst);
 }
 
+/// A peer as the client knows itself: an IPv4 one without its v4-mapped
+/// IPv6 form.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
+/// Where a port listens: [::] (both families), or 0.0.0.0 when the
+/// kernel has no IPv6.
+fn listen_addresses(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        SocketAddr::from(([0, 0, 0, 0], port)),
+    ]
+}
+
 fn serve_tcp(stream: TcpStream, name: String) {
-    let peer = stream.peer_addr().ok();
+    let peer = stream.peer_addr().ok().map(canonical);
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -78,8 +96,8 @@ fn main() {
     };
     let mut threads = Vec::new();
     for port in tcp {
-        let listener =
-            TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind TCP {port}: {e}"));
+        let listener = TcpListener::bind(&listen_addresses(port)[..])
+            .unwrap_or_else(|e| panic!("bind TCP {port}: {e}"));
         let name = name.clone();
         threads.push(thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -89,14 +107,14 @@ fn main() {
         }));
     }
     for port in udp {
-        let socket =
-            UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind UDP {port}: {e}"));
+        let socket = UdpSocket::bind(&listen_addresses(port)[..])
+            .unwrap_or_else(|e| panic!("bind UDP {port}: {e}"));
         let name = name.clone();
         threads.push(thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
                 let answer = if &buf[..n] == b"whoami" {
-                    format!("{name} {from}")
+                    format!("{name} {}", canonical(from))
                 } else if buf[..n].starts_with(b"seq:") {
                     // Echoed, so a client can match answers to requests.
                     format!("{name} {}", String::from_utf8_lossy(&buf[..n]))

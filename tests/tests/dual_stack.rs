@@ -1,0 +1,513 @@
+//! IPv6 and dual-stack Services (examples/dual-stack.yaml), from both
+//! sources of desired state and over both kinds of wire where the wire
+//! carries the traffic:
+//!
+//! - the lab itself is dual-stack with the agent running: pods, the node
+//!   and the external client reach each other over IPv6 without any
+//!   Service (neighbour discovery included), routes are as planned, and
+//!   nothing is left behind (these run now);
+//! - a dual-stack ClusterIP answers over IPv4 and IPv6 from a pod (TCP and
+//!   UDP), a NodePort on the node's IPv6 wire address from the external
+//!   client, a SingleStack IPv6 Service answers, IPv6 externalIPs and
+//!   LoadBalancer ingress addresses answer from the wire, and a dual-stack
+//!   Service reaches a backend on the other node of a cluster over IPv6
+//!   (these wait for the IPv6 data path, hence `#[ignore]`).
+//!
+//! Every test ends with zero checksum errors (IPv4 and IPv6 counters) in
+//! every namespace.
+
+use std::{
+    collections::BTreeMap,
+    io::ErrorKind,
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_lab::{
+    cluster::{node_addr6, Cluster},
+    on_each_source_and_wire, on_each_wire, ping6, report_checksum_counters, tcp_ask, udp_ask, Lab,
+    Netns, Source, Wire, EXT_CLIENT_ADDR6, NODE_NAME, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
+};
+use serde_json::{json, Value};
+
+on_each_source_and_wire!(the_lab_is_dual_stack_with_the_agent_running);
+on_each_wire!(two_nodes_route_each_others_ipv6_pod_ranges);
+
+/// The Service tests, declared like `on_each_source!` and friends but
+/// ignored until the data path translates IPv6 (drop the ignore then).
+macro_rules! waiting_for_ipv6_data_path {
+    ($module:ident, $source:ident, $wire:ident, $($name:ident),*) => {
+        mod $module {
+            $(
+                #[lb_lab::privileged_test]
+                #[ignore = "waits for the IPv6 data path"]
+                fn $name() {
+                    super::$name(lb_lab::Source::$source, lb_lab::Wire::$wire)
+                }
+            )*
+        }
+    };
+}
+
+waiting_for_ipv6_data_path!(
+    service_manifests,
+    Manifests,
+    Software,
+    a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
+    an_ipv6_only_service_answers_from_a_pod_and_the_wire
+);
+waiting_for_ipv6_data_path!(
+    service_api,
+    Api,
+    Software,
+    a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
+    an_ipv6_only_service_answers_from_a_pod_and_the_wire
+);
+waiting_for_ipv6_data_path!(
+    service_manifests_software_wire,
+    Manifests,
+    Software,
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire,
+    an_ipv6_service_without_endpoints_refuses_at_once
+);
+waiting_for_ipv6_data_path!(
+    service_manifests_nic_wire,
+    Manifests,
+    Nic,
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire,
+    an_ipv6_service_without_endpoints_refuses_at_once
+);
+waiting_for_ipv6_data_path!(
+    service_api_software_wire,
+    Api,
+    Software,
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
+);
+waiting_for_ipv6_data_path!(
+    service_api_nic_wire,
+    Api,
+    Nic,
+    a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
+);
+// A cluster's agents read manifest files only.
+waiting_for_ipv6_data_path!(
+    service_cluster_software_wire,
+    Manifests,
+    Software,
+    a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6
+);
+waiting_for_ipv6_data_path!(
+    service_cluster_nic_wire,
+    Manifests,
+    Nic,
+    a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6
+);
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests per check: with two backends chosen at random, one is missed
+/// with probability 2^-19.
+const REQUESTS: usize = 20;
+const PORT: u16 = 80;
+const NODE_PORT: u16 = 30090;
+/// Documentation addresses (RFC 3849) the external client routes via the
+/// node: an externalIP and a LoadBalancer ingress.
+const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x50);
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/dual-stack.yaml")
+}
+
+/// The lab of the dual-stack example (two pods), its agent reading
+/// `source` and running.
+fn example_lab(source: Source, wire: Wire) -> Lab {
+    let mut lab = Lab::from_manifest_files_with(source, wire, &[example()]).expect("build the lab");
+    assert_eq!(lab.pods.len(), 2, "the example Deployment has 2 replicas");
+    lab.agent().start().expect("start lb-agent");
+    lab
+}
+
+/// The pod names of the lab, sorted.
+fn pod_names(lab: &Lab) -> Vec<String> {
+    lab.pods.keys().cloned().collect()
+}
+
+/// `n` TCP "whoami" requests from `ns`, a new connection each: (answering
+/// pod, source address it saw) counted. Every request must be answered.
+fn whoami_tcp(ns: &Netns, to: SocketAddr, n: usize) -> BTreeMap<(String, IpAddr), usize> {
+    ns.run_in(|| {
+        let mut seen = BTreeMap::new();
+        for i in 0..n {
+            let answer = tcp_ask(to, "whoami", TIMEOUT)
+                .unwrap_or_else(|e| panic!("TCP request {i} to {to}: {e}"));
+            *seen.entry(parse_whoami(&answer)).or_insert(0) += 1;
+        }
+        seen
+    })
+}
+
+/// The same over UDP, each answer from `to` itself (the reverse
+/// translation), each datagram from a new socket (a new flow).
+fn whoami_udp(ns: &Netns, to: SocketAddr, n: usize) -> BTreeMap<(String, IpAddr), usize> {
+    ns.run_in(|| {
+        let mut seen = BTreeMap::new();
+        for i in 0..n {
+            let (answer, from) = udp_ask(to, "whoami", TIMEOUT)
+                .unwrap_or_else(|e| panic!("UDP request {i} to {to}: {e}"));
+            assert_eq!(from, to, "UDP answer {i} comes from the Service address");
+            *seen.entry(parse_whoami(&answer)).or_insert(0) += 1;
+        }
+        seen
+    })
+}
+
+/// "pod-name peer-address:port" as lab-server answers "whoami".
+fn parse_whoami(answer: &str) -> (String, IpAddr) {
+    let (pod, peer) = answer.trim().split_once(' ').expect("name and peer");
+    let peer: SocketAddr = peer.parse().unwrap_or_else(|e| panic!("peer {peer}: {e}"));
+    (pod.to_owned(), peer.ip())
+}
+
+fn pods_in(seen: &BTreeMap<(String, IpAddr), usize>) -> Vec<String> {
+    let mut pods: Vec<String> = seen.keys().map(|(p, _)| p.clone()).collect();
+    pods.dedup();
+    pods
+}
+
+fn sources_in(seen: &BTreeMap<(String, IpAddr), usize>) -> Vec<IpAddr> {
+    let mut sources: Vec<IpAddr> = seen.keys().map(|(_, s)| *s).collect();
+    sources.sort();
+    sources.dedup();
+    sources
+}
+
+/// An ICMPv6 echo from `ns` to `to` is answered: neighbour discovery and
+/// routing work both ways (with the agent's programs attached).
+fn assert_pings(ns: &Netns, to: Ipv6Addr, what: &str) {
+    ns.run_in(|| ping6(to, TIMEOUT))
+        .unwrap_or_else(|e| panic!("{what}: ping {to} from {}: {e}", ns.name));
+}
+
+/// Every route of `ip -6 route` in `ns`, one per line.
+fn ipv6_routes(ns: &Netns) -> String {
+    ns.exec(&["ip", "-6", "route", "show"])
+        .expect("ip -6 route")
+}
+
+/// The node routes each pod's /128 to its veth, the pods go via the
+/// link-local gateway, the external client via the node's wire address.
+fn assert_ipv6_routes(lab: &Lab) {
+    let node = ipv6_routes(&lab.node.netns);
+    for pod in lab.pods.values().chain([&lab.client]) {
+        assert!(
+            node.lines()
+                .any(|l| l.starts_with(&format!("{} dev lxc", pod.ip6))),
+            "the node routes {} to its veth:\n{node}",
+            pod.ip6
+        );
+        let in_pod = ipv6_routes(&pod.ns);
+        assert!(
+            in_pod.contains("default via fe80::1 dev eth0"),
+            "pod {} goes via the link-local gateway:\n{in_pod}",
+            pod.name
+        );
+    }
+    let ext = ipv6_routes(&lab.ext);
+    for cidr in [lb_lab::SERVICE_CIDR6, lb_lab::POD_CIDR6] {
+        assert!(
+            ext.contains(&format!("{cidr} via {NODE_WIRE_ADDR6} dev eth0")),
+            "the external client routes {cidr} via the node:\n{ext}"
+        );
+    }
+}
+
+/// Without any Service: the client pod reaches each pod over IPv6 and
+/// IPv4 (sources kept), the external client reaches each pod over IPv6,
+/// the pods and the external client ping the node; and once the lab is
+/// dropped, none of its namespaces or pins are left.
+fn the_lab_is_dual_stack_with_the_agent_running(source: Source, wire: Wire) {
+    let lab = example_lab(source, wire);
+    assert_ipv6_routes(&lab);
+    let client = &lab.client;
+    for pod in lab.pods.values() {
+        for (to, want_source) in [
+            (
+                SocketAddr::new(pod.ip6.into(), PORT),
+                IpAddr::from(client.ip6),
+            ),
+            (
+                SocketAddr::new(pod.ip.into(), PORT),
+                IpAddr::from(client.ip),
+            ),
+        ] {
+            let seen = whoami_tcp(&client.ns, to, 2);
+            assert_eq!(pods_in(&seen), vec![pod.name.clone()], "{to}");
+            assert_eq!(sources_in(&seen), vec![want_source], "{to}");
+            let seen = client.ns.run_in(|| udp_ask(to, "whoami", TIMEOUT));
+            let (answer, from) = seen.unwrap_or_else(|e| panic!("UDP to {to}: {e}"));
+            assert_eq!(from, to);
+            assert_eq!(parse_whoami(&answer), (pod.name.clone(), want_source));
+        }
+        let to = SocketAddr::new(pod.ip6.into(), PORT);
+        let seen = whoami_tcp(&lab.ext, to, 2);
+        assert_eq!(sources_in(&seen), vec![IpAddr::from(EXT_CLIENT_ADDR6)]);
+        assert_pings(&pod.ns, NODE_WIRE_ADDR6, "pod to node");
+    }
+    assert_pings(&client.ns, NODE_WIRE_ADDR6, "client pod to node");
+    assert_pings(&lab.ext, NODE_WIRE_ADDR6, "external client to node");
+    assert_pings(&lab.node.netns, EXT_CLIENT_ADDR6, "node to external client");
+    // The check can fail: nobody has this address on the wire.
+    let nobody: Ipv6Addr = "fd00:77::99".parse().expect("an address");
+    let short = Duration::from_millis(300);
+    assert!(lab.ext.run_in(|| ping6(nobody, short)).is_err());
+    report_checksum_counters("dual-stack lab, no Service", &lab.checksum_errors());
+    assert_nothing_left_after(lab);
+}
+
+/// Drops the lab and checks its namespaces and pinned maps are gone.
+fn assert_nothing_left_after(lab: Lab) {
+    let id = lab.id.clone();
+    let pins = lab.pin_dir.clone();
+    drop(lab);
+    let namespaces = lb_lab::run(&["ip", "netns", "list"]).expect("ip netns list");
+    assert!(
+        !namespaces.lines().any(|l| l.starts_with(&format!("{id}-"))),
+        "namespaces of {id} left:\n{namespaces}"
+    );
+    assert!(!pins.exists(), "{} left", pins.display());
+}
+
+/// Two nodes with one pod each: the client pod of node-1 reaches node-2's
+/// pod over IPv6 directly (routed pod ranges, agents running), source
+/// kept; the nodes ping each other's IPv6 wire address.
+fn two_nodes_route_each_others_ipv6_pod_ranges(wire: Wire) {
+    let mut c = Cluster::from_manifest_files(wire, 2, &[example()]).expect("build the cluster");
+    c.start_agents().expect("start the agents");
+    let remote = c.pods_on(1);
+    assert_eq!(remote.len(), 1);
+    let pod = c.pod(&remote[0]);
+    let client = &c.nodes[0].client;
+    let to = SocketAddr::new(pod.ip6.into(), PORT);
+    let seen = whoami_tcp(&client.ns, to, 3);
+    assert_eq!(pods_in(&seen), remote);
+    assert_eq!(sources_in(&seen), vec![IpAddr::from(client.ip6)]);
+    assert_pings(&c.nodes[0].netns, node_addr6(2), "node-1 to node-2");
+    assert_pings(&c.ext, node_addr6(1), "external client to node-1");
+    report_checksum_counters("dual-stack cluster, no Service", &c.checksum_errors());
+}
+
+/// (a) Both ClusterIPs of `echo` (IPv4 first) and of `echo-nodeport`
+/// (IPv6 first) answer from the client pod over TCP and UDP, from both
+/// pods, with the client's own address of that family as the source.
+fn a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod(source: Source, _wire: Wire) {
+    let lab = example_lab(source, Wire::Software);
+    let client = &lab.client;
+    for service in ["echo", "echo-nodeport"] {
+        let ips = lab.cluster_ips(service);
+        assert_eq!(ips.len(), 2, "{service} is dual-stack: {ips:?}");
+        for ip in ips {
+            let to = SocketAddr::new(ip, PORT);
+            let own = if ip.is_ipv6() {
+                IpAddr::from(client.ip6)
+            } else {
+                IpAddr::from(client.ip)
+            };
+            for seen in [
+                whoami_tcp(&client.ns, to, REQUESTS),
+                whoami_udp(&client.ns, to, REQUESTS),
+            ] {
+                assert_eq!(pods_in(&seen), pod_names(&lab), "{service} {to}");
+                assert_eq!(sources_in(&seen), vec![own], "{service} {to}");
+            }
+        }
+    }
+    assert_pings(
+        &client.ns,
+        NODE_WIRE_ADDR6,
+        "client pod to node, agent serving",
+    );
+    report_checksum_counters("dual-stack ClusterIP", &lab.checksum_errors());
+}
+
+/// (b) The NodePort of `echo-nodeport` answers from the external client
+/// on the node's IPv6 wire address (and still on its IPv4 one), TCP and
+/// UDP, from both pods; neighbour discovery on the wire keeps working.
+fn a_node_port_answers_on_the_nodes_ipv6_wire_address(source: Source, wire: Wire) {
+    let lab = example_lab(source, wire);
+    assert_pings(&lab.ext, NODE_WIRE_ADDR6, "external client to node");
+    for ip in [IpAddr::from(NODE_WIRE_ADDR6), IpAddr::from(NODE_WIRE_ADDR)] {
+        let to = SocketAddr::new(ip, NODE_PORT);
+        assert_eq!(
+            pods_in(&whoami_tcp(&lab.ext, to, REQUESTS)),
+            pod_names(&lab),
+            "TCP {to}"
+        );
+        assert_eq!(
+            pods_in(&whoami_udp(&lab.ext, to, REQUESTS)),
+            pod_names(&lab),
+            "UDP {to}"
+        );
+    }
+    assert_pings(&lab.ext, NODE_WIRE_ADDR6, "external client to node, after");
+    report_checksum_counters("dual-stack NodePort", &lab.checksum_errors());
+}
+
+/// (c) `echo-ipv6` (SingleStack IPv6) answers from the client pod, TCP
+/// and UDP, from both pods, and from the external client, which routes
+/// the IPv6 Service range via the node.
+fn an_ipv6_only_service_answers_from_a_pod_and_the_wire(source: Source, _wire: Wire) {
+    let lab = example_lab(source, Wire::Software);
+    let ips = lab.cluster_ips("echo-ipv6");
+    assert_eq!(ips.len(), 1);
+    assert!(ips[0].is_ipv6(), "{ips:?}");
+    let to = SocketAddr::new(ips[0], PORT);
+    let seen = whoami_tcp(&lab.client.ns, to, REQUESTS);
+    assert_eq!(pods_in(&seen), pod_names(&lab));
+    assert_eq!(sources_in(&seen), vec![IpAddr::from(lab.client.ip6)]);
+    let seen = whoami_udp(&lab.client.ns, to, REQUESTS);
+    assert_eq!(pods_in(&seen), pod_names(&lab));
+    let seen = whoami_tcp(&lab.ext, to, REQUESTS);
+    assert_eq!(pods_in(&seen), pod_names(&lab));
+    report_checksum_counters("IPv6-only Service", &lab.checksum_errors());
+}
+
+/// (d) Two nodes, one `echo` pod on each: node-1's client pod reaches both
+/// through the IPv6 ClusterIP, the one on node-2 across the wire, with its
+/// own IPv6 address kept as the source; UDP answers come from the Service.
+fn a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6(_source: Source, wire: Wire) {
+    let mut c = Cluster::from_manifest_files(wire, 2, &[example()]).expect("build the cluster");
+    c.start_agents().expect("start the agents");
+    let mut all: Vec<String> = c.placement.keys().cloned().collect();
+    all.sort();
+    let ip6: Ipv6Addr = "fd00:96::40".parse().expect("echo's IPv6 ClusterIP");
+    let to = SocketAddr::new(ip6.into(), PORT);
+    let client = &c.nodes[0].client;
+    let seen = whoami_tcp(&client.ns, to, REQUESTS);
+    assert_eq!(
+        pods_in(&seen),
+        all,
+        "node-1's client reaches both nodes' pods"
+    );
+    assert_eq!(sources_in(&seen), vec![IpAddr::from(client.ip6)]);
+    let seen = whoami_udp(&client.ns, to, REQUESTS);
+    assert_eq!(pods_in(&seen), all);
+    report_checksum_counters("dual-stack across nodes", &c.checksum_errors());
+}
+
+/// An endpoint of `pod` with its address of `family`, ready, on this node.
+fn ready_endpoint(lab: &Lab, pod: &str, family: &str) -> Value {
+    let p = &lab.pods[pod];
+    let address = if family == "IPv6" {
+        p.ip6.to_string()
+    } else {
+        p.ip.to_string()
+    };
+    json!({"addresses": [address],
+        "conditions": {"ready": true, "serving": true, "terminating": false},
+        "nodeName": NODE_NAME, "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"}})
+}
+
+/// A LoadBalancer Service, IPv6 first, with an IPv6 externalIP and an IPv6
+/// ingress address: both answer from the external client (which routes
+/// them via the node), TCP and UDP, from both pods.
+fn ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire(source: Source, wire: Wire) {
+    let mut lab = example_lab(source, wire);
+    lab.ext
+        .exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/64",
+            "via",
+            &NODE_WIRE_ADDR6.to_string(),
+        ])
+        .expect("route to the external addresses");
+    let pods = pod_names(&lab);
+    let slices: Vec<(&str, Vec<Value>)> = ["IPv6", "IPv4"]
+        .into_iter()
+        .map(|f| (f, pods.iter().map(|p| ready_endpoint(&lab, p, f)).collect()))
+        .collect();
+    let spec = json!({"type": "LoadBalancer", "clusterIPs": ["fd00:96::50", "10.96.0.50"],
+        "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "RequireDualStack",
+        "externalIPs": [EXTERNAL_IP6.to_string()],
+        "ports": [{"name": "tcp", "port": 80, "protocol": "TCP", "nodePort": 30091},
+                  {"name": "udp", "port": 80, "protocol": "UDP", "nodePort": 30091}]});
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
+    lab.put_dual_stack_service("lb6", spec, status, &slices);
+    lab.apply_manifests()
+        .expect("the agent picks up the Service");
+    for ip in [EXTERNAL_IP6, LB_IP6] {
+        let to = SocketAddr::new(ip.into(), PORT);
+        assert_eq!(
+            pods_in(&whoami_tcp(&lab.ext, to, REQUESTS)),
+            pods,
+            "TCP {to}"
+        );
+        assert_eq!(
+            pods_in(&whoami_udp(&lab.ext, to, REQUESTS)),
+            pods,
+            "UDP {to}"
+        );
+    }
+    report_checksum_counters("IPv6 externalIP and ingress", &lab.checksum_errors());
+}
+
+/// How a connection attempt from `ns` to `to` failed, and after how long:
+/// TCP connect, or a connected UDP socket's answer.
+fn refusal(ns: &Netns, to: SocketAddr, udp: bool) -> (Option<ErrorKind>, Duration) {
+    ns.run_in(|| {
+        let started = Instant::now();
+        let result = if udp {
+            let s = UdpSocket::bind(lb_lab::client::unspecified_of(&to)).expect("bind");
+            s.connect(to).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            s.send(b"hello").expect("send");
+            s.recv(&mut [0u8; 64]).map(drop)
+        } else {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).map(drop)
+        };
+        (result.err().map(|e| e.kind()), started.elapsed())
+    })
+}
+
+/// An IPv6 Service whose selector matches nothing is refused at once over
+/// TCP (a RST) and UDP (an ICMPv6 port unreachable), from a pod and from
+/// the wire, every time, as its IPv4 twin is (lab.rs).
+fn an_ipv6_service_without_endpoints_refuses_at_once(source: Source, wire: Wire) {
+    let mut lab = example_lab(source, wire);
+    lab.state.extra_manifests.insert(
+        "empty6.yaml".into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty6}\nspec:\n  clusterIP: \"fd00:96::99\"\n  ipFamilies: [IPv6]\n  selector: {app: nothing-matches}\n  ports: [{name: tcp, port: 80}, {name: udp, port: 80, protocol: UDP}]\n".into(),
+    );
+    lab.apply_manifests()
+        .expect("the agent picks up the Service");
+    let to = SocketAddr::new("fd00:96::99".parse::<IpAddr>().expect("address"), PORT);
+    for (who, ns) in [
+        ("client pod", &lab.client.ns),
+        ("external client", &lab.ext),
+    ] {
+        for attempt in 0..3 {
+            for udp in [false, true] {
+                let (err, elapsed) = refusal(ns, to, udp);
+                let what = format!(
+                    "{who}, {} attempt {attempt}",
+                    if udp { "UDP" } else { "TCP" }
+                );
+                assert_eq!(
+                    err,
+                    Some(ErrorKind::ConnectionRefused),
+                    "{what} after {elapsed:?}"
+                );
+                assert!(elapsed < Duration::from_secs(1), "{what}: took {elapsed:?}");
+            }
+        }
+    }
+    report_checksum_counters("IPv6 Service without endpoints", &lab.checksum_errors());
+}
