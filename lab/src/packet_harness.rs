@@ -10,9 +10,8 @@ use aya::{
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{
-    ipv6::words, map_names, program_names, Backend6, BackendMatchKey, Ct4Key, Ct4Value, Ct6Key,
-    Ct6Value, DatapathConfig, RevNat6, Service4Value, Service6Key, BACKEND_MATCH_ACTIVE,
-    SCOPE_EXTERNAL, SVC_FLAG_CLUSTER_IP,
+    map_names, program_names, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig,
+    SVC_FLAG_CLUSTER_IP,
 };
 use lb_userspace::{
     datapath::loader::{self, LoadConfig},
@@ -39,9 +38,8 @@ pub const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// The node's IPv6 masquerade address.
 pub const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
 
-/// An IPv6 frontend to write straight into the lb6_ maps (the control
-/// plane's IPv6 side is tested on its own): address, port, protocol,
-/// `SVC_FLAG_*`, backends as (address, port).
+/// An IPv6 frontend to program: address, port, protocol, `SVC_FLAG_*`,
+/// backends as (address, port).
 pub struct Frontend6<'a> {
     pub addr: Ipv6Addr,
     pub port: u16,
@@ -300,70 +298,43 @@ impl Harness {
         map.insert(key, value, 0).expect("conntrack write");
     }
 
-    /// Writes IPv6 frontends into the lb6_ maps in the order the agent
-    /// keeps (backends, reverse NAT, backend match, slots, master last).
-    /// Backend ids count from 1 and reverse NAT ids from 1000, per call.
+    /// Programs IPv6 frontends through the agent's planner and writer
+    /// (as `program` does for IPv4), replacing what was programmed before.
     pub fn program6(&mut self, frontends: &[Frontend6]) {
-        let mut next_backend = 1u32;
+        let mut desired = DesiredState::default();
         for (i, f) in frontends.iter().enumerate() {
-            let rev_nat_id = 1000 + i as u16;
-            let ids: Vec<u32> = f
-                .backends
-                .iter()
-                .map(|(addr, port)| {
-                    let id = next_backend;
-                    next_backend += 1;
-                    let m = self.ebpf.map_mut(map_names::BACKENDS6).expect("backends6");
-                    let mut a: aya::maps::Array<_, Backend6> =
-                        aya::maps::Array::try_from(m).expect("backends6 is an array");
-                    a.set(id, backend6(*addr, *port, f.proto), 0)
-                        .expect("backends6 write");
-                    id
-                })
-                .collect();
-            let rev = RevNat6 {
-                addr: words(f.addr.octets()),
-                port: f.port.to_be(),
-                _pad: 0,
+            let l4 = |addr: Ipv6Addr, port: u16| L4Addr {
+                addr: addr.into(),
+                port,
+                proto: f.proto,
             };
-            self.put6(map_names::REV_NAT6, rev_nat_id, rev);
-            for id in &ids {
-                let key = BackendMatchKey {
-                    backend_id: *id,
-                    rev_nat_id,
-                    _pad: 0,
-                };
-                self.put6(map_names::BACKEND_MATCH6, key, BACKEND_MATCH_ACTIVE);
-            }
-            let key = |slot: u16| Service6Key {
-                addr: words(f.addr.octets()),
-                port: f.port.to_be(),
-                backend_slot: slot,
-                proto: f.proto.number(),
-                scope: SCOPE_EXTERNAL,
-                _pad: [0; 2],
-            };
-            for (slot, id) in ids.iter().enumerate() {
-                let value = Service4Value {
-                    backend_id: *id,
-                    ..Default::default()
-                };
-                self.put6(map_names::SERVICES6, key(slot as u16 + 1), value);
-            }
-            let master = Service4Value {
-                count: ids.len() as u16,
-                rev_nat_id,
+            let mut backends: Vec<L4Addr> = f.backends.iter().map(|(a, p)| l4(*a, *p)).collect();
+            backends.sort();
+            desired.insert(ServiceEntry {
+                service: ServiceName {
+                    namespace: "default".into(),
+                    name: format!("svc6-{i}"),
+                },
+                port_name: String::new(),
+                frontend: l4(f.addr, f.port),
+                backends: BackendSet {
+                    active: backends,
+                    terminating: Vec::new(),
+                },
+                internal: None,
                 flags: f.flags,
-                ..Default::default()
-            };
-            self.put6(map_names::SERVICES6, key(0), master);
+                affinity_timeout: 0,
+                source_ranges: Vec::new(),
+            });
         }
-    }
-
-    fn put6<K: aya::Pod, V: aya::Pod>(&mut self, map: &str, key: K, value: V) {
-        let m = self.ebpf.map_mut(map).expect("IPv6 map");
-        let mut h: aya::maps::HashMap<_, K, V> = aya::maps::HashMap::try_from(m).expect("hash");
-        h.insert(key, value, 0).expect("hash write");
+        let p = plan(&self.current, &desired);
+        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
+        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
+        assert!(
+            report.failed.is_empty(),
+            "map writes failed: {:?}",
+            report.failed
+        );
     }
 
     /// Every IPv6 conntrack entry.
@@ -383,15 +354,6 @@ impl Harness {
         let stats: aya::maps::PerCpuArray<_, u64> =
             aya::maps::PerCpuArray::try_from(map).expect("stats is a per-CPU array");
         stats.get(&index, 0).expect("counter").iter().sum()
-    }
-}
-
-fn backend6(addr: Ipv6Addr, port: u16, proto: Protocol) -> Backend6 {
-    Backend6 {
-        addr: words(addr.octets()),
-        port: port.to_be(),
-        proto: proto.number(),
-        ..Default::default()
     }
 }
 

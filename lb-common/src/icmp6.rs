@@ -61,14 +61,18 @@ pub const IP6_FIRST_BYTES: [u8; 8] = {
 };
 
 /// The ICMPv6 checksum of the answer from the Service `src` to the client
-/// `dst`, given the unfolded sum of the quoted bytes (with the quoted UDP
-/// checksum as `quoted_udp_check` gives it).
+/// `dst`, given the unfolded sum of the quoted bytes as they sit in the
+/// packet, whose UDP checksum field holds `sent` and will hold `quoted`
+/// when the answer leaves (`quoted_udp_check`). The field itself is left
+/// as sent: a partial checksum is finished by the kernel, which sums the
+/// field too.
 #[inline(always)]
-pub fn checksum(src: &[u32; 4], dst: &[u32; 4], quote_sum: u32) -> u16 {
+pub fn checksum(src: &[u32; 4], dst: &[u32; 4], quote_sum: u32, sent: u16, quoted: u16) -> u16 {
     let icmp_len = (ICMP6_HDR_LEN + IP6_LEN + QUOTED_L4_LEN) as u32;
     let pseudo = csum::pseudo_header_sum6(src, dst, IPPROTO_ICMPV6, icmp_len);
     let kind = u32::from(u16::from_ne_bytes([ICMP6_DST_UNREACH, ICMP6_PORT_UNREACH]));
-    !csum::fold(u32::from(csum::fold(pseudo)) + kind + u32::from(csum::fold(quote_sum)))
+    let quote = u32::from(csum::fold(quote_sum)) + u32::from(!sent) + u32::from(quoted);
+    !csum::fold(u32::from(csum::fold(pseudo)) + kind + quote)
 }
 
 /// The ICMPv6 header: destination unreachable, port, `check`.
@@ -123,7 +127,8 @@ mod tests {
             .chunks(2)
             .map(|c| u32::from(u16::from_ne_bytes([c[0], c[1]])))
             .sum();
-        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum);
+        let sent = u16::from_ne_bytes([udp[6], udp[7]]);
+        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, check);
         let mut icmp = header(icmp_check).to_vec();
         icmp.extend_from_slice(&quote);
         let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
@@ -133,6 +138,37 @@ mod tests {
             IP6_FIRST_BYTES[4..8],
             [0, 56, 58, 64],
             "length, ICMPv6, hop limit"
+        );
+    }
+
+    #[test]
+    fn a_partial_checksum_left_in_the_quote_and_finished_by_the_kernel_checks_out() {
+        let (ip, mut udp) = datagram();
+        let pseudo = csum::fold(csum::pseudo_header_sum6(
+            &words(CLIENT),
+            &words(SVC),
+            17,
+            13,
+        ));
+        udp[6..8].copy_from_slice(&pseudo.to_ne_bytes());
+        let quoted = quoted_udp_check(&words(CLIENT), &words(SVC), &udp);
+        let mut quote = ip.to_vec();
+        quote.extend_from_slice(&udp);
+        let quote_sum = quote
+            .chunks(2)
+            .map(|c| u32::from(u16::from_ne_bytes([c[0], c[1]])))
+            .sum();
+        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, pseudo, quoted);
+        // What the kernel's skb_checksum_help does to the field on the way.
+        let finished = csum::checksum(&udp, 0);
+        quote[46..48].copy_from_slice(&finished.to_ne_bytes());
+        let mut icmp = header(icmp_check).to_vec();
+        icmp.extend_from_slice(&quote);
+        let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
+        assert_eq!(
+            csum::checksum(&icmp, pseudo),
+            0,
+            "ICMPv6 checksum once finished"
         );
     }
 

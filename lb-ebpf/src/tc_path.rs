@@ -461,15 +461,14 @@ fn udp_unreachable6(ctx: &TcContext, flow: &Flow6) -> Result<i32, RejectFailure>
     }
     let (bounds, store) = (|_| RejectFailure::OutOfBounds, |_| RejectFailure::Store);
     let udp: [u8; icmp6::QUOTED_L4_LEN] = ctx.load(flow.l4_off).map_err(bounds)?;
-    let check = icmp6::quoted_udp_check(&flow.saddr, &flow.daddr, &udp);
+    let quoted = icmp6::quoted_udp_check(&flow.saddr, &flow.daddr, &udp);
+    let sent = u16::from_ne_bytes([udp[6], udp[7]]);
     let macs: [u8; 12] = ctx.load(0).map_err(bounds)?;
     if unsafe { bpf_skb_change_head(ctx.skb.skb, icmp6::GROW as u32, 0) } != 0 {
         return Err(RejectFailure::Resize);
     }
     // The datagram's IPv6 header and UDP bytes now sit where the answer
-    // quotes them; only the quoted UDP checksum changes.
-    ctx.store(QUOTE_OFF + icmp6::IP6_LEN + 6, &check, 0)
-        .map_err(store)?;
+    // quotes them, untouched (see `icmp6::checksum`).
     let mut quote: [u8; QUOTE_LEN] = ctx.load(QUOTE_OFF).map_err(bounds)?;
     let quote_sum = unsafe {
         bpf_csum_diff(
@@ -483,7 +482,7 @@ fn udp_unreachable6(ctx: &TcContext, flow: &Flow6) -> Result<i32, RejectFailure>
     if quote_sum < 0 {
         return Err(RejectFailure::Checksum);
     }
-    let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32);
+    let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32, sent, quoted);
     ctx.store(
         icmp6::ETH_LEN + icmp6::IP6_LEN,
         &icmp6::header(icmp_check),

@@ -152,20 +152,18 @@ fn udp_unreachable6(ctx: &XdpContext, flow: &Flow6) -> Result<u32, RejectFailure
     let macs = ptr_at::<[u16; 6]>(start, end, 0).ok_or(bounds)?;
     // SAFETY: bounds checked above.
     let (udp, macs) = unsafe { (udp.read_unaligned(), macs.read_unaligned()) };
-    let check = icmp6::quoted_udp_check(&flow.saddr, &flow.daddr, &udp);
+    let quoted = icmp6::quoted_udp_check(&flow.saddr, &flow.daddr, &udp);
+    let sent = u16::from_ne_bytes([udp[6], udp[7]]);
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(icmp6::GROW as i32)) } != 0 {
         return Err(RejectFailure::Resize);
     }
     let (start, end) = (ctx.data(), ctx.data_end());
     let quote = ptr_at::<[u8; QUOTE_LEN]>(start, end, QUOTE_OFF).ok_or(bounds)?;
-    let udp_check = ptr_at::<u16>(start, end, QUOTE_OFF + icmp6::IP6_LEN + 6).ok_or(bounds)?;
     let icmp = ptr_at::<[u8; 8]>(start, end, icmp6::ETH_LEN + icmp6::IP6_LEN).ok_or(bounds)?;
     let eth = ptr_at::<[u16; 7]>(start, end, 0).ok_or(bounds)?;
     let version = ptr_at::<[u8; 4]>(start, end, IP_OFF).ok_or(bounds)?;
     // SAFETY: every pointer is bounds checked (`ptr_at`) before use.
     unsafe {
-        // The quoted UDP checksum as it will leave the node.
-        udp_check.write_unaligned(check);
         let quote_sum = bpf_csum_diff(
             core::ptr::null_mut(),
             0,
@@ -176,7 +174,7 @@ fn udp_unreachable6(ctx: &XdpContext, flow: &Flow6) -> Result<u32, RejectFailure
         if quote_sum < 0 {
             return Err(RejectFailure::Checksum);
         }
-        let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32);
+        let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32, sent, quoted);
         icmp.write_unaligned(icmp6::header(icmp_check));
         // The frame's own addresses (swapped below) and EtherType.
         let [d0, d1, d2, s0, s1, s2] = macs;

@@ -5,13 +5,14 @@
 //! - the lab itself is dual-stack with the agent running: pods, the node
 //!   and the external client reach each other over IPv6 without any
 //!   Service (neighbour discovery included), routes are as planned, and
-//!   nothing is left behind (these run now);
+//!   nothing is left behind;
 //! - a dual-stack ClusterIP answers over IPv4 and IPv6 from a pod (TCP and
 //!   UDP), a NodePort on the node's IPv6 wire address from the external
 //!   client, a SingleStack IPv6 Service answers, IPv6 externalIPs and
-//!   LoadBalancer ingress addresses answer from the wire, and a dual-stack
-//!   Service reaches a backend on the other node of a cluster over IPv6
-//!   (these wait for the IPv6 data path, hence `#[ignore]`).
+//!   LoadBalancer ingress addresses answer from the wire, an IPv6 Service
+//!   without endpoints is refused at once (RST, ICMPv6 port unreachable),
+//!   and a dual-stack Service reaches a backend on the other node of a
+//!   cluster over IPv6.
 //!
 //! Every test ends with zero checksum errors (IPv4 and IPv6 counters) in
 //! every namespace.
@@ -34,37 +35,24 @@ use serde_json::{json, Value};
 on_each_source_and_wire!(the_lab_is_dual_stack_with_the_agent_running);
 on_each_wire!(two_nodes_route_each_others_ipv6_pod_ranges);
 
-/// The Service tests, declared like `on_each_source!` and friends but
-/// ignored until the data path translates IPv6 (drop the ignore then).
-macro_rules! waiting_for_ipv6_data_path {
-    ($module:ident, $source:ident, $wire:ident, $($name:ident),*) => {
-        mod $module {
-            $(
-                #[lb_lab::privileged_test]
-                #[ignore = "waits for the IPv6 data path"]
-                fn $name() {
-                    super::$name(lb_lab::Source::$source, lb_lab::Wire::$wire)
-                }
-            )*
-        }
-    };
-}
-
-waiting_for_ipv6_data_path!(
+// The Service tests: each source, each wire where the wire carries the
+// traffic, as `on_each_source!` and friends declare them (module names
+// start with `service_` beside those of the tests above).
+lb_lab::lab_test_variants!(
     service_manifests,
     Manifests,
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
     an_ipv6_only_service_answers_from_a_pod_and_the_wire
 );
-waiting_for_ipv6_data_path!(
+lb_lab::lab_test_variants!(
     service_api,
     Api,
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
     an_ipv6_only_service_answers_from_a_pod_and_the_wire
 );
-waiting_for_ipv6_data_path!(
+lb_lab::lab_test_variants!(
     service_manifests_software_wire,
     Manifests,
     Software,
@@ -72,7 +60,7 @@ waiting_for_ipv6_data_path!(
     ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire,
     an_ipv6_service_without_endpoints_refuses_at_once
 );
-waiting_for_ipv6_data_path!(
+lb_lab::lab_test_variants!(
     service_manifests_nic_wire,
     Manifests,
     Nic,
@@ -80,14 +68,14 @@ waiting_for_ipv6_data_path!(
     ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire,
     an_ipv6_service_without_endpoints_refuses_at_once
 );
-waiting_for_ipv6_data_path!(
+lb_lab::lab_test_variants!(
     service_api_software_wire,
     Api,
     Software,
     a_node_port_answers_on_the_nodes_ipv6_wire_address,
     ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
 );
-waiting_for_ipv6_data_path!(
+lb_lab::lab_test_variants!(
     service_api_nic_wire,
     Api,
     Nic,
@@ -95,13 +83,13 @@ waiting_for_ipv6_data_path!(
     ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
 );
 // A cluster's agents read manifest files only.
-waiting_for_ipv6_data_path!(
+lb_lab::lab_test_variants!(
     service_cluster_software_wire,
     Manifests,
     Software,
     a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6
 );
-waiting_for_ipv6_data_path!(
+lb_lab::lab_test_variants!(
     service_cluster_nic_wire,
     Manifests,
     Nic,
