@@ -35,6 +35,8 @@ pub struct MapSpec {
     pub max_entries: u32,
     /// The agent flag that overrides `max_entries`, if one does.
     pub sized_by: Option<Capacity>,
+    /// An IPv6 map: one entry when the agent serves no IPv6 (`--ipv6`).
+    pub ipv6: bool,
 }
 
 /// Capacities set by the agent's flags.
@@ -60,7 +62,12 @@ impl MapSpec {
             value_size: size_of::<V>() as u32,
             max_entries,
             sized_by: None,
+            ipv6: false,
         }
+    }
+
+    const fn ipv6(self) -> Self {
+        Self { ipv6: true, ..self }
     }
 
     const fn sized_by(self, capacity: Capacity) -> Self {
@@ -137,32 +144,41 @@ pub const CONNTRACK_PREV: MapSpec =
 /// so `lb4_svc_stats` counts the frontends of both.
 pub const SERVICES6: MapSpec =
     MapSpec::of::<Service6Key, Service4Value>("lb6_services", Hash, SERVICES.max_entries)
-        .sized_by(Services);
+        .sized_by(Services)
+        .ipv6();
 pub const BACKENDS6: MapSpec =
-    MapSpec::of::<u32, Backend6>("lb6_backends", Array, BACKENDS.max_entries).sized_by(Backends);
+    MapSpec::of::<u32, Backend6>("lb6_backends", Array, BACKENDS.max_entries)
+        .sized_by(Backends)
+        .ipv6();
 pub const REV_NAT6: MapSpec =
-    MapSpec::of::<u16, RevNat6>("lb6_reverse_nat", Hash, REV_NAT.max_entries);
+    MapSpec::of::<u16, RevNat6>("lb6_reverse_nat", Hash, REV_NAT.max_entries).ipv6();
 pub const CONNTRACK6: MapSpec =
     MapSpec::of::<Ct6Key, Ct6Value>("lb6_conntrack", LruHash, CONNTRACK.max_entries)
-        .sized_by(Conntrack);
+        .sized_by(Conntrack)
+        .ipv6();
 pub const AFFINITY6: MapSpec =
     MapSpec::of::<Affinity6Key, Affinity4Value>("lb6_affinity", LruHash, AFFINITY.max_entries)
-        .sized_by(Affinity);
+        .sized_by(Affinity)
+        .ipv6();
 pub const BACKEND_MATCH6: MapSpec =
     MapSpec::of::<BackendMatchKey, u8>("lb6_backend_match", Hash, SERVICES.max_entries)
-        .sized_by(Services);
+        .sized_by(Services)
+        .ipv6();
 pub const SOURCE_RANGES6: MapSpec = MapSpec::of::<LpmKey<SourceRange6>, u8>(
     "lb6_source_ranges",
     LpmTrie,
     SOURCE_RANGES.max_entries,
-);
+)
+.ipv6();
 pub const SNAT_CURSOR6: MapSpec =
-    MapSpec::of::<u32, u64>("lb6_snat_cursor", Array, BACKENDS.max_entries).sized_by(Backends);
+    MapSpec::of::<u32, u64>("lb6_snat_cursor", Array, BACKENDS.max_entries)
+        .sized_by(Backends)
+        .ipv6();
 
 pub const SOCK_REV6: MapSpec =
-    MapSpec::of::<SockRev6Key, SockRev6Value>("lb6_sock_rev", LruHash, SOCK_REV.max_entries);
+    MapSpec::of::<SockRev6Key, SockRev6Value>("lb6_sock_rev", LruHash, SOCK_REV.max_entries).ipv6();
 pub const SOCK_FWD6: MapSpec =
-    MapSpec::of::<SockFwd6Key, u32>("lb6_sock_fwd", LruHash, SOCK_FWD.max_entries);
+    MapSpec::of::<SockFwd6Key, u32>("lb6_sock_fwd", LruHash, SOCK_FWD.max_entries).ipv6();
 
 /// Every map the agent pins.
 pub const ALL: [MapSpec; 23] = [

@@ -26,6 +26,7 @@ fn nodeport(ranges: &str) -> Harness {
         name: "n1".into(),
         nodeport_addresses: vec![NODE.into()],
         zone: None,
+        ipv6_off: false,
     };
     let svc = json!({"metadata": {"name": "np", "namespace": "default"},
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "ports": [

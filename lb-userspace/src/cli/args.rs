@@ -98,6 +98,20 @@ pub(crate) struct NodeArgs {
     /// Node's `topology.kubernetes.io/zone` label (Kubernetes source only).
     #[arg(long)]
     pub(crate) zone: Option<String>,
+    /// Serve the IPv6 side of Services: `on`, `off`, or `auto` (on when a
+    /// NodePort address of this node is IPv6, as on a dual-stack or
+    /// IPv6-only node). Off, the IPv6 maps hold one entry each (no memory
+    /// for them) and IPv6 addresses of Services are passed over.
+    #[arg(long, value_enum, default_value_t = Ipv6Mode::Auto)]
+    pub(crate) ipv6: Ipv6Mode,
+}
+
+/// `--ipv6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Ipv6Mode {
+    Auto,
+    On,
+    Off,
 }
 
 impl NodeArgs {
@@ -108,6 +122,15 @@ impl NodeArgs {
             default_route_interfaces()
         } else {
             self.interfaces.clone()
+        }
+    }
+
+    /// Whether this node serves IPv6 (`--ipv6`), given its NodePort addresses.
+    pub(crate) fn serves_ipv6(&self, nodeport_addresses: &[std::net::IpAddr]) -> bool {
+        match self.ipv6 {
+            Ipv6Mode::On => true,
+            Ipv6Mode::Off => false,
+            Ipv6Mode::Auto => nodeport_addresses.iter().any(std::net::IpAddr::is_ipv6),
         }
     }
 

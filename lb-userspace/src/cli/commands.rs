@@ -21,9 +21,11 @@ pub(crate) async fn check(
     args: &CheckArgs,
 ) -> Result<lb_userspace::sync::checker::CheckReport> {
     let wire = args.node.wire();
+    let nodeport_addresses = args.node.nodeport_addresses(&wire)?;
     let mut node = NodeInfo {
         name: args.node.node_name.clone().unwrap_or_default(),
-        nodeport_addresses: args.node.nodeport_addresses(&wire)?,
+        ipv6_off: !args.node.serves_ipv6(&nodeport_addresses),
+        nodeport_addresses,
         zone: args.node.zone.clone(),
     };
     let (services, slices) = if let Some(dir) = &args.source.manifests {

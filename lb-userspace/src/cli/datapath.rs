@@ -223,12 +223,19 @@ pub(crate) fn setup_datapath(
         nodeport_addresses,
         datapath,
     } = node_side(args)?;
+    let ipv6 = args.node.serves_ipv6(&nodeport_addresses);
+    log::info!(
+        "IPv6 {} (--ipv6 {:?})",
+        if ipv6 { "served" } else { "off" },
+        args.node.ipv6
+    );
     let config = loader::LoadConfig {
         sizes: loader::MapSizes {
             conntrack: args.conntrack_max,
             affinity: args.affinity_max,
             backends: args.backends_max,
             services: args.services_max,
+            ipv6,
         },
         snat_ports: snat_ports(args)?,
         datapath,
@@ -271,6 +278,7 @@ pub(crate) fn setup_datapath(
         name: args.node.node_name.clone().unwrap_or_default(),
         nodeport_addresses,
         zone: args.node.zone.clone(),
+        ipv6_off: !ipv6,
     };
     Ok((dp, programmer))
 }

@@ -328,6 +328,10 @@ pub struct MapSizes {
     pub backends: u32,
     /// Capacity of the services map (and of the backend-match map).
     pub services: u32,
+    /// Whether the IPv6 maps get those capacities too; without IPv6 they
+    /// hold one entry each, so a node that serves no IPv6 pays nothing
+    /// for them.
+    pub ipv6: bool,
 }
 
 impl Default for MapSizes {
@@ -337,6 +341,7 @@ impl Default for MapSizes {
             affinity: lb_common::MAX_AFFINITY,
             backends: lb_common::MAX_BACKENDS,
             services: lb_common::MAX_SERVICE_SLOTS,
+            ipv6: true,
         }
     }
 }
@@ -358,7 +363,11 @@ pub fn layouts(sizes: MapSizes) -> Vec<MapSpec> {
     map_spec::ALL
         .iter()
         .map(|spec| MapSpec {
-            max_entries: spec.sized_by.map_or(spec.max_entries, |c| sizes.of(c)),
+            max_entries: if spec.ipv6 && !sizes.ipv6 {
+                1
+            } else {
+                spec.sized_by.map_or(spec.max_entries, |c| sizes.of(c))
+            },
             ..*spec
         })
         .collect()
@@ -373,7 +382,7 @@ pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> 
     let mut loader = object_loader(config);
     for spec in &maps {
         loader.map_pin_path(spec.name, map_pin_path(pin_dir, spec.name));
-        if spec.sized_by.is_some() {
+        if spec.sized_by.is_some() || spec.ipv6 {
             loader.map_max_entries(spec.name, spec.max_entries);
         }
     }
@@ -551,6 +560,7 @@ mod tests {
             affinity: 200,
             backends: 300,
             services: 400,
+            ipv6: true,
         };
         let find = |name| *layouts(sizes).iter().find(|s| s.name == name).unwrap();
         assert_eq!(find(map_names::CONNTRACK).max_entries, 100);
@@ -558,6 +568,19 @@ mod tests {
         assert_eq!(find(map_names::BACKENDS).max_entries, 300);
         assert_eq!(find(map_names::SNAT_CURSOR).max_entries, 300);
         assert_eq!(find(map_names::SERVICES).max_entries, 400);
+        assert_eq!(find(map_names::CONNTRACK6).max_entries, 100);
+        let no_ipv6 = layouts(MapSizes {
+            ipv6: false,
+            ..sizes
+        });
+        for spec in &no_ipv6 {
+            let want = if spec.name.starts_with("lb6_") {
+                1
+            } else {
+                find(spec.name).max_entries
+            };
+            assert_eq!(spec.max_entries, want, "{}", spec.name);
+        }
         assert_eq!(find(map_names::BACKEND_MATCH).max_entries, 400);
         assert_eq!(find(map_names::REV_NAT), map_spec::REV_NAT);
     }

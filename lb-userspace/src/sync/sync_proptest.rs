@@ -421,6 +421,7 @@ fn node() -> NodeInfo {
         name: "n1".into(),
         nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "fd00:1::1".parse().unwrap()],
         zone: Some("z1".into()),
+        ipv6_off: false,
     }
 }
 

@@ -67,6 +67,9 @@ pub struct NodeInfo {
     pub nodeport_addresses: Vec<IpAddr>,
     /// `topology.kubernetes.io/zone` of the node, for topology hints.
     pub zone: Option<String>,
+    /// IPv6 is off on this node (`--ipv6 off`, or auto on a node without
+    /// IPv6): the IPv6 side of every Service is passed over (noted).
+    pub ipv6_off: bool,
 }
 
 /// Translates every Service and its EndpointSlices for a node without
@@ -213,8 +216,16 @@ pub(crate) fn translate_service(
     if let ServiceKind::Unknown(t) = &svc.kind {
         return Err(Invalid::NotAServiceType(t.to_string()));
     }
+    let mut sides = frontends(svc, notes)?;
+    if node.ipv6_off && sides.iter().any(|s| s.family == Family::Ipv6) {
+        sides.retain(|s| s.family != Family::Ipv6);
+        notes.push(format!(
+            "Service {}: IPv6 is off on this node (--ipv6); its IPv6 side is passed over",
+            svc.name
+        ));
+    }
     let rules = ServiceRules {
-        sides: frontends(svc, notes)?,
+        sides,
         affinity_timeout: affinity_timeout(&svc.affinity)?,
         source_ranges: source_ranges(svc)?,
     };
@@ -908,6 +919,7 @@ mod tests {
             name: "n1".into(),
             nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "10.0.1.1".parse().unwrap()],
             zone: Some("z1".into()),
+            ipv6_off: false,
         }
     }
 
@@ -1171,6 +1183,26 @@ mod tests {
             entry_for(&t, a, p);
         }
         assert_eq!(t.state.len(), 8, "{:?}", t.state.entries().keys());
+    }
+
+    #[test]
+    fn a_node_without_ipv6_serves_the_ipv4_side_and_notes_the_other() {
+        let svc = service(json!({"metadata": {"name": "dual", "namespace": "shop"},
+            "spec": {"type": "NodePort", "clusterIP": "fd00::10",
+                "clusterIPs": ["fd00::10", "10.96.0.10"], "ipFamilies": ["IPv6", "IPv4"],
+                "ipFamilyPolicy": "PreferDualStack",
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}}));
+        let node = NodeInfo {
+            ipv6_off: true,
+            ..dual_node()
+        };
+        let t = translate_on(&node, &[svc], NO_SLICES);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        entry_for(&t, "10.96.0.10", 80);
+        entry_for(&t, "10.0.0.1", 30080);
+        assert_eq!(t.state.len(), 2, "{:?}", t.state.entries().keys());
+        assert_eq!(t.notes.len(), 1, "{:?}", t.notes);
+        assert!(t.notes[0].contains("IPv6 is off"), "{:?}", t.notes);
     }
 
     fn dual_node() -> NodeInfo {
