@@ -1,6 +1,7 @@
 //! Per-packet cost of the wire hook, `lb_xdp_from_wire` and
-//! `lb_tc_from_wire` side by side, through BPF_PROG_TEST_RUN, as the number
-//! of Services grows.
+//! `lb_tc_from_wire` side by side, for IPv4 and IPv6, through
+//! BPF_PROG_TEST_RUN, as the number of Services grows (each size has that
+//! many Services of each family).
 //!
 //! Each packet is its own test run (repeat 1): a repeated run would feed the
 //! program the packet it rewrote itself (the kernel does not restore the
@@ -13,7 +14,7 @@
 //! The kernel's clock here counts in steps of about 10 ns, so figures move
 //! in such steps.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -22,12 +23,20 @@ use aya::{
 };
 use lb_common::program_names;
 use lb_userspace::{
-    datapath::loader, serve::metrics::Metrics, sync::differ::MapContents,
-    sync::map_writer::BpfMaps, sync::programmer::Programmer,
+    datapath::loader,
+    model::Family,
+    serve::metrics::Metrics,
+    source::objects::{ServiceInfo, SliceInfo},
+    sync::differ::MapContents,
+    sync::map_writer::BpfMaps,
+    sync::programmer::Programmer,
 };
 
 use crate::{filler_services, kube_proxy::ServicePort, median, progress, typed_objects};
-use lb_lab::packet::{self, Tuple, TCP_ACK};
+use lb_lab::{
+    packet::{self, Tuple, TCP_ACK, TCP_SYN},
+    packet6::{self, Tuple6},
+};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
@@ -69,6 +78,7 @@ impl Hook {
 pub struct PacketCosts {
     pub services: usize,
     pub hook: Option<Hook>,
+    pub family: Option<Family>,
     /// The empty program's own figure (subtracted from the others).
     pub(crate) empty_ns: f64,
     /// A SYN of a new flow: service lookup, backend pick, conntrack entries
@@ -152,6 +162,63 @@ struct Instance {
     /// Keeps the maps (taken out of `ebpf`) open.
     _programmer: Programmer<BpfMaps>,
     probe: ServicePort,
+    /// The probed IPv6 Service (the last programmed) and its backends.
+    probe6: (Ipv6Addr, Vec<Ipv6Addr>),
+}
+
+/// IPv6 twin of filler Service `i`: fd00:100::/64, endpoints in
+/// fd00:128::/64 (routed nowhere).
+fn filler6_ip(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x100,
+        0,
+        0,
+        0,
+        0,
+        (i >> 16) as u16,
+        (i as u16).wrapping_add(1),
+    )
+}
+
+fn filler6_endpoint(i: usize, e: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x128,
+        0,
+        0,
+        0,
+        (i >> 16) as u16,
+        i as u16,
+        e as u16 + 1,
+    )
+}
+
+/// `n` SingleStack IPv6 Services with `endpoints` endpoints each (port 80
+/// -> 8080, TCP), as the agent's sources read them.
+fn filler6_objects(n: usize, endpoints: usize) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    (0..n)
+        .map(|i| {
+            let name = format!("svc6-{i}");
+            let svc = serde_json::json!({"metadata": {"name": name, "namespace": "bench"},
+                "spec": {"type": "ClusterIP", "clusterIP": filler6_ip(i).to_string(),
+                    "clusterIPs": [filler6_ip(i).to_string()], "ipFamilies": ["IPv6"],
+                    "ipFamilyPolicy": "SingleStack",
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}});
+            let eps: Vec<_> = (0..endpoints)
+                .map(|e| serde_json::json!({"addresses": [filler6_endpoint(i, e).to_string()],
+                    "conditions": {"ready": true}}))
+                .collect();
+            let slice = serde_json::json!({"metadata": {"name": format!("{name}-v6"),
+                    "namespace": "bench", "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv6", "endpoints": eps,
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]});
+            let svc: Service = serde_json::from_value(svc).expect("a valid Service");
+            let slice: EndpointSlice = serde_json::from_value(slice).expect("a valid slice");
+            (ServiceInfo::from(svc), SliceInfo::from(slice))
+        })
+        .unzip()
 }
 
 fn instance(n: usize, endpoints: usize) -> Result<Instance> {
@@ -174,7 +241,10 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     let mut programmer: Programmer<BpfMaps> =
         Programmer::new(maps, MapContents::default(), Metrics::new());
     let ports = filler_services(n, endpoints);
-    let (services, slices) = typed_objects(&ports);
+    let (mut services, mut slices) = typed_objects(&ports);
+    let (services6, slices6) = filler6_objects(n, endpoints);
+    services.extend(services6);
+    slices.extend(slices6);
     let report = programmer.full_sync(&services, &slices);
     if !report.errors.is_empty() {
         bail!(
@@ -185,11 +255,16 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     }
     // The probed Service: the last one programmed.
     let probe = ports.last().context("at least one Service")?.clone();
+    let probe6 = (
+        filler6_ip(n - 1),
+        (0..endpoints).map(|e| filler6_endpoint(n - 1, e)).collect(),
+    );
     Ok(Instance {
         services: n,
         ebpf,
         _programmer: programmer,
         probe,
+        probe6,
     })
 }
 
@@ -210,12 +285,17 @@ pub fn measure(
         ));
         instances.push(instance(n, endpoints)?);
     }
-    let mut best: Vec<PacketCosts> = Hook::ALL
+    let kinds: Vec<(Hook, Family)> = Hook::ALL
         .iter()
-        .flat_map(|hook| {
+        .flat_map(|h| [Family::Ipv4, Family::Ipv6].map(|f| (*h, f)))
+        .collect();
+    let mut best: Vec<PacketCosts> = kinds
+        .iter()
+        .flat_map(|(hook, family)| {
             sizes.iter().map(|&n| PacketCosts {
                 services: n,
                 hook: Some(*hook),
+                family: Some(*family),
                 empty_ns: f64::MAX,
                 new_flow_ns: f64::MAX,
                 established_ns: f64::MAX,
@@ -226,10 +306,13 @@ pub fn measure(
     let mut flow = 0usize;
     for b in 0..batches {
         progress(&format!("per packet: batch {} of {batches}", b + 1));
-        for (i, hook) in Hook::ALL.iter().enumerate() {
+        for (i, (hook, family)) in kinds.iter().enumerate() {
             for (j, inst) in instances.iter().enumerate() {
                 let best = &mut best[i * sizes.len() + j];
-                let got = measure_once(inst, *hook, count, &mut flow)?;
+                let got = match family {
+                    Family::Ipv4 => measure_once(inst, *hook, count, &mut flow)?,
+                    Family::Ipv6 => measure_once6(inst, *hook, count, &mut flow)?,
+                };
                 best.empty_ns = best.empty_ns.min(got.empty_ns);
                 best.new_flow_ns = best.new_flow_ns.min(got.new_flow_ns);
                 best.established_ns = best.established_ns.min(got.established_ns);
@@ -239,8 +322,8 @@ pub fn measure(
     }
     for c in &best {
         progress(&format!(
-            "per packet, {} at {} Services: new flow {:.0} ns, established {:.0} ns, not a Service {:.0} ns (empty program {:.0} ns)",
-            c.hook.map(Hook::name).unwrap_or_default(), c.services, c.new_flow_ns, c.established_ns, c.not_service_ns, c.empty_ns
+            "per packet, {} {} at {} Services: new flow {:.0} ns, established {:.0} ns, not a Service {:.0} ns (empty program {:.0} ns)",
+            c.hook.map(Hook::name).unwrap_or_default(), c.family.map(|f| f.to_string()).unwrap_or_default(), c.services, c.new_flow_ns, c.established_ns, c.not_service_ns, c.empty_ns
         ));
     }
     Ok(best)
@@ -318,6 +401,7 @@ fn measure_once(
     Ok(PacketCosts {
         services: inst.services,
         hook: Some(hook),
+        family: Some(Family::Ipv4),
         empty_ns: e,
         new_flow_ns: nf - e,
         established_ns: est - e,
@@ -327,6 +411,103 @@ fn measure_once(
 
 /// An address no Service has.
 const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+const NOT_A_SERVICE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, 1);
+
+/// `measure_once` for the probed IPv6 Service.
+fn measure_once6(
+    inst: &Instance,
+    hook: Hook,
+    count: usize,
+    flow: &mut usize,
+) -> Result<PacketCosts> {
+    let program = |name: &str| -> Result<&dyn Runner> {
+        let p = inst
+            .ebpf
+            .program(name)
+            .with_context(|| format!("no program {name}"))?;
+        Ok(match hook {
+            Hook::Xdp => <&Xdp>::try_from(p)? as &dyn Runner,
+            Hook::Tc => <&SchedClassifier>::try_from(p)? as &dyn Runner,
+        })
+    };
+    let (wire, empty) = (program(hook.program())?, program(hook.empty())?);
+    let (cluster_ip, backends) = &inst.probe6;
+    let to_backend = |out: &[u8]| -> Result<()> {
+        let p = packet6::parse6(out);
+        if !backends.contains(&p.dst) || p.dport != 8080 || !p.l4_checksum_ok {
+            bail!("not translated to a backend: {p:?}");
+        }
+        Ok(())
+    };
+    let untouched = |out: &[u8]| -> Result<()> {
+        let p = packet6::parse6(out);
+        if p.dst != NOT_A_SERVICE6 {
+            bail!("a non-Service packet was changed: {p:?}");
+        }
+        Ok(())
+    };
+    let established = Tuple6 {
+        src: Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, 0xffff, 1),
+        sport: 40_000,
+        dst: *cluster_ip,
+        dport: 80,
+    };
+    let ack = packet6::tcp6(&established, TCP_ACK, &[], b"x");
+    let other = packet6::tcp6(
+        &Tuple6 {
+            dst: NOT_A_SERVICE6,
+            ..established
+        },
+        TCP_ACK,
+        &[],
+        b"x",
+    );
+    batch(
+        wire,
+        1,
+        &mut |_| packet6::tcp6(&established, TCP_SYN, &[], &[]),
+        &to_backend,
+    )?;
+    let e = batch(empty, count, &mut |_| ack.clone(), &|_| Ok(()))?;
+    let nf = batch(
+        wire,
+        count,
+        &mut |_| {
+            *flow += 1;
+            let client = Ipv6Addr::new(
+                0xfd00,
+                0x172,
+                0,
+                0,
+                0,
+                0,
+                (*flow >> 16) as u16,
+                *flow as u16,
+            );
+            packet6::tcp6(
+                &Tuple6 {
+                    src: client,
+                    ..established
+                },
+                TCP_SYN,
+                &[],
+                &[],
+            )
+        },
+        &to_backend,
+    )?;
+    let est = batch(wire, count, &mut |_| ack.clone(), &to_backend)?;
+    let ns = batch(wire, count, &mut |_| other.clone(), &untouched)?;
+    Ok(PacketCosts {
+        services: inst.services,
+        hook: Some(hook),
+        family: Some(Family::Ipv6),
+        empty_ns: e,
+        new_flow_ns: nf - e,
+        established_ns: est - e,
+        not_service_ns: ns - e,
+    })
+}
 
 /// The report section.
 pub fn markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: usize) -> String {
@@ -334,12 +515,13 @@ pub fn markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: 
     s.push_str(&format!(
         "BPF_PROG_TEST_RUN of `lb_xdp_from_wire` and `lb_tc_from_wire` (the same NAT core; tc updates checksums with the skb helpers, right for partial checksums, which XDP cannot be), one packet per run, ns per packet minus the empty program's of the same kind (`lb_xdp_pass`, `lb_tc_pass`: same packet, same way); median of {count} runs, minimum over {batches} batches taken in turns across the sizes and hooks (each size has its own maps). Services have {endpoints} endpoints each; the probed one is the last programmed.\n\n"
     ));
-    s.push_str("| Services | hook | new flow (SYN: lookup, pick, conntrack, DNAT) | established flow (conntrack hit, DNAT) | not a Service (parse, miss) | empty program |\n| ---: | --- | ---: | ---: | ---: | ---: |\n");
+    s.push_str("| Services (of each family) | hook | family | new flow (SYN: lookup, pick, conntrack, DNAT) | established flow (conntrack hit, DNAT) | not a Service (parse, miss) | empty program |\n| ---: | --- | --- | ---: | ---: | ---: | ---: |\n");
     for c in costs {
         s.push_str(&format!(
-            "| {} | {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns |\n",
+            "| {} | {} | {} | {:.0} ns | {:.0} ns | {:.0} ns | {:.0} ns |\n",
             crate::thousands(c.services),
             c.hook.map(Hook::name).unwrap_or_default(),
+            c.family.map(|f| f.to_string()).unwrap_or_default(),
             c.new_flow_ns,
             c.established_ns,
             c.not_service_ns,
@@ -352,19 +534,31 @@ pub fn markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: 
         .map(|c| c.services)
         .collect::<std::collections::BTreeSet<_>>()
     {
-        let of = |h: Hook| {
+        let of = |h: Hook, f: Family| {
             costs
                 .iter()
-                .find(|c| c.services == size && c.hook == Some(h))
+                .find(|c| c.services == size && c.hook == Some(h) && c.family == Some(f))
         };
-        if let (Some(x), Some(t)) = (of(Hook::Xdp), of(Hook::Tc)) {
+        if let (Some(x), Some(t)) = (of(Hook::Xdp, Family::Ipv4), of(Hook::Tc, Family::Ipv4)) {
             s.push_str(&format!(
-                "- {} Services, tc / XDP: new flow x{:.2}, established x{:.2}, not a Service x{:.2}.\n",
+                "- {} Services, IPv4, tc / XDP: new flow x{:.2}, established x{:.2}, not a Service x{:.2}.\n",
                 crate::thousands(size),
                 t.new_flow_ns / x.new_flow_ns,
                 t.established_ns / x.established_ns,
                 t.not_service_ns / x.not_service_ns.max(1.0),
             ));
+        }
+        for h in Hook::ALL {
+            if let (Some(v4), Some(v6)) = (of(h, Family::Ipv4), of(h, Family::Ipv6)) {
+                s.push_str(&format!(
+                    "- {} Services, {}, IPv6 / IPv4: new flow x{:.2}, established x{:.2}, not a Service x{:.2}.\n",
+                    crate::thousands(size),
+                    h.name(),
+                    v6.new_flow_ns / v4.new_flow_ns,
+                    v6.established_ns / v4.established_ns,
+                    v6.not_service_ns / v4.not_service_ns.max(1.0),
+                ));
+            }
         }
     }
     s.push('\n');
