@@ -43,6 +43,7 @@ lb_lab::lab_test_variants!(
     Manifests,
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
+    a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
     an_ipv6_only_service_answers_from_a_pod_and_the_wire
 );
 lb_lab::lab_test_variants!(
@@ -50,6 +51,7 @@ lb_lab::lab_test_variants!(
     Api,
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
+    a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
     an_ipv6_only_service_answers_from_a_pod_and_the_wire
 );
 lb_lab::lab_test_variants!(
@@ -320,6 +322,45 @@ fn a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod(source: Source,
         "client pod to node, agent serving",
     );
     report_checksum_counters("dual-stack ClusterIP", &lab.checksum_errors());
+}
+
+/// A dual-stack ClusterIP answers over both families from a process of
+/// the node (socket-level load balancing: connect4 and connect6, getpeername
+/// showing the Service address), TCP and UDP, from both pods.
+fn a_dual_stack_cluster_ip_answers_over_both_families_from_the_node(source: Source, _wire: Wire) {
+    let lab = example_lab(source, Wire::Software);
+    let bin = lb_lab::sibling_binary("lab-client", "LAB_CLIENT_BIN").expect("lab-client binary");
+    for ip in lab.cluster_ips("echo") {
+        let to = SocketAddr::new(ip, PORT).to_string();
+        for mode in ["tcp", "udp"] {
+            let out = lab
+                .command_in_cgroup(&lab.node, &bin)
+                .args([mode, to.as_str(), &REQUESTS.to_string()])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run lab-client");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mut pods = std::collections::BTreeSet::new();
+            for line in lines.lines() {
+                let (peer, answer) = line.split_once('\t').unwrap_or((line, ""));
+                assert!(!answer.starts_with("error"), "{mode} {to}: {lines}");
+                assert_eq!(peer, to, "{mode}: the peer is the Service address");
+                pods.insert(answer.split(' ').next().unwrap_or_default().to_owned());
+            }
+            assert_eq!(
+                pods.into_iter().collect::<Vec<_>>(),
+                pod_names(&lab),
+                "{mode} {to} from the node"
+            );
+        }
+    }
+    assert!(lab.datapath_stat("sock_translated") >= 4 * REQUESTS as u64);
+    report_checksum_counters("dual-stack ClusterIP from the node", &lab.checksum_errors());
 }
 
 /// (b) The NodePort of `echo-nodeport` answers from the external client
