@@ -44,6 +44,8 @@ lb_lab::lab_test_variants!(
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
     a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
+    a_pod_hairpins_back_to_itself_over_ipv6,
+    ipv6_session_affinity_keeps_a_client_on_one_backend,
     an_ipv6_only_service_answers_from_a_pod_and_the_wire
 );
 lb_lab::lab_test_variants!(
@@ -52,6 +54,8 @@ lb_lab::lab_test_variants!(
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
     a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
+    a_pod_hairpins_back_to_itself_over_ipv6,
+    ipv6_session_affinity_keeps_a_client_on_one_backend,
     an_ipv6_only_service_answers_from_a_pod_and_the_wire
 );
 lb_lab::lab_test_variants!(
@@ -59,6 +63,7 @@ lb_lab::lab_test_variants!(
     Manifests,
     Software,
     a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_node_port_with_local_policy_and_source_ranges,
     ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire,
     an_ipv6_service_without_endpoints_refuses_at_once
 );
@@ -82,6 +87,7 @@ lb_lab::lab_test_variants!(
     Api,
     Nic,
     a_node_port_answers_on_the_nodes_ipv6_wire_address,
+    ipv6_node_port_with_local_policy_and_source_ranges,
     ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire
 );
 // A cluster's agents read manifest files only.
@@ -428,6 +434,22 @@ fn a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6(_source: S
     report_checksum_counters("dual-stack across nodes", &c.checksum_errors());
 }
 
+/// The external client's route to the IPv6 externalIP and LoadBalancer
+/// addresses (2001:db8::/64), via the node.
+fn route_external_addresses(lab: &Lab) {
+    lab.ext
+        .exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "2001:db8::/64",
+            "via",
+            &NODE_WIRE_ADDR6.to_string(),
+        ])
+        .expect("route to the external addresses");
+}
+
 /// An endpoint of `pod` with its address of `family`, ready, on this node.
 fn ready_endpoint(lab: &Lab, pod: &str, family: &str) -> Value {
     let p = &lab.pods[pod];
@@ -446,17 +468,7 @@ fn ready_endpoint(lab: &Lab, pod: &str, family: &str) -> Value {
 /// them via the node), TCP and UDP, from both pods.
 fn ipv6_external_ip_and_load_balancer_ingress_answer_from_the_wire(source: Source, wire: Wire) {
     let mut lab = example_lab(source, wire);
-    lab.ext
-        .exec(&[
-            "ip",
-            "-6",
-            "route",
-            "add",
-            "2001:db8::/64",
-            "via",
-            &NODE_WIRE_ADDR6.to_string(),
-        ])
-        .expect("route to the external addresses");
+    route_external_addresses(&lab);
     let pods = pod_names(&lab);
     let slices: Vec<(&str, Vec<Value>)> = ["IPv6", "IPv4"]
         .into_iter()
@@ -539,4 +551,125 @@ fn an_ipv6_service_without_endpoints_refuses_at_once(source: Source, wire: Wire)
         }
     }
     report_checksum_counters("IPv6 Service without endpoints", &lab.checksum_errors());
+}
+
+/// An IPv6-only Service `name` with endpoints on `pods` (their IPv6
+/// addresses), published to the agent.
+fn publish6(lab: &mut Lab, name: &str, spec: Value, pods: &[String]) {
+    publish6_with_status(lab, name, spec, json!({}), pods);
+}
+
+fn publish6_with_status(lab: &mut Lab, name: &str, spec: Value, status: Value, pods: &[String]) {
+    let eps = pods
+        .iter()
+        .map(|p| ready_endpoint(lab, p, "IPv6"))
+        .collect();
+    let mut spec = spec;
+    spec["ipFamilies"] = json!(["IPv6"]);
+    spec["ipFamilyPolicy"] = json!("SingleStack");
+    spec["ports"] = json!([{"name": "tcp", "port": PORT, "protocol": "TCP", "nodePort": 30092},
+                           {"name": "udp", "port": PORT, "protocol": "UDP", "nodePort": 30092}]);
+    lab.put_dual_stack_service(name, spec, status, &[("IPv6", eps)]);
+    lab.apply_manifests()
+        .expect("the agent picks up the Service");
+}
+
+/// A pod reaches itself through its IPv6 Service: masqueraded to the
+/// node's IPv6 address (`--masquerade-address6`'s default), TCP and UDP.
+fn a_pod_hairpins_back_to_itself_over_ipv6(source: Source, _wire: Wire) {
+    let mut lab = example_lab(source, Wire::Software);
+    let first = pod_names(&lab)[0].clone();
+    publish6(
+        &mut lab,
+        "hairpin6",
+        json!({"clusterIPs": ["fd00:96::26"]}),
+        std::slice::from_ref(&first),
+    );
+    let to = SocketAddr::new("fd00:96::26".parse::<IpAddr>().expect("address"), PORT);
+    let pod_ns = &lab.pods[&first].ns;
+    for seen in [
+        whoami_tcp(pod_ns, to, REQUESTS),
+        whoami_udp(pod_ns, to, REQUESTS),
+    ] {
+        assert_eq!(
+            pods_in(&seen),
+            vec![first.clone()],
+            "the pod reaches itself"
+        );
+        assert_eq!(
+            sources_in(&seen),
+            vec![IpAddr::from(NODE_WIRE_ADDR6)],
+            "hairpin traffic is masqueraded to the node's IPv6 address"
+        );
+    }
+    report_checksum_counters("IPv6 hairpin", &lab.checksum_errors());
+}
+
+/// ClientIP session affinity over IPv6: one client keeps one backend, TCP
+/// and UDP, where without it connections spread.
+fn ipv6_session_affinity_keeps_a_client_on_one_backend(source: Source, _wire: Wire) {
+    let mut lab = example_lab(source, Wire::Software);
+    let pods = pod_names(&lab);
+    let spec = json!({"clusterIPs": ["fd00:96::27"], "sessionAffinity": "ClientIP",
+        "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}});
+    publish6(&mut lab, "affinity6", spec, &pods);
+    let to = SocketAddr::new("fd00:96::27".parse::<IpAddr>().expect("address"), PORT);
+    let seen = whoami_tcp(&lab.client.ns, to, 30);
+    assert_eq!(pods_in(&seen).len(), 1, "ClientIP affinity, TCP: {seen:?}");
+    let seen = whoami_udp(&lab.client.ns, to, 30);
+    assert_eq!(pods_in(&seen).len(), 1, "ClientIP affinity, UDP: {seen:?}");
+    publish6(
+        &mut lab,
+        "affinity6",
+        json!({"clusterIPs": ["fd00:96::27"]}),
+        &pods,
+    );
+    let seen = whoami_tcp(&lab.client.ns, to, 30);
+    assert_eq!(pods_in(&seen), pods, "affinity off: connections spread");
+    assert!(lab.datapath_stat("affinity_hit") > 0);
+    report_checksum_counters("IPv6 session affinity", &lab.checksum_errors());
+}
+
+/// externalTrafficPolicy Local on an IPv6 NodePort keeps the external
+/// client's address; loadBalancerSourceRanges (an IPv6 prefix) let only
+/// the sources inside reach the LoadBalancer address, the others dropped
+/// and counted.
+fn ipv6_node_port_with_local_policy_and_source_ranges(source: Source, wire: Wire) {
+    let mut lab = example_lab(source, wire);
+    route_external_addresses(&lab);
+    let pods = pod_names(&lab);
+    let node_port = SocketAddr::new(IpAddr::from(NODE_WIRE_ADDR6), 30092);
+    let ingress = SocketAddr::new(IpAddr::from(LB_IP6), PORT);
+    let spec = |ranges: &str| {
+        json!({"type": "LoadBalancer", "clusterIPs": ["fd00:96::28"],
+            "externalTrafficPolicy": "Local", "loadBalancerSourceRanges": [ranges]})
+    };
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP6.to_string()}]}});
+    publish6_with_status(
+        &mut lab,
+        "local6",
+        spec("fd00:77::/64"),
+        status.clone(),
+        &pods,
+    );
+    for to in [node_port, ingress] {
+        for seen in [
+            whoami_tcp(&lab.ext, to, REQUESTS),
+            whoami_udp(&lab.ext, to, REQUESTS),
+        ] {
+            assert_eq!(pods_in(&seen), pods, "both local pods answer at {to}");
+            assert_eq!(
+                sources_in(&seen),
+                vec![IpAddr::from(EXT_CLIENT_ADDR6)],
+                "the client's own IPv6 address reaches the pod from {to}"
+            );
+        }
+    }
+    publish6_with_status(&mut lab, "local6", spec("2001:db8:1::/64"), status, &pods);
+    let refused = lab
+        .ext
+        .run_in(|| TcpStream::connect_timeout(&ingress, Duration::from_millis(700)));
+    assert!(refused.is_err(), "a source outside the ranges is let in");
+    assert!(lab.datapath_stat("source_range_dropped") > 0);
+    report_checksum_counters("IPv6 Local policy and ranges", &lab.checksum_errors());
 }

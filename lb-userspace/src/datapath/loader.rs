@@ -21,7 +21,10 @@ use lb_common::{
 
 use crate::{
     datapath::pseudo_fs,
-    sync::{family_maps::FamilyMaps, map_writer::BpfMaps},
+    sync::{
+        family_maps::{FamilyMaps, Ipv6Maps},
+        map_writer::BpfMaps,
+    },
 };
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one on its parent if
@@ -516,10 +519,32 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
 /// Opens the pinned maps without loading programs (for inspection).
 pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
     let open = |name| open_pinned_map(pin_dir, name);
+    let ipv6 = if map_pin_path(pin_dir, map_names::SERVICES6).exists() {
+        FamilyMaps::from_maps(open)?
+    } else {
+        empty_ipv6_maps()?
+    };
     Ok(BpfMaps {
         ipv4: FamilyMaps::from_maps(open)?,
-        ipv6: FamilyMaps::from_maps(open)?,
+        ipv6,
         config: Array::try_from(open(map_names::CONFIG)?)?,
+    })
+}
+
+/// The pins of an agent from before IPv6 have no lb6_ maps: reading them
+/// (`services`, `check`, during an upgrade) finds empty one-entry stand-ins,
+/// created from the object and never pinned.
+fn empty_ipv6_maps() -> Result<FamilyMaps<Ipv6Maps>> {
+    let mut loader = EbpfLoader::new();
+    for spec in map_spec::ALL.iter().chain([&map_spec::CONNTRACK_PREV]) {
+        loader.map_max_entries(spec.name, 1);
+    }
+    let mut ebpf = loader
+        .load(crate::EBPF_OBJECT)
+        .context("creating empty IPv6 maps")?;
+    FamilyMaps::from_maps(|name| {
+        ebpf.take_map(name)
+            .with_context(|| format!("no map {name} in the object"))
     })
 }
 
