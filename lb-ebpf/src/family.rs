@@ -8,7 +8,7 @@
 //! pointer cast, never copied: every copy of a 40-byte IPv6 key would cost
 //! stack, of which a BPF call chain has 512 bytes in all.
 
-use core::mem::{offset_of, size_of};
+use core::mem::{offset_of, size_of, MaybeUninit};
 
 use lb_common::{
     Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6, BackendMatchKey, Ct4Key,
@@ -16,7 +16,10 @@ use lb_common::{
     Service6Key, SourceRange4, SourceRange6, SOURCE_RANGE_PREFIX_BITS,
 };
 
-use crate::maps::{self, count};
+use crate::{
+    maps::{self, count},
+    nat::NewFlow,
+};
 
 /// An address of a family, as packets and maps hold it.
 pub trait Addr: Copy + PartialEq {
@@ -225,6 +228,8 @@ pub trait Family {
     fn ct_insert_new(t: &Tuple<Self::Addr>, ct: &Ct<Self::Addr>) -> bool;
     /// Removes the entry of `t`; true when there was one.
     fn ct_remove(t: &Tuple<Self::Addr>) -> bool;
+    /// This CPU's room for the state of a packet to a Service.
+    fn scratch() -> Option<*mut MaybeUninit<NewFlow<Self::Addr>>>;
 }
 
 /// IPv4: the lb4_ maps.
@@ -312,6 +317,11 @@ impl Family for V4 {
         // While a migration runs, the old map would hand the entry back.
         let _ = maps::CONNTRACK_PREV.remove(key);
         maps::CONNTRACK.remove(key).is_ok()
+    }
+
+    #[inline(always)]
+    fn scratch() -> Option<*mut MaybeUninit<NewFlow<u32>>> {
+        maps::FLOW4_SCRATCH.get_ptr_mut(0)
     }
 }
 
@@ -414,5 +424,12 @@ impl Family for V6 {
     #[inline(always)]
     fn ct_remove(t: &Tuple<Ipv6Bytes>) -> bool {
         maps::CONNTRACK6.remove(cast::<_, Ct6Key>(t)).is_ok()
+    }
+
+    #[inline(always)]
+    fn scratch() -> Option<*mut MaybeUninit<NewFlow<Ipv6Bytes>>> {
+        let scratch = maps::FLOW6_SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: a field of this CPU's value; no reference is made.
+        Some(unsafe { &raw mut (*scratch).start })
     }
 }

@@ -6,8 +6,6 @@
 //! Written once for both address families (`Family`: IPv4 and IPv6 differ
 //! in their addresses and maps, not in Service logic).
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use lb_common::{
     ct_hold_ns,
@@ -126,35 +124,60 @@ fn fresh<A: Addr>(flow: &Flow<A>, ct: &Ct<A>, now: u64) -> bool {
 
 /// The verdict on a parsed packet, rewritten in place by `rw`. Its steps
 /// are not inlined: each keeps its locals in a frame of its own, so the
-/// deepest chain of frames stays within BPF's 512 bytes of stack. `slot`
-/// is where the new flow's state is built: the caller's stack, or for
-/// IPv6 a per-CPU scratch value (its keys are too large for the stack).
+/// deepest chain of frames stays within BPF's 512 bytes of stack. The
+/// state of a packet to a Service is built in the family's per-CPU
+/// scratch value (`Family::scratch`), off the stack; other packets never
+/// touch it.
 #[inline(always)]
-pub fn handle<F: Family, R: Rewriter<F>>(
-    rw: &R,
-    flow: &Flow<F::Addr>,
-    hook: Hook,
-    slot: &mut MaybeUninit<NewFlow<F::Addr>>,
-) -> Action {
+pub fn handle<F: Family, R: Rewriter<F>>(rw: &R, flow: &Flow<F::Addr>, hook: Hook) -> Action {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // The service lookup comes first, as in Cilium: packets to a Service
     // skip the reply lookup. A reply's destination is a client (or the
     // masquerade address on a port outside the NodePort range), never a
     // Service frontend, so no reply is taken for Service traffic.
-    // Built in place, so this frame holds one copy of it.
-    let start = slot.write(NewFlow {
-        frontend: SvcKey {
-            addr: flow.daddr,
-            port: flow.dport,
-            backend_slot: 0,
-            proto: flow.proto,
-            scope: SCOPE_EXTERNAL,
-            _pad: [0; 2],
-        },
-        svc: Service4Value::default(),
-        fwd: tuple(flow, CT_DIR_FORWARD),
+    let mut frontend = SvcKey {
+        addr: flow.daddr,
+        port: flow.dport,
+        backend_slot: 0,
+        proto: flow.proto,
+        scope: SCOPE_EXTERNAL,
+        _pad: [0; 2],
+    };
+    let Some(svc) = find_service::<F>(&mut frontend, hook == Hook::Pod) else {
+        if let Some(action) = reverse_nat::<F, R>(rw, flow, now) {
+            return action;
+        }
+        forget_reply_entry_on_syn::<F>(flow, hook, now);
+        return Action::Pass;
+    };
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !F::source_allowed(svc.rev_nat_id, &flow.saddr) {
+        count(stats::SOURCE_RANGE_DROPPED);
+        return Action::Drop;
+    }
+    // An established flow needs only its forward entry: the key is built
+    // here, and the scratch value written for new flows alone.
+    let fwd = tuple(flow, CT_DIR_FORWARD);
+    let mut known_absent = true;
+    if let Some(ct_ptr) = F::ct_ptr(&fwd) {
+        if let Some(action) = follow_flow::<F, R>(rw, flow, ct_ptr, now) {
+            return action;
+        }
+        known_absent = false;
+    }
+    if svc.count == 0 {
+        return no_backend(flow, hook, &svc);
+    }
+    let Some(slot) = F::scratch() else {
+        // A per-CPU array of one entry always has it.
+        return Action::Pass;
+    };
+    // SAFETY: this CPU's slot, no other user while the program runs.
+    let start = unsafe { &mut *slot }.write(NewFlow {
+        frontend,
+        svc,
+        fwd,
         hook,
-        known_absent: true,
+        known_absent,
         now,
         backend: Backend {
             addr: F::Addr::UNSPECIFIED,
@@ -174,27 +197,6 @@ pub fn handle<F: Family, R: Rewriter<F>>(
             _pad: Default::default(),
         },
     });
-    let Some(svc) = find_service::<F>(&mut start.frontend, hook == Hook::Pod) else {
-        if let Some(action) = reverse_nat::<F, R>(rw, flow, now) {
-            return action;
-        }
-        forget_reply_entry_on_syn::<F>(flow, hook, now);
-        return Action::Pass;
-    };
-    start.svc = svc;
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !F::source_allowed(svc.rev_nat_id, &flow.saddr) {
-        count(stats::SOURCE_RANGE_DROPPED);
-        return Action::Drop;
-    }
-    if let Some(ct_ptr) = F::ct_ptr(&start.fwd) {
-        if let Some(action) = follow_flow::<F, R>(rw, flow, ct_ptr, now) {
-            return action;
-        }
-        start.known_absent = false;
-    }
-    if start.svc.count == 0 {
-        return no_backend(flow, hook, &start.svc);
-    }
     new_flow::<F, R>(rw, flow, start)
 }
 

@@ -30,7 +30,7 @@ use crate::{
         IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF,
         IP_TOT_LEN_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
-    maps::{FLOW4_SCRATCH, FLOW6_SCRATCH},
+    maps::FLOW6_SCRATCH,
     nat::{self, Action, Hook, Rewriter},
     xdp_path::{flow_of, reset_header, tcp_header_len},
 };
@@ -68,16 +68,11 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
 /// frames would add up past BPF's 512 bytes of stack.
 #[inline(never)]
 fn handle4(ctx: &TcContext, hook: Hook) -> i32 {
-    let Some(slot) = FLOW4_SCRATCH.get_ptr_mut(0) else {
-        return OK;
-    };
-    // SAFETY: this CPU's slot, no other user while the program runs.
-    let slot = unsafe { &mut *slot };
     let Some(flow) = flow_of(parse4(ctx.data(), ctx.data_end())) else {
         return OK;
     };
     let rw = TcRewriter { ctx };
-    match nat::handle::<V4, _>(&rw, &flow, hook, slot) {
+    match nat::handle::<V4, _>(&rw, &flow, hook) {
         // From a pod, a node address as source would look spoofed to input
         // routing; from the wire the agent lets it in (accept_local), as
         // it does for XDP, and the kernel routes it on.
@@ -109,7 +104,7 @@ fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
     }
     let flow = &scratch.flow;
     let rw = TcRewriter { ctx };
-    match nat::handle::<V6, _>(&rw, flow, hook, &mut scratch.start) {
+    match nat::handle::<V6, _>(&rw, flow, hook) {
         // IPv6 has no accept_local: a node address as source is dropped by
         // input routing from the wire too, so both hooks send it out.
         Action::Redirect => redirect_to_egress6(ctx),

@@ -22,7 +22,7 @@ use crate::{
         ETH_HLEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
         IP_SADDR_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
-    maps::{count, FLOW4_SCRATCH, FLOW6_SCRATCH},
+    maps::{count, FLOW6_SCRATCH},
     nat::{self, Action, Hook, Rewriter},
 };
 
@@ -55,16 +55,11 @@ pub fn flow_of<F>(parsed: Parsed<F>) -> Option<F> {
 /// frames would add up past BPF's 512 bytes of stack.
 #[inline(never)]
 fn from_wire4(ctx: &XdpContext) -> u32 {
-    let Some(slot) = FLOW4_SCRATCH.get_ptr_mut(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: this CPU's slot, no other user while the program runs.
-    let slot = unsafe { &mut *slot };
     let Some(flow) = flow_of(parse4(ctx.data(), ctx.data_end())) else {
         return xdp_action::XDP_PASS;
     };
     let rw = XdpRewriter { ctx };
-    match nat::handle::<V4, _>(&rw, &flow, Hook::Wire, slot) {
+    match nat::handle::<V4, _>(&rw, &flow, Hook::Wire) {
         // Packets from the wire go on through the kernel's routing; the
         // agent lets the wire interfaces accept a node address as source
         // (accept_local) for masqueraded and reverse-translated ones.
@@ -94,7 +89,7 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
     }
     let flow = &scratch.flow;
     let rw = XdpRewriter { ctx };
-    match nat::handle::<V6, _>(&rw, flow, Hook::Wire, &mut scratch.start) {
+    match nat::handle::<V6, _>(&rw, flow, Hook::Wire) {
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::RejectTcp => nat::rejected(tcp_reset6(ctx, flow), xdp_action::XDP_DROP),
