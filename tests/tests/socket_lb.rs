@@ -228,14 +228,14 @@ fn socket_lb_host_mode_translates_host_sockets_only() {
 fn connected_udp_across_backend_deletion(
     lab: &mut Lab,
     from_node: bool,
+    to: &str,
 ) -> (String, Vec<(String, String)>) {
     use std::io::BufRead;
     let bin = sibling_binary("lab-client", "LAB_CLIENT_BIN").expect("lab-client binary");
     let ns = if from_node { &lab.node } else { &lab.client.ns };
-    let to = SocketAddrV4::new(NGINX, 80).to_string();
     let mut child = lab
         .command_in_cgroup(ns, &bin)
-        .args(["udp-connected", &to, "80", "100"])
+        .args(["udp-connected", to, "80", "100"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -274,6 +274,7 @@ fn connected_udp_across_backend_deletion(
 
 #[privileged_test]
 fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
+    // (The IPv4-mapped twin is the next test.)
     // Last, the node's case with the agent holding only the DaemonSet's
     // capabilities: closing another process's socket (sock_diag destroy)
     // is the one privilege that path adds.
@@ -290,7 +291,8 @@ fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
             (true, false) => "node process, agent with the DaemonSet's capabilities",
         };
         let mut lab = lab_with_agent_under("all", wrapper);
-        let (gone, after) = connected_udp_across_backend_deletion(&mut lab, from_node);
+        let to = SocketAddrV4::new(NGINX, 80).to_string();
+        let (gone, after) = connected_udp_across_backend_deletion(&mut lab, from_node, &to);
         let last: Vec<&str> = after[after.len() - 5..]
             .iter()
             .map(|(_, a)| a.split(' ').next().unwrap_or_default())
@@ -314,4 +316,27 @@ fn a_connected_udp_client_of_a_deleted_backend_reaches_a_live_one() {
             );
         }
     }
+}
+
+/// A node process's dual-stack UDP socket connected to an IPv4 Service by
+/// its IPv4-mapped address (connect6 through the IPv4 maps) is closed by
+/// the agent when its backend is deleted, as an IPv4 socket is: sock_diag
+/// finds it among the IPv6 sockets, connected to `::ffff:` the backend.
+#[privileged_test]
+fn a_dual_stack_udp_socket_of_a_deleted_backend_is_closed_and_reconnects() {
+    let mut lab = lab("all");
+    let to = SocketAddrV6::new(NGINX.to_ipv6_mapped(), 80, 0, 0).to_string();
+    let (gone, after) = connected_udp_across_backend_deletion(&mut lab, true, &to);
+    assert!(
+        after.iter().any(|(_, a)| a == "reconnected"),
+        "the agent closed the socket: {after:?}"
+    );
+    let last: Vec<&str> = after[after.len() - 5..]
+        .iter()
+        .map(|(_, a)| a.split(' ').next().unwrap_or_default())
+        .collect();
+    assert!(
+        last.iter().all(|p| lab.pods.contains_key(*p) && *p != gone),
+        "the last datagrams must reach a live backend, not {gone}: {after:?}"
+    );
 }

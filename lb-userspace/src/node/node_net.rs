@@ -178,18 +178,18 @@ fn set_ipv4_devconf(index: u32, setting: u16, value: u32) -> Result<()> {
 /// connected at connect() time to a backend that is gone would otherwise
 /// send into the void for its whole life. The application gets
 /// ECONNABORTED and, like a resolver does, connects again, to a live
-/// backend. Returns how many sockets were closed.
-pub fn destroy_udp_sockets_to(backends: &[std::net::SocketAddrV4]) -> Result<usize> {
+/// backend. Both families: an IPv6 socket connected to an IPv4-mapped
+/// address (`::ffff:a.b.c.d`) counts as connected to that IPv4 backend.
+/// Returns how many sockets were closed.
+pub fn destroy_udp_sockets_to(backends: &[std::net::SocketAddr]) -> Result<usize> {
     let diag = Netlink::open(NETLINK_SOCK_DIAG)?;
     let mut closed = 0;
-    for id in diag.udp_sockets()? {
-        let dst = std::net::SocketAddrV4::new(
-            // inet_diag_sockid: sport, dport, src[4], dst[4], if, cookie.
-            Ipv4Addr::from(u32::from_be_bytes(id[20..24].try_into().unwrap())),
-            u16::from_be_bytes([id[2], id[3]]),
-        );
-        if backends.contains(&dst) {
-            match diag.destroy_udp(&id) {
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for id in diag.udp_sockets(family)? {
+            if !backends.contains(&sockid_destination(family, &id)) {
+                continue;
+            }
+            match diag.destroy_udp(family, &id) {
                 Ok(()) => closed += 1,
                 // Closed meanwhile by its owner.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -201,6 +201,22 @@ pub fn destroy_udp_sockets_to(backends: &[std::net::SocketAddrV4]) -> Result<usi
         log::info!("closed {closed} UDP socket(s) connected to deleted backends {backends:?}");
     }
     Ok(closed)
+}
+
+/// The destination of an `inet_diag_sockid` (sport, dport, src[16],
+/// dst[16], if, cookie) of `family`; an IPv4-mapped one as IPv4.
+fn sockid_destination(family: u8, id: &[u8; SOCKID_LEN]) -> std::net::SocketAddr {
+    let port = u16::from_be_bytes([id[2], id[3]]);
+    let ip = if family == libc::AF_INET as u8 {
+        std::net::IpAddr::V4(Ipv4Addr::from(u32::from_be_bytes(
+            id[20..24].try_into().unwrap(),
+        )))
+    } else {
+        let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&id[20..36]).unwrap());
+        v6.to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+    };
+    std::net::SocketAddr::new(ip, port)
 }
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
@@ -254,8 +270,8 @@ impl Netlink {
         std::os::fd::AsRawFd::as_raw_fd(&self.0)
     }
 
-    /// nlmsghdr + inet_diag_req_v2 for UDP over IPv4, all states.
-    fn request(kind: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+    /// nlmsghdr + inet_diag_req_v2 for UDP over `family`, all states.
+    fn request(kind: u16, flags: u16, family: u8, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
         let len = 16 + 8 + SOCKID_LEN;
         let mut m = Vec::with_capacity(len);
         m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -263,7 +279,7 @@ impl Netlink {
         m.extend_from_slice(&flags.to_ne_bytes());
         m.extend_from_slice(&1u32.to_ne_bytes()); // seq
         m.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-        m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+        m.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
         m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
         m.extend_from_slice(id);
         m
@@ -287,11 +303,13 @@ impl Netlink {
         Ok(n as usize)
     }
 
-    /// The `inet_diag_sockid` of every IPv4 UDP socket of the namespace.
-    fn udp_sockets(&self) -> Result<Vec<[u8; SOCKID_LEN]>> {
+    /// The `inet_diag_sockid` of every UDP socket of `family` in the
+    /// namespace.
+    fn udp_sockets(&self, family: u8) -> Result<Vec<[u8; SOCKID_LEN]>> {
         self.send(&Self::request(
             SOCK_DIAG_BY_FAMILY,
             NLM_F_REQUEST | NLM_F_DUMP,
+            family,
             &[0; SOCKID_LEN],
         ))
         .context("sock_diag dump request")?;
@@ -327,8 +345,13 @@ impl Netlink {
         anyhow::bail!("sock_diag dump did not end")
     }
 
-    fn destroy_udp(&self, id: &[u8; SOCKID_LEN]) -> std::io::Result<()> {
-        self.send(&Self::request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, id))?;
+    fn destroy_udp(&self, family: u8, id: &[u8; SOCKID_LEN]) -> std::io::Result<()> {
+        self.send(&Self::request(
+            SOCK_DESTROY,
+            NLM_F_REQUEST | NLM_F_ACK,
+            family,
+            id,
+        ))?;
         let mut buf = [0u8; 256];
         let n = self.recv(&mut buf)?;
         if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
@@ -343,6 +366,22 @@ impl Netlink {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sockid_destinations_of_both_families_and_ipv4_mapped_ones() {
+        let mut id = [0u8; SOCKID_LEN];
+        id[2..4].copy_from_slice(&53u16.to_be_bytes());
+        id[20..24].copy_from_slice(&[10, 244, 0, 5]);
+        let v4: std::net::SocketAddr = "10.244.0.5:53".parse().unwrap();
+        assert_eq!(sockid_destination(libc::AF_INET as u8, &id), v4);
+        let mapped: std::net::Ipv6Addr = "::ffff:10.244.0.5".parse().unwrap();
+        id[20..36].copy_from_slice(&mapped.octets());
+        assert_eq!(sockid_destination(libc::AF_INET6 as u8, &id), v4);
+        let v6: std::net::Ipv6Addr = "fd00:10:244::5".parse().unwrap();
+        id[20..36].copy_from_slice(&v6.octets());
+        let want: std::net::SocketAddr = "[fd00:10:244::5]:53".parse().unwrap();
+        assert_eq!(sockid_destination(libc::AF_INET6 as u8, &id), want);
+    }
+
     use super::*;
 
     fn sockaddr6(a: Ipv6Addr) -> libc::sockaddr_in6 {

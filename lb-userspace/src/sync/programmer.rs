@@ -31,7 +31,7 @@ pub struct SyncReport {
     /// out for want of room, no failed write).
     pub complete: bool,
     /// UDP backends this sync deleted: sockets connected to them are stale.
-    pub deleted_udp_backends: Vec<std::net::SocketAddrV4>,
+    pub deleted_udp_backends: Vec<std::net::SocketAddr>,
     /// Backends this sync deleted (their conntrack entries are to be swept).
     pub deleted_backends: usize,
 }
@@ -63,7 +63,7 @@ pub struct Programmer<W: MapWriter> {
 #[derive(Default)]
 struct Written {
     writes: usize,
-    deleted_udp_backends: Vec<std::net::SocketAddrV4>,
+    deleted_udp_backends: Vec<std::net::SocketAddr>,
     deleted_backends: usize,
     /// Of the last pass: the Services left out, the writes that failed.
     unplanned: Vec<differ::Unplanned>,
@@ -202,11 +202,7 @@ impl<W: MapWriter> Programmer<W> {
                     })
                     .filter_map(|b| differ::backend_addr(&b))
                     .filter(|a| a.proto == crate::model::Protocol::Udp)
-                    // Socket-level balancing (connect4) is IPv4's alone.
-                    .filter_map(|a| match a.addr {
-                        std::net::IpAddr::V4(ip) => Some(std::net::SocketAddrV4::new(ip, a.port)),
-                        std::net::IpAddr::V6(_) => None,
-                    }),
+                    .map(|a| std::net::SocketAddr::new(a.addr, a.port)),
             );
             let applied = apply_plan(&mut self.writer, &plan.ops, &mut self.current);
             written.writes += applied.applied;
