@@ -43,6 +43,7 @@ lb_lab::lab_test_variants!(
     Manifests,
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
+    ipv6_internal_local_policy_and_terminating_fallback,
     a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
     a_pod_hairpins_back_to_itself_over_ipv6,
     ipv6_session_affinity_keeps_a_client_on_one_backend,
@@ -53,6 +54,7 @@ lb_lab::lab_test_variants!(
     Api,
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
+    ipv6_internal_local_policy_and_terminating_fallback,
     a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
     a_pod_hairpins_back_to_itself_over_ipv6,
     ipv6_session_affinity_keeps_a_client_on_one_backend,
@@ -672,4 +674,72 @@ fn ipv6_node_port_with_local_policy_and_source_ranges(source: Source, wire: Wire
     assert!(refused.is_err(), "a source outside the ranges is let in");
     assert!(lab.datapath_stat("source_range_dropped") > 0);
     report_checksum_counters("IPv6 Local policy and ranges", &lab.checksum_errors());
+}
+
+/// An IPv6 endpoint of `pod` with these conditions, on node `node`.
+fn endpoint6(lab: &Lab, pod: &str, conditions: [bool; 3], node: &str) -> Value {
+    let [ready, serving, terminating] = conditions;
+    json!({"addresses": [lab.pods[pod].ip6.to_string()],
+        "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+        "nodeName": node, "targetRef": {"kind": "Pod", "name": pod, "namespace": "default"}})
+}
+
+/// An IPv6-only Service with the given endpoints.
+fn publish6_endpoints(lab: &mut Lab, name: &str, spec: Value, eps: Vec<Value>) {
+    let mut spec = spec;
+    spec["ipFamilies"] = json!(["IPv6"]);
+    spec["ipFamilyPolicy"] = json!("SingleStack");
+    spec["ports"] = json!([{"name": "tcp", "port": PORT, "protocol": "TCP"},
+                           {"name": "udp", "port": PORT, "protocol": "UDP"}]);
+    lab.put_dual_stack_service(name, spec, json!({}), &[("IPv6", eps)]);
+    lab.apply_manifests()
+        .expect("the agent picks up the Service");
+}
+
+/// internalTrafficPolicy Local over IPv6: a pod reaches only this node's
+/// endpoint, with its own address; and with no ready endpoint left the
+/// serving terminating ones take new flows (kube-proxy's fallback).
+fn ipv6_internal_local_policy_and_terminating_fallback(source: Source, _wire: Wire) {
+    let mut lab = example_lab(source, Wire::Software);
+    let all = pod_names(&lab);
+    let eps = vec![
+        endpoint6(&lab, &all[0], [true, true, false], NODE_NAME),
+        endpoint6(&lab, &all[1], [true, true, false], "other-node"),
+    ];
+    let spec = json!({"clusterIPs": ["fd00:96::29"], "internalTrafficPolicy": "Local"});
+    publish6_endpoints(&mut lab, "itp6", spec, eps);
+    let to = SocketAddr::new("fd00:96::29".parse::<IpAddr>().expect("address"), PORT);
+    for seen in [
+        whoami_tcp(&lab.client.ns, to, REQUESTS),
+        whoami_udp(&lab.client.ns, to, REQUESTS),
+    ] {
+        assert_eq!(
+            pods_in(&seen),
+            vec![all[0].clone()],
+            "only this node's endpoint"
+        );
+        assert_eq!(sources_in(&seen), vec![IpAddr::from(lab.client.ip6)]);
+    }
+    let eps = vec![
+        endpoint6(&lab, &all[0], [false, false, true], NODE_NAME),
+        endpoint6(&lab, &all[1], [false, true, true], NODE_NAME),
+    ];
+    publish6_endpoints(
+        &mut lab,
+        "term6",
+        json!({"clusterIPs": ["fd00:96::2a"]}),
+        eps,
+    );
+    let to = SocketAddr::new("fd00:96::2a".parse::<IpAddr>().expect("address"), PORT);
+    for seen in [
+        whoami_tcp(&lab.client.ns, to, REQUESTS),
+        whoami_udp(&lab.client.ns, to, REQUESTS),
+    ] {
+        assert_eq!(
+            pods_in(&seen),
+            vec![all[1].clone()],
+            "no ready endpoint: the serving terminating one"
+        );
+    }
+    report_checksum_counters("IPv6 ITP Local and fallback", &lab.checksum_errors());
 }
