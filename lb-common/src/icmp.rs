@@ -25,17 +25,6 @@ const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 
-#[inline(always)]
-fn sum_bytes<const N: usize>(b: &[u8; N]) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i + 1 < N {
-        sum += u32::from(u16::from_ne_bytes([b[i], b[i + 1]]));
-        i += 2;
-    }
-    sum
-}
-
 /// The UDP checksum field as it will be when the answer leaves the node.
 /// A pod's datagram may carry only a partial checksum (the pseudo header
 /// sum, non-inverted); wherever the kernel finalizes it, it will sum just
@@ -49,7 +38,7 @@ pub fn quoted_udp_check(ip: &[u8; IP_LEN], udp: &[u8; QUOTED_L4_LEN]) -> u16 {
     let daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
     let pseudo = csum::fold(csum::pseudo_header_sum(saddr, daddr, ip[9], udp_len));
     if check != 0 && check == pseudo {
-        match !csum::fold(sum_bytes(udp)) {
+        match !csum::fold(csum::sum_bytes(udp)) {
             0 => 0xffff,
             c => c,
         }
@@ -89,15 +78,15 @@ pub fn port_unreachable_head(
     // From the address the client sent to (the Service), to the client.
     h[12..16].copy_from_slice(&ip[16..20]);
     h[16..20].copy_from_slice(&ip[12..16]);
-    let ip_check = !csum::fold(sum_bytes(&h));
+    let ip_check = !csum::fold(csum::sum_bytes(&h));
     h[10..12].copy_from_slice(&ip_check.to_ne_bytes());
     out[ETH_LEN..ETH_LEN + IP_LEN].copy_from_slice(&h);
 
     let mut quoted = *udp;
     quoted[6..8].copy_from_slice(&udp_check.to_ne_bytes());
     let icmp_sum = u32::from(u16::from_ne_bytes([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH]))
-        + sum_bytes(ip)
-        + sum_bytes(&quoted);
+        + csum::sum_bytes(ip)
+        + csum::sum_bytes(&quoted);
     let icmp_check = !csum::fold(icmp_sum);
     let o = ETH_LEN + IP_LEN;
     out[o] = ICMP_DEST_UNREACH;

@@ -26,17 +26,6 @@ const ICMP6_DST_UNREACH: u8 = 1;
 const ICMP6_PORT_UNREACH: u8 = 4;
 const HOP_LIMIT: u8 = 64;
 
-#[inline(always)]
-fn sum_bytes<const N: usize>(b: &[u8; N]) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i + 1 < N {
-        sum += u32::from(u16::from_ne_bytes([b[i], b[i + 1]]));
-        i += 2;
-    }
-    sum
-}
-
 /// The UDP checksum field as it will be when the answer leaves the node
 /// (see `icmp::quoted_udp_check`: a partial checksum is finished by the
 /// kernel over the 8 quoted bytes only). `saddr` and `daddr` are the
@@ -47,7 +36,7 @@ pub fn quoted_udp_check(saddr: &[u32; 4], daddr: &[u32; 4], udp: &[u8; QUOTED_L4
     let udp_len = u16::from_be_bytes([udp[4], udp[5]]);
     let pseudo = csum::pseudo_header_sum6(saddr, daddr, 17, u32::from(udp_len));
     if check != 0 && check == csum::fold(pseudo) {
-        csum::udp6_nonzero(!csum::fold(sum_bytes(udp)))
+        csum::udp6_nonzero(!csum::fold(csum::sum_bytes(udp)))
     } else {
         check
     }
