@@ -329,14 +329,8 @@ pub fn measure(
     Ok(best)
 }
 
-/// One batch of each packet kind through `hook` of `inst`; `flow` numbers
-/// the new flows' clients (never seen before).
-fn measure_once(
-    inst: &Instance,
-    hook: Hook,
-    count: usize,
-    flow: &mut usize,
-) -> Result<PacketCosts> {
+/// The wire program of `hook` and its empty twin, loaded in `inst`.
+fn programs(inst: &Instance, hook: Hook) -> Result<(&dyn Runner, &dyn Runner)> {
     let program = |name: &str| -> Result<&dyn Runner> {
         let p = inst
             .ebpf
@@ -347,7 +341,64 @@ fn measure_once(
             Hook::Tc => <&SchedClassifier>::try_from(p)? as &dyn Runner,
         })
     };
-    let (wire, empty) = (program(hook.program())?, program(hook.empty())?);
+    Ok((program(hook.program())?, program(hook.empty())?))
+}
+
+/// The packets of one family's probe: a SYN of the established flow, the
+/// SYN of new flow `i`, an ACK of the established flow and one to an
+/// address no Service has; with the checks of a translated and of an
+/// untouched output.
+struct Probe<'a> {
+    first_syn: Vec<u8>,
+    new_syn: &'a dyn Fn(usize) -> Vec<u8>,
+    ack: Vec<u8>,
+    other: Vec<u8>,
+    to_backend: &'a dyn Fn(&[u8]) -> Result<()>,
+    untouched: &'a dyn Fn(&[u8]) -> Result<()>,
+}
+
+/// One batch of each packet kind of `probe` through `hook` of `inst`;
+/// `flow` numbers the new flows' clients (never seen before).
+fn measure_probe(
+    inst: &Instance,
+    hook: Hook,
+    count: usize,
+    flow: &mut usize,
+    probe: &Probe,
+) -> Result<PacketCosts> {
+    let (wire, empty) = programs(inst, hook)?;
+    // The flow's first packet creates its conntrack entry.
+    batch(wire, 1, &mut |_| probe.first_syn.clone(), probe.to_backend)?;
+    let e = batch(empty, count, &mut |_| probe.ack.clone(), &|_| Ok(()))?;
+    let nf = batch(
+        wire,
+        count,
+        &mut |_| {
+            *flow += 1;
+            (probe.new_syn)(*flow)
+        },
+        probe.to_backend,
+    )?;
+    let est = batch(wire, count, &mut |_| probe.ack.clone(), probe.to_backend)?;
+    let ns = batch(wire, count, &mut |_| probe.other.clone(), probe.untouched)?;
+    Ok(PacketCosts {
+        services: inst.services,
+        hook: Some(hook),
+        family: None,
+        empty_ns: e,
+        new_flow_ns: nf - e,
+        established_ns: est - e,
+        not_service_ns: ns - e,
+    })
+}
+
+/// The IPv4 probe: the last programmed Service.
+fn measure_once(
+    inst: &Instance,
+    hook: Hook,
+    count: usize,
+    flow: &mut usize,
+) -> Result<PacketCosts> {
     let probe = &inst.probe;
     let backends: Vec<Ipv4Addr> = probe.endpoints.iter().map(|e| e.0).collect();
     let to_backend = |out: &[u8]| -> Result<()> {
@@ -370,42 +421,28 @@ fn measure_once(
         dst: probe.cluster_ip,
         dport: probe.port,
     };
-    let ack = packet::tcp(&established, TCP_ACK, 1, &[], b"x");
-    let other = packet::tcp(
-        &Tuple {
-            dst: NOT_A_SERVICE,
+    let new_syn = |i: usize| {
+        packet::tcp_syn(&Tuple {
+            src: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i as u32),
             ..established
-        },
-        TCP_ACK,
-        1,
-        &[],
-        b"x",
-    );
-    // The flow's first packet creates its conntrack entry.
-    batch(wire, 1, &mut |_| packet::tcp_syn(&established), &to_backend)?;
-    let e = batch(empty, count, &mut |_| ack.clone(), &|_| Ok(()))?;
-    let nf = batch(
-        wire,
-        count,
-        &mut |_| {
-            *flow += 1;
-            packet::tcp_syn(&Tuple {
-                src: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + *flow as u32),
-                ..established
-            })
-        },
-        &to_backend,
-    )?;
-    let est = batch(wire, count, &mut |_| ack.clone(), &to_backend)?;
-    let ns = batch(wire, count, &mut |_| other.clone(), &untouched)?;
+        })
+    };
+    let other = Tuple {
+        dst: NOT_A_SERVICE,
+        ..established
+    };
+    let packets = Probe {
+        first_syn: packet::tcp_syn(&established),
+        new_syn: &new_syn,
+        ack: packet::tcp(&established, TCP_ACK, 1, &[], b"x"),
+        other: packet::tcp(&other, TCP_ACK, 1, &[], b"x"),
+        to_backend: &to_backend,
+        untouched: &untouched,
+    };
+    let costs = measure_probe(inst, hook, count, flow, &packets)?;
     Ok(PacketCosts {
-        services: inst.services,
-        hook: Some(hook),
         family: Some(Family::Ipv4),
-        empty_ns: e,
-        new_flow_ns: nf - e,
-        established_ns: est - e,
-        not_service_ns: ns - e,
+        ..costs
     })
 }
 
@@ -413,24 +450,13 @@ fn measure_once(
 const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const NOT_A_SERVICE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, 1);
 
-/// `measure_once` for the probed IPv6 Service.
+/// The IPv6 probe: the last programmed IPv6 Service.
 fn measure_once6(
     inst: &Instance,
     hook: Hook,
     count: usize,
     flow: &mut usize,
 ) -> Result<PacketCosts> {
-    let program = |name: &str| -> Result<&dyn Runner> {
-        let p = inst
-            .ebpf
-            .program(name)
-            .with_context(|| format!("no program {name}"))?;
-        Ok(match hook {
-            Hook::Xdp => <&Xdp>::try_from(p)? as &dyn Runner,
-            Hook::Tc => <&SchedClassifier>::try_from(p)? as &dyn Runner,
-        })
-    };
-    let (wire, empty) = (program(hook.program())?, program(hook.empty())?);
     let (cluster_ip, backends) = &inst.probe6;
     let to_backend = |out: &[u8]| -> Result<()> {
         let p = packet6::parse6(out);
@@ -452,60 +478,26 @@ fn measure_once6(
         dst: *cluster_ip,
         dport: 80,
     };
-    let ack = packet6::tcp6(&established, TCP_ACK, &[], b"x");
-    let other = packet6::tcp6(
-        &Tuple6 {
-            dst: NOT_A_SERVICE6,
-            ..established
-        },
-        TCP_ACK,
-        &[],
-        b"x",
-    );
-    batch(
-        wire,
-        1,
-        &mut |_| packet6::tcp6(&established, TCP_SYN, &[], &[]),
-        &to_backend,
-    )?;
-    let e = batch(empty, count, &mut |_| ack.clone(), &|_| Ok(()))?;
-    let nf = batch(
-        wire,
-        count,
-        &mut |_| {
-            *flow += 1;
-            let client = Ipv6Addr::new(
-                0xfd00,
-                0x172,
-                0,
-                0,
-                0,
-                0,
-                (*flow >> 16) as u16,
-                *flow as u16,
-            );
-            packet6::tcp6(
-                &Tuple6 {
-                    src: client,
-                    ..established
-                },
-                TCP_SYN,
-                &[],
-                &[],
-            )
-        },
-        &to_backend,
-    )?;
-    let est = batch(wire, count, &mut |_| ack.clone(), &to_backend)?;
-    let ns = batch(wire, count, &mut |_| other.clone(), &untouched)?;
+    let new_syn = |i: usize| {
+        let src = Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, (i >> 16) as u16, i as u16);
+        packet6::tcp6(&Tuple6 { src, ..established }, TCP_SYN, &[], &[])
+    };
+    let other = Tuple6 {
+        dst: NOT_A_SERVICE6,
+        ..established
+    };
+    let packets = Probe {
+        first_syn: packet6::tcp6(&established, TCP_SYN, &[], &[]),
+        new_syn: &new_syn,
+        ack: packet6::tcp6(&established, TCP_ACK, &[], b"x"),
+        other: packet6::tcp6(&other, TCP_ACK, &[], b"x"),
+        to_backend: &to_backend,
+        untouched: &untouched,
+    };
+    let costs = measure_probe(inst, hook, count, flow, &packets)?;
     Ok(PacketCosts {
-        services: inst.services,
-        hook: Some(hook),
         family: Some(Family::Ipv6),
-        empty_ns: e,
-        new_flow_ns: nf - e,
-        established_ns: est - e,
-        not_service_ns: ns - e,
+        ..costs
     })
 }
 
