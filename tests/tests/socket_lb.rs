@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     process::Stdio,
 };
@@ -97,17 +97,7 @@ fn should_function_for_node_service_http() {
         SocketAddrV4::new(NGINX, 80),
         SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
     ] {
-        let lines = client(&lab, &lab.node, &["tcp", &to.to_string(), "30"]);
-        assert_eq!(
-            answering_pods(&lines),
-            all_pods(&lab),
-            "a node process reaches {to}"
-        );
-        assert_eq!(
-            peers(&lines),
-            BTreeSet::from([to.to_string()]),
-            "getpeername shows the address the process connected to"
-        );
+        node_reaches_over_tcp(&lab, &SocketAddr::V4(to));
     }
     assert!(lab.datapath_stat("sock_translated") >= 60);
 }
@@ -123,19 +113,25 @@ fn a_dual_stack_socket_reaches_an_ipv4_service_by_its_ipv4_mapped_address() {
         SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
     ] {
         let mapped = SocketAddrV6::new(to.ip().to_ipv6_mapped(), to.port(), 0, 0);
-        let lines = client(&lab, &lab.node, &["tcp", &mapped.to_string(), "30"]);
-        assert_eq!(
-            answering_pods(&lines),
-            all_pods(&lab),
-            "a node process reaches {mapped}"
-        );
-        assert_eq!(
-            peers(&lines),
-            BTreeSet::from([mapped.to_string()]),
-            "getpeername shows the mapped address the process connected to"
-        );
+        node_reaches_over_tcp(&lab, &SocketAddr::V6(mapped));
     }
     assert!(lab.datapath_stat("sock_translated") >= 60);
+}
+
+/// 30 TCP connections of a node process to `to` reach every pod, and
+/// getpeername shows `to`, the address the process connected to.
+fn node_reaches_over_tcp(lab: &Lab, to: &SocketAddr) {
+    let lines = client(lab, &lab.node, &["tcp", &to.to_string(), "30"]);
+    assert_eq!(
+        answering_pods(&lines),
+        all_pods(lab),
+        "a node process reaches {to}"
+    );
+    assert_eq!(
+        peers(&lines),
+        BTreeSet::from([to.to_string()]),
+        "getpeername shows the address the process connected to"
+    );
 }
 
 #[privileged_test]
