@@ -100,7 +100,7 @@ pub fn measure(rate: u32, seconds: u64, modes: &[Mode]) -> Result<Vec<Row>> {
         crate::wait_for_quiet();
         let load = RateLoad {
             what: mode.name().into(),
-            to: SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT),
+            to: SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT).into(),
             rate,
             duration: Duration::from_secs(seconds),
             threads: 8,

@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     io::Write,
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -125,7 +125,7 @@ impl Load {
     /// `interval`, for at most `max` requests.
     pub fn start(
         netns: PathBuf,
-        to: SocketAddrV4,
+        to: impl Into<SocketAddr>,
         kind: LoadKind,
         what: &str,
         interval: Duration,
@@ -134,6 +134,7 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let what = what.to_owned();
+        let to = to.into();
         let handle = std::thread::spawn(move || {
             in_netns(&netns, || {
                 let mut client = Client::new(to, kind);
@@ -190,7 +191,7 @@ impl Drop for Load {
 }
 
 struct Client {
-    to: SocketAddrV4,
+    to: SocketAddr,
     kind: LoadKind,
     stream: Option<TcpStream>,
     udp: Option<UdpSocket>,
@@ -199,7 +200,7 @@ struct Client {
 }
 
 impl Client {
-    fn new(to: SocketAddrV4, kind: LoadKind) -> Self {
+    fn new(to: SocketAddr, kind: LoadKind) -> Self {
         Self {
             to,
             kind,
@@ -219,7 +220,7 @@ impl Client {
             }
             LoadKind::LongLived => {
                 if self.stream.is_none() {
-                    let s = TcpStream::connect_timeout(&SocketAddr::V4(self.to), REQUEST_TIMEOUT)?;
+                    let s = TcpStream::connect_timeout(&self.to, REQUEST_TIMEOUT)?;
                     s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
                     self.connections += 1;
                     self.stream = Some(s);
@@ -241,7 +242,12 @@ impl Client {
             }
             LoadKind::UdpFlow => {
                 if self.udp.is_none() {
-                    let s = UdpSocket::bind("0.0.0.0:0")?;
+                    let any: SocketAddr = if self.to.is_ipv6() {
+                        "[::]:0".parse().expect("an address")
+                    } else {
+                        "0.0.0.0:0".parse().expect("an address")
+                    };
+                    let s = UdpSocket::bind(any)?;
                     s.set_read_timeout(Some(UDP_RETRY_AFTER))?;
                     self.connections += 1;
                     self.udp = Some(s);
@@ -264,7 +270,7 @@ impl Client {
                             break;
                         };
                         let answer = String::from_utf8_lossy(&buf[..len]).into_owned();
-                        if from != SocketAddr::V4(self.to) {
+                        if from != self.to {
                             return Err(std::io::Error::other(format!(
                                 "answer from {from}, not from the Service {}: {answer}",
                                 self.to

@@ -7,7 +7,7 @@
 use std::{
     fmt,
     io::{Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -22,7 +22,7 @@ pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Clone, Debug)]
 pub struct RateLoad {
     pub what: String,
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
     /// New connections per second, over all threads.
     pub rate: u32,
     pub duration: Duration,
@@ -77,8 +77,8 @@ impl fmt::Display for RateReport {
 }
 
 /// One connection: connect, ask `once`, read the answer and the close.
-fn one_connection(to: SocketAddrV4) -> std::io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), CONNECTION_TIMEOUT)?;
+fn one_connection(to: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&to, CONNECTION_TIMEOUT)?;
     s.set_read_timeout(Some(CONNECTION_TIMEOUT))?;
     s.write_all(b"once\n")?;
     let mut answer = Vec::new();

@@ -6,21 +6,42 @@
 //! masquerade port handed out again within that time gets the old
 //! connection's ACK instead of a SYN-ACK, and the client retransmits its
 //! SYN a second later. No SYN may be retransmitted and no connection fail.
+//!
+//! IPv4 on both kinds of wire; IPv6 (the Service is dual-stack, the
+//! NodePort on the node's IPv6 wire address, masqueraded to its IPv6
+//! address from IPv6 port ranges of their own) on the software wire, whose
+//! partial checksums are the harder case.
 
-use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+use std::{
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+    time::Duration,
+};
 
 use lb_lab::{
-    on_each_wire,
+    on_each_wire, privileged_test,
     rate_load::{self, RateLoad},
-    Lab, Wire, NODE_WIRE_ADDR,
+    Lab, Wire, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
 };
 
 on_each_wire!(nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait);
+
+#[privileged_test]
+fn ipv6_nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait() {
+    let to = SocketAddrV6::new(NODE_WIRE_ADDR6, NODE_PORT, 0, 0);
+    nodeport_load(Wire::Software, to.into());
+}
+
+const NODE_PORT: u16 = 30081;
 
 /// Long enough for every backend's masquerade ports to come round once.
 const DURATION: Duration = Duration::from_secs(140);
 
 fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wire: Wire) {
+    nodeport_load(wire, SocketAddrV4::new(NODE_WIRE_ADDR, NODE_PORT).into());
+}
+
+fn nodeport_load(wire: Wire, to: SocketAddr) {
     let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/rolling-update.yaml");
     let mut lab = Lab::from_manifest_files_on(wire, &[example]).expect("build the lab");
     assert_eq!(lab.pods.len(), 4, "the example has 4 replicas");
@@ -30,9 +51,10 @@ fn nodeport_at_1000_new_connections_a_second_never_meets_a_backends_time_wait(wi
         .flags(&["--conntrack-max", "524288"])
         .start()
         .expect("start lb-agent");
+    let family = if to.is_ipv6() { "IPv6" } else { "IPv4" };
     let load = RateLoad {
-        what: format!("NodePort new connections, {wire:?} wire"),
-        to: SocketAddrV4::new(NODE_WIRE_ADDR, 30081),
+        what: format!("{family} NodePort new connections to {to}, {wire:?} wire"),
+        to,
         rate: 1000,
         duration: DURATION,
         threads: 8,
