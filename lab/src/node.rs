@@ -487,6 +487,15 @@ impl LabNode {
             .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
     }
 
+    /// A data path counter of one family (`ipv4` or `ipv6`), as
+    /// `lb-agent stats --family` reports it.
+    pub fn datapath_stat_of(&self, name: &str, family: &str) -> u64 {
+        let stats = self.agent_command_json(&["stats", "--output", "json", "--family", family]);
+        stats[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
+    }
+
     /// `lb-agent --pin-dir <this node's> ARGS` in the node, its JSON output.
     pub fn agent_command_json(&self, args: &[&str]) -> serde_json::Value {
         let agent = sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent binary");

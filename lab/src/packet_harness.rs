@@ -345,7 +345,13 @@ impl Harness {
         map.iter().map(|r| r.expect("conntrack6 entry")).collect()
     }
 
-    /// A data path counter (`lb_common::stats`), summed over CPUs.
+    /// An IPv6 data path counter (`lb_common::stats`, kept apart from
+    /// IPv4's), summed over CPUs.
+    pub fn stat6(&self, counter: u32) -> u64 {
+        self.stat(lb_common::stats::IPV6_OFFSET + counter)
+    }
+
+    /// A data path counter (`lb_common::stats`; IPv4's), summed over CPUs.
     pub fn stat(&self, index: u32) -> u64 {
         let map = self
             .ebpf

@@ -47,6 +47,7 @@ pub mod map_names {
     pub const SNAT_CURSOR6: &str = map_spec::SNAT_CURSOR6.name;
     pub const SOCK_REV6: &str = map_spec::SOCK_REV6.name;
     pub const SOCK_FWD6: &str = map_spec::SOCK_FWD6.name;
+    pub const CONNTRACK6_PREV: &str = map_spec::CONNTRACK6_PREV.name;
     /// The pinned maps, in the order of `map_spec::ALL`.
     pub const ALL: [&str; map_spec::ALL.len()] = {
         let mut names = [""; map_spec::ALL.len()];
@@ -544,6 +545,11 @@ pub mod stats {
     /// The first of the `RejectFailure` counters, one per reason.
     const NO_BACKEND_DROPPED_BY: u32 = REWRITE_FAILED_BY + RewriteFailure::COUNT;
     pub const COUNT: u32 = NO_BACKEND_DROPPED_BY + RejectFailure::COUNT;
+    /// Every counter is kept per family: IPv4's at its index, IPv6's this
+    /// much further.
+    pub const IPV6_OFFSET: u32 = COUNT;
+    /// The entries of the statistics array: every counter of both families.
+    pub const ENTRIES: u32 = 2 * COUNT;
 
     /// Why a translated packet could not be rewritten (it is dropped).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]

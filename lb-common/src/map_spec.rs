@@ -115,7 +115,7 @@ pub const BACKENDS: MapSpec =
 pub const REV_NAT: MapSpec = MapSpec::of::<u16, RevNat4>("lb4_reverse_nat", Hash, 65_536);
 pub const CONNTRACK: MapSpec =
     MapSpec::of::<Ct4Key, Ct4Value>("lb4_conntrack", LruHash, 262_144).sized_by(Conntrack);
-pub const STATS: MapSpec = MapSpec::of::<u32, u64>("lb_stats", PerCpuArray, stats::COUNT);
+pub const STATS: MapSpec = MapSpec::of::<u32, u64>("lb_stats", PerCpuArray, stats::ENTRIES);
 /// Indexed by reverse NAT id.
 pub const SERVICE_STATS: MapSpec =
     MapSpec::of::<u32, ServiceStats>("lb4_svc_stats", PerCpuArray, REV_NAT.max_entries);
@@ -174,6 +174,11 @@ pub const SNAT_CURSOR6: MapSpec =
     MapSpec::of::<u32, u64>("lb6_snat_cursor", Array, BACKENDS.max_entries)
         .sized_by(Backends)
         .ipv6();
+
+/// The previous agent's IPv6 conntrack map while it is migrated, as
+/// [`CONNTRACK_PREV`] for IPv4. Not in [`ALL`].
+pub const CONNTRACK6_PREV: MapSpec =
+    MapSpec::of::<Ct6Key, Ct6Value>("lb6_conntrack_prev", LruHash, 1);
 
 pub const SOCK_REV6: MapSpec =
     MapSpec::of::<SockRev6Key, SockRev6Value>("lb6_sock_rev", LruHash, SOCK_REV.max_entries).ipv6();

@@ -16,10 +16,7 @@ use lb_common::{
     Service6Key, SourceRange4, SourceRange6, SOURCE_RANGE_PREFIX_BITS,
 };
 
-use crate::{
-    maps::{self, count},
-    nat::NewFlow,
-};
+use crate::{maps, nat::NewFlow};
 
 /// An address of a family, as packets and maps hold it.
 pub trait Addr: Copy + PartialEq {
@@ -204,6 +201,8 @@ fn cast<V, M>(v: &V) -> &M {
 /// An address family's maps, as the NAT core uses them.
 pub trait Family {
     type Addr: Addr;
+    /// Where this family's counters start in the statistics array.
+    const STATS: u32;
 
     fn service(key: &SvcKey<Self::Addr>) -> Option<Service4Value>;
     /// The backend with this id, if the id is in use.
@@ -239,6 +238,7 @@ pub struct V6;
 
 impl Family for V4 {
     type Addr = u32;
+    const STATS: u32 = 0;
 
     #[inline(always)]
     fn service(key: &SvcKey<u32>) -> Option<Service4Value> {
@@ -298,25 +298,37 @@ impl Family for V4 {
 
     #[inline(always)]
     fn ct_ptr(t: &Tuple<u32>) -> Option<*mut Ct<u32>> {
-        maps::conntrack_ptr(cast::<_, Ct4Key>(t)).map(<*mut _>::cast)
+        let key = cast::<_, Ct4Key>(t);
+        maps::conntrack_ptr(&maps::CONNTRACK, &maps::CONNTRACK_PREV, key).map(<*mut _>::cast)
     }
 
     #[inline(always)]
     fn ct_insert(t: &Tuple<u32>, ct: &Ct<u32>, known_absent: bool) {
-        maps::conntrack_insert(cast(t), cast::<_, Ct4Value>(ct), known_absent);
+        let (key, value) = (cast::<_, Ct4Key>(t), cast::<_, Ct4Value>(ct));
+        maps::conntrack_insert::<Self, _, _, _, _>(
+            &maps::CONNTRACK,
+            &maps::CONNTRACK_PREV,
+            key,
+            value,
+            known_absent,
+        );
     }
 
     #[inline(always)]
     fn ct_insert_new(t: &Tuple<u32>, ct: &Ct<u32>) -> bool {
-        maps::conntrack_insert_new(cast(t), cast::<_, Ct4Value>(ct))
+        let (key, value) = (cast::<_, Ct4Key>(t), cast::<_, Ct4Value>(ct));
+        maps::conntrack_insert_new::<Self, _, _, _, _>(
+            &maps::CONNTRACK,
+            &maps::CONNTRACK_PREV,
+            key,
+            value,
+        )
     }
 
     #[inline(always)]
     fn ct_remove(t: &Tuple<u32>) -> bool {
         let key = cast::<_, Ct4Key>(t);
-        // While a migration runs, the old map would hand the entry back.
-        let _ = maps::CONNTRACK_PREV.remove(key);
-        maps::CONNTRACK.remove(key).is_ok()
+        maps::conntrack_remove(&maps::CONNTRACK, &maps::CONNTRACK_PREV, key)
     }
 
     #[inline(always)]
@@ -327,6 +339,7 @@ impl Family for V4 {
 
 impl Family for V6 {
     type Addr = Ipv6Bytes;
+    const STATS: u32 = lb_common::stats::IPV6_OFFSET;
 
     #[inline(always)]
     fn service(key: &SvcKey<Ipv6Bytes>) -> Option<Service4Value> {
@@ -392,38 +405,37 @@ impl Family for V6 {
 
     #[inline(always)]
     fn ct_ptr(t: &Tuple<Ipv6Bytes>) -> Option<*mut Ct<Ipv6Bytes>> {
-        maps::CONNTRACK6
-            .get_ptr_mut(cast::<_, Ct6Key>(t))
-            .map(<*mut _>::cast)
+        let key = cast::<_, Ct6Key>(t);
+        maps::conntrack_ptr(&maps::CONNTRACK6, &maps::CONNTRACK6_PREV, key).map(<*mut _>::cast)
     }
 
     #[inline(always)]
     fn ct_insert(t: &Tuple<Ipv6Bytes>, ct: &Ct<Ipv6Bytes>, known_absent: bool) {
-        let key = cast::<_, Ct6Key>(t);
-        // As for IPv4 (`maps::conntrack_insert`): a new key is counted, a
-        // present one replaced.
-        // SAFETY: only tested for presence.
-        let absent = known_absent || unsafe { maps::CONNTRACK6.get(key) }.is_none();
-        if !(absent && Self::ct_insert_new(t, ct)) {
-            let _ = maps::CONNTRACK6.insert(key, cast::<_, Ct6Value>(ct), 0);
-        }
+        let (key, value) = (cast::<_, Ct6Key>(t), cast::<_, Ct6Value>(ct));
+        maps::conntrack_insert::<Self, _, _, _, _>(
+            &maps::CONNTRACK6,
+            &maps::CONNTRACK6_PREV,
+            key,
+            value,
+            known_absent,
+        );
     }
 
     #[inline(always)]
     fn ct_insert_new(t: &Tuple<Ipv6Bytes>, ct: &Ct<Ipv6Bytes>) -> bool {
-        let flags = u64::from(aya_ebpf::bindings::BPF_NOEXIST);
-        let inserted = maps::CONNTRACK6
-            .insert(cast::<_, Ct6Key>(t), cast::<_, Ct6Value>(ct), flags)
-            .is_ok();
-        if inserted {
-            count(lb_common::stats::CT_INSERTED);
-        }
-        inserted
+        let (key, value) = (cast::<_, Ct6Key>(t), cast::<_, Ct6Value>(ct));
+        maps::conntrack_insert_new::<Self, _, _, _, _>(
+            &maps::CONNTRACK6,
+            &maps::CONNTRACK6_PREV,
+            key,
+            value,
+        )
     }
 
     #[inline(always)]
     fn ct_remove(t: &Tuple<Ipv6Bytes>) -> bool {
-        maps::CONNTRACK6.remove(cast::<_, Ct6Key>(t)).is_ok()
+        let key = cast::<_, Ct6Key>(t);
+        maps::conntrack_remove(&maps::CONNTRACK6, &maps::CONNTRACK6_PREV, key)
     }
 
     #[inline(always)]

@@ -4,7 +4,7 @@
 
 use core::mem::MaybeUninit;
 
-use crate::{headers::Flow6, nat::NewFlow};
+use crate::{family::Family, headers::Flow6, nat::NewFlow};
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
@@ -99,22 +99,27 @@ pub static CONNTRACK_PREV: LruHashMap<
     { spec::CONNTRACK_PREV.max_entries as usize },
 > = LruHashMap::new();
 
-/// The conntrack entry of `key`. While an older map is migrated, a miss
-/// looks there and moves the entry over, so a flow created by the previous
-/// programs keeps its backend (and its replies their reverse NAT). Keys
-/// and values go to the helpers by reference: a copy costs stack.
+/// The conntrack entry of `key` in `map`. While an older map is migrated,
+/// a miss looks in `prev` (the old map) and moves the entry over, so a
+/// flow created by the previous programs keeps its backend (and its replies
+/// their reverse NAT). Keys and values go to the helpers by reference: a
+/// copy costs stack. Generic over the family's key and value.
 #[inline(always)]
-pub fn conntrack_ptr(key: &Ct4Key) -> Option<*mut Ct4Value> {
-    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+pub fn conntrack_ptr<K, V, const N: usize, const P: usize>(
+    map: &LruHashMap<K, V, N>,
+    prev: &LruHashMap<K, V, P>,
+    key: &K,
+) -> Option<*mut V> {
+    if let Some(p) = map.get_ptr_mut(key) {
         return Some(p);
     }
     if config(config::CT_MIGRATING) == 0 {
         return None;
     }
     // SAFETY: the helper copies the value before the map is touched again.
-    let old = unsafe { CONNTRACK_PREV.get(key) }?;
-    let _ = CONNTRACK.insert(key, old, 0);
-    CONNTRACK.get_ptr_mut(key)
+    let old = unsafe { prev.get(key) }?;
+    let _ = map.insert(key, old, 0);
+    map.get_ptr_mut(key)
 }
 
 /// Records a conntrack entry; `known_absent`: the caller just looked the
@@ -122,39 +127,59 @@ pub fn conntrack_ptr(key: &Ct4Key) -> Option<*mut Ct4Value> {
 /// map too: hooks still running the previous programs (they switch one by
 /// one) then see flows the new ones started, such as a reply's entry.
 #[inline(always)]
-pub fn conntrack_insert(key: &Ct4Key, value: &Ct4Value, known_absent: bool) {
+pub fn conntrack_insert<F: Family, K, V, const N: usize, const P: usize>(
+    map: &LruHashMap<K, V, N>,
+    prev: &LruHashMap<K, V, P>,
+    key: &K,
+    value: &V,
+    known_absent: bool,
+) {
     // A new key is counted, so the agent can tell evictions (inserted -
     // removed - present) from updates. An LRU update takes a free node
     // before it looks at the key, so a present key is not first tried with
     // BPF_NOEXIST: that would cost a second node (and, in a full map, an
     // eviction) for nothing.
     // SAFETY: only tested for presence.
-    let absent = known_absent || unsafe { CONNTRACK.get(key) }.is_none();
-    if !(absent && conntrack_insert_new(key, value)) {
-        let _ = CONNTRACK.insert(key, value, u64::from(BPF_ANY));
-        mirror_to_prev(key, value);
+    let absent = known_absent || unsafe { map.get(key) }.is_none();
+    if !(absent && conntrack_insert_new::<F, _, _, N, P>(map, prev, key, value)) {
+        let _ = map.insert(key, value, u64::from(BPF_ANY));
+        mirror_to_prev(prev, key, value);
     }
 }
 
 /// Records a conntrack entry only if its key is free (atomically: of two
 /// CPUs claiming one key, one wins). True when it did.
 #[inline(always)]
-pub fn conntrack_insert_new(key: &Ct4Key, value: &Ct4Value) -> bool {
-    if CONNTRACK
-        .insert(key, value, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+pub fn conntrack_insert_new<F: Family, K, V, const N: usize, const P: usize>(
+    map: &LruHashMap<K, V, N>,
+    prev: &LruHashMap<K, V, P>,
+    key: &K,
+    value: &V,
+) -> bool {
+    if map.insert(key, value, u64::from(BPF_NOEXIST)).is_err() {
         return false;
     }
-    count(stats::CT_INSERTED);
-    mirror_to_prev(key, value);
+    count::<F>(stats::CT_INSERTED);
+    mirror_to_prev(prev, key, value);
     true
 }
 
+/// Removes a conntrack entry; while a migration runs, from the old map
+/// too, which would otherwise hand it back.
 #[inline(always)]
-fn mirror_to_prev(key: &Ct4Key, value: &Ct4Value) {
+pub fn conntrack_remove<K, V, const N: usize, const P: usize>(
+    map: &LruHashMap<K, V, N>,
+    prev: &LruHashMap<K, V, P>,
+    key: &K,
+) -> bool {
+    let _ = prev.remove(key);
+    map.remove(key).is_ok()
+}
+
+#[inline(always)]
+fn mirror_to_prev<K, V, const P: usize>(prev: &LruHashMap<K, V, P>, key: &K, value: &V) {
     if config(config::CT_MIGRATING) != 0 {
-        let _ = CONNTRACK_PREV.insert(key, value, 0);
+        let _ = prev.insert(key, value, 0);
     }
 }
 
@@ -236,6 +261,15 @@ pub static REV_NAT6: HashMap<u16, RevNat6, { spec::REV_NAT6.max_entries as usize
 pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Value, { spec::CONNTRACK6.max_entries as usize }> =
     LruHashMap::new();
 
+/// The previous agent's IPv6 conntrack map while it is migrated, as
+/// `CONNTRACK_PREV` for IPv4.
+#[btf_map(name = "lb6_conntrack_prev")]
+pub static CONNTRACK6_PREV: LruHashMap<
+    Ct6Key,
+    Ct6Value,
+    { spec::CONNTRACK6_PREV.max_entries as usize },
+> = LruHashMap::new();
+
 #[btf_map(name = "lb6_affinity")]
 pub static AFFINITY6: LruHashMap<
     Affinity6Key,
@@ -302,6 +336,12 @@ check_spec!(spec::BACKENDS6, "lb6_backends", u32, Backend6);
 check_spec!(spec::REV_NAT6, "lb6_reverse_nat", u16, RevNat6);
 check_spec!(spec::CONNTRACK6, "lb6_conntrack", Ct6Key, Ct6Value);
 check_spec!(
+    spec::CONNTRACK6_PREV,
+    "lb6_conntrack_prev",
+    Ct6Key,
+    Ct6Value
+);
+check_spec!(
     spec::AFFINITY6,
     "lb6_affinity",
     Affinity6Key,
@@ -351,9 +391,10 @@ pub fn count_service(rev_nat_id: u16, bytes: u16) {
     }
 }
 
+/// Counts one event of `F`'s packets (`lb_common::stats`).
 #[inline(always)]
-pub fn count(index: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(index) {
+pub fn count<F: Family>(counter: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(F::STATS + counter) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }

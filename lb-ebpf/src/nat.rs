@@ -50,15 +50,15 @@ pub enum Hook {
 /// rejected), or `drop` when it could not build one (counted as dropped,
 /// in total and by reason).
 #[inline(always)]
-pub fn rejected<T>(answer: Result<T, RejectFailure>, drop: T) -> T {
+pub fn rejected<F: Family, T>(answer: Result<T, RejectFailure>, drop: T) -> T {
     match answer {
         Ok(action) => {
-            count(stats::NO_BACKEND_REJECTED);
+            count::<F>(stats::NO_BACKEND_REJECTED);
             action
         }
         Err(why) => {
-            count(stats::NO_BACKEND_DROPPED);
-            count(why.counter());
+            count::<F>(stats::NO_BACKEND_DROPPED);
+            count::<F>(why.counter());
             drop
         }
     }
@@ -151,7 +151,7 @@ pub fn handle<F: Family, R: Rewriter<F>>(rw: &R, flow: &Flow<F::Addr>, hook: Hoo
         return Action::Pass;
     };
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !F::source_allowed(svc.rev_nat_id, &flow.saddr) {
-        count(stats::SOURCE_RANGE_DROPPED);
+        count::<F>(stats::SOURCE_RANGE_DROPPED);
         return Action::Drop;
     }
     // An established flow needs only its forward entry: the key is built
@@ -165,7 +165,7 @@ pub fn handle<F: Family, R: Rewriter<F>>(rw: &R, flow: &Flow<F::Addr>, hook: Hoo
         known_absent = false;
     }
     if svc.count == 0 {
-        return no_backend(flow, hook, &svc);
+        return no_backend::<F>(flow, hook, &svc);
     }
     let Some(slot) = F::scratch() else {
         // A per-CPU array of one entry always has it.
@@ -253,7 +253,7 @@ fn follow_flow<F: Family, R: Rewriter<F>>(
         flow.proto == IPPROTO_TCP || F::backend_match(ct.backend_id, ct.rev_nat_id).is_some()
     });
     let Some(backend) = live else {
-        count(stats::BACKEND_MISSING);
+        count::<F>(stats::BACKEND_MISSING);
         return None;
     };
     update_forward_entry::<F>(flow, ct_ptr, &mut ct, &backend, now);
@@ -298,9 +298,9 @@ fn update_forward_entry<F: Family>(
 /// external traffic of a Local policy, which kube-proxy drops (the load
 /// balancer's health check steers away).
 #[inline(always)]
-fn no_backend<A>(flow: &Flow<A>, hook: Hook, svc: &Service4Value) -> Action {
+fn no_backend<F: Family>(flow: &Flow<F::Addr>, hook: Hook, svc: &Service4Value) -> Action {
     if hook == Hook::Wire && svc.flags & SVC_FLAG_EXTERNAL_LOCAL != 0 {
-        count(stats::NO_LOCAL_BACKEND_DROPPED);
+        count::<F>(stats::NO_LOCAL_BACKEND_DROPPED);
         Action::Drop
     } else if flow.proto == IPPROTO_TCP {
         Action::RejectTcp
@@ -337,14 +337,14 @@ fn new_flow<F: Family, R: Rewriter<F>>(
     start: &mut NewFlow<F::Addr>,
 ) -> Action {
     if !pick_backend::<F>(flow, start) {
-        count(stats::BACKEND_MISSING);
+        count::<F>(stats::BACKEND_MISSING);
         return Action::Drop;
     }
     if let Err(why) = record_flow::<F>(flow, start) {
-        count(why.counter());
+        count::<F>(why.counter());
         return Action::Drop;
     }
-    count(stats::CT_CREATED);
+    count::<F>(stats::CT_CREATED);
     translate::<F, R>(rw, flow, &start.backend, &start.ct)
 }
 
@@ -431,7 +431,7 @@ pub fn select_backend<F: Family>(
             if now.saturating_sub(a.last_used_ns) < timeout_ns
                 && F::backend_match(a.backend_id, svc.rev_nat_id) == Some(BACKEND_MATCH_ACTIVE)
             {
-                count(stats::AFFINITY_HIT);
+                count::<F>(stats::AFFINITY_HIT);
                 return Some(a.backend_id);
             }
         }
@@ -481,7 +481,7 @@ fn forget_reply_entry_on_syn<F: Family>(flow: &Flow<F::Addr>, hook: Hook, now: u
         }
     }
     if F::ct_remove(&key) {
-        count(stats::CT_REMOVED);
+        count::<F>(stats::CT_REMOVED);
     }
 }
 
@@ -645,20 +645,20 @@ fn translate<F: Family, R: Rewriter<F>>(
     if done.is_ok() {
         count_service(ct.rev_nat_id, flow.ip_tot_len);
     }
-    rewritten(done, stats::SERVICE_FORWARDED, ct.flags & CT_FLAG_SNAT != 0)
+    rewritten::<F>(done, stats::SERVICE_FORWARDED, ct.flags & CT_FLAG_SNAT != 0)
 }
 
 /// The verdict after a flow's rewrite: counted under `counter`, and sent
 /// to its egress device when `redirect` (its source became a node
 /// address); dropped and counted, in total and by reason, when it failed.
 #[inline(always)]
-fn rewritten(done: Result<(), RewriteFailure>, counter: u32, redirect: bool) -> Action {
+fn rewritten<F: Family>(done: Result<(), RewriteFailure>, counter: u32, redirect: bool) -> Action {
     if let Err(why) = done {
-        count(stats::REWRITE_FAILED);
-        count(why.counter());
+        count::<F>(stats::REWRITE_FAILED);
+        count::<F>(why.counter());
         return Action::Drop;
     }
-    count(counter);
+    count::<F>(counter);
     if redirect {
         Action::Redirect
     } else {
@@ -775,7 +775,7 @@ fn reverse_nat<F: Family, R: Rewriter<F>>(
     if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {
         done = rw.rewrite_dst(flow, ct.nat_addr, ct.nat_port);
     }
-    Some(rewritten(
+    Some(rewritten::<F>(
         done,
         stats::REVERSE_NATTED,
         ct.flags & CT_FLAG_REDIRECT != 0,

@@ -242,7 +242,7 @@ fn translate<F: SockFamily>(
         return ALLOW;
     }
     if svc.count == 0 {
-        count(stats::NO_BACKEND_REJECTED);
+        count::<F>(stats::NO_BACKEND_REJECTED);
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
     }
@@ -252,7 +252,7 @@ fn translate<F: SockFamily>(
             .filter(|id| F::backend_match(*id, svc.rev_nat_id).is_some())
             .and_then(F::backend);
         if let Some(backend) = kept {
-            connect_to(ctx, &backend, write);
+            connect_to::<F>(ctx, &backend, write);
             return ALLOW;
         }
     }
@@ -266,7 +266,7 @@ fn translate<F: SockFamily>(
     let Some((backend_id, backend)) = select_backend::<F>(&svc, &frontend, &client, now)
         .and_then(|id| Some((id, F::backend(id)?)))
     else {
-        count(stats::BACKEND_MISSING);
+        count::<F>(stats::BACKEND_MISSING);
         return ALLOW;
     };
     remember_affinity::<F>(&svc, &client, backend_id, now);
@@ -274,7 +274,7 @@ fn translate<F: SockFamily>(
         F::keep(cookie, to, backend_id);
     }
     F::remember(cookie, &backend, to, svc.rev_nat_id);
-    connect_to(ctx, &backend, write);
+    connect_to::<F>(ctx, &backend, write);
     ALLOW
 }
 
@@ -368,13 +368,13 @@ fn request6(ctx: &SockAddrContext, sticky: bool) -> Option<Request6> {
 
 /// Points the socket's destination at `backend`.
 #[inline(always)]
-fn connect_to<A>(
+fn connect_to<F: Family>(
     ctx: &SockAddrContext,
-    backend: &Backend<A>,
-    write: fn(&SockAddrContext, &Backend<A>),
+    backend: &Backend<F::Addr>,
+    write: fn(&SockAddrContext, &Backend<F::Addr>),
 ) {
     write(ctx, backend);
-    count(stats::SOCK_TRANSLATED);
+    count::<F>(stats::SOCK_TRANSLATED);
 }
 
 fn write4(ctx: &SockAddrContext, backend: &Backend<u32>) {

@@ -68,7 +68,7 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
 /// frames would add up past BPF's 512 bytes of stack.
 #[inline(never)]
 fn handle4(ctx: &TcContext, hook: Hook) -> i32 {
-    let Some(flow) = flow_of(parse4(ctx.data(), ctx.data_end())) else {
+    let Some(flow) = flow_of::<V4, _>(parse4(ctx.data(), ctx.data_end())) else {
         return OK;
     };
     let rw = TcRewriter { ctx };
@@ -79,8 +79,8 @@ fn handle4(ctx: &TcContext, hook: Hook) -> i32 {
         Action::Redirect if hook == Hook::Pod => redirect_to_egress4(ctx),
         Action::Pass | Action::Translated | Action::Redirect => OK,
         Action::Drop => SHOT,
-        Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), SHOT),
-        Action::RejectUdp => nat::rejected(udp_unreachable(ctx), SHOT),
+        Action::RejectTcp => nat::rejected::<V4, _>(tcp_reset(ctx, &flow), SHOT),
+        Action::RejectUdp => nat::rejected::<V4, _>(udp_unreachable(ctx), SHOT),
     }
 }
 
@@ -92,7 +92,7 @@ fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: this CPU's slot, no other user while the program runs.
     let scratch = unsafe { &mut *scratch };
     let flow = &mut scratch.flow;
-    if flow_of(parse6_linear(ctx, flow)).is_none() {
+    if flow_of::<V6, _>(parse6_linear(ctx, flow)).is_none() {
         return OK;
     }
     // Both addresses in one copy, straight into the flow (see `parse6`).
@@ -110,8 +110,8 @@ fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
         Action::Redirect => redirect_to_egress6(ctx),
         Action::Pass | Action::Translated => OK,
         Action::Drop => SHOT,
-        Action::RejectTcp => nat::rejected(tcp_reset6(ctx, flow), SHOT),
-        Action::RejectUdp => nat::rejected(udp_unreachable6(ctx, flow), SHOT),
+        Action::RejectTcp => nat::rejected::<V6, _>(tcp_reset6(ctx, flow), SHOT),
+        Action::RejectUdp => nat::rejected::<V6, _>(udp_unreachable6(ctx, flow), SHOT),
     }
 }
 

@@ -16,7 +16,7 @@ use lb_common::{
 };
 
 use crate::{
-    family::{V4, V6},
+    family::{Family, V4, V6},
     headers::{
         ipv4, ipv6, l3, parse4, parse6, ptr_at, tcp, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL,
         ETH_HLEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
@@ -36,16 +36,16 @@ pub fn from_wire(ctx: &XdpContext) -> u32 {
 
 /// The flow of a parsed packet; None (counted) for what passes untouched.
 #[inline(always)]
-pub fn flow_of<F>(parsed: Parsed<F>) -> Option<F> {
+pub fn flow_of<F: Family, Fl>(parsed: Parsed<Fl>) -> Option<Fl> {
     match parsed {
         Parsed::Flow(flow) => Some(flow),
         Parsed::Other => None,
         Parsed::Fragment => {
-            count(stats::FRAGMENT_PASSED);
+            count::<F>(stats::FRAGMENT_PASSED);
             None
         }
         Parsed::Malformed => {
-            count(stats::MALFORMED_PASSED);
+            count::<F>(stats::MALFORMED_PASSED);
             None
         }
     }
@@ -55,7 +55,7 @@ pub fn flow_of<F>(parsed: Parsed<F>) -> Option<F> {
 /// frames would add up past BPF's 512 bytes of stack.
 #[inline(never)]
 fn from_wire4(ctx: &XdpContext) -> u32 {
-    let Some(flow) = flow_of(parse4(ctx.data(), ctx.data_end())) else {
+    let Some(flow) = flow_of::<V4, _>(parse4(ctx.data(), ctx.data_end())) else {
         return xdp_action::XDP_PASS;
     };
     let rw = XdpRewriter { ctx };
@@ -65,8 +65,8 @@ fn from_wire4(ctx: &XdpContext) -> u32 {
         // (accept_local) for masqueraded and reverse-translated ones.
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::RejectTcp => nat::rejected(tcp_reset(ctx, &flow), xdp_action::XDP_DROP),
-        Action::RejectUdp => nat::rejected(udp_unreachable(ctx), xdp_action::XDP_DROP),
+        Action::RejectTcp => nat::rejected::<V4, _>(tcp_reset(ctx, &flow), xdp_action::XDP_DROP),
+        Action::RejectUdp => nat::rejected::<V4, _>(udp_unreachable(ctx), xdp_action::XDP_DROP),
     }
 }
 
@@ -78,7 +78,7 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
     // SAFETY: this CPU's slot, no other user while the program runs.
     let scratch = unsafe { &mut *scratch };
     let flow = &mut scratch.flow;
-    if flow_of(parse6(ctx.data(), ctx.data_end(), flow)).is_none() {
+    if flow_of::<V6, _>(parse6(ctx.data(), ctx.data_end(), flow)).is_none() {
         return xdp_action::XDP_PASS;
     }
     // Both addresses in one copy, straight into the flow (see `parse6`).
@@ -92,8 +92,10 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
     match nat::handle::<V6, _>(&rw, flow, Hook::Wire) {
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::RejectTcp => nat::rejected(tcp_reset6(ctx, flow), xdp_action::XDP_DROP),
-        Action::RejectUdp => nat::rejected(udp_unreachable6(ctx, flow), xdp_action::XDP_DROP),
+        Action::RejectTcp => nat::rejected::<V6, _>(tcp_reset6(ctx, flow), xdp_action::XDP_DROP),
+        Action::RejectUdp => {
+            nat::rejected::<V6, _>(udp_unreachable6(ctx, flow), xdp_action::XDP_DROP)
+        }
     }
 }
 

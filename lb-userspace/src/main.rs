@@ -32,7 +32,9 @@ fn main() -> Result<()> {
             let services = inspect::programmed_services(&maps.read_contents()?);
             show(output, &services, |s| inspect::render_table(s))
         }
-        Command::Stats { output } => print_stats(&cli.pin_dir, output),
+        Command::Stats { output, family } => {
+            print_stats(&cli.pin_dir, output, family.map(Into::into))
+        }
         Command::Maps { output } => {
             let usage = map_memory::pinned_usage(&cli.pin_dir)?;
             show(output, &usage, |u| map_memory::render_table(u))

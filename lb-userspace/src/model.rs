@@ -65,6 +65,14 @@ impl Family {
         }
     }
 
+    /// Its name in metric labels and JSON: `ipv4` or `ipv6`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+
     /// Bits in an address of the family.
     pub fn bits(self) -> u8 {
         match self {
@@ -284,8 +292,10 @@ pub struct DesiredState {
     backend_users: HashMap<L4Addr, u32>,
     /// Frontends per Service, so a one-Service change does not scan them all.
     by_service: HashMap<ServiceName, BTreeSet<L4Addr>>,
-    /// Active backends over all entries.
-    active_backends: usize,
+    /// Frontends of each family.
+    frontends: PerFamily<usize>,
+    /// Active backends over all entries, per family.
+    active_backends: PerFamily<usize>,
 }
 
 impl DesiredState {
@@ -306,7 +316,12 @@ impl DesiredState {
     }
 
     pub(crate) fn backend_count(&self) -> usize {
-        self.active_backends
+        self.active_backends.ipv4 + self.active_backends.ipv6
+    }
+
+    /// Frontends and active backends (over all entries) of each family.
+    pub(crate) fn counts(&self) -> (PerFamily<usize>, PerFamily<usize>) {
+        (self.frontends, self.active_backends)
     }
 
     /// Whether any entry balances over `backend`.
@@ -321,7 +336,8 @@ impl DesiredState {
         for b in entry.all_backends() {
             *self.backend_users.entry(*b).or_insert(0) += 1;
         }
-        self.active_backends += entry.backends.active.len();
+        self.frontends[frontend.family()] += 1;
+        self.active_backends[frontend.family()] += entry.backends.active.len();
         self.by_service
             .entry(entry.service.clone())
             .or_default()
@@ -331,7 +347,8 @@ impl DesiredState {
 
     pub fn remove(&mut self, frontend: &L4Addr) -> Option<ServiceEntry> {
         let old = self.entries.remove(frontend)?;
-        self.active_backends -= old.backends.active.len();
+        self.frontends[frontend.family()] -= 1;
+        self.active_backends[frontend.family()] -= old.backends.active.len();
         if let Some(set) = self.by_service.get_mut(&old.service) {
             set.remove(frontend);
             if set.is_empty() {

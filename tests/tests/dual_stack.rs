@@ -672,7 +672,13 @@ fn ipv6_node_port_with_local_policy_and_source_ranges(source: Source, wire: Wire
         .ext
         .run_in(|| TcpStream::connect_timeout(&ingress, Duration::from_millis(700)));
     assert!(refused.is_err(), "a source outside the ranges is let in");
-    assert!(lab.datapath_stat("source_range_dropped") > 0);
+    let dropped = lab.datapath_stat("source_range_dropped");
+    assert!(dropped > 0);
+    assert_eq!(
+        lab.datapath_stat_of("source_range_dropped", "ipv6"),
+        dropped,
+        "the drops are counted as IPv6's"
+    );
     report_checksum_counters("IPv6 Local policy and ranges", &lab.checksum_errors());
 }
 

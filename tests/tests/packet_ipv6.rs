@@ -122,10 +122,11 @@ fn fragments_neighbour_discovery_and_truncated_ipv6_pass_byte_identical() {
     let solicit = neighbour_solicitation(&to_svc(0), SVC);
     let syn = tcp6(&to_svc(43001), TCP_SYN, &[], &[]);
     for program in ALL {
-        let fragments = h.stat(stats::FRAGMENT_PASSED);
+        let fragments = h.stat6(stats::FRAGMENT_PASSED);
         let (verdict, out) = h.run(program, &fragment);
         assert_eq!((verdict, &out), (program.pass(), &fragment), "{program:?}");
-        assert_eq!(h.stat(stats::FRAGMENT_PASSED), fragments + 1, "{program:?}");
+        assert_eq!(h.stat6(stats::FRAGMENT_PASSED), fragments + 1, "{program:?}");
+        assert_eq!(h.stat(stats::FRAGMENT_PASSED), 0, "counted as IPv6's only");
 
         let (verdict, out) = h.run(program, &solicit);
         assert_eq!(
@@ -135,7 +136,7 @@ fn fragments_neighbour_discovery_and_truncated_ipv6_pass_byte_identical() {
         );
 
         // Cut inside the TCP header: too short for what it claims.
-        let malformed = h.stat(stats::MALFORMED_PASSED);
+        let malformed = h.stat6(stats::MALFORMED_PASSED);
         let cut = &syn[..packet6::IP6_OFF + packet6::IP6_HLEN + 10];
         let (verdict, out) = h.run(program, cut);
         assert_eq!(
@@ -144,7 +145,7 @@ fn fragments_neighbour_discovery_and_truncated_ipv6_pass_byte_identical() {
             "{program:?}"
         );
         assert_eq!(
-            h.stat(stats::MALFORMED_PASSED),
+            h.stat6(stats::MALFORMED_PASSED),
             malformed + 1,
             "{program:?}"
         );
@@ -277,7 +278,7 @@ fn an_ipv6_service_without_endpoints_answers_tcp_with_a_reset_and_udp_with_port_
     }
     // Behind an extension header there is nothing to quote: dropped, counted.
     for program in ALL {
-        let dropped = h.stat(stats::NO_BACKEND_DROPPED);
+        let dropped = h.stat6(stats::NO_BACKEND_DROPPED);
         let (verdict, _) = h.run(program, &tcp6(&to_svc(46002), TCP_SYN, &[DEST_OPTS], &[]));
         let drop = if program == Program::Xdp {
             XDP_DROP
@@ -286,7 +287,7 @@ fn an_ipv6_service_without_endpoints_answers_tcp_with_a_reset_and_udp_with_port_
         };
         assert_eq!(verdict, drop, "{program:?}");
         assert_eq!(
-            h.stat(stats::NO_BACKEND_DROPPED),
+            h.stat6(stats::NO_BACKEND_DROPPED),
             dropped + 1,
             "{program:?}"
         );

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,7 @@ use lb_kube_fixtures::{
 use lb_lab::{
     kube_lab::{example, KubeLab},
     load::{Load, LoadKind, LoadReport, LoadSet},
-    on_each_wire, privileged_test, Lab, Wire, NODE_NAME, NODE_WIRE_ADDR,
+    on_each_wire, privileged_test, Lab, Wire, NODE_NAME, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
 };
 
 on_each_wire!(
@@ -47,24 +47,41 @@ fn an_upgrade_from_the_previous_release_moving_to_tc_under_load_fails_no_request
 
 const WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), 80);
 const WEB_NODE_PORT: SocketAddrV4 = SocketAddrV4::new(NODE_WIRE_ADDR, 30081);
+const WEB6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30), 80, 0, 0);
+const WEB6_NODE_PORT: SocketAddrV6 = SocketAddrV6::new(NODE_WIRE_ADDR6, 30081, 0, 0);
 const WEB_OWNER: &str = "Deployment/web";
 
 /// New connections every 5 ms and a long-lived connection (a request every
 /// 10 ms) to the Service's ClusterIP from the client pod and to its NodePort
-/// from the external client.
+/// from the external client, over IPv4.
 fn web_clients(lab: &Lab, max: usize) -> LoadSet {
     let mut set = LoadSet::default();
+    add_web_clients(&mut set, lab, max, (WEB.into(), WEB_NODE_PORT.into()));
+    set
+}
+
+/// The same clients over both families: the Service is dual-stack.
+fn dual_stack_web_clients(lab: &Lab, max: usize) -> LoadSet {
+    let mut set = web_clients(lab, max);
+    add_web_clients(&mut set, lab, max, (WEB6.into(), WEB6_NODE_PORT.into()));
+    set
+}
+
+/// The clients of one family, to (ClusterIP, NodePort).
+fn add_web_clients(set: &mut LoadSet, lab: &Lab, max: usize, to: (SocketAddr, SocketAddr)) {
     let five = Duration::from_millis(5);
     let ten = Duration::from_millis(10);
+    let family = if to.0.is_ipv6() { "IPv6" } else { "IPv4" };
     for (ns, to, via) in [
-        (lab.client.ns.path(), WEB, "ClusterIP"),
-        (lab.ext.path(), WEB_NODE_PORT, "NodePort"),
+        (lab.client.ns.path(), to.0, "ClusterIP"),
+        (lab.ext.path(), to.1, "NodePort"),
     ] {
         set.add(Load::start(
             ns.clone(),
             to,
             LoadKind::NewConnections,
-            &format!("{via} new connections"),
+            &format!("{family} {via} new connections"),
             five,
             max,
         ));
@@ -72,12 +89,11 @@ fn web_clients(lab: &Lab, max: usize) -> LoadSet {
             ns,
             to,
             LoadKind::LongLived,
-            &format!("{via} long-lived connection"),
+            &format!("{family} {via} long-lived connection"),
             ten,
             max,
         ));
     }
-    set
 }
 
 fn web_lab(wire: Wire) -> KubeLab {
@@ -151,7 +167,7 @@ fn a_rolling_update_under_load_fails_no_request(wire: Wire) {
     let params = RolloutParams::from_deployment(&deployment).expect("rollout parameters");
     let old_names = k.lab.pods_of(WEB_OWNER);
     let mut new_specs = next_version_pods(&k.lab).into_iter();
-    let clients = web_clients(&k.lab, 20_000);
+    let clients = dual_stack_web_clients(&k.lab, 20_000);
     std::thread::sleep(Duration::from_millis(500));
 
     // The clock starts with the old pods long available.
@@ -277,9 +293,15 @@ fn assert_kept_its_backend(r: &LoadReport) {
     );
 }
 
+/// Both families' conntrack maps, sized by --conntrack-max.
+const CONNTRACK_MAPS: [&str; 2] = [
+    lb_common::map_names::CONNTRACK,
+    lb_common::map_names::CONNTRACK6,
+];
+
 fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
     let mut k = web_lab(wire);
-    let clients = web_clients(&k.lab, 40_000);
+    let clients = dual_stack_web_clients(&k.lab, 40_000);
     std::thread::sleep(Duration::from_millis(500));
     for round in 0..3 {
         k.lab.kill_agent();
@@ -298,25 +320,29 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
     k.lab.kill_agent();
     k.start_agent_extra(&["--conntrack-max", "65536"]);
     let log = k.lab.agent_log();
-    assert!(
-        log.contains("its entries are copied to a new one"),
-        "the conntrack map is migrated:\n{log}"
-    );
-    let ct = k.lab.pin_dir.join(lb_common::map_names::CONNTRACK);
-    let shown = lb_lab::run(&[
-        "bpftool",
-        "-j",
-        "map",
-        "show",
-        "pinned",
-        ct.to_str().unwrap(),
-    ])
-    .expect("bpftool map show");
-    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
-    assert_eq!(
-        shown["max_entries"], 65536,
-        "the new size is in place: {shown}"
-    );
+    for map in CONNTRACK_MAPS {
+        assert!(
+            log.contains(&format!(
+                "pinned map {} has another layout: its entries are copied to a new one",
+                k.lab.pin_dir.join(map).display()
+            )),
+            "{map} is migrated:\n{log}"
+        );
+        let shown = lb_lab::run(&[
+            "bpftool",
+            "-j",
+            "map",
+            "show",
+            "pinned",
+            k.lab.pin_dir.join(map).to_str().unwrap(),
+        ])
+        .expect("bpftool map show");
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!(
+            shown["max_entries"], 65536,
+            "{map}: the new size is in place: {shown}"
+        );
+    }
     let wait = Instant::now() + Duration::from_secs(10);
     while !k
         .lab
@@ -330,13 +356,12 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        !k.lab
-            .pin_dir
-            .join(format!("{}_old", lb_common::map_names::CONNTRACK))
-            .exists(),
-        "the old map's pin is gone after the migration"
-    );
+    for map in CONNTRACK_MAPS {
+        assert!(
+            !k.lab.pin_dir.join(format!("{map}_old")).exists(),
+            "{map}: the old map's pin is gone after the migration"
+        );
+    }
     std::thread::sleep(Duration::from_millis(500));
     // And back to the default size, the same way.
     k.lab.kill_agent();
@@ -839,7 +864,7 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     assert!(
         log.contains(&format!(
             "lb_stats is not kept (14 entries, now {})",
-            lb_common::stats::COUNT
+            lb_common::map_spec::STATS.max_entries
         )) && log.contains(&format!(
             "lb_config is not kept (4 entries, now {})",
             lb_common::config::COUNT

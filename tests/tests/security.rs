@@ -665,7 +665,9 @@ fn source_range_drops_are_counted_exactly_and_allowed_sources_are_not(wire: Wire
     );
 
     let (_, _, metrics) = http(&lab, METRICS_PORT, "GET", "/metrics");
-    let line = format!("lb_datapath_packets_total{{counter=\"source_range_dropped\"}} {total}");
+    let line = format!(
+        "lb_datapath_packets_total{{counter=\"source_range_dropped\",family=\"ipv4\"}} {total}"
+    );
     assert!(
         metrics.lines().any(|l| l == line),
         "/metrics shows `{line}`:\n{}",

@@ -46,6 +46,10 @@ pub(crate) enum Command {
     Stats {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Only this address family's counters (each is kept per family);
+        /// without it, the sum of both.
+        #[arg(long, value_enum)]
+        family: Option<FamilyArg>,
     },
     /// Print each pinned map's capacity and the memory the kernel charges
     /// for it (its fdinfo's memlock), and their total.
@@ -72,6 +76,22 @@ pub(crate) enum Command {
 pub(crate) enum Output {
     Table,
     Json,
+}
+
+/// An address family, as `--family` names it.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum FamilyArg {
+    Ipv4,
+    Ipv6,
+}
+
+impl From<FamilyArg> for lb_userspace::model::Family {
+    fn from(f: FamilyArg) -> Self {
+        match f {
+            FamilyArg::Ipv4 => Self::Ipv4,
+            FamilyArg::Ipv6 => Self::Ipv6,
+        }
+    }
 }
 
 /// Where the agent finds (or mounts) the cgroup v2 root by default.

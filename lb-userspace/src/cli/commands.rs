@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use lb_common::{map_names, stats};
 use lb_userspace::{
     datapath::loader,
+    model::Family,
+    serve::datapath_metrics::stats_index,
     source::api_client::{self},
     source::k8s::{self},
     source::manifests::ManifestSource,
@@ -55,13 +57,23 @@ pub(crate) async fn check(
     ))
 }
 
-pub(crate) fn print_stats(pin_dir: &Path, output: Output) -> Result<()> {
+/// The data path's counters, summed over CPUs: one family's, or (`None`)
+/// both families' added up.
+pub(crate) fn print_stats(pin_dir: &Path, output: Output, family: Option<Family>) -> Result<()> {
     let array: aya::maps::PerCpuArray<_, u64> =
         aya::maps::PerCpuArray::try_from(loader::open_pinned_map(pin_dir, map_names::STATS)?)?;
+    let families = family.map_or(vec![Family::Ipv4, Family::Ipv6], |f| vec![f]);
     let mut rows = Vec::new();
-    for (i, name) in stats::NAMES.iter().enumerate() {
-        let total: u64 = array.get(&(i as u32), 0)?.iter().sum();
-        rows.push((*name, total));
+    for (i, name) in (0u32..).zip(stats::NAMES) {
+        let mut total = 0u64;
+        for f in &families {
+            let index = stats_index(*f, i);
+            // The stats array of an agent from before IPv6 has only IPv4's.
+            if index < array.len() {
+                total += array.get(&index, 0)?.iter().sum::<u64>();
+            }
+        }
+        rows.push((name, total));
     }
     match output {
         Output::Table => {

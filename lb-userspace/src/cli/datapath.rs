@@ -312,7 +312,7 @@ fn adopt_maps(
             current.backends.ipv4.len() + current.backends.ipv6.len()
         );
     }
-    maps.set_conntrack_migrating(pinned.conntrack_migrated().is_some())
+    maps.set_conntrack_migrating(pinned.conntrack_migrated())
         .context("writing the conntrack migration flag")?;
     Ok((maps, current, pinned))
 }

@@ -4,9 +4,9 @@
 //! past their lifetime (the same rules for IPv4 and IPv6, each entry's
 //! backend looked up in its own family's array); and counts what the LRU
 //! maps evicted on their own when full. The kernel keeps no eviction count,
-//! so it is derived: every entry the data path added (the counters cover
-//! both families) was removed by the data path, removed by a sweep, is
-//! still present, or was evicted.
+//! so it is derived, per family: every entry the data path added (each
+//! family has its own counters) was removed by the data path, removed by a
+//! sweep, is still present, or was evicted.
 
 use std::{
     collections::HashSet,
@@ -29,7 +29,11 @@ use lb_common::{
 
 use crate::{
     datapath::loader,
-    serve::metrics::{Metrics, ReasonLabel},
+    model::{Family, PerFamily},
+    serve::{
+        datapath_metrics::stats_index,
+        metrics::{FamilyLabel, Metrics, ReasonLabel},
+    },
 };
 
 /// Why a sweep removes an entry.
@@ -261,14 +265,19 @@ pub(crate) struct Sweeper {
     ipv4: CtTable<Ct4>,
     ipv6: CtTable<Ct6>,
     stats: PerCpuArray<MapData, u64>,
-    /// Of each family's map (both are sized by --conntrack-max).
-    capacity: u32,
+    /// Of each family's map (both are sized by --conntrack-max; IPv6's
+    /// holds one entry when IPv6 is off).
+    capacity: PerFamily<u32>,
 }
 
 impl Sweeper {
     pub fn open(pin_dir: &std::path::Path) -> Result<Self> {
-        let capacity =
-            MapInfo::from_pin(loader::map_pin_path(pin_dir, map_names::CONNTRACK))?.max_entries();
+        let capacity_of =
+            |name| MapInfo::from_pin(loader::map_pin_path(pin_dir, name)).map(|i| i.max_entries());
+        let capacity = PerFamily {
+            ipv4: capacity_of(map_names::CONNTRACK)?,
+            ipv6: capacity_of(map_names::CONNTRACK6)?,
+        };
         let stats = loader::open_pinned_map(pin_dir, map_names::STATS)?;
         Ok(Self {
             ipv4: CtTable::open(pin_dir, map_names::CONNTRACK, map_names::BACKENDS)?,
@@ -278,56 +287,99 @@ impl Sweeper {
         })
     }
 
-    fn counter(&self, index: u32) -> u64 {
+    fn counter(&self, family: Family, counter: u32) -> u64 {
+        let index = stats_index(family, counter);
         self.stats.get(&index, 0).map_or(0, |v| v.iter().sum())
     }
 
-    /// Adds `n` to the agent's own counter (CPU 0's slot of `CT_SWEPT`; the
-    /// data path never writes it).
-    fn add_swept(&mut self, n: u64) -> Result<()> {
+    /// Adds `n` to the agent's own counter of `family` (CPU 0's slot of
+    /// `CT_SWEPT`; the data path never writes it).
+    fn add_swept(&mut self, family: Family, n: u64) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let mut values: Vec<u64> = self
-            .stats
-            .get(&stats::CT_SWEPT, 0)?
-            .iter()
-            .copied()
-            .collect();
+        let index = stats_index(family, stats::CT_SWEPT);
+        let mut values: Vec<u64> = self.stats.get(&index, 0)?.iter().copied().collect();
         values[0] += n;
-        self.stats
-            .set(stats::CT_SWEPT, PerCpuValues::try_from(values)?, 0)?;
+        self.stats.set(index, PerCpuValues::try_from(values)?, 0)?;
         Ok(())
     }
 
-    /// New masqueraded flows dropped so far because every port toward
-    /// their backend was taken (in use or in TIME_WAIT).
+    /// New masqueraded flows dropped so far, both families, because every
+    /// port toward their backend was taken (in use or in TIME_WAIT).
     pub fn snat_ports_exhausted(&self) -> u64 {
-        self.counter(stats::SNAT_PORTS_EXHAUSTED)
+        [Family::Ipv4, Family::Ipv6]
+            .into_iter()
+            .map(|f| self.counter(f, stats::SNAT_PORTS_EXHAUSTED))
+            .sum()
+    }
+
+    /// The family's conntrack counters, read before a pass.
+    fn counters(&self, family: Family) -> CtCounters {
+        CtCounters {
+            inserted: self.counter(family, stats::CT_INSERTED),
+            removed: self.counter(family, stats::CT_REMOVED),
+            swept: self.counter(family, stats::CT_SWEPT),
+        }
     }
 
     /// One pass over both families' maps.
-    pub fn sweep(&mut self) -> Result<SweepReport> {
+    pub fn sweep(&mut self) -> Result<PerFamily<SweepReport>> {
         // Read first: entries added during the walk may be seen present
         // but are not counted as inserted, so evictions come out low, never
         // high (the metric only grows). This pass's own removals are added
         // to `swept` below, as they are taken out of `present`.
-        let before = CtCounters {
-            inserted: self.counter(stats::CT_INSERTED),
-            removed: self.counter(stats::CT_REMOVED),
-            swept: self.counter(stats::CT_SWEPT),
+        let before = PerFamily {
+            ipv4: self.counters(Family::Ipv4),
+            ipv6: self.counters(Family::Ipv6),
         };
-        let v4 = self.ipv4.pass()?;
-        let v6 = self.ipv6.pass().context("IPv6")?;
-        let mut report = SweepReport {
-            backend_gone: v4.backend_gone + v6.backend_gone,
-            expired: v4.expired + v6.expired,
-            ..Default::default()
+        let passes = PerFamily {
+            ipv4: self.ipv4.pass()?,
+            ipv6: self.ipv6.pass().context("IPv6")?,
         };
-        let swept_now = report.backend_gone + report.expired;
-        self.add_swept(swept_now)?;
-        (report.present, report.evicted) = account(before, v4.seen + v6.seen, swept_now);
-        Ok(report)
+        let mut out = PerFamily::<SweepReport>::default();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let pass = &passes[family];
+            let report = &mut out[family];
+            report.backend_gone = pass.backend_gone;
+            report.expired = pass.expired;
+            let swept_now = pass.backend_gone + pass.expired;
+            self.add_swept(family, swept_now)?;
+            (report.present, report.evicted) = account(before[family], pass.seen, swept_now);
+        }
+        Ok(out)
+    }
+}
+
+/// Sets the metrics of one family's sweep; `evicted_reported`: the
+/// evictions the metric already counts.
+fn record_sweep(metrics: &Metrics, family: Family, r: &SweepReport, evicted_reported: &mut u64) {
+    let label = FamilyLabel::of(family);
+    metrics
+        .conntrack_entries
+        .get_or_create(&label)
+        .set(i64::try_from(r.present).unwrap_or(i64::MAX));
+    for (why, n) in [
+        (SweepReason::BackendGone, r.backend_gone),
+        (SweepReason::Expired, r.expired),
+    ] {
+        metrics
+            .conntrack_swept
+            .get_or_create(&ReasonLabel {
+                family: family.label(),
+                reason: why.label().into(),
+            })
+            .inc_by(n);
+    }
+    if r.evicted > *evicted_reported {
+        metrics
+            .conntrack_evictions
+            .get_or_create(&label)
+            .inc_by(r.evicted - *evicted_reported);
+        *evicted_reported = r.evicted;
+    }
+    if r.backend_gone + r.expired > 0 {
+        log::info!("conntrack sweep ({family}): {r:?}");
     }
 }
 
@@ -341,12 +393,18 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> Result<mpsc::SyncSender<()>> {
     let mut sweeper = Sweeper::open(&pin_dir)?;
-    metrics.conntrack_capacity.set(i64::from(sweeper.capacity));
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let capacity = sweeper.capacity[family];
+        metrics
+            .conntrack_capacity
+            .get_or_create(&FamilyLabel::of(family))
+            .set(i64::from(capacity));
+    }
     let (tx, rx) = mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
         .name("conntrack-sweep".into())
         .spawn(move || {
-            let mut evicted_reported = 0;
+            let mut evicted_reported = PerFamily::<u64>::default();
             let mut exhausted_reported = sweeper.snat_ports_exhausted();
             loop {
                 match rx.recv_timeout(interval) {
@@ -354,27 +412,10 @@ pub fn start(
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
                 match sweeper.sweep() {
-                    Ok(r) => {
-                        metrics.conntrack_entries.set(r.present as i64);
-                        for (why, n) in [
-                            (SweepReason::BackendGone, r.backend_gone),
-                            (SweepReason::Expired, r.expired),
-                        ] {
-                            metrics
-                                .conntrack_swept
-                                .get_or_create(&ReasonLabel {
-                                    reason: why.label().into(),
-                                })
-                                .inc_by(n);
-                        }
-                        if r.evicted > evicted_reported {
-                            metrics
-                                .conntrack_evictions
-                                .inc_by(r.evicted - evicted_reported);
-                            evicted_reported = r.evicted;
-                        }
-                        if r.backend_gone + r.expired > 0 {
-                            log::info!("conntrack sweep: {r:?}");
+                    Ok(reports) => {
+                        for family in [Family::Ipv4, Family::Ipv6] {
+                            let reported = &mut evicted_reported[family];
+                            record_sweep(&metrics, family, &reports[family], reported);
                         }
                     }
                     Err(e) => log::warn!("conntrack sweep failed: {e:#}"),

@@ -115,22 +115,48 @@ pub(crate) fn old_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
 /// of a new capacity or type while key and value are unchanged, before the
 /// switch and again after it (conntrack is not copied before: the programs
 /// look it up in the old map on a miss).
-const DATAPATH_STATE_MAPS: [&str; 4] = [
+const DATAPATH_STATE_MAPS: [&str; 8] = [
     map_names::CONNTRACK,
     map_names::AFFINITY,
     map_names::SOCK_REV,
     map_names::SOCK_FWD,
+    map_names::CONNTRACK6,
+    map_names::AFFINITY6,
+    map_names::SOCK_REV6,
+    map_names::SOCK_FWD6,
 ];
 
 /// Maps only the agent writes whose ids the data path's state refers to
 /// (conntrack and affinity entries hold backend and reverse NAT ids):
 /// copied once, before the agent reads them, so every id keeps naming the
 /// same backend or frontend.
-const ID_MAPS: [&str; 3] = [
+const ID_MAPS: [&str; 6] = [
     map_names::BACKENDS,
     map_names::REV_NAT,
     map_names::BACKEND_MATCH,
+    map_names::BACKENDS6,
+    map_names::REV_NAT6,
+    map_names::BACKEND_MATCH6,
 ];
+
+/// Each family's conntrack map and the name its programs know the old one
+/// by while it is migrated.
+const CONNTRACK_AND_PREV: [(&str, &str); 2] = [
+    (map_names::CONNTRACK, map_names::CONNTRACK_PREV),
+    (map_names::CONNTRACK6, map_names::CONNTRACK6_PREV),
+];
+
+/// The maps whose ids a family's conntrack and affinity entries hold.
+/// (Reverse NAT ids are one space over both families, but each family's
+/// entries name only its own frontends, and the ids of a family whose map
+/// is kept are never handed to the other.)
+fn id_maps_of(ipv6: bool) -> [&'static str; 2] {
+    if ipv6 {
+        [map_names::BACKENDS6, map_names::REV_NAT6]
+    } else {
+        [map_names::BACKENDS, map_names::REV_NAT]
+    }
+}
 
 /// Whether a pinned map with layout `found` can have its entries copied
 /// into a map of layout `want`.
@@ -138,7 +164,7 @@ pub(crate) fn entries_copyable(want: &MapSpec, found: FoundLayout) -> bool {
     let (map_type, key, value, _) = found;
     let kind_ok = match map_type {
         Some(MapType::Hash | MapType::LruHash) => true,
-        Some(MapType::Array) => want.name == map_names::BACKENDS,
+        Some(MapType::Array) => matches!(want.name, map_names::BACKENDS | map_names::BACKENDS6),
         _ => false,
     };
     (DATAPATH_STATE_MAPS.contains(&want.name) || ID_MAPS.contains(&want.name))
@@ -158,13 +184,21 @@ pub struct PinnedState {
 }
 
 impl PinnedState {
-    /// Whether the conntrack map is migrated (the programs then fall back
-    /// to the old one on a miss).
-    pub fn conntrack_migrated(&self) -> Option<&Path> {
-        self.migrated
-            .iter()
-            .find(|(n, _)| *n == map_names::CONNTRACK)
-            .map(|(_, p)| p.as_path())
+    /// Whether a conntrack map (of either family) is migrated: the
+    /// programs then fall back to the old one on a miss.
+    pub fn conntrack_migrated(&self) -> bool {
+        self.old_conntrack_maps().next().is_some()
+    }
+
+    /// (the name the programs know the old map by, its pin) of each
+    /// family's conntrack map being migrated.
+    pub fn old_conntrack_maps(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        CONNTRACK_AND_PREV.iter().filter_map(|(map, prev)| {
+            self.migrated
+                .iter()
+                .find(|(n, _)| n == map)
+                .map(|(_, p)| (*prev, p.as_path()))
+        })
     }
 }
 
@@ -200,7 +234,11 @@ pub(crate) fn pin_fate(
     found: Result<FoundLayout, String>,
     ids_kept: bool,
 ) -> PinFate {
-    if !ids_kept && matches!(want.name, map_names::CONNTRACK | map_names::AFFINITY) {
+    let holds_ids = matches!(
+        want.name,
+        map_names::CONNTRACK | map_names::AFFINITY | map_names::CONNTRACK6 | map_names::AFFINITY6
+    );
+    if !ids_kept && holds_ids {
         return PinFate::Rebuild("the backend and reverse NAT ids it holds were not kept".into());
     }
     match found {
@@ -232,14 +270,16 @@ pub(crate) fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapSpec]) -> PinnedSta
                 (p, layout)
             })
     };
-    let ids_kept = layouts
-        .iter()
-        .filter(|l| matches!(l.name, map_names::BACKENDS | map_names::REV_NAT))
-        .all(|want| {
-            source(want.name).is_some_and(|(_, found)| {
-                !matches!(pin_fate(want, found, true), PinFate::Rebuild(_))
-            })
-        });
+    // A family's ids are kept when its backends and reverse NAT maps are
+    // adopted or migrated (each family on its own: `--ipv6` or a size flag
+    // may change one family's maps only).
+    let kept = |name: &str| {
+        let want = layouts.iter().find(|l| l.name == name);
+        want.zip(source(name)).is_some_and(|(want, (_, found))| {
+            !matches!(pin_fate(want, found, true), PinFate::Rebuild(_))
+        })
+    };
+    let ids_kept = |ipv6: bool| id_maps_of(ipv6).into_iter().all(kept);
     for want in layouts {
         let pin = map_pin_path(pin_dir, want.name);
         let old = old_pin_path(pin_dir, want.name);
@@ -247,7 +287,7 @@ pub(crate) fn sort_pinned_maps(pin_dir: &Path, layouts: &[MapSpec]) -> PinnedSta
             continue;
         };
         let from_old = from == old;
-        match pin_fate(want, found, ids_kept) {
+        match pin_fate(want, found, ids_kept(want.ipv6)) {
             PinFate::Adopt if !from_old => {}
             PinFate::Adopt => {
                 // Back to the layout of the interrupted migration's source.
@@ -389,8 +429,8 @@ pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> 
             loader.map_max_entries(spec.name, spec.max_entries);
         }
     }
-    if let Some(old) = state.conntrack_migrated() {
-        loader.map_pin_path(map_names::CONNTRACK_PREV, old.to_owned());
+    for (prev, old) in state.old_conntrack_maps() {
+        loader.map_pin_path(prev, old.to_owned());
     }
     let ebpf = loader.load(crate::EBPF_OBJECT).context(
         "loading the BPF object (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root)",
@@ -430,15 +470,14 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> 
         .count())
 }
 
-/// Copies backends, by id, from a hash (older versions) or an array.
-fn copy_backends(from: &Path, to: &Path) -> Result<usize> {
-    let mut to: Array<_, lb_common::Backend4> =
-        Array::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
+/// Copies backends, by id, from a hash (older versions) or an array; `used`
+/// tells a backend from a free slot (zeros).
+fn copy_backends<B: aya::Pod>(from: &Path, to: &Path, used: fn(&B) -> bool) -> Result<usize> {
+    let mut to: Array<_, B> = Array::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
     // The same batch read serves a hash (older versions) and an array.
     let from = open_pin(from)?;
-    let entries: Vec<(u32, lb_common::Backend4)> =
-        crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
-    let entries = entries.into_iter().filter(|(_, b)| b.addr != 0);
+    let entries: Vec<(u32, B)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
+    let entries = entries.into_iter().filter(|(_, b)| used(b));
     let mut copied = 0;
     for (id, b) in entries {
         if id < to.len() && to.set(id, b, 0).is_ok() {
@@ -450,17 +489,24 @@ fn copy_backends(from: &Path, to: &Path) -> Result<usize> {
 
 fn copy_map(name: &str, old: &Path, new: &Path) -> Result<usize> {
     use lb_common::{
-        map_names, Affinity4Key, Affinity4Value, BackendMatchKey, Ct4Key, Ct4Value, RevNat4,
-        SockFwd4Key, SockRev4Key, SockRev4Value,
+        map_names as n, Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6,
+        BackendMatchKey, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, SockFwd4Key,
+        SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value,
     };
     match name {
-        map_names::CONNTRACK => copy_hash::<Ct4Key, Ct4Value>(old, new),
-        map_names::AFFINITY => copy_hash::<Affinity4Key, Affinity4Value>(old, new),
-        map_names::SOCK_REV => copy_hash::<SockRev4Key, SockRev4Value>(old, new),
-        map_names::SOCK_FWD => copy_hash::<SockFwd4Key, u32>(old, new),
-        map_names::BACKENDS => copy_backends(old, new),
-        map_names::REV_NAT => copy_hash::<u16, RevNat4>(old, new),
-        map_names::BACKEND_MATCH => copy_hash::<BackendMatchKey, u8>(old, new),
+        n::CONNTRACK => copy_hash::<Ct4Key, Ct4Value>(old, new),
+        n::AFFINITY => copy_hash::<Affinity4Key, Affinity4Value>(old, new),
+        n::SOCK_REV => copy_hash::<SockRev4Key, SockRev4Value>(old, new),
+        n::SOCK_FWD => copy_hash::<SockFwd4Key, u32>(old, new),
+        n::BACKENDS => copy_backends::<Backend4>(old, new, |b| b.addr != 0),
+        n::REV_NAT => copy_hash::<u16, RevNat4>(old, new),
+        n::BACKEND_MATCH | n::BACKEND_MATCH6 => copy_hash::<BackendMatchKey, u8>(old, new),
+        n::CONNTRACK6 => copy_hash::<Ct6Key, Ct6Value>(old, new),
+        n::AFFINITY6 => copy_hash::<Affinity6Key, Affinity4Value>(old, new),
+        n::SOCK_REV6 => copy_hash::<SockRev6Key, SockRev6Value>(old, new),
+        n::SOCK_FWD6 => copy_hash::<SockFwd6Key, u32>(old, new),
+        n::BACKENDS6 => copy_backends::<Backend6>(old, new, |b| b.addr != [0; 4]),
+        n::REV_NAT6 => copy_hash::<u16, RevNat6>(old, new),
         other => bail!("no migration for {other}"),
     }
 }
@@ -475,7 +521,7 @@ pub fn copy_before_switch(
 ) -> Result<Vec<(&'static str, usize)>> {
     let mut out = Vec::new();
     for (name, old) in &state.migrated {
-        if *name == map_names::CONNTRACK {
+        if CONNTRACK_AND_PREV.iter().any(|(ct, _)| ct == name) {
             continue;
         }
         out.push((*name, copy_map(name, old, &map_pin_path(pin_dir, name))?));
@@ -536,7 +582,8 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
 /// created from the object and never pinned.
 fn empty_ipv6_maps() -> Result<FamilyMaps<Ipv6Maps>> {
     let mut loader = EbpfLoader::new();
-    for spec in map_spec::ALL.iter().chain([&map_spec::CONNTRACK_PREV]) {
+    let prev = [&map_spec::CONNTRACK_PREV, &map_spec::CONNTRACK6_PREV];
+    for spec in map_spec::ALL.iter().chain(prev) {
         loader.map_max_entries(spec.name, 1);
     }
     let mut ebpf = loader

@@ -5,6 +5,7 @@
 use std::{
     collections::BTreeMap,
     fmt,
+    net::SocketAddr,
     os::fd::AsFd,
     path::Path,
     sync::{Arc, Mutex},
@@ -19,10 +20,13 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
-use crate::datapath::{loader, map_memory};
+use crate::{
+    datapath::{loader, map_memory},
+    model::Family,
+};
 
 /// Reverse NAT id -> (Service, frontend): the labels of per-Service counters.
-pub(crate) type FrontendNames = BTreeMap<u16, (String, String)>;
+pub(crate) type FrontendNames = BTreeMap<u16, (String, SocketAddr)>;
 
 /// The counters' source: the pinned maps once the data path is loaded,
 /// and the names of the frontends the last sync programmed.
@@ -68,10 +72,11 @@ impl DatapathCounters {
 }
 
 impl CounterMaps {
-    /// Each `stats` counter, summed over CPUs.
-    fn events(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        stats::NAMES.iter().zip(0u32..).map(|(name, i)| {
-            let total = self.events.get(&i, 0).map_or(0, |p| p.iter().sum());
+    /// Each `stats` counter of `family`, summed over CPUs.
+    fn events(&self, family: Family) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        stats::NAMES.iter().zip(0u32..).map(move |(name, i)| {
+            let index = stats_index(family, i);
+            let total = self.events.get(&index, 0).map_or(0, |p| p.iter().sum());
             (*name, total)
         })
     }
@@ -84,6 +89,14 @@ impl CounterMaps {
                 .iter()
                 .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes)),
         )
+    }
+}
+
+/// The statistics array's index of `counter` of `family`.
+pub fn stats_index(family: Family, counter: u32) -> u32 {
+    match family {
+        Family::Ipv4 => counter,
+        Family::Ipv6 => stats::IPV6_OFFSET + counter,
     }
 }
 
@@ -108,12 +121,15 @@ impl Collector for DatapathCollector {
         };
         let mut family = encoder.encode_descriptor(
             "datapath_packets",
-            "Data path events by kind, summed over CPUs",
+            "Data path events by kind and address family, summed over CPUs",
             None,
             MetricType::Counter,
         )?;
-        for (name, total) in maps.events() {
-            ConstCounter::new(total).encode(family.encode_family(&[("counter", name)])?)?;
+        for af in [Family::Ipv4, Family::Ipv6] {
+            for (name, total) in maps.events(af) {
+                let labels = [("counter", name), ("family", af.label())];
+                ConstCounter::new(total).encode(family.encode_family(&labels)?)?;
+            }
         }
         let mut family = encoder.encode_descriptor(
             "map_memory_bytes",
@@ -144,9 +160,11 @@ impl Collector for DatapathCollector {
             let mut family = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
             for ((service, frontend), counts) in &rows {
                 let value = if pick == 0 { counts.0 } else { counts.1 };
+                let address = frontend.to_string();
                 let labels = [
                     ("service", service.as_str()),
-                    ("frontend", frontend.as_str()),
+                    ("frontend", address.as_str()),
+                    ("family", Family::of(frontend.ip()).label()),
                 ];
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }

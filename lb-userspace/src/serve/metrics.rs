@@ -31,8 +31,23 @@ pub struct ResourceLabel {
     pub resource: String,
 }
 
+/// `family="ipv4"` or `"ipv6"`: what is counted per address family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabel {
+    pub family: &'static str,
+}
+
+impl FamilyLabel {
+    pub fn of(family: crate::model::Family) -> Self {
+        Self {
+            family: family.label(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
+    pub family: &'static str,
     pub reason: String,
 }
 
@@ -63,20 +78,21 @@ pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
     pub programming_latency: Histogram,
-    pub services: Gauge,
-    pub backends: Gauge,
+    /// Per family.
+    pub services: Family<FamilyLabel, Gauge>,
+    pub backends: Family<FamilyLabel, Gauge>,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     pub watch_restarts: Family<ResourceLabel, Counter>,
     pub invalid_objects: Family<InvalidLabel, Counter>,
     pub map_write_failures: Counter,
-    /// Conntrack entries present at the last sweep (both families' maps),
-    /// and the capacity of each (both are sized by --conntrack-max).
-    pub conntrack_entries: Gauge,
-    pub conntrack_capacity: Gauge,
-    /// Entries the full LRU map dropped on its own.
-    pub conntrack_evictions: Counter,
-    /// Entries the sweep removed, by reason.
+    /// Conntrack entries present at the last sweep, and the capacity of
+    /// the map, per family (both are sized by --conntrack-max).
+    pub conntrack_entries: Family<FamilyLabel, Gauge>,
+    pub conntrack_capacity: Family<FamilyLabel, Gauge>,
+    /// Entries the full LRU map dropped on its own, per family.
+    pub conntrack_evictions: Family<FamilyLabel, Counter>,
+    /// Entries the sweep removed, by family and reason.
     pub conntrack_swept: Family<ReasonLabel, Counter>,
     /// 1 per wire interface, labelled with its hook and why.
     pub wire_hooks: Family<WireHookLabel, Gauge>,
@@ -102,16 +118,16 @@ impl Metrics {
         let m = Metrics {
             sync_duration,
             programming_latency,
-            services: Gauge::default(),
-            backends: Gauge::default(),
+            services: Family::default(),
+            backends: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             watch_restarts: Family::default(),
             invalid_objects: Family::default(),
             map_write_failures: Counter::default(),
-            conntrack_entries: Gauge::default(),
-            conntrack_capacity: Gauge::default(),
-            conntrack_evictions: Counter::default(),
+            conntrack_entries: Family::default(),
+            conntrack_capacity: Family::default(),
+            conntrack_evictions: Family::default(),
             conntrack_swept: Family::default(),
             wire_hooks: Family::default(),
             ready: AtomicBool::new(false),
@@ -140,12 +156,12 @@ impl Metrics {
         );
         registry.register(
             "services_programmed",
-            "Service frontends in the maps",
+            "Service frontends in the maps, per family",
             self.services.clone(),
         );
         registry.register(
             "backends_programmed",
-            "Backend slots in the maps",
+            "Backend slots in the maps, per family",
             self.backends.clone(),
         );
         registry.register(
@@ -179,22 +195,22 @@ impl Metrics {
     fn register_datapath_metrics(&self, registry: &mut Registry) {
         registry.register(
             "conntrack_entries",
-            "Conntrack entries present at the last sweep",
+            "Conntrack entries present at the last sweep, per family",
             self.conntrack_entries.clone(),
         );
         registry.register(
             "conntrack_max_entries",
-            "Capacity of the conntrack map (--conntrack-max)",
+            "Capacity of each family's conntrack map (--conntrack-max)",
             self.conntrack_capacity.clone(),
         );
         registry.register(
             "conntrack_evictions",
-            "Conntrack entries the full LRU map evicted (added, minus removed, minus present)",
+            "Conntrack entries the full LRU map evicted (added, minus removed, minus present), per family",
             self.conntrack_evictions.clone(),
         );
         registry.register(
             "conntrack_swept",
-            "Conntrack entries the sweep removed: backend_gone (deleted backend) or expired",
+            "Conntrack entries the sweep removed, per family: backend_gone (deleted backend) or expired",
             self.conntrack_swept.clone(),
         );
         registry.register(
@@ -426,9 +442,14 @@ mod tests {
     #[test]
     fn before_the_data_path_is_loaded_a_scrape_has_no_datapath_counters() {
         let m = Metrics::new();
-        m.services.set(3);
+        m.services
+            .get_or_create(&FamilyLabel::of(crate::model::Family::Ipv6))
+            .set(3);
         let text = m.render();
-        assert!(text.contains("lb_services_programmed 3"), "{text}");
+        assert!(
+            text.contains("lb_services_programmed{family=\"ipv6\"} 3"),
+            "{text}"
+        );
         assert!(!text.contains("lb_datapath_packets"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1);
         assert!(text.ends_with("# EOF\n"));

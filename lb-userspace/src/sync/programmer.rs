@@ -10,8 +10,8 @@ use std::{
 };
 
 use crate::{
-    model::{DesiredState, L4Addr, ServiceEntry, ServiceName, Shadowed},
-    serve::metrics::{InvalidLabel, MapLabel, Metrics},
+    model::{DesiredState, Family, L4Addr, ServiceEntry, ServiceName, Shadowed},
+    serve::metrics::{FamilyLabel, InvalidLabel, MapLabel, Metrics},
     source::objects::{ServiceChange, ServiceInfo, SliceInfo},
     sync::differ::{self, IdLimits, MapContents},
     sync::map_writer::{apply_plan, FailedWrite, MapWriter},
@@ -244,8 +244,19 @@ impl<W: MapWriter> Programmer<W> {
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.services.set(out.frontends as i64);
-        self.metrics.backends.set(out.backends as i64);
+        let (frontends, backends) = self.desired.counts();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let label = FamilyLabel::of(family);
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.metrics
+                .services
+                .get_or_create(&label)
+                .set(count(frontends[family]));
+            self.metrics
+                .backends
+                .get_or_create(&label)
+                .set(count(backends[family]));
+        }
         self.record_map_sizes();
         out
     }
@@ -326,19 +337,19 @@ impl<W: MapWriter> Programmer<W> {
 
     /// The names when they may have changed since the last call: building
     /// them is O(Services), too much for every single-slice change.
-    pub fn take_changed_names(&mut self) -> Option<BTreeMap<u16, (String, String)>> {
+    pub fn take_changed_names(&mut self) -> Option<BTreeMap<u16, (String, std::net::SocketAddr)>> {
         std::mem::take(&mut self.names_changed).then(|| self.rev_nat_names())
     }
 
     /// rev_nat id -> (Service, frontend address:port), for per-Service counters.
-    pub(crate) fn rev_nat_names(&self) -> BTreeMap<u16, (String, String)> {
+    pub(crate) fn rev_nat_names(&self) -> BTreeMap<u16, (String, std::net::SocketAddr)> {
         let mut out = BTreeMap::new();
         for (frontend, entry) in self.desired.entries() {
             if let Some(id) = self.current.rev_nat_id(frontend.addr, frontend.port) {
                 out.entry(id).or_insert_with(|| {
                     (
                         entry.service.to_string(),
-                        std::net::SocketAddr::new(frontend.addr, frontend.port).to_string(),
+                        std::net::SocketAddr::new(frontend.addr, frontend.port),
                     )
                 });
             }
@@ -427,6 +438,42 @@ mod tests {
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": endpoints
         }))
+    }
+
+    #[test]
+    fn frontends_and_backends_are_counted_per_family() {
+        let mut p = programmer(IdLimits::default(), Capacity::default());
+        let services = [
+            cluster_ip("a", "10.96.0.1", 80),
+            cluster_ip("b", "fd00::1", 80),
+            cluster_ip("c", "fd00::2", 80),
+        ];
+        let slices = [
+            ready_slice("a", "a-1", 8080, &pod_ips(1, 3)),
+            ready_slice6("b", &["fd00:244::1", "fd00:244::2"]),
+            ready_slice6("c", &["fd00:244::1"]),
+        ];
+        let report = p.full_sync(&services, &slices);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let text = p.metrics.render();
+        for line in [
+            "lb_services_programmed{family=\"ipv4\"} 1",
+            "lb_services_programmed{family=\"ipv6\"} 2",
+            "lb_backends_programmed{family=\"ipv4\"} 3",
+            "lb_backends_programmed{family=\"ipv6\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        // Deleting a frontend takes it out of its family's count.
+        let c = name("c");
+        p.sync_services(&[ServiceChange {
+            name: c,
+            service: None,
+            slices: vec![],
+        }]);
+        let text = p.metrics.render();
+        assert!(text.contains("lb_services_programmed{family=\"ipv6\"} 1"), "{text}");
+        assert!(text.contains("lb_backends_programmed{family=\"ipv6\"} 2"), "{text}");
     }
 
     #[test]
