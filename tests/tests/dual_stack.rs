@@ -44,6 +44,7 @@ lb_lab::lab_test_variants!(
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
     ipv6_internal_local_policy_and_terminating_fallback,
+    ipv6_topology_hints_keep_traffic_in_the_node_zone,
     a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
     a_pod_hairpins_back_to_itself_over_ipv6,
     ipv6_session_affinity_keeps_a_client_on_one_backend,
@@ -55,6 +56,7 @@ lb_lab::lab_test_variants!(
     Software,
     a_dual_stack_cluster_ip_answers_over_both_families_from_a_pod,
     ipv6_internal_local_policy_and_terminating_fallback,
+    ipv6_topology_hints_keep_traffic_in_the_node_zone,
     a_dual_stack_cluster_ip_answers_over_both_families_from_the_node,
     a_pod_hairpins_back_to_itself_over_ipv6,
     ipv6_session_affinity_keeps_a_client_on_one_backend,
@@ -700,6 +702,49 @@ fn publish6_endpoints(lab: &mut Lab, name: &str, spec: Value, eps: Vec<Value>) {
     lab.put_dual_stack_service(name, spec, json!({}), &[("IPv6", eps)]);
     lab.apply_manifests()
         .expect("the agent picks up the Service");
+}
+
+/// Topology hints over IPv6: with every endpoint hinted, a pod reaches
+/// only the endpoints hinted for the node's zone (`--zone`); with one
+/// endpoint unhinted the hints are ignored, as kube-proxy does.
+fn ipv6_topology_hints_keep_traffic_in_the_node_zone(source: Source, _wire: Wire) {
+    let mut lab =
+        Lab::from_manifest_files_with(source, Wire::Software, &[example()]).expect("build the lab");
+    lab.agent()
+        .flags(&["--zone", "zone-a"])
+        .start()
+        .expect("start lb-agent");
+    let all = pod_names(&lab);
+    let hinted = |lab: &Lab, pod: &str, zone: Option<&str>| {
+        let mut e = endpoint6(lab, pod, [true, true, false], NODE_NAME);
+        if let Some(zone) = zone {
+            e["hints"] = json!({"forZones": [{"name": zone}]});
+        }
+        e
+    };
+    let spec = json!({"clusterIPs": ["fd00:96::2b"], "trafficDistribution": "PreferClose"});
+    let to = SocketAddr::new("fd00:96::2b".parse::<IpAddr>().expect("address"), PORT);
+    for (zone_of_second, expected, what) in [
+        (
+            Some("zone-b"),
+            vec![all[0].clone()],
+            "only zone-a's endpoint",
+        ),
+        (None, all.clone(), "one endpoint unhinted: every endpoint"),
+    ] {
+        let eps = vec![
+            hinted(&lab, &all[0], Some("zone-a")),
+            hinted(&lab, &all[1], zone_of_second),
+        ];
+        publish6_endpoints(&mut lab, "topo6", spec.clone(), eps);
+        for seen in [
+            whoami_tcp(&lab.client.ns, to, REQUESTS),
+            whoami_udp(&lab.client.ns, to, REQUESTS),
+        ] {
+            assert_eq!(pods_in(&seen), expected, "{what}");
+        }
+    }
+    report_checksum_counters("IPv6 topology hints", &lab.checksum_errors());
 }
 
 /// internalTrafficPolicy Local over IPv6: a pod reaches only this node's

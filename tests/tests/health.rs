@@ -5,7 +5,7 @@
 //! unhealthy, and listening on the NodePort addresses only.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -13,7 +13,7 @@ use std::{
 use lb_kube_fixtures::apiserver::Resource;
 use lb_lab::{
     http_get, on_each_source, privileged_test, tcp_ask, Lab, Source, Wire, NODE_NAME,
-    NODE_WIRE_ADDR,
+    NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
 };
 use serde_json::{json, Value};
 
@@ -172,11 +172,24 @@ fn health_check_ports_listen_on_the_nodeport_addresses_only(source: Source, _wir
     lab.write_manifests().unwrap();
     lab.agent().start().expect("start lb-agent");
     assert_eq!(health_check(&lab).0, 200);
-    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTH_CHECK_PORT));
-    let refused = lab
-        .node
-        .run_in(|| TcpStream::connect_timeout(&loopback, TIMEOUT));
-    assert!(refused.is_err(), "the health check listens on {loopback}");
+    // And on the node's IPv6 NodePort address: a dual-stack cluster's
+    // load balancers may check over either family.
+    let (code, body) = get(
+        &lab,
+        SocketAddr::from((NODE_WIRE_ADDR6, HEALTH_CHECK_PORT)),
+        "/",
+    );
+    assert_eq!(code, 200, "over IPv6: {body}");
+    assert_eq!(body["localEndpoints"], lab.pods.len(), "{body}");
+    for loopback in [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, HEALTH_CHECK_PORT)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, HEALTH_CHECK_PORT)),
+    ] {
+        let refused = lab
+            .node
+            .run_in(|| TcpStream::connect_timeout(&loopback, TIMEOUT));
+        assert!(refused.is_err(), "the health check listens on {loopback}");
+    }
 }
 
 /// kube-proxy's /healthz drains a node that is going away (being deleted,

@@ -125,7 +125,11 @@ fn fragments_neighbour_discovery_and_truncated_ipv6_pass_byte_identical() {
         let fragments = h.stat6(stats::FRAGMENT_PASSED);
         let (verdict, out) = h.run(program, &fragment);
         assert_eq!((verdict, &out), (program.pass(), &fragment), "{program:?}");
-        assert_eq!(h.stat6(stats::FRAGMENT_PASSED), fragments + 1, "{program:?}");
+        assert_eq!(
+            h.stat6(stats::FRAGMENT_PASSED),
+            fragments + 1,
+            "{program:?}"
+        );
         assert_eq!(h.stat(stats::FRAGMENT_PASSED), 0, "counted as IPv6's only");
 
         let (verdict, out) = h.run(program, &solicit);

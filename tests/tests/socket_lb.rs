@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     process::Stdio,
 };
@@ -16,10 +16,12 @@ use lb_lab::{
 use serde_json::json;
 
 const NGINX: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// An IPv6-only Service over the nginx pods.
+const NGINX6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11);
 const NODE_PORT: u16 = 30080;
 
-/// The nginx example plus a NodePort Service over the same pods, with the
-/// agent in socket LB mode `mode`.
+/// The nginx example plus a NodePort Service and an IPv6-only Service over
+/// the same pods, with the agent in socket LB mode `mode`.
 fn lab(mode: &str) -> Lab {
     lab_with_agent_under(mode, Vec::new())
 }
@@ -35,9 +37,17 @@ fn lab_with_agent_under(mode: &str, wrapper: Vec<String>) -> Lab {
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.11", "selector": {"app": "nginx"},
             "ports": [{"name": "http", "port": 80, "targetPort": 80, "nodePort": NODE_PORT},
                       {"name": "udp", "port": 80, "protocol": "UDP", "targetPort": 80, "nodePort": NODE_PORT}]}});
-    lab.state
-        .objects
-        .push(LabObject::Service(serde_json::from_value(np).unwrap()));
+    let v6 = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "nginx-ipv6", "namespace": "default"},
+        "spec": {"ipFamilyPolicy": "SingleStack", "ipFamilies": ["IPv6"],
+            "clusterIP": NGINX6.to_string(), "clusterIPs": [NGINX6.to_string()],
+            "selector": {"app": "nginx"},
+            "ports": [{"name": "udp", "port": 80, "protocol": "UDP", "targetPort": 80}]}});
+    for svc in [np, v6] {
+        lab.state
+            .objects
+            .push(LabObject::Service(serde_json::from_value(svc).unwrap()));
+    }
     lab.write_manifests().unwrap();
     lab.agent_wrapper = wrapper;
     lab.agent()
@@ -323,6 +333,23 @@ fn a_dual_stack_udp_socket_of_a_deleted_backend_is_closed_and_reconnects() {
     let mut lab = lab("all");
     let to = SocketAddrV6::new(NGINX.to_ipv6_mapped(), 80, 0, 0).to_string();
     let (gone, after) = connected_udp_across_backend_deletion(&mut lab, true, &to);
+    assert_closed_and_reconnected(&lab, &gone, &after);
+}
+
+/// A node process's IPv6 UDP socket connected to an IPv6 ClusterIP
+/// (connect6 through the IPv6 maps, the socket connected to the backend's
+/// IPv6 address) is closed when its backend is deleted, and reconnects.
+#[privileged_test]
+fn an_ipv6_udp_socket_of_a_deleted_backend_is_closed_and_reconnects() {
+    let mut lab = lab("all");
+    let to = SocketAddrV6::new(NGINX6, 80, 0, 0).to_string();
+    let (gone, after) = connected_udp_across_backend_deletion(&mut lab, true, &to);
+    assert_closed_and_reconnected(&lab, &gone, &after);
+}
+
+/// The agent closed the node's socket (the client saw it and connected
+/// again), and the last datagrams reached a live backend, not `gone`.
+fn assert_closed_and_reconnected(lab: &Lab, gone: &str, after: &[(String, String)]) {
     assert!(
         after.iter().any(|(_, a)| a == "reconnected"),
         "the agent closed the socket: {after:?}"

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -72,17 +72,28 @@ impl HealthServer {
     /// the next update) when one cannot be bound.
     fn listen(&self, port: u16) -> Option<Vec<JoinHandle<()>>> {
         let addresses = if self.addresses.is_empty() {
-            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+            // Every address: an IPv6 wildcard socket takes both families,
+            // unless IPv6 is off on the node.
+            vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
         } else {
             self.addresses.clone()
         };
         let mut listeners = Vec::new();
         for a in addresses {
             let addr = SocketAddr::from((a, port));
-            let bound = std::net::TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
-            });
+            let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            let bound = std::net::TcpListener::bind(addr)
+                .or_else(|e| {
+                    if self.addresses.is_empty() {
+                        std::net::TcpListener::bind(any4)
+                    } else {
+                        Err(e)
+                    }
+                })
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    TcpListener::from_std(l)
+                });
             match bound {
                 Ok(l) => listeners.push(l),
                 Err(e) => {

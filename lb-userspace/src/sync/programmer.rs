@@ -472,8 +472,14 @@ mod tests {
             slices: vec![],
         }]);
         let text = p.metrics.render();
-        assert!(text.contains("lb_services_programmed{family=\"ipv6\"} 1"), "{text}");
-        assert!(text.contains("lb_backends_programmed{family=\"ipv6\"} 2"), "{text}");
+        assert!(
+            text.contains("lb_services_programmed{family=\"ipv6\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lb_backends_programmed{family=\"ipv6\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]
