@@ -26,9 +26,10 @@ use std::{
 };
 
 use lb_lab::{
-    cluster::{node_addr6, Cluster},
-    on_each_source_and_wire, on_each_wire, ping6, report_checksum_counters, tcp_ask, udp_ask, Lab,
-    Netns, Source, Wire, EXT_CLIENT_ADDR6, NODE_NAME, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
+    cluster::{node_addr6, Cluster, CLUSTER_EXT_ADDR6},
+    http_get, on_each_source_and_wire, on_each_wire, ping6, report_checksum_counters, tcp_ask,
+    udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR6, NODE_NAME, NODE_WIRE_ADDR,
+    NODE_WIRE_ADDR6,
 };
 use serde_json::{json, Value};
 
@@ -99,13 +100,15 @@ lb_lab::lab_test_variants!(
     service_cluster_software_wire,
     Manifests,
     Software,
-    a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6
+    a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6,
+    ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer
 );
 lb_lab::lab_test_variants!(
     service_cluster_nic_wire,
     Manifests,
     Nic,
-    a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6
+    a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6,
+    ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer
 );
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -436,6 +439,97 @@ fn a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6(_source: S
     let seen = whoami_udp(&client.ns, to, REQUESTS);
     assert_eq!(pods_in(&seen), all);
     report_checksum_counters("dual-stack across nodes", &c.checksum_errors());
+}
+
+/// (e) Two nodes over IPv6, from the cluster's external client: a NodePort
+/// on either node's IPv6 address reaches the pod on the other node,
+/// masqueraded to the entry node's IPv6 address; with externalTrafficPolicy
+/// Local only the node's own pod answers, the client's IPv6 address kept,
+/// the other node drops, and each node's healthCheckNodePort says so over
+/// IPv6 (200 and 503).
+fn ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer(
+    _source: Source,
+    wire: Wire,
+) {
+    let mut c = Cluster::from_manifest_files(wire, 2, &[example()]).expect("build the cluster");
+    let on = |c: &Cluster, k: usize| c.pods_on(k - 1);
+    assert_eq!((on(&c, 1).len(), on(&c, 2).len()), (1, 1), "one pod a node");
+    for (k, other) in [(1usize, 2usize), (2, 1)] {
+        let np = 30100 + k as u16;
+        let spec = json!({"type": "NodePort", "clusterIPs": [format!("fd00:96::5{k}")],
+            "ports": [{"name": "tcp", "port": PORT, "protocol": "TCP", "nodePort": np}]});
+        let pods = on(&c, other);
+        publish6_in_cluster(&mut c, &format!("np6-{k}"), spec, &pods);
+        let to = SocketAddr::new(node_addr6(k).into(), np);
+        let seen = whoami_tcp(&c.ext, to, REQUESTS);
+        assert_eq!(
+            pods_in(&seen),
+            on(&c, other),
+            "node-{k} to node-{other}'s pod"
+        );
+        assert_eq!(
+            sources_in(&seen),
+            vec![IpAddr::from(node_addr6(k))],
+            "masqueraded"
+        );
+    }
+    let spec = json!({"type": "LoadBalancer", "clusterIPs": ["fd00:96::53"],
+        "externalTrafficPolicy": "Local", "healthCheckNodePort": HEALTH_PORT,
+        "ports": [{"name": "tcp", "port": PORT, "protocol": "TCP", "nodePort": 30103}]});
+    let local = on(&c, 1);
+    publish6_in_cluster(&mut c, "local6", spec, &local);
+    let seen = whoami_tcp(
+        &c.ext,
+        SocketAddr::new(node_addr6(1).into(), 30103),
+        REQUESTS,
+    );
+    assert_eq!(pods_in(&seen), on(&c, 1), "only node-1's own pod");
+    assert_eq!(sources_in(&seen), vec![IpAddr::from(CLUSTER_EXT_ADDR6)]);
+    let to_node2 = SocketAddr::new(node_addr6(2).into(), 30103);
+    let refused = c
+        .ext
+        .run_in(|| tcp_ask(to_node2, "whoami", Duration::from_millis(500)));
+    assert!(
+        refused.is_err(),
+        "node-2 has no local endpoint: {refused:?}"
+    );
+    for (k, want) in [(1usize, 200u16), (2, 503)] {
+        let at = SocketAddr::new(node_addr6(k).into(), HEALTH_PORT);
+        let (code, body) = c
+            .ext
+            .run_in(|| http_get(at, "/", TIMEOUT))
+            .unwrap_or_else(|e| panic!("health check of node-{k} over IPv6: {e}"));
+        assert_eq!(code, want, "health check of node-{k}: {body}");
+    }
+    report_checksum_counters("IPv6 NodePorts across nodes", &c.checksum_errors());
+}
+
+/// The health check port of the Local policy Service across nodes.
+const HEALTH_PORT: u16 = 30290;
+
+/// An IPv6-only Service of the cluster with `pods` (IPv6, on their nodes)
+/// as its endpoints; starts the agents the first time.
+fn publish6_in_cluster(c: &mut Cluster, name: &str, spec: Value, pods: &[String]) {
+    let mut spec = spec;
+    spec["ipFamilies"] = json!(["IPv6"]);
+    spec["ipFamilyPolicy"] = json!("SingleStack");
+    let eps = pods
+        .iter()
+        .map(|p| {
+            let node = lb_lab::cluster::node_name(c.placement[p] + 1);
+            json!({"addresses": [c.pod(p).ip6.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": node, "targetRef": {"kind": "Pod", "name": p, "namespace": "default"}})
+        })
+        .collect();
+    c.state
+        .put_dual_stack_service(name, spec, json!({}), &[("IPv6", eps)]);
+    if c.nodes[0].agent_pid().is_some() {
+        c.apply_manifests().expect("agents pick up the change");
+    } else {
+        c.write_manifests().expect("manifests");
+        c.start_agents().expect("start the agents");
+    }
 }
 
 /// The external client's route to the IPv6 externalIP and LoadBalancer

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -576,11 +576,17 @@ fn conntrack_entries_of(lab: &Lab, id: u32) -> usize {
 
 /// New UDP flows from `flows` distinct source ports of the client pod, each
 /// one datagram (answers are not awaited).
-fn fill_conntrack(lab: &Lab, to: SocketAddrV4, flows: u16) -> usize {
+fn fill_conntrack(lab: &Lab, to: impl Into<SocketAddr>, flows: u16) -> usize {
+    let to = to.into();
+    let any: IpAddr = if to.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
     lab.client.ns.run_in(|| {
         let mut sent = 0;
         for port in 20_000..20_000 + flows {
-            let Ok(s) = std::net::UdpSocket::bind(("0.0.0.0", port)) else {
+            let Ok(s) = std::net::UdpSocket::bind((any, port)) else {
                 continue;
             };
             if s.send_to(b"fill", to).is_ok() {
@@ -714,6 +720,83 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wi
     assert!(
         swept >= before as f64 / 2.0,
         "the sweep removed most of the {before} entries and counted them: {swept}"
+    );
+}
+
+/// The IPv6 side of examples/dual-stack.yaml's `echo` Service (UDP 80).
+const ECHO6_UDP: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40), 80, 0, 0);
+
+/// The IPv6 conntrack map under the same pressure (software wire): five
+/// times its size in new IPv6 UDP flows while IPv6 clients (TCP ClusterIP,
+/// NodePort, long-lived, and a UDP flow) keep working; its evictions are
+/// counted as IPv6's, and IPv4's stay at zero.
+#[privileged_test]
+fn a_full_ipv6_conntrack_map_evicts_idle_flows_only() {
+    const CAPACITY: usize = 4096;
+    let examples = [example("dual-stack.yaml"), example("rolling-update.yaml")];
+    let mut lab = Lab::from_manifest_files_on(Wire::Software, &examples).expect("build the lab");
+    lab.agent()
+        .flags(&[
+            "--conntrack-max",
+            &CAPACITY.to_string(),
+            "--conntrack-sweep-interval",
+            "1s",
+            "--metrics-addr",
+            METRICS,
+        ])
+        .start()
+        .expect("start the agent");
+    let mut clients = LoadSet::default();
+    add_web_clients(
+        &mut clients,
+        &lab,
+        40_000,
+        (WEB6.into(), WEB6_NODE_PORT.into()),
+    );
+    clients.add(Load::start(
+        lab.client.ns.path(),
+        ECHO6_UDP,
+        LoadKind::UdpFlow,
+        "IPv6 UDP flow",
+        Duration::from_millis(10),
+        40_000,
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let filled: usize = (0..2)
+        .map(|_| {
+            let n = fill_conntrack(&lab, ECHO6_UDP, 10_000);
+            std::thread::sleep(Duration::from_millis(200));
+            n
+        })
+        .sum();
+    println!("filler: {filled} new IPv6 UDP flows into a conntrack map of {CAPACITY} entries");
+    assert!(filled > 15_000, "the filler ran: {filled}");
+    std::thread::sleep(Duration::from_secs(3));
+    let reports = clients.finish_and_assert_none_failed();
+    for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
+        assert_kept_its_backend(r);
+    }
+    let m = lab.scrape_metrics(METRICS_PORT);
+    let of = |name: &str, parts: &[&str], family: &str| {
+        let label = format!("family=\"{family}\"");
+        let mut parts = parts.to_vec();
+        parts.push(&label);
+        metric(&m, name, &parts)
+    };
+    let inserted = of("lb_datapath_packets_total", &["ct_inserted"], "ipv6");
+    let evictions = of("lb_conntrack_evictions_total", &[], "ipv6");
+    let present = of("lb_conntrack_entries", &[], "ipv6");
+    println!("IPv6 conntrack: {inserted} entries inserted, {evictions} evicted, {present} present");
+    assert!(present <= CAPACITY as f64, "{present}");
+    assert!(
+        evictions >= inserted - CAPACITY as f64 - 1000.0 && evictions > 0.0,
+        "evictions counted as IPv6's: {evictions} of {inserted} inserted"
+    );
+    assert_eq!(
+        of("lb_conntrack_evictions_total", &[], "ipv4"),
+        0.0,
+        "no IPv4 flow was evicted"
     );
 }
 

@@ -371,11 +371,10 @@ fn record_sweep(metrics: &Metrics, family: Family, r: &SweepReport, evicted_repo
             })
             .inc_by(n);
     }
+    // Created at the first sweep, so a family without evictions shows 0.
+    let evictions = metrics.conntrack_evictions.get_or_create(&label);
     if r.evicted > *evicted_reported {
-        metrics
-            .conntrack_evictions
-            .get_or_create(&label)
-            .inc_by(r.evicted - *evicted_reported);
+        evictions.inc_by(r.evicted - *evicted_reported);
         *evicted_reported = r.evicted;
     }
     if r.backend_gone + r.expired > 0 {
