@@ -793,11 +793,8 @@ fn a_full_ipv6_conntrack_map_evicts_idle_flows_only() {
         evictions >= inserted - CAPACITY as f64 - 1000.0 && evictions > 0.0,
         "evictions counted as IPv6's: {evictions} of {inserted} inserted"
     );
-    assert_eq!(
-        of("lb_conntrack_evictions_total", &[], "ipv4"),
-        0.0,
-        "no IPv4 flow was evicted"
-    );
+    let evicted4 = of("lb_conntrack_evictions_total", &[], "ipv4");
+    assert!(evicted4 < 0.5, "no IPv4 flow was evicted: {evicted4}");
 }
 
 const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
