@@ -20,6 +20,7 @@ use lb_lab::{
     load::{Load, LoadKind, LoadReport, LoadSet},
     on_each_wire, privileged_test, Lab, Wire, NODE_NAME, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
 };
+use lb_userspace::model::Family;
 
 on_each_wire!(
     a_rolling_update_under_load_fails_no_request,
@@ -798,31 +799,55 @@ fn a_full_ipv6_conntrack_map_evicts_idle_flows_only() {
 }
 
 const STICKY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
+const STICKY6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x11), 80, 0, 0);
 
 /// Gives the external client `n` more addresses in 10.78.0.0/16 (and the
 /// node a route back to them): `n` more clients.
-fn add_client_addresses(lab: &Lab, n: u16) -> Vec<Ipv4Addr> {
-    let addrs: Vec<Ipv4Addr> = (0..n)
-        .map(|i| Ipv4Addr::new(10, 78, (i / 250) as u8, (i % 250 + 1) as u8))
+/// `n` addresses of `family` on the external client, routed to from the
+/// node: that many clients.
+fn add_client_addresses(lab: &Lab, n: u16, family: Family) -> Vec<IpAddr> {
+    let addrs: Vec<IpAddr> = (0..n)
+        .map(|i| match family {
+            Family::Ipv4 => Ipv4Addr::new(10, 78, (i / 250) as u8, (i % 250 + 1) as u8).into(),
+            Family::Ipv6 => Ipv6Addr::new(0xfd00, 0x7a, 0, 0, 0, 0, 1, i + 1).into(),
+        })
         .collect();
     let batch: String = addrs.iter().fold(String::new(), |mut batch, a| {
         use std::fmt::Write;
-        let _ = writeln!(batch, "addr add {a}/32 dev eth0");
+        // IPv6: no duplicate address detection, so they are usable at once;
+        // deprecated (preferred_lft 0), so the client's own connections
+        // keep its address: source selection (RFC 6724) would otherwise
+        // pick any of them. Bound explicitly, they still send.
+        let _ = match a {
+            IpAddr::V4(a) => writeln!(batch, "addr add {a}/32 dev eth0"),
+            IpAddr::V6(a) => writeln!(batch, "addr add {a}/128 dev eth0 nodad preferred_lft 0"),
+        };
         batch
     });
     let path = lab.dir.join("client-addrs");
     std::fs::write(&path, batch).unwrap();
     lb_lab::run(&["ip", "-n", &lab.ext.name, "-batch", path.to_str().unwrap()])
         .expect("add client addresses");
-    lab.node
-        .exec(&["ip", "route", "add", "10.78.0.0/16", "via", "10.77.0.2"])
-        .expect("route to the clients");
+    let route: &[&str] = match family {
+        Family::Ipv4 => &["ip", "route", "add", "10.78.0.0/16", "via", "10.77.0.2"],
+        Family::Ipv6 => &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "fd00:7a::/64",
+            "via",
+            "fd00:77::2",
+        ],
+    };
+    lab.node.exec(route).expect("route to the clients");
     addrs
 }
 
 /// One UDP datagram to `to` from each address: that many new clients of a
 /// ClientIP-affinity Service.
-fn flood_affinity(lab: &Lab, to: SocketAddrV4, from: &[Ipv4Addr]) -> usize {
+fn flood_affinity(lab: &Lab, to: SocketAddr, from: &[IpAddr]) -> usize {
     lab.ext.run_in(|| {
         from.iter()
             .filter(|a| {
@@ -834,24 +859,57 @@ fn flood_affinity(lab: &Lab, to: SocketAddrV4, from: &[Ipv4Addr]) -> usize {
     })
 }
 
-fn affinity_entries(lab: &Lab) -> usize {
-    let pin = lab.pin_dir.join(lb_common::map_names::AFFINITY);
-    let data = aya::maps::MapData::from_pin(&pin).expect("open affinity");
-    let map: aya::maps::HashMap<_, lb_common::Affinity4Key, lb_common::Affinity4Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("affinity map");
-    map.keys().filter_map(Result::ok).count()
+/// Entries in `family`'s affinity map.
+fn affinity_entries(lab: &Lab, family: Family) -> usize {
+    use lb_common::{map_names, Affinity4Key, Affinity4Value, Affinity6Key};
+    let open = |name| {
+        let data = aya::maps::MapData::from_pin(lab.pin_dir.join(name)).expect("open affinity");
+        aya::maps::Map::LruHashMap(data)
+    };
+    match family {
+        Family::Ipv4 => {
+            let map: aya::maps::HashMap<_, Affinity4Key, Affinity4Value> =
+                aya::maps::HashMap::try_from(open(map_names::AFFINITY)).expect("affinity map");
+            map.keys().filter_map(Result::ok).count()
+        }
+        Family::Ipv6 => {
+            let map: aya::maps::HashMap<_, Affinity6Key, Affinity4Value> =
+                aya::maps::HashMap::try_from(open(map_names::AFFINITY6)).expect("affinity map");
+            map.keys().filter_map(Result::ok).count()
+        }
+    }
 }
 
 fn a_flooded_affinity_map_keeps_active_clients_on_their_backend(wire: Wire) {
+    flooded_affinity_map(wire, Family::Ipv4);
+}
+
+/// The same over IPv6, on the software wire: the IPv6 affinity map is
+/// sized by the same flag.
+#[privileged_test]
+fn a_flooded_ipv6_affinity_map_keeps_active_clients_on_their_backend() {
+    flooded_affinity_map(Wire::Software, Family::Ipv6);
+}
+
+/// A dual-stack ClientIP-affinity Service over the nginx pods; active
+/// clients of `family` stay on their backend while 5,000 new clients of
+/// that family flood its 1,024-entry affinity map.
+fn flooded_affinity_map(wire: Wire, family: Family) {
     const CAPACITY: usize = 1024;
     const CLIENTS: u16 = 5000;
     let mut text = std::fs::read_to_string(example("nginx-deployment.yaml")).unwrap();
     text.push_str(
         "\n---\napiVersion: v1\nkind: Service\nmetadata: {name: nginx-sticky}\nspec:\n  \
-         clusterIP: 10.96.0.11\n  selector: {app: nginx}\n  sessionAffinity: ClientIP\n  ports:\n  \
+         ipFamilyPolicy: PreferDualStack\n  ipFamilies: [IPv4, IPv6]\n  \
+         clusterIP: 10.96.0.11\n  clusterIPs: [10.96.0.11, \"fd00:96::11\"]\n  \
+         selector: {app: nginx}\n  sessionAffinity: ClientIP\n  ports:\n  \
          - {name: tcp, port: 80, protocol: TCP, targetPort: 80}\n  \
          - {name: udp, port: 80, protocol: UDP, targetPort: 80}\n",
     );
+    let sticky: SocketAddr = match family {
+        Family::Ipv4 => STICKY.into(),
+        Family::Ipv6 => STICKY6.into(),
+    };
     let (objects, _) = workload::parse_lab_objects(&text).expect("parse");
     let mut lab = Lab::from_objects_on(wire, objects).expect("build the lab");
     lab.agent()
@@ -865,23 +923,23 @@ fn a_flooded_affinity_map_keeps_active_clients_on_their_backend(wire: Wire) {
     ] {
         clients.add(Load::start(
             ns,
-            STICKY,
+            sticky,
             LoadKind::NewConnections,
-            what,
+            &format!("{family} {what}"),
             Duration::from_millis(10),
             40_000,
         ));
     }
-    let addrs = add_client_addresses(&lab, CLIENTS);
+    let addrs = add_client_addresses(&lab, CLIENTS, family);
     std::thread::sleep(Duration::from_millis(500));
     let mut flooded = 0;
     for _ in 0..2 {
-        flooded += flood_affinity(&lab, STICKY, &addrs);
+        flooded += flood_affinity(&lab, sticky, &addrs);
         std::thread::sleep(Duration::from_millis(300));
     }
-    let entries = affinity_entries(&lab);
+    let entries = affinity_entries(&lab, family);
     println!(
-        "affinity: {flooded} datagrams from {CLIENTS} new clients into a map of {CAPACITY}; {entries} entries left"
+        "{family} affinity: {flooded} datagrams from {CLIENTS} new clients into a map of {CAPACITY}; {entries} entries left"
     );
     assert!(
         flooded >= 2 * CLIENTS as usize - 10,
