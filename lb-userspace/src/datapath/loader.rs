@@ -671,6 +671,29 @@ mod tests {
     }
 
     #[test]
+    fn each_familys_state_migrates_only_while_its_ids_are_kept() {
+        for (ct, backends) in [
+            (&map_spec::CONNTRACK, &map_spec::BACKENDS),
+            (&map_spec::CONNTRACK6, &map_spec::BACKENDS6),
+        ] {
+            let resized = (Some(MapType::LruHash), ct.key_size, ct.value_size, 1024);
+            assert_eq!(
+                pin_fate(ct, Ok(resized), true),
+                PinFate::Migrate,
+                "{}",
+                ct.name
+            );
+            assert!(
+                matches!(pin_fate(ct, Ok(resized), false), PinFate::Rebuild(_)),
+                "{}: ids lost, entries would name other backends",
+                ct.name
+            );
+            let grown = (Some(MapType::Array), 4, backends.value_size, 7);
+            assert_eq!(pin_fate(backends, Ok(grown), false), PinFate::Migrate);
+        }
+    }
+
+    #[test]
     fn a_changed_map_type_is_incompatible() {
         let backends = &map_spec::BACKENDS;
         let why = incompatibility(
