@@ -5,9 +5,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use lb_common::{map_names, stats};
 use lb_userspace::{
-    datapath::loader,
+    datapath::{loader, stats_index},
     model::Family,
-    serve::datapath_metrics::stats_index,
     source::api_client::{self},
     source::k8s::{self},
     source::manifests::ManifestSource,

@@ -28,12 +28,9 @@ use lb_common::{
 };
 
 use crate::{
-    datapath::loader,
+    datapath::{loader, stats_index},
     model::{Family, PerFamily},
-    serve::{
-        datapath_metrics::stats_index,
-        metrics::{FamilyLabel, Metrics, ReasonLabel},
-    },
+    serve::metrics::{FamilyLabel, Metrics, ReasonLabel},
 };
 
 /// Why a sweep removes an entry.

@@ -10,3 +10,12 @@ pub mod loader;
 pub mod map_memory;
 pub(crate) mod pseudo_fs;
 pub mod wire_hook;
+
+/// The statistics array's index of `counter` (`lb_common::stats`) of
+/// `family`: each family has its own counters.
+pub fn stats_index(family: crate::model::Family, counter: u32) -> u32 {
+    match family {
+        crate::model::Family::Ipv4 => counter,
+        crate::model::Family::Ipv6 => lb_common::stats::IPV6_OFFSET + counter,
+    }
+}

@@ -21,7 +21,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    datapath::{loader, map_memory},
+    datapath::{loader, map_memory, stats_index},
     model::Family,
 };
 
@@ -89,14 +89,6 @@ impl CounterMaps {
                 .iter()
                 .fold((0, 0), |(p, b), s| (p + s.packets, b + s.bytes)),
         )
-    }
-}
-
-/// The statistics array's index of `counter` of `family`.
-pub fn stats_index(family: Family, counter: u32) -> u32 {
-    match family {
-        Family::Ipv4 => counter,
-        Family::Ipv6 => stats::IPV6_OFFSET + counter,
     }
 }
 
