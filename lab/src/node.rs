@@ -76,6 +76,9 @@ pub struct LabNode {
     pub agent_wrapper: Vec<String>,
     /// Flags every start of the agent gets (the wire's `--wire-hook`).
     pub agent_defaults: Vec<String>,
+    /// Start the agent without `--interfaces eth0`, so it finds the wire
+    /// by the node's default routes, as the DaemonSet's agent does.
+    pub wire_from_default_route: bool,
     /// Where the agent reads the desired state: None, this node's manifest
     /// folder; else these flags (`--kubeconfig PATH`).
     pub(crate) source_flags: Option<Vec<String>>,
@@ -118,6 +121,7 @@ impl LabNode {
             agent_binary: None,
             agent_wrapper: Vec::new(),
             agent_defaults: Vec::new(),
+            wire_from_default_route: false,
             source_flags: None,
             pods: BTreeMap::new(),
             client: Pod {
@@ -387,7 +391,12 @@ impl LabNode {
             // machine's root: only processes the lab puts there are affected.
             .arg("--cgroup")
             .arg(&self.cgroup)
-            .args(["--interfaces", "eth0", "--pod-interfaces", "lxc*"])
+            .args(if self.wire_from_default_route {
+                &[][..]
+            } else {
+                &["--interfaces", "eth0"][..]
+            })
+            .args(["--pod-interfaces", "lxc*"])
             .args(["--poll-interval", "100ms", "--ready-file"])
             .arg(self.dir.join("ready"))
             .env("RUST_LOG", "info")

@@ -27,14 +27,15 @@ use std::{
 
 use lb_lab::{
     cluster::{node_addr6, Cluster, CLUSTER_EXT_ADDR6},
-    http_get, on_each_source_and_wire, on_each_wire, ping6, report_checksum_counters, tcp_ask,
-    udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR6, NODE_NAME, NODE_WIRE_ADDR,
-    NODE_WIRE_ADDR6,
+    http_get, on_each_source, on_each_source_and_wire, on_each_wire, ping6,
+    report_checksum_counters, tcp_ask, udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR6,
+    NODE_NAME, NODE_WIRE_ADDR, NODE_WIRE_ADDR6,
 };
 use serde_json::{json, Value};
 
 on_each_source_and_wire!(the_lab_is_dual_stack_with_the_agent_running);
 on_each_wire!(two_nodes_route_each_others_ipv6_pod_ranges);
+on_each_source!(an_ipv6_only_node_finds_its_wire_by_its_ipv6_default_route);
 
 // The Service tests: each source, each wire where the wire carries the
 // traffic, as `on_each_source!` and friends declare them (module names
@@ -530,6 +531,53 @@ fn publish6_in_cluster(c: &mut Cluster, name: &str, spec: Value, pods: &[String]
         c.write_manifests().expect("manifests");
         c.start_agents().expect("start the agents");
     }
+}
+
+/// An IPv6-only node, started as the DaemonSet starts the agent (no
+/// `--interfaces`): its wire has no IPv4 address and its only default
+/// route is IPv6's. The agent finds the wire by that route, serves IPv6
+/// (`--ipv6 auto`), and the NodePort answers on the node's IPv6 address
+/// from outside, masqueraded to it.
+fn an_ipv6_only_node_finds_its_wire_by_its_ipv6_default_route(source: Source, _wire: Wire) {
+    let mut lab =
+        Lab::from_manifest_files_with(source, Wire::Software, &[example()]).expect("build the lab");
+    for cmd in [
+        &["ip", "-4", "addr", "flush", "dev", "eth0"][..],
+        &[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            "default",
+            "via",
+            "fd00:77::2",
+            "dev",
+            "eth0",
+        ],
+    ] {
+        lab.node.exec(cmd).expect("an IPv6-only wire");
+    }
+    lab.wire_from_default_route = true;
+    lab.agent().start().expect("start lb-agent");
+    let status = lab.agent_command_json(&["status", "--output", "json"]);
+    assert!(
+        status["wire"].to_string().contains("eth0"),
+        "the wire is eth0: {status}"
+    );
+    let to = SocketAddr::new(NODE_WIRE_ADDR6.into(), NODE_PORT);
+    let seen = whoami_tcp(&lab.ext, to, REQUESTS);
+    assert_eq!(pods_in(&seen), pod_names(&lab), "TCP {to}");
+    assert_eq!(
+        sources_in(&seen),
+        vec![IpAddr::from(NODE_WIRE_ADDR6)],
+        "masqueraded"
+    );
+    assert_eq!(
+        pods_in(&whoami_udp(&lab.ext, to, REQUESTS)),
+        pod_names(&lab),
+        "UDP {to}"
+    );
+    report_checksum_counters("IPv6-only node", &lab.checksum_errors());
 }
 
 /// The external client's route to the IPv6 externalIP and LoadBalancer

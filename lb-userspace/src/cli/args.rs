@@ -105,7 +105,7 @@ pub(crate) struct NodeArgs {
     pub(crate) node_name: Option<String>,
     /// Interfaces facing the wire, where the wire hook (tc or XDP, see
     /// --wire-hook) attaches (comma separated). Default: the interfaces
-    /// that hold a default route.
+    /// that hold a default route (IPv4 or IPv6).
     #[arg(long, value_delimiter = ',')]
     pub(crate) interfaces: Vec<String>,
     /// Serve NodePorts on the local addresses inside these CIDRs (comma

@@ -72,21 +72,42 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     true
 }
 
-/// Interfaces holding a default route: where packets from the wire arrive.
+/// Interfaces holding a default route of either family: where packets
+/// from the wire arrive. An IPv6-only node has only an IPv6 one.
 pub fn default_route_interfaces() -> Vec<String> {
-    let Ok(routes) = std::fs::read_to_string("/proc/net/route") else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = routes
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_owned())
-        })
-        .collect();
-    out.dedup();
+    let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+    let (v4, v6) = (read("/proc/net/route"), read("/proc/net/ipv6_route"));
+    let mut out: Vec<String> = Vec::new();
+    for name in ipv4_default_route_interfaces(&v4).chain(ipv6_default_route_interfaces(&v6)) {
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_owned());
+        }
+    }
     out
+}
+
+/// The interfaces of the default routes in `/proc/net/route` (destination
+/// and mask 0).
+fn ipv4_default_route_interfaces(text: &str) -> impl Iterator<Item = &str> {
+    text.lines().skip(1).filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then_some(f[0])
+    })
+}
+
+/// The interfaces of the default routes (`::/0`) in `/proc/net/ipv6_route`:
+/// destination, prefix length, source, its length, next hop, metric,
+/// refcount, use, flags, device. Routes that are down or reject (the
+/// kernel lists an unreachable default on `lo`) are left out.
+fn ipv6_default_route_interfaces(text: &str) -> impl Iterator<Item = &str> {
+    const ANY: &str = "00000000000000000000000000000000";
+    text.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+        let usable =
+            flags & u32::from(libc::RTF_UP) != 0 && flags & u32::from(libc::RTF_REJECT) == 0;
+        (f.len() == 10 && f[0] == ANY && f[1] == "00" && usable && f[9] != "lo").then_some(f[9])
+    })
 }
 
 /// Attachments, each held by a link pinned under `<pin-dir>/links`, so the
@@ -612,7 +633,31 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, ipv4_default_route_interfaces, ipv6_default_route_interfaces};
+
+    #[test]
+    fn default_routes_of_both_families_name_the_wire() {
+        let v4 =
+            "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(
+            ipv4_default_route_interfaces(v4).collect::<Vec<_>>(),
+            ["eth0"]
+        );
+        let any = "00000000000000000000000000000000";
+        let v6 = format!(
+            "{any} 00 {any} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 ens5\n\
+             fd000077000000000000000000000000 40 {any} 00 {any} 00000100 00000001 00000000 00000001 ens5\n\
+             {any} 00 {any} 00 {any} ffffffff 00000001 00000000 00200200 lo\n\
+             {any} 00 {any} 00 {any} 00000400 00000001 00000000 00000000 eth9\n"
+        );
+        assert_eq!(
+            ipv6_default_route_interfaces(&v6).collect::<Vec<_>>(),
+            ["ens5"],
+            "the up, non-reject ::/0 only"
+        );
+    }
 
     #[test]
     fn globs() {
