@@ -104,7 +104,17 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 fn healthz_and_livez_answer_as_kube_proxys_do(source: Source, _wire: Wire) {
     let mut lab = lab(source);
-    lab.agent().start().expect("start lb-agent");
+    // The DaemonSet's flag: its probes go to this port.
+    lab.agent()
+        .flags(&["--metrics-addr", "0.0.0.0:10249"])
+        .start()
+        .expect("start lb-agent");
+    // 0.0.0.0 (both flags' form) means every address, IPv6 ones included:
+    // an IPv6-only node's kubelet probes the node's IPv6 address.
+    for (port, path) in [(10256, "/healthz"), (10249, "/readyz")] {
+        let at = SocketAddr::from((NODE_WIRE_ADDR6, port));
+        assert_eq!(get(&lab, at, path).0, 200, "{at}{path}");
+    }
     let (code, body) = proxy_health(&lab, "/healthz");
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["nodeEligible"], true, "{body}");

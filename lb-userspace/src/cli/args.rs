@@ -217,11 +217,13 @@ pub(crate) struct RunArgs {
     pub(crate) source: SourceArgs,
     #[command(flatten)]
     pub(crate) node: NodeArgs,
-    /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:10249).
+    /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:10249;
+    /// 0.0.0.0 is every address of both families).
     #[arg(long)]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Serve kube-proxy's /healthz and /livez here (the address cloud load
     /// balancers probe for externalTrafficPolicy Cluster); `off` to not.
+    /// 0.0.0.0 is every address of both families.
     #[arg(long, default_value = "0.0.0.0:10256", value_parser = parse_healthz_addr)]
     pub(crate) healthz_addr: HealthzAddr,
     /// How long a received change may wait to be written before /healthz,

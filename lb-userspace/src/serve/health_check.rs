@@ -5,13 +5,13 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use super::proxy_health::ProxyHealth;
+use super::{metrics::listen_everywhere, proxy_health::ProxyHealth};
 use crate::translate::health::{response, HealthCheck};
 
 /// The listeners, per health check port one on each NodePort address, kept
@@ -68,33 +68,23 @@ impl HealthServer {
         *self.checks.lock().expect("health checks lock") = by_port;
     }
 
-    /// One listener on each address for `port`; None (logged, retried on
-    /// the next update) when one cannot be bound.
+    /// One listener on each address for `port` (with no addresses: on
+    /// every address of both families); None (logged, retried on the next
+    /// update) when one cannot be bound.
     fn listen(&self, port: u16) -> Option<Vec<JoinHandle<()>>> {
-        let addresses = if self.addresses.is_empty() {
-            // Every address: an IPv6 wildcard socket takes both families,
-            // unless IPv6 is off on the node.
-            vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+        let bound: Vec<(SocketAddr, std::io::Result<TcpListener>)> = if self.addresses.is_empty() {
+            let every = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+            vec![(every, listen_everywhere(port))]
         } else {
-            self.addresses.clone()
+            self.addresses
+                .iter()
+                .map(|a| SocketAddr::from((*a, port)))
+                .map(|addr| (addr, bind_one(addr)))
+                .collect()
         };
         let mut listeners = Vec::new();
-        for a in addresses {
-            let addr = SocketAddr::from((a, port));
-            let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            let bound = std::net::TcpListener::bind(addr)
-                .or_else(|e| {
-                    if self.addresses.is_empty() {
-                        std::net::TcpListener::bind(any4)
-                    } else {
-                        Err(e)
-                    }
-                })
-                .and_then(|l| {
-                    l.set_nonblocking(true)?;
-                    TcpListener::from_std(l)
-                });
-            match bound {
+        for (addr, listener) in bound {
+            match listener {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     log::error!("healthCheckNodePort {addr}: cannot listen: {e}");
@@ -116,6 +106,13 @@ impl HealthServer {
     pub fn ports(&self) -> Vec<u16> {
         self.listeners.keys().copied().collect()
     }
+}
+
+/// A listener on one address (synchronously: called from the sync loop).
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }
 
 async fn serve(

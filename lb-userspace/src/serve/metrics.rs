@@ -386,9 +386,52 @@ pub fn refusal(request: &Request<'_>) -> String {
     }
 }
 
+/// Binds `addr`. The IPv4 wildcard (`0.0.0.0`, the flags' defaults, as
+/// kube-proxy's) means every address of the node: it listens on both
+/// families, so the kubelet's probes reach it on an IPv6-only node too.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        listen_everywhere(addr.port())
+    } else {
+        TcpListener::bind(addr).await
+    }
+}
+
+/// A listener on `port` of every address of both families (`[::]` with
+/// IPV6_V6ONLY off), or of every IPv4 address where the node has no IPv6.
+pub(crate) fn listen_everywhere(port: u16) -> std::io::Result<TcpListener> {
+    listen_dual_stack(port).or_else(|_| {
+        let l = std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))?;
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    })
+}
+
+fn listen_dual_stack(port: u16) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    let off: libc::c_int = 0;
+    // SAFETY: IPV6_V6ONLY takes an int, read from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&raw const off).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.set_reuseaddr(true)?;
+    socket.bind((std::net::Ipv6Addr::UNSPECIFIED, port).into())?;
+    socket.listen(1024)
+}
+
 /// Serves the endpoints until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = bind(addr).await?;
     log::info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
     loop {
         let (mut stream, _) = listener.accept().await?;

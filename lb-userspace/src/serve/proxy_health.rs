@@ -21,7 +21,6 @@ use std::{
 };
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use tokio::net::TcpListener;
 
 use super::metrics::{
     answer_and_close, http_response, parse_request, read_request_head, refusal, Request,
@@ -116,7 +115,7 @@ impl ProxyHealth {
 
 /// Serves `/healthz` and `/livez` on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, health: Arc<ProxyHealth>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = crate::serve::metrics::bind(addr).await?;
     log::info!("proxy health (/healthz, /livez) on http://{addr}");
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
