@@ -22,7 +22,9 @@ use lb_userspace::{
 };
 
 use crate::{
-    filler_services, kube_proxy, ms, percentile, progress,
+    filler_services,
+    kube_proxy::{self, Family},
+    ms, percentile, progress,
     rule_tools::{feed, install_iptables_jumps},
     thousands, typed_objects, BENCH_NAMESPACE,
 };
@@ -69,13 +71,13 @@ fn toggle_endpoint(
     ports: &mut [kube_proxy::ServicePort],
     c: usize,
     endpoints: usize,
-) -> (usize, Vec<(std::net::Ipv4Addr, u16)>) {
+) -> (usize, Vec<(std::net::IpAddr, u16)>) {
     let i = (c * 7919) % ports.len();
     let mut removed = Vec::new();
     if ports[i].endpoints.len() == endpoints {
         ports[i]
             .endpoints
-            .push((crate::filler_endpoint_ip(i, 63), 8080));
+            .push((crate::filler_endpoint_ip(Family::Ipv4, i, 63), 8080));
     } else {
         removed.extend(ports[i].endpoints.pop());
     }
@@ -88,7 +90,7 @@ fn ours(n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
     let maps = loader::take_maps(&mut ebpf)?;
     let mut programmer: Programmer<BpfMaps> =
         Programmer::new(maps, MapContents::default(), Metrics::new());
-    let mut ports = filler_services(n, endpoints);
+    let mut ports = filler_services(Family::Ipv4, n, endpoints);
     let (services, mut slices) = typed_objects(&ports);
     let started = Instant::now();
     let report = programmer.full_sync(&services, &slices);
@@ -139,7 +141,7 @@ fn iptables(
 ) -> Result<(Programming, usize)> {
     let ns = Netns::create(&format!("lbt-{}-bench-ipt", std::process::id()))?;
     install_iptables_jumps(&ns, binary).context("kube-proxy's jump rules")?;
-    let mut ports = filler_services(n, endpoints);
+    let mut ports = filler_services(Family::Ipv4, n, endpoints);
     let text = kube_proxy::iptables_full(&ports);
     let rules = text.lines().filter(|l| l.starts_with("-A ")).count();
     let restore = || {
@@ -172,8 +174,8 @@ fn iptables(
 
 fn nftables(n: usize, endpoints: usize, changes: usize, limit: Duration) -> Result<Programming> {
     let ns = Netns::create(&format!("lbt-{}-bench-nft", std::process::id()))?;
-    let mut ports = filler_services(n, endpoints);
-    let text = kube_proxy::nft_full(&ports);
+    let mut ports = filler_services(Family::Ipv4, n, endpoints);
+    let text = kube_proxy::nft_full(Family::Ipv4, &ports);
     let nft = || {
         let mut c = ns.command("nft");
         c.args(["-f", "-"]);

@@ -7,7 +7,8 @@
 use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
 
 use lb_bench::{
-    filler_services, kube_proxy,
+    filler_services,
+    kube_proxy::{self, Family},
     rule_tools::{feed, flush_iptables, install_iptables_jumps},
     traffic::{
         flush_rules, install_iptables, install_nft, pods_only_lab, probe_addr, service_set,
@@ -33,7 +34,7 @@ fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
 #[privileged_test]
 fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint() {
     let (lab, pods) = pods_only_lab().expect("build the lab");
-    let set = service_set(41, 4, &pods);
+    let set = service_set(Family::Ipv4, 41, 4, &pods);
     for (mode, install) in [
         (
             "iptables",
@@ -68,7 +69,7 @@ fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) {
 #[privileged_test]
 fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
     let ns = Netns::create(&format!("lbt-{}-rules", std::process::id())).expect("netns");
-    let mut ports = filler_services(20, 3);
+    let mut ports = filler_services(Family::Ipv4, 20, 3);
     for binary in ["iptables-legacy", "iptables-nft"] {
         install_iptables_jumps(&ns, binary).expect("jump rules");
         let restore_bin = format!("{binary}-restore");
@@ -102,7 +103,12 @@ fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
         ports[7].endpoints.push(removed);
         flush_iptables(&ns, binary).expect("flush");
     }
-    restore(&ns, "nft", &["-f", "-"], &kube_proxy::nft_full(&ports));
+    restore(
+        &ns,
+        "nft",
+        &["-f", "-"],
+        &kube_proxy::nft_full(Family::Ipv4, &ports),
+    );
     let dnat = |ns: &Netns| {
         ns.exec(&["nft", "list", "table", "ip", "kube-proxy"])
             .expect("list")

@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_bench::{percentile, traffic::rss_kib};
+use lb_bench::{kube_proxy::Family, percentile, traffic::rss_kib};
 use lb_kube_fixtures::{
     apiserver::ApiServer,
     scale::{service, service_ip, slice},
@@ -113,10 +113,14 @@ fn main() -> Result<()> {
         Some("rules") => {
             // The kube-proxy-shaped rules the benchmark compares against.
             let f = Flags::parse(&args[1..])?;
-            let ports = lb_bench::filler_services(f.num("services", 1)?, f.num("endpoints", 4)?);
+            let ports = lb_bench::filler_services(
+                Family::Ipv4,
+                f.num("services", 1)?,
+                f.num("endpoints", 4)?,
+            );
             match f.get("format").as_deref() {
                 Some("iptables") => print!("{}", lb_bench::kube_proxy::iptables_full(&ports)),
-                Some("nft") => print!("{}", lb_bench::kube_proxy::nft_full(&ports)),
+                Some("nft") => print!("{}", lb_bench::kube_proxy::nft_full(Family::Ipv4, &ports)),
                 _ => bail!("--format iptables|nft\n{USAGE}"),
             }
             Ok(())
