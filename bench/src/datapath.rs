@@ -14,7 +14,7 @@
 //! The kernel's clock here counts in steps of about 10 ns, so figures move
 //! in such steps.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context, Result};
 use aya::{
@@ -23,13 +23,8 @@ use aya::{
 };
 use lb_common::program_names;
 use lb_userspace::{
-    datapath::loader,
-    model::Family,
-    serve::metrics::Metrics,
-    source::objects::{ServiceInfo, SliceInfo},
-    sync::differ::MapContents,
-    sync::map_writer::BpfMaps,
-    sync::programmer::Programmer,
+    datapath::loader, model::Family, serve::metrics::Metrics, sync::differ::MapContents,
+    sync::map_writer::BpfMaps, sync::programmer::Programmer,
 };
 
 use crate::{filler_services, kube_proxy::ServicePort, median, progress, typed_objects};
@@ -162,63 +157,8 @@ struct Instance {
     /// Keeps the maps (taken out of `ebpf`) open.
     _programmer: Programmer<BpfMaps>,
     probe: ServicePort,
-    /// The probed IPv6 Service (the last programmed) and its backends.
-    probe6: (Ipv6Addr, Vec<Ipv6Addr>),
-}
-
-/// IPv6 twin of filler Service `i`: fd00:100::/64, endpoints in
-/// fd00:128::/64 (routed nowhere).
-fn filler6_ip(i: usize) -> Ipv6Addr {
-    Ipv6Addr::new(
-        0xfd00,
-        0x100,
-        0,
-        0,
-        0,
-        0,
-        (i >> 16) as u16,
-        (i as u16).wrapping_add(1),
-    )
-}
-
-fn filler6_endpoint(i: usize, e: usize) -> Ipv6Addr {
-    Ipv6Addr::new(
-        0xfd00,
-        0x128,
-        0,
-        0,
-        0,
-        (i >> 16) as u16,
-        i as u16,
-        e as u16 + 1,
-    )
-}
-
-/// `n` SingleStack IPv6 Services with `endpoints` endpoints each (port 80
-/// -> 8080, TCP), as the agent's sources read them.
-fn filler6_objects(n: usize, endpoints: usize) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
-    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-    (0..n)
-        .map(|i| {
-            let name = format!("svc6-{i}");
-            let svc = serde_json::json!({"metadata": {"name": name, "namespace": "bench"},
-                "spec": {"type": "ClusterIP", "clusterIP": filler6_ip(i).to_string(),
-                    "clusterIPs": [filler6_ip(i).to_string()], "ipFamilies": ["IPv6"],
-                    "ipFamilyPolicy": "SingleStack",
-                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}});
-            let eps: Vec<_> = (0..endpoints)
-                .map(|e| serde_json::json!({"addresses": [filler6_endpoint(i, e).to_string()],
-                    "conditions": {"ready": true}}))
-                .collect();
-            let slice = serde_json::json!({"metadata": {"name": format!("{name}-v6"),
-                    "namespace": "bench", "labels": {"kubernetes.io/service-name": name}},
-                "addressType": "IPv6", "endpoints": eps,
-                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]});
-            let svc: Service = serde_json::from_value(svc).expect("a valid Service");
-            let slice: EndpointSlice = serde_json::from_value(slice).expect("a valid slice");
-            (ServiceInfo::from(svc), SliceInfo::from(slice))
-        })
-        .unzip()
+    /// The probed IPv6 Service (the last programmed).
+    probe6: ServicePort,
 }
 
 fn instance(n: usize, endpoints: usize) -> Result<Instance> {
@@ -240,9 +180,10 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     let maps = loader::take_maps(&mut ebpf)?;
     let mut programmer: Programmer<BpfMaps> =
         Programmer::new(maps, MapContents::default(), Metrics::new());
-    let ports = filler_services(n, endpoints);
+    let ports = filler_services(Family::Ipv4, n, endpoints);
+    let ports6 = filler_services(Family::Ipv6, n, endpoints);
     let (mut services, mut slices) = typed_objects(&ports);
-    let (services6, slices6) = filler6_objects(n, endpoints);
+    let (services6, slices6) = typed_objects(&ports6);
     services.extend(services6);
     slices.extend(slices6);
     let report = programmer.full_sync(&services, &slices);
@@ -255,10 +196,7 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     }
     // The probed Service: the last one programmed.
     let probe = ports.last().context("at least one Service")?.clone();
-    let probe6 = (
-        filler6_ip(n - 1),
-        (0..endpoints).map(|e| filler6_endpoint(n - 1, e)).collect(),
-    );
+    let probe6 = ports6.last().context("at least one Service")?.clone();
     Ok(Instance {
         services: n,
         ebpf,
@@ -400,10 +338,13 @@ fn measure_once(
     flow: &mut usize,
 ) -> Result<PacketCosts> {
     let probe = &inst.probe;
-    let backends: Vec<Ipv4Addr> = probe.endpoints.iter().map(|e| e.0).collect();
+    let IpAddr::V4(cluster_ip) = probe.cluster_ip else {
+        bail!("the IPv4 probe has an IPv6 address");
+    };
+    let backends: Vec<IpAddr> = probe.endpoints.iter().map(|e| e.0).collect();
     let to_backend = |out: &[u8]| -> Result<()> {
         let p = packet::parse(out);
-        if !backends.contains(&p.dst) || p.dport != 8080 || !p.l4_checksum_ok {
+        if !backends.contains(&p.dst.into()) || p.dport != 8080 || !p.l4_checksum_ok {
             bail!("not translated to a backend: {p:?}");
         }
         Ok(())
@@ -418,7 +359,7 @@ fn measure_once(
     let established = Tuple {
         src: Ipv4Addr::new(172, 31, 255, 1),
         sport: 40_000,
-        dst: probe.cluster_ip,
+        dst: cluster_ip,
         dport: probe.port,
     };
     let new_syn = |i: usize| {
@@ -457,10 +398,14 @@ fn measure_once6(
     count: usize,
     flow: &mut usize,
 ) -> Result<PacketCosts> {
-    let (cluster_ip, backends) = &inst.probe6;
+    let probe = &inst.probe6;
+    let IpAddr::V6(cluster_ip) = probe.cluster_ip else {
+        bail!("the IPv6 probe has an IPv4 address");
+    };
+    let backends: Vec<IpAddr> = probe.endpoints.iter().map(|e| e.0).collect();
     let to_backend = |out: &[u8]| -> Result<()> {
         let p = packet6::parse6(out);
-        if !backends.contains(&p.dst) || p.dport != 8080 || !p.l4_checksum_ok {
+        if !backends.contains(&p.dst.into()) || p.dport != 8080 || !p.l4_checksum_ok {
             bail!("not translated to a backend: {p:?}");
         }
         Ok(())
@@ -475,8 +420,8 @@ fn measure_once6(
     let established = Tuple6 {
         src: Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, 0xffff, 1),
         sport: 40_000,
-        dst: *cluster_ip,
-        dport: 80,
+        dst: cluster_ip,
+        dport: probe.port,
     };
     let new_syn = |i: usize| {
         let src = Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, (i >> 16) as u16, i as u16);

@@ -1,6 +1,7 @@
 //! Rule sets shaped the way kube-proxy writes them, for the benchmark's
-//! side-by-side runs: iptables mode (`iptables-restore` input) and nftables
-//! mode (`nft -f` input), for the same Services and endpoints the agent gets.
+//! side-by-side runs: iptables mode (`iptables-restore` or
+//! `ip6tables-restore` input) and nftables mode (`nft -f` input), for the
+//! same Services and endpoints the agent gets, of either address family.
 //!
 //! The shapes follow kube-proxy's proxiers (1.31): in iptables mode every
 //! packet walks KUBE-SERVICES rule by rule until its ClusterIP matches, then
@@ -10,8 +11,79 @@
 //! picks an endpoint chain. Masquerade marks (0x4000) as kube-proxy sets
 //! them with a cluster CIDR. Chain names carry a 16-character base32 hash
 //! as kube-proxy's do (a different hash function: only the shape matters).
+//!
+//! kube-proxy runs one proxier per family: IPv6 Services get the same
+//! chains through `ip6tables-restore`, and in nftables mode a table of
+//! their own, `table ip6 kube-proxy`. The family is data here (`Family`),
+//! taken from each Service's address (the agent's `Family`, with the
+//! rule syntax of each in `RuleFamily`): one code path writes both.
 
-use std::{fmt::Write, net::Ipv4Addr};
+use std::{
+    fmt::Write,
+    net::{IpAddr, SocketAddr},
+};
+
+pub use lb_userspace::model::Family;
+
+/// Both families, in the order they are measured and reported.
+pub const FAMILIES: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+/// What a family changes in kube-proxy's rules.
+pub trait RuleFamily: Copy {
+    /// The iptables binaries' prefix: `iptables` or `ip6tables`.
+    fn iptables(self) -> &'static str;
+    /// nft's table family, also its address match keyword (`ip daddr`).
+    fn nft(self) -> &'static str;
+    /// The cluster CIDR (the lab's pods): traffic from outside it to a
+    /// ClusterIP is masqueraded.
+    fn cluster_cidr(self) -> &'static str;
+    /// The type of nft's address map keys.
+    fn nft_addr_type(self) -> &'static str;
+    /// What kube-proxy leaves out of NodePort matching: loopback.
+    fn loopback(self) -> &'static str;
+}
+
+impl RuleFamily for Family {
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "iptables",
+            Family::Ipv6 => "ip6tables",
+        }
+    }
+
+    fn nft(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ip",
+            Family::Ipv6 => "ip6",
+        }
+    }
+
+    fn cluster_cidr(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "10.244.0.0/16",
+            Family::Ipv6 => "fd00:10:244::/48",
+        }
+    }
+
+    fn nft_addr_type(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4_addr",
+            Family::Ipv6 => "ipv6_addr",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "127.0.0.0/8",
+            Family::Ipv6 => "::1",
+        }
+    }
+}
+
+/// "10.0.0.1:80" or "[fd00::1]:80", as DNAT targets are written.
+fn addr_port(ep: (IpAddr, u16)) -> String {
+    SocketAddr::from(ep).to_string()
+}
 
 /// One Service port and its endpoints, as both modes program it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,16 +91,22 @@ pub struct ServicePort {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
-    pub cluster_ip: Ipv4Addr,
+    /// Its family decides the rule set's.
+    pub cluster_ip: IpAddr,
     pub port: u16,
     /// "tcp" or "udp".
     pub protocol: &'static str,
-    pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// Of the same family as `cluster_ip`.
+    pub endpoints: Vec<(IpAddr, u16)>,
     /// Also a NodePort (externalTrafficPolicy Cluster) on this port.
     pub node_port: Option<u16>,
 }
 
 impl ServicePort {
+    pub fn family(&self) -> Family {
+        Family::of(self.cluster_ip)
+    }
+
     /// kube-proxy's "namespace/name:port" service port name.
     fn port_name(&self) -> String {
         format!("{}/{}:{}", self.namespace, self.name, self.port_name)
@@ -49,7 +127,7 @@ impl ServicePort {
         )
     }
 
-    fn sep_chain(&self, ep: (Ipv4Addr, u16)) -> String {
+    fn sep_chain(&self, ep: (IpAddr, u16)) -> String {
         format!(
             "KUBE-SEP-{}",
             hash16(&format!(
@@ -71,17 +149,17 @@ impl ServicePort {
         format!("service-{}-{base}", &hash16(&base)[..8])
     }
 
-    fn nft_endpoint_chain(&self, ep: (Ipv4Addr, u16)) -> String {
+    /// nftables mode's endpoint chain; an IPv6 address's colons become
+    /// dots there, as kube-proxy writes it (chain names cannot hold them).
+    fn nft_endpoint_chain(&self, ep: (IpAddr, u16)) -> String {
+        let addr = ep.0.to_string().replace(':', ".");
         let base = format!(
-            "{}/{}/{}/{}__{}/{}",
-            self.namespace, self.name, self.protocol, self.port_name, ep.0, ep.1
+            "{}/{}/{}/{}__{addr}/{}",
+            self.namespace, self.name, self.protocol, self.port_name, ep.1
         );
         format!("endpoint-{}-{base}", &hash16(&base)[..8])
     }
 }
-
-/// The cluster CIDR: traffic from outside it to a ClusterIP is masqueraded.
-pub(crate) const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
 /// 16 characters of base32 over a 64-bit FNV-1a hash of `s`.
 fn hash16(s: &str) -> String {
@@ -194,9 +272,10 @@ fn push_services_chain(out: &mut String, services: &[ServicePort]) {
     for s in services.iter().filter(|s| !s.endpoints.is_empty()) {
         let _ = writeln!(
             out,
-            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/{} --dport {} -j {}",
             s.port_name(),
             s.cluster_ip,
+            s.family().bits(),
             s.port,
             s.svc_chain(),
             p = s.protocol
@@ -214,12 +293,15 @@ fn push_service_chains(decl: &mut String, rules: &mut String, s: &ServicePort) {
         return;
     }
     let svc = s.svc_chain();
+    let family = s.family();
     let _ = writeln!(decl, ":{svc} - [0:0]");
     let _ = writeln!(
         rules,
-        "-A {svc} -m comment --comment \"{} cluster IP\" -m {p} -p {p} ! -s {CLUSTER_CIDR} -d {}/32 --dport {} -j KUBE-MARK-MASQ",
+        "-A {svc} -m comment --comment \"{} cluster IP\" -m {p} -p {p} ! -s {} -d {}/{} --dport {} -j KUBE-MARK-MASQ",
         s.port_name(),
+        family.cluster_cidr(),
         s.cluster_ip,
+        family.bits(),
         s.port,
         p = s.protocol
     );
@@ -229,19 +311,17 @@ fn push_service_chains(decl: &mut String, rules: &mut String, s: &ServicePort) {
         if i + 1 < n {
             let _ = writeln!(
                 rules,
-                "-A {svc} -m comment --comment \"{} -> {}:{}\" -m statistic --mode random --probability {:.10} -j {sep}",
+                "-A {svc} -m comment --comment \"{} -> {}\" -m statistic --mode random --probability {:.10} -j {sep}",
                 s.port_name(),
-                ep.0,
-                ep.1,
+                addr_port(*ep),
                 1.0 / (n - i) as f64
             );
         } else {
             let _ = writeln!(
                 rules,
-                "-A {svc} -m comment --comment \"{} -> {}:{}\" -j {sep}",
+                "-A {svc} -m comment --comment \"{} -> {}\" -j {sep}",
                 s.port_name(),
-                ep.0,
-                ep.1
+                addr_port(*ep)
             );
         }
     }
@@ -250,16 +330,16 @@ fn push_service_chains(decl: &mut String, rules: &mut String, s: &ServicePort) {
         let _ = writeln!(decl, ":{sep} - [0:0]");
         let _ = writeln!(
             rules,
-            "-A {sep} -m comment --comment \"{}\" -s {}/32 -j KUBE-MARK-MASQ",
+            "-A {sep} -m comment --comment \"{}\" -s {}/{} -j KUBE-MARK-MASQ",
             s.port_name(),
-            ep.0
+            ep.0,
+            family.bits()
         );
         let _ = writeln!(
             rules,
-            "-A {sep} -m comment --comment \"{}\" -m {p} -p {p} -j DNAT --to-destination {}:{}",
+            "-A {sep} -m comment --comment \"{}\" -m {p} -p {p} -j DNAT --to-destination {}",
             s.port_name(),
-            ep.0,
-            ep.1,
+            addr_port(*ep),
             p = s.protocol
         );
     }
@@ -304,7 +384,7 @@ pub fn iptables_full(services: &[ServicePort]) -> String {
 pub fn iptables_partial(
     services: &[ServicePort],
     changed: &ServicePort,
-    removed_endpoints: &[(Ipv4Addr, u16)],
+    removed_endpoints: &[(IpAddr, u16)],
 ) -> String {
     let mut decl = String::from("*nat\n");
     decl.push_str(NAT_FIXED_DECLS);
@@ -323,29 +403,32 @@ pub fn iptables_partial(
     out
 }
 
-/// The table, its base chains and the verdict maps (nftables mode).
-pub(crate) fn nft_base() -> String {
-    String::from(
-        "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }\n\
-         add chain ip kube-proxy mark-for-masquerade\n\
-         add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000\n\
-         add chain ip kube-proxy masquerading\n\
-         add rule ip kube-proxy masquerading mark and 0x4000 == 0 return\n\
-         add rule ip kube-proxy masquerading mark set mark xor 0x4000\n\
-         add rule ip kube-proxy masquerading masquerade fully-random\n\
-         add chain ip kube-proxy services\n\
-         add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }\n\
-         add rule ip kube-proxy nat-prerouting jump services\n\
-         add chain ip kube-proxy nat-output { type nat hook output priority -100 ; }\n\
-         add rule ip kube-proxy nat-output jump services\n\
-         add chain ip kube-proxy nat-postrouting { type nat hook postrouting priority 100 ; }\n\
-         add rule ip kube-proxy nat-postrouting jump masquerading\n\
-         add chain ip kube-proxy filter-forward { type filter hook forward priority -110 ; }\n\
-         add rule ip kube-proxy filter-forward ct state invalid drop\n\
-         add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }\n\
-         add map ip kube-proxy service-nodeports { type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }\n\
-         add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n\
-         add rule ip kube-proxy services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports\n",
+/// The table, its base chains and the verdict maps (nftables mode), in
+/// `family`'s table: `ip kube-proxy` or `ip6 kube-proxy`.
+pub fn nft_base(family: Family) -> String {
+    let t = format!("{} kube-proxy", family.nft());
+    let (ip, addr_type, lo) = (family.nft(), family.nft_addr_type(), family.loopback());
+    format!(
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}\n\
+         add chain {t} mark-for-masquerade\n\
+         add rule {t} mark-for-masquerade mark set mark or 0x4000\n\
+         add chain {t} masquerading\n\
+         add rule {t} masquerading mark and 0x4000 == 0 return\n\
+         add rule {t} masquerading mark set mark xor 0x4000\n\
+         add rule {t} masquerading masquerade fully-random\n\
+         add chain {t} services\n\
+         add chain {t} nat-prerouting {{ type nat hook prerouting priority -100 ; }}\n\
+         add rule {t} nat-prerouting jump services\n\
+         add chain {t} nat-output {{ type nat hook output priority -100 ; }}\n\
+         add rule {t} nat-output jump services\n\
+         add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}\n\
+         add rule {t} nat-postrouting jump masquerading\n\
+         add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}\n\
+         add rule {t} filter-forward ct state invalid drop\n\
+         add map {t} service-ips {{ type {addr_type} . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}\n\
+         add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}\n\
+         add rule {t} services {ip} daddr . meta l4proto . th dport vmap @service-ips\n\
+         add rule {t} services fib daddr type local {ip} daddr != {lo} meta l4proto . th dport vmap @service-nodeports\n",
     )
 }
 
@@ -355,32 +438,38 @@ fn push_nft_service(out: &mut String, s: &ServicePort, replace: bool) {
     if s.endpoints.is_empty() {
         return;
     }
+    let ip = s.family().nft();
+    let t = format!("{ip} kube-proxy");
+    let add_chain = |out: &mut String, chain: &str| {
+        let _ = writeln!(out, "add chain {t} {chain}");
+        if replace {
+            let _ = writeln!(out, "flush chain {t} {chain}");
+        }
+    };
     for ep in &s.endpoints {
         let chain = s.nft_endpoint_chain(*ep);
-        let _ = writeln!(out, "add chain ip kube-proxy {chain}");
-        if replace {
-            let _ = writeln!(out, "flush chain ip kube-proxy {chain}");
-        }
+        add_chain(out, &chain);
         let _ = writeln!(
             out,
-            "add rule ip kube-proxy {chain} ip saddr {} jump mark-for-masquerade",
+            "add rule {t} {chain} {ip} saddr {} jump mark-for-masquerade",
             ep.0
         );
         let _ = writeln!(
             out,
-            "add rule ip kube-proxy {chain} meta l4proto {} dnat to {}:{}",
-            s.protocol, ep.0, ep.1
+            "add rule {t} {chain} meta l4proto {} dnat {ip} to {}",
+            s.protocol,
+            addr_port(*ep)
         );
     }
     let chain = s.nft_service_chain();
-    let _ = writeln!(out, "add chain ip kube-proxy {chain}");
-    if replace {
-        let _ = writeln!(out, "flush chain ip kube-proxy {chain}");
-    }
+    add_chain(out, &chain);
     let _ = writeln!(
         out,
-        "add rule ip kube-proxy {chain} ip daddr {} {} dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
-        s.cluster_ip, s.protocol, s.port
+        "add rule {t} {chain} {ip} daddr {} {} dport {} {ip} saddr != {} jump mark-for-masquerade",
+        s.cluster_ip,
+        s.protocol,
+        s.port,
+        s.family().cluster_cidr()
     );
     let targets: Vec<String> = s
         .endpoints
@@ -390,7 +479,7 @@ fn push_nft_service(out: &mut String, s: &ServicePort, replace: bool) {
         .collect();
     let _ = writeln!(
         out,
-        "add rule ip kube-proxy {chain} numgen random mod {} vmap {{ {} }}",
+        "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
         s.endpoints.len(),
         targets.join(" , ")
     );
@@ -402,7 +491,8 @@ fn push_nft_element(out: &mut String, s: &ServicePort) {
     }
     let _ = writeln!(
         out,
-        "add element ip kube-proxy service-ips {{ {} . {} . {} : goto {} }}",
+        "add element {} kube-proxy service-ips {{ {} . {} . {} : goto {} }}",
+        s.family().nft(),
         s.cluster_ip,
         s.protocol,
         s.port,
@@ -410,9 +500,11 @@ fn push_nft_element(out: &mut String, s: &ServicePort) {
     );
 }
 
-/// A full sync: `nft -f` input creating everything for `services`.
-pub fn nft_full(services: &[ServicePort]) -> String {
-    let mut out = nft_base();
+/// A full sync: `nft -f` input creating everything for `services`, all of
+/// `family` (kube-proxy's table of that family).
+pub fn nft_full(family: Family, services: &[ServicePort]) -> String {
+    debug_assert!(services.iter().all(|s| s.family() == family));
+    let mut out = nft_base(family);
     out.push_str(&nft_chains(services));
     out.push_str(&nft_elements(services));
     out
@@ -439,13 +531,14 @@ pub(crate) fn nft_elements(services: &[ServicePort]) -> String {
 /// One Service's endpoints changed: kube-proxy's nftables mode sends only
 /// that Service's chains in one transaction, and deletes the chains of
 /// endpoints it no longer has.
-pub fn nft_update(changed: &ServicePort, removed_endpoints: &[(Ipv4Addr, u16)]) -> String {
+pub fn nft_update(changed: &ServicePort, removed_endpoints: &[(IpAddr, u16)]) -> String {
     let mut out = String::new();
     push_nft_service(&mut out, changed, true);
     for ep in removed_endpoints {
         let _ = writeln!(
             out,
-            "delete chain ip kube-proxy {}",
+            "delete chain {} kube-proxy {}",
+            changed.family().nft(),
             changed.nft_endpoint_chain(*ep)
         );
     }
@@ -455,20 +548,34 @@ pub fn nft_update(changed: &ServicePort, removed_endpoints: &[(Ipv4Addr, u16)]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
-    fn svc(i: u8, endpoints: usize) -> ServicePort {
+    fn svc_of(family: Family, i: u8, endpoints: usize) -> ServicePort {
+        let (cluster_ip, endpoint): (IpAddr, fn(u8, u8) -> IpAddr) = match family {
+            Family::Ipv4 => (Ipv4Addr::new(10, 96, 0, i).into(), |i, e| {
+                Ipv4Addr::new(10, 244, i, e).into()
+            }),
+            Family::Ipv6 => (
+                Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, i.into()).into(),
+                |i, e| Ipv6Addr::new(0xfd00, 0x10, 0x244, i.into(), 0, 0, 0, e.into()).into(),
+            ),
+        };
         ServicePort {
             node_port: None,
             namespace: "default".into(),
             name: format!("svc-{i}"),
             port_name: "http".into(),
-            cluster_ip: Ipv4Addr::new(10, 96, 0, i),
+            cluster_ip,
             port: 80,
             protocol: "tcp",
             endpoints: (0..endpoints)
-                .map(|e| (Ipv4Addr::new(10, 244, i, e as u8 + 1), 8080))
+                .map(|e| (endpoint(i, e as u8 + 1), 8080))
                 .collect(),
         }
+    }
+
+    fn svc(i: u8, endpoints: usize) -> ServicePort {
+        svc_of(Family::Ipv4, i, endpoints)
     }
 
     #[test]
@@ -536,7 +643,7 @@ mod tests {
     #[test]
     fn nft_full_maps_each_service_once_and_names_every_endpoint_chain() {
         let services = [svc(1, 2), svc(2, 0)];
-        let text = nft_full(&services);
+        let text = nft_full(Family::Ipv4, &services);
         let elements: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("add element"))
@@ -552,6 +659,42 @@ mod tests {
             assert!(vmap.contains(&chain), "{vmap} lacks {chain}");
             assert!(text.contains(&format!("add chain ip kube-proxy {chain}\n")));
         }
+    }
+
+    #[test]
+    fn ipv6_rules_use_ip6_syntax_and_the_ipv6_cluster_cidr() {
+        let services = [svc_of(Family::Ipv6, 1, 2)];
+        let ipt = iptables_full(&services);
+        assert!(ipt.contains("-d fd00:96::1/128 --dport 80"), "{ipt}");
+        assert!(ipt.contains("! -s fd00:10:244::/48"), "{ipt}");
+        assert!(
+            ipt.contains("-s fd00:10:244:1::1/128 -j KUBE-MARK-MASQ"),
+            "{ipt}"
+        );
+        assert!(
+            ipt.contains("--to-destination [fd00:10:244:1::2]:8080"),
+            "{ipt}"
+        );
+        let nft = nft_full(Family::Ipv6, &services);
+        assert!(nft.lines().all(|l| l.contains(" ip6 kube-proxy ")), "{nft}");
+        assert!(
+            !nft.contains(" ip daddr") && !nft.contains(" ip saddr"),
+            "{nft}"
+        );
+        assert!(nft.contains("type ipv6_addr . inet_proto"), "{nft}");
+        assert!(nft.contains("dnat ip6 to [fd00:10:244:1::1]:8080"), "{nft}");
+        assert!(nft.contains("ip6 saddr != fd00:10:244::/48"), "{nft}");
+        assert!(nft.contains("ip6 daddr != ::1"), "{nft}");
+        assert!(
+            nft.contains("{ fd00:96::1 . tcp . 80 : goto service-"),
+            "{nft}"
+        );
+        let removed = services[0].endpoints[1];
+        let update = nft_update(&services[0], &[removed]);
+        assert!(
+            update.contains("delete chain ip6 kube-proxy endpoint-"),
+            "{update}"
+        );
     }
 
     #[test]

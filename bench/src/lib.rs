@@ -4,6 +4,7 @@
 //! Every mode gets the same Services: N Services of one TCP port each, with
 //! E endpoints each, at addresses that exist nowhere (no traffic goes to
 //! them), plus the probed Services, whose endpoints are the lab's pods.
+//! Either family: IPv4 Services, or IPv6 SingleStack ones (`Family`).
 
 pub mod datapath;
 pub mod kube_proxy;
@@ -13,42 +14,68 @@ pub mod programming;
 pub mod rule_tools;
 pub mod traffic;
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_userspace::source::objects::{ServiceInfo, SliceInfo};
 use serde_json::{json, Value};
 
-use kube_proxy::ServicePort;
+use kube_proxy::{Family, ServicePort};
 
 pub(crate) const BENCH_NAMESPACE: &str = "bench";
 
-/// The i-th filler Service's ClusterIP, in 10.96.0.0/12 above 10.100.0.0
-/// (the lab's own Services live in 10.96.0.0/16); .0 of each /24 is skipped.
-pub(crate) fn filler_service_ip(i: usize) -> Ipv4Addr {
-    let n = (i / 255) * 256 + i % 255 + 1;
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + n as u32)
+/// The i-th filler Service's ClusterIP. IPv4: in 10.96.0.0/12 above
+/// 10.100.0.0 (the lab's own Services live in 10.96.0.0/16); .0 of each
+/// /24 is skipped. IPv6: fd00:96:1::/96, beside the lab's fd00:96::/64.
+pub(crate) fn filler_service_ip(family: Family, i: usize) -> IpAddr {
+    match family {
+        Family::Ipv4 => {
+            let n = (i / 255) * 256 + i % 255 + 1;
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + n as u32).into()
+        }
+        Family::Ipv6 => {
+            let base = Ipv6Addr::new(0xfd00, 0x96, 1, 0, 0, 0, 0, 0);
+            Ipv6Addr::from(u128::from(base) + (i as u128 & 0xffff_ffff) + 1).into()
+        }
+    }
 }
 
-/// Endpoint `e` of filler Service `i`, in 10.128.0.0/10: outside the lab's
-/// pod range, routed nowhere.
-pub(crate) fn filler_endpoint_ip(i: usize, e: usize) -> Ipv4Addr {
-    let n = (i * 64 + e + 1) as u32;
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n % (1 << 22))
+/// Endpoint `e` of filler Service `i`, outside the lab's pod ranges and
+/// routed nowhere: IPv4 in 10.128.0.0/10, IPv6 in fd00:128::/64.
+pub(crate) fn filler_endpoint_ip(family: Family, i: usize, e: usize) -> IpAddr {
+    match family {
+        Family::Ipv4 => {
+            let n = (i * 64 + e + 1) as u32;
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n % (1 << 22)).into()
+        }
+        Family::Ipv6 => {
+            let (hi, lo, e) = ((i >> 16) as u16, i as u16, e as u16 + 1);
+            Ipv6Addr::new(0xfd00, 0x128, 0, 0, 0, hi, lo, e).into()
+        }
+    }
 }
 
-/// N filler Services with `endpoints` endpoints each (port 80 -> 8080, TCP).
-pub fn filler_services(n: usize, endpoints: usize) -> Vec<ServicePort> {
+/// N filler Services of `family` with `endpoints` endpoints each (port 80
+/// -> 8080, TCP). IPv6 ones are named svc6-i, so both families can be
+/// programmed side by side.
+pub fn filler_services(family: Family, n: usize, endpoints: usize) -> Vec<ServicePort> {
+    let prefix = match family {
+        Family::Ipv4 => "svc",
+        Family::Ipv6 => "svc6",
+    };
     (0..n)
         .map(|i| ServicePort {
             namespace: BENCH_NAMESPACE.into(),
-            name: format!("svc-{i}"),
+            name: format!("{prefix}-{i}"),
             port_name: "http".into(),
-            cluster_ip: filler_service_ip(i),
+            cluster_ip: filler_service_ip(family, i),
             port: 80,
             protocol: "tcp",
             endpoints: (0..endpoints)
-                .map(|e| (filler_endpoint_ip(i, e), 8080))
+                .map(|e| (filler_endpoint_ip(family, i, e), 8080))
                 .collect(),
             node_port: None,
         })
@@ -56,13 +83,16 @@ pub fn filler_services(n: usize, endpoints: usize) -> Vec<ServicePort> {
 }
 
 /// The Kubernetes objects of one Service port: its Service and one
-/// EndpointSlice, as the API server would hold them.
+/// EndpointSlice, as the API server would hold them (a SingleStack Service
+/// of the port's family, defaulted: `ipFamilies`, `clusterIPs`).
 pub(crate) fn k8s_objects(s: &ServicePort) -> (Value, Value) {
     let protocol = s.protocol.to_uppercase();
     let target = s.endpoints.first().map_or(s.port, |e| e.1);
+    let (ip, family) = (s.cluster_ip.to_string(), s.family().to_string());
     let service = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": s.name, "namespace": s.namespace},
-        "spec": {"type": "ClusterIP", "clusterIP": s.cluster_ip.to_string(),
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+                 "ipFamilies": [family], "ipFamilyPolicy": "SingleStack",
                  "selector": {"app": s.name},
                  "ports": [{"name": s.port_name, "port": s.port, "protocol": protocol,
                             "targetPort": target}]}});
@@ -74,7 +104,7 @@ pub(crate) fn k8s_objects(s: &ServicePort) -> (Value, Value) {
     let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": format!("{}-bench", s.name), "namespace": s.namespace,
                      "labels": {"kubernetes.io/service-name": s.name}},
-        "addressType": "IPv4", "endpoints": endpoints,
+        "addressType": family, "endpoints": endpoints,
         "ports": [{"name": s.port_name, "port": target, "protocol": protocol}]});
     (service, slice)
 }
@@ -186,39 +216,83 @@ pub fn progress(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kube_proxy::FAMILIES;
+
+    /// Whether `ip` is in the IPv4 `(first, prefix)` or IPv6 one.
+    fn within(ip: IpAddr, v4: (Ipv4Addr, u32), v6: (Ipv6Addr, u32)) -> bool {
+        match ip {
+            IpAddr::V4(a) => u32::from(a) >> (32 - v4.1) == u32::from(v4.0) >> (32 - v4.1),
+            IpAddr::V6(a) => u128::from(a) >> (128 - v6.1) == u128::from(v6.0) >> (128 - v6.1),
+        }
+    }
 
     #[test]
     fn filler_addresses_are_distinct_and_outside_the_lab_ranges() {
-        let mut seen = std::collections::BTreeSet::new();
-        for i in 0..100_000 {
-            let ip = filler_service_ip(i);
-            assert!(seen.insert(ip), "{ip} twice");
-            assert_ne!(ip.octets()[3], 0);
-            assert!(
-                ip.octets()[0] == 10 && (100..112).contains(&ip.octets()[1]),
-                "{ip}"
-            );
-        }
-        let mut eps = std::collections::BTreeSet::new();
-        for i in 0..30_000 {
-            for e in 0..10 {
-                let ip = filler_endpoint_ip(i, e);
-                assert!(eps.insert(ip), "{ip} twice");
-                assert!(ip.octets()[1] >= 128 && ip.octets()[1] < 192, "{ip}");
+        let lab_services = (
+            (Ipv4Addr::new(10, 96, 0, 0), 16),
+            ("fd00:96::".parse().unwrap(), 64),
+        );
+        let lab_pods = (
+            (Ipv4Addr::new(10, 244, 0, 0), 16),
+            ("fd00:10:244::".parse().unwrap(), 48),
+        );
+        for family in FAMILIES {
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..100_000 {
+                let ip = filler_service_ip(family, i);
+                assert_eq!(Family::of(ip), family);
+                assert!(seen.insert(ip), "{ip} twice");
+                assert!(!within(ip, lab_services.0, lab_services.1), "{ip}");
+                let in_range = within(
+                    ip,
+                    (Ipv4Addr::new(10, 100, 0, 0), 14),
+                    ("fd00:96:1::".parse().unwrap(), 96),
+                );
+                assert!(in_range, "{ip}");
+                if let IpAddr::V4(v4) = ip {
+                    assert_ne!(v4.octets()[3], 0);
+                }
+            }
+            let mut eps = std::collections::BTreeSet::new();
+            for i in 0..30_000 {
+                for e in 0..10 {
+                    let ip = filler_endpoint_ip(family, i, e);
+                    assert!(eps.insert(ip), "{ip} twice");
+                    assert!(!within(ip, lab_pods.0, lab_pods.1), "{ip}");
+                    let in_range = within(
+                        ip,
+                        (Ipv4Addr::new(10, 128, 0, 0), 10),
+                        ("fd00:128::".parse().unwrap(), 64),
+                    );
+                    assert!(in_range, "{ip}");
+                }
             }
         }
     }
 
     #[test]
     fn objects_translate_to_one_frontend_with_every_endpoint() {
-        let ports = filler_services(3, 4);
-        let (services, slices) = typed_objects(&ports);
-        let t = lb_userspace::translate::translate(&services, &slices);
-        assert!(t.errors.is_empty(), "{:?}", t.errors);
-        assert_eq!(t.state.entries().len(), 3);
-        for entry in t.state.entries().values() {
-            assert_eq!(entry.backends.active.len(), 4);
+        for family in FAMILIES {
+            let ports = filler_services(family, 3, 4);
+            let (services, slices) = typed_objects(&ports);
+            let t = lb_userspace::translate::translate(&services, &slices);
+            assert!(t.errors.is_empty(), "{family:?}: {:?}", t.errors);
+            assert_eq!(t.state.entries().len(), 3, "{family:?}");
+            for entry in t.state.entries().values() {
+                assert_eq!(entry.backends.active.len(), 4, "{family:?}");
+            }
         }
+    }
+
+    #[test]
+    fn ipv6_objects_are_defaulted_single_stack() {
+        let (svc, slice) = k8s_objects(&filler_services(Family::Ipv6, 1, 1)[0]);
+        assert_eq!(svc["spec"]["ipFamilies"], json!(["IPv6"]));
+        assert_eq!(svc["spec"]["ipFamilyPolicy"], json!("SingleStack"));
+        assert_eq!(svc["spec"]["clusterIP"], json!("fd00:96:1::1"));
+        assert_eq!(svc["spec"]["clusterIPs"], json!(["fd00:96:1::1"]));
+        assert_eq!(slice["addressType"], json!("IPv6"));
+        assert_eq!(slice["endpoints"][0]["addresses"], json!(["fd00:128::1"]));
     }
 
     #[test]

@@ -52,12 +52,12 @@ fn example() -> PathBuf {
 
 /// The web Service's NodePort as kube-proxy programs it.
 fn iptables_rules(lab: &Lab) -> String {
-    let endpoints = lab.pods.values().map(|p| (p.ip, 8080)).collect();
+    let endpoints = lab.pods.values().map(|p| (p.ip.into(), 8080)).collect();
     let web = kube_proxy::ServicePort {
         namespace: "default".into(),
         name: "web".into(),
         port_name: "http".into(),
-        cluster_ip: std::net::Ipv4Addr::new(10, 96, 0, 30),
+        cluster_ip: std::net::Ipv4Addr::new(10, 96, 0, 30).into(),
         port: 80,
         protocol: "tcp",
         endpoints,

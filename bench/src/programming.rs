@@ -2,11 +2,15 @@
 //! apply one endpoint change, for the agent's sync engine (translation,
 //! plan and map writes into real BPF maps) and for `iptables-restore` and
 //! `nft -f` of the rules kube-proxy would write for the same Services.
+//! Each family on its own: IPv4 Services against iptables and `table ip`,
+//! IPv6 ones against ip6tables and `table ip6`, as kube-proxy's proxier of
+//! each family writes them.
 //!
 //! iptables and nft run in a network namespace made for the purpose (and
 //! removed after), so the host's own rules are never touched.
 
 use std::{
+    net::IpAddr,
     process::Command,
     time::{Duration, Instant},
 };
@@ -22,7 +26,9 @@ use lb_userspace::{
 };
 
 use crate::{
-    filler_services, kube_proxy, ms, percentile, progress,
+    filler_services,
+    kube_proxy::{self, Family, RuleFamily},
+    ms, percentile, progress,
     rule_tools::{feed, install_iptables_jumps},
     thousands, typed_objects, BENCH_NAMESPACE,
 };
@@ -46,14 +52,32 @@ impl Default for Programming {
     }
 }
 
-/// The iptables binaries compared: the legacy (x_tables) backend and the
+/// The iptables backends compared: the legacy (x_tables) one and the
 /// nf_tables one (Debian's default `iptables`); kube-proxy uses whichever
 /// the host does.
-pub(crate) const IPTABLES_BACKENDS: [&str; 2] = ["iptables-legacy", "iptables-nft"];
+const IPTABLES_BACKENDS: [&str; 2] = ["legacy", "nft"];
 
-#[derive(Clone, Debug, Default)]
+/// The binary of iptables backend `slot` for `family`: `iptables-legacy`,
+/// `ip6tables-nft`...
+fn iptables_binary(family: Family, slot: usize) -> String {
+    format!("{}-{}", family.iptables(), IPTABLES_BACKENDS[slot])
+}
+
+/// The external tools of a row, as progress and the give-up list name
+/// them: the two iptables binaries, then `nft ip` or `nft ip6`.
+fn tools(family: Family) -> [String; 3] {
+    [
+        iptables_binary(family, 0),
+        iptables_binary(family, 1),
+        format!("nft {}", family.nft()),
+    ]
+}
+
+#[derive(Clone, Debug)]
 pub struct ProgrammingRow {
     pub services: usize,
+    /// Of the Services, and of the rule sets they are compared with.
+    pub family: Family,
     pub ours: Programming,
     /// One per IPTABLES_BACKENDS.
     pub iptables: [Programming; 2],
@@ -69,13 +93,14 @@ fn toggle_endpoint(
     ports: &mut [kube_proxy::ServicePort],
     c: usize,
     endpoints: usize,
-) -> (usize, Vec<(std::net::Ipv4Addr, u16)>) {
+) -> (usize, Vec<(IpAddr, u16)>) {
     let i = (c * 7919) % ports.len();
     let mut removed = Vec::new();
     if ports[i].endpoints.len() == endpoints {
+        let family = ports[i].family();
         ports[i]
             .endpoints
-            .push((crate::filler_endpoint_ip(i, 63), 8080));
+            .push((crate::filler_endpoint_ip(family, i, 63), 8080));
     } else {
         removed.extend(ports[i].endpoints.pop());
     }
@@ -83,12 +108,12 @@ fn toggle_endpoint(
 }
 
 /// The agent's sync engine on fresh, unpinned maps.
-fn ours(n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
+fn ours(family: Family, n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
     let mut ebpf = Ebpf::load(lb_userspace::EBPF_OBJECT).context("loading the BPF object")?;
     let maps = loader::take_maps(&mut ebpf)?;
     let mut programmer: Programmer<BpfMaps> =
         Programmer::new(maps, MapContents::default(), Metrics::new());
-    let mut ports = filler_services(n, endpoints);
+    let mut ports = filler_services(family, n, endpoints);
     let (services, mut slices) = typed_objects(&ports);
     let started = Instant::now();
     let report = programmer.full_sync(&services, &slices);
@@ -130,8 +155,9 @@ fn ours(n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
     })
 }
 
+/// `binary` (`iptables-legacy`, `ip6tables-nft`...) of `family`'s rules.
 fn iptables(
-    binary: &str,
+    (binary, family): (&str, Family),
     n: usize,
     endpoints: usize,
     changes: usize,
@@ -139,7 +165,7 @@ fn iptables(
 ) -> Result<(Programming, usize)> {
     let ns = Netns::create(&format!("lbt-{}-bench-ipt", std::process::id()))?;
     install_iptables_jumps(&ns, binary).context("kube-proxy's jump rules")?;
-    let mut ports = filler_services(n, endpoints);
+    let mut ports = filler_services(family, n, endpoints);
     let text = kube_proxy::iptables_full(&ports);
     let rules = text.lines().filter(|l| l.starts_with("-A ")).count();
     let restore = || {
@@ -170,10 +196,17 @@ fn iptables(
     ))
 }
 
-fn nftables(n: usize, endpoints: usize, changes: usize, limit: Duration) -> Result<Programming> {
+/// `nft -f` of `family`'s table (`ip` or `ip6 kube-proxy`).
+fn nftables(
+    family: Family,
+    n: usize,
+    endpoints: usize,
+    changes: usize,
+    limit: Duration,
+) -> Result<Programming> {
     let ns = Netns::create(&format!("lbt-{}-bench-nft", std::process::id()))?;
-    let mut ports = filler_services(n, endpoints);
-    let text = kube_proxy::nft_full(&ports);
+    let mut ports = filler_services(family, n, endpoints);
+    let text = kube_proxy::nft_full(family, &ports);
     let nft = || {
         let mut c = ns.command("nft");
         c.args(["-f", "-"]);
@@ -199,97 +232,119 @@ fn nftables(n: usize, endpoints: usize, changes: usize, limit: Duration) -> Resu
     })
 }
 
-/// Measures every mode at each size. `changes` endpoint changes each
-/// (fewer for iptables at large sizes, where one takes seconds). A tool
-/// that takes longer than `limit` to install is stopped there and not run
-/// at larger sizes.
+/// Tools that did not finish at a smaller size: (tool, size).
+type GaveUp = Vec<(String, usize)>;
+
+/// Measures every mode at each size, for each of `families` (IPv4 and
+/// IPv6 rows side by side). `changes` endpoint changes each (fewer for
+/// iptables at large sizes, where one takes seconds). A tool that takes
+/// longer than `limit` to install is stopped there and not run at larger
+/// sizes.
 pub fn measure(
     sizes: &[usize],
+    families: &[Family],
     endpoints: usize,
     changes: usize,
     limit: Duration,
 ) -> Result<Vec<ProgrammingRow>> {
-    let mut rows: Vec<ProgrammingRow> = Vec::new();
-    // Tools that did not finish at a smaller size: (tool, size).
-    let mut gave_up: Vec<(String, usize)> = Vec::new();
-    let skipped = |gave_up: &[(String, usize)], tool: &str| -> Option<Programming> {
-        gave_up
-            .iter()
-            .find(|(t, _)| t == tool)
-            .map(|(_, at)| Programming {
-                install: Err(format!("not run (over the limit at {})", thousands(*at))),
-                changes: Vec::new(),
-            })
-    };
+    let mut rows = Vec::new();
+    let mut gave_up = GaveUp::new();
     for &n in sizes {
-        progress(&format!(
-            "programming {n} Services x {endpoints} endpoints: lb-agent's sync engine"
-        ));
-        let ours = ours(n, endpoints, changes)?;
-        // A change takes seconds for iptables at these sizes.
-        let few = match n {
-            0..10_000 => changes,
-            10_000..30_000 => changes.min(10),
-            _ => changes.min(5),
-        };
-        let mut ipt: [Programming; 2] = Default::default();
-        let mut rules = 0;
-        for (slot, binary) in IPTABLES_BACKENDS.iter().enumerate() {
-            ipt[slot] = if let Some(p) = skipped(&gave_up, binary) {
-                p
-            } else {
-                progress(&format!(
-                    "programming {n} Services: {binary}-restore (limit {} s)",
-                    limit.as_secs()
-                ));
-                let (p, r) = iptables(binary, n, endpoints, few, limit)?;
-                rules = r;
-                p
-            };
+        for &family in families {
+            let row = measure_row(family, n, endpoints, changes, limit, &gave_up)?;
+            for (tool, p) in tools(family).into_iter().zip(row.theirs()) {
+                if p.install
+                    .as_ref()
+                    .is_err_and(|e| e.starts_with("did not finish"))
+                {
+                    gave_up.push((tool, n));
+                }
+            }
+            rows.push(row);
         }
-        let nftables = if let Some(p) = skipped(&gave_up, "nft") {
+    }
+    Ok(rows)
+}
+
+/// Every mode at one size and family; tools in `gave_up` are not run.
+fn measure_row(
+    family: Family,
+    n: usize,
+    endpoints: usize,
+    changes: usize,
+    limit: Duration,
+    gave_up: &GaveUp,
+) -> Result<ProgrammingRow> {
+    let skipped = |tool: &str| -> Option<Programming> {
+        let (_, at) = gave_up.iter().find(|(t, _)| t == tool)?;
+        Some(Programming {
+            install: Err(format!("not run (over the limit at {})", thousands(*at))),
+            changes: Vec::new(),
+        })
+    };
+    let secs = limit.as_secs();
+    progress(&format!(
+        "programming {n} {family} Services x {endpoints} endpoints: lb-agent's sync engine"
+    ));
+    let ours = ours(family, n, endpoints, changes)?;
+    // A change takes seconds for iptables at these sizes.
+    let few = match n {
+        0..10_000 => changes,
+        10_000..30_000 => changes.min(10),
+        _ => changes.min(5),
+    };
+    let tools = tools(family);
+    let mut row = ProgrammingRow {
+        services: n,
+        family,
+        ours,
+        iptables: Default::default(),
+        nftables: Programming::default(),
+        iptables_rules: 0,
+    };
+    for (slot, binary) in tools[..2].iter().enumerate() {
+        row.iptables[slot] = if let Some(p) = skipped(binary) {
             p
         } else {
             progress(&format!(
-                "programming {n} Services: nft -f (limit {} s)",
-                limit.as_secs()
+                "programming {n} {family} Services: {binary}-restore (limit {secs} s)"
             ));
-            nftables(n, endpoints, few, limit)?
+            let (p, rules) = iptables((binary, family), n, endpoints, few, limit)?;
+            row.iptables_rules = rules;
+            p
         };
-        for (tool, p) in [
-            (IPTABLES_BACKENDS[0], &ipt[0]),
-            (IPTABLES_BACKENDS[1], &ipt[1]),
-            ("nft", &nftables),
-        ] {
-            if p.install
-                .as_ref()
-                .is_err_and(|e| e.starts_with("did not finish"))
-            {
-                gave_up.push((tool.to_owned(), n));
-            }
-        }
-        let show = |p: &Programming| match &p.install {
-            Ok(d) => ms(*d),
-            Err(e) => e.clone(),
-        };
-        progress(&format!(
-            "install {n}: ours {}, {} {}, {} {}, nftables {}",
-            show(&ours),
-            IPTABLES_BACKENDS[0],
-            show(&ipt[0]),
-            IPTABLES_BACKENDS[1],
-            show(&ipt[1]),
-            show(&nftables),
-        ));
-        rows.push(ProgrammingRow {
-            services: n,
-            ours,
-            iptables: ipt,
-            nftables,
-            iptables_rules: rules,
-        });
     }
-    Ok(rows)
+    row.nftables = if let Some(p) = skipped(&tools[2]) {
+        p
+    } else {
+        progress(&format!(
+            "programming {n} {family} Services: nft -f, table {} kube-proxy (limit {secs} s)",
+            family.nft()
+        ));
+        nftables(family, n, endpoints, few, limit)?
+    };
+    let show = |p: &Programming| match &p.install {
+        Ok(d) => ms(*d),
+        Err(e) => e.clone(),
+    };
+    let theirs: Vec<String> = tools
+        .iter()
+        .zip(row.theirs())
+        .map(|(tool, p)| format!("{tool} {}", show(p)))
+        .collect();
+    progress(&format!(
+        "install {n} {family}: ours {}, {}",
+        show(&row.ours),
+        theirs.join(", ")
+    ));
+    Ok(row)
+}
+
+impl ProgrammingRow {
+    /// The external tools' figures, in `tools` order.
+    fn theirs(&self) -> [&Programming; 3] {
+        [&self.iptables[0], &self.iptables[1], &self.nftables]
+    }
 }
 
 fn ratio(ours: &Result<Duration, String>, theirs: &Result<Duration, String>) -> String {
@@ -299,64 +354,68 @@ fn ratio(ours: &Result<Duration, String>, theirs: &Result<Duration, String>) -> 
     }
 }
 
+fn show(r: &Result<Duration, String>) -> String {
+    match r {
+        Ok(d) => ms(*d),
+        Err(e) => e.clone(),
+    }
+}
+
+/// "p50 (p99) [count]" of one mode's endpoint changes.
+fn changes_cell(p: &Programming) -> String {
+    if p.changes.is_empty() {
+        "-".to_owned()
+    } else {
+        format!(
+            "{} ({}) [{}]",
+            ms(percentile(&p.changes, 0.5)),
+            ms(percentile(&p.changes, 0.99)),
+            p.changes.len()
+        )
+    }
+}
+
+fn p50(p: &Programming) -> Result<Duration, String> {
+    if p.changes.is_empty() {
+        Err(String::new())
+    } else {
+        Ok(percentile(&p.changes, 0.5))
+    }
+}
+
 pub fn markdown(rows: &[ProgrammingRow], endpoints: usize, limit: Duration) -> String {
     let mut s = String::from("## Rule programming\n\n");
     s.push_str(&format!(
-        "Install: N Services x {endpoints} endpoints from nothing. Ours: the agent's sync engine (translation of the Service and EndpointSlice objects, plan, one map write per entry: aya 0.14 has no batch update) into fresh BPF maps. iptables: `iptables-restore --noflush` of kube-proxy's full-sync input, with the legacy backend and the nf_tables one ({}); nftables: `nft -f` of kube-proxy's nftables-mode rules in one transaction, as kube-proxy sends them ({}). One endpoint change: one endpoint added to or removed from one Service; ours: the agent's incremental sync of that Service; iptables: kube-proxy's partial restore (KUBE-SERVICES rewritten whole, plus the changed Service's chains); nftables: the changed Service's chains in one transaction. External tools are timed from process start to exit, as kube-proxy waits for them, and stopped after {} s.\n\n",
+        "Install: N Services x {endpoints} endpoints from nothing, for each family on its own: IPv4 Services, and IPv6 SingleStack ones (kube-proxy runs one proxier per family: ip6tables, and nftables' `table ip6 kube-proxy`). Ours: the agent's sync engine (translation of the Service and EndpointSlice objects, plan, one map write per entry: aya 0.14 has no batch update) into fresh BPF maps. iptables: `iptables-restore --noflush` (`ip6tables-restore` for IPv6) of kube-proxy's full-sync input, with the legacy backend and the nf_tables one ({}); nftables: `nft -f` of kube-proxy's nftables-mode rules in one transaction, as kube-proxy sends them ({}). One endpoint change: one endpoint added to or removed from one Service; ours: the agent's incremental sync of that Service; iptables: kube-proxy's partial restore (KUBE-SERVICES rewritten whole, plus the changed Service's chains); nftables: the changed Service's chains in one transaction. External tools are timed from process start to exit, as kube-proxy waits for them, and stopped after {} s.\n\n",
         version("iptables"),
         version("nft"),
         limit.as_secs(),
     ));
-    s.push_str("| Services | iptables rules | install: ours | iptables-legacy | iptables-nft | nftables | ours/legacy | ours/iptables-nft | ours/nftables |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    let show = |r: &Result<Duration, String>| match r {
-        Ok(d) => ms(*d),
-        Err(e) => e.clone(),
-    };
+    s.push_str("| Services | family | ip(6)tables rules | install: ours | ip(6)tables-legacy | ip(6)tables-nft | nftables | ours/legacy | ours/ip(6)tables-nft | ours/nftables |\n| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
+        let theirs = r.theirs();
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} |\n",
             thousands(r.services),
+            r.family,
             thousands(r.iptables_rules),
             show(&r.ours.install),
-            show(&r.iptables[0].install),
-            show(&r.iptables[1].install),
-            show(&r.nftables.install),
-            ratio(&r.ours.install, &r.iptables[0].install),
-            ratio(&r.ours.install, &r.iptables[1].install),
-            ratio(&r.ours.install, &r.nftables.install),
+            theirs.map(|p| show(&p.install)).join(" | "),
+            theirs
+                .map(|p| ratio(&r.ours.install, &p.install))
+                .join(" | "),
         ));
     }
-    s.push_str("\n| Services | one endpoint change, p50 (p99) [count]: ours | iptables-legacy | iptables-nft | nftables | ours/legacy (p50) | ours/iptables-nft (p50) | ours/nftables (p50) |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    let pair = |p: &Programming| {
-        if p.changes.is_empty() {
-            "-".to_owned()
-        } else {
-            format!(
-                "{} ({}) [{}]",
-                ms(percentile(&p.changes, 0.5)),
-                ms(percentile(&p.changes, 0.99)),
-                p.changes.len()
-            )
-        }
-    };
-    let p50 = |p: &Programming| {
-        if p.changes.is_empty() {
-            Err(String::new())
-        } else {
-            Ok(percentile(&p.changes, 0.5))
-        }
-    };
+    s.push_str("\n| Services | family | one endpoint change, p50 (p99) [count]: ours | ip(6)tables-legacy | ip(6)tables-nft | nftables | ours/legacy (p50) | ours/ip(6)tables-nft (p50) | ours/nftables (p50) |\n| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
+        let theirs = r.theirs();
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             thousands(r.services),
-            pair(&r.ours),
-            pair(&r.iptables[0]),
-            pair(&r.iptables[1]),
-            pair(&r.nftables),
-            ratio(&p50(&r.ours), &p50(&r.iptables[0])),
-            ratio(&p50(&r.ours), &p50(&r.iptables[1])),
-            ratio(&p50(&r.ours), &p50(&r.nftables)),
+            r.family,
+            changes_cell(&r.ours),
+            theirs.map(changes_cell).join(" | "),
+            theirs.map(|p| ratio(&p50(&r.ours), &p50(p))).join(" | "),
         ));
     }
     s.push_str("\nRatios are ours/theirs: below 1, ours is faster.\n\n");

@@ -9,11 +9,20 @@
 //! Service set. iptables and nftables rules go into the lab's node
 //! namespace while no agent runs there, and are flushed after.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{filler_services, k8s_objects, kube_proxy, median, progress, rule_tools, thousands};
+use crate::{
+    filler_services, k8s_objects,
+    kube_proxy::{self, Family, RuleFamily, FAMILIES},
+    median, progress, rule_tools, thousands,
+};
 use lb_kube_fixtures::workload::{self, LabObject};
 use lb_lab::{sibling_binary, Lab, NODE_NAME};
 
@@ -50,28 +59,39 @@ pub struct TrafficRow {
     pub map_memlock_kib: u64,
 }
 
-/// The Service set for N: fillers, a probe in the middle, a probe last.
+/// A probed Service's ClusterIP: 10.96.1.k, or its mirror fd00:96::1:k
+/// (the lab's IPv6 Service addresses mirror the IPv4 ones so).
+fn probe_ip(family: Family, k: u8) -> IpAddr {
+    match family {
+        Family::Ipv4 => Ipv4Addr::new(10, 96, 1, k).into(),
+        Family::Ipv6 => Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 1, k.into()).into(),
+    }
+}
+
+/// The Service set for N, all of `family` (the pods' addresses too):
+/// fillers, a probe in the middle, a probe last.
 pub fn service_set(
+    family: Family,
     n: usize,
     endpoints: usize,
-    pods: &[(std::net::Ipv4Addr, u16)],
+    pods: &[(IpAddr, u16)],
 ) -> Vec<kube_proxy::ServicePort> {
-    let probe = |name: &str, last_octet: u8| kube_proxy::ServicePort {
+    let probe = |name: &str, k: u8| kube_proxy::ServicePort {
         namespace: crate::BENCH_NAMESPACE.into(),
         name: name.into(),
         port_name: "http".into(),
-        cluster_ip: std::net::Ipv4Addr::new(10, 96, 1, last_octet),
+        cluster_ip: probe_ip(family, k),
         port: 80,
         protocol: "tcp",
         endpoints: pods.to_vec(),
         node_port: None,
     };
     if n < 3 {
-        let mut v = filler_services(n.saturating_sub(1), endpoints);
+        let mut v = filler_services(family, n.saturating_sub(1), endpoints);
         v.push(probe(PROBE_LAST, 1));
         return v;
     }
-    let mut v = filler_services(n - 2, endpoints);
+    let mut v = filler_services(family, n - 2, endpoints);
     v.insert(n / 2, probe(PROBE_MIDDLE, 2));
     v.push(probe(PROBE_LAST, 1));
     v
@@ -80,7 +100,7 @@ pub fn service_set(
 pub fn probe_addr(set: &[kube_proxy::ServicePort], name: &str) -> Option<String> {
     set.iter()
         .find(|s| s.name == name)
-        .map(|s| format!("{}:{}", s.cluster_ip, s.port))
+        .map(|s| SocketAddr::new(s.cluster_ip, s.port).to_string())
 }
 
 fn run_client(lab: &Lab, to: &str, ms: u64) -> Result<ClientNumbers> {
@@ -174,7 +194,15 @@ pub fn map_memlock_kib(pid: u32) -> u64 {
 /// The iptables backend of the traffic runs: its restore takes seconds
 /// where iptables-nft's takes minutes at 10,000 Services (see the rule
 /// programming section), and the rules walk the same way per packet.
-const IPTABLES: &str = "iptables-legacy";
+fn iptables(family: Family) -> String {
+    format!("{}-legacy", family.iptables())
+}
+
+/// The family of a Service set (IPv4 when empty).
+fn family_of(set: &[kube_proxy::ServicePort]) -> Family {
+    set.first()
+        .map_or(Family::Ipv4, kube_proxy::ServicePort::family)
+}
 
 /// nftables rules go in per chunk of this many Services: one transaction
 /// of them all grows worse than quadratically (the programming section
@@ -182,10 +210,13 @@ const IPTABLES: &str = "iptables-legacy";
 const NFT_CHUNK: usize = 2_000;
 
 /// Removes every rule from the node namespace: nf_tables (nft) and the
-/// legacy x_tables ones.
+/// legacy x_tables ones of both families.
 pub fn flush_rules(lab: &Lab) -> Result<()> {
     lab.node.exec(&["nft", "flush", "ruleset"])?;
-    rule_tools::flush_iptables(&lab.node, IPTABLES)
+    for family in FAMILIES {
+        rule_tools::flush_iptables(&lab.node, &iptables(family))?;
+    }
+    Ok(())
 }
 
 /// Feeds `input` to `program` in the node namespace.
@@ -197,20 +228,23 @@ fn restore(lab: &Lab, program: &[&str], input: &str) -> Result<()> {
 }
 
 /// Installs kube-proxy's iptables-mode rules for `set` in the node
-/// namespace (legacy backend, as the traffic runs use).
+/// namespace (legacy backend, as the traffic runs use; ip6tables for an
+/// IPv6 set).
 pub fn install_iptables(lab: &Lab, set: &[kube_proxy::ServicePort]) -> Result<()> {
-    rule_tools::install_iptables_jumps(&lab.node, IPTABLES)?;
+    let binary = iptables(family_of(set));
+    rule_tools::install_iptables_jumps(&lab.node, &binary)?;
     restore(
         lab,
-        &["iptables-legacy-restore", "-w", "--noflush"],
+        &[&format!("{binary}-restore"), "-w", "--noflush"],
         &kube_proxy::iptables_full(set),
     )
 }
 
 /// Installs kube-proxy's nftables-mode rules for `set` in the node
-/// namespace, in chunks (see NFT_CHUNK).
+/// namespace (its family's table), in chunks (see NFT_CHUNK).
 pub fn install_nft(lab: &Lab, set: &[kube_proxy::ServicePort]) -> Result<()> {
-    restore(lab, &["nft", "-f", "-"], &kube_proxy::nft_base())?;
+    let base = kube_proxy::nft_base(family_of(set));
+    restore(lab, &["nft", "-f", "-"], &base)?;
     for chunk in set.chunks(NFT_CHUNK) {
         restore(lab, &["nft", "-f", "-"], &kube_proxy::nft_chains(chunk))?;
     }
@@ -220,9 +254,20 @@ pub fn install_nft(lab: &Lab, set: &[kube_proxy::ServicePort]) -> Result<()> {
     Ok(())
 }
 
+/// The lab's pods as endpoints of `family` (port 80): their IPv4 or IPv6
+/// addresses (the lab is dual-stack).
+pub fn pod_endpoints(lab: &Lab, family: Family) -> Vec<(IpAddr, u16)> {
+    let addr = |p: &lb_lab::Pod| match family {
+        Family::Ipv4 => IpAddr::from(p.ip),
+        Family::Ipv6 => IpAddr::from(p.ip6),
+    };
+    lab.pods.values().map(|p| (addr(p), 80)).collect()
+}
+
 /// The lab of the traffic runs: the nginx example's pods, without its
-/// Service (the bench brings its own). Returns the pods' (address, port).
-pub fn pods_only_lab() -> Result<(Lab, Vec<(std::net::Ipv4Addr, u16)>)> {
+/// Service (the bench brings its own). Returns the pods' IPv4 (address,
+/// port); `pod_endpoints` gives the IPv6 ones.
+pub fn pods_only_lab() -> Result<(Lab, Vec<(IpAddr, u16)>)> {
     let example =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/nginx-deployment.yaml");
     let text = fs::read_to_string(&example)?;
@@ -232,7 +277,7 @@ pub fn pods_only_lab() -> Result<(Lab, Vec<(std::net::Ipv4Addr, u16)>)> {
         .filter(|o| !matches!(o, LabObject::Service(_)))
         .collect();
     let lab = Lab::from_objects(objects)?;
-    let pods: Vec<(std::net::Ipv4Addr, u16)> = lab.pods.values().map(|p| (p.ip, 80)).collect();
+    let pods = pod_endpoints(&lab, Family::Ipv4);
     if pods.is_empty() {
         bail!("the nginx example gave no pods");
     }
@@ -249,7 +294,7 @@ pub fn measure(
     let (mut lab, pods) = pods_only_lab()?;
     let mut rows = Vec::new();
     for &n in sizes {
-        let set = service_set(n, endpoints, &pods);
+        let set = service_set(Family::Ipv4, n, endpoints, &pods);
         let last = probe_addr(&set, PROBE_LAST).expect("a last probe");
         let middle = probe_addr(&set, PROBE_MIDDLE);
         let mut row = TrafficRow {

@@ -1,24 +1,26 @@
 //! The kube-proxy rule sets `cargo xtask bench` compares against must be
-//! real: they load into iptables (both backends) and nftables, their
-//! one-endpoint updates apply, and they really translate a client pod's
-//! connections to every endpoint of the probed Service. A benchmark
-//! against rules that do not work would compare against nothing.
+//! real: they load into iptables and ip6tables (both backends) and
+//! nftables (`table ip` and `table ip6`), their one-endpoint updates apply,
+//! and they really translate a client pod's connections, over IPv4 and over
+//! IPv6, to every endpoint of the probed Service. A benchmark against rules
+//! that do not work would compare against nothing.
 
-use std::{collections::BTreeMap, net::SocketAddrV4, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use lb_bench::{
-    filler_services, kube_proxy,
+    filler_services,
+    kube_proxy::{self, Family, RuleFamily, FAMILIES},
     rule_tools::{feed, flush_iptables, install_iptables_jumps},
     traffic::{
-        flush_rules, install_iptables, install_nft, pods_only_lab, probe_addr, service_set,
-        PROBE_LAST, PROBE_MIDDLE,
+        flush_rules, install_iptables, install_nft, pod_endpoints, pods_only_lab, probe_addr,
+        service_set, PROBE_LAST, PROBE_MIDDLE,
     },
 };
 use lb_lab::{privileged_test, tcp_ask, Lab, Netns};
 
 /// 30 new connections from the client pod to `to`: which pods answered.
 fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
-    let to: SocketAddrV4 = to.parse().expect("an address");
+    let to: SocketAddr = to.parse().expect("an address");
     lab.client.ns.run_in(|| {
         let mut seen = BTreeMap::new();
         for i in 0..30 {
@@ -30,27 +32,44 @@ fn answers(lab: &Lab, to: &str) -> BTreeMap<String, usize> {
     })
 }
 
+/// iptables (legacy backend, ip6tables for IPv6) and nftables (the
+/// family's table) rules for the pods' addresses of each family, one
+/// family at a time: both probed Services reach every pod.
 #[privileged_test]
-fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint() {
-    let (lab, pods) = pods_only_lab().expect("build the lab");
-    let set = service_set(41, 4, &pods);
-    for (mode, install) in [
-        (
-            "iptables",
-            install_iptables as fn(&Lab, &[kube_proxy::ServicePort]) -> anyhow::Result<()>,
-        ),
-        ("nftables", install_nft),
-    ] {
+fn kube_proxy_iptables_and_nftables_rules_translate_to_every_endpoint_in_both_families() {
+    let (lab, _) = pods_only_lab().expect("build the lab");
+    type Install = fn(&Lab, &[kube_proxy::ServicePort]) -> anyhow::Result<()>;
+    for family in FAMILIES {
+        let pods = pod_endpoints(&lab, family);
+        assert!(pods.iter().all(|(ip, _)| Family::of(*ip) == family));
+        let set = service_set(family, 41, 4, &pods);
+        // Without rules nothing answers there: the answers below are theirs.
         flush_rules(&lab).expect("flush");
-        install(&lab, &set).unwrap_or_else(|e| panic!("installing {mode} rules: {e:#}"));
-        for probe in [PROBE_LAST, PROBE_MIDDLE] {
-            let to = probe_addr(&set, probe).expect("probe");
-            let seen = answers(&lab, &to);
-            assert_eq!(
-                seen.len(),
-                pods.len(),
-                "{mode}, {probe}: every endpoint answers, got {seen:?}"
-            );
+        let last: SocketAddr = probe_addr(&set, PROBE_LAST).unwrap().parse().unwrap();
+        let unanswered = lab
+            .client
+            .ns
+            .run_in(|| tcp_ask(last, "hello", Duration::from_secs(1)));
+        assert!(
+            unanswered.is_err(),
+            "{family}: {last} answered with no rules"
+        );
+        for (mode, install) in [
+            ("iptables", install_iptables as Install),
+            ("nftables", install_nft),
+        ] {
+            flush_rules(&lab).expect("flush");
+            install(&lab, &set)
+                .unwrap_or_else(|e| panic!("installing {family} {mode} rules: {e:#}"));
+            for probe in [PROBE_LAST, PROBE_MIDDLE] {
+                let to = probe_addr(&set, probe).expect("probe");
+                let seen = answers(&lab, &to);
+                assert_eq!(
+                    seen.len(),
+                    pods.len(),
+                    "{family} {mode}, {probe} ({to}): every endpoint answers, got {seen:?}"
+                );
+            }
         }
     }
     flush_rules(&lab).expect("flush");
@@ -65,58 +84,72 @@ fn restore(ns: &Netns, program: &str, args: &[&str], input: &str) {
     }
 }
 
-#[privileged_test]
-fn kube_proxy_full_and_partial_syncs_load_with_every_backend() {
-    let ns = Netns::create(&format!("lbt-{}-rules", std::process::id())).expect("netns");
-    let mut ports = filler_services(20, 3);
-    for binary in ["iptables-legacy", "iptables-nft"] {
-        install_iptables_jumps(&ns, binary).expect("jump rules");
-        let restore_bin = format!("{binary}-restore");
-        restore(
-            &ns,
-            &restore_bin,
-            &["-w", "--noflush"],
-            &kube_proxy::iptables_full(&ports),
-        );
-        let dnat = |ns: &Netns| {
-            ns.exec(&[&format!("{binary}-save"), "-t", "nat"])
-                .expect("save")
-                .lines()
-                .filter(|l| l.contains("-j DNAT"))
-                .count()
-        };
-        assert_eq!(dnat(&ns), 60, "{binary}: one DNAT per endpoint");
-        // One endpoint removed from Service 7: its chain goes, the rest stays.
-        let removed = ports[7].endpoints.pop().unwrap();
-        restore(
-            &ns,
-            &restore_bin,
-            &["-w", "--noflush"],
-            &kube_proxy::iptables_partial(&ports, &ports[7], &[removed]),
-        );
-        assert_eq!(
-            dnat(&ns),
-            59,
-            "{binary}: the removed endpoint's DNAT is gone"
-        );
-        ports[7].endpoints.push(removed);
-        flush_iptables(&ns, binary).expect("flush");
-    }
-    restore(&ns, "nft", &["-f", "-"], &kube_proxy::nft_full(&ports));
+/// 20 Services x 3 endpoints load with `binary` (`iptables-legacy`,
+/// `ip6tables-nft`...), and a partial restore removes one endpoint.
+fn iptables_full_and_partial(ns: &Netns, binary: &str, ports: &mut [kube_proxy::ServicePort]) {
+    install_iptables_jumps(ns, binary).expect("jump rules");
+    let restore_bin = format!("{binary}-restore");
+    let args = ["-w", "--noflush"];
+    restore(ns, &restore_bin, &args, &kube_proxy::iptables_full(ports));
     let dnat = |ns: &Netns| {
-        ns.exec(&["nft", "list", "table", "ip", "kube-proxy"])
-            .expect("list")
+        ns.exec(&[&format!("{binary}-save"), "-t", "nat"])
+            .expect("save")
             .lines()
-            .filter(|l| l.contains("dnat to"))
+            .filter(|l| l.contains("-j DNAT"))
             .count()
     };
-    assert_eq!(dnat(&ns), 60, "nft: one dnat per endpoint");
+    assert_eq!(dnat(ns), 60, "{binary}: one DNAT per endpoint");
+    // One endpoint removed from Service 7: its chain goes, the rest stays.
     let removed = ports[7].endpoints.pop().unwrap();
+    let partial = kube_proxy::iptables_partial(ports, &ports[7], &[removed]);
+    restore(ns, &restore_bin, &args, &partial);
+    assert_eq!(
+        dnat(ns),
+        59,
+        "{binary}: the removed endpoint's DNAT is gone"
+    );
+    ports[7].endpoints.push(removed);
+    flush_iptables(ns, binary).expect("flush");
+}
+
+/// The same Services load into `family`'s nftables table, and one
+/// transaction of the changed chains removes one endpoint.
+fn nft_full_and_update(ns: &Netns, family: Family, ports: &mut [kube_proxy::ServicePort]) {
     restore(
-        &ns,
+        ns,
         "nft",
         &["-f", "-"],
-        &kube_proxy::nft_update(&ports[7], &[removed]),
+        &kube_proxy::nft_full(family, ports),
     );
-    assert_eq!(dnat(&ns), 59, "nft: the removed endpoint's chain is gone");
+    let dnat = |ns: &Netns| {
+        ns.exec(&["nft", "list", "table", family.nft(), "kube-proxy"])
+            .expect("list")
+            .lines()
+            .filter(|l| l.contains("dnat "))
+            .count()
+    };
+    assert_eq!(dnat(ns), 60, "nft {}: one dnat per endpoint", family.nft());
+    let removed = ports[7].endpoints.pop().unwrap();
+    let update = kube_proxy::nft_update(&ports[7], &[removed]);
+    restore(ns, "nft", &["-f", "-"], &update);
+    assert_eq!(
+        dnat(ns),
+        59,
+        "nft {}: the removed endpoint's chain is gone",
+        family.nft()
+    );
+    ports[7].endpoints.push(removed);
+}
+
+#[privileged_test]
+fn kube_proxy_full_and_partial_syncs_load_with_every_backend_in_both_families() {
+    let ns = Netns::create(&format!("lbt-{}-rules", std::process::id())).expect("netns");
+    for family in FAMILIES {
+        let mut ports = filler_services(family, 20, 3);
+        for backend in ["legacy", "nft"] {
+            let binary = format!("{}-{backend}", family.iptables());
+            iptables_full_and_partial(&ns, &binary, &mut ports);
+        }
+        nft_full_and_update(&ns, family, &mut ports);
+    }
 }

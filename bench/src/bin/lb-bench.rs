@@ -23,7 +23,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_bench::{percentile, traffic::rss_kib};
+use lb_bench::{
+    kube_proxy::{Family, FAMILIES},
+    percentile,
+    traffic::rss_kib,
+};
 use lb_kube_fixtures::{
     apiserver::ApiServer,
     scale::{service, service_ip, slice},
@@ -71,8 +75,10 @@ fn parse_args(args: &[String]) -> Result<Args> {
 
 const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K]
        lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K]
-       lb-bench programming --sizes N,N,... [--endpoints E] [--changes K] [--limit-s S]
-       lb-bench rules       --services N --format iptables|nft [--endpoints E]
+       lb-bench programming --sizes N,N,... [--endpoints E] [--changes K] [--limit-s S] [--family ipv4|ipv6|both]
+                            (--family: which Services to install, IPv4 ones against iptables and
+                            nft's table ip, IPv6 ones against ip6tables and table ip6; default both)
+       lb-bench rules       --services N --format iptables|nft [--endpoints E] [--family ipv4|ipv6]
        lb-bench traffic     --sizes N,N,... [--endpoints E] [--ms MS] [--rounds R] [--plot-dir DIR] [--plot-prefix P]
        lb-bench nodeport-load [--rate R] [--seconds S] [--previous-agent PATH]";
 
@@ -100,6 +106,7 @@ fn main() -> Result<()> {
             let limit = Duration::from_secs(f.num("limit-s", 600)? as u64);
             let rows = lb_bench::programming::measure(
                 &f.sizes()?,
+                &f.families()?,
                 endpoints,
                 f.num("changes", 50)?,
                 limit,
@@ -113,10 +120,16 @@ fn main() -> Result<()> {
         Some("rules") => {
             // The kube-proxy-shaped rules the benchmark compares against.
             let f = Flags::parse(&args[1..])?;
-            let ports = lb_bench::filler_services(f.num("services", 1)?, f.num("endpoints", 4)?);
+            let family = match f.families()?.as_slice() {
+                _ if f.get("family").is_none() => Family::Ipv4,
+                [one] => *one,
+                _ => bail!("rules: --family ipv4 or ipv6 (one rule set is printed)\n{USAGE}"),
+            };
+            let (n, endpoints) = (f.num("services", 1)?, f.num("endpoints", 4)?);
+            let ports = lb_bench::filler_services(family, n, endpoints);
             match f.get("format").as_deref() {
                 Some("iptables") => print!("{}", lb_bench::kube_proxy::iptables_full(&ports)),
-                Some("nft") => print!("{}", lb_bench::kube_proxy::nft_full(&ports)),
+                Some("nft") => print!("{}", lb_bench::kube_proxy::nft_full(family, &ports)),
                 _ => bail!("--format iptables|nft\n{USAGE}"),
             }
             Ok(())
@@ -191,6 +204,16 @@ impl Flags {
     fn num(&self, name: &str, default: usize) -> Result<usize> {
         self.get(name).map_or(Ok(default), |v| {
             v.parse().with_context(|| format!("bad --{name} {v}"))
+        })
+    }
+
+    /// `--family ipv4|ipv6|both` (default: both, or IPv4 for `rules`).
+    fn families(&self) -> Result<Vec<Family>> {
+        Ok(match self.get("family").as_deref() {
+            None | Some("both") => FAMILIES.to_vec(),
+            Some("ipv4") => vec![Family::Ipv4],
+            Some("ipv6") => vec![Family::Ipv6],
+            Some(other) => bail!("bad --family {other}: ipv4, ipv6 or both"),
         })
     }
 
