@@ -557,6 +557,14 @@ fn an_ipv6_only_node_finds_its_wire_by_its_ipv6_default_route(source: Source, _w
     ] {
         lab.node.exec(cmd).expect("an IPv6-only wire");
     }
+    // And no IPv4 anywhere else: the external client, the client pod, the
+    // pods (their servers listen on both families).
+    let flush = ["ip", "-4", "addr", "flush", "dev", "eth0"];
+    lab.ext.exec(&flush).expect("external client IPv6-only");
+    lab.client.ns.exec(&flush).expect("client pod IPv6-only");
+    for pod in lab.pods.values() {
+        pod.ns.exec(&flush).expect("pod IPv6-only");
+    }
     lab.wire_from_default_route = true;
     lab.agent().start().expect("start lb-agent");
     let status = lab.agent_command_json(&["status", "--output", "json"]);
@@ -576,6 +584,14 @@ fn an_ipv6_only_node_finds_its_wire_by_its_ipv6_default_route(source: Source, _w
         pods_in(&whoami_udp(&lab.ext, to, REQUESTS)),
         pod_names(&lab),
         "UDP {to}"
+    );
+    // echo-ipv6, SingleStack IPv6.
+    let echo6: IpAddr = "fd00:96::42".parse().expect("an address");
+    let seen = whoami_tcp(&lab.client.ns, SocketAddr::new(echo6, PORT), REQUESTS);
+    assert_eq!(
+        pods_in(&seen),
+        pod_names(&lab),
+        "the IPv6 ClusterIP from a pod"
     );
     report_checksum_counters("IPv6-only node", &lab.checksum_errors());
 }
