@@ -177,6 +177,22 @@ fn an_ipv6_flow_keeps_its_backend_and_flows_spread_over_backends() {
     assert_eq!(seen.len(), 2, "40 flows over two backends: {seen:?}");
 }
 
+/// A UDP flow whose backend left the Service moves to a live one on its
+/// next packet, on every hook (as over IPv4).
+#[privileged_test]
+fn an_ipv6_udp_flow_of_a_deleted_backend_moves_to_a_live_one() {
+    for program in ALL {
+        let mut h = Harness::new();
+        h.program6(&[cluster_ip(Protocol::Udp, &[(B1, 5353)])]);
+        let t = to_svc(50000);
+        let first = parse6(&h.run(program, &udp6(&t, b"1")).1);
+        assert_eq!(first.dst, B1, "{program:?}");
+        h.program6(&[cluster_ip(Protocol::Udp, &[(B2, 5353)])]);
+        let next = parse6(&h.run(program, &udp6(&t, b"2")).1);
+        assert_eq!(next.dst, B2, "{program:?}: the flow moved");
+    }
+}
+
 #[privileged_test]
 fn an_ipv6_nodeport_from_the_wire_is_masqueraded_and_its_reply_restored() {
     for wire in Program::WIRE {
