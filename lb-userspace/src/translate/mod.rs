@@ -16,6 +16,7 @@
 
 pub(crate) mod health;
 mod invalid;
+pub mod maglev;
 
 pub use invalid::Invalid;
 pub(crate) use invalid::{ObjectKind, TranslateError};
