@@ -124,6 +124,7 @@ mod tests {
             rr_per_s: 1.0,
             rr_p50_us: 20.0,
             rr_p99_us: 40.0,
+            ..Default::default()
         };
         let mut modes = vec![Some(c); MODES.len()];
         modes[3] = None;

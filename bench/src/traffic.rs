@@ -30,14 +30,24 @@ use lb_lab::{sibling_binary, Lab, NODE_NAME};
 pub const PROBE_LAST: &str = "probe-last";
 pub const PROBE_MIDDLE: &str = "probe-middle";
 
-/// One client run's numbers.
+/// One client run's numbers (or their medians over runs).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClientNumbers {
     pub conns_per_s: f64,
     pub(crate) rr_per_s: f64,
     pub(crate) rr_p50_us: f64,
     pub(crate) rr_p99_us: f64,
+    /// The machine's kernel CPU time (system, irq, softirq) per new
+    /// connection and per request, in microseconds.
+    pub(crate) kernel_us_per_conn: f64,
+    pub(crate) kernel_us_per_rr: f64,
+    /// The lowest and highest `kernel_us_per_conn` over the runs.
+    pub(crate) kernel_us_per_conn_range: (f64, f64),
 }
+
+/// Connections the client keeps in flight in the connection phase: more
+/// than the two cores, so the data path works at the rate a busy node sees.
+const IN_FLIGHT: &str = "4";
 
 /// The modes, in the order they run and are reported.
 pub(crate) const MODES: &[&str] = &[
@@ -107,7 +117,7 @@ fn run_client(lab: &Lab, to: &str, ms: u64) -> Result<ClientNumbers> {
     let bin = sibling_binary("lab-client", "LAB_CLIENT_BIN")?;
     let out = lab
         .command_in_cgroup(&lab.client.ns, &bin)
-        .args(["bench", to, &(ms / 10).max(1).to_string()])
+        .args(["bench", to, &(ms / 10).max(1).to_string(), IN_FLIGHT])
         .output()?;
     if !out.status.success() {
         bail!(
@@ -126,6 +136,9 @@ fn run_client(lab: &Lab, to: &str, ms: u64) -> Result<ClientNumbers> {
         rr_per_s: get("rr_per_s")?,
         rr_p50_us: get("rr_p50_us")?,
         rr_p99_us: get("rr_p99_us")?,
+        kernel_us_per_conn: get("k_us_per_conn")?,
+        kernel_us_per_rr: get("k_us_per_rr")?,
+        kernel_us_per_conn_range: (0.0, 0.0),
     })
 }
 
@@ -142,6 +155,12 @@ fn client_median(lab: &Lab, to: &str, ms: u64, rounds: usize) -> Result<ClientNu
         rr_per_s: m(|n| n.rr_per_s),
         rr_p50_us: m(|n| n.rr_p50_us),
         rr_p99_us: m(|n| n.rr_p99_us),
+        kernel_us_per_conn: m(|n| n.kernel_us_per_conn),
+        kernel_us_per_rr: m(|n| n.kernel_us_per_rr),
+        kernel_us_per_conn_range: runs
+            .iter()
+            .map(|n| n.kernel_us_per_conn)
+            .fold((f64::MAX, 0.0), |(lo, hi), k| (lo.min(k), hi.max(k))),
     })
 }
 
@@ -389,13 +408,38 @@ pub fn measure(
     Ok(rows)
 }
 
+/// The spread of the kernel CPU per connection over the runs.
+fn kernel_spread(rows: &[TrafficRow]) -> String {
+    let mut s = String::from(
+        "### Kernel CPU per new connection, spread over the runs (us, lowest - highest)\n\n| Services |",
+    );
+    for m in MODES {
+        s.push_str(&format!(" {m} |"));
+    }
+    s.push_str("\n| ---: |");
+    s.push_str(&" ---: |".repeat(MODES.len()));
+    s.push('\n');
+    for r in rows {
+        s.push_str(&format!("| {} |", thousands(r.services)));
+        for m in &r.modes {
+            s.push_str(&m.map_or(" - |".into(), |c| {
+                let (lo, hi) = c.kernel_us_per_conn_range;
+                format!(" {lo:.1} - {hi:.1} |")
+            }));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    s
+}
+
 pub fn markdown(rows: &[TrafficRow], endpoints: usize, ms: u64, rounds: usize) -> String {
     let mut s = String::from("## Through the lab: client pod to ClusterIP\n\n");
     s.push_str(&format!(
-        "A client pod (`lab-client`) to a ClusterIP whose 3 endpoints are the nginx example's pods, with N Services programmed ({endpoints} endpoints each besides the probed ones). Connections: connect, 1-byte request, 1-byte reply, close (with a RST, so TIME_WAIT does not decide the rate); latency: request/response on one kept connection. {ms} ms per phase, median of {rounds} runs per mode. iptables (legacy backend) and nftables: kube-proxy's rules in the node namespace, no agent running; ours: the agent on the same Services, socket LB on (translated at connect()) and off (tc per packet). The probed Service is last in KUBE-SERVICES (iptables' worst case) or in the middle.\n\n"
+        "A client pod (`lab-client`) to a ClusterIP whose 3 endpoints are the nginx example's pods, with N Services programmed ({endpoints} endpoints each besides the probed ones). Connections: connect, 1-byte request, 1-byte reply, close (with a RST, so TIME_WAIT does not decide the rate), from {IN_FLIGHT} threads so that many are in flight; latency: request/response on one kept connection. {ms} ms per phase, median of {rounds} runs per mode. iptables (legacy backend) and nftables: kube-proxy's rules in the node namespace, no agent running; ours: the agent on the same Services, socket LB on (translated at connect()) and off (tc per packet). The probed Service is last in KUBE-SERVICES (iptables' worst case) or in the middle.\n\n"
     ));
     type Pick = fn(&ClientNumbers) -> f64;
-    let tables: [(&str, Pick, bool); 3] = [
+    let tables: [(&str, Pick, bool); 5] = [
         (
             "Connections per second (higher is better)",
             |c| c.conns_per_s,
@@ -409,6 +453,16 @@ pub fn markdown(rows: &[TrafficRow], endpoints: usize, ms: u64, rounds: usize) -
         (
             "Request/response p99, us (lower is better)",
             |c| c.rr_p99_us,
+            false,
+        ),
+        (
+            "Kernel CPU per new connection, us: the machine's system + irq + softirq time (every namespace: client, node, pods) over the connections made (lower is better)",
+            |c| c.kernel_us_per_conn,
+            false,
+        ),
+        (
+            "Kernel CPU per request on a kept connection, us (lower is better)",
+            |c| c.kernel_us_per_rr,
             false,
         ),
     ];
@@ -446,6 +500,7 @@ pub fn markdown(rows: &[TrafficRow], endpoints: usize, ms: u64, rounds: usize) -
         }
         s.push_str("\nRatios: how many times better ours is (above 1: ours is better).\n\n");
     }
+    s.push_str(&kernel_spread(rows));
     s.push_str("### Agent memory\n\n| Services | agent start to first sync | agent RSS after sync | peak RSS | BPF map memory (memlock, preallocated) |\n| ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
         s.push_str(&format!(

@@ -12,10 +12,14 @@
 //!   lab-client udp-connected ADDR:PORT N MS
 //!                                     one connected socket, a datagram every MS ms:
 //!                                     "peer\tanswer" or "peer\terror: ..."
-//!   lab-client bench ADDR:PORT MS     MS ms of new connections (connect, one
-//!                                     request, close), then MS ms of requests on
-//!                                     one connection: one line
-//!                                     "conns_per_s\tX\trr_per_s\tY\trr_p50_us\tZ\trr_p99_us\tW"
+//!   lab-client bench ADDR:PORT N [P]  N x 10 ms of new connections (connect, one
+//!                                     request, close) from P threads (default 1),
+//!                                     then as long of requests on one connection:
+//!                                     one line "conns_per_s\tX\trr_per_s\tY\t
+//!                                     rr_p50_us\tZ\trr_p99_us\tW\tk_us_per_conn\tK\t
+//!                                     k_us_per_rr\tR" (K, R: the machine's kernel CPU
+//!                                     time, system + irq + softirq of every CPU,
+//!                                     per connection and per request)
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -93,26 +97,44 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(interval));
             }
         }
-        "bench" => bench(to, Duration::from_millis(n as u64 * 10)),
+        "bench" => {
+            // Bounded: at most 64 threads.
+            let parallel = args
+                .get(3)
+                .map_or(1, |p| p.parse().unwrap_or_else(|_| usage()));
+            bench(
+                to,
+                Duration::from_millis(n as u64 * 10),
+                parallel.clamp(1, 64),
+            );
+        }
         _ => usage(),
     }
 }
 
-/// Connection rate, then request/response rate and latency on one
-/// connection, each for `phase` (N is given in units of 10 ms, bounded).
-fn bench(to: SocketAddr, phase: Duration) {
+/// Connection rate (from `parallel` threads, so as many connections are in
+/// flight), then request/response rate and latency on one connection, each
+/// for `phase`; with the kernel CPU time each took.
+fn bench(to: SocketAddr, phase: Duration, parallel: usize) {
+    let kernel = kernel_cpu_us();
     let started = std::time::Instant::now();
-    let mut conns = 0u64;
-    while started.elapsed() < phase {
-        bench_connection(to).expect("connection during the benchmark");
-        conns += 1;
-    }
+    let conns: u64 = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..parallel)
+            .map(|_| s.spawn(|| connections_for(to, phase)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("bench thread"))
+            .sum()
+    });
     let conn_rate = conns as f64 / started.elapsed().as_secs_f64();
+    let k_per_conn = kernel_cpu_us().saturating_sub(kernel) as f64 / conns.max(1) as f64;
     let mut s = TcpStream::connect_timeout(&to, TIMEOUT).expect("connect");
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut reader = BufReader::new(s.try_clone().unwrap());
     let mut lat = Vec::new();
+    let kernel = kernel_cpu_us();
     let started = std::time::Instant::now();
     let mut line = String::new();
     while started.elapsed() < phase {
@@ -123,13 +145,45 @@ fn bench(to: SocketAddr, phase: Duration) {
         lat.push(t.elapsed().as_nanos() as u64);
     }
     let rr_rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    let k_per_rr = kernel_cpu_us().saturating_sub(kernel) as f64 / lat.len().max(1) as f64;
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
     println!(
-        "conns_per_s\t{conn_rate:.0}\trr_per_s\t{rr_rate:.0}\trr_p50_us\t{:.1}\trr_p99_us\t{:.1}",
+        "conns_per_s\t{conn_rate:.0}\trr_per_s\t{rr_rate:.0}\trr_p50_us\t{:.1}\trr_p99_us\t{:.1}\tk_us_per_conn\t{k_per_conn:.2}\tk_us_per_rr\t{k_per_rr:.2}",
         pct(0.5),
         pct(0.99)
     );
+}
+
+/// New connections one after the other for `phase`; how many.
+fn connections_for(to: SocketAddr, phase: Duration) -> u64 {
+    let started = std::time::Instant::now();
+    let mut conns = 0;
+    while started.elapsed() < phase {
+        bench_connection(to).expect("connection during the benchmark");
+        conns += 1;
+    }
+    conns
+}
+
+/// The kernel CPU time of the whole machine so far, in microseconds:
+/// system, irq and softirq time of every CPU (`/proc/stat`, not
+/// namespaced), which is where a packet's path costs, whoever it is for.
+fn kernel_cpu_us() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq ...
+    let kernel: u64 = [2, 5, 6].iter().filter_map(|&i| ticks.get(i)).sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    kernel * 1_000_000 / hz.max(1)
 }
 
 /// One connection, one request, closed with a RST (SO_LINGER 0): a normal
