@@ -2,7 +2,7 @@
 //! helpers to program Services into it and run crafted packets through each
 //! program.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
@@ -144,38 +144,21 @@ impl Harness {
     pub fn program(&mut self, services: &[TestService]) {
         let mut desired = DesiredState::default();
         for (port, proto, backends) in services {
-            let frontend = L4Addr {
-                addr: SVC.into(),
-                port: *port,
-                proto: *proto,
-            };
-            let mut backends: Vec<L4Addr> = backends
-                .iter()
-                .map(|(a, p)| L4Addr {
-                    addr: (*a).into(),
-                    port: *p,
-                    proto: *proto,
-                })
-                .collect();
-            backends.sort();
-            desired.insert(ServiceEntry {
-                service: ServiceName {
-                    namespace: "default".into(),
-                    name: format!("svc-{port}"),
-                },
-                port_name: String::new(),
-                frontend,
-                backends: BackendSet {
-                    active: backends,
-                    terminating: Vec::new(),
-                },
-                internal: None,
-                flags: SVC_FLAG_CLUSTER_IP,
-                affinity_timeout: 0,
-                source_ranges: Vec::new(),
-            });
+            let backends = backends.iter().map(|(a, p)| ((*a).into(), *p));
+            desired.insert(cluster_ip_entry(
+                format!("svc-{port}"),
+                (SVC.into(), *port, *proto),
+                backends,
+                SVC_FLAG_CLUSTER_IP,
+            ));
         }
-        let p = plan(&self.current, &desired);
+        self.apply(&desired);
+    }
+
+    /// Takes the maps from what they hold to `desired`, through the
+    /// agent's planner and writer, as a sync does.
+    fn apply(&mut self, desired: &DesiredState) {
+        let p = plan(&self.current, desired);
         assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
         let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
         assert!(
@@ -205,10 +188,7 @@ impl Harness {
             .collect();
         let t = translate_on(node, &services, &slices);
         assert!(t.errors.is_empty(), "{:?}", t.errors);
-        let p = plan(&self.current, &t.state);
-        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
-        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
-        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        self.apply(&t.state);
     }
 
     pub fn run_xdp(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -303,38 +283,15 @@ impl Harness {
     pub fn program6(&mut self, frontends: &[Frontend6]) {
         let mut desired = DesiredState::default();
         for (i, f) in frontends.iter().enumerate() {
-            let l4 = |addr: Ipv6Addr, port: u16| L4Addr {
-                addr: addr.into(),
-                port,
-                proto: f.proto,
-            };
-            let mut backends: Vec<L4Addr> = f.backends.iter().map(|(a, p)| l4(*a, *p)).collect();
-            backends.sort();
-            desired.insert(ServiceEntry {
-                service: ServiceName {
-                    namespace: "default".into(),
-                    name: format!("svc6-{i}"),
-                },
-                port_name: String::new(),
-                frontend: l4(f.addr, f.port),
-                backends: BackendSet {
-                    active: backends,
-                    terminating: Vec::new(),
-                },
-                internal: None,
-                flags: f.flags,
-                affinity_timeout: 0,
-                source_ranges: Vec::new(),
-            });
+            let backends = f.backends.iter().map(|(a, p)| ((*a).into(), *p));
+            desired.insert(cluster_ip_entry(
+                format!("svc6-{i}"),
+                (f.addr.into(), f.port, f.proto),
+                backends,
+                f.flags,
+            ));
         }
-        let p = plan(&self.current, &desired);
-        assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
-        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
-        assert!(
-            report.failed.is_empty(),
-            "map writes failed: {:?}",
-            report.failed
-        );
+        self.apply(&desired);
     }
 
     /// Every IPv6 conntrack entry.
@@ -360,6 +317,35 @@ impl Harness {
         let stats: aya::maps::PerCpuArray<_, u64> =
             aya::maps::PerCpuArray::try_from(map).expect("stats is a per-CPU array");
         stats.get(&index, 0).expect("counter").iter().sum()
+    }
+}
+
+/// A Service entry of `default/<name>` for frontend (address, port,
+/// protocol) over `backends` (address, port), all active.
+fn cluster_ip_entry(
+    name: String,
+    (addr, port, proto): (IpAddr, u16, Protocol),
+    backends: impl Iterator<Item = (IpAddr, u16)>,
+    flags: u16,
+) -> ServiceEntry {
+    let l4 = |addr, port| L4Addr { addr, port, proto };
+    let mut active: Vec<L4Addr> = backends.map(|(a, p)| l4(a, p)).collect();
+    active.sort();
+    ServiceEntry {
+        service: ServiceName {
+            namespace: "default".into(),
+            name,
+        },
+        port_name: String::new(),
+        frontend: l4(addr, port),
+        backends: BackendSet {
+            active,
+            terminating: Vec::new(),
+        },
+        internal: None,
+        flags,
+        affinity_timeout: 0,
+        source_ranges: Vec::new(),
     }
 }
 
