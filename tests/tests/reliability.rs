@@ -598,17 +598,26 @@ fn fill_conntrack(lab: &Lab, to: impl Into<SocketAddr>, flows: u16) -> usize {
     })
 }
 
-fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wire: Wire) {
-    const CAPACITY: usize = 4096;
-    const FILL_FLOWS: u16 = 20_000;
-    let mut lab = Lab::from_manifest_files_on(
-        wire,
-        &[
-            example("nginx-deployment.yaml"),
-            example("rolling-update.yaml"),
-        ],
-    )
-    .expect("build the lab");
+/// `fill_conntrack` twice, 200 ms apart; the flows sent.
+fn fill_conntrack_twice(lab: &Lab, to: impl Into<SocketAddr> + Copy, flows: u16) -> usize {
+    (0..2)
+        .map(|_| {
+            let sent = fill_conntrack(lab, to, flows);
+            std::thread::sleep(Duration::from_millis(200));
+            sent
+        })
+        .sum()
+}
+
+/// The conntrack map the pressure tests fill: a small one, swept every
+/// second.
+const CAPACITY: usize = 4096;
+
+/// A lab of `examples` whose agent has a `CAPACITY`-entry conntrack map
+/// per family, swept every second, and serves metrics.
+fn conntrack_pressure_lab(wire: Wire, examples: [&str; 2]) -> Lab {
+    let examples = examples.map(example);
+    let mut lab = Lab::from_manifest_files_on(wire, &examples).expect("build the lab");
     lab.agent()
         .flags(&[
             "--conntrack-max",
@@ -620,23 +629,31 @@ fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wi
         ])
         .start()
         .expect("start the agent");
-    let mut clients = web_clients(&lab, 40_000);
-    clients.add(Load::start(
+    lab
+}
+
+/// A UDP client asking `to` every 10 ms from the client pod.
+fn udp_flow(lab: &Lab, to: impl Into<SocketAddr>, what: &str) -> Load {
+    let ten = Duration::from_millis(10);
+    Load::start(
         lab.client.ns.path(),
-        NGINX_UDP,
+        to,
         LoadKind::UdpFlow,
-        "UDP flow",
-        Duration::from_millis(10),
+        what,
+        ten,
         40_000,
-    ));
+    )
+}
+
+fn a_full_conntrack_map_evicts_idle_flows_only_and_deleted_backends_are_swept(wire: Wire) {
+    const FILL_FLOWS: u16 = 20_000;
+    let mut lab = conntrack_pressure_lab(wire, ["nginx-deployment.yaml", "rolling-update.yaml"]);
+    let mut clients = web_clients(&lab, 40_000);
+    clients.add(udp_flow(&lab, NGINX_UDP, "UDP flow"));
     std::thread::sleep(Duration::from_millis(500));
 
     // Five times the map's size in new flows, twice over.
-    let mut filled = 0;
-    for _ in 0..2 {
-        filled += fill_conntrack(&lab, NGINX_UDP, FILL_FLOWS);
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let filled = fill_conntrack_twice(&lab, NGINX_UDP, FILL_FLOWS);
     println!("filler: {filled} new UDP flows into a conntrack map of {CAPACITY} entries");
     assert!(filled > 30_000, "the filler ran: {filled}");
 
@@ -734,20 +751,7 @@ const ECHO6_UDP: SocketAddrV6 =
 /// counted as IPv6's, and IPv4's stay at zero.
 #[privileged_test]
 fn a_full_ipv6_conntrack_map_evicts_idle_flows_only() {
-    const CAPACITY: usize = 4096;
-    let examples = [example("dual-stack.yaml"), example("rolling-update.yaml")];
-    let mut lab = Lab::from_manifest_files_on(Wire::Software, &examples).expect("build the lab");
-    lab.agent()
-        .flags(&[
-            "--conntrack-max",
-            &CAPACITY.to_string(),
-            "--conntrack-sweep-interval",
-            "1s",
-            "--metrics-addr",
-            METRICS,
-        ])
-        .start()
-        .expect("start the agent");
+    let lab = conntrack_pressure_lab(Wire::Software, ["dual-stack.yaml", "rolling-update.yaml"]);
     let mut clients = LoadSet::default();
     add_web_clients(
         &mut clients,
@@ -755,22 +759,9 @@ fn a_full_ipv6_conntrack_map_evicts_idle_flows_only() {
         40_000,
         (WEB6.into(), WEB6_NODE_PORT.into()),
     );
-    clients.add(Load::start(
-        lab.client.ns.path(),
-        ECHO6_UDP,
-        LoadKind::UdpFlow,
-        "IPv6 UDP flow",
-        Duration::from_millis(10),
-        40_000,
-    ));
+    clients.add(udp_flow(&lab, ECHO6_UDP, "IPv6 UDP flow"));
     std::thread::sleep(Duration::from_millis(500));
-    let filled: usize = (0..2)
-        .map(|_| {
-            let n = fill_conntrack(&lab, ECHO6_UDP, 10_000);
-            std::thread::sleep(Duration::from_millis(200));
-            n
-        })
-        .sum();
+    let filled = fill_conntrack_twice(&lab, ECHO6_UDP, 10_000);
     println!("filler: {filled} new IPv6 UDP flows into a conntrack map of {CAPACITY} entries");
     assert!(filled > 15_000, "the filler ran: {filled}");
     std::thread::sleep(Duration::from_secs(3));
