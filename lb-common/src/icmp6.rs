@@ -101,6 +101,28 @@ mod tests {
         (ip, udp)
     }
 
+    /// The datagram as a pod sends it: its UDP checksum left partial (the
+    /// pseudo-header's folded sum, for the NIC or the kernel to finish).
+    fn partial_datagram() -> ([u8; 40], [u8; 8]) {
+        let (ip, mut udp) = datagram();
+        let pseudo = csum::fold(csum::pseudo_header_sum6(
+            &words(CLIENT),
+            &words(SVC),
+            17,
+            13,
+        ));
+        udp[6..8].copy_from_slice(&pseudo.to_ne_bytes());
+        (ip, udp)
+    }
+
+    /// The quoted bytes (IPv6 header, UDP header) and their sum.
+    fn quote_of(ip: &[u8; 40], udp: &[u8; 8]) -> ([u8; 48], u32) {
+        let mut quote = [0u8; 48];
+        quote[..40].copy_from_slice(ip);
+        quote[40..].copy_from_slice(udp);
+        (quote, csum::sum_bytes(&quote))
+    }
+
     #[test]
     fn answer_has_a_valid_checksum_and_quotes_the_datagram() {
         let (ip, udp) = datagram();
@@ -110,12 +132,7 @@ mod tests {
             u16::from_ne_bytes([0x12, 0x34]),
             "a full checksum stays"
         );
-        let mut quote = ip.to_vec();
-        quote.extend_from_slice(&udp);
-        let quote_sum = quote
-            .chunks(2)
-            .map(|c| u32::from(u16::from_ne_bytes([c[0], c[1]])))
-            .sum();
+        let (quote, quote_sum) = quote_of(&ip, &udp);
         let sent = u16::from_ne_bytes([udp[6], udp[7]]);
         let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, check);
         let mut icmp = header(icmp_check).to_vec();
@@ -132,21 +149,10 @@ mod tests {
 
     #[test]
     fn a_partial_checksum_left_in_the_quote_and_finished_by_the_kernel_checks_out() {
-        let (ip, mut udp) = datagram();
-        let pseudo = csum::fold(csum::pseudo_header_sum6(
-            &words(CLIENT),
-            &words(SVC),
-            17,
-            13,
-        ));
-        udp[6..8].copy_from_slice(&pseudo.to_ne_bytes());
+        let (ip, udp) = partial_datagram();
+        let pseudo = u16::from_ne_bytes([udp[6], udp[7]]);
         let quoted = quoted_udp_check(&words(CLIENT), &words(SVC), &udp);
-        let mut quote = ip.to_vec();
-        quote.extend_from_slice(&udp);
-        let quote_sum = quote
-            .chunks(2)
-            .map(|c| u32::from(u16::from_ne_bytes([c[0], c[1]])))
-            .sum();
+        let (mut quote, quote_sum) = quote_of(&ip, &udp);
         let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, pseudo, quoted);
         // What the kernel's skb_checksum_help does to the field on the way.
         let finished = csum::checksum(&udp, 0);
@@ -163,14 +169,7 @@ mod tests {
 
     #[test]
     fn a_partial_checksum_is_quoted_as_the_kernel_will_finish_it() {
-        let (_, mut udp) = datagram();
-        let pseudo = csum::fold(csum::pseudo_header_sum6(
-            &words(CLIENT),
-            &words(SVC),
-            17,
-            13,
-        ));
-        udp[6..8].copy_from_slice(&pseudo.to_ne_bytes());
+        let (_, udp) = partial_datagram();
         let check = quoted_udp_check(&words(CLIENT), &words(SVC), &udp);
         assert_eq!(check, csum::checksum(&udp, 0));
     }
