@@ -11,7 +11,10 @@ use std::{
 
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use super::{metrics::listen_everywhere, proxy_health::ProxyHealth};
+use super::{
+    metrics::{listen_everywhere, listen_on},
+    proxy_health::ProxyHealth,
+};
 use crate::translate::health::{response, HealthCheck};
 
 /// The listeners, per health check port one on each NodePort address, kept
@@ -79,7 +82,7 @@ impl HealthServer {
             self.addresses
                 .iter()
                 .map(|a| SocketAddr::from((*a, port)))
-                .map(|addr| (addr, bind_one(addr)))
+                .map(|addr| (addr, listen_on(addr)))
                 .collect()
         };
         let mut listeners = Vec::new();
@@ -106,13 +109,6 @@ impl HealthServer {
     pub fn ports(&self) -> Vec<u16> {
         self.listeners.keys().copied().collect()
     }
-}
-
-/// A listener on one address (synchronously: called from the sync loop).
-fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    TcpListener::from_std(l)
 }
 
 async fn serve(

@@ -400,11 +400,14 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// A listener on `port` of every address of both families (`[::]` with
 /// IPV6_V6ONLY off), or of every IPv4 address where the node has no IPv6.
 pub(crate) fn listen_everywhere(port: u16) -> std::io::Result<TcpListener> {
-    listen_dual_stack(port).or_else(|_| {
-        let l = std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))?;
-        l.set_nonblocking(true)?;
-        TcpListener::from_std(l)
-    })
+    listen_dual_stack(port).or_else(|_| listen_on((std::net::Ipv4Addr::UNSPECIFIED, port).into()))
+}
+
+/// A listener on one address, bound synchronously (from the sync loop too).
+pub(crate) fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
 }
 
 fn listen_dual_stack(port: u16) -> std::io::Result<TcpListener> {
