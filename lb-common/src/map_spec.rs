@@ -51,6 +51,8 @@ pub enum Capacity {
     /// `--services-max` (service slots, and backend-match pairs, of which
     /// there is one per backend slot).
     Services,
+    /// `--socket-lb-max` (the socket LB's reverse and forward maps).
+    Sockets,
 }
 
 impl MapSpec {
@@ -95,7 +97,7 @@ impl MapSpec {
     }
 }
 
-use Capacity::{Affinity, Backends, Conntrack, Services};
+use Capacity::{Affinity, Backends, Conntrack, Services, Sockets};
 use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
 
 /// An LPM trie key: a 32-bit prefix length in front of the data.
@@ -128,8 +130,9 @@ pub const SOURCE_RANGES: MapSpec =
     MapSpec::of::<LpmKey<SourceRange4>, u8>("lb4_source_ranges", LpmTrie, 16_384);
 pub const CONFIG: MapSpec = MapSpec::of::<u32, u32>("lb_config", Array, config::COUNT);
 pub const SOCK_REV: MapSpec =
-    MapSpec::of::<SockRev4Key, SockRev4Value>("lb4_sock_rev", LruHash, 262_144);
-pub const SOCK_FWD: MapSpec = MapSpec::of::<SockFwd4Key, u32>("lb4_sock_fwd", LruHash, 262_144);
+    MapSpec::of::<SockRev4Key, SockRev4Value>("lb4_sock_rev", LruHash, 262_144).sized_by(Sockets);
+pub const SOCK_FWD: MapSpec =
+    MapSpec::of::<SockFwd4Key, u32>("lb4_sock_fwd", LruHash, 262_144).sized_by(Sockets);
 /// Per backend id: where masquerading looks for its next port toward that
 /// backend.
 pub const SNAT_CURSOR: MapSpec =
@@ -181,9 +184,13 @@ pub const CONNTRACK6_PREV: MapSpec =
     MapSpec::of::<Ct6Key, Ct6Value>("lb6_conntrack_prev", LruHash, 1);
 
 pub const SOCK_REV6: MapSpec =
-    MapSpec::of::<SockRev6Key, SockRev6Value>("lb6_sock_rev", LruHash, SOCK_REV.max_entries).ipv6();
+    MapSpec::of::<SockRev6Key, SockRev6Value>("lb6_sock_rev", LruHash, SOCK_REV.max_entries)
+        .sized_by(Sockets)
+        .ipv6();
 pub const SOCK_FWD6: MapSpec =
-    MapSpec::of::<SockFwd6Key, u32>("lb6_sock_fwd", LruHash, SOCK_FWD.max_entries).ipv6();
+    MapSpec::of::<SockFwd6Key, u32>("lb6_sock_fwd", LruHash, SOCK_FWD.max_entries)
+        .sized_by(Sockets)
+        .ipv6();
 
 /// Every map the agent pins.
 pub const ALL: [MapSpec; 23] = [

@@ -654,6 +654,80 @@ fn map_memory_is_reported_per_map_and_follows_the_capacity_flags() {
     );
 }
 
+/// Without capacity flags the flow-state maps (conntrack, affinity, socket
+/// LB) are sized from the node's memory by `--map-size-ratio`: the agent
+/// creates the capacities the sizing gives this node, what the kernel
+/// charges for them matches the sizing's estimate and stays within the
+/// budget, and twice the ratio gives the maps twice the room.
+#[privileged_test]
+fn flow_state_maps_are_sized_from_the_nodes_memory_by_the_ratio() {
+    use lb_userspace::datapath::map_sizing::{node_memory, size_flow_state, Requested};
+    const FLOW_STATE: [&str; 8] = [
+        "lb4_conntrack",
+        "lb4_affinity",
+        "lb4_sock_rev",
+        "lb4_sock_fwd",
+        "lb6_conntrack",
+        "lb6_affinity",
+        "lb6_sock_rev",
+        "lb6_sock_fwd",
+    ];
+    let mut k = KubeLab::nginx();
+    k.publish();
+    let memory = node_memory().expect("MemTotal");
+    let mut conntrack = Vec::new();
+    for ratio in ["0.004", "0.008"] {
+        k.lab.kill_agent();
+        k.start_agent_extra(&["--map-size-ratio", ratio]);
+        let maps = k.lab.agent_command_json(&["maps", "--output", "json"]);
+        let of = |name: &str| {
+            maps.as_array()
+                .and_then(|m| m.iter().find(|m| m["map"] == name))
+                .unwrap_or_else(|| panic!("{name} missing: {maps}"))
+                .clone()
+        };
+        let ipv6 = of("lb6_conntrack")["max_entries"].as_u64() != Some(1);
+        let sizing = size_flow_state(memory, ratio.parse().unwrap(), ipv6, Requested::default());
+        for (map, want) in [
+            ("lb4_conntrack", sizing.sizes.conntrack),
+            ("lb4_affinity", sizing.sizes.affinity),
+            ("lb4_sock_rev", sizing.sizes.sockets),
+            ("lb4_sock_fwd", sizing.sizes.sockets),
+        ] {
+            assert_eq!(of(map)["max_entries"], want, "{map} at {ratio}: {sizing:?}");
+        }
+        let charged: u64 = FLOW_STATE
+            .iter()
+            .filter(|m| ipv6 || m.starts_with("lb4_"))
+            .map(|m| of(m)["memory_bytes"].as_u64().expect("bytes"))
+            .sum();
+        let off = charged.abs_diff(sizing.cost_bytes) as f64 / sizing.cost_bytes as f64;
+        assert!(
+            off < 0.02,
+            "the kernel charges {charged} bytes, the sizing estimated {}: {sizing:?}",
+            sizing.cost_bytes
+        );
+        assert!(
+            charged <= sizing.budget_bytes + sizing.budget_bytes / 50,
+            "{charged} bytes over the budget: {sizing:?}"
+        );
+        conntrack.push(sizing.sizes.conntrack);
+        assert!(
+            k.lab.agent_log().contains(&format!(
+                "conntrack {}, affinity {}, socket LB {} entries a family",
+                sizing.sizes.conntrack, sizing.sizes.affinity, sizing.sizes.sockets
+            )),
+            "the sizes are logged:\n{}",
+            k.lab.agent_log()
+        );
+    }
+    // Unless a floor or the ceiling holds it (a node under 9 GiB).
+    assert!(
+        conntrack[1] >= conntrack[0] * 19 / 10 || conntrack[0] == 131_072,
+        "{conntrack:?}"
+    );
+}
+
 /// `--services-max` sizes the services map; Services that do not fit are
 /// reported and counted, the agent keeps running, and what was already
 /// served keeps being served.

@@ -141,4 +141,46 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
          measured peak of {:.1} MiB: raise it",
         mib(agent_and_maps)
     );
+    let projected = on_a_bigger_node(agent_and_maps, &lab.pin_dir);
+    assert!(
+        projected * 5 <= limit * 4,
+        "on a {BIG_NODE_GIB} GiB node the flow-state maps grow to {:.1} MiB in all: \
+         {quantity} leaves less than a fifth free",
+        mib(projected)
+    );
+}
+
+/// The largest node the DaemonSet's limit is meant for, serving both
+/// families (the README's figure).
+const BIG_NODE_GIB: u64 = 64;
+
+/// The measured peak with this node's flow-state maps (sized from its
+/// memory by the default --map-size-ratio) replaced by a big node's.
+fn on_a_bigger_node(agent_and_maps: u64, pin_dir: &std::path::Path) -> u64 {
+    use lb_userspace::datapath::map_sizing::{
+        node_memory, size_flow_state, Requested, DEFAULT_RATIO,
+    };
+    let ipv6_here = lb_userspace::datapath::map_memory::pinned_usage(pin_dir)
+        .expect("pinned maps")
+        .iter()
+        .any(|m| m.map == "lb6_conntrack" && m.max_entries > 1);
+    let here = size_flow_state(
+        node_memory().unwrap(),
+        DEFAULT_RATIO,
+        ipv6_here,
+        Requested::default(),
+    );
+    let big = size_flow_state(
+        BIG_NODE_GIB << 30,
+        DEFAULT_RATIO,
+        true,
+        Requested::default(),
+    );
+    println!(
+        "MEMORY: flow-state maps here {:.1} MiB (IPv6 {ipv6_here}), on a {BIG_NODE_GIB} GiB \
+         node {:.1} MiB",
+        here.cost_bytes as f64 / f64::from(1 << 20),
+        big.cost_bytes as f64 / f64::from(1 << 20)
+    );
+    agent_and_maps - here.cost_bytes + big.cost_bytes
 }

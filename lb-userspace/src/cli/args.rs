@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::DEFAULT_PIN_DIR;
 use lb_userspace::{
     datapath::attach::{default_route_interfaces, SocketLbMode, XdpAttachMode},
+    datapath::map_sizing,
     datapath::wire_hook::WireHookMode,
     node::masquerade_ports::PortRange,
     node::node_net,
@@ -304,14 +305,28 @@ pub(crate) struct RunArgs {
     /// Capacity of the conntrack map (an LRU: two entries a flow; the least
     /// recently used are evicted when it is full). A pinned map of another
     /// size is migrated entry by entry, flows keeping their backends.
-    #[arg(long, default_value_t = lb_common::MAX_CONNTRACK,
-          value_parser = clap::value_parser!(u32).range(64..))]
-    pub(crate) conntrack_max: u32,
+    /// Default: from --map-size-ratio.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..))]
+    pub(crate) conntrack_max: Option<u32>,
     /// Capacity of the session affinity map (an LRU: one entry per client
     /// and frontend with ClientIP affinity; idle clients are evicted first).
-    #[arg(long, default_value_t = lb_common::MAX_AFFINITY,
-          value_parser = clap::value_parser!(u32).range(64..))]
-    pub(crate) affinity_max: u32,
+    /// Default: from --map-size-ratio.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..))]
+    pub(crate) affinity_max: Option<u32>,
+    /// Capacity of the socket LB's maps (LRUs: an entry per connected
+    /// socket to a Service, and per unconnected UDP socket and Service).
+    /// Default: from --map-size-ratio.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..))]
+    pub(crate) socket_lb_max: Option<u32>,
+    /// The share of the node's memory (MemTotal) the flow-state maps
+    /// (conntrack, affinity, socket LB, of each family served) may take
+    /// together when their capacity flags are not given: each gets its
+    /// built-in default scaled to fit (at least 131,072 conntrack, 65,536
+    /// socket and 16,384 affinity entries). 0.0025 gives a 16 GiB node
+    /// about 40 MiB of them. The sizes are logged at start and shown by
+    /// `lb-agent maps`.
+    #[arg(long, default_value_t = map_sizing::DEFAULT_RATIO, value_parser = parse_ratio)]
+    pub(crate) map_size_ratio: f64,
     /// How often the conntrack map is swept for entries of deleted backends
     /// and expired ones (also soon after a sync that deleted backends).
     #[arg(long, default_value = "30s", value_parser = parse_sweep_interval)]
@@ -320,6 +335,14 @@ pub(crate) struct RunArgs {
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
     #[arg(long)]
     pub(crate) cleanup: bool,
+}
+
+/// `--map-size-ratio`: a share of memory, above 0 and at most a half.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 0.5 => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio in (0, 0.5]")),
+    }
 }
 
 /// `--healthz-addr`: an address, or off.

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use lb_userspace::{
     datapath::attach::{ensure_cgroup2, netns_cookie, Attachments, SocketLbMode, XdpAttachMode},
     datapath::loader,
+    datapath::map_sizing,
     datapath::wire_hook::WireHookMode,
     node::masquerade_ports::{self},
     node::node_net,
@@ -212,6 +213,31 @@ impl DataPath {
     }
 }
 
+/// The flow-state maps' capacities: the flags', else a share of the
+/// node's memory (`--map-size-ratio`).
+fn flow_state_sizes(args: &RunArgs, ipv6: bool) -> Result<map_sizing::FlowStateSizes> {
+    let requested = map_sizing::Requested {
+        conntrack: args.conntrack_max,
+        affinity: args.affinity_max,
+        sockets: args.socket_lb_max,
+    };
+    let memory = map_sizing::node_memory().context("reading the node's memory")?;
+    let sizing = map_sizing::size_flow_state(memory, args.map_size_ratio, ipv6, requested);
+    let mib = |b: u64| b / (1 << 20);
+    log::info!(
+        "flow-state maps: conntrack {}, affinity {}, socket LB {} entries a family ({} MiB; \
+         --map-size-ratio {} of {} MiB is {} MiB)",
+        sizing.sizes.conntrack,
+        sizing.sizes.affinity,
+        sizing.sizes.sockets,
+        mib(sizing.cost_bytes),
+        args.map_size_ratio,
+        mib(memory),
+        mib(sizing.budget_bytes),
+    );
+    Ok(sizing.sizes)
+}
+
 pub(crate) fn setup_datapath(
     pin_dir: &Path,
     args: &RunArgs,
@@ -229,10 +255,12 @@ pub(crate) fn setup_datapath(
         if ipv6 { "served" } else { "off" },
         args.node.ipv6
     );
+    let flow_state = flow_state_sizes(args, ipv6)?;
     let config = loader::LoadConfig {
         sizes: loader::MapSizes {
-            conntrack: args.conntrack_max,
-            affinity: args.affinity_max,
+            conntrack: flow_state.conntrack,
+            affinity: flow_state.affinity,
+            sockets: flow_state.sockets,
             backends: args.backends_max,
             services: args.services_max,
             ipv6,

@@ -366,6 +366,9 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// Capacity of the session affinity map (one entry a client and frontend).
     pub affinity: u32,
+    /// Capacity of the socket LB's reverse and forward maps (an entry a
+    /// connected socket, or an unconnected UDP socket and Service).
+    pub sockets: u32,
     /// Capacity of the backends array (and of the masquerade cursors,
     /// also indexed by backend id).
     pub backends: u32,
@@ -382,6 +385,7 @@ impl Default for MapSizes {
         Self {
             conntrack: lb_common::MAX_CONNTRACK,
             affinity: lb_common::MAX_AFFINITY,
+            sockets: lb_common::map_spec::SOCK_REV.max_entries,
             backends: lb_common::MAX_BACKENDS,
             services: lb_common::MAX_SERVICE_SLOTS,
             ipv6: true,
@@ -397,6 +401,7 @@ impl MapSizes {
             Capacity::Affinity => self.affinity,
             Capacity::Backends => self.backends,
             Capacity::Services => self.services,
+            Capacity::Sockets => self.sockets,
         }
     }
 }
@@ -632,6 +637,7 @@ mod tests {
             affinity: 200,
             backends: 300,
             services: 400,
+            sockets: 500,
             ipv6: true,
         };
         let find = |name| *layouts(sizes).iter().find(|s| s.name == name).unwrap();
@@ -641,6 +647,9 @@ mod tests {
         assert_eq!(find(map_names::SNAT_CURSOR).max_entries, 300);
         assert_eq!(find(map_names::SERVICES).max_entries, 400);
         assert_eq!(find(map_names::CONNTRACK6).max_entries, 100);
+        assert_eq!(find(map_names::SOCK_REV).max_entries, 500);
+        assert_eq!(find(map_names::SOCK_FWD6).max_entries, 500);
+        assert_eq!(find(map_names::REV_NAT).max_entries, lb_common::MAX_REV_NAT);
         let no_ipv6 = layouts(MapSizes {
             ipv6: false,
             ..sizes

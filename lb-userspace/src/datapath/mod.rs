@@ -8,6 +8,7 @@ pub mod conntrack_sweep;
 pub mod inspect;
 pub mod loader;
 pub mod map_memory;
+pub mod map_sizing;
 pub(crate) mod pseudo_fs;
 pub mod wire_hook;
 
