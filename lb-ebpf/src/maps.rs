@@ -6,7 +6,7 @@ use core::mem::MaybeUninit;
 
 use crate::{family::Family, headers::Flow6, nat::NewFlow};
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{self, BPF_ANY, BPF_NOEXIST},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -66,7 +66,7 @@ macro_rules! check_spec {
 pub static SNAT_CURSOR: Array<u64, { spec::SNAT_CURSOR.max_entries as usize }> = Array::new();
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
-const NO_PREALLOC: usize = 1;
+const NO_PREALLOC: usize = bindings::BPF_F_NO_PREALLOC as usize;
 
 #[btf_map(name = "lb4_services")]
 pub static SERVICES: HashMap<
