@@ -33,6 +33,7 @@ use std::{
     fs::File,
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    ops::Bound,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{
@@ -796,14 +797,15 @@ fn list(shared: &Shared, resource: Resource, t: &Target, selector: &Selector) ->
     let mut items = Vec::new();
     let mut next = None;
     let mut last: Option<(&String, &String)> = None;
-    for ((r, ns, name), object) in &st.objects {
+    // A page starts right after the token's key: paging through N objects
+    // costs N, not N x pages.
+    let start = match after {
+        Some((ns, name)) => Bound::Excluded((resource, ns, name)),
+        None => Bound::Included((resource, String::new(), String::new())),
+    };
+    for ((r, ns, name), object) in st.objects.range((start, Bound::Unbounded)) {
         if *r != resource {
-            continue;
-        }
-        if let Some((ans, aname)) = &after {
-            if (ns, name) <= (ans, aname) {
-                continue;
-            }
+            break;
         }
         if !selector.matches(object) {
             continue;
