@@ -47,6 +47,7 @@ pub mod map_names {
     pub const SNAT_CURSOR6: &str = map_spec::SNAT_CURSOR6.name;
     pub const SOCK_REV6: &str = map_spec::SOCK_REV6.name;
     pub const SOCK_FWD6: &str = map_spec::SOCK_FWD6.name;
+    pub const MAGLEV: &str = map_spec::MAGLEV.name;
     pub const CONNTRACK6_PREV: &str = map_spec::CONNTRACK6_PREV.name;
     /// The pinned maps, in the order of `map_spec::ALL`.
     pub const ALL: [&str; map_spec::ALL.len()] = {
@@ -168,6 +169,10 @@ pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
 /// internalTrafficPolicy Local (informational: the slots hold only local
 /// endpoints).
 pub const SVC_FLAG_INTERNAL_LOCAL: u16 = 1 << 7;
+/// Maglev: a new flow takes the backend slot its 5-tuple hash picks in the
+/// frontend's table (`lb_maglev`), the same on every node; random when
+/// the table is missing or names a slot past `count`.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 8;
 /// Frontends reached from outside the node.
 pub const SVC_FLAGS_EXTERNAL: u16 =
     SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
@@ -433,7 +438,17 @@ pub struct DatapathConfig {
     /// The node's IPv6 masquerade address (all zero: masquerading IPv6
     /// flows is off).
     pub masquerade_addr6: Ipv6Bytes,
+    /// Entries of every Maglev table (a prime; 0: no tables).
+    pub maglev_table_size: u32,
+    pub _pad: u32,
 }
+
+/// A Maglev table is an array of u64 words, each holding four u16 slot
+/// numbers (entry `i` in word `i / 4`, bits `16 * (i % 4)`), so an entry
+/// costs 2 bytes of the array's 8-byte elements.
+pub const MAGLEV_ENTRIES_PER_WORD: u32 = 4;
+/// Words of the largest table (65,537 entries, Katran's size).
+pub const MAGLEV_MAX_WORDS: u32 = 65_537_u32.div_ceil(MAGLEV_ENTRIES_PER_WORD);
 
 /// How long an idle entry keeps its backend, as in the kernel's conntrack.
 pub const CT_TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;

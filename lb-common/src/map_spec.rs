@@ -21,6 +21,8 @@ pub enum MapKind {
     Array,
     PerCpuArray,
     LpmTrie,
+    /// A hash of maps (the values are inner maps' file descriptors).
+    HashOfMaps,
 }
 
 /// One map of the object, as this version defines it.
@@ -98,7 +100,7 @@ impl MapSpec {
 }
 
 use Capacity::{Affinity, Backends, Conntrack, Services, Sockets};
-use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
+use MapKind::{Array, Hash, HashOfMaps, LpmTrie, LruHash, PerCpuArray};
 
 /// An LPM trie key: a 32-bit prefix length in front of the data.
 #[repr(C)]
@@ -141,6 +143,12 @@ pub const SNAT_CURSOR: MapSpec =
 /// pin only then; otherwise an empty one-entry map). Not in [`ALL`].
 pub const CONNTRACK_PREV: MapSpec =
     MapSpec::of::<Ct4Key, Ct4Value>("lb4_conntrack_prev", LruHash, 1);
+
+/// Reverse NAT id -> the frontend's Maglev table (an array of
+/// `MAGLEV_MAX_WORDS` u64 words at most), for frontends of both families.
+/// A table is replaced whole (a new inner map swapped in), so a reader
+/// sees the old or the new one, never a mix.
+pub const MAGLEV: MapSpec = MapSpec::of::<u32, u32>("lb_maglev", HashOfMaps, REV_NAT.max_entries);
 
 /// The IPv6 twins, sized by the same flags. Backend ids are per family
 /// (each indexes its own array); reverse NAT ids are one space over both,
@@ -193,7 +201,7 @@ pub const SOCK_FWD6: MapSpec =
         .ipv6();
 
 /// Every map the agent pins.
-pub const ALL: [MapSpec; 23] = [
+pub const ALL: [MapSpec; 24] = [
     SERVICES,
     BACKENDS,
     REV_NAT,
@@ -217,4 +225,5 @@ pub const ALL: [MapSpec; 23] = [
     SNAT_CURSOR6,
     SOCK_REV6,
     SOCK_FWD6,
+    MAGLEV,
 ];

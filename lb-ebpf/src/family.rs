@@ -24,16 +24,31 @@ pub trait Addr: Copy + PartialEq {
     type CtPad: Copy + Default;
     /// The unspecified address (0.0.0.0 or ::): "none" in a value.
     const UNSPECIFIED: Self;
+    /// The address mixed into a flow hash, `h` the hash so far.
+    fn mix_into(&self, h: u32) -> u32;
 }
 
 impl Addr for u32 {
     type CtPad = u16;
     const UNSPECIFIED: Self = 0;
+
+    #[inline(always)]
+    fn mix_into(&self, h: u32) -> u32 {
+        crate::nat::mix(h, *self)
+    }
 }
 
 impl Addr for Ipv6Bytes {
     type CtPad = [u8; 6];
     const UNSPECIFIED: Self = [0; 4];
+
+    #[inline(always)]
+    fn mix_into(&self, h: u32) -> u32 {
+        let h = crate::nat::mix(h, self[0]);
+        let h = crate::nat::mix(h, self[1]);
+        let h = crate::nat::mix(h, self[2]);
+        crate::nat::mix(h, self[3])
+    }
 }
 
 /// A conntrack key (`Ct4Key`, `Ct6Key`).

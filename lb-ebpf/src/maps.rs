@@ -7,7 +7,7 @@ use core::mem::MaybeUninit;
 use crate::{family::Family, headers::Flow6, nat::NewFlow};
 use aya_ebpf::{
     bindings::{self, BPF_ANY, BPF_NOEXIST},
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -40,6 +40,8 @@ static DATAPATH_CONFIG: DatapathConfig = DatapathConfig {
     masquerade_addr: 0,
     socket_lb_mode: 0,
     masquerade_addr6: [0; 4],
+    maglev_table_size: 0,
+    _pad: 0,
 };
 
 #[inline(always)]
@@ -67,6 +69,21 @@ pub static SNAT_CURSOR: Array<u64, { spec::SNAT_CURSOR.max_entries as usize }> =
 
 /// Entries are allocated on update, so a large ceiling costs nothing idle.
 const NO_PREALLOC: usize = bindings::BPF_F_NO_PREALLOC as usize;
+
+/// Inner maps may have fewer entries than the template: tables are sized
+/// by the agent's `--maglev-table-size`.
+const INNER_MAP: usize = bindings::BPF_F_INNER_MAP as usize;
+
+/// A frontend's Maglev table: u64 words of four u16 slot numbers.
+pub type MaglevTable = Array<u64, { lb_common::MAGLEV_MAX_WORDS as usize }, INNER_MAP>;
+
+#[btf_map(name = "lb_maglev")]
+pub static MAGLEV: HashOfMaps<
+    u32,
+    MaglevTable,
+    { spec::MAGLEV.max_entries as usize },
+    NO_PREALLOC,
+> = HashOfMaps::new();
 
 #[btf_map(name = "lb4_services")]
 pub static SERVICES: HashMap<
@@ -309,6 +326,7 @@ pub static SOCK_FWD6: LruHashMap<SockFwd6Key, u32, { spec::SOCK_FWD6.max_entries
 // Each declaration above against its entry in the table.
 check_spec!(spec::SNAT_CURSOR, "lb4_snat_cursor", u32, u64);
 check_spec!(spec::SERVICES, "lb4_services", Service4Key, Service4Value);
+check_spec!(spec::MAGLEV, "lb_maglev", u32, u32);
 check_spec!(spec::BACKENDS, "lb4_backends", u32, Backend4);
 check_spec!(spec::REV_NAT, "lb4_reverse_nat", u16, RevNat4);
 check_spec!(spec::CONNTRACK, "lb4_conntrack", Ct4Key, Ct4Value);

@@ -12,14 +12,15 @@ use lb_common::{
     stats::{self, RejectFailure, RewriteFailure},
     Affinity4Value, Service4Value, AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_DIR_FORWARD,
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_OPENING, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
-    CT_REFRESH_INTERVAL_NS, IPPROTO_TCP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_PORT_TRIES,
-    SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    CT_REFRESH_INTERVAL_NS, IPPROTO_TCP, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
     family::{Addr, Backend, Client, Ct, Family, RevNat, SvcKey, Tuple},
     headers::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{count, count_service, snat_ports},
+    maps::{count, count_service, datapath_config, snat_ports, MAGLEV},
 };
 
 pub enum Action {
@@ -360,8 +361,9 @@ fn pick_backend<F: Family>(flow: &Flow<F::Addr>, start: &mut NewFlow<F::Addr>) -
         proto: flow.proto,
         kind: AFFINITY_CLIENT_ADDR,
     };
-    let Some((backend_id, backend)) = select_backend::<F>(svc, &start.frontend, &client, start.now)
-        .and_then(|id| Some((id, F::backend(id)?)))
+    let Some((backend_id, backend)) =
+        select_backend::<F>(svc, &start.frontend, &client, start.now, Some(flow))
+            .and_then(|id| Some((id, F::backend(id)?)))
     else {
         return false;
     };
@@ -417,13 +419,16 @@ fn new_entry_flags<A>(flow: &Flow<A>, svc: &Service4Value) -> u16 {
 }
 
 /// The client's affinity backend while it is fresh and still an active
-/// backend of the frontend; otherwise a random active slot.
+/// backend of the frontend; otherwise the slot the frontend's Maglev table
+/// gives `flow` (a packet's flow, on a Maglev frontend), else a random
+/// active slot.
 #[inline(always)]
 pub fn select_backend<F: Family>(
     svc: &Service4Value,
     frontend: &SvcKey<F::Addr>,
     client: &Client<F::Addr>,
     now: u64,
+    flow: Option<&Flow<F::Addr>>,
 ) -> Option<u32> {
     if svc.affinity_timeout != 0 {
         if let Some(a) = F::affinity(client) {
@@ -436,13 +441,60 @@ pub fn select_backend<F: Family>(
             }
         }
     }
-    // checked_rem: no panic path (the verifier refuses one in a function).
-    let pick = unsafe { bpf_get_prandom_u32() }.checked_rem(u32::from(svc.count))?;
+    let maglev = flow
+        .filter(|_| svc.flags & SVC_FLAG_MAGLEV != 0)
+        .and_then(|f| maglev_slot(svc, f));
+    let backend_slot = match maglev {
+        Some(slot) => slot,
+        // checked_rem: no panic path (the verifier refuses one in a function).
+        None => unsafe { bpf_get_prandom_u32() }.checked_rem(u32::from(svc.count))? as u16 + 1,
+    };
     let slot = SvcKey {
-        backend_slot: pick as u16 + 1,
+        backend_slot,
         ..*frontend
     };
     F::service(&slot).map(|v| v.backend_id)
+}
+
+/// The backend slot the frontend's Maglev table gives the flow: None
+/// without a table, or when the entry names no slot or one past `count`
+/// (a table not yet rewritten after the backends shrank).
+#[inline(always)]
+fn maglev_slot<A: Addr>(svc: &Service4Value, flow: &Flow<A>) -> Option<u16> {
+    let entry = flow_hash(flow).checked_rem(datapath_config().maglev_table_size)?;
+    let rev_nat_id = u32::from(svc.rev_nat_id);
+    // SAFETY: array entries stay in place; the word is copied at once.
+    let word = *unsafe { MAGLEV.get_value(&rev_nat_id, &(entry / MAGLEV_ENTRIES_PER_WORD)) }?;
+    let slot = (word >> (16 * (entry % MAGLEV_ENTRIES_PER_WORD))) as u16;
+    (slot != 0 && slot <= svc.count).then_some(slot)
+}
+
+/// A hash of the flow's 5-tuple (MurmurHash3's 32-bit mixing), the same
+/// on every node, so every node's table sends the flow to one backend.
+#[inline(always)]
+fn flow_hash<A: Addr>(flow: &Flow<A>) -> u32 {
+    let h = flow.saddr.mix_into(0);
+    let h = flow.daddr.mix_into(h);
+    let h = mix(h, (u32::from(flow.sport) << 16) | u32::from(flow.dport));
+    let mut h = mix(h, u32::from(flow.proto));
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// One 32-bit word into MurmurHash3's state `h`.
+#[inline(always)]
+pub fn mix(h: u32, word: u32) -> u32 {
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 /// A TCP SYN straight to an address that is no Service (a pod, or a backend

@@ -263,7 +263,7 @@ fn translate<F: SockFamily>(
         proto: to.proto,
         kind: AFFINITY_CLIENT_NETNS,
     };
-    let Some((backend_id, backend)) = select_backend::<F>(&svc, &frontend, &client, now)
+    let Some((backend_id, backend)) = select_backend::<F>(&svc, &frontend, &client, now, None)
         .and_then(|id| Some((id, F::backend(id)?)))
     else {
         count::<F>(stats::BACKEND_MISSING);

@@ -9,6 +9,29 @@ use std::{
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
 
+/// How new flows of an external frontend (NodePort, LoadBalancer,
+/// externalIPs) pick a backend: `--lb-algorithm`, or a Service's
+/// `lb-agent.io/lb-algorithm` annotation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum LbAlgorithm {
+    /// Any active backend, at random (as kube-proxy).
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the flow's 5-tuple: every node picks
+    /// the same backend for the same flow.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "random" => Some(Self::Random),
+            "maglev" => Some(Self::Maglev),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Protocol {
     Tcp,

@@ -27,6 +27,7 @@ fn nodeport(ranges: &str) -> Harness {
         nodeport_addresses: vec![NODE.into()],
         zone: None,
         ipv6_off: false,
+        lb_algorithm: lb_userspace::model::LbAlgorithm::Random,
     };
     let svc = json!({"metadata": {"name": "np", "namespace": "default"},
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "ports": [

@@ -27,6 +27,7 @@ on_each_wire!(
     external_traffic_policy_local_serves_only_local_pods_and_health_checks_say_so,
     a_removed_remote_backend_gets_no_new_connections,
     one_nodes_agent_killed_and_restarted_under_load_loses_nothing,
+    maglev_sends_a_flow_to_the_same_backend_whichever_node_it_enters,
 );
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -264,4 +265,72 @@ fn one_nodes_agent_killed_and_restarted_under_load_loses_nothing(wire: Wire) {
         assert_eq!(r.connections, 1, "{r}: the connection survived");
     }
     report_checksum_counters("an agent restarted under load", &c.checksum_errors());
+}
+
+/// The pod answering one UDP datagram sent from the external client's
+/// `port` to `to` (a fixed 5-tuple per port).
+fn udp_from_port(ns: &Netns, port: u16, to: SocketAddrV4) -> String {
+    ns.run_in(|| {
+        let s = std::net::UdpSocket::bind((CLUSTER_EXT_ADDR, port)).expect("bind");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.send_to(b"hello", to).expect("send");
+        let mut buf = [0u8; 512];
+        let (n, _) = s
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("UDP from port {port} to {to}: {e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+}
+
+/// Maglev (the `lb-agent.io/lb-algorithm` annotation): each agent builds
+/// the Service's table from the same backends, so a flow picks the same
+/// backend whichever node it enters. A LoadBalancer address with pods on
+/// both nodes is reached from outside via node-1, then, the route moved
+/// to node-2 (as when a router's ECMP set changes), again: each of 40 UDP
+/// flows (fixed client ports) is answered by the same pod both times. At
+/// random, 40 flows over 3 pods would all agree once in 3^40.
+fn maglev_sends_a_flow_to_the_same_backend_whichever_node_it_enters(wire: Wire) {
+    let mut c = cluster(wire);
+    let route = |c: &Cluster, verb: &str, k: usize| {
+        let via = node_addr(k).to_string();
+        c.ext
+            .exec(&["ip", "route", verb, &format!("{LB_IP}/32"), "via", &via])
+            .expect("route to the LoadBalancer address");
+    };
+    route(&c, "add", 1);
+    let pods: Vec<String> = c.pods_on(0).into_iter().chain(c.pods_on(1)).collect();
+    let endpoints = pods.iter().map(|p| endpoint(&c, p)).collect();
+    let spec =
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.46", "ports": ports(Some(30096))});
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
+    let maglev = json!({"lb-agent.io/lb-algorithm": "maglev"});
+    c.state
+        .put_annotated_service("maglev", maglev, spec, status, endpoints);
+    c.write_manifests().expect("manifests");
+    c.start_agents().expect("start the agents");
+    let to = SocketAddrV4::new(LB_IP, 80);
+    let flows = 41_000..41_040_u16;
+    let via_node1: Vec<String> = flows
+        .clone()
+        .map(|p| udp_from_port(&c.ext, p, to))
+        .collect();
+    route(&c, "replace", 2);
+    let via_node2: Vec<String> = flows.map(|p| udp_from_port(&c.ext, p, to)).collect();
+    assert_eq!(
+        via_node1, via_node2,
+        "every flow reaches the same pod through either node"
+    );
+    let mut spread = via_node1.clone();
+    spread.sort();
+    spread.dedup();
+    assert_eq!(
+        spread,
+        {
+            let mut p = pods.clone();
+            p.sort();
+            p
+        },
+        "the flows spread over every pod"
+    );
+    report_checksum_counters("Maglev across nodes", &c.checksum_errors());
 }

@@ -9,9 +9,11 @@ use lb_userspace::{
     datapath::attach::{default_route_interfaces, SocketLbMode, XdpAttachMode},
     datapath::map_sizing,
     datapath::wire_hook::WireHookMode,
+    model::LbAlgorithm,
     node::masquerade_ports::PortRange,
     node::node_net,
     source::api_client::{self, ApiClientOptions, ApiServerAddress},
+    translate::maglev,
 };
 
 #[derive(Parser)]
@@ -125,6 +127,14 @@ pub(crate) struct NodeArgs {
     /// for them) and IPv6 addresses of Services are passed over.
     #[arg(long, value_enum, default_value_t = Ipv6Mode::Auto)]
     pub(crate) ipv6: Ipv6Mode,
+    /// How new flows to external frontends (NodePort, LoadBalancer,
+    /// externalIPs) with externalTrafficPolicy Cluster pick a backend:
+    /// `random`, or `maglev` (consistent hashing of the flow's 5-tuple:
+    /// every node picks the same backend, so a flow that moves to another
+    /// node keeps it). A Service's `lb-agent.io/lb-algorithm` annotation
+    /// (`random` or `maglev`) overrides it. ClusterIPs stay random.
+    #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
+    pub(crate) lb_algorithm: LbAlgorithm,
 }
 
 /// `--ipv6`.
@@ -318,6 +328,16 @@ pub(crate) struct RunArgs {
     /// Default: from --map-size-ratio.
     #[arg(long, value_parser = clap::value_parser!(u32).range(64..))]
     pub(crate) socket_lb_max: Option<u32>,
+    /// Entries of each Maglev table, a prime up to 65537 (Cilium's
+    /// default 16381, Katran's 65537): each backend gets 1/N of them to
+    /// within N/size; a table costs 2 bytes an entry. Every node of a
+    /// cluster must use the same.
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE)]
+    pub(crate) maglev_table_size: u32,
+    /// The key of the Maglev permutation: every node of a cluster must be
+    /// given the same text, or their tables differ.
+    #[arg(long, default_value = "lb-agent")]
+    pub(crate) maglev_hash_seed: String,
     /// The share of the node's memory (MemTotal) the flow-state maps
     /// (conntrack, affinity, socket LB, of each family served) may take
     /// together when their capacity flags are not given: each gets its

@@ -28,6 +28,7 @@ pub(crate) async fn check(
         ipv6_off: !args.node.serves_ipv6(&nodeport_addresses),
         nodeport_addresses,
         zone: args.node.zone.clone(),
+        lb_algorithm: args.node.lb_algorithm,
     };
     let (services, slices) = if let Some(dir) = &args.source.manifests {
         let (set, errors) = ManifestSource::new(dir).read();

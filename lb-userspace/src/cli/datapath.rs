@@ -20,6 +20,7 @@ use lb_userspace::{
     serve::health_check::HealthServer,
     serve::metrics::{Metrics, WireHookLabel},
     serve::proxy_health::ProxyHealth,
+    sync::maglev_tables::{self, MaglevTables},
     sync::map_writer::BpfMaps,
     sync::programmer::{Programmer, SyncReport},
     translate::NodeInfo,
@@ -95,6 +96,8 @@ pub(crate) struct DataPath {
     sweep: Option<std::sync::mpsc::SyncSender<()>>,
     sweep_interval: Duration,
     metrics: Arc<Metrics>,
+    /// The Maglev frontends' tables, kept in step with their slots.
+    maglev: MaglevTables,
 }
 
 impl DataPath {
@@ -111,6 +114,7 @@ impl DataPath {
             self.metrics.datapath.set_names(names);
         }
         self.health.update(programmer.health.values());
+        self.write_maglev_tables(programmer);
         self.close_stale_udp(report);
         self.attach_after_first_sync(&mut programmer.writer)?;
         self.wake_sweep(report);
@@ -122,6 +126,25 @@ impl DataPath {
             log::debug!("{note}");
         }
         Ok(())
+    }
+
+    /// Tables of Maglev frontends whose slots changed; a table that could
+    /// not be written leaves its frontend random (logged, and tried again
+    /// at the next sync).
+    fn write_maglev_tables(&mut self, programmer: &mut Programmer<BpfMaps>) {
+        let report = self
+            .maglev
+            .sync(&mut programmer.writer, &programmer.current);
+        if report.written + report.deleted > 0 {
+            log::debug!(
+                "Maglev tables: {} written, {} deleted",
+                report.written,
+                report.deleted
+            );
+        }
+        for e in &report.errors {
+            log::warn!("{e}");
+        }
     }
 
     /// Host sockets connected (translated at connect()) to UDP backends a
@@ -297,6 +320,12 @@ pub(crate) fn setup_datapath(
         sweep: None,
         sweep_interval: args.conntrack_sweep_interval,
         metrics: metrics.clone(),
+        maglev: MaglevTables::new(
+            args.maglev_table_size,
+            maglev_tables::seed_of(&args.maglev_hash_seed),
+            maglev_tables::tables_in(&maps),
+        )
+        .context("--maglev-table-size")?,
     };
     metrics.datapath.open(pin_dir)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
@@ -307,6 +336,7 @@ pub(crate) fn setup_datapath(
         nodeport_addresses,
         zone: args.node.zone.clone(),
         ipv6_off: !ipv6,
+        lb_algorithm: args.node.lb_algorithm,
     };
     Ok((dp, programmer))
 }
@@ -399,6 +429,8 @@ fn node_side(args: &RunArgs) -> Result<NodeSide> {
         masquerade_addr: masquerade.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         socket_lb_mode: args.socket_lb.config_value(),
         masquerade_addr6: masquerade6.map_or([0; 4], |a| lb_common::ipv6::words(a.octets())),
+        maglev_table_size: args.maglev_table_size,
+        _pad: 0,
     };
     Ok(NodeSide {
         wire,

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapType},
+    maps::{Array, HashMap, HashOfMaps, MapType},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -82,6 +82,7 @@ pub(crate) fn map_type(kind: MapKind) -> MapType {
         MapKind::Array => MapType::Array,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LpmTrie => MapType::LpmTrie,
+        MapKind::HashOfMaps => MapType::HashOfMaps,
     }
 }
 
@@ -564,6 +565,7 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
         ipv4: FamilyMaps::from_maps(&mut take)?,
         ipv6: FamilyMaps::from_maps(&mut take)?,
         config: Array::try_from(take(map_names::CONFIG)?)?,
+        maglev: Some(HashOfMaps::try_from(take(map_names::MAGLEV)?)?),
     })
 }
 
@@ -579,6 +581,10 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
         ipv4: FamilyMaps::from_maps(open)?,
         ipv6,
         config: Array::try_from(open(map_names::CONFIG)?)?,
+        maglev: map_pin_path(pin_dir, map_names::MAGLEV)
+            .exists()
+            .then(|| open(map_names::MAGLEV).and_then(|m| Ok(HashOfMaps::try_from(m)?)))
+            .transpose()?,
     })
 }
 

@@ -22,7 +22,7 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointSlice},
 };
 
-use crate::model::{Protocol, ServiceName, UnsupportedProtocol};
+use crate::model::{LbAlgorithm, Protocol, ServiceName, UnsupportedProtocol};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -32,6 +32,9 @@ pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The annotation kube-proxy measures network programming latency from.
 pub(crate) const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Chooses a Service's `LbAlgorithm` (`random` or `maglev`) over
+/// `--lb-algorithm`.
+pub const LB_ALGORITHM_ANNOTATION: &str = "lb-agent.io/lb-algorithm";
 /// The older way to give `loadBalancerSourceRanges` (kube-proxy reads it
 /// when the spec has none).
 pub(crate) const SOURCE_RANGES_ANNOTATION: &str =
@@ -126,6 +129,9 @@ pub struct ServiceInfo {
     pub external_local: bool,
     pub internal_local: bool,
     pub health_check_node_port: Option<i32>,
+    /// The `lb-agent.io/lb-algorithm` annotation: an algorithm, or the
+    /// text it does not name one with.
+    pub lb_algorithm: Option<Result<LbAlgorithm, Box<str>>>,
 }
 
 /// `addressType` of an EndpointSlice.
@@ -220,6 +226,12 @@ impl From<&Service> for ServiceInfo {
             external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             health_check_node_port: spec.health_check_node_port,
+            lb_algorithm: svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+                .map(|v| LbAlgorithm::parse(v).ok_or_else(|| v.as_str().into())),
         }
     }
 }
@@ -458,6 +470,22 @@ mod tests {
         assert_eq!(s.health_check_node_port, Some(32000));
         assert_eq!(s.ports[0].node_port, Some(30080));
         assert_eq!(s.ignored, None);
+    }
+
+    #[test]
+    fn the_lb_algorithm_annotation_is_read_and_an_unknown_value_kept_for_the_report() {
+        let with = |value: Option<&str>| {
+            let annotations = value.map_or(json!({}), |v| json!({LB_ALGORITHM_ANNOTATION: v}));
+            service(
+                json!({"metadata": {"name": "a", "annotations": annotations},
+                "spec": {"clusterIP": "10.96.0.1"}}),
+            )
+            .lb_algorithm
+        };
+        assert_eq!(with(None), None);
+        assert_eq!(with(Some("maglev")), Some(Ok(LbAlgorithm::Maglev)));
+        assert_eq!(with(Some("random")), Some(Ok(LbAlgorithm::Random)));
+        assert_eq!(with(Some("Maglev")), Some(Err("Maglev".into())));
     }
 
     #[test]

@@ -422,6 +422,8 @@ fn node() -> NodeInfo {
         nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "fd00:1::1".parse().unwrap()],
         zone: Some("z1".into()),
         ipv6_off: false,
+        // External frontends carry the Maglev flag through every plan.
+        lb_algorithm: crate::model::LbAlgorithm::Maglev,
     }
 }
 

@@ -58,6 +58,8 @@ pub enum Invalid {
     NotAnAddress { field: &'static str, value: String },
     #[error("sessionAffinity timeoutSeconds {0} is not in 1..=86400")]
     AffinityTimeout(i32),
+    #[error("annotation lb-agent.io/lb-algorithm {0:?} is not random or maglev (the node's --lb-algorithm applies)")]
+    LbAlgorithm(String),
     #[error("sessionAffinity {0:?} is not supported")]
     UnsupportedAffinity(String),
     #[error("loadBalancerSourceRanges: {0}")]

@@ -30,15 +30,15 @@ use std::{
 
 use lb_common::{
     MAX_BACKENDS_PER_SERVICE, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXTERNAL_LOCAL,
-    SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
-    SVC_FLAG_TWO_SCOPES,
+    SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 pub use crate::source::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL};
 use crate::{
     model::{
-        BackendSet, Conflict, DesiredState, Family, IpPrefix, L4Addr, Protocol, ServiceEntry,
-        ServiceName, Shadowed,
+        BackendSet, Conflict, DesiredState, Family, IpPrefix, L4Addr, LbAlgorithm, Protocol,
+        ServiceEntry, ServiceName, Shadowed,
     },
     source::objects::{Addr, AddressType, Affinity, PortInfo, ServiceInfo, ServiceKind, SliceInfo},
 };
@@ -71,6 +71,9 @@ pub struct NodeInfo {
     /// IPv6 is off on this node (`--ipv6 off`, or auto on a node without
     /// IPv6): the IPv6 side of every Service is passed over (noted).
     pub ipv6_off: bool,
+    /// For external frontends of Services without the annotation
+    /// (`--lb-algorithm`).
+    pub lb_algorithm: LbAlgorithm,
 }
 
 /// Translates every Service and its EndpointSlices for a node without
@@ -199,6 +202,10 @@ struct ServiceRules {
     affinity_timeout: u32,
     /// Of both families: each frontend takes its own family's.
     source_ranges: Vec<IpPrefix>,
+    /// External frontends with externalTrafficPolicy Cluster pick by
+    /// Maglev (with Local each node has its own backends: nothing to
+    /// agree on).
+    maglev: bool,
 }
 
 /// Translates one Service with its slices: its entries, or why the whole
@@ -229,6 +236,7 @@ pub(crate) fn translate_service(
         sides,
         affinity_timeout: affinity_timeout(&svc.affinity)?,
         source_ranges: source_ranges(svc)?,
+        maglev: lb_algorithm(node, svc, errors) == LbAlgorithm::Maglev && !svc.external_local,
     };
     // In name order: when two slices disagree about one address, the
     // outcome must not depend on the order they arrived in.
@@ -246,6 +254,27 @@ pub(crate) fn translate_service(
         }
     }
     Ok(entries)
+}
+
+/// The Service's algorithm: its annotation's, else the node's default
+/// (also when the annotation names none, which is reported).
+fn lb_algorithm(
+    node: &NodeInfo,
+    svc: &ServiceInfo,
+    errors: &mut Vec<TranslateError>,
+) -> LbAlgorithm {
+    match &svc.lb_algorithm {
+        None => node.lb_algorithm,
+        Some(Ok(algorithm)) => *algorithm,
+        Some(Err(text)) => {
+            errors.push(TranslateError {
+                kind: ObjectKind::Service,
+                object: format!("Service {}", svc.name),
+                reason: Invalid::LbAlgorithm(text.to_string()),
+            });
+            node.lb_algorithm
+        }
+    }
 }
 
 fn port_object(svc: &ServiceInfo, port: &PortInfo) -> String {
@@ -501,6 +530,9 @@ impl EntryBuilder<'_> {
         let ranged = self.source_ranges_of(frontend.family()).next().is_some();
         if kind == SVC_FLAG_LOAD_BALANCER && ranged {
             flags |= SVC_FLAG_SOURCE_RANGES;
+        }
+        if self.rules.maglev {
+            flags |= SVC_FLAG_MAGLEV;
         }
         self.entry(frontend, flags, backends, internal)
     }
@@ -921,6 +953,7 @@ mod tests {
             nodeport_addresses: vec!["10.0.0.1".parse().unwrap(), "10.0.1.1".parse().unwrap()],
             zone: Some("z1".into()),
             ipv6_off: false,
+            lb_algorithm: LbAlgorithm::Random,
         }
     }
 
@@ -953,6 +986,50 @@ mod tests {
         t.state
             .get(&addr(a, port, Protocol::Tcp))
             .unwrap_or_else(|| panic!("no frontend {a}:{port}: {:?}", t.state.entries().keys()))
+    }
+
+    /// `policy_service` with the lb-algorithm annotation set to `value`.
+    fn annotated(value: &str, extra: serde_json::Value) -> ServiceInfo {
+        let mut svc = policy_service(extra);
+        svc.lb_algorithm = Some(LbAlgorithm::parse(value).ok_or_else(|| value.into()));
+        svc
+    }
+
+    #[test]
+    fn maglev_is_chosen_per_service_for_external_frontends_with_cluster_policy() {
+        let sl = || web_slice("w", vec![ep_full("10.244.0.5", true, true, false, "n1")]);
+        let maglev = |t: &Translation, a, port| entry_for(t, a, port).flags & SVC_FLAG_MAGLEV != 0;
+        // By annotation, on a node that defaults to random.
+        let t = translate_on(&node(), &[annotated("maglev", json!({}))], &[sl()]);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert!(maglev(&t, "10.0.0.1", 30080) && maglev(&t, "192.0.2.1", 80));
+        assert!(!maglev(&t, "10.96.0.10", 80), "ClusterIPs stay random");
+        // By the node's default, and the annotation turns it off.
+        let node = NodeInfo {
+            lb_algorithm: LbAlgorithm::Maglev,
+            ..node()
+        };
+        let t = translate_on(&node, &[policy_service(json!({}))], &[sl()]);
+        assert!(maglev(&t, "10.0.0.1", 30080));
+        let t = translate_on(&node, &[annotated("random", json!({}))], &[sl()]);
+        assert!(!maglev(&t, "10.0.0.1", 30080));
+        // externalTrafficPolicy Local: each node has its own backends.
+        let local = annotated("maglev", json!({"externalTrafficPolicy": "Local"}));
+        let t = translate_on(&node, &[local], &[sl()]);
+        assert!(!maglev(&t, "10.0.0.1", 30080));
+    }
+
+    #[test]
+    fn an_unknown_lb_algorithm_is_reported_and_the_node_default_applies() {
+        let sl = web_slice("w", vec![ep_full("10.244.0.5", true, true, false, "n1")]);
+        let t = translate_on(&node(), &[annotated("round-robin", json!({}))], &[sl]);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert!(
+            t.errors[0].to_string().contains("round-robin"),
+            "{}",
+            t.errors[0]
+        );
+        assert_eq!(entry_for(&t, "10.0.0.1", 30080).flags, SVC_FLAG_NODE_PORT);
     }
 
     #[test]

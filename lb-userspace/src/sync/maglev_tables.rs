@@ -1,0 +1,353 @@
+//! Keeps each Maglev frontend's table in `lb_maglev` in step with its
+//! backend slots. A table maps a flow hash to a slot number of the
+//! frontend (not to a backend id, which is node-local): it is built from
+//! the slots' backend addresses, so every node given the same backends,
+//! size and seed sends a flow to the same backend, whatever slot order
+//! its own history gave them. Slots are what the planner already keeps
+//! reader-safe; the data path checks an entry against the master's count
+//! and falls back to random, so a table one sync behind is still safe.
+//! A table is replaced whole: a new inner map, filled, then swapped in.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aya_obj::generated::BPF_F_INNER_MAP;
+use lb_common::{Service4Value, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL, SVC_FLAG_MAGLEV};
+
+use std::os::fd::AsFd;
+
+use anyhow::Context;
+use aya::maps::{Array, IterableMap, MapData, MapError};
+
+use crate::{
+    model::L4Addr,
+    sync::{
+        differ::{backend_addr, MapContents, SlotKey},
+        map_batch::update_all,
+        map_writer::BpfMaps,
+    },
+    translate::maglev::{self, HashSeed, MaglevBackend, MaglevError},
+};
+
+/// Where tables are written: `lb_maglev` (or a fake in tests).
+pub trait MaglevMaps {
+    /// Replaces the table of reverse NAT id `rev_nat_id` with `words`.
+    fn put_table(&mut self, rev_nat_id: u16, words: &[u64]) -> anyhow::Result<()>;
+    fn delete_table(&mut self, rev_nat_id: u16) -> anyhow::Result<()>;
+}
+
+/// The tables written, and how to build them.
+#[derive(Debug)]
+pub struct MaglevTables {
+    size: u32,
+    seed: HashSeed,
+    /// Per reverse NAT id, the words last written.
+    written: HashMap<u16, Vec<u64>>,
+    /// Ids that may hold a table this agent did not write (adopted maps):
+    /// deleted unless a table is written for them.
+    unknown: Vec<u16>,
+}
+
+/// What one pass wrote.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MaglevReport {
+    pub written: usize,
+    pub deleted: usize,
+    pub errors: Vec<String>,
+}
+
+impl MaglevTables {
+    /// Tables of `size` entries (a prime) under `seed`; `adopted`: the ids
+    /// a previous agent left tables for.
+    pub fn new(size: u32, seed: HashSeed, adopted: Vec<u16>) -> Result<Self, MaglevError> {
+        maglev::build(&[], size, &seed)?;
+        Ok(Self {
+            size,
+            seed,
+            written: HashMap::new(),
+            unknown: adopted,
+        })
+    }
+
+    /// Writes the table of every Maglev frontend whose slots changed and
+    /// deletes those of frontends that are gone or no longer Maglev.
+    pub fn sync(&mut self, maps: &mut dyn MaglevMaps, current: &MapContents) -> MaglevReport {
+        let mut report = MaglevReport::default();
+        let wanted = maglev_frontends(current);
+        for (rev_nat_id, slots) in &wanted {
+            let words = match self.words(slots) {
+                Ok(w) => w,
+                Err(e) => {
+                    report
+                        .errors
+                        .push(format!("Maglev table of {rev_nat_id}: {e}"));
+                    continue;
+                }
+            };
+            if self.written.get(rev_nat_id) == Some(&words) {
+                continue;
+            }
+            match maps.put_table(*rev_nat_id, &words) {
+                Ok(()) => {
+                    report.written += 1;
+                    self.written.insert(*rev_nat_id, words);
+                }
+                Err(e) => report
+                    .errors
+                    .push(format!("writing the Maglev table of {rev_nat_id}: {e:#}")),
+            }
+        }
+        let gone: Vec<u16> = (self.written.keys().copied())
+            .chain(std::mem::take(&mut self.unknown))
+            .filter(|id| !wanted.contains_key(id))
+            .collect();
+        for id in gone {
+            self.written.remove(&id);
+            match maps.delete_table(id) {
+                Ok(()) => report.deleted += 1,
+                Err(e) => report
+                    .errors
+                    .push(format!("deleting the Maglev table of {id}: {e:#}")),
+            }
+        }
+        report
+    }
+
+    /// The table of a frontend whose active slots hold `slots` (slot
+    /// number, backend), packed four entries a word.
+    pub fn words(&self, slots: &[(u16, L4Addr)]) -> Result<Vec<u64>, MaglevError> {
+        let backends: Vec<MaglevBackend> = slots
+            .iter()
+            .map(|(_, addr)| MaglevBackend {
+                addr: *addr,
+                weight: 1,
+            })
+            .collect();
+        let table = maglev::build(&backends, self.size, &self.seed)?;
+        let slot_of: BTreeMap<L4Addr, u16> = slots.iter().map(|(s, a)| (*a, *s)).collect();
+        let per_word = MAGLEV_ENTRIES_PER_WORD as usize;
+        let mut words = vec![0_u64; (self.size as usize).div_ceil(per_word)];
+        for (i, position) in table.entries.iter().enumerate() {
+            let slot = slot_of[&table.backends[usize::from(*position)]];
+            words[i / per_word] |= u64::from(slot) << (16 * (i % per_word));
+        }
+        Ok(words)
+    }
+}
+
+/// Per reverse NAT id, the active slots (number, backend) of every
+/// external-scope master flagged Maglev.
+fn maglev_frontends(current: &MapContents) -> BTreeMap<u16, Vec<(u16, L4Addr)>> {
+    let masters = current.services.iter().filter(|(k, v)| {
+        k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL && v.flags & SVC_FLAG_MAGLEV != 0
+    });
+    masters
+        .map(|(key, master)| (master.rev_nat_id, active_slots(current, key, master)))
+        .collect()
+}
+
+fn active_slots(
+    current: &MapContents,
+    master: &SlotKey,
+    value: &Service4Value,
+) -> Vec<(u16, L4Addr)> {
+    (1..=value.count)
+        .filter_map(|slot| {
+            let key = SlotKey {
+                backend_slot: slot,
+                ..*master
+            };
+            let backend = current.services.get(&key)?.backend_id;
+            let entry = current.backends[key.family()].get(&backend)?;
+            Some((slot, backend_addr(entry)?))
+        })
+        .collect()
+}
+
+impl MaglevMaps for BpfMaps {
+    fn put_table(&mut self, rev_nat_id: u16, words: &[u64]) -> anyhow::Result<()> {
+        let outer = self.maglev.as_mut().context("no lb_maglev map")?;
+        let entries = u32::try_from(words.len())?;
+        let inner = Array::<MapData, u64>::create(entries, BPF_F_INNER_MAP)?;
+        let indexes: Vec<u32> = (0..entries).collect();
+        update_all(inner.map().fd().as_fd(), &indexes, words)
+            .map_err(|stopped| stopped.error)
+            .context("filling the table")?;
+        outer.insert(u32::from(rev_nat_id), inner.map(), 0)?;
+        Ok(())
+    }
+
+    fn delete_table(&mut self, rev_nat_id: u16) -> anyhow::Result<()> {
+        let outer = self.maglev.as_mut().context("no lb_maglev map")?;
+        match outer.remove(&u32::from(rev_nat_id)) {
+            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Reverse NAT ids that have a table in `lb_maglev` (to adopt its pins).
+pub fn tables_in(maps: &BpfMaps) -> Vec<u16> {
+    let Some(outer) = &maps.maglev else {
+        return Vec::new();
+    };
+    outer
+        .keys()
+        .filter_map(Result::ok)
+        .filter_map(|k| u16::try_from(k).ok())
+        .collect()
+}
+
+/// A seed from the text every agent of a cluster is given
+/// (`--maglev-hash-seed`).
+pub fn seed_of(text: &str) -> HashSeed {
+    use siphasher::sip128::{Hasher128, SipHasher13};
+    use std::hash::Hasher;
+    let mut hasher = SipHasher13::new();
+    hasher.write(text.as_bytes());
+    HashSeed(hasher.finish128().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::Protocol,
+        sync::{differ, map_writer::record},
+    };
+    use lb_common::SVC_FLAG_NODE_PORT;
+
+    #[derive(Default)]
+    struct FakeMaps {
+        tables: BTreeMap<u16, Vec<u64>>,
+        writes: usize,
+    }
+
+    impl MaglevMaps for FakeMaps {
+        fn put_table(&mut self, rev_nat_id: u16, words: &[u64]) -> anyhow::Result<()> {
+            self.writes += 1;
+            self.tables.insert(rev_nat_id, words.to_vec());
+            Ok(())
+        }
+
+        fn delete_table(&mut self, rev_nat_id: u16) -> anyhow::Result<()> {
+            self.tables.remove(&rev_nat_id);
+            Ok(())
+        }
+    }
+
+    fn l4(addr: &str, port: u16) -> L4Addr {
+        L4Addr {
+            addr: addr.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    /// The maps after one frontend is programmed with `backends` (in
+    /// that slot order) and `flags`.
+    fn programmed(backends: &[L4Addr], flags: u16) -> MapContents {
+        let mut desired = crate::model::DesiredState::default();
+        let entry = crate::model::ServiceEntry {
+            service: crate::model::ServiceName {
+                namespace: "default".into(),
+                name: "web".into(),
+            },
+            port_name: String::new(),
+            frontend: l4("10.0.0.1", 30080),
+            backends: crate::model::BackendSet {
+                active: backends.to_vec(),
+                terminating: Vec::new(),
+            },
+            internal: None,
+            flags,
+            affinity_timeout: 0,
+            source_ranges: Vec::new(),
+        };
+        assert!(desired
+            .claim(entry, &mut crate::model::Shadowed::default())
+            .is_none());
+        let mut maps = MapContents::default();
+        for op in differ::plan(&maps.clone(), &desired).ops {
+            record(&mut maps, &op.op);
+        }
+        maps
+    }
+
+    fn slot_backend(maps: &MapContents, words: &[u64], entry: usize) -> L4Addr {
+        let slot = (words[entry / 4] >> (16 * (entry % 4))) as u16;
+        let (key, _) = maps
+            .services
+            .iter()
+            .find(|(k, _)| k.backend_slot == slot)
+            .unwrap();
+        let id = maps.services[key].backend_id;
+        backend_addr(&maps.backends[key.family()][&id]).unwrap()
+    }
+
+    #[test]
+    fn a_maglev_frontend_gets_a_table_naming_its_slots_and_loses_it_when_gone() {
+        let backends: Vec<L4Addr> = (1..=3).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
+        let maps = programmed(&backends, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV);
+        let mut tables = MaglevTables::new(251, seed_of("test"), Vec::new()).unwrap();
+        let mut fake = FakeMaps::default();
+        let report = tables.sync(&mut fake, &maps);
+        assert_eq!(report.written, 1, "{report:?}");
+        let (_, words) = fake.tables.iter().next().unwrap();
+        assert_eq!(words.len(), 251_usize.div_ceil(4));
+        let mut seen = BTreeMap::new();
+        for entry in 0..251 {
+            *seen.entry(slot_backend(&maps, words, entry)).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "every backend has entries: {seen:?}");
+        // Nothing changed: nothing written.
+        assert_eq!(tables.sync(&mut fake, &maps).written, 0);
+        // No longer Maglev: the table goes.
+        let plain = programmed(&backends, SVC_FLAG_NODE_PORT);
+        assert_eq!(tables.sync(&mut fake, &plain).deleted, 1);
+        assert!(fake.tables.is_empty());
+    }
+
+    #[test]
+    fn two_nodes_with_other_slot_orders_send_every_entry_to_the_same_backend() {
+        let backends: Vec<L4Addr> = (1..=5).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
+        let mut reversed = backends.clone();
+        reversed.reverse();
+        let (a, b) = (
+            programmed(&backends, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV),
+            programmed(&reversed, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV),
+        );
+        let (mut fa, mut fb) = (FakeMaps::default(), FakeMaps::default());
+        MaglevTables::new(251, seed_of("cluster"), Vec::new())
+            .unwrap()
+            .sync(&mut fa, &a);
+        MaglevTables::new(251, seed_of("cluster"), Vec::new())
+            .unwrap()
+            .sync(&mut fb, &b);
+        let (wa, wb) = (
+            &fa.tables.values().next().unwrap(),
+            &fb.tables.values().next().unwrap(),
+        );
+        for entry in 0..251 {
+            assert_eq!(
+                slot_backend(&a, wa, entry),
+                slot_backend(&b, wb, entry),
+                "entry {entry}"
+            );
+        }
+    }
+
+    #[test]
+    fn adopted_tables_of_frontends_not_maglev_are_deleted() {
+        let maps = programmed(&[l4("10.1.0.1", 80)], SVC_FLAG_NODE_PORT);
+        let mut tables = MaglevTables::new(251, seed_of("x"), vec![7]).unwrap();
+        let mut fake = FakeMaps::default();
+        fake.tables.insert(7, vec![1]);
+        assert_eq!(tables.sync(&mut fake, &maps).deleted, 1);
+        assert!(fake.tables.is_empty());
+    }
+
+    #[test]
+    fn a_size_that_is_not_prime_is_refused() {
+        assert!(MaglevTables::new(1000, seed_of("x"), Vec::new()).is_err());
+    }
+}
