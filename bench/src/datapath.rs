@@ -46,14 +46,14 @@ pub enum Hook {
 impl Hook {
     pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 
-    fn program(self) -> &'static str {
+    pub(crate) fn program(self) -> &'static str {
         match self {
             Hook::Xdp => program_names::XDP_FROM_WIRE,
             Hook::Tc => program_names::TC_FROM_WIRE,
         }
     }
 
-    fn empty(self) -> &'static str {
+    pub(crate) fn empty(self) -> &'static str {
         match self {
             Hook::Xdp => program_names::XDP_PASS,
             Hook::Tc => program_names::TC_PASS,
@@ -88,7 +88,7 @@ pub struct PacketCosts {
 /// One batch: `count` single test runs of `program`, on packets made by
 /// `packet(i)`; returns the median ns. The first output is checked with
 /// `check`, so a bench that measured the wrong path fails instead.
-fn batch(
+pub(crate) fn batch(
     program: &dyn Runner,
     count: usize,
     packet: &mut dyn FnMut(usize) -> Vec<u8>,
@@ -117,7 +117,7 @@ fn batch(
 }
 
 /// An XDP or tc program run by BPF_PROG_TEST_RUN.
-trait Runner {
+pub(crate) trait Runner {
     fn run(
         &self,
         opts: TestRunOptions<'_>,

@@ -12,6 +12,7 @@ pub mod nodeport_load;
 pub mod plot;
 pub mod programming;
 pub mod rule_tools;
+pub mod selection;
 pub mod traffic;
 
 use std::{

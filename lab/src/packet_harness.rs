@@ -19,8 +19,9 @@ use lb_userspace::{
     node::masquerade_ports::{self, PortRange},
     source::objects::{ServiceInfo, SliceInfo},
     sync::differ::{plan, MapContents},
+    sync::maglev_tables::{seed_of, MaglevTables},
     sync::map_writer::{apply_plan, BpfMaps},
-    translate::{translate_on, NodeInfo},
+    translate::{maglev, translate_on, NodeInfo},
 };
 use serde_json::Value;
 
@@ -114,6 +115,7 @@ impl Harness {
             datapath: DatapathConfig {
                 masquerade_addr: u32::from_ne_bytes(NODE.octets()),
                 masquerade_addr6: lb_common::ipv6::words(NODE6.octets()),
+                maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
                 ..Default::default()
             },
             ..Default::default()
@@ -189,6 +191,15 @@ impl Harness {
         let t = translate_on(node, &services, &slices);
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         self.apply(&t.state);
+    }
+
+    /// Writes the Maglev tables of the programmed Maglev frontends, as
+    /// the agent does after a sync (seed `seed`).
+    pub fn write_maglev_tables(&mut self, seed: &str) {
+        let mut tables = MaglevTables::new(maglev::DEFAULT_TABLE_SIZE, seed_of(seed), Vec::new())
+            .expect("the default size is a prime");
+        let report = tables.sync(&mut self.maps, &self.current);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
     pub fn run_xdp(&self, input: &[u8]) -> (u32, Vec<u8>) {

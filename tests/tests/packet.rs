@@ -959,3 +959,79 @@ fn batched_map_writes_go_in_order_skip_absent_deletes_and_stop_at_a_refused_writ
     let backends = h.maps.read_contents().expect("read").backends.ipv4;
     assert!(backends.contains_key(&7) && !backends.contains_key(&8));
 }
+
+/// Two nodes' data paths (harnesses), each with an externalIP Service of
+/// `backends` endpoints annotated `algorithm`, its Maglev table written
+/// under one seed; the backends listed to each in another order.
+fn two_nodes(algorithm: &str, backends: &[Ipv4Addr]) -> [Harness; 2] {
+    let node = NodeInfo {
+        name: "n1".into(),
+        nodeport_addresses: vec![NODE.into()],
+        zone: None,
+        ipv6_off: true,
+        lb_algorithm: lb_userspace::model::LbAlgorithm::Random,
+    };
+    let svc = json!({"metadata": {"name": "ext", "namespace": "default",
+            "annotations": {"lb-agent.io/lb-algorithm": algorithm}},
+        "spec": {"clusterIP": "10.96.0.30", "externalIPs": ["198.51.100.30"],
+            "ports": [{"name": "t", "port": 80, "protocol": "TCP"}]}});
+    let slice = |order: &[Ipv4Addr]| {
+        let eps: Vec<_> = order
+            .iter()
+            .map(|b| json!({"addresses": [b.to_string()], "nodeName": "n2"}))
+            .collect();
+        json!({"metadata": {"name": "ext-1", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "ext"}},
+            "addressType": "IPv4", "endpoints": eps,
+            "ports": [{"name": "t", "port": 8080, "protocol": "TCP"}]})
+    };
+    let mut reversed = backends.to_vec();
+    reversed.reverse();
+    [backends.to_vec(), reversed].map(|order| {
+        let mut h = Harness::new();
+        h.program_objects(&node, std::slice::from_ref(&svc), &[slice(&order)]);
+        h.write_maglev_tables("cluster seed");
+        h
+    })
+}
+
+/// The backend each of `flows` new flows from outside gets on `h`.
+fn first_backends(h: &Harness, wire: Program, flows: u32) -> Vec<Ipv4Addr> {
+    (0..flows)
+        .map(|i| {
+            let t = Tuple {
+                src: Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 30, 0, 1)) + i),
+                sport: 40_000 + i as u16,
+                dst: Ipv4Addr::new(198, 51, 100, 30),
+                dport: 80,
+            };
+            let (verdict, out) = h.run(wire, &packet::tcp(&t, TCP_SYN, 1, &[], &[]));
+            assert_eq!(verdict, wire.pass(), "{wire:?} flow {i}");
+            packet::parse(&out).dst
+        })
+        .collect()
+}
+
+/// With Maglev, a new flow's backend depends on the flow alone: two
+/// nodes that learnt the backends in other orders send each of 60 flows
+/// to the same one, on XDP and tc, and every backend gets flows. At
+/// random they disagree.
+#[privileged_test]
+fn maglev_gives_a_flow_the_same_backend_on_every_node() {
+    let backends: Vec<Ipv4Addr> = (1..=5).map(|i| Ipv4Addr::new(10, 244, 3, i)).collect();
+    for wire in Program::WIRE {
+        let [a, b] = two_nodes("maglev", &backends);
+        let on_a = first_backends(&a, wire, 60);
+        assert_eq!(on_a, first_backends(&b, wire, 60), "{wire:?}");
+        let mut used = on_a.clone();
+        used.sort();
+        used.dedup();
+        assert_eq!(used, backends, "{wire:?}: every backend gets flows");
+        let [a, b] = two_nodes("random", &backends);
+        assert_ne!(
+            first_backends(&a, wire, 60),
+            first_backends(&b, wire, 60),
+            "{wire:?}: at random the nodes disagree"
+        );
+    }
+}

@@ -98,6 +98,8 @@ fn main() -> Result<()> {
                 "{}",
                 lb_bench::datapath::markdown(&costs, endpoints, batches, count)
             );
+            let selection = lb_bench::selection::measure(endpoints, batches, count)?;
+            print!("{}", lb_bench::selection::markdown(&selection, endpoints));
             Ok(())
         }
         Some("programming") => {
