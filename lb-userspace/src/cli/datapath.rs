@@ -129,8 +129,8 @@ impl DataPath {
     }
 
     /// Tables of Maglev frontends whose slots changed; a table that could
-    /// not be written leaves its frontend random (logged, and tried again
-    /// at the next sync).
+    /// not be written leaves its frontend random (logged, counted in
+    /// `lb_map_write_failures_total`, and tried again at the next sync).
     fn write_maglev_tables(&mut self, programmer: &mut Programmer<BpfMaps>) {
         let report = self
             .maglev
@@ -144,6 +144,7 @@ impl DataPath {
         }
         for e in &report.errors {
             log::warn!("{e}");
+            self.metrics.map_write_failures.inc();
         }
     }
 
