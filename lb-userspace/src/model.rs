@@ -12,7 +12,8 @@ use serde::Serialize;
 /// How new flows of an external frontend (NodePort, LoadBalancer,
 /// externalIPs) pick a backend: `--lb-algorithm`, or a Service's
 /// `lb-agent.io/lb-algorithm` annotation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LbAlgorithm {
     /// Any active backend, at random (as kube-proxy).
     #[default]

@@ -15,7 +15,7 @@ use lb_lab::{
     load::{Load, LoadKind},
     metric_sum, privileged_test, sibling_binary, tcp_ask,
 };
-use lb_userspace::model::Protocol;
+use lb_userspace::model::{LbAlgorithm, Protocol};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -235,6 +235,76 @@ fn extra_slice(ips: &BTreeSet<Ipv4Addr>) -> Value {
                      "labels": {"kubernetes.io/service-name": "extra"}},
         "addressType": "IPv4", "endpoints": endpoints,
         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
+}
+
+/// `extra_service` with an externalIP, annotated `algorithm`.
+fn external_service(algorithm: &str) -> Value {
+    let mut svc = extra_service();
+    svc["metadata"]["annotations"] = json!({"lb-agent.io/lb-algorithm": algorithm});
+    svc["spec"]["externalIPs"] = json!(["198.51.100.40"]);
+    svc
+}
+
+/// Maglev chosen by annotation through the API source: the externalIP
+/// frontend of the annotated Service gets a table in `lb_maglev` and shows
+/// `lb_algorithm: maglev` in `lb-agent services`, its ClusterIP stays
+/// random; the annotation changed to random, the table goes.
+#[privileged_test]
+fn a_maglev_annotation_from_the_api_gets_its_external_frontend_a_table() {
+    let mut k = KubeLab::nginx();
+    let pods = k.lab.pods_of("Deployment/nginx-deployment");
+    let all = k.pod_ips(&pods);
+    k.publish();
+    k.api
+        .apply_all(&[external_service("maglev"), extra_slice(&all)])
+        .unwrap();
+    k.start_agent();
+    let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 40), 8080);
+    k.wait_programmed(external, Some(all.clone()), "programmed");
+    let tables = |k: &KubeLab| {
+        let maps = lb_userspace::datapath::loader::open_pinned(&k.lab.pin_dir).expect("maps");
+        lb_userspace::sync::maglev_tables::tables_in(&maps)
+    };
+    let algorithm_of = |k: &KubeLab, port: u16, addr: Ipv4Addr| {
+        let row = k
+            .snapshot()
+            .into_iter()
+            .find(|s| s.frontend.addr == std::net::IpAddr::V4(addr) && s.frontend.port == port)
+            .expect("the frontend is programmed");
+        (row.lb_algorithm, row.rev_nat_id)
+    };
+    let (algorithm, rev_nat_id) = algorithm_of(&k, 8080, *external.ip());
+    assert_eq!(algorithm, LbAlgorithm::Maglev);
+    assert_eq!(
+        algorithm_of(&k, 8080, Ipv4Addr::new(10, 96, 0, 11)).0,
+        LbAlgorithm::Random
+    );
+    let deadline = Instant::now() + CONVERGE;
+    while tables(&k) != vec![rev_nat_id] {
+        assert!(
+            Instant::now() < deadline,
+            "no table for {rev_nat_id}: {:?}",
+            tables(&k)
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let services = k.lab.agent_command_json(&["services", "--output", "json"]);
+    assert!(
+        services.to_string().contains(r#""lb_algorithm":"maglev""#),
+        "{services}"
+    );
+
+    k.api.apply(&external_service("random")).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while !tables(&k).is_empty() || algorithm_of(&k, 8080, *external.ip()).0 != LbAlgorithm::Random
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the table stays: {:?}",
+            tables(&k)
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
 
 #[privileged_test]

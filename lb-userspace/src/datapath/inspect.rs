@@ -3,13 +3,14 @@
 use std::fmt::Write as _;
 
 use lb_common::{
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MAGLEV,
+    SVC_FLAG_NODE_PORT,
 };
 use serde::Serialize;
 
 use crate::{
     datapath::attach,
-    model::L4Addr,
+    model::{L4Addr, LbAlgorithm},
     sync::differ::{backend_addr, frontend_of, MapContents, SlotKey},
 };
 
@@ -17,6 +18,8 @@ use crate::{
 pub struct ProgrammedService {
     pub frontend: L4Addr,
     pub kind: Vec<&'static str>,
+    /// How new flows pick a backend: `maglev` or `random`.
+    pub lb_algorithm: LbAlgorithm,
     pub rev_nat_id: u16,
     pub backends: Vec<ProgrammedBackend>,
 }
@@ -63,6 +66,11 @@ pub fn programmed_services(maps: &MapContents) -> Vec<ProgrammedService> {
         out.push(ProgrammedService {
             frontend,
             kind,
+            lb_algorithm: if master.flags & SVC_FLAG_MAGLEV != 0 {
+                LbAlgorithm::Maglev
+            } else {
+                LbAlgorithm::Random
+            },
             rev_nat_id: master.rev_nat_id,
             backends,
         });
@@ -107,7 +115,7 @@ pub fn render_table(services: &[ProgrammedService]) -> String {
             s,
             "{:<24} {:<10} {:>6} {:>8}  {}",
             svc.frontend.to_string(),
-            svc.kind.join(","),
+            kind_column(svc),
             svc.rev_nat_id,
             svc.backends.len(),
             if backends.is_empty() {
@@ -118,6 +126,15 @@ pub fn render_table(services: &[ProgrammedService]) -> String {
         );
     }
     s
+}
+
+/// The frontend's kinds, and `+maglev` on a Maglev one.
+fn kind_column(svc: &ProgrammedService) -> String {
+    let kinds = svc.kind.join(",");
+    match svc.lb_algorithm {
+        LbAlgorithm::Maglev => format!("{kinds}+maglev"),
+        LbAlgorithm::Random => kinds,
+    }
 }
 
 /// `lb-agent status`: where the programs are attached, read from the
@@ -260,6 +277,7 @@ mod tests {
         let services = [ProgrammedService {
             frontend: l4("fd00::10", 80),
             kind: vec!["ClusterIP"],
+            lb_algorithm: LbAlgorithm::Random,
             rev_nat_id: 2,
             backends: vec![ProgrammedBackend {
                 id: 1,
