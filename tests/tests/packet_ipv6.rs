@@ -313,3 +313,81 @@ fn an_ipv6_service_without_endpoints_answers_tcp_with_a_reset_and_udp_with_port_
         );
     }
 }
+
+/// Two nodes' data paths (harnesses) with an IPv6 externalIP Service of
+/// `backends` annotated `algorithm`, learnt in other orders, the Maglev
+/// tables written under one seed.
+fn two_ipv6_nodes(algorithm: &str, backends: &[Ipv6Addr]) -> [Harness; 2] {
+    let node = lb_userspace::translate::NodeInfo {
+        name: "n1".into(),
+        nodeport_addresses: vec![NODE6.into()],
+        zone: None,
+        ipv6_off: false,
+        lb_algorithm: lb_userspace::model::LbAlgorithm::Random,
+    };
+    let svc = serde_json::json!({"metadata": {"name": "ext6", "namespace": "default",
+            "annotations": {"lb-agent.io/lb-algorithm": algorithm}},
+        "spec": {"clusterIP": "fd00:96::30", "ipFamilies": ["IPv6"],
+            "externalIPs": ["fd00:51::30"],
+            "ports": [{"name": "t", "port": 80, "protocol": "TCP"}]}});
+    let slice = |order: &[Ipv6Addr]| {
+        let eps: Vec<_> = order
+            .iter()
+            .map(|b| serde_json::json!({"addresses": [b.to_string()], "nodeName": "n2"}))
+            .collect();
+        serde_json::json!({"metadata": {"name": "ext6-1", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "ext6"}},
+            "addressType": "IPv6", "endpoints": eps,
+            "ports": [{"name": "t", "port": 8080, "protocol": "TCP"}]})
+    };
+    let mut reversed = backends.to_vec();
+    reversed.reverse();
+    [backends.to_vec(), reversed].map(|order| {
+        let mut h = Harness::new();
+        h.program_objects(&node, std::slice::from_ref(&svc), &[slice(&order)]);
+        h.write_maglev_tables("cluster seed");
+        h
+    })
+}
+
+/// The backend each of `flows` new IPv6 flows from outside gets on `h`.
+fn first_ipv6_backends(h: &Harness, wire: Program, flows: u16) -> Vec<Ipv6Addr> {
+    (0..flows)
+        .map(|i| {
+            let t = Tuple6 {
+                src: Ipv6Addr::new(0xfd00, 0x172, 0, 0, 0, 0, 1, i),
+                sport: 40_000 + i,
+                dst: "fd00:51::30".parse().unwrap(),
+                dport: 80,
+            };
+            let (verdict, out) = h.run(wire, &tcp6(&t, TCP_SYN, &[], &[]));
+            assert_eq!(verdict, wire.pass(), "{wire:?} flow {i}");
+            parse6(&out).dst
+        })
+        .collect()
+}
+
+/// Maglev over IPv6: two nodes that learnt 5 backends in other orders give
+/// each of 60 flows the same backend, on XDP and tc, every backend used;
+/// at random they disagree.
+#[privileged_test]
+fn maglev_gives_an_ipv6_flow_the_same_backend_on_every_node() {
+    let backends: Vec<Ipv6Addr> = (1..=5)
+        .map(|i| Ipv6Addr::new(0xfd00, 0x244, 0, 3, 0, 0, 0, i))
+        .collect();
+    for wire in Program::WIRE {
+        let [a, b] = two_ipv6_nodes("maglev", &backends);
+        let on_a = first_ipv6_backends(&a, wire, 60);
+        assert_eq!(on_a, first_ipv6_backends(&b, wire, 60), "{wire:?}");
+        let mut used = on_a.clone();
+        used.sort();
+        used.dedup();
+        assert_eq!(used, backends, "{wire:?}: every backend gets flows");
+        let [a, b] = two_ipv6_nodes("random", &backends);
+        assert_ne!(
+            first_ipv6_backends(&a, wire, 60),
+            first_ipv6_backends(&b, wire, 60),
+            "{wire:?}: at random the nodes disagree"
+        );
+    }
+}
