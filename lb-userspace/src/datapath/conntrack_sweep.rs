@@ -23,6 +23,7 @@ use aya::{
     },
     Pod,
 };
+use aya_obj::generated::BPF_NOEXIST;
 use lb_common::{
     ct_hold_ns, map_names, stats, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
 };
@@ -243,17 +244,47 @@ impl<F: CtFamily> CtTable<F> {
                 continue;
             };
             let live = |id| self.backend_live(id);
-            let Some(why) = verdict_of::<F>(key, &value, monotonic_ns(), live) else {
+            if verdict_of::<F>(key, &value, monotonic_ns(), live).is_none() {
                 continue;
-            };
-            if self.conntrack.remove(key).is_ok() {
-                match why {
-                    SweepReason::BackendGone => report.backend_gone += 1,
-                    SweepReason::Expired => report.expired += 1,
-                }
+            }
+            match self.remove_if_doomed(key) {
+                Some(SweepReason::BackendGone) => report.backend_gone += 1,
+                Some(SweepReason::Expired) => report.expired += 1,
+                None => {}
             }
         }
         Ok(report)
+    }
+
+    /// Removes `key` and judges what it held at that moment: a new flow
+    /// may have taken the key (a client reusing its port) since the last
+    /// look, and then gets its entry back at once (unless a newer one is
+    /// there already). Removing by key alone would drop the new flow's
+    /// entry, and its next packet would meet another backend: a reset.
+    fn remove_if_doomed(&mut self, key: &F::Key) -> Option<SweepReason> {
+        let fd = self.conntrack.map().fd().as_fd();
+        let taken: Option<F::Value> = crate::sync::map_batch::take(fd, key).ok()?;
+        let live = |id| self.backend_live(id);
+        let (why, put_back) = judge_taken(taken, |v| verdict_of::<F>(key, v, monotonic_ns(), live));
+        if let Some(value) = put_back {
+            let _ = self.conntrack.insert(key, value, u64::from(BPF_NOEXIST));
+        }
+        why
+    }
+}
+
+/// A value the sweep took out of the map: why it is gone, or (a new flow
+/// wrote it after the sweep last looked) the value to put back.
+fn judge_taken<V>(
+    taken: Option<V>,
+    verdict: impl Fn(&V) -> Option<SweepReason>,
+) -> (Option<SweepReason>, Option<V>) {
+    match taken {
+        None => (None, None),
+        Some(v) => match verdict(&v) {
+            Some(why) => (Some(why), None),
+            None => (None, Some(v)),
+        },
     }
 }
 
@@ -524,6 +555,22 @@ mod tests {
             Some(SweepReason::Expired),
             "no masquerade port to keep"
         );
+    }
+
+    #[test]
+    fn an_entry_a_new_flow_rewrote_since_the_last_look_is_put_back() {
+        // Judged expired at the look; a client reused its port since, so
+        // what the removal takes out is the new flow's fresh entry.
+        let now = 1_000 * 1_000_000_000;
+        let (key, fresh) = entry(IPPROTO_TCP, 999, CT_FLAG_OPENING, 1);
+        let judge = |v: &Ct4Value| verdict(&key, v, now, |_| true);
+        assert_eq!(judge_taken(Some(fresh), judge), (None, Some(fresh)));
+        let (_, stale) = entry(IPPROTO_TCP, 1, CT_FLAG_CLOSING, 1);
+        assert_eq!(
+            judge_taken(Some(stale), judge),
+            (Some(SweepReason::Expired), None)
+        );
+        assert_eq!(judge_taken(None, judge), (None, None));
     }
 
     #[test]

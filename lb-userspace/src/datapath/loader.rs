@@ -14,6 +14,7 @@ use aya::{
     maps::{Array, HashMap, HashOfMaps, MapType},
     Ebpf, EbpfLoader,
 };
+use aya_obj::generated::BPF_NOEXIST;
 use lb_common::{
     map_names,
     map_spec::{self, Capacity, MapKind, MapSpec},
@@ -472,7 +473,7 @@ fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> 
         HashMap::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
     Ok(entries
         .into_iter()
-        .filter(|(k, v)| to.insert(k, v, 1).is_ok())
+        .filter(|(k, v)| to.insert(k, v, u64::from(BPF_NOEXIST)).is_ok())
         .count())
 }
 

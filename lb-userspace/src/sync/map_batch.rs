@@ -3,7 +3,7 @@
 //! `BPF_MAP_LOOKUP_BATCH` where whole maps are read (the conntrack sweep,
 //! the adoption of pinned maps, `lb-agent services` and `check`), and
 //! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` where a sync writes
-//! runs of entries. The kernel applies a batch's elements in order and
+//! runs of entries; and `BPF_MAP_LOOKUP_AND_DELETE_ELEM` for the sweep. The kernel applies a batch's elements in order and
 //! stops at the first that fails, so readers see what a write one by one
 //! would have shown them at some point, and the caller learns how many
 //! went in.
@@ -15,7 +15,10 @@ use std::{
 };
 
 use aya::Pod;
-use aya_obj::generated::{bpf_attr__bindgen_ty_3 as BatchAttr, bpf_cmd};
+use aya_obj::generated::{
+    bpf_attr__bindgen_ty_2 as ElemAttr, bpf_attr__bindgen_ty_2__bindgen_ty_1 as ElemValue,
+    bpf_attr__bindgen_ty_3 as BatchAttr, bpf_cmd,
+};
 
 /// A `batch` member of `union bpf_attr` for `map` and `count` entries,
 /// everything else zero (`BPF_ANY`, no flags).
@@ -49,6 +52,41 @@ fn bpf_batch(cmd: bpf_cmd, attr: &mut BatchAttr) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Removes `key` from a hash map and returns the value it held, in one
+/// step (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, kernel 5.14+ for hashes): what
+/// was removed is what was there at that moment, not at an earlier look.
+/// None when the key was absent.
+pub(crate) fn take<K: Pod, V: Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        __bindgen_anon_1: ElemValue {
+            value: value.as_mut_ptr() as u64,
+        },
+        flags: 0,
+    };
+    // SAFETY: `attr` points at a key and a value buffer of the map's sizes
+    // (`K`, `V`), alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM as libc::c_long,
+            &raw mut attr,
+            size_of::<ElemAttr>(),
+        )
+    };
+    if rc < 0 {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(error),
+        };
+    }
+    // SAFETY: the kernel wrote the removed value.
+    Ok(Some(unsafe { value.assume_init() }))
 }
 
 /// A batch write that stopped: how many entries went in before the one
