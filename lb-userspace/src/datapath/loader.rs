@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, HashOfMaps, MapType},
+    maps::{Array, HashMap, MapType},
     Ebpf, EbpfLoader,
 };
 use aya_obj::generated::BPF_NOEXIST;
@@ -24,6 +24,7 @@ use crate::{
     datapath::pseudo_fs,
     sync::{
         family_maps::{FamilyMaps, Ipv6Maps},
+        maglev_tables::OuterMaglev,
         map_writer::BpfMaps,
     },
 };
@@ -566,7 +567,7 @@ pub fn take_maps(ebpf: &mut Ebpf) -> Result<BpfMaps> {
         ipv4: FamilyMaps::from_maps(&mut take)?,
         ipv6: FamilyMaps::from_maps(&mut take)?,
         config: Array::try_from(take(map_names::CONFIG)?)?,
-        maglev: Some(HashOfMaps::try_from(take(map_names::MAGLEV)?)?),
+        maglev: Some(OuterMaglev::new(take(map_names::MAGLEV)?)?),
     })
 }
 
@@ -584,7 +585,7 @@ pub fn open_pinned(pin_dir: &Path) -> Result<BpfMaps> {
         config: Array::try_from(open(map_names::CONFIG)?)?,
         maglev: map_pin_path(pin_dir, map_names::MAGLEV)
             .exists()
-            .then(|| open(map_names::MAGLEV).and_then(|m| Ok(HashOfMaps::try_from(m)?)))
+            .then(|| open(map_names::MAGLEV).and_then(OuterMaglev::new))
             .transpose()?,
     })
 }

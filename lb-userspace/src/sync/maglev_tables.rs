@@ -13,27 +13,36 @@ use std::collections::{BTreeMap, HashMap};
 use aya_obj::generated::BPF_F_INNER_MAP;
 use lb_common::{Service4Value, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL, SVC_FLAG_MAGLEV};
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use anyhow::Context;
-use aya::maps::{Array, IterableMap, MapData, MapError};
+use aya::maps::{Array, HashOfMaps, IterableMap, Map, MapData, MapError};
 
 use crate::{
     model::L4Addr,
     sync::{
         differ::{backend_addr, MapContents, SlotKey},
-        map_batch::update_all,
+        map_batch::{delete_all, update_all},
         map_writer::BpfMaps,
     },
     translate::maglev::{self, HashSeed, MaglevBackend, MaglevError},
 };
 
-/// Where tables are written: `lb_maglev` (or a fake in tests).
+/// Where tables are written: `lb_maglev` (or a fake in tests). Each
+/// change of the outer map from userspace makes the kernel wait for the
+/// programs running (an RCU grace period, some 8 ms here), once per
+/// syscall: tables go in and out in batches.
 pub trait MaglevMaps {
-    /// Replaces the table of reverse NAT id `rev_nat_id` with `words`.
-    fn put_table(&mut self, rev_nat_id: u16, words: &[u64]) -> anyhow::Result<()>;
-    fn delete_table(&mut self, rev_nat_id: u16) -> anyhow::Result<()>;
+    /// Replaces the tables of these reverse NAT ids with these words; the
+    /// ids whose table could not be written, and why.
+    fn put_tables(&mut self, tables: &[(u16, Vec<u64>)]) -> Vec<(u16, String)>;
+    /// Removes the tables of these ids (absent ones are no error).
+    fn delete_tables(&mut self, ids: &[u16]) -> anyhow::Result<()>;
 }
+
+/// Tables built and swapped in per batch: 8 MiB of words at 16,381
+/// entries, and one wait of the kernel.
+const TABLES_PER_BATCH: usize = 256;
 
 /// The tables written, and how to build them.
 #[derive(Debug)]
@@ -75,43 +84,55 @@ impl MaglevTables {
     pub fn sync(&mut self, maps: &mut dyn MaglevMaps, current: &MapContents) -> MaglevReport {
         let mut report = MaglevReport::default();
         let wanted = maglev_frontends(current);
-        for (rev_nat_id, slots) in &wanted {
-            if self.written.get(rev_nat_id) == Some(slots) {
-                continue;
-            }
-            let words = match self.words(slots) {
-                Ok(w) => w,
-                Err(e) => {
-                    report
-                        .errors
-                        .push(format!("Maglev table of {rev_nat_id}: {e}"));
-                    continue;
-                }
-            };
-            match maps.put_table(*rev_nat_id, &words) {
-                Ok(()) => {
-                    report.written += 1;
-                    self.written.insert(*rev_nat_id, slots.clone());
-                }
-                Err(e) => report
-                    .errors
-                    .push(format!("writing the Maglev table of {rev_nat_id}: {e:#}")),
-            }
+        let changed: Vec<(&u16, &Vec<(u16, L4Addr)>)> = wanted
+            .iter()
+            .filter(|(id, slots)| self.written.get(id) != Some(slots))
+            .collect();
+        for batch in changed.chunks(TABLES_PER_BATCH) {
+            self.write_batch(maps, batch, &mut report);
         }
         let gone: Vec<u16> = (self.written.keys().copied())
             .chain(std::mem::take(&mut self.unknown))
             .filter(|id| !wanted.contains_key(id))
             .collect();
-        for id in gone {
-            self.written.remove(&id);
-            match maps.delete_table(id) {
-                Ok(()) => report.deleted += 1,
-                Err(e) => report
-                    .errors
-                    .push(format!("deleting the Maglev table of {id}: {e:#}")),
-            }
+        for id in &gone {
+            self.written.remove(id);
+        }
+        match maps.delete_tables(&gone) {
+            Ok(()) => report.deleted += gone.len(),
+            Err(e) => report
+                .errors
+                .push(format!("deleting Maglev tables {gone:?}: {e:#}")),
         }
         report
+    }
+
+    /// Builds and writes one batch of tables, noting what went in.
+    fn write_batch(
+        &mut self,
+        maps: &mut dyn MaglevMaps,
+        batch: &[(&u16, &Vec<(u16, L4Addr)>)],
+        report: &mut MaglevReport,
+    ) {
+        let mut tables = Vec::with_capacity(batch.len());
+        for (id, slots) in batch {
+            match self.words(slots) {
+                Ok(words) => tables.push((**id, words)),
+                Err(e) => report.errors.push(format!("Maglev table of {id}: {e}")),
+            }
+        }
+        let failed = maps.put_tables(&tables);
+        for (id, slots) in batch {
+            if tables.iter().any(|(t, _)| t == *id) && !failed.iter().any(|(f, _)| f == *id) {
+                report.written += 1;
+                self.written.insert(**id, (*slots).clone());
+            }
+        }
+        for (id, why) in failed {
+            report
+                .errors
+                .push(format!("writing the Maglev table of {id}: {why}"));
+        }
     }
 
     /// The table of a frontend whose active slots hold `slots` (slot
@@ -166,25 +187,83 @@ fn active_slots(
 }
 
 impl MaglevMaps for BpfMaps {
-    fn put_table(&mut self, rev_nat_id: u16, words: &[u64]) -> anyhow::Result<()> {
-        let outer = self.maglev.as_mut().context("no lb_maglev map")?;
-        let entries = u32::try_from(words.len())?;
-        let inner = Array::<MapData, u64>::create(entries, BPF_F_INNER_MAP)?;
-        let indexes: Vec<u32> = (0..entries).collect();
-        update_all(inner.map().fd().as_fd(), &indexes, words)
-            .map_err(|stopped| stopped.error)
-            .context("filling the table")?;
-        outer.insert(u32::from(rev_nat_id), inner.map(), 0)?;
-        Ok(())
+    fn put_tables(&mut self, tables: &[(u16, Vec<u64>)]) -> Vec<(u16, String)> {
+        let Some(outer) = self.maglev.as_ref() else {
+            return tables
+                .iter()
+                .map(|(id, _)| (*id, "no lb_maglev map".into()))
+                .collect();
+        };
+        let mut failed = Vec::new();
+        let mut filled = Vec::with_capacity(tables.len());
+        for (id, words) in tables {
+            match filled_table(words) {
+                Ok(inner) => filled.push((u32::from(*id), inner)),
+                Err(e) => failed.push((*id, format!("{e:#}"))),
+            }
+        }
+        let keys: Vec<u32> = filled.iter().map(|(k, _)| *k).collect();
+        let fds: Vec<u32> = filled
+            .iter()
+            .map(|(_, inner)| inner.map().fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        if let Err(stopped) = update_all(outer.fd.as_fd(), &keys, &fds) {
+            let why = format!("swapping it in: {}", stopped.error);
+            failed.extend(
+                keys[stopped.written..]
+                    .iter()
+                    .map(|k| (*k as u16, why.clone())),
+            );
+        }
+        failed
     }
 
-    fn delete_table(&mut self, rev_nat_id: u16) -> anyhow::Result<()> {
+    fn delete_tables(&mut self, ids: &[u16]) -> anyhow::Result<()> {
         let outer = self.maglev.as_mut().context("no lb_maglev map")?;
-        match outer.remove(&u32::from(rev_nat_id)) {
-            Err(MapError::KeyNotFound) | Ok(()) => Ok(()),
-            Err(e) => Err(e.into()),
+        let keys: Vec<u32> = ids.iter().map(|id| u32::from(*id)).collect();
+        if delete_all(outer.fd.as_fd(), &keys).is_ok() {
+            return Ok(());
         }
+        // A key already absent stops a batch: one by one then.
+        for key in &keys {
+            match outer.map.remove(key) {
+                Err(MapError::KeyNotFound) | Ok(()) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
+}
+
+/// `lb_maglev`: aya's map, and its descriptor for the batch syscalls
+/// (aya's hash of maps does not lend its own).
+pub struct OuterMaglev {
+    pub map: HashOfMaps<MapData, u32>,
+    fd: OwnedFd,
+}
+
+impl OuterMaglev {
+    pub fn new(map: Map) -> anyhow::Result<Self> {
+        let Map::HashOfMaps(data) = &map else {
+            anyhow::bail!("lb_maglev is not a hash of maps");
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned()?;
+        Ok(Self {
+            map: HashOfMaps::try_from(map)?,
+            fd,
+        })
+    }
+}
+
+/// A new inner map holding `words` (not yet in the outer map).
+fn filled_table(words: &[u64]) -> anyhow::Result<Array<MapData, u64>> {
+    let entries = u32::try_from(words.len())?;
+    let inner = Array::<MapData, u64>::create(entries, BPF_F_INNER_MAP)?;
+    let indexes: Vec<u32> = (0..entries).collect();
+    update_all(inner.map().fd().as_fd(), &indexes, words)
+        .map_err(|stopped| stopped.error)
+        .context("filling the table")?;
+    Ok(inner)
 }
 
 /// Reverse NAT ids that have a table in `lb_maglev` (to adopt its pins).
@@ -193,6 +272,7 @@ pub fn tables_in(maps: &BpfMaps) -> Vec<u16> {
         return Vec::new();
     };
     outer
+        .map
         .keys()
         .filter_map(Result::ok)
         .filter_map(|k| u16::try_from(k).ok())
@@ -225,14 +305,18 @@ mod tests {
     }
 
     impl MaglevMaps for FakeMaps {
-        fn put_table(&mut self, rev_nat_id: u16, words: &[u64]) -> anyhow::Result<()> {
-            self.writes += 1;
-            self.tables.insert(rev_nat_id, words.to_vec());
-            Ok(())
+        fn put_tables(&mut self, tables: &[(u16, Vec<u64>)]) -> Vec<(u16, String)> {
+            for (id, words) in tables {
+                self.writes += 1;
+                self.tables.insert(*id, words.clone());
+            }
+            Vec::new()
         }
 
-        fn delete_table(&mut self, rev_nat_id: u16) -> anyhow::Result<()> {
-            self.tables.remove(&rev_nat_id);
+        fn delete_tables(&mut self, ids: &[u16]) -> anyhow::Result<()> {
+            for id in ids {
+                self.tables.remove(id);
+            }
             Ok(())
         }
     }

@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, os::fd::AsFd};
 
 use aya::{
-    maps::{Array, HashOfMaps, IterableMap, MapData, MapError},
+    maps::{Array, IterableMap, MapData, MapError},
     Pod,
 };
 use lb_common::{config, Service4Value};
@@ -307,7 +307,7 @@ pub struct BpfMaps {
     pub ipv6: FamilyMaps<Ipv6Maps>,
     pub config: Array<MapData, u32>,
     /// `lb_maglev` (None: pins of an agent from before Maglev).
-    pub maglev: Option<HashOfMaps<MapData, u32>>,
+    pub maglev: Option<crate::sync::maglev_tables::OuterMaglev>,
 }
 
 impl BpfMaps {
