@@ -98,10 +98,15 @@ fn add_web_clients(set: &mut LoadSet, lab: &Lab, max: usize, to: (SocketAddr, So
 }
 
 fn web_lab(wire: Wire) -> KubeLab {
+    web_lab_with(wire, &[])
+}
+
+/// `web_lab` with the agent given `extra` flags.
+fn web_lab_with(wire: Wire, extra: &[&str]) -> KubeLab {
     let mut k = KubeLab::from_manifests_on(wire, &[example("rolling-update.yaml")]);
     assert_eq!(k.lab.pods_of(WEB_OWNER).len(), 4, "4 replicas");
     k.publish();
-    k.start_agent();
+    k.start_agent_extra(extra);
     let pods = k.lab.pods_of(WEB_OWNER);
     k.wait_programmed(WEB, Some(k.pod_ips(&pods)), "initial");
     k
@@ -153,8 +158,27 @@ fn answered(reports: &[LoadReport]) -> BTreeMap<String, usize> {
     all
 }
 
+/// On the NIC-like wire the external frontends pick by Maglev: their
+/// tables are rebuilt as the slots change under the clients' NodePort
+/// load (the software wire keeps random selection).
 fn a_rolling_update_under_load_fails_no_request(wire: Wire) {
-    let mut k = web_lab(wire);
+    let maglev = wire == Wire::Nic;
+    let mut k = web_lab_with(
+        wire,
+        if maglev {
+            &["--lb-algorithm", "maglev"]
+        } else {
+            &[]
+        },
+    );
+    if maglev {
+        let hashed = k
+            .snapshot()
+            .iter()
+            .filter(|s| s.lb_algorithm == lb_userspace::model::LbAlgorithm::Maglev)
+            .count();
+        assert!(hashed >= 2, "the NodePorts of both families are Maglev's");
+    }
     let deployment = k
         .lab
         .state
