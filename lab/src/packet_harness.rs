@@ -202,6 +202,18 @@ impl Harness {
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
+    /// Two nodes' data paths: a harness per slice, each programmed with
+    /// `service` and its slice for `node`, Maglev tables written under
+    /// one seed (as a cluster's agents would).
+    pub fn two_nodes(node: &NodeInfo, service: &Value, slices: [Value; 2]) -> [Harness; 2] {
+        slices.map(|slice| {
+            let mut h = Harness::new();
+            h.program_objects(node, std::slice::from_ref(service), &[slice]);
+            h.write_maglev_tables("cluster seed");
+            h
+        })
+    }
+
     pub fn run_xdp(&self, input: &[u8]) -> (u32, Vec<u8>) {
         self.run(Program::Xdp, input)
     }

@@ -342,12 +342,7 @@ fn two_ipv6_nodes(algorithm: &str, backends: &[Ipv6Addr]) -> [Harness; 2] {
     };
     let mut reversed = backends.to_vec();
     reversed.reverse();
-    [backends.to_vec(), reversed].map(|order| {
-        let mut h = Harness::new();
-        h.program_objects(&node, std::slice::from_ref(&svc), &[slice(&order)]);
-        h.write_maglev_tables("cluster seed");
-        h
-    })
+    Harness::two_nodes(&node, &svc, [slice(backends), slice(&reversed)])
 }
 
 /// The backend each of `flows` new IPv6 flows from outside gets on `h`.
