@@ -332,7 +332,7 @@ pub(crate) struct RunArgs {
     /// default 16381, Katran's 65537): each backend gets 1/N of them to
     /// within N/size; a table costs 2 bytes an entry. Every node of a
     /// cluster must use the same.
-    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE)]
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_table_size)]
     pub(crate) maglev_table_size: u32,
     /// The key of the Maglev permutation: every node of a cluster must be
     /// given the same text, or their tables differ.
@@ -355,6 +355,14 @@ pub(crate) struct RunArgs {
     /// programs, and pinned maps) and exit. Same as `lb-agent cleanup`.
     #[arg(long)]
     pub(crate) cleanup: bool,
+}
+
+/// `--maglev-table-size`: a prime the Maglev permutation can use.
+fn parse_maglev_table_size(s: &str) -> Result<u32, String> {
+    let size: u32 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    maglev::build(&[], size, &maglev::HashSeed::default())
+        .map(|_| size)
+        .map_err(|e| e.to_string())
 }
 
 /// `--map-size-ratio`: a share of memory, above 0 and at most a half.
@@ -398,4 +406,26 @@ pub(crate) fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
             Err(format!("{s:?} is under a second"))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maglev_table_sizes_must_be_primes_up_to_65537() {
+        assert_eq!(parse_maglev_table_size("16381"), Ok(16_381));
+        assert_eq!(parse_maglev_table_size("65537"), Ok(65_537));
+        assert!(parse_maglev_table_size("16384").is_err());
+        assert!(parse_maglev_table_size("65539").is_err());
+        assert!(parse_maglev_table_size("x").is_err());
+    }
+
+    #[test]
+    fn map_size_ratios_are_above_zero_and_at_most_a_half() {
+        assert_eq!(parse_ratio("0.0025"), Ok(0.0025));
+        for bad in ["0", "-0.1", "0.6", "NaN", "x"] {
+            assert!(parse_ratio(bad).is_err(), "{bad}");
+        }
+    }
 }

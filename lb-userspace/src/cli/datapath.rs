@@ -279,19 +279,7 @@ pub(crate) fn setup_datapath(
         if ipv6 { "served" } else { "off" },
         args.node.ipv6
     );
-    let flow_state = flow_state_sizes(args, ipv6)?;
-    let config = loader::LoadConfig {
-        sizes: loader::MapSizes {
-            conntrack: flow_state.conntrack,
-            affinity: flow_state.affinity,
-            sockets: flow_state.sockets,
-            backends: args.backends_max,
-            services: args.services_max,
-            ipv6,
-        },
-        snat_ports: snat_ports(args)?,
-        datapath,
-    };
+    let config = load_config(args, ipv6, datapath)?;
     let started = Instant::now();
     let (mut ebpf, pinned) = loader::load(pin_dir, &config)?;
     let (maps, current, pinned) = adopt_maps(pin_dir, &mut ebpf, pinned)?;
@@ -340,6 +328,28 @@ pub(crate) fn setup_datapath(
         lb_algorithm: args.node.lb_algorithm,
     };
     Ok((dp, programmer))
+}
+
+/// What the programs are loaded with: map sizes (the flow-state ones
+/// from the node's memory unless given), masquerade ports, globals.
+fn load_config(
+    args: &RunArgs,
+    ipv6: bool,
+    datapath: lb_common::DatapathConfig,
+) -> Result<loader::LoadConfig> {
+    let flow_state = flow_state_sizes(args, ipv6)?;
+    Ok(loader::LoadConfig {
+        sizes: loader::MapSizes {
+            conntrack: flow_state.conntrack,
+            affinity: flow_state.affinity,
+            sockets: flow_state.sockets,
+            backends: args.backends_max,
+            services: args.services_max,
+            ipv6,
+        },
+        snat_ports: snat_ports(args)?,
+        datapath,
+    })
 }
 
 /// The loaded object's maps with what they hold: pinned maps adopted (of
