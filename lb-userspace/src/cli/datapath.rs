@@ -103,8 +103,9 @@ pub(crate) struct DataPath {
 impl DataPath {
     /// What follows every sync, whichever the source: names for metrics,
     /// health check ports, stale UDP sockets, this agent's programs
-    /// attached (after its first sync), the sweep woken, readiness, and the
-    /// proxy's health (updated when everything reached the maps).
+    /// attached (after its first sync), Maglev tables, the sweep woken,
+    /// readiness, and the proxy's health (updated when everything reached
+    /// the maps).
     pub(crate) fn after_sync(
         &mut self,
         programmer: &mut Programmer<BpfMaps>,
@@ -114,9 +115,12 @@ impl DataPath {
             self.metrics.datapath.set_names(names);
         }
         self.health.update(programmer.health.values());
-        self.write_maglev_tables(programmer);
         self.close_stale_udp(report);
         self.attach_after_first_sync(&mut programmer.writer)?;
+        // After the switch: a new frontend is served at random until its
+        // table is in, and a restarted agent's first tables (1,000 take a
+        // second) do not hold back its programs.
+        self.write_maglev_tables(programmer);
         self.wake_sweep(report);
         self.metrics.set_ready();
         if report.complete {
