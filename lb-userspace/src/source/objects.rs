@@ -161,9 +161,27 @@ pub struct EndpointInfo {
     pub serving: bool,
     pub terminating: bool,
     pub node: Option<Arc<str>>,
-    /// `hints.forZones` and `hints.forNodes`.
-    pub zone_hints: Vec<Arc<str>>,
-    pub node_hints: Vec<Arc<str>>,
+    /// `hints`, when it names a zone or a node (most endpoints have none:
+    /// one pointer for them, at 100,000 endpoints 4 MiB less than two
+    /// empty lists each).
+    pub hints: Option<Arc<Hints>>,
+}
+
+/// `hints.forZones` and `hints.forNodes` of an endpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Hints {
+    pub zones: Box<[Arc<str>]>,
+    pub nodes: Box<[Arc<str>]>,
+}
+
+impl EndpointInfo {
+    pub fn zone_hints(&self) -> &[Arc<str>] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    pub fn node_hints(&self) -> &[Arc<str>] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
+    }
 }
 
 /// An EndpointSlice as translation reads it.
@@ -389,26 +407,25 @@ impl From<EndpointSlice> for SliceInfo {
 
 fn endpoint_info(e: &Endpoint) -> EndpointInfo {
     let c = e.conditions.as_ref();
-    let hints = e.hints.as_ref();
     EndpointInfo {
         address: e.addresses.first().map(|a| Addr::parse(a)),
         ready: c.and_then(|c| c.ready).unwrap_or(true),
         serving: c.and_then(|c| c.serving).unwrap_or(true),
         terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         node: e.node_name.as_deref().map(intern),
-        zone_hints: hints
-            .and_then(|h| h.for_zones.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|z| intern(&z.name))
-            .collect(),
-        node_hints: hints
-            .and_then(|h| h.for_nodes.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|n| intern(&n.name))
-            .collect(),
+        hints: hints_of(e),
     }
+}
+
+fn hints_of(e: &Endpoint) -> Option<Arc<Hints>> {
+    let hints = e.hints.as_ref()?;
+    let zones: Box<[Arc<str>]> = (hints.for_zones.iter().flatten())
+        .map(|z| intern(&z.name))
+        .collect();
+    let nodes: Box<[Arc<str>]> = (hints.for_nodes.iter().flatten())
+        .map(|n| intern(&n.name))
+        .collect();
+    (!zones.is_empty() || !nodes.is_empty()).then(|| Arc::new(Hints { zones, nodes }))
 }
 
 impl SliceInfo {
@@ -530,10 +547,10 @@ mod tests {
             "serving unset means true, whatever ready says"
         );
         assert!(e[2].serving && e[2].terminating);
-        assert_eq!(e[2].zone_hints, vec![Arc::from("a")]);
-        assert_eq!(e[2].node_hints, vec![Arc::from("n1")]);
+        assert_eq!(e[2].zone_hints(), [Arc::from("a")]);
+        assert_eq!(e[2].node_hints(), [Arc::from("n1")]);
         assert!(
-            Arc::ptr_eq(e[2].node.as_ref().unwrap(), &e[2].node_hints[0]),
+            Arc::ptr_eq(e[2].node.as_ref().unwrap(), &e[2].node_hints()[0]),
             "interned"
         );
     }

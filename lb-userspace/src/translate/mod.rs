@@ -40,7 +40,9 @@ use crate::{
         BackendSet, Conflict, DesiredState, Family, IpPrefix, L4Addr, LbAlgorithm, Protocol,
         ServiceEntry, ServiceName, Shadowed,
     },
-    source::objects::{Addr, AddressType, Affinity, PortInfo, ServiceInfo, ServiceKind, SliceInfo},
+    source::objects::{
+        Addr, AddressType, Affinity, Hints, PortInfo, ServiceInfo, ServiceKind, SliceInfo,
+    },
 };
 
 #[derive(Debug, Default)]
@@ -183,8 +185,17 @@ struct Endpoint {
     serving: bool,
     terminating: bool,
     local: bool,
-    zone_hints: Vec<Arc<str>>,
-    node_hints: Vec<Arc<str>>,
+    hints: Option<Arc<Hints>>,
+}
+
+impl Endpoint {
+    fn zone_hints(&self) -> &[Arc<str>] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    fn node_hints(&self) -> &[Arc<str>] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
+    }
 }
 
 /// The addresses of one family a Service is served on.
@@ -567,11 +578,11 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
         ready.iter().all(|e| !hints(e).is_empty())
             && ready.iter().any(|e| hints(e).iter().any(|h| &**h == want))
     };
-    if !node.name.is_empty() && usable(|e| &e.node_hints, &node.name) {
+    if !node.name.is_empty() && usable(Endpoint::node_hints, &node.name) {
         return TopologyMode::SameNode(node.name.clone());
     }
     match node.zone.as_deref() {
-        Some(zone) if usable(|e| &e.zone_hints, zone) => TopologyMode::SameZone(zone.to_owned()),
+        Some(zone) if usable(Endpoint::zone_hints, zone) => TopologyMode::SameZone(zone.to_owned()),
         _ => TopologyMode::None,
     }
 }
@@ -579,8 +590,8 @@ fn topology_mode(endpoints: &[Endpoint], node: &NodeInfo) -> TopologyMode {
 fn available(e: &Endpoint, mode: &TopologyMode) -> bool {
     match mode {
         TopologyMode::None => true,
-        TopologyMode::SameNode(n) => e.node_hints.iter().any(|h| &**h == n),
-        TopologyMode::SameZone(z) => e.zone_hints.iter().any(|h| &**h == z),
+        TopologyMode::SameNode(n) => e.node_hints().iter().any(|h| &**h == n),
+        TopologyMode::SameZone(z) => e.zone_hints().iter().any(|h| &**h == z),
     }
 }
 
@@ -701,8 +712,7 @@ fn collect_endpoints(
             serving: endpoint.serving,
             terminating: endpoint.terminating,
             local: !node.name.is_empty() && endpoint.node.as_deref() == Some(node.name.as_str()),
-            zone_hints: endpoint.zone_hints.clone(),
-            node_hints: endpoint.node_hints.clone(),
+            hints: endpoint.hints.clone(),
         };
         // The same address in two slices (a slice being replaced): the
         // readier copy wins.
