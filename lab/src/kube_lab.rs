@@ -106,6 +106,30 @@ impl KubeLab {
             .expect("start lb-agent");
     }
 
+    /// Runs `lb-agent check` against the lab's API server in the node
+    /// namespace, with the node flags the lab starts the agent with and
+    /// `extra`: (exit success, output).
+    pub fn check(&self, extra: &[&str]) -> (bool, String) {
+        let agent = crate::sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent");
+        let out = self
+            .lab
+            .node
+            .command(&agent)
+            .args(["--pin-dir", self.lab.pin_dir.to_str().unwrap(), "check"])
+            .args(["--kubeconfig", self.kubeconfig.to_str().unwrap()])
+            .args(["--node-name", NODE_NAME, "--interfaces", "eth0"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run lb-agent check");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// Publishes the lab's Services and the EndpointSlices of its ready pods.
     pub fn publish(&self) {
         let mut objects: Vec<Value> = self

@@ -15,7 +15,10 @@ use lb_lab::{
     load::{Load, LoadKind},
     metric_sum, privileged_test, sibling_binary, tcp_ask,
 };
-use lb_userspace::model::{LbAlgorithm, Protocol};
+use lb_userspace::{
+    model::{LbAlgorithm, Protocol},
+    sync::maglev_tables::MaglevMaps,
+};
 use serde_json::{json, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -293,6 +296,14 @@ fn a_maglev_annotation_from_the_api_gets_its_external_frontend_a_table() {
         services.to_string().contains(r#""lb_algorithm":"maglev""#),
         "{services}"
     );
+    let (equal, text) = k.check(&[]);
+    assert!(equal, "check finds the table its slots give:\n{text}");
+    // A table gone wrong (every entry naming slot 1) is a difference.
+    let mut maps = lb_userspace::datapath::loader::open_pinned(&k.lab.pin_dir).expect("maps");
+    let words = vec![0x0001_0001_0001_0001_u64; 16_381_usize.div_ceil(4)];
+    assert!(maps.put_tables(&[(rev_nat_id, words)]).is_empty());
+    let (equal, text) = k.check(&[]);
+    assert!(!equal && text.contains("its table differs"), "{text}");
 
     k.api.apply(&external_service("random")).unwrap();
     let deadline = Instant::now() + CONVERGE;

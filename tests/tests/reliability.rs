@@ -278,6 +278,13 @@ fn a_rolling_update_under_load_fails_no_request(wire: Wire) {
         Some(k.pod_ips(&new_names)),
         "after the rollout only new pods",
     );
+    // The maps, and with Maglev every table, are what the Services say.
+    let (equal, text) = k.check(if maglev {
+        &["--lb-algorithm", "maglev"]
+    } else {
+        &[]
+    });
+    assert!(equal, "{text}");
     // Long-lived connections were closed by their terminating servers
     // (" bye") and opened again: at least once each, never failed.
     for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
@@ -415,37 +422,6 @@ fn agent_kill_restart_and_upgrade_under_load_fail_no_connection(wire: Wire) {
     k.wait_programmed(WEB, Some(k.pod_ips(&pods)), "after the restarts");
 }
 
-/// Runs `lb-agent check` against the lab's API server in the node
-/// namespace: (exit success, output).
-fn agent_check(k: &KubeLab) -> (bool, String) {
-    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN").expect("lb-agent");
-    let out = k
-        .lab
-        .node
-        .command(&agent)
-        .args([
-            "--pin-dir",
-            k.lab.pin_dir.to_str().unwrap(),
-            "check",
-            "--kubeconfig",
-            k.kubeconfig.to_str().unwrap(),
-            "--node-name",
-            NODE_NAME,
-            // As the lab starts the agent.
-            "--interfaces",
-            "eth0",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run lb-agent check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 fn apply_changes(k: &KubeLab, changes: Vec<ChurnChange>) {
     let mut apply = Vec::new();
     for c in changes {
@@ -490,7 +466,7 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
     k.wait_programmed(WEB, Some(k.pod_ips(&pods)), "initial");
     let deadline = Instant::now() + Duration::from_mins(1);
     loop {
-        let (ok, text) = agent_check(&k);
+        let (ok, text) = k.check(&[]);
         if ok {
             println!("before the churn: {text}");
             break;
@@ -524,7 +500,7 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
     // The agent catches up; then the maps must equal the desired state.
     let deadline = Instant::now() + Duration::from_mins(1);
     let converged = loop {
-        let (ok, text) = agent_check(&k);
+        let (ok, text) = k.check(&[]);
         if ok {
             break text;
         }
@@ -564,7 +540,7 @@ fn a_thousand_services_churning_for_a_minute_leave_the_stable_one_untouched_and_
         )),
     )
     .expect("delete a master slot");
-    let (ok, text) = agent_check(&k);
+    let (ok, text) = k.check(&[]);
     assert!(!ok, "a missing frontend fails the check: {text}");
     assert!(
         text.contains(&format!("{frontend} external: missing from the maps")),
@@ -1054,7 +1030,7 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
         assert_kept_its_backend(r);
     }
-    let (ok, text) = agent_check(&k);
+    let (ok, text) = k.check(&[]);
     assert!(
         ok,
         "after the upgrade the maps equal the desired state: {text}"

@@ -137,6 +137,21 @@ pub(crate) struct NodeArgs {
     pub(crate) lb_algorithm: LbAlgorithm,
 }
 
+/// How Maglev tables are built: every node of a cluster must agree.
+#[derive(clap::Args, Clone)]
+pub(crate) struct MaglevArgs {
+    /// Entries of each Maglev table, a prime up to 65537 (Cilium's
+    /// default 16381, Katran's 65537): each backend gets 1/N of them to
+    /// within N/size; a table costs 2 bytes an entry. Every node of a
+    /// cluster must use the same.
+    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_table_size)]
+    pub(crate) maglev_table_size: u32,
+    /// The key of the Maglev permutation: every node of a cluster must be
+    /// given the same text, or their tables differ.
+    #[arg(long, default_value = "lb-agent")]
+    pub(crate) maglev_hash_seed: String,
+}
+
 /// `--ipv6`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Ipv6Mode {
@@ -182,6 +197,10 @@ pub(crate) struct CheckArgs {
     /// The agent's node flags, so the desired state is the one it computes.
     #[command(flatten)]
     pub(crate) node: NodeArgs,
+    /// The agent's Maglev flags, so the tables expected are the ones it
+    /// builds.
+    #[command(flatten)]
+    pub(crate) maglev: MaglevArgs,
 }
 
 /// Where Services and EndpointSlices come from.
@@ -328,16 +347,8 @@ pub(crate) struct RunArgs {
     /// Default: from --map-size-ratio.
     #[arg(long, value_parser = clap::value_parser!(u32).range(64..))]
     pub(crate) socket_lb_max: Option<u32>,
-    /// Entries of each Maglev table, a prime up to 65537 (Cilium's
-    /// default 16381, Katran's 65537): each backend gets 1/N of them to
-    /// within N/size; a table costs 2 bytes an entry. Every node of a
-    /// cluster must use the same.
-    #[arg(long, default_value_t = maglev::DEFAULT_TABLE_SIZE, value_parser = parse_maglev_table_size)]
-    pub(crate) maglev_table_size: u32,
-    /// The key of the Maglev permutation: every node of a cluster must be
-    /// given the same text, or their tables differ.
-    #[arg(long, default_value = "lb-agent")]
-    pub(crate) maglev_hash_seed: String,
+    #[command(flatten)]
+    pub(crate) maglev: MaglevArgs,
     /// The share of the node's memory (MemTotal) the flow-state maps
     /// (conntrack, affinity, socket LB, of each family served) may take
     /// together when their capacity flags are not given: each gets its

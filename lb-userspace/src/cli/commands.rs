@@ -13,6 +13,8 @@ use lb_userspace::{
     translate::NodeInfo,
 };
 
+use lb_userspace::sync::maglev_tables::{self, MaglevTables};
+
 use super::args::{CheckArgs, Output};
 
 /// Translates the source the way the agent does and compares the result
@@ -51,10 +53,16 @@ pub(crate) async fn check(
     }
     let maps = loader::open_pinned(pin_dir)?;
     let contents = maps.read_contents().context("reading the pinned maps")?;
-    Ok(lb_userspace::sync::checker::check(
-        &translation.state,
-        &contents,
-    ))
+    let mut report = lb_userspace::sync::checker::check(&translation.state, &contents);
+    let tables = MaglevTables::new(
+        args.maglev.maglev_table_size,
+        maglev_tables::seed_of(&args.maglev.maglev_hash_seed),
+        Vec::new(),
+    )?;
+    report
+        .differences
+        .extend(maglev_tables::check(&maps, &contents, &tables));
+    Ok(report)
 }
 
 /// The data path's counters, summed over CPUs: one family's, or (`None`)

@@ -314,8 +314,8 @@ pub(crate) fn setup_datapath(
         sweep_interval: args.conntrack_sweep_interval,
         metrics: metrics.clone(),
         maglev: MaglevTables::new(
-            args.maglev_table_size,
-            maglev_tables::seed_of(&args.maglev_hash_seed),
+            args.maglev.maglev_table_size,
+            maglev_tables::seed_of(&args.maglev.maglev_hash_seed),
             maglev_tables::tables_in(&maps),
         )
         .context("--maglev-table-size")?,
@@ -444,7 +444,7 @@ fn node_side(args: &RunArgs) -> Result<NodeSide> {
         masquerade_addr: masquerade.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         socket_lb_mode: args.socket_lb.config_value(),
         masquerade_addr6: masquerade6.map_or([0; 4], |a| lb_common::ipv6::words(a.octets())),
-        maglev_table_size: args.maglev_table_size,
+        maglev_table_size: args.maglev.maglev_table_size,
         _pad: 0,
     };
     Ok(NodeSide {

@@ -22,7 +22,7 @@ use crate::{
     model::L4Addr,
     sync::{
         differ::{backend_addr, MapContents, SlotKey},
-        map_batch::{delete_all, update_all},
+        map_batch::{delete_all, lookup_all, update_all},
         map_writer::BpfMaps,
     },
     translate::maglev::{self, HashSeed, MaglevBackend, MaglevError},
@@ -264,6 +264,56 @@ fn filled_table(words: &[u64]) -> anyhow::Result<Array<MapData, u64>> {
         .map_err(|stopped| stopped.error)
         .context("filling the table")?;
     Ok(inner)
+}
+
+/// `lb-agent check`'s part: every Maglev frontend of `current` (the
+/// pinned maps read) has the table `tables` would build from its slots,
+/// and no other frontend has one. One line per difference.
+pub fn check(maps: &BpfMaps, current: &MapContents, tables: &MaglevTables) -> Vec<String> {
+    let mut differences = Vec::new();
+    let wanted = maglev_frontends(current);
+    for (id, slots) in &wanted {
+        let expected = match tables.words(slots) {
+            Ok(w) => w,
+            Err(e) => {
+                differences.push(format!("Maglev frontend {id}: {e}"));
+                continue;
+            }
+        };
+        match table_in(maps, *id) {
+            Err(e) => differences.push(format!("Maglev frontend {id}: no table ({e:#})")),
+            Ok(words) if words != expected => {
+                let off = (words.iter().zip(&expected))
+                    .filter(|(a, b)| a != b)
+                    .count();
+                differences.push(format!(
+                    "Maglev frontend {id}: its table differs from its slots' ({off} of {} words, {} long, {} expected)",
+                    expected.len(),
+                    words.len(),
+                    expected.len()
+                ));
+            }
+            Ok(_) => {}
+        }
+    }
+    for id in tables_in(maps)
+        .into_iter()
+        .filter(|id| !wanted.contains_key(id))
+    {
+        differences.push(format!(
+            "reverse NAT {id} has a Maglev table but is no Maglev frontend"
+        ));
+    }
+    differences
+}
+
+/// The words of reverse NAT id `id`'s table in `lb_maglev`.
+fn table_in(maps: &BpfMaps, id: u16) -> anyhow::Result<Vec<u64>> {
+    let outer = maps.maglev.as_ref().context("no lb_maglev map")?;
+    let inner = outer.map.get(&u32::from(id), 0)?;
+    let mut entries: Vec<(u32, u64)> = lookup_all(inner.fd().as_fd())?;
+    entries.sort_unstable_by_key(|(index, _)| *index);
+    Ok(entries.into_iter().map(|(_, word)| word).collect())
 }
 
 /// Reverse NAT ids that have a table in `lb_maglev` (to adopt its pins).
