@@ -651,6 +651,12 @@ fn masquerade_source<F: Family>(
         let in_range = ((u32::from(offset) + i) % u32::from(range_len)) as u16;
         key.dport = (range_first + in_range).to_be();
         if claim_reply_entry::<F>(&key, &reply, now) {
+            if i > 0 {
+                // Past the busy ports too: a cursor a racing CPU set back
+                // would otherwise lag further behind with every race,
+                // until a run of 16 busy ports fails a flow.
+                unsafe { *cursor = next.wrapping_add(u64::from(i) + 1) };
+            }
             return Ok((addr, key.dport));
         }
         i += 1;

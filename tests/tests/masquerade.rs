@@ -256,3 +256,29 @@ fn tc_on_the_wire_leaves_what_xdp_before_it_translated() {
         "the SYN-ACK is still translated back: {r:?}"
     );
 }
+
+/// Two CPUs that read a backend's masquerade cursor at once both write
+/// back one past it, so the cursor falls one behind the ports claimed. A
+/// flow that walked over busy ports moves the cursor past the one it
+/// claimed, so such lags do not add up: here the cursor is set back after
+/// each of 40 new flows (a lost update each time), and every flow gets a
+/// port at once. Before, the 17th found 16 busy ports and was dropped.
+#[privileged_test]
+fn a_cursor_set_back_by_racing_cpus_never_exhausts_the_ports() {
+    for wire in Program::WIRE {
+        let mut h = nodeport("2000-2999");
+        for i in 0..40u16 {
+            assert_eq!(
+                syn(&h, wire, 41_000 + i),
+                Some(2000 + i),
+                "{wire:?} flow {i}"
+            );
+            let map = h.ebpf.map_mut("lb4_snat_cursor").expect("the cursor map");
+            let mut cursor: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
+            // The only backend has id 1.
+            let at = cursor.get(&1, 0).unwrap();
+            cursor.set(1, at - 1, 0).unwrap();
+        }
+        assert_eq!(h.stat(stats::SNAT_PORTS_EXHAUSTED), 0, "{wire:?}");
+    }
+}
