@@ -267,11 +267,10 @@ pub fn measure(
     Ok(best)
 }
 
-/// The wire program of `hook` and its empty twin, loaded in `inst`.
-fn programs(inst: &Instance, hook: Hook) -> Result<(&dyn Runner, &dyn Runner)> {
+/// The wire program of `hook` and its empty twin, loaded in `ebpf`.
+pub(crate) fn programs(ebpf: &Ebpf, hook: Hook) -> Result<(&dyn Runner, &dyn Runner)> {
     let program = |name: &str| -> Result<&dyn Runner> {
-        let p = inst
-            .ebpf
+        let p = ebpf
             .program(name)
             .with_context(|| format!("no program {name}"))?;
         Ok(match hook {
@@ -304,7 +303,7 @@ fn measure_probe(
     flow: &mut usize,
     probe: &Probe,
 ) -> Result<PacketCosts> {
-    let (wire, empty) = programs(inst, hook)?;
+    let (wire, empty) = programs(&inst.ebpf, hook)?;
     // The flow's first packet creates its conntrack entry.
     batch(wire, 1, &mut |_| probe.first_syn.clone(), probe.to_backend)?;
     let e = batch(empty, count, &mut |_| probe.ack.clone(), &|_| Ok(()))?;

@@ -20,7 +20,7 @@ use lb_userspace::{model::LbAlgorithm, translate::NodeInfo};
 use serde_json::{json, Value};
 
 use crate::{
-    datapath::{batch, Hook, Runner},
+    datapath::{batch, programs, Hook},
     progress,
 };
 
@@ -90,18 +90,6 @@ fn harness(endpoints: usize) -> Result<Harness> {
     Ok(h)
 }
 
-fn runner(h: &Harness, hook: Hook, empty: bool) -> Result<&dyn Runner> {
-    let name = if empty { hook.empty() } else { hook.program() };
-    let p = h
-        .ebpf
-        .program(name)
-        .with_context(|| format!("no program {name}"))?;
-    Ok(match hook {
-        Hook::Xdp => <&Xdp>::try_from(p)? as &dyn Runner,
-        Hook::Tc => <&SchedClassifier>::try_from(p)? as &dyn Runner,
-    })
-}
-
 /// Measures both algorithms on both hooks, `batches` rounds of `count`
 /// new flows each, the algorithms in turns.
 pub fn measure(endpoints: usize, batches: usize, count: usize) -> Result<Vec<SelectionCosts>> {
@@ -118,7 +106,7 @@ pub fn measure(endpoints: usize, batches: usize, count: usize) -> Result<Vec<Sel
     let mut flow = 0u32;
     let mut out = Vec::new();
     for hook in Hook::ALL {
-        let (wire, empty) = (runner(&h, hook, false)?, runner(&h, hook, true)?);
+        let (wire, empty) = programs(&h.ebpf, hook)?;
         let mut best = [f64::MAX; 2];
         for _ in 0..batches {
             for (i, lb) in [RANDOM_LB, MAGLEV_LB].into_iter().enumerate() {
