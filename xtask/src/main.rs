@@ -105,7 +105,29 @@ fn output(cmd: &mut Command) -> Option<String> {
 fn cargo() -> Command {
     let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
+    if on_ci() {
+        // A CI run builds once from scratch: incremental caches would only
+        // take disk, which a CI machine may have little of.
+        c.env("CARGO_INCREMENTAL", "0");
+    }
     c
+}
+
+fn on_ci() -> bool {
+    env::var_os("CI").is_some_and(|v| v == "true" || v == "1")
+}
+
+/// Prints the free disk space where the build goes: a build that ran out
+/// of it fails with an error far from the cause.
+fn report_free_disk(when: &str) {
+    if let Some(df) = output(
+        Command::new("df")
+            .args(["-h", "--output=avail,size"])
+            .arg(workspace_root()),
+    ) {
+        let avail = df.lines().nth(1).unwrap_or("?").trim().to_string();
+        println!("[test] disk {when}: {avail} (free, size)");
+    }
 }
 
 fn build(release: bool) -> Result<()> {
@@ -128,7 +150,7 @@ const PREVIOUS_RELEASE: &str = "45d8f59e986857fa07d38f2f403770bea727c4a1";
 fn previous_release_agent() -> Result<std::result::Result<PathBuf, String>> {
     let root = workspace_root();
     let dir = root.join("target/previous-release");
-    let binary = dir.join("target/debug/lb-agent");
+    let binary = dir.join("lb-agent");
     let stamp = dir.join("built-from");
     if binary.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(PREVIOUS_RELEASE)
     {
@@ -160,15 +182,24 @@ fn previous_release_agent() -> Result<std::result::Result<PathBuf, String>> {
         .arg(&archive)
         .arg("-C")
         .arg(&src))?;
+    let build_dir = dir.join("target");
+    // Without debug info, and only the binary kept: a second workspace's
+    // build would otherwise hold about as much disk as the main one.
     sh(cargo()
         .current_dir(&src)
-        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .env("CARGO_TARGET_DIR", &build_dir)
+        .env("CARGO_PROFILE_DEV_DEBUG", "0")
         .args(["build", "-p", "lb-userspace", "--bin", "lb-agent"]))?;
+    std::fs::copy(build_dir.join("debug/lb-agent"), &binary)?;
+    std::fs::remove_dir_all(&build_dir)?;
+    std::fs::remove_dir_all(&src)?;
+    std::fs::remove_file(&archive)?;
     std::fs::write(&stamp, PREVIOUS_RELEASE)?;
     Ok(Ok(binary))
 }
 
 fn test(extra: &[String]) -> Result<()> {
+    report_free_disk("before the build");
     // The lab tests run the agent and the pod server binaries.
     build(false)?;
     let previous = match previous_release_agent()? {
@@ -189,6 +220,7 @@ fn test(extra: &[String]) -> Result<()> {
         agent_bin: Some(workspace_root().join("target/debug/lb-agent")),
     })?;
     let env = [previous, ("LB_AGENT_IMAGE".to_string(), image)];
+    report_free_disk("before the test build");
     if extra.is_empty() {
         return test_plan::run(&workspace_root(), &env);
     }
