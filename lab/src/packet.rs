@@ -164,7 +164,8 @@ pub fn with_ip_options(p: &[u8]) -> Vec<u8> {
     out
 }
 
-fn refresh_ip_checksum(p: &mut [u8]) {
+/// Recomputes the IPv4 header checksum (options included).
+pub fn refresh_ip_checksum(p: &mut [u8]) {
     let ihl = ((p[IP_OFF] & 0xf) as usize) * 4;
     p[IP_OFF + 10] = 0;
     p[IP_OFF + 11] = 0;
@@ -189,20 +190,28 @@ pub struct Parsed {
     pub udp_checksum_zero: bool,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// The IP options, after the fixed 20 bytes of the header.
+    pub ip_options: Vec<u8>,
     pub(crate) total_len: usize,
 }
 
-/// Parses an IPv4 TCP/UDP packet (20-byte IP header) and verifies checksums.
+/// Parses an IPv4 TCP/UDP packet (its header options included) and
+/// verifies checksums.
 pub fn parse(p: &[u8]) -> Parsed {
     assert!(p.len() >= L4_OFF + 8, "packet too short: {} bytes", p.len());
-    let ip = &p[IP_OFF..IP_OFF + 20];
+    let ihl = ((p[IP_OFF] & 0xf) as usize) * 4;
+    assert!(
+        ihl >= 20 && p.len() >= IP_OFF + ihl + 8,
+        "IP header length {ihl}"
+    );
+    let ip = &p[IP_OFF..IP_OFF + ihl];
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     assert!(
         p.len() >= IP_OFF + tot,
         "IP total length {tot} exceeds the packet ({} bytes)",
         p.len()
     );
-    let seg = &p[L4_OFF..IP_OFF + tot];
+    let seg = &p[IP_OFF + ihl..IP_OFF + tot];
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let proto = ip[9];
@@ -235,6 +244,7 @@ pub fn parse(p: &[u8]) -> Parsed {
         udp_checksum_zero: udp_zero,
         dst_mac: p[0..6].try_into().unwrap(),
         src_mac: p[6..12].try_into().unwrap(),
+        ip_options: ip[20..].to_vec(),
         total_len: IP_OFF + tot,
     }
 }

@@ -1,6 +1,9 @@
 //! ICMP "port unreachable" for a UDP datagram to a Service without
 //! endpoints: the client's stack then fails the socket at once
-//! (ECONNREFUSED), as kube-proxy's REJECT rule makes it.
+//! (ECONNREFUSED), as kube-proxy's REJECT rule makes it. The same answer
+//! turned into "fragmentation needed" (`Unreachable::apply`) tells a
+//! client that a datagram sent with direct server return does not fit the
+//! wire once the DSR option is in.
 //!
 //! Built in place: the program opens 28 bytes of room in front of the
 //! datagram, writes the 42 bytes returned here (Ethernet, IPv4, ICMP), and
@@ -24,6 +27,52 @@ pub const PORT_UNREACHABLE_LEN: usize = HEAD_LEN + IP_LEN + QUOTED_L4_LEN;
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// What a destination unreachable answer tells the client: its code and
+/// next-hop MTU. A struct of both, not an enum: passed to a BPF function,
+/// an enum's variant without the MTU would leave its register unset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unreachable {
+    code: u8,
+    mtu: u16,
+}
+
+impl Unreachable {
+    /// No backend: the socket fails (ECONNREFUSED).
+    pub const PORT: Self = Self {
+        code: ICMP_PORT_UNREACH,
+        mtu: 0,
+    };
+
+    /// The datagram does not fit the path with don't-fragment set: the
+    /// client's path MTU to the Service drops to `mtu` (RFC 1191).
+    #[inline(always)]
+    pub const fn frag_needed(mtu: u16) -> Self {
+        Self {
+            code: ICMP_FRAG_NEEDED,
+            mtu,
+        }
+    }
+
+    /// Turns a port unreachable head (`port_unreachable_head`) into this
+    /// answer in place: its code and next-hop MTU, and the checksum
+    /// updated for both (RFC 1624), so no second head is built on the
+    /// stack.
+    #[inline(always)]
+    pub fn apply(self, head: &mut [u8; HEAD_LEN]) {
+        let o = ETH_LEN + IP_LEN;
+        let check = u16::from_ne_bytes([head[o + 2], head[o + 3]]);
+        let was = u16::from_ne_bytes([head[o], head[o + 1]]);
+        let now = u16::from_ne_bytes([ICMP_DEST_UNREACH, self.code]);
+        let mtu = self.mtu.to_be_bytes();
+        let check = csum::replace2(check, was, now);
+        let check = csum::replace2(check, 0, u16::from_ne_bytes(mtu));
+        head[o + 1] = self.code;
+        head[o + 2..o + 4].copy_from_slice(&check.to_ne_bytes());
+        head[o + 6..o + 8].copy_from_slice(&mtu);
+    }
+}
 
 /// The UDP checksum field as it will be when the answer leaves the node.
 /// A pod's datagram may carry only a partial checksum (the pseudo header
@@ -133,6 +182,22 @@ mod tests {
             "ICMP checksum over header and quote"
         );
         assert_eq!(icmp[0..2], [3, 3]);
+    }
+
+    #[test]
+    fn fragmentation_needed_carries_the_mtu_under_a_valid_checksum() {
+        let (eth, ip, udp) = datagram();
+        let mut head = port_unreachable_head(&eth, &ip, &udp, 0);
+        Unreachable::frag_needed(1492).apply(&mut head);
+        let mut icmp = head[34..42].to_vec();
+        icmp.extend_from_slice(&ip);
+        icmp.extend_from_slice(&udp);
+        assert_eq!(csum::checksum(&icmp, 0), 0, "ICMP checksum");
+        assert_eq!(icmp[0..2], [3, 4], "destination unreachable, frag needed");
+        assert_eq!(icmp[6..8], 1492u16.to_be_bytes(), "next-hop MTU");
+        let mut same = port_unreachable_head(&eth, &ip, &udp, 0);
+        Unreachable::PORT.apply(&mut same);
+        assert_eq!(same, port_unreachable_head(&eth, &ip, &udp, 0));
     }
 
     #[test]

@@ -173,6 +173,12 @@ pub const SVC_FLAG_INTERNAL_LOCAL: u16 = 1 << 7;
 /// frontend's table (`lb_maglev`), the same on every node; random when
 /// the table is missing or names a slot past `count`.
 pub const SVC_FLAG_MAGLEV: u16 = 1 << 8;
+/// Direct server return: external traffic to a backend on another node
+/// keeps its client source; the first packet of a TCP flow (its SYN) and
+/// every UDP datagram carry the frontend in an IPv4 option
+/// (`DSR_OPTION_*`), from which the backend's node rewrites the replies
+/// and sends them to the client itself.
+pub const SVC_FLAG_DSR: u16 = 1 << 9;
 /// Frontends reached from outside the node.
 pub const SVC_FLAGS_EXTERNAL: u16 =
     SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER;
@@ -258,6 +264,19 @@ pub const CT_FLAG_REDIRECT: u16 = 1 << 2;
 /// reply: the backend's SYN-ACK). It lives `CT_OPENING_LIFETIME_NS`, so a
 /// failed or collided attempt leaves nothing long-lived behind.
 pub const CT_FLAG_OPENING: u16 = 1 << 3;
+/// Forward entry: the flow is forwarded with direct server return (its
+/// SYN or datagrams get the DSR option). Reply entry: learned from a DSR
+/// option on the backend's node; its backend id is unknown (0), so the
+/// agent's sweep ages it out instead of matching it to a backend.
+pub const CT_FLAG_DSR: u16 = 1 << 4;
+
+/// The IPv4 option a DSR request carries to the backend's node: type (copied
+/// on fragmentation, class 0, number 30: RFC 4727's experiment number),
+/// length, then the frontend's port and address in network order.
+pub const DSR_OPTION_TYPE: u8 = 0x80 | 0x1e;
+/// The option's length, which is also what it adds to the packet: a whole
+/// number of 32-bit words, so the header needs no padding.
+pub const DSR_OPTION_LEN: u8 = 8;
 
 /// Ports tried for a new masqueraded flow before it is dropped (counted
 /// as `snat_ports_exhausted`).
@@ -555,8 +574,20 @@ pub mod stats {
     /// New masqueraded flows that found no free masquerade port toward
     /// their backend (every port tried is in use or in TIME_WAIT): dropped.
     pub const SNAT_PORTS_EXHAUSTED: u32 = 17;
+    /// Packets a node forwarded with direct server return (the DSR option
+    /// added, or a flow's later packets, which go without it).
+    pub const DSR_FORWARDED: u32 = 18;
+    /// Reply entries a backend's node learned from a DSR option.
+    pub const DSR_LEARNED: u32 = 19;
+    /// DSR options naming a frontend this node does not serve: passed on,
+    /// nothing learned (the replies go out untranslated).
+    pub const DSR_UNKNOWN_FRONTEND: u32 = 20;
+    /// DSR datagrams the option would have made too big for the wire, with
+    /// don't-fragment set: answered with ICMP fragmentation needed and the
+    /// MTU less the option, so the client's path MTU makes room for it.
+    pub const DSR_FRAG_NEEDED: u32 = 21;
     /// The first of the `RewriteFailure` counters, one per reason.
-    const REWRITE_FAILED_BY: u32 = 18;
+    const REWRITE_FAILED_BY: u32 = 22;
     /// The first of the `RejectFailure` counters, one per reason.
     const NO_BACKEND_DROPPED_BY: u32 = REWRITE_FAILED_BY + RewriteFailure::COUNT;
     pub const COUNT: u32 = NO_BACKEND_DROPPED_BY + RejectFailure::COUNT;
@@ -576,10 +607,12 @@ pub mod stats {
         Checksum = 1,
         /// Writing the new address or port into the packet failed.
         Store = 2,
+        /// Making room for the DSR option failed.
+        Resize = 3,
     }
 
     impl RewriteFailure {
-        const COUNT: u32 = 3;
+        const COUNT: u32 = 4;
 
         /// Its counter (counted beside the total `REWRITE_FAILED`).
         #[inline(always)]
@@ -623,6 +656,7 @@ pub mod stats {
                 RewriteFailure::OutOfBounds => Self::OutOfBounds,
                 RewriteFailure::Checksum => Self::Checksum,
                 RewriteFailure::Store => Self::Store,
+                RewriteFailure::Resize => Self::Resize,
             }
         }
     }
@@ -646,9 +680,14 @@ pub mod stats {
         "ct_removed",
         "ct_swept",
         "snat_ports_exhausted",
+        "dsr_forwarded",
+        "dsr_learned",
+        "dsr_unknown_frontend",
+        "dsr_frag_needed",
         "rewrite_failed_out_of_bounds",
         "rewrite_failed_checksum",
         "rewrite_failed_store",
+        "rewrite_failed_resize",
         "no_backend_dropped_not_answerable",
         "no_backend_dropped_out_of_bounds",
         "no_backend_dropped_checksum",

@@ -1,11 +1,12 @@
 //! Bounds-checked parsing of Ethernet / IPv4 or IPv6 / TCP / UDP headers.
 
 use lb_common::{
+    csum,
     uapi::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING,
         IPPROTO_TCP, IPPROTO_UDP,
     },
-    Ipv6Bytes,
+    Ipv6Bytes, DSR_OPTION_LEN, DSR_OPTION_TYPE,
 };
 
 pub const ETH_HLEN: usize = 14;
@@ -72,6 +73,10 @@ const MAX_HEADERS_LEN: usize = 0x3fff;
 pub const DEFAULT_TTL: u8 = 64;
 /// More-fragments flag and fragment offset, network order mask.
 const IP_FRAG_MASK: u16 = 0x3fff;
+/// Don't fragment.
+pub const IP_DF: u16 = 0x4000;
+/// The fragment offset alone.
+const IP_FRAG_OFFSET_MASK: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -113,6 +118,19 @@ pub enum Parsed<F> {
     /// Shorter than the headers it claims: pass untouched, counted.
     Malformed,
     Flow(F),
+    /// An IPv4 packet with the DSR option: a request another node forwarded
+    /// to a backend here with direct server return. Its L4 header sits
+    /// after the option, so it is never rewritten; `dsr_origin` reads the
+    /// option (kept out of this enum, which every hook's frame holds).
+    DsrRequest(F),
+}
+
+/// The frontend a DSR request was sent to, from its option (network
+/// order): what the replies' source becomes.
+#[derive(Clone, Copy)]
+pub struct DsrOrigin {
+    pub addr: u32,
+    pub port: u16,
 }
 
 /// The network layer a frame carries, by its EtherType.
@@ -197,11 +215,13 @@ pub fn parse4(start: usize, end: usize) -> Parsed<Flow4> {
     let Some(ver_ihl) = read::<u8>(start, end, IP_OFF) else {
         return Parsed::Malformed;
     };
-    // IPv4 with IP options is left to the kernel: the fixed offsets below and
-    // the checksum fix-ups assume a 20-byte header.
-    if ver_ihl != 0x45 {
-        return Parsed::Other;
-    }
+    // IPv4 with IP options is left to the kernel (the fixed offsets of the
+    // rewrites assume a 20-byte header), but for the DSR option alone.
+    let dsr = match ver_ihl {
+        0x45 => false,
+        IHL_WITH_DSR_OPTION if dsr_origin(start, end).is_some() => true,
+        _ => return Parsed::Other,
+    };
     // Field by field: a copy of the whole header would cost a stack slot
     // per byte.
     if ptr_at::<[u8; IP_HLEN]>(start, end, IP_OFF).is_none() {
@@ -219,24 +239,93 @@ pub fn parse4(start: usize, end: usize) -> Parsed<Flow4> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::Other;
     }
-    if frag & IP_FRAG_MASK != 0 {
+    // A DSR request the entry node's kernel fragmented (no don't-fragment)
+    // still teaches its reply entry by its first fragment, which has the
+    // ports.
+    let first_fragment = frag & IP_FRAG_OFFSET_MASK == 0;
+    if frag & IP_FRAG_MASK != 0 && !(dsr && first_fragment) {
         return Parsed::Fragment;
     }
     let ip_tot_len = u16::from_be(tot_len);
-    let l4_claimed = (ip_tot_len as usize).saturating_sub(IP_HLEN);
-    let Some(l4) = parse_l4(start, end, proto, L4_OFF, l4_claimed) else {
+    let l4_off = if dsr {
+        L4_OFF + DSR_OPTION_LEN as usize
+    } else {
+        L4_OFF
+    };
+    let l4_claimed = (ip_tot_len as usize).saturating_sub(l4_off - IP_OFF);
+    let Some(l4) = parse_l4(start, end, proto, l4_off, l4_claimed) else {
         return Parsed::Malformed;
     };
-    Parsed::Flow(Flow {
+    let flow = Flow {
         saddr: addrs[0],
         daddr: addrs[1],
         sport: l4.sport,
         dport: l4.dport,
         proto,
         tcp_flags: l4.tcp_flags,
-        l4_off: L4_OFF,
+        l4_off,
         l4_csum_off: l4.csum_off,
         ip_tot_len,
+    };
+    if dsr {
+        Parsed::DsrRequest(flow)
+    } else {
+        Parsed::Flow(flow)
+    }
+}
+
+/// The IPv4 header `ip` grown by the DSR option naming the frontend `flow`
+/// was sent to (`flow.daddr`, `flow.dport`: from before the rewrite), its
+/// lengths and checksum made whole again. The L4 checksum does not cover
+/// IP options, so it stays as it is.
+#[inline(always)]
+pub fn with_dsr_option(
+    ip: &[u8; IP_HLEN],
+    flow: &Flow4,
+) -> [u8; IP_HLEN + DSR_OPTION_LEN as usize] {
+    let mut h = [0u8; IP_HLEN + DSR_OPTION_LEN as usize];
+    h[..IP_HLEN].copy_from_slice(ip);
+    h[0] = IHL_WITH_DSR_OPTION;
+    let tot_len = u16::from_be_bytes([h[2], h[3]]).wrapping_add(u16::from(DSR_OPTION_LEN));
+    h[ipv4::TOT_LEN..ipv4::TOT_LEN + 2].copy_from_slice(&tot_len.to_be_bytes());
+    h[IP_HLEN] = DSR_OPTION_TYPE;
+    h[IP_HLEN + 1] = DSR_OPTION_LEN;
+    h[IP_HLEN + 2..IP_HLEN + 4].copy_from_slice(&flow.dport.to_ne_bytes());
+    h[IP_HLEN + 4..].copy_from_slice(&flow.daddr.to_ne_bytes());
+    h[ipv4::CSUM..ipv4::CSUM + 2].copy_from_slice(&[0, 0]);
+    let check = !csum::fold(csum::sum_bytes(&h));
+    h[ipv4::CSUM..ipv4::CSUM + 2].copy_from_slice(&check.to_ne_bytes());
+    h
+}
+
+/// Whether the IPv4 header of the frame is as long as the fixed header and
+/// the DSR option (a cheap test before a parse that tells for sure).
+#[inline(always)]
+pub fn carries_dsr_option(start: usize, end: usize) -> bool {
+    read::<u8>(start, end, IP_OFF).is_some_and(is_dsr_header)
+}
+
+/// Whether an IPv4 header's first byte (version and header length) is
+/// that of a header with the DSR option.
+#[inline(always)]
+pub fn is_dsr_header(ver_ihl: u8) -> bool {
+    ver_ihl == IHL_WITH_DSR_OPTION
+}
+
+/// Version 4 and a header of 28 bytes: the fixed one and the DSR option.
+const IHL_WITH_DSR_OPTION: u8 = 0x40 | ((IP_HLEN as u8 + DSR_OPTION_LEN) / 4);
+
+/// The DSR option right after the fixed IPv4 header, if that is what the
+/// options are.
+#[inline(always)]
+pub fn dsr_origin(start: usize, end: usize) -> Option<DsrOrigin> {
+    let opt = read::<[u8; DSR_OPTION_LEN as usize]>(start, end, L4_OFF)?;
+    if opt[0] != DSR_OPTION_TYPE || opt[1] != DSR_OPTION_LEN {
+        return None;
+    }
+    Some(DsrOrigin {
+        port: u16::from_ne_bytes([opt[2], opt[3]]),
+        addr: u32::from_ne_bytes([opt[4], opt[5], opt[6], opt[7]]),
     })
 }
 

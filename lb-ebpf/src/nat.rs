@@ -11,10 +11,10 @@ use lb_common::{
     ct_hold_ns,
     stats::{self, RejectFailure, RewriteFailure},
     Affinity4Value, Service4Value, AFFINITY_CLIENT_ADDR, BACKEND_MATCH_ACTIVE, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_OPENING, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
-    CT_REFRESH_INTERVAL_NS, IPPROTO_TCP, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_MAGLEV,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_DSR, CT_FLAG_OPENING, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
+    CT_REFRESH_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
@@ -28,6 +28,11 @@ pub enum Action {
     Pass,
     /// Rewritten: pass on to the kernel's routing.
     Translated,
+    /// Rewritten, and the hook adds the DSR option naming the frontend the
+    /// packet was sent to (`push_dsr_option`), then passes it on. Last and
+    /// in the hook: it moves the headers, and its stack would not fit
+    /// under the NAT core's frames.
+    TranslatedWithDsrOption,
     /// Rewritten, and its addresses would look spoofed to the kernel's
     /// input routing: send it straight to the egress device.
     Redirect,
@@ -35,6 +40,10 @@ pub enum Action {
     RejectTcp,
     /// UDP to a Service with no backend: answer with ICMP port unreachable.
     RejectUdp,
+    /// A DSR datagram with don't-fragment that the option would make too
+    /// big for the wire: answer with ICMP fragmentation needed and this
+    /// MTU (the wire's, less the option).
+    FragNeeded(u16),
     Drop,
 }
 
@@ -80,6 +89,12 @@ pub trait Rewriter<F: Family> {
         addr: F::Addr,
         port: u16,
     ) -> Result<(), RewriteFailure>;
+    /// None when the packet still fits the wire with the DSR option added
+    /// (or may be fragmented); else the MTU the client must drop to. Only
+    /// called where `F::DSR_OPTION`.
+    fn dsr_option_too_big(&self, _flow: &Flow<F::Addr>) -> Option<u16> {
+        None
+    }
 }
 
 /// Why a masqueraded flow got no source address and port (dropped).
@@ -311,9 +326,9 @@ fn no_backend<F: Family>(flow: &Flow<F::Addr>, hook: Hook, svc: &Service4Value) 
 }
 
 /// Whether a new flow's source is masqueraded: external traffic unless
-/// its policy is Local, so replies come back through this node; and a pod
-/// reaching itself through a Service, or its own address would arrive as
-/// a source from outside.
+/// its policy is Local or it goes with direct server return, so replies
+/// come back through this node; and a pod reaching itself through a
+/// Service, or its own address would arrive as a source from outside.
 #[inline(always)]
 fn masquerades<A: PartialEq>(
     flow: &Flow<A>,
@@ -322,8 +337,8 @@ fn masquerades<A: PartialEq>(
     backend: &Backend<A>,
 ) -> bool {
     let external = svc.flags & SVC_FLAGS_EXTERNAL != 0;
-    backend.addr == flow.saddr
-        || (hook == Hook::Wire && external && svc.flags & SVC_FLAG_EXTERNAL_LOCAL == 0)
+    let keeps_source = svc.flags & (SVC_FLAG_EXTERNAL_LOCAL | SVC_FLAG_DSR) != 0;
+    backend.addr == flow.saddr || (hook == Hook::Wire && external && !keeps_source)
 }
 
 /// A new flow, in three steps run one after the other from `handle`, so
@@ -372,7 +387,7 @@ fn pick_backend<F: Family>(flow: &Flow<F::Addr>, start: &mut NewFlow<F::Addr>) -
         last_seen_ns: start.now,
         backend_id,
         rev_nat_id: svc.rev_nat_id,
-        flags: new_entry_flags(flow, svc),
+        flags: new_entry_flags::<F>(flow, svc, start.hook),
         nat_addr: F::Addr::UNSPECIFIED,
         nat_port: 0,
         _pad: Default::default(),
@@ -403,9 +418,15 @@ fn record_flow<F: Family>(
     Ok(())
 }
 
+/// A new flow's conntrack flags. Direct server return is for external
+/// traffic entering from the wire: a pod's own traffic to a NodePort
+/// comes back through this node anyway.
 #[inline(always)]
-fn new_entry_flags<A>(flow: &Flow<A>, svc: &Service4Value) -> u16 {
+fn new_entry_flags<F: Family>(flow: &Flow<F::Addr>, svc: &Service4Value, hook: Hook) -> u16 {
     let mut flags = 0;
+    if F::DSR_OPTION && hook == Hook::Wire && svc.flags & SVC_FLAG_DSR != 0 {
+        flags |= CT_FLAG_DSR;
+    }
     if closing(flow) {
         flags |= CT_FLAG_CLOSING;
     }
@@ -696,14 +717,95 @@ fn translate<F: Family, R: Rewriter<F>>(
     backend: &Backend<F::Addr>,
     ct: &Ct<F::Addr>,
 ) -> Action {
+    let dsr = F::DSR_OPTION && ct.flags & CT_FLAG_DSR != 0;
+    let with_origin = dsr && carries_dsr_option(flow);
+    if with_origin {
+        if let Some(mtu) = rw.dsr_option_too_big(flow) {
+            count::<F>(stats::DSR_FRAG_NEEDED);
+            return Action::FragNeeded(mtu);
+        }
+    }
     let mut done = rw.rewrite_dst(flow, backend.addr, backend.port);
     if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {
         done = rw.rewrite_src(flow, ct.nat_addr, ct.nat_port);
     }
     if done.is_ok() {
         count_service(ct.rev_nat_id, flow.ip_tot_len);
+        if dsr {
+            count::<F>(stats::DSR_FORWARDED);
+        }
     }
-    rewritten::<F>(done, stats::SERVICE_FORWARDED, ct.flags & CT_FLAG_SNAT != 0)
+    match rewritten::<F>(done, stats::SERVICE_FORWARDED, ct.flags & CT_FLAG_SNAT != 0) {
+        Action::Translated if with_origin => Action::TranslatedWithDsrOption,
+        action => action,
+    }
+}
+
+/// The verdict when the hook failed to add the DSR option: dropped and
+/// counted (a rewrite failed for want of room).
+#[inline(always)]
+pub fn dsr_option_failed<F: Family>(why: RewriteFailure) {
+    count::<F>(stats::REWRITE_FAILED);
+    count::<F>(why.counter());
+}
+
+/// Which packets of a DSR flow name their frontend to the backend's node:
+/// a TCP flow's SYN (the backend's node keeps the reply entry it learns
+/// for the connection's life) and every UDP datagram (no handshake to
+/// tell a flow's first).
+#[inline(always)]
+fn carries_dsr_option<A>(flow: &Flow<A>) -> bool {
+    flow.proto == IPPROTO_UDP || opening_syn(flow)
+}
+
+/// On a backend's node: a request another node forwarded with direct
+/// server return teaches the reply entry that gives the replies the
+/// frontend's address and port as source. Only a frontend this node
+/// serves too is taken (the option is not trusted to name any address);
+/// a fresh entry of the same frontend is kept, but a SYN starts anew.
+#[inline(never)]
+pub fn learn_dsr_reply<F: Family>(flow: &Flow<F::Addr>, frontend_addr: F::Addr, port: u16) {
+    let Some((_, svc)) = lookup_service::<F>(frontend_addr, port, flow.proto, false)
+        .filter(|(_, svc)| svc.flags & SVC_FLAGS_EXTERNAL != 0)
+    else {
+        count::<F>(stats::DSR_UNKNOWN_FRONTEND);
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let key = Tuple {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        direction: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    if let Some(p) = F::ct_ptr(&key) {
+        // SAFETY: the pointer comes from a successful lookup.
+        let ours = unsafe { (*p).rev_nat_id == svc.rev_nat_id && fresh(flow, &*p, now) };
+        if ours && !opening_syn(flow) {
+            if now.saturating_sub(unsafe { (*p).last_seen_ns }) > CT_REFRESH_INTERVAL_NS {
+                unsafe { (*p).last_seen_ns = now };
+            }
+            return;
+        }
+    }
+    let mut flags = CT_FLAG_DSR | CT_FLAG_REDIRECT;
+    if opening_syn(flow) {
+        flags |= CT_FLAG_OPENING;
+    }
+    let reply = Ct {
+        last_seen_ns: now,
+        backend_id: 0,
+        rev_nat_id: svc.rev_nat_id,
+        flags,
+        nat_addr: F::Addr::UNSPECIFIED,
+        nat_port: 0,
+        _pad: Default::default(),
+    };
+    F::ct_insert(&key, &reply, false);
+    count::<F>(stats::DSR_LEARNED);
 }
 
 /// The verdict after a flow's rewrite: counted under `counter`, and sent

@@ -7,28 +7,31 @@
 
 use aya_ebpf::{
     bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
-        bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_check_mtu, bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     programs::TcContext,
 };
 use lb_common::{
-    icmp, icmp6,
+    icmp::{self, Unreachable},
+    icmp6,
     stats::{RejectFailure, RewriteFailure},
     uapi::{AF_INET, AF_INET6, ETH_P_IPV6},
-    Ipv6Bytes, IPPROTO_TCP, IPPROTO_UDP,
+    Ipv6Bytes, DSR_OPTION_LEN, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     family::{V4, V6},
     headers::{
-        ipv6, l3, parse4, parse6, tcp, Flow, Flow4, Flow6, Parsed, ETH_HLEN, ETH_TYPE_OFF,
-        IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF, IP_SADDR_OFF,
-        IP_TOT_LEN_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        dsr_origin, ipv4, ipv6, l3, parse4, parse6, tcp, with_dsr_option, Flow, Flow4, Flow6,
+        Parsed, ETH_HLEN, ETH_TYPE_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF,
+        IP_DF, IP_HLEN, IP_OFF, IP_SADDR_OFF, IP_TOT_LEN_OFF, L3, L4_DPORT_OFF, L4_OFF,
+        L4_SPORT_OFF, TCP_HLEN,
     },
     maps::FLOW6_SCRATCH,
     nat::{self, Action, Hook, Rewriter},
@@ -68,7 +71,15 @@ fn handle(ctx: &TcContext, hook: Hook) -> i32 {
 /// frames would add up past BPF's 512 bytes of stack.
 #[inline(never)]
 fn handle4(ctx: &TcContext, hook: Hook) -> i32 {
-    let Some(flow) = flow_of::<V4, _>(parse4(ctx.data(), ctx.data_end())) else {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let parsed = parse4(start, end);
+    if let Parsed::DsrRequest(flow) = parsed {
+        if let Some(origin) = dsr_origin(start, end).filter(|_| hook == Hook::Wire) {
+            nat::learn_dsr_reply::<V4>(&flow, origin.addr, origin.port);
+        }
+        return OK;
+    }
+    let Some(flow) = flow_of::<V4, _>(parsed) else {
         return OK;
     };
     let rw = TcRewriter { ctx };
@@ -80,7 +91,18 @@ fn handle4(ctx: &TcContext, hook: Hook) -> i32 {
         Action::Pass | Action::Translated | Action::Redirect => OK,
         Action::Drop => SHOT,
         Action::RejectTcp => nat::rejected::<V4, _>(tcp_reset(ctx, &flow), SHOT),
-        Action::RejectUdp => nat::rejected::<V4, _>(udp_unreachable(ctx), SHOT),
+        Action::RejectUdp => nat::rejected::<V4, _>(udp_unreachable(ctx, Unreachable::PORT), SHOT),
+        Action::TranslatedWithDsrOption => match push_dsr_option(ctx, &flow) {
+            Ok(()) => OK,
+            Err(why) => {
+                nat::dsr_option_failed::<V4>(why);
+                SHOT
+            }
+        },
+        // Counted as dsr_frag_needed (see the XDP hook).
+        Action::FragNeeded(mtu) => {
+            udp_unreachable(ctx, Unreachable::frag_needed(mtu)).unwrap_or(SHOT)
+        }
     }
 }
 
@@ -109,7 +131,9 @@ fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
         // input routing from the wire too, so both hooks send it out.
         Action::Redirect => redirect_to_egress6(ctx),
         Action::Pass | Action::Translated => OK,
-        Action::Drop => SHOT,
+        // IPv6 requests carry no DSR option (`Family::DSR_OPTION`), so no
+        // FragNeeded.
+        Action::Drop | Action::FragNeeded(_) | Action::TranslatedWithDsrOption => SHOT,
         Action::RejectTcp => nat::rejected::<V6, _>(tcp_reset6(ctx, flow), SHOT),
         Action::RejectUdp => nat::rejected::<V6, _>(udp_unreachable6(ctx, flow), SHOT),
     }
@@ -139,13 +163,14 @@ fn parse6_linear(ctx: &TcContext, out: &mut Flow6) -> Parsed<()> {
 /// quoted checksum is predicted rather than copied). Not inlined, like
 /// `tcp_reset`: their buffers stay out of the translation's frame.
 #[inline(never)]
-fn udp_unreachable(ctx: &TcContext) -> Result<i32, RejectFailure> {
+fn udp_unreachable(ctx: &TcContext, why: Unreachable) -> Result<i32, RejectFailure> {
     let eth: [u8; icmp::ETH_LEN] = ctx.load(0).map_err(|_| RejectFailure::OutOfBounds)?;
     let ip: [u8; icmp::IP_LEN] = ctx.load(IP_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
     let udp: [u8; icmp::QUOTED_L4_LEN] =
         ctx.load(L4_OFF).map_err(|_| RejectFailure::OutOfBounds)?;
     let check = icmp::quoted_udp_check(&ip, &udp);
-    let head = icmp::port_unreachable_head(&eth, &ip, &udp, check);
+    let mut head = icmp::port_unreachable_head(&eth, &ip, &udp, check);
+    why.apply(&mut head);
     if unsafe { bpf_skb_change_head(ctx.skb.skb, icmp::GROW as u32, 0) } != 0 {
         return Err(RejectFailure::Resize);
     }
@@ -340,6 +365,22 @@ impl Rewriter<V4> for TcRewriter<'_> {
             old_port: flow.sport,
         };
         self.rewrite4(flow, end, addr, port)
+    }
+
+    #[inline(always)]
+    fn dsr_option_too_big(&self, _flow: &Flow4) -> Option<u16> {
+        let frag = self.ctx.load::<u16>(IP_OFF + ipv4::FRAG_OFF).ok()?;
+        if u16::from_be(frag) & IP_DF == 0 {
+            // The kernel fragments it, the option copied into each piece.
+            return None;
+        }
+        let mut mtu = 0u32;
+        let grow = i32::from(DSR_OPTION_LEN);
+        let skb = self.ctx.skb.skb.cast();
+        // Ifindex 0: the device the packet came in by, the wire it leaves by.
+        let verdict = unsafe { bpf_check_mtu(skb, 0, &raw mut mtu, grow, 0) };
+        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
+            .then(|| mtu.saturating_sub(u32::from(DSR_OPTION_LEN)) as u16)
     }
 }
 
@@ -554,4 +595,16 @@ fn update_reset_checksum(
         u64::from(BPF_F_PSEUDO_HDR) | 2,
     )
     .map_err(|_| RejectFailure::Checksum)
+}
+
+/// The helper opens the room between the fixed IPv4 header and L4 (the
+/// L4 header stays where a partial checksum's start points); the
+/// header, grown by the option, is then written whole.
+#[inline(never)]
+fn push_dsr_option(ctx: &TcContext, flow: &Flow4) -> Result<(), RewriteFailure> {
+    let ip: [u8; IP_HLEN] = ctx.load(IP_OFF).map_err(|_| RewriteFailure::OutOfBounds)?;
+    ctx.adjust_room(i32::from(DSR_OPTION_LEN), BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| RewriteFailure::Resize)?;
+    ctx.store(IP_OFF, &with_dsr_option(&ip, flow), 0)
+        .map_err(|_| RewriteFailure::Store)
 }

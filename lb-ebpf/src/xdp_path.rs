@@ -4,23 +4,29 @@
 //! attaches it only where none can arrive (see `lb_tc_from_wire`).
 
 use aya_ebpf::{
+    bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
     bindings::xdp_action,
-    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    helpers::{
+        bpf_check_mtu, bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+    },
     programs::XdpContext,
 };
 use lb_common::{
-    csum, icmp, icmp6,
+    csum, icmp,
+    icmp::Unreachable,
+    icmp6,
     stats::{self, RejectFailure, RewriteFailure},
     uapi::{ETH_P_IPV6, IPPROTO_ICMPV6},
-    Ipv6Bytes, IPPROTO_TCP,
+    Ipv6Bytes, DSR_OPTION_LEN, IPPROTO_TCP,
 };
 
 use crate::{
     family::{Family, V4, V6},
     headers::{
-        ipv4, ipv6, l3, parse4, parse6, ptr_at, tcp, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL,
-        ETH_HLEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_HLEN, IP_OFF,
-        IP_SADDR_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        carries_dsr_option, dsr_origin, ipv4, ipv6, is_dsr_header, l3, parse4, parse6, ptr_at, tcp,
+        with_dsr_option, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL, ETH_HLEN, IP6_DADDR_OFF,
+        IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_DF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L3,
+        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::{count, FLOW6_SCRATCH},
     nat::{self, Action, Hook, Rewriter},
@@ -28,7 +34,8 @@ use crate::{
 
 pub fn from_wire(ctx: &XdpContext) -> u32 {
     match l3(ctx.data(), ctx.data_end()) {
-        L3::Ipv4 => from_wire4(ctx),
+        L3::Ipv4 if carries_dsr_option(ctx.data(), ctx.data_end()) => learn_dsr_reply4(ctx),
+        L3::Ipv4 => finish4(ctx, from_wire4(ctx)),
         L3::Ipv6 => from_wire6(ctx),
         L3::Other => xdp_action::XDP_PASS,
     }
@@ -39,7 +46,8 @@ pub fn from_wire(ctx: &XdpContext) -> u32 {
 pub fn flow_of<F: Family, Fl>(parsed: Parsed<Fl>) -> Option<Fl> {
     match parsed {
         Parsed::Flow(flow) => Some(flow),
-        Parsed::Other => None,
+        // A hook that learns from DSR requests takes them out before.
+        Parsed::Other | Parsed::DsrRequest(..) => None,
         Parsed::Fragment => {
             count::<F>(stats::FRAGMENT_PASSED);
             None
@@ -51,23 +59,96 @@ pub fn flow_of<F: Family, Fl>(parsed: Parsed<Fl>) -> Option<Fl> {
     }
 }
 
+/// A DSR request forwarded here by another node: its reply entry learned,
+/// passed on to its pod. In a frame beside `from_wire4`'s, which has no
+/// room for a second parse.
+#[inline(never)]
+fn learn_dsr_reply4(ctx: &XdpContext) -> u32 {
+    // The header length again, through the helper: a function that only
+    // reads the context's packet pointers gets them from LLVM as plain
+    // arguments instead, scalars the verifier refuses to read through.
+    let mut ver_ihl = 0u8;
+    let at = (&raw mut ver_ihl).cast();
+    if unsafe { bpf_xdp_load_bytes(ctx.ctx, IP_OFF as u32, at, 1) } != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    if !is_dsr_header(ver_ihl) {
+        return xdp_action::XDP_PASS;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if let (Parsed::DsrRequest(flow), Some(origin)) = (parse4(start, end), dsr_origin(start, end)) {
+        nat::learn_dsr_reply::<V4>(&flow, origin.addr, origin.port);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// What `from_wire4` decided, in one register (an enum would come back
+/// through the caller's stack, which has no byte to spare): a verdict, or
+/// an ICMP answer to a UDP datagram, built by the caller (`finish4`) in a
+/// frame beside `from_wire4`'s: under it, the two would not fit BPF's 512
+/// bytes of stack.
+#[derive(Clone, Copy)]
+struct Wire4Outcome(u64);
+
+impl Wire4Outcome {
+    const ANSWER: u64 = 1 << 32;
+
+    #[inline(always)]
+    fn verdict(v: u32) -> Self {
+        Self(u64::from(v))
+    }
+
+    /// Port unreachable, or fragmentation needed with `mtu` (never 0).
+    #[inline(always)]
+    fn answer(frag_needed_mtu: Option<u16>) -> Self {
+        Self(Self::ANSWER | u64::from(frag_needed_mtu.unwrap_or(0)))
+    }
+}
+
+/// The XDP verdict for `outcome`: an answer it asks for built and sent.
+/// A port unreachable is counted as a rejection; a fragmentation needed
+/// was counted as `dsr_frag_needed` (an answer that cannot be built is a
+/// datagram lost, which the client's retries or timeout handle).
+#[inline(always)]
+fn finish4(ctx: &XdpContext, outcome: Wire4Outcome) -> u32 {
+    if outcome.0 & Wire4Outcome::ANSWER == 0 {
+        return outcome.0 as u32;
+    }
+    match outcome.0 as u16 {
+        0 => nat::rejected::<V4, _>(
+            udp_unreachable(ctx, Unreachable::PORT),
+            xdp_action::XDP_DROP,
+        ),
+        mtu => udp_unreachable(ctx, Unreachable::frag_needed(mtu)).unwrap_or(xdp_action::XDP_DROP),
+    }
+}
+
 /// Each family's path in a function of its own: inlined side by side their
 /// frames would add up past BPF's 512 bytes of stack.
 #[inline(never)]
-fn from_wire4(ctx: &XdpContext) -> u32 {
+fn from_wire4(ctx: &XdpContext) -> Wire4Outcome {
     let Some(flow) = flow_of::<V4, _>(parse4(ctx.data(), ctx.data_end())) else {
-        return xdp_action::XDP_PASS;
+        return Wire4Outcome::verdict(xdp_action::XDP_PASS);
     };
     let rw = XdpRewriter { ctx };
-    match nat::handle::<V4, _>(&rw, &flow, Hook::Wire) {
+    let verdict = match nat::handle::<V4, _>(&rw, &flow, Hook::Wire) {
         // Packets from the wire go on through the kernel's routing; the
         // agent lets the wire interfaces accept a node address as source
         // (accept_local) for masqueraded and reverse-translated ones.
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
+        Action::TranslatedWithDsrOption => match push_dsr_option(ctx, &flow) {
+            Ok(()) => xdp_action::XDP_PASS,
+            Err(why) => {
+                nat::dsr_option_failed::<V4>(why);
+                xdp_action::XDP_DROP
+            }
+        },
         Action::Drop => xdp_action::XDP_DROP,
         Action::RejectTcp => nat::rejected::<V4, _>(tcp_reset(ctx, &flow), xdp_action::XDP_DROP),
-        Action::RejectUdp => nat::rejected::<V4, _>(udp_unreachable(ctx), xdp_action::XDP_DROP),
-    }
+        Action::RejectUdp => return Wire4Outcome::answer(None),
+        Action::FragNeeded(mtu) => return Wire4Outcome::answer(Some(mtu)),
+    };
+    Wire4Outcome::verdict(verdict)
 }
 
 #[inline(never)]
@@ -91,7 +172,11 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
     let rw = XdpRewriter { ctx };
     match nat::handle::<V6, _>(&rw, flow, Hook::Wire) {
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
+        // IPv6 requests carry no DSR option (`Family::DSR_OPTION`), so no
+        // FragNeeded.
+        Action::Drop | Action::FragNeeded(_) | Action::TranslatedWithDsrOption => {
+            xdp_action::XDP_DROP
+        }
         Action::RejectTcp => nat::rejected::<V6, _>(tcp_reset6(ctx, flow), xdp_action::XDP_DROP),
         Action::RejectUdp => {
             nat::rejected::<V6, _>(udp_unreachable6(ctx, flow), xdp_action::XDP_DROP)
@@ -99,10 +184,11 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// Turns a UDP datagram to a Service without backends into an ICMP port
-/// unreachable and sends it back out (see lb_common::icmp).
+/// Turns a UDP datagram into an ICMP destination unreachable (`why`: port
+/// unreachable for a Service without backends, fragmentation needed for a
+/// DSR datagram too big) and sends it back out (see lb_common::icmp).
 #[inline(never)]
-fn udp_unreachable(ctx: &XdpContext) -> Result<u32, RejectFailure> {
+fn udp_unreachable(ctx: &XdpContext, why: Unreachable) -> Result<u32, RejectFailure> {
     let (start, end) = (ctx.data(), ctx.data_end());
     let bounds = RejectFailure::OutOfBounds;
     let eth = ptr_at::<[u8; icmp::ETH_LEN]>(start, end, 0).ok_or(bounds)?;
@@ -123,8 +209,12 @@ fn udp_unreachable(ctx: &XdpContext) -> Result<u32, RejectFailure> {
     }
     let (start, end) = (ctx.data(), ctx.data_end());
     let out = ptr_at::<[u8; icmp::HEAD_LEN]>(start, end, 0).ok_or(bounds)?;
-    // SAFETY: bounds checked above.
-    unsafe { out.write_unaligned(head) };
+    // SAFETY: bounds checked above. Applied in the packet: a second head
+    // on the stack would not fit.
+    unsafe {
+        out.write_unaligned(head);
+        why.apply(&mut *out);
+    }
     let delta = icmp::PORT_UNREACHABLE_LEN as i32 - (end - start) as i32;
     if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
         return Err(RejectFailure::Resize);
@@ -402,6 +492,23 @@ impl Rewriter<V4> for XdpRewriter<'_> {
     fn rewrite_src(&self, flow: &Flow4, addr: u32, port: u16) -> Result<(), RewriteFailure> {
         self.rewrite(flow, IP_SADDR_OFF, L4_SPORT_OFF, addr, port)
     }
+
+    #[inline(always)]
+    fn dsr_option_too_big(&self, _flow: &Flow4) -> Option<u16> {
+        let frag = self.field::<u16>(IP_OFF + ipv4::FRAG_OFF).ok()?;
+        // SAFETY: bounds checked by `field`.
+        if u16::from_be(unsafe { frag.read_unaligned() }) & IP_DF == 0 {
+            // The kernel fragments it, the option copied into each piece.
+            return None;
+        }
+        let mut mtu = 0u32;
+        let grow = i32::from(DSR_OPTION_LEN);
+        let ctx = self.ctx.ctx.cast();
+        // Ifindex 0: the device the packet came in by, the wire it leaves by.
+        let verdict = unsafe { bpf_check_mtu(ctx, 0, &raw mut mtu, grow, 0) };
+        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
+            .then(|| mtu.saturating_sub(u32::from(DSR_OPTION_LEN)) as u16)
+    }
 }
 
 impl Rewriter<V6> for XdpRewriter<'_> {
@@ -511,4 +618,31 @@ pub fn reset_header<A>(old: &[u8; TCP_HLEN], flow: &Flow<A>) -> Option<[u8; TCP_
 #[inline(always)]
 pub fn tcp_header_len(hdr: &[u8; TCP_HLEN]) -> usize {
     ((hdr[tcp::DOFF] >> 4) as usize) * 4
+}
+
+/// Opens room in front of the frame and moves the Ethernet header
+/// into it; the IPv4 header, grown by the option, follows.
+#[inline(never)]
+fn push_dsr_option(ctx: &XdpContext, flow: &Flow4) -> Result<(), RewriteFailure> {
+    const OPT: usize = DSR_OPTION_LEN as usize;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(OPT as i32)) } != 0 {
+        return Err(RewriteFailure::Resize);
+    }
+    let eth_was = field::<[u8; ETH_HLEN]>(ctx, OPT)?;
+    let ip_was = field::<[u8; IP_HLEN]>(ctx, OPT + ETH_HLEN)?;
+    let eth_to = field::<[u8; ETH_HLEN]>(ctx, 0)?;
+    let ip_to = field::<[u8; IP_HLEN + OPT]>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by `field`; both old headers are read
+    // before anything is written over them.
+    unsafe {
+        let (eth, ip) = (eth_was.read_unaligned(), ip_was.read_unaligned());
+        eth_to.write_unaligned(eth);
+        ip_to.write_unaligned(with_dsr_option(&ip, flow));
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn field<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, RewriteFailure> {
+    ptr_at::<T>(ctx.data(), ctx.data_end(), offset).ok_or(RewriteFailure::OutOfBounds)
 }

@@ -8,7 +8,7 @@
 #[path = "../../lb-ebpf/src/headers.rs"]
 mod headers;
 
-use headers::{l3, parse4, parse6, Flow, Parsed, L3};
+use headers::{dsr_origin, l3, parse4, parse6, Flow, Parsed, L3};
 use proptest::{
     prelude::*,
     test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
@@ -74,6 +74,9 @@ enum Expected {
     /// IPv6: sport, dport, proto, L4 offset (the hooks copy the addresses
     /// in themselves).
     Flow6([u8; 2], [u8; 2], u8, usize),
+    /// IPv4 with the DSR option: the flow as `Flow`, then the option's
+    /// port and address (as in the packet).
+    Dsr([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8, [u8; 2], [u8; 4]),
 }
 
 fn expected(p: &[u8]) -> Expected {
@@ -86,7 +89,13 @@ fn expected(p: &[u8]) -> Expected {
     if p.len() < 15 {
         return Expected::Malformed;
     }
-    if p[14] != 0x45 {
+    // Options are the kernel's, but for the DSR option alone (type 0x9e,
+    // length 8) right after the fixed header.
+    let dsr = p[14] == 0x47;
+    if p[14] != 0x45 && !dsr {
+        return Expected::Other;
+    }
+    if dsr && (p.len() < 42 || p[34] != 0x9e || p[35] != 8) {
         return Expected::Other;
     }
     if p.len() < 34 {
@@ -98,15 +107,25 @@ fn expected(p: &[u8]) -> Expected {
         17 => 8,
         _ => return Expected::Other,
     };
-    if u16::from_be_bytes([p[20], p[21]]) & 0x3fff != 0 {
+    let frag = u16::from_be_bytes([p[20], p[21]]);
+    let offset = frag & 0x1fff;
+    // A DSR request's first fragment has its ports: it is read.
+    if frag & 0x3fff != 0 && !(dsr && offset == 0) {
         return Expected::Fragment;
     }
+    let header = if dsr { 28 } else { 20 };
     let total = u16::from_be_bytes([p[16], p[17]]) as usize;
-    if total < 20 + l4_len || p.len() < 34 + l4_len {
+    if total < header + l4_len || p.len() < 14 + header + l4_len {
         return Expected::Malformed;
     }
     let a = |i: usize| [p[i], p[i + 1], p[i + 2], p[i + 3]];
-    Expected::Flow(a(26), a(30), [p[34], p[35]], [p[36], p[37]], proto)
+    let l4 = 14 + header;
+    let (sport, dport) = ([p[l4], p[l4 + 1]], [p[l4 + 2], p[l4 + 3]]);
+    if dsr {
+        Expected::Dsr(a(26), a(30), sport, dport, proto, [p[36], p[37]], a(38))
+    } else {
+        Expected::Flow(a(26), a(30), sport, dport, proto)
+    }
 }
 
 /// IPv6: up to four hop-by-hop, routing or destination options headers,
@@ -155,6 +174,21 @@ fn parsed(start: usize, end: usize) -> Expected {
                 f.dport.to_ne_bytes(),
                 f.proto,
             ),
+            Parsed::DsrRequest(f) => Expected::Dsr(
+                f.saddr.to_ne_bytes(),
+                f.daddr.to_ne_bytes(),
+                f.sport.to_ne_bytes(),
+                f.dport.to_ne_bytes(),
+                f.proto,
+                dsr_origin(start, end)
+                    .expect("the option")
+                    .port
+                    .to_ne_bytes(),
+                dsr_origin(start, end)
+                    .expect("the option")
+                    .addr
+                    .to_ne_bytes(),
+            ),
             other => plain(&other),
         },
         L3::Ipv6 => {
@@ -184,7 +218,7 @@ fn parsed(start: usize, end: usize) -> Expected {
 
 fn plain<F>(p: &Parsed<F>) -> Expected {
     match p {
-        Parsed::Other | Parsed::Flow(_) => Expected::Other,
+        Parsed::Other | Parsed::Flow(_) | Parsed::DsrRequest(..) => Expected::Other,
         Parsed::Fragment => Expected::Fragment,
         Parsed::Malformed => Expected::Malformed,
     }
@@ -211,6 +245,24 @@ fn valid_packet() -> impl Strategy<Value = Vec<u8>> {
             p.extend_from_slice(&payload);
             p
         })
+}
+
+/// `valid_packet` forwarded with direct server return: the DSR option
+/// after its IPv4 header, some as a first fragment.
+fn valid_dsr_packet() -> impl Strategy<Value = Vec<u8>> {
+    (valid_packet(), any::<[u8; 6]>(), any::<bool>()).prop_map(|(p, origin, first_fragment)| {
+        let mut out = p[..34].to_vec();
+        out[14] = 0x47;
+        let total = u16::from_be_bytes([out[16], out[17]]) + 8;
+        out[16..18].copy_from_slice(&total.to_be_bytes());
+        if first_fragment {
+            out[20] |= 0x20;
+        }
+        out.extend_from_slice(&[0x9e, 8]);
+        out.extend_from_slice(&origin);
+        out.extend_from_slice(&p[34..]);
+        out
+    })
 }
 
 /// A valid Ethernet/IPv6/TCP-or-UDP packet, with up to three extension
@@ -253,7 +305,7 @@ fn fuzzed_packet() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..100),
         (
-            prop_oneof![valid_packet(), valid_packet6()],
+            prop_oneof![valid_packet(), valid_packet6(), valid_dsr_packet()],
             prop::collection::vec((0..110usize, any::<u8>()), 0..4),
             prop::option::of(0..140usize),
         )
@@ -285,16 +337,20 @@ fn the_bpf_header_parser_never_reads_past_the_packet_and_agrees_with_a_reference
     let page = std::cell::RefCell::new(GuardedPage::new());
     let flows = std::cell::Cell::new(0usize);
     let flows6 = std::cell::Cell::new(0usize);
+    let dsr = std::cell::Cell::new(0usize);
     let result = runner.run(&fuzzed_packet(), |p| {
         let (start, end) = page.borrow_mut().place(&p);
         let got = parsed(start, end);
         flows.set(flows.get() + usize::from(matches!(got, Expected::Flow(..))));
         flows6.set(flows6.get() + usize::from(matches!(got, Expected::Flow6(..))));
+        dsr.set(dsr.get() + usize::from(matches!(got, Expected::Dsr(..))));
         prop_assert_eq!(got, expected(&p), "packet {:02x?}", p);
         Ok(())
     });
-    let (flows, flows6) = (flows.get(), flows6.get());
-    eprintln!("{cases} packets (deterministic seed), {flows} IPv4 and {flows6} IPv6 flows");
+    let (flows, flows6, dsr) = (flows.get(), flows6.get(), dsr.get());
+    eprintln!(
+        "{cases} packets (deterministic seed), {flows} IPv4 and {flows6} IPv6 flows, {dsr} DSR requests"
+    );
     if let Err(e) = result {
         panic!("{e}");
     }
@@ -306,4 +362,5 @@ fn the_bpf_header_parser_never_reads_past_the_packet_and_agrees_with_a_reference
         flows6 > cases as usize / 20,
         "too few valid IPv6 flows: {flows6}"
     );
+    assert!(dsr > cases as usize / 20, "too few DSR requests: {dsr}");
 }

@@ -26,6 +26,7 @@ use aya::{
 use aya_obj::generated::BPF_NOEXIST;
 use lb_common::{
     ct_hold_ns, map_names, stats, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
+    CT_DIR_REPLY, CT_FLAG_DSR,
 };
 
 use crate::{
@@ -114,6 +115,7 @@ pub fn verdict(
 /// backend id is in use. An entry goes once idle past its hold: its
 /// lifetime, longer for a reply entry that reserves a masquerade port
 /// through TIME_WAIT (the data path stops translating with it earlier).
+/// Otherwise it goes when its backend id is no longer in use.
 pub fn verdict_of<F: CtFamily>(
     key: &F::Key,
     value: &F::Value,
@@ -123,9 +125,12 @@ pub fn verdict_of<F: CtFamily>(
     let (proto, direction) = F::flow(key);
     let (last_seen_ns, flags, backend_id) = F::state(value);
     let hold = ct_hold_ns(proto, direction, flags);
+    // A reply entry learned from a DSR option names no backend of this
+    // node's maps: it only ages out.
+    let learned = direction == CT_DIR_REPLY && flags & CT_FLAG_DSR != 0;
     if now_ns.saturating_sub(last_seen_ns) >= hold {
         Some(SweepReason::Expired)
-    } else if !backend_live(backend_id) {
+    } else if !learned && !backend_live(backend_id) {
         Some(SweepReason::BackendGone)
     } else {
         None
@@ -465,10 +470,29 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use lb_common::{
-        CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_OPENING, CT_FLAG_SNAT, IPPROTO_TCP, IPPROTO_UDP,
+        CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_OPENING, CT_FLAG_SNAT, IPPROTO_TCP, IPPROTO_UDP,
     };
 
     use super::*;
+
+    #[test]
+    fn a_reply_entry_learned_from_dsr_only_ages_out() {
+        let now = 100_000 * 1_000_000_000;
+        let live = |id| id == 7;
+        let (mut k, v) = entry(IPPROTO_TCP, 100_000 - 60, CT_FLAG_DSR, 0);
+        k.direction = CT_DIR_REPLY;
+        assert_eq!(verdict(&k, &v, now, live), None, "no backend id to match");
+        let (k, v) = entry(IPPROTO_UDP, 100_000 - 61, CT_FLAG_DSR, 0);
+        let k = Ct4Key {
+            direction: CT_DIR_REPLY,
+            ..k
+        };
+        assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::Expired));
+        // A DSR flow's forward entry, on the entry node, has its backend.
+        let (mut k, v) = entry(IPPROTO_TCP, 100_000 - 1, CT_FLAG_DSR, 8);
+        k.direction = CT_DIR_FORWARD;
+        assert_eq!(verdict(&k, &v, now, live), Some(SweepReason::BackendGone));
+    }
 
     fn entry(proto: u8, last_seen_s: u64, flags: u16, backend_id: u32) -> (Ct4Key, Ct4Value) {
         (
