@@ -79,9 +79,9 @@ fn harness(endpoints: usize) -> Result<Harness> {
     let node = NodeInfo {
         name: "n1".into(),
         nodeport_addresses: vec![NODE.into()],
-        zone: None,
         ipv6_off: true,
         lb_algorithm: LbAlgorithm::Random,
+        ..NodeInfo::default()
     };
     let (s1, l1) = objects("random", RANDOM_LB, 1, endpoints, false);
     let (s2, l2) = objects("maglev", MAGLEV_LB, 2, endpoints, true);

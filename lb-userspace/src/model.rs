@@ -33,6 +33,44 @@ impl LbAlgorithm {
     }
 }
 
+/// How external traffic (NodePort, LoadBalancer, externalIPs) with
+/// externalTrafficPolicy Cluster reaches a backend on another node:
+/// `--lb-mode`, or a Service's `lb-agent.io/lb-mode` annotation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbMode {
+    /// The source is masqueraded to the node, so replies come back through
+    /// it (as kube-proxy).
+    #[default]
+    Snat,
+    /// Direct server return: the client's address is kept, the backend's
+    /// node answers the client itself (IPv4; IPv6 frontends stay SNAT).
+    Dsr,
+    /// DSR for TCP, SNAT for UDP (whose every datagram would otherwise
+    /// carry the DSR option, 8 bytes of the path MTU).
+    Hybrid,
+}
+
+impl LbMode {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "snat" => Some(Self::Snat),
+            "dsr" => Some(Self::Dsr),
+            "hybrid" => Some(Self::Hybrid),
+            _ => None,
+        }
+    }
+
+    /// Whether frontends of `proto` go with direct server return.
+    pub fn dsr_for(self, proto: Protocol) -> bool {
+        match self {
+            Self::Snat => false,
+            Self::Dsr => true,
+            Self::Hybrid => proto == Protocol::Tcp,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Protocol {
     Tcp,

@@ -28,6 +28,7 @@ fn nodeport(ranges: &str) -> Harness {
         zone: None,
         ipv6_off: false,
         lb_algorithm: lb_userspace::model::LbAlgorithm::Random,
+        lb_mode: lb_userspace::model::LbMode::Snat,
     };
     let svc = json!({"metadata": {"name": "np", "namespace": "default"},
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "ports": [

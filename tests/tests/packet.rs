@@ -15,6 +15,9 @@ use lb_lab::{
 use lb_userspace::{model::Protocol, translate::NodeInfo};
 use serde_json::json;
 
+#[path = "packet/dsr.rs"]
+mod dsr;
+
 fn to_svc(sport: u16, dport: u16) -> Tuple {
     Tuple {
         src: CLIENT,
@@ -433,6 +436,7 @@ fn nodeport_harness(h: &mut Harness) {
         zone: None,
         ipv6_off: false,
         lb_algorithm: lb_userspace::model::LbAlgorithm::Random,
+        lb_mode: lb_userspace::model::LbMode::Snat,
     };
     let svc = json!({"metadata": {"name": "np", "namespace": "default"},
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "ports": [
@@ -970,6 +974,7 @@ fn two_nodes(algorithm: &str, backends: &[Ipv4Addr]) -> [Harness; 2] {
         zone: None,
         ipv6_off: true,
         lb_algorithm: lb_userspace::model::LbAlgorithm::Random,
+        lb_mode: lb_userspace::model::LbMode::Snat,
     };
     let svc = json!({"metadata": {"name": "ext", "namespace": "default",
             "annotations": {"lb-agent.io/lb-algorithm": algorithm}},

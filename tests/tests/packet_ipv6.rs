@@ -324,6 +324,7 @@ fn two_ipv6_nodes(algorithm: &str, backends: &[Ipv6Addr]) -> [Harness; 2] {
         zone: None,
         ipv6_off: false,
         lb_algorithm: lb_userspace::model::LbAlgorithm::Random,
+        lb_mode: lb_userspace::model::LbMode::Snat,
     };
     let svc = serde_json::json!({"metadata": {"name": "ext6", "namespace": "default",
             "annotations": {"lb-agent.io/lb-algorithm": algorithm}},

@@ -9,7 +9,7 @@ use lb_userspace::{
     datapath::attach::{default_route_interfaces, SocketLbMode, XdpAttachMode},
     datapath::map_sizing,
     datapath::wire_hook::WireHookMode,
-    model::LbAlgorithm,
+    model::{LbAlgorithm, LbMode},
     node::masquerade_ports::PortRange,
     node::node_net,
     source::api_client::{self, ApiClientOptions, ApiServerAddress},
@@ -135,6 +135,18 @@ pub(crate) struct NodeArgs {
     /// (`random` or `maglev`) overrides it. ClusterIPs stay random.
     #[arg(long, value_enum, default_value_t = LbAlgorithm::Random)]
     pub(crate) lb_algorithm: LbAlgorithm,
+    /// How external traffic (NodePort, LoadBalancer, externalIPs) with
+    /// externalTrafficPolicy Cluster reaches a backend on another node:
+    /// `snat` (the source masqueraded to this node, replies back through
+    /// it, as kube-proxy), `dsr` (direct server return: the client's
+    /// address kept, the backend's node answers the client itself; the
+    /// frontend travels in an IPv4 option, so IPv6 frontends stay `snat`)
+    /// or `hybrid` (DSR for TCP, SNAT for UDP). A Service's
+    /// `lb-agent.io/lb-mode` annotation overrides it. Every node must run
+    /// an agent that understands the option; pair with `--lb-algorithm
+    /// maglev` so a flow keeps its backend when it enters another node.
+    #[arg(long, value_enum, default_value_t = LbMode::Snat)]
+    pub(crate) lb_mode: LbMode,
 }
 
 /// How Maglev tables are built: every node of a cluster must agree.

@@ -31,6 +31,7 @@ pub(crate) async fn check(
         nodeport_addresses,
         zone: args.node.zone.clone(),
         lb_algorithm: args.node.lb_algorithm,
+        lb_mode: args.node.lb_mode,
     };
     let (services, slices) = if let Some(dir) = &args.source.manifests {
         let (set, errors) = ManifestSource::new(dir).read();

@@ -330,6 +330,7 @@ pub(crate) fn setup_datapath(
         zone: args.node.zone.clone(),
         ipv6_off: !ipv6,
         lb_algorithm: args.node.lb_algorithm,
+        lb_mode: args.node.lb_mode,
     };
     Ok((dp, programmer))
 }

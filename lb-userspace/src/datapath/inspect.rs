@@ -3,14 +3,14 @@
 use std::fmt::Write as _;
 
 use lb_common::{
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MAGLEV,
-    SVC_FLAG_NODE_PORT,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT,
 };
 use serde::Serialize;
 
 use crate::{
     datapath::attach,
-    model::{L4Addr, LbAlgorithm},
+    model::{L4Addr, LbAlgorithm, LbMode},
     sync::differ::{backend_addr, frontend_of, MapContents, SlotKey},
 };
 
@@ -20,6 +20,8 @@ pub struct ProgrammedService {
     pub kind: Vec<&'static str>,
     /// How new flows pick a backend: `maglev` or `random`.
     pub lb_algorithm: LbAlgorithm,
+    /// How external traffic reaches other nodes' backends: `snat` or `dsr`.
+    pub lb_mode: LbMode,
     pub rev_nat_id: u16,
     pub backends: Vec<ProgrammedBackend>,
 }
@@ -70,6 +72,11 @@ pub fn programmed_services(maps: &MapContents) -> Vec<ProgrammedService> {
                 LbAlgorithm::Maglev
             } else {
                 LbAlgorithm::Random
+            },
+            lb_mode: if master.flags & SVC_FLAG_DSR != 0 {
+                LbMode::Dsr
+            } else {
+                LbMode::Snat
             },
             rev_nat_id: master.rev_nat_id,
             backends,
@@ -128,13 +135,17 @@ pub fn render_table(services: &[ProgrammedService]) -> String {
     s
 }
 
-/// The frontend's kinds, and `+maglev` on a Maglev one.
+/// The frontend's kinds, then `+maglev` on a Maglev one and `+dsr` on
+/// one with direct server return.
 fn kind_column(svc: &ProgrammedService) -> String {
-    let kinds = svc.kind.join(",");
-    match svc.lb_algorithm {
-        LbAlgorithm::Maglev => format!("{kinds}+maglev"),
-        LbAlgorithm::Random => kinds,
+    let mut column = svc.kind.join(",");
+    if svc.lb_algorithm == LbAlgorithm::Maglev {
+        column.push_str("+maglev");
     }
+    if svc.lb_mode == LbMode::Dsr {
+        column.push_str("+dsr");
+    }
+    column
 }
 
 /// `lb-agent status`: where the programs are attached, read from the
@@ -278,6 +289,7 @@ mod tests {
             frontend: l4("fd00::10", 80),
             kind: vec!["ClusterIP"],
             lb_algorithm: LbAlgorithm::Random,
+            lb_mode: LbMode::Snat,
             rev_nat_id: 2,
             backends: vec![ProgrammedBackend {
                 id: 1,

@@ -22,7 +22,7 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointSlice},
 };
 
-use crate::model::{LbAlgorithm, Protocol, ServiceName, UnsupportedProtocol};
+use crate::model::{LbAlgorithm, LbMode, Protocol, ServiceName, UnsupportedProtocol};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -35,6 +35,20 @@ pub(crate) const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-c
 /// Chooses a Service's `LbAlgorithm` (`random` or `maglev`) over
 /// `--lb-algorithm`.
 pub const LB_ALGORITHM_ANNOTATION: &str = "lb-agent.io/lb-algorithm";
+/// Chooses a Service's `LbMode` (`snat`, `dsr` or `hybrid`) over
+/// `--lb-mode`.
+pub const LB_MODE_ANNOTATION: &str = "lb-agent.io/lb-mode";
+
+/// A closed-set annotation of a Service: its value parsed, or the text
+/// that names none (reported by translation).
+fn annotation<T>(
+    svc: &Service,
+    name: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Option<Result<T, Box<str>>> {
+    let value = svc.metadata.annotations.as_ref()?.get(name)?;
+    Some(parse(value).ok_or_else(|| value.as_str().into()))
+}
 /// The older way to give `loadBalancerSourceRanges` (kube-proxy reads it
 /// when the spec has none).
 pub(crate) const SOURCE_RANGES_ANNOTATION: &str =
@@ -132,6 +146,9 @@ pub struct ServiceInfo {
     /// The `lb-agent.io/lb-algorithm` annotation: an algorithm, or the
     /// text it does not name one with.
     pub lb_algorithm: Option<Result<LbAlgorithm, Box<str>>>,
+    /// The `lb-agent.io/lb-mode` annotation: a mode, or the text it does
+    /// not name one with.
+    pub lb_mode: Option<Result<LbMode, Box<str>>>,
 }
 
 /// `addressType` of an EndpointSlice.
@@ -244,12 +261,8 @@ impl From<&Service> for ServiceInfo {
             external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             health_check_node_port: spec.health_check_node_port,
-            lb_algorithm: svc
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
-                .map(|v| LbAlgorithm::parse(v).ok_or_else(|| v.as_str().into())),
+            lb_algorithm: annotation(svc, LB_ALGORITHM_ANNOTATION, LbAlgorithm::parse),
+            lb_mode: annotation(svc, LB_MODE_ANNOTATION, LbMode::parse),
         }
     }
 }

@@ -424,6 +424,7 @@ fn node() -> NodeInfo {
         ipv6_off: false,
         // External frontends carry the Maglev flag through every plan.
         lb_algorithm: crate::model::LbAlgorithm::Maglev,
+        lb_mode: crate::model::LbMode::Dsr,
     }
 }
 

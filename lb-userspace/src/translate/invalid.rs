@@ -60,6 +60,8 @@ pub enum Invalid {
     AffinityTimeout(i32),
     #[error("annotation lb-agent.io/lb-algorithm {0:?} is not random or maglev (the node's --lb-algorithm applies)")]
     LbAlgorithm(String),
+    #[error("annotation lb-agent.io/lb-mode {0:?} is not snat, dsr or hybrid (the node's --lb-mode applies)")]
+    LbMode(String),
     #[error("sessionAffinity {0:?} is not supported")]
     UnsupportedAffinity(String),
     #[error("loadBalancerSourceRanges: {0}")]

@@ -29,16 +29,16 @@ use std::{
 };
 
 use lb_common::{
-    MAX_BACKENDS_PER_SERVICE, SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXTERNAL_LOCAL,
-    SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT,
-    SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    MAX_BACKENDS_PER_SERVICE, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL_IP,
+    SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MAGLEV,
+    SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 pub use crate::source::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL};
 use crate::{
     model::{
-        BackendSet, Conflict, DesiredState, Family, IpPrefix, L4Addr, LbAlgorithm, Protocol,
-        ServiceEntry, ServiceName, Shadowed,
+        BackendSet, Conflict, DesiredState, Family, IpPrefix, L4Addr, LbAlgorithm, LbMode,
+        Protocol, ServiceEntry, ServiceName, Shadowed,
     },
     source::objects::{
         Addr, AddressType, Affinity, Hints, PortInfo, ServiceInfo, ServiceKind, SliceInfo,
@@ -76,6 +76,9 @@ pub struct NodeInfo {
     /// For external frontends of Services without the annotation
     /// (`--lb-algorithm`).
     pub lb_algorithm: LbAlgorithm,
+    /// For external frontends of Services without the annotation
+    /// (`--lb-mode`).
+    pub lb_mode: LbMode,
 }
 
 /// Translates every Service and its EndpointSlices for a node without
@@ -217,6 +220,9 @@ struct ServiceRules {
     /// Maglev (with Local each node has its own backends: nothing to
     /// agree on).
     maglev: bool,
+    /// How external frontends with externalTrafficPolicy Cluster reach
+    /// other nodes' backends (with Local nothing is masqueraded anyway).
+    lb_mode: LbMode,
 }
 
 /// Translates one Service with its slices: its entries, or why the whole
@@ -248,6 +254,7 @@ pub(crate) fn translate_service(
         affinity_timeout: affinity_timeout(&svc.affinity)?,
         source_ranges: source_ranges(svc)?,
         maglev: lb_algorithm(node, svc, errors) == LbAlgorithm::Maglev && !svc.external_local,
+        lb_mode: lb_mode(node, svc, errors),
     };
     // In name order: when two slices disagree about one address, the
     // outcome must not depend on the order they arrived in.
@@ -284,6 +291,23 @@ fn lb_algorithm(
                 reason: Invalid::LbAlgorithm(text.to_string()),
             });
             node.lb_algorithm
+        }
+    }
+}
+
+/// The Service's forwarding mode: its annotation's, else the node's
+/// default (also when the annotation names none, which is reported).
+fn lb_mode(node: &NodeInfo, svc: &ServiceInfo, errors: &mut Vec<TranslateError>) -> LbMode {
+    match &svc.lb_mode {
+        None => node.lb_mode,
+        Some(Ok(mode)) => *mode,
+        Some(Err(text)) => {
+            errors.push(TranslateError {
+                kind: ObjectKind::Service,
+                object: format!("Service {}", svc.name),
+                reason: Invalid::LbMode(text.to_string()),
+            });
+            node.lb_mode
         }
     }
 }
@@ -544,6 +568,11 @@ impl EntryBuilder<'_> {
         }
         if self.rules.maglev {
             flags |= SVC_FLAG_MAGLEV;
+        }
+        // The DSR option is an IPv4 one: IPv6 frontends stay masqueraded.
+        let dsr = self.rules.lb_mode.dsr_for(frontend.proto) && frontend.family() == Family::Ipv4;
+        if dsr && !self.svc.external_local {
+            flags |= SVC_FLAG_DSR;
         }
         self.entry(frontend, flags, backends, internal)
     }
@@ -964,6 +993,7 @@ mod tests {
             zone: Some("z1".into()),
             ipv6_off: false,
             lb_algorithm: LbAlgorithm::Random,
+            lb_mode: LbMode::Snat,
         }
     }
 
@@ -1027,6 +1057,56 @@ mod tests {
         let local = annotated("maglev", json!({"externalTrafficPolicy": "Local"}));
         let t = translate_on(&node, &[local], &[sl()]);
         assert!(!maglev(&t, "10.0.0.1", 30080));
+    }
+
+    #[test]
+    fn dsr_is_chosen_per_service_and_protocol_for_external_frontends_with_cluster_policy() {
+        let sl = || web_slice("w", vec![ep_full("10.244.0.5", true, true, false, "n1")]);
+        let ports = json!({"ports": [
+            {"name": "http", "port": 80, "nodePort": 30080},
+            {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}
+        ]});
+        let dsr = |t: &Translation, a: &str, port, proto| {
+            let entry = t.state.get(&addr(a, port, proto)).expect("frontend");
+            entry.flags & SVC_FLAG_DSR != 0
+        };
+        let with_mode = |mode: &str, extra: serde_json::Value| {
+            let mut svc = policy_service(extra);
+            svc.lb_mode = Some(LbMode::parse(mode).ok_or_else(|| mode.into()));
+            svc
+        };
+        let (tcp, udp) = (Protocol::Tcp, Protocol::Udp);
+        // By annotation, on a node that defaults to SNAT.
+        let t = translate_on(&node(), &[with_mode("dsr", ports.clone())], &[sl()]);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert!(dsr(&t, "10.0.0.1", 30080, tcp) && dsr(&t, "192.0.2.1", 80, tcp));
+        assert!(dsr(&t, "10.0.0.1", 30053, udp));
+        assert!(
+            !dsr(&t, "10.96.0.10", 80, tcp),
+            "ClusterIPs stay on the node"
+        );
+        // Hybrid: TCP only.
+        let t = translate_on(&node(), &[with_mode("hybrid", ports.clone())], &[sl()]);
+        assert!(dsr(&t, "10.0.0.1", 30080, tcp) && !dsr(&t, "10.0.0.1", 30053, udp));
+        // The node's default, and an annotation that turns it off.
+        let node = NodeInfo {
+            lb_mode: LbMode::Dsr,
+            ..node()
+        };
+        let t = translate_on(&node, &[policy_service(ports.clone())], &[sl()]);
+        assert!(dsr(&t, "192.0.2.1", 53, udp));
+        let t = translate_on(&node, &[with_mode("snat", ports.clone())], &[sl()]);
+        assert!(!dsr(&t, "192.0.2.1", 80, tcp));
+        // externalTrafficPolicy Local keeps the source without it.
+        let mut local = ports.clone();
+        local["externalTrafficPolicy"] = json!("Local");
+        let t = translate_on(&node, &[policy_service(local)], &[sl()]);
+        assert!(!dsr(&t, "10.0.0.1", 30080, tcp));
+        // An unknown mode is reported and the node's applies.
+        let t = translate_on(&node, &[with_mode("direct", ports)], &[sl()]);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert!(t.errors[0].to_string().contains("direct"));
+        assert!(dsr(&t, "10.0.0.1", 30080, tcp));
     }
 
     #[test]
