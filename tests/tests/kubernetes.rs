@@ -16,7 +16,7 @@ use lb_lab::{
     metric_sum, privileged_test, sibling_binary, tcp_ask,
 };
 use lb_userspace::{
-    model::{LbAlgorithm, Protocol},
+    model::{LbAlgorithm, LbMode, Protocol},
     sync::maglev_tables::MaglevMaps,
 };
 use serde_json::{json, Value};
@@ -240,10 +240,14 @@ fn extra_slice(ips: &BTreeSet<Ipv4Addr>) -> Value {
         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
 }
 
-/// `extra_service` with an externalIP, annotated `algorithm`.
-fn external_service(algorithm: &str) -> Value {
+/// `extra_service` with an externalIP, annotated `algorithm` and, if
+/// given, `mode`.
+fn external_service(algorithm: &str, mode: Option<&str>) -> Value {
     let mut svc = extra_service();
     svc["metadata"]["annotations"] = json!({"lb-agent.io/lb-algorithm": algorithm});
+    if let Some(mode) = mode {
+        svc["metadata"]["annotations"]["lb-agent.io/lb-mode"] = json!(mode);
+    }
     svc["spec"]["externalIPs"] = json!(["198.51.100.40"]);
     svc
 }
@@ -251,7 +255,9 @@ fn external_service(algorithm: &str) -> Value {
 /// Maglev chosen by annotation through the API source: the externalIP
 /// frontend of the annotated Service gets a table in `lb_maglev` and shows
 /// `lb_algorithm: maglev` in `lb-agent services`, its ClusterIP stays
-/// random; the annotation changed to random, the table goes.
+/// random; the annotation changed to random, the table goes. Then an
+/// `lb-agent.io/lb-mode: dsr` annotation shows as `lb_mode: dsr` on the
+/// external frontend alone.
 #[privileged_test]
 fn a_maglev_annotation_from_the_api_gets_its_external_frontend_a_table() {
     let mut k = KubeLab::nginx();
@@ -259,7 +265,7 @@ fn a_maglev_annotation_from_the_api_gets_its_external_frontend_a_table() {
     let all = k.pod_ips(&pods);
     k.publish();
     k.api
-        .apply_all(&[external_service("maglev"), extra_slice(&all)])
+        .apply_all(&[external_service("maglev", None), extra_slice(&all)])
         .unwrap();
     k.start_agent();
     let external = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 40), 8080);
@@ -268,12 +274,14 @@ fn a_maglev_annotation_from_the_api_gets_its_external_frontend_a_table() {
         let maps = lb_userspace::datapath::loader::open_pinned(&k.lab.pin_dir).expect("maps");
         lb_userspace::sync::maglev_tables::tables_in(&maps)
     };
-    let algorithm_of = |k: &KubeLab, port: u16, addr: Ipv4Addr| {
-        let row = k
-            .snapshot()
+    let row_of = |k: &KubeLab, port: u16, addr: Ipv4Addr| {
+        k.snapshot()
             .into_iter()
             .find(|s| s.frontend.addr == std::net::IpAddr::V4(addr) && s.frontend.port == port)
-            .expect("the frontend is programmed");
+            .expect("the frontend is programmed")
+    };
+    let algorithm_of = |k: &KubeLab, port: u16, addr: Ipv4Addr| {
+        let row = row_of(k, port, addr);
         (row.lb_algorithm, row.rev_nat_id)
     };
     let (algorithm, rev_nat_id) = algorithm_of(&k, 8080, *external.ip());
@@ -305,17 +313,28 @@ fn a_maglev_annotation_from_the_api_gets_its_external_frontend_a_table() {
     let (equal, text) = k.check(&[]);
     assert!(!equal && text.contains("its table differs"), "{text}");
 
-    k.api.apply(&external_service("random")).unwrap();
+    k.api
+        .apply(&external_service("random", Some("dsr")))
+        .unwrap();
     let deadline = Instant::now() + CONVERGE;
-    while !tables(&k).is_empty() || algorithm_of(&k, 8080, *external.ip()).0 != LbAlgorithm::Random
-    {
+    while !tables(&k).is_empty() || row_of(&k, 8080, *external.ip()).lb_mode != LbMode::Dsr {
         assert!(
             Instant::now() < deadline,
-            "the table stays: {:?}",
+            "the table stays or no DSR: {:?}",
             tables(&k)
         );
         std::thread::sleep(Duration::from_millis(25));
     }
+    assert_eq!(
+        algorithm_of(&k, 8080, *external.ip()).0,
+        LbAlgorithm::Random
+    );
+    let cluster_ip = row_of(&k, 8080, Ipv4Addr::new(10, 96, 0, 11));
+    assert_eq!(
+        cluster_ip.lb_mode,
+        LbMode::Snat,
+        "a ClusterIP stays on the node"
+    );
 }
 
 #[privileged_test]

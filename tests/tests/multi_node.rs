@@ -2,18 +2,20 @@
 //! lb_lab::cluster): what crosses nodes. ClusterIP to pods on the
 //! other node, NodePort and LoadBalancer addresses on either node to
 //! remote backends (masqueraded), externalTrafficPolicy Local and the
-//! healthCheckNodePort of each node, a backend removed, and one node's
-//! agent killed and restarted under load while the other keeps serving.
+//! healthCheckNodePort of each node, a backend removed, one node's
+//! agent killed and restarted under load while the other keeps serving,
+//! Maglev, and direct server return on three nodes.
 //! Each runs on both kinds of wire, with zero checksum errors anywhere.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     time::Duration,
 };
 
 use lb_lab::{
+    ask_on,
     cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
     http_get,
     load::{Load, LoadKind, LoadSet},
@@ -28,6 +30,9 @@ on_each_wire!(
     a_removed_remote_backend_gets_no_new_connections,
     one_nodes_agent_killed_and_restarted_under_load_loses_nothing,
     maglev_sends_a_flow_to_the_same_backend_whichever_node_it_enters,
+    dsr_keeps_the_client_and_a_connection_survives_a_move_to_another_node,
+    dsr_datagrams_too_big_for_the_option_teach_the_client_a_smaller_path_mtu,
+    dsr_backends_added_and_retired_under_load_fail_no_request,
 );
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -291,13 +296,7 @@ fn udp_from_port(ns: &Netns, port: u16, to: SocketAddrV4) -> String {
 /// random, 40 flows over 3 pods would all agree once in 3^40.
 fn maglev_sends_a_flow_to_the_same_backend_whichever_node_it_enters(wire: Wire) {
     let mut c = cluster(wire);
-    let route = |c: &Cluster, verb: &str, k: usize| {
-        let via = node_addr(k).to_string();
-        c.ext
-            .exec(&["ip", "route", verb, &format!("{LB_IP}/32"), "via", &via])
-            .expect("route to the LoadBalancer address");
-    };
-    route(&c, "add", 1);
+    route_lb_ip_via(&c.ext, "add", 1);
     let pods: Vec<String> = c.pods_on(0).into_iter().chain(c.pods_on(1)).collect();
     let endpoints = pods.iter().map(|p| endpoint(&c, p)).collect();
     let spec =
@@ -314,7 +313,7 @@ fn maglev_sends_a_flow_to_the_same_backend_whichever_node_it_enters(wire: Wire) 
         .clone()
         .map(|p| udp_from_port(&c.ext, p, to))
         .collect();
-    route(&c, "replace", 2);
+    route_lb_ip_via(&c.ext, "replace", 2);
     let via_node2: Vec<String> = flows.map(|p| udp_from_port(&c.ext, p, to)).collect();
     assert_eq!(
         via_node1, via_node2,
@@ -333,4 +332,211 @@ fn maglev_sends_a_flow_to_the_same_backend_whichever_node_it_enters(wire: Wire) 
         "the flows spread over every pod"
     );
     report_checksum_counters("Maglev across nodes", &c.checksum_errors());
+}
+
+/// Three nodes with the nginx example's 3 pods, one on each, and a
+/// LoadBalancer Service (TCP and UDP port 80) of node-3's pod alone in
+/// direct server return with Maglev, reached from outside via node-1.
+fn dsr_cluster(wire: Wire) -> (Cluster, String) {
+    let example =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/nginx-deployment.yaml");
+    let mut c = Cluster::from_manifest_files(wire, 3, &[example]).expect("build the cluster");
+    let backend = c.pods_on(2).pop().expect("a pod on node-3");
+    let endpoints = vec![endpoint(&c, &backend)];
+    put_dsr_service(&mut c, endpoints);
+    c.write_manifests().expect("manifests");
+    c.start_agents().expect("start the agents");
+    route_lb_ip_via(&c.ext, "add", 1);
+    (c, backend)
+}
+
+/// The LoadBalancer Service of `dsr_cluster` with `endpoints`.
+fn put_dsr_service(c: &mut Cluster, endpoints: Vec<Value>) {
+    let spec =
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.47", "ports": ports(Some(30097))});
+    let status = json!({"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}});
+    let annotations = json!({"lb-agent.io/lb-mode": "dsr", "lb-agent.io/lb-algorithm": "maglev"});
+    c.state
+        .put_annotated_service("dsr", annotations, spec, status, endpoints);
+}
+
+/// Under load from outside via node-1 (new connections every 5 ms, a
+/// long-lived connection, a UDP flow), node-1's own pod joins node-3's
+/// (a backend on the entry node: answered there, through its reply
+/// entry), then node-2's joins, then node-3's is retired (terminating,
+/// as in a rolling update, then removed): no request fails, and the
+/// long-lived connection keeps going (on node-3's pod while it
+/// terminates, then anew).
+fn dsr_backends_added_and_retired_under_load_fail_no_request(wire: Wire) {
+    let (mut c, node3_pod) = dsr_cluster(wire);
+    let to = SocketAddrV4::new(LB_IP, 80);
+    let mut clients = LoadSet::default();
+    for (kind, what, every) in [
+        (LoadKind::NewConnections, "DSR new connections", 5),
+        (LoadKind::LongLived, "DSR long-lived connection", 10),
+        (LoadKind::UdpFlow, "DSR UDP flow", 10),
+    ] {
+        let every = Duration::from_millis(every);
+        clients.add(Load::start(c.ext.path(), to, kind, what, every, 20_000));
+    }
+    let node1_pod = c.pods_on(0)[0].clone();
+    let node2_pod = c.pods_on(1)[0].clone();
+    let steps: [&[(&str, bool)]; 4] = [
+        &[(&node3_pod, true), (&node1_pod, true)],
+        &[(&node3_pod, true), (&node1_pod, true), (&node2_pod, true)],
+        &[(&node3_pod, false), (&node1_pod, true), (&node2_pod, true)],
+        &[(&node1_pod, true), (&node2_pod, true)],
+    ];
+    for step in steps {
+        std::thread::sleep(Duration::from_millis(700));
+        let endpoints = step
+            .iter()
+            .map(|(pod, ready)| endpoint_in_state(&c, pod, *ready))
+            .collect();
+        put_dsr_service(&mut c, endpoints);
+        c.apply_manifests().expect("agents pick up the change");
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let reports = clients.finish_and_assert_none_failed();
+    assert!(reports.iter().all(|r| r.sent > 100), "{reports:?}");
+    assert!(c.nodes[2].datapath_stat("dsr_learned") > 0);
+    report_checksum_counters("DSR backends churned under load", &c.checksum_errors());
+}
+
+/// `endpoint`, ready or else terminating (still serving).
+fn endpoint_in_state(c: &Cluster, pod: &str, ready: bool) -> Value {
+    let mut e = endpoint(c, pod);
+    e["conditions"] = json!({"ready": ready, "serving": true, "terminating": !ready});
+    e
+}
+
+/// Routes the LoadBalancer address from outside (`ext`) via node `k`
+/// (1-based).
+fn route_lb_ip_via(ext: &Netns, verb: &str, k: usize) {
+    let via = node_addr(k).to_string();
+    ext.exec(&["ip", "route", verb, &format!("{LB_IP}/32"), "via", &via])
+        .expect("route to the LoadBalancer address");
+}
+
+/// Direct server return (`lb-agent.io/lb-mode: dsr`): node-1 forwards to
+/// node-3's pod without masquerading, so the pod sees the client's own
+/// address, and node-3 answers the client itself from the LoadBalancer
+/// address (TCP connects and UDP answers come from it): node-1 sees no
+/// reply. Then one connection, 10 requests in, moves to node-2 (the route
+/// changes, as when a router's ECMP set does): Maglev gives it the same
+/// backend there, node-3 still answers, and all 20 requests are answered
+/// with no reset. Masqueraded, the move would break it: node-2 would
+/// present the pod another source mid-stream.
+fn dsr_keeps_the_client_and_a_connection_survives_a_move_to_another_node(wire: Wire) {
+    let (c, backend) = dsr_cluster(wire);
+    let to = SocketAddrV4::new(LB_IP, 80);
+    let replies_via_node1 = c.nodes[0].datapath_stat("reverse_natted");
+    let (pods, sources) = pods_and_sources(&whoami(&c.ext, to, 20));
+    assert_eq!(pods, vec![backend.clone()]);
+    assert_eq!(sources, vec![CLUSTER_EXT_ADDR], "the pod sees the client");
+    for answer in udp_answers(&c.ext, to, 10) {
+        assert_eq!(answer, backend);
+    }
+    assert!(c.nodes[0].datapath_stat("dsr_forwarded") >= 30);
+    assert!(c.nodes[2].datapath_stat("dsr_learned") >= 20);
+    assert_eq!(
+        c.nodes[0].datapath_stat("reverse_natted"),
+        replies_via_node1,
+        "replies skip the entry node"
+    );
+
+    let ext = &c.ext;
+    let answers = ext.run_in(|| {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(to), TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut answers = Vec::new();
+        for i in 0..20 {
+            if i == 10 {
+                route_lb_ip_via(ext, "replace", 2);
+            }
+            let answer = ask_on(&mut s, "whoami")
+                .unwrap_or_else(|e| panic!("request {i} on one connection: {e}"));
+            answers.push(answer);
+        }
+        answers
+    });
+    let expected = format!("{backend} {CLUSTER_EXT_ADDR}:");
+    for (i, a) in answers.iter().enumerate() {
+        assert!(a.starts_with(&expected), "request {i}: {a}");
+    }
+    assert!(
+        c.nodes[1].datapath_stat("dsr_forwarded") >= 10,
+        "node-2 carried the second half"
+    );
+    report_checksum_counters("direct server return", &c.checksum_errors());
+}
+
+/// A UDP datagram that fills the wire's MTU with don't-fragment set has
+/// no room for the DSR option: the entry node answers ICMP fragmentation
+/// needed with the MTU less the option's 8 bytes, the client's kernel
+/// lowers its path MTU to the Service, and the next datagram that fits
+/// is answered.
+fn dsr_datagrams_too_big_for_the_option_teach_the_client_a_smaller_path_mtu(wire: Wire) {
+    let (c, backend) = dsr_cluster(wire);
+    let to = SocketAddrV4::new(LB_IP, 80);
+    let mtu = c.ext.run_in(|| {
+        let s = std::net::UdpSocket::bind((CLUSTER_EXT_ADDR, 0)).expect("bind");
+        s.connect(to).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        set_dont_fragment(&s);
+        // 1,472 bytes of payload: 1,500 with the UDP and IPv4 headers.
+        s.send(&[b'x'; 1472]).expect("send a full datagram");
+        let mut buf = [0u8; 512];
+        // The ICMP error fails the next receive (EMSGSIZE).
+        let err = s
+            .recv(&mut buf)
+            .expect_err("no answer to a datagram too big");
+        assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+        let mtu = path_mtu(&s);
+        s.send(&vec![b'y'; mtu as usize - 28])
+            .expect("send one that fits");
+        let n = s.recv(&mut buf).expect("an answer to one that fits");
+        assert_eq!(String::from_utf8_lossy(&buf[..n]), backend);
+        mtu
+    });
+    assert_eq!(mtu, 1492, "the wire's 1,500 less the option");
+    assert!(c.nodes[0].datapath_stat("dsr_frag_needed") >= 1);
+}
+
+/// IP_PMTUDISC_DO: the kernel sets don't-fragment and keeps the path MTU
+/// ICMP reports.
+fn set_dont_fragment(s: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = libc::IP_PMTUDISC_DO;
+    let len = std::mem::size_of_val(&on) as libc::socklen_t;
+    // SAFETY: a valid socket and an int option of its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const on).cast(),
+            len,
+        )
+    };
+    assert_eq!(r, 0, "IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
+}
+
+/// The path MTU the kernel knows toward a connected socket's peer.
+fn path_mtu(s: &std::net::UdpSocket) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of_val(&mtu) as libc::socklen_t;
+    // SAFETY: a valid socket and an int option of its size.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&raw mut mtu).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(r, 0, "IP_MTU: {}", std::io::Error::last_os_error());
+    mtu as u32
 }
