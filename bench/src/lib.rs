@@ -7,6 +7,7 @@
 //! Either family: IPv4 Services, or IPv6 SingleStack ones (`Family`).
 
 pub mod datapath;
+pub mod forwarding;
 pub mod kube_proxy;
 pub mod nodeport_load;
 pub mod plot;

@@ -13,6 +13,7 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    process::Command,
     time::Duration,
 };
 
@@ -115,8 +116,13 @@ pub fn probe_addr(set: &[kube_proxy::ServicePort], name: &str) -> Option<String>
 
 fn run_client(lab: &Lab, to: &str, ms: u64) -> Result<ClientNumbers> {
     let bin = sibling_binary("lab-client", "LAB_CLIENT_BIN")?;
-    let out = lab
-        .command_in_cgroup(&lab.client.ns, &bin)
+    bench_client(lab.command_in_cgroup(&lab.client.ns, &bin), to, ms)
+}
+
+/// Runs `lab-client bench` (`client`: the binary, in the namespace it
+/// runs from) against `to` for `ms` per phase, and reads its numbers.
+pub(crate) fn bench_client(mut client: Command, to: &str, ms: u64) -> Result<ClientNumbers> {
+    let out = client
         .args(["bench", to, &(ms / 10).max(1).to_string(), IN_FLIGHT])
         .output()?;
     if !out.status.success() {
@@ -149,19 +155,27 @@ fn client_median(lab: &Lab, to: &str, ms: u64, rounds: usize) -> Result<ClientNu
     for _ in 0..rounds {
         runs.push(run_client(lab, to, ms)?);
     }
-    let m = |f: fn(&ClientNumbers) -> f64| median(runs.iter().map(f).collect());
-    Ok(ClientNumbers {
-        conns_per_s: m(|n| n.conns_per_s),
-        rr_per_s: m(|n| n.rr_per_s),
-        rr_p50_us: m(|n| n.rr_p50_us),
-        rr_p99_us: m(|n| n.rr_p99_us),
-        kernel_us_per_conn: m(|n| n.kernel_us_per_conn),
-        kernel_us_per_rr: m(|n| n.kernel_us_per_rr),
-        kernel_us_per_conn_range: runs
-            .iter()
-            .map(|n| n.kernel_us_per_conn)
-            .fold((f64::MAX, 0.0), |(lo, hi), k| (lo.min(k), hi.max(k))),
-    })
+    Ok(ClientNumbers::median_of(&runs))
+}
+
+impl ClientNumbers {
+    /// Each figure's median over `runs`, and the range of the kernel CPU
+    /// per connection.
+    pub(crate) fn median_of(runs: &[ClientNumbers]) -> Self {
+        let m = |f: fn(&ClientNumbers) -> f64| median(runs.iter().map(f).collect());
+        ClientNumbers {
+            conns_per_s: m(|n| n.conns_per_s),
+            rr_per_s: m(|n| n.rr_per_s),
+            rr_p50_us: m(|n| n.rr_p50_us),
+            rr_p99_us: m(|n| n.rr_p99_us),
+            kernel_us_per_conn: m(|n| n.kernel_us_per_conn),
+            kernel_us_per_rr: m(|n| n.kernel_us_per_rr),
+            kernel_us_per_conn_range: runs
+                .iter()
+                .map(|n| n.kernel_us_per_conn)
+                .fold((f64::MAX, 0.0), |(lo, hi), k| (lo.min(k), hi.max(k))),
+        }
+    }
 }
 
 /// (VmRSS, VmHWM) of a process, in KiB.

@@ -184,6 +184,12 @@ fn measurements(plan: &BenchPlan, dir: &Path, stem: &str) -> Result<String> {
         ],
     )?);
     report.push_str(&bench_section(
+        "SNAT against DSR through three nodes",
+        // Its defaults: more SNAT connections than these would run out of
+        // masquerade ports (a closed flow holds its port for 120 s).
+        &["forwarding"],
+    )?);
+    report.push_str(&bench_section(
         "control plane",
         &[
             "control-plane",

@@ -15,6 +15,10 @@
 //! iptables-restore and nft, traffic through the lab vs kube-proxy's
 //! iptables and nftables modes, agent memory).
 //!
+//! `lb-bench forwarding` runs traffic through three lab nodes to a
+//! LoadBalancer address with SNAT and with direct server return side by
+//! side (`datapath` ends with their per-packet cost on the entry node).
+//!
 //! Each prints a markdown section on stdout; progress goes to stderr.
 
 use std::{
@@ -79,6 +83,7 @@ const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M
                             (--family: which Services to install, IPv4 ones against iptables and
                             nft's table ip, IPv6 ones against ip6tables and table ip6; default both)
        lb-bench rules       --services N --format iptables|nft [--endpoints E] [--family ipv4|ipv6]
+       lb-bench forwarding  [--ms MS] [--rounds R]
        lb-bench traffic     --sizes N,N,... [--endpoints E] [--ms MS] [--rounds R] [--plot-dir DIR] [--plot-prefix P]
        lb-bench nodeport-load [--rate R] [--seconds S] [--previous-agent PATH]";
 
@@ -100,6 +105,15 @@ fn main() -> Result<()> {
             );
             let selection = lb_bench::selection::measure(endpoints, batches, count)?;
             print!("{}", lb_bench::selection::markdown(&selection, endpoints));
+            let forwarding = lb_bench::forwarding::measure(batches, count)?;
+            print!("{}", lb_bench::forwarding::markdown(&forwarding));
+            Ok(())
+        }
+        Some("forwarding") => {
+            let f = Flags::parse(&args[1..])?;
+            let (ms, rounds) = (f.num("ms", 1000)? as u64, f.num("rounds", 2)?);
+            let rows = lb_bench::forwarding::measure_lab(ms, rounds)?;
+            print!("{}", lb_bench::forwarding::lab_markdown(&rows, ms, rounds));
             Ok(())
         }
         Some("programming") => {
