@@ -24,6 +24,37 @@ pub const PORT_UNREACHABLE_LEN: usize = HEAD_LEN + IP6_LEN + QUOTED_L4_LEN;
 
 const ICMP6_DST_UNREACH: u8 = 1;
 const ICMP6_PORT_UNREACH: u8 = 4;
+const ICMP6_PACKET_TOO_BIG: u8 = 2;
+
+/// What an ICMPv6 error answering a datagram tells the client: its type,
+/// code and 32-bit parameter. A struct, not an enum, for the reason
+/// `icmp::Unreachable` gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unreachable6 {
+    kind: u8,
+    code: u8,
+    mtu: u32,
+}
+
+impl Unreachable6 {
+    /// No backend: the socket fails (ECONNREFUSED).
+    pub const PORT: Self = Self {
+        kind: ICMP6_DST_UNREACH,
+        code: ICMP6_PORT_UNREACH,
+        mtu: 0,
+    };
+
+    /// The datagram does not fit the path (RFC 4443 3.2): the client's
+    /// path MTU to the Service drops to `mtu`.
+    #[inline(always)]
+    pub const fn packet_too_big(mtu: u32) -> Self {
+        Self {
+            kind: ICMP6_PACKET_TOO_BIG,
+            code: 0,
+            mtu,
+        }
+    }
+}
 const HOP_LIMIT: u8 = 64;
 
 /// The UDP checksum field as it will be when the answer leaves the node
@@ -56,28 +87,30 @@ pub const IP6_FIRST_BYTES: [u8; 8] = {
 /// as sent: a partial checksum is finished by the kernel, which sums the
 /// field too.
 #[inline(always)]
-pub fn checksum(src: &[u32; 4], dst: &[u32; 4], quote_sum: u32, sent: u16, quoted: u16) -> u16 {
+pub fn checksum(
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    quote_sum: u32,
+    sent: u16,
+    quoted: u16,
+    why: Unreachable6,
+) -> u16 {
     let icmp_len = (ICMP6_HDR_LEN + IP6_LEN + QUOTED_L4_LEN) as u32;
     let pseudo = csum::pseudo_header_sum6(src, dst, IPPROTO_ICMPV6, icmp_len);
-    let kind = u32::from(u16::from_ne_bytes([ICMP6_DST_UNREACH, ICMP6_PORT_UNREACH]));
+    let mtu = why.mtu.to_be_bytes();
+    let kind = u32::from(u16::from_ne_bytes([why.kind, why.code]))
+        + u32::from(u16::from_ne_bytes([mtu[0], mtu[1]]))
+        + u32::from(u16::from_ne_bytes([mtu[2], mtu[3]]));
     let quote = u32::from(csum::fold(quote_sum)) + u32::from(!sent) + u32::from(quoted);
     !csum::fold(u32::from(csum::fold(pseudo)) + kind + quote)
 }
 
-/// The ICMPv6 header: destination unreachable, port, `check`.
+/// The ICMPv6 header: what `why` reports, `check`.
 #[inline(always)]
-pub fn header(check: u16) -> [u8; ICMP6_HDR_LEN] {
+pub fn header(check: u16, why: Unreachable6) -> [u8; ICMP6_HDR_LEN] {
     let c = check.to_ne_bytes();
-    [
-        ICMP6_DST_UNREACH,
-        ICMP6_PORT_UNREACH,
-        c[0],
-        c[1],
-        0,
-        0,
-        0,
-        0,
-    ]
+    let m = why.mtu.to_be_bytes();
+    [why.kind, why.code, c[0], c[1], m[0], m[1], m[2], m[3]]
 }
 
 #[cfg(test)]
@@ -134,8 +167,8 @@ mod tests {
         );
         let (quote, quote_sum) = quote_of(&ip, &udp);
         let sent = u16::from_ne_bytes([udp[6], udp[7]]);
-        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, check);
-        let mut icmp = header(icmp_check).to_vec();
+        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, check, PORT);
+        let mut icmp = header(icmp_check, PORT).to_vec();
         icmp.extend_from_slice(&quote);
         let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
         assert_eq!(csum::checksum(&icmp, pseudo), 0, "ICMPv6 checksum");
@@ -147,17 +180,34 @@ mod tests {
         );
     }
 
+    const PORT: Unreachable6 = Unreachable6::PORT;
+
+    #[test]
+    fn packet_too_big_carries_the_mtu_under_a_valid_checksum() {
+        let (ip, udp) = datagram();
+        let (quote, quote_sum) = quote_of(&ip, &udp);
+        let sent = u16::from_ne_bytes([udp[6], udp[7]]);
+        let why = Unreachable6::packet_too_big(1476);
+        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, sent, why);
+        let mut icmp = header(icmp_check, why).to_vec();
+        icmp.extend_from_slice(&quote);
+        let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
+        assert_eq!(csum::checksum(&icmp, pseudo), 0, "ICMPv6 checksum");
+        assert_eq!(icmp[0..2], [2, 0], "packet too big");
+        assert_eq!(icmp[4..8], 1476u32.to_be_bytes(), "MTU");
+    }
+
     #[test]
     fn a_partial_checksum_left_in_the_quote_and_finished_by_the_kernel_checks_out() {
         let (ip, udp) = partial_datagram();
         let pseudo = u16::from_ne_bytes([udp[6], udp[7]]);
         let quoted = quoted_udp_check(&words(CLIENT), &words(SVC), &udp);
         let (mut quote, quote_sum) = quote_of(&ip, &udp);
-        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, pseudo, quoted);
+        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, pseudo, quoted, PORT);
         // What the kernel's skb_checksum_help does to the field on the way.
         let finished = csum::checksum(&udp, 0);
         quote[46..48].copy_from_slice(&finished.to_ne_bytes());
-        let mut icmp = header(icmp_check).to_vec();
+        let mut icmp = header(icmp_check, PORT).to_vec();
         icmp.extend_from_slice(&quote);
         let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
         assert_eq!(

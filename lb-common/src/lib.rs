@@ -176,7 +176,8 @@ pub const SVC_FLAG_MAGLEV: u16 = 1 << 8;
 /// Direct server return: external traffic to a backend on another node
 /// keeps its client source; the first packet of a TCP flow (its SYN) and
 /// every UDP datagram carry the frontend in an IPv4 option
-/// (`DSR_OPTION_*`), from which the backend's node rewrites the replies
+/// (`DSR_OPTION_*`) or an IPv6 destination options header
+/// (`DSR_OPTION6_*`), from which the backend's node rewrites the replies
 /// and sends them to the client itself.
 pub const SVC_FLAG_DSR: u16 = 1 << 9;
 /// Frontends reached from outside the node.
@@ -277,6 +278,16 @@ pub const DSR_OPTION_TYPE: u8 = 0x80 | 0x1e;
 /// The option's length, which is also what it adds to the packet: a whole
 /// number of 32-bit words, so the header needs no padding.
 pub const DSR_OPTION_LEN: u8 = 8;
+
+/// IPv6 carries the frontend in a destination options header (RFC 8200
+/// 4.6) right after the fixed header: next header, length, then an option
+/// of this type (RFC 4727's experiment number; its top bits: skipped by a
+/// node that does not know it, unchanged en route), `DSR_OPTION6_DATA_LEN`
+/// bytes of port and address, and a 2-byte PadN to end on 8 bytes.
+pub const DSR_OPTION6_TYPE: u8 = 0x1e;
+pub const DSR_OPTION6_DATA_LEN: u8 = 18;
+/// What the header adds to the packet.
+pub const DSR_HEADER6_LEN: u8 = 24;
 
 /// Ports tried for a new masqueraded flow before it is dropped (counted
 /// as `snat_ports_exhausted`).

@@ -218,8 +218,8 @@ pub trait Family {
     type Addr: Addr;
     /// Where this family's counters start in the statistics array.
     const STATS: u32;
-    /// Whether requests of this family can carry the DSR option (IPv4's);
-    /// the agent marks no frontend of another family for DSR.
+    /// Whether requests of this family can name their frontend to the
+    /// backend's node (direct server return): both families can.
     const DSR_OPTION: bool;
 
     fn service(key: &SvcKey<Self::Addr>) -> Option<Service4Value>;
@@ -359,7 +359,7 @@ impl Family for V4 {
 impl Family for V6 {
     type Addr = Ipv6Bytes;
     const STATS: u32 = lb_common::stats::IPV6_OFFSET;
-    const DSR_OPTION: bool = false;
+    const DSR_OPTION: bool = true;
 
     #[inline(always)]
     fn service(key: &SvcKey<Ipv6Bytes>) -> Option<Service4Value> {

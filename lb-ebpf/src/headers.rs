@@ -6,7 +6,8 @@ use lb_common::{
         ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING,
         IPPROTO_TCP, IPPROTO_UDP,
     },
-    Ipv6Bytes, DSR_OPTION_LEN, DSR_OPTION_TYPE,
+    Ipv6Bytes, DSR_HEADER6_LEN, DSR_OPTION6_DATA_LEN, DSR_OPTION6_TYPE, DSR_OPTION_LEN,
+    DSR_OPTION_TYPE,
 };
 
 pub const ETH_HLEN: usize = 14;
@@ -118,10 +119,10 @@ pub enum Parsed<F> {
     /// Shorter than the headers it claims: pass untouched, counted.
     Malformed,
     Flow(F),
-    /// An IPv4 packet with the DSR option: a request another node forwarded
-    /// to a backend here with direct server return. Its L4 header sits
-    /// after the option, so it is never rewritten; `dsr_origin` reads the
-    /// option (kept out of this enum, which every hook's frame holds).
+    /// A packet with the DSR option (IPv4) or header (IPv6): a request
+    /// another node forwarded to a backend here with direct server return.
+    /// Never rewritten; `dsr_origin` and `dsr_origin6` read the frontend
+    /// (kept out of this enum, which every hook's frame holds).
     DsrRequest(F),
 }
 
@@ -350,6 +351,7 @@ pub fn parse6(start: usize, end: usize, out: &mut Flow6) -> Parsed<()> {
     let payload_len = u16::from_be_bytes([first[ipv6::PAYLOAD_LEN], first[ipv6::PAYLOAD_LEN + 1]]);
     let ip_end = IP_OFF + ipv6::HLEN + payload_len as usize;
     let mut next = first[ipv6::NEXT_HEADER];
+    let dsr = next == IPPROTO_DSTOPTS && dsr_origin6(start, end).is_some();
     let mut off = IP_OFF + ipv6::HLEN;
     let mut i = 0;
     while i < ipv6::MAX_EXT_HEADERS && next != IPPROTO_TCP && next != IPPROTO_UDP {
@@ -386,5 +388,45 @@ pub fn parse6(start: usize, end: usize, out: &mut Flow6) -> Parsed<()> {
     out.l4_off = off;
     out.l4_csum_off = l4.csum_off;
     out.ip_tot_len = (ipv6::HLEN as u16).saturating_add(payload_len);
-    Parsed::Flow(())
+    if dsr {
+        Parsed::DsrRequest(())
+    } else {
+        Parsed::Flow(())
+    }
+}
+
+/// The frontend an IPv6 DSR request names: its destination options header
+/// right after the fixed header, if that is the DSR one.
+#[inline(always)]
+pub fn dsr_origin6(start: usize, end: usize) -> Option<(Ipv6Bytes, u16)> {
+    let h = read::<[u8; 4]>(start, end, IP_OFF + ipv6::HLEN)?;
+    let ours =
+        h[1] == DSR_HEADER6_LEN / 8 - 1 && h[2] == DSR_OPTION6_TYPE && h[3] == DSR_OPTION6_DATA_LEN;
+    if !ours {
+        return None;
+    }
+    let port = read::<u16>(start, end, IP_OFF + ipv6::HLEN + 4)?;
+    let addr = read::<Ipv6Bytes>(start, end, IP_OFF + ipv6::HLEN + 6)?;
+    Some((addr, port))
+}
+
+/// The destination options header that names the frontend `flow` was sent
+/// to (`flow.daddr`, `flow.dport`: from before the rewrite) to the
+/// backend's node, in front of the header `next` (TCP or UDP).
+#[inline(always)]
+pub fn dsr_header6(next: u8, flow: &Flow6) -> [u8; DSR_HEADER6_LEN as usize] {
+    let mut h = [0u8; DSR_HEADER6_LEN as usize];
+    h[0] = next;
+    h[1] = DSR_HEADER6_LEN / 8 - 1;
+    h[2] = DSR_OPTION6_TYPE;
+    h[3] = DSR_OPTION6_DATA_LEN;
+    h[4..6].copy_from_slice(&flow.dport.to_ne_bytes());
+    let mut i = 0;
+    while i < 4 {
+        h[6 + 4 * i..10 + 4 * i].copy_from_slice(&flow.daddr[i].to_ne_bytes());
+        i += 1;
+    }
+    // PadN of no data bytes: the header ends on 8 bytes.
+    h[22] = 1;
+    h
 }

@@ -14,7 +14,7 @@ use lb_common::{
     CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_DSR, CT_FLAG_OPENING, CT_FLAG_REDIRECT, CT_FLAG_SNAT,
     CT_REFRESH_INTERVAL_NS, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, SNAT_PORT_TRIES, SVC_FLAGS_EXTERNAL, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL_LOCAL,
-    SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
+    SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
@@ -760,14 +760,15 @@ fn carries_dsr_option<A>(flow: &Flow<A>) -> bool {
 
 /// On a backend's node: a request another node forwarded with direct
 /// server return teaches the reply entry that gives the replies the
-/// frontend's address and port as source. Only a frontend this node
-/// serves too is taken (the option is not trusted to name any address);
-/// a fresh entry of the same frontend is kept, but a SYN starts anew.
+/// frontend's address and port as source (kept in the entry's NAT
+/// address and port: a NodePort frontend is the entry node's address,
+/// which no map of this node holds). The option is not trusted to name
+/// any address: the frontend must be one this node serves too, or a
+/// NodePort of its own (`dsr_frontend`). A fresh entry of the same
+/// frontend is kept, but a SYN starts anew.
 #[inline(never)]
 pub fn learn_dsr_reply<F: Family>(flow: &Flow<F::Addr>, frontend_addr: F::Addr, port: u16) {
-    let Some((_, svc)) = lookup_service::<F>(frontend_addr, port, flow.proto, false)
-        .filter(|(_, svc)| svc.flags & SVC_FLAGS_EXTERNAL != 0)
-    else {
+    let Some(svc) = dsr_frontend::<F>(frontend_addr, port, flow.proto) else {
         count::<F>(stats::DSR_UNKNOWN_FRONTEND);
         return;
     };
@@ -783,7 +784,9 @@ pub fn learn_dsr_reply<F: Family>(flow: &Flow<F::Addr>, frontend_addr: F::Addr, 
     };
     if let Some(p) = F::ct_ptr(&key) {
         // SAFETY: the pointer comes from a successful lookup.
-        let ours = unsafe { (*p).rev_nat_id == svc.rev_nat_id && fresh(flow, &*p, now) };
+        let ours = unsafe {
+            (*p).nat_addr == frontend_addr && (*p).nat_port == port && fresh(flow, &*p, now)
+        };
         if ours && !opening_syn(flow) {
             if now.saturating_sub(unsafe { (*p).last_seen_ns }) > CT_REFRESH_INTERVAL_NS {
                 unsafe { (*p).last_seen_ns = now };
@@ -800,12 +803,28 @@ pub fn learn_dsr_reply<F: Family>(flow: &Flow<F::Addr>, frontend_addr: F::Addr, 
         backend_id: 0,
         rev_nat_id: svc.rev_nat_id,
         flags,
-        nat_addr: F::Addr::UNSPECIFIED,
-        nat_port: 0,
+        nat_addr: frontend_addr,
+        nat_port: port,
         _pad: Default::default(),
     };
     F::ct_insert(&key, &reply, false);
     count::<F>(stats::DSR_LEARNED);
+}
+
+/// The master of the frontend a DSR option names, if this node serves it:
+/// an external frontend of its own (externalIPs and LoadBalancer addresses
+/// are every node's), else, for another node's NodePort, this node's
+/// NodePort of that port on its masquerade address.
+#[inline(always)]
+fn dsr_frontend<F: Family>(addr: F::Addr, port: u16, proto: u8) -> Option<Service4Value> {
+    let external = |svc: &Service4Value| svc.flags & SVC_FLAGS_EXTERNAL != 0;
+    if let Some((_, svc)) =
+        lookup_service::<F>(addr, port, proto, false).filter(|(_, s)| external(s))
+    {
+        return Some(svc);
+    }
+    let (_, svc) = lookup_service::<F>(F::masquerade_addr(), port, proto, false)?;
+    (svc.flags & SVC_FLAG_NODE_PORT != 0).then_some(svc)
 }
 
 /// The verdict after a flow's rewrite: counted under `counter`, and sent
@@ -929,7 +948,16 @@ fn reverse_nat<F: Family, R: Rewriter<F>>(
     if !fresh(flow, &ct, now) {
         return None;
     }
-    let rev = F::rev_nat(ct.rev_nat_id)?;
+    // A reply entry learnt from a DSR option holds its frontend itself.
+    let rev = if ct.flags & CT_FLAG_DSR != 0 {
+        RevNat {
+            addr: ct.nat_addr,
+            port: ct.nat_port,
+            _pad: 0,
+        }
+    } else {
+        F::rev_nat(ct.rev_nat_id)?
+    };
     update_reply_entry::<F>(flow, ct_ptr, &ct, &rev, now);
     let mut done = rw.rewrite_src(flow, rev.addr, rev.port);
     if done.is_ok() && ct.flags & CT_FLAG_SNAT != 0 {

@@ -19,19 +19,19 @@ use aya_ebpf::{
 };
 use lb_common::{
     icmp::{self, Unreachable},
-    icmp6,
+    icmp6::{self, Unreachable6},
     stats::{RejectFailure, RewriteFailure},
-    uapi::{AF_INET, AF_INET6, ETH_P_IPV6},
-    Ipv6Bytes, DSR_OPTION_LEN, IPPROTO_TCP, IPPROTO_UDP,
+    uapi::{AF_INET, AF_INET6, ETH_P_IPV6, IPPROTO_DSTOPTS},
+    Ipv6Bytes, DSR_HEADER6_LEN, DSR_OPTION_LEN, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     family::{V4, V6},
     headers::{
-        dsr_origin, ipv4, ipv6, l3, parse4, parse6, tcp, with_dsr_option, Flow, Flow4, Flow6,
-        Parsed, ETH_HLEN, ETH_TYPE_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF,
-        IP_DF, IP_HLEN, IP_OFF, IP_SADDR_OFF, IP_TOT_LEN_OFF, L3, L4_DPORT_OFF, L4_OFF,
-        L4_SPORT_OFF, TCP_HLEN,
+        dsr_header6, dsr_origin, dsr_origin6, ipv4, ipv6, l3, parse4, parse6, tcp, with_dsr_option,
+        Flow, Flow4, Flow6, Parsed, ETH_HLEN, ETH_TYPE_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF,
+        IP_CSUM_OFF, IP_DADDR_OFF, IP_DF, IP_HLEN, IP_OFF, IP_SADDR_OFF, IP_TOT_LEN_OFF, L3,
+        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::FLOW6_SCRATCH,
     nat::{self, Action, Hook, Rewriter},
@@ -114,7 +114,9 @@ fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
     // SAFETY: this CPU's slot, no other user while the program runs.
     let scratch = unsafe { &mut *scratch };
     let flow = &mut scratch.flow;
-    if flow_of::<V6, _>(parse6_linear(ctx, flow)).is_none() {
+    let parsed = parse6_linear(ctx, flow);
+    let dsr_request = matches!(parsed, Parsed::DsrRequest(()));
+    if !dsr_request && flow_of::<V6, _>(parsed).is_none() {
         return OK;
     }
     // Both addresses in one copy, straight into the flow (see `parse6`).
@@ -125,17 +127,36 @@ fn handle6(ctx: &TcContext, hook: Hook) -> i32 {
         return OK;
     }
     let flow = &scratch.flow;
+    if dsr_request {
+        let origin = dsr_origin6(ctx.data(), ctx.data_end()).filter(|_| hook == Hook::Wire);
+        if let Some((addr, port)) = origin {
+            nat::learn_dsr_reply::<V6>(flow, addr, port);
+        }
+        return OK;
+    }
     let rw = TcRewriter { ctx };
     match nat::handle::<V6, _>(&rw, flow, hook) {
         // IPv6 has no accept_local: a node address as source is dropped by
         // input routing from the wire too, so both hooks send it out.
         Action::Redirect => redirect_to_egress6(ctx),
         Action::Pass | Action::Translated => OK,
-        // IPv6 requests carry no DSR option (`Family::DSR_OPTION`), so no
-        // FragNeeded.
-        Action::Drop | Action::FragNeeded(_) | Action::TranslatedWithDsrOption => SHOT,
+        Action::TranslatedWithDsrOption => match push_dsr_header6(ctx, flow) {
+            Ok(()) => OK,
+            Err(why) => {
+                nat::dsr_option_failed::<V6>(why);
+                SHOT
+            }
+        },
+        Action::Drop => SHOT,
         Action::RejectTcp => nat::rejected::<V6, _>(tcp_reset6(ctx, flow), SHOT),
-        Action::RejectUdp => nat::rejected::<V6, _>(udp_unreachable6(ctx, flow), SHOT),
+        Action::RejectUdp => {
+            nat::rejected::<V6, _>(udp_unreachable6(ctx, flow, Unreachable6::PORT), SHOT)
+        }
+        // Counted as dsr_frag_needed (see the XDP hook).
+        Action::FragNeeded(mtu) => {
+            let too_big = Unreachable6::packet_too_big(u32::from(mtu));
+            udp_unreachable6(ctx, flow, too_big).unwrap_or(SHOT)
+        }
     }
 }
 
@@ -259,6 +280,18 @@ struct End<A> {
 }
 
 impl TcRewriter<'_> {
+    /// None when the packet still fits the wire `grow` bytes longer; else
+    /// the MTU less `grow`.
+    #[inline(always)]
+    fn too_big_by(&self, grow: u8) -> Option<u16> {
+        let mut mtu = 0u32;
+        let skb = self.ctx.skb.skb.cast();
+        // Ifindex 0: the device the packet came in by, the wire it leaves by.
+        let verdict = unsafe { bpf_check_mtu(skb, 0, &raw mut mtu, i32::from(grow), 0) };
+        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
+            .then(|| mtu.saturating_sub(u32::from(grow)) as u16)
+    }
+
     /// UDP's zero checksum means "none" over IPv4: the helper leaves it so.
     #[inline(always)]
     fn mangled<A>(flow: &crate::headers::Flow<A>) -> u64 {
@@ -374,13 +407,7 @@ impl Rewriter<V4> for TcRewriter<'_> {
             // The kernel fragments it, the option copied into each piece.
             return None;
         }
-        let mut mtu = 0u32;
-        let grow = i32::from(DSR_OPTION_LEN);
-        let skb = self.ctx.skb.skb.cast();
-        // Ifindex 0: the device the packet came in by, the wire it leaves by.
-        let verdict = unsafe { bpf_check_mtu(skb, 0, &raw mut mtu, grow, 0) };
-        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
-            .then(|| mtu.saturating_sub(u32::from(DSR_OPTION_LEN)) as u16)
+        self.too_big_by(DSR_OPTION_LEN)
     }
 }
 
@@ -405,6 +432,12 @@ impl Rewriter<V6> for TcRewriter<'_> {
             old_port: flow.sport,
         };
         self.rewrite6(flow, end, addr, port)
+    }
+
+    /// IPv6 is never fragmented on the way: too big is too big.
+    #[inline(always)]
+    fn dsr_option_too_big(&self, _flow: &Flow6) -> Option<u16> {
+        self.too_big_by(DSR_HEADER6_LEN)
     }
 }
 
@@ -489,7 +522,11 @@ fn send_back(ctx: &TcContext, len: u32) -> Result<i32, RejectFailure> {
 /// came from. Written field by field into the room opened in front of
 /// the datagram: a whole new head built on the stack would not fit.
 #[inline(never)]
-fn udp_unreachable6(ctx: &TcContext, flow: &Flow6) -> Result<i32, RejectFailure> {
+fn udp_unreachable6(
+    ctx: &TcContext,
+    flow: &Flow6,
+    why: Unreachable6,
+) -> Result<i32, RejectFailure> {
     const QUOTE_OFF: usize = icmp6::HEAD_LEN;
     const QUOTE_LEN: usize = icmp6::IP6_LEN + icmp6::QUOTED_L4_LEN;
     if flow.l4_off != IP_OFF + ipv6::HLEN {
@@ -518,10 +555,17 @@ fn udp_unreachable6(ctx: &TcContext, flow: &Flow6) -> Result<i32, RejectFailure>
     if quote_sum < 0 {
         return Err(RejectFailure::Checksum);
     }
-    let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32, sent, quoted);
+    let icmp_check = icmp6::checksum(
+        &flow.daddr,
+        &flow.saddr,
+        quote_sum as u32,
+        sent,
+        quoted,
+        why,
+    );
     ctx.store(
         icmp6::ETH_LEN + icmp6::IP6_LEN,
-        &icmp6::header(icmp_check),
+        &icmp6::header(icmp_check, why),
         0,
     )
     .map_err(store)?;
@@ -607,4 +651,30 @@ fn push_dsr_option(ctx: &TcContext, flow: &Flow4) -> Result<(), RewriteFailure> 
         .map_err(|_| RewriteFailure::Resize)?;
     ctx.store(IP_OFF, &with_dsr_option(&ip, flow), 0)
         .map_err(|_| RewriteFailure::Store)
+}
+
+/// The helper opens the room between the IPv6 header and L4 (which stays
+/// where a partial checksum's start points); the destination options
+/// header naming the frontend goes there, and the IPv6 header's next
+/// header and payload length say so. Only in front of TCP or UDP (see the
+/// XDP hook's `push_dsr_header6`).
+#[inline(never)]
+fn push_dsr_header6(ctx: &TcContext, flow: &Flow6) -> Result<(), RewriteFailure> {
+    const GROW: usize = DSR_HEADER6_LEN as usize;
+    if flow.l4_off != IP_OFF + ipv6::HLEN {
+        return Err(RewriteFailure::Resize);
+    }
+    let bounds = |_| RewriteFailure::OutOfBounds;
+    let next: u8 = ctx.load(IP_OFF + ipv6::NEXT_HEADER).map_err(bounds)?;
+    let len: u16 = ctx.load(IP_OFF + ipv6::PAYLOAD_LEN).map_err(bounds)?;
+    ctx.adjust_room(GROW as i32, BPF_ADJ_ROOM_NET, 0)
+        .map_err(|_| RewriteFailure::Resize)?;
+    let store = |_| RewriteFailure::Store;
+    let len = u16::from_be(len).wrapping_add(GROW as u16).to_be();
+    ctx.store(IP_OFF + ipv6::PAYLOAD_LEN, &len, 0)
+        .map_err(store)?;
+    ctx.store(IP_OFF + ipv6::NEXT_HEADER, &IPPROTO_DSTOPTS, 0)
+        .map_err(store)?;
+    ctx.store(flow.l4_off, &dsr_header6(next, flow), 0)
+        .map_err(store)
 }

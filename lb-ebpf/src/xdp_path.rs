@@ -14,19 +14,19 @@ use aya_ebpf::{
 use lb_common::{
     csum, icmp,
     icmp::Unreachable,
-    icmp6,
+    icmp6::{self, Unreachable6},
     stats::{self, RejectFailure, RewriteFailure},
-    uapi::{ETH_P_IPV6, IPPROTO_ICMPV6},
-    Ipv6Bytes, DSR_OPTION_LEN, IPPROTO_TCP,
+    uapi::{ETH_P_IPV6, IPPROTO_DSTOPTS, IPPROTO_ICMPV6},
+    Ipv6Bytes, DSR_HEADER6_LEN, DSR_OPTION_LEN, IPPROTO_TCP,
 };
 
 use crate::{
     family::{Family, V4, V6},
     headers::{
-        carries_dsr_option, dsr_origin, ipv4, ipv6, is_dsr_header, l3, parse4, parse6, ptr_at, tcp,
-        with_dsr_option, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL, ETH_HLEN, IP6_DADDR_OFF,
-        IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_DF, IP_HLEN, IP_OFF, IP_SADDR_OFF, L3,
-        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        carries_dsr_option, dsr_header6, dsr_origin, dsr_origin6, ipv4, ipv6, is_dsr_header, l3,
+        parse4, parse6, ptr_at, tcp, with_dsr_option, Flow, Flow4, Flow6, Parsed, DEFAULT_TTL,
+        ETH_HLEN, IP6_DADDR_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_DF, IP_HLEN, IP_OFF,
+        IP_SADDR_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::{count, FLOW6_SCRATCH},
     nat::{self, Action, Hook, Rewriter},
@@ -159,7 +159,9 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
     // SAFETY: this CPU's slot, no other user while the program runs.
     let scratch = unsafe { &mut *scratch };
     let flow = &mut scratch.flow;
-    if flow_of::<V6, _>(parse6(ctx.data(), ctx.data_end(), flow)).is_none() {
+    let parsed = parse6(ctx.data(), ctx.data_end(), flow);
+    let dsr_request = matches!(parsed, Parsed::DsrRequest(()));
+    if !dsr_request && flow_of::<V6, _>(parsed).is_none() {
         return xdp_action::XDP_PASS;
     }
     // Both addresses in one copy, straight into the flow (see `parse6`).
@@ -169,17 +171,32 @@ fn from_wire6(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let flow = &scratch.flow;
+    if dsr_request {
+        if let Some((addr, port)) = dsr_origin6(ctx.data(), ctx.data_end()) {
+            nat::learn_dsr_reply::<V6>(flow, addr, port);
+        }
+        return xdp_action::XDP_PASS;
+    }
     let rw = XdpRewriter { ctx };
     match nat::handle::<V6, _>(&rw, flow, Hook::Wire) {
         Action::Pass | Action::Translated | Action::Redirect => xdp_action::XDP_PASS,
-        // IPv6 requests carry no DSR option (`Family::DSR_OPTION`), so no
-        // FragNeeded.
-        Action::Drop | Action::FragNeeded(_) | Action::TranslatedWithDsrOption => {
-            xdp_action::XDP_DROP
-        }
+        Action::TranslatedWithDsrOption => match push_dsr_header6(ctx, flow) {
+            Ok(()) => xdp_action::XDP_PASS,
+            Err(why) => {
+                nat::dsr_option_failed::<V6>(why);
+                xdp_action::XDP_DROP
+            }
+        },
+        Action::Drop => xdp_action::XDP_DROP,
         Action::RejectTcp => nat::rejected::<V6, _>(tcp_reset6(ctx, flow), xdp_action::XDP_DROP),
-        Action::RejectUdp => {
-            nat::rejected::<V6, _>(udp_unreachable6(ctx, flow), xdp_action::XDP_DROP)
+        Action::RejectUdp => nat::rejected::<V6, _>(
+            udp_unreachable6(ctx, flow, Unreachable6::PORT),
+            xdp_action::XDP_DROP,
+        ),
+        // Counted as dsr_frag_needed (see `finish4`).
+        Action::FragNeeded(mtu) => {
+            let too_big = Unreachable6::packet_too_big(u32::from(mtu));
+            udp_unreachable6(ctx, flow, too_big).unwrap_or(xdp_action::XDP_DROP)
         }
     }
 }
@@ -227,7 +244,11 @@ fn udp_unreachable(ctx: &XdpContext, why: Unreachable) -> Result<u32, RejectFail
 /// built on the stack would not fit). Only a datagram right behind the
 /// IPv6 header is answered.
 #[inline(never)]
-fn udp_unreachable6(ctx: &XdpContext, flow: &Flow6) -> Result<u32, RejectFailure> {
+fn udp_unreachable6(
+    ctx: &XdpContext,
+    flow: &Flow6,
+    why: Unreachable6,
+) -> Result<u32, RejectFailure> {
     const QUOTE_OFF: usize = icmp6::HEAD_LEN;
     const QUOTE_LEN: usize = icmp6::IP6_LEN + icmp6::QUOTED_L4_LEN;
     if flow.l4_off != IP_OFF + ipv6::HLEN {
@@ -261,8 +282,15 @@ fn udp_unreachable6(ctx: &XdpContext, flow: &Flow6) -> Result<u32, RejectFailure
         if quote_sum < 0 {
             return Err(RejectFailure::Checksum);
         }
-        let icmp_check = icmp6::checksum(&flow.daddr, &flow.saddr, quote_sum as u32, sent, quoted);
-        icmp.write_unaligned(icmp6::header(icmp_check));
+        let icmp_check = icmp6::checksum(
+            &flow.daddr,
+            &flow.saddr,
+            quote_sum as u32,
+            sent,
+            quoted,
+            why,
+        );
+        icmp.write_unaligned(icmp6::header(icmp_check, why));
         // The frame's own addresses (swapped below) and EtherType.
         let [d0, d1, d2, s0, s1, s2] = macs;
         eth.write_unaligned([d0, d1, d2, s0, s1, s2, ETH_P_IPV6.to_be()]);
@@ -415,6 +443,18 @@ struct XdpRewriter<'a> {
 }
 
 impl XdpRewriter<'_> {
+    /// None when the packet still fits the wire `grow` bytes longer; else
+    /// the MTU less `grow`.
+    #[inline(always)]
+    fn too_big_by(&self, grow: u8) -> Option<u16> {
+        let mut mtu = 0u32;
+        let ctx = self.ctx.ctx.cast();
+        // Ifindex 0: the device the packet came in by, the wire it leaves by.
+        let verdict = unsafe { bpf_check_mtu(ctx, 0, &raw mut mtu, i32::from(grow), 0) };
+        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
+            .then(|| mtu.saturating_sub(u32::from(grow)) as u16)
+    }
+
     #[inline(always)]
     fn field<T>(&self, offset: usize) -> Result<*mut T, RewriteFailure> {
         ptr_at::<T>(self.ctx.data(), self.ctx.data_end(), offset).ok_or(RewriteFailure::OutOfBounds)
@@ -501,13 +541,7 @@ impl Rewriter<V4> for XdpRewriter<'_> {
             // The kernel fragments it, the option copied into each piece.
             return None;
         }
-        let mut mtu = 0u32;
-        let grow = i32::from(DSR_OPTION_LEN);
-        let ctx = self.ctx.ctx.cast();
-        // Ifindex 0: the device the packet came in by, the wire it leaves by.
-        let verdict = unsafe { bpf_check_mtu(ctx, 0, &raw mut mtu, grow, 0) };
-        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
-            .then(|| mtu.saturating_sub(u32::from(DSR_OPTION_LEN)) as u16)
+        self.too_big_by(DSR_OPTION_LEN)
     }
 }
 
@@ -520,6 +554,12 @@ impl Rewriter<V6> for XdpRewriter<'_> {
     #[inline(always)]
     fn rewrite_src(&self, flow: &Flow6, addr: Ipv6Bytes, port: u16) -> Result<(), RewriteFailure> {
         self.rewrite6(flow, IP6_SADDR_OFF, flow.l4_off + tcp::SPORT, addr, port)
+    }
+
+    /// IPv6 is never fragmented on the way: too big is too big.
+    #[inline(always)]
+    fn dsr_option_too_big(&self, _flow: &Flow6) -> Option<u16> {
+        self.too_big_by(DSR_HEADER6_LEN)
     }
 }
 
@@ -645,4 +685,36 @@ fn push_dsr_option(ctx: &XdpContext, flow: &Flow4) -> Result<(), RewriteFailure>
 #[inline(always)]
 fn field<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, RewriteFailure> {
     ptr_at::<T>(ctx.data(), ctx.data_end(), offset).ok_or(RewriteFailure::OutOfBounds)
+}
+
+/// Opens room in front of the frame and moves the Ethernet and IPv6
+/// headers into it; the destination options header naming the frontend
+/// follows them. Only in front of TCP or UDP: a packet that has extension
+/// headers already is not forwarded with DSR (dropped, counted).
+#[inline(never)]
+fn push_dsr_header6(ctx: &XdpContext, flow: &Flow6) -> Result<(), RewriteFailure> {
+    const GROW: usize = DSR_HEADER6_LEN as usize;
+    const HEAD: usize = ETH_HLEN + ipv6::HLEN;
+    if flow.l4_off != HEAD {
+        return Err(RewriteFailure::Resize);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return Err(RewriteFailure::Resize);
+    }
+    let was = field::<[u8; HEAD]>(ctx, GROW)?;
+    let to = field::<[u8; HEAD]>(ctx, 0)?;
+    let ext = field::<[u8; GROW]>(ctx, HEAD)?;
+    // SAFETY: bounds checked by `field`; the old headers are read whole
+    // before anything is written over them.
+    unsafe {
+        let mut head = was.read_unaligned();
+        let next = head[IP_OFF + ipv6::NEXT_HEADER];
+        head[IP_OFF + ipv6::NEXT_HEADER] = IPPROTO_DSTOPTS;
+        let at = IP_OFF + ipv6::PAYLOAD_LEN;
+        let len = u16::from_be_bytes([head[at], head[at + 1]]).wrapping_add(GROW as u16);
+        head[at..at + 2].copy_from_slice(&len.to_be_bytes());
+        to.write_unaligned(head);
+        ext.write_unaligned(dsr_header6(next, flow));
+    }
+    Ok(())
 }

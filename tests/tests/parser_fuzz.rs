@@ -8,7 +8,7 @@
 #[path = "../../lb-ebpf/src/headers.rs"]
 mod headers;
 
-use headers::{dsr_origin, l3, parse4, parse6, Flow, Parsed, L3};
+use headers::{dsr_origin, dsr_origin6, l3, parse4, parse6, Flow, Parsed, L3};
 use proptest::{
     prelude::*,
     test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
@@ -77,6 +77,9 @@ enum Expected {
     /// IPv4 with the DSR option: the flow as `Flow`, then the option's
     /// port and address (as in the packet).
     Dsr([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8, [u8; 2], [u8; 4]),
+    /// IPv6 with the DSR destination options header: the flow as `Flow6`,
+    /// then the header's port and address.
+    Dsr6([u8; 2], [u8; 2], u8, usize, [u8; 2], [u8; 16]),
 }
 
 fn expected(p: &[u8]) -> Expected {
@@ -160,7 +163,14 @@ fn expected6(p: &[u8]) -> Expected {
     if off > ip_end || ip_end - off < l4_len || p.len() < off + l4_len {
         return Expected::Malformed;
     }
-    Expected::Flow6([p[off], p[off + 1]], [p[off + 2], p[off + 3]], next, off)
+    let (sport, dport) = ([p[off], p[off + 1]], [p[off + 2], p[off + 3]]);
+    // The DSR header: destination options first, 24 bytes, its option of
+    // type 0x1e with 18 bytes of port and address.
+    if p[20] == 60 && p.len() >= 76 && p[55..58] == [2, 0x1e, 18] {
+        let addr: [u8; 16] = p[60..76].try_into().unwrap();
+        return Expected::Dsr6(sport, dport, next, off, [p[58], p[59]], addr);
+    }
+    Expected::Flow6(sport, dport, next, off)
 }
 
 fn parsed(start: usize, end: usize) -> Expected {
@@ -210,6 +220,21 @@ fn parsed(start: usize, end: usize) -> Expected {
                     f.proto,
                     f.l4_off,
                 ),
+                Parsed::DsrRequest(()) => {
+                    let (addr, port) = dsr_origin6(start, end).expect("the header");
+                    let mut bytes = [0u8; 16];
+                    for (i, w) in addr.iter().enumerate() {
+                        bytes[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+                    }
+                    Expected::Dsr6(
+                        f.sport.to_ne_bytes(),
+                        f.dport.to_ne_bytes(),
+                        f.proto,
+                        f.l4_off,
+                        port.to_ne_bytes(),
+                        bytes,
+                    )
+                }
                 other => plain(&other),
             }
         }
@@ -265,6 +290,23 @@ fn valid_dsr_packet() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
+/// `valid_packet6` without extension headers, forwarded with direct server
+/// return: the DSR destination options header in front of its L4 header.
+fn valid_dsr_packet6() -> impl Strategy<Value = Vec<u8>> {
+    (valid_packet6(), any::<[u8; 18]>()).prop_map(|(p, origin)| {
+        let mut out = p[..54].to_vec();
+        let next = out[20];
+        out[20] = 60;
+        let len = u16::from_be_bytes([out[18], out[19]]) + 24;
+        out[18..20].copy_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&[next, 2, 0x1e, 18]);
+        out.extend_from_slice(&origin);
+        out.extend_from_slice(&[1, 0]);
+        out.extend_from_slice(&p[54..]);
+        out
+    })
+}
+
 /// A valid Ethernet/IPv6/TCP-or-UDP packet, with up to three extension
 /// headers (hop-by-hop, routing, destination options, fragment) between.
 fn valid_packet6() -> impl Strategy<Value = Vec<u8>> {
@@ -305,7 +347,12 @@ fn fuzzed_packet() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..100),
         (
-            prop_oneof![valid_packet(), valid_packet6(), valid_dsr_packet()],
+            prop_oneof![
+                valid_packet(),
+                valid_packet6(),
+                valid_dsr_packet(),
+                valid_dsr_packet6()
+            ],
             prop::collection::vec((0..110usize, any::<u8>()), 0..4),
             prop::option::of(0..140usize),
         )
@@ -343,7 +390,7 @@ fn the_bpf_header_parser_never_reads_past_the_packet_and_agrees_with_a_reference
         let got = parsed(start, end);
         flows.set(flows.get() + usize::from(matches!(got, Expected::Flow(..))));
         flows6.set(flows6.get() + usize::from(matches!(got, Expected::Flow6(..))));
-        dsr.set(dsr.get() + usize::from(matches!(got, Expected::Dsr(..))));
+        dsr.set(dsr.get() + usize::from(matches!(got, Expected::Dsr(..) | Expected::Dsr6(..))));
         prop_assert_eq!(got, expected(&p), "packet {:02x?}", p);
         Ok(())
     });
