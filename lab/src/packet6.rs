@@ -116,6 +116,8 @@ pub struct Parsed6 {
     pub tcp_flags: u8,
     /// Checked over the pseudo header and the whole segment.
     pub l4_checksum_ok: bool,
+    /// The extension headers between the IPv6 header and L4, as they are.
+    pub ext_headers: Vec<u8>,
 }
 
 /// Parses an IPv6 TCP/UDP packet, walking its extension headers, and
@@ -149,6 +151,7 @@ pub fn parse6(p: &[u8]) -> Parsed6 {
         proto: next,
         tcp_flags: if next == 6 { seg[13] } else { 0 },
         l4_checksum_ok: l4_checksum(&src, &dst, next, seg) == 0,
+        ext_headers: p[IP6_OFF + IP6_HLEN..off].to_vec(),
     }
 }
 

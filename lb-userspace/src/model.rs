@@ -44,7 +44,7 @@ pub enum LbMode {
     #[default]
     Snat,
     /// Direct server return: the client's address is kept, the backend's
-    /// node answers the client itself (IPv4; IPv6 frontends stay SNAT).
+    /// node answers the client itself.
     Dsr,
     /// DSR for TCP, SNAT for UDP (whose every datagram would otherwise
     /// carry the DSR option, 8 bytes of the path MTU).

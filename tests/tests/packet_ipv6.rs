@@ -20,6 +20,9 @@ use lb_lab::{
 };
 use lb_userspace::model::Protocol;
 
+#[path = "packet_ipv6/dsr.rs"]
+mod dsr;
+
 const SVC: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x100);
 const B1: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 1, 0, 0, 0, 5);

@@ -140,8 +140,8 @@ pub(crate) struct NodeArgs {
     /// `snat` (the source masqueraded to this node, replies back through
     /// it, as kube-proxy), `dsr` (direct server return: the client's
     /// address kept, the backend's node answers the client itself; the
-    /// frontend travels in an IPv4 option, so IPv6 frontends stay `snat`)
-    /// or `hybrid` (DSR for TCP, SNAT for UDP). A Service's
+    /// frontend travels in an IPv4 option or an IPv6 destination options
+    /// header) or `hybrid` (DSR for TCP, SNAT for UDP). A Service's
     /// `lb-agent.io/lb-mode` annotation overrides it. Every node must run
     /// an agent that understands the option; pair with `--lb-algorithm
     /// maglev` so a flow keeps its backend when it enters another node.

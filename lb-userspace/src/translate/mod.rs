@@ -569,9 +569,7 @@ impl EntryBuilder<'_> {
         if self.rules.maglev {
             flags |= SVC_FLAG_MAGLEV;
         }
-        // The DSR option is an IPv4 one: IPv6 frontends stay masqueraded.
-        let dsr = self.rules.lb_mode.dsr_for(frontend.proto) && frontend.family() == Family::Ipv4;
-        if dsr && !self.svc.external_local {
+        if self.rules.lb_mode.dsr_for(frontend.proto) && !self.svc.external_local {
             flags |= SVC_FLAG_DSR;
         }
         self.entry(frontend, flags, backends, internal)
