@@ -136,8 +136,21 @@ impl Workloads {
         status: serde_json::Value,
         slices: &[(&str, Vec<serde_json::Value>)],
     ) {
+        let none = serde_json::json!({});
+        self.put_annotated_dual_stack_service(name, none, spec, status, slices);
+    }
+
+    /// `put_dual_stack_service` with `annotations` on the Service.
+    pub fn put_annotated_dual_stack_service(
+        &mut self,
+        name: &str,
+        annotations: serde_json::Value,
+        spec: serde_json::Value,
+        status: serde_json::Value,
+        slices: &[(&str, Vec<serde_json::Value>)],
+    ) {
         let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "default"},
+            "metadata": {"name": name, "namespace": "default", "annotations": annotations},
             "spec": spec, "status": status});
         self.put_service_manifest(name, &svc, slices);
     }

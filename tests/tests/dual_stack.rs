@@ -102,14 +102,16 @@ lb_lab::lab_test_variants!(
     Manifests,
     Software,
     a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6,
-    ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer
+    ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer,
+    ipv6_dsr_keeps_the_client_and_answers_from_the_backends_node
 );
 lb_lab::lab_test_variants!(
     service_cluster_nic_wire,
     Manifests,
     Nic,
     a_dual_stack_service_reaches_a_backend_on_the_other_node_over_ipv6,
-    ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer
+    ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer,
+    ipv6_dsr_keeps_the_client_and_answers_from_the_backends_node
 );
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -505,12 +507,94 @@ fn ipv6_node_ports_reach_the_other_node_and_local_policy_health_checks_answer(
     report_checksum_counters("IPv6 NodePorts across nodes", &c.checksum_errors());
 }
 
+/// (f) Direct server return over IPv6 (`lb-agent.io/lb-mode: dsr`): a
+/// NodePort on node-1's IPv6 address to node-2's pod, which sees the
+/// client's own address and answers it from the NodePort itself (node-1
+/// reverse-translates nothing); a UDP datagram that fills the wire's MTU
+/// has no room for the 24-byte destination options header: node-1 answers
+/// Packet Too Big with 1,476, the client's path MTU to the node drops to
+/// it, and a datagram that fits is answered.
+fn ipv6_dsr_keeps_the_client_and_answers_from_the_backends_node(_source: Source, wire: Wire) {
+    let mut c = Cluster::from_manifest_files(wire, 2, &[example()]).expect("build the cluster");
+    let spec = json!({"type": "NodePort", "clusterIPs": ["fd00:96::54"],
+        "ports": [{"name": "tcp", "port": PORT, "protocol": "TCP", "nodePort": 30104},
+                  {"name": "udp", "port": PORT, "protocol": "UDP", "nodePort": 30104}]});
+    let pods = c.pods_on(1);
+    let dsr = json!({"lb-agent.io/lb-mode": "dsr"});
+    publish6_annotated(&mut c, "dsr6", dsr, spec, &pods);
+    let to = SocketAddr::new(node_addr6(1).into(), 30104);
+    let reverse_natted = c.nodes[0].datapath_stat_of("reverse_natted", "ipv6");
+    let seen = whoami_tcp(&c.ext, to, REQUESTS);
+    assert_eq!(pods_in(&seen), pods, "node-2's pod");
+    assert_eq!(
+        sources_in(&seen),
+        vec![IpAddr::from(CLUSTER_EXT_ADDR6)],
+        "the client kept"
+    );
+    assert!(c.nodes[1].datapath_stat_of("dsr_learned", "ipv6") >= REQUESTS as u64);
+    assert_eq!(
+        c.nodes[0].datapath_stat_of("reverse_natted", "ipv6"),
+        reverse_natted,
+        "replies skip node-1"
+    );
+    let (mtu, answer) = c.ext.run_in(|| {
+        let s = UdpSocket::bind((CLUSTER_EXT_ADDR6, 0)).expect("bind");
+        s.connect(to).expect("connect");
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // 1,452 bytes of payload: 1,500 with the UDP and IPv6 headers.
+        s.send(&[b'x'; 1452]).expect("send a full datagram");
+        let mut buf = [0u8; 512];
+        let err = s
+            .recv(&mut buf)
+            .expect_err("no answer to a datagram too big");
+        assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+        let mtu = path_mtu6(&s);
+        s.send(&vec![b'y'; mtu as usize - 48])
+            .expect("send one that fits");
+        let n = s.recv(&mut buf).expect("an answer to one that fits");
+        (mtu, String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    assert_eq!(mtu, 1476, "the wire's 1,500 less the header");
+    assert_eq!(answer, pods[0]);
+    report_checksum_counters("IPv6 direct server return", &c.checksum_errors());
+}
+
+/// The path MTU the kernel knows toward a connected IPv6 socket's peer.
+fn path_mtu6(s: &UdpSocket) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of_val(&mtu) as libc::socklen_t;
+    // SAFETY: a valid socket and an int option of its size.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU,
+            (&raw mut mtu).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(r, 0, "IPV6_MTU: {}", std::io::Error::last_os_error());
+    mtu as u32
+}
+
 /// The health check port of the Local policy Service across nodes.
 const HEALTH_PORT: u16 = 30290;
 
 /// An IPv6-only Service of the cluster with `pods` (IPv6, on their nodes)
 /// as its endpoints; starts the agents the first time.
 fn publish6_in_cluster(c: &mut Cluster, name: &str, spec: Value, pods: &[String]) {
+    publish6_annotated(c, name, json!({}), spec, pods);
+}
+
+/// `publish6_in_cluster` with `annotations` on the Service.
+fn publish6_annotated(
+    c: &mut Cluster,
+    name: &str,
+    annotations: Value,
+    spec: Value,
+    pods: &[String],
+) {
     let mut spec = spec;
     spec["ipFamilies"] = json!(["IPv6"]);
     spec["ipFamilyPolicy"] = json!("SingleStack");
@@ -524,7 +608,7 @@ fn publish6_in_cluster(c: &mut Cluster, name: &str, spec: Value, pods: &[String]
         })
         .collect();
     c.state
-        .put_dual_stack_service(name, spec, json!({}), &[("IPv6", eps)]);
+        .put_annotated_dual_stack_service(name, annotations, spec, json!({}), &[("IPv6", eps)]);
     if c.nodes[0].agent_pid().is_some() {
         c.apply_manifests().expect("agents pick up the change");
     } else {

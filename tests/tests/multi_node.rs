@@ -437,8 +437,16 @@ fn dsr_keeps_the_client_and_a_connection_survives_a_move_to_another_node(wire: W
     for answer in udp_answers(&c.ext, to, 10) {
         assert_eq!(answer, backend);
     }
-    assert!(c.nodes[0].datapath_stat("dsr_forwarded") >= 30);
-    assert!(c.nodes[2].datapath_stat("dsr_learned") >= 20);
+    // node-1's NodePort too: node-3 answers from node-1's address.
+    let node_port = SocketAddrV4::new(node_addr(1), 30097);
+    let (_, sources) = pods_and_sources(&whoami(&c.ext, node_port, 10));
+    assert_eq!(
+        sources,
+        vec![CLUSTER_EXT_ADDR],
+        "NodePort: the pod sees the client"
+    );
+    assert!(c.nodes[0].datapath_stat("dsr_forwarded") >= 40);
+    assert!(c.nodes[2].datapath_stat("dsr_learned") >= 30);
     assert_eq!(
         c.nodes[0].datapath_stat("reverse_natted"),
         replies_via_node1,
