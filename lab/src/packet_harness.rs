@@ -101,6 +101,8 @@ pub struct Harness {
     pub ebpf: Ebpf,
     pub maps: BpfMaps,
     pub current: MapContents,
+    /// What the maps were last taken to (Maglev tables read its weights).
+    pub desired: DesiredState,
 }
 
 impl Harness {
@@ -139,6 +141,7 @@ impl Harness {
             ebpf,
             maps,
             current: MapContents::default(),
+            desired: DesiredState::default(),
         }
     }
 
@@ -168,6 +171,7 @@ impl Harness {
             "map writes failed: {:?}",
             report.failed
         );
+        self.desired = desired.clone();
     }
 
     /// Programs what translation makes of Kubernetes objects for `node`.
@@ -198,7 +202,7 @@ impl Harness {
     pub fn write_maglev_tables(&mut self, seed: &str) {
         let mut tables = MaglevTables::new(maglev::DEFAULT_TABLE_SIZE, seed_of(seed), Vec::new())
             .expect("the default size is a prime");
-        let report = tables.sync(&mut self.maps, &self.current);
+        let report = tables.sync(&mut self.maps, &self.current, &self.desired);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 
@@ -369,6 +373,7 @@ fn cluster_ip_entry(
         flags,
         affinity_timeout: 0,
         source_ranges: Vec::new(),
+        maglev_weights: None,
     }
 }
 

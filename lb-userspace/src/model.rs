@@ -71,6 +71,31 @@ impl LbMode {
     }
 }
 
+/// Maglev weights of a Service's endpoints by address
+/// (`lb-agent.io/maglev-weights: "10.244.1.5=3,10.244.2.7=1"`): an
+/// endpoint's share of a Maglev table relative to the others'; one not
+/// listed weighs 1, weight 0 gives it no entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MaglevWeights(BTreeMap<IpAddr, u16>);
+
+impl MaglevWeights {
+    /// `address=weight` pairs separated by commas (spaces allowed); None
+    /// when a pair is not one.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut weights = BTreeMap::new();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (addr, weight) = pair.split_once('=')?;
+            weights.insert(addr.trim().parse().ok()?, weight.trim().parse().ok()?);
+        }
+        Some(Self(weights))
+    }
+
+    /// The weight of the endpoint at `addr`.
+    pub fn of(&self, addr: &IpAddr) -> u16 {
+        self.0.get(addr).copied().unwrap_or(1)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Protocol {
     Tcp,
@@ -334,6 +359,23 @@ pub struct ServiceEntry {
     pub affinity_timeout: u32,
     /// `loadBalancerSourceRanges` (empty: every source).
     pub source_ranges: Vec<IpPrefix>,
+    /// A Maglev frontend's endpoint weights, when the Service gives any
+    /// (shared by its frontends: one pointer each).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "shared_weights"
+    )]
+    pub maglev_weights: Option<std::sync::Arc<MaglevWeights>>,
+}
+
+/// Serializes the weights behind their pointer (serde's `rc` feature is
+/// off). The signature is serde's `serialize_with`.
+#[allow(clippy::ref_option)]
+fn shared_weights<S: serde::Serializer>(
+    weights: &Option<std::sync::Arc<MaglevWeights>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    weights.as_deref().serialize(s)
 }
 
 impl ServiceEntry {
@@ -549,6 +591,17 @@ impl FromIterator<ServiceEntry> for DesiredState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maglev_weights_parse_address_weight_pairs_and_default_to_one() {
+        let w = MaglevWeights::parse(" 10.1.0.1=3, fd00::5=0 ,").unwrap();
+        assert_eq!(w.of(&"10.1.0.1".parse().unwrap()), 3);
+        assert_eq!(w.of(&"fd00::5".parse().unwrap()), 0);
+        assert_eq!(w.of(&"10.1.0.2".parse().unwrap()), 1, "not listed");
+        for bad in ["10.1.0.1", "10.1.0.1=x", "pod=2", "10.1.0.1=70000"] {
+            assert_eq!(MaglevWeights::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn prefixes_of_both_families_parse_with_their_host_bits_cleared() {

@@ -968,6 +968,11 @@ fn batched_map_writes_go_in_order_skip_absent_deletes_and_stop_at_a_refused_writ
 /// `backends` endpoints annotated `algorithm`, its Maglev table written
 /// under one seed; the backends listed to each in another order.
 fn two_nodes(algorithm: &str, backends: &[Ipv4Addr]) -> [Harness; 2] {
+    two_annotated_nodes(json!({"lb-agent.io/lb-algorithm": algorithm}), backends)
+}
+
+/// `two_nodes` with the Service annotated `annotations`.
+fn two_annotated_nodes(annotations: serde_json::Value, backends: &[Ipv4Addr]) -> [Harness; 2] {
     let node = NodeInfo {
         name: "n1".into(),
         nodeport_addresses: vec![NODE.into()],
@@ -977,7 +982,7 @@ fn two_nodes(algorithm: &str, backends: &[Ipv4Addr]) -> [Harness; 2] {
         lb_mode: lb_userspace::model::LbMode::Snat,
     };
     let svc = json!({"metadata": {"name": "ext", "namespace": "default",
-            "annotations": {"lb-agent.io/lb-algorithm": algorithm}},
+            "annotations": annotations},
         "spec": {"clusterIP": "10.96.0.30", "externalIPs": ["198.51.100.30"],
             "ports": [{"name": "t", "port": 80, "protocol": "TCP"}]}});
     let slice = |order: &[Ipv4Addr]| {
@@ -1033,5 +1038,24 @@ fn maglev_gives_a_flow_the_same_backend_on_every_node() {
             first_backends(&b, wire, 60),
             "{wire:?}: at random the nodes disagree"
         );
+    }
+}
+
+/// Maglev weights (`lb-agent.io/maglev-weights`): of 400 new flows, the
+/// backend weighing 3 gets about three quarters, the one weighing 0 none,
+/// on XDP and tc, and both nodes agree on every flow.
+#[privileged_test]
+fn maglev_weights_set_each_backends_share_of_new_flows() {
+    let backends: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(10, 244, 3, i)).collect();
+    let annotations = json!({"lb-agent.io/lb-algorithm": "maglev",
+        "lb-agent.io/maglev-weights": "10.244.3.1=3,10.244.3.3=0"});
+    for wire in Program::WIRE {
+        let [a, b] = two_annotated_nodes(annotations.clone(), &backends);
+        let on_a = first_backends(&a, wire, 400);
+        assert_eq!(on_a, first_backends(&b, wire, 400), "{wire:?}");
+        let share = |k: usize| on_a.iter().filter(|b| **b == backends[k]).count();
+        assert_eq!(share(2), 0, "{wire:?}: weight 0 gets no flow");
+        let heavy = share(0) as f64 / 400.0;
+        assert!((heavy - 0.75).abs() < 0.08, "{wire:?}: {heavy}");
     }
 }

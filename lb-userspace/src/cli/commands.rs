@@ -60,9 +60,12 @@ pub(crate) async fn check(
         maglev_tables::seed_of(&args.maglev.maglev_hash_seed),
         Vec::new(),
     )?;
-    report
-        .differences
-        .extend(maglev_tables::check(&maps, &contents, &tables));
+    report.differences.extend(maglev_tables::check(
+        &maps,
+        &contents,
+        &translation.state,
+        &tables,
+    ));
     Ok(report)
 }
 

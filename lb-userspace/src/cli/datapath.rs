@@ -136,9 +136,11 @@ impl DataPath {
     /// not be written leaves its frontend random (logged, counted in
     /// `lb_map_write_failures_total`, and tried again at the next sync).
     fn write_maglev_tables(&mut self, programmer: &mut Programmer<BpfMaps>) {
-        let report = self
-            .maglev
-            .sync(&mut programmer.writer, &programmer.current);
+        let report = self.maglev.sync(
+            &mut programmer.writer,
+            &programmer.current,
+            &programmer.desired,
+        );
         if report.written + report.deleted > 0 {
             log::debug!(
                 "Maglev tables: {} written, {} deleted",

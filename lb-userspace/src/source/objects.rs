@@ -22,7 +22,9 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointSlice},
 };
 
-use crate::model::{LbAlgorithm, LbMode, Protocol, ServiceName, UnsupportedProtocol};
+use crate::model::{
+    LbAlgorithm, LbMode, MaglevWeights, Protocol, ServiceName, UnsupportedProtocol,
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -38,6 +40,8 @@ pub const LB_ALGORITHM_ANNOTATION: &str = "lb-agent.io/lb-algorithm";
 /// Chooses a Service's `LbMode` (`snat`, `dsr` or `hybrid`) over
 /// `--lb-mode`.
 pub const LB_MODE_ANNOTATION: &str = "lb-agent.io/lb-mode";
+/// Weights of a Service's endpoints in its Maglev tables (`MaglevWeights`).
+pub const MAGLEV_WEIGHTS_ANNOTATION: &str = "lb-agent.io/maglev-weights";
 
 /// A closed-set annotation of a Service: its value parsed, or the text
 /// that names none (reported by translation).
@@ -149,6 +153,9 @@ pub struct ServiceInfo {
     /// The `lb-agent.io/lb-mode` annotation: a mode, or the text it does
     /// not name one with.
     pub lb_mode: Option<Result<LbMode, Box<str>>>,
+    /// The `lb-agent.io/maglev-weights` annotation: the weights, or the
+    /// text that does not give them.
+    pub maglev_weights: Option<Result<Arc<MaglevWeights>, Box<str>>>,
 }
 
 /// `addressType` of an EndpointSlice.
@@ -263,6 +270,9 @@ impl From<&Service> for ServiceInfo {
             health_check_node_port: spec.health_check_node_port,
             lb_algorithm: annotation(svc, LB_ALGORITHM_ANNOTATION, LbAlgorithm::parse),
             lb_mode: annotation(svc, LB_MODE_ANNOTATION, LbMode::parse),
+            maglev_weights: annotation(svc, MAGLEV_WEIGHTS_ANNOTATION, |text| {
+                MaglevWeights::parse(text).map(Arc::new)
+            }),
         }
     }
 }
@@ -516,6 +526,21 @@ mod tests {
         assert_eq!(with(Some("maglev")), Some(Ok(LbAlgorithm::Maglev)));
         assert_eq!(with(Some("random")), Some(Ok(LbAlgorithm::Random)));
         assert_eq!(with(Some("Maglev")), Some(Err("Maglev".into())));
+    }
+
+    #[test]
+    fn the_lb_mode_and_maglev_weights_annotations_are_read() {
+        let svc = service(json!({"metadata": {"name": "a", "annotations": {
+                LB_MODE_ANNOTATION: "hybrid", MAGLEV_WEIGHTS_ANNOTATION: "10.0.0.1=2"}},
+            "spec": {"clusterIP": "10.96.0.1"}}));
+        assert_eq!(svc.lb_mode, Some(Ok(LbMode::Hybrid)));
+        let weights = svc.maglev_weights.unwrap().unwrap();
+        assert_eq!(weights.of(&"10.0.0.1".parse().unwrap()), 2);
+        let svc = service(json!({"metadata": {"name": "a", "annotations": {
+                LB_MODE_ANNOTATION: "direct", MAGLEV_WEIGHTS_ANNOTATION: "a=b"}},
+            "spec": {"clusterIP": "10.96.0.1"}}));
+        assert_eq!(svc.lb_mode, Some(Err("direct".into())));
+        assert_eq!(svc.maglev_weights, Some(Err("a=b".into())));
     }
 
     #[test]

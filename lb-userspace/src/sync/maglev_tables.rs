@@ -19,9 +19,9 @@ use anyhow::Context;
 use aya::maps::{Array, HashOfMaps, IterableMap, Map, MapData, MapError};
 
 use crate::{
-    model::L4Addr,
+    model::{DesiredState, L4Addr, MaglevWeights},
     sync::{
-        differ::{backend_addr, MapContents, SlotKey},
+        differ::{backend_addr, frontend_of, MapContents, SlotKey},
         map_batch::{delete_all, lookup_all, update_all},
         map_writer::BpfMaps,
     },
@@ -44,15 +44,24 @@ pub trait MaglevMaps {
 /// entries, and one wait of the kernel.
 const TABLES_PER_BATCH: usize = 256;
 
+/// A slot a Maglev table is built from: its number, its backend and the
+/// backend's weight (`MaglevWeights`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableSlot {
+    pub slot: u16,
+    pub backend: L4Addr,
+    pub weight: u16,
+}
+
 /// The tables written, and how to build them.
 #[derive(Debug)]
 pub struct MaglevTables {
     size: u32,
     seed: HashSeed,
-    /// Per reverse NAT id, the slots (number, backend) its table was last
-    /// built from: a table is rebuilt only when they change (a table is
-    /// 32 KiB and a build some 0.3 ms; the slots are a few bytes each).
-    written: HashMap<u16, Vec<(u16, L4Addr)>>,
+    /// Per reverse NAT id, the slots its table was last built from: a
+    /// table is rebuilt only when they change (a table is 32 KiB and a
+    /// build some 0.3 ms; the slots are a few bytes each).
+    written: HashMap<u16, Vec<TableSlot>>,
     /// Ids that may hold a table this agent did not write (adopted maps):
     /// deleted unless a table is written for them.
     unknown: Vec<u16>,
@@ -79,12 +88,18 @@ impl MaglevTables {
         })
     }
 
-    /// Writes the table of every Maglev frontend whose slots changed and
-    /// deletes those of frontends that are gone or no longer Maglev.
-    pub fn sync(&mut self, maps: &mut dyn MaglevMaps, current: &MapContents) -> MaglevReport {
+    /// Writes the table of every Maglev frontend whose slots (or weights,
+    /// from `desired`) changed and deletes those of frontends that are
+    /// gone or no longer Maglev.
+    pub fn sync(
+        &mut self,
+        maps: &mut dyn MaglevMaps,
+        current: &MapContents,
+        desired: &DesiredState,
+    ) -> MaglevReport {
         let mut report = MaglevReport::default();
-        let wanted = maglev_frontends(current);
-        let changed: Vec<(&u16, &Vec<(u16, L4Addr)>)> = wanted
+        let wanted = maglev_frontends(current, desired);
+        let changed: Vec<(&u16, &Vec<TableSlot>)> = wanted
             .iter()
             .filter(|(id, slots)| self.written.get(id) != Some(slots))
             .collect();
@@ -111,7 +126,7 @@ impl MaglevTables {
     fn write_batch(
         &mut self,
         maps: &mut dyn MaglevMaps,
-        batch: &[(&u16, &Vec<(u16, L4Addr)>)],
+        batch: &[(&u16, &Vec<TableSlot>)],
         report: &mut MaglevReport,
     ) {
         let mut tables = Vec::with_capacity(batch.len());
@@ -135,18 +150,18 @@ impl MaglevTables {
         }
     }
 
-    /// The table of a frontend whose active slots hold `slots` (slot
-    /// number, backend), packed four entries a word.
-    pub fn words(&self, slots: &[(u16, L4Addr)]) -> Result<Vec<u64>, MaglevError> {
+    /// The table of a frontend whose active slots are `slots`, packed four
+    /// entries a word.
+    pub fn words(&self, slots: &[TableSlot]) -> Result<Vec<u64>, MaglevError> {
         let backends: Vec<MaglevBackend> = slots
             .iter()
-            .map(|(_, addr)| MaglevBackend {
-                addr: *addr,
-                weight: 1,
+            .map(|s| MaglevBackend {
+                addr: s.backend,
+                weight: s.weight,
             })
             .collect();
         let table = maglev::build(&backends, self.size, &self.seed)?;
-        let slot_of: BTreeMap<L4Addr, u16> = slots.iter().map(|(s, a)| (*a, *s)).collect();
+        let slot_of: BTreeMap<L4Addr, u16> = slots.iter().map(|s| (s.backend, s.slot)).collect();
         let per_word = MAGLEV_ENTRIES_PER_WORD as usize;
         let mut words = vec![0_u64; (self.size as usize).div_ceil(per_word)];
         for (i, position) in table.entries.iter().enumerate() {
@@ -157,14 +172,25 @@ impl MaglevTables {
     }
 }
 
-/// Per reverse NAT id, the active slots (number, backend) of every
-/// external-scope master flagged Maglev.
-fn maglev_frontends(current: &MapContents) -> BTreeMap<u16, Vec<(u16, L4Addr)>> {
+/// Per reverse NAT id, the active slots of every external-scope master
+/// flagged Maglev, weighted as its desired entry says.
+fn maglev_frontends(
+    current: &MapContents,
+    desired: &DesiredState,
+) -> BTreeMap<u16, Vec<TableSlot>> {
     let masters = current.services.iter().filter(|(k, v)| {
         k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL && v.flags & SVC_FLAG_MAGLEV != 0
     });
     masters
-        .map(|(key, master)| (master.rev_nat_id, active_slots(current, key, master)))
+        .map(|(key, master)| {
+            let weights = frontend_of(key)
+                .and_then(|f| desired.get(&f))
+                .and_then(|e| e.maglev_weights.as_deref());
+            (
+                master.rev_nat_id,
+                active_slots(current, key, master, weights),
+            )
+        })
         .collect()
 }
 
@@ -172,16 +198,22 @@ fn active_slots(
     current: &MapContents,
     master: &SlotKey,
     value: &Service4Value,
-) -> Vec<(u16, L4Addr)> {
+    weights: Option<&MaglevWeights>,
+) -> Vec<TableSlot> {
     (1..=value.count)
         .filter_map(|slot| {
             let key = SlotKey {
                 backend_slot: slot,
                 ..*master
             };
-            let backend = current.services.get(&key)?.backend_id;
-            let entry = current.backends[key.family()].get(&backend)?;
-            Some((slot, backend_addr(entry)?))
+            let backend_id = current.services.get(&key)?.backend_id;
+            let backend = backend_addr(current.backends[key.family()].get(&backend_id)?)?;
+            let weight = weights.map_or(1, |w| w.of(&backend.addr));
+            Some(TableSlot {
+                slot,
+                backend,
+                weight,
+            })
         })
         .collect()
 }
@@ -269,9 +301,14 @@ fn filled_table(words: &[u64]) -> anyhow::Result<Array<MapData, u64>> {
 /// `lb-agent check`'s part: every Maglev frontend of `current` (the
 /// pinned maps read) has the table `tables` would build from its slots,
 /// and no other frontend has one. One line per difference.
-pub fn check(maps: &BpfMaps, current: &MapContents, tables: &MaglevTables) -> Vec<String> {
+pub fn check(
+    maps: &BpfMaps,
+    current: &MapContents,
+    desired: &DesiredState,
+    tables: &MaglevTables,
+) -> Vec<String> {
     let mut differences = Vec::new();
-    let wanted = maglev_frontends(current);
+    let wanted = maglev_frontends(current, desired);
     for (id, slots) in &wanted {
         let expected = match tables.words(slots) {
             Ok(w) => w,
@@ -380,8 +417,17 @@ mod tests {
     }
 
     /// The maps after one frontend is programmed with `backends` (in
-    /// that slot order) and `flags`.
-    fn programmed(backends: &[L4Addr], flags: u16) -> MapContents {
+    /// that slot order) and `flags`, and the desired state they follow.
+    fn programmed(backends: &[L4Addr], flags: u16) -> (MapContents, DesiredState) {
+        weighted(backends, flags, None)
+    }
+
+    /// `programmed` with the Service's Maglev weights.
+    fn weighted(
+        backends: &[L4Addr],
+        flags: u16,
+        maglev_weights: Option<std::sync::Arc<MaglevWeights>>,
+    ) -> (MapContents, DesiredState) {
         let mut desired = crate::model::DesiredState::default();
         let entry = crate::model::ServiceEntry {
             service: crate::model::ServiceName {
@@ -398,6 +444,7 @@ mod tests {
             flags,
             affinity_timeout: 0,
             source_ranges: Vec::new(),
+            maglev_weights,
         };
         assert!(desired
             .claim(entry, &mut crate::model::Shadowed::default())
@@ -406,7 +453,7 @@ mod tests {
         for op in differ::plan(&maps.clone(), &desired).ops {
             record(&mut maps, &op.op);
         }
-        maps
+        (maps, desired)
     }
 
     fn slot_backend(maps: &MapContents, words: &[u64], entry: usize) -> L4Addr {
@@ -423,10 +470,10 @@ mod tests {
     #[test]
     fn a_maglev_frontend_gets_a_table_naming_its_slots_and_loses_it_when_gone() {
         let backends: Vec<L4Addr> = (1..=3).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
-        let maps = programmed(&backends, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV);
+        let (maps, desired) = programmed(&backends, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV);
         let mut tables = MaglevTables::new(251, seed_of("test"), Vec::new()).unwrap();
         let mut fake = FakeMaps::default();
-        let report = tables.sync(&mut fake, &maps);
+        let report = tables.sync(&mut fake, &maps, &desired);
         assert_eq!(report.written, 1, "{report:?}");
         let (_, words) = fake.tables.iter().next().unwrap();
         assert_eq!(words.len(), 251_usize.div_ceil(4));
@@ -436,16 +483,16 @@ mod tests {
         }
         assert_eq!(seen.len(), 3, "every backend has entries: {seen:?}");
         // Nothing changed: nothing built or written.
-        assert_eq!(tables.sync(&mut fake, &maps).written, 0);
+        assert_eq!(tables.sync(&mut fake, &maps, &desired).written, 0);
         // A fourth backend: the table is rebuilt and names it.
         let four: Vec<L4Addr> = (1..=4).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
-        let grown = programmed(&four, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV);
-        assert_eq!(tables.sync(&mut fake, &grown).written, 1);
+        let (grown, desired) = programmed(&four, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV);
+        assert_eq!(tables.sync(&mut fake, &grown, &desired).written, 1);
         let words = fake.tables.values().next().unwrap().clone();
         assert!((0..251).any(|e| slot_backend(&grown, &words, e) == four[3]));
         // No longer Maglev: the table goes.
-        let plain = programmed(&backends, SVC_FLAG_NODE_PORT);
-        assert_eq!(tables.sync(&mut fake, &plain).deleted, 1);
+        let (plain, desired) = programmed(&backends, SVC_FLAG_NODE_PORT);
+        assert_eq!(tables.sync(&mut fake, &plain, &desired).deleted, 1);
         assert!(fake.tables.is_empty());
     }
 
@@ -461,30 +508,55 @@ mod tests {
         let (mut fa, mut fb) = (FakeMaps::default(), FakeMaps::default());
         MaglevTables::new(251, seed_of("cluster"), Vec::new())
             .unwrap()
-            .sync(&mut fa, &a);
+            .sync(&mut fa, &a.0, &a.1);
         MaglevTables::new(251, seed_of("cluster"), Vec::new())
             .unwrap()
-            .sync(&mut fb, &b);
+            .sync(&mut fb, &b.0, &b.1);
         let (wa, wb) = (
             &fa.tables.values().next().unwrap(),
             &fb.tables.values().next().unwrap(),
         );
         for entry in 0..251 {
             assert_eq!(
-                slot_backend(&a, wa, entry),
-                slot_backend(&b, wb, entry),
+                slot_backend(&a.0, wa, entry),
+                slot_backend(&b.0, wb, entry),
                 "entry {entry}"
             );
         }
     }
 
     #[test]
+    fn weights_set_each_backends_share_and_a_change_of_them_rebuilds_the_table() {
+        let backends: Vec<L4Addr> = (1..=3).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
+        let flags = SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV;
+        let weights = |text: &str| Some(std::sync::Arc::new(MaglevWeights::parse(text).unwrap()));
+        // 10.1.0.1 three times the others, 10.1.0.3 none.
+        let (maps, desired) = weighted(&backends, flags, weights("10.1.0.1=3, 10.1.0.3=0"));
+        let mut tables = MaglevTables::new(251, seed_of("w"), Vec::new()).unwrap();
+        let mut fake = FakeMaps::default();
+        assert_eq!(tables.sync(&mut fake, &maps, &desired).written, 1);
+        let words = fake.tables.values().next().unwrap().clone();
+        let share = |b: &L4Addr| {
+            (0..251)
+                .filter(|&e| slot_backend(&maps, &words, e) == *b)
+                .count()
+        };
+        assert_eq!(share(&backends[2]), 0, "weight 0: no entries");
+        let (heavy, light) = (share(&backends[0]), share(&backends[1]));
+        assert_eq!(heavy + light, 251);
+        assert!((heavy as f64 / 251.0 - 0.75).abs() < 0.01, "{heavy} of 251");
+        // The same slots with other weights: rebuilt.
+        let (_, reweighted) = weighted(&backends, flags, weights("10.1.0.2=5"));
+        assert_eq!(tables.sync(&mut fake, &maps, &reweighted).written, 1);
+    }
+
+    #[test]
     fn adopted_tables_of_frontends_not_maglev_are_deleted() {
-        let maps = programmed(&[l4("10.1.0.1", 80)], SVC_FLAG_NODE_PORT);
+        let (maps, desired) = programmed(&[l4("10.1.0.1", 80)], SVC_FLAG_NODE_PORT);
         let mut tables = MaglevTables::new(251, seed_of("x"), vec![7]).unwrap();
         let mut fake = FakeMaps::default();
         fake.tables.insert(7, vec![1]);
-        assert_eq!(tables.sync(&mut fake, &maps).deleted, 1);
+        assert_eq!(tables.sync(&mut fake, &maps, &desired).deleted, 1);
         assert!(fake.tables.is_empty());
     }
 

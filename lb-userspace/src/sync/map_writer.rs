@@ -564,6 +564,7 @@ mod tests {
                 flags: SVC_FLAG_CLUSTER_IP,
                 affinity_timeout: 0,
                 source_ranges: Vec::new(),
+                maglev_weights: None,
             });
         }
         s

@@ -62,6 +62,8 @@ pub enum Invalid {
     LbAlgorithm(String),
     #[error("annotation lb-agent.io/lb-mode {0:?} is not snat, dsr or hybrid (the node's --lb-mode applies)")]
     LbMode(String),
+    #[error("annotation lb-agent.io/maglev-weights {0:?} is not a list of address=weight (0..=65535); every endpoint weighs 1")]
+    MaglevWeights(String),
     #[error("sessionAffinity {0:?} is not supported")]
     UnsupportedAffinity(String),
     #[error("loadBalancerSourceRanges: {0}")]

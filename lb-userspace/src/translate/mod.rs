@@ -38,7 +38,7 @@ pub use crate::source::objects::{HEADLESS_LABEL, SERVICE_NAME_LABEL};
 use crate::{
     model::{
         BackendSet, Conflict, DesiredState, Family, IpPrefix, L4Addr, LbAlgorithm, LbMode,
-        Protocol, ServiceEntry, ServiceName, Shadowed,
+        MaglevWeights, Protocol, ServiceEntry, ServiceName, Shadowed,
     },
     source::objects::{
         Addr, AddressType, Affinity, Hints, PortInfo, ServiceInfo, ServiceKind, SliceInfo,
@@ -223,6 +223,8 @@ struct ServiceRules {
     /// How external frontends with externalTrafficPolicy Cluster reach
     /// other nodes' backends (with Local nothing is masqueraded anyway).
     lb_mode: LbMode,
+    /// The Maglev frontends' endpoint weights, if the Service gives any.
+    maglev_weights: Option<Arc<MaglevWeights>>,
 }
 
 /// Translates one Service with its slices: its entries, or why the whole
@@ -255,6 +257,7 @@ pub(crate) fn translate_service(
         source_ranges: source_ranges(svc)?,
         maglev: lb_algorithm(node, svc, errors) == LbAlgorithm::Maglev && !svc.external_local,
         lb_mode: lb_mode(node, svc, errors),
+        maglev_weights: maglev_weights(svc, errors),
     };
     // In name order: when two slices disagree about one address, the
     // outcome must not depend on the order they arrived in.
@@ -291,6 +294,25 @@ fn lb_algorithm(
                 reason: Invalid::LbAlgorithm(text.to_string()),
             });
             node.lb_algorithm
+        }
+    }
+}
+
+/// The Service's Maglev weights, if its annotation gives them (one that
+/// does not is reported, and every endpoint weighs 1).
+fn maglev_weights(
+    svc: &ServiceInfo,
+    errors: &mut Vec<TranslateError>,
+) -> Option<Arc<MaglevWeights>> {
+    match svc.maglev_weights.as_ref()? {
+        Ok(weights) => Some(weights.clone()),
+        Err(text) => {
+            errors.push(TranslateError {
+                kind: ObjectKind::Service,
+                object: format!("Service {}", svc.name),
+                reason: Invalid::MaglevWeights(text.to_string()),
+            });
+            None
         }
     }
 }
@@ -536,6 +558,11 @@ impl EntryBuilder<'_> {
                 self.source_ranges_of(frontend.family()).collect()
             } else {
                 Vec::new()
+            },
+            maglev_weights: if flags & SVC_FLAG_MAGLEV != 0 {
+                self.rules.maglev_weights.clone()
+            } else {
+                None
             },
         }
     }
@@ -1105,6 +1132,33 @@ mod tests {
         assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
         assert!(t.errors[0].to_string().contains("direct"));
         assert!(dsr(&t, "10.0.0.1", 30080, tcp));
+    }
+
+    #[test]
+    fn maglev_weights_reach_the_maglev_frontends_and_a_bad_list_is_reported() {
+        let sl = || web_slice("w", vec![ep_full("10.244.0.5", true, true, false, "n1")]);
+        let weighted = |text: &str| {
+            let mut svc = annotated("maglev", json!({}));
+            svc.maglev_weights = Some(
+                MaglevWeights::parse(text)
+                    .map(Arc::new)
+                    .ok_or_else(|| text.into()),
+            );
+            svc
+        };
+        let t = translate_on(&node(), &[weighted("10.244.0.5=3")], &[sl()]);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let weights = entry_for(&t, "10.0.0.1", 30080).maglev_weights.clone();
+        let five: IpAddr = "10.244.0.5".parse().unwrap();
+        assert_eq!(weights.map(|w| w.of(&five)), Some(3));
+        assert!(
+            entry_for(&t, "10.96.0.10", 80).maglev_weights.is_none(),
+            "a ClusterIP has no table"
+        );
+        let t = translate_on(&node(), &[weighted("10.244.0.5=heavy")], &[sl()]);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert!(t.errors[0].to_string().contains("maglev-weights"));
+        assert!(entry_for(&t, "10.0.0.1", 30080).maglev_weights.is_none());
     }
 
     #[test]
