@@ -218,9 +218,6 @@ pub trait Family {
     type Addr: Addr;
     /// Where this family's counters start in the statistics array.
     const STATS: u32;
-    /// Whether requests of this family can name their frontend to the
-    /// backend's node (direct server return): both families can.
-    const DSR_OPTION: bool;
 
     fn service(key: &SvcKey<Self::Addr>) -> Option<Service4Value>;
     /// The backend with this id, if the id is in use.
@@ -257,7 +254,6 @@ pub struct V6;
 impl Family for V4 {
     type Addr = u32;
     const STATS: u32 = 0;
-    const DSR_OPTION: bool = true;
 
     #[inline(always)]
     fn service(key: &SvcKey<u32>) -> Option<Service4Value> {
@@ -359,7 +355,6 @@ impl Family for V4 {
 impl Family for V6 {
     type Addr = Ipv6Bytes;
     const STATS: u32 = lb_common::stats::IPV6_OFFSET;
-    const DSR_OPTION: bool = true;
 
     #[inline(always)]
     fn service(key: &SvcKey<Ipv6Bytes>) -> Option<Service4Value> {

@@ -28,9 +28,9 @@ pub enum Action {
     Pass,
     /// Rewritten: pass on to the kernel's routing.
     Translated,
-    /// Rewritten, and the hook adds the DSR option naming the frontend the
-    /// packet was sent to (`push_dsr_option`), then passes it on. Last and
-    /// in the hook: it moves the headers, and its stack would not fit
+    /// Rewritten, and the hook adds the DSR option (IPv4) or header (IPv6)
+    /// naming the frontend the packet was sent to, then passes it on. Last
+    /// and in the hook: it moves the headers, and its stack would not fit
     /// under the NAT core's frames.
     TranslatedWithDsrOption,
     /// Rewritten, and its addresses would look spoofed to the kernel's
@@ -40,9 +40,9 @@ pub enum Action {
     RejectTcp,
     /// UDP to a Service with no backend: answer with ICMP port unreachable.
     RejectUdp,
-    /// A DSR datagram with don't-fragment that the option would make too
-    /// big for the wire: answer with ICMP fragmentation needed and this
-    /// MTU (the wire's, less the option).
+    /// A DSR datagram that the option would make too big for the wire
+    /// (IPv4: with don't-fragment): answer with ICMP fragmentation needed
+    /// or ICMPv6 Packet Too Big and this MTU (the wire's, less the option).
     FragNeeded(u16),
     Drop,
 }
@@ -89,12 +89,10 @@ pub trait Rewriter<F: Family> {
         addr: F::Addr,
         port: u16,
     ) -> Result<(), RewriteFailure>;
-    /// None when the packet still fits the wire with the DSR option added
-    /// (or may be fragmented); else the MTU the client must drop to. Only
-    /// called where `F::DSR_OPTION`.
-    fn dsr_option_too_big(&self, _flow: &Flow<F::Addr>) -> Option<u16> {
-        None
-    }
+    /// None when the packet still fits the wire with what names the DSR
+    /// frontend added (or may be fragmented); else the MTU the client must
+    /// drop to.
+    fn dsr_option_too_big(&self, flow: &Flow<F::Addr>) -> Option<u16>;
 }
 
 /// Why a masqueraded flow got no source address and port (dropped).
@@ -424,7 +422,7 @@ fn record_flow<F: Family>(
 #[inline(always)]
 fn new_entry_flags<F: Family>(flow: &Flow<F::Addr>, svc: &Service4Value, hook: Hook) -> u16 {
     let mut flags = 0;
-    if F::DSR_OPTION && hook == Hook::Wire && svc.flags & SVC_FLAG_DSR != 0 {
+    if hook == Hook::Wire && svc.flags & SVC_FLAG_DSR != 0 {
         flags |= CT_FLAG_DSR;
     }
     if closing(flow) {
@@ -717,7 +715,7 @@ fn translate<F: Family, R: Rewriter<F>>(
     backend: &Backend<F::Addr>,
     ct: &Ct<F::Addr>,
 ) -> Action {
-    let dsr = F::DSR_OPTION && ct.flags & CT_FLAG_DSR != 0;
+    let dsr = ct.flags & CT_FLAG_DSR != 0;
     let with_origin = dsr && carries_dsr_option(flow);
     if with_origin {
         if let Some(mtu) = rw.dsr_option_too_big(flow) {
