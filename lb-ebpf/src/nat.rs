@@ -6,7 +6,10 @@
 //! Written once for both address families (`Family`: IPv4 and IPv6 differ
 //! in their addresses and maps, not in Service logic).
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
+use aya_ebpf::{
+    bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
+    helpers::{bpf_check_mtu, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+};
 use lb_common::{
     ct_hold_ns,
     stats::{self, RejectFailure, RewriteFailure},
@@ -93,6 +96,18 @@ pub trait Rewriter<F: Family> {
     /// frontend added (or may be fragmented); else the MTU the client must
     /// drop to.
     fn dsr_option_too_big(&self, flow: &Flow<F::Addr>) -> Option<u16>;
+}
+
+/// None when the packet of the hook context `ctx` (an `xdp_md` or a
+/// `__sk_buff`) still fits its device's MTU `grow` bytes longer; else
+/// that MTU less `grow`. Ifindex 0: the device the packet came in by, the
+/// wire a DSR request leaves by.
+#[inline(always)]
+pub fn too_big_by(ctx: *mut core::ffi::c_void, grow: u8) -> Option<u16> {
+    let mut mtu = 0u32;
+    let verdict = unsafe { bpf_check_mtu(ctx, 0, &raw mut mtu, i32::from(grow), 0) };
+    (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
+        .then(|| mtu.saturating_sub(u32::from(grow)) as u16)
 }
 
 /// Why a masqueraded flow got no source address and port (dropped).
@@ -212,6 +227,20 @@ pub fn handle<F: Family, R: Rewriter<F>>(rw: &R, flow: &Flow<F::Addr>, hook: Hoo
         },
     });
     new_flow::<F, R>(rw, flow, start)
+}
+
+/// The tuple of replies to `flow`'s packet: its ends swapped.
+#[inline(always)]
+fn reversed<A: Copy>(flow: &Flow<A>) -> Tuple<A> {
+    Tuple {
+        saddr: flow.daddr,
+        daddr: flow.saddr,
+        sport: flow.dport,
+        dport: flow.sport,
+        proto: flow.proto,
+        direction: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
 }
 
 /// The flow's own tuple, in `direction`.
@@ -532,15 +561,7 @@ fn forget_reply_entry_on_syn<F: Family>(flow: &Flow<F::Addr>, hook: Hook, now: u
     if !opening_syn(flow) {
         return;
     }
-    let key = Tuple {
-        saddr: flow.daddr,
-        daddr: flow.saddr,
-        sport: flow.dport,
-        dport: flow.sport,
-        proto: flow.proto,
-        direction: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let key = reversed(flow);
     if hook == Hook::Wire {
         // SAFETY: only read.
         let leftover = F::ct_ptr(&key).is_none_or(|ct| unsafe {
@@ -771,15 +792,7 @@ pub fn learn_dsr_reply<F: Family>(flow: &Flow<F::Addr>, frontend_addr: F::Addr, 
         return;
     };
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let key = Tuple {
-        saddr: flow.daddr,
-        daddr: flow.saddr,
-        sport: flow.dport,
-        dport: flow.sport,
-        proto: flow.proto,
-        direction: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let key = reversed(flow);
     if let Some(p) = F::ct_ptr(&key) {
         // SAFETY: the pointer comes from a successful lookup.
         let ours = unsafe {

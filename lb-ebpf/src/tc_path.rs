@@ -7,13 +7,13 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_check_mtu, bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_csum_diff, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     programs::TcContext,
 };
@@ -280,16 +280,10 @@ struct End<A> {
 }
 
 impl TcRewriter<'_> {
-    /// None when the packet still fits the wire `grow` bytes longer; else
-    /// the MTU less `grow`.
+    /// See `nat::too_big_by`.
     #[inline(always)]
     fn too_big_by(&self, grow: u8) -> Option<u16> {
-        let mut mtu = 0u32;
-        let skb = self.ctx.skb.skb.cast();
-        // Ifindex 0: the device the packet came in by, the wire it leaves by.
-        let verdict = unsafe { bpf_check_mtu(skb, 0, &raw mut mtu, i32::from(grow), 0) };
-        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
-            .then(|| mtu.saturating_sub(u32::from(grow)) as u16)
+        nat::too_big_by(self.ctx.skb.skb.cast(), grow)
     }
 
     /// UDP's zero checksum means "none" over IPv4: the helper leaves it so.

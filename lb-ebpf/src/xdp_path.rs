@@ -4,11 +4,8 @@
 //! attaches it only where none can arrive (see `lb_tc_from_wire`).
 
 use aya_ebpf::{
-    bindings::bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED,
     bindings::xdp_action,
-    helpers::{
-        bpf_check_mtu, bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
-    },
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 use lb_common::{
@@ -443,16 +440,10 @@ struct XdpRewriter<'a> {
 }
 
 impl XdpRewriter<'_> {
-    /// None when the packet still fits the wire `grow` bytes longer; else
-    /// the MTU less `grow`.
+    /// See `nat::too_big_by`.
     #[inline(always)]
     fn too_big_by(&self, grow: u8) -> Option<u16> {
-        let mut mtu = 0u32;
-        let ctx = self.ctx.ctx.cast();
-        // Ifindex 0: the device the packet came in by, the wire it leaves by.
-        let verdict = unsafe { bpf_check_mtu(ctx, 0, &raw mut mtu, i32::from(grow), 0) };
-        (verdict == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED))
-            .then(|| mtu.saturating_sub(u32::from(grow)) as u16)
+        nat::too_big_by(self.ctx.ctx.cast(), grow)
     }
 
     #[inline(always)]
