@@ -16,7 +16,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{SchedClassifier, TestRunOptions, Xdp};
+use aya::programs::TestRunOptions;
 use lb_lab::{
     cluster::{node_addr, node_name, Cluster},
     packet::{self, Tuple, TCP_ACK},
@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use crate::{
     datapath::{batch, programs, Hook, Runner},
     progress,
+    selection::harness_with_empty_programs,
     traffic::{bench_client, ClientNumbers},
 };
 
@@ -90,18 +91,7 @@ fn objects(name: &str, lb: Ipv4Addr, k: u16, mode: &str) -> (Value, Value) {
 }
 
 fn harness() -> Result<Harness> {
-    let mut h = Harness::new();
-    for hook in Hook::ALL {
-        let name = hook.empty();
-        let p = h
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("no program {name}"))?;
-        match hook {
-            Hook::Xdp => <&mut Xdp>::try_from(p)?.load()?,
-            Hook::Tc => <&mut SchedClassifier>::try_from(p)?.load()?,
-        }
-    }
+    let mut h = harness_with_empty_programs()?;
     let node = NodeInfo {
         name: "n1".into(),
         nodeport_addresses: vec![NODE.into()],

@@ -59,11 +59,9 @@ fn backend(e: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 9, 10 + e as u8)
 }
 
-/// The harness with both Services programmed and the Maglev table written.
-fn harness(endpoints: usize) -> Result<Harness> {
-    if !(1..=200).contains(&endpoints) {
-        bail!("--endpoints 1..=200");
-    }
+/// A packet harness whose empty programs (what a measurement subtracts)
+/// are loaded too.
+pub(crate) fn harness_with_empty_programs() -> Result<Harness> {
     let mut h = Harness::new();
     for hook in Hook::ALL {
         let name = hook.empty();
@@ -76,6 +74,15 @@ fn harness(endpoints: usize) -> Result<Harness> {
             Hook::Tc => <&mut SchedClassifier>::try_from(p)?.load()?,
         }
     }
+    Ok(h)
+}
+
+/// The harness with both Services programmed and the Maglev table written.
+fn harness(endpoints: usize) -> Result<Harness> {
+    if !(1..=200).contains(&endpoints) {
+        bail!("--endpoints 1..=200");
+    }
+    let mut h = harness_with_empty_programs()?;
     let node = NodeInfo {
         name: "n1".into(),
         nodeport_addresses: vec![NODE.into()],
