@@ -5,6 +5,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     time::Duration,
 };
 
@@ -166,4 +167,51 @@ pub fn ping6(to: std::net::Ipv6Addr, timeout: Duration) -> std::io::Result<()> {
         std::io::ErrorKind::TimedOut,
         format!("no echo reply from {to} in {timeout:?}"),
     ))
+}
+
+/// Sets don't-fragment on an IPv4 socket and has the kernel keep the path
+/// MTU that ICMP reports (IP_PMTUDISC_DO).
+pub fn set_dont_fragment(s: &UdpSocket) -> std::io::Result<()> {
+    let on: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket and an int option of its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The path MTU the kernel knows toward a connected socket's peer, of
+/// either family (IP_MTU, IPV6_MTU).
+pub fn path_mtu(s: &UdpSocket) -> std::io::Result<u32> {
+    let (level, name) = match s.local_addr()? {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_MTU),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_MTU),
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of_val(&mtu) as libc::socklen_t;
+    // SAFETY: a valid socket and an int option of its size.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&raw mut mtu).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        Ok(mtu as u32)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -26,6 +26,7 @@ use std::{
 };
 
 use lb_lab::{
+    client::path_mtu,
     cluster::{node_addr6, Cluster, CLUSTER_EXT_ADDR6},
     http_get, on_each_source, on_each_source_and_wire, on_each_wire, ping6,
     report_checksum_counters, tcp_ask, udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR6,
@@ -548,7 +549,7 @@ fn ipv6_dsr_keeps_the_client_and_answers_from_the_backends_node(_source: Source,
             .recv(&mut buf)
             .expect_err("no answer to a datagram too big");
         assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
-        let mtu = path_mtu6(&s);
+        let mtu = path_mtu(&s).expect("IPV6_MTU");
         s.send(&vec![b'y'; mtu as usize - 48])
             .expect("send one that fits");
         let n = s.recv(&mut buf).expect("an answer to one that fits");
@@ -557,25 +558,6 @@ fn ipv6_dsr_keeps_the_client_and_answers_from_the_backends_node(_source: Source,
     assert_eq!(mtu, 1476, "the wire's 1,500 less the header");
     assert_eq!(answer, pods[0]);
     report_checksum_counters("IPv6 direct server return", &c.checksum_errors());
-}
-
-/// The path MTU the kernel knows toward a connected IPv6 socket's peer.
-fn path_mtu6(s: &UdpSocket) -> u32 {
-    use std::os::fd::AsRawFd;
-    let mut mtu: libc::c_int = 0;
-    let mut len = std::mem::size_of_val(&mtu) as libc::socklen_t;
-    // SAFETY: a valid socket and an int option of its size.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MTU,
-            (&raw mut mtu).cast(),
-            &raw mut len,
-        )
-    };
-    assert_eq!(r, 0, "IPV6_MTU: {}", std::io::Error::last_os_error());
-    mtu as u32
 }
 
 /// The health check port of the Local policy Service across nodes.

@@ -16,6 +16,7 @@ use std::{
 
 use lb_lab::{
     ask_on,
+    client::{path_mtu, set_dont_fragment},
     cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
     http_get,
     load::{Load, LoadKind, LoadSet},
@@ -491,7 +492,7 @@ fn dsr_datagrams_too_big_for_the_option_teach_the_client_a_smaller_path_mtu(wire
         let s = std::net::UdpSocket::bind((CLUSTER_EXT_ADDR, 0)).expect("bind");
         s.connect(to).expect("connect");
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
-        set_dont_fragment(&s);
+        set_dont_fragment(&s).expect("IP_MTU_DISCOVER");
         // 1,472 bytes of payload: 1,500 with the UDP and IPv4 headers.
         s.send(&[b'x'; 1472]).expect("send a full datagram");
         let mut buf = [0u8; 512];
@@ -500,7 +501,7 @@ fn dsr_datagrams_too_big_for_the_option_teach_the_client_a_smaller_path_mtu(wire
             .recv(&mut buf)
             .expect_err("no answer to a datagram too big");
         assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
-        let mtu = path_mtu(&s);
+        let mtu = path_mtu(&s).expect("IP_MTU");
         s.send(&vec![b'y'; mtu as usize - 28])
             .expect("send one that fits");
         let n = s.recv(&mut buf).expect("an answer to one that fits");
@@ -509,42 +510,4 @@ fn dsr_datagrams_too_big_for_the_option_teach_the_client_a_smaller_path_mtu(wire
     });
     assert_eq!(mtu, 1492, "the wire's 1,500 less the option");
     assert!(c.nodes[0].datapath_stat("dsr_frag_needed") >= 1);
-}
-
-/// IP_PMTUDISC_DO: the kernel sets don't-fragment and keeps the path MTU
-/// ICMP reports.
-fn set_dont_fragment(s: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = libc::IP_PMTUDISC_DO;
-    let len = std::mem::size_of_val(&on) as libc::socklen_t;
-    // SAFETY: a valid socket and an int option of its size.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&raw const on).cast(),
-            len,
-        )
-    };
-    assert_eq!(r, 0, "IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
-}
-
-/// The path MTU the kernel knows toward a connected socket's peer.
-fn path_mtu(s: &std::net::UdpSocket) -> u32 {
-    use std::os::fd::AsRawFd;
-    let mut mtu: libc::c_int = 0;
-    let mut len = std::mem::size_of_val(&mtu) as libc::socklen_t;
-    // SAFETY: a valid socket and an int option of its size.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU,
-            (&raw mut mtu).cast(),
-            &raw mut len,
-        )
-    };
-    assert_eq!(r, 0, "IP_MTU: {}", std::io::Error::last_os_error());
-    mtu as u32
 }
