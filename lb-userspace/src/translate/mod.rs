@@ -255,9 +255,18 @@ pub(crate) fn translate_service(
         sides,
         affinity_timeout: affinity_timeout(&svc.affinity)?,
         source_ranges: source_ranges(svc)?,
-        maglev: lb_algorithm(node, svc, errors) == LbAlgorithm::Maglev && !svc.external_local,
-        lb_mode: lb_mode(node, svc, errors),
-        maglev_weights: maglev_weights(svc, errors),
+        maglev: annotated(svc, svc.lb_algorithm.as_ref(), Invalid::LbAlgorithm, errors)
+            .unwrap_or(node.lb_algorithm)
+            == LbAlgorithm::Maglev
+            && !svc.external_local,
+        lb_mode: annotated(svc, svc.lb_mode.as_ref(), Invalid::LbMode, errors)
+            .unwrap_or(node.lb_mode),
+        maglev_weights: annotated(
+            svc,
+            svc.maglev_weights.as_ref(),
+            Invalid::MaglevWeights,
+            errors,
+        ),
     };
     // In name order: when two slices disagree about one address, the
     // outcome must not depend on the order they arrived in.
@@ -277,59 +286,24 @@ pub(crate) fn translate_service(
     Ok(entries)
 }
 
-/// The Service's algorithm: its annotation's, else the node's default
-/// (also when the annotation names none, which is reported).
-fn lb_algorithm(
-    node: &NodeInfo,
+/// A Service annotation's value: what it gives, else None (an annotation
+/// that gives nothing is reported as `invalid`, and the caller's default
+/// applies).
+fn annotated<T: Clone>(
     svc: &ServiceInfo,
+    annotation: Option<&Result<T, Box<str>>>,
+    invalid: fn(String) -> Invalid,
     errors: &mut Vec<TranslateError>,
-) -> LbAlgorithm {
-    match &svc.lb_algorithm {
-        None => node.lb_algorithm,
-        Some(Ok(algorithm)) => *algorithm,
-        Some(Err(text)) => {
-            errors.push(TranslateError {
-                kind: ObjectKind::Service,
-                object: format!("Service {}", svc.name),
-                reason: Invalid::LbAlgorithm(text.to_string()),
-            });
-            node.lb_algorithm
-        }
-    }
-}
-
-/// The Service's Maglev weights, if its annotation gives them (one that
-/// does not is reported, and every endpoint weighs 1).
-fn maglev_weights(
-    svc: &ServiceInfo,
-    errors: &mut Vec<TranslateError>,
-) -> Option<Arc<MaglevWeights>> {
-    match svc.maglev_weights.as_ref()? {
-        Ok(weights) => Some(weights.clone()),
+) -> Option<T> {
+    match annotation? {
+        Ok(value) => Some(value.clone()),
         Err(text) => {
             errors.push(TranslateError {
                 kind: ObjectKind::Service,
                 object: format!("Service {}", svc.name),
-                reason: Invalid::MaglevWeights(text.to_string()),
+                reason: invalid(text.to_string()),
             });
             None
-        }
-    }
-}
-
-/// The Service's forwarding mode: its annotation's, else the node's
-/// default (also when the annotation names none, which is reported).
-fn lb_mode(node: &NodeInfo, svc: &ServiceInfo, errors: &mut Vec<TranslateError>) -> LbMode {
-    match &svc.lb_mode {
-        None => node.lb_mode,
-        Some(Ok(mode)) => *mode,
-        Some(Err(text)) => {
-            errors.push(TranslateError {
-                kind: ObjectKind::Service,
-                object: format!("Service {}", svc.name),
-                reason: Invalid::LbMode(text.to_string()),
-            });
-            node.lb_mode
         }
     }
 }
