@@ -7,6 +7,7 @@ pub mod model;
 pub mod node;
 pub mod seccomp_profile;
 pub mod serve;
+mod sorted_vec_set;
 pub mod source;
 pub mod sync;
 #[cfg(test)]

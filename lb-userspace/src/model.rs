@@ -1,12 +1,14 @@
 //! The desired state of the data path, independent of map ids and bytes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::sorted_vec_set::SortedVecSet;
 use serde::Serialize;
 
 /// How new flows of an external frontend (NodePort, LoadBalancer,
@@ -395,7 +397,7 @@ pub struct DesiredState {
     entries: BTreeMap<L4Addr, ServiceEntry>,
     backend_users: HashMap<L4Addr, u32>,
     /// Frontends per Service, so a one-Service change does not scan them all.
-    by_service: HashMap<ServiceName, BTreeSet<L4Addr>>,
+    by_service: HashMap<ServiceName, SortedVecSet<L4Addr>>,
     /// Frontends of each family.
     frontends: PerFamily<usize>,
     /// Active backends over all entries, per family.

@@ -6,6 +6,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::sorted_vec_set::SortedVecSet;
+
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -197,7 +199,7 @@ pub struct Work {
 pub struct ClusterState {
     pub services: HashMap<ServiceName, ServiceInfo>,
     slices: HashMap<SliceKey, SliceInfo>,
-    by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
+    by_service: HashMap<ServiceName, SortedVecSet<SliceKey>>,
     pub node: Option<NodeFacts>,
     /// Objects buffered during a relist, swapped in at InitDone.
     init_services: Option<Vec<ServiceInfo>>,
