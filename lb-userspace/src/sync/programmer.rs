@@ -14,7 +14,7 @@ use crate::{
     serve::metrics::{FamilyLabel, InvalidLabel, MapLabel, Metrics},
     source::objects::{ServiceChange, ServiceInfo, SliceInfo},
     sync::differ::{self, IdLimits, MapContents},
-    sync::map_writer::{apply_plan, FailedWrite, MapWriter},
+    sync::map_writer::{FailedWrite, MapWriter, PlanRun},
     translate::health::{health_check_of, HealthCheck},
     translate::{self, TranslateError},
 };
@@ -57,6 +57,49 @@ pub struct Programmer<W: MapWriter> {
     /// failed write): every sync tries them again, so they get in once
     /// room is made.
     unprogrammed: BTreeSet<L4Addr>,
+}
+
+/// A phase of this many writes or more (a full sync of a large cluster, a
+/// large Service) is followed by a compaction of the maps' mirror.
+const COMPACT_AFTER: usize = 16_384;
+
+/// What the writes of a plan's phases did besides writing, noted before
+/// each phase is applied (a deleted backend's address is read from the
+/// maps' mirror while it is still there).
+#[derive(Default)]
+struct PhaseTally {
+    /// A backend or reverse NAT id was deleted.
+    freed: bool,
+    /// A reverse NAT entry was written or deleted.
+    names_changed: bool,
+}
+
+impl PhaseTally {
+    fn note(&mut self, ops: &[differ::PlannedOp], current: &MapContents, written: &mut Written) {
+        for o in ops {
+            match o.op {
+                differ::MapOp::DeleteBackend(id) => {
+                    self.freed = true;
+                    written.deleted_backends += 1;
+                    let udp = current.backends[id.family]
+                        .get(&id.id)
+                        .and_then(differ::backend_addr)
+                        .filter(|a| a.proto == crate::model::Protocol::Udp);
+                    if let Some(a) = udp {
+                        written
+                            .deleted_udp_backends
+                            .push(std::net::SocketAddr::new(a.addr, a.port));
+                    }
+                }
+                differ::MapOp::DeleteRevNat(..) => {
+                    self.freed = true;
+                    self.names_changed = true;
+                }
+                differ::MapOp::PutRevNat(..) => self.names_changed = true,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// What the passes of one sync wrote.
@@ -167,54 +210,37 @@ impl<W: MapWriter> Programmer<W> {
     /// Plans and writes, twice when the first pass left Services out and
     /// freed ids: a freed id is reused only after the writes that free it
     /// (a slot may point at it until then), so the Services that did not
-    /// fit get their turn in a second pass, not at some later event.
+    /// fit get their turn in a second pass, not at some later event. Each
+    /// phase of a plan is written before the next is planned.
     fn write(&mut self, touched: Option<&BTreeSet<L4Addr>>) -> Written {
         let mut written = Written::default();
         let mut scope = touched.cloned();
         for _pass in 0..2 {
-            let plan =
-                differ::plan_scoped(&self.current, &self.desired, scope.as_ref(), &self.limits);
-            let freed = plan.ops.iter().any(|o| {
-                matches!(
-                    o.op,
-                    differ::MapOp::DeleteBackend(_) | differ::MapOp::DeleteRevNat(..)
-                )
-            });
-            self.names_changed |= plan.ops.iter().any(|o| {
-                matches!(
-                    o.op,
-                    differ::MapOp::PutRevNat(..) | differ::MapOp::DeleteRevNat(..)
-                )
-            });
-            written.deleted_backends += plan
-                .ops
-                .iter()
-                .filter(|o| matches!(o.op, differ::MapOp::DeleteBackend(_)))
-                .count();
-            written.deleted_udp_backends.extend(
-                plan.ops
-                    .iter()
-                    .filter_map(|o| match o.op {
-                        differ::MapOp::DeleteBackend(id) => {
-                            self.current.backends[id.family].get(&id.id).copied()
-                        }
-                        _ => None,
-                    })
-                    .filter_map(|b| differ::backend_addr(&b))
-                    .filter(|a| a.proto == crate::model::Protocol::Udp)
-                    .map(|a| std::net::SocketAddr::new(a.addr, a.port)),
+            let mut run = PlanRun::default();
+            let mut tally = PhaseTally::default();
+            let writer = &mut self.writer;
+            let unplanned = differ::plan_and_write(
+                &mut self.current,
+                &self.desired,
+                scope.as_ref(),
+                &self.limits,
+                |ops, current| {
+                    tally.note(ops, current, &mut written);
+                    run.apply(writer, ops, current);
+                    if ops.len() >= COMPACT_AFTER {
+                        current.compact();
+                    }
+                },
             );
-            let applied = apply_plan(&mut self.writer, &plan.ops, &mut self.current);
+            let applied = run.finish();
+            self.names_changed |= tally.names_changed;
             written.writes += applied.applied;
             self.unprogrammed = applied.failed_frontends;
-            self.unprogrammed.extend(
-                plan.unplanned
-                    .iter()
-                    .flat_map(|u| u.frontends.iter().copied()),
-            );
-            let retry = freed && !plan.unplanned.is_empty();
+            self.unprogrammed
+                .extend(unplanned.iter().flat_map(|u| u.frontends.iter().copied()));
+            let retry = tally.freed && !unplanned.is_empty();
             written.failed = applied.failed;
-            written.unplanned = plan.unplanned;
+            written.unplanned = unplanned;
             if !retry {
                 break;
             }

@@ -21,8 +21,9 @@ use crate::{
     serve::metrics::Metrics,
     source::objects::ServiceChange,
     sync::checker,
-    sync::differ::MapContents,
+    sync::differ::{plan_and_write, plan_scoped, IdLimits, MapContents},
     sync::map_writer::fake::CheckingWriter,
+    sync::map_writer::record,
     sync::programmer::Programmer,
     test_objects::{service, slice},
     translate::{self, NodeInfo},
@@ -458,8 +459,11 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
         }]);
         let services: Vec<&ServiceInfo> = world.services.values().collect();
         let slices: Vec<&SliceInfo> = world.slices.values().collect();
+        let before = full.current.clone();
         let full_report = full.full_sync(&services, &slices);
         let context = || format!("after change {n} ({c:?})");
+        check_phased_planning(&before, &full.desired, &full.limits)
+            .map_err(|e| TestCaseError::fail(format!("{}: {e}", context())))?;
         for (path, p, r) in [
             ("incremental", &incremental, &report),
             ("full", &full, &full_report),
@@ -517,6 +521,39 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Planning phase by phase, each phase written before the next is planned
+/// (as syncs do), gives the ops of one whole plan: for a full plan and for
+/// one scoped to every frontend.
+fn check_phased_planning(
+    current: &MapContents,
+    desired: &DesiredState,
+    limits: &IdLimits,
+) -> Result<(), String> {
+    let every: BTreeSet<L4Addr> = current
+        .frontends()
+        .chain(desired.entries().keys().copied())
+        .collect();
+    for scope in [None, Some(&every)] {
+        let whole = plan_scoped(current, desired, scope, limits);
+        let mut phased = Vec::new();
+        let mut mirror = current.clone();
+        let unplanned = plan_and_write(&mut mirror, desired, scope, limits, |ops, maps| {
+            for o in ops {
+                record(maps, &o.op);
+            }
+            phased.extend_from_slice(ops);
+        });
+        if whole.ops != phased || whole.unplanned != unplanned {
+            return Err(format!(
+                "scope {:?}: phased planning differs:\nwhole {:?}\nphased {phased:?}",
+                scope.map(BTreeSet::len),
+                whole.ops
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// What the generated cases exercised, so a generator that drifts into
 /// trivial cases fails instead of passing quietly.
 #[derive(Debug, Default)]
@@ -551,6 +588,11 @@ fn full_and_incremental_syncs_program_exactly_the_translation() {
     let result = runner.run(&prop::collection::vec(change(), 1..32), |changes| {
         check_changes(&changes)
     });
+    // A failing case stops the run early: its message says more than the
+    // coverage of the cases before it.
+    if let Err(e) = result {
+        panic!("{e}");
+    }
     COVERAGE.with(|c| {
         let c = c.borrow();
         eprintln!("384 cases (deterministic seed): {c:?}");
@@ -563,7 +605,4 @@ fn full_and_incremental_syncs_program_exactly_the_translation() {
             "the generator no longer reaches the interesting cases: {c:?}"
         );
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
 }

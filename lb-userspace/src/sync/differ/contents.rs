@@ -55,6 +55,18 @@ impl PartialEq for MapContents {
 impl Eq for MapContents {}
 
 impl MapContents {
+    /// Rebuilds the ordered maps with full nodes. Entries mostly arrive in
+    /// key order (a frontend's slots, ids counting up), and a B-tree that
+    /// grows at its right edge leaves every node it splits half empty: at
+    /// 10,000 Services x 10 endpoints, about 7 MB of the mirror's 23.
+    pub(crate) fn compact(&mut self) {
+        self.services = compacted(std::mem::take(&mut self.services));
+        for family in [Family::Ipv4, Family::Ipv6] {
+            self.backends[family] = compacted(std::mem::take(&mut self.backends[family]));
+        }
+        self.backend_match = compacted(std::mem::take(&mut self.backend_match));
+    }
+
     pub(crate) fn insert_service(&mut self, k: SlotKey, v: Service4Value) {
         if let Some(old) = self.services.insert(k, v) {
             self.unref(&k, &old);
@@ -169,6 +181,34 @@ fn decrement<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, k: &K) {
         *n -= 1;
         if *n == 0 {
             map.remove(k);
+        }
+    }
+}
+
+/// `map` rebuilt with full nodes. `append` merges in bulk, filling each
+/// node, and frees the old nodes as it reads them: no copy of the whole
+/// map at once (`collect` would gather every entry in a vector first).
+pub(crate) fn compacted<K: Ord, V>(mut map: BTreeMap<K, V>) -> BTreeMap<K, V> {
+    let mut fresh = BTreeMap::new();
+    // Into an empty map, `append` would only swap the two.
+    if let Some((k, v)) = map.pop_first() {
+        fresh.insert(k, v);
+    }
+    fresh.append(&mut map);
+    fresh
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::compacted;
+
+    #[test]
+    fn a_compacted_map_keeps_every_entry() {
+        for n in [0usize, 1, 2, 11, 12, 1000] {
+            let map: BTreeMap<usize, usize> = (0..n).map(|i| (i * 7 % (n + 1), i)).collect();
+            assert_eq!(compacted(map.clone()), map, "{n} entries");
         }
     }
 }

@@ -18,7 +18,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use lb_common::{Service4Value, BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT, SCOPE_EXTERNAL};
 
 pub use contents::MapContents;
-pub(crate) use planner::plan_scoped;
+pub(crate) use planner::{plan_and_write, plan_scoped};
 
 use crate::model::{DesiredState, Family, IpPrefix, L4Addr, Protocol, ServiceName};
 

@@ -36,46 +36,103 @@ pub(crate) fn plan_scoped(
     touched: Option<&BTreeSet<L4Addr>>,
     limits: &IdLimits,
 ) -> Plan {
-    let mut planner = Planner::new(current, desired, touched);
-    planner.allocate_ids(limits);
-    planner.put_backends();
-    planner.put_rev_nat();
-    planner.put_memberships();
-    planner.put_slots();
-    planner.delete_gone_frontends();
-    planner.delete_unused_rev_nat_and_backends();
+    let mut planner = Planner::new(desired, touched);
+    planner.allocate_ids(current, limits);
+    let mut ops = Vec::new();
+    for phase in Phase::ALL {
+        planner.plan(phase, current);
+        ops.append(&mut planner.ops);
+    }
     Plan {
-        ops: planner.ops,
+        ops,
         unplanned: planner.unplanned,
     }
 }
 
+/// Plans as `plan_scoped` does, but hands each phase's writes to `write`
+/// (which applies them and records them in `current`) before it plans the
+/// next: a full sync of a large cluster never holds all of its writes at
+/// once (at 10,000 Services x 10 endpoints, 320,000 of 60 bytes), only the
+/// largest phase's. The ops are the same as `plan_scoped`'s: a phase reads
+/// of `current` only the entries of its own kind, which earlier phases do
+/// not write, and ids, which they add as this plan handed them out.
+/// Returns the Services left out.
+pub(crate) fn plan_and_write(
+    current: &mut MapContents,
+    desired: &DesiredState,
+    touched: Option<&BTreeSet<L4Addr>>,
+    limits: &IdLimits,
+    mut write: impl FnMut(&[PlannedOp], &mut MapContents),
+) -> Vec<Unplanned> {
+    let mut planner = Planner::new(desired, touched);
+    planner.allocate_ids(current, limits);
+    for phase in Phase::ALL {
+        planner.plan(phase, current);
+        let ops = std::mem::take(&mut planner.ops);
+        if !ops.is_empty() {
+            write(&ops, current);
+        }
+    }
+    planner.unplanned
+}
+
+/// The phases of a plan, in the order their writes must reach the maps.
+#[derive(Clone, Copy)]
+enum Phase {
+    Backends,
+    RevNat,
+    Memberships,
+    Slots,
+    /// Gone frontends, then what nobody uses any more: one phase, as which
+    /// ids lost their users is read from the gone frontends' slots.
+    Deletes,
+}
+
+impl Phase {
+    const ALL: [Phase; 5] = [
+        Phase::Backends,
+        Phase::RevNat,
+        Phase::Memberships,
+        Phase::Slots,
+        Phase::Deletes,
+    ];
+}
+
 /// Ids of backends and frontends: those the maps hold, then those this
 /// plan handed out.
-struct NewIds<'a> {
-    current: &'a MapContents,
+#[derive(Default)]
+struct NewIds {
     /// Ids in the family of the address.
     backends: BTreeMap<L4Addr, u32>,
     rev_nat: BTreeMap<(IpAddr, u16), u16>,
 }
 
-impl NewIds<'_> {
-    fn backend(&self, b: &L4Addr) -> Option<u32> {
-        self.current
+impl NewIds {
+    /// Drops the ids the maps now hold (an earlier phase wrote them): a
+    /// full sync need not keep 100,000 new backends twice.
+    fn forget_written(&mut self, current: &MapContents) {
+        self.backends
+            .retain(|b, id| current.backend_id(b) != Some(*id));
+        self.rev_nat
+            .retain(|&(addr, port), id| current.rev_nat_id(addr, port) != Some(*id));
+    }
+
+    fn backend(&self, current: &MapContents, b: &L4Addr) -> Option<u32> {
+        current
             .backend_id(b)
             .or_else(|| self.backends.get(b).copied())
     }
 
-    fn rev_nat(&self, addr: IpAddr, port: u16) -> Option<u16> {
-        self.current
+    fn rev_nat(&self, current: &MapContents, addr: IpAddr, port: u16) -> Option<u16> {
+        current
             .rev_nat_id(addr, port)
             .or_else(|| self.rev_nat.get(&(addr, port)).copied())
     }
 
     /// The id of a backend of a planned entry, which `allocate_ids` gave one.
-    fn planned_backend(&self, b: &L4Addr) -> BackendId {
+    fn planned_backend(&self, current: &MapContents, b: &L4Addr) -> BackendId {
         let id = self
-            .backend(b)
+            .backend(current, b)
             .expect("allocate_ids gave every backend of a planned entry an id");
         BackendId {
             family: b.family(),
@@ -84,17 +141,16 @@ impl NewIds<'_> {
     }
 
     /// The reverse NAT id of a planned frontend.
-    fn planned_rev_nat(&self, f: &L4Addr) -> u16 {
-        self.rev_nat(f.addr, f.port)
+    fn planned_rev_nat(&self, current: &MapContents, f: &L4Addr) -> u16 {
+        self.rev_nat(current, f.addr, f.port)
             .expect("allocate_ids gave every planned frontend an id")
     }
 }
 
 struct Planner<'a> {
-    current: &'a MapContents,
     desired: &'a DesiredState,
     touched: Option<&'a BTreeSet<L4Addr>>,
-    ids: NewIds<'a>,
+    ids: NewIds,
     /// The entries planned (their Services got every id they need).
     entries: Vec<&'a ServiceEntry>,
     /// Frontends of Services left out: they keep what the maps hold.
@@ -106,23 +162,16 @@ struct Planner<'a> {
     /// Membership and source range deletions, written after the gone
     /// frontends' slots.
     late_deletes: Vec<PlannedOp>,
+    /// See `note_previous_backends`.
+    previous_backends: BTreeSet<BackendId>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(
-        current: &'a MapContents,
-        desired: &'a DesiredState,
-        touched: Option<&'a BTreeSet<L4Addr>>,
-    ) -> Self {
+    fn new(desired: &'a DesiredState, touched: Option<&'a BTreeSet<L4Addr>>) -> Self {
         Self {
-            current,
             desired,
             touched,
-            ids: NewIds {
-                current,
-                backends: BTreeMap::new(),
-                rev_nat: BTreeMap::new(),
-            },
+            ids: NewIds::default(),
             entries: Vec::new(),
             failed: BTreeSet::new(),
             unplanned: Vec::new(),
@@ -130,6 +179,24 @@ impl<'a> Planner<'a> {
             wanted_rev: BTreeSet::new(),
             ops: Vec::new(),
             late_deletes: Vec::new(),
+            previous_backends: BTreeSet::new(),
+        }
+    }
+
+    fn plan(&mut self, phase: Phase, current: &MapContents) {
+        self.ids.forget_written(current);
+        match phase {
+            Phase::Backends => self.put_backends(current),
+            Phase::RevNat => self.put_rev_nat(current),
+            Phase::Memberships => self.put_memberships(current),
+            Phase::Slots => {
+                self.note_previous_backends(current);
+                self.put_slots(current);
+            }
+            Phase::Deletes => {
+                self.delete_gone_frontends(current);
+                self.delete_unused_rev_nat_and_backends(current);
+            }
         }
     }
 
@@ -140,7 +207,7 @@ impl<'a> Planner<'a> {
     /// Ids are handed out Service by Service (in name order, so which ones
     /// fit a nearly full map does not depend on arrival order), and a
     /// Service gets all of its ids or none.
-    fn allocate_ids(&mut self, limits: &IdLimits) {
+    fn allocate_ids(&mut self, current: &MapContents, limits: &IdLimits) {
         let candidates: Vec<&'a ServiceEntry> = match self.touched {
             None => self.desired.entries().values().collect(),
             Some(t) => t.iter().filter_map(|f| self.desired.get(f)).collect(),
@@ -151,9 +218,9 @@ impl<'a> Planner<'a> {
         }
         let backends = |family| {
             IdAllocator::new(
-                &self.current.backends[family],
+                &current.backends[family],
                 limits.backend_ids,
-                self.current.next_backend_id[family],
+                current.next_backend_id[family],
             )
         };
         let mut allocators = Allocators {
@@ -162,14 +229,14 @@ impl<'a> Planner<'a> {
                 ipv6: backends(Family::Ipv6),
             },
             rev_nat: IdAllocator::new(
-                &self.current.rev_nat,
+                &current.rev_nat,
                 limits.rev_nat_ids,
-                self.current.next_rev_nat_id,
+                current.next_rev_nat_id,
             ),
             limits: *limits,
         };
         for (service, entries) in by_service {
-            match self.allocate_service(&entries, &mut allocators) {
+            match self.allocate_service(current, &entries, &mut allocators) {
                 Ok(()) => self.entries.extend(entries),
                 Err(error) => {
                     let frontends: Vec<L4Addr> = entries.iter().map(|e| e.frontend).collect();
@@ -188,13 +255,19 @@ impl<'a> Planner<'a> {
     /// given back.
     fn allocate_service(
         &mut self,
+        current: &MapContents,
         entries: &[&ServiceEntry],
         allocators: &mut Allocators<'_>,
     ) -> Result<(), PlanError> {
         let mut fresh_backends: Vec<L4Addr> = Vec::new();
         let mut fresh_revs: Vec<(IpAddr, u16)> = Vec::new();
-        let result =
-            self.allocate_entries(entries, allocators, &mut fresh_backends, &mut fresh_revs);
+        let result = self.allocate_entries(
+            current,
+            entries,
+            allocators,
+            &mut fresh_backends,
+            &mut fresh_revs,
+        );
         if result.is_err() {
             for b in fresh_backends {
                 let id = self.ids.backends.remove(&b).expect("just handed out");
@@ -210,6 +283,7 @@ impl<'a> Planner<'a> {
 
     fn allocate_entries(
         &mut self,
+        current: &MapContents,
         entries: &[&ServiceEntry],
         allocators: &mut Allocators<'_>,
         fresh_backends: &mut Vec<L4Addr>,
@@ -217,7 +291,7 @@ impl<'a> Planner<'a> {
     ) -> Result<(), PlanError> {
         for entry in entries {
             for b in entry.all_backends() {
-                if self.ids.backend(b).is_some() {
+                if self.ids.backend(current, b).is_some() {
                     continue;
                 }
                 let id = allocators.backends[b.family()].allocate().ok_or(
@@ -229,7 +303,7 @@ impl<'a> Planner<'a> {
                 fresh_backends.push(*b);
             }
             let f = entry.frontend;
-            if self.ids.rev_nat(f.addr, f.port).is_some() {
+            if self.ids.rev_nat(current, f.addr, f.port).is_some() {
                 continue;
             }
             let id = allocators
@@ -246,21 +320,21 @@ impl<'a> Planner<'a> {
 
     /// Backends first: a slot must never point at a missing backend. The
     /// backends the slots of unplanned frontends point at stay.
-    fn put_backends(&mut self) {
+    fn put_backends(&mut self, current: &MapContents) {
         for entry in self.entries.clone() {
             for b in entry.all_backends() {
-                let id = self.ids.planned_backend(b);
+                let id = self.ids.planned_backend(current, b);
                 if !self.wanted_backends.insert(id) {
                     continue;
                 }
                 let value = backend_value(b);
-                if self.current.backends[id.family].get(&id.id) != Some(&value) {
+                if current.backends[id.family].get(&id.id) != Some(&value) {
                     self.push(MapOp::PutBackend(id, value), None);
                 }
             }
         }
         for f in &self.failed {
-            for (k, v) in slots_of(&self.current.services, f) {
+            for (k, v) in slots_of(&current.services, f) {
                 if k.backend_slot != 0 {
                     self.wanted_backends.insert(k.backend(v));
                 }
@@ -270,15 +344,15 @@ impl<'a> Planner<'a> {
 
     /// Reverse NAT before a Service becomes visible, so its first reply
     /// already finds it.
-    fn put_rev_nat(&mut self) {
+    fn put_rev_nat(&mut self, current: &MapContents) {
         for entry in self.entries.clone() {
             let f = entry.frontend;
-            let id = self.ids.planned_rev_nat(&f);
+            let id = self.ids.planned_rev_nat(current, &f);
             if !self.wanted_rev.insert(id) {
                 continue;
             }
             let value = rev_nat_value(&f);
-            if self.current.rev_nat.get(&id) != Some(&value) {
+            if current.rev_nat.get(&id) != Some(&value) {
                 self.push(MapOp::PutRevNat(id, value), Some(f));
             }
         }
@@ -288,23 +362,23 @@ impl<'a> Planner<'a> {
     /// check it) and source ranges, before a master turns them on. TCP and
     /// UDP of one port share a reverse NAT id, so these are planned per
     /// address and port.
-    fn put_memberships(&mut self) {
+    fn put_memberships(&mut self, current: &MapContents) {
         let mut groups: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
         match self.touched {
             None => {
                 groups.extend(self.desired.entries().keys().map(|f| (f.addr, f.port)));
-                groups.extend(self.current.rev_nat.values().map(rev_key));
+                groups.extend(current.rev_nat.values().map(rev_key));
             }
             Some(t) => groups.extend(t.iter().map(|f| (f.addr, f.port))),
         }
         for (addr, port) in groups {
-            if let Some(rev) = self.ids.rev_nat(addr, port) {
-                self.put_group_memberships(addr, port, rev);
+            if let Some(rev) = self.ids.rev_nat(current, addr, port) {
+                self.put_group_memberships(current, addr, port, rev);
             }
         }
     }
 
-    fn put_group_memberships(&mut self, addr: IpAddr, port: u16, rev: u16) {
+    fn put_group_memberships(&mut self, current: &MapContents, addr: IpAddr, port: u16, rev: u16) {
         let mut matches: BTreeMap<(u16, BackendId), u8> = BTreeMap::new();
         let mut ranges = BTreeSet::new();
         // An unplanned frontend keeps its entries, so nothing of the
@@ -321,24 +395,27 @@ impl<'a> Planner<'a> {
             };
             for set in std::iter::once(&e.backends).chain(e.internal.as_ref()) {
                 for b in &set.terminating {
-                    let id = self.ids.planned_backend(b);
+                    let id = self.ids.planned_backend(current, b);
                     matches
                         .entry((rev, id))
                         .or_insert(BACKEND_MATCH_TERMINATING);
                 }
                 for b in &set.active {
-                    matches.insert((rev, self.ids.planned_backend(b)), BACKEND_MATCH_ACTIVE);
+                    matches.insert(
+                        (rev, self.ids.planned_backend(current, b)),
+                        BACKEND_MATCH_ACTIVE,
+                    );
                 }
             }
             ranges.extend(e.source_ranges.iter().map(|r| (rev, *r)));
         }
         for (m, state) in &matches {
-            if self.current.backend_match.get(m) != Some(state) {
+            if current.backend_match.get(m) != Some(state) {
                 self.push(MapOp::PutBackendMatch(m.0, m.1, *state), None);
             }
         }
         for r in &ranges {
-            if !self.current.source_ranges.contains(r) {
+            if !current.source_ranges.contains(r) {
                 self.push(MapOp::PutSourceRange(r.0, r.1), None);
             }
         }
@@ -348,18 +425,18 @@ impl<'a> Planner<'a> {
                 port,
                 proto: Protocol::Tcp,
             };
-            self.delete_memberships_not_in(rev, &matches, &ranges, tcp);
+            self.delete_memberships_not_in(current, rev, &matches, &ranges, tcp);
         }
     }
 
     fn delete_memberships_not_in(
         &mut self,
+        current: &MapContents,
         rev: u16,
         matches: &BTreeMap<(u16, BackendId), u8>,
         ranges: &BTreeSet<(u16, IpPrefix)>,
         tag: L4Addr,
     ) {
-        let current = self.current;
         let (lo, hi) = (
             BackendId {
                 family: Family::Ipv4,
@@ -395,7 +472,7 @@ impl<'a> Planner<'a> {
     /// Per frontend and scope: slots 1..=n, then the master (count) last,
     /// then the slots past the new count. The internal scope goes first:
     /// the external master's flag sends pod traffic to it.
-    fn put_slots(&mut self) {
+    fn put_slots(&mut self, current: &MapContents) {
         for entry in self.entries.clone() {
             let scopes: [(u8, Option<&BackendSet>); 2] = [
                 (SCOPE_INTERNAL, entry.internal.as_ref()),
@@ -403,42 +480,48 @@ impl<'a> Planner<'a> {
             ];
             for (scope, set) in scopes {
                 if let Some(set) = set {
-                    self.put_scope_slots(entry, scope, set);
+                    self.put_scope_slots(current, entry, scope, set);
                 }
             }
-            self.delete_slots_past_count(entry);
+            self.delete_slots_past_count(current, entry);
         }
     }
 
-    fn put_scope_slots(&mut self, entry: &ServiceEntry, scope: u8, set: &BackendSet) {
+    fn put_scope_slots(
+        &mut self,
+        current: &MapContents,
+        entry: &ServiceEntry,
+        scope: u8,
+        set: &BackendSet,
+    ) {
         let f = entry.frontend;
         for (n, b) in (1u16..).zip(set.all()) {
             let key = scoped_slot_key(&f, scope, n);
             let value = Service4Value {
-                backend_id: self.ids.planned_backend(b).id,
+                backend_id: self.ids.planned_backend(current, b).id,
                 ..Default::default()
             };
-            if self.current.services.get(&key) != Some(&value) {
+            if current.services.get(&key) != Some(&value) {
                 self.push(MapOp::PutService(key, value), Some(f));
             }
         }
         let master = Service4Value {
             count: set.active.len() as u16,
             terminating_count: set.terminating.len() as u16,
-            rev_nat_id: self.ids.planned_rev_nat(&f),
+            rev_nat_id: self.ids.planned_rev_nat(current, &f),
             flags: entry.flags,
             affinity_timeout: entry.affinity_timeout,
             ..Default::default()
         };
         let key = scoped_slot_key(&f, scope, 0);
-        if self.current.services.get(&key) != Some(&master) {
+        if current.services.get(&key) != Some(&master) {
             self.push(MapOp::PutService(key, master), Some(f));
         }
     }
 
-    fn delete_slots_past_count(&mut self, entry: &ServiceEntry) {
+    fn delete_slots_past_count(&mut self, current: &MapContents, entry: &ServiceEntry) {
         let f = entry.frontend;
-        let stale: Vec<SlotKey> = slots_of(&self.current.services, &f)
+        let stale: Vec<SlotKey> = slots_of(&current.services, &f)
             .map(|(k, _)| *k)
             .filter(|key| {
                 let len = match key.scope {
@@ -454,10 +537,29 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// An incremental plan: the backends the touched frontends' slots point
+    /// at before this plan's slots are written (which may have dropped
+    /// their last user).
+    fn note_previous_backends(&mut self, current: &MapContents) {
+        if self.touched.is_none() {
+            return;
+        }
+        for f in self.candidates(current) {
+            if self.failed.contains(&f) {
+                continue;
+            }
+            for (k, v) in slots_of(&current.services, &f) {
+                if k.backend_slot != 0 {
+                    self.previous_backends.insert(k.backend(v));
+                }
+            }
+        }
+    }
+
     /// The frontends this plan looks at for deletion.
-    fn candidates(&self) -> Vec<L4Addr> {
+    fn candidates(&self, current: &MapContents) -> Vec<L4Addr> {
         match self.touched {
-            None => self.current.frontends().collect(),
+            None => current.frontends().collect(),
             Some(t) => t.iter().copied().collect(),
         }
     }
@@ -465,14 +567,13 @@ impl<'a> Planner<'a> {
     /// Frontends that are gone: master first, so lookups miss at once;
     /// then the late membership deletions, then (full plans) malformed
     /// leftovers.
-    fn delete_gone_frontends(&mut self) {
-        for f in self.candidates() {
+    fn delete_gone_frontends(&mut self, current: &MapContents) {
+        for f in self.candidates(current) {
             if self.desired.get(&f).is_some() {
                 continue;
             }
-            let mut slots: Vec<SlotKey> = slots_of(&self.current.services, &f)
-                .map(|(k, _)| *k)
-                .collect();
+            let mut slots: Vec<SlotKey> =
+                slots_of(&current.services, &f).map(|(k, _)| *k).collect();
             // Masters (slot 0) first, external before internal.
             slots.sort_by_key(|k| (k.backend_slot, k.scope));
             for key in slots {
@@ -483,7 +584,6 @@ impl<'a> Planner<'a> {
         self.ops.extend(late);
         if self.touched.is_none() {
             // Malformed leftovers (unknown protocol numbers) go too.
-            let current = self.current;
             for key in current.services.keys().filter(|k| frontend_of(k).is_none()) {
                 self.push(MapOp::DeleteService(*key), None);
             }
@@ -491,9 +591,8 @@ impl<'a> Planner<'a> {
     }
 
     /// Reverse NAT and backends nobody uses any more.
-    fn delete_unused_rev_nat_and_backends(&mut self) {
-        let (orphan_revs, orphan_backends) = self.orphans();
-        let current = self.current;
+    fn delete_unused_rev_nat_and_backends(&mut self, current: &MapContents) {
+        let (orphan_revs, orphan_backends) = self.orphans(current);
         for id in orphan_revs {
             let Some(r) = current.rev_nat.get(&id) else {
                 continue;
@@ -517,12 +616,12 @@ impl<'a> Planner<'a> {
     /// Reverse NAT and backend ids that may have lost their last user: the
     /// gone frontends' (and in a full plan every unwanted one), or in an
     /// incremental plan those the touched frontends used before.
-    fn orphans(&self) -> (BTreeSet<u16>, BTreeSet<BackendId>) {
+    fn orphans(&self, current: &MapContents) -> (BTreeSet<u16>, BTreeSet<BackendId>) {
         let mut revs = BTreeSet::new();
         let mut backends = BTreeSet::new();
-        let candidates = self.candidates();
+        let candidates = self.candidates(current);
         for f in candidates.iter().filter(|f| self.desired.get(f).is_none()) {
-            for (k, v) in slots_of(&self.current.services, f) {
+            for (k, v) in slots_of(&current.services, f) {
                 if k.backend_slot == 0 {
                     revs.insert(v.rev_nat_id);
                 } else {
@@ -533,26 +632,18 @@ impl<'a> Planner<'a> {
         match self.touched {
             None => {
                 revs.extend(
-                    self.current
+                    current
                         .rev_nat
                         .keys()
                         .filter(|id| !self.wanted_rev.contains(id)),
                 );
                 backends.extend(
-                    self.current
+                    current
                         .backend_ids()
                         .filter(|id| !self.wanted_backends.contains(id)),
                 );
             }
-            Some(_) => {
-                for f in candidates.iter().filter(|f| !self.failed.contains(f)) {
-                    for (k, v) in slots_of(&self.current.services, f) {
-                        if k.backend_slot != 0 {
-                            backends.insert(k.backend(v));
-                        }
-                    }
-                }
-            }
+            Some(_) => backends.extend(self.previous_backends.iter().copied()),
         }
         (revs, backends)
     }
