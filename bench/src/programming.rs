@@ -136,7 +136,7 @@ fn ours(family: Family, n: usize, endpoints: usize, changes: usize) -> Result<Pr
         let change = ServiceChange {
             name: ServiceName {
                 namespace: BENCH_NAMESPACE.into(),
-                name: ports[i].name.clone(),
+                name: ports[i].name.as_str().into(),
             },
             service: Some(&services[i]),
             slices: vec![&slices[i]],

@@ -361,7 +361,7 @@ fn cluster_ip_entry(
     ServiceEntry {
         service: ServiceName {
             namespace: "default".into(),
-            name,
+            name: name.into(),
         },
         port_name: String::new(),
         frontend: l4(addr, port),

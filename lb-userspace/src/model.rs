@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
@@ -231,11 +232,24 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// `namespace/name` of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// `namespace/name` of a Service. Shared text: the store, the desired
+/// state and their indexes each keep a copy per Service or frontend, and a
+/// copy is two reference counts, not two strings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+/// As `{"namespace": .., "name": ..}` (serde's `rc` feature is off).
+impl Serialize for ServiceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("ServiceName", 2)?;
+        st.serialize_field("namespace", &*self.namespace)?;
+        st.serialize_field("name", &*self.name)?;
+        st.end()
+    }
 }
 
 impl fmt::Display for ServiceName {

@@ -222,7 +222,8 @@ pub struct SliceInfo {
     pub trigger_time: Option<DateTime<Utc>>,
 }
 
-/// Node names and zones repeat across every endpoint: one copy each.
+/// Node names, zones and namespaces repeat across every endpoint or
+/// object: one copy each.
 fn intern(text: &str) -> Arc<str> {
     static STRINGS: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Default::default);
     let mut strings = STRINGS
@@ -240,8 +241,8 @@ pub fn service_name(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> ServiceName {
     ServiceName {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
+        namespace: intern(meta.namespace.as_deref().unwrap_or("default")),
+        name: meta.name.as_deref().unwrap_or_default().into(),
     }
 }
 
@@ -389,8 +390,8 @@ impl From<&EndpointSlice> for SliceInfo {
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
             .map(|svc| ServiceName {
-                namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-                name: svc.clone(),
+                namespace: intern(meta.namespace.as_deref().unwrap_or("default")),
+                name: svc.as_str().into(),
             });
         SliceInfo {
             namespace: meta.namespace.as_deref().unwrap_or("default").into(),
@@ -573,7 +574,7 @@ mod tests {
         }))
         .unwrap();
         let s = SliceInfo::from(&slice);
-        assert_eq!(s.service.as_ref().map(|n| n.name.as_str()), Some("web"));
+        assert_eq!(s.service.as_ref().map(|n| &*n.name), Some("web"));
         assert!(s.trigger_time.is_some());
         let e = &s.endpoints;
         assert!(

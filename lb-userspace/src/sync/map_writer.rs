@@ -576,7 +576,7 @@ mod tests {
             s.insert(ServiceEntry {
                 service: ServiceName {
                     namespace: "default".into(),
-                    name: format!("svc{port}"),
+                    name: format!("svc{port}").into(),
                 },
                 port_name: String::new(),
                 frontend,

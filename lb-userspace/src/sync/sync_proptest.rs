@@ -449,7 +449,7 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
         let s = world.apply(c);
         let name = ServiceName {
             namespace: "default".into(),
-            name: service_name(s),
+            name: service_name(s).into(),
         };
         let slices = world.slices_of(s);
         let report = incremental.sync_services(&[ServiceChange {

@@ -67,7 +67,7 @@ pub fn response(check: &HealthCheck, proxy_healthy: bool) -> (&'static str, Stri
         "503 Service Unavailable"
     };
     let body = serde_json::json!({
-        "service": {"namespace": check.service.namespace, "name": check.service.name},
+        "service": check.service,
         "localEndpoints": check.local_endpoints,
         "serviceProxyHealthy": proxy_healthy,
     });

@@ -883,7 +883,7 @@ mod tests {
             db.backends.active,
             vec![addr("192.0.2.42", 5432, Protocol::Tcp)]
         );
-        assert_eq!(db.service.namespace, "default");
+        assert_eq!(&*db.service.namespace, "default");
     }
 
     #[test]
@@ -1628,7 +1628,7 @@ mod tests {
         ] {
             let object = format!("Service default/{name}");
             assert_eq!(errors_of(&t, &object).len(), 1, "{object}: {:?}", t.errors);
-            assert!(t.failed_services.iter().any(|s| s.name == name));
+            assert!(t.failed_services.iter().any(|s| &*s.name == name));
         }
         let port = |field, value| Invalid::PortNumber { field, value };
         for (name, reason) in [
