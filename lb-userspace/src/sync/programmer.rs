@@ -59,6 +59,10 @@ pub struct Programmer<W: MapWriter> {
     unprogrammed: BTreeSet<L4Addr>,
 }
 
+/// Writes planned and written at a time (a part of a phase): two of the
+/// batch syscalls' chunks.
+const WRITE_CHUNK: usize = 8192;
+
 /// A phase of this many writes or more (a full sync of a large cluster, a
 /// large Service) is followed by a compaction of the maps' mirror.
 const COMPACT_AFTER: usize = 16_384;
@@ -218,17 +222,23 @@ impl<W: MapWriter> Programmer<W> {
         for _pass in 0..2 {
             let mut run = PlanRun::default();
             let mut tally = PhaseTally::default();
+            let mut phase_writes = 0;
             let writer = &mut self.writer;
             let unplanned = differ::plan_and_write(
                 &mut self.current,
                 &self.desired,
                 scope.as_ref(),
                 &self.limits,
-                |ops, current| {
+                WRITE_CHUNK,
+                |ops, current, phase_done| {
                     tally.note(ops, current, &mut written);
                     run.apply(writer, ops, current);
-                    if ops.len() >= COMPACT_AFTER {
-                        current.compact();
+                    phase_writes += ops.len();
+                    if phase_done {
+                        if phase_writes >= COMPACT_AFTER {
+                            current.compact();
+                        }
+                        phase_writes = 0;
                     }
                 },
             );

@@ -521,8 +521,8 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Planning phase by phase, each phase written before the next is planned
-/// (as syncs do), gives the ops of one whole plan: for a full plan and for
+/// Planning in parts, each written before the next is planned (as syncs
+/// do), gives the ops of one whole plan: for a full plan and for
 /// one scoped to every frontend.
 fn check_phased_planning(
     current: &MapContents,
@@ -537,7 +537,8 @@ fn check_phased_planning(
         let whole = plan_scoped(current, desired, scope, limits);
         let mut phased = Vec::new();
         let mut mirror = current.clone();
-        let unplanned = plan_and_write(&mut mirror, desired, scope, limits, |ops, maps| {
+        // Parts of three writes: many part boundaries in small cases.
+        let unplanned = plan_and_write(&mut mirror, desired, scope, limits, 3, |ops, maps, _| {
             for o in ops {
                 record(maps, &o.op);
             }

@@ -40,7 +40,7 @@ pub(crate) fn plan_scoped(
     planner.allocate_ids(current, limits);
     let mut ops = Vec::new();
     for phase in Phase::ALL {
-        planner.plan(phase, current);
+        while !planner.plan(phase, current, usize::MAX) {}
         ops.append(&mut planner.ops);
     }
     Plan {
@@ -49,35 +49,41 @@ pub(crate) fn plan_scoped(
     }
 }
 
-/// Plans as `plan_scoped` does, but hands each phase's writes to `write`
-/// (which applies them and records them in `current`) before it plans the
-/// next: a full sync of a large cluster never holds all of its writes at
-/// once (at 10,000 Services x 10 endpoints, 320,000 of 60 bytes), only the
-/// largest phase's. The ops are the same as `plan_scoped`'s: a phase reads
-/// of `current` only the entries of its own kind, which earlier phases do
-/// not write, and ids, which they add as this plan handed them out.
-/// Returns the Services left out.
+/// Plans as `plan_scoped` does, but in parts of about `chunk` writes, each
+/// handed to `write` (which applies them and records them in `current`;
+/// true: the last part of a phase) before the next is planned: a full sync of a large cluster never holds
+/// all of its writes at once (at 10,000 Services x 10 endpoints, 320,000
+/// of 60 bytes). The ops are the same as `plan_scoped`'s: a phase reads of
+/// `current` only entries of its own kind and of the Service or frontend
+/// it is planning, which no other part writes, and ids, which earlier
+/// phases add as this plan handed them out. Returns the Services left out.
 pub(crate) fn plan_and_write(
     current: &mut MapContents,
     desired: &DesiredState,
     touched: Option<&BTreeSet<L4Addr>>,
     limits: &IdLimits,
-    mut write: impl FnMut(&[PlannedOp], &mut MapContents),
+    chunk: usize,
+    mut write: impl FnMut(&[PlannedOp], &mut MapContents, bool),
 ) -> Vec<Unplanned> {
     let mut planner = Planner::new(desired, touched);
     planner.allocate_ids(current, limits);
     for phase in Phase::ALL {
-        planner.plan(phase, current);
-        let ops = std::mem::take(&mut planner.ops);
-        if !ops.is_empty() {
-            write(&ops, current);
+        loop {
+            let done = planner.plan(phase, current, chunk);
+            let ops = std::mem::take(&mut planner.ops);
+            if !ops.is_empty() || done {
+                write(&ops, current, done);
+            }
+            if done {
+                break;
+            }
         }
     }
     planner.unplanned
 }
 
 /// The phases of a plan, in the order their writes must reach the maps.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Backends,
     RevNat,
@@ -164,6 +170,11 @@ struct Planner<'a> {
     late_deletes: Vec<PlannedOp>,
     /// See `note_previous_backends`.
     previous_backends: BTreeSet<BackendId>,
+    /// Where the current phase goes on: an index in `entries`, or in
+    /// `groups` for memberships.
+    cursor: usize,
+    /// The memberships phase's addresses and ports.
+    groups: Vec<(IpAddr, u16)>,
 }
 
 impl<'a> Planner<'a> {
@@ -180,24 +191,65 @@ impl<'a> Planner<'a> {
             ops: Vec::new(),
             late_deletes: Vec::new(),
             previous_backends: BTreeSet::new(),
+            cursor: 0,
+            groups: Vec::new(),
         }
     }
 
-    fn plan(&mut self, phase: Phase, current: &MapContents) {
-        self.ids.forget_written(current);
-        match phase {
-            Phase::Backends => self.put_backends(current),
-            Phase::RevNat => self.put_rev_nat(current),
-            Phase::Memberships => self.put_memberships(current),
-            Phase::Slots => {
-                self.note_previous_backends(current);
-                self.put_slots(current);
+    /// Plans the next part of `phase`: until `chunk` ops are planned or the
+    /// phase is done (true). Deletions are planned in one part.
+    fn plan(&mut self, phase: Phase, current: &MapContents, chunk: usize) -> bool {
+        if self.cursor == 0 {
+            self.start(phase, current);
+        }
+        let done = match phase {
+            Phase::Backends => {
+                let done = self.for_entries(chunk, |p, e| p.put_entry_backends(current, e));
+                if done {
+                    self.keep_failed_frontends_backends(current);
+                }
+                done
             }
+            Phase::RevNat => self.for_entries(chunk, |p, e| p.put_entry_rev_nat(current, e)),
+            Phase::Memberships => self.put_memberships(current, chunk),
+            Phase::Slots => self.for_entries(chunk, |p, e| p.put_entry_slots(current, e)),
             Phase::Deletes => {
                 self.delete_gone_frontends(current);
                 self.delete_unused_rev_nat_and_backends(current);
+                true
+            }
+        };
+        if done {
+            self.cursor = 0;
+        }
+        done
+    }
+
+    /// What a phase reads before its first part is planned.
+    fn start(&mut self, phase: Phase, current: &MapContents) {
+        self.ids.forget_written(current);
+        match phase {
+            Phase::Memberships => self.groups = self.membership_groups(current),
+            Phase::Slots => self.note_previous_backends(current),
+            _ => {}
+        }
+    }
+
+    /// Plans the planned entries from the cursor on, until `chunk` ops are
+    /// planned (false) or every entry is (true).
+    fn for_entries(
+        &mut self,
+        chunk: usize,
+        mut plan_entry: impl FnMut(&mut Self, &'a ServiceEntry),
+    ) -> bool {
+        while let Some(&entry) = self.entries.get(self.cursor) {
+            self.cursor += 1;
+            plan_entry(self, entry);
+            if self.ops.len() >= chunk {
+                return false;
             }
         }
+        true
     }
 
     fn push(&mut self, op: MapOp, frontend: Option<L4Addr>) {
@@ -318,21 +370,22 @@ impl<'a> Planner<'a> {
         Ok(())
     }
 
-    /// Backends first: a slot must never point at a missing backend. The
-    /// backends the slots of unplanned frontends point at stay.
-    fn put_backends(&mut self, current: &MapContents) {
-        for entry in self.entries.clone() {
-            for b in entry.all_backends() {
-                let id = self.ids.planned_backend(current, b);
-                if !self.wanted_backends.insert(id) {
-                    continue;
-                }
-                let value = backend_value(b);
-                if current.backends[id.family].get(&id.id) != Some(&value) {
-                    self.push(MapOp::PutBackend(id, value), None);
-                }
+    /// Backends first: a slot must never point at a missing backend.
+    fn put_entry_backends(&mut self, current: &MapContents, entry: &ServiceEntry) {
+        for b in entry.all_backends() {
+            let id = self.ids.planned_backend(current, b);
+            if !self.wanted_backends.insert(id) {
+                continue;
+            }
+            let value = backend_value(b);
+            if current.backends[id.family].get(&id.id) != Some(&value) {
+                self.push(MapOp::PutBackend(id, value), None);
             }
         }
+    }
+
+    /// The backends the slots of unplanned frontends point at stay.
+    fn keep_failed_frontends_backends(&mut self, current: &MapContents) {
         for f in &self.failed {
             for (k, v) in slots_of(&current.services, f) {
                 if k.backend_slot != 0 {
@@ -344,17 +397,15 @@ impl<'a> Planner<'a> {
 
     /// Reverse NAT before a Service becomes visible, so its first reply
     /// already finds it.
-    fn put_rev_nat(&mut self, current: &MapContents) {
-        for entry in self.entries.clone() {
-            let f = entry.frontend;
-            let id = self.ids.planned_rev_nat(current, &f);
-            if !self.wanted_rev.insert(id) {
-                continue;
-            }
-            let value = rev_nat_value(&f);
-            if current.rev_nat.get(&id) != Some(&value) {
-                self.push(MapOp::PutRevNat(id, value), Some(f));
-            }
+    fn put_entry_rev_nat(&mut self, current: &MapContents, entry: &ServiceEntry) {
+        let f = entry.frontend;
+        let id = self.ids.planned_rev_nat(current, &f);
+        if !self.wanted_rev.insert(id) {
+            return;
+        }
+        let value = rev_nat_value(&f);
+        if current.rev_nat.get(&id) != Some(&value) {
+            self.push(MapOp::PutRevNat(id, value), Some(f));
         }
     }
 
@@ -362,7 +413,22 @@ impl<'a> Planner<'a> {
     /// check it) and source ranges, before a master turns them on. TCP and
     /// UDP of one port share a reverse NAT id, so these are planned per
     /// address and port.
-    fn put_memberships(&mut self, current: &MapContents) {
+    fn put_memberships(&mut self, current: &MapContents, chunk: usize) -> bool {
+        while let Some(&(addr, port)) = self.groups.get(self.cursor) {
+            self.cursor += 1;
+            if let Some(rev) = self.ids.rev_nat(current, addr, port) {
+                self.put_group_memberships(current, addr, port, rev);
+            }
+            if self.ops.len() >= chunk {
+                return false;
+            }
+        }
+        self.groups = Vec::new();
+        true
+    }
+
+    /// The addresses and ports whose memberships this plan looks at.
+    fn membership_groups(&self, current: &MapContents) -> Vec<(IpAddr, u16)> {
         let mut groups: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
         match self.touched {
             None => {
@@ -371,11 +437,7 @@ impl<'a> Planner<'a> {
             }
             Some(t) => groups.extend(t.iter().map(|f| (f.addr, f.port))),
         }
-        for (addr, port) in groups {
-            if let Some(rev) = self.ids.rev_nat(current, addr, port) {
-                self.put_group_memberships(current, addr, port, rev);
-            }
-        }
+        groups.into_iter().collect()
     }
 
     fn put_group_memberships(&mut self, current: &MapContents, addr: IpAddr, port: u16, rev: u16) {
@@ -472,19 +534,17 @@ impl<'a> Planner<'a> {
     /// Per frontend and scope: slots 1..=n, then the master (count) last,
     /// then the slots past the new count. The internal scope goes first:
     /// the external master's flag sends pod traffic to it.
-    fn put_slots(&mut self, current: &MapContents) {
-        for entry in self.entries.clone() {
-            let scopes: [(u8, Option<&BackendSet>); 2] = [
-                (SCOPE_INTERNAL, entry.internal.as_ref()),
-                (SCOPE_EXTERNAL, Some(&entry.backends)),
-            ];
-            for (scope, set) in scopes {
-                if let Some(set) = set {
-                    self.put_scope_slots(current, entry, scope, set);
-                }
+    fn put_entry_slots(&mut self, current: &MapContents, entry: &ServiceEntry) {
+        let scopes: [(u8, Option<&BackendSet>); 2] = [
+            (SCOPE_INTERNAL, entry.internal.as_ref()),
+            (SCOPE_EXTERNAL, Some(&entry.backends)),
+        ];
+        for (scope, set) in scopes {
+            if let Some(set) = set {
+                self.put_scope_slots(current, entry, scope, set);
             }
-            self.delete_slots_past_count(current, entry);
         }
+        self.delete_slots_past_count(current, entry);
     }
 
     fn put_scope_slots(
