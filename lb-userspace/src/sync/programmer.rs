@@ -64,7 +64,8 @@ pub struct Programmer<W: MapWriter> {
 const WRITE_CHUNK: usize = 8192;
 
 /// A phase of this many writes or more (a full sync of a large cluster, a
-/// large Service) is followed by a compaction of the maps' mirror.
+/// large Service) is followed by a compaction of the maps' mirror (and
+/// maps that grow are rebuilt as they do: `MapContents::compact_grown`).
 const COMPACT_AFTER: usize = 16_384;
 
 /// What the writes of a plan's phases did besides writing, noted before
@@ -233,6 +234,7 @@ impl<W: MapWriter> Programmer<W> {
                 |ops, current, phase_done| {
                     tally.note(ops, current, &mut written);
                     run.apply(writer, ops, current);
+                    current.compact_grown();
                     phase_writes += ops.len();
                     if phase_done {
                         if phase_writes >= COMPACT_AFTER {
