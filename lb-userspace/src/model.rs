@@ -486,6 +486,11 @@ impl DesiredState {
         Some(old)
     }
 
+    /// The Services that have entries.
+    pub(crate) fn services(&self) -> impl Iterator<Item = &ServiceName> {
+        self.by_service.keys()
+    }
+
     /// Frontends that belong to `service`.
     pub(crate) fn frontends_of(&self, service: &ServiceName) -> Vec<L4Addr> {
         self.by_service
@@ -508,6 +513,11 @@ impl Shadowed {
     /// Every waiting entry.
     pub fn entries(&self) -> impl Iterator<Item = &ServiceEntry> {
         self.0.values().flat_map(|m| m.values())
+    }
+
+    /// The Services that have waiting entries.
+    pub(crate) fn services(&self) -> impl Iterator<Item = &ServiceName> {
+        self.0.values().flat_map(|m| m.keys())
     }
 
     fn insert(&mut self, entry: ServiceEntry) {

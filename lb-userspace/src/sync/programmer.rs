@@ -107,6 +107,28 @@ impl PhaseTally {
     }
 }
 
+/// The change of `name` in `by_name`, added (nothing yet) when absent.
+fn change_of<'m, 'o>(
+    by_name: &'m mut BTreeMap<ServiceName, ServiceChange<'o>>,
+    name: &ServiceName,
+) -> &'m mut ServiceChange<'o> {
+    by_name
+        .entry(name.clone())
+        .or_insert_with(|| ServiceChange {
+            name: name.clone(),
+            service: None,
+            slices: Vec::new(),
+        })
+}
+
+/// Drops repeated errors: re-translating every Service in turn reports a
+/// contested frontend's loser both when the winner and when the loser
+/// claims it.
+fn dedup_errors(errors: &mut Vec<TranslateError>) {
+    let mut seen = std::collections::HashSet::new();
+    errors.retain(|e| seen.insert(e.to_string()));
+}
+
 /// What the passes of one sync wrote.
 #[derive(Default)]
 struct Written {
@@ -152,25 +174,62 @@ impl<W: MapWriter> Programmer<W> {
         slices: &[E],
     ) -> SyncReport {
         let started = Instant::now();
-        let mut t = translate::translate_on(&self.node, services, slices);
-        translate::carry_over_failed(&mut t, &self.desired, &self.shadowed);
-        self.health = std::mem::take(&mut t.health_checks)
-            .into_iter()
-            .map(|h| (h.service.clone(), h))
-            .collect();
-        self.desired = t.state;
-        self.shadowed = t.shadowed;
+        let changes = self.every_service(services, slices);
+        let (mut errors, notes) = self.retranslate(&changes, &mut BTreeSet::new());
+        drop(changes);
+        dedup_errors(&mut errors);
         let written = self.write(None);
         self.names_changed = true;
-        self.finish(started, written, t.errors, t.notes)
+        self.finish(started, written, errors, notes)
+    }
+
+    /// A change for every Service: those the objects name, and those the
+    /// desired state, the waiting entries or the health checks still have
+    /// (gone now).
+    fn every_service<'o, S: Borrow<ServiceInfo>, E: Borrow<SliceInfo>>(
+        &self,
+        services: &'o [S],
+        slices: &'o [E],
+    ) -> Vec<ServiceChange<'o>> {
+        let mut by_name: BTreeMap<ServiceName, ServiceChange<'o>> = BTreeMap::new();
+        for svc in services {
+            let svc: &ServiceInfo = svc.borrow();
+            change_of(&mut by_name, &svc.name).service = Some(svc);
+        }
+        for slice in slices {
+            let slice: &SliceInfo = slice.borrow();
+            if let Some(name) = &slice.service {
+                change_of(&mut by_name, name).slices.push(slice);
+            }
+        }
+        let previous = self.desired.services().chain(self.shadowed.services());
+        for name in previous.chain(self.health.keys()) {
+            change_of(&mut by_name, name);
+        }
+        by_name.into_values().collect()
     }
 
     /// Re-translates the given Services only and writes what changed (and
     /// retries the frontends an earlier sync could not program).
     pub fn sync_services(&mut self, changes: &[ServiceChange]) -> SyncReport {
         let started = Instant::now();
-        let (mut errors, mut notes) = (Vec::new(), Vec::new());
         let mut touched: BTreeSet<L4Addr> = self.unprogrammed.clone();
+        let (errors, notes) = self.retranslate(changes, &mut touched);
+        let written = self.write(Some(&touched));
+        self.finish(started, written, errors, notes)
+    }
+
+    /// Replaces the desired entries and health checks of the changed
+    /// Services with their translation, in place (a full sync of a large
+    /// cluster does not build a second desired state beside the first); a
+    /// Service invalid as a whole keeps what it had. Adds the frontends
+    /// whose entries changed hands to `touched`.
+    fn retranslate(
+        &mut self,
+        changes: &[ServiceChange],
+        touched: &mut BTreeSet<L4Addr>,
+    ) -> (Vec<TranslateError>, Vec<String>) {
+        let (mut errors, mut notes) = (Vec::new(), Vec::new());
         for change in changes {
             self.health.remove(&change.name);
             if let Some(h) = change
@@ -208,8 +267,7 @@ impl<W: MapWriter> Programmer<W> {
                 }
             }
         }
-        let written = self.write(Some(&touched));
-        self.finish(started, written, errors, notes)
+        (errors, notes)
     }
 
     /// Plans and writes, twice when the first pass left Services out and

@@ -460,8 +460,26 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
         let services: Vec<&ServiceInfo> = world.services.values().collect();
         let slices: Vec<&SliceInfo> = world.slices.values().collect();
         let before = full.current.clone();
+        let (desired_before, shadowed_before) = (full.desired.clone(), full.shadowed.clone());
         let full_report = full.full_sync(&services, &slices);
         let context = || format!("after change {n} ({c:?})");
+        // A full sync re-translates Service by Service in place; the whole
+        // translation at once (with the failed Services' entries carried
+        // over) must agree.
+        let mut bulk = translate::translate_on(&full.node, &services, &slices);
+        translate::carry_over_failed(&mut bulk, &desired_before, &shadowed_before);
+        prop_assert_eq!(
+            &bulk.state,
+            &full.desired,
+            "{}: bulk translation",
+            context()
+        );
+        prop_assert_eq!(
+            &bulk.shadowed,
+            &full.shadowed,
+            "{}: bulk shadowed",
+            context()
+        );
         check_phased_planning(&before, &full.desired, &full.limits)
             .map_err(|e| TestCaseError::fail(format!("{}: {e}", context())))?;
         for (path, p, r) in [

@@ -156,7 +156,10 @@ impl From<Conflict> for TranslateError {
 }
 
 /// Keeps the previous entries (held or waiting) of Services that failed
-/// as a whole, so a bad edit does not take down what was already serving.
+/// as a whole, so a bad edit does not take down what was already serving:
+/// with `translate_on`, the whole-translation reference a full sync (which
+/// re-translates in place) is checked against.
+#[cfg(test)]
 pub(crate) fn carry_over_failed(
     translation: &mut Translation,
     previous: &DesiredState,
