@@ -4,7 +4,7 @@
 //! Services it touches. A relist (410 Gone, a dropped watch) ends in a full
 //! resync that converges the maps and removes what no longer exists.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::sorted_vec_set::SortedVecSet;
 
@@ -201,9 +201,14 @@ pub struct ClusterState {
     slices: HashMap<SliceKey, SliceInfo>,
     by_service: HashMap<ServiceName, SortedVecSet<SliceKey>>,
     pub node: Option<NodeFacts>,
-    /// Objects buffered during a relist, swapped in at InitDone.
-    init_services: Option<Vec<ServiceInfo>>,
-    init_slices: Option<Vec<SliceInfo>>,
+    /// What a list (the first, or a relist) returned so far, None when
+    /// none is under way. A list updates the store in place as its objects
+    /// arrive (each is the API's current version), and what it did not
+    /// return is deleted when it is done: the store never holds a large
+    /// cluster twice. Until then, objects deleted while the watch was
+    /// down are still there, as in a store that swaps the list in whole.
+    listed_services: Option<HashSet<ServiceName>>,
+    listed_slices: Option<HashSet<SliceKey>>,
     pub services_synced: bool,
     pub slices_synced: bool,
     /// Trigger times of slice changes not yet written, per Service.
@@ -294,12 +299,11 @@ impl ClusterState {
         self.slices.insert(key, slice);
     }
 
-    fn remove_slice(&mut self, slice: &SliceInfo, work: &mut Work) {
-        let key = slice_key(slice);
-        if let Some(old) = self.slices.remove(&key) {
+    fn remove_slice(&mut self, key: &SliceKey, work: &mut Work) {
+        if let Some(old) = self.slices.remove(key) {
             if let Some(svc) = old.service {
                 if let Some(keys) = self.by_service.get_mut(&svc) {
-                    keys.remove(&key);
+                    keys.remove(key);
                     if keys.is_empty() {
                         self.by_service.remove(&svc);
                     }
@@ -307,7 +311,7 @@ impl ClusterState {
                 work.dirty.insert(svc);
             }
         }
-        self.observed_trigger.remove(&key);
+        self.observed_trigger.remove(key);
     }
 
     /// Folds one change into the store and notes what it asks for. Objects
@@ -337,14 +341,18 @@ impl ClusterState {
                 if self.services_synced {
                     work.restarts.push("services");
                 }
-                self.init_services = Some(Vec::new());
+                self.listed_services = Some(HashSet::new());
             }
             Event::InitApply(s) => {
-                self.init_services.get_or_insert_with(Vec::new).push(s);
+                if let Some(listed) = &mut self.listed_services {
+                    listed.insert(s.name.clone());
+                }
+                self.services.insert(s.name.clone(), s);
             }
             Event::InitDone => {
-                let list = self.init_services.take().unwrap_or_default();
-                self.services = list.into_iter().map(|s| (s.name.clone(), s)).collect();
+                if let Some(listed) = self.listed_services.take() {
+                    self.services.retain(|name, _| listed.contains(name));
+                }
                 self.services_synced = true;
                 work.full_resync = true;
             }
@@ -357,27 +365,33 @@ impl ClusterState {
                 self.note_trigger(&s);
                 self.put_slice(s, work);
             }
-            Event::Delete(s) => self.remove_slice(&s, work),
+            Event::Delete(s) => self.remove_slice(&slice_key(&s), work),
             Event::Init => {
                 if self.slices_synced {
                     work.restarts.push("endpointslices");
                 }
-                self.init_slices = Some(Vec::new());
+                self.listed_slices = Some(HashSet::new());
             }
             Event::InitApply(s) => {
                 self.note_trigger(&s);
-                self.init_slices.get_or_insert_with(Vec::new).push(s);
+                if let Some(listed) = &mut self.listed_slices {
+                    listed.insert(slice_key(&s));
+                }
+                // The list's end asks for a full resync.
+                self.put_slice(s, &mut Work::default());
             }
             Event::InitDone => {
-                let list = self.init_slices.take().unwrap_or_default();
-                self.slices.clear();
-                self.by_service.clear();
-                let mut ignore = Work::default();
-                for s in list {
-                    self.put_slice(s, &mut ignore);
+                if let Some(listed) = self.listed_slices.take() {
+                    let gone: Vec<SliceKey> = (self.slices.keys())
+                        .filter(|k| !listed.contains(*k))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        self.remove_slice(&key, &mut Work::default());
+                    }
                 }
-                let live: BTreeSet<SliceKey> = self.slices.keys().cloned().collect();
-                self.observed_trigger.retain(|k, _| live.contains(k));
+                let slices = &self.slices;
+                self.observed_trigger.retain(|k, _| slices.contains_key(k));
                 self.slices_synced = true;
                 work.full_resync = true;
             }
@@ -472,6 +486,39 @@ mod tests {
         assert_eq!(w.restarts, vec!["services"]);
         assert!(w.full_resync);
         assert!(!st.services.contains_key(&name("b")));
+    }
+
+    #[test]
+    fn a_slice_relist_updates_in_place_and_deletes_what_it_did_not_return() {
+        let mut st = ClusterState::default();
+        let mut w = Work::default();
+        for c in [
+            Change::Slice(Event::Init),
+            Change::Slice(Event::InitApply(slice("s1", "a", "10.244.0.1", None))),
+            Change::Slice(Event::InitApply(slice("s2", "b", "10.244.0.2", None))),
+            Change::Slice(Event::InitDone),
+        ] {
+            st.apply(c, &mut w);
+        }
+        let mut w = Work::default();
+        st.apply(Change::Slice(Event::Init), &mut w);
+        st.apply(
+            Change::Slice(Event::InitApply(slice("s1", "a", "10.244.0.9", None))),
+            &mut w,
+        );
+        // Mid-list: s1 is the new version, s2 still there.
+        let a = &st.changes(&[name("a")].into())[0];
+        let address = a.slices[0].endpoints[0].address.clone();
+        assert_eq!(
+            address,
+            Some(crate::source::objects::Addr::parse("10.244.0.9"))
+        );
+        assert_eq!(st.changes(&[name("b")].into())[0].slices.len(), 1);
+        st.apply(Change::Slice(Event::InitDone), &mut w);
+        assert!(w.full_resync);
+        assert_eq!(w.restarts, vec!["endpointslices"]);
+        assert!(st.changes(&[name("b")].into())[0].slices.is_empty());
+        assert_eq!(st.slices.len(), 1);
     }
 
     #[test]
