@@ -13,6 +13,7 @@ pub mod nodeport_load;
 pub mod plot;
 pub mod programming;
 pub mod rule_tools;
+pub mod scale_source;
 pub mod selection;
 pub mod traffic;
 

@@ -1,14 +1,16 @@
 //! lb-bench: measurements behind `cargo xtask bench`.
 //!
-//! `lb-bench control-plane --services N --endpoints M --changes K` drives the
-//! real lb-agent (with the data path attached in a lab node) from the API
-//! server fixture and measures, end to end:
+//! `lb-bench control-plane --services N --endpoints M --changes K
+//! [--source api|manifests]` drives the real lb-agent (with the data path
+//! attached in a lab node) from the API server fixture or a manifest folder
+//! and measures, end to end:
 //! - initial programming of N Services x M endpoints: from the agent's start
 //!   to its first full sync written (and the sync's own duration, from its log);
 //! - K single-EndpointSlice changes: from the fixture storing the change to
 //!   the new backend count being visible in the pinned services map
 //!   (p50/p99/max), each change one endpoint added or removed;
-//! - the agent's RSS after the initial sync and at the end (and its peak).
+//! - the agent's RSS after the initial sync and at the end, and its peak
+//!   before and through two relists (SIGHUP for manifests).
 //!
 //! `lb-bench datapath|programming|traffic --sizes 1,1000,...` run the
 //! measurements of the `lb_bench` library (per-packet cost, rule programming vs
@@ -21,33 +23,28 @@
 //!
 //! Each prints a markdown section on stdout; progress goes to stderr.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use lb_bench::scale_source::ScaleSource;
 use lb_bench::{
     kube_proxy::{Family, FAMILIES},
     percentile,
     traffic::rss_kib,
 };
-use lb_kube_fixtures::{
-    apiserver::ApiServer,
-    scale::{service, service_ip, slice},
-};
-use lb_lab::{Lab, NODE_NAME};
+use lb_kube_fixtures::scale::service_ip;
+use lb_lab::{Lab, Source};
 use lb_userspace::{
     datapath::loader,
     model::{L4Addr, Protocol},
     sync::differ::master_key,
 };
-use serde_json::json;
 
 struct Args {
     services: usize,
     endpoints: usize,
     changes: usize,
+    source: Source,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -55,6 +52,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         services: 10_000,
         endpoints: 10,
         changes: 300,
+        source: Source::Api,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -68,6 +66,13 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--services" => a.services = value()?,
             "--endpoints" => a.endpoints = value()?,
             "--changes" => a.changes = value()?,
+            "--source" => {
+                a.source = match it.next().map(String::as_str) {
+                    Some("api") => Source::Api,
+                    Some("manifests") => Source::Manifests,
+                    other => bail!("--source api|manifests, not {other:?}"),
+                }
+            }
             other => bail!("unknown flag {other}"),
         }
     }
@@ -77,7 +82,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
     Ok(a)
 }
 
-const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K]
+const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K] [--source api|manifests]
        lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K]
        lb-bench programming --sizes N,N,... [--endpoints E] [--changes K] [--limit-s S] [--family ipv4|ipv6|both]
                             (--family: which Services to install, IPv4 ones against iptables and
@@ -265,11 +270,8 @@ fn logged_duration(log: &str, what: &str) -> String {
 
 fn control_plane(a: Args) -> Result<()> {
     let mut lab = Lab::from_objects(Vec::new())?;
-    let api = ApiServer::start_in(Some(lab.node.path()))?;
-    store_objects(&api, &a)?;
-    let kubeconfig = lab.dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig())?;
-    let initial = start_and_wait_for_first_sync(&mut lab, &kubeconfig)?;
+    let mut source = ScaleSource::store(a.source, &lab, a.services, a.endpoints)?;
+    let initial = start_and_wait_for_first_sync(&mut lab, &source)?;
     let pid = lab.agent_pid().context("agent runs")?;
     let (rss_after_sync, _) = rss_kib(pid);
     let maps = loader::open_pinned(&lab.pin_dir)?;
@@ -289,9 +291,9 @@ fn control_plane(a: Args) -> Result<()> {
             );
         }
     }
-    let latencies = change_latencies(&api, &a, count_of)?;
+    let latencies = change_latencies(&mut source, &a, count_of)?;
     let (_, rss_peak_before_relists) = rss_kib(pid);
-    relist(&mut lab, &api)?;
+    relist(&mut lab, &source)?;
     if let Some(l) = lab
         .agent_log()
         .lines()
@@ -312,31 +314,14 @@ fn control_plane(a: Args) -> Result<()> {
     Ok(())
 }
 
-/// Stores the benchmark's Services and EndpointSlices (and the Node) in
-/// the API server fixture.
-fn store_objects(api: &ApiServer, a: &Args) -> Result<()> {
-    api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME}}))?;
-    eprintln!(
-        "[bench] control plane: storing {} Services x {} endpoints in the API server fixture",
-        a.services, a.endpoints
-    );
-    let mut objects = Vec::with_capacity(a.services * 2);
-    for i in 0..a.services {
-        objects.push(service(i));
-        objects.push(slice(i, a.endpoints, NODE_NAME));
-    }
-    api.apply_all(&objects)?;
-    Ok(())
-}
-
-/// Relists the agent's watches `RELISTS` times (the fixture expires them, as
-/// etcd's compaction does) and waits for each full sync: the moment the
-/// store holds the old objects and the new list at once.
-fn relist(lab: &mut Lab, api: &ApiServer) -> Result<()> {
+/// Makes the agent read everything again `RELISTS` times (a relist of its
+/// watches, or SIGHUP to the manifest source) and waits for each full
+/// sync: the moment the store holds the old objects and the new ones.
+fn relist(lab: &mut Lab, source: &ScaleSource) -> Result<()> {
     eprintln!("[bench] {RELISTS} relists");
     for _ in 0..RELISTS {
         let before = lab.generation();
-        api.expire_watches();
+        source.relist(lab)?;
         let deadline = Instant::now() + Duration::from_mins(5);
         while lab.generation() <= before {
             if Instant::now() > deadline {
@@ -353,13 +338,16 @@ const RELISTS: usize = 2;
 
 /// Starts the agent on the fixture and returns the time to its first
 /// full sync.
-fn start_and_wait_for_first_sync(lab: &mut Lab, kubeconfig: &Path) -> Result<Duration> {
+fn start_and_wait_for_first_sync(lab: &mut Lab, source: &ScaleSource) -> Result<Duration> {
     eprintln!("[bench] starting lb-agent and waiting for its first full sync");
     let started = Instant::now();
-    let kc = kubeconfig.to_string_lossy().into_owned();
-    lab.agent()
-        .only(&["--kubeconfig", &kc, "--node-name", NODE_NAME])
-        .spawn()?;
+    let flags = source.agent_flags();
+    let agent = lab.agent();
+    if source.replaces_source_flags() {
+        agent.only(&flags).spawn()?;
+    } else {
+        agent.flags(&flags).spawn()?;
+    }
     let deadline = Instant::now() + Duration::from_mins(5);
     while lab.generation() < 1 {
         if Instant::now() > deadline {
@@ -373,7 +361,7 @@ fn start_and_wait_for_first_sync(lab: &mut Lab, kubeconfig: &Path) -> Result<Dur
 /// Applies single-EndpointSlice changes one at a time and returns, sorted,
 /// how long each took to reach the maps (`count_of`: a Service's count).
 fn change_latencies(
-    api: &ApiServer,
+    source: &mut ScaleSource,
     a: &Args,
     count_of: impl Fn(usize) -> Option<u16>,
 ) -> Result<Vec<Duration>> {
@@ -393,7 +381,7 @@ fn change_latencies(
             a.endpoints
         };
         let t0 = Instant::now();
-        api.apply(&slice(i, new, NODE_NAME))?;
+        source.set_endpoints(i, new)?;
         let deadline = t0 + Duration::from_secs(10);
         while count_of(i) != Some(new as u16) {
             if Instant::now() > deadline {

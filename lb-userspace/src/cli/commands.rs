@@ -34,11 +34,12 @@ pub(crate) async fn check(
         lb_mode: args.node.lb_mode,
     };
     let (services, slices) = if let Some(dir) = &args.source.manifests {
-        let (set, errors) = ManifestSource::new(dir).read();
-        for e in errors {
+        let mut source = ManifestSource::new(dir);
+        for e in source.read(true) {
             eprintln!("manifest: {e}");
         }
-        (set.services, set.slices)
+        let services = source.services().into_iter().cloned().collect();
+        (services, source.slices().into_iter().cloned().collect())
     } else {
         let client = api_client::client(&args.source.api_options()).await?;
         let (services, slices, zone) =

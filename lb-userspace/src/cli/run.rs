@@ -127,39 +127,43 @@ async fn run_manifests(
     sig: &mut Signals,
 ) -> Result<()> {
     let mut source = ManifestSource::new(dir);
-    let mut sync =
-        |source: &mut ManifestSource, log: &mut SyncLog, dp: &mut DataPath| -> Result<()> {
-            let started = Instant::now();
-            let (set, manifest_errors) = source.read();
-            let mut report = programmer.full_sync(&set.services, &set.slices);
-            for e in manifest_errors {
-                metrics
-                    .invalid_objects
-                    .get_or_create(&InvalidLabel {
-                        kind: "manifest".into(),
-                    })
-                    .inc();
-                report.errors.insert(0, format!("manifest: {e}"));
-            }
-            dp.after_sync(programmer, &report)?;
-            log.record("manifests", &report, started)
-        };
+    // A changed file is read again alone; SIGHUP reads every file.
+    let mut sync = |source: &mut ManifestSource,
+                    all: bool,
+                    log: &mut SyncLog,
+                    dp: &mut DataPath|
+     -> Result<()> {
+        let started = Instant::now();
+        let manifest_errors = source.read(all);
+        let mut report = programmer.full_sync(&source.services(), &source.slices());
+        for e in manifest_errors {
+            metrics
+                .invalid_objects
+                .get_or_create(&InvalidLabel {
+                    kind: "manifest".into(),
+                })
+                .inc();
+            report.errors.insert(0, format!("manifest: {e}"));
+        }
+        dp.after_sync(programmer, &report)?;
+        log.record("manifests", &report, started)
+    };
     dp.proxy.queued_update();
-    sync(&mut source, log, dp)?;
+    sync(&mut source, true, log, dp)?;
     let mut tick = tokio::time::interval(args.poll_interval);
     loop {
         tokio::select! {
             _ = sig.hup.recv() => {
                 log::info!("SIGHUP: re-reading {}", dir.display());
                 dp.proxy.queued_update();
-                sync(&mut source, log, dp)?;
+                sync(&mut source, true, log, dp)?;
             }
             _ = sig.term.recv() => break,
             _ = sig.int.recv() => break,
             _ = tick.tick() => {
                 if source.changed() {
                     dp.proxy.queued_update();
-                    sync(&mut source, log, dp)?;
+                    sync(&mut source, false, log, dp)?;
                 }
                 dp.refresh_pods()?;
             }

@@ -23,13 +23,6 @@ pub struct ManifestSet {
     pub slices: Vec<SliceInfo>,
 }
 
-impl ManifestSet {
-    fn extend(&mut self, other: &ManifestSet) {
-        self.services.extend(other.services.iter().cloned());
-        self.slices.extend(other.slices.iter().cloned());
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestError {
     pub file: PathBuf,
@@ -104,15 +97,25 @@ pub(crate) fn parse_documents(file: &Path, text: &str) -> (ManifestSet, Vec<Mani
 /// Reads a folder of manifests, remembering the last good content per file.
 pub struct ManifestSource {
     dir: PathBuf,
-    last_good: BTreeMap<PathBuf, ManifestSet>,
+    files: BTreeMap<PathBuf, FileState>,
     fingerprint: Vec<(PathBuf, SystemTime, u64)>,
+}
+
+/// What one file held the last time it parsed, and what its last read
+/// reported.
+struct FileState {
+    /// Modification time and size when it was last read (None: its last
+    /// read failed, so it is read again).
+    stamp: Option<(SystemTime, u64)>,
+    objects: ManifestSet,
+    errors: Vec<ManifestError>,
 }
 
 impl ManifestSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            last_good: BTreeMap::new(),
+            files: BTreeMap::new(),
             fingerprint: Vec::new(),
         }
     }
@@ -152,58 +155,90 @@ impl ManifestSource {
         Ok(out)
     }
 
-    /// Reads all files. Files with errors contribute their last good content
-    /// (or, on the first read, the documents that did parse).
-    pub fn read(&mut self) -> (ManifestSet, Vec<ManifestError>) {
-        let mut all = ManifestSet::default();
-        let mut errors = Vec::new();
+    /// Reads the folder: every file when `all`, else the files added or
+    /// modified since the last read (by modification time and size; the
+    /// others keep their objects without being parsed again). A file with
+    /// errors contributes its last good content (or, on its first read,
+    /// the documents that did parse). Returns every file's errors, also
+    /// those of files not read again.
+    pub fn read(&mut self, all: bool) -> Vec<ManifestError> {
         let files = match self.files() {
             Ok(f) => f,
             Err(e) => {
-                errors.push(ManifestError {
+                // Keep serving what we had.
+                return vec![ManifestError {
                     file: self.dir.clone(),
                     document: 0,
                     object: None,
                     reason: e.to_string(),
-                });
-                // Keep serving what we had.
-                for set in self.last_good.values() {
-                    all.extend(set);
-                }
-                return (all, errors);
+                }];
             }
         };
         self.fingerprint = self.current_fingerprint().unwrap_or_default();
-        let mut seen = BTreeMap::new();
+        let mut previous = std::mem::take(&mut self.files);
         for file in files {
-            let text = match fs::read_to_string(&file) {
-                Ok(t) => t,
-                Err(e) => {
-                    errors.push(ManifestError {
-                        file: file.clone(),
-                        document: 0,
-                        object: None,
-                        reason: e.to_string(),
-                    });
-                    if let Some(prev) = self.last_good.get(&file) {
-                        seen.insert(file, prev.clone());
-                    }
-                    continue;
-                }
+            let stamp = fs::metadata(&file)
+                .and_then(|m| Ok((m.modified()?, m.len())))
+                .ok();
+            let state = match previous.remove(&file) {
+                Some(state) if !all && stamp.is_some() && state.stamp == stamp => state,
+                prev => read_file(&file, stamp, prev),
             };
-            let (set, errs) = parse_documents(&file, &text);
-            let effective = match (errs.is_empty(), self.last_good.get(&file)) {
-                (false, Some(prev)) => prev.clone(),
-                _ => set,
+            self.files.insert(file, state);
+        }
+        self.errors()
+    }
+
+    fn errors(&self) -> Vec<ManifestError> {
+        self.files
+            .values()
+            .flat_map(|f| f.errors.iter().cloned())
+            .collect()
+    }
+
+    /// Every Service the files hold.
+    pub fn services(&self) -> Vec<&ServiceInfo> {
+        self.files
+            .values()
+            .flat_map(|f| &f.objects.services)
+            .collect()
+    }
+
+    /// Every EndpointSlice the files hold.
+    pub fn slices(&self) -> Vec<&SliceInfo> {
+        self.files
+            .values()
+            .flat_map(|f| &f.objects.slices)
+            .collect()
+    }
+}
+
+/// Reads and parses `file`; on errors it keeps `prev`'s objects.
+fn read_file(file: &Path, stamp: Option<(SystemTime, u64)>, prev: Option<FileState>) -> FileState {
+    let (objects, errors) = match fs::read_to_string(file) {
+        Ok(text) => parse_documents(file, &text),
+        Err(e) => {
+            let error = ManifestError {
+                file: file.to_path_buf(),
+                document: 0,
+                object: None,
+                reason: e.to_string(),
             };
-            errors.extend(errs);
-            seen.insert(file, effective);
+            return FileState {
+                stamp: None,
+                objects: prev.map(|p| p.objects).unwrap_or_default(),
+                errors: vec![error],
+            };
         }
-        for set in seen.values() {
-            all.extend(set);
-        }
-        self.last_good = seen;
-        (all, errors)
+    };
+    let objects = match prev {
+        Some(prev) if !errors.is_empty() => prev.objects,
+        _ => objects,
+    };
+    FileState {
+        stamp,
+        objects,
+        errors,
     }
 }
 
@@ -261,20 +296,37 @@ ports: [{port: 80}]
         fs::write(&file, GOOD).unwrap();
         fs::write(dir.join("other.yml"), "kind: Service\napiVersion: v1\nmetadata: {name: other}\nspec: {clusterIP: 10.96.0.12}\n").unwrap();
         let mut src = ManifestSource::new(&dir);
-        let (set, errors) = src.read();
+        let errors = src.read(true);
         assert!(errors.is_empty());
-        assert_eq!(set.services.len(), 2);
+        assert_eq!(src.services().len(), 2);
         assert!(!src.changed());
         fs::write(&file, "kind: Service\n  bad: [indent").unwrap();
         assert!(src.changed());
-        let (set, errors) = src.read();
+        let errors = src.read(false);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].file, file);
-        assert_eq!(set.services.len(), 2, "last good content of web.yaml stays");
-        assert_eq!(set.slices.len(), 1);
+        assert_eq!(
+            src.services().len(),
+            2,
+            "last good content of web.yaml stays"
+        );
+        assert_eq!(src.slices().len(), 1);
+        // Not read again while unchanged, and still reported.
+        assert_eq!(src.read(false), errors);
         fs::remove_file(&file).unwrap();
-        let (set, _) = src.read();
-        assert_eq!(set.services.len(), 1, "a removed file removes its objects");
+        assert!(src.read(false).is_empty());
+        assert_eq!(
+            src.services().len(),
+            1,
+            "a removed file removes its objects"
+        );
+        fs::write(dir.join("other.yml"), "kind: Service\napiVersion: v1\nmetadata: {name: renamed}\nspec: {clusterIP: 10.96.0.12}\n").unwrap();
+        assert!(src.read(false).is_empty());
+        assert_eq!(
+            &*src.services()[0].name.name,
+            "renamed",
+            "a modified file is read again"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }
