@@ -4,7 +4,10 @@
 //! Services it touches. A relist (410 Gone, a dropped watch) ends in a full
 //! resync that converges the maps and removes what no longer exists.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::Arc,
+};
 
 use crate::sorted_vec_set::SortedVecSet;
 
@@ -185,8 +188,8 @@ fn spawn_watch<K>(
     });
 }
 
-/// An EndpointSlice's identity: (namespace, name).
-type SliceKey = (Box<str>, Box<str>);
+/// An EndpointSlice's identity: (namespace, name), the slice's own text.
+type SliceKey = (Arc<str>, Arc<str>);
 
 fn slice_key(s: &SliceInfo) -> SliceKey {
     (s.namespace.clone(), s.name.clone())
@@ -224,9 +227,6 @@ pub struct ClusterState {
     pub slices_synced: bool,
     /// Trigger times of slice changes not yet written, per Service.
     pending_triggers: HashMap<ServiceName, Vec<DateTime<Utc>>>,
-    /// Latest trigger time observed per slice, so a relist does not count
-    /// the same change twice.
-    observed_trigger: HashMap<SliceKey, DateTime<Utc>>,
 }
 
 impl ClusterState {
@@ -280,19 +280,19 @@ impl ClusterState {
             .collect()
     }
 
+    /// Notes a slice's trigger time unless the version the store holds
+    /// has it already (a relist or resync repeats objects).
     fn note_trigger(&mut self, slice: &SliceInfo) {
         let (Some(service), Some(t)) = (slice.service.clone(), slice.trigger_time) else {
             return;
         };
-        let key = slice_key(slice);
-        if self
-            .observed_trigger
-            .get(&key)
-            .is_some_and(|seen| *seen >= t)
+        let stored = self.slices.get(&slice_key(slice));
+        if stored
+            .and_then(|s| s.trigger_time)
+            .is_some_and(|seen| seen >= t)
         {
             return;
         }
-        self.observed_trigger.insert(key, t);
         self.pending_triggers.entry(service).or_default().push(t);
     }
 
@@ -326,7 +326,6 @@ impl ClusterState {
                 work.dirty.insert(svc);
             }
         }
-        self.observed_trigger.remove(key);
     }
 
     /// Folds one change into the store and notes what it asks for. Objects
@@ -405,8 +404,6 @@ impl ClusterState {
                         self.remove_slice(&key, &mut Work::default());
                     }
                 }
-                let slices = &self.slices;
-                self.observed_trigger.retain(|k, _| slices.contains_key(k));
                 self.slices_synced = true;
                 work.full_resync = true;
             }

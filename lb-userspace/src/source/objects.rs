@@ -211,8 +211,8 @@ impl EndpointInfo {
 /// An EndpointSlice as translation reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
-    pub namespace: Box<str>,
-    pub name: Box<str>,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The Service of the `kubernetes.io/service-name` label.
     pub service: Option<ServiceName>,
     pub address_type: AddressType,
@@ -394,7 +394,7 @@ impl From<&EndpointSlice> for SliceInfo {
                 name: svc.as_str().into(),
             });
         SliceInfo {
-            namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+            namespace: intern(meta.namespace.as_deref().unwrap_or("default")),
             name: meta.name.as_deref().unwrap_or_default().into(),
             service,
             address_type: match slice.address_type.as_str() {
