@@ -108,8 +108,8 @@ impl From<&Node> for NodeFacts {
 
 /// A change from one of the watches, already in the slim form the store
 /// keeps: each watch converts its objects on its own task, so the channel
-/// (up to 4,096 changes during a list) holds slim objects rather than whole
-/// Kubernetes ones, and the conversion runs beside the store's work.
+/// (`CHANGES_IN_FLIGHT`) holds slim objects rather than whole Kubernetes
+/// ones, and the conversion runs beside the store's work.
 pub enum Change {
     Service(Event<ServiceInfo>),
     Slice(Event<SliceInfo>),
@@ -124,9 +124,15 @@ pub enum Change {
 /// x 10 endpoints than at 250, and the lists were no faster.
 const LIST_PAGE_SIZE: u32 = 250;
 
+/// Changes the watches may have converted ahead of the store. During a
+/// relist each is a second copy of an object the store still holds: at
+/// 4,096 the agent's peak through relists of 10,000 Services x 10
+/// endpoints was 2 MiB higher than at 256, and the lists no faster.
+const CHANGES_IN_FLIGHT: usize = 256;
+
 /// Starts the watches; their events arrive on the returned channel.
 pub fn start_watches(client: Client, node_name: Option<String>) -> mpsc::Receiver<Change> {
-    let (tx, rx) = mpsc::channel(4096);
+    let (tx, rx) = mpsc::channel(CHANGES_IN_FLIGHT);
     let selector = proxy_label_selector();
     let svc_cfg = watcher::Config::default()
         .labels(&selector)
@@ -271,7 +277,10 @@ impl ClusterState {
         all: bool,
     ) -> Vec<DateTime<Utc>> {
         if all {
-            return self.pending_triggers.drain().flat_map(|(_, v)| v).collect();
+            // Taken, not drained: after a first sync the table would keep
+            // room for every Service.
+            let pending = std::mem::take(&mut self.pending_triggers);
+            return pending.into_values().flatten().collect();
         }
         written
             .iter()
