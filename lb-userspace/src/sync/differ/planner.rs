@@ -14,9 +14,10 @@ use lb_common::{
 };
 
 use super::{
-    backend_addr, backend_value, frontend_of, ids::IdAllocator, rev_key, rev_nat_value,
-    scoped_slot_key, slots_of, BackendEntry, BackendId, IdLimits, MapContents, MapOp, Plan,
-    PlanError, PlannedOp, RevNatEntry, SlotKey, Unplanned,
+    backend_addr, backend_value, frontend_of,
+    ids::{BackendIdSet, IdAllocator},
+    rev_key, rev_nat_value, scoped_slot_key, slots_of, BackendEntry, BackendId, IdLimits,
+    MapContents, MapOp, Plan, PlanError, PlannedOp, RevNatEntry, SlotKey, Unplanned,
 };
 use crate::model::{
     BackendSet, DesiredState, Family, IpPrefix, L4Addr, PerFamily, Protocol, ServiceEntry,
@@ -162,7 +163,7 @@ struct Planner<'a> {
     /// Frontends of Services left out: they keep what the maps hold.
     failed: BTreeSet<L4Addr>,
     unplanned: Vec<Unplanned>,
-    wanted_backends: BTreeSet<BackendId>,
+    wanted_backends: BackendIdSet,
     wanted_rev: BTreeSet<u16>,
     ops: Vec<PlannedOp>,
     /// Membership and source range deletions, written after the gone
@@ -186,7 +187,7 @@ impl<'a> Planner<'a> {
             entries: Vec::new(),
             failed: BTreeSet::new(),
             unplanned: Vec::new(),
-            wanted_backends: BTreeSet::new(),
+            wanted_backends: BackendIdSet::default(),
             wanted_rev: BTreeSet::new(),
             ops: Vec::new(),
             late_deletes: Vec::new(),
