@@ -118,7 +118,7 @@ pub enum Affinity {
 /// One port of a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortInfo {
-    pub name: Box<str>,
+    pub name: Arc<str>,
     /// The protocol, or why it is not one the data path serves.
     pub protocol: Result<Protocol, UnsupportedProtocol>,
     pub port: i32,
@@ -169,7 +169,7 @@ pub enum AddressType {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: Box<str>,
+    pub name: Arc<str>,
     pub protocol: Result<Protocol, UnsupportedProtocol>,
     pub port: Option<i32>,
 }
@@ -222,8 +222,9 @@ pub struct SliceInfo {
     pub trigger_time: Option<DateTime<Utc>>,
 }
 
-/// Node names, zones and namespaces repeat across every endpoint or
-/// object: one copy each.
+/// Node names, zones, namespaces and port names repeat across every
+/// endpoint or object: one copy each, kept for the agent's life (a cluster
+/// has few of each).
 fn intern(text: &str) -> Arc<str> {
     static STRINGS: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Default::default);
     let mut strings = STRINGS
@@ -361,7 +362,7 @@ fn source_ranges(svc: &Service, spec: &ServiceSpec) -> Vec<Box<str>> {
 
 fn port_info(p: &k8s_openapi::api::core::v1::ServicePort) -> PortInfo {
     PortInfo {
-        name: p.name.as_deref().unwrap_or_default().into(),
+        name: intern(p.name.as_deref().unwrap_or_default()),
         protocol: Protocol::from_k8s(p.protocol.as_deref()),
         port: p.port,
         node_port: p.node_port,
@@ -407,7 +408,7 @@ impl From<&EndpointSlice> for SliceInfo {
                 .iter()
                 .flatten()
                 .map(|p| SlicePort {
-                    name: p.name.as_deref().unwrap_or_default().into(),
+                    name: intern(p.name.as_deref().unwrap_or_default()),
                     protocol: Protocol::from_k8s(p.protocol.as_deref()),
                     port: p.port,
                 })
