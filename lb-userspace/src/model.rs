@@ -486,6 +486,18 @@ impl DesiredState {
         Some(old)
     }
 
+    /// Whether `service` holds exactly `entries`: the same frontends, each
+    /// entry equal.
+    pub(crate) fn holds_exactly(&self, service: &ServiceName, entries: &[ServiceEntry]) -> bool {
+        let held = self.by_service.get(service);
+        let mut frontends: Vec<L4Addr> = entries.iter().map(|e| e.frontend).collect();
+        frontends.sort_unstable();
+        held.is_some_and(|h| h.iter().eq(frontends.iter()))
+            && entries
+                .iter()
+                .all(|e| self.entries.get(&e.frontend) == Some(e))
+    }
+
     /// The Services that have entries.
     pub(crate) fn services(&self) -> impl Iterator<Item = &ServiceName> {
         self.by_service.keys()
@@ -518,6 +530,10 @@ impl Shadowed {
     /// The Services that have waiting entries.
     pub(crate) fn services(&self) -> impl Iterator<Item = &ServiceName> {
         self.0.values().flat_map(|m| m.keys())
+    }
+
+    pub(crate) fn has_service(&self, service: &ServiceName) -> bool {
+        self.0.values().any(|m| m.contains_key(service))
     }
 
     fn insert(&mut self, entry: ServiceEntry) {

@@ -370,7 +370,11 @@ impl ClusterState {
                 if let Some(listed) = &mut self.listed_services {
                     listed.insert(s.name.clone());
                 }
-                self.services.insert(s.name.clone(), Box::new(s));
+                // An unchanged object keeps its place: a relist that
+                // replaced every one would scatter the heap.
+                if self.services.get(&s.name).is_none_or(|old| **old != s) {
+                    self.services.insert(s.name.clone(), Box::new(s));
+                }
             }
             Event::InitDone => {
                 if let Some(listed) = self.listed_services.take() {
@@ -400,8 +404,11 @@ impl ClusterState {
                 if let Some(listed) = &mut self.listed_slices {
                     listed.insert(slice_key(&s));
                 }
-                // The list's end asks for a full resync.
-                self.put_slice(s, &mut Work::default());
+                // Unchanged: kept in place, as Services are. Changed: the
+                // list's end asks for a full resync.
+                if self.slices.get(&slice_key(&s)).is_none_or(|old| **old != s) {
+                    self.put_slice(s, &mut Work::default());
+                }
             }
             Event::InitDone => {
                 if let Some(listed) = self.listed_slices.take() {

@@ -222,7 +222,8 @@ impl<W: MapWriter> Programmer<W> {
     /// Replaces the desired entries and health checks of the changed
     /// Services with their translation, in place (a full sync of a large
     /// cluster does not build a second desired state beside the first); a
-    /// Service invalid as a whole keeps what it had. Adds the frontends
+    /// Service invalid as a whole, or whose entries did not change, keeps
+    /// what it had. Adds the frontends
     /// whose entries changed hands to `touched`.
     fn retranslate(
         &mut self,
@@ -259,6 +260,12 @@ impl<W: MapWriter> Programmer<W> {
                     }
                 },
             };
+            // Unchanged (most Services at a relist): left in place.
+            if self.desired.holds_exactly(&change.name, &new)
+                && !self.shadowed.has_service(&change.name)
+            {
+                continue;
+            }
             touched.extend(self.desired.release(&change.name, &mut self.shadowed));
             for entry in new {
                 touched.insert(entry.frontend);
