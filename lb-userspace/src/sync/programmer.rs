@@ -63,9 +63,9 @@ pub struct Programmer<W: MapWriter> {
 /// batch syscalls' chunks.
 const WRITE_CHUNK: usize = 8192;
 
-/// A phase of this many writes or more (a full sync of a large cluster, a
-/// large Service) is followed by a compaction of the maps' mirror (and
-/// maps that grow are rebuilt as they do: `MapContents::compact_grown`).
+/// A sync of this many writes or more (a full sync of a large cluster, a
+/// large Service) ends with a compaction of the maps' mirror (maps that
+/// grow are rebuilt as they do: `MapContents::compact_grown`).
 const COMPACT_AFTER: usize = 16_384;
 
 /// What the writes of a plan's phases did besides writing, noted before
@@ -288,7 +288,6 @@ impl<W: MapWriter> Programmer<W> {
         for _pass in 0..2 {
             let mut run = PlanRun::default();
             let mut tally = PhaseTally::default();
-            let mut phase_writes = 0;
             let writer = &mut self.writer;
             let unplanned = differ::plan_and_write(
                 &mut self.current,
@@ -296,17 +295,10 @@ impl<W: MapWriter> Programmer<W> {
                 scope.as_ref(),
                 &self.limits,
                 WRITE_CHUNK,
-                |ops, current, phase_done| {
+                |ops, current| {
                     tally.note(ops, current, &mut written);
                     run.apply(writer, ops, current);
                     current.compact_grown();
-                    phase_writes += ops.len();
-                    if phase_done {
-                        if phase_writes >= COMPACT_AFTER {
-                            current.compact();
-                        }
-                        phase_writes = 0;
-                    }
                 },
             );
             let applied = run.finish();
@@ -322,6 +314,9 @@ impl<W: MapWriter> Programmer<W> {
                 break;
             }
             scope = Some(self.unprogrammed.clone());
+        }
+        if written.writes >= COMPACT_AFTER {
+            self.current.compact();
         }
         written
     }

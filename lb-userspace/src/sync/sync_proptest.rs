@@ -556,7 +556,7 @@ fn check_phased_planning(
         let mut phased = Vec::new();
         let mut mirror = current.clone();
         // Parts of three writes: many part boundaries in small cases.
-        let unplanned = plan_and_write(&mut mirror, desired, scope, limits, 3, |ops, maps, _| {
+        let unplanned = plan_and_write(&mut mirror, desired, scope, limits, 3, |ops, maps| {
             for o in ops {
                 record(maps, &o.op);
             }

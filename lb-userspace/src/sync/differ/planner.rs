@@ -51,8 +51,8 @@ pub(crate) fn plan_scoped(
 }
 
 /// Plans as `plan_scoped` does, but in parts of about `chunk` writes, each
-/// handed to `write` (which applies them and records them in `current`;
-/// true: the last part of a phase) before the next is planned: a full sync of a large cluster never holds
+/// handed to `write` (which applies them and records them in `current`)
+/// before the next is planned: a full sync of a large cluster never holds
 /// all of its writes at once (at 10,000 Services x 10 endpoints, 320,000
 /// of 60 bytes). The ops are the same as `plan_scoped`'s: a phase reads of
 /// `current` only entries of its own kind and of the Service or frontend
@@ -64,7 +64,7 @@ pub(crate) fn plan_and_write(
     touched: Option<&BTreeSet<L4Addr>>,
     limits: &IdLimits,
     chunk: usize,
-    mut write: impl FnMut(&[PlannedOp], &mut MapContents, bool),
+    mut write: impl FnMut(&[PlannedOp], &mut MapContents),
 ) -> Vec<Unplanned> {
     let mut planner = Planner::new(desired, touched);
     planner.allocate_ids(current, limits);
@@ -72,8 +72,8 @@ pub(crate) fn plan_and_write(
         loop {
             let done = planner.plan(phase, current, chunk);
             let ops = std::mem::take(&mut planner.ops);
-            if !ops.is_empty() || done {
-                write(&ops, current, done);
+            if !ops.is_empty() {
+                write(&ops, current);
             }
             if done {
                 break;
