@@ -189,18 +189,22 @@ fn measurements(plan: &BenchPlan, dir: &Path, stem: &str) -> Result<String> {
         // masquerade ports (a closed flow holds its port for 120 s).
         &["forwarding"],
     )?);
-    report.push_str(&bench_section(
-        "control plane",
-        &[
-            "control-plane",
-            "--services",
-            plan.control_plane_services,
-            "--endpoints",
-            "10",
-            "--changes",
-            plan.control_plane_changes,
-        ],
-    )?);
+    for source in ["api", "manifests"] {
+        report.push_str(&bench_section(
+            &format!("control plane ({source})"),
+            &[
+                "control-plane",
+                "--services",
+                plan.control_plane_services,
+                "--endpoints",
+                "10",
+                "--changes",
+                plan.control_plane_changes,
+                "--source",
+                source,
+            ],
+        )?);
+    }
     report.push_str(&nodeport_load(plan)?);
     report.push_str(&bench_section(
         "rule programming",
