@@ -2,6 +2,7 @@
 //! EndpointSlices into map contents with a pure function, and writes the
 //! maps in an order that never shows packets a half-written Service.
 
+mod compact_btree;
 pub mod datapath;
 pub mod model;
 pub mod node;

@@ -9,7 +9,7 @@ use std::{
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::sorted_vec_set::SortedVecSet;
+use crate::{compact_btree::compacted, sorted_vec_set::SortedVecSet};
 use serde::Serialize;
 
 /// How new flows of an external frontend (NodePort, LoadBalancer,
@@ -484,6 +484,12 @@ impl DesiredState {
             }
         }
         Some(old)
+    }
+
+    /// Rebuilds the entries' B-tree with full nodes (after a full sync,
+    /// which inserts them in Service order, not frontend order).
+    pub(crate) fn compact(&mut self) {
+        self.entries = compacted(std::mem::take(&mut self.entries));
     }
 
     /// Whether `service` holds exactly `entries`: the same frontends, each

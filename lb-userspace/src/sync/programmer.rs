@@ -177,6 +177,7 @@ impl<W: MapWriter> Programmer<W> {
         let changes = self.every_service(services, slices);
         let (mut errors, notes) = self.retranslate(&changes, &mut BTreeSet::new());
         drop(changes);
+        self.desired.compact();
         dedup_errors(&mut errors);
         let written = self.write(None);
         self.names_changed = true;

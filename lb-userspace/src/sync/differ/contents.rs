@@ -8,6 +8,7 @@ use std::{
 use lb_common::Service4Value;
 
 use super::{backend_addr, frontend_of, rev_key, BackendEntry, BackendId, RevNatEntry, SlotKey};
+use crate::compact_btree::compacted;
 use crate::model::{Family, IpPrefix, L4Addr, PerFamily};
 
 /// What the maps of both families hold (or will hold), in map terms, with
@@ -217,33 +218,5 @@ fn rebuild_grown<K: Ord, V>(map: &mut BTreeMap<K, V>, rebuilt_at: &mut usize) {
     } else if len >= *rebuilt_at + (*rebuilt_at / 2).max(REBUILD_MIN) {
         *map = compacted(std::mem::take(map));
         *rebuilt_at = len;
-    }
-}
-
-/// `map` rebuilt with full nodes. `append` merges in bulk, filling each
-/// node, and frees the old nodes as it reads them: no copy of the whole
-/// map at once (`collect` would gather every entry in a vector first).
-pub(crate) fn compacted<K: Ord, V>(mut map: BTreeMap<K, V>) -> BTreeMap<K, V> {
-    let mut fresh = BTreeMap::new();
-    // Into an empty map, `append` would only swap the two.
-    if let Some((k, v)) = map.pop_first() {
-        fresh.insert(k, v);
-    }
-    fresh.append(&mut map);
-    fresh
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::compacted;
-
-    #[test]
-    fn a_compacted_map_keeps_every_entry() {
-        for n in [0usize, 1, 2, 11, 12, 1000] {
-            let map: BTreeMap<usize, usize> = (0..n).map(|i| (i * 7 % (n + 1), i)).collect();
-            assert_eq!(compacted(map.clone()), map, "{n} entries");
-        }
     }
 }
