@@ -22,11 +22,13 @@ use prometheus_client::{
 
 use crate::{
     datapath::{loader, map_memory, stats_index},
-    model::Family,
+    model::{Family, ServiceName},
 };
 
 /// Reverse NAT id -> (Service, frontend): the labels of per-Service counters.
-pub(crate) type FrontendNames = BTreeMap<u16, (String, SocketAddr)>;
+/// Reverse NAT id -> (Service, frontend address:port); the names shared
+/// with the desired state, formatted when scraped.
+pub(crate) type FrontendNames = BTreeMap<u16, (ServiceName, SocketAddr)>;
 
 /// The counters' source: the pinned maps once the data path is loaded,
 /// and the names of the frontends the last sync programmed.
@@ -153,6 +155,7 @@ impl Collector for DatapathCollector {
             for ((service, frontend), counts) in &rows {
                 let value = if pick == 0 { counts.0 } else { counts.1 };
                 let address = frontend.to_string();
+                let service = service.to_string();
                 let labels = [
                     ("service", service.as_str()),
                     ("frontend", address.as_str()),

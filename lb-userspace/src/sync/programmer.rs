@@ -436,18 +436,20 @@ impl<W: MapWriter> Programmer<W> {
 
     /// The names when they may have changed since the last call: building
     /// them is O(Services), too much for every single-slice change.
-    pub fn take_changed_names(&mut self) -> Option<BTreeMap<u16, (String, std::net::SocketAddr)>> {
+    pub fn take_changed_names(
+        &mut self,
+    ) -> Option<BTreeMap<u16, (ServiceName, std::net::SocketAddr)>> {
         std::mem::take(&mut self.names_changed).then(|| self.rev_nat_names())
     }
 
     /// rev_nat id -> (Service, frontend address:port), for per-Service counters.
-    pub(crate) fn rev_nat_names(&self) -> BTreeMap<u16, (String, std::net::SocketAddr)> {
+    pub(crate) fn rev_nat_names(&self) -> BTreeMap<u16, (ServiceName, std::net::SocketAddr)> {
         let mut out = BTreeMap::new();
         for (frontend, entry) in self.desired.entries() {
             if let Some(id) = self.current.rev_nat_id(frontend.addr, frontend.port) {
                 out.entry(id).or_insert_with(|| {
                     (
-                        entry.service.to_string(),
+                        entry.service.clone(),
                         std::net::SocketAddr::new(frontend.addr, frontend.port),
                     )
                 });
