@@ -84,7 +84,7 @@ pub(crate) fn plan_and_write(
 }
 
 /// The phases of a plan, in the order their writes must reach the maps.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Phase {
     Backends,
     RevNat,
