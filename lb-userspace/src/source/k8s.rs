@@ -489,29 +489,38 @@ mod tests {
         }
     }
 
+    /// Applies `changes` in order; what they ask for.
+    fn apply_all(st: &mut ClusterState, changes: impl IntoIterator<Item = Change>) -> Work {
+        let mut w = Work::default();
+        for c in changes {
+            st.apply(c, &mut w);
+        }
+        w
+    }
+
     #[test]
     fn relist_replaces_the_store_and_asks_for_a_full_resync() {
         let mut st = ClusterState::default();
-        let mut w = Work::default();
-        for c in [
-            Change::Service(Event::Init),
-            Change::Service(Event::InitApply(svc("a", "10.96.0.1"))),
-            Change::Service(Event::InitApply(svc("b", "10.96.0.2"))),
-            Change::Service(Event::InitDone),
-        ] {
-            st.apply(c, &mut w);
-        }
+        let w = apply_all(
+            &mut st,
+            [
+                Change::Service(Event::Init),
+                Change::Service(Event::InitApply(svc("a", "10.96.0.1"))),
+                Change::Service(Event::InitApply(svc("b", "10.96.0.2"))),
+                Change::Service(Event::InitDone),
+            ],
+        );
         assert!(w.full_resync && w.restarts.is_empty());
         assert_eq!(st.services.len(), 2);
         // A relist (410 Gone) that no longer has b: b is gone from the store.
-        let mut w = Work::default();
-        for c in [
-            Change::Service(Event::Init),
-            Change::Service(Event::InitApply(svc("a", "10.96.0.1"))),
-            Change::Service(Event::InitDone),
-        ] {
-            st.apply(c, &mut w);
-        }
+        let w = apply_all(
+            &mut st,
+            [
+                Change::Service(Event::Init),
+                Change::Service(Event::InitApply(svc("a", "10.96.0.1"))),
+                Change::Service(Event::InitDone),
+            ],
+        );
         assert_eq!(w.restarts, vec!["services"]);
         assert!(w.full_resync);
         assert!(!st.services.contains_key(&name("b")));
@@ -520,15 +529,15 @@ mod tests {
     #[test]
     fn a_slice_relist_updates_in_place_and_deletes_what_it_did_not_return() {
         let mut st = ClusterState::default();
-        let mut w = Work::default();
-        for c in [
-            Change::Slice(Event::Init),
-            Change::Slice(Event::InitApply(slice("s1", "a", "10.244.0.1", None))),
-            Change::Slice(Event::InitApply(slice("s2", "b", "10.244.0.2", None))),
-            Change::Slice(Event::InitDone),
-        ] {
-            st.apply(c, &mut w);
-        }
+        apply_all(
+            &mut st,
+            [
+                Change::Slice(Event::Init),
+                Change::Slice(Event::InitApply(slice("s1", "a", "10.244.0.1", None))),
+                Change::Slice(Event::InitApply(slice("s2", "b", "10.244.0.2", None))),
+                Change::Slice(Event::InitDone),
+            ],
+        );
         let mut w = Work::default();
         st.apply(Change::Slice(Event::Init), &mut w);
         st.apply(
