@@ -190,6 +190,32 @@ pub fn set_dont_fragment(s: &UdpSocket) -> std::io::Result<()> {
     }
 }
 
+/// On a connected UDP socket: sends `full` bytes of payload (the wire's
+/// MTU less the `headers`, IP and UDP), expects the ICMP error that draws
+/// to fail the next receive (EMSGSIZE), then sends a datagram that fits the
+/// path MTU the kernel learned from it. Returns that MTU and the answer.
+pub fn probe_path_mtu(
+    s: &UdpSocket,
+    full: usize,
+    headers: usize,
+) -> std::io::Result<(u32, String)> {
+    s.send(&vec![b'x'; full])?;
+    let mut buf = [0u8; 512];
+    match s.recv(&mut buf) {
+        Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
+        Err(e) => return Err(e),
+        Ok(_) => {
+            return Err(std::io::Error::other(
+                "a datagram too big for the path was answered",
+            ))
+        }
+    }
+    let mtu = path_mtu(s)?;
+    s.send(&vec![b'y'; mtu as usize - headers])?;
+    let n = s.recv(&mut buf)?;
+    Ok((mtu, String::from_utf8_lossy(&buf[..n]).into_owned()))
+}
+
 /// The path MTU the kernel knows toward a connected socket's peer, of
 /// either family (IP_MTU, IPV6_MTU).
 pub fn path_mtu(s: &UdpSocket) -> std::io::Result<u32> {

@@ -26,7 +26,7 @@ use std::{
 };
 
 use lb_lab::{
-    client::path_mtu,
+    client::probe_path_mtu,
     cluster::{node_addr6, Cluster, CLUSTER_EXT_ADDR6},
     http_get, on_each_source, on_each_source_and_wire, on_each_wire, ping6,
     report_checksum_counters, tcp_ask, udp_ask, Lab, Netns, Source, Wire, EXT_CLIENT_ADDR6,
@@ -543,17 +543,7 @@ fn ipv6_dsr_keeps_the_client_and_answers_from_the_backends_node(_source: Source,
         s.connect(to).expect("connect");
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
         // 1,452 bytes of payload: 1,500 with the UDP and IPv6 headers.
-        s.send(&[b'x'; 1452]).expect("send a full datagram");
-        let mut buf = [0u8; 512];
-        let err = s
-            .recv(&mut buf)
-            .expect_err("no answer to a datagram too big");
-        assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
-        let mtu = path_mtu(&s).expect("IPV6_MTU");
-        s.send(&vec![b'y'; mtu as usize - 48])
-            .expect("send one that fits");
-        let n = s.recv(&mut buf).expect("an answer to one that fits");
-        (mtu, String::from_utf8_lossy(&buf[..n]).into_owned())
+        probe_path_mtu(&s, 1452, 48).expect("EMSGSIZE, then an answer to one that fits")
     });
     assert_eq!(mtu, 1476, "the wire's 1,500 less the header");
     assert_eq!(answer, pods[0]);

@@ -16,7 +16,7 @@ use std::{
 
 use lb_lab::{
     ask_on,
-    client::{path_mtu, set_dont_fragment},
+    client::{probe_path_mtu, set_dont_fragment},
     cluster::{node_addr, node_name, Cluster, CLUSTER_EXT_ADDR},
     http_get,
     load::{Load, LoadKind, LoadSet},
@@ -494,18 +494,9 @@ fn dsr_datagrams_too_big_for_the_option_teach_the_client_a_smaller_path_mtu(wire
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
         set_dont_fragment(&s).expect("IP_MTU_DISCOVER");
         // 1,472 bytes of payload: 1,500 with the UDP and IPv4 headers.
-        s.send(&[b'x'; 1472]).expect("send a full datagram");
-        let mut buf = [0u8; 512];
-        // The ICMP error fails the next receive (EMSGSIZE).
-        let err = s
-            .recv(&mut buf)
-            .expect_err("no answer to a datagram too big");
-        assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
-        let mtu = path_mtu(&s).expect("IP_MTU");
-        s.send(&vec![b'y'; mtu as usize - 28])
-            .expect("send one that fits");
-        let n = s.recv(&mut buf).expect("an answer to one that fits");
-        assert_eq!(String::from_utf8_lossy(&buf[..n]), backend);
+        let (mtu, answer) =
+            probe_path_mtu(&s, 1472, 28).expect("EMSGSIZE, then an answer to one that fits");
+        assert_eq!(answer, backend);
         mtu
     });
     assert_eq!(mtu, 1492, "the wire's 1,500 less the option");
