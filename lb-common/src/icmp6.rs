@@ -115,6 +115,10 @@ pub fn header(check: u16, why: Unreachable6) -> [u8; ICMP6_HDR_LEN] {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
+    use std::vec::Vec;
+
     use super::*;
     use crate::ipv6::words;
 
@@ -167,11 +171,7 @@ mod tests {
         );
         let (quote, quote_sum) = quote_of(&ip, &udp);
         let sent = u16::from_ne_bytes([udp[6], udp[7]]);
-        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, check, PORT);
-        let mut icmp = header(icmp_check, PORT).to_vec();
-        icmp.extend_from_slice(&quote);
-        let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
-        assert_eq!(csum::checksum(&icmp, pseudo), 0, "ICMPv6 checksum");
+        let icmp = checked_message(&quote, quote_sum, sent, check, PORT);
         assert_eq!(icmp[0..2], [1, 4], "destination unreachable, port");
         assert_eq!(
             IP6_FIRST_BYTES[4..8],
@@ -182,17 +182,30 @@ mod tests {
 
     const PORT: Unreachable6 = Unreachable6::PORT;
 
+    /// The ICMPv6 message from the service's address to the client that
+    /// quotes `quote`, its checksum checked over the whole message.
+    fn checked_message(
+        quote: &[u8],
+        quote_sum: u32,
+        sent: u16,
+        quoted: u16,
+        why: Unreachable6,
+    ) -> Vec<u8> {
+        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, quoted, why);
+        let mut icmp = header(icmp_check, why).to_vec();
+        icmp.extend_from_slice(quote);
+        let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
+        assert_eq!(csum::checksum(&icmp, pseudo), 0, "ICMPv6 checksum");
+        icmp
+    }
+
     #[test]
     fn packet_too_big_carries_the_mtu_under_a_valid_checksum() {
         let (ip, udp) = datagram();
         let (quote, quote_sum) = quote_of(&ip, &udp);
         let sent = u16::from_ne_bytes([udp[6], udp[7]]);
         let why = Unreachable6::packet_too_big(1476);
-        let icmp_check = checksum(&words(SVC), &words(CLIENT), quote_sum, sent, sent, why);
-        let mut icmp = header(icmp_check, why).to_vec();
-        icmp.extend_from_slice(&quote);
-        let pseudo = csum::pseudo_header_sum6(&words(SVC), &words(CLIENT), 58, icmp.len() as u32);
-        assert_eq!(csum::checksum(&icmp, pseudo), 0, "ICMPv6 checksum");
+        let icmp = checked_message(&quote, quote_sum, sent, sent, why);
         assert_eq!(icmp[0..2], [2, 0], "packet too big");
         assert_eq!(icmp[4..8], 1476u32.to_be_bytes(), "MTU");
     }
