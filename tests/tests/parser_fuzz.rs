@@ -63,20 +63,33 @@ impl Drop for GuardedPage {
     }
 }
 
+/// saddr, daddr, sport, dport (as in the packet), proto.
+type Tuple4 = ([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8);
+
+/// What the parser found of an IPv4 flow.
+fn tuple4(f: &Flow<u32>) -> Tuple4 {
+    (
+        f.saddr.to_ne_bytes(),
+        f.daddr.to_ne_bytes(),
+        f.sport.to_ne_bytes(),
+        f.dport.to_ne_bytes(),
+        f.proto,
+    )
+}
+
 /// What the parser should say, read straight off the bytes.
 #[derive(Debug, PartialEq, Eq)]
 enum Expected {
     Other,
     Fragment,
     Malformed,
-    /// saddr, daddr, sport, dport (as in the packet), proto.
-    Flow([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8),
+    Flow(Tuple4),
     /// IPv6: sport, dport, proto, L4 offset (the hooks copy the addresses
     /// in themselves).
     Flow6([u8; 2], [u8; 2], u8, usize),
-    /// IPv4 with the DSR option: the flow as `Flow`, then the option's
-    /// port and address (as in the packet).
-    Dsr([u8; 4], [u8; 4], [u8; 2], [u8; 2], u8, [u8; 2], [u8; 4]),
+    /// IPv4 with the DSR option: the flow, then the option's port and
+    /// address (as in the packet).
+    Dsr(Tuple4, [u8; 2], [u8; 4]),
     /// IPv6 with the DSR destination options header: the flow as `Flow6`,
     /// then the header's port and address.
     Dsr6([u8; 2], [u8; 2], u8, usize, [u8; 2], [u8; 16]),
@@ -124,10 +137,11 @@ fn expected(p: &[u8]) -> Expected {
     let a = |i: usize| [p[i], p[i + 1], p[i + 2], p[i + 3]];
     let l4 = 14 + header;
     let (sport, dport) = ([p[l4], p[l4 + 1]], [p[l4 + 2], p[l4 + 3]]);
+    let flow = (a(26), a(30), sport, dport, proto);
     if dsr {
-        Expected::Dsr(a(26), a(30), sport, dport, proto, [p[36], p[37]], a(38))
+        Expected::Dsr(flow, [p[36], p[37]], a(38))
     } else {
-        Expected::Flow(a(26), a(30), sport, dport, proto)
+        Expected::Flow(flow)
     }
 }
 
@@ -177,28 +191,15 @@ fn parsed(start: usize, end: usize) -> Expected {
     match l3(start, end) {
         L3::Other => Expected::Other,
         L3::Ipv4 => match parse4(start, end) {
-            Parsed::Flow(f) => Expected::Flow(
-                f.saddr.to_ne_bytes(),
-                f.daddr.to_ne_bytes(),
-                f.sport.to_ne_bytes(),
-                f.dport.to_ne_bytes(),
-                f.proto,
-            ),
-            Parsed::DsrRequest(f) => Expected::Dsr(
-                f.saddr.to_ne_bytes(),
-                f.daddr.to_ne_bytes(),
-                f.sport.to_ne_bytes(),
-                f.dport.to_ne_bytes(),
-                f.proto,
-                dsr_origin(start, end)
-                    .expect("the option")
-                    .port
-                    .to_ne_bytes(),
-                dsr_origin(start, end)
-                    .expect("the option")
-                    .addr
-                    .to_ne_bytes(),
-            ),
+            Parsed::Flow(f) => Expected::Flow(tuple4(&f)),
+            Parsed::DsrRequest(f) => {
+                let origin = dsr_origin(start, end).expect("the option");
+                Expected::Dsr(
+                    tuple4(&f),
+                    origin.port.to_ne_bytes(),
+                    origin.addr.to_ne_bytes(),
+                )
+            }
             other => plain(&other),
         },
         L3::Ipv6 => {
