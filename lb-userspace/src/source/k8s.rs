@@ -29,8 +29,11 @@ use tokio::sync::mpsc;
 
 use crate::{
     model::ServiceName,
-    source::objects::{
-        ServiceChange, ServiceInfo, SliceInfo, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL,
+    source::{
+        listed::{ListedService, ListedSlice},
+        objects::{
+            ServiceChange, ServiceInfo, SliceInfo, HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL,
+        },
     },
 };
 
@@ -139,18 +142,18 @@ pub fn start_watches(client: Client, node_name: Option<String>) -> mpsc::Receive
         .labels(&selector)
         .page_size(LIST_PAGE_SIZE);
     spawn_watch(
-        Api::<Service>::all(client.clone()),
+        Api::<ListedService>::all(client.clone()),
         svc_cfg.clone(),
         tx.clone(),
         "services",
-        |e| Change::Service(slim(e, ServiceInfo::from)),
+        |e| Change::Service(slim(e, |s: ListedService| ServiceInfo::from(s.0))),
     );
     spawn_watch(
-        Api::<EndpointSlice>::all(client.clone()),
+        Api::<ListedSlice>::all(client.clone()),
         svc_cfg,
         tx.clone(),
         "endpointslices",
-        |e| Change::Slice(slim(e, SliceInfo::from)),
+        |e| Change::Slice(slim(e, |s: ListedSlice| SliceInfo::from(s.0))),
     );
     if let Some(node) = node_name {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));

@@ -5,5 +5,6 @@
 pub mod api_client;
 pub mod k8s;
 pub mod kube_access;
+mod listed;
 pub mod manifests;
 pub mod objects;

@@ -57,6 +57,15 @@ fn annotation<T>(
 /// when the spec has none).
 pub(crate) const SOURCE_RANGES_ANNOTATION: &str =
     "service.beta.kubernetes.io/load-balancer-source-ranges";
+/// Every annotation translation reads: the watches keep these and skip
+/// the others (`listed`), so one read here must be listed here too.
+pub(crate) const ANNOTATIONS_READ: [&str; 5] = [
+    TRIGGER_TIME_ANNOTATION,
+    LB_ALGORITHM_ANNOTATION,
+    LB_MODE_ANNOTATION,
+    MAGLEV_WEIGHTS_ANNOTATION,
+    SOURCE_RANGES_ANNOTATION,
+];
 
 /// An address as a Service or endpoint gives it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

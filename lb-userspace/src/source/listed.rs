@@ -1,0 +1,247 @@
+//! How the watches decode Services and EndpointSlices: into the
+//! Kubernetes types, without what translation never reads.
+//!
+//! A real API server sends every object with its `managedFields` (a tree
+//! of field names per field manager) and, for objects applied with
+//! kubectl, the `last-applied-configuration` annotation (the whole object
+//! again, as text). Decoded as they come, those are most of the
+//! allocations of a list and most of a page's size while the watch
+//! converts it. Here they are skipped while parsing: metadata keeps the
+//! name, namespace, resourceVersion (the watch resumes from it), uid,
+//! labels, and the annotations translation reads.
+
+use std::{borrow::Cow, collections::BTreeMap, fmt};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServiceSpec, ServiceStatus},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::{
+    de::{IgnoredAny, MapAccess, Visitor},
+    Deserialize, Deserializer,
+};
+
+use super::objects::ANNOTATIONS_READ;
+
+/// A Service as the watch keeps it (see the module's note).
+#[derive(Clone, Debug)]
+pub struct ListedService(pub Service);
+
+/// An EndpointSlice as the watch keeps it (see the module's note).
+#[derive(Clone, Debug)]
+pub struct ListedSlice(pub EndpointSlice);
+
+/// The metadata fields kept; any other is skipped unread.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    name: Option<String>,
+    namespace: Option<String>,
+    resource_version: Option<String>,
+    uid: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<AnnotationsRead>,
+}
+
+impl From<Metadata> for ObjectMeta {
+    fn from(m: Metadata) -> Self {
+        ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            resource_version: m.resource_version,
+            uid: m.uid,
+            labels: m.labels,
+            annotations: m.annotations.map(|a| a.0),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// The annotations translation reads (`ANNOTATIONS_READ`); the values of
+/// the others are skipped unread.
+struct AnnotationsRead(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for AnnotationsRead {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(AnnotationsVisitor)
+    }
+}
+
+struct AnnotationsVisitor;
+
+impl<'de> Visitor<'de> for AnnotationsVisitor {
+    type Value = AnnotationsRead;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map of annotations")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut kept = BTreeMap::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if ANNOTATIONS_READ.contains(&key.as_ref()) {
+                kept.insert(key.into_owned(), map.next_value()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(AnnotationsRead(kept))
+    }
+}
+
+#[derive(Deserialize)]
+struct ServiceFields {
+    #[serde(default)]
+    metadata: Metadata,
+    spec: Option<ServiceSpec>,
+    status: Option<ServiceStatus>,
+}
+
+impl<'de> Deserialize<'de> for ListedService {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = ServiceFields::deserialize(d)?;
+        Ok(ListedService(Service {
+            metadata: f.metadata.into(),
+            spec: f.spec,
+            status: f.status,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SliceFields {
+    #[serde(default)]
+    metadata: Metadata,
+    address_type: Option<String>,
+    endpoints: Option<Vec<Endpoint>>,
+    ports: Option<Vec<EndpointPort>>,
+}
+
+impl<'de> Deserialize<'de> for ListedSlice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = SliceFields::deserialize(d)?;
+        Ok(ListedSlice(EndpointSlice {
+            metadata: f.metadata.into(),
+            address_type: f.address_type.unwrap_or_default(),
+            endpoints: f.endpoints.unwrap_or_default(),
+            ports: f.ports,
+        }))
+    }
+}
+
+/// The API resource of a wrapper is its Kubernetes type's.
+macro_rules! resource_of {
+    ($listed:ty, $k8s:ty) => {
+        impl kube::Resource for $listed {
+            type DynamicType = ();
+            type Scope = <$k8s as k8s_openapi::Resource>::Scope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                <$k8s as k8s_openapi::Resource>::KIND.into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                <$k8s as k8s_openapi::Resource>::GROUP.into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                <$k8s as k8s_openapi::Resource>::VERSION.into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                <$k8s as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.0.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.0.metadata
+            }
+        }
+    };
+}
+
+resource_of!(ListedService, Service);
+resource_of!(ListedSlice, EndpointSlice);
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::Service, api::discovery::v1::EndpointSlice};
+    use kube::core::WatchEvent;
+    use serde_json::json;
+
+    use super::*;
+    use crate::source::objects::{ServiceInfo, SliceInfo, LB_MODE_ANNOTATION};
+
+    /// A Service as a real API server serves one applied with kubectl.
+    fn served_service() -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u-1",
+                "resourceVersion": "42", "creationTimestamp": "2026-12-01T00:00:00Z",
+                "labels": {"app": "web"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"kind\":\"Service\"}\n",
+                    "example.com/owner": "team-a",
+                    LB_MODE_ANNOTATION: "dsr"},
+                "managedFields": [{"manager": "kubectl-client-side-apply", "operation": "Update",
+                    "apiVersion": "v1", "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:spec": {"f:ports": {}, "f:type": {}}}}]},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                "clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv4"],
+                "ports": [{"name": "http", "port": 80, "protocol": "TCP",
+                    "targetPort": 8080, "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}})
+    }
+
+    #[test]
+    fn a_service_keeps_what_translation_reads_and_nothing_else() {
+        let served = served_service();
+        let listed: ListedService = serde_json::from_value(served.clone()).unwrap();
+        let full: Service = serde_json::from_value(served).unwrap();
+        assert_eq!(ServiceInfo::from(&listed.0), ServiceInfo::from(&full));
+        let meta = &listed.0.metadata;
+        assert_eq!(meta.managed_fields, None);
+        assert_eq!(meta.creation_timestamp, None);
+        assert_eq!(meta.resource_version.as_deref(), Some("42"));
+        assert_eq!(meta.uid.as_deref(), Some("u-1"));
+        let kept: Vec<&str> = meta
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(kept, [LB_MODE_ANNOTATION]);
+        assert_eq!(listed.0.status, full.status);
+    }
+
+    #[test]
+    fn a_slice_without_endpoints_or_ports_decodes_as_empty() {
+        let served = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "shop", "resourceVersion": "7",
+                "labels": {"kubernetes.io/service-name": "web"},
+                "annotations": {"endpoints.kubernetes.io/last-change-trigger-time":
+                    "2026-12-03T10:00:00Z"}},
+            "addressType": "IPv4", "endpoints": null});
+        let listed: ListedSlice = serde_json::from_value(served.clone()).unwrap();
+        let full: EndpointSlice = serde_json::from_value(served).unwrap();
+        assert!(listed.0.endpoints.is_empty());
+        assert_eq!(SliceInfo::from(&listed.0), SliceInfo::from(&full));
+    }
+
+    #[test]
+    fn a_watch_event_decodes_whatever_its_field_order() {
+        for event in [
+            json!({"type": "MODIFIED", "object": served_service()}),
+            json!({"object": served_service(), "type": "MODIFIED"}),
+        ] {
+            let text = serde_json::to_vec(&event).unwrap();
+            let decoded: WatchEvent<ListedService> = serde_json::from_slice(&text).unwrap();
+            let WatchEvent::Modified(s) = decoded else {
+                panic!("not a MODIFIED event: {decoded:?}");
+            };
+            assert_eq!(s.0.metadata.name.as_deref(), Some("web"));
+        }
+    }
+}
