@@ -130,10 +130,27 @@ struct StoredEvent {
     previous: Option<Value>,
 }
 
+/// An object and its JSON text, encoded once when stored: a list page is
+/// the texts of its objects put together, as the API server's watch cache
+/// serves objects it keeps encoded.
+struct StoredObject {
+    object: Value,
+    json: Arc<[u8]>,
+}
+
+impl StoredObject {
+    fn new(object: Value) -> Self {
+        let json = serde_json::to_vec(&object)
+            .expect("a JSON value encodes")
+            .into();
+        StoredObject { object, json }
+    }
+}
+
 #[derive(Default)]
 struct Store {
     rv: u64,
-    objects: BTreeMap<ObjectKey, Value>,
+    objects: BTreeMap<ObjectKey, StoredObject>,
     history: Vec<StoredEvent>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted_below: u64,
@@ -294,7 +311,10 @@ impl ApiServer {
                 object["metadata"]["uid"] =
                     json!(format!("uid-{}-{}-{}", key.0.kind(), key.1, key.2));
             }
-            let previous = st.objects.insert(key.clone(), object.clone());
+            let previous = st
+                .objects
+                .insert(key.clone(), StoredObject::new(object.clone()))
+                .map(|p| p.object);
             st.history.push(StoredEvent {
                 rv,
                 resource: key.0,
@@ -318,7 +338,7 @@ impl ApiServer {
         let mut st = self.lock();
         let ns = if resource.namespaced() { namespace } else { "" };
         let key = (resource, ns.to_owned(), name.to_owned());
-        let Some(mut object) = st.objects.remove(&key) else {
+        let Some(StoredObject { mut object, .. }) = st.objects.remove(&key) else {
             return false;
         };
         st.rv += 1;
@@ -349,7 +369,7 @@ impl ApiServer {
             let (key, mut object) = keyed(object)?;
             st.rv += 1;
             object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-            st.objects.insert(key, object);
+            st.objects.insert(key, StoredObject::new(object));
         }
         for (resource, ns, name) in delete {
             let ns = if resource.namespaced() { *ns } else { "" };
@@ -391,7 +411,7 @@ impl ApiServer {
         self.lock()
             .objects
             .get(&(resource, ns.to_owned(), name.to_owned()))
-            .cloned()
+            .map(|s| s.object.clone())
     }
 }
 
@@ -618,7 +638,10 @@ fn status_body(code: u16, reason: &str, message: &str) -> Value {
 }
 
 fn write_response(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
-    let text = serde_json::to_vec(body)?;
+    write_encoded(stream, code, &serde_json::to_vec(body)?)
+}
+
+fn write_encoded(stream: &mut TcpStream, code: u16, text: &[u8]) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
@@ -632,7 +655,7 @@ fn write_response(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::R
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         text.len()
     )?;
-    stream.write_all(&text)?;
+    stream.write_all(text)?;
     stream.flush()
 }
 
@@ -739,9 +762,16 @@ fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBoo
         record(200);
         serve_watch(stream, shared, running, resource, &t, &selector, drop_epoch)
     } else {
-        let (code, body) = list(shared, resource, &t, &selector);
-        record(code);
-        Ok(write_response(&mut stream, code, &body)?)
+        match list(shared, resource, &t, &selector) {
+            Ok(page) => {
+                record(200);
+                Ok(write_encoded(&mut stream, 200, &page)?)
+            }
+            Err((code, body)) => {
+                record(code);
+                Ok(write_response(&mut stream, code, &body)?)
+            }
+        }
     }
 }
 
@@ -769,7 +799,13 @@ fn version_info() -> Value {
            "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"})
 }
 
-fn list(shared: &Shared, resource: Resource, t: &Target, selector: &Selector) -> (u16, Value) {
+/// A page of a list, encoded; or the error's status and body.
+fn list(
+    shared: &Shared,
+    resource: Resource,
+    t: &Target,
+    selector: &Selector,
+) -> Result<Vec<u8>, (u16, Value)> {
     let st = shared.store.lock().expect("store");
     let limit: usize = t
         .query
@@ -783,10 +819,10 @@ fn list(shared: &Shared, resource: Resource, t: &Target, selector: &Selector) ->
             let mut it = token.splitn(3, '/');
             let rv: u64 = it.next().and_then(|r| r.parse().ok()).unwrap_or(0);
             if rv < st.compacted_below {
-                return (
+                return Err((
                     410,
                     status_body(410, "Expired", "The provided continue parameter is too old"),
-                );
+                ));
             }
             let ns = it.next().unwrap_or("").to_owned();
             let name = it.next().unwrap_or("").to_owned();
@@ -803,11 +839,11 @@ fn list(shared: &Shared, resource: Resource, t: &Target, selector: &Selector) ->
         Some((ns, name)) => Bound::Excluded((resource, ns, name)),
         None => Bound::Included((resource, String::new(), String::new())),
     };
-    for ((r, ns, name), object) in st.objects.range((start, Bound::Unbounded)) {
+    for ((r, ns, name), stored) in st.objects.range((start, Bound::Unbounded)) {
         if *r != resource {
             break;
         }
-        if !selector.matches(object) {
+        if !selector.matches(&stored.object) {
             continue;
         }
         if items.len() == limit {
@@ -816,18 +852,32 @@ fn list(shared: &Shared, resource: Resource, t: &Target, selector: &Selector) ->
             next = Some(format!("{snapshot_rv}/{lns}/{lname}"));
             break;
         }
-        items.push(object.clone());
+        items.push(stored.json.clone());
         last = Some((ns, name));
     }
+    drop(st);
     let mut meta = json!({"resourceVersion": snapshot_rv.to_string()});
     if let Some(n) = next {
         meta["continue"] = json!(n);
     }
-    (
-        200,
-        json!({"kind": format!("{}List", resource.kind()), "apiVersion": resource.api_version(),
-               "metadata": meta, "items": items}),
-    )
+    let head = json!({"kind": format!("{}List", resource.kind()),
+                      "apiVersion": resource.api_version(), "metadata": meta});
+    Ok(list_page(&head, &items))
+}
+
+/// `head` (an object's fields) with `"items"`: the encoded objects.
+fn list_page(head: &Value, items: &[Arc<[u8]>]) -> Vec<u8> {
+    let mut page = serde_json::to_vec(head).expect("a JSON value encodes");
+    page.pop(); // its closing brace
+    page.extend_from_slice(b",\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            page.push(b',');
+        }
+        page.extend_from_slice(item);
+    }
+    page.extend_from_slice(b"]}");
+    page
 }
 
 fn serve_watch(
