@@ -177,6 +177,25 @@ pub struct ApiServer {
     serving: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
+/// How long the accept loop waits for a connection before it checks
+/// whether to stop. It wakes as soon as one arrives: a client that
+/// connects per request (the fixture closes each list's connection) must
+/// not wait for a polling period per request.
+const ACCEPT_WAIT: Duration = Duration::from_millis(50);
+
+/// Waits until `listener` has a connection to accept, or `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call. An error or
+    // a timeout only makes the caller try accept() again.
+    unsafe { libc::poll(&mut fd, 1, ms) };
+}
+
 /// How often an idle watch sends a bookmark when asked to.
 const BOOKMARK_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a handler waits for new events before checking its deadline.
@@ -230,7 +249,7 @@ impl ApiServer {
                         });
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
+                        wait_readable(&listener, ACCEPT_WAIT);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
