@@ -14,7 +14,7 @@ use lb_userspace::{
     serve::proxy_health::{self, ProxyHealth},
     source::api_client,
     source::k8s::{self, ClusterState, Work},
-    source::manifests::ManifestSource,
+    source::manifests::{ManifestError, ManifestSource},
     sync::map_writer::BpfMaps,
     sync::programmer::{Programmer, SyncReport},
 };
@@ -75,6 +75,14 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
     let mut watches = api
         .as_ref()
         .map(|client| Watches::start(client.clone(), &args));
+    // So are the manifests read.
+    let reading = args.source.manifests.clone().map(|dir| {
+        tokio::task::spawn_blocking(move || {
+            let mut source = ManifestSource::new(dir);
+            let errors = source.read(true);
+            (source, errors)
+        })
+    });
     let (mut dp, mut programmer) =
         load_while_listing(pin_dir, &args, &metrics, &proxy, watches.as_mut()).await?;
     let mut log = SyncLog {
@@ -83,9 +91,10 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
     };
     let mut sig = signals()?;
     match (api, args.source.manifests.clone()) {
-        (None, Some(dir)) => {
+        (None, Some(_)) => {
+            let read = reading.expect("started with the manifests");
             run_manifests(
-                &dir,
+                read.await.context("the manifest reading thread")?,
                 &args,
                 &mut dp,
                 &mut programmer,
@@ -117,8 +126,20 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// What a manifest sync reads before it programs.
+enum ManifestRead {
+    /// Nothing: the files were read, with these errors.
+    Done(Vec<ManifestError>),
+    /// Every file (the first read, SIGHUP).
+    All,
+    /// The files that changed.
+    Changed,
+}
+
+/// Programs the manifests, then every change to them; `first_read`: the
+/// source that read them all once, and the errors it found.
 async fn run_manifests(
-    dir: &Path,
+    first_read: (ManifestSource, Vec<ManifestError>),
     args: &RunArgs,
     dp: &mut DataPath,
     programmer: &mut Programmer<BpfMaps>,
@@ -126,15 +147,18 @@ async fn run_manifests(
     metrics: &Arc<Metrics>,
     sig: &mut Signals,
 ) -> Result<()> {
-    let mut source = ManifestSource::new(dir);
-    // A changed file is read again alone; SIGHUP reads every file.
+    let (mut source, errors) = first_read;
     let mut sync = |source: &mut ManifestSource,
-                    all: bool,
+                    read: ManifestRead,
                     log: &mut SyncLog,
                     dp: &mut DataPath|
      -> Result<()> {
         let started = Instant::now();
-        let manifest_errors = source.read(all);
+        let manifest_errors = match read {
+            ManifestRead::Done(errors) => errors,
+            ManifestRead::All => source.read(true),
+            ManifestRead::Changed => source.read(false),
+        };
         let mut report = programmer.full_sync(&source.services(), &source.slices());
         for e in manifest_errors {
             metrics
@@ -149,21 +173,21 @@ async fn run_manifests(
         log.record("manifests", &report, started)
     };
     dp.proxy.queued_update();
-    sync(&mut source, true, log, dp)?;
+    sync(&mut source, ManifestRead::Done(errors), log, dp)?;
     let mut tick = tokio::time::interval(args.poll_interval);
     loop {
         tokio::select! {
             _ = sig.hup.recv() => {
-                log::info!("SIGHUP: re-reading {}", dir.display());
+                log::info!("SIGHUP: re-reading {}", source.dir().display());
                 dp.proxy.queued_update();
-                sync(&mut source, true, log, dp)?;
+                sync(&mut source, ManifestRead::All, log, dp)?;
             }
             _ = sig.term.recv() => break,
             _ = sig.int.recv() => break,
             _ = tick.tick() => {
                 if source.changed() {
                     dp.proxy.queued_update();
-                    sync(&mut source, false, log, dp)?;
+                    sync(&mut source, ManifestRead::Changed, log, dp)?;
                 }
                 dp.refresh_pods()?;
             }

@@ -120,6 +120,11 @@ impl ManifestSource {
         }
     }
 
+    /// The folder read.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn files(&self) -> std::io::Result<Vec<PathBuf>> {
         let mut files = Vec::new();
         let mut stack = vec![self.dir.clone()];
