@@ -4,6 +4,7 @@
 
 mod compact_btree;
 pub mod datapath;
+mod l4_addr_map;
 pub mod model;
 pub mod node;
 pub mod seccomp_profile;

@@ -9,7 +9,7 @@ use std::{
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{compact_btree::compacted, sorted_vec_set::SortedVecSet};
+use crate::{compact_btree::compacted, l4_addr_map::L4AddrMap, sorted_vec_set::SortedVecSet};
 use serde::Serialize;
 
 /// How new flows of an external frontend (NodePort, LoadBalancer,
@@ -409,7 +409,7 @@ impl ServiceEntry {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     entries: BTreeMap<L4Addr, ServiceEntry>,
-    backend_users: HashMap<L4Addr, u32>,
+    backend_users: L4AddrMap<u32>,
     /// Frontends per Service, so a one-Service change does not scan them all.
     by_service: HashMap<ServiceName, SortedVecSet<L4Addr>>,
     /// Frontends of each family.
@@ -454,7 +454,7 @@ impl DesiredState {
         let frontend = entry.frontend;
         self.remove(&frontend);
         for b in entry.all_backends() {
-            *self.backend_users.entry(*b).or_insert(0) += 1;
+            *self.backend_users.get_or_insert_with(b, || 0) += 1;
         }
         self.frontends[frontend.family()] += 1;
         self.active_backends[frontend.family()] += entry.backends.active.len();

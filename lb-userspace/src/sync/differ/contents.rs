@@ -8,8 +8,8 @@ use std::{
 use lb_common::Service4Value;
 
 use super::{backend_addr, frontend_of, rev_key, BackendEntry, BackendId, RevNatEntry, SlotKey};
-use crate::compact_btree::compacted;
 use crate::model::{Family, IpPrefix, L4Addr, PerFamily};
+use crate::{compact_btree::compacted, l4_addr_map::L4AddrMap};
 
 /// What the maps of both families hold (or will hold), in map terms, with
 /// the reverse indexes planning needs (kept in step by
@@ -27,7 +27,7 @@ pub struct MapContents {
     /// loadBalancerSourceRanges per reverse NAT id.
     pub source_ranges: BTreeSet<(u16, IpPrefix)>,
     /// Ids in the family of the address.
-    backend_ids: HashMap<L4Addr, u32>,
+    backend_ids: L4AddrMap<u32>,
     rev_ids: HashMap<(IpAddr, u16), u16>,
     /// How many backend slots point at each backend.
     slot_users: HashMap<BackendId, u32>,
@@ -137,7 +137,7 @@ impl MapContents {
         }
         // An entry filed in the other family's array is not found by address.
         if let Some(addr) = backend_addr(&v).filter(|a| a.family() == family) {
-            self.backend_ids.entry(addr).or_insert(id);
+            self.backend_ids.get_or_insert_with(&addr, || id);
         }
     }
 
