@@ -272,7 +272,8 @@ fn logged_duration(log: &str, what: &str) -> String {
 fn control_plane(a: Args) -> Result<()> {
     let mut lab = Lab::from_objects(Vec::new())?;
     let mut source = ScaleSource::store(a.source, &lab, a.services, a.endpoints)?;
-    let initial = start_and_wait_for_first_sync(&mut lab, &source)?;
+    let capacity = capacity_flags(&a);
+    let initial = start_and_wait_for_first_sync(&mut lab, &source, &capacity)?;
     let pid = lab.agent_pid().context("agent runs")?;
     let (rss_after_sync, _) = rss_kib(pid);
     let maps = loader::open_pinned(&lab.pin_dir)?;
@@ -339,10 +340,15 @@ const RELISTS: usize = 2;
 
 /// Starts the agent on the fixture and returns the time to its first
 /// full sync.
-fn start_and_wait_for_first_sync(lab: &mut Lab, source: &ScaleSource) -> Result<Duration> {
+fn start_and_wait_for_first_sync(
+    lab: &mut Lab,
+    source: &ScaleSource,
+    capacity: &[String],
+) -> Result<Duration> {
     eprintln!("[bench] starting lb-agent and waiting for its first full sync");
     let started = Instant::now();
-    let flags = source.agent_flags();
+    let mut flags = source.agent_flags();
+    flags.extend(capacity.iter().map(String::as_str));
     let agent = lab.agent();
     if source.replaces_source_flags() {
         agent.only(&flags).spawn()?;
@@ -357,6 +363,28 @@ fn start_and_wait_for_first_sync(lab: &mut Lab, source: &ScaleSource) -> Result<
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(started.elapsed())
+}
+
+/// `--backends-max` and `--services-max` when the Services, their
+/// endpoints and the changes (one endpoint each) need more than the
+/// defaults: the next power of two of what they use.
+fn capacity_flags(a: &Args) -> Vec<String> {
+    let backends = a.services * a.endpoints + a.changes + 1;
+    let slots = a.services * (1 + a.endpoints) + a.changes;
+    let mut flags = Vec::new();
+    if backends > lb_common::MAX_BACKENDS as usize {
+        flags.extend([
+            "--backends-max".into(),
+            backends.next_power_of_two().to_string(),
+        ]);
+    }
+    if slots > lb_common::MAX_SERVICE_SLOTS as usize {
+        flags.extend([
+            "--services-max".into(),
+            slots.next_power_of_two().to_string(),
+        ]);
+    }
+    flags
 }
 
 /// Applies single-EndpointSlice changes one at a time and returns, sorted,
