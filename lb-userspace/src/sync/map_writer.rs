@@ -132,6 +132,8 @@ const MAX_BATCH: usize = 8192;
 pub struct PlanRun {
     report: ApplyReport,
     held: HeldBack,
+    /// The ops of the batch being written, kept from batch to batch.
+    batch: Vec<MapOp>,
 }
 
 impl PlanRun {
@@ -189,12 +191,13 @@ impl PlanRun {
         steps: &[PlannedOp],
         current: &mut MapContents,
     ) -> usize {
-        let ops: Vec<MapOp> = steps.iter().map(|s| s.op).collect();
-        let (written, failed) = match writer.apply_batch(&ops) {
-            Ok(()) => (ops.len(), None),
+        self.batch.clear();
+        self.batch.extend(steps.iter().map(|s| s.op));
+        let (written, failed) = match writer.apply_batch(&self.batch) {
+            Ok(()) => (self.batch.len(), None),
             Err((written, error)) => (written, Some(error)),
         };
-        for op in &ops[..written] {
+        for op in &self.batch[..written] {
             record(current, op);
         }
         self.report.applied += written;
