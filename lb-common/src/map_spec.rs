@@ -55,6 +55,10 @@ pub enum Capacity {
     Services,
     /// `--socket-lb-max` (the socket LB's reverse and forward maps).
     Sockets,
+    /// `--frontends-max` (reverse NAT ids of both families, and what is
+    /// indexed by them: the reverse NAT maps, the per-CPU Service counters,
+    /// the Maglev tables).
+    Frontends,
 }
 
 impl MapSpec {
@@ -99,7 +103,7 @@ impl MapSpec {
     }
 }
 
-use Capacity::{Affinity, Backends, Conntrack, Services, Sockets};
+use Capacity::{Affinity, Backends, Conntrack, Frontends, Services, Sockets};
 use MapKind::{Array, Hash, HashOfMaps, LpmTrie, LruHash, PerCpuArray};
 
 /// An LPM trie key: a 32-bit prefix length in front of the data.
@@ -116,13 +120,15 @@ pub const SERVICES: MapSpec =
 pub const BACKENDS: MapSpec =
     MapSpec::of::<u32, Backend4>("lb4_backends", Array, 131_072).sized_by(Backends);
 /// Reverse NAT ids are 16-bit.
-pub const REV_NAT: MapSpec = MapSpec::of::<u16, RevNat4>("lb4_reverse_nat", Hash, 65_536);
+pub const REV_NAT: MapSpec =
+    MapSpec::of::<u16, RevNat4>("lb4_reverse_nat", Hash, 65_536).sized_by(Frontends);
 pub const CONNTRACK: MapSpec =
     MapSpec::of::<Ct4Key, Ct4Value>("lb4_conntrack", LruHash, 262_144).sized_by(Conntrack);
 pub const STATS: MapSpec = MapSpec::of::<u32, u64>("lb_stats", PerCpuArray, stats::ENTRIES);
 /// Indexed by reverse NAT id.
 pub const SERVICE_STATS: MapSpec =
-    MapSpec::of::<u32, ServiceStats>("lb4_svc_stats", PerCpuArray, REV_NAT.max_entries);
+    MapSpec::of::<u32, ServiceStats>("lb4_svc_stats", PerCpuArray, REV_NAT.max_entries)
+        .sized_by(Frontends);
 pub const AFFINITY: MapSpec =
     MapSpec::of::<Affinity4Key, Affinity4Value>("lb4_affinity", LruHash, 65_536).sized_by(Affinity);
 pub const BACKEND_MATCH: MapSpec =
@@ -148,7 +154,8 @@ pub const CONNTRACK_PREV: MapSpec =
 /// `MAGLEV_MAX_WORDS` u64 words at most), for frontends of both families.
 /// A table is replaced whole (a new inner map swapped in), so a reader
 /// sees the old or the new one, never a mix.
-pub const MAGLEV: MapSpec = MapSpec::of::<u32, u32>("lb_maglev", HashOfMaps, REV_NAT.max_entries);
+pub const MAGLEV: MapSpec =
+    MapSpec::of::<u32, u32>("lb_maglev", HashOfMaps, REV_NAT.max_entries).sized_by(Frontends);
 
 /// The IPv6 twins, sized by the same flags. Backend ids are per family
 /// (each indexes its own array); reverse NAT ids are one space over both,
@@ -162,7 +169,9 @@ pub const BACKENDS6: MapSpec =
         .sized_by(Backends)
         .ipv6();
 pub const REV_NAT6: MapSpec =
-    MapSpec::of::<u16, RevNat6>("lb6_reverse_nat", Hash, REV_NAT.max_entries).ipv6();
+    MapSpec::of::<u16, RevNat6>("lb6_reverse_nat", Hash, REV_NAT.max_entries)
+        .sized_by(Frontends)
+        .ipv6();
 pub const CONNTRACK6: MapSpec =
     MapSpec::of::<Ct6Key, Ct6Value>("lb6_conntrack", LruHash, CONNTRACK.max_entries)
         .sized_by(Conntrack)

@@ -716,7 +716,7 @@ fn objects_the_data_path_cannot_express_are_skipped_counted_and_the_rest_works()
 fn map_memory_is_reported_per_map_and_follows_the_capacity_flags() {
     let mut k = KubeLab::nginx();
     k.publish();
-    k.start_agent_extra(&["--conntrack-max", "4096"]);
+    k.start_agent_extra(&["--conntrack-max", "4096", "--frontends-max", "1024"]);
     let pods = k.lab.pods_of("Deployment/nginx-deployment");
     k.wait_programmed(
         SocketAddrV4::new(NGINX, 80),
@@ -746,11 +746,52 @@ fn map_memory_is_reported_per_map_and_follows_the_capacity_flags() {
         ct_bytes < backends["memory_bytes"].as_u64().unwrap(),
         "4,096 conntrack entries cost less than 131,072 backend slots: {ct} {backends}"
     );
+    // The maps indexed by reverse NAT id follow --frontends-max; the
+    // per-CPU Service counters cost 16 bytes an id on every CPU.
+    for name in [
+        "lb4_reverse_nat",
+        "lb6_reverse_nat",
+        "lb4_svc_stats",
+        "lb_maglev",
+    ] {
+        assert_eq!(of(name)["max_entries"], 1024, "{name}");
+    }
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
+    let svc_stats = of("lb4_svc_stats")["memory_bytes"].as_u64().expect("bytes");
+    assert!(
+        (1024 * 16 * cpus..u64::from(lb_common::MAX_REV_NAT) * 16 * cpus).contains(&svc_stats),
+        "lb4_svc_stats of 1,024 ids on {cpus} CPUs: {svc_stats} bytes"
+    );
     let metrics = k.metrics();
     let scraped = metric_sum(&metrics, "lb_map_memory_bytes", &["map=\"lb4_conntrack\""]);
     assert!(
         (scraped - ct_bytes as f64).abs() < 1.0,
         "{scraped} vs {ct_bytes}"
+    );
+
+    // Restarted with fewer frontends: the reverse NAT entries are copied
+    // into the smaller maps (their ids fit), the counters and Maglev maps
+    // start anew, and the Service is served throughout.
+    k.lab.stop_agent();
+    k.start_agent_extra(&["--conntrack-max", "4096", "--frontends-max", "16"]);
+    k.wait_programmed(
+        SocketAddrV4::new(NGINX, 80),
+        Some(k.pod_ips(&pods)),
+        "served after the restart",
+    );
+    let maps = k.lab.agent_command_json(&["maps", "--output", "json"]);
+    for name in ["lb4_reverse_nat", "lb4_svc_stats", "lb_maglev"] {
+        let m = maps.as_array().unwrap().iter().find(|m| m["map"] == name);
+        assert_eq!(
+            m.map(|m| m["max_entries"].clone()),
+            Some(16.into()),
+            "{name}"
+        );
+    }
+    assert_answered_by(
+        &spread(&k.lab, SocketAddrV4::new(NGINX, 80), 30),
+        &pods,
+        "after",
     );
 }
 

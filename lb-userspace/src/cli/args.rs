@@ -289,6 +289,14 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = lb_common::MAX_SERVICE_SLOTS,
           value_parser = clap::value_parser!(u32).range(16..=(1 << 26)))]
     pub(crate) services_max: u32,
+    /// Capacity of reverse NAT ids: one per frontend address and port
+    /// (TCP and UDP of a port share one), over both families. It sizes the
+    /// reverse NAT maps, the Maglev table map and the per-CPU Service
+    /// counters (16 bytes an id on every CPU: 1 MiB a CPU at the default).
+    /// A frontend that gets no id is left as it was and reported.
+    #[arg(long, default_value_t = lb_common::MAX_REV_NAT,
+          value_parser = clap::value_parser!(u32).range(16..=i64::from(lb_common::MAX_REV_NAT)))]
+    pub(crate) frontends_max: u32,
     /// Host-side pod veth names where tc attaches (`*` wildcards, comma separated).
     /// Rescanned every --poll-interval, so new pods are covered.
     #[arg(long, value_delimiter = ',', default_value = "lxc*,veth*,cali*")]

@@ -325,6 +325,7 @@ pub(crate) fn setup_datapath(
     metrics.datapath.open(pin_dir)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
     programmer.limits.backend_ids = args.backends_max - 1;
+    programmer.limits.rev_nat_ids = args.frontends_max - 1;
     programmer.service_slots = args.services_max;
     programmer.node = NodeInfo {
         name: args.node.node_name.clone().unwrap_or_default(),
@@ -352,6 +353,7 @@ fn load_config(
             sockets: flow_state.sockets,
             backends: args.backends_max,
             services: args.services_max,
+            frontends: args.frontends_max,
             ipv6,
         },
         snat_ports: snat_ports(args)?,

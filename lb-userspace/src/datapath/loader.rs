@@ -377,6 +377,9 @@ pub struct MapSizes {
     pub backends: u32,
     /// Capacity of the services map (and of the backend-match map).
     pub services: u32,
+    /// Reverse NAT ids (frontend addresses and ports): the reverse NAT
+    /// maps, the per-CPU Service counters and the Maglev tables.
+    pub frontends: u32,
     /// Whether the IPv6 maps get those capacities too; without IPv6 they
     /// hold one entry each, so a node that serves no IPv6 pays nothing
     /// for them.
@@ -391,6 +394,7 @@ impl Default for MapSizes {
             sockets: lb_common::map_spec::SOCK_REV.max_entries,
             backends: lb_common::MAX_BACKENDS,
             services: lb_common::MAX_SERVICE_SLOTS,
+            frontends: lb_common::MAX_REV_NAT,
             ipv6: true,
         }
     }
@@ -405,6 +409,7 @@ impl MapSizes {
             Capacity::Backends => self.backends,
             Capacity::Services => self.services,
             Capacity::Sockets => self.sockets,
+            Capacity::Frontends => self.frontends,
         }
     }
 }
@@ -468,14 +473,32 @@ pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<aya::maps::Map> {
 /// Copies the entries of a hash (or LRU hash) into another; with
 /// `BPF_NOEXIST`, so what the new map already holds wins.
 fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
+    copy_hash_where::<K, V>(from, to, |_| true)
+}
+
+/// `copy_hash` of the entries whose key `keep` accepts.
+fn copy_hash_where<K: aya::Pod, V: aya::Pod>(
+    from: &Path,
+    to: &Path,
+    keep: impl Fn(&K) -> bool,
+) -> Result<usize> {
     let from = open_pin(from)?;
     let entries: Vec<(K, V)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
     let mut to: HashMap<_, K, V> =
         HashMap::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
     Ok(entries
         .into_iter()
-        .filter(|(k, v)| to.insert(k, v, u64::from(BPF_NOEXIST)).is_ok())
+        .filter(|(k, v)| keep(k) && to.insert(k, v, u64::from(BPF_NOEXIST)).is_ok())
         .count())
+}
+
+/// Copies the reverse NAT entries whose ids the new capacity
+/// (`--frontends-max`, which also sizes the arrays indexed by id) still
+/// has room for; a frontend with a larger id gets a new one at the first
+/// sync.
+fn copy_rev_nat<V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
+    let capacity = aya::maps::MapInfo::from_pin(to)?.max_entries();
+    copy_hash_where::<u16, V>(from, to, |id| u32::from(*id) < capacity)
 }
 
 /// Copies backends, by id, from a hash (older versions) or an array; `used`
@@ -507,14 +530,14 @@ fn copy_map(name: &str, old: &Path, new: &Path) -> Result<usize> {
         n::SOCK_REV => copy_hash::<SockRev4Key, SockRev4Value>(old, new),
         n::SOCK_FWD => copy_hash::<SockFwd4Key, u32>(old, new),
         n::BACKENDS => copy_backends::<Backend4>(old, new, |b| b.addr != 0),
-        n::REV_NAT => copy_hash::<u16, RevNat4>(old, new),
+        n::REV_NAT => copy_rev_nat::<RevNat4>(old, new),
         n::BACKEND_MATCH | n::BACKEND_MATCH6 => copy_hash::<BackendMatchKey, u8>(old, new),
         n::CONNTRACK6 => copy_hash::<Ct6Key, Ct6Value>(old, new),
         n::AFFINITY6 => copy_hash::<Affinity6Key, Affinity4Value>(old, new),
         n::SOCK_REV6 => copy_hash::<SockRev6Key, SockRev6Value>(old, new),
         n::SOCK_FWD6 => copy_hash::<SockFwd6Key, u32>(old, new),
         n::BACKENDS6 => copy_backends::<Backend6>(old, new, |b| b.addr != [0; 4]),
-        n::REV_NAT6 => copy_hash::<u16, RevNat6>(old, new),
+        n::REV_NAT6 => copy_rev_nat::<RevNat6>(old, new),
         other => bail!("no migration for {other}"),
     }
 }
@@ -646,6 +669,7 @@ mod tests {
             backends: 300,
             services: 400,
             sockets: 500,
+            frontends: 600,
             ipv6: true,
         };
         let find = |name| *layouts(sizes).iter().find(|s| s.name == name).unwrap();
@@ -657,7 +681,11 @@ mod tests {
         assert_eq!(find(map_names::CONNTRACK6).max_entries, 100);
         assert_eq!(find(map_names::SOCK_REV).max_entries, 500);
         assert_eq!(find(map_names::SOCK_FWD6).max_entries, 500);
-        assert_eq!(find(map_names::REV_NAT).max_entries, lb_common::MAX_REV_NAT);
+        assert_eq!(find(map_names::REV_NAT).max_entries, 600);
+        assert_eq!(find(map_names::REV_NAT6).max_entries, 600);
+        assert_eq!(find(map_names::SERVICE_STATS).max_entries, 600);
+        assert_eq!(find(map_names::MAGLEV).max_entries, 600);
+        assert_eq!(find(map_names::STATS), map_spec::STATS);
         let no_ipv6 = layouts(MapSizes {
             ipv6: false,
             ..sizes
@@ -671,7 +699,12 @@ mod tests {
             assert_eq!(spec.max_entries, want, "{}", spec.name);
         }
         assert_eq!(find(map_names::BACKEND_MATCH).max_entries, 400);
-        assert_eq!(find(map_names::REV_NAT), map_spec::REV_NAT);
+        assert_eq!(
+            layouts(MapSizes::default())
+                .iter()
+                .find(|s| s.name == map_names::REV_NAT),
+            Some(&map_spec::REV_NAT)
+        );
     }
 
     #[test]
