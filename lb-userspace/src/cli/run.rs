@@ -75,13 +75,17 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
     let mut watches = api
         .as_ref()
         .map(|client| Watches::start(client.clone(), &args));
-    // So are the manifests read.
+    // So are the manifests read, on a thread of their own: the agent exits
+    // at once if the data path fails to load, without waiting for it (the
+    // runtime would wait for a blocking task).
     let reading = args.source.manifests.clone().map(|dir| {
-        tokio::task::spawn_blocking(move || {
+        let (done, read) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
             let mut source = ManifestSource::new(dir);
             let errors = source.read(true);
-            (source, errors)
-        })
+            let _ = done.send((source, errors));
+        });
+        read
     });
     let (mut dp, mut programmer) =
         load_while_listing(pin_dir, &args, &metrics, &proxy, watches.as_mut()).await?;

@@ -126,9 +126,17 @@ impl ManifestSource {
     }
 
     fn files(&self) -> std::io::Result<Vec<PathBuf>> {
+        use std::os::unix::fs::MetadataExt;
         let mut files = Vec::new();
         let mut stack = vec![self.dir.clone()];
+        // Symlinks are followed (a ConfigMap volume's files are links), so
+        // a directory may be reached twice, or in a loop: it is read once.
+        let mut seen = std::collections::HashSet::new();
         while let Some(dir) = stack.pop() {
+            let meta = fs::metadata(&dir)?;
+            if !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
             for entry in fs::read_dir(&dir)? {
                 let path = entry?.path();
                 if path.is_dir() {
@@ -332,6 +340,21 @@ ports: [{port: 80}]
             "renamed",
             "a modified file is read again"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_reached_again_through_a_symlink_is_read_once() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-loop-{}", std::process::id()));
+        let sub = dir.join("sub");
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join("web.yaml"), GOOD).unwrap();
+        // A loop (as /proc and /sys have) and a second way in.
+        std::os::unix::fs::symlink(&dir, sub.join("up")).unwrap();
+        std::os::unix::fs::symlink(&sub, dir.join("again")).unwrap();
+        let mut src = ManifestSource::new(&dir);
+        assert!(src.read(true).is_empty());
+        assert_eq!(src.services().len(), 1, "{:?}", src.files());
         fs::remove_dir_all(&dir).unwrap();
     }
 }
