@@ -472,33 +472,20 @@ pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<aya::maps::Map> {
 
 /// Copies the entries of a hash (or LRU hash) into another; with
 /// `BPF_NOEXIST`, so what the new map already holds wins.
+///
+/// The reverse NAT maps are copied whole when `--frontends-max` shrinks: a
+/// frontend keeps its id, so replies of its open connections keep finding
+/// their entry (only the per-CPU counters, an array of the new size, do
+/// not count ids above it).
 fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
-    copy_hash_where::<K, V>(from, to, |_| true)
-}
-
-/// `copy_hash` of the entries whose key `keep` accepts.
-fn copy_hash_where<K: aya::Pod, V: aya::Pod>(
-    from: &Path,
-    to: &Path,
-    keep: impl Fn(&K) -> bool,
-) -> Result<usize> {
     let from = open_pin(from)?;
     let entries: Vec<(K, V)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
     let mut to: HashMap<_, K, V> =
         HashMap::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
     Ok(entries
         .into_iter()
-        .filter(|(k, v)| keep(k) && to.insert(k, v, u64::from(BPF_NOEXIST)).is_ok())
+        .filter(|(k, v)| to.insert(k, v, u64::from(BPF_NOEXIST)).is_ok())
         .count())
-}
-
-/// Copies the reverse NAT entries whose ids the new capacity
-/// (`--frontends-max`, which also sizes the arrays indexed by id) still
-/// has room for; a frontend with a larger id gets a new one at the first
-/// sync.
-fn copy_rev_nat<V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
-    let capacity = aya::maps::MapInfo::from_pin(to)?.max_entries();
-    copy_hash_where::<u16, V>(from, to, |id| u32::from(*id) < capacity)
 }
 
 /// Copies backends, by id, from a hash (older versions) or an array; `used`
@@ -530,14 +517,14 @@ fn copy_map(name: &str, old: &Path, new: &Path) -> Result<usize> {
         n::SOCK_REV => copy_hash::<SockRev4Key, SockRev4Value>(old, new),
         n::SOCK_FWD => copy_hash::<SockFwd4Key, u32>(old, new),
         n::BACKENDS => copy_backends::<Backend4>(old, new, |b| b.addr != 0),
-        n::REV_NAT => copy_rev_nat::<RevNat4>(old, new),
+        n::REV_NAT => copy_hash::<u16, RevNat4>(old, new),
         n::BACKEND_MATCH | n::BACKEND_MATCH6 => copy_hash::<BackendMatchKey, u8>(old, new),
         n::CONNTRACK6 => copy_hash::<Ct6Key, Ct6Value>(old, new),
         n::AFFINITY6 => copy_hash::<Affinity6Key, Affinity4Value>(old, new),
         n::SOCK_REV6 => copy_hash::<SockRev6Key, SockRev6Value>(old, new),
         n::SOCK_FWD6 => copy_hash::<SockFwd6Key, u32>(old, new),
         n::BACKENDS6 => copy_backends::<Backend6>(old, new, |b| b.addr != [0; 4]),
-        n::REV_NAT6 => copy_rev_nat::<RevNat6>(old, new),
+        n::REV_NAT6 => copy_hash::<u16, RevNat6>(old, new),
         other => bail!("no migration for {other}"),
     }
 }

@@ -50,8 +50,12 @@ where
         }
     }
 
+    /// Makes `id` free to hand out again in this plan, unless it is above
+    /// the limit (kept by a map adopted from a run with a larger one).
     pub(super) fn release(&mut self, id: u32) {
-        self.released.push(id);
+        if id <= self.max {
+            self.released.push(id);
+        }
     }
 
     /// Past the highest id ever used first (O(1) while ids last), then the
@@ -130,5 +134,24 @@ mod backend_id_set_tests {
         assert!(!set.contains(&id(Family::Ipv4, 999_999)));
         assert!(!set.contains(&id(Family::Ipv6, 64)));
         assert!(set.contains(&id(Family::Ipv6, 1)));
+    }
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    use std::collections::BTreeMap;
+
+    use super::IdAllocator;
+
+    #[test]
+    fn an_id_above_the_limit_is_kept_by_its_user_but_never_handed_out() {
+        // Ids 2 and 9 are in use, from a run whose limit was larger.
+        let used: BTreeMap<u16, u8> = [(2, 0), (9, 0)].into();
+        let mut ids = IdAllocator::new(&used, 4, 1);
+        ids.release(9);
+        let handed: Vec<u32> = std::iter::from_fn(|| ids.allocate()).collect();
+        assert_eq!(handed, [1, 3, 4]);
+        ids.release(3);
+        assert_eq!(ids.allocate(), Some(3));
     }
 }
