@@ -291,11 +291,16 @@ impl Drop for Container {
     }
 }
 
+/// How long a container `run_to_end` starts may run.
+const RUN_TO_END_LIMIT: std::time::Duration = std::time::Duration::from_mins(2);
+
 /// Runs a container to its end (`podman run --rm`); its exit status and
 /// output.
 pub fn run_to_end(options: &[String], image: &str, args: &[String]) -> Result<Output> {
     Ok(podman()
         .args(["run", "--rm"])
+        // A run that never ends is killed rather than holding up the test.
+        .arg(format!("--timeout={}", RUN_TO_END_LIMIT.as_secs()))
         .args(options)
         .arg(image)
         .args(args)

@@ -228,7 +228,19 @@ pub(crate) fn sweep_stale() {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if dead(&name) {
+                // A container test's folder holds the agent's pin folder.
+                let _ = lb_userspace::datapath::loader::cleanup(&e.path().join("lb-agent"));
                 let _ = lb_userspace::datapath::loader::cleanup(&e.path());
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    // A lab's folder (agent log, manifests) of a process that was killed.
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name) && e.path().is_dir() {
+                let _ = fs::remove_dir_all(e.path());
             }
         }
     }

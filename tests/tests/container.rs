@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -141,9 +141,31 @@ fn write_cluster_ca(path: &std::path::Path) {
 
 impl Drop for PodHost {
     fn drop(&mut self) {
-        let _ = lb_userspace::datapath::loader::cleanup(&self.bpffs.join("lb-agent"));
-        let _ = fs::remove_dir_all(&self.bpffs);
+        remove_bpffs_dir(&self.bpffs);
     }
+}
+
+/// A folder of the host's bpffs given to a container as its own; removed
+/// with what the agent pinned in it, also when the test fails.
+struct BpffsDir(PathBuf);
+
+impl BpffsDir {
+    fn create(name: &str) -> Self {
+        let dir = PathBuf::from("/sys/fs/bpf").join(name);
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        remove_bpffs_dir(&self.0);
+    }
+}
+
+fn remove_bpffs_dir(dir: &Path) {
+    let _ = lb_userspace::datapath::loader::cleanup(&dir.join("lb-agent"));
+    let _ = fs::remove_dir_all(dir);
 }
 
 /// Waits until GET `path` on the node's `port` answers `want`; how long
@@ -335,17 +357,16 @@ fn the_runtime_default_profile_refuses_the_agent_and_the_shipped_one_adds_only_b
         .into_iter()
         .filter(|o| !o.starts_with("--security-opt=seccomp="))
         .collect();
-    let bpffs = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-seccomp", std::process::id()));
-    fs::create_dir_all(&bpffs).unwrap();
+    let bpffs = BpffsDir::create(&format!("lbt-{}-seccomp", std::process::id()));
     options.extend([
         "--network=none".into(),
-        format!("--volume={}:/sys/fs/bpf", bpffs.display()),
+        format!("--volume={}:/sys/fs/bpf", bpffs.0.display()),
     ]);
     let args: Vec<String> = ["run", "--manifests=/", "--interfaces=lo", "--socket-lb=off"]
         .map(String::from)
         .to_vec();
     let out = run_to_end(&options, &image, &args).unwrap();
-    let _ = fs::remove_dir_all(&bpffs);
+    drop(bpffs);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
