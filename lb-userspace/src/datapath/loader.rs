@@ -472,11 +472,6 @@ pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<aya::maps::Map> {
 
 /// Copies the entries of a hash (or LRU hash) into another; with
 /// `BPF_NOEXIST`, so what the new map already holds wins.
-///
-/// The reverse NAT maps are copied whole when `--frontends-max` shrinks: a
-/// frontend keeps its id, so replies of its open connections keep finding
-/// their entry (only the per-CPU counters, an array of the new size, do
-/// not count ids above it).
 fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
     let from = open_pin(from)?;
     let entries: Vec<(K, V)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
@@ -517,6 +512,9 @@ fn copy_map(name: &str, old: &Path, new: &Path) -> Result<usize> {
         n::SOCK_REV => copy_hash::<SockRev4Key, SockRev4Value>(old, new),
         n::SOCK_FWD => copy_hash::<SockFwd4Key, u32>(old, new),
         n::BACKENDS => copy_backends::<Backend4>(old, new, |b| b.addr != 0),
+        // Whole, also when `--frontends-max` shrank: a frontend keeps its id,
+        // so replies of its open connections keep finding their entry (only
+        // the per-CPU counters, an array of the new size, miss ids above it).
         n::REV_NAT => copy_hash::<u16, RevNat4>(old, new),
         n::BACKEND_MATCH | n::BACKEND_MATCH6 => copy_hash::<BackendMatchKey, u8>(old, new),
         n::CONNTRACK6 => copy_hash::<Ct6Key, Ct6Value>(old, new),
