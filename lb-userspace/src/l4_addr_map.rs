@@ -106,14 +106,7 @@ impl<V> L4AddrMap<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn l4(addr: &str, port: u16, proto: Protocol) -> L4Addr {
-        L4Addr {
-            addr: addr.parse().unwrap(),
-            port,
-            proto,
-        }
-    }
+    use crate::test_objects::l4_addr as l4;
 
     #[test]
     fn keys_of_both_families_are_told_apart_by_every_field() {

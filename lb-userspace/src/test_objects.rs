@@ -4,7 +4,21 @@
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{json, Value};
 
-use crate::source::objects::{ServiceInfo, SliceInfo};
+use crate::{
+    model::{L4Addr, Protocol},
+    source::objects::{ServiceInfo, SliceInfo},
+};
+
+/// An address (text), port and protocol.
+pub(crate) fn l4_addr(addr: &str, port: u16, proto: Protocol) -> L4Addr {
+    L4Addr {
+        addr: addr
+            .parse()
+            .unwrap_or_else(|e| panic!("address {addr}: {e}")),
+        port,
+        proto,
+    }
+}
 
 pub fn service(v: Value) -> ServiceInfo {
     let s: Service =

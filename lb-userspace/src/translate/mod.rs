@@ -763,7 +763,7 @@ mod tests {
     const NO_SLICES: &[SliceInfo] = &[];
     use serde_json::json;
 
-    use crate::test_objects::{service, slice};
+    use crate::test_objects::{l4_addr as addr, service, slice};
 
     fn ep(ip: &str, ready: Option<bool>) -> serde_json::Value {
         match ready {
@@ -789,14 +789,6 @@ mod tests {
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
             "endpoints": endpoints
         }))
-    }
-
-    fn addr(s: &str, port: u16, proto: Protocol) -> L4Addr {
-        L4Addr {
-            addr: s.parse().unwrap(),
-            port,
-            proto,
-        }
     }
 
     #[test]
