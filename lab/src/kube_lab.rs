@@ -222,4 +222,20 @@ impl KubeLab {
             .ok()
             .map(|(code, _)| code)
     }
+
+    /// Polls `/readyz` until it answers `want`; returns how long that took.
+    pub fn wait_readyz(&self, want: u16, within: Duration) -> Duration {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if self.readyz() == Some(want) {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "/readyz did not answer {want} within {within:?} (last: {:?})\n{}",
+            self.readyz(),
+            self.lab.agent_log()
+        );
+    }
 }

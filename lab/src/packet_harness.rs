@@ -14,11 +14,11 @@ use lb_common::{
     SVC_FLAG_CLUSTER_IP,
 };
 use lb_userspace::{
-    datapath::loader::{self, LoadConfig},
+    datapath::loader::{self, LoadConfig, MapSizes},
     model::{BackendSet, DesiredState, L4Addr, Protocol, ServiceEntry, ServiceName},
     node::masquerade_ports::{self, PortRange},
     source::objects::{ServiceInfo, SliceInfo},
-    sync::differ::{plan, MapContents},
+    sync::differ::{plan_within, IdLimits, MapContents},
     sync::maglev_tables::{seed_of, MaglevTables},
     sync::map_writer::{apply_plan, BpfMaps},
     translate::{maglev, translate_on, NodeInfo},
@@ -103,6 +103,8 @@ pub struct Harness {
     pub current: MapContents,
     /// What the maps were last taken to (Maglev tables read its weights).
     pub desired: DesiredState,
+    /// The ids the maps have room for.
+    limits: IdLimits,
 }
 
 impl Harness {
@@ -112,7 +114,22 @@ impl Harness {
 
     /// A harness whose programs masquerade to ports of `ranges`.
     pub fn with_masquerade_ports(ranges: &[PortRange]) -> Self {
+        Self::with_sizes(ranges, MapSizes::default())
+    }
+
+    /// A harness whose maps have room for `frontends` reverse NAT ids
+    /// (`--frontends-max`).
+    pub fn with_frontends(frontends: u32) -> Self {
+        let sizes = MapSizes {
+            frontends,
+            ..MapSizes::default()
+        };
+        Self::with_sizes(&default_masquerade_ports(), sizes)
+    }
+
+    fn with_sizes(ranges: &[PortRange], sizes: MapSizes) -> Self {
         let config = LoadConfig {
+            sizes,
             snat_ports: masquerade_ports::to_global(ranges).expect("port ranges"),
             datapath: DatapathConfig {
                 masquerade_addr: u32::from_ne_bytes(NODE.octets()),
@@ -120,10 +137,13 @@ impl Harness {
                 maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
                 ..Default::default()
             },
-            ..Default::default()
         };
         // Not pinned: each test gets its own maps.
-        let mut ebpf = loader::object_loader(&config)
+        let mut object = loader::object_loader(&config);
+        for spec in loader::layouts(sizes) {
+            object.map_max_entries(spec.name, spec.max_entries);
+        }
+        let mut ebpf = object
             .load(lb_userspace::EBPF_OBJECT)
             .expect("load BPF object");
         let xdp: &mut Xdp = ebpf
@@ -142,6 +162,10 @@ impl Harness {
             maps,
             current: MapContents::default(),
             desired: DesiredState::default(),
+            limits: IdLimits {
+                rev_nat_ids: sizes.frontends - 1,
+                ..IdLimits::default()
+            },
         }
     }
 
@@ -160,16 +184,38 @@ impl Harness {
         self.apply(&desired);
     }
 
+    /// Programs ClusterIP frontends `addrs` (all of one port and protocol)
+    /// over the same backends, replacing what was programmed before.
+    pub fn program_frontends(
+        &mut self,
+        addrs: impl Iterator<Item = Ipv4Addr>,
+        (port, proto): (u16, Protocol),
+        backends: &[(Ipv4Addr, u16)],
+    ) {
+        let mut desired = DesiredState::default();
+        for (i, addr) in addrs.enumerate() {
+            let backends = backends.iter().map(|(a, p)| ((*a).into(), *p));
+            desired.insert(cluster_ip_entry(
+                format!("svc-{i}"),
+                (addr.into(), port, proto),
+                backends,
+                SVC_FLAG_CLUSTER_IP,
+            ));
+        }
+        self.apply(&desired);
+    }
+
     /// Takes the maps from what they hold to `desired`, through the
     /// agent's planner and writer, as a sync does.
     fn apply(&mut self, desired: &DesiredState) {
-        let p = plan(&self.current, desired);
+        let p = plan_within(&self.current, desired, &self.limits);
         assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
         let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
         assert!(
             report.failed.is_empty(),
-            "map writes failed: {:?}",
-            report.failed
+            "{} map writes failed, the first: {:?}",
+            report.failed.len(),
+            report.failed.first()
         );
         self.desired = desired.clone();
     }

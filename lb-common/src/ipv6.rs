@@ -3,6 +3,7 @@
 //! no address ([`crate::Service4Value`], [`crate::Affinity4Value`],
 //! [`crate::BackendMatchKey`]) are shared by both families.
 
+use crate::RevNatId;
 use bytemuck::{Pod, Zeroable};
 
 /// An IPv6 address: its 16 bytes in network order, as four words read
@@ -102,12 +103,16 @@ pub struct Ct6Key {
 pub struct Ct6Value {
     pub last_seen_ns: u64,
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    /// Low half of the reverse NAT id (see [`crate::Ct4Value::rev_nat_id`]).
+    pub rev_nat_id_low: u16,
     /// `CT_FLAG_*`.
     pub flags: u16,
     pub nat_addr: Ipv6Bytes,
     pub nat_port: u16,
-    pub _pad: [u8; 6],
+    /// High half of the reverse NAT id: padding, zero, in releases with
+    /// 16-bit ids.
+    pub rev_nat_id_high: u16,
+    pub _pad: u32,
 }
 
 /// Key of `lb6_affinity` (see [`crate::Affinity4Key`]); a socket-path
@@ -117,19 +122,18 @@ pub struct Ct6Value {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Affinity6Key {
     pub client: Ipv6Bytes,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: RevNatId,
     pub proto: u8,
     pub client_kind: u8,
+    pub _pad: [u8; 2],
 }
 
 /// Data of a `lb6_source_ranges` LPM trie key: the prefix length covers
-/// `rev_nat_id` and `_pad` (`SOURCE_RANGE_PREFIX_BITS`) plus the range's
-/// mask bits.
+/// `rev_nat_id` (`SOURCE_RANGE_PREFIX_BITS`) plus the range's mask bits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct SourceRange6 {
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
     pub addr: Ipv6Bytes,
 }
 
@@ -151,7 +155,8 @@ pub struct SockRev6Value {
     /// Service address and port, network byte order.
     pub addr: Ipv6Bytes,
     pub port: u16,
-    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
 }
 
 /// Key of `lb6_sock_fwd` (see [`crate::SockFwd4Key`]).
@@ -206,10 +211,10 @@ mod tests {
         assert_eq!(size_of::<RevNat6>(), 20);
         assert_eq!(size_of::<Ct6Key>(), 40);
         assert_eq!(size_of::<Ct6Value>(), 40);
-        assert_eq!(size_of::<Affinity6Key>(), 20);
+        assert_eq!(size_of::<Affinity6Key>(), 24);
         assert_eq!(size_of::<SourceRange6>(), 20);
         assert_eq!(size_of::<SockRev6Key>(), 32);
-        assert_eq!(size_of::<SockRev6Value>(), 20);
+        assert_eq!(size_of::<SockRev6Value>(), 24);
         assert_eq!(size_of::<SockFwd6Key>(), 32);
     }
 }

@@ -108,6 +108,13 @@ pub const MAX_AFFINITY: u32 = map_spec::AFFINITY.max_entries;
 /// up), so a large N costs map entries, not time per packet.
 pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX;
 
+/// A reverse NAT id: one per frontend (address and port; TCP and UDP
+/// share it), over both families. Releases before 32-bit ids wrote 16-bit
+/// ones; where an entry the data path writes kept its size (conntrack,
+/// backend match, source ranges), the high half sits in what was zero
+/// padding, so those entries read the same (both sides are little-endian).
+pub type RevNatId = u32;
+
 pub use ipv6::{
     Affinity6Key, Backend6, Ct6Key, Ct6Value, Ipv6Bytes, RevNat6, Service6Key, SockFwd6Key,
     SockRev6Key, SockRev6Value, SourceRange6,
@@ -150,9 +157,10 @@ pub struct Service4Value {
     /// (master slot): never chosen for new flows, kept so flows that use
     /// them go on until the endpoint is gone.
     pub terminating_count: u16,
-    pub rev_nat_id: u16,
     /// `SVC_FLAG_*` bits (master slot).
     pub flags: u16,
+    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
 }
 
 pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
@@ -239,7 +247,8 @@ pub struct Ct4Value {
     /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
     pub last_seen_ns: u64,
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    /// Low half of the reverse NAT id (see [`Ct4Value::rev_nat_id`]).
+    pub rev_nat_id_low: u16,
     /// `CT_FLAG_*`.
     pub flags: u16,
     /// With `CT_FLAG_SNAT`: on the forward entry, the source the flow was
@@ -247,8 +256,31 @@ pub struct Ct4Value {
     /// port, restored on replies. Network byte order.
     pub nat_addr: u32,
     pub nat_port: u16,
-    pub _pad: u16,
+    /// High half of the reverse NAT id: padding, zero, in releases with
+    /// 16-bit ids, so their entries are adopted as they are.
+    pub rev_nat_id_high: u16,
 }
+
+/// The reverse NAT id of a conntrack value, split around `flags` so the
+/// layout of releases with 16-bit ids holds (see [`RevNatId`]).
+macro_rules! split_rev_nat_id {
+    ($value:ty) => {
+        impl $value {
+            #[inline(always)]
+            pub fn rev_nat_id(&self) -> RevNatId {
+                RevNatId::from(self.rev_nat_id_low) | RevNatId::from(self.rev_nat_id_high) << 16
+            }
+
+            #[inline(always)]
+            pub fn set_rev_nat_id(&mut self, id: RevNatId) {
+                self.rev_nat_id_low = id as u16;
+                self.rev_nat_id_high = (id >> 16) as u16;
+            }
+        }
+    };
+}
+split_rev_nat_id!(Ct4Value);
+split_rev_nat_id!(ipv6::Ct6Value);
 
 /// A FIN or RST was seen: the entry expires after `CT_CLOSING_LIFETIME_NS`.
 pub const CT_FLAG_CLOSING: u16 = 1 << 0;
@@ -354,9 +386,10 @@ pub struct Affinity4Key {
     /// pod has one namespace and one address).
     pub client: u32,
     /// TCP and UDP of one address and port share a reverse NAT id.
-    pub rev_nat_id: u16,
+    pub rev_nat_id: RevNatId,
     pub proto: u8,
     pub client_kind: u8,
+    pub _pad: [u8; 2],
 }
 
 pub const AFFINITY_CLIENT_ADDR: u8 = 0;
@@ -394,7 +427,8 @@ pub struct SockRev4Value {
     /// Service address and port, network byte order.
     pub addr: u32,
     pub port: u16,
-    pub rev_nat_id: u16,
+    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
 }
 
 #[repr(C)]
@@ -413,8 +447,7 @@ pub struct Affinity4Value {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct BackendMatchKey {
     pub backend_id: u32,
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
 }
 
 /// Chosen for new flows (and by session affinity).
@@ -423,12 +456,11 @@ pub const BACKEND_MATCH_ACTIVE: u8 = 1;
 pub const BACKEND_MATCH_TERMINATING: u8 = 2;
 
 /// Data of a `loadBalancerSourceRanges` LPM trie key: the prefix length
-/// covers `rev_nat_id` and `_pad` (32 bits) plus the range's mask bits.
+/// covers `rev_nat_id` (32 bits) plus the range's mask bits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct SourceRange4 {
-    pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub rev_nat_id: RevNatId,
     /// Network byte order.
     pub addr: u32,
 }
@@ -743,18 +775,51 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Service4Key>(), 12);
-        assert_eq!(size_of::<Service4Value>(), 16);
+        assert_eq!(size_of::<Service4Value>(), 20);
         assert_eq!(size_of::<Backend4>(), 12);
         assert_eq!(size_of::<RevNat4>(), 8);
         assert_eq!(size_of::<Ct4Key>(), 16);
         assert_eq!(size_of::<Ct4Value>(), 24);
-        assert_eq!(size_of::<Affinity4Key>(), 8);
+        assert_eq!(size_of::<Affinity4Key>(), 12);
         assert_eq!(size_of::<Affinity4Value>(), 16);
         assert_eq!(size_of::<BackendMatchKey>(), 8);
         assert_eq!(size_of::<SourceRange4>(), 8);
         assert_eq!(size_of::<SockRev4Key>(), 16);
-        assert_eq!(size_of::<SockRev4Value>(), 8);
+        assert_eq!(size_of::<SockRev4Value>(), 12);
         assert_eq!(size_of::<SockFwd4Key>(), 16);
+    }
+
+    /// Entries the data path wrote with 16-bit reverse NAT ids are adopted
+    /// as they are where their size did not change.
+    #[test]
+    fn entries_written_with_16_bit_ids_read_the_same() {
+        let id16 = 0xbeef_u16.to_le_bytes();
+        let mut ct4 = [0u8; 24];
+        ct4[12..14].copy_from_slice(&id16);
+        ct4[14..16].copy_from_slice(&CT_FLAG_SNAT.to_le_bytes());
+        let ct4: Ct4Value = bytemuck::pod_read_unaligned(&ct4);
+        assert_eq!((ct4.rev_nat_id(), ct4.flags), (0xbeef, CT_FLAG_SNAT));
+        let mut ct6 = [0u8; 40];
+        ct6[12..14].copy_from_slice(&id16);
+        ct6[32..34].copy_from_slice(&8080_u16.to_be_bytes());
+        let ct6: ipv6::Ct6Value = bytemuck::pod_read_unaligned(&ct6);
+        assert_eq!((ct6.rev_nat_id(), ct6.nat_port), (0xbeef, 8080_u16.to_be()));
+        let mut key = [0u8; 8];
+        key[0..4].copy_from_slice(&7_u32.to_le_bytes());
+        key[4..6].copy_from_slice(&id16);
+        let key: BackendMatchKey = bytemuck::pod_read_unaligned(&key);
+        assert_eq!((key.backend_id, key.rev_nat_id), (7, 0xbeef));
+    }
+
+    #[test]
+    fn a_32_bit_id_round_trips_through_a_conntrack_value() {
+        let mut v = Ct4Value::default();
+        v.set_rev_nat_id(0x0003_0002);
+        assert_eq!((v.rev_nat_id_low, v.rev_nat_id_high), (2, 3));
+        assert_eq!(v.rev_nat_id(), 0x0003_0002);
+        let mut v = ipv6::Ct6Value::default();
+        v.set_rev_nat_id(RevNatId::MAX);
+        assert_eq!(v.rev_nat_id(), RevNatId::MAX);
     }
 
     #[test]

@@ -8,9 +8,9 @@ use core::mem::size_of;
 
 use crate::{
     config, stats, Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6, BackendMatchKey,
-    Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, Service4Key, Service4Value, Service6Key,
-    ServiceStats, SockFwd4Key, SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value,
-    SourceRange4, SourceRange6,
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, RevNatId, Service4Key, Service4Value,
+    Service6Key, ServiceStats, SockFwd4Key, SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key,
+    SockRev6Value, SourceRange4, SourceRange6,
 };
 
 /// The kernel map types the object uses.
@@ -119,9 +119,9 @@ pub const SERVICES: MapSpec =
 /// An array indexed by backend id (lookups inlined); a free id holds zeros.
 pub const BACKENDS: MapSpec =
     MapSpec::of::<u32, Backend4>("lb4_backends", Array, 131_072).sized_by(Backends);
-/// Reverse NAT ids are 16-bit.
+/// Keyed by reverse NAT id.
 pub const REV_NAT: MapSpec =
-    MapSpec::of::<u16, RevNat4>("lb4_reverse_nat", Hash, 65_536).sized_by(Frontends);
+    MapSpec::of::<RevNatId, RevNat4>("lb4_reverse_nat", Hash, 65_536).sized_by(Frontends);
 pub const CONNTRACK: MapSpec =
     MapSpec::of::<Ct4Key, Ct4Value>("lb4_conntrack", LruHash, 262_144).sized_by(Conntrack);
 pub const STATS: MapSpec = MapSpec::of::<u32, u64>("lb_stats", PerCpuArray, stats::ENTRIES);
@@ -169,7 +169,7 @@ pub const BACKENDS6: MapSpec =
         .sized_by(Backends)
         .ipv6();
 pub const REV_NAT6: MapSpec =
-    MapSpec::of::<u16, RevNat6>("lb6_reverse_nat", Hash, REV_NAT.max_entries)
+    MapSpec::of::<RevNatId, RevNat6>("lb6_reverse_nat", Hash, REV_NAT.max_entries)
         .sized_by(Frontends)
         .ipv6();
 pub const CONNTRACK6: MapSpec =

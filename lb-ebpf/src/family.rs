@@ -12,7 +12,7 @@ use core::mem::{offset_of, size_of, MaybeUninit};
 
 use lb_common::{
     Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6, BackendMatchKey, Ct4Key,
-    Ct4Value, Ct6Key, Ct6Value, Ipv6Bytes, RevNat4, RevNat6, Service4Key, Service4Value,
+    Ct4Value, Ct6Key, Ct6Value, Ipv6Bytes, RevNat4, RevNat6, RevNatId, Service4Key, Service4Value,
     Service6Key, SourceRange4, SourceRange6, SOURCE_RANGE_PREFIX_BITS,
 };
 
@@ -29,7 +29,7 @@ pub trait Addr: Copy + PartialEq {
 }
 
 impl Addr for u32 {
-    type CtPad = u16;
+    type CtPad = [u8; 0];
     const UNSPECIFIED: Self = 0;
 
     #[inline(always)]
@@ -39,7 +39,7 @@ impl Addr for u32 {
 }
 
 impl Addr for Ipv6Bytes {
-    type CtPad = [u8; 6];
+    type CtPad = u32;
     const UNSPECIFIED: Self = [0; 4];
 
     #[inline(always)]
@@ -71,11 +71,40 @@ pub struct Tuple<A> {
 pub struct Ct<A: Addr> {
     pub last_seen_ns: u64,
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    rev_nat_id_low: u16,
     pub flags: u16,
     pub nat_addr: A,
     pub nat_port: u16,
-    pub _pad: A::CtPad,
+    rev_nat_id_high: u16,
+    _pad: A::CtPad,
+}
+
+impl<A: Addr> Ct<A> {
+    #[inline(always)]
+    pub fn new(
+        last_seen_ns: u64,
+        backend_id: u32,
+        rev_nat_id: RevNatId,
+        flags: u16,
+        nat: (A, u16),
+    ) -> Self {
+        Self {
+            last_seen_ns,
+            backend_id,
+            rev_nat_id_low: rev_nat_id as u16,
+            flags,
+            nat_addr: nat.0,
+            nat_port: nat.1,
+            rev_nat_id_high: (rev_nat_id >> 16) as u16,
+            _pad: Default::default(),
+        }
+    }
+
+    /// The id, whose halves sit apart (see `lb_common::Ct4Value`).
+    #[inline(always)]
+    pub fn rev_nat_id(&self) -> RevNatId {
+        RevNatId::from(self.rev_nat_id_low) | RevNatId::from(self.rev_nat_id_high) << 16
+    }
 }
 
 /// A backend (`Backend4`, `Backend6`).
@@ -119,9 +148,10 @@ pub struct SvcKey<A> {
 #[derive(Clone, Copy)]
 pub struct Client<A> {
     pub id: A,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: RevNatId,
     pub proto: u8,
     pub kind: u8,
+    pub _pad: [u8; 2],
 }
 
 /// A view `$view` has the layout of `$map`: same size, fields at the same
@@ -150,10 +180,11 @@ macro_rules! family_layouts {
             $ct_value,
             last_seen_ns = last_seen_ns,
             backend_id = backend_id,
-            rev_nat_id = rev_nat_id,
+            rev_nat_id_low = rev_nat_id_low,
             flags = flags,
             nat_addr = nat_addr,
-            nat_port = nat_port
+            nat_port = nat_port,
+            rev_nat_id_high = rev_nat_id_high
         );
         same_layout!(
             Backend<$a>,
@@ -223,9 +254,9 @@ pub trait Family {
     /// The backend with this id, if the id is in use.
     fn backend(id: u32) -> Option<Backend<Self::Addr>>;
     /// The `BACKEND_MATCH_*` state of a backend in a frontend.
-    fn backend_match(backend_id: u32, rev_nat_id: u16) -> Option<u8>;
-    fn rev_nat(id: u16) -> Option<RevNat<Self::Addr>>;
-    fn source_allowed(rev_nat_id: u16, saddr: &Self::Addr) -> bool;
+    fn backend_match(backend_id: u32, rev_nat_id: RevNatId) -> Option<u8>;
+    fn rev_nat(id: RevNatId) -> Option<RevNat<Self::Addr>>;
+    fn source_allowed(rev_nat_id: RevNatId, saddr: &Self::Addr) -> bool;
     fn affinity(client: &Client<Self::Addr>) -> Option<Affinity4Value>;
     fn remember_affinity(client: &Client<Self::Addr>, v: &Affinity4Value);
     /// The masquerade port cursor of a backend.
@@ -269,21 +300,20 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn backend_match(backend_id: u32, rev_nat_id: u16) -> Option<u8> {
+    fn backend_match(backend_id: u32, rev_nat_id: RevNatId) -> Option<u8> {
         maps::backend_match(backend_id, rev_nat_id)
     }
 
     #[inline(always)]
-    fn rev_nat(id: u16) -> Option<RevNat<u32>> {
+    fn rev_nat(id: RevNatId) -> Option<RevNat<u32>> {
         // SAFETY: copied out at once.
         unsafe { maps::REV_NAT.get(id) }.map(|r| *cast::<RevNat4, RevNat<u32>>(r))
     }
 
     #[inline(always)]
-    fn source_allowed(rev_nat_id: u16, saddr: &u32) -> bool {
+    fn source_allowed(rev_nat_id: RevNatId, saddr: &u32) -> bool {
         let data = SourceRange4 {
             rev_nat_id,
-            _pad: 0,
             addr: *saddr,
         };
         let key = aya_ebpf::btf_maps::lpm_trie::Key::new(SOURCE_RANGE_PREFIX_BITS + 32, data);
@@ -370,27 +400,25 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn backend_match(backend_id: u32, rev_nat_id: u16) -> Option<u8> {
+    fn backend_match(backend_id: u32, rev_nat_id: RevNatId) -> Option<u8> {
         let key = BackendMatchKey {
             backend_id,
             rev_nat_id,
-            _pad: 0,
         };
         // SAFETY: copied out at once.
         unsafe { maps::BACKEND_MATCH6.get(key) }.copied()
     }
 
     #[inline(always)]
-    fn rev_nat(id: u16) -> Option<RevNat<Ipv6Bytes>> {
+    fn rev_nat(id: RevNatId) -> Option<RevNat<Ipv6Bytes>> {
         // SAFETY: copied out at once.
         unsafe { maps::REV_NAT6.get(id) }.map(|r| *cast::<RevNat6, RevNat<Ipv6Bytes>>(r))
     }
 
     #[inline(always)]
-    fn source_allowed(rev_nat_id: u16, saddr: &Ipv6Bytes) -> bool {
+    fn source_allowed(rev_nat_id: RevNatId, saddr: &Ipv6Bytes) -> bool {
         let data = SourceRange6 {
             rev_nat_id,
-            _pad: 0,
             addr: *saddr,
         };
         let key = aya_ebpf::btf_maps::lpm_trie::Key::new(SOURCE_RANGE_PREFIX_BITS + 128, data);

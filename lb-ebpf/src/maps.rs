@@ -13,7 +13,7 @@ use aya_ebpf::{
 use lb_common::{
     config, map_spec as spec, stats, Affinity4Key, Affinity4Value, Affinity6Key, Backend4,
     Backend6, BackendMatchKey, Ct4Key, Ct4Value, Ct6Key, Ct6Value, DatapathConfig, Ipv6Bytes,
-    RevNat4, RevNat6, Service4Key, Service4Value, Service6Key, ServiceStats, SnatPorts,
+    RevNat4, RevNat6, RevNatId, Service4Key, Service4Value, Service6Key, ServiceStats, SnatPorts,
     SockFwd4Key, SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value, SourceRange4,
     SourceRange6,
 };
@@ -100,8 +100,12 @@ pub static SERVICES: HashMap<
 pub static BACKENDS: Array<Backend4, { spec::BACKENDS.max_entries as usize }> = Array::new();
 
 #[btf_map(name = "lb4_reverse_nat")]
-pub static REV_NAT: HashMap<u16, RevNat4, { spec::REV_NAT.max_entries as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static REV_NAT: HashMap<
+    RevNatId,
+    RevNat4,
+    { spec::REV_NAT.max_entries as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 #[btf_map(name = "lb4_conntrack")]
 pub static CONNTRACK: LruHashMap<Ct4Key, Ct4Value, { spec::CONNTRACK.max_entries as usize }> =
@@ -271,8 +275,12 @@ pub static SERVICES6: HashMap<
 pub static BACKENDS6: Array<Backend6, { spec::BACKENDS6.max_entries as usize }> = Array::new();
 
 #[btf_map(name = "lb6_reverse_nat")]
-pub static REV_NAT6: HashMap<u16, RevNat6, { spec::REV_NAT6.max_entries as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static REV_NAT6: HashMap<
+    RevNatId,
+    RevNat6,
+    { spec::REV_NAT6.max_entries as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
 #[btf_map(name = "lb6_conntrack")]
 pub static CONNTRACK6: LruHashMap<Ct6Key, Ct6Value, { spec::CONNTRACK6.max_entries as usize }> =
@@ -328,7 +336,7 @@ check_spec!(spec::SNAT_CURSOR, "lb4_snat_cursor", u32, u64);
 check_spec!(spec::SERVICES, "lb4_services", Service4Key, Service4Value);
 check_spec!(spec::MAGLEV, "lb_maglev", u32, u32);
 check_spec!(spec::BACKENDS, "lb4_backends", u32, Backend4);
-check_spec!(spec::REV_NAT, "lb4_reverse_nat", u16, RevNat4);
+check_spec!(spec::REV_NAT, "lb4_reverse_nat", RevNatId, RevNat4);
 check_spec!(spec::CONNTRACK, "lb4_conntrack", Ct4Key, Ct4Value);
 check_spec!(spec::CONNTRACK_PREV, "lb4_conntrack_prev", Ct4Key, Ct4Value);
 check_spec!(spec::STATS, "lb_stats", u32, u64);
@@ -351,7 +359,7 @@ check_spec!(spec::SOCK_FWD, "lb4_sock_fwd", SockFwd4Key, u32);
 check_spec!(spec::CONFIG, "lb_config", u32, u32);
 check_spec!(spec::SERVICES6, "lb6_services", Service6Key, Service4Value);
 check_spec!(spec::BACKENDS6, "lb6_backends", u32, Backend6);
-check_spec!(spec::REV_NAT6, "lb6_reverse_nat", u16, RevNat6);
+check_spec!(spec::REV_NAT6, "lb6_reverse_nat", RevNatId, RevNat6);
 check_spec!(spec::CONNTRACK6, "lb6_conntrack", Ct6Key, Ct6Value);
 check_spec!(
     spec::CONNTRACK6_PREV,
@@ -384,11 +392,10 @@ check_spec!(spec::SOCK_FWD6, "lb6_sock_fwd", SockFwd6Key, u32);
 /// The `BACKEND_MATCH_*` state of a backend in a frontend (None: not one
 /// of its backends).
 #[inline(always)]
-pub fn backend_match(backend_id: u32, rev_nat_id: u16) -> Option<u8> {
+pub fn backend_match(backend_id: u32, rev_nat_id: RevNatId) -> Option<u8> {
     let key = BackendMatchKey {
         backend_id,
         rev_nat_id,
-        _pad: 0,
     };
     unsafe { BACKEND_MATCH.get(key) }.copied()
 }
@@ -399,8 +406,8 @@ pub fn config(index: u32) -> u32 {
 }
 
 #[inline(always)]
-pub fn count_service(rev_nat_id: u16, bytes: u16) {
-    if let Some(s) = SERVICE_STATS.get_ptr_mut(u32::from(rev_nat_id)) {
+pub fn count_service(rev_nat_id: RevNatId, bytes: u16) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(rev_nat_id) {
         // SAFETY: per-CPU slot, no other writer on this CPU while we run.
         unsafe {
             (*s).packets += 1;

@@ -183,8 +183,22 @@ pub fn handle<F: Family, R: Rewriter<F>>(rw: &R, flow: &Flow<F::Addr>, hook: Hoo
         count::<F>(stats::SOURCE_RANGE_DROPPED);
         return Action::Drop;
     }
+    let Some(slot) = F::scratch() else {
+        // A per-CPU array of one entry always has it.
+        return Action::Pass;
+    };
+    let start = slot.cast::<NewFlow<F::Addr>>();
+    // The Service and its key wait in the scratch value, not on the
+    // stack, while an established flow is followed: that call's frames
+    // come on top of this one.
+    // SAFETY: this CPU's slot, no other user while the program runs; the
+    // fields are written before `start` is read as a whole.
+    unsafe {
+        (&raw mut (*start).svc).write(svc);
+        (&raw mut (*start).frontend).write(frontend);
+    }
     // An established flow needs only its forward entry: the key is built
-    // here, and the scratch value written for new flows alone.
+    // here, and the rest of the scratch value written for new flows alone.
     let fwd = tuple(flow, CT_DIR_FORWARD);
     let mut known_absent = true;
     if let Some(ct_ptr) = F::ct_ptr(&fwd) {
@@ -193,40 +207,46 @@ pub fn handle<F: Family, R: Rewriter<F>>(rw: &R, flow: &Flow<F::Addr>, hook: Hoo
         }
         known_absent = false;
     }
+    // SAFETY: written above.
+    let svc = unsafe { &(*start).svc };
     if svc.count == 0 {
-        return no_backend::<F>(flow, hook, &svc);
+        return no_backend::<F>(flow, hook, svc);
     }
-    let Some(slot) = F::scratch() else {
-        // A per-CPU array of one entry always has it.
-        return Action::Pass;
-    };
-    // SAFETY: this CPU's slot, no other user while the program runs.
-    let start = unsafe { &mut *slot }.write(NewFlow {
-        frontend,
-        svc,
-        fwd,
-        hook,
-        known_absent,
-        now,
-        backend: Backend {
-            addr: F::Addr::UNSPECIFIED,
+    // SAFETY: `start` is this CPU's scratch value, its Service and key
+    // written above.
+    let start = unsafe { complete_new_flow(start, fwd, hook, known_absent, now) };
+    new_flow::<F, R>(rw, flow, start)
+}
+
+/// The scratch value of a new flow, whose Service and key are written,
+/// with the rest of its fields.
+///
+/// # Safety
+/// `start` is this CPU's scratch value, with `svc` and `frontend` written.
+#[inline(always)]
+unsafe fn complete_new_flow<'a, A: Addr>(
+    start: *mut NewFlow<A>,
+    fwd: Tuple<A>,
+    hook: Hook,
+    known_absent: bool,
+    now: u64,
+) -> &'a mut NewFlow<A> {
+    unsafe {
+        (&raw mut (*start).fwd).write(fwd);
+        (&raw mut (*start).hook).write(hook);
+        (&raw mut (*start).known_absent).write(known_absent);
+        (&raw mut (*start).now).write(now);
+        (&raw mut (*start).backend).write(Backend {
+            addr: A::UNSPECIFIED,
             port: 0,
             proto: 0,
             state: 0,
             zone: 0,
             _pad: [0; 3],
-        },
-        ct: Ct {
-            last_seen_ns: 0,
-            backend_id: 0,
-            rev_nat_id: 0,
-            flags: 0,
-            nat_addr: F::Addr::UNSPECIFIED,
-            nat_port: 0,
-            _pad: Default::default(),
-        },
-    });
-    new_flow::<F, R>(rw, flow, start)
+        });
+        (&raw mut (*start).ct).write(Ct::new(0, 0, 0, 0, (A::UNSPECIFIED, 0)));
+        &mut *start
+    }
 }
 
 /// The tuple of replies to `flow`'s packet: its ends swapped.
@@ -293,7 +313,7 @@ fn follow_flow<F: Family, R: Rewriter<F>>(
     // backend leaves its Service (kube-proxy flushes such UDP conntrack
     // entries); a TCP connection runs to its end.
     let live = F::backend(ct.backend_id).filter(|_| {
-        flow.proto == IPPROTO_TCP || F::backend_match(ct.backend_id, ct.rev_nat_id).is_some()
+        flow.proto == IPPROTO_TCP || F::backend_match(ct.backend_id, ct.rev_nat_id()).is_some()
     });
     let Some(backend) = live else {
         count::<F>(stats::BACKEND_MISSING);
@@ -402,6 +422,7 @@ fn pick_backend<F: Family>(flow: &Flow<F::Addr>, start: &mut NewFlow<F::Addr>) -
         rev_nat_id: svc.rev_nat_id,
         proto: flow.proto,
         kind: AFFINITY_CLIENT_ADDR,
+        _pad: [0; 2],
     };
     let Some((backend_id, backend)) =
         select_backend::<F>(svc, &start.frontend, &client, start.now, Some(flow))
@@ -410,15 +431,13 @@ fn pick_backend<F: Family>(flow: &Flow<F::Addr>, start: &mut NewFlow<F::Addr>) -
         return false;
     };
     remember_affinity::<F>(svc, &client, backend_id, start.now);
-    start.ct = Ct {
-        last_seen_ns: start.now,
+    start.ct = Ct::new(
+        start.now,
         backend_id,
-        rev_nat_id: svc.rev_nat_id,
-        flags: new_entry_flags::<F>(flow, svc, start.hook),
-        nat_addr: F::Addr::UNSPECIFIED,
-        nat_port: 0,
-        _pad: Default::default(),
-    };
+        svc.rev_nat_id,
+        new_entry_flags::<F>(flow, svc, start.hook),
+        (F::Addr::UNSPECIFIED, 0),
+    );
     start.backend = backend;
     true
 }
@@ -510,7 +529,7 @@ pub fn select_backend<F: Family>(
 #[inline(always)]
 fn maglev_slot<A: Addr>(svc: &Service4Value, flow: &Flow<A>) -> Option<u16> {
     let entry = flow_hash(flow).checked_rem(datapath_config().maglev_table_size)?;
-    let rev_nat_id = u32::from(svc.rev_nat_id);
+    let rev_nat_id = svc.rev_nat_id;
     // SAFETY: array entries stay in place; the word is copied at once.
     let word = *unsafe { MAGLEV.get_value(&rev_nat_id, &(entry / MAGLEV_ENTRIES_PER_WORD)) }?;
     let slot = (word >> (16 * (entry % MAGLEV_ENTRIES_PER_WORD))) as u16;
@@ -668,15 +687,13 @@ fn masquerade_source<F: Family>(
     if range_len == 0 {
         return Err(SnatFailure::Unavailable);
     }
-    let reply = Ct {
-        last_seen_ns: now,
-        backend_id: fwd.backend_id,
-        rev_nat_id: fwd.rev_nat_id,
-        flags: fwd.flags & REPLY_ENTRY_FLAGS,
-        nat_addr: flow.saddr,
-        nat_port: flow.sport,
-        _pad: Default::default(),
-    };
+    let reply = Ct::new(
+        now,
+        fwd.backend_id,
+        fwd.rev_nat_id(),
+        fwd.flags & REPLY_ENTRY_FLAGS,
+        (flow.saddr, flow.sport),
+    );
     let mut key = Tuple {
         saddr: backend.addr,
         daddr: addr,
@@ -749,7 +766,7 @@ fn translate<F: Family, R: Rewriter<F>>(
         done = rw.rewrite_src(flow, ct.nat_addr, ct.nat_port);
     }
     if done.is_ok() {
-        count_service(ct.rev_nat_id, flow.ip_tot_len);
+        count_service(ct.rev_nat_id(), flow.ip_tot_len);
         if dsr {
             count::<F>(stats::DSR_FORWARDED);
         }
@@ -809,15 +826,7 @@ pub fn learn_dsr_reply<F: Family>(flow: &Flow<F::Addr>, frontend_addr: F::Addr, 
     if opening_syn(flow) {
         flags |= CT_FLAG_OPENING;
     }
-    let reply = Ct {
-        last_seen_ns: now,
-        backend_id: 0,
-        rev_nat_id: svc.rev_nat_id,
-        flags,
-        nat_addr: frontend_addr,
-        nat_port: port,
-        _pad: Default::default(),
-    };
+    let reply = Ct::new(now, 0, svc.rev_nat_id, flags, (frontend_addr, port));
     F::ct_insert(&key, &reply, false);
     count::<F>(stats::DSR_LEARNED);
 }
@@ -875,19 +884,18 @@ fn reply_key<A: Addr>(flow: &Flow<A>, backend: &Backend<A>, fwd: &Ct<A>) -> Tupl
 #[inline(always)]
 fn reply_value<F: Family>(flow: &Flow<F::Addr>, fwd: &Ct<F::Addr>, now: u64) -> Ct<F::Addr> {
     let snat = fwd.flags & CT_FLAG_SNAT != 0;
-    Ct {
-        last_seen_ns: now,
-        backend_id: fwd.backend_id,
-        rev_nat_id: fwd.rev_nat_id,
-        flags: fwd.flags & REPLY_ENTRY_FLAGS,
-        nat_addr: if snat {
-            flow.saddr
-        } else {
-            F::Addr::UNSPECIFIED
-        },
-        nat_port: if snat { flow.sport } else { 0 },
-        _pad: Default::default(),
-    }
+    let nat = if snat {
+        (flow.saddr, flow.sport)
+    } else {
+        (F::Addr::UNSPECIFIED, 0)
+    };
+    Ct::new(
+        now,
+        fwd.backend_id,
+        fwd.rev_nat_id(),
+        fwd.flags & REPLY_ENTRY_FLAGS,
+        nat,
+    )
 }
 
 /// The reply entry of a new flow that is not masqueraded: its tuple
@@ -932,7 +940,7 @@ fn refresh_reply_entry<F: Family>(
     // SAFETY: the pointer comes from a successful lookup.
     unsafe {
         let ours = (*p).backend_id == fwd.backend_id
-            && (*p).rev_nat_id == fwd.rev_nat_id
+            && (*p).rev_nat_id() == fwd.rev_nat_id()
             && (*p).nat_addr == nat_addr
             && (*p).nat_port == nat_port;
         if ours {
@@ -967,7 +975,7 @@ fn reverse_nat<F: Family, R: Rewriter<F>>(
             _pad: 0,
         }
     } else {
-        F::rev_nat(ct.rev_nat_id)?
+        F::rev_nat(ct.rev_nat_id())?
     };
     update_reply_entry::<F>(flow, ct_ptr, &ct, &rev, now);
     let mut done = rw.rewrite_src(flow, rev.addr, rev.port);

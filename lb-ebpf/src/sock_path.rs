@@ -17,8 +17,8 @@ use aya_ebpf::{
 use lb_common::{
     stats,
     uapi::{AF_INET, AF_INET6, ECONNREFUSED},
-    Ipv6Bytes, SockFwd4Key, SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value,
-    AFFINITY_CLIENT_NETNS, IPPROTO_TCP, IPPROTO_UDP, SOCKET_LB_ALL, SOCKET_LB_HOST,
+    Ipv6Bytes, RevNatId, SockFwd4Key, SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key,
+    SockRev6Value, AFFINITY_CLIENT_NETNS, IPPROTO_TCP, IPPROTO_UDP, SOCKET_LB_ALL, SOCKET_LB_HOST,
     SVC_FLAG_SOURCE_RANGES,
 };
 
@@ -41,7 +41,12 @@ pub trait SockFamily: Family {
     fn kept(cookie: u64, to: &Request<Self::Addr>) -> Option<u32>;
     fn keep(cookie: u64, to: &Request<Self::Addr>, backend_id: u32);
     /// Remembers which frontend a socket's backend stands for.
-    fn remember(cookie: u64, backend: &Backend<Self::Addr>, to: &Request<Self::Addr>, rev: u16);
+    fn remember(
+        cookie: u64,
+        backend: &Backend<Self::Addr>,
+        to: &Request<Self::Addr>,
+        rev: RevNatId,
+    );
     /// The frontend the socket's backend `addr:port` stands for.
     fn restored(cookie: u64, addr: Self::Addr, port: u16) -> Option<(Self::Addr, u16)>;
 }
@@ -73,7 +78,7 @@ impl SockFamily for V4 {
     }
 
     #[inline(always)]
-    fn remember(cookie: u64, backend: &Backend<u32>, to: &Request<u32>, rev: u16) {
+    fn remember(cookie: u64, backend: &Backend<u32>, to: &Request<u32>, rev: RevNatId) {
         let key = SockRev4Key {
             cookie,
             addr: backend.addr,
@@ -83,6 +88,7 @@ impl SockFamily for V4 {
         let value = SockRev4Value {
             addr: to.addr,
             port: to.port,
+            _pad: 0,
             rev_nat_id: rev,
         };
         let _ = SOCK_REV.insert(key, value, 0);
@@ -141,7 +147,7 @@ impl SockFamily for V6 {
     }
 
     #[inline(always)]
-    fn remember(cookie: u64, backend: &Backend<Ipv6Bytes>, to: &Request<Ipv6Bytes>, rev: u16) {
+    fn remember(cookie: u64, backend: &Backend<Ipv6Bytes>, to: &Request<Ipv6Bytes>, rev: RevNatId) {
         let key = SockRev6Key {
             cookie,
             addr: backend.addr,
@@ -151,6 +157,7 @@ impl SockFamily for V6 {
         let value = SockRev6Value {
             addr: to.addr,
             port: to.port,
+            _pad: 0,
             rev_nat_id: rev,
         };
         let _ = SOCK_REV6.insert(key, value, 0);
@@ -262,6 +269,7 @@ fn translate<F: SockFamily>(
         rev_nat_id: svc.rev_nat_id,
         proto: to.proto,
         kind: AFFINITY_CLIENT_NETNS,
+        _pad: [0; 2],
     };
     let Some((backend_id, backend)) = select_backend::<F>(&svc, &frontend, &client, now, None)
         .and_then(|id| Some((id, F::backend(id)?)))

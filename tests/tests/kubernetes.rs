@@ -440,22 +440,6 @@ fn an_unreachable_or_slow_api_server_leaves_the_data_path_as_it_was() {
     assert_answered_by(&spread(&k.lab, nginx, 40), &pods[..2], "after the outage");
 }
 
-/// Polls `/readyz` until it answers `want`; returns how long that took.
-fn wait_readyz(k: &KubeLab, want: u16, within: Duration) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < within {
-        if k.readyz() == Some(want) {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "/readyz did not answer {want} within {within:?} (last: {:?})\n{}",
-        k.readyz(),
-        k.lab.agent_log()
-    );
-}
-
 #[privileged_test]
 fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
     let mut k = KubeLab::nginx();
@@ -465,7 +449,7 @@ fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
     let nginx = SocketAddrV4::new(NGINX, 80);
     let pods = k.lab.pods_of("Deployment/nginx-deployment");
     k.wait_programmed(nginx, Some(k.pod_ips(&pods)), "initial");
-    wait_readyz(&k, 200, Duration::from_secs(5));
+    k.wait_readyz(200, Duration::from_secs(5));
     let before = k.snapshot();
     let prober = Load::start(
         k.lab.client.ns.path(),
@@ -480,7 +464,7 @@ fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
     // go silent. A 410 makes the watches relist, into the hang.
     k.api.set_unresponsive(true);
     k.api.expire_watches();
-    let took = wait_readyz(&k, 503, api_timeout * 10);
+    let took = k.wait_readyz(503, api_timeout * 10);
     println!("HUNG: /readyz 503 after {took:?} (--api-timeout {api_timeout:?})");
     assert!(
         took >= api_timeout * 2,
@@ -503,7 +487,7 @@ fn an_api_server_that_accepts_and_never_answers_is_timed_out_and_reported() {
     k.lab.state.excluded = [pods[2].clone()].into();
     k.publish();
     k.api.set_unresponsive(false);
-    let took = wait_readyz(&k, 200, CONVERGE);
+    let took = k.wait_readyz(200, CONVERGE);
     println!("RECOVERED: /readyz 200 after {took:?}");
     k.wait_programmed(nginx, Some(k.pod_ips(&pods[..2])), "after the hang");
     assert_answered_by(&spread(&k.lab, nginx, 40), &pods[..2], "after the hang");

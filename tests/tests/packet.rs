@@ -120,6 +120,57 @@ fn udp_datagram_to_cluster_ip_is_translated_and_reply_is_reverse_natted() {
     }
 }
 
+/// Reverse NAT ids are 32-bit: with 70,000 frontends, the last one's id
+/// is past 16 bits, and its flows are translated, kept on their backend
+/// (UDP checks the backend still belongs to the frontend, by id) and their
+/// replies restored (the reverse NAT entry, found by the conntrack entry's
+/// id).
+#[privileged_test]
+fn a_frontend_whose_reverse_nat_id_is_past_16_bits_is_translated_and_its_replies_restored() {
+    const FRONTENDS: u32 = 70_000;
+    let first = u32::from(Ipv4Addr::new(10, 100, 0, 1));
+    let mut h = Harness::with_frontends(131_072);
+    h.program_frontends(
+        (first..first + FRONTENDS).map(Ipv4Addr::from),
+        (53, Protocol::Udp),
+        &[(B2, 5353)],
+    );
+    let last = Ipv4Addr::from(first + FRONTENDS - 1);
+    let id = (h.current.rev_nat.iter())
+        .find(|(_, r)| r.addr == std::net::IpAddr::V4(last) && r.port == 53)
+        .map(|(id, _)| *id)
+        .expect("the last frontend has an id");
+    assert!(id > u32::from(u16::MAX), "id {id}");
+    let to_last = Tuple {
+        src: CLIENT,
+        sport: 33333,
+        dst: last,
+        dport: 53,
+    };
+    for (hook, program) in [("xdp", Program::Xdp), ("tc", Program::TcPod)] {
+        for _ in 0..2 {
+            let (_, out) = h.run(program, &packet::udp(&to_last, b"query", true));
+            let p = packet::parse(&out);
+            assert_eq!((p.dst, p.dport), (B2, 5353), "{hook}: {p:?}");
+        }
+        let reply = Tuple {
+            src: B2,
+            sport: 5353,
+            dst: CLIENT,
+            dport: 33333,
+        };
+        let (_, out) = h.run(program, &packet::udp(&reply, b"answer", true));
+        let p = packet::parse(&out);
+        assert_eq!((p.src, p.sport), (last, 53), "{hook}: reply {p:?}");
+        assert!(p.ip_checksum_ok && p.l4_checksum_ok, "{hook}: {p:?}");
+    }
+    let ids: Vec<u32> = h.conntrack().iter().map(|(_, v)| v.rev_nat_id()).collect();
+    assert!(
+        ids.iter().all(|i| *i == id),
+        "conntrack ids {ids:?}, want {id}"
+    );
+}
+
 #[privileged_test]
 fn tcp_reply_gets_the_service_address_as_source() {
     let mut h = Harness::new();

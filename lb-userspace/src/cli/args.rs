@@ -295,7 +295,7 @@ pub(crate) struct RunArgs {
     /// counters (16 bytes an id on every CPU: 1 MiB a CPU at the default).
     /// A frontend that gets no id is left as it was and reported.
     #[arg(long, default_value_t = lb_common::MAX_REV_NAT,
-          value_parser = clap::value_parser!(u32).range(16..=i64::from(lb_common::MAX_REV_NAT)))]
+          value_parser = clap::value_parser!(u32).range(16..=(1 << 22)))]
     pub(crate) frontends_max: u32,
     /// Host-side pod veth names where tc attaches (`*` wildcards, comma separated).
     /// Rescanned every --poll-interval, so new pods are covered.

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use lb_common::{
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
+    RevNatId, SVC_FLAG_CLUSTER_IP, SVC_FLAG_DSR, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_LOAD_BALANCER,
     SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT,
 };
 use serde::Serialize;
@@ -22,7 +22,7 @@ pub struct ProgrammedService {
     pub lb_algorithm: LbAlgorithm,
     /// How external traffic reaches other nodes' backends: `snat` or `dsr`.
     pub lb_mode: LbMode,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: RevNatId,
     pub backends: Vec<ProgrammedBackend>,
 }
 

@@ -4,24 +4,22 @@
 
 use std::{
     fs,
-    os::fd::AsFd,
     os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapType},
+    maps::{Array, MapType},
     Ebpf, EbpfLoader,
 };
-use aya_obj::generated::BPF_NOEXIST;
 use lb_common::{
     map_names,
     map_spec::{self, Capacity, MapKind, MapSpec},
 };
 
 use crate::{
-    datapath::pseudo_fs,
+    datapath::{map_copy, pseudo_fs},
     sync::{
         family_maps::{FamilyMaps, Ipv6Maps},
         maglev_tables::OuterMaglev,
@@ -162,7 +160,7 @@ fn id_maps_of(ipv6: bool) -> [&'static str; 2] {
 }
 
 /// Whether a pinned map with layout `found` can have its entries copied
-/// into a map of layout `want`.
+/// (or converted) into a map of layout `want`.
 pub(crate) fn entries_copyable(want: &MapSpec, found: FoundLayout) -> bool {
     let (map_type, key, value, _) = found;
     let kind_ok = match map_type {
@@ -170,9 +168,10 @@ pub(crate) fn entries_copyable(want: &MapSpec, found: FoundLayout) -> bool {
         Some(MapType::Array) => matches!(want.name, map_names::BACKENDS | map_names::BACKENDS6),
         _ => false,
     };
+    let sizes_ok = (key == want.key_size && value == want.value_size)
+        || map_copy::converted_from_16_bit_ids(want.name, key, value);
     (DATAPATH_STATE_MAPS.contains(&want.name) || ID_MAPS.contains(&want.name))
-        && key == want.key_size
-        && value == want.value_size
+        && sizes_ok
         && kind_ok
 }
 
@@ -451,11 +450,6 @@ pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> 
     Ok((ebpf, state))
 }
 
-/// Opens the map pinned at `path`.
-fn open_pin(path: &Path) -> Result<aya::maps::MapData> {
-    aya::maps::MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))
-}
-
 /// Opens the map `name` pinned under `pin_dir`, typed as the kernel says
 /// it is: how every reader of the pinned maps opens them.
 pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<aya::maps::Map> {
@@ -468,63 +462,6 @@ pub fn open_pinned_map(pin_dir: &Path, name: &str) -> Result<aya::maps::Map> {
         )
     })?;
     Ok(aya::maps::Map::from_map_data(data)?)
-}
-
-/// Copies the entries of a hash (or LRU hash) into another; with
-/// `BPF_NOEXIST`, so what the new map already holds wins.
-fn copy_hash<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> Result<usize> {
-    let from = open_pin(from)?;
-    let entries: Vec<(K, V)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
-    let mut to: HashMap<_, K, V> =
-        HashMap::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
-    Ok(entries
-        .into_iter()
-        .filter(|(k, v)| to.insert(k, v, u64::from(BPF_NOEXIST)).is_ok())
-        .count())
-}
-
-/// Copies backends, by id, from a hash (older versions) or an array; `used`
-/// tells a backend from a free slot (zeros).
-fn copy_backends<B: aya::Pod>(from: &Path, to: &Path, used: fn(&B) -> bool) -> Result<usize> {
-    let mut to: Array<_, B> = Array::try_from(aya::maps::Map::from_map_data(open_pin(to)?)?)?;
-    // The same batch read serves a hash (older versions) and an array.
-    let from = open_pin(from)?;
-    let entries: Vec<(u32, B)> = crate::sync::map_batch::lookup_all(from.fd().as_fd())?;
-    let entries = entries.into_iter().filter(|(_, b)| used(b));
-    let mut copied = 0;
-    for (id, b) in entries {
-        if id < to.len() && to.set(id, b, 0).is_ok() {
-            copied += 1;
-        }
-    }
-    Ok(copied)
-}
-
-fn copy_map(name: &str, old: &Path, new: &Path) -> Result<usize> {
-    use lb_common::{
-        map_names as n, Affinity4Key, Affinity4Value, Affinity6Key, Backend4, Backend6,
-        BackendMatchKey, Ct4Key, Ct4Value, Ct6Key, Ct6Value, RevNat4, RevNat6, SockFwd4Key,
-        SockFwd6Key, SockRev4Key, SockRev4Value, SockRev6Key, SockRev6Value,
-    };
-    match name {
-        n::CONNTRACK => copy_hash::<Ct4Key, Ct4Value>(old, new),
-        n::AFFINITY => copy_hash::<Affinity4Key, Affinity4Value>(old, new),
-        n::SOCK_REV => copy_hash::<SockRev4Key, SockRev4Value>(old, new),
-        n::SOCK_FWD => copy_hash::<SockFwd4Key, u32>(old, new),
-        n::BACKENDS => copy_backends::<Backend4>(old, new, |b| b.addr != 0),
-        // Whole, also when `--frontends-max` shrank: a frontend keeps its id,
-        // so replies of its open connections keep finding their entry (only
-        // the per-CPU counters, an array of the new size, miss ids above it).
-        n::REV_NAT => copy_hash::<u16, RevNat4>(old, new),
-        n::BACKEND_MATCH | n::BACKEND_MATCH6 => copy_hash::<BackendMatchKey, u8>(old, new),
-        n::CONNTRACK6 => copy_hash::<Ct6Key, Ct6Value>(old, new),
-        n::AFFINITY6 => copy_hash::<Affinity6Key, Affinity4Value>(old, new),
-        n::SOCK_REV6 => copy_hash::<SockRev6Key, SockRev6Value>(old, new),
-        n::SOCK_FWD6 => copy_hash::<SockFwd6Key, u32>(old, new),
-        n::BACKENDS6 => copy_backends::<Backend6>(old, new, |b| b.addr != [0; 4]),
-        n::REV_NAT6 => copy_hash::<u16, RevNat6>(old, new),
-        other => bail!("no migration for {other}"),
-    }
 }
 
 /// Before the agent reads its maps: the id maps are copied (and their old
@@ -540,7 +477,10 @@ pub fn copy_before_switch(
         if CONNTRACK_AND_PREV.iter().any(|(ct, _)| ct == name) {
             continue;
         }
-        out.push((*name, copy_map(name, old, &map_pin_path(pin_dir, name))?));
+        out.push((
+            *name,
+            map_copy::copy_map(name, old, &map_pin_path(pin_dir, name))?,
+        ));
         if ID_MAPS.contains(name) {
             let _ = fs::remove_file(old);
         }
@@ -557,7 +497,10 @@ pub fn copy_before_switch(
 pub fn finish_migration(pin_dir: &Path, state: &PinnedState) -> Result<Vec<(&'static str, usize)>> {
     let mut out = Vec::new();
     for (name, old) in &state.migrated {
-        out.push((*name, copy_map(name, old, &map_pin_path(pin_dir, name))?));
+        out.push((
+            *name,
+            map_copy::copy_map(name, old, &map_pin_path(pin_dir, name))?,
+        ));
     }
     for (_, old) in &state.migrated {
         let _ = fs::remove_file(old);

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, PerCpuArray};
-use lb_common::{map_names, map_spec, stats, ServiceStats};
+use lb_common::{map_names, map_spec, stats, RevNatId, ServiceStats};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -28,7 +28,7 @@ use crate::{
 /// Reverse NAT id -> (Service, frontend): the labels of per-Service counters.
 /// Reverse NAT id -> (Service, frontend address:port); the names shared
 /// with the desired state, formatted when scraped.
-pub(crate) type FrontendNames = BTreeMap<u16, (ServiceName, SocketAddr)>;
+pub(crate) type FrontendNames = BTreeMap<RevNatId, (ServiceName, SocketAddr)>;
 
 /// The counters' source: the pinned maps once the data path is loaded,
 /// and the names of the frontends the last sync programmed.
@@ -84,8 +84,8 @@ impl CounterMaps {
     }
 
     /// (packets, bytes) of one frontend, summed over CPUs.
-    fn service(&self, rev_nat_id: u16) -> Option<(u64, u64)> {
-        let per_cpu = self.services.get(&u32::from(rev_nat_id), 0).ok()?;
+    fn service(&self, rev_nat_id: RevNatId) -> Option<(u64, u64)> {
+        let per_cpu = self.services.get(&rev_nat_id, 0).ok()?;
         Some(
             per_cpu
                 .iter()

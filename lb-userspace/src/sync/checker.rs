@@ -10,7 +10,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL};
+use lb_common::{
+    RevNatId, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+};
 
 use crate::{
     model::{BackendSet, DesiredState, Family, IpPrefix, L4Addr},
@@ -145,12 +147,12 @@ struct Reading {
     view: View,
     problems: Vec<String>,
     used_backends: BTreeSet<BackendId>,
-    used_revs: BTreeSet<u16>,
+    used_revs: BTreeSet<RevNatId>,
     slots_seen: BTreeSet<SlotKey>,
 }
 
 /// The address and port a reverse NAT id restores, if it exists.
-fn rev_of(maps: &MapContents, id: u16) -> Option<(IpAddr, u16)> {
+fn rev_of(maps: &MapContents, id: RevNatId) -> Option<(IpAddr, u16)> {
     maps.rev_nat.get(&id).map(|r| (r.addr, r.port))
 }
 

@@ -12,8 +12,8 @@ use aya::{
 };
 use lb_common::{
     ipv6::{octets, words},
-    map_names, Backend4, Backend6, BackendMatchKey, RevNat4, RevNat6, Service4Key, Service4Value,
-    Service6Key, SourceRange4, SourceRange6, SOURCE_RANGE_PREFIX_BITS,
+    map_names, Backend4, Backend6, BackendMatchKey, RevNat4, RevNat6, RevNatId, Service4Key,
+    Service4Value, Service6Key, SourceRange4, SourceRange6, SOURCE_RANGE_PREFIX_BITS,
 };
 
 use crate::{
@@ -45,9 +45,9 @@ pub trait RawFamily {
     fn backend_entry(b: &Self::Backend) -> Option<BackendEntry>;
     fn rev_nat(r: &RevNatEntry) -> Self::RevNat;
     fn rev_nat_entry(r: &Self::RevNat) -> RevNatEntry;
-    fn source_range(rev_nat_id: u16, r: &IpPrefix) -> Self::SourceRange;
+    fn source_range(rev_nat_id: RevNatId, r: &IpPrefix) -> Self::SourceRange;
     /// The reverse NAT id and the address of a source range.
-    fn range_parts(r: &Self::SourceRange) -> (u16, IpAddr);
+    fn range_parts(r: &Self::SourceRange) -> (RevNatId, IpAddr);
 }
 
 /// `lb4_*`.
@@ -151,15 +151,14 @@ impl RawFamily for Ipv4Maps {
         }
     }
 
-    fn source_range(rev_nat_id: u16, r: &IpPrefix) -> SourceRange4 {
+    fn source_range(rev_nat_id: RevNatId, r: &IpPrefix) -> SourceRange4 {
         SourceRange4 {
             rev_nat_id,
-            _pad: 0,
             addr: raw4(r.addr),
         }
     }
 
-    fn range_parts(r: &SourceRange4) -> (u16, IpAddr) {
+    fn range_parts(r: &SourceRange4) -> (RevNatId, IpAddr) {
         (r.rev_nat_id, from_raw4(r.addr))
     }
 }
@@ -235,15 +234,14 @@ impl RawFamily for Ipv6Maps {
         }
     }
 
-    fn source_range(rev_nat_id: u16, r: &IpPrefix) -> SourceRange6 {
+    fn source_range(rev_nat_id: RevNatId, r: &IpPrefix) -> SourceRange6 {
         SourceRange6 {
             rev_nat_id,
-            _pad: 0,
             addr: words(ipv6(r.addr).octets()),
         }
     }
 
-    fn range_parts(r: &SourceRange6) -> (u16, IpAddr) {
+    fn range_parts(r: &SourceRange6) -> (RevNatId, IpAddr) {
         (r.rev_nat_id, IpAddr::V6(octets(r.addr).into()))
     }
 }
@@ -253,16 +251,15 @@ pub struct FamilyMaps<F: RawFamily> {
     pub services: HashMap<MapData, F::ServiceKey, Service4Value>,
     /// Indexed by backend id; a free id holds zeros.
     pub backends: Array<MapData, F::Backend>,
-    pub rev_nat: HashMap<MapData, u16, F::RevNat>,
+    pub rev_nat: HashMap<MapData, RevNatId, F::RevNat>,
     pub backend_match: HashMap<MapData, BackendMatchKey, u8>,
     pub source_ranges: LpmTrie<MapData, F::SourceRange, u8>,
 }
 
-pub(crate) fn match_key(rev_nat_id: u16, backend: BackendId) -> BackendMatchKey {
+pub(crate) fn match_key(rev_nat_id: RevNatId, backend: BackendId) -> BackendMatchKey {
     BackendMatchKey {
         backend_id: backend.id,
         rev_nat_id,
-        _pad: 0,
     }
 }
 
@@ -280,7 +277,7 @@ impl<F: RawFamily> FamilyMaps<F> {
         })
     }
 
-    fn range_key(rev_nat_id: u16, r: &IpPrefix) -> Key<F::SourceRange> {
+    fn range_key(rev_nat_id: RevNatId, r: &IpPrefix) -> Key<F::SourceRange> {
         Key::new(
             SOURCE_RANGE_PREFIX_BITS + u32::from(r.len),
             F::source_range(rev_nat_id, r),
@@ -305,7 +302,7 @@ impl<F: RawFamily> FamilyMaps<F> {
                 c.insert_backend(BackendId { family, id }, entry);
             }
         }
-        for (k, v) in batch::<_, u16, F::RevNat>(&self.rev_nat)? {
+        for (k, v) in batch::<_, RevNatId, F::RevNat>(&self.rev_nat)? {
             c.insert_rev_nat(k, F::rev_nat_entry(&v));
         }
         for (k, state) in batch::<_, BackendMatchKey, u8>(&self.backend_match)? {

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use aya_obj::generated::BPF_F_INNER_MAP;
-use lb_common::{Service4Value, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL, SVC_FLAG_MAGLEV};
+use lb_common::{
+    RevNatId, Service4Value, MAGLEV_ENTRIES_PER_WORD, SCOPE_EXTERNAL, SVC_FLAG_MAGLEV,
+};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
@@ -35,9 +37,9 @@ use crate::{
 pub trait MaglevMaps {
     /// Replaces the tables of these reverse NAT ids with these words; the
     /// ids whose table could not be written, and why.
-    fn put_tables(&mut self, tables: &[(u16, Vec<u64>)]) -> Vec<(u16, String)>;
+    fn put_tables(&mut self, tables: &[(RevNatId, Vec<u64>)]) -> Vec<(RevNatId, String)>;
     /// Removes the tables of these ids (absent ones are no error).
-    fn delete_tables(&mut self, ids: &[u16]) -> anyhow::Result<()>;
+    fn delete_tables(&mut self, ids: &[RevNatId]) -> anyhow::Result<()>;
 }
 
 /// Tables built and swapped in per batch: 8 MiB of words at 16,381
@@ -61,10 +63,10 @@ pub struct MaglevTables {
     /// Per reverse NAT id, the slots its table was last built from: a
     /// table is rebuilt only when they change (a table is 32 KiB and a
     /// build some 0.3 ms; the slots are a few bytes each).
-    written: HashMap<u16, Vec<TableSlot>>,
+    written: HashMap<RevNatId, Vec<TableSlot>>,
     /// Ids that may hold a table this agent did not write (adopted maps):
     /// deleted unless a table is written for them.
-    unknown: Vec<u16>,
+    unknown: Vec<RevNatId>,
 }
 
 /// What one pass wrote.
@@ -78,7 +80,7 @@ pub struct MaglevReport {
 impl MaglevTables {
     /// Tables of `size` entries (a prime) under `seed`; `adopted`: the ids
     /// a previous agent left tables for.
-    pub fn new(size: u32, seed: HashSeed, adopted: Vec<u16>) -> Result<Self, MaglevError> {
+    pub fn new(size: u32, seed: HashSeed, adopted: Vec<RevNatId>) -> Result<Self, MaglevError> {
         maglev::build(&[], size, &seed)?;
         Ok(Self {
             size,
@@ -99,14 +101,14 @@ impl MaglevTables {
     ) -> MaglevReport {
         let mut report = MaglevReport::default();
         let wanted = maglev_frontends(current, desired);
-        let changed: Vec<(&u16, &Vec<TableSlot>)> = wanted
+        let changed: Vec<(&RevNatId, &Vec<TableSlot>)> = wanted
             .iter()
             .filter(|(id, slots)| self.written.get(id) != Some(slots))
             .collect();
         for batch in changed.chunks(TABLES_PER_BATCH) {
             self.write_batch(maps, batch, &mut report);
         }
-        let gone: Vec<u16> = (self.written.keys().copied())
+        let gone: Vec<RevNatId> = (self.written.keys().copied())
             .chain(std::mem::take(&mut self.unknown))
             .filter(|id| !wanted.contains_key(id))
             .collect();
@@ -126,7 +128,7 @@ impl MaglevTables {
     fn write_batch(
         &mut self,
         maps: &mut dyn MaglevMaps,
-        batch: &[(&u16, &Vec<TableSlot>)],
+        batch: &[(&RevNatId, &Vec<TableSlot>)],
         report: &mut MaglevReport,
     ) {
         let mut tables = Vec::with_capacity(batch.len());
@@ -177,7 +179,7 @@ impl MaglevTables {
 fn maglev_frontends(
     current: &MapContents,
     desired: &DesiredState,
-) -> BTreeMap<u16, Vec<TableSlot>> {
+) -> BTreeMap<RevNatId, Vec<TableSlot>> {
     let masters = current.services.iter().filter(|(k, v)| {
         k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL && v.flags & SVC_FLAG_MAGLEV != 0
     });
@@ -219,7 +221,7 @@ fn active_slots(
 }
 
 impl MaglevMaps for BpfMaps {
-    fn put_tables(&mut self, tables: &[(u16, Vec<u64>)]) -> Vec<(u16, String)> {
+    fn put_tables(&mut self, tables: &[(RevNatId, Vec<u64>)]) -> Vec<(RevNatId, String)> {
         let Some(outer) = self.maglev.as_ref() else {
             return tables
                 .iter()
@@ -230,7 +232,7 @@ impl MaglevMaps for BpfMaps {
         let mut filled = Vec::with_capacity(tables.len());
         for (id, words) in tables {
             match filled_table(words) {
-                Ok(inner) => filled.push((u32::from(*id), inner)),
+                Ok(inner) => filled.push((*id, inner)),
                 Err(e) => failed.push((*id, format!("{e:#}"))),
             }
         }
@@ -241,23 +243,18 @@ impl MaglevMaps for BpfMaps {
             .collect();
         if let Err(stopped) = update_all(outer.fd.as_fd(), &keys, &fds) {
             let why = format!("swapping it in: {}", stopped.error);
-            failed.extend(
-                keys[stopped.written..]
-                    .iter()
-                    .map(|k| (*k as u16, why.clone())),
-            );
+            failed.extend(keys[stopped.written..].iter().map(|k| (*k, why.clone())));
         }
         failed
     }
 
-    fn delete_tables(&mut self, ids: &[u16]) -> anyhow::Result<()> {
+    fn delete_tables(&mut self, ids: &[RevNatId]) -> anyhow::Result<()> {
         let outer = self.maglev.as_mut().context("no lb_maglev map")?;
-        let keys: Vec<u32> = ids.iter().map(|id| u32::from(*id)).collect();
-        if delete_all(outer.fd.as_fd(), &keys).is_ok() {
+        if delete_all(outer.fd.as_fd(), ids).is_ok() {
             return Ok(());
         }
         // A key already absent stops a batch: one by one then.
-        for key in &keys {
+        for key in ids {
             match outer.map.remove(key) {
                 Err(MapError::KeyNotFound) | Ok(()) => {}
                 Err(e) => return Err(e.into()),
@@ -345,25 +342,20 @@ pub fn check(
 }
 
 /// The words of reverse NAT id `id`'s table in `lb_maglev`.
-fn table_in(maps: &BpfMaps, id: u16) -> anyhow::Result<Vec<u64>> {
+fn table_in(maps: &BpfMaps, id: RevNatId) -> anyhow::Result<Vec<u64>> {
     let outer = maps.maglev.as_ref().context("no lb_maglev map")?;
-    let inner = outer.map.get(&u32::from(id), 0)?;
+    let inner = outer.map.get(&id, 0)?;
     let mut entries: Vec<(u32, u64)> = lookup_all(inner.fd().as_fd())?;
     entries.sort_unstable_by_key(|(index, _)| *index);
     Ok(entries.into_iter().map(|(_, word)| word).collect())
 }
 
 /// Reverse NAT ids that have a table in `lb_maglev` (to adopt its pins).
-pub fn tables_in(maps: &BpfMaps) -> Vec<u16> {
+pub fn tables_in(maps: &BpfMaps) -> Vec<RevNatId> {
     let Some(outer) = &maps.maglev else {
         return Vec::new();
     };
-    outer
-        .map
-        .keys()
-        .filter_map(Result::ok)
-        .filter_map(|k| u16::try_from(k).ok())
-        .collect()
+    outer.map.keys().filter_map(Result::ok).collect()
 }
 
 /// A seed from the text every agent of a cluster is given
@@ -387,12 +379,12 @@ mod tests {
 
     #[derive(Default)]
     struct FakeMaps {
-        tables: BTreeMap<u16, Vec<u64>>,
+        tables: BTreeMap<RevNatId, Vec<u64>>,
         writes: usize,
     }
 
     impl MaglevMaps for FakeMaps {
-        fn put_tables(&mut self, tables: &[(u16, Vec<u64>)]) -> Vec<(u16, String)> {
+        fn put_tables(&mut self, tables: &[(RevNatId, Vec<u64>)]) -> Vec<(RevNatId, String)> {
             for (id, words) in tables {
                 self.writes += 1;
                 self.tables.insert(*id, words.clone());
@@ -400,7 +392,7 @@ mod tests {
             Vec::new()
         }
 
-        fn delete_tables(&mut self, ids: &[u16]) -> anyhow::Result<()> {
+        fn delete_tables(&mut self, ids: &[RevNatId]) -> anyhow::Result<()> {
             for id in ids {
                 self.tables.remove(id);
             }

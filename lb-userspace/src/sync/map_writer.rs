@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, IterableMap, MapData, MapError},
     Pod,
 };
-use lb_common::{config, Service4Value};
+use lb_common::{config, RevNatId, Service4Value};
 
 use crate::{
     model::{Family, L4Addr},
@@ -264,7 +264,7 @@ struct HeldBack {
     backends: BTreeSet<BackendId>,
     /// Reverse NAT ids whose entry, backend set or source ranges could not
     /// be written: a master must not turn them on.
-    revs: BTreeSet<u16>,
+    revs: BTreeSet<RevNatId>,
 }
 
 impl HeldBack {
@@ -717,7 +717,7 @@ mod tests {
         let ids = |family: Family| current.backends[family].keys().copied().collect::<Vec<_>>();
         assert_eq!(ids(Family::Ipv4), [1, 2]);
         assert_eq!(ids(Family::Ipv6), [1, 2]);
-        let revs: Vec<(u16, bool)> = current
+        let revs: Vec<(RevNatId, bool)> = current
             .rev_nat
             .iter()
             .map(|(id, r)| (*id, r.addr.is_ipv6()))

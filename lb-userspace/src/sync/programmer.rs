@@ -2,6 +2,7 @@
 //! changes) and incremental ones (a few Services changed), each planned and
 //! written in the safe order, with metrics.
 
+use lb_common::RevNatId;
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
@@ -438,12 +439,12 @@ impl<W: MapWriter> Programmer<W> {
     /// them is O(Services), too much for every single-slice change.
     pub fn take_changed_names(
         &mut self,
-    ) -> Option<BTreeMap<u16, (ServiceName, std::net::SocketAddr)>> {
+    ) -> Option<BTreeMap<RevNatId, (ServiceName, std::net::SocketAddr)>> {
         std::mem::take(&mut self.names_changed).then(|| self.rev_nat_names())
     }
 
     /// rev_nat id -> (Service, frontend address:port), for per-Service counters.
-    pub(crate) fn rev_nat_names(&self) -> BTreeMap<u16, (ServiceName, std::net::SocketAddr)> {
+    pub(crate) fn rev_nat_names(&self) -> BTreeMap<RevNatId, (ServiceName, std::net::SocketAddr)> {
         let mut out = BTreeMap::new();
         for (frontend, entry) in self.desired.entries() {
             if let Some(id) = self.current.rev_nat_id(frontend.addr, frontend.port) {

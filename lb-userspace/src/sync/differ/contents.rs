@@ -5,7 +5,7 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::Service4Value;
+use lb_common::{RevNatId, Service4Value};
 
 use super::{backend_addr, frontend_of, rev_key, BackendEntry, BackendId, RevNatEntry, SlotKey};
 use crate::model::{Family, IpPrefix, L4Addr, PerFamily};
@@ -20,19 +20,19 @@ pub struct MapContents {
     /// Per family: backend ids are each family's own.
     pub backends: PerFamily<BTreeMap<u32, BackendEntry>>,
     /// Reverse NAT ids are one space over both families.
-    pub rev_nat: BTreeMap<u16, RevNatEntry>,
+    pub rev_nat: BTreeMap<RevNatId, RevNatEntry>,
     /// (reverse NAT id, backend) -> `BACKEND_MATCH_*`: which backends
     /// belong to which frontend (flows and affinity check it).
-    pub backend_match: BTreeMap<(u16, BackendId), u8>,
+    pub backend_match: BTreeMap<(RevNatId, BackendId), u8>,
     /// loadBalancerSourceRanges per reverse NAT id.
-    pub source_ranges: BTreeSet<(u16, IpPrefix)>,
+    pub source_ranges: BTreeSet<(RevNatId, IpPrefix)>,
     /// Ids in the family of the address.
     backend_ids: L4AddrMap<u32>,
-    rev_ids: HashMap<(IpAddr, u16), u16>,
+    rev_ids: HashMap<(IpAddr, u16), RevNatId>,
     /// How many backend slots point at each backend.
     slot_users: HashMap<BackendId, u32>,
     /// How many master slots use each reverse NAT id.
-    master_users: HashMap<u16, u32>,
+    master_users: HashMap<RevNatId, u32>,
     /// One past the highest backend and reverse NAT ids ever written:
     /// where the search for a free id starts, so a freed id is not handed
     /// out again until the ids wrap (conntrack and affinity entries of a
@@ -121,7 +121,7 @@ impl MapContents {
     }
 
     /// Whether a master slot uses reverse NAT `id`.
-    pub(crate) fn rev_nat_in_use(&self, id: u16) -> bool {
+    pub(crate) fn rev_nat_in_use(&self, id: RevNatId) -> bool {
         self.master_users.contains_key(&id)
     }
 
@@ -151,8 +151,8 @@ impl MapContents {
         }
     }
 
-    pub(crate) fn insert_rev_nat(&mut self, id: u16, v: RevNatEntry) {
-        self.next_rev_nat_id = self.next_rev_nat_id.max(u32::from(id) + 1);
+    pub(crate) fn insert_rev_nat(&mut self, id: RevNatId, v: RevNatEntry) {
+        self.next_rev_nat_id = self.next_rev_nat_id.max(id + 1);
         if let Some(old) = self.rev_nat.insert(id, v) {
             let key = rev_key(&old);
             if self.rev_ids.get(&key) == Some(&id) {
@@ -162,7 +162,7 @@ impl MapContents {
         self.rev_ids.entry(rev_key(&v)).or_insert(id);
     }
 
-    pub(crate) fn remove_rev_nat(&mut self, id: u16) {
+    pub(crate) fn remove_rev_nat(&mut self, id: RevNatId) {
         if let Some(old) = self.rev_nat.remove(&id) {
             let key = rev_key(&old);
             if self.rev_ids.get(&key) == Some(&id) {
@@ -175,7 +175,7 @@ impl MapContents {
         self.backend_ids.get(addr).copied()
     }
 
-    pub(crate) fn rev_nat_id(&self, addr: IpAddr, port: u16) -> Option<u16> {
+    pub(crate) fn rev_nat_id(&self, addr: IpAddr, port: u16) -> Option<RevNatId> {
         self.rev_ids.get(&(addr, port)).copied()
     }
 

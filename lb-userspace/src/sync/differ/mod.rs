@@ -15,7 +15,9 @@ mod planner;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::{Service4Value, BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT, SCOPE_EXTERNAL};
+use lb_common::{
+    RevNatId, Service4Value, BACKEND_STATE_ACTIVE, MAX_BACKENDS, MAX_REV_NAT, SCOPE_EXTERNAL,
+};
 
 pub use contents::MapContents;
 pub(crate) use planner::{plan_and_write, plan_scoped};
@@ -98,15 +100,15 @@ pub(crate) fn rev_key(r: &RevNatEntry) -> (IpAddr, u16) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutBackend(BackendId, BackendEntry),
-    PutRevNat(u16, RevNatEntry),
+    PutRevNat(RevNatId, RevNatEntry),
     PutService(SlotKey, Service4Value),
     DeleteService(SlotKey),
     /// Reverse NAT id, backend (of the frontend's family), `BACKEND_MATCH_*`.
-    PutBackendMatch(u16, BackendId, u8),
-    DeleteBackendMatch(u16, BackendId),
-    PutSourceRange(u16, IpPrefix),
-    DeleteSourceRange(u16, IpPrefix),
-    DeleteRevNat(u16, Family),
+    PutBackendMatch(RevNatId, BackendId, u8),
+    DeleteBackendMatch(RevNatId, BackendId),
+    PutSourceRange(RevNatId, IpPrefix),
+    DeleteSourceRange(RevNatId, IpPrefix),
+    DeleteRevNat(RevNatId, Family),
     DeleteBackend(BackendId),
 }
 
@@ -157,8 +159,8 @@ impl Default for IdLimits {
         Self {
             // Ids index the backends array.
             backend_ids: MAX_BACKENDS - 1,
-            // Ids are u16 and 0 means none.
-            rev_nat_ids: (MAX_REV_NAT - 1).min(u32::from(u16::MAX)),
+            // 0 means none.
+            rev_nat_ids: MAX_REV_NAT - 1,
         }
     }
 }
@@ -254,7 +256,12 @@ pub(crate) fn slots_of<'a>(
 
 /// Plans the writes that take the maps from `current` to `desired`.
 pub fn plan(current: &MapContents, desired: &DesiredState) -> Plan {
-    plan_scoped(current, desired, None, &IdLimits::default())
+    plan_within(current, desired, &IdLimits::default())
+}
+
+/// Plans as `plan` does, with ids up to `limits` (maps of other sizes).
+pub fn plan_within(current: &MapContents, desired: &DesiredState, limits: &IdLimits) -> Plan {
+    plan_scoped(current, desired, None, limits)
 }
 
 /// Checks what a packet could see in `maps`: every master's slots up to its

@@ -10,7 +10,8 @@ use std::{
 };
 
 use lb_common::{
-    Service4Value, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    RevNatId, Service4Value, BACKEND_MATCH_ACTIVE, BACKEND_MATCH_TERMINATING, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL,
 };
 
 use super::{
@@ -113,7 +114,7 @@ impl Phase {
 struct NewIds {
     /// Ids in the family of the address.
     backends: BTreeMap<L4Addr, u32>,
-    rev_nat: BTreeMap<(IpAddr, u16), u16>,
+    rev_nat: BTreeMap<(IpAddr, u16), RevNatId>,
 }
 
 impl NewIds {
@@ -132,7 +133,7 @@ impl NewIds {
             .or_else(|| self.backends.get(b).copied())
     }
 
-    fn rev_nat(&self, current: &MapContents, addr: IpAddr, port: u16) -> Option<u16> {
+    fn rev_nat(&self, current: &MapContents, addr: IpAddr, port: u16) -> Option<RevNatId> {
         current
             .rev_nat_id(addr, port)
             .or_else(|| self.rev_nat.get(&(addr, port)).copied())
@@ -150,7 +151,7 @@ impl NewIds {
     }
 
     /// The reverse NAT id of a planned frontend.
-    fn planned_rev_nat(&self, current: &MapContents, f: &L4Addr) -> u16 {
+    fn planned_rev_nat(&self, current: &MapContents, f: &L4Addr) -> RevNatId {
         self.rev_nat(current, f.addr, f.port)
             .expect("allocate_ids gave every planned frontend an id")
     }
@@ -166,7 +167,7 @@ struct Planner<'a> {
     failed: BTreeSet<L4Addr>,
     unplanned: Vec<Unplanned>,
     wanted_backends: BackendIdSet,
-    wanted_rev: BTreeSet<u16>,
+    wanted_rev: BTreeSet<RevNatId>,
     ops: Vec<PlannedOp>,
     /// Membership and source range deletions, written after the gone
     /// frontends' slots.
@@ -330,7 +331,7 @@ impl<'a> Planner<'a> {
             }
             for r in fresh_revs {
                 let id = self.ids.rev_nat.remove(&r).expect("just handed out");
-                allocators.rev_nat.release(u32::from(id));
+                allocators.rev_nat.release(id);
             }
         }
         result
@@ -367,7 +368,7 @@ impl<'a> Planner<'a> {
                 .ok_or(PlanError::RevNatIdsExhausted {
                     limit: allocators.limits.rev_nat_ids,
                 })?;
-            self.ids.rev_nat.insert((f.addr, f.port), id as u16);
+            self.ids.rev_nat.insert((f.addr, f.port), id);
             fresh_revs.push((f.addr, f.port));
         }
         Ok(())
@@ -443,8 +444,14 @@ impl<'a> Planner<'a> {
         groups.into_iter().collect()
     }
 
-    fn put_group_memberships(&mut self, current: &MapContents, addr: IpAddr, port: u16, rev: u16) {
-        let mut matches: BTreeMap<(u16, BackendId), u8> = BTreeMap::new();
+    fn put_group_memberships(
+        &mut self,
+        current: &MapContents,
+        addr: IpAddr,
+        port: u16,
+        rev: RevNatId,
+    ) {
+        let mut matches: BTreeMap<(RevNatId, BackendId), u8> = BTreeMap::new();
         let mut ranges = BTreeSet::new();
         // An unplanned frontend keeps its entries, so nothing of the
         // address and port it shares is deleted.
@@ -497,9 +504,9 @@ impl<'a> Planner<'a> {
     fn delete_memberships_not_in(
         &mut self,
         current: &MapContents,
-        rev: u16,
-        matches: &BTreeMap<(u16, BackendId), u8>,
-        ranges: &BTreeSet<(u16, IpPrefix)>,
+        rev: RevNatId,
+        matches: &BTreeMap<(RevNatId, BackendId), u8>,
+        ranges: &BTreeSet<(RevNatId, IpPrefix)>,
         tag: L4Addr,
     ) {
         let (lo, hi) = (
@@ -679,7 +686,7 @@ impl<'a> Planner<'a> {
     /// Reverse NAT and backend ids that may have lost their last user: the
     /// gone frontends' (and in a full plan every unwanted one), or in an
     /// incremental plan those the touched frontends used before.
-    fn orphans(&self, current: &MapContents) -> (BTreeSet<u16>, BTreeSet<BackendId>) {
+    fn orphans(&self, current: &MapContents) -> (BTreeSet<RevNatId>, BTreeSet<BackendId>) {
         let mut revs = BTreeSet::new();
         let mut backends = BTreeSet::new();
         let candidates = self.candidates(current);
@@ -716,7 +723,7 @@ impl<'a> Planner<'a> {
 /// family, reverse NAT ids over both.
 struct Allocators<'a> {
     backends: PerFamily<IdAllocator<'a, u32, BackendEntry>>,
-    rev_nat: IdAllocator<'a, u16, RevNatEntry>,
+    rev_nat: IdAllocator<'a, RevNatId, RevNatEntry>,
     limits: IdLimits,
 }
 
