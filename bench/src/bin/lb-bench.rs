@@ -365,13 +365,21 @@ fn start_and_wait_for_first_sync(
     Ok(started.elapsed())
 }
 
-/// `--backends-max` and `--services-max` when the Services, their
-/// endpoints and the changes (one endpoint each) need more than the
-/// defaults: the next power of two of what they use.
+/// `--backends-max`, `--services-max` and `--frontends-max` when the
+/// Services, their endpoints and the changes (one endpoint each) need more
+/// than the defaults: the next power of two of what they use.
 fn capacity_flags(a: &Args) -> Vec<String> {
     let backends = a.services * a.endpoints + a.changes + 1;
     let slots = a.services * (1 + a.endpoints) + a.changes;
+    // One frontend per Service, and id 0 is none.
+    let frontends = a.services + 1;
     let mut flags = Vec::new();
+    if frontends > lb_common::MAX_REV_NAT as usize {
+        flags.extend([
+            "--frontends-max".into(),
+            frontends.next_power_of_two().to_string(),
+        ]);
+    }
     if backends > lb_common::MAX_BACKENDS as usize {
         flags.extend([
             "--backends-max".into(),
