@@ -47,12 +47,19 @@ pub(crate) fn filler_service_ip(family: Family, i: usize) -> IpAddr {
 }
 
 /// Endpoint `e` of filler Service `i`, outside the lab's pod ranges and
-/// routed nowhere: IPv4 in 10.128.0.0/10, IPv6 in fd00:128::/64.
+/// routed nowhere: IPv4 in 10.128.0.0/10, then 100.64.0.0/10 (64
+/// addresses a Service, distinct for 131,072 Services), IPv6 in
+/// fd00:128::/64.
 pub(crate) fn filler_endpoint_ip(family: Family, i: usize, e: usize) -> IpAddr {
     match family {
         Family::Ipv4 => {
-            let n = (i * 64 + e + 1) as u32;
-            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n % (1 << 22)).into()
+            let n = ((i * 64 + e + 1) % (1 << 23)) as u32;
+            let (base, n) = if n < 1 << 22 {
+                (Ipv4Addr::new(10, 128, 0, 0), n)
+            } else {
+                (Ipv4Addr::new(100, 64, 0, 0), n - (1 << 22))
+            };
+            Ipv4Addr::from(u32::from(base) + n).into()
         }
         Family::Ipv6 => {
             let (hi, lo, e) = ((i >> 16) as u16, i as u16, e as u16 + 1);
@@ -256,8 +263,8 @@ mod tests {
                     assert_ne!(v4.octets()[3], 0);
                 }
             }
-            let mut eps = std::collections::BTreeSet::new();
-            for i in 0..30_000 {
+            let mut eps = std::collections::HashSet::new();
+            for i in 0..100_000 {
                 for e in 0..10 {
                     let ip = filler_endpoint_ip(family, i, e);
                     assert!(eps.insert(ip), "{ip} twice");
@@ -265,6 +272,10 @@ mod tests {
                     let in_range = within(
                         ip,
                         (Ipv4Addr::new(10, 128, 0, 0), 10),
+                        ("fd00:128::".parse().unwrap(), 64),
+                    ) || within(
+                        ip,
+                        (Ipv4Addr::new(100, 64, 0, 0), 10),
                         ("fd00:128::".parse().unwrap(), 64),
                     );
                     assert!(in_range, "{ip}");

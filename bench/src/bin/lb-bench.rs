@@ -76,8 +76,8 @@ fn parse_args(args: &[String]) -> Result<Args> {
             other => bail!("unknown flag {other}"),
         }
     }
-    if a.services == 0 || a.services > 60_000 || a.endpoints == 0 || a.endpoints > 200 {
-        bail!("--services must be 1..=60000 and --endpoints 1..=200");
+    if a.services == 0 || a.services > 200_000 || a.endpoints == 0 || a.endpoints > 200 {
+        bail!("--services must be 1..=200000 and --endpoints 1..=200");
     }
     Ok(a)
 }
