@@ -5,6 +5,7 @@
 //! its peak (its own pages plus the kernel memory of the BPF maps it
 //! created, both charged to the pod) must leave a fifth of the limit free
 //! for what a real cluster adds (larger objects, more labels and ports).
+//! The memory request must cover what it holds once settled.
 
 use std::time::{Duration, Instant};
 
@@ -26,12 +27,13 @@ const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 10;
 const RELISTS: u64 = 2;
 
-/// `resources.limits.memory` of the lb-agent container, as written.
-fn daemon_set_memory_limit() -> String {
+/// `resources.<kind>.memory` of the lb-agent container (`limits` or
+/// `requests`), as written.
+fn daemon_set_memory(kind: &str) -> String {
     let pod = daemon_set_pod();
-    container_of(&pod, "lb-agent")["resources"]["limits"]["memory"]
+    container_of(&pod, "lb-agent")["resources"][kind]["memory"]
         .as_str()
-        .expect("resources.limits.memory is set")
+        .unwrap_or_else(|| panic!("resources.{kind}.memory is set"))
         .to_owned()
 }
 
@@ -50,8 +52,10 @@ fn wait_generation(lab: &mut Lab, generation: u64, what: &str) {
 
 #[privileged_test]
 fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
-    let quantity = daemon_set_memory_limit();
+    let quantity = daemon_set_memory("limits");
     let limit = parse_quantity(&quantity).expect("a memory quantity");
+    let requested = daemon_set_memory("requests");
+    let request = parse_quantity(&requested).expect("a memory quantity");
     let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
 
     // Dropped after the lab (declared first): its processes are gone then.
@@ -111,8 +115,9 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
     }
 
     let pid = lab.agent_pid().expect("the agent runs");
-    let (_, rss_peak_kib) = rss_kib(pid);
+    let (rss_now_kib, rss_peak_kib) = rss_kib(pid);
     let maps_kib = map_memlock_kib(pid);
+    let settled = (rss_now_kib + maps_kib) * 1024;
     let charged_peak = cgroup.peak().unwrap();
     let oom_kills = cgroup.oom_kills().unwrap();
     let agent_and_maps = (rss_peak_kib + maps_kib) * 1024;
@@ -128,6 +133,20 @@ fn the_daemon_sets_memory_limit_covers_10k_services_through_relists() {
         100.0 * agent_and_maps as f64 / limit as f64,
         mib(charged_peak),
         mib(cgroup.current().unwrap_or(0)),
+    );
+    println!(
+        "MEMORY: request {requested} ({:.0} MiB); settled: agent RSS {:.1} MiB + BPF maps = {:.1} MiB",
+        mib(request),
+        rss_now_kib as f64 / 1024.0,
+        mib(settled)
+    );
+    // The scheduler reserves the request: it covers what the agent holds
+    // once settled, so the node is not overcommitted by it.
+    assert!(
+        settled <= request && request <= limit,
+        "deploy/lb-agent.yaml's memory request {requested} is below the settled {:.1} MiB \
+         (or above the limit {quantity}): raise it",
+        mib(settled)
     );
     assert_eq!(oom_kills, 0, "the limit killed the agent");
     assert!(
