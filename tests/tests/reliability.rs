@@ -965,6 +965,7 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     };
     let mut k = KubeLab::from_manifests_on(Wire::Nic, &[example("rolling-update.yaml")]);
     k.publish();
+    publish_sticky_web(&k);
     k.lab.agent_binary = Some(previous.into());
     // Its flags are the previous release's (it has no --wire-hook).
     k.lab.agent_defaults.clear();
@@ -972,7 +973,8 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     // Its maps have its own layouts (16-bit reverse NAT ids), which this
     // version's readers do not read: its readiness says it wrote them.
     k.wait_readyz(200, Duration::from_secs(30));
-    let clients = web_clients(&k.lab, 40_000);
+    let mut clients = web_clients(&k.lab, 40_000);
+    add_sticky_web_clients(&mut clients, &k.lab);
     std::thread::sleep(Duration::from_secs(1));
     // A DaemonSet rollout: the old pod gets SIGTERM, the new one starts.
     k.lab.stop_agent();
@@ -1000,8 +1002,16 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     // Reverse NAT ids grew to 32 bits: the id map is converted, so the
     // flows the previous release tracked keep naming their frontends.
     assert!(
-        log.contains(r#"("lb4_reverse_nat", 2)"#),
-        "both frontends' reverse NAT entries converted from 16-bit ids: {log}"
+        log.contains(r#"("lb4_reverse_nat", 4)"#),
+        "the four frontends' reverse NAT entries converted from 16-bit ids: {log}"
+    );
+    let converted = log
+        .lines()
+        .find(|l| l.contains("migrating pinned maps of an older layout"))
+        .unwrap_or_default();
+    assert!(
+        converted.contains(r#"("lb4_affinity", "#) && !converted.contains(r#"("lb4_affinity", 0)"#),
+        "the ClientIP Service's affinity entries converted: {log}"
     );
     // The previous release served the wire with XDP. Moving to tc leaves
     // XDP passing everything rather than detach it (which resets a veth's
@@ -1033,9 +1043,69 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     for r in reports.iter().filter(|r| r.what.contains("long-lived")) {
         assert_kept_its_backend(r);
     }
+    for r in reports.iter().filter(|r| r.what.contains("ClientIP")) {
+        assert_eq!(
+            r.answered_by.len(),
+            1,
+            "{}: one pod before and after the upgrade: {:?}",
+            r.what,
+            r.answered_by
+        );
+    }
     let (ok, text) = k.check(&[]);
     assert!(
         ok,
         "after the upgrade the maps equal the desired state: {text}"
     );
+}
+
+const STICKY_WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 32), 80);
+const STICKY_WEB_NODE_PORT: SocketAddrV4 = SocketAddrV4::new(NODE_WIRE_ADDR, 30082);
+
+/// A ClientIP-affinity NodePort Service over the web pods, published to
+/// the API server fixture.
+fn publish_sticky_web(k: &KubeLab) {
+    let service = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-sticky", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": STICKY_WEB.ip().to_string(),
+            "clusterIPs": [STICKY_WEB.ip().to_string()], "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack", "selector": {"app": "web"},
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10800}},
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080,
+                "nodePort": STICKY_WEB_NODE_PORT.port()}]}});
+    let endpoints: Vec<serde_json::Value> = (k.lab.pods_of(WEB_OWNER).iter())
+        .map(|p| {
+            serde_json::json!({"addresses": [k.lab.pods[p].ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": NODE_NAME})
+        })
+        .collect();
+    let slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-sticky-abc", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "web-sticky"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints});
+    k.api
+        .apply_all(&[service, slice])
+        .expect("publish web-sticky");
+}
+
+/// New connections to the ClientIP Service from the client pod and from
+/// outside: each client keeps one pod.
+fn add_sticky_web_clients(set: &mut LoadSet, lab: &Lab) {
+    for (ns, to, via) in [
+        (lab.client.ns.path(), STICKY_WEB, "ClusterIP"),
+        (lab.ext.path(), STICKY_WEB_NODE_PORT, "NodePort"),
+    ] {
+        set.add(Load::start(
+            ns,
+            to,
+            LoadKind::NewConnections,
+            &format!("IPv4 ClientIP {via} new connections"),
+            Duration::from_millis(5),
+            40_000,
+        ));
+    }
 }
