@@ -139,11 +139,7 @@ impl Harness {
             },
         };
         // Not pinned: each test gets its own maps.
-        let mut object = loader::object_loader(&config);
-        for spec in loader::layouts(sizes) {
-            object.map_max_entries(spec.name, spec.max_entries);
-        }
-        let mut ebpf = object
+        let mut ebpf = loader::object_loader(&config)
             .load(lb_userspace::EBPF_OBJECT)
             .expect("load BPF object");
         let xdp: &mut Xdp = ebpf
@@ -162,10 +158,7 @@ impl Harness {
             maps,
             current: MapContents::default(),
             desired: DesiredState::default(),
-            limits: IdLimits {
-                rev_nat_ids: sizes.frontends - 1,
-                ..IdLimits::default()
-            },
+            limits: sizes.id_limits(),
         }
     }
 

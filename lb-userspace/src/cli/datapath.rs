@@ -324,8 +324,7 @@ pub(crate) fn setup_datapath(
     };
     metrics.datapath.open(pin_dir)?;
     let mut programmer = Programmer::new(maps, current, metrics.clone());
-    programmer.limits.backend_ids = args.backends_max - 1;
-    programmer.limits.rev_nat_ids = args.frontends_max - 1;
+    programmer.limits = config.sizes.id_limits();
     programmer.service_slots = args.services_max;
     programmer.node = NodeInfo {
         name: args.node.node_name.clone().unwrap_or_default(),

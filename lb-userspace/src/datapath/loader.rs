@@ -21,6 +21,7 @@ use lb_common::{
 use crate::{
     datapath::{map_copy, pseudo_fs},
     sync::{
+        differ::IdLimits,
         family_maps::{FamilyMaps, Ipv6Maps},
         maglev_tables::OuterMaglev,
         map_writer::BpfMaps,
@@ -348,6 +349,11 @@ pub struct LoadConfig {
 /// that load the object themselves).
 pub fn object_loader(config: &LoadConfig) -> EbpfLoader<'_> {
     let mut loader = EbpfLoader::new();
+    for spec in layouts(config.sizes) {
+        if spec.sized_by.is_some() || spec.ipv6 {
+            loader.map_max_entries(spec.name, spec.max_entries);
+        }
+    }
     loader.override_global(
         lb_common::global_names::SNAT_PORTS,
         &config.snat_ports,
@@ -400,6 +406,14 @@ impl Default for MapSizes {
 }
 
 impl MapSizes {
+    /// The ids maps of these sizes have room for (0 is none).
+    pub fn id_limits(&self) -> IdLimits {
+        IdLimits {
+            backend_ids: self.backends - 1,
+            rev_nat_ids: self.frontends - 1,
+        }
+    }
+
     /// The capacity the flags give maps sized by `capacity`.
     fn of(&self, capacity: Capacity) -> u32 {
         match capacity {
@@ -437,9 +451,6 @@ pub fn load(pin_dir: &Path, config: &LoadConfig) -> Result<(Ebpf, PinnedState)> 
     let mut loader = object_loader(config);
     for spec in &maps {
         loader.map_pin_path(spec.name, map_pin_path(pin_dir, spec.name));
-        if spec.sized_by.is_some() || spec.ipv6 {
-            loader.map_max_entries(spec.name, spec.max_entries);
-        }
     }
     for (prev, old) in state.old_conntrack_maps() {
         loader.map_pin_path(prev, old.to_owned());
