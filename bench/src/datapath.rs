@@ -162,7 +162,13 @@ struct Instance {
 }
 
 fn instance(n: usize, endpoints: usize) -> Result<Instance> {
-    let mut ebpf = loader::object_loader(&loader::LoadConfig::default())
+    // n Services of each family; reverse NAT ids are one space over both.
+    let sizes = crate::map_sizes(2 * n, n * endpoints, n * (1 + endpoints));
+    let config = loader::LoadConfig {
+        sizes,
+        ..Default::default()
+    };
+    let mut ebpf = loader::object_loader(&config)
         .load(lb_userspace::EBPF_OBJECT)
         .context("loading the BPF object")?;
     for hook in Hook::ALL {
@@ -180,6 +186,8 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     let maps = loader::take_maps(&mut ebpf)?;
     let mut programmer: Programmer<BpfMaps> =
         Programmer::new(maps, MapContents::default(), Metrics::new());
+    programmer.limits = sizes.id_limits();
+    programmer.service_slots = sizes.services;
     let ports = filler_services(Family::Ipv4, n, endpoints);
     let ports6 = filler_services(Family::Ipv6, n, endpoints);
     let (mut services, mut slices) = typed_objects(&ports);

@@ -133,6 +133,49 @@ pub(crate) fn typed_object(port: &ServicePort) -> (ServiceInfo, SliceInfo) {
     (svc.into(), slice.into())
 }
 
+/// The agent's `--frontends-max`, `--backends-max` and `--services-max`
+/// for `services` Services of one port with `endpoints` endpoints each,
+/// and `extra` endpoints added later, where the defaults are too small
+/// (see `map_sizes`).
+pub fn capacity_flags(services: usize, endpoints: usize, extra: usize) -> Vec<String> {
+    let sizes = map_sizes(
+        services,
+        services * endpoints + extra,
+        services * (1 + endpoints) + extra,
+    );
+    let defaults = lb_userspace::datapath::loader::MapSizes::default();
+    [
+        ("--frontends-max", sizes.frontends, defaults.frontends),
+        ("--backends-max", sizes.backends, defaults.backends),
+        ("--services-max", sizes.services, defaults.services),
+    ]
+    .into_iter()
+    .filter(|(_, size, default)| size != default)
+    .flat_map(|(flag, size, _)| [flag.to_owned(), size.to_string()])
+    .collect()
+}
+
+/// Map sizes for `frontends` frontends, `backends` backends of one family
+/// and `slots` service slots of one family: the defaults, or the next power
+/// of two of what they use (as the agent's capacity flags would set them).
+pub(crate) fn map_sizes(
+    frontends: usize,
+    backends: usize,
+    slots: usize,
+) -> lb_userspace::datapath::loader::MapSizes {
+    let at_least = |need: usize, default: u32| {
+        u32::try_from(need.next_power_of_two()).map_or(u32::MAX, |p| p.max(default))
+    };
+    let defaults = lb_userspace::datapath::loader::MapSizes::default();
+    // Id 0 is none.
+    lb_userspace::datapath::loader::MapSizes {
+        frontends: at_least(frontends + 1, defaults.frontends),
+        backends: at_least(backends + 1, defaults.backends),
+        services: at_least(slots, defaults.services),
+        ..defaults
+    }
+}
+
 /// The value at quantile `p` (0..=1) of sorted samples.
 pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
@@ -234,6 +277,15 @@ mod tests {
             IpAddr::V4(a) => u32::from(a) >> (32 - v4.1) == u32::from(v4.0) >> (32 - v4.1),
             IpAddr::V6(a) => u128::from(a) >> (128 - v6.1) == u128::from(v6.0) >> (128 - v6.1),
         }
+    }
+
+    #[test]
+    fn capacity_flags_appear_only_past_the_defaults() {
+        assert!(capacity_flags(10_000, 10, 20).is_empty());
+        assert_eq!(
+            capacity_flags(100_000, 10, 20).join(" "),
+            "--frontends-max 131072 --backends-max 1048576 --services-max 2097152"
+        );
     }
 
     #[test]

@@ -16,7 +16,6 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::Ebpf;
 use lb_userspace::{
     datapath::loader,
     model::ServiceName,
@@ -109,10 +108,20 @@ fn toggle_endpoint(
 
 /// The agent's sync engine on fresh, unpinned maps.
 fn ours(family: Family, n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
-    let mut ebpf = Ebpf::load(lb_userspace::EBPF_OBJECT).context("loading the BPF object")?;
+    // Sized as the capacity flags would be for this set (and its changes).
+    let sizes = crate::map_sizes(n, n * endpoints + changes, n * (1 + endpoints) + changes);
+    let config = loader::LoadConfig {
+        sizes,
+        ..Default::default()
+    };
+    let mut ebpf = loader::object_loader(&config)
+        .load(lb_userspace::EBPF_OBJECT)
+        .context("loading the BPF object")?;
     let maps = loader::take_maps(&mut ebpf)?;
     let mut programmer: Programmer<BpfMaps> =
         Programmer::new(maps, MapContents::default(), Metrics::new());
+    programmer.limits = sizes.id_limits();
+    programmer.service_slots = sizes.services;
     let mut ports = filler_services(family, n, endpoints);
     let (services, mut slices) = typed_objects(&ports);
     let started = Instant::now();

@@ -353,17 +353,18 @@ pub fn measure(
         for (mode, socket_lb) in [(0, "all"), (1, "off")] {
             progress(&format!("traffic at {n} Services: {}", MODES[mode]));
             let dir = lab.manifest_dir().to_string_lossy().into_owned();
+            let mut flags = vec![
+                "--manifests".to_owned(),
+                dir,
+                "--node-name".to_owned(),
+                NODE_NAME.to_owned(),
+                "--socket-lb".to_owned(),
+                socket_lb.to_owned(),
+            ];
+            flags.extend(crate::capacity_flags(n, endpoints, 0));
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let started = std::time::Instant::now();
-            lab.agent()
-                .only(&[
-                    "--manifests",
-                    &dir,
-                    "--node-name",
-                    NODE_NAME,
-                    "--socket-lb",
-                    socket_lb,
-                ])
-                .spawn()?;
+            lab.agent().only(&flags).spawn()?;
             let deadline = started + Duration::from_mins(10);
             while lab.generation() < 1 {
                 if std::time::Instant::now() > deadline {

@@ -28,9 +28,9 @@ struct BenchPlan {
 }
 
 const FULL: BenchPlan = BenchPlan {
-    datapath_sizes: "1,1000,10000,30000",
+    datapath_sizes: "1,1000,10000,30000,100000",
     programming_sizes: "1,1000,10000,30000,100000",
-    traffic_sizes: "1,1000,10000,30000",
+    traffic_sizes: "1,1000,10000,30000,100000",
     tool_limit_s: "180",
     changes: "50",
     traffic_ms: "1000",

@@ -272,7 +272,7 @@ fn logged_duration(log: &str, what: &str) -> String {
 fn control_plane(a: Args) -> Result<()> {
     let mut lab = Lab::from_objects(Vec::new())?;
     let mut source = ScaleSource::store(a.source, &lab, a.services, a.endpoints)?;
-    let capacity = capacity_flags(&a);
+    let capacity = lb_bench::capacity_flags(a.services, a.endpoints, a.changes);
     let initial = start_and_wait_for_first_sync(&mut lab, &source, &capacity)?;
     let pid = lab.agent_pid().context("agent runs")?;
     let (rss_after_sync, _) = rss_kib(pid);
@@ -363,36 +363,6 @@ fn start_and_wait_for_first_sync(
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(started.elapsed())
-}
-
-/// `--backends-max`, `--services-max` and `--frontends-max` when the
-/// Services, their endpoints and the changes (one endpoint each) need more
-/// than the defaults: the next power of two of what they use.
-fn capacity_flags(a: &Args) -> Vec<String> {
-    let backends = a.services * a.endpoints + a.changes + 1;
-    let slots = a.services * (1 + a.endpoints) + a.changes;
-    // One frontend per Service, and id 0 is none.
-    let frontends = a.services + 1;
-    let mut flags = Vec::new();
-    if frontends > lb_common::MAX_REV_NAT as usize {
-        flags.extend([
-            "--frontends-max".into(),
-            frontends.next_power_of_two().to_string(),
-        ]);
-    }
-    if backends > lb_common::MAX_BACKENDS as usize {
-        flags.extend([
-            "--backends-max".into(),
-            backends.next_power_of_two().to_string(),
-        ]);
-    }
-    if slots > lb_common::MAX_SERVICE_SLOTS as usize {
-        flags.extend([
-            "--services-max".into(),
-            slots.next_power_of_two().to_string(),
-        ]);
-    }
-    flags
 }
 
 /// Applies single-EndpointSlice changes one at a time and returns, sorted,
