@@ -68,6 +68,9 @@ pub struct TrafficRow {
     pub(crate) agent_rss_kib: u64,
     pub(crate) agent_peak_rss_kib: u64,
     pub map_memlock_kib: u64,
+    /// Modes that could not be measured, and why (a rule install that
+    /// failed).
+    pub(crate) not_measured: Vec<String>,
 }
 
 /// A probed Service's ClusterIP: 10.96.1.k, or its mirror fd00:96::1:k
@@ -390,19 +393,21 @@ pub fn measure(
             "traffic at {n} Services: iptables-restore of kube-proxy's rules"
         ));
         flush_rules(&lab)?;
-        install_iptables(&lab, &set)?;
-        progress(&format!("traffic at {n} Services: {}", MODES[2]));
-        row.modes[2] = Some(client_median(&lab, &last, ms, rounds)?);
-        if let Some(middle) = &middle {
-            progress(&format!("traffic at {n} Services: {}", MODES[3]));
-            row.modes[3] = Some(client_median(&lab, middle, ms, rounds)?);
+        if installed(&mut row, "iptables", install_iptables(&lab, &set)) {
+            progress(&format!("traffic at {n} Services: {}", MODES[2]));
+            row.modes[2] = Some(client_median(&lab, &last, ms, rounds)?);
+            if let Some(middle) = &middle {
+                progress(&format!("traffic at {n} Services: {}", MODES[3]));
+                row.modes[3] = Some(client_median(&lab, middle, ms, rounds)?);
+            }
         }
         flush_rules(&lab)?;
 
         // nftables mode.
         progress(&format!("traffic at {n} Services: {}", MODES[4]));
-        install_nft(&lab, &set)?;
-        row.modes[4] = Some(client_median(&lab, &last, ms, rounds)?);
+        if installed(&mut row, "nftables", install_nft(&lab, &set)) {
+            row.modes[4] = Some(client_median(&lab, &last, ms, rounds)?);
+        }
         flush_rules(&lab)?;
 
         let show = |m: usize| {
@@ -421,6 +426,22 @@ pub fn measure(
     }
     lab.assert_no_checksum_errors();
     Ok(rows)
+}
+
+/// Whether a mode's rules went in; if not, the row notes why (what a
+/// real node would meet: kube-proxy could not program that many
+/// Services either).
+fn installed(row: &mut TrafficRow, mode: &str, result: Result<()>) -> bool {
+    let Err(e) = result else {
+        return true;
+    };
+    let why = format!(
+        "{mode} at {} Services: its rules did not install: {e}",
+        thousands(row.services)
+    );
+    progress(&why);
+    row.not_measured.push(why);
+    false
 }
 
 /// The spread of the kernel CPU per connection over the runs.
@@ -515,6 +536,10 @@ pub fn markdown(rows: &[TrafficRow], endpoints: usize, ms: u64, rounds: usize) -
         }
         s.push_str("\nRatios: how many times better ours is (above 1: ours is better).\n\n");
     }
+    for why in rows.iter().flat_map(|r| &r.not_measured) {
+        s.push_str(&format!("- Not measured: {why}\n"));
+    }
+    s.push('\n');
     s.push_str(&kernel_spread(rows));
     s.push_str("### Agent memory\n\n| Services | agent start to first sync | agent RSS after sync | peak RSS | BPF map memory (memlock, preallocated) |\n| ---: | ---: | ---: | ---: | ---: |\n");
     for r in rows {
