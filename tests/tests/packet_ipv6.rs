@@ -101,6 +101,59 @@ fn udp_to_an_ipv6_cluster_ip_is_translated_with_a_valid_checksum() {
     }
 }
 
+/// As over IPv4 (`packet`): with 70,000 IPv6 frontends, the last one's
+/// reverse NAT id is past 16 bits, and its flow is translated, kept and
+/// its reply restored.
+#[privileged_test]
+fn an_ipv6_frontend_whose_reverse_nat_id_is_past_16_bits_is_translated_and_restored() {
+    const FRONTENDS: u128 = 70_000;
+    let first = u128::from(Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1));
+    let backends = [(B1, 5353)];
+    let frontends: Vec<Frontend6> = (first..first + FRONTENDS)
+        .map(|a| Frontend6 {
+            addr: Ipv6Addr::from(a),
+            port: 53,
+            proto: Protocol::Udp,
+            flags: SVC_FLAG_CLUSTER_IP,
+            backends: &backends,
+        })
+        .collect();
+    let mut h = Harness::with_frontends(131_072);
+    h.program6(&frontends);
+    let last = Ipv6Addr::from(first + FRONTENDS - 1);
+    let id = (h.current.rev_nat.iter())
+        .find(|(_, r)| r.addr == std::net::IpAddr::V6(last) && r.port == 53)
+        .map(|(id, _)| *id)
+        .expect("the last frontend has an id");
+    assert!(id > u32::from(u16::MAX), "id {id}");
+    let to_last = Tuple6 {
+        src: CLIENT,
+        sport: 33333,
+        dst: last,
+        dport: 53,
+    };
+    let reply = Tuple6 {
+        src: B1,
+        sport: 5353,
+        dst: CLIENT,
+        dport: 33333,
+    };
+    for program in [Program::Xdp, Program::TcPod] {
+        for _ in 0..2 {
+            let p = parse6(&h.run(program, &udp6(&to_last, b"question")).1);
+            assert_eq!((p.dst, p.dport), (B1, 5353), "{program:?}: {p:?}");
+        }
+        let p = parse6(&h.run(program, &udp6(&reply, b"answer")).1);
+        assert_eq!((p.src, p.sport), (last, 53), "{program:?}: reply {p:?}");
+        assert!(p.l4_checksum_ok, "{program:?}: {p:?}");
+    }
+    let ids: Vec<u32> = h.conntrack6().iter().map(|(_, v)| v.rev_nat_id()).collect();
+    assert!(
+        ids.iter().all(|i| *i == id),
+        "conntrack ids {ids:?}, want {id}"
+    );
+}
+
 #[privileged_test]
 fn extension_headers_are_skipped_and_the_ports_behind_them_translated() {
     let mut h = Harness::new();
