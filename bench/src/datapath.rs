@@ -23,8 +23,7 @@ use aya::{
 };
 use lb_common::program_names;
 use lb_userspace::{
-    datapath::loader, model::Family, serve::metrics::Metrics, sync::differ::MapContents,
-    sync::map_writer::BpfMaps, sync::programmer::Programmer,
+    datapath::loader, model::Family, sync::map_writer::BpfMaps, sync::programmer::Programmer,
 };
 
 use crate::{filler_services, kube_proxy::ServicePort, median, progress, typed_objects};
@@ -184,10 +183,7 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
         }
     }
     let maps = loader::take_maps(&mut ebpf)?;
-    let mut programmer: Programmer<BpfMaps> =
-        Programmer::new(maps, MapContents::default(), Metrics::new());
-    programmer.limits = sizes.id_limits();
-    programmer.service_slots = sizes.services;
+    let mut programmer = crate::programmer_on(maps, &sizes);
     let ports = filler_services(Family::Ipv4, n, endpoints);
     let ports6 = filler_services(Family::Ipv6, n, endpoints);
     let (mut services, mut slices) = typed_objects(&ports);

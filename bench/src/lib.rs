@@ -176,6 +176,22 @@ pub(crate) fn map_sizes(
     }
 }
 
+/// The agent's sync engine on fresh `maps` of `sizes`, with the id limits
+/// and service slots those sizes give.
+pub(crate) fn programmer_on(
+    maps: lb_userspace::sync::map_writer::BpfMaps,
+    sizes: &lb_userspace::datapath::loader::MapSizes,
+) -> lb_userspace::sync::programmer::Programmer<lb_userspace::sync::map_writer::BpfMaps> {
+    let mut programmer = lb_userspace::sync::programmer::Programmer::new(
+        maps,
+        lb_userspace::sync::differ::MapContents::default(),
+        lb_userspace::serve::metrics::Metrics::new(),
+    );
+    programmer.limits = sizes.id_limits();
+    programmer.service_slots = sizes.services;
+    programmer
+}
+
 /// The value at quantile `p` (0..=1) of sorted samples.
 pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {

@@ -16,13 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_userspace::{
-    datapath::loader,
-    model::ServiceName,
-    serve::metrics::Metrics,
-    source::objects::ServiceChange,
-    sync::{differ::MapContents, map_writer::BpfMaps, programmer::Programmer},
-};
+use lb_userspace::{datapath::loader, model::ServiceName, source::objects::ServiceChange};
 
 use crate::{
     filler_services,
@@ -118,10 +112,7 @@ fn ours(family: Family, n: usize, endpoints: usize, changes: usize) -> Result<Pr
         .load(lb_userspace::EBPF_OBJECT)
         .context("loading the BPF object")?;
     let maps = loader::take_maps(&mut ebpf)?;
-    let mut programmer: Programmer<BpfMaps> =
-        Programmer::new(maps, MapContents::default(), Metrics::new());
-    programmer.limits = sizes.id_limits();
-    programmer.service_slots = sizes.services;
+    let mut programmer = crate::programmer_on(maps, &sizes);
     let mut ports = filler_services(family, n, endpoints);
     let (services, mut slices) = typed_objects(&ports);
     let started = Instant::now();
