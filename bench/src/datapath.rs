@@ -163,13 +163,7 @@ struct Instance {
 fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     // n Services of each family; reverse NAT ids are one space over both.
     let sizes = crate::map_sizes(2 * n, n * endpoints, n * (1 + endpoints));
-    let config = loader::LoadConfig {
-        sizes,
-        ..Default::default()
-    };
-    let mut ebpf = loader::object_loader(&config)
-        .load(lb_userspace::EBPF_OBJECT)
-        .context("loading the BPF object")?;
+    let mut ebpf = crate::load_sized(sizes)?;
     for hook in Hook::ALL {
         for name in [hook.program(), hook.empty()] {
             let p = ebpf

@@ -176,6 +176,20 @@ pub(crate) fn map_sizes(
     }
 }
 
+/// The BPF object loaded (not pinned) with maps of `sizes`.
+pub(crate) fn load_sized(
+    sizes: lb_userspace::datapath::loader::MapSizes,
+) -> anyhow::Result<aya::Ebpf> {
+    use anyhow::Context;
+    let config = lb_userspace::datapath::loader::LoadConfig {
+        sizes,
+        ..Default::default()
+    };
+    lb_userspace::datapath::loader::object_loader(&config)
+        .load(lb_userspace::EBPF_OBJECT)
+        .context("loading the BPF object")
+}
+
 /// The agent's sync engine on fresh `maps` of `sizes`, with the id limits
 /// and service slots those sizes give.
 pub(crate) fn programmer_on(

@@ -104,13 +104,7 @@ fn toggle_endpoint(
 fn ours(family: Family, n: usize, endpoints: usize, changes: usize) -> Result<Programming> {
     // Sized as the capacity flags would be for this set (and its changes).
     let sizes = crate::map_sizes(n, n * endpoints + changes, n * (1 + endpoints) + changes);
-    let config = loader::LoadConfig {
-        sizes,
-        ..Default::default()
-    };
-    let mut ebpf = loader::object_loader(&config)
-        .load(lb_userspace::EBPF_OBJECT)
-        .context("loading the BPF object")?;
+    let mut ebpf = crate::load_sized(sizes)?;
     let maps = loader::take_maps(&mut ebpf)?;
     let mut programmer = crate::programmer_on(maps, &sizes);
     let mut ports = filler_services(family, n, endpoints);
