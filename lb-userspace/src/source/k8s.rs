@@ -153,7 +153,7 @@ pub fn start_watches(client: Client, node_name: Option<String>) -> mpsc::Receive
         svc_cfg,
         tx.clone(),
         "endpointslices",
-        |e| Change::Slice(slim(e, |s: ListedSlice| SliceInfo::from(s.0))),
+        |e| Change::Slice(slim(e, SliceInfo::from)),
     );
     if let Some(node) = node_name {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));

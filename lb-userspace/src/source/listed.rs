@@ -15,24 +15,38 @@ use std::{borrow::Cow, collections::BTreeMap, fmt};
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServiceSpec, ServiceStatus},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        discovery::v1::{EndpointConditions, EndpointHints, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::{
-    de::{IgnoredAny, MapAccess, Visitor},
+    de::{IgnoredAny, MapAccess, SeqAccess, Visitor},
     Deserialize, Deserializer,
 };
 
-use super::objects::ANNOTATIONS_READ;
+use super::objects::{Addr, EndpointInfo, SliceInfo, ANNOTATIONS_READ};
 
 /// A Service as the watch keeps it (see the module's note).
 #[derive(Clone, Debug)]
 pub struct ListedService(pub Service);
 
-/// An EndpointSlice as the watch keeps it (see the module's note).
+/// An EndpointSlice as the watch keeps it (see the module's note), its
+/// endpoints read as translation keeps them: a large cluster has ten of
+/// them for every Service, and their Kubernetes type holds each address,
+/// node name and target reference in a string of its own.
 #[derive(Clone, Debug)]
-pub struct ListedSlice(pub EndpointSlice);
+pub struct ListedSlice {
+    metadata: ObjectMeta,
+    address_type: String,
+    ports: Vec<EndpointPort>,
+    endpoints: Vec<EndpointInfo>,
+}
+
+impl From<ListedSlice> for SliceInfo {
+    fn from(s: ListedSlice) -> Self {
+        SliceInfo::from_parts(&s.metadata, &s.address_type, &s.ports, s.endpoints)
+    }
+}
 
 /// The metadata fields kept; any other is skipped unread.
 #[derive(Deserialize, Default)]
@@ -118,25 +132,83 @@ struct SliceFields {
     #[serde(default)]
     metadata: Metadata,
     address_type: Option<String>,
-    endpoints: Option<Vec<Endpoint>>,
+    endpoints: Option<Vec<EndpointRead>>,
     ports: Option<Vec<EndpointPort>>,
 }
 
 impl<'de> Deserialize<'de> for ListedSlice {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let f = SliceFields::deserialize(d)?;
-        Ok(ListedSlice(EndpointSlice {
+        let mut endpoints: Vec<EndpointInfo> =
+            (f.endpoints.into_iter().flatten()).map(|e| e.0).collect();
+        // A list read from text grows by doubling: kept as it is, most
+        // slices would hold room for as many endpoints again.
+        endpoints.shrink_to_fit();
+        Ok(ListedSlice {
             metadata: f.metadata.into(),
             address_type: f.address_type.unwrap_or_default(),
-            endpoints: f.endpoints.unwrap_or_default(),
-            ports: f.ports,
-        }))
+            ports: f.ports.unwrap_or_default(),
+            endpoints,
+        })
+    }
+}
+
+/// An endpoint read straight into what translation keeps: its text
+/// borrowed from the response where it can be, its other fields
+/// (`targetRef`, `hostname`, `zone`) skipped unread.
+struct EndpointRead(EndpointInfo);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointFields<'a> {
+    addresses: Option<FirstAddress>,
+    conditions: Option<EndpointConditions>,
+    #[serde(borrow)]
+    node_name: Option<Cow<'a, str>>,
+    hints: Option<EndpointHints>,
+}
+
+impl<'de> Deserialize<'de> for EndpointRead {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = EndpointFields::deserialize(d)?;
+        Ok(EndpointRead(EndpointInfo::from_parts(
+            f.addresses.and_then(|a| a.0),
+            f.conditions.as_ref(),
+            f.node_name.as_deref(),
+            f.hints.as_ref(),
+        )))
+    }
+}
+
+/// The first of an endpoint's addresses (kube-proxy uses the first);
+/// the others are skipped unread.
+struct FirstAddress(Option<Addr>);
+
+impl<'de> Deserialize<'de> for FirstAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_seq(FirstAddressVisitor)
+    }
+}
+
+struct FirstAddressVisitor;
+
+impl<'de> Visitor<'de> for FirstAddressVisitor {
+    type Value = FirstAddress;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of addresses")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let first = seq.next_element::<Cow<'de, str>>()?;
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(FirstAddress(first.as_deref().map(Addr::parse)))
     }
 }
 
 /// The API resource of a wrapper is its Kubernetes type's.
 macro_rules! resource_of {
-    ($listed:ty, $k8s:ty) => {
+    ($listed:ty, $k8s:ty, $($meta:tt).+) => {
         impl kube::Resource for $listed {
             type DynamicType = ();
             type Scope = <$k8s as k8s_openapi::Resource>::Scope;
@@ -154,17 +226,17 @@ macro_rules! resource_of {
                 <$k8s as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
             }
             fn meta(&self) -> &ObjectMeta {
-                &self.0.metadata
+                &self.$($meta).+
             }
             fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.0.metadata
+                &mut self.$($meta).+
             }
         }
     };
 }
 
-resource_of!(ListedService, Service);
-resource_of!(ListedSlice, EndpointSlice);
+resource_of!(ListedService, Service, 0.metadata);
+resource_of!(ListedSlice, EndpointSlice, metadata);
 
 #[cfg(test)]
 mod tests {
@@ -226,8 +298,43 @@ mod tests {
             "addressType": "IPv4", "endpoints": null});
         let listed: ListedSlice = serde_json::from_value(served.clone()).unwrap();
         let full: EndpointSlice = serde_json::from_value(served).unwrap();
-        assert!(listed.0.endpoints.is_empty());
-        assert_eq!(SliceInfo::from(&listed.0), SliceInfo::from(&full));
+        assert!(listed.endpoints.is_empty());
+        assert_eq!(SliceInfo::from(listed), SliceInfo::from(&full));
+    }
+
+    /// Read from text, as the watch reads a response: strings without
+    /// escapes are borrowed, those with escapes copied.
+    #[test]
+    fn a_served_slice_reads_as_its_kubernetes_type_does() {
+        let served = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-abc12", "namespace": "shop", "resourceVersion": "9",
+                "generateName": "web-", "uid": "u-9",
+                "labels": {"kubernetes.io/service-name": "web",
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
+                "managedFields": [{"manager": "kube-controller-manager"}]},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.244.1.5", "10.244.1.6"],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": "node-a", "zone": "zone-1", "hostname": "web-0",
+                    "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-0",
+                        "uid": "p-1"},
+                    "hints": {"forZones": [{"name": "zone-1"}]}},
+                {"addresses": ["10.244.2.7"], "conditions": {"ready": false,
+                    "terminating": true}, "nodeName": "node-b"},
+                {"addresses": ["not-an-address"], "conditions": {}},
+                {"addresses": []}]});
+        let text = serde_json::to_string(&served)
+            .unwrap()
+            .replace("node-b", r"node\u002db");
+        let listed: ListedSlice = serde_json::from_str(&text).unwrap();
+        let full: EndpointSlice = serde_json::from_str(&text).unwrap();
+        assert_eq!(listed.metadata.resource_version.as_deref(), Some("9"));
+        let (listed, full) = (SliceInfo::from(listed), SliceInfo::from(&full));
+        assert_eq!(listed, full);
+        assert_eq!(listed.endpoints.len(), 4);
+        assert_eq!(listed.endpoints[1].node.as_deref(), Some("node-b"));
     }
 
     #[test]

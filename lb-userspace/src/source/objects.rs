@@ -17,9 +17,12 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::{
-    core::v1::{Service, ServiceSpec},
-    discovery::v1::{Endpoint, EndpointSlice},
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 use crate::model::{
@@ -394,7 +397,69 @@ fn affinity(spec: &ServiceSpec) -> Affinity {
 
 impl From<&EndpointSlice> for SliceInfo {
     fn from(slice: &EndpointSlice) -> Self {
-        let meta = &slice.metadata;
+        let endpoints = slice.endpoints.iter().map(endpoint_info).collect();
+        SliceInfo::from_parts(
+            &slice.metadata,
+            &slice.address_type,
+            slice.ports.as_deref().unwrap_or_default(),
+            endpoints,
+        )
+    }
+}
+
+impl From<EndpointSlice> for SliceInfo {
+    fn from(slice: EndpointSlice) -> Self {
+        SliceInfo::from(&slice)
+    }
+}
+
+fn endpoint_info(e: &Endpoint) -> EndpointInfo {
+    EndpointInfo::from_parts(
+        e.addresses.first().map(|a| Addr::parse(a)),
+        e.conditions.as_ref(),
+        e.node_name.as_deref(),
+        e.hints.as_ref(),
+    )
+}
+
+impl EndpointInfo {
+    /// From what translation reads of an endpoint: its first address
+    /// (parsed), its conditions, node name and hints.
+    pub(crate) fn from_parts(
+        address: Option<Addr>,
+        conditions: Option<&EndpointConditions>,
+        node_name: Option<&str>,
+        hints: Option<&EndpointHints>,
+    ) -> Self {
+        EndpointInfo {
+            address,
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node: node_name.map(intern),
+            hints: hints.and_then(hints_of),
+        }
+    }
+}
+
+fn hints_of(hints: &EndpointHints) -> Option<Arc<Hints>> {
+    let zones: Box<[Arc<str>]> = (hints.for_zones.iter().flatten())
+        .map(|z| intern(&z.name))
+        .collect();
+    let nodes: Box<[Arc<str>]> = (hints.for_nodes.iter().flatten())
+        .map(|n| intern(&n.name))
+        .collect();
+    (!zones.is_empty() || !nodes.is_empty()).then(|| Arc::new(Hints { zones, nodes }))
+}
+
+impl SliceInfo {
+    /// From an EndpointSlice's parts, its endpoints already read.
+    pub(crate) fn from_parts(
+        meta: &ObjectMeta,
+        address_type: &str,
+        ports: &[EndpointPort],
+        endpoints: Vec<EndpointInfo>,
+    ) -> Self {
         let service = meta
             .labels
             .as_ref()
@@ -407,22 +472,20 @@ impl From<&EndpointSlice> for SliceInfo {
             namespace: intern(meta.namespace.as_deref().unwrap_or("default")),
             name: meta.name.as_deref().unwrap_or_default().into(),
             service,
-            address_type: match slice.address_type.as_str() {
+            address_type: match address_type {
                 "IPv4" => AddressType::Ipv4,
                 "IPv6" => AddressType::Ipv6,
                 other => AddressType::Other(other.into()),
             },
-            ports: slice
-                .ports
+            ports: ports
                 .iter()
-                .flatten()
                 .map(|p| SlicePort {
                     name: intern(p.name.as_deref().unwrap_or_default()),
                     protocol: Protocol::from_k8s(p.protocol.as_deref()),
                     port: p.port,
                 })
                 .collect(),
-            endpoints: slice.endpoints.iter().map(endpoint_info).collect(),
+            endpoints,
             trigger_time: meta
                 .annotations
                 .as_ref()
@@ -431,38 +494,7 @@ impl From<&EndpointSlice> for SliceInfo {
                 .map(|t| t.with_timezone(&Utc)),
         }
     }
-}
 
-impl From<EndpointSlice> for SliceInfo {
-    fn from(slice: EndpointSlice) -> Self {
-        SliceInfo::from(&slice)
-    }
-}
-
-fn endpoint_info(e: &Endpoint) -> EndpointInfo {
-    let c = e.conditions.as_ref();
-    EndpointInfo {
-        address: e.addresses.first().map(|a| Addr::parse(a)),
-        ready: c.and_then(|c| c.ready).unwrap_or(true),
-        serving: c.and_then(|c| c.serving).unwrap_or(true),
-        terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-        node: e.node_name.as_deref().map(intern),
-        hints: hints_of(e),
-    }
-}
-
-fn hints_of(e: &Endpoint) -> Option<Arc<Hints>> {
-    let hints = e.hints.as_ref()?;
-    let zones: Box<[Arc<str>]> = (hints.for_zones.iter().flatten())
-        .map(|z| intern(&z.name))
-        .collect();
-    let nodes: Box<[Arc<str>]> = (hints.for_nodes.iter().flatten())
-        .map(|n| intern(&n.name))
-        .collect();
-    (!zones.is_empty() || !nodes.is_empty()).then(|| Arc::new(Hints { zones, nodes }))
-}
-
-impl SliceInfo {
     /// `namespace/name`, for messages.
     pub(crate) fn display_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
