@@ -1,5 +1,6 @@
-//! How the watches decode Services and EndpointSlices: into the
-//! Kubernetes types, without what translation never reads.
+//! How the watches decode Services and EndpointSlices: Services into the
+//! Kubernetes type, EndpointSlices' endpoints straight into what
+//! translation keeps, both without what translation never reads.
 //!
 //! A real API server sends every object with its `managedFields` (a tree
 //! of field names per field manager) and, for objects applied with
