@@ -117,6 +117,22 @@ pub fn replace16(check: u16, from: &[u32; 4], to: &[u32; 4]) -> u16 {
     c
 }
 
+/// The change to a one's complement sum when a 16-byte field (an IPv6
+/// address, as four words) goes from `from` to `to`: the sum of `!from`
+/// and `to`, unfolded. What the kernel's checksum helpers take as a diff
+/// (`bpf_csum_diff`'s result), computed without a helper call.
+#[inline(always)]
+pub fn diff16(from: &[u32; 4], to: &[u32; 4]) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        let nfrom = !from[i];
+        sum += (nfrom & 0xffff) + (nfrom >> 16) + (to[i] & 0xffff) + (to[i] >> 16);
+        i += 1;
+    }
+    sum
+}
+
 /// A UDP checksum over IPv6 is mandatory (RFC 8200 8.1): a computed zero
 /// is sent as 0xffff, and a zero received is updated like any value.
 #[inline(always)]
@@ -155,6 +171,21 @@ mod tests {
         let c = checksum(&h, 0);
         h[10..12].copy_from_slice(&c.to_ne_bytes());
         h
+    }
+
+    #[test]
+    fn a_diff16_applied_as_a_diff_is_replace16() {
+        let from = [0x2001_0db8, 0x0000_0001, 0xdead_beef, 0x0000_ffff];
+        let to = [0xfd00_0000, 0x0010_0244, 0x0000_0001, 0xffff_0000];
+        for check in [0u16, 1, 0x1234, 0xfffe, 0xffff] {
+            let by_diff = !fold(u32::from(!check) + fold(diff16(&from, &to)) as u32);
+            assert_eq!(by_diff, replace16(check, &from, &to), "check {check:#x}");
+        }
+        assert_eq!(
+            fold(diff16(&from, &from)),
+            0xffff,
+            "no change sums to minus zero"
+        );
     }
 
     #[test]

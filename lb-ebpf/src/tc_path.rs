@@ -1,9 +1,11 @@
 //! tc ingress (tcx), on the host side of pod veths and on interfaces facing
 //! the wire. A packet's L4 checksum may be only partial there (the sender's
 //! stack left it to "hardware": a pod, or a node whose wire is a veth, as in
-//! kind), a state XDP cannot see, so every rewrite goes through the skb
-//! checksum helpers, which update the field correctly in every state
-//! (partial, complete, or verified by the NIC).
+//! kind), a state XDP cannot see, so every L4 checksum update goes through
+//! the skb checksum helpers, which update the field correctly in every
+//! state (partial, complete, or verified by the NIC). Addresses, ports and
+//! the IPv4 header checksum (never partial) are written in place, as the
+//! store helper would write them.
 
 use aya_ebpf::{
     bindings::{
@@ -18,6 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
+    csum,
     icmp::{self, Unreachable},
     icmp6::{self, Unreachable6},
     stats::{RejectFailure, RewriteFailure},
@@ -28,10 +31,10 @@ use lb_common::{
 use crate::{
     family::{V4, V6},
     headers::{
-        dsr_header6, dsr_origin, dsr_origin6, ipv4, ipv6, l3, parse4, parse6, tcp, with_dsr_option,
-        Flow, Flow4, Flow6, Parsed, ETH_HLEN, ETH_TYPE_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF,
-        IP_CSUM_OFF, IP_DADDR_OFF, IP_DF, IP_HLEN, IP_OFF, IP_SADDR_OFF, IP_TOT_LEN_OFF, L3,
-        L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
+        dsr_header6, dsr_origin, dsr_origin6, ipv4, ipv6, l3, parse4, parse6, ptr_at, tcp,
+        with_dsr_option, Flow, Flow4, Flow6, Parsed, ETH_HLEN, ETH_TYPE_OFF, IP6_DADDR_OFF,
+        IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_DF, IP_HLEN, IP_OFF, IP_SADDR_OFF,
+        IP_TOT_LEN_OFF, L3, L4_DPORT_OFF, L4_OFF, L4_SPORT_OFF, TCP_HLEN,
     },
     maps::FLOW6_SCRATCH,
     nat::{self, Action, Hook, Rewriter},
@@ -296,8 +299,17 @@ impl TcRewriter<'_> {
         }
     }
 
+    /// A header field of the packet, written in place: the linear part
+    /// holds every header the parse read. Written before the checksum
+    /// helpers run (they move the packet under any pointer taken before).
     #[inline(always)]
-    fn rewrite_port<A>(
+    fn field<T>(&self, offset: usize) -> Result<*mut T, RewriteFailure> {
+        ptr_at::<T>(self.ctx.data(), self.ctx.data_end(), offset).ok_or(RewriteFailure::OutOfBounds)
+    }
+
+    /// The L4 checksum's update for a changed port, after the port.
+    #[inline(always)]
+    fn port_checksum<A>(
         &self,
         flow: &crate::headers::Flow<A>,
         end: &End<A>,
@@ -310,12 +322,11 @@ impl TcRewriter<'_> {
                 u64::from(port),
                 Self::mangled(flow) | 2,
             )
-            .map_err(|_| RewriteFailure::Checksum)?;
-        self.ctx
-            .store(end.port_off, &port, 0)
-            .map_err(|_| RewriteFailure::Store)
+            .map_err(|_| RewriteFailure::Checksum)
     }
 
+    /// The IPv4 header checksum is always whole (never left to the NIC):
+    /// updated here with the address, in place.
     #[inline(always)]
     fn rewrite4(
         &self,
@@ -324,21 +335,27 @@ impl TcRewriter<'_> {
         addr: u32,
         port: u16,
     ) -> Result<(), RewriteFailure> {
-        let ctx = self.ctx;
+        let ip_addr = self.field::<u32>(end.addr_off)?;
+        let ip_csum = self.field::<u16>(IP_CSUM_OFF)?;
+        let l4_port = self.field::<u16>(end.port_off)?;
+        // SAFETY: every pointer was bounds checked above.
+        unsafe {
+            let c = csum::replace4(ip_csum.read_unaligned(), end.old_addr, addr);
+            ip_csum.write_unaligned(c);
+            ip_addr.write_unaligned(addr);
+            l4_port.write_unaligned(port);
+        }
         // Addresses are in the pseudo header: with BPF_F_PSEUDO_HDR the helper
         // also fixes a partial checksum, which covers only that header.
-        ctx.l4_csum_replace(
-            flow.l4_csum_off,
-            u64::from(end.old_addr),
-            u64::from(addr),
-            u64::from(BPF_F_PSEUDO_HDR) | Self::mangled(flow) | 4,
-        )
-        .map_err(|_| RewriteFailure::Checksum)?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(end.old_addr), u64::from(addr), 4)
+        self.ctx
+            .l4_csum_replace(
+                flow.l4_csum_off,
+                u64::from(end.old_addr),
+                u64::from(addr),
+                u64::from(BPF_F_PSEUDO_HDR) | Self::mangled(flow) | 4,
+            )
             .map_err(|_| RewriteFailure::Checksum)?;
-        ctx.store(end.addr_off, &addr, 0)
-            .map_err(|_| RewriteFailure::Store)?;
-        self.rewrite_port(flow, &end, port)
+        self.port_checksum(flow, &end, port)
     }
 
     /// A 16-byte address does not fit the helper's 2- or 4-byte update: its
@@ -351,23 +368,23 @@ impl TcRewriter<'_> {
         addr: Ipv6Bytes,
         port: u16,
     ) -> Result<(), RewriteFailure> {
-        let ctx = self.ctx;
-        let mut old = end.old_addr;
-        let mut new = addr;
-        let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
-        if diff < 0 {
-            return Err(RewriteFailure::Checksum);
+        let ip_addr = self.field::<Ipv6Bytes>(end.addr_off)?;
+        let l4_port = self.field::<u16>(end.port_off)?;
+        // SAFETY: both pointers were bounds checked above.
+        unsafe {
+            ip_addr.write_unaligned(addr);
+            l4_port.write_unaligned(port);
         }
-        ctx.l4_csum_replace(
-            flow.l4_csum_off,
-            0,
-            u64::from(diff as u32),
-            u64::from(BPF_F_PSEUDO_HDR) | Self::mangled(flow),
-        )
-        .map_err(|_| RewriteFailure::Checksum)?;
-        ctx.store(end.addr_off, &addr, 0)
-            .map_err(|_| RewriteFailure::Store)?;
-        self.rewrite_port(flow, &end, port)
+        let diff = csum::diff16(&end.old_addr, &addr);
+        self.ctx
+            .l4_csum_replace(
+                flow.l4_csum_off,
+                0,
+                u64::from(diff),
+                u64::from(BPF_F_PSEUDO_HDR) | Self::mangled(flow),
+            )
+            .map_err(|_| RewriteFailure::Checksum)?;
+        self.port_checksum(flow, &end, port)
     }
 }
 
