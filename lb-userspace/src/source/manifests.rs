@@ -10,7 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::source::listed::{ListedService, ListedSlice};
 use serde::Deserialize;
 
 use crate::source::objects::{ServiceInfo, SliceInfo};
@@ -79,11 +79,13 @@ pub(crate) fn parse_documents(file: &Path, text: &str) -> (ManifestSet, Vec<Mani
             .and_then(|n| n.as_str())
             .map(|n| format!("{kind} {n}"));
         match kind.as_str() {
-            "Service" => match serde_yaml::from_value::<Service>(value) {
-                Ok(s) => set.services.push(ServiceInfo::from(s)),
+            // Read as the API watches read them, so the two sources keep
+            // the same of every object.
+            "Service" => match serde_yaml::from_value::<ListedService>(value) {
+                Ok(s) => set.services.push(ServiceInfo::from(s.0)),
                 Err(e) => errors.push(err(name, e.to_string())),
             },
-            "EndpointSlice" => match serde_yaml::from_value::<EndpointSlice>(value) {
+            "EndpointSlice" => match serde_yaml::from_value::<ListedSlice>(value) {
                 Ok(s) => set.slices.push(SliceInfo::from(s)),
                 Err(e) => errors.push(err(name, e.to_string())),
             },
