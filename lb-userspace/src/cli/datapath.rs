@@ -120,7 +120,7 @@ impl DataPath {
         // After the switch: a new frontend is served at random until its
         // table is in, and a restarted agent's first tables (1,000 take a
         // second) do not hold back its programs.
-        self.write_maglev_tables(programmer);
+        self.write_maglev_tables(programmer, report);
         self.wake_sweep(report);
         self.metrics.set_ready();
         if report.complete {
@@ -135,11 +135,12 @@ impl DataPath {
     /// Tables of Maglev frontends whose slots changed; a table that could
     /// not be written leaves its frontend random (logged, counted in
     /// `lb_map_write_failures_total`, and tried again at the next sync).
-    fn write_maglev_tables(&mut self, programmer: &mut Programmer<BpfMaps>) {
+    fn write_maglev_tables(&mut self, programmer: &mut Programmer<BpfMaps>, sync: &SyncReport) {
         let report = self.maglev.sync(
             &mut programmer.writer,
             &programmer.current,
             &programmer.desired,
+            sync.scope.as_ref(),
         );
         if report.written + report.deleted > 0 {
             log::debug!(

@@ -8,7 +8,7 @@
 //! and falls back to random, so a table one sync behind is still safe.
 //! A table is replaced whole: a new inner map, filled, then swapped in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya_obj::generated::BPF_F_INNER_MAP;
 use lb_common::{
@@ -23,7 +23,7 @@ use aya::maps::{Array, HashOfMaps, IterableMap, Map, MapData, MapError};
 use crate::{
     model::{DesiredState, L4Addr, MaglevWeights},
     sync::{
-        differ::{backend_addr, frontend_of, MapContents, SlotKey},
+        differ::{backend_addr, frontend_of, master_key, MapContents, SlotKey},
         map_batch::{delete_all, lookup_all, update_all},
         map_writer::BpfMaps,
     },
@@ -60,13 +60,24 @@ pub struct TableSlot {
 pub struct MaglevTables {
     size: u32,
     seed: HashSeed,
-    /// Per reverse NAT id, the slots its table was last built from: a
-    /// table is rebuilt only when they change (a table is 32 KiB and a
-    /// build some 0.3 ms; the slots are a few bytes each).
-    written: HashMap<RevNatId, Vec<TableSlot>>,
+    /// Per reverse NAT id, the frontend and slots its table was last built
+    /// from: a table is rebuilt only when they change (a table is 32 KiB
+    /// and a build some 0.3 ms; the slots are a few bytes each).
+    written: HashMap<RevNatId, Table>,
     /// Ids that may hold a table this agent did not write (adopted maps):
-    /// deleted unless a table is written for them.
+    /// deleted by the next pass over every frontend unless a table is
+    /// written for them.
     unknown: Vec<RevNatId>,
+    /// Frontends whose table could not be written: looked at again by the
+    /// next pass, whatever its frontends.
+    failed: BTreeSet<L4Addr>,
+}
+
+/// What a frontend's table is built from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Table {
+    frontend: L4Addr,
+    slots: Vec<TableSlot>,
 }
 
 /// What one pass wrote.
@@ -87,31 +98,33 @@ impl MaglevTables {
             seed,
             written: HashMap::new(),
             unknown: adopted,
+            failed: BTreeSet::new(),
         })
     }
 
     /// Writes the table of every Maglev frontend whose slots (or weights,
     /// from `desired`) changed and deletes those of frontends that are
-    /// gone or no longer Maglev.
+    /// gone or no longer Maglev: of every frontend, or (an incremental
+    /// sync at 100,000 Services would otherwise walk a million slots)
+    /// only of `scope`, the frontends a sync may have written.
     pub fn sync(
         &mut self,
         maps: &mut dyn MaglevMaps,
         current: &MapContents,
         desired: &DesiredState,
+        scope: Option<&BTreeSet<L4Addr>>,
     ) -> MaglevReport {
         let mut report = MaglevReport::default();
-        let wanted = maglev_frontends(current, desired);
-        let changed: Vec<(&RevNatId, &Vec<TableSlot>)> = wanted
+        let scope = scope.map(|s| s | &std::mem::take(&mut self.failed));
+        let wanted = maglev_frontends(current, desired, scope.as_ref());
+        let changed: Vec<(&RevNatId, &Table)> = wanted
             .iter()
-            .filter(|(id, slots)| self.written.get(id) != Some(slots))
+            .filter(|(id, table)| self.written.get(id) != Some(table))
             .collect();
         for batch in changed.chunks(TABLES_PER_BATCH) {
             self.write_batch(maps, batch, &mut report);
         }
-        let gone: Vec<RevNatId> = (self.written.keys().copied())
-            .chain(std::mem::take(&mut self.unknown))
-            .filter(|id| !wanted.contains_key(id))
-            .collect();
+        let gone = self.gone(&wanted, scope.as_ref());
         for id in &gone {
             self.written.remove(id);
         }
@@ -124,25 +137,48 @@ impl MaglevTables {
         report
     }
 
+    /// The ids whose table is to go: written (or adopted, in a pass over
+    /// every frontend) for a frontend in scope, and no longer wanted.
+    fn gone(
+        &mut self,
+        wanted: &BTreeMap<RevNatId, Table>,
+        scope: Option<&BTreeSet<L4Addr>>,
+    ) -> Vec<RevNatId> {
+        let in_scope = |t: &Table| scope.is_none_or(|s| s.contains(&t.frontend));
+        let written = (self.written.iter())
+            .filter(|(_, t)| in_scope(t))
+            .map(|(id, _)| *id);
+        let adopted = match scope {
+            None => std::mem::take(&mut self.unknown),
+            Some(_) => Vec::new(),
+        };
+        written
+            .chain(adopted)
+            .filter(|id| !wanted.contains_key(id))
+            .collect()
+    }
+
     /// Builds and writes one batch of tables, noting what went in.
     fn write_batch(
         &mut self,
         maps: &mut dyn MaglevMaps,
-        batch: &[(&RevNatId, &Vec<TableSlot>)],
+        batch: &[(&RevNatId, &Table)],
         report: &mut MaglevReport,
     ) {
         let mut tables = Vec::with_capacity(batch.len());
-        for (id, slots) in batch {
-            match self.words(slots) {
+        for (id, table) in batch {
+            match self.words(&table.slots) {
                 Ok(words) => tables.push((**id, words)),
                 Err(e) => report.errors.push(format!("Maglev table of {id}: {e}")),
             }
         }
         let failed = maps.put_tables(&tables);
-        for (id, slots) in batch {
+        for (id, table) in batch {
             if tables.iter().any(|(t, _)| t == *id) && !failed.iter().any(|(f, _)| f == *id) {
                 report.written += 1;
-                self.written.insert(**id, (*slots).clone());
+                self.written.insert(**id, (*table).clone());
+            } else {
+                self.failed.insert(table.frontend);
             }
         }
         for (id, why) in failed {
@@ -174,26 +210,36 @@ impl MaglevTables {
     }
 }
 
-/// Per reverse NAT id, the active slots of every external-scope master
-/// flagged Maglev, weighted as its desired entry says.
+/// Per reverse NAT id, the frontend and active slots of every
+/// external-scope master flagged Maglev (of the frontends in `scope`, or
+/// of all), weighted as its desired entry says.
 fn maglev_frontends(
     current: &MapContents,
     desired: &DesiredState,
-) -> BTreeMap<RevNatId, Vec<TableSlot>> {
-    let masters = current.services.iter().filter(|(k, v)| {
-        k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL && v.flags & SVC_FLAG_MAGLEV != 0
-    });
-    masters
-        .map(|(key, master)| {
-            let weights = frontend_of(key)
-                .and_then(|f| desired.get(&f))
-                .and_then(|e| e.maglev_weights.as_deref());
-            (
-                master.rev_nat_id,
-                active_slots(current, key, master, weights),
-            )
-        })
-        .collect()
+    scope: Option<&BTreeSet<L4Addr>>,
+) -> BTreeMap<RevNatId, Table> {
+    let table_of = |key: &SlotKey, master: &Service4Value| {
+        let maglev = key.backend_slot == 0
+            && key.scope == SCOPE_EXTERNAL
+            && master.flags & SVC_FLAG_MAGLEV != 0;
+        let frontend = frontend_of(key).filter(|_| maglev)?;
+        let weights = desired
+            .get(&frontend)
+            .and_then(|e| e.maglev_weights.as_deref());
+        let slots = active_slots(current, key, master, weights);
+        Some((master.rev_nat_id, Table { frontend, slots }))
+    };
+    match scope {
+        None => (current.services.iter())
+            .filter_map(|(key, master)| table_of(key, master))
+            .collect(),
+        Some(frontends) => (frontends.iter())
+            .filter_map(|f| {
+                let key = master_key(f);
+                table_of(&key, current.services.get(&key)?)
+            })
+            .collect(),
+    }
 }
 
 fn active_slots(
@@ -305,9 +351,9 @@ pub fn check(
     tables: &MaglevTables,
 ) -> Vec<String> {
     let mut differences = Vec::new();
-    let wanted = maglev_frontends(current, desired);
-    for (id, slots) in &wanted {
-        let expected = match tables.words(slots) {
+    let wanted = maglev_frontends(current, desired, None);
+    for (id, table) in &wanted {
+        let expected = match tables.words(&table.slots) {
             Ok(w) => w,
             Err(e) => {
                 differences.push(format!("Maglev frontend {id}: {e}"));
@@ -381,10 +427,18 @@ mod tests {
     struct FakeMaps {
         tables: BTreeMap<RevNatId, Vec<u64>>,
         writes: usize,
+        /// Refuses the next put.
+        refuse: bool,
     }
 
     impl MaglevMaps for FakeMaps {
         fn put_tables(&mut self, tables: &[(RevNatId, Vec<u64>)]) -> Vec<(RevNatId, String)> {
+            if std::mem::take(&mut self.refuse) {
+                return tables
+                    .iter()
+                    .map(|(id, _)| (*id, "refused".into()))
+                    .collect();
+            }
             for (id, words) in tables {
                 self.writes += 1;
                 self.tables.insert(*id, words.clone());
@@ -465,7 +519,7 @@ mod tests {
         let (maps, desired) = programmed(&backends, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV);
         let mut tables = MaglevTables::new(251, seed_of("test"), Vec::new()).unwrap();
         let mut fake = FakeMaps::default();
-        let report = tables.sync(&mut fake, &maps, &desired);
+        let report = tables.sync(&mut fake, &maps, &desired, None);
         assert_eq!(report.written, 1, "{report:?}");
         let (_, words) = fake.tables.iter().next().unwrap();
         assert_eq!(words.len(), 251_usize.div_ceil(4));
@@ -475,16 +529,62 @@ mod tests {
         }
         assert_eq!(seen.len(), 3, "every backend has entries: {seen:?}");
         // Nothing changed: nothing built or written.
-        assert_eq!(tables.sync(&mut fake, &maps, &desired).written, 0);
+        assert_eq!(tables.sync(&mut fake, &maps, &desired, None).written, 0);
         // A fourth backend: the table is rebuilt and names it.
         let four: Vec<L4Addr> = (1..=4).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
         let (grown, desired) = programmed(&four, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV);
-        assert_eq!(tables.sync(&mut fake, &grown, &desired).written, 1);
+        assert_eq!(tables.sync(&mut fake, &grown, &desired, None).written, 1);
         let words = fake.tables.values().next().unwrap().clone();
         assert!((0..251).any(|e| slot_backend(&grown, &words, e) == four[3]));
         // No longer Maglev: the table goes.
         let (plain, desired) = programmed(&backends, SVC_FLAG_NODE_PORT);
-        assert_eq!(tables.sync(&mut fake, &plain, &desired).deleted, 1);
+        assert_eq!(tables.sync(&mut fake, &plain, &desired, None).deleted, 1);
+        assert!(fake.tables.is_empty());
+    }
+
+    #[test]
+    fn an_incremental_pass_looks_at_its_frontends_and_at_tables_that_failed() {
+        let three: Vec<L4Addr> = (1..=3).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
+        let four: Vec<L4Addr> = (1..=4).map(|i| l4(&format!("10.1.0.{i}"), 80)).collect();
+        let maglev = SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV;
+        let frontend = l4("10.0.0.1", 30080);
+        let (ours, other) = (
+            BTreeSet::from([frontend]),
+            BTreeSet::from([l4("10.0.0.2", 80)]),
+        );
+        let mut tables = MaglevTables::new(251, seed_of("test"), Vec::new()).unwrap();
+        let mut fake = FakeMaps::default();
+        let (maps, desired) = programmed(&three, maglev);
+        assert_eq!(tables.sync(&mut fake, &maps, &desired, None).written, 1);
+        // Its slots changed, but the sync wrote other frontends only.
+        let (grown, desired) = programmed(&four, maglev);
+        let report = tables.sync(&mut fake, &grown, &desired, Some(&other));
+        assert_eq!(report, MaglevReport::default());
+        // Its own sync: refused by the map, then tried again by the next
+        // pass, which was about other frontends.
+        fake.refuse = true;
+        let report = tables.sync(&mut fake, &grown, &desired, Some(&ours));
+        assert_eq!((report.written, report.errors.len()), (0, 1), "{report:?}");
+        assert_eq!(
+            tables
+                .sync(&mut fake, &grown, &desired, Some(&other))
+                .written,
+            1
+        );
+        // No longer Maglev: gone only when its frontend is in scope.
+        let (plain, desired) = programmed(&three, SVC_FLAG_NODE_PORT);
+        assert_eq!(
+            tables
+                .sync(&mut fake, &plain, &desired, Some(&other))
+                .deleted,
+            0
+        );
+        assert_eq!(
+            tables
+                .sync(&mut fake, &plain, &desired, Some(&ours))
+                .deleted,
+            1
+        );
         assert!(fake.tables.is_empty());
     }
 
@@ -500,10 +600,10 @@ mod tests {
         let (mut fa, mut fb) = (FakeMaps::default(), FakeMaps::default());
         MaglevTables::new(251, seed_of("cluster"), Vec::new())
             .unwrap()
-            .sync(&mut fa, &a.0, &a.1);
+            .sync(&mut fa, &a.0, &a.1, None);
         MaglevTables::new(251, seed_of("cluster"), Vec::new())
             .unwrap()
-            .sync(&mut fb, &b.0, &b.1);
+            .sync(&mut fb, &b.0, &b.1, None);
         let (wa, wb) = (
             &fa.tables.values().next().unwrap(),
             &fb.tables.values().next().unwrap(),
@@ -526,7 +626,7 @@ mod tests {
         let (maps, desired) = weighted(&backends, flags, weights("10.1.0.1=3, 10.1.0.3=0"));
         let mut tables = MaglevTables::new(251, seed_of("w"), Vec::new()).unwrap();
         let mut fake = FakeMaps::default();
-        assert_eq!(tables.sync(&mut fake, &maps, &desired).written, 1);
+        assert_eq!(tables.sync(&mut fake, &maps, &desired, None).written, 1);
         let words = fake.tables.values().next().unwrap().clone();
         let share = |b: &L4Addr| {
             (0..251)
@@ -539,7 +639,7 @@ mod tests {
         assert!((heavy as f64 / 251.0 - 0.75).abs() < 0.01, "{heavy} of 251");
         // The same slots with other weights: rebuilt.
         let (_, reweighted) = weighted(&backends, flags, weights("10.1.0.2=5"));
-        assert_eq!(tables.sync(&mut fake, &maps, &reweighted).written, 1);
+        assert_eq!(tables.sync(&mut fake, &maps, &reweighted, None).written, 1);
     }
 
     #[test]
@@ -548,7 +648,7 @@ mod tests {
         let mut tables = MaglevTables::new(251, seed_of("x"), vec![7]).unwrap();
         let mut fake = FakeMaps::default();
         fake.tables.insert(7, vec![1]);
-        assert_eq!(tables.sync(&mut fake, &maps, &desired).deleted, 1);
+        assert_eq!(tables.sync(&mut fake, &maps, &desired, None).deleted, 1);
         assert!(fake.tables.is_empty());
     }
 

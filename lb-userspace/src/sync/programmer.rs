@@ -35,6 +35,9 @@ pub struct SyncReport {
     pub deleted_udp_backends: Vec<std::net::SocketAddr>,
     /// Backends this sync deleted (their conntrack entries are to be swept).
     pub deleted_backends: usize,
+    /// The frontends this sync may have written; None: every one (a full
+    /// sync). What follows a sync looks at these only.
+    pub scope: Option<BTreeSet<L4Addr>>,
 }
 
 pub struct Programmer<W: MapWriter> {
@@ -218,7 +221,9 @@ impl<W: MapWriter> Programmer<W> {
         let mut touched: BTreeSet<L4Addr> = self.unprogrammed.clone();
         let (errors, notes) = self.retranslate(changes, &mut touched);
         let written = self.write(Some(&touched));
-        self.finish(started, written, errors, notes)
+        let mut report = self.finish(started, written, errors, notes);
+        report.scope = Some(touched);
+        report
     }
 
     /// Replaces the desired entries and health checks of the changed
@@ -339,6 +344,7 @@ impl<W: MapWriter> Programmer<W> {
             complete: written.unplanned.is_empty() && written.failed.is_empty(),
             deleted_udp_backends: written.deleted_udp_backends,
             deleted_backends: written.deleted_backends,
+            scope: None,
         };
         self.report_errors(&mut out, &errors, &written.unplanned, &written.failed);
         self.metrics
