@@ -287,9 +287,9 @@ async fn run_kubernetes(
     let mut needs_full = true;
     let mut tick = tokio::time::interval(args.poll_interval);
     loop {
-        let started = Instant::now();
-        let work = if let Some(work) = pending.take() {
-            work
+        // Timed from the first change received, not from the wait for it.
+        let (work, started) = if let Some(work) = pending.take() {
+            (work, Instant::now())
         } else {
             let first = tokio::select! {
                 c = rx.recv() => match c {
@@ -301,7 +301,8 @@ async fn run_kubernetes(
                 _ = sig.hup.recv() => { needs_full = true; continue; }
                 _ = tick.tick() => { dp.refresh_pods()?; continue; }
             };
-            receive_batch(first, &mut rx, &mut state)
+            let started = Instant::now();
+            (receive_batch(first, &mut rx, &mut state), started)
         };
         note_received(&work, &state, dp, metrics);
         needs_full |= work.full_resync;
