@@ -404,32 +404,16 @@ impl<W: MapWriter> Programmer<W> {
     fn record_map_sizes(&self) {
         use lb_common::map_names;
         let c = &self.current;
-        // IPv4 addresses sort before IPv6 ones: the IPv6 entries are a tail.
-        let first_v6 = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
-        let slots6 = c.services.range(
-            differ::SlotKey {
-                addr: first_v6,
-                port: 0,
-                backend_slot: 0,
-                proto: 0,
-                scope: 0,
-            }..,
-        );
-        let slots6 = slots6.count();
-        let revs6 = c.rev_nat.values().filter(|r| r.addr.is_ipv6()).count();
+        let (slots, revs) = c.entries_per_family();
         // Id 0 means none: the capacities are one more than the ids.
         let (backend_cap, rev_cap) = (self.limits.backend_ids + 1, self.limits.rev_nat_ids + 1);
         let sizes = [
-            (
-                map_names::SERVICES,
-                c.services.len() - slots6,
-                self.service_slots,
-            ),
-            (map_names::SERVICES6, slots6, self.service_slots),
+            (map_names::SERVICES, slots.ipv4, self.service_slots),
+            (map_names::SERVICES6, slots.ipv6, self.service_slots),
             (map_names::BACKENDS, c.backends.ipv4.len(), backend_cap),
             (map_names::BACKENDS6, c.backends.ipv6.len(), backend_cap),
-            (map_names::REV_NAT, c.rev_nat.len() - revs6, rev_cap),
-            (map_names::REV_NAT6, revs6, rev_cap),
+            (map_names::REV_NAT, revs.ipv4, rev_cap),
+            (map_names::REV_NAT6, revs.ipv6, rev_cap),
         ];
         for (map, n, cap) in sizes {
             let label = MapLabel { map: map.into() };

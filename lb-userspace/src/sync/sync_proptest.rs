@@ -17,7 +17,7 @@ use proptest::{
 use serde_json::{json, Value};
 
 use crate::{
-    model::{DesiredState, L4Addr, ServiceEntry, ServiceName},
+    model::{DesiredState, Family, L4Addr, PerFamily, ServiceEntry, ServiceName},
     serve::metrics::Metrics,
     source::objects::ServiceChange,
     sync::checker,
@@ -494,6 +494,13 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
                 r.errors
             );
             prop_assert_eq!(&p.current, &p.writer.maps, "{}: {} mirror", context(), path);
+            prop_assert_eq!(
+                p.current.entries_per_family(),
+                counted_per_family(&p.current),
+                "{}: {} entries per family",
+                context(),
+                path
+            );
         }
         let expected = oracle.expected(&node(), &world);
         // The same entry-by-entry comparison `lb-agent check` makes, ids
@@ -542,6 +549,19 @@ fn check_changes(changes: &[Change]) -> Result<(), TestCaseError> {
 /// Planning in parts, each written before the next is planned (as syncs
 /// do), gives the ops of one whole plan: for a full plan and for
 /// one scoped to every frontend.
+/// Service slots and reverse NAT entries of each family, counted.
+fn counted_per_family(c: &MapContents) -> (PerFamily<usize>, PerFamily<usize>) {
+    let mut slots = PerFamily::<usize>::default();
+    let mut revs = PerFamily::<usize>::default();
+    for key in c.services.keys() {
+        slots[key.family()] += 1;
+    }
+    for r in c.rev_nat.values() {
+        revs[Family::of(r.addr)] += 1;
+    }
+    (slots, revs)
+}
+
 fn check_phased_planning(
     current: &MapContents,
     desired: &DesiredState,

@@ -33,6 +33,11 @@ pub struct MapContents {
     slot_users: HashMap<BackendId, u32>,
     /// How many master slots use each reverse NAT id.
     master_users: HashMap<RevNatId, u32>,
+    /// Entries of `services` and of `rev_nat` per family, for the maps'
+    /// fill metrics after every sync (counted, they were a walk of every
+    /// reverse NAT entry: 2 ms a sync at 100,000 Services).
+    slots_per_family: PerFamily<usize>,
+    rev_nats_per_family: PerFamily<usize>,
     /// One past the highest backend and reverse NAT ids ever written:
     /// where the search for a free id starts, so a freed id is not handed
     /// out again until the ids wrap (conntrack and affinity entries of a
@@ -91,8 +96,9 @@ impl MapContents {
     }
 
     pub(crate) fn insert_service(&mut self, k: SlotKey, v: Service4Value) {
-        if let Some(old) = self.services.insert(k, v) {
-            self.unref(&k, &old);
+        match self.services.insert(k, v) {
+            Some(old) => self.unref(&k, &old),
+            None => self.slots_per_family[k.family()] += 1,
         }
         if k.backend_slot == 0 {
             *self.master_users.entry(v.rev_nat_id).or_insert(0) += 1;
@@ -104,6 +110,7 @@ impl MapContents {
     pub(crate) fn remove_service(&mut self, k: &SlotKey) {
         if let Some(old) = self.services.remove(k) {
             self.unref(k, &old);
+            self.slots_per_family[k.family()] -= 1;
         }
     }
 
@@ -113,6 +120,12 @@ impl MapContents {
         } else {
             decrement(&mut self.slot_users, &k.backend(old));
         }
+    }
+
+    /// Service slots (masters included) and reverse NAT entries of each
+    /// family.
+    pub(crate) fn entries_per_family(&self) -> (PerFamily<usize>, PerFamily<usize>) {
+        (self.slots_per_family, self.rev_nats_per_family)
     }
 
     /// Whether a backend slot points at backend `id`.
@@ -153,7 +166,9 @@ impl MapContents {
 
     pub(crate) fn insert_rev_nat(&mut self, id: RevNatId, v: RevNatEntry) {
         self.next_rev_nat_id = self.next_rev_nat_id.max(id + 1);
+        self.rev_nats_per_family[Family::of(v.addr)] += 1;
         if let Some(old) = self.rev_nat.insert(id, v) {
+            self.rev_nats_per_family[Family::of(old.addr)] -= 1;
             let key = rev_key(&old);
             if self.rev_ids.get(&key) == Some(&id) {
                 self.rev_ids.remove(&key);
@@ -164,6 +179,7 @@ impl MapContents {
 
     pub(crate) fn remove_rev_nat(&mut self, id: RevNatId) {
         if let Some(old) = self.rev_nat.remove(&id) {
+            self.rev_nats_per_family[Family::of(old.addr)] -= 1;
             let key = rev_key(&old);
             if self.rev_ids.get(&key) == Some(&id) {
                 self.rev_ids.remove(&key);
