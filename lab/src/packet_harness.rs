@@ -241,7 +241,7 @@ impl Harness {
     pub fn write_maglev_tables(&mut self, seed: &str) {
         let mut tables = MaglevTables::new(maglev::DEFAULT_TABLE_SIZE, seed_of(seed), Vec::new())
             .expect("the default size is a prime");
-        let report = tables.sync(&mut self.maps, &self.current, &self.desired);
+        let report = tables.sync(&mut self.maps, &self.current, &self.desired, None);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
 

@@ -178,7 +178,7 @@ mod tests {
         let from = [0x2001_0db8, 0x0000_0001, 0xdead_beef, 0x0000_ffff];
         let to = [0xfd00_0000, 0x0010_0244, 0x0000_0001, 0xffff_0000];
         for check in [0u16, 1, 0x1234, 0xfffe, 0xffff] {
-            let by_diff = !fold(u32::from(!check) + fold(diff16(&from, &to)) as u32);
+            let by_diff = !fold(u32::from(!check) + u32::from(fold(diff16(&from, &to))));
             assert_eq!(by_diff, replace16(check, &from, &to), "check {check:#x}");
         }
         assert_eq!(
