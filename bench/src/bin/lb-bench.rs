@@ -94,6 +94,10 @@ const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("control-plane") => control_plane(parse_args(&args[1..])?),
         Some("datapath") => {
