@@ -139,17 +139,78 @@ struct SliceFields {
 
 impl<'de> Deserialize<'de> for ListedSlice {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let f = SliceFields::deserialize(d)?;
+        SliceFields::deserialize(d).map(ListedSlice::of)
+    }
+}
+
+impl ListedSlice {
+    fn of(f: SliceFields) -> Self {
         let mut endpoints: Vec<EndpointInfo> =
             (f.endpoints.into_iter().flatten()).map(|e| e.0).collect();
         // A list read from text grows by doubling: kept as it is, most
         // slices would hold room for as many endpoints again.
         endpoints.shrink_to_fit();
-        Ok(ListedSlice {
+        ListedSlice {
             metadata: f.metadata.into(),
             address_type: f.address_type.unwrap_or_default(),
             ports: f.ports.unwrap_or_default(),
             endpoints,
+        }
+    }
+}
+
+/// A manifest document of any kind read in one pass: what a Service and
+/// an EndpointSlice hold (a Service's spec and status kept as YAML until
+/// the kind is known), any other field skipped unread. Read through a
+/// generic YAML value first, a slice's endpoints were most of the
+/// manifest source's reading time.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ManifestFields {
+    pub(crate) kind: Option<String>,
+    #[serde(default)]
+    metadata: Metadata,
+    spec: Option<serde_yaml::Value>,
+    status: Option<serde_yaml::Value>,
+    address_type: Option<String>,
+    endpoints: Option<Vec<EndpointRead>>,
+    ports: Option<Vec<EndpointPort>>,
+}
+
+/// A manifest document by kind.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one at a time, moved once into the set"
+)]
+pub(crate) enum Manifest {
+    Service(ListedService),
+    Slice(ListedSlice),
+    /// A kind this agent does not read (Deployments, ConfigMaps, ...).
+    Other,
+}
+
+impl ManifestFields {
+    /// The document's name, for messages.
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.metadata.name.as_deref()
+    }
+
+    /// The object, by its kind; an error when a Service's spec or status
+    /// is not one.
+    pub(crate) fn into_manifest(self) -> Result<Manifest, serde_yaml::Error> {
+        Ok(match self.kind.as_deref() {
+            Some("Service") => Manifest::Service(ListedService(Service {
+                metadata: self.metadata.into(),
+                spec: self.spec.map(serde_yaml::from_value).transpose()?,
+                status: self.status.map(serde_yaml::from_value).transpose()?,
+            })),
+            Some("EndpointSlice") => Manifest::Slice(ListedSlice::of(SliceFields {
+                metadata: self.metadata,
+                address_type: self.address_type,
+                endpoints: self.endpoints,
+                ports: self.ports,
+            })),
+            _ => Manifest::Other,
         })
     }
 }

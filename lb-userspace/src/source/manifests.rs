@@ -10,7 +10,7 @@ use std::{
     time::SystemTime,
 };
 
-use crate::source::listed::{ListedService, ListedSlice};
+use crate::source::listed::{Manifest, ManifestFields};
 use serde::Deserialize;
 
 use crate::source::objects::{ServiceInfo, SliceInfo};
@@ -52,48 +52,80 @@ pub(crate) fn parse_documents(file: &Path, text: &str) -> (ManifestSet, Vec<Mani
     let mut set = ManifestSet::default();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let document = i + 1;
         let err = |object: Option<String>, reason: String| ManifestError {
             file: file.to_owned(),
-            document,
+            document: i + 1,
             object,
             reason,
         };
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(err(None, e.to_string()));
-                // A syntax error leaves the rest of the stream unreadable.
-                break;
-            }
+        let fields = match Option::<ManifestFields>::deserialize(doc) {
+            Ok(Some(fields)) => fields,
+            // An empty document.
+            Ok(None) => continue,
+            Err(e) => match unreadable_document(text, i, e) {
+                Unreadable::Ignored => continue,
+                Unreadable::Object(name, reason) => {
+                    errors.push(err(name, reason));
+                    continue;
+                }
+                Unreadable::Stream(reason) => {
+                    errors.push(err(None, reason));
+                    // A syntax error leaves the rest of the stream unreadable.
+                    break;
+                }
+            },
         };
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_owned();
-        let name = value
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(|n| n.as_str())
-            .map(|n| format!("{kind} {n}"));
-        match kind.as_str() {
-            // Read as the API watches read them, so the two sources keep
-            // the same of every object.
-            "Service" => match serde_yaml::from_value::<ListedService>(value) {
-                Ok(s) => set.services.push(ServiceInfo::from(s.0)),
-                Err(e) => errors.push(err(name, e.to_string())),
-            },
-            "EndpointSlice" => match serde_yaml::from_value::<ListedSlice>(value) {
-                Ok(s) => set.slices.push(SliceInfo::from(s)),
-                Err(e) => errors.push(err(name, e.to_string())),
-            },
-            "" => errors.push(err(name, "document has no kind".into())),
-            _ => {}
+        let Some(kind) = fields.kind.clone().filter(|k| !k.is_empty()) else {
+            let name = fields.name().map(|n| format!(" {n}"));
+            errors.push(err(name, "document has no kind".into()));
+            continue;
+        };
+        let name = fields.name().map(|n| format!("{kind} {n}"));
+        match fields.into_manifest() {
+            Ok(Manifest::Service(s)) => set.services.push(ServiceInfo::from(s.0)),
+            Ok(Manifest::Slice(s)) => set.slices.push(SliceInfo::from(s)),
+            Ok(Manifest::Other) => {}
+            Err(e) => errors.push(err(name, e.to_string())),
         }
     }
     (set, errors)
+}
+
+/// What a document that did not read as a Service or EndpointSlice is.
+enum Unreadable {
+    /// Empty, or of a kind this agent does not read.
+    Ignored,
+    /// A Service or EndpointSlice (`Kind name`, when it has one) whose
+    /// fields are not what its kind says.
+    Object(Option<String>, String),
+    /// Not YAML: the stream ends here.
+    Stream(String),
+}
+
+/// Document `index` of `text` read again as plain YAML, to tell an empty
+/// document, another kind's fields and a syntax error apart (`error`: why
+/// the one-pass read failed). Only on failures: it reads the file again.
+fn unreadable_document(text: &str, index: usize, error: serde_yaml::Error) -> Unreadable {
+    let doc = serde_yaml::Deserializer::from_str(text).nth(index);
+    let value = match doc.map(serde_yaml::Value::deserialize) {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => return Unreadable::Stream(e.to_string()),
+        None => return Unreadable::Stream(error.to_string()),
+    };
+    if value.is_null() {
+        return Unreadable::Ignored;
+    }
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let name = (value.get("metadata"))
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str());
+    match kind {
+        "Service" | "EndpointSlice" => {
+            Unreadable::Object(name.map(|n| format!("{kind} {n}")), error.to_string())
+        }
+        "" => Unreadable::Object(name.map(|n| format!(" {n}")), "document has no kind".into()),
+        _ => Unreadable::Ignored,
+    }
 }
 
 /// Reads a folder of manifests, remembering the last good content per file.
@@ -284,6 +316,46 @@ ports: [{port: 80}]
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(set.services.len(), 1);
         assert_eq!(set.slices.len(), 1);
+    }
+
+    #[test]
+    fn empty_documents_and_other_kinds_whatever_their_fields_are_skipped() {
+        let text = "---\n---\nkind: Widget\nmetadata: {name: w}\nendpoints: 3\nports: x\n---\n\
+                    kind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\n\
+                    endpoints: [{addresses: [10.244.0.2], targetRef: {kind: Pod, name: p}}]\n";
+        let (set, errors) = parse_documents(Path::new("w.yaml"), text);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((set.services.len(), set.slices.len()), (0, 1));
+    }
+
+    #[test]
+    fn a_malformed_slice_or_kindless_document_is_named_and_the_rest_read() {
+        let text = "kind: EndpointSlice\nmetadata: {name: bad}\nendpoints: [{addresses: 7}]\n\
+                    ---\nmetadata: {name: nokind}\n---\nkind: Service\nmetadata: {name: ok}\n\
+                    spec: {clusterIP: 10.96.0.11}\n";
+        let (set, errors) = parse_documents(Path::new("m.yaml"), text);
+        assert_eq!(set.services.len(), 1);
+        let named: Vec<_> = errors
+            .iter()
+            .map(|e| (e.document, e.object.clone()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (1, Some("EndpointSlice bad".into())),
+                (2, Some(" nokind".into()))
+            ]
+        );
+        assert_eq!(errors[1].reason, "document has no kind");
+    }
+
+    #[test]
+    fn a_syntax_error_ends_the_file() {
+        let text = "kind: Service\nmetadata: {name: a}\n---\nkind: [unclosed\n---\n\
+                    kind: Service\nmetadata: {name: b}\n";
+        let (set, errors) = parse_documents(Path::new("s.yaml"), text);
+        assert_eq!(set.services.len(), 1);
+        assert_eq!((errors.len(), errors[0].document), (1, 2), "{errors:?}");
     }
 
     #[test]
