@@ -1,6 +1,7 @@
-//! How the watches decode Services and EndpointSlices: Services into the
-//! Kubernetes type, EndpointSlices' endpoints straight into what
-//! translation keeps, both without what translation never reads.
+//! How the watches and the manifest source decode Services and
+//! EndpointSlices: Services into the Kubernetes type, EndpointSlices'
+//! endpoints straight into what translation keeps, both without what
+//! translation never reads.
 //!
 //! A real API server sends every object with its `managedFields` (a tree
 //! of field names per field manager) and, for objects applied with
