@@ -176,6 +176,9 @@ pub(crate) struct ManifestFields {
     address_type: Option<String>,
     endpoints: Option<Vec<EndpointRead>>,
     ports: Option<Vec<EndpointPort>>,
+    /// A `List`'s objects (what `kubectl get -o yaml` writes), each read
+    /// as a document of its own once the kind is known.
+    items: Option<Vec<serde_yaml::Value>>,
 }
 
 /// A manifest document by kind.
@@ -186,6 +189,12 @@ pub(crate) struct ManifestFields {
 pub(crate) enum Manifest {
     Service(ListedService),
     Slice(ListedSlice),
+    /// A `List` or a typed list (`ServiceList`, ...): its items, and the
+    /// kind a typed list gives items that do not name their own.
+    List {
+        items: Vec<serde_yaml::Value>,
+        item_kind: Option<String>,
+    },
     /// A kind this agent does not read (Deployments, ConfigMaps, ...).
     Other,
 }
@@ -211,8 +220,27 @@ impl ManifestFields {
                 endpoints: self.endpoints,
                 ports: self.ports,
             })),
+            Some(list) if list.ends_with("List") => Manifest::List {
+                items: self.items.unwrap_or_default(),
+                item_kind: (list.strip_suffix("List"))
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_owned),
+            },
             _ => Manifest::Other,
         })
+    }
+
+    /// Reads one item of a list; `item_kind` stands for a kind it does not
+    /// name.
+    pub(crate) fn of_item(
+        item: serde_yaml::Value,
+        item_kind: Option<&str>,
+    ) -> Result<Self, serde_yaml::Error> {
+        let mut fields: ManifestFields = serde_yaml::from_value(item)?;
+        if fields.kind.as_deref().is_none_or(str::is_empty) {
+            fields.kind = item_kind.map(str::to_owned);
+        }
+        Ok(fields)
     }
 }
 

@@ -75,20 +75,81 @@ pub(crate) fn parse_documents(file: &Path, text: &str) -> (ManifestSet, Vec<Mani
                 }
             },
         };
-        let Some(kind) = fields.kind.clone().filter(|k| !k.is_empty()) else {
-            let name = fields.name().map(|n| format!(" {n}"));
-            errors.push(err(name, "document has no kind".into()));
-            continue;
-        };
-        let name = fields.name().map(|n| format!("{kind} {n}"));
-        match fields.into_manifest() {
-            Ok(Manifest::Service(s)) => set.services.push(ServiceInfo::from(s.0)),
-            Ok(Manifest::Slice(s)) => set.slices.push(SliceInfo::from(s)),
-            Ok(Manifest::Other) => {}
-            Err(e) => errors.push(err(name, e.to_string())),
+        match read_object(&mut set, fields) {
+            Ok(None) => {}
+            Ok(Some((items, item_kind))) => {
+                for (j, item) in items.into_iter().enumerate() {
+                    if let Err((name, why)) = read_item(&mut set, item, item_kind.as_deref()) {
+                        errors.push(err(name, format!("item {}: {why}", j + 1)));
+                    }
+                }
+            }
+            Err((name, why)) => errors.push(err(name, why)),
         }
     }
     (set, errors)
+}
+
+/// A list's items, and the kind they take when they name none.
+type ListItems = (Vec<serde_yaml::Value>, Option<String>);
+
+/// Why an object was not read: its `Kind name` when it has them, and the
+/// reason.
+type ObjectError = (Option<String>, String);
+
+/// Adds a Service or EndpointSlice to `set` (another kind is passed over);
+/// a list's items are handed back, to be read one by one.
+fn read_object(
+    set: &mut ManifestSet,
+    fields: ManifestFields,
+) -> Result<Option<ListItems>, ObjectError> {
+    let Some(kind) = fields.kind.clone().filter(|k| !k.is_empty()) else {
+        let name = fields.name().map(|n| format!(" {n}"));
+        return Err((name, "document has no kind".into()));
+    };
+    let name = fields.name().map(|n| format!("{kind} {n}"));
+    match fields.into_manifest() {
+        Ok(Manifest::Service(s)) => set.services.push(ServiceInfo::from(s.0)),
+        Ok(Manifest::Slice(s)) => set.slices.push(SliceInfo::from(s)),
+        Ok(Manifest::List { items, item_kind }) => return Ok(Some((items, item_kind))),
+        Ok(Manifest::Other) => {}
+        Err(e) => return Err((name, e.to_string())),
+    }
+    Ok(None)
+}
+
+/// Adds one item of a list (a list in a list is not read).
+fn read_item(
+    set: &mut ManifestSet,
+    item: serde_yaml::Value,
+    item_kind: Option<&str>,
+) -> Result<(), ObjectError> {
+    let (kind, name) = kind_and_name(&item);
+    let kind = (kind.filter(|k| !k.is_empty()).or(item_kind))
+        .unwrap_or_default()
+        .to_owned();
+    let label = name.map(|n| format!("{kind} {n}"));
+    let fields = match ManifestFields::of_item(item, item_kind) {
+        Ok(fields) => fields,
+        // As for a document: another kind's fields are not this agent's.
+        Err(e) if matches!(kind.as_str(), "Service" | "EndpointSlice") => {
+            return Err((label, e.to_string()))
+        }
+        Err(_) => return Ok(()),
+    };
+    match read_object(set, fields)? {
+        None => Ok(()),
+        Some(_) => Err((label, "a list inside a list is not read".into())),
+    }
+}
+
+/// The `kind` and `metadata.name` of a document read as plain YAML.
+fn kind_and_name(value: &serde_yaml::Value) -> (Option<&str>, Option<&str>) {
+    let kind = value.get("kind").and_then(|k| k.as_str());
+    let name = (value.get("metadata"))
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str());
+    (kind, name)
 }
 
 /// What a document that did not read as a Service or EndpointSlice is.
@@ -115,12 +176,9 @@ fn unreadable_document(text: &str, index: usize, error: serde_yaml::Error) -> Un
     if value.is_null() {
         return Unreadable::Ignored;
     }
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-    let name = (value.get("metadata"))
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str());
-    match kind {
-        "Service" | "EndpointSlice" => {
+    let (kind, name) = kind_and_name(&value);
+    match kind.unwrap_or("") {
+        kind @ ("Service" | "EndpointSlice") => {
             Unreadable::Object(name.map(|n| format!("{kind} {n}")), error.to_string())
         }
         "" => Unreadable::Object(name.map(|n| format!(" {n}")), "document has no kind".into()),
@@ -347,6 +405,32 @@ ports: [{port: 80}]
             ]
         );
         assert_eq!(errors[1].reason, "document has no kind");
+    }
+
+    /// What `kubectl get services,endpointslices -o yaml` writes, and a
+    /// typed list whose items do not name their kind.
+    #[test]
+    fn the_items_of_lists_are_read_as_documents() {
+        let text = "apiVersion: v1\nkind: List\nmetadata: {resourceVersion: \"\"}\nitems:\n\
+                    - {apiVersion: v1, kind: Service, metadata: {name: web},\n   \
+                    spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}}\n\
+                    - {kind: Deployment, metadata: {name: web}, spec: {replicas: 2}, ports: x}\n\
+                    - {kind: EndpointSlice, metadata: {name: web-1}, addressType: IPv4,\n   \
+                    endpoints: [{addresses: [10.244.0.2]}], ports: [{port: 80}]}\n\
+                    - {kind: Service, metadata: {name: bad}, spec: {ports: [{port: eighty}]}}\n\
+                    ---\nkind: ServiceList\nitems: [{metadata: {name: typed},\n\
+                    spec: {clusterIP: 10.96.0.11}}]\n";
+        let (set, errors) = parse_documents(Path::new("l.yaml"), text);
+        let names: Vec<&str> = set.services.iter().map(|s| &*s.name.name).collect();
+        assert_eq!(names, ["web", "typed"]);
+        assert_eq!(set.slices.len(), 1);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].object.as_deref(), Some("Service bad"));
+        assert!(
+            errors[0].reason.starts_with("item 4: "),
+            "{}",
+            errors[0].reason
+        );
     }
 
     #[test]
