@@ -294,6 +294,41 @@ fn a_bad_manifest_is_reported_and_the_other_services_keep_working() {
     );
 }
 
+/// What `kubectl get services,endpointslices -o yaml` writes is one
+/// `List` document: its Service is served through its EndpointSlice.
+#[privileged_test]
+fn a_service_and_its_slice_in_a_list_document_are_served() {
+    let mut lab = nginx_lab();
+    let (name, pod) = lab.pods.iter().next().unwrap();
+    let (name, ip) = (name.clone(), pod.ip);
+    let dumped = format!(
+        "apiVersion: v1
+kind: List
+metadata: {{resourceVersion: \"\"}}
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {{name: dumped, namespace: default}}
+  spec: {{clusterIP: 10.96.0.78, ports: [{{name: http, port: 80, protocol: TCP}}]}}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {{name: dumped-1, namespace: default,
+    labels: {{kubernetes.io/service-name: dumped}}}}
+  addressType: IPv4
+  endpoints: [{{addresses: [\"{ip}\"], conditions: {{ready: true}}}}]
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+"
+    );
+    lab.state
+        .extra_manifests
+        .insert("dumped.yaml".into(), dumped);
+    lab.apply_manifests().expect("apply");
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 78), 80);
+    let answer = lab.client.ns.run_in(|| tcp_ask(to, "hello", TIMEOUT));
+    assert_eq!(answer.expect("the listed Service answers"), name);
+    lab.assert_no_checksum_errors();
+}
+
 #[privileged_test]
 fn replicaset_example_serves_its_cluster_ip_and_node_port_services_cluster_ips() {
     let mut lab = Lab::from_manifest_files(&[example("frontend-replicaset.yaml")]).expect("lab");
