@@ -136,9 +136,7 @@ fn a_frontend_whose_reverse_nat_id_is_past_16_bits_is_translated_and_its_replies
         &[(B2, 5353)],
     );
     let last = Ipv4Addr::from(first + FRONTENDS - 1);
-    let id = (h.current.rev_nat.iter())
-        .find(|(_, r)| r.addr == std::net::IpAddr::V4(last) && r.port == 53)
-        .map(|(id, _)| *id)
+    let id = (h.current.rev_nat_id(std::net::IpAddr::V4(last), 53))
         .expect("the last frontend has an id");
     assert!(id > u32::from(u16::MAX), "id {id}");
     let to_last = Tuple {

@@ -191,7 +191,7 @@ impl MapContents {
         self.backend_ids.get(addr).copied()
     }
 
-    pub(crate) fn rev_nat_id(&self, addr: IpAddr, port: u16) -> Option<RevNatId> {
+    pub fn rev_nat_id(&self, addr: IpAddr, port: u16) -> Option<RevNatId> {
         self.rev_ids.get(&(addr, port)).copied()
     }
 
