@@ -67,10 +67,30 @@ impl Hook {
     }
 }
 
-/// The cost of one packet kind at one number of Services, in ns.
+/// What one measured instance holds: its Services (that many of each
+/// family) and the capacity of its conntrack maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setup {
+    pub services: usize,
+    pub conntrack: u32,
+}
+
+impl Setup {
+    /// `services` Services with the agent's default conntrack capacity.
+    pub fn default_conntrack(services: usize) -> Self {
+        Self {
+            services,
+            conntrack: loader::MapSizes::default().conntrack,
+        }
+    }
+}
+
+/// The cost of one packet kind at one setup, in ns.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PacketCosts {
     pub services: usize,
+    /// The conntrack maps' capacity (entries of each family).
+    pub conntrack: u32,
     pub hook: Option<Hook>,
     pub family: Option<Family>,
     /// The empty program's own figure (subtracted from the others).
@@ -149,9 +169,9 @@ impl Runner for SchedClassifier {
     }
 }
 
-/// One loaded object whose maps hold one size's Services.
+/// One loaded object whose maps hold one setup's Services.
 struct Instance {
-    services: usize,
+    setup: Setup,
     ebpf: Ebpf,
     /// Keeps the maps (taken out of `ebpf`) open.
     _programmer: Programmer<BpfMaps>,
@@ -160,9 +180,13 @@ struct Instance {
     probe6: ServicePort,
 }
 
-fn instance(n: usize, endpoints: usize) -> Result<Instance> {
+fn instance(setup: Setup, endpoints: usize) -> Result<Instance> {
+    let n = setup.services;
     // n Services of each family; reverse NAT ids are one space over both.
-    let sizes = crate::map_sizes(2 * n, n * endpoints, n * (1 + endpoints));
+    let sizes = loader::MapSizes {
+        conntrack: setup.conntrack,
+        ..crate::map_sizes(2 * n, n * endpoints, n * (1 + endpoints))
+    };
     let mut ebpf = crate::load_sized(sizes)?;
     for hook in Hook::ALL {
         for name in [hook.program(), hook.empty()] {
@@ -196,7 +220,7 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     let probe = ports.last().context("at least one Service")?.clone();
     let probe6 = ports6.last().context("at least one Service")?.clone();
     Ok(Instance {
-        services: n,
+        setup,
         ebpf,
         _programmer: programmer,
         probe,
@@ -204,22 +228,23 @@ fn instance(n: usize, endpoints: usize) -> Result<Instance> {
     })
 }
 
-/// Measures at each size in `sizes`, `batches` batches of `count` packets
-/// per figure. Every size has its own loaded object and maps, and the
-/// batches go round the sizes in turn, so a noisy moment of the machine
-/// hits them all alike instead of one size's figures.
+/// Measures each setup, `batches` batches of `count` packets per figure.
+/// Every setup has its own loaded object and maps, and the batches go
+/// round the setups in turn, so a noisy moment of the machine hits them
+/// all alike instead of one setup's figures.
 pub fn measure(
-    sizes: &[usize],
+    setups: &[Setup],
     endpoints: usize,
     batches: usize,
     count: usize,
 ) -> Result<Vec<PacketCosts>> {
     let mut instances = Vec::new();
-    for &n in sizes {
+    for &setup in setups {
         progress(&format!(
-            "per packet: programming {n} Services into their own maps"
+            "per packet: programming {} Services into their own maps (conntrack capacity {})",
+            setup.services, setup.conntrack
         ));
-        instances.push(instance(n, endpoints)?);
+        instances.push(instance(setup, endpoints)?);
     }
     let kinds: Vec<(Hook, Family)> = Hook::ALL
         .iter()
@@ -228,8 +253,9 @@ pub fn measure(
     let mut best: Vec<PacketCosts> = kinds
         .iter()
         .flat_map(|(hook, family)| {
-            sizes.iter().map(|&n| PacketCosts {
-                services: n,
+            setups.iter().map(|setup| PacketCosts {
+                services: setup.services,
+                conntrack: setup.conntrack,
                 hook: Some(*hook),
                 family: Some(*family),
                 empty_ns: f64::MAX,
@@ -244,7 +270,7 @@ pub fn measure(
         progress(&format!("per packet: batch {} of {batches}", b + 1));
         for (i, (hook, family)) in kinds.iter().enumerate() {
             for (j, inst) in instances.iter().enumerate() {
-                let best = &mut best[i * sizes.len() + j];
+                let best = &mut best[i * setups.len() + j];
                 let got = match family {
                     Family::Ipv4 => measure_once(inst, *hook, count, &mut flow)?,
                     Family::Ipv6 => measure_once6(inst, *hook, count, &mut flow)?,
@@ -258,8 +284,8 @@ pub fn measure(
     }
     for c in &best {
         progress(&format!(
-            "per packet, {} {} at {} Services: new flow {:.0} ns, established {:.0} ns, not a Service {:.0} ns (empty program {:.0} ns)",
-            c.hook.map(Hook::name).unwrap_or_default(), c.family.map(|f| f.to_string()).unwrap_or_default(), c.services, c.new_flow_ns, c.established_ns, c.not_service_ns, c.empty_ns
+            "per packet, {} {} at {} Services, conntrack capacity {}: new flow {:.0} ns, established {:.0} ns, not a Service {:.0} ns (empty program {:.0} ns)",
+            c.hook.map(Hook::name).unwrap_or_default(), c.family.map(|f| f.to_string()).unwrap_or_default(), c.services, c.conntrack, c.new_flow_ns, c.established_ns, c.not_service_ns, c.empty_ns
         ));
     }
     Ok(best)
@@ -317,7 +343,8 @@ fn measure_probe(
     let est = batch(wire, count, &mut |_| probe.ack.clone(), probe.to_backend)?;
     let ns = batch(wire, count, &mut |_| probe.other.clone(), probe.untouched)?;
     Ok(PacketCosts {
-        services: inst.services,
+        services: inst.setup.services,
+        conntrack: inst.setup.conntrack,
         hook: Some(hook),
         family: None,
         empty_ns: e,
@@ -443,8 +470,21 @@ fn measure_once6(
     })
 }
 
-/// The report section.
+/// The report sections: the Services sizes at the default conntrack
+/// capacity, then the other capacities (if any were measured).
 pub fn markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: usize) -> String {
+    let default = loader::MapSizes::default().conntrack;
+    let (at_default, others): (Vec<PacketCosts>, Vec<PacketCosts>) =
+        costs.iter().partition(|c| c.conntrack == default);
+    let mut s = sizes_markdown(&at_default, endpoints, batches, count);
+    if !others.is_empty() {
+        s.push_str(&capacity_markdown(costs, batches, count));
+    }
+    s
+}
+
+/// The section of the Services sizes.
+fn sizes_markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: usize) -> String {
     let mut s = String::from("## Per-packet cost of the wire hook: XDP and tc\n\n");
     s.push_str(&format!(
         "BPF_PROG_TEST_RUN of `lb_xdp_from_wire` and `lb_tc_from_wire` (the same NAT core; tc updates checksums with the skb helpers, right for partial checksums, which XDP cannot be), one packet per run, ns per packet minus the empty program's of the same kind (`lb_xdp_pass`, `lb_tc_pass`: same packet, same way); median of {count} runs, minimum over {batches} batches taken in turns across the sizes and hooks (each size has its own maps). Services have {endpoints} endpoints each; the probed one is the last programmed.\n\n"
@@ -497,4 +537,117 @@ pub fn markdown(costs: &[PacketCosts], endpoints: usize, batches: usize, count: 
     }
     s.push('\n');
     s
+}
+
+/// The section of the conntrack capacities, at the smallest number of
+/// Services measured with more than one capacity.
+fn capacity_markdown(costs: &[PacketCosts], batches: usize, count: usize) -> String {
+    let Some(services) = costs
+        .iter()
+        .filter(|c| {
+            costs
+                .iter()
+                .any(|o| o.services == c.services && o.conntrack != c.conntrack)
+        })
+        .map(|c| c.services)
+        .min()
+    else {
+        return String::new();
+    };
+    let mut rows: Vec<&PacketCosts> = costs.iter().filter(|c| c.services == services).collect();
+    rows.sort_by_key(|c| {
+        (
+            c.conntrack,
+            c.hook.map(Hook::name),
+            c.family.map(|f| f.to_string()),
+        )
+    });
+    // Each batch starts one established flow and `count` new ones per
+    // hook, two entries each, in each family's map.
+    let entries = batches * (count + 1) * Hook::ALL.len() * 2;
+    let mut s = String::from("## New flows against the conntrack capacity\n\n");
+    s.push_str(&format!(
+        "The same packets at {services} Service(s), with conntrack maps of each capacity (entries of each family; the kernel gives an LRU hash map a bucket of 16 bytes per entry of capacity, and an element per entry). A new flow looks up and inserts two entries, forward and reply, each in a bucket at a random place; an established flow finds the same entry again. Over the run each family's map gets {} entries: a smaller capacity is full and evicts. The capacities were measured in turns, in one run.\n\n",
+        crate::thousands(entries)
+    ));
+    s.push_str("| conntrack capacity | hook | family | new flow | established flow |\n| ---: | --- | --- | ---: | ---: |\n");
+    for c in &rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.0} ns | {:.0} ns |\n",
+            crate::thousands(c.conntrack as usize),
+            c.hook.map(Hook::name).unwrap_or_default(),
+            c.family.map(|f| f.to_string()).unwrap_or_default(),
+            c.new_flow_ns,
+            c.established_ns,
+        ));
+    }
+    s.push('\n');
+    let smallest = rows.iter().map(|c| c.conntrack).min().unwrap_or_default();
+    let default = loader::MapSizes::default().conntrack;
+    for c in rows
+        .iter()
+        .filter(|c| c.conntrack == default && default != smallest)
+    {
+        if let Some(small) = rows
+            .iter()
+            .find(|o| o.conntrack == smallest && o.hook == c.hook && o.family == c.family)
+        {
+            s.push_str(&format!(
+                "- {} {}: a new flow at the default capacity ({}) costs x{:.2} of one at {}.\n",
+                c.hook.map(Hook::name).unwrap_or_default(),
+                c.family.map(|f| f.to_string()).unwrap_or_default(),
+                crate::thousands(default as usize),
+                c.new_flow_ns / small.new_flow_ns,
+                crate::thousands(smallest as usize),
+            ));
+        }
+    }
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn costs(services: usize, conntrack: u32, hook: Hook, new_flow_ns: f64) -> PacketCosts {
+        PacketCosts {
+            services,
+            conntrack,
+            hook: Some(hook),
+            family: Some(Family::Ipv4),
+            new_flow_ns,
+            established_ns: 60.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn other_capacities_get_their_own_section_and_ratio() {
+        let default = loader::MapSizes::default().conntrack;
+        let all = [
+            costs(1, default, Hook::Xdp, 500.0),
+            costs(1000, default, Hook::Xdp, 510.0),
+            costs(1, 4096, Hook::Xdp, 250.0),
+        ];
+        let s = markdown(&all, 4, 1, 10);
+        let (sizes, capacities) = s
+            .split_once("## New flows against the conntrack capacity")
+            .expect("a capacity section");
+        assert!(sizes.contains("| 1,000 | XDP | IPv4 | 510 ns"));
+        assert!(!sizes.contains("250 ns"), "{sizes}");
+        assert!(capacities.contains("| 4,096 | XDP | IPv4 | 250 ns | 60 ns |"));
+        assert!(!capacities.contains("510 ns"), "{capacities}");
+        assert!(
+            capacities.contains("costs x2.00 of one at 4,096"),
+            "{capacities}"
+        );
+    }
+
+    #[test]
+    fn one_capacity_has_no_capacity_section() {
+        let default = loader::MapSizes::default().conntrack;
+        let s = markdown(&[costs(1, default, Hook::Tc, 500.0)], 4, 1, 10);
+        assert!(!s.contains("conntrack capacity"), "{s}");
+    }
 }

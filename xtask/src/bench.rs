@@ -14,6 +14,9 @@ const BENCH_APT_PACKAGES: &[(&str, &str)] = &[("gnuplot-nox", "gnuplot")];
 /// What one benchmark run measures, full or quick.
 struct BenchPlan {
     datapath_sizes: &'static str,
+    /// Conntrack capacities the per-packet cost is also measured at (the
+    /// smallest size), besides the default.
+    datapath_conntrack: &'static str,
     programming_sizes: &'static str,
     traffic_sizes: &'static str,
     /// Seconds an external tool may take to install one rule set.
@@ -29,6 +32,7 @@ struct BenchPlan {
 
 const FULL: BenchPlan = BenchPlan {
     datapath_sizes: "1,1000,10000,30000,100000",
+    datapath_conntrack: "4096,16384,65536,1048576",
     programming_sizes: "1,1000,10000,30000,100000",
     traffic_sizes: "1,1000,10000,30000,100000",
     tool_limit_s: "180",
@@ -42,6 +46,7 @@ const FULL: BenchPlan = BenchPlan {
 
 const QUICK: BenchPlan = BenchPlan {
     datapath_sizes: "1,1000",
+    datapath_conntrack: "4096",
     programming_sizes: "1,1000",
     traffic_sizes: "1,1000",
     tool_limit_s: "60",
@@ -161,6 +166,8 @@ fn measurements(plan: &BenchPlan, dir: &Path, stem: &str) -> Result<String> {
             "datapath",
             "--sizes",
             plan.datapath_sizes,
+            "--conntrack",
+            plan.datapath_conntrack,
             "--endpoints",
             "4",
         ],

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use lb_bench::scale_source::ScaleSource;
 use lb_bench::{
+    datapath::Setup,
     kube_proxy::{Family, FAMILIES},
     percentile,
     traffic::rss_kib,
@@ -83,7 +84,9 @@ fn parse_args(args: &[String]) -> Result<Args> {
 }
 
 const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K] [--source api|manifests]
-       lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K]
+       lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K] [--conntrack C,C,...]
+                            (--conntrack: conntrack capacities to measure at the smallest size too,
+                            besides the default)
        lb-bench programming --sizes N,N,... [--endpoints E] [--changes K] [--limit-s S] [--family ipv4|ipv6|both]
                             (--family: which Services to install, IPv4 ones against iptables and
                             nft's table ip, IPv6 ones against ip6tables and table ip6; default both)
@@ -107,7 +110,7 @@ fn main() -> Result<()> {
                 f.num("batches", 5)?,
                 f.num("count", 2000)?,
             );
-            let costs = lb_bench::datapath::measure(&f.sizes()?, endpoints, batches, count)?;
+            let costs = lb_bench::datapath::measure(&f.setups()?, endpoints, batches, count)?;
             print!(
                 "{}",
                 lb_bench::datapath::markdown(&costs, endpoints, batches, count)
@@ -240,6 +243,32 @@ impl Flags {
             Some("ipv6") => vec![Family::Ipv6],
             Some(other) => bail!("bad --family {other}: ipv4, ipv6 or both"),
         })
+    }
+
+    /// The datapath bench's setups: each of `--sizes` at the default
+    /// conntrack capacity, and the smallest size at each `--conntrack`
+    /// capacity.
+    fn setups(&self) -> Result<Vec<Setup>> {
+        let sizes = self.sizes()?;
+        let mut setups: Vec<Setup> = sizes.iter().map(|&n| Setup::default_conntrack(n)).collect();
+        let smallest = sizes.iter().copied().min().unwrap_or(1);
+        for v in self.get("conntrack").iter().flat_map(|v| v.split(',')) {
+            let conntrack: u32 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("bad conntrack capacity {v}"))?;
+            if !(1024..=1 << 24).contains(&conntrack) {
+                bail!("conntrack capacities must be 1024..=16777216");
+            }
+            let setup = Setup {
+                services: smallest,
+                conntrack,
+            };
+            if !setups.contains(&setup) {
+                setups.push(setup);
+            }
+        }
+        Ok(setups)
     }
 
     fn sizes(&self) -> Result<Vec<usize>> {
