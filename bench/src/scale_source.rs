@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use lb_kube_fixtures::{
     apiserver::ApiServer,
-    scale::{service, slice},
+    scale::{service_of, slice_of, ScaleFamily},
 };
 use lb_lab::{Lab, Source, NODE_NAME};
 use serde_json::{json, Value};
@@ -17,7 +17,12 @@ use serde_json::{json, Value};
 /// alone reads again.
 const SERVICES_PER_FILE: usize = 100;
 
-pub enum ScaleSource {
+pub struct ScaleSource {
+    family: ScaleFamily,
+    store: Store,
+}
+
+enum Store {
     Api {
         api: ApiServer,
         kubeconfig: String,
@@ -30,59 +35,71 @@ pub enum ScaleSource {
 }
 
 impl ScaleSource {
-    /// Stores `services` Services of `endpoints` endpoints each in `source`
-    /// for the agent of `lab`.
-    pub fn store(source: Source, lab: &Lab, services: usize, endpoints: usize) -> Result<Self> {
-        eprintln!("[bench] storing {services} Services x {endpoints} endpoints ({source:?})");
-        match source {
+    /// Stores `services` Services of `family` with `endpoints` endpoints
+    /// each in `source` for the agent of `lab`.
+    pub fn store(
+        source: Source,
+        lab: &Lab,
+        family: ScaleFamily,
+        services: usize,
+        endpoints: usize,
+    ) -> Result<Self> {
+        eprintln!(
+            "[bench] storing {services} {family:?} Services x {endpoints} endpoints ({source:?})"
+        );
+        let store = match source {
             Source::Api => {
                 let api = ApiServer::start_in(Some(lab.node.path()))?;
                 api.apply(&json!({"kind": "Node", "metadata": {"name": NODE_NAME}}))?;
                 let objects: Vec<Value> = (0..services)
-                    .flat_map(|i| [service(i), slice(i, endpoints, NODE_NAME)])
+                    .flat_map(|i| {
+                        [
+                            service_of(family, i),
+                            slice_of(family, i, endpoints, NODE_NAME),
+                        ]
+                    })
                     .collect();
                 api.apply_all(&objects)?;
                 let path = lab.dir.join("kubeconfig");
                 std::fs::write(&path, api.kubeconfig())?;
                 let kubeconfig = path.to_string_lossy().into_owned();
-                Ok(Self::Api { api, kubeconfig })
+                Store::Api { api, kubeconfig }
             }
-            Source::Manifests => {
-                let source = Self::Manifests {
-                    dir: lab.node.manifest_dir(),
-                    endpoints: vec![endpoints; services],
-                };
-                for file in 0..services.div_ceil(SERVICES_PER_FILE) {
-                    source.write_file(file)?;
-                }
-                Ok(source)
-            }
+            Source::Manifests => Store::Manifests {
+                dir: lab.node.manifest_dir(),
+                endpoints: vec![endpoints; services],
+            },
+        };
+        let source = Self { family, store };
+        for file in 0..services.div_ceil(SERVICES_PER_FILE) {
+            source.write_file(file)?;
         }
+        Ok(source)
     }
 
     /// The agent's flags for this source (manifests: the lab's folder, which
     /// the lab's agent reads every 100 ms).
     pub fn agent_flags(&self) -> Vec<&str> {
-        match self {
-            Self::Api { kubeconfig, .. } => {
+        match &self.store {
+            Store::Api { kubeconfig, .. } => {
                 vec!["--kubeconfig", kubeconfig, "--node-name", NODE_NAME]
             }
-            Self::Manifests { .. } => Vec::new(),
+            Store::Manifests { .. } => Vec::new(),
         }
     }
 
     /// Whether the agent's flags replace the lab's source flags.
     pub fn replaces_source_flags(&self) -> bool {
-        matches!(self, Self::Api { .. })
+        matches!(self.store, Store::Api { .. })
     }
 
     /// Gives Service `i`'s slice `endpoints` endpoints.
     pub fn set_endpoints(&mut self, i: usize, endpoints: usize) -> Result<()> {
-        match self {
-            Self::Api { api, .. } => {
-                api.apply(&slice(i, endpoints, NODE_NAME))?;
+        match &mut self.store {
+            Store::Api { api, .. } => {
+                api.apply(&slice_of(self.family, i, endpoints, NODE_NAME))?;
             }
-            Self::Manifests { endpoints: eps, .. } => {
+            Store::Manifests { endpoints: eps, .. } => {
                 eps[i] = endpoints;
                 self.write_file(i / SERVICES_PER_FILE)?;
             }
@@ -94,9 +111,9 @@ impl ScaleSource {
     /// watches (a relist, as etcd's compaction causes); the manifest
     /// source gets SIGHUP (every file read again).
     pub fn relist(&self, lab: &Lab) -> Result<()> {
-        match self {
-            Self::Api { api, .. } => api.expire_watches(),
-            Self::Manifests { .. } => {
+        match &self.store {
+            Store::Api { api, .. } => api.expire_watches(),
+            Store::Manifests { .. } => {
                 let pid = i32::try_from(lab.agent_pid().context("the agent runs")?)?;
                 // SAFETY: a signal to the agent this lab started.
                 if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
@@ -109,7 +126,7 @@ impl ScaleSource {
 
     /// Writes manifest file `file` (Services `file * SERVICES_PER_FILE`..).
     fn write_file(&self, file: usize) -> Result<()> {
-        let Self::Manifests { dir, endpoints } = self else {
+        let Store::Manifests { dir, endpoints } = &self.store else {
             return Ok(());
         };
         let first = file * SERVICES_PER_FILE;
@@ -119,8 +136,8 @@ impl ScaleSource {
             // JSON documents are YAML documents.
             text.push_str(&format!(
                 "---\n{}\n---\n{}\n",
-                service(i),
-                slice(i, n, NODE_NAME)
+                service_of(self.family, i),
+                slice_of(self.family, i, n, NODE_NAME)
             ));
         }
         let path = dir.join(format!("scale-{file:05}.yaml"));

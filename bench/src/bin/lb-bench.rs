@@ -33,7 +33,7 @@ use lb_bench::{
     percentile,
     traffic::rss_kib,
 };
-use lb_kube_fixtures::scale::service_ip;
+use lb_kube_fixtures::scale::{service_addr, ScaleFamily, DISTINCT_ENDPOINTS};
 use lb_lab::{Lab, Source};
 use lb_userspace::{
     datapath::loader,
@@ -46,6 +46,7 @@ struct Args {
     endpoints: usize,
     changes: usize,
     source: Source,
+    family: ScaleFamily,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -54,6 +55,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         endpoints: 10,
         changes: 300,
         source: Source::Api,
+        family: ScaleFamily::Ipv4,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -74,16 +76,26 @@ fn parse_args(args: &[String]) -> Result<Args> {
                     other => bail!("--source api|manifests, not {other:?}"),
                 }
             }
+            "--family" => {
+                a.family = match it.next().map(String::as_str) {
+                    Some("ipv4") => ScaleFamily::Ipv4,
+                    Some("ipv6") => ScaleFamily::Ipv6,
+                    other => bail!("--family ipv4|ipv6, not {other:?}"),
+                }
+            }
             other => bail!("unknown flag {other}"),
         }
     }
-    if a.services == 0 || a.services > 200_000 || a.endpoints == 0 || a.endpoints > 200 {
-        bail!("--services must be 1..=200000 and --endpoints 1..=200");
+    // A change adds an endpoint; every one has an address of its own.
+    let max_endpoints = DISTINCT_ENDPOINTS - 1;
+    if a.services == 0 || a.services > 200_000 || a.endpoints == 0 || a.endpoints > max_endpoints {
+        bail!("--services must be 1..=200000 and --endpoints 1..={max_endpoints}");
     }
     Ok(a)
 }
 
 const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K] [--source api|manifests]
+                            [--family ipv4|ipv6] (single-stack Services of that family; default ipv4)
        lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K] [--conntrack C,C,...]
                             (--conntrack: conntrack capacities to measure at the smallest size too,
                             besides the default)
@@ -304,7 +316,7 @@ fn logged_duration(log: &str, what: &str) -> String {
 
 fn control_plane(a: Args) -> Result<()> {
     let mut lab = Lab::from_objects(Vec::new())?;
-    let mut source = ScaleSource::store(a.source, &lab, a.services, a.endpoints)?;
+    let mut source = ScaleSource::store(a.source, &lab, a.family, a.services, a.endpoints)?;
     let capacity = lb_bench::capacity_flags(a.services, a.endpoints, a.changes);
     let initial = start_and_wait_for_first_sync(&mut lab, &source, &capacity)?;
     let pid = lab.agent_pid().context("agent runs")?;
@@ -312,7 +324,7 @@ fn control_plane(a: Args) -> Result<()> {
     let maps = loader::open_pinned(&lab.pin_dir)?;
     let count_of = |i: usize| {
         let key = master_key(&L4Addr {
-            addr: service_ip(i).into(),
+            addr: service_addr(a.family, i),
             port: 80,
             proto: Protocol::Tcp,
         });
@@ -462,8 +474,9 @@ impl ControlPlaneReport {
             }
         };
         println!(
-            "### Control plane: {} Services x {} endpoints ({} backends), from {source}\n",
+            "### Control plane: {} {:?} Services x {} endpoints ({} backends), from {source}\n",
             a.services,
+            a.family,
             a.endpoints,
             a.services * a.endpoints
         );
