@@ -2,9 +2,13 @@
 //! keys in 8 bytes instead of 20. The desired state counts the users of
 //! every backend and the mirror of the maps finds a backend's id by its
 //! address: at 100,000 backends each table took 3.3 MB with `L4Addr`
-//! keys (a slot of 24 bytes), 1.6 MB with these (12).
+//! keys (a slot of 24 bytes), 1.6 MB with these (12). It hashes with
+//! foldhash, seeded per map: a full sync of a million backends looks each
+//! one up, and SipHash took about 0.2 s of that sync.
 
 use std::{collections::HashMap, net::IpAddr};
+
+use foldhash::fast::RandomState;
 
 use crate::model::{L4Addr, Protocol};
 
@@ -18,15 +22,15 @@ struct L4Addr4 {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct L4AddrMap<V> {
-    ipv4: HashMap<L4Addr4, V>,
-    ipv6: HashMap<L4Addr, V>,
+    ipv4: HashMap<L4Addr4, V, RandomState>,
+    ipv6: HashMap<L4Addr, V, RandomState>,
 }
 
 impl<V> Default for L4AddrMap<V> {
     fn default() -> Self {
         Self {
-            ipv4: HashMap::new(),
-            ipv6: HashMap::new(),
+            ipv4: HashMap::default(),
+            ipv6: HashMap::default(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! `ids`: handing out backend and reverse NAT ids; `planner`: the phases.
 
 mod contents;
+mod entry_ids;
 mod ids;
 mod planner;
 

@@ -2,7 +2,9 @@
 //! the maps (see the module above). Ids are allocated first, Service by
 //! Service; every later phase resolves a backend or frontend through
 //! `NewIds`, which holds what the maps already had plus what was handed
-//! out, so a planned entry always resolves.
+//! out, so a planned entry always resolves. A planned entry's backend ids
+//! are also kept in `EntryIds`, in its backends' order, so later phases
+//! read them instead of looking each address up again.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +17,9 @@ use lb_common::{
 };
 
 use super::{
-    backend_addr, backend_value, frontend_of,
+    backend_addr, backend_value,
+    entry_ids::{EntryIds, SetIds},
+    frontend_of,
     ids::{BackendIdSet, IdAllocator},
     rev_key, rev_nat_value, scoped_slot_key, slots_of, BackendEntry, BackendId, IdLimits,
     MapContents, MapOp, Plan, PlanError, PlannedOp, RevNatEntry, SlotKey, Unplanned,
@@ -161,6 +165,8 @@ struct Planner<'a> {
     desired: &'a DesiredState,
     touched: Option<&'a BTreeSet<L4Addr>>,
     ids: NewIds,
+    /// The backend ids of the entries planned.
+    entry_ids: EntryIds,
     /// The entries planned (their Services got every id they need).
     entries: Vec<&'a ServiceEntry>,
     /// Frontends of Services left out: they keep what the maps hold.
@@ -187,6 +193,7 @@ impl<'a> Planner<'a> {
             desired,
             touched,
             ids: NewIds::default(),
+            entry_ids: EntryIds::default(),
             entries: Vec::new(),
             failed: BTreeSet::new(),
             unplanned: Vec::new(),
@@ -317,6 +324,7 @@ impl<'a> Planner<'a> {
     ) -> Result<(), PlanError> {
         let mut fresh_backends: Vec<L4Addr> = Vec::new();
         let mut fresh_revs: Vec<(IpAddr, u16)> = Vec::new();
+        let mark = self.entry_ids.mark();
         let result = self.allocate_entries(
             current,
             entries,
@@ -325,6 +333,8 @@ impl<'a> Planner<'a> {
             &mut fresh_revs,
         );
         if result.is_err() {
+            self.entry_ids
+                .truncate(mark, entries.iter().map(|e| e.frontend));
             for b in fresh_backends {
                 let id = self.ids.backends.remove(&b).expect("just handed out");
                 allocators.backends[b.family()].release(id);
@@ -346,8 +356,10 @@ impl<'a> Planner<'a> {
         fresh_revs: &mut Vec<(IpAddr, u16)>,
     ) -> Result<(), PlanError> {
         for entry in entries {
+            self.entry_ids.begin(entry.frontend);
             for b in entry.all_backends() {
-                if self.ids.backend(current, b).is_some() {
+                if let Some(id) = self.ids.backend(current, b) {
+                    self.entry_ids.push(id);
                     continue;
                 }
                 let id = allocators.backends[b.family()].allocate().ok_or(
@@ -356,6 +368,7 @@ impl<'a> Planner<'a> {
                     },
                 )?;
                 self.ids.backends.insert(*b, id);
+                self.entry_ids.push(id);
                 fresh_backends.push(*b);
             }
             let f = entry.frontend;
@@ -376,8 +389,9 @@ impl<'a> Planner<'a> {
 
     /// Backends first: a slot must never point at a missing backend.
     fn put_entry_backends(&mut self, current: &MapContents, entry: &ServiceEntry) {
-        for b in entry.all_backends() {
-            let id = self.ids.planned_backend(current, b);
+        let set = self.entry_ids.of_set(entry, false);
+        for (n, b) in entry.all_backends().enumerate() {
+            let id = self.backend_id(current, set, n, b);
             if !self.wanted_backends.insert(id) {
                 continue;
             }
@@ -385,6 +399,21 @@ impl<'a> Planner<'a> {
             if current.backends[id.family].get(&id.id) != Some(&value) {
                 self.push(MapOp::PutBackend(id, value), None);
             }
+        }
+    }
+
+    /// The id of backend `b`, number `n` of a set whose ids start at `set`
+    /// (None: an entry this plan did not hand ids to, looked up instead).
+    fn backend_id(
+        &self,
+        current: &MapContents,
+        set: Option<SetIds>,
+        n: usize,
+        b: &L4Addr,
+    ) -> BackendId {
+        match set {
+            Some(set) => self.entry_ids.get(set, n, b),
+            None => self.ids.planned_backend(current, b),
         }
     }
 
@@ -465,18 +494,21 @@ impl<'a> Planner<'a> {
             let Some(e) = self.desired.get(&frontend) else {
                 continue;
             };
-            for set in std::iter::once(&e.backends).chain(e.internal.as_ref()) {
-                for b in &set.terminating {
-                    let id = self.ids.planned_backend(current, b);
+            let sets = [(&e.backends, false)]
+                .into_iter()
+                .chain(e.internal.as_ref().map(|s| (s, true)));
+            for (set, internal) in sets {
+                let ids = self.entry_ids.of_set(e, internal);
+                let terminating = ids.map(|i| EntryIds::terminating(i, set));
+                for (n, b) in set.terminating.iter().enumerate() {
+                    let id = self.backend_id(current, terminating, n, b);
                     matches
                         .entry((rev, id))
                         .or_insert(BACKEND_MATCH_TERMINATING);
                 }
-                for b in &set.active {
-                    matches.insert(
-                        (rev, self.ids.planned_backend(current, b)),
-                        BACKEND_MATCH_ACTIVE,
-                    );
+                for (n, b) in set.active.iter().enumerate() {
+                    let id = self.backend_id(current, ids, n, b);
+                    matches.insert((rev, id), BACKEND_MATCH_ACTIVE);
                 }
             }
             ranges.extend(e.source_ranges.iter().map(|r| (rev, *r)));
@@ -551,7 +583,8 @@ impl<'a> Planner<'a> {
         ];
         for (scope, set) in scopes {
             if let Some(set) = set {
-                self.put_scope_slots(current, entry, scope, set);
+                let ids = self.entry_ids.of_set(entry, scope == SCOPE_INTERNAL);
+                self.put_scope_slots(current, entry, scope, (set, ids));
             }
         }
         self.delete_slots_past_count(current, entry);
@@ -562,13 +595,13 @@ impl<'a> Planner<'a> {
         current: &MapContents,
         entry: &ServiceEntry,
         scope: u8,
-        set: &BackendSet,
+        (set, ids): (&BackendSet, Option<SetIds>),
     ) {
         let f = entry.frontend;
-        for (n, b) in (1u16..).zip(set.all()) {
-            let key = scoped_slot_key(&f, scope, n);
+        for (n, b) in set.all().enumerate() {
+            let key = scoped_slot_key(&f, scope, n as u16 + 1);
             let value = Service4Value {
-                backend_id: self.ids.planned_backend(current, b).id,
+                backend_id: self.backend_id(current, ids, n, b).id,
                 ..Default::default()
             };
             if current.services.get(&key) != Some(&value) {
