@@ -120,6 +120,44 @@ fn udp_datagram_to_cluster_ip_is_translated_and_reply_is_reverse_natted() {
     }
 }
 
+/// A sync large enough that its runs of slots and memberships are written
+/// as two halves at once (from 4,096 writes a run): the maps read back hold
+/// exactly what the writer recorded, and the first and last frontends are
+/// served over every backend.
+#[privileged_test]
+fn a_large_sync_written_from_two_threads_reads_back_as_recorded() {
+    const FRONTENDS: u32 = 1_000;
+    let backends: Vec<(Ipv4Addr, u16)> = (0..10u8)
+        .map(|i| (Ipv4Addr::new(10, 244, 1, 10 + i), 8080))
+        .collect();
+    let first = u32::from(Ipv4Addr::new(10, 101, 0, 1));
+    let mut h = Harness::new();
+    h.program_frontends(
+        (first..first + FRONTENDS).map(Ipv4Addr::from),
+        (80, Protocol::Tcp),
+        &backends,
+    );
+    let read = h.maps.read_contents().expect("read the maps");
+    assert_eq!(read.services.len(), 11 * FRONTENDS as usize);
+    assert_eq!(read.backend_match.len(), 10 * FRONTENDS as usize);
+    assert!(
+        read == h.current,
+        "the maps hold other entries than recorded"
+    );
+    for (n, dst) in [first, first + FRONTENDS - 1].into_iter().enumerate() {
+        let t = Tuple {
+            src: CLIENT,
+            sport: 41_000 + n as u16,
+            dst: Ipv4Addr::from(dst),
+            dport: 80,
+        };
+        let (verdict, out) = h.run_xdp(&packet::tcp_syn(&t));
+        let p = packet::parse(&out);
+        assert_eq!(verdict, XDP_PASS);
+        assert!(backends.contains(&(p.dst, p.dport)), "{p:?}");
+    }
+}
+
 /// Reverse NAT ids are 32-bit: with 70,000 frontends, the last one's id
 /// is past 16 bits, and its flows are translated, kept on their backend
 /// (UDP checks the backend still belongs to the frontend, by id) and their

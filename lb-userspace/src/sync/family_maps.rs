@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError},
+    maps::{lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError},
     Pod,
 };
 use lb_common::{
@@ -254,6 +254,17 @@ pub struct FamilyMaps<F: RawFamily> {
     pub rev_nat: HashMap<MapData, RevNatId, F::RevNat>,
     pub backend_match: HashMap<MapData, BackendMatchKey, u8>,
     pub source_ranges: LpmTrie<MapData, F::SourceRange, u8>,
+    /// Entries the maps above hold at most, read once.
+    capacity: Capacity,
+}
+
+/// Entries each batch-written map of a family holds at most.
+#[derive(Clone, Copy, Debug)]
+struct Capacity {
+    services: usize,
+    backends: usize,
+    rev_nat: usize,
+    backend_match: usize,
 }
 
 pub(crate) fn match_key(rev_nat_id: RevNatId, backend: BackendId) -> BackendMatchKey {
@@ -268,13 +279,36 @@ impl<F: RawFamily> FamilyMaps<F> {
     /// object, or opened from its pin).
     pub fn from_maps(mut map: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
         let [services, backends, rev_nat, backend_match, source_ranges] = F::NAMES;
+        let services = HashMap::try_from(map(services)?)?;
+        let backends = Array::try_from(map(backends)?)?;
+        let rev_nat = HashMap::try_from(map(rev_nat)?)?;
+        let backend_match = HashMap::try_from(map(backend_match)?)?;
+        let max = |m: &MapData| -> Result<usize> { Ok(m.info()?.max_entries() as usize) };
+        let capacity = Capacity {
+            services: max(services.map())?,
+            backends: max(backends.map())?,
+            rev_nat: max(rev_nat.map())?,
+            backend_match: max(backend_match.map())?,
+        };
         Ok(Self {
-            services: HashMap::try_from(map(services)?)?,
-            backends: Array::try_from(map(backends)?)?,
-            rev_nat: HashMap::try_from(map(rev_nat)?)?,
-            backend_match: HashMap::try_from(map(backend_match)?)?,
+            services,
+            backends,
+            rev_nat,
+            backend_match,
             source_ranges: LpmTrie::try_from(map(source_ranges)?)?,
+            capacity,
         })
+    }
+
+    /// Entries the map a run of `kind` goes to holds at most.
+    pub(crate) fn capacity(&self, kind: BatchKind) -> usize {
+        let c = &self.capacity;
+        match kind {
+            BatchKind::Backends => c.backends,
+            BatchKind::PutRevNat | BatchKind::DeleteRevNat => c.rev_nat,
+            BatchKind::PutService | BatchKind::DeleteService => c.services,
+            BatchKind::PutBackendMatch | BatchKind::DeleteBackendMatch => c.backend_match,
+        }
     }
 
     fn range_key(rev_nat_id: RevNatId, r: &IpPrefix) -> Key<F::SourceRange> {
@@ -350,7 +384,7 @@ impl<F: RawFamily> FamilyMaps<F> {
 
     /// One batch syscall (or a few) for `ops`, all of one `BatchKind` and
     /// of this family.
-    pub(crate) fn write_batch(&mut self, ops: &[MapOp]) -> Result<(), BatchStopped> {
+    pub(crate) fn write_batch(&self, ops: &[MapOp]) -> Result<(), BatchStopped> {
         let Some(kind) = ops.first().and_then(BatchKind::of) else {
             return Ok(());
         };

@@ -32,6 +32,20 @@ pub trait MapWriter {
         }
         Ok(())
     }
+
+    /// Entries the map a run of `kind` in `family` goes to holds at most
+    /// (None: not known, so no run is known to fit).
+    fn capacity(&self, _kind: BatchKind, _family: Family) -> Option<usize> {
+        None
+    }
+
+    /// As `apply_batch`, for a run its map has room for whole: the writer
+    /// may write the halves `split_point` gives at the same time, in any
+    /// order between them. Room matters: in a map that fills up, which
+    /// Services fit must not depend on which half came first.
+    fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+        self.apply_batch(ops)
+    }
 }
 
 /// Writes that go to one map with one command, so a run of them (of one
@@ -193,7 +207,12 @@ impl PlanRun {
     ) -> usize {
         self.batch.clear();
         self.batch.extend(steps.iter().map(|s| s.op));
-        let (written, failed) = match writer.apply_batch(&self.batch) {
+        let result = if has_room(&*writer, &self.batch, current) {
+            writer.apply_batch_with_room(&self.batch)
+        } else {
+            writer.apply_batch(&self.batch)
+        };
+        let (written, failed) = match result {
             Ok(()) => (self.batch.len(), None),
             Err((written, error)) => (written, Some(error)),
         };
@@ -256,6 +275,28 @@ impl PlanRun {
             error,
         });
     }
+}
+
+/// Whether the map of a run of puts has room for all of it, counting every
+/// put as a new key and every entry of the kind the mirror holds (of both
+/// families) as taken. Backend ids are handed out within the array.
+fn has_room(writer: &dyn MapWriter, ops: &[MapOp], current: &MapContents) -> bool {
+    let Some((kind, family)) = ops
+        .first()
+        .and_then(|op| Some((BatchKind::of(op)?, op.family())))
+    else {
+        return false;
+    };
+    let taken = match kind {
+        BatchKind::PutService => current.services.len(),
+        BatchKind::PutBackendMatch => current.backend_match.len(),
+        BatchKind::PutRevNat => current.rev_nat.len(),
+        BatchKind::Backends => 0,
+        _ => return false,
+    };
+    writer
+        .capacity(kind, family)
+        .is_some_and(|c| taken + ops.len() <= c)
 }
 
 /// What earlier failed writes hold back.
@@ -404,10 +445,29 @@ impl MapWriter for BpfMaps {
     }
 
     fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+        self.write_ops(ops, false)
+    }
+
+    fn capacity(&self, kind: BatchKind, family: Family) -> Option<usize> {
+        Some(match family {
+            Family::Ipv4 => self.ipv4.capacity(kind),
+            Family::Ipv6 => self.ipv6.capacity(kind),
+        })
+    }
+
+    fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+        self.write_ops(ops, true)
+    }
+}
+
+impl BpfMaps {
+    /// Writes a run as batches (`split`: long runs of puts from two
+    /// threads); an absent key of a delete is passed over.
+    fn write_ops(&self, ops: &[MapOp], split: bool) -> Result<(), (usize, WriteError)> {
         let mut done = 0;
         while done < ops.len() {
             let rest = &ops[done..];
-            let Err(stopped) = self.write_batch(rest) else {
+            let Err(stopped) = self.write_batch(rest, split) else {
                 return Ok(());
             };
             let deleting = matches!(
@@ -428,17 +488,72 @@ impl MapWriter for BpfMaps {
         }
         Ok(())
     }
-}
 
-impl BpfMaps {
-    /// One batch syscall (or a few) for `ops`, all of one `BatchKind` and
-    /// one family.
-    fn write_batch(&mut self, ops: &[MapOp]) -> Result<(), BatchStopped> {
+    /// Batch syscalls for `ops`, all of one `BatchKind` and one family;
+    /// with `split`, a long run of puts as two halves written at once
+    /// (`split_point`): the kernel's own work is a third of a large sync,
+    /// and a node has more than one CPU. On failure (no room was
+    /// promised for, say ENOMEM), the writes before the first one that
+    /// failed in plan order are counted; the other half may have gone in
+    /// too, which the caller's one-by-one retry of the rest puts again.
+    fn write_batch(&self, ops: &[MapOp], split: bool) -> Result<(), BatchStopped> {
+        let Some(mid) = split_point(ops, PARALLEL_WRITES_MIN).filter(|_| split) else {
+            return self.write_run(ops);
+        };
+        let (first, second) = ops.split_at(mid);
+        let (first, second) = std::thread::scope(|s| {
+            let second = s.spawn(|| self.write_run(second));
+            (self.write_run(first), second.join())
+        });
+        // A panic of the writing thread is the agent's own bug: go on
+        // panicking, as one thread would have.
+        let second = second.unwrap_or_else(|p| std::panic::resume_unwind(p));
+        first?;
+        second.map_err(|stopped| BatchStopped {
+            written: mid + stopped.written,
+            error: stopped.error,
+        })
+    }
+
+    fn write_run(&self, ops: &[MapOp]) -> Result<(), BatchStopped> {
         match ops.first().map(MapOp::family) {
             None => Ok(()),
             Some(Family::Ipv4) => self.ipv4.write_batch(ops),
             Some(Family::Ipv6) => self.ipv6.write_batch(ops),
         }
+    }
+}
+
+/// Puts per run below which a run is written from one thread: a thread
+/// costs tens of microseconds, 4,096 puts a few milliseconds.
+const PARALLEL_WRITES_MIN: usize = 4096;
+
+/// Where a run of `ops` (one `BatchKind`, one family) splits into two
+/// halves that may be written at the same time, in any order between
+/// them: None for a run shorter than `min_len` or one that must stay in
+/// order. Within one phase, puts of backends, reverse NAT entries and
+/// memberships depend on none of each other; service slots split between
+/// two frontends, so each frontend's slots still go before its master.
+/// Deletes stay whole (an absent key stops a batch).
+pub(crate) fn split_point(ops: &[MapOp], min_len: usize) -> Option<usize> {
+    if ops.len() < min_len.max(2) {
+        return None;
+    }
+    let mid = ops.len() / 2;
+    let frontend = |op: &MapOp| match op {
+        MapOp::PutService(k, _) => Some((k.addr, k.port, k.proto)),
+        _ => None,
+    };
+    match BatchKind::of(&ops[0])? {
+        BatchKind::PutService => {
+            let before = frontend(&ops[mid - 1])?;
+            (mid..ops.len()).find(|&i| frontend(&ops[i]) != Some(before))
+        }
+        BatchKind::PutRevNat | BatchKind::PutBackendMatch => Some(mid),
+        BatchKind::Backends if ops.iter().all(|op| matches!(op, MapOp::PutBackend(..))) => {
+            Some(mid)
+        }
+        _ => None,
     }
 }
 
@@ -549,6 +664,37 @@ pub(crate) mod fake {
                 panic!("after {op:?} a reader sees: {v}");
             }
             Ok(())
+        }
+
+        fn capacity(&self, kind: BatchKind, _family: Family) -> Option<usize> {
+            let c = &self.capacity;
+            let limit = match kind {
+                BatchKind::PutService | BatchKind::DeleteService => c.service_slots,
+                BatchKind::PutRevNat | BatchKind::DeleteRevNat => c.rev_nat,
+                BatchKind::PutBackendMatch | BatchKind::DeleteBackendMatch => c.backend_match,
+                BatchKind::Backends => None,
+            };
+            Some(limit.unwrap_or(usize::MAX))
+        }
+
+        /// As `BpfMaps` splits a run (`split_point`, here from two ops
+        /// on), with the second half written first: the order between the
+        /// halves that readers may see. The count on failure is the real
+        /// writer's.
+        fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+            let apply_all = |w: &mut Self, run: &[MapOp]| -> Result<(), (usize, WriteError)> {
+                for (i, op) in run.iter().enumerate() {
+                    w.apply(op).map_err(|e| (i, e))?;
+                }
+                Ok(())
+            };
+            let Some(mid) = split_point(ops, 2) else {
+                return apply_all(self, ops);
+            };
+            let (first, second) = ops.split_at(mid);
+            let second = apply_all(self, second);
+            apply_all(self, first)?;
+            second.map_err(|(i, e)| (mid + i, e))
         }
     }
 }
