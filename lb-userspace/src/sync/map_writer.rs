@@ -43,8 +43,28 @@ pub trait MapWriter {
     /// may write the halves `split_point` gives at the same time, in any
     /// order between them. Room matters: in a map that fills up, which
     /// Services fit must not depend on which half came first.
-    fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
-        self.apply_batch(ops)
+    fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), RunStopped> {
+        self.apply_batch(ops).map_err(RunStopped::from)
+    }
+}
+
+/// Where a run stopped: the ops before `written` went in, the one at
+/// `written` failed with `error`, and the ops of `also` went in too (the
+/// second half of a split run, written while the first one failed).
+#[derive(Debug)]
+pub struct RunStopped {
+    pub written: usize,
+    pub error: WriteError,
+    pub also: std::ops::Range<usize>,
+}
+
+impl From<(usize, WriteError)> for RunStopped {
+    fn from((written, error): (usize, WriteError)) -> Self {
+        Self {
+            written,
+            error,
+            also: 0..0,
+        }
     }
 }
 
@@ -210,13 +230,15 @@ impl PlanRun {
         let result = if has_room(&*writer, &self.batch, current) {
             writer.apply_batch_with_room(&self.batch)
         } else {
-            writer.apply_batch(&self.batch)
+            writer.apply_batch(&self.batch).map_err(RunStopped::from)
         };
-        let (written, failed) = match result {
-            Ok(()) => (self.batch.len(), None),
-            Err((written, error)) => (written, Some(error)),
+        let (written, failed, also) = match result {
+            Ok(()) => (self.batch.len(), None, 0..0),
+            Err(s) => (s.written, Some(s.error), s.also),
         };
-        for op in &self.batch[..written] {
+        // What went in past the failure is in the maps, so in the mirror
+        // too; the one-by-one retry of the rest puts it again.
+        for op in self.batch[..written].iter().chain(&self.batch[also]) {
             record(current, op);
         }
         self.report.applied += written;
@@ -445,7 +467,7 @@ impl MapWriter for BpfMaps {
     }
 
     fn apply_batch(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
-        self.write_ops(ops, false)
+        self.write_ops(ops, false).map_err(|s| (s.written, s.error))
     }
 
     fn capacity(&self, kind: BatchKind, family: Family) -> Option<usize> {
@@ -455,7 +477,7 @@ impl MapWriter for BpfMaps {
         })
     }
 
-    fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+    fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), RunStopped> {
         self.write_ops(ops, true)
     }
 }
@@ -463,11 +485,11 @@ impl MapWriter for BpfMaps {
 impl BpfMaps {
     /// Writes a run as batches (`split`: long runs of puts from two
     /// threads); an absent key of a delete is passed over.
-    fn write_ops(&self, ops: &[MapOp], split: bool) -> Result<(), (usize, WriteError)> {
+    fn write_ops(&self, ops: &[MapOp], split: bool) -> Result<(), RunStopped> {
         let mut done = 0;
         while done < ops.len() {
             let rest = &ops[done..];
-            let Err(stopped) = self.write_batch(rest, split) else {
+            let Err((stopped, also)) = self.write_batch(rest, split) else {
                 return Ok(());
             };
             let deleting = matches!(
@@ -484,7 +506,11 @@ impl BpfMaps {
                 done += stopped.written + 1;
                 continue;
             }
-            return Err((done + stopped.written, io_write_error(&stopped.error)));
+            return Err(RunStopped {
+                written: done + stopped.written,
+                error: io_write_error(&stopped.error),
+                also: done + also.start..done + also.end,
+            });
         }
         Ok(())
     }
@@ -492,13 +518,17 @@ impl BpfMaps {
     /// Batch syscalls for `ops`, all of one `BatchKind` and one family;
     /// with `split`, a long run of puts as two halves written at once
     /// (`split_point`): the kernel's own work is a third of a large sync,
-    /// and a node has more than one CPU. On failure (no room was
-    /// promised for, say ENOMEM), the writes before the first one that
-    /// failed in plan order are counted; the other half may have gone in
-    /// too, which the caller's one-by-one retry of the rest puts again.
-    fn write_batch(&self, ops: &[MapOp], split: bool) -> Result<(), BatchStopped> {
+    /// and a node has more than one CPU. On failure (the room was there:
+    /// say ENOMEM), where the first failure in plan order stopped, and
+    /// which ops of the second half went in anyway (empty unless the
+    /// first half failed).
+    fn write_batch(
+        &self,
+        ops: &[MapOp],
+        split: bool,
+    ) -> Result<(), (BatchStopped, std::ops::Range<usize>)> {
         let Some(mid) = split_point(ops, PARALLEL_WRITES_MIN).filter(|_| split) else {
-            return self.write_run(ops);
+            return self.write_run(ops).map_err(|s| (s, 0..0));
         };
         let (first, second) = ops.split_at(mid);
         let (first, second) = std::thread::scope(|s| {
@@ -508,11 +538,20 @@ impl BpfMaps {
         // A panic of the writing thread is the agent's own bug: go on
         // panicking, as one thread would have.
         let second = second.unwrap_or_else(|p| std::panic::resume_unwind(p));
-        first?;
-        second.map_err(|stopped| BatchStopped {
-            written: mid + stopped.written,
-            error: stopped.error,
-        })
+        match (first, second) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Ok(()), Err(s)) => Err((
+                BatchStopped {
+                    written: mid + s.written,
+                    error: s.error,
+                },
+                0..0,
+            )),
+            (Err(f), second) => {
+                let went_in = second.map_or_else(|s| s.written, |()| ops.len() - mid);
+                Err((f, mid..mid + went_in))
+            }
+        }
     }
 
     fn write_run(&self, ops: &[MapOp]) -> Result<(), BatchStopped> {
@@ -619,6 +658,11 @@ pub(crate) mod fake {
         /// Fail puts of slots of this frontend port (a "full map").
         pub full_for_port: Option<u16>,
         pub capacity: Capacity,
+        /// Refuse every put of a slot once this many went in (the kernel
+        /// out of memory, say), however much room the map has.
+        pub slot_puts_before_refusal: Option<usize>,
+        /// Puts of slots that went in.
+        pub slot_puts: usize,
     }
 
     fn full(limit: Option<usize>, len: usize, exists: bool) -> bool {
@@ -631,6 +675,15 @@ pub(crate) mod fake {
                 if k.port == port {
                     return Err(WriteError::Full("injected".into()));
                 }
+            }
+            if matches!(op, MapOp::PutService(..)) {
+                if self
+                    .slot_puts_before_refusal
+                    .is_some_and(|n| self.slot_puts >= n)
+                {
+                    return Err(WriteError::Refused("injected: out of memory".into()));
+                }
+                self.slot_puts += 1;
             }
             let m = &self.maps;
             let c = &self.capacity;
@@ -681,7 +734,7 @@ pub(crate) mod fake {
         /// on), with the second half written first: the order between the
         /// halves that readers may see. The count on failure is the real
         /// writer's.
-        fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), (usize, WriteError)> {
+        fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), RunStopped> {
             let apply_all = |w: &mut Self, run: &[MapOp]| -> Result<(), (usize, WriteError)> {
                 for (i, op) in run.iter().enumerate() {
                     w.apply(op).map_err(|e| (i, e))?;
@@ -689,12 +742,19 @@ pub(crate) mod fake {
                 Ok(())
             };
             let Some(mid) = split_point(ops, 2) else {
-                return apply_all(self, ops);
+                return apply_all(self, ops).map_err(RunStopped::from);
             };
             let (first, second) = ops.split_at(mid);
             let second = apply_all(self, second);
-            apply_all(self, first)?;
-            second.map_err(|(i, e)| (mid + i, e))
+            if let Err((written, error)) = apply_all(self, first) {
+                let went_in = second.map_or_else(|(i, _)| i, |()| ops.len() - mid);
+                return Err(RunStopped {
+                    written,
+                    error,
+                    also: mid..mid + went_in,
+                });
+            }
+            second.map_err(|(i, e)| RunStopped::from((mid + i, e)))
         }
     }
 }
@@ -753,6 +813,33 @@ mod tests {
         let report = apply_plan(w, &p.ops, current);
         assert_eq!(*current, w.maps, "the mirror must equal what was written");
         report
+    }
+
+    /// A split run whose first half fails after its second half went in:
+    /// the second half is in the maps, so it is in the mirror, even when
+    /// putting it again fails too.
+    #[test]
+    fn what_a_split_run_wrote_past_its_failure_is_recorded() {
+        let backends: &[&str] = &["10.244.0.2", "10.244.0.3"];
+        let desired = state(&[
+            (80, backends),
+            (81, backends),
+            (82, backends),
+            (83, backends),
+        ]);
+        // The slots and masters of 82 and 83 (the second half, written
+        // first) go in; every later put of a slot is refused.
+        let mut w = CheckingWriter {
+            slot_puts_before_refusal: Some(6),
+            ..Default::default()
+        };
+        let mut current = MapContents::default();
+        let report = converge(&mut w, &mut current, &desired);
+        assert!(!report.failed.is_empty());
+        for port in [82, 83] {
+            let master = crate::sync::differ::master_key(&l4("10.96.0.10", port));
+            assert!(current.services.contains_key(&master), "{port}");
+        }
     }
 
     /// Conntrack entries of a deleted backend name its id until they are
