@@ -735,18 +735,12 @@ pub(crate) mod fake {
         /// halves that readers may see. The count on failure is the real
         /// writer's.
         fn apply_batch_with_room(&mut self, ops: &[MapOp]) -> Result<(), RunStopped> {
-            let apply_all = |w: &mut Self, run: &[MapOp]| -> Result<(), (usize, WriteError)> {
-                for (i, op) in run.iter().enumerate() {
-                    w.apply(op).map_err(|e| (i, e))?;
-                }
-                Ok(())
-            };
             let Some(mid) = split_point(ops, 2) else {
-                return apply_all(self, ops).map_err(RunStopped::from);
+                return self.apply_batch(ops).map_err(RunStopped::from);
             };
             let (first, second) = ops.split_at(mid);
-            let second = apply_all(self, second);
-            if let Err((written, error)) = apply_all(self, first) {
+            let second = self.apply_batch(second);
+            if let Err((written, error)) = self.apply_batch(first) {
                 let went_in = second.map_or_else(|(i, _)| i, |()| ops.len() - mid);
                 return Err(RunStopped {
                     written,
