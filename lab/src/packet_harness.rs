@@ -203,7 +203,7 @@ impl Harness {
     fn apply(&mut self, desired: &DesiredState) {
         let p = plan_within(&self.current, desired, &self.limits);
         assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
-        let report = apply_plan(&mut self.maps, &p.ops, &mut self.current);
+        let report = apply_plan(&mut self.maps, &p, &mut self.current);
         assert!(
             report.failed.is_empty(),
             "{} map writes failed, the first: {:?}",

@@ -13,7 +13,7 @@ use lb_common::{config, RevNatId, Service4Value};
 use crate::{
     model::{Family, L4Addr},
     sync::{
-        differ::{BackendId, MapContents, MapOp, PlannedOp, SlotKey},
+        differ::{BackendId, MapContents, MapOp, Plan, PlannedOp, SlotKey},
         family_maps::{FamilyMaps, Ipv4Maps, Ipv6Maps},
         map_batch::{delete_all, update_all, BatchStopped},
     },
@@ -139,17 +139,18 @@ pub struct ApplyReport {
     pub failed_frontends: BTreeSet<L4Addr>,
 }
 
-/// Applies `plan` in order, keeping `current` equal to what was written.
-/// Until a write fails, runs of one `BatchKind` go as one batch; after
-/// that, one by one, since what later writes may do then depends on which
-/// failed.
+/// Applies `plan` in order, keeping `current` equal to what was written,
+/// and takes its id cursors. Until a write fails, runs of one `BatchKind`
+/// go as one batch; after that, one by one, since what later writes may do
+/// then depends on which failed.
 pub fn apply_plan(
     writer: &mut dyn MapWriter,
-    plan: &[PlannedOp],
+    plan: &Plan,
     current: &mut MapContents,
 ) -> ApplyReport {
+    plan.cursors.record(current);
     let mut run = PlanRun::default();
-    run.apply(writer, plan, current);
+    run.apply(writer, &plan.ops, current);
     run.report
 }
 
@@ -804,7 +805,7 @@ mod tests {
     ) -> ApplyReport {
         let p = plan(current, desired);
         assert!(p.unplanned.is_empty(), "{:?}", p.unplanned);
-        let report = apply_plan(w, &p.ops, current);
+        let report = apply_plan(w, &p, current);
         assert_eq!(*current, w.maps, "the mirror must equal what was written");
         report
     }

@@ -668,6 +668,32 @@ mod tests {
         assert!(differ::reader_violation(&p.writer.maps).is_none());
     }
 
+    /// A busy cluster replaces pods until the backend ids wrap. After the
+    /// wrap, each freed id must still wait for every other id's turn: the
+    /// search goes on from where the last sync stopped, not from id 1
+    /// (which handed the id freed one sync before out again).
+    #[test]
+    fn churned_backend_ids_go_round_the_id_space_after_a_wrap() {
+        let limits = IdLimits {
+            backend_ids: 10,
+            ..Default::default()
+        };
+        let mut p = programmer(limits, Capacity::default());
+        let svc = cluster_ip("a", "10.96.0.1", 80);
+        let mut handed = Vec::new();
+        for round in 0..25u8 {
+            // One pod, replaced by a new one (a new address) every sync.
+            let slice = ready_slice("a", "a-1", 8080, &[format!("10.244.1.{}", round + 1)]);
+            let report = p.sync_services(&[change(Some(&svc), "a", &slice)]);
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            let ids: Vec<u32> = p.writer.maps.backends.ipv4.keys().copied().collect();
+            assert_eq!(ids.len(), 1, "{ids:?}");
+            handed.push(ids[0]);
+        }
+        let expected: Vec<u32> = (0..25).map(|i| i % 10 + 1).collect();
+        assert_eq!(handed, expected);
+    }
+
     #[test]
     fn exhausted_reverse_nat_ids_fail_one_service() {
         let limits = IdLimits {

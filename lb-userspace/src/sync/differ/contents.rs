@@ -38,10 +38,12 @@ pub struct MapContents {
     /// reverse NAT entry: 2 ms a sync at 100,000 Services).
     slots_per_family: PerFamily<usize>,
     rev_nats_per_family: PerFamily<usize>,
-    /// One past the highest backend and reverse NAT ids ever written:
-    /// where the search for a free id starts, so a freed id is not handed
-    /// out again until the ids wrap (conntrack and affinity entries of a
-    /// deleted backend or frontend still name it until they are swept).
+    /// Where the last plan stopped handing out backend and reverse NAT
+    /// ids: the next search starts there and goes round the id space, so a
+    /// freed id is not handed out again until every other id had its turn
+    /// (conntrack and affinity entries of a deleted backend or frontend
+    /// still name it until they are swept). 0 until a plan ran: past the
+    /// highest id in use (`IdAllocator::new`).
     pub next_backend_id: PerFamily<u32>,
     pub next_rev_nat_id: u32,
     /// Sizes of the ordered maps when last rebuilt (`compact_grown`):
@@ -140,8 +142,6 @@ impl MapContents {
 
     pub(crate) fn insert_backend(&mut self, backend: BackendId, v: BackendEntry) {
         let BackendId { family, id } = backend;
-        let next = &mut self.next_backend_id[family];
-        *next = (*next).max(id + 1);
         let old = self.backends[family].insert(id, v);
         if let Some(old) = old.and_then(|o| backend_addr(&o)) {
             if self.backend_ids.get(&old) == Some(&id) {
@@ -165,7 +165,6 @@ impl MapContents {
     }
 
     pub(crate) fn insert_rev_nat(&mut self, id: RevNatId, v: RevNatEntry) {
-        self.next_rev_nat_id = self.next_rev_nat_id.max(id + 1);
         self.rev_nats_per_family[Family::of(v.addr)] += 1;
         if let Some(old) = self.rev_nat.insert(id, v) {
             self.rev_nats_per_family[Family::of(old.addr)] -= 1;

@@ -1,17 +1,26 @@
-//! Backend and reverse NAT ids: handed out past the highest ever used,
-//! then from the holes, never one a plan already gave.
+//! Backend and reverse NAT ids: handed out round the id space from where
+//! the last plan stopped (next fit), never one a plan already gave.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::BackendId;
 use crate::model::PerFamily;
 
-/// Hands out the lowest ids not in use in `used` (a map's keys).
+/// Hands out ids not in use in `used` (a map's keys), from a cursor that
+/// goes round the id space: a freed id is handed out again only after
+/// every other id had its turn (conntrack and affinity entries of a
+/// deleted backend or frontend still name it until they are swept), and a
+/// plan looks at the ids after the last one handed out, not at every id in
+/// use from 1 (a million of them in a large cluster, at every sync once
+/// the ids have wrapped).
 pub(super) struct IdAllocator<'a, K, V> {
     used: &'a BTreeMap<K, V>,
+    /// The next id to look at.
     next: u32,
     max: u32,
-    wrapped: bool,
+    /// Ids looked at since one was last handed out: a whole round of them
+    /// means none is free.
+    looked_in_vain: u32,
     /// Handed out by this allocator: not in `used` yet, and not free.
     handed: BTreeSet<u32>,
     /// Handed out, then given back by a Service that did not fit.
@@ -38,16 +47,26 @@ impl<'a, K: Ord + Copy + TryFrom<u32>, V> IdAllocator<'a, K, V>
 where
     for<'k> &'k K: IntoU32,
 {
-    /// `start`: where the search begins (ids below it were used before).
-    pub(super) fn new(used: &'a BTreeMap<K, V>, max: u32, start: u32) -> Self {
+    /// `cursor`: where the last plan stopped; 0 when no plan ran since the
+    /// maps were adopted, and the search starts past the highest id in use.
+    pub(super) fn new(used: &'a BTreeMap<K, V>, max: u32, cursor: u32) -> Self {
+        let next = match cursor {
+            0 => used.keys().next_back().map_or(1, |k| k.into_u32() + 1),
+            c => c,
+        };
         Self {
             used,
-            next: start.max(1),
+            next,
             max,
-            wrapped: false,
+            looked_in_vain: 0,
             handed: BTreeSet::new(),
             released: Vec::new(),
         }
+    }
+
+    /// Where the next plan's search starts.
+    pub(super) fn cursor(&self) -> u32 {
+        self.next
     }
 
     /// Makes `id` free to hand out again in this plan, unless it is above
@@ -58,33 +77,28 @@ where
         }
     }
 
-    /// Past the highest id ever used first (O(1) while ids last), then the
-    /// holes from 1 up.
+    /// The first id from the cursor on that is free, round the id space
+    /// once at most; after a round in vain, None at once.
     pub(super) fn allocate(&mut self) -> Option<u32> {
         if let Some(id) = self.released.pop() {
             return Some(id);
         }
-        if !self.wrapped {
-            let past_used = self.used.keys().next_back().map_or(1, |k| k.into_u32() + 1);
-            self.next = self.next.max(past_used);
-        }
-        loop {
-            if self.next > self.max {
-                if self.wrapped {
-                    return None;
-                }
-                self.wrapped = true;
+        while self.looked_in_vain < self.max {
+            if self.next == 0 || self.next > self.max {
                 self.next = 1;
             }
             let id = self.next;
             self.next += 1;
+            self.looked_in_vain += 1;
             let key = K::try_from(id).ok()?;
-            // After wrapping, ids handed out earlier in this plan come round
-            // again: they are taken even though `used` does not show it.
+            // Ids handed out earlier in this plan come round again after
+            // a wrap: they are taken even though `used` does not show it.
             if !self.used.contains_key(&key) && self.handed.insert(id) {
+                self.looked_in_vain = 0;
                 return Some(id);
             }
         }
+        None
     }
 }
 
@@ -153,5 +167,39 @@ mod allocator_tests {
         assert_eq!(handed, [1, 3, 4]);
         ids.release(3);
         assert_eq!(ids.allocate(), Some(3));
+    }
+
+    #[test]
+    fn ids_are_handed_out_from_the_cursor_round_the_id_space() {
+        // Id 1 was freed, after the cursor passed it: 5 and 6 first.
+        let used: BTreeMap<u32, u8> = [(2, 0), (3, 0), (4, 0)].into();
+        let mut ids = IdAllocator::new(&used, 6, 5);
+        let handed: Vec<u32> = std::iter::from_fn(|| ids.allocate()).collect();
+        assert_eq!(handed, [5, 6, 1]);
+        // The next plan starts where this one stopped.
+        assert_eq!(ids.cursor(), 2);
+    }
+
+    #[test]
+    fn without_a_cursor_the_search_starts_past_the_highest_id_in_use() {
+        let used: BTreeMap<u32, u8> = [(1, 0), (7, 0)].into();
+        let mut ids = IdAllocator::new(&used, 9, 0);
+        assert_eq!(ids.allocate(), Some(8));
+        assert_eq!(
+            IdAllocator::new(&BTreeMap::<u32, u8>::new(), 9, 0).allocate(),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn after_a_round_in_vain_no_id_is_looked_at_again() {
+        let used: BTreeMap<u32, u8> = (1..=1000).map(|i| (i, 0)).collect();
+        let mut ids = IdAllocator::new(&used, 1000, 400);
+        assert_eq!(ids.allocate(), None);
+        let stopped_at = ids.cursor();
+        assert_eq!(ids.allocate(), None);
+        assert_eq!(ids.cursor(), stopped_at);
+        ids.release(17);
+        assert_eq!(ids.allocate(), Some(17));
     }
 }

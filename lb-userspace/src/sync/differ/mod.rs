@@ -21,6 +21,7 @@ use lb_common::{
 };
 
 pub use contents::MapContents;
+pub use planner::IdCursors;
 pub(crate) use planner::{plan_and_write, plan_scoped};
 
 use crate::model::{DesiredState, Family, IpPrefix, L4Addr, Protocol, ServiceName};
@@ -179,6 +180,8 @@ pub struct Unplanned {
 pub struct Plan {
     pub ops: Vec<PlannedOp>,
     pub unplanned: Vec<Unplanned>,
+    /// Where the plan stopped handing out ids.
+    pub cursors: IdCursors,
 }
 
 pub fn master_key(frontend: &L4Addr) -> SlotKey {

@@ -43,7 +43,7 @@ pub(crate) fn plan_scoped(
     limits: &IdLimits,
 ) -> Plan {
     let mut planner = Planner::new(desired, touched);
-    planner.allocate_ids(current, limits);
+    let cursors = planner.allocate_ids(current, limits);
     let mut ops = Vec::new();
     for phase in Phase::ALL {
         while !planner.plan(phase, current, usize::MAX) {}
@@ -52,6 +52,7 @@ pub(crate) fn plan_scoped(
     Plan {
         ops,
         unplanned: planner.unplanned,
+        cursors,
     }
 }
 
@@ -72,7 +73,7 @@ pub(crate) fn plan_and_write(
     mut write: impl FnMut(&[PlannedOp], &mut MapContents),
 ) -> Vec<Unplanned> {
     let mut planner = Planner::new(desired, touched);
-    planner.allocate_ids(current, limits);
+    planner.allocate_ids(current, limits).record(current);
     for phase in Phase::ALL {
         loop {
             let done = planner.plan(phase, current, chunk);
@@ -270,7 +271,7 @@ impl<'a> Planner<'a> {
     /// Ids are handed out Service by Service (in name order, so which ones
     /// fit a nearly full map does not depend on arrival order), and a
     /// Service gets all of its ids or none.
-    fn allocate_ids(&mut self, current: &MapContents, limits: &IdLimits) {
+    fn allocate_ids(&mut self, current: &MapContents, limits: &IdLimits) -> IdCursors {
         let candidates: Vec<&'a ServiceEntry> = match self.touched {
             None => self.desired.entries().values().collect(),
             Some(t) => t.iter().filter_map(|f| self.desired.get(f)).collect(),
@@ -311,6 +312,13 @@ impl<'a> Planner<'a> {
                     });
                 }
             }
+        }
+        IdCursors {
+            backends: PerFamily {
+                ipv4: allocators.backends.ipv4.cursor(),
+                ipv6: allocators.backends.ipv6.cursor(),
+            },
+            rev_nat: allocators.rev_nat.cursor(),
         }
     }
 
@@ -754,6 +762,21 @@ impl<'a> Planner<'a> {
 
 /// The id allocators of one plan and their limits: backend ids per
 /// family, reverse NAT ids over both.
+/// Where a plan stopped handing out ids, for the next one to go on from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdCursors {
+    backends: PerFamily<u32>,
+    rev_nat: u32,
+}
+
+impl IdCursors {
+    /// The next plan of `current` goes on from here.
+    pub(crate) fn record(self, current: &mut MapContents) {
+        current.next_backend_id = self.backends;
+        current.next_rev_nat_id = self.rev_nat;
+    }
+}
+
 struct Allocators<'a> {
     backends: PerFamily<IdAllocator<'a, u32, BackendEntry>>,
     rev_nat: IdAllocator<'a, RevNatId, RevNatEntry>,
