@@ -12,7 +12,7 @@ use lb_userspace::{
 use cli::{
     args::{CheckArgs, Cli, Command, Output},
     commands::{check, print_stats},
-    run::{limit_malloc_arenas, run},
+    run::{run, set_malloc_arenas},
 };
 
 fn main() -> Result<()> {
@@ -20,7 +20,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            limit_malloc_arenas();
+            set_malloc_arenas(args.backends_max);
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
