@@ -306,16 +306,22 @@ impl LoadSet {
         self.loads.push(load);
     }
 
-    /// Stops every client; prints every report, then requires none failed.
-    pub fn finish_and_assert_none_failed(self) -> Vec<LoadReport> {
+    /// Stops every client and prints every report.
+    pub fn finish(self) -> Vec<LoadReport> {
         let reports: Vec<LoadReport> = self.loads.into_iter().map(Load::finish).collect();
         for r in &reports {
             println!("LOAD {r}");
         }
+        let _ = std::io::stdout().flush();
+        reports
+    }
+
+    /// Stops every client; prints every report, then requires none failed.
+    pub fn finish_and_assert_none_failed(self) -> Vec<LoadReport> {
+        let reports = self.finish();
         for r in &reports {
             r.check();
         }
-        let _ = std::io::stdout().flush();
         reports
     }
 }

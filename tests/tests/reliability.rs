@@ -46,6 +46,66 @@ fn an_upgrade_from_the_previous_release_moving_to_tc_under_load_fails_no_request
     an_upgrade_from_the_previous_release_under_load_fails_no_request("tc");
 }
 
+/// A DaemonSet rolled back to the previous release. That release cannot
+/// read this one's maps (32-bit reverse NAT ids, more counters): it
+/// creates them anew, so connections open across the rollback may fail,
+/// but it must take the node over and serve every Service.
+#[privileged_test]
+fn a_rollback_to_the_previous_release_takes_the_node_over() {
+    let Some(previous) = previous_agent("a_rollback_to_the_previous_release_takes_the_node_over")
+    else {
+        return;
+    };
+    let mut k = KubeLab::from_manifests_on(Wire::Nic, &[example("rolling-update.yaml")]);
+    k.publish();
+    publish_sticky_web(&k);
+    // The previous release serves the wire with XDP only.
+    k.lab.agent_defaults = vec!["--wire-hook".into(), "xdp".into()];
+    k.start_agent();
+    k.wait_readyz(200, Duration::from_secs(30));
+    let mut across = web_clients(&k.lab, 40_000);
+    add_sticky_web_clients(&mut across, &k.lab);
+    std::thread::sleep(Duration::from_secs(1));
+    k.lab.stop_agent();
+    k.lab.agent_binary = Some(previous.into());
+    k.lab.agent_defaults.clear();
+    k.start_agent();
+    k.wait_readyz(200, Duration::from_secs(30));
+    let log = k.lab.agent_log();
+    assert!(
+        log.contains("lb4_reverse_nat has another layout"),
+        "the previous release re-creates the maps whose layout this one changed: {log}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let reports = across.finish();
+    let failed: usize = reports.iter().map(|r| r.failed.len()).sum();
+    println!("requests failed across the rollback: {failed}");
+    // Every client started after the rollback gets through.
+    let mut after = web_clients(&k.lab, 40_000);
+    add_sticky_web_clients(&mut after, &k.lab);
+    std::thread::sleep(Duration::from_secs(2));
+    let reports = after.finish_and_assert_none_failed();
+    assert!(
+        reports.iter().all(|r| r.sent > 10),
+        "each client sent requests"
+    );
+}
+
+/// The previous release's agent, or None (and a SKIPPED line) where it
+/// cannot be built; under CI it must be there.
+fn previous_agent(test: &str) -> Option<std::ffi::OsString> {
+    let previous = std::env::var_os(PREVIOUS_AGENT);
+    if previous.is_none() {
+        let why = std::env::var(PREVIOUS_AGENT_UNAVAILABLE).ok();
+        assert!(!(std::env::var("CI").as_deref() == Ok("true") && why.is_none()), "{PREVIOUS_AGENT} is not set: run the tests with `cargo xtask test`, which builds the previous release");
+        println!(
+            "SKIPPED {test}: {}",
+            why.unwrap_or_else(|| format!("{PREVIOUS_AGENT} is not set (`cargo xtask test` builds the previous release and sets it)"))
+        );
+    }
+    previous
+}
+
 const WEB: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), 80);
 const WEB_NODE_PORT: SocketAddrV4 = SocketAddrV4::new(NODE_WIRE_ADDR, 30081);
 const WEB6: SocketAddrV6 =
@@ -954,13 +1014,9 @@ const PREVIOUS_AGENT: &str = "LB_PREVIOUS_AGENT_BIN";
 const PREVIOUS_AGENT_UNAVAILABLE: &str = "LB_PREVIOUS_AGENT_UNAVAILABLE";
 
 fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &str) {
-    let Some(previous) = std::env::var_os(PREVIOUS_AGENT) else {
-        let why = std::env::var(PREVIOUS_AGENT_UNAVAILABLE).ok();
-        assert!(!(std::env::var("CI").as_deref() == Ok("true") && why.is_none()), "{PREVIOUS_AGENT} is not set: run the tests with `cargo xtask test`, which builds the previous release");
-        println!(
-            "SKIPPED an_upgrade_from_the_previous_release_under_load_fails_no_request: {}",
-            why.unwrap_or_else(|| format!("{PREVIOUS_AGENT} is not set (`cargo xtask test` builds the previous release and sets it)"))
-        );
+    let Some(previous) =
+        previous_agent("an_upgrade_from_the_previous_release_under_load_fails_no_request")
+    else {
         return;
     };
     let mut k = KubeLab::from_manifests_on(Wire::Nic, &[example("rolling-update.yaml")]);
