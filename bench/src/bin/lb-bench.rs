@@ -47,7 +47,14 @@ struct Args {
     changes: usize,
     source: Source,
     family: ScaleFamily,
+    /// Changes in pairs on one Service (an endpoint added, then removed)
+    /// and room for `ID_WRAP_ROOM` backend ids past the Services' own: the
+    /// ids wrap every `ID_WRAP_ROOM` pairs, as after long churn.
+    id_wrap: bool,
 }
+
+/// Free backend ids with `--id-wrap`.
+const ID_WRAP_ROOM: usize = 256;
 
 fn parse_args(args: &[String]) -> Result<Args> {
     let mut a = Args {
@@ -56,6 +63,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         changes: 300,
         source: Source::Api,
         family: ScaleFamily::Ipv4,
+        id_wrap: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -69,6 +77,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--services" => a.services = value()?,
             "--endpoints" => a.endpoints = value()?,
             "--changes" => a.changes = value()?,
+            "--id-wrap" => a.id_wrap = true,
             "--source" => {
                 a.source = match it.next().map(String::as_str) {
                     Some("api") => Source::Api,
@@ -96,6 +105,8 @@ fn parse_args(args: &[String]) -> Result<Args> {
 
 const USAGE: &str = "usage: lb-bench control-plane [--services N] [--endpoints M] [--changes K] [--source api|manifests]
                             [--family ipv4|ipv6] (single-stack Services of that family; default ipv4)
+                            [--id-wrap] (changes in pairs, an endpoint added then removed, with room
+                            for 256 more backend ids: the ids wrap every 256 pairs)
        lb-bench datapath    --sizes N,N,... [--endpoints E] [--batches B] [--count K] [--conntrack C,C,...]
                             (--conntrack: conntrack capacities to measure at the smallest size too,
                             besides the default)
@@ -317,7 +328,7 @@ fn logged_duration(log: &str, what: &str) -> String {
 fn control_plane(a: Args) -> Result<()> {
     let mut lab = Lab::from_objects(Vec::new())?;
     let mut source = ScaleSource::store(a.source, &lab, a.family, a.services, a.endpoints)?;
-    let capacity = lb_bench::capacity_flags(a.services, a.endpoints, a.changes);
+    let capacity = capacity(&a);
     let initial = start_and_wait_for_first_sync(&mut lab, &source, &capacity)?;
     let pid = lab.agent_pid().context("agent runs")?;
     let (rss_after_sync, _) = rss_kib(pid);
@@ -338,7 +349,7 @@ fn control_plane(a: Args) -> Result<()> {
             );
         }
     }
-    let latencies = change_latencies(&mut source, &a, count_of)?;
+    let (latencies, additions) = change_latencies(&mut source, &a, count_of)?;
     let (_, rss_peak_before_relists) = rss_kib(pid);
     relist(&mut lab, &source)?;
     if let Some(l) = lab
@@ -355,10 +366,26 @@ fn control_plane(a: Args) -> Result<()> {
         datapath_loaded: logged_duration(&lab.agent_log(), "data path loaded in "),
         lists_complete: logged_duration(&lab.agent_log(), "were complete "),
         latencies,
+        additions,
         rss_kib: [rss_after_sync, rss_end, rss_peak_before_relists, rss_peak],
     };
     report.print(&a);
     Ok(())
+}
+
+/// The agent's capacity flags: room for the changes, or with `--id-wrap`
+/// exactly `ID_WRAP_ROOM` backend ids past the Services' own (id 0 is
+/// none).
+fn capacity(a: &Args) -> Vec<String> {
+    let mut flags = lb_bench::capacity_flags(a.services, a.endpoints, a.changes);
+    if a.id_wrap {
+        if let Some(at) = flags.iter().position(|f| f == "--backends-max") {
+            flags.drain(at..at + 2);
+        }
+        let ids = a.services * a.endpoints + ID_WRAP_ROOM + 1;
+        flags.extend(["--backends-max".to_owned(), ids.to_string()]);
+    }
+    flags
 }
 
 /// Makes the agent read everything again `RELISTS` times (a relist of its
@@ -411,22 +438,28 @@ fn start_and_wait_for_first_sync(
 }
 
 /// Applies single-EndpointSlice changes one at a time and returns, sorted,
-/// how long each took to reach the maps (`count_of`: a Service's count).
+/// how long each took to reach the maps (`count_of`: a Service's count),
+/// and how long those that added an endpoint (a new backend id) took.
 fn change_latencies(
     source: &mut ScaleSource,
     a: &Args,
     count_of: impl Fn(usize) -> Option<u16>,
-) -> Result<Vec<Duration>> {
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     eprintln!("[bench] {} single-EndpointSlice changes", a.changes);
     let mut latencies = Vec::with_capacity(a.changes);
+    let mut additions = Vec::with_capacity(a.changes);
     let mut sizes = vec![a.endpoints; a.services];
     // A fixed-seed LCG: the same Services are changed in every run.
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut i = 0;
     for n in 0..a.changes {
-        seed = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        let i = (seed >> 33) as usize % a.services;
+        // With --id-wrap the odd changes take back what the even ones added.
+        if !a.id_wrap || n % 2 == 0 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            i = (seed >> 33) as usize % a.services;
+        }
         let new = if sizes[i] == a.endpoints {
             a.endpoints + 1
         } else {
@@ -442,12 +475,16 @@ fn change_latencies(
             std::thread::sleep(Duration::from_micros(50));
         }
         latencies.push(t0.elapsed());
+        if new > a.endpoints {
+            additions.push(t0.elapsed());
+        }
         sizes[i] = new;
         // Changes arrive one at a time, as single edits do in a cluster.
         std::thread::sleep(Duration::from_millis(2));
     }
     latencies.sort();
-    Ok(latencies)
+    additions.sort();
+    Ok((latencies, additions))
 }
 
 /// What `control_plane` measured.
@@ -459,6 +496,8 @@ struct ControlPlaneReport {
     /// From the watches' start to both lists complete (agent log).
     lists_complete: String,
     latencies: Vec<Duration>,
+    /// Of the changes that added an endpoint.
+    additions: Vec<Duration>,
     /// After the first sync, at the end, peak before the relists, peak.
     rss_kib: [u64; 4],
 }
@@ -481,6 +520,11 @@ impl ControlPlaneReport {
             a.services * a.endpoints
         );
         println!("| Measure | Value |\n| --- | --- |");
+        if a.id_wrap {
+            println!(
+                "| Backend ids free past the Services' own (--id-wrap: each change added and removed again, the ids wrap every {ID_WRAP_ROOM} pairs) | {ID_WRAP_ROOM} |"
+            );
+        }
         println!(
             "| Agent start to first full sync written (list + translate + write, BPF load included) | {} |",
             ms(self.initial)
@@ -510,6 +554,15 @@ impl ControlPlaneReport {
             "| EndpointSlice change to map, max | {} |",
             ms(*latencies.last().unwrap_or(&Duration::ZERO))
         );
+        if a.id_wrap {
+            let add = &self.additions;
+            println!(
+                "| of which adding an endpoint (a new backend id), p50 / p99 ({} changes) | {} / {} |",
+                add.len(),
+                ms(percentile(add, 0.50)),
+                ms(percentile(add, 0.99))
+            );
+        }
         let mib = self.rss_kib.map(|k| k as f64 / 1024.0);
         println!(
             "| Agent RSS after first sync / at end / peak | {:.1} / {:.1} / {:.1} MiB |",
