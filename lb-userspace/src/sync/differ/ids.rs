@@ -87,18 +87,37 @@ where
             if self.next == 0 || self.next > self.max {
                 self.next = 1;
             }
-            let id = self.next;
-            self.next += 1;
+            let start = self.next;
+            let id = self.first_unused_from(start)?;
+            self.looked_in_vain += id.min(self.max + 1) - start;
+            self.next = id;
+            if id > self.max {
+                continue;
+            }
+            self.next = id + 1;
             self.looked_in_vain += 1;
-            let key = K::try_from(id).ok()?;
             // Ids handed out earlier in this plan come round again after
             // a wrap: they are taken even though `used` does not show it.
-            if !self.used.contains_key(&key) && self.handed.insert(id) {
+            if self.handed.insert(id) {
                 self.looked_in_vain = 0;
                 return Some(id);
             }
         }
         None
+    }
+
+    /// The first id from `from` on that `used` does not hold: past a run
+    /// of ids in use, walked in order (a million of them, once a round,
+    /// where the ids were handed out densely at the first sync).
+    fn first_unused_from(&self, from: u32) -> Option<u32> {
+        let mut id = from;
+        for (key, _) in self.used.range(K::try_from(from).ok()?..) {
+            if key.into_u32() != id {
+                break;
+            }
+            id += 1;
+        }
+        Some(id)
     }
 }
 
@@ -189,6 +208,17 @@ mod allocator_tests {
             IdAllocator::new(&BTreeMap::<u32, u8>::new(), 9, 0).allocate(),
             Some(1)
         );
+    }
+
+    #[test]
+    fn a_run_of_ids_in_use_is_walked_past_to_the_first_hole() {
+        let used: BTreeMap<u32, u8> = (1..=1000).filter(|i| *i != 600).map(|i| (i, 0)).collect();
+        let mut ids = IdAllocator::new(&used, 2000, 1);
+        assert_eq!(ids.allocate(), Some(600));
+        assert_eq!(ids.allocate(), Some(1001));
+        // Ids above the limit, kept from a larger one, are passed over.
+        let mut ids = IdAllocator::new(&used, 599, 590);
+        assert_eq!(ids.allocate(), None);
     }
 
     #[test]
