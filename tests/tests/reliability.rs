@@ -56,20 +56,16 @@ fn a_rollback_to_the_previous_release_takes_the_node_over() {
     else {
         return;
     };
-    let mut k = KubeLab::from_manifests_on(Wire::Nic, &[example("rolling-update.yaml")]);
-    k.publish();
-    publish_sticky_web(&k);
-    // The previous release serves the wire with XDP only.
-    k.lab.agent_defaults = vec!["--wire-hook".into(), "xdp".into()];
-    k.start_agent();
-    k.wait_readyz(200, Duration::from_secs(30));
-    let mut across = web_clients(&k.lab, 40_000);
-    add_sticky_web_clients(&mut across, &k.lab);
-    std::thread::sleep(Duration::from_secs(1));
-    k.lab.stop_agent();
-    k.lab.agent_binary = Some(previous.into());
-    k.lab.agent_defaults.clear();
-    k.start_agent();
+    let this = AgentBuild {
+        binary: None,
+        // The previous release serves the wire with XDP only.
+        flags: vec!["--wire-hook".into(), "xdp".into()],
+    };
+    let previous = AgentBuild {
+        binary: Some(previous.into()),
+        flags: Vec::new(),
+    };
+    let (k, across) = roll_the_agent_under_load(this, previous);
     k.wait_readyz(200, Duration::from_secs(30));
     let log = k.lab.agent_log();
     assert!(
@@ -89,6 +85,35 @@ fn a_rollback_to_the_previous_release_takes_the_node_over() {
         reports.iter().all(|r| r.sent > 10),
         "each client sent requests"
     );
+}
+
+/// An agent to run: a binary (None: this build) and its flags.
+struct AgentBuild {
+    binary: Option<std::path::PathBuf>,
+    flags: Vec<String>,
+}
+
+/// A DaemonSet rollout from `from` to `to` on the NIC-like wire while the
+/// web Services' clients run: `from` serves, gets SIGTERM, and `to`
+/// starts. Returns the lab and the clients, still running.
+fn roll_the_agent_under_load(from: AgentBuild, to: AgentBuild) -> (KubeLab, LoadSet) {
+    let mut k = KubeLab::from_manifests_on(Wire::Nic, &[example("rolling-update.yaml")]);
+    k.publish();
+    publish_sticky_web(&k);
+    k.lab.agent_binary = from.binary;
+    k.lab.agent_defaults = from.flags;
+    k.start_agent();
+    // Its readiness says it wrote its maps (the previous release's maps
+    // have layouts this version's readers do not read).
+    k.wait_readyz(200, Duration::from_secs(30));
+    let mut clients = web_clients(&k.lab, 40_000);
+    add_sticky_web_clients(&mut clients, &k.lab);
+    std::thread::sleep(Duration::from_secs(1));
+    k.lab.stop_agent();
+    k.lab.agent_binary = to.binary;
+    k.lab.agent_defaults = to.flags;
+    k.start_agent();
+    (k, clients)
 }
 
 /// The previous release's agent, or None (and a SKIPPED line) where it
@@ -1019,24 +1044,16 @@ fn an_upgrade_from_the_previous_release_under_load_fails_no_request(new_hook: &s
     else {
         return;
     };
-    let mut k = KubeLab::from_manifests_on(Wire::Nic, &[example("rolling-update.yaml")]);
-    k.publish();
-    publish_sticky_web(&k);
-    k.lab.agent_binary = Some(previous.into());
-    // Its flags are the previous release's (it has no --wire-hook).
-    k.lab.agent_defaults.clear();
-    k.start_agent();
-    // Its maps have its own layouts (16-bit reverse NAT ids), which this
-    // version's readers do not read: its readiness says it wrote them.
-    k.wait_readyz(200, Duration::from_secs(30));
-    let mut clients = web_clients(&k.lab, 40_000);
-    add_sticky_web_clients(&mut clients, &k.lab);
-    std::thread::sleep(Duration::from_secs(1));
-    // A DaemonSet rollout: the old pod gets SIGTERM, the new one starts.
-    k.lab.stop_agent();
-    k.lab.agent_binary = None;
-    k.lab.agent_defaults = vec!["--wire-hook".into(), new_hook.into()];
-    k.start_agent();
+    let previous = AgentBuild {
+        binary: Some(previous.into()),
+        // Its flags are the previous release's (it has no --wire-hook).
+        flags: Vec::new(),
+    };
+    let this = AgentBuild {
+        binary: None,
+        flags: vec!["--wire-hook".into(), new_hook.into()],
+    };
+    let (k, clients) = roll_the_agent_under_load(previous, this);
     let log = k.lab.agent_log();
     println!(
         "the new agent over the previous release's maps:\n{}",
