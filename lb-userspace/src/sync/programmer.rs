@@ -470,6 +470,15 @@ mod tests {
         p
     }
 
+    /// A programmer with room for `n` backend ids of each family.
+    fn with_backend_ids(n: u32) -> Programmer<CheckingWriter> {
+        let limits = IdLimits {
+            backend_ids: n,
+            ..Default::default()
+        };
+        programmer(limits, Capacity::default())
+    }
+
     fn frontend(ip: &str, port: u16) -> L4Addr {
         L4Addr {
             addr: ip.parse().unwrap(),
@@ -608,11 +617,7 @@ mod tests {
 
     #[test]
     fn exhausted_backend_ids_fail_one_service_and_it_gets_in_once_room_is_made() {
-        let limits = IdLimits {
-            backend_ids: 5,
-            ..Default::default()
-        };
-        let mut p = programmer(limits, Capacity::default());
+        let mut p = with_backend_ids(5);
         let (services, slices) = three_services();
         let report = p.full_sync(&services, &slices);
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
@@ -648,11 +653,7 @@ mod tests {
 
     #[test]
     fn a_service_that_grows_past_the_free_ids_keeps_its_previous_backends() {
-        let limits = IdLimits {
-            backend_ids: 5,
-            ..Default::default()
-        };
-        let mut p = programmer(limits, Capacity::default());
+        let mut p = with_backend_ids(5);
         let (services, mut slices) = three_services();
         slices[1] = ready_slice("b", "b-1", 8080, &pod_ips(2, 1));
         assert!(p.full_sync(&services, &slices).errors.is_empty());
@@ -674,11 +675,7 @@ mod tests {
     /// (which handed the id freed one sync before out again).
     #[test]
     fn churned_backend_ids_go_round_the_id_space_after_a_wrap() {
-        let limits = IdLimits {
-            backend_ids: 10,
-            ..Default::default()
-        };
-        let mut p = programmer(limits, Capacity::default());
+        let mut p = with_backend_ids(10);
         let svc = cluster_ip("a", "10.96.0.1", 80);
         let mut handed = Vec::new();
         for round in 0..25u8 {
