@@ -413,7 +413,7 @@ fn program(
 /// decoding threads and the thread that stores what they decoded then
 /// stop waiting on one arena's lock (futex wakes were 14 % of the agent's
 /// samples during the lists). Lists of 100,000 IPv6 Services x 10 took
-/// 3.0-3.4 s instead of 4.3-5.8 s, for a peak 6-11 MiB (1-2 %) higher.
+/// 3.0-3.4 s instead of 4.0-5.8 s, for a peak 6-14 MiB (1-3 %) higher.
 pub(crate) fn set_malloc_arenas(backends_max: u32) {
     #[cfg(target_env = "gnu")]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

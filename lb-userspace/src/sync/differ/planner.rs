@@ -760,8 +760,6 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// The id allocators of one plan and their limits: backend ids per
-/// family, reverse NAT ids over both.
 /// Where a plan stopped handing out ids, for the next one to go on from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdCursors {
@@ -777,6 +775,8 @@ impl IdCursors {
     }
 }
 
+/// The id allocators of one plan and their limits: backend ids per
+/// family, reverse NAT ids over both.
 struct Allocators<'a> {
     backends: PerFamily<IdAllocator<'a, u32, BackendEntry>>,
     rev_nat: IdAllocator<'a, RevNatId, RevNatEntry>,
