@@ -26,6 +26,8 @@ struct BenchPlan {
     traffic_rounds: &'static str,
     control_plane_services: &'static str,
     control_plane_changes: &'static str,
+    /// Changes with `--id-wrap`: 256 pairs wrap the backend ids once.
+    id_wrap_changes: &'static str,
     /// Seconds of NodePort load at 1,000 new connections a second.
     nodeport_seconds: &'static str,
 }
@@ -41,6 +43,7 @@ const FULL: BenchPlan = BenchPlan {
     traffic_rounds: "3",
     control_plane_services: "10000",
     control_plane_changes: "300",
+    id_wrap_changes: "1200",
     nodeport_seconds: "60",
 };
 
@@ -55,6 +58,7 @@ const QUICK: BenchPlan = BenchPlan {
     traffic_rounds: "1",
     control_plane_services: "1000",
     control_plane_changes: "100",
+    id_wrap_changes: "600",
     nodeport_seconds: "10",
 };
 
@@ -212,6 +216,19 @@ fn measurements(plan: &BenchPlan, dir: &Path, stem: &str) -> Result<String> {
             ],
         )?);
     }
+    report.push_str(&bench_section(
+        "control plane past a wrap of the backend ids (api)",
+        &[
+            "control-plane",
+            "--services",
+            plan.control_plane_services,
+            "--endpoints",
+            "10",
+            "--changes",
+            plan.id_wrap_changes,
+            "--id-wrap",
+        ],
+    )?);
     report.push_str(&nodeport_load(plan)?);
     report.push_str(&bench_section(
         "rule programming",
