@@ -201,33 +201,18 @@ fn measurements(plan: &BenchPlan, dir: &Path, stem: &str) -> Result<String> {
         &["forwarding"],
     )?);
     for source in ["api", "manifests"] {
-        report.push_str(&bench_section(
+        report.push_str(&control_plane(
             &format!("control plane ({source})"),
-            &[
-                "control-plane",
-                "--services",
-                plan.control_plane_services,
-                "--endpoints",
-                "10",
-                "--changes",
-                plan.control_plane_changes,
-                "--source",
-                source,
-            ],
+            plan,
+            plan.control_plane_changes,
+            &["--source", source],
         )?);
     }
-    report.push_str(&bench_section(
+    report.push_str(&control_plane(
         "control plane past a wrap of the backend ids (api)",
-        &[
-            "control-plane",
-            "--services",
-            plan.control_plane_services,
-            "--endpoints",
-            "10",
-            "--changes",
-            plan.id_wrap_changes,
-            "--id-wrap",
-        ],
+        plan,
+        plan.id_wrap_changes,
+        &["--id-wrap"],
     )?);
     report.push_str(&nodeport_load(plan)?);
     report.push_str(&bench_section(
@@ -245,6 +230,22 @@ fn measurements(plan: &BenchPlan, dir: &Path, stem: &str) -> Result<String> {
         ],
     )?);
     Ok(report)
+}
+
+/// `lb-bench control-plane` at the plan's size, 10 endpoints a Service,
+/// with `changes` and `extra` flags.
+fn control_plane(name: &str, plan: &BenchPlan, changes: &str, extra: &[&str]) -> Result<String> {
+    let mut args = vec![
+        "control-plane",
+        "--services",
+        plan.control_plane_services,
+        "--endpoints",
+        "10",
+        "--changes",
+        changes,
+    ];
+    args.extend_from_slice(extra);
+    bench_section(name, &args)
 }
 
 /// NodePort under load, beside the previous release when it can be built.
