@@ -46,24 +46,7 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let metrics = Metrics::new();
-    if let Some(addr) = args.metrics_addr {
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = lb_userspace::serve::metrics::serve(addr, m).await {
-                log::error!("metrics endpoint on {addr} failed: {e}");
-            }
-        });
-    }
-    let proxy = ProxyHealth::new(args.healthz_timeout);
-    if let HealthzAddr(Some(addr)) = args.healthz_addr {
-        let p = proxy.clone();
-        tokio::spawn(async move {
-            if let Err(e) = proxy_health::serve(addr, p).await {
-                log::error!("proxy health endpoint on {addr} failed: {e}");
-            }
-        });
-    }
+    let (metrics, proxy) = serve_endpoints(&args);
     // The API client first: an address that cannot work is refused before
     // anything is attached.
     let api = match &args.source.manifests {
@@ -75,18 +58,7 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
     let mut watches = api
         .as_ref()
         .map(|client| Watches::start(client.clone(), &args));
-    // So are the manifests read, on a thread of their own: the agent exits
-    // at once if the data path fails to load, without waiting for it (the
-    // runtime would wait for a blocking task).
-    let reading = args.source.manifests.clone().map(|dir| {
-        let (done, read) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut source = ManifestSource::new(dir);
-            let errors = source.read(true);
-            let _ = done.send((source, errors));
-        });
-        read
-    });
+    let reading = args.source.manifests.clone().map(read_manifests_aside);
     let (mut dp, mut programmer) =
         load_while_listing(pin_dir, &args, &metrics, &proxy, watches.as_mut()).await?;
     let mut log = SyncLog {
@@ -128,6 +100,45 @@ pub(crate) async fn run(pin_dir: &Path, args: RunArgs) -> Result<()> {
         pin_dir.display()
     );
     Ok(())
+}
+
+/// The metrics and proxy health endpoints, serving from now on (each
+/// only if its address is set).
+fn serve_endpoints(args: &RunArgs) -> (Arc<Metrics>, Arc<ProxyHealth>) {
+    let metrics = Metrics::new();
+    if let Some(addr) = args.metrics_addr {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = lb_userspace::serve::metrics::serve(addr, m).await {
+                log::error!("metrics endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    let proxy = ProxyHealth::new(args.healthz_timeout);
+    if let HealthzAddr(Some(addr)) = args.healthz_addr {
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            if let Err(e) = proxy_health::serve(addr, p).await {
+                log::error!("proxy health endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    (metrics, proxy)
+}
+
+/// The manifests of `dir`, read while the data path loads, on a thread of
+/// their own: the agent exits at once if the data path fails to load,
+/// without waiting for them (the runtime would wait for a blocking task).
+fn read_manifests_aside(
+    dir: std::path::PathBuf,
+) -> tokio::sync::oneshot::Receiver<(ManifestSource, Vec<ManifestError>)> {
+    let (done, read) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut source = ManifestSource::new(dir);
+        let errors = source.read(true);
+        let _ = done.send((source, errors));
+    });
+    read
 }
 
 /// What a manifest sync reads before it programs.
