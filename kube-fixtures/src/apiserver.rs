@@ -689,9 +689,9 @@ fn write_chunk(stream: &mut TcpStream, line: &Value) -> std::io::Result<()> {
 
 /// Serves one request (the fixture closes every connection after its
 /// response, which HTTP/1.1 clients handle by reconnecting).
-fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBool) -> Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+/// The method and target of the request on `stream`, its headers read
+/// past.
+fn read_request(stream: &TcpStream) -> Result<(String, String)> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -702,10 +702,30 @@ fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBoo
         }
     }
     let mut parts = request_line.split_whitespace();
-    let (method, target) = match (parts.next(), parts.next()) {
-        (Some(m), Some(t)) => (m.to_owned(), t.to_owned()),
+    match (parts.next(), parts.next()) {
+        (Some(m), Some(t)) => Ok((m.to_owned(), t.to_owned())),
         _ => bail!("bad request line {request_line:?}"),
+    }
+}
+
+/// The resource a request is for, or the answer to one the fixture does
+/// not serve (an unknown path: 404; a method other than GET: 405).
+fn served_resource(method: &str, t: &Target, target: &str) -> Result<Resource, (u16, Value)> {
+    let Some(resource) = t.resource else {
+        let message = format!("the server could not find {target}");
+        return Err((404, status_body(404, "NotFound", &message)));
     };
+    if method != "GET" {
+        let message = "the fixture serves list and watch only";
+        return Err((405, status_body(405, "MethodNotAllowed", message)));
+    }
+    Ok(resource)
+}
+
+fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBool) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (method, target) = read_request(&stream)?;
     let t = parse_target(&target);
     let watch = t
         .query
@@ -742,30 +762,13 @@ fn handle_connection(mut stream: TcpStream, shared: &Shared, running: &AtomicBoo
         record(200);
         return Ok(write_response(&mut stream, 200, &version_info())?);
     }
-    let Some(resource) = t.resource else {
-        record(404);
-        return Ok(write_response(
-            &mut stream,
-            404,
-            &status_body(
-                404,
-                "NotFound",
-                &format!("the server could not find {target}"),
-            ),
-        )?);
+    let resource = match served_resource(&method, &t, &target) {
+        Ok(r) => r,
+        Err((code, body)) => {
+            record(code);
+            return Ok(write_response(&mut stream, code, &body)?);
+        }
     };
-    if method != "GET" {
-        record(405);
-        return Ok(write_response(
-            &mut stream,
-            405,
-            &status_body(
-                405,
-                "MethodNotAllowed",
-                "the fixture serves list and watch only",
-            ),
-        )?);
-    }
     let selector = match Selector::from_target(&t) {
         Ok(s) => s,
         Err(e) => {
@@ -899,6 +902,89 @@ fn list_page(head: &Value, items: &[Arc<[u8]>]) -> Vec<u8> {
     page
 }
 
+/// What a watch request asks for: events after `from` (0: from now),
+/// bookmarks or not, until `deadline` (`timeoutSeconds`, else 30 minutes).
+struct WatchQuery {
+    from: u64,
+    bookmarks: bool,
+    deadline: Instant,
+}
+
+impl WatchQuery {
+    fn of(t: &Target) -> Self {
+        let from = t
+            .query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = t
+            .query
+            .get("allowWatchBookmarks")
+            .is_some_and(|v| v == "true");
+        let timeout = t
+            .query
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_mins(30), Duration::from_secs);
+        Self {
+            from,
+            bookmarks,
+            deadline: Instant::now() + timeout,
+        }
+    }
+}
+
+/// Writes `events` as the selector sees them (an object that stops
+/// matching is DELETED for the watcher, one that starts matching ADDED),
+/// each after `delay`; whether any was written.
+fn send_events(
+    stream: &mut TcpStream,
+    events: &[StoredEvent],
+    selector: &Selector,
+    delay: Duration,
+) -> Result<bool> {
+    let mut wrote = false;
+    for e in events {
+        let now_matches = selector.matches(&e.object);
+        let was_matching = e.previous.as_ref().is_some_and(|p| selector.matches(p));
+        let kind = match (e.kind, was_matching, now_matches) {
+            ("DELETED", true, _) | (_, true, false) => "DELETED",
+            ("DELETED", false, _) | (_, false, false) => continue,
+            (_, false, true) => "ADDED",
+            (_, true, true) => "MODIFIED",
+        };
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        write_chunk(stream, &json!({"type": kind, "object": e.object}))?;
+        wrote = true;
+    }
+    Ok(wrote)
+}
+
+/// Ends a watch that asked for events from `from`, compacted away since:
+/// 410 Gone, as the API server says it (the watcher relists).
+fn send_gone(stream: &mut TcpStream, from: u64) -> Result<()> {
+    write_chunk(
+        stream,
+        &json!({"type": "ERROR", "object": status_body(410, "Expired",
+            &format!("too old resource version: {from}"))}),
+    )?;
+    stream.write_all(b"0\r\n\r\n")?;
+    Ok(())
+}
+
+/// A bookmark: the watch has seen everything up to `rv`.
+fn send_bookmark(stream: &mut TcpStream, resource: Resource, rv: u64) -> Result<()> {
+    write_chunk(
+        stream,
+        &json!({"type": "BOOKMARK", "object": {"kind": resource.kind(),
+            "apiVersion": resource.api_version(),
+            "metadata": {"resourceVersion": rv.to_string()}}}),
+    )?;
+    Ok(())
+}
+
 fn serve_watch(
     mut stream: TcpStream,
     shared: &Shared,
@@ -908,41 +994,22 @@ fn serve_watch(
     selector: &Selector,
     drop_epoch: u64,
 ) -> Result<()> {
-    let from: u64 = t
-        .query
-        .get("resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let bookmarks = t
-        .query
-        .get("allowWatchBookmarks")
-        .is_some_and(|v| v == "true");
-    let timeout = t
-        .query
-        .get("timeoutSeconds")
-        .and_then(|v| v.parse().ok())
-        .map_or(Duration::from_mins(30), Duration::from_secs);
-    let deadline = Instant::now() + timeout;
+    let WatchQuery {
+        from,
+        bookmarks,
+        deadline,
+    } = WatchQuery::of(t);
     write!(
         stream,
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )?;
     stream.flush()?;
-    let gone = |stream: &mut TcpStream| -> Result<()> {
-        write_chunk(
-            stream,
-            &json!({"type": "ERROR", "object": status_body(410, "Expired",
-                &format!("too old resource version: {from}"))}),
-        )?;
-        stream.write_all(b"0\r\n\r\n")?;
-        Ok(())
-    };
     let mut st = shared.store.lock().expect("store");
     // resourceVersion 0 means "any": start from now.
     let mut sent_up_to = if from == 0 { st.rv } else { from };
     if from != 0 && from + 1 < st.compacted_below {
         drop(st);
-        return gone(&mut stream);
+        return send_gone(&mut stream, from);
     }
     let expire_epoch = st.expire_epoch;
     let mut last_write = Instant::now();
@@ -953,7 +1020,7 @@ fn serve_watch(
         }
         if st.expire_epoch != expire_epoch {
             drop(st);
-            return gone(&mut stream);
+            return send_gone(&mut stream, from);
         }
         if st.unresponsive {
             st = shared
@@ -972,23 +1039,12 @@ fn serve_watch(
         let delay = st.delay;
         let current_rv = st.rv;
         drop(st);
-        for e in &events {
-            sent_up_to = e.rv;
-            let now_matches = selector.matches(&e.object);
-            let was_matching = e.previous.as_ref().is_some_and(|p| selector.matches(p));
-            let kind = match (e.kind, was_matching, now_matches) {
-                ("DELETED", true, _) | (_, true, false) => "DELETED",
-                ("DELETED", false, _) | (_, false, false) => continue,
-                (_, false, true) => "ADDED",
-                (_, true, true) => "MODIFIED",
-            };
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
-            write_chunk(&mut stream, &json!({"type": kind, "object": e.object}))?;
+        if send_events(&mut stream, &events, selector, delay)? {
             last_write = Instant::now();
         }
-        if events.is_empty() {
+        if let Some(e) = events.last() {
+            sent_up_to = e.rv;
+        } else {
             sent_up_to = sent_up_to.max(current_rv);
         }
         if Instant::now() >= deadline {
@@ -996,12 +1052,7 @@ fn serve_watch(
             return Ok(());
         }
         if bookmarks && last_write.elapsed() >= BOOKMARK_INTERVAL {
-            write_chunk(
-                &mut stream,
-                &json!({"type": "BOOKMARK", "object": {"kind": resource.kind(),
-                    "apiVersion": resource.api_version(),
-                    "metadata": {"resourceVersion": sent_up_to.to_string()}}}),
-            )?;
+            send_bookmark(&mut stream, resource, sent_up_to)?;
             last_write = Instant::now();
         }
         st = shared.store.lock().expect("store");
