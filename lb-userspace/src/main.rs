@@ -20,7 +20,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            set_malloc_arenas(args.backends_max);
+            set_malloc_arenas(&args);
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

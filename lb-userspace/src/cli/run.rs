@@ -411,33 +411,41 @@ fn program(
     }
 }
 
-/// Malloc arenas for the agent, unless MALLOC_ARENA_MAX says otherwise:
-/// glibc gives threads arenas of their own (up to eight per core), and
-/// each keeps its freed memory.
+/// Sets the agent's malloc arenas (`malloc_arenas`), unless
+/// MALLOC_ARENA_MAX says otherwise.
+pub(crate) fn set_malloc_arenas(args: &RunArgs) {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let arenas = malloc_arenas(args.backends_max, args.source.manifests.is_none());
+        // SAFETY: mallopt only sets an allocator parameter; called before
+        // the runtime's threads start.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+}
+
+/// Malloc arenas for the agent: glibc gives threads arenas of their own
+/// (up to eight per core), and each keeps its freed memory.
 ///
 /// One, for maps sized for at most the default number of backends (up to
 /// 10,000 Services x 10 endpoints): the watches' and the sync's threads
 /// each kept their arenas full of freed memory (at 10,000 x 10, peak 110
 /// -> 90 MiB with one; 68.6-69.5 MiB with two, against 61.2-62.6 with one).
 ///
-/// Two past that, as only a large cluster needs more backends: the lists'
-/// decoding threads and the thread that stores what they decoded then
-/// stop waiting on one arena's lock (futex wakes were 14 % of the agent's
-/// samples during the lists). Lists of 100,000 IPv6 Services x 10 took
-/// 3.0-3.4 s instead of 4.0-5.8 s, for a peak 6-14 MiB (1-3 %) higher.
-pub(crate) fn set_malloc_arenas(backends_max: u32) {
-    #[cfg(target_env = "gnu")]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        let arenas = if backends_max > lb_common::MAX_BACKENDS {
-            2
-        } else {
-            1
-        };
-        // SAFETY: mallopt only sets an allocator parameter; called before
-        // the runtime's threads start.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, arenas);
-        }
+/// Two past that, from the API server, as only a large cluster needs more
+/// backends: the lists' decoding threads and the thread that stores what
+/// they decoded then stop waiting on one arena's lock (futex wakes were
+/// 14 % of the agent's samples during the lists). Lists of 100,000 IPv6
+/// Services x 10 took 3.0-3.4 s instead of 4.0-5.8 s, for a peak 6-14 MiB
+/// (1-3 %) higher. Manifests are read on one thread: at 100,000 Services
+/// two arenas took as long (8.94-9.04 s against 8.97-9.09 s to the first
+/// sync) and a re-read peaked at up to 602 MiB, against 473 with one.
+fn malloc_arenas(backends_max: u32, from_api: bool) -> i32 {
+    if from_api && backends_max > lb_common::MAX_BACKENDS {
+        2
+    } else {
+        1
     }
 }
 
@@ -448,5 +456,19 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::malloc_arenas;
+
+    #[test]
+    fn two_arenas_only_for_a_large_cluster_listed_from_the_api_server() {
+        let large = lb_common::MAX_BACKENDS + 1;
+        assert_eq!(malloc_arenas(large, true), 2);
+        assert_eq!(malloc_arenas(large, false), 1);
+        assert_eq!(malloc_arenas(lb_common::MAX_BACKENDS, true), 1);
+        assert_eq!(malloc_arenas(lb_common::MAX_BACKENDS, false), 1);
     }
 }
