@@ -126,105 +126,122 @@ fn main() -> Result<()> {
     }
     match args.first().map(String::as_str) {
         Some("control-plane") => control_plane(parse_args(&args[1..])?),
-        Some("datapath") => {
-            let f = Flags::parse(&args[1..])?;
-            let (endpoints, batches, count) = (
-                f.num("endpoints", 4)?,
-                f.num("batches", 5)?,
-                f.num("count", 2000)?,
-            );
-            let costs = lb_bench::datapath::measure(&f.setups()?, endpoints, batches, count)?;
-            print!(
-                "{}",
-                lb_bench::datapath::markdown(&costs, endpoints, batches, count)
-            );
-            let selection = lb_bench::selection::measure(endpoints, batches, count)?;
-            print!("{}", lb_bench::selection::markdown(&selection, endpoints));
-            let forwarding = lb_bench::forwarding::measure(batches, count)?;
-            print!("{}", lb_bench::forwarding::markdown(&forwarding));
-            Ok(())
-        }
-        Some("forwarding") => {
-            let f = Flags::parse(&args[1..])?;
-            let (ms, rounds) = (f.num("ms", 1000)? as u64, f.num("rounds", 2)?);
-            let rows = lb_bench::forwarding::measure_lab(ms, rounds)?;
-            print!("{}", lb_bench::forwarding::lab_markdown(&rows, ms, rounds));
-            Ok(())
-        }
-        Some("programming") => {
-            let f = Flags::parse(&args[1..])?;
-            let endpoints = f.num("endpoints", 4)?;
-            let limit = Duration::from_secs(f.num("limit-s", 600)? as u64);
-            let rows = lb_bench::programming::measure(
-                &f.sizes()?,
-                &f.families()?,
-                endpoints,
-                f.num("changes", 50)?,
-                limit,
-            )?;
-            print!(
-                "{}",
-                lb_bench::programming::markdown(&rows, endpoints, limit)
-            );
-            Ok(())
-        }
-        Some("rules") => {
-            // The kube-proxy-shaped rules the benchmark compares against.
-            let f = Flags::parse(&args[1..])?;
-            let family = match f.families()?.as_slice() {
-                _ if f.get("family").is_none() => Family::Ipv4,
-                [one] => *one,
-                _ => bail!("rules: --family ipv4 or ipv6 (one rule set is printed)\n{USAGE}"),
-            };
-            let (n, endpoints) = (f.num("services", 1)?, f.num("endpoints", 4)?);
-            let ports = lb_bench::filler_services(family, n, endpoints);
-            match f.get("format").as_deref() {
-                Some("iptables") => print!("{}", lb_bench::kube_proxy::iptables_full(&ports)),
-                Some("nft") => print!("{}", lb_bench::kube_proxy::nft_full(family, &ports)),
-                _ => bail!("--format iptables|nft\n{USAGE}"),
-            }
-            Ok(())
-        }
-        Some("traffic") => {
-            let f = Flags::parse(&args[1..])?;
-            let (endpoints, ms, rounds) = (
-                f.num("endpoints", 4)?,
-                f.num("ms", 1000)? as u64,
-                f.num("rounds", 3)?,
-            );
-            let rows = lb_bench::traffic::measure(&f.sizes()?, endpoints, ms, rounds)?;
-            print!(
-                "{}",
-                lb_bench::traffic::markdown(&rows, endpoints, ms, rounds)
-            );
-            if let Some(dir) = f.get("plot-dir") {
-                let prefix = f.get("plot-prefix").unwrap_or_default();
-                let files = lb_bench::plot::draw(&rows, std::path::Path::new(&dir), &prefix)?;
-                println!("Plots (against the number of Services, all modes):\n");
-                for file in files {
-                    println!("![{file}]({file})");
-                }
-                println!();
-            }
-            Ok(())
-        }
-        Some("nodeport-load") => {
-            let f = Flags::parse(&args[1..])?;
-            let (rate, seconds) = (f.num("rate", 1000)? as u32, f.num("seconds", 60)? as u64);
-            let mut modes = vec![lb_bench::nodeport_load::Mode::Ours];
-            if let Some(previous) = f.get("previous-agent") {
-                modes.push(lb_bench::nodeport_load::Mode::Previous(previous.into()));
-            }
-            modes.push(lb_bench::nodeport_load::Mode::KubeProxyIptables);
-            let rows = lb_bench::nodeport_load::measure(rate, seconds, &modes)?;
-            print!(
-                "{}",
-                lb_bench::nodeport_load::markdown(&rows, rate, seconds)
-            );
-            Ok(())
-        }
+        Some("datapath") => datapath(Flags::parse(&args[1..])?),
+        Some("forwarding") => forwarding(Flags::parse(&args[1..])?),
+        Some("programming") => programming(Flags::parse(&args[1..])?),
+        Some("rules") => rules(Flags::parse(&args[1..])?),
+        Some("traffic") => traffic(Flags::parse(&args[1..])?),
+        Some("nodeport-load") => nodeport_load(Flags::parse(&args[1..])?),
         _ => bail!("{USAGE}"),
     }
+}
+
+/// `lb-bench datapath`: per-packet costs of the programs (BPF_PROG_TEST_RUN),
+/// of backend selection, and of the forwarding modes on the entry node.
+fn datapath(f: Flags) -> Result<()> {
+    let (endpoints, batches, count) = (
+        f.num("endpoints", 4)?,
+        f.num("batches", 5)?,
+        f.num("count", 2000)?,
+    );
+    let costs = lb_bench::datapath::measure(&f.setups()?, endpoints, batches, count)?;
+    print!(
+        "{}",
+        lb_bench::datapath::markdown(&costs, endpoints, batches, count)
+    );
+    let selection = lb_bench::selection::measure(endpoints, batches, count)?;
+    print!("{}", lb_bench::selection::markdown(&selection, endpoints));
+    let forwarding = lb_bench::forwarding::measure(batches, count)?;
+    print!("{}", lb_bench::forwarding::markdown(&forwarding));
+    Ok(())
+}
+
+/// `lb-bench forwarding`: traffic through three lab nodes to a
+/// LoadBalancer address, with SNAT and with direct server return.
+fn forwarding(f: Flags) -> Result<()> {
+    let (ms, rounds) = (f.num("ms", 1000)? as u64, f.num("rounds", 2)?);
+    let rows = lb_bench::forwarding::measure_lab(ms, rounds)?;
+    print!("{}", lb_bench::forwarding::lab_markdown(&rows, ms, rounds));
+    Ok(())
+}
+
+/// `lb-bench programming`: programming Services at each size, our maps
+/// against iptables-restore and nft.
+fn programming(f: Flags) -> Result<()> {
+    let endpoints = f.num("endpoints", 4)?;
+    let limit = Duration::from_secs(f.num("limit-s", 600)? as u64);
+    let rows = lb_bench::programming::measure(
+        &f.sizes()?,
+        &f.families()?,
+        endpoints,
+        f.num("changes", 50)?,
+        limit,
+    )?;
+    print!(
+        "{}",
+        lb_bench::programming::markdown(&rows, endpoints, limit)
+    );
+    Ok(())
+}
+
+/// `lb-bench rules`: prints the kube-proxy-shaped rules the benchmark
+/// compares against.
+fn rules(f: Flags) -> Result<()> {
+    let family = match f.families()?.as_slice() {
+        _ if f.get("family").is_none() => Family::Ipv4,
+        [one] => *one,
+        _ => bail!("rules: --family ipv4 or ipv6 (one rule set is printed)\n{USAGE}"),
+    };
+    let (n, endpoints) = (f.num("services", 1)?, f.num("endpoints", 4)?);
+    let ports = lb_bench::filler_services(family, n, endpoints);
+    match f.get("format").as_deref() {
+        Some("iptables") => print!("{}", lb_bench::kube_proxy::iptables_full(&ports)),
+        Some("nft") => print!("{}", lb_bench::kube_proxy::nft_full(family, &ports)),
+        _ => bail!("--format iptables|nft\n{USAGE}"),
+    }
+    Ok(())
+}
+
+/// `lb-bench traffic`: traffic through the lab at each size against
+/// kube-proxy's iptables and nftables modes, with plots.
+fn traffic(f: Flags) -> Result<()> {
+    let (endpoints, ms, rounds) = (
+        f.num("endpoints", 4)?,
+        f.num("ms", 1000)? as u64,
+        f.num("rounds", 3)?,
+    );
+    let rows = lb_bench::traffic::measure(&f.sizes()?, endpoints, ms, rounds)?;
+    print!(
+        "{}",
+        lb_bench::traffic::markdown(&rows, endpoints, ms, rounds)
+    );
+    if let Some(dir) = f.get("plot-dir") {
+        let prefix = f.get("plot-prefix").unwrap_or_default();
+        let files = lb_bench::plot::draw(&rows, std::path::Path::new(&dir), &prefix)?;
+        println!("Plots (against the number of Services, all modes):\n");
+        for file in files {
+            println!("![{file}]({file})");
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// `lb-bench nodeport-load`: NodePort connections at a steady rate, ours
+/// (and the previous release's) against kube-proxy's iptables mode.
+fn nodeport_load(f: Flags) -> Result<()> {
+    let (rate, seconds) = (f.num("rate", 1000)? as u32, f.num("seconds", 60)? as u64);
+    let mut modes = vec![lb_bench::nodeport_load::Mode::Ours];
+    if let Some(previous) = f.get("previous-agent") {
+        modes.push(lb_bench::nodeport_load::Mode::Previous(previous.into()));
+    }
+    modes.push(lb_bench::nodeport_load::Mode::KubeProxyIptables);
+    let rows = lb_bench::nodeport_load::measure(rate, seconds, &modes)?;
+    print!(
+        "{}",
+        lb_bench::nodeport_load::markdown(&rows, rate, seconds)
+    );
+    Ok(())
 }
 
 /// `--name value` pairs.
