@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -32,13 +32,7 @@ fn main() -> Result<()> {
 }
 
 fn demo(dir: PathBuf) -> Result<()> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .collect();
-    files.sort();
+    let files = manifest_files(&dir)?;
     println!(
         "lab: building a node from {}",
         files
@@ -56,41 +50,8 @@ fn demo(dir: PathBuf) -> Result<()> {
         lab.pin_dir.display()
     );
     lab.agent().start()?;
-    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN")?;
-    for command in ["services", "maps"] {
-        let table = std::process::Command::new(&agent)
-            .args(["--pin-dir", &lab.pin_dir.to_string_lossy(), command])
-            .output()?;
-        println!(
-            "\n$ lb-agent {command}\n{}",
-            String::from_utf8_lossy(&table.stdout)
-        );
-    }
-
-    let services: Vec<ServicePorts> = lab
-        .state
-        .objects
-        .iter()
-        .filter_map(|o| match o {
-            LabObject::Service(s) => {
-                let spec = s.spec.as_ref()?;
-                let ips = lab.cluster_ips(s.metadata.name.as_deref()?);
-                let ports = spec
-                    .ports
-                    .as_ref()?
-                    .iter()
-                    .map(|p| {
-                        (
-                            p.port as u16,
-                            p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                        )
-                    })
-                    .collect();
-                Some((s.metadata.name.clone()?, ips, ports))
-            }
-            _ => None,
-        })
-        .collect();
+    print_agent_tables(&lab)?;
+    let services = service_ports(&lab);
     let targets = services.iter().flat_map(|(name, ips, ports)| {
         ips.iter().flat_map(move |ip| {
             ports
@@ -101,26 +62,7 @@ fn demo(dir: PathBuf) -> Result<()> {
     for (name, ip, port, proto) in targets {
         let to = SocketAddr::new(ip, port);
         let started = Instant::now();
-        let answers: BTreeMap<String, usize> = lab.client.ns.run_in(|| {
-            let mut counts = BTreeMap::new();
-            for i in 0..REQUESTS {
-                let answer = if proto == "UDP" {
-                    udp_ask(to, "hello", Duration::from_secs(2)).map(|(a, _)| a)
-                } else {
-                    tcp_ask(to, "hello", Duration::from_secs(2))
-                };
-                let failed = answer.is_err();
-                *counts
-                    .entry(answer.unwrap_or_else(|e| format!("<error: {e}>")))
-                    .or_insert(0) += 1;
-                // A Service that fails from the start (say its family is
-                // not served) is not worth 100 timeouts of 2 s.
-                if failed && counts.len() == 1 && i + 1 >= GIVE_UP_AFTER {
-                    break;
-                }
-            }
-            counts
-        });
+        let answers = ask_repeatedly(&lab, to, proto == "UDP");
         println!(
             "client pod -> Service {name} {to}/{proto}: {} {} in {:?}",
             answers.values().sum::<usize>(),
@@ -143,4 +85,83 @@ fn demo(dir: PathBuf) -> Result<()> {
     );
     println!("lab: cleaning up (namespaces, agent, pinned maps)");
     Ok(())
+}
+
+/// The YAML files of `dir`, in name order.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// What the agent says it programmed (`lb-agent services`, `maps`).
+fn print_agent_tables(lab: &Lab) -> Result<()> {
+    let agent = lb_lab::sibling_binary("lb-agent", "LB_AGENT_BIN")?;
+    for command in ["services", "maps"] {
+        let table = std::process::Command::new(&agent)
+            .args(["--pin-dir", &lab.pin_dir.to_string_lossy(), command])
+            .output()?;
+        println!(
+            "\n$ lb-agent {command}\n{}",
+            String::from_utf8_lossy(&table.stdout)
+        );
+    }
+    Ok(())
+}
+
+/// Every Service of the manifests: its name, ClusterIPs and ports.
+fn service_ports(lab: &Lab) -> Vec<ServicePorts> {
+    lab.state
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            LabObject::Service(s) => {
+                let spec = s.spec.as_ref()?;
+                let ips = lab.cluster_ips(s.metadata.name.as_deref()?);
+                let ports = spec
+                    .ports
+                    .as_ref()?
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.port as u16,
+                            p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        )
+                    })
+                    .collect();
+                Some((s.metadata.name.clone()?, ips, ports))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// `REQUESTS` requests to `to` from the client pod: how many times each
+/// answer (a pod's name, or an error) came back.
+fn ask_repeatedly(lab: &Lab, to: SocketAddr, udp: bool) -> BTreeMap<String, usize> {
+    lab.client.ns.run_in(|| {
+        let mut counts = BTreeMap::new();
+        for i in 0..REQUESTS {
+            let answer = if udp {
+                udp_ask(to, "hello", Duration::from_secs(2)).map(|(a, _)| a)
+            } else {
+                tcp_ask(to, "hello", Duration::from_secs(2))
+            };
+            let failed = answer.is_err();
+            *counts
+                .entry(answer.unwrap_or_else(|e| format!("<error: {e}>")))
+                .or_insert(0) += 1;
+            // A Service that fails from the start (say its family is
+            // not served) is not worth 100 timeouts of 2 s.
+            if failed && counts.len() == 1 && i + 1 >= GIVE_UP_AFTER {
+                break;
+            }
+        }
+        counts
+    })
 }
