@@ -5,7 +5,9 @@ use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build, output, previous_release_agent, setup::install_missing, workspace_root};
+use crate::{
+    build, output, previous_release_agent, setup::install_missing, target_dir, workspace_root,
+};
 
 /// Debian packages the benchmark adds to setup's (which has iptables and
 /// nftables): the plotter.
@@ -65,7 +67,7 @@ const QUICK: BenchPlan = BenchPlan {
 /// Runs one lb-bench measurement: progress streams to the terminal, the
 /// markdown section it prints is returned.
 fn bench_section(name: &str, args: &[&str]) -> Result<String> {
-    let bin = workspace_root().join("target/release/lb-bench");
+    let bin = target_dir().join("release/lb-bench");
     let started = std::time::Instant::now();
     println!("[bench] {name}: lb-bench {}", args.join(" "));
     let out = Command::new(bin)

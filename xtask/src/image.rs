@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, output, sh, workspace_root};
+use crate::{cargo, output, sh, target_dir, workspace_root};
 
 /// The tag `cargo xtask image` gives by default, the DaemonSet's `image:`.
 pub const DEFAULT_TAG: &str = "localhost/lb-agent:latest";
@@ -77,9 +77,9 @@ pub fn build(request: &ImageRequest) -> Result<String> {
             c.arg("--release");
         }
         sh(&mut c)?;
-        root.join("target").join(profile).join("lb-agent")
+        target_dir().join(profile).join("lb-agent")
     };
-    let context = root.join("target/image").join(profile);
+    let context = target_dir().join("image").join(profile);
     assemble_rootfs(&agent, &context.join("rootfs"))?;
     sh(podman()
         .args(["build", "--quiet", "--file"])

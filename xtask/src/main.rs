@@ -80,6 +80,15 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` (a relative one
+/// from the workspace root, where xtask runs cargo), else `target/`.
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
 fn say(msg: &str) {
     println!("[setup] {msg}");
 }
@@ -149,7 +158,7 @@ const PREVIOUS_RELEASE: &str = "45d8f59e986857fa07d38f2f403770bea727c4a1";
 /// clone without that commit); a failing build is an error of its own.
 fn previous_release_agent() -> Result<std::result::Result<PathBuf, String>> {
     let root = workspace_root();
-    let dir = root.join("target/previous-release");
+    let dir = target_dir().join("previous-release");
     let binary = dir.join("lb-agent");
     let stamp = dir.join("built-from");
     if binary.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(PREVIOUS_RELEASE)
@@ -217,7 +226,7 @@ fn test(extra: &[String]) -> Result<()> {
         debug: true,
         tag: "localhost/lb-agent:test".into(),
         save: None,
-        agent_bin: Some(workspace_root().join("target/debug/lb-agent")),
+        agent_bin: Some(target_dir().join("debug/lb-agent")),
     })?;
     let env = [previous, ("LB_AGENT_IMAGE".to_string(), image)];
     report_free_disk("before the test build");
@@ -238,16 +247,15 @@ fn test(extra: &[String]) -> Result<()> {
 
 fn demo() -> Result<()> {
     build(false)?;
-    let root = workspace_root();
-    sh(Command::new(root.join("target/debug/lb-lab"))
+    sh(Command::new(target_dir().join("debug/lb-lab"))
         .arg("demo")
-        .arg(root.join("examples")))
+        .arg(workspace_root().join("examples")))
 }
 
 fn run_agent(args: &[String]) -> Result<()> {
     build(false)?;
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
-    sh(Command::new(workspace_root().join("target/debug/lb-agent"))
+    sh(Command::new(target_dir().join("debug/lb-agent"))
         .arg("run")
         .args(args))
 }

@@ -230,7 +230,7 @@ fn split_plan(bins: Vec<TestBinary>) -> Result<(Vec<TestBinary>, Vec<TestBinary>
 pub fn run(root: &Path, env: &[(String, String)]) -> Result<()> {
     let started = Instant::now();
     let bins = build_tests(root)?;
-    let logs = root.join("target/test-logs");
+    let logs = crate::target_dir().join("test-logs");
     std::fs::create_dir_all(&logs)?;
     let (lab, unit) = split_plan(bins)?;
     let mut summary = Vec::new();
