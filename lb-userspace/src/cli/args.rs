@@ -419,13 +419,38 @@ pub(crate) fn parse_healthz_addr(s: &str) -> Result<HealthzAddr, String> {
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        _ => Err(format!("bad duration unit in {s:?} (use ms or s)")),
+    // A plain number is seconds.
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
     }
+    if s.is_empty() {
+        return Err("an empty duration".into());
+    }
+    let mut rest = s;
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(digits);
+        let letters = tail
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(letters);
+        let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
+            _ => return Err(format!("bad duration unit in {s:?} (use h, m, s or ms)")),
+        };
+        total = part
+            .and_then(|p| total.checked_add(p))
+            .ok_or_else(|| format!("duration {s:?} is too long"))?;
+        rest = tail;
+    }
+    Ok(total)
 }
 
 /// At least a second: a pass over a full map is a lot of syscalls.
@@ -442,6 +467,33 @@ pub(crate) fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_go_units_and_plain_seconds() {
+        let ok = [
+            ("30", 30_000),
+            ("30s", 30_000),
+            ("500ms", 500),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("1h30m", 5_400_000),
+            ("1m30s250ms", 90_250),
+        ];
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for bad in [
+            "",
+            "s",
+            "1d",
+            "1.5s",
+            "-1s",
+            "1h x",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn maglev_table_sizes_must_be_primes_up_to_65537() {
