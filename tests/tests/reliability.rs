@@ -648,6 +648,76 @@ fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
     lb_lab::metric_sum(text, name, parts)
 }
 
+/// A restarted agent sweeps at once what its predecessor left. An entry
+/// whose backend id is free (the backend deleted just before the stop,
+/// the old agent's sweep not yet run) must go when the new agent starts,
+/// not an interval later: by then a sync may have handed its id to another
+/// backend, and the entry would send its flow there.
+#[privileged_test]
+fn a_restarted_agent_sweeps_what_its_predecessor_left_at_once() {
+    let mut lab = Lab::from_manifest_files(&[example("nginx-deployment.yaml")]).expect("lab");
+    let flags = [
+        "--conntrack-sweep-interval",
+        "1h",
+        "--metrics-addr",
+        METRICS,
+    ];
+    lab.agent().flags(&flags).start().expect("start the agent");
+    lab.stop_agent();
+    put_stale_conntrack_entry(&lab, STALE_BACKEND_ID);
+    assert_eq!(conntrack_entries_of(&lab, STALE_BACKEND_ID), 1);
+    lab.agent()
+        .flags(&flags)
+        .start()
+        .expect("restart the agent");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = 1;
+    while Instant::now() < deadline {
+        left = conntrack_entries_of(&lab, STALE_BACKEND_ID);
+        if left == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(left, 0, "the entry of a free backend id was swept at start");
+    let m = lab.scrape_metrics(METRICS_PORT);
+    let swept = metric(&m, "lb_conntrack_swept_total", &["backend_gone"]);
+    assert!(swept >= 1.0, "the sweep counted it: {swept}");
+}
+
+/// A backend id no backend of the lab has.
+const STALE_BACKEND_ID: u32 = 1000;
+
+/// A fresh UDP conntrack entry of a flow to backend `id`, as an agent
+/// leaves it when it stops right after deleting that backend.
+fn put_stale_conntrack_entry(lab: &Lab, id: u32) {
+    let pin = lab.pin_dir.join(lb_common::map_names::CONNTRACK);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open conntrack");
+    let mut ct: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("conntrack map");
+    let key = lb_common::Ct4Key {
+        saddr: u32::from(Ipv4Addr::new(172, 31, 9, 9)).to_be(),
+        daddr: u32::from(*NGINX_UDP.ip()).to_be(),
+        sport: 40_000u16.to_be(),
+        dport: NGINX_UDP.port().to_be(),
+        proto: lb_common::IPPROTO_UDP,
+        direction: lb_common::CT_DIR_FORWARD,
+        _pad: [0; 2],
+    };
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let value = lb_common::Ct4Value {
+        last_seen_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64,
+        backend_id: id,
+        ..Default::default()
+    };
+    ct.insert(key, value, 0).expect("put the entry");
+}
+
 /// Conntrack entries that name backend `id`.
 fn conntrack_entries_of(lab: &Lab, id: u32) -> usize {
     let pin = lab.pin_dir.join(lb_common::map_names::CONNTRACK);

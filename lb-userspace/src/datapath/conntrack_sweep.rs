@@ -415,10 +415,13 @@ fn record_sweep(metrics: &Metrics, family: Family, r: &SweepReport, evicted_repo
     }
 }
 
-/// Starts the sweep thread: a pass every `interval`, and after a wake-up
-/// sent on the returned channel, at most one pass per `interval` or 5 s
-/// (a pass over a full map takes a while). It ends when the channel's
-/// sender is dropped.
+/// Starts the sweep thread: a pass at once, then one every `interval`, and
+/// after a wake-up sent on the returned channel, at most one pass per
+/// `interval` or 5 s (a pass over a full map takes a while). It ends when
+/// the channel's sender is dropped. The first pass clears what a previous
+/// agent left: entries of backends it deleted just before it stopped,
+/// whose ids this agent's syncs could otherwise hand out again before the
+/// interval's first pass.
 pub fn start(
     pin_dir: PathBuf,
     interval: Duration,
@@ -439,10 +442,6 @@ pub fn start(
             let mut evicted_reported = PerFamily::<u64>::default();
             let mut exhausted_reported = sweeper.snat_ports_exhausted();
             loop {
-                match rx.recv_timeout(interval) {
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
                 match sweeper.sweep() {
                     Ok(reports) => {
                         for family in [Family::Ipv4, Family::Ipv6] {
@@ -461,6 +460,10 @@ pub fn start(
                     exhausted_reported = exhausted;
                 }
                 std::thread::sleep(interval.min(Duration::from_secs(5)));
+                match rx.recv_timeout(interval) {
+                    Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
             }
         })
         .context("starting the conntrack sweep thread")?;
