@@ -691,10 +691,6 @@ const STALE_BACKEND_ID: u32 = 1000;
 /// A fresh UDP conntrack entry of a flow to backend `id`, as an agent
 /// leaves it when it stops right after deleting that backend.
 fn put_stale_conntrack_entry(lab: &Lab, id: u32) {
-    let pin = lab.pin_dir.join(lb_common::map_names::CONNTRACK);
-    let data = aya::maps::MapData::from_pin(&pin).expect("open conntrack");
-    let mut ct: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("conntrack map");
     let key = lb_common::Ct4Key {
         saddr: u32::from(Ipv4Addr::new(172, 31, 9, 9)).to_be(),
         daddr: u32::from(*NGINX_UDP.ip()).to_be(),
@@ -704,27 +700,29 @@ fn put_stale_conntrack_entry(lab: &Lab, id: u32) {
         direction: lb_common::CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the struct it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     let value = lb_common::Ct4Value {
-        last_seen_ns: now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64,
+        last_seen_ns: lb_userspace::datapath::conntrack_sweep::monotonic_ns(),
         backend_id: id,
         ..Default::default()
     };
-    ct.insert(key, value, 0).expect("put the entry");
+    pinned_conntrack(lab)
+        .insert(key, value, 0)
+        .expect("put the entry");
+}
+
+/// The lab's pinned IPv4 conntrack map.
+fn pinned_conntrack(
+    lab: &Lab,
+) -> aya::maps::HashMap<aya::maps::MapData, lb_common::Ct4Key, lb_common::Ct4Value> {
+    let pin = lab.pin_dir.join(lb_common::map_names::CONNTRACK);
+    let data = aya::maps::MapData::from_pin(&pin).expect("open conntrack");
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("conntrack map")
 }
 
 /// Conntrack entries that name backend `id`.
 fn conntrack_entries_of(lab: &Lab, id: u32) -> usize {
-    let pin = lab.pin_dir.join(lb_common::map_names::CONNTRACK);
-    let data = aya::maps::MapData::from_pin(&pin).expect("open conntrack");
-    let ct: aya::maps::HashMap<_, lb_common::Ct4Key, lb_common::Ct4Value> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("conntrack map");
-    ct.iter()
+    pinned_conntrack(lab)
+        .iter()
         .filter_map(Result::ok)
         .filter(|(_, v)| v.backend_id == id)
         .count()

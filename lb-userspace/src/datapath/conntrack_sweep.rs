@@ -177,7 +177,8 @@ pub(crate) struct SweepReport {
     pub evicted: u64,
 }
 
-fn monotonic_ns() -> u64 {
+/// Now, on the clock conntrack entries are stamped with.
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
